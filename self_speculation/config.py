@@ -1,0 +1,109 @@
+"""Generation settings, with the original LayerSkip tools' field names and defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+
+from self_speculation.errors import ConfigError
+
+UNSET = -1  # exit_layer / num_speculations not given: use the model's recommendation
+
+
+class GenerationStrategyName(str, enum.Enum):
+    """Decoding strategies, by their command-line names."""
+
+    AUTOREGRESSIVE = "autoregressive"
+    SELF_SPECULATIVE = "self_speculative"
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate (REFERENCE: the original tools' generation flags).
+
+    Attributes:
+        max_steps: most tokens to generate (never exceeded).
+        exit_layer: E, 1 <= E <= L; drafts use layers [0, E). For ``autoregressive``,
+            E < L means early-exit-only generation; -1 means the full model (or, for
+            ``self_speculative``, the model's recommended exit layer).
+        num_speculations: draft tokens per self-speculative step; -1: the model's
+            recommendation.
+        generation_strategy: ``autoregressive`` or ``self_speculative``.
+        sample: sample instead of greedy argmax.
+        temperature, top_k, top_p: sampling warpers (top_k 0 and top_p 1 disable them).
+        no_repeat_ngram_size: forbid repeating n-grams of this size (None: off).
+        stop_words: stop once the generated text contains one of these.
+        stop_token_ids: extra end-of-sequence token ids (the tokenizer's EOS always stops).
+    """
+
+    max_steps: int = 512
+    exit_layer: int = UNSET
+    num_speculations: int = UNSET
+    generation_strategy: GenerationStrategyName = GenerationStrategyName.AUTOREGRESSIVE
+    sample: bool = True
+    temperature: float = 0.6
+    top_k: int = 0
+    top_p: float = 0.9
+    no_repeat_ngram_size: int | None = None
+    stop_words: list[str] | None = field(default=None)
+    stop_token_ids: list[int] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        try:
+            strategy = GenerationStrategyName(self.generation_strategy)
+        except ValueError:
+            names = ", ".join(s.value for s in GenerationStrategyName)
+            raise ConfigError(
+                f"unknown generation_strategy '{self.generation_strategy}' (choose from {names})"
+            ) from None
+        object.__setattr__(self, "generation_strategy", strategy)
+        if self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.exit_layer != UNSET and self.exit_layer < 1:
+            raise ConfigError(f"exit_layer must be >= 1 (or -1 for the default), got {self.exit_layer}")
+        if self.num_speculations != UNSET and self.num_speculations < 1:
+            raise ConfigError(
+                f"num_speculations must be >= 1 (or -1 for the default), got {self.num_speculations}"
+            )
+        if self.sample:
+            if not self.temperature > 0:
+                raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature}")
+            if not 0 < self.top_p <= 1:
+                raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+            if self.top_k < 0:
+                raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if self.no_repeat_ngram_size is not None and self.no_repeat_ngram_size < 1:
+            raise ConfigError(f"no_repeat_ngram_size must be >= 1, got {self.no_repeat_ngram_size}")
+        if self.stop_words is not None and any(not word for word in self.stop_words):
+            raise ConfigError("stop_words must not contain an empty string")
+
+    def resolved(
+        self,
+        num_layers: int,
+        recommended_exit_layer: int | None = None,
+        recommended_num_speculations: int | None = None,
+    ) -> GenerationConfig:
+        """A copy with exit_layer / num_speculations filled in and checked against the model.
+
+        Raises:
+            ConfigError: exit_layer outside [1, L], or a self-speculative setting missing
+                with no recommendation from the model.
+        """
+        exit_layer, num_speculations = self.exit_layer, self.num_speculations
+        speculative = self.generation_strategy is GenerationStrategyName.SELF_SPECULATIVE
+        if exit_layer == UNSET:
+            if speculative and recommended_exit_layer is None:
+                raise ConfigError(
+                    "self_speculative needs --exit_layer (the model recommends none)"
+                )
+            exit_layer = recommended_exit_layer if speculative else num_layers
+        if not 1 <= exit_layer <= num_layers:
+            raise ConfigError(f"exit_layer must be in [1, {num_layers}] for this model, got {exit_layer}")
+        if speculative and num_speculations == UNSET:
+            if recommended_num_speculations is None:
+                raise ConfigError(
+                    "self_speculative needs --num_speculations (the model recommends none)"
+                )
+            num_speculations = recommended_num_speculations
+        return dataclasses.replace(self, exit_layer=exit_layer, num_speculations=num_speculations)

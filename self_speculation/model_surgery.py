@@ -1,0 +1,202 @@
+"""Layer-range access to a Hugging Face decoder-only causal LM.
+
+This is the only module that touches a model's internals. It exposes three primitives
+(LayerSkip, Elhoushi et al. 2024, §4-§5):
+
+* ``embed(input_ids)``: the model's own token embedding, including family scaling.
+* ``run_layers(hidden, start, end, cache, position_ids)``: decoder layers ``[start, end)``
+  with the model's own layers, rotary embedding, masks and a transformers ``Cache``.
+* ``unembed(hidden)``: the model's own final norm and LM head, including family scaling.
+
+Early exit at layer E is ``unembed(run_layers(embed(x), 0, E))``; verification is
+``run_layers(h_E, E, L)``; the full model is ``run_layers(embed(x), 0, L)``: one code path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import Cache, DynamicCache, PreTrainedModel
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from self_speculation.errors import UnsupportedModelError
+
+_BASE_MODEL_ATTRIBUTES = ("model", "transformer", "base_model")
+
+
+def _find_base_model(model: nn.Module) -> nn.Module:
+    for name in _BASE_MODEL_ATTRIBUTES:
+        base = getattr(model, name, None)
+        if isinstance(base, nn.Module) and isinstance(getattr(base, "layers", None), nn.ModuleList):
+            return base
+    raise UnsupportedModelError(
+        f"{type(model).__name__} has no decoder layers as a ModuleList at .model.layers; "
+        "LayerSkip needs a decoder-only causal LM such as Llama, Qwen2, Mistral or Gemma"
+    )
+
+
+def _require(module: nn.Module, attribute: str, owner: str) -> nn.Module:
+    value = getattr(module, attribute, None)
+    if not isinstance(value, nn.Module):
+        raise UnsupportedModelError(f"{owner} has no module '{attribute}', which LayerSkip needs")
+    return value
+
+
+def truncate_cache(cache: Cache, length: int) -> None:
+    """Roll every layer of ``cache`` back to at most ``length`` positions (in place)."""
+    for layer in cache.layers:
+        surplus = layer.get_seq_length() - length
+        if surplus > 0:
+            layer.crop(-surplus)
+
+
+class LayerwiseModel:
+    """A decoder-only LM seen as embed -> layers [0, L) -> unembed.
+
+    Args:
+        model: a transformers causal LM whose base model holds its decoder layers in
+            ``.layers`` and has ``embed_tokens``, ``norm`` and ``rotary_emb``.
+        verify: run a short probe and check that embed + all layers + unembed reproduce
+            the model's own forward; a family whose forward does something this class does
+            not reproduce is rejected with ``UnsupportedModelError`` instead of silently
+            giving wrong logits.
+    """
+
+    def __init__(self, model: PreTrainedModel, verify: bool = True) -> None:
+        self.model = model
+        self.config = model.config.get_text_config(decoder=True)
+        owner = type(model).__name__
+        self.base = _find_base_model(model)
+        self.layers: nn.ModuleList = self.base.layers
+        self.embed_tokens = _require(self.base, "embed_tokens", owner)
+        self.norm = _require(self.base, "norm", owner)
+        self.rotary_emb = _require(self.base, "rotary_emb", owner)
+        lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if not isinstance(lm_head, nn.Module):
+            raise UnsupportedModelError(f"{owner} has no LM head (get_output_embeddings)")
+        self.lm_head = lm_head
+        self.num_layers = len(self.layers)
+        # Family scalars applied by the model's own forward outside its layers.
+        self.embedding_multiplier = getattr(self.config, "embedding_multiplier", None)
+        self.logits_scaling = getattr(self.config, "logits_scaling", None)
+        self.logit_scale = getattr(self.config, "logit_scale", None)
+        self.final_logit_softcapping = getattr(self.config, "final_logit_softcapping", None)
+        self.layer_types = getattr(self.config, "layer_types", None)
+        self.has_sliding_layers = bool(self.layer_types) and "sliding_attention" in self.layer_types
+        if verify:
+            self._verify_against_own_forward()
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self) -> DynamicCache:
+        """An empty KV cache with one layer cache per decoder layer."""
+        return DynamicCache(config=self.model.config)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [batch, seq] -> input hidden states [batch, seq, hidden]."""
+        hidden = self.embed_tokens(input_ids)  # [batch, seq, hidden]
+        if self.embedding_multiplier is not None:
+            hidden = hidden * self.embedding_multiplier
+        return hidden
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [batch, seq, hidden] at any exit -> logits [batch, seq, vocab]."""
+        logits = self.lm_head(self.norm(hidden))  # [batch, seq, vocab]
+        if self.logits_scaling is not None:
+            logits = logits / self.logits_scaling
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.final_logit_softcapping is not None:
+            cap = self.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _masks(
+        self, hidden: torch.Tensor, start: int, cache: Cache | None, position_ids: torch.Tensor
+    ) -> dict[str, torch.Tensor | None]:
+        # A single new token that may see the whole past needs no mask.
+        if hidden.shape[1] == 1 and not self.has_sliding_layers:
+            return {"full_attention": None}
+        # Layers below the exit may hold more positions than layer `start`: size the mask
+        # against the first layer that this call runs.
+        arguments = dict(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            past_key_values=cache,
+            position_ids=position_ids,
+        )
+        if cache is not None:
+            arguments["layer_idx"] = start
+        masks = {"full_attention": create_causal_mask(**arguments)}
+        if self.has_sliding_layers:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**arguments)
+        return masks
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        cache: Cache | None,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run decoder layers [start, end) (0-based, end exclusive).
+
+        Args:
+            hidden: hidden states entering layer ``start``, [batch, seq, hidden].
+            start: first layer to run.
+            end: one past the last layer to run.
+            cache: KV cache; layer i's cache holds the positions before ``position_ids``.
+            position_ids: absolute positions of the ``seq`` new tokens, [batch, seq].
+
+        Returns:
+            Hidden states leaving layer ``end - 1``, [batch, seq, hidden].
+        """
+        if not 0 <= start <= end <= self.num_layers:
+            raise ValueError(f"layer range [{start}, {end}) outside [0, {self.num_layers}]")
+        if start == end:
+            return hidden
+        masks = self._masks(hidden, start, cache, position_ids)
+        position_embeddings = self.rotary_emb(hidden, position_ids)  # (cos, sin)
+        for index in range(start, end):
+            mask_kind = self.layer_types[index] if self.layer_types else "full_attention"
+            hidden = self.layers[index](
+                hidden,
+                attention_mask=masks.get(mask_kind, masks["full_attention"]),
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
+            if isinstance(hidden, tuple):  # older layer signatures return (hidden, ...)
+                hidden = hidden[0]
+        return hidden
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, exit_layer: int | None = None) -> torch.Tensor:
+        """Logits [batch, seq, vocab] of a fresh forward exiting after ``exit_layer`` layers."""
+        exit_layer = self.num_layers if exit_layer is None else exit_layer
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        hidden = self.run_layers(self.embed(input_ids), 0, exit_layer, None, positions)
+        return self.unembed(hidden)
+
+    @torch.no_grad()
+    def _verify_against_own_forward(self) -> None:
+        vocab = self.embed_tokens.weight.shape[0]
+        probe = (torch.arange(5, device=self.device).unsqueeze(0) * 7 + 3) % vocab  # [1, 5]
+        expected = self.model(input_ids=probe, use_cache=False).logits.float()
+        actual = self.logits(probe).float()
+        tolerance = 1e-3 if self.dtype in (torch.float32, torch.float64) else 5e-2
+        error = (expected - actual).abs().max().item() / max(expected.abs().max().item(), 1.0)
+        if not error <= tolerance:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: layer-wise forward differs from the model's own "
+                f"forward (relative error {error:.2e}); this family needs an adapter"
+            )

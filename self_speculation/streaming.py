@@ -1,0 +1,91 @@
+"""Streamers: how generated text reaches a user. The core never prints; it calls these."""
+
+from __future__ import annotations
+
+import enum
+import sys
+from typing import TextIO
+
+from transformers import PreTrainedTokenizerBase
+
+GREEN, RED, RESET = "\033[32m", "\033[9;31m", "\033[0m"
+
+
+class StreamerName(str, enum.Enum):
+    NONE = "none"
+    STANDARD = "standard"
+    SPECULATIVE = "speculative"
+
+
+class Streamer:
+    """Receives tokens as they are decided. The base class ignores everything."""
+
+    def on_step(self, new_tokens: list[int], draft_tokens: list[int], accepted_count: int) -> None:
+        """Called once per decoding step with the tokens kept and the drafts proposed."""
+
+    def on_end(self) -> None:
+        """Called once when generation stops."""
+
+
+class TextStreamer(Streamer):
+    """Writes the generated text as it grows (decoding the whole text each time, so that
+    multi-token characters and merges come out right).
+
+    Args:
+        tokenizer: decodes token ids.
+        stream: where to write (stdout by default).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stream: TextIO | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.stream = stream or sys.stdout
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def _write_new_text(self, colour: str = "") -> None:
+        text = self._text()
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
+            return
+        fresh = text[self.printed :]
+        if fresh:
+            self.stream.write(f"{colour}{fresh}{RESET}" if colour else fresh)
+            self.stream.flush()
+        self.printed = len(text)
+
+    def on_step(self, new_tokens: list[int], draft_tokens: list[int], accepted_count: int) -> None:
+        self.tokens.extend(new_tokens)
+        self._write_new_text()
+
+    def on_end(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+class SpeculativeStreamer(TextStreamer):
+    """Shows each step's accepted drafts in green, rejected drafts struck through in red,
+    then the full model's token in the default colour."""
+
+    def on_step(self, new_tokens: list[int], draft_tokens: list[int], accepted_count: int) -> None:
+        kept_drafts = new_tokens[:accepted_count]
+        self.tokens.extend(kept_drafts)
+        self._write_new_text(GREEN)
+        rejected = draft_tokens[accepted_count:]
+        if rejected:
+            text = self.tokenizer.decode(rejected, skip_special_tokens=True)
+            self.stream.write(f"{RED}{text}{RESET}")
+        self.tokens.extend(new_tokens[accepted_count:])
+        self._write_new_text()
+
+
+def build_streamer(name: StreamerName | str, tokenizer: PreTrainedTokenizerBase) -> Streamer:
+    """The streamer registered under ``name``."""
+    kinds = {
+        StreamerName.NONE: Streamer,
+        StreamerName.STANDARD: TextStreamer,
+        StreamerName.SPECULATIVE: SpeculativeStreamer,
+    }
+    kind = kinds[StreamerName(name)]
+    return kind() if kind is Streamer else kind(tokenizer)
