@@ -15,8 +15,8 @@ from transformers import (
     Qwen2Config,
 )
 
-VOCAB_SIZE = 160  # model vocabulary; the tokenizer uses at most TOKENIZER_VOCAB of it
-TOKENIZER_VOCAB = 150
+VOCAB_SIZE = 320  # model vocabulary; the tokenizer uses at most TOKENIZER_VOCAB of it
+TOKENIZER_VOCAB = 300
 BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
 
 _COMMON = dict(
