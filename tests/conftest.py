@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny models saved to disk for the script tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPOSITORY_ROOT = TESTS_DIR.parent
+sys.path.insert(0, str(TESTS_DIR))
+sys.path.insert(0, str(REPOSITORY_ROOT))
+
+# Nothing in the tests may reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from tiny_models import save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 4-layer Llama (GQA, tied) + tokenizer in save_pretrained form, fp32."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_recommending_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like tiny_model_dir, with exit_layer=2 / num_speculations=3 in its generation config."""
+    from transformers import GenerationConfig
+
+    directory = save_tiny_model(tmp_path_factory.mktemp("tiny-llama-rec"))
+    generation_config = GenerationConfig.from_pretrained(directory)
+    generation_config.exit_layer = 2
+    generation_config.num_speculations = 3
+    generation_config.save_pretrained(directory)
+    return directory
