@@ -30,7 +30,12 @@ from self_speculation.generator import (
     StopChecker,
     recommended_settings,
 )
-from self_speculation.loading import DEFAULT_MODEL, DTYPES, load_model_and_tokenizer, smollm2_gguf_path
+from self_speculation.loading import (
+    DEFAULT_MODEL,
+    DTYPES,
+    load_model_and_tokenizer,
+    smollm2_gguf_path,
+)
 from self_speculation.model_surgery import LayerwiseModel, truncate_cache
 from self_speculation.strategies import (
     STRATEGIES,

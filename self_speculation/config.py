@@ -61,7 +61,9 @@ class GenerationConfig:
         if self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.exit_layer != UNSET and self.exit_layer < 1:
-            raise ConfigError(f"exit_layer must be >= 1 (or -1 for the default), got {self.exit_layer}")
+            raise ConfigError(
+                f"exit_layer must be >= 1 (or -1 for the default), got {self.exit_layer}"
+            )
         if self.num_speculations != UNSET and self.num_speculations < 1:
             raise ConfigError(
                 f"num_speculations must be >= 1 (or -1 for the default), got {self.num_speculations}"
@@ -94,12 +96,12 @@ class GenerationConfig:
         speculative = self.generation_strategy is GenerationStrategyName.SELF_SPECULATIVE
         if exit_layer == UNSET:
             if speculative and recommended_exit_layer is None:
-                raise ConfigError(
-                    "self_speculative needs --exit_layer (the model recommends none)"
-                )
+                raise ConfigError("self_speculative needs --exit_layer (the model recommends none)")
             exit_layer = recommended_exit_layer if speculative else num_layers
         if not 1 <= exit_layer <= num_layers:
-            raise ConfigError(f"exit_layer must be in [1, {num_layers}] for this model, got {exit_layer}")
+            raise ConfigError(
+                f"exit_layer must be in [1, {num_layers}] for this model, got {exit_layer}"
+            )
         if speculative and num_speculations == UNSET:
             if recommended_num_speculations is None:
                 raise ConfigError(

@@ -230,7 +230,9 @@ class Generator:
             num_drafted += len(step.draft_tokens)
             num_accepted += step.accepted_count
             step_tokens, draft_tokens, accepted_count = (
-                step.new_tokens, step.draft_tokens, step.accepted_count
+                step.new_tokens,
+                step.draft_tokens,
+                step.accepted_count,
             )
         _synchronize(device)
         total_time = time.perf_counter() - started

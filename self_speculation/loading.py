@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from self_speculation.errors import ConfigError, ModelLoadError
 
@@ -82,12 +87,14 @@ def load_model_and_tokenizer(
         raise ModelLoadError(f"model directory not found: {source}")
     logger.info("loading %s (%s, %s)", model, torch_dtype, device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **{
-            key: value for key, value in arguments.items() if key == "gguf_file"
-        })
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, **{key: value for key, value in arguments.items() if key == "gguf_file"}
+        )
         loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **arguments)
     except (OSError, ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = (
+            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        )
         raise ModelLoadError(f"cannot load model '{model}': {first_line}") from error
     loaded.to(device).eval()
     return loaded, tokenizer

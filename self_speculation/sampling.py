@@ -78,7 +78,9 @@ class TokenSelector:
         """Argmax tokens [positions]."""
         return self.process(context, logits).argmax(dim=-1)
 
-    def choose(self, context: torch.Tensor, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    def choose(
+        self, context: torch.Tensor, logits: torch.Tensor
+    ) -> tuple[int, torch.Tensor | None]:
         """One token for the last row of ``logits`` [positions, vocab].
 
         Returns:

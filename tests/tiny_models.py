@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     GemmaConfig,
@@ -41,7 +41,9 @@ FAMILIES = {
 }
 
 
-def make_tiny_model(family: str = "llama_mha_untied", seed: int = 0, dtype=torch.float64, **overrides):
+def make_tiny_model(
+    family: str = "llama_mha_untied", seed: int = 0, dtype=torch.float64, **overrides
+):
     """A randomly initialised tiny causal LM of ``family`` in eval mode."""
     config_class, family_overrides = FAMILIES[family]
     config = config_class(**{**_COMMON, **family_overrides, **overrides})
@@ -61,14 +63,19 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    text = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog."] * 20
+    text = [
+        "def add(a, b):\n    return a + b\n",
+        "The quick brown fox jumps over the lazy dog.",
+    ] * 20
     tokenizer.train_from_iterator(text, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
 
 
-def save_tiny_model(directory: Path, family: str = "llama_gqa_tied", dtype=torch.float32, **overrides) -> Path:
+def save_tiny_model(
+    directory: Path, family: str = "llama_gqa_tied", dtype=torch.float32, **overrides
+) -> Path:
     """Save a tiny model + tokenizer in save_pretrained form, as the scripts load them."""
     model = make_tiny_model(family, dtype=dtype, **overrides)
     model.save_pretrained(directory)
