@@ -17,8 +17,14 @@ sys.path.insert(0, str(REPOSITORY_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the scripts run in subprocesses
 
+import torch  # noqa: E402
 from tiny_models import save_tiny_model  # noqa: E402
+
+# Tiny models gain nothing from threads, and OpenMP threads spinning against other
+# processes on a 2-core machine can slow a test run tenfold.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,58 @@
+"""Early-exit curricula C(t, l): which exits the early-exit loss supervises at step t.
+
+LayerSkip (Elhoushi et al., ACL 2024, §4.2, "Curriculum"): supervising every exit every step
+costs the head once per layer; a curriculum enables a subset. Exit layers are 1-based
+(exit ``l`` leaves decoder layers 0..l-1); the last exit ``L`` is always supervised.
+
+* ``none``: every exit 1..L at every step.
+* ``rotational``: every R-th exit, the set shifted by one each step: exit ``l`` is on at step
+  ``t`` when ``(l + t) % R == 0``; after R steps every exit has been on once.
+* ``gradual``: exits switch on from the last layer downwards: exit ``l`` is on once
+  ``t / T >= 0.5 * (L - l) / L``, so all are on from half-way through training.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from self_speculation.errors import ConfigError
+
+
+class Curriculum(str, enum.Enum):
+    """Early-exit curricula (paper §4.2)."""
+
+    NONE = "none"
+    ROTATIONAL = "rotational"
+    GRADUAL = "gradual"
+
+
+def active_exits(
+    curriculum: Curriculum | str,
+    step: int,
+    total_steps: int,
+    num_layers: int,
+    rotation: int = 2,
+) -> list[int]:
+    """The 1-based exit layers supervised at optimizer step ``step`` (0-based), ascending.
+
+    Args:
+        curriculum: which curriculum.
+        step: t, the current optimizer step.
+        total_steps: T, the number of optimizer steps of the run (``gradual`` only).
+        num_layers: L.
+        rotation: R, the period of ``rotational``.
+    """
+    curriculum = Curriculum(curriculum)
+    if num_layers < 1:
+        raise ConfigError(f"num_layers must be >= 1, got {num_layers}")
+    every = range(1, num_layers + 1)
+    if curriculum is Curriculum.NONE:
+        return list(every)
+    if curriculum is Curriculum.ROTATIONAL:
+        if rotation < 1:
+            raise ConfigError(f"rotation must be >= 1, got {rotation}")
+        return [layer for layer in every if (layer + step) % rotation == 0 or layer == num_layers]
+    if curriculum is Curriculum.GRADUAL:
+        progress = step / max(total_steps, 1)
+        return [layer for layer in every if progress >= 0.5 * (num_layers - layer) / num_layers]
+    raise AssertionError(curriculum)

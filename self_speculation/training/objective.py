@@ -1,0 +1,90 @@
+"""The LayerSkip training objective as one module (what DDP wraps).
+
+:class:`LayerSkipObjective` runs the model's own base model forward (so embeddings, masks,
+rotary embeddings and family scalars are the model's), records the raw outputs of the
+decoder layers whose exits are supervised, and applies :func:`early_exit_loss` with the
+model's own head. With only the last exit supervised it is the plain next-token loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from self_speculation.model_surgery import LayerwiseModel
+from self_speculation.training.early_exit_loss import (
+    IGNORE_INDEX,
+    EarlyExitLoss,
+    ExitScale,
+    early_exit_loss,
+)
+
+
+class LayerSkipObjective(nn.Module):
+    """Early-exit loss over a causal LM (paper §4.2), as an ``nn.Module``.
+
+    Args:
+        model: a transformers causal LM (Llama, Qwen2, Mistral, Gemma, Granite...).
+        scale: depth scale e(l) of the exit weights.
+        e_scale: multiplier of the non-final exits' weights.
+        position_fraction: share of positions supervised at each non-final exit.
+        generator: random source of the position subsets.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scale: ExitScale | str = ExitScale.LINEAR,
+        e_scale: float = 1.0,
+        position_fraction: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        # Checks that norm + head reproduce the model's own logits before training on them.
+        layerwise = LayerwiseModel(model, verify=True)
+        self._base = layerwise.base
+        self._layers = layerwise.layers
+        self._unembed = layerwise.unembed
+        self.num_layers = layerwise.num_layers
+        self.scale = ExitScale(scale)
+        self.e_scale = e_scale
+        self.position_fraction = position_fraction
+        self.generator = generator
+
+    def forward(self, input_ids: torch.Tensor, exit_layers: Sequence[int]) -> EarlyExitLoss:
+        """Loss of next-token prediction on ``input_ids`` [batch, seq] at ``exit_layers``.
+
+        Position i predicts token i + 1; the last position has no target.
+        """
+        wanted = sorted(set(exit_layers))
+        captured: dict[int, torch.Tensor] = {}
+
+        def recorder(exit_layer: int):
+            def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+                captured[exit_layer] = output[0] if isinstance(output, tuple) else output
+
+            return hook
+
+        handles = [self._layers[layer - 1].register_forward_hook(recorder(layer)) for layer in wanted]
+        try:
+            self._base(input_ids=input_ids, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        targets = torch.full_like(input_ids, IGNORE_INDEX)  # [batch, seq]
+        targets[:, :-1] = input_ids[:, 1:]
+        return early_exit_loss(
+            [captured[layer] for layer in wanted],
+            wanted,
+            targets,
+            self._unembed,
+            self.num_layers,
+            scale=self.scale,
+            e_scale=self.e_scale,
+            position_fraction=self.position_fraction,
+            generator=self.generator,
+        )

@@ -1,0 +1,74 @@
+"""Small Llama architectures for training from scratch (``train.py --preset NAME``).
+
+The vocabulary size, special token ids and context length come from the tokenizer and the
+run, not from the preset.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+from self_speculation.errors import ConfigError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests and smoke runs: seconds on a CPU.
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+    # A quick CPU example: a few minutes for a usable toy.
+    "small": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2),
+    # The shipped model (models/layerskip-stdlib): deep and narrow, so that early exits are cheap.
+    "stdlib": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=20, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=1024),
+}
+
+_LLAMA_DEFAULTS: dict[str, Any] = dict(
+    model_type="llama",
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    attention_bias=False,
+    mlp_bias=False,
+    attention_dropout=0.0,
+    initializer_range=0.02,
+)
+
+
+def architecture_config(
+    preset: str | None,
+    config_file: str | None,
+    vocab_size: int,
+    max_position_embeddings: int,
+    special_token_ids: dict[str, int | None],
+) -> PretrainedConfig:
+    """A transformers config from a preset name or a JSON file (a ``config.json`` works).
+
+    The JSON file may name any ``model_type`` transformers knows (default ``llama``).
+
+    Raises:
+        ConfigError: unknown preset, unreadable or invalid file.
+    """
+    if config_file is not None:
+        try:
+            values = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ConfigError(f"cannot read architecture file {config_file}: {error}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"architecture file {config_file} must hold a JSON object")
+    elif preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+        values = dict(PRESETS[preset])
+    else:
+        raise ConfigError("training from scratch needs --preset or --config_file (or --model to continue a model)")
+    values = {**_LLAMA_DEFAULTS, **values}
+    values.update(vocab_size=vocab_size, **special_token_ids)
+    values["max_position_embeddings"] = max(int(values.get("max_position_embeddings", 0)), max_position_embeddings)
+    model_type = values.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"invalid architecture ({model_type}): {error}") from None

@@ -1,0 +1,593 @@
+"""The LayerSkip training loop behind ``train.py``: config dataclasses and :func:`train`.
+
+The config dataclasses are the command line (simple-parsing; booleans as ``--flag True``).
+The loop wires the training pieces together: :func:`apply_layer_dropout` (paper §4.1),
+:func:`active_exits` (§4.2 curriculum) and :class:`LayerSkipObjective` (§4.2 early-exit loss),
+with AdamW, linear warm-up + cosine decay, gradient accumulation, bf16 autocast, a token
+and/or time budget, DDP, and checkpoints that resume exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import simple_parsing
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from self_speculation.errors import ConfigError, ModelLoadError
+from self_speculation.training.curriculum import Curriculum, active_exits
+from self_speculation.training.data import (
+    BlockStream,
+    hub_texts,
+    pack_blocks,
+    read_texts,
+    resolve_files,
+    train_tokenizer,
+)
+from self_speculation.training.early_exit_loss import ExitScale
+from self_speculation.training.layer_dropout import DropoutSchedule, DropoutShape, apply_layer_dropout
+from self_speculation.training.objective import LayerSkipObjective
+from self_speculation.training.presets import PRESETS, architecture_config
+
+logger = logging.getLogger("train")
+
+CHECKPOINT_DIR = "checkpoint"
+TOKENIZER_DIR = "tokenizer"
+LOG_FILE = "train_log.jsonl"
+STATE_FILE = "training_state.pt"
+# Steps after which a pure time budget fixes its schedule horizon from the measured speed.
+HORIZON_PROBE_STEPS = 10
+
+
+def _enum(enum_type: type, value: Any, flag: str) -> Any:
+    try:
+        return enum_type(value.value if isinstance(value, enum_type) else value)
+    except ValueError:
+        choices = ", ".join(member.value for member in enum_type)
+        raise ConfigError(f"--{flag} must be one of {choices}, got '{value}'") from None
+
+
+@dataclass
+class ModelArguments:
+    """What to train."""
+
+    model: str | None = None  # existing model (local dir or hub id) to continue training
+    preset: str | None = None  # architecture from scratch: one of PRESETS
+    config_file: str | None = None  # architecture from scratch: a JSON config (model_type + fields)
+    vocab_size: int = 4096  # tokenizer size when training from scratch
+    seq_len: int = 512  # tokens per training sequence
+
+    def __post_init__(self) -> None:
+        chosen = [name for name in ("model", "preset", "config_file") if getattr(self, name)]
+        if len(chosen) > 1:
+            raise ConfigError(f"give only one of --model, --preset, --config_file (got {', '.join(chosen)})")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{self.preset}' (choose from {', '.join(PRESETS)})")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len must be >= 2, got {self.seq_len}")
+
+
+@dataclass
+class DataArguments:
+    """What to train on."""
+
+    data: list[str] = field(default_factory=list)  # globs of text/code/JSONL files ('**' recursive)
+    exclude: list[str] = field(default_factory=list)  # globs of paths to leave out (e.g. held-out files)
+    text_field: str = "text"  # the JSONL / dataset field holding the text
+    dataset: str | None = None  # a `datasets` dataset name (needs the network or its cache)
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+
+    def __post_init__(self) -> None:
+        if not self.data and not self.dataset:
+            raise ConfigError("no training data: give --data GLOB... or --dataset NAME")
+
+
+@dataclass
+class LayerSkipArguments:
+    """The LayerSkip recipe (paper §4); p_max 0 and early_exit_loss False give plain training."""
+
+    layer_dropout_p_max: float = 0.1  # largest per-layer skip probability; 0 disables
+    layer_dropout_shape: str = DropoutShape.EXPONENTIAL.value  # D(l): uniform/linear/exponential/log/sin/sigmoid/step
+    layer_dropout_schedule: str = DropoutSchedule.CONSTANT.value  # S(t): constant/exponential
+    early_exit_loss: bool = True  # supervise early exits; False: last layer only
+    early_exit_scale: str = ExitScale.LINEAR.value  # e(l): uniform/linear/sum/sqrt/inverse
+    early_exit_e_scale: float = 1.0  # multiplier of the non-final exits' weights
+    early_exit_curriculum: str = Curriculum.NONE.value  # none/rotational/gradual
+    early_exit_rotation: int = 2  # R of the rotational curriculum
+    early_exit_position_fraction: float = 0.125  # share of positions supervised at non-final exits
+
+    def __post_init__(self) -> None:
+        self.layer_dropout_shape = _enum(DropoutShape, self.layer_dropout_shape, "layer_dropout_shape").value
+        self.layer_dropout_schedule = _enum(DropoutSchedule, self.layer_dropout_schedule, "layer_dropout_schedule").value
+        self.early_exit_scale = _enum(ExitScale, self.early_exit_scale, "early_exit_scale").value
+        self.early_exit_curriculum = _enum(Curriculum, self.early_exit_curriculum, "early_exit_curriculum").value
+        if not 0.0 <= self.layer_dropout_p_max <= 1.0:
+            raise ConfigError(f"--layer_dropout_p_max must be in [0, 1], got {self.layer_dropout_p_max}")
+        if self.early_exit_e_scale < 0:
+            raise ConfigError(f"--early_exit_e_scale must be >= 0, got {self.early_exit_e_scale}")
+        if self.early_exit_rotation < 1:
+            raise ConfigError(f"--early_exit_rotation must be >= 1, got {self.early_exit_rotation}")
+        if not 0.0 < self.early_exit_position_fraction <= 1.0:
+            raise ConfigError(
+                f"--early_exit_position_fraction must be in (0, 1], got {self.early_exit_position_fraction}"
+            )
+
+
+@dataclass
+class TrainingArguments:
+    """How to train."""
+
+    output_dir: str = "runs/train"
+    seed: int = 42
+    batch_size: int = 8  # sequences per micro-batch and process
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    min_lr_ratio: float = 0.1  # the cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_tokens: int = 0  # token budget (all processes); sets the schedule's length; 0: none
+    max_minutes: float = 0.0  # wall-time budget; 0: none. Alone, it sets the schedule from the measured speed
+    bf16: bool = True  # bf16 autocast (about 2.6x faster on CPU); weights stay fp32 while training
+    num_threads: int = 0  # torch CPU threads per process; 0: torch's default
+    log_every: int = 10  # optimizer steps between log lines
+    save_every_minutes: float = 10.0  # checkpoint interval; 0: only at the end
+    resume: bool = False  # continue from output_dir/checkpoint
+    stop_after_steps: int = 0  # stop (and checkpoint) after this many steps without changing the schedule
+    exit_layer: int = -1  # recommended exit layer written to generation_config.json; -1: max(1, L // 4)
+    num_speculations: int = 4  # recommended draft length written to generation_config.json
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "gradient_accumulation_steps", "log_every", "num_speculations"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "max_tokens", "num_threads", "stop_after_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_minutes < 0 or self.save_every_minutes < 0:
+            raise ConfigError("--max_minutes and --save_every_minutes must be >= 0")
+        if self.max_tokens == 0 and self.max_minutes == 0:
+            raise ConfigError("give a budget: --max_tokens N and/or --max_minutes M")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.exit_layer != -1 and self.exit_layer < 1:
+            raise ConfigError(f"--exit_layer must be >= 1 (or -1), got {self.exit_layer}")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run."""
+
+    model: ModelArguments = field(default_factory=ModelArguments)
+    data: DataArguments = field(default_factory=DataArguments)
+    layerskip: LayerSkipArguments = field(default_factory=LayerSkipArguments)
+    training: TrainingArguments = field(default_factory=TrainingArguments)
+
+
+class _OneLineErrorParser(simple_parsing.ArgumentParser):
+    """Command-line errors as one line on stderr, exit status 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "train.py") -> TrainConfig:
+    """Parse the command line into a :class:`TrainConfig` (unknown flags are errors)."""
+    parser = _OneLineErrorParser(prog=prog, add_config_path_arg=False)
+    for name, kind in (("model", ModelArguments), ("data", DataArguments), ("layerskip", LayerSkipArguments),
+                       ("training", TrainingArguments)):
+        parser.add_arguments(kind, dest=name)
+    arguments = parser.parse_args(argv)
+    return TrainConfig(
+        model=arguments.model, data=arguments.data, layerskip=arguments.layerskip, training=arguments.training
+    )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class _Distributed:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def _init_distributed() -> _Distributed:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return _Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    return _Distributed(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def _setup_logging(output_dir: Path, main: bool) -> None:
+    level = logging.INFO if main else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logger.setLevel(level)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int | None, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate: linear warm-up, then cosine decay to min_ratio."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps is None:
+        return 1.0
+    span = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / span, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _load_texts(data: DataArguments) -> list[str]:
+    texts: list[str] = []
+    if data.data:
+        files = resolve_files(data.data, data.exclude)
+        logger.info("reading %d files", len(files))
+        texts.extend(read_texts(files, data.text_field))
+    if data.dataset:
+        texts.extend(hub_texts(data.dataset, data.dataset_config, data.dataset_split, data.text_field))
+    if not texts:
+        raise ConfigError("the training data is empty")
+    return texts
+
+
+def _load_pretrained(name: str) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load model '{name}': {str(error).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def _atomic_json(path: Path, document: Any) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+    temporary.replace(path)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class _Progress:
+    """Everything that changes during a run and must survive a resume."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # tokens trained on, all processes
+    blocks: int = 0  # stream positions consumed, all processes
+    elapsed_s: float = 0.0  # training wall time before this process started
+    total_steps: int | None = None  # schedule horizon T
+
+
+def train(config: TrainConfig) -> Path:
+    """Run one training job; returns the directory of the final model."""
+    distributed = _init_distributed()
+    args = config.training
+    output_dir = Path(args.output_dir)
+    if distributed.main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    _setup_logging(output_dir, distributed.main)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    checkpoint_dir = output_dir / CHECKPOINT_DIR
+    if args.resume and not (checkpoint_dir / STATE_FILE).is_file():
+        raise ConfigError(f"--resume True but {checkpoint_dir / STATE_FILE} does not exist")
+    if not args.resume and (checkpoint_dir / STATE_FILE).is_file():
+        raise ConfigError(f"{output_dir} already holds a run; use --resume True or another --output_dir")
+
+    texts = _load_texts(config.data)
+
+    # Tokenizer and model: resumed, continued from --model, or new.
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.resume:
+        tokenizer = AutoTokenizer.from_pretrained(output_dir / TOKENIZER_DIR)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint_dir), dtype=torch.float32)
+    elif config.model.model:
+        model, tokenizer = _load_pretrained(config.model.model)
+    else:
+        if distributed.main:
+            logger.info("training a %d-token byte-level BPE tokenizer", config.model.vocab_size)
+            train_tokenizer(texts, config.model.vocab_size).save_pretrained(output_dir / TOKENIZER_DIR)
+        distributed.barrier()
+        tokenizer = AutoTokenizer.from_pretrained(output_dir / TOKENIZER_DIR)
+        architecture = architecture_config(
+            config.model.preset,
+            config.model.config_file,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=config.model.seq_len,
+            special_token_ids=dict(
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            ),
+        )
+        model = AutoModelForCausalLM.from_config(architecture, dtype=torch.float32)
+    if not args.resume and config.model.model and distributed.main:
+        tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.train()
+
+    blocks = pack_blocks(tokenizer, texts, config.model.seq_len)  # [num_blocks, seq_len]
+    del texts
+    stream = BlockStream(len(blocks), args.seed)
+    micro_batch = args.batch_size
+    blocks_per_step = micro_batch * args.gradient_accumulation_steps * distributed.world_size
+    tokens_per_step = blocks_per_step * config.model.seq_len
+    progress = _Progress()
+    if args.max_tokens:
+        progress.total_steps = max(1, math.ceil(args.max_tokens / tokens_per_step))
+    num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    parameters = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "%s: %d layers, %.2fM parameters; %d blocks of %d tokens (%.2fM tokens); %d tokens per step",
+        type(model).__name__, num_layers, parameters / 1e6, len(blocks), config.model.seq_len,
+        blocks.numel() / 1e6, tokens_per_step,
+    )
+
+    # The recipe (paper §4): per-process random source for skips and position subsets.
+    recipe = config.layerskip
+    generator = torch.Generator().manual_seed(args.seed * 1000 + 17 + distributed.rank)
+    objective = LayerSkipObjective(
+        model,
+        scale=recipe.early_exit_scale,
+        e_scale=recipe.early_exit_e_scale,
+        position_fraction=recipe.early_exit_position_fraction,
+        generator=generator,
+    )
+    dropout = None
+    if recipe.layer_dropout_p_max > 0:
+        dropout = apply_layer_dropout(
+            model,
+            recipe.layer_dropout_p_max,
+            recipe.layer_dropout_shape,
+            recipe.layer_dropout_schedule,
+            total_steps=progress.total_steps or 1,
+            generator=generator,
+        )
+    trained: nn.Module = objective
+    if distributed.world_size > 1:
+        # Layers skipped by every sample of a micro-batch get no gradient.
+        trained = nn.parallel.DistributedDataParallel(objective, find_unused_parameters=dropout is not None)
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, args.warmup_steps, progress.total_steps, args.min_lr_ratio)
+    )
+
+    if args.resume:
+        state = torch.load(checkpoint_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        progress = _Progress(**state["progress"])
+        rank_state = state["rng"][distributed.rank] if distributed.rank < len(state["rng"]) else state["rng"][0]
+        generator.set_state(rank_state["generator"])
+        torch.set_rng_state(rank_state["torch"])
+        random.setstate(rank_state["python"])
+        logger.info("resumed at step %d (%d tokens)", progress.step, progress.tokens)
+
+    def save_checkpoint() -> None:
+        rng = {"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}
+        gathered = [rng]
+        if distributed.world_size > 1:
+            gathered = [None] * distributed.world_size
+            dist.all_gather_object(gathered, rng)
+        if distributed.main:
+            temporary = output_dir / (CHECKPOINT_DIR + ".tmp")
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir()
+            model.config.save_pretrained(temporary)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "progress": dataclasses.asdict(
+                        dataclasses.replace(progress, elapsed_s=progress.elapsed_s + (time.monotonic() - started))
+                    ),
+                    "rng": gathered,
+                    "config": dataclasses.asdict(config),
+                },
+                temporary / STATE_FILE,
+            )
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            temporary.rename(checkpoint_dir)
+            logger.info("checkpoint at step %d -> %s", progress.step, checkpoint_dir)
+        distributed.barrier()
+
+    log_file = (output_dir / LOG_FILE).open("a", encoding="utf-8") if distributed.main else None
+    if distributed.main and not args.resume:
+        _atomic_json(output_dir / "train_config.json", {"argv": sys.argv, **dataclasses.asdict(config)})
+    budget_s = args.max_minutes * 60.0
+    started = time.monotonic()
+    last_save = started
+    window_tokens, window_started = 0, started
+    bar = tqdm(
+        total=args.max_tokens or None, initial=progress.tokens, unit="tok", unit_scale=True,
+        disable=not distributed.main, mininterval=1.0 if sys.stderr.isatty() else 60.0, dynamic_ncols=True,
+    )
+
+    def elapsed() -> float:
+        return progress.elapsed_s + (time.monotonic() - started)
+
+    def should_stop() -> bool:
+        stop = progress.total_steps is not None and progress.step >= progress.total_steps
+        stop = stop or (budget_s > 0 and elapsed() >= budget_s)
+        stop = stop or (args.stop_after_steps > 0 and progress.step >= args.stop_after_steps)
+        if distributed.world_size > 1:  # every process stops at the same step
+            flag = torch.tensor(float(stop))
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
+    while not should_stop():
+        total = progress.total_steps or 1
+        exits = (
+            active_exits(recipe.early_exit_curriculum, progress.step, total, num_layers, recipe.early_exit_rotation)
+            if recipe.early_exit_loss
+            else [num_layers]
+        )
+        if dropout is not None:
+            dropout.set_step(progress.step, total)
+        sums = torch.zeros(len(exits) + 1)  # [exits + 1] the weighted loss, then each exit's loss
+        for micro in range(args.gradient_accumulation_steps):
+            start = progress.blocks + (micro * distributed.world_size + distributed.rank) * micro_batch
+            input_ids = blocks[stream.indices(start, micro_batch)]  # [batch, seq]
+            last = micro == args.gradient_accumulation_steps - 1
+            sync = last or not isinstance(trained, nn.parallel.DistributedDataParallel)
+            with (trained.no_sync() if not sync else _nullcontext()), torch.autocast(
+                "cpu", dtype=torch.bfloat16, enabled=args.bf16
+            ):
+                result = trained(input_ids, exits)
+            (result.loss / args.gradient_accumulation_steps).backward()
+            sums += torch.stack([result.loss.detach().float()] + [result.exit_losses[e].float() for e in exits])
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        progress.blocks += blocks_per_step
+        progress.tokens += tokens_per_step
+        window_tokens += tokens_per_step
+        bar.update(tokens_per_step)
+
+        if progress.total_steps is None and progress.step == HORIZON_PROBE_STEPS:
+            # A pure time budget: fix T (schedule, S(t), curriculum) from the measured speed.
+            progress.total_steps = max(progress.step + 1, int(progress.step * budget_s / max(elapsed(), 1e-6)))
+            if distributed.world_size > 1:
+                horizon = torch.tensor(float(progress.total_steps))
+                dist.broadcast(horizon, 0)
+                progress.total_steps = int(horizon.item())
+            logger.info("time budget: schedule set to %d steps", progress.total_steps)
+
+        if progress.step % args.log_every == 0 or should_stop():
+            sums /= args.gradient_accumulation_steps
+            if distributed.world_size > 1:
+                dist.all_reduce(sums)
+                sums /= distributed.world_size
+            now = time.monotonic()
+            record = {
+                "step": progress.step,
+                "tokens": progress.tokens,
+                "lr": scheduler.get_last_lr()[0],
+                "loss": round(sums[0].item(), 5),
+                "exit_losses": {str(e): round(v, 4) for e, v in zip(exits, sums[1:].tolist(), strict=True)},
+                "layer_dropout_scale": (
+                    dropout.current_rate(num_layers - 1) / max(dropout.rates[-1], 1e-12) if dropout else 0.0
+                ),
+                "tokens_per_second": round(window_tokens / max(now - window_started, 1e-6), 1),
+                "elapsed_s": round(elapsed(), 1),
+            }
+            window_tokens, window_started = 0, now
+            if log_file is not None:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                bar.set_postfix(loss=f"{record['loss']:.3f}", last=f"{sums[-1].item():.3f}", refresh=False)
+                logger.info(
+                    "step %d tokens %d loss %.4f last-exit %.4f lr %.2e %.0f tok/s",
+                    progress.step, progress.tokens, record["loss"], sums[-1].item(), record["lr"],
+                    record["tokens_per_second"],
+                )
+        if args.save_every_minutes > 0 and time.monotonic() - last_save >= args.save_every_minutes * 60:
+            save_checkpoint()
+            last_save = time.monotonic()
+    bar.close()
+    save_checkpoint()
+    if log_file is not None:
+        log_file.close()
+    if dropout is not None:
+        dropout.remove()
+    final_dir = _save_final(model, tokenizer, output_dir, args, num_layers, progress, elapsed(), distributed)
+    if distributed.world_size > 1:
+        dist.destroy_process_group()
+    return final_dir
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _save_final(
+    model: nn.Module,
+    tokenizer: Any,
+    output_dir: Path,
+    args: TrainingArguments,
+    num_layers: int,
+    progress: _Progress,
+    elapsed_s: float,
+    distributed: _Distributed,
+) -> Path:
+    """The final model as bf16 safetensors + tokenizer + generation config, in output_dir."""
+    if distributed.main:
+        from transformers import GenerationConfig
+
+        model.eval()
+        final = model.to(torch.bfloat16)
+        final.config.dtype = torch.bfloat16
+        # A fresh GenerationConfig: one derived from the model config ("_from_model_config")
+        # loses its extra keys when transformers reloads it.
+        final.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            exit_layer=args.exit_layer if args.exit_layer != -1 else max(1, num_layers // 4),
+            num_speculations=args.num_speculations,
+        )
+        final.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        _atomic_json(
+            output_dir / "train_summary.json",
+            {"steps": progress.step, "tokens": progress.tokens, "wall_time_s": round(elapsed_s, 1),
+             "num_layers": num_layers, "parameters": sum(p.numel() for p in model.parameters())},
+        )
+        logger.info("final model (%d steps, %d tokens, %.0f s) -> %s", progress.step, progress.tokens,
+                    elapsed_s, output_dir)
+    distributed.barrier()
+    return output_dir

@@ -1,0 +1,159 @@
+"""Greedy self-speculative decoding is token-for-token identical to autoregressive decoding."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from tiny_models import FAMILIES, make_tiny_model, make_tiny_tokenizer
+
+from self_speculation import GenerationConfig, Generator
+from self_speculation.strategies import SelfSpeculativeGenerationStrategy
+
+NUM_LAYERS = 4
+PROMPTS = {"one_token": [5], "several_tokens": [5, 60, 7, 200, 31]}
+
+
+@functools.cache
+def generator_for(family: str) -> Generator:
+    return Generator(make_tiny_model(family), make_tiny_tokenizer())
+
+
+def greedy(max_steps: int = 24, **settings) -> GenerationConfig:
+    return GenerationConfig(max_steps=max_steps, sample=False, **settings)
+
+
+def speculative(exit_layer: int, num_speculations: int, **settings) -> GenerationConfig:
+    return greedy(
+        generation_strategy="self_speculative",
+        exit_layer=exit_layer,
+        num_speculations=num_speculations,
+        **settings,
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("prompt_name", PROMPTS)
+def test_greedy_self_speculation_matches_autoregressive(family: str, prompt_name: str) -> None:
+    generator = generator_for(family)
+    prompt = PROMPTS[prompt_name]
+    reference = generator.generate(prompt, greedy()).token_ids
+    assert len(reference) == 24
+    for exit_layer in range(1, NUM_LAYERS + 1):
+        for num_speculations in (1, 2, 3, 5, 8):
+            result = generator.generate(prompt, speculative(exit_layer, num_speculations))
+            assert result.token_ids == reference, (exit_layer, num_speculations)
+
+
+@pytest.mark.parametrize("max_steps", [1, 2, 3, 4])
+def test_max_steps_smaller_than_num_speculations_is_exact(max_steps: int) -> None:
+    generator = generator_for("llama_mha_untied")
+    reference = generator.generate([5, 6], greedy(max_steps)).token_ids
+    for exit_layer in (1, 2, 4):
+        result = generator.generate([5, 6], speculative(exit_layer, 8, max_steps=max_steps))
+        assert result.token_ids == reference
+        assert len(result.token_ids) == max_steps
+        assert result.stop_reason == "max_steps"
+
+
+def test_exit_at_last_layer_accepts_every_draft() -> None:
+    generator = generator_for("llama_mha_untied")
+    reference = generator.generate([5, 6], greedy(40)).token_ids
+    result = generator.generate([5, 6], speculative(NUM_LAYERS, 5, max_steps=40))
+    assert result.token_ids == reference
+    assert result.num_drafted > 0 and result.acceptance_rate == 1.0
+    # 39 tokens after the prompt's pass, 6 per step: 7 steps.
+    assert result.num_steps == 7
+
+
+@pytest.mark.parametrize("family", ["llama_mha_untied", "mistral"])
+def test_random_early_exit_accepts_almost_nothing_yet_output_is_identical(family: str) -> None:
+    generator = generator_for(family)
+    reference = generator.generate([5, 6, 7], greedy(60)).token_ids
+    result = generator.generate([5, 6, 7], speculative(1, 3, max_steps=60))
+    assert result.token_ids == reference
+    assert result.acceptance_rate < 0.15
+
+
+@pytest.mark.parametrize("family", ["llama_mha_untied", "qwen2"])
+def test_eos_produced_inside_a_draft_stops_exactly(family: str) -> None:
+    generator = generator_for(family)
+    free_run = generator.generate([5, 60, 7], greedy(40)).token_ids
+    eos = free_run[9]  # becomes an end-of-sequence token for this run
+    reference = generator.generate([5, 60, 7], greedy(40, stop_token_ids=[eos]))
+    assert reference.stop_reason == "eos" and reference.token_ids[-1] == eos
+    assert reference.token_ids == free_run[: free_run.index(eos) + 1]
+    for exit_layer in (1, 3, 4):
+        for num_speculations in (2, 5, 8):
+            result = generator.generate(
+                [5, 60, 7], speculative(exit_layer, num_speculations, stop_token_ids=[eos])
+            )
+            assert result.token_ids == reference.token_ids
+            assert result.stop_reason == "eos"
+
+
+def test_stop_words_across_draft_boundaries_stop_exactly() -> None:
+    generator = generator_for("llama_mha_untied")
+    tokenizer = generator.tokenizer
+    free_run = generator.generate([5, 60, 7], greedy(40))
+    stop_word = free_run.text[len(free_run.text) // 2 :][:3]
+    assert stop_word
+    reference = generator.generate([5, 60, 7], greedy(40, stop_words=[stop_word]))
+    assert reference.stop_reason == "stop_word"
+    assert stop_word in reference.text
+    assert stop_word not in tokenizer.decode(reference.token_ids[:-1], skip_special_tokens=True)
+    for exit_layer in (1, 2, 4):
+        for num_speculations in (3, 8):
+            result = generator.generate(
+                [5, 60, 7], speculative(exit_layer, num_speculations, stop_words=[stop_word])
+            )
+            assert result.token_ids == reference.token_ids
+
+
+def test_no_repeat_ngram_sees_the_whole_sequence_in_both_strategies() -> None:
+    generator = generator_for("mistral")  # its greedy output loops
+    looping = generator.generate([5, 6, 7], greedy(30)).token_ids
+    looping_bigrams = list(zip(looping, looping[1:]))
+    assert len(looping_bigrams) > len(set(looping_bigrams))
+    reference = generator.generate([5, 6, 7], greedy(30, no_repeat_ngram_size=2))
+    bigrams = list(zip(reference.token_ids, reference.token_ids[1:]))
+    assert len(bigrams) == len(set(bigrams))
+    for exit_layer in (1, 3):
+        result = generator.generate(
+            [5, 6, 7], speculative(exit_layer, 4, max_steps=30, no_repeat_ngram_size=2)
+        )
+        assert result.token_ids == reference.token_ids
+
+
+@pytest.mark.parametrize("exit_layer", [1, 2, 4])
+def test_cache_holds_prompt_plus_generated_minus_one_after_every_step(
+    exit_layer: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = generator_for("qwen2")
+    observed = []
+    original_step = SelfSpeculativeGenerationStrategy.step
+
+    def checked_step(self, state, budget):
+        lengths = {layer.get_seq_length() for layer in state.cache.layers}
+        observed.append((lengths, state.tokens.shape[0] - 1))
+        return original_step(self, state, budget)
+
+    monkeypatch.setattr(SelfSpeculativeGenerationStrategy, "step", checked_step)
+    result = generator.generate([5, 60, 7], speculative(exit_layer, 3, max_steps=30))
+    assert result.num_steps == len(observed) > 3
+    for lengths, expected in observed:
+        assert lengths == {expected}
+
+
+def test_early_exit_autoregressive_uses_only_the_first_layers() -> None:
+    generator = generator_for("llama_mha_untied")
+    layerwise = generator.layerwise
+    prompt = torch.tensor([[5, 60, 7]])
+    result = generator.generate(
+        [5, 60, 7], greedy(1, generation_strategy="autoregressive", exit_layer=2)
+    )
+    early_logits = layerwise.logits(prompt, exit_layer=2)[0, -1]
+    assert result.token_ids == [int(early_logits.argmax())]
+    full = generator.generate([5, 60, 7], greedy(1))
+    assert full.token_ids == [int(layerwise.logits(prompt)[0, -1].argmax())]
