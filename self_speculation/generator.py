@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import GENERATION_CONFIG_NAME
 
 from self_speculation.config import GenerationConfig
 from self_speculation.errors import ConfigError
@@ -120,11 +123,22 @@ def _synchronize(device: torch.device) -> None:
 
 
 def recommended_settings(model: PreTrainedModel) -> tuple[int | None, int | None]:
-    """(exit_layer, num_speculations) the model's generation config recommends, if any."""
-    generation_config = getattr(model, "generation_config", None)
-    exit_layer = getattr(generation_config, "exit_layer", None)
-    num_speculations = getattr(generation_config, "num_speculations", None)
-    return exit_layer, num_speculations
+    """(exit_layer, num_speculations) the model's generation config recommends, if any.
+
+    transformers drops unknown keys from a generation config it rebuilt from the model
+    config (``_from_model_config``), so a local model's file is read again as a fallback.
+    """
+    sources = [getattr(model, "generation_config", None)]
+    directory = Path(str(getattr(model, "name_or_path", "")))
+    if (directory / GENERATION_CONFIG_NAME).is_file():
+        sources.append(json.loads((directory / GENERATION_CONFIG_NAME).read_text()))
+    for source in sources:
+        get = (
+            source.get if isinstance(source, dict) else lambda key, s=source: getattr(s, key, None)
+        )
+        if get("exit_layer") is not None or get("num_speculations") is not None:
+            return get("exit_layer"), get("num_speculations")
+    return None, None
 
 
 class Generator:

@@ -45,7 +45,10 @@ def resolve_files(patterns: Sequence[str], exclude: Sequence[str] = ()) -> list[
                 found.add(path)
     if not found:
         shown = " ".join(patterns) if patterns else "(none given)"
-        raise ConfigError(f"no data files match {shown}" + (f" minus --exclude {' '.join(exclude)}" if exclude else ""))
+        raise ConfigError(
+            f"no data files match {shown}"
+            + (f" minus --exclude {' '.join(exclude)}" if exclude else "")
+        )
     return sorted(found)
 
 
@@ -77,9 +80,13 @@ def hub_texts(name: str, config_name: str | None, split: str, text_field: str) -
 
         dataset = datasets.load_dataset(name, config_name, split=split)
     except Exception as error:  # noqa: BLE001 - any loading failure is the user's to fix
-        raise ConfigError(f"cannot load dataset '{name}': {str(error).splitlines()[0] if str(error) else error!r}") from None
+        raise ConfigError(
+            f"cannot load dataset '{name}': {str(error).splitlines()[0] if str(error) else error!r}"
+        ) from None
     if text_field not in dataset.column_names:
-        raise ConfigError(f"dataset '{name}' has no column '{text_field}' (columns: {', '.join(dataset.column_names)})")
+        raise ConfigError(
+            f"dataset '{name}' has no column '{text_field}' (columns: {', '.join(dataset.column_names)})"
+        )
     return [text for text in dataset[text_field] if isinstance(text, str) and text.strip()]
 
 
@@ -90,7 +97,9 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenize
     token in front, as the training documents have it.
     """
     if vocab_size < 300:
-        raise ConfigError(f"vocab_size must be >= 300 for a byte-level BPE (256 bytes + specials), got {vocab_size}")
+        raise ConfigError(
+            f"vocab_size must be >= 300 for a byte-level BPE (256 bytes + specials), got {vocab_size}"
+        )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -115,7 +124,9 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenize
     )
 
 
-def pack_blocks(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len: int) -> torch.Tensor:
+def pack_blocks(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len: int
+) -> torch.Tensor:
     """Token blocks [num_blocks, seq_len] of ``<bos> text <eos>`` documents back to back.
 
     Raises:
@@ -125,7 +136,9 @@ def pack_blocks(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_le
     stream: list[int] = []
     chunk = 256
     for start in range(0, len(texts), chunk):
-        encoded = tokenizer(list(texts[start : start + chunk]), add_special_tokens=False)["input_ids"]
+        encoded = tokenizer(list(texts[start : start + chunk]), add_special_tokens=False)[
+            "input_ids"
+        ]
         for ids in encoded:
             if bos is not None:
                 stream.append(bos)
@@ -134,7 +147,9 @@ def pack_blocks(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_le
                 stream.append(eos)
     num_blocks = len(stream) // seq_len
     if num_blocks == 0:
-        raise ConfigError(f"the data has {len(stream)} tokens, fewer than one block of seq_len {seq_len}")
+        raise ConfigError(
+            f"the data has {len(stream)} tokens, fewer than one block of seq_len {seq_len}"
+        )
     return torch.tensor(stream[: num_blocks * seq_len], dtype=torch.long).view(num_blocks, seq_len)
 
 

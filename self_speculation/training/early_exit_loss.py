@@ -80,7 +80,9 @@ def exit_loss_weights(
         raise ConfigError("at least one exit layer must be supervised")
     if e_scale < 0:
         raise ConfigError(f"e_scale must be >= 0, got {e_scale}")
-    raw = [exit_scale(scale, layer) * (e_scale if layer < num_layers else 1.0) for layer in exit_layers]
+    raw = [
+        exit_scale(scale, layer) * (e_scale if layer < num_layers else 1.0) for layer in exit_layers
+    ]
     total = sum(raw)
     if total <= 0:
         raise ConfigError("early-exit loss weights sum to zero (e_scale 0 and no final exit?)")
@@ -111,7 +113,9 @@ def _sample_positions(
     """
     candidates = valid.nonzero().squeeze(1)  # [num_valid]
     count = max(1, round(fraction * candidates.numel()))
-    noise = torch.rand(num_exits, candidates.numel(), generator=generator, device="cpu")  # [exits, num_valid]
+    noise = torch.rand(
+        num_exits, candidates.numel(), generator=generator, device="cpu"
+    )  # [exits, num_valid]
     picks = noise.topk(count, dim=1).indices.to(candidates.device)  # [exits, count]
     return candidates[picks]  # [exits, count]
 
@@ -158,19 +162,27 @@ def early_exit_loss(
     total = torch.zeros((), device=targets.device)
 
     # The final exit (and any exit when not subsampling) is supervised on all positions.
-    full = [i for i, layer in enumerate(exit_layers) if layer >= num_layers or position_fraction >= 1.0]
+    full = [
+        i for i, layer in enumerate(exit_layers) if layer >= num_layers or position_fraction >= 1.0
+    ]
     sampled = [i for i in range(len(exit_layers)) if i not in full]
     if full:
         hidden = torch.stack([exit_hidden[i] for i in full])  # [n_full, batch, seq, hidden]
         hidden = hidden.flatten(1, 2)[:, valid]  # [n_full, num_valid, hidden]
         logits = unembed(hidden).float()  # [n_full, num_valid, vocab]
         labels = flat_targets[valid].expand(len(full), -1)  # [n_full, num_valid]
-        losses = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)  # [n_full]
+        losses = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(
+            1
+        )  # [n_full]
         for slot, i in enumerate(full):
             exit_losses[exit_layers[i]] = losses[slot]
     if sampled:
-        positions = _sample_positions(len(sampled), valid, position_fraction, generator)  # [n_s, count]
-        hidden = torch.stack([exit_hidden[i] for i in sampled]).flatten(1, 2)  # [n_s, batch * seq, hidden]
+        positions = _sample_positions(
+            len(sampled), valid, position_fraction, generator
+        )  # [n_s, count]
+        hidden = torch.stack([exit_hidden[i] for i in sampled]).flatten(
+            1, 2
+        )  # [n_s, batch * seq, hidden]
         index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # [n_s, count, hidden]
         picked = hidden.gather(1, index)  # [n_s, count, hidden]
         logits = unembed(picked).float()  # [n_s, count, vocab]

@@ -147,7 +147,9 @@ class LayerDropout:
         self.last_kept: list[torch.Tensor | None] = [None] * len(layers)
         for index, layer in enumerate(layers):
             if "forward" in vars(layer):
-                raise ConfigError(f"decoder layer {index} already has layer dropout (or another forward override)")
+                raise ConfigError(
+                    f"decoder layer {index} already has layer dropout (or another forward override)"
+                )
             layer.forward = self._wrap(index, layer, layer.forward)
 
     def set_step(self, step: int, total_steps: int | None = None) -> None:
@@ -165,7 +167,9 @@ class LayerDropout:
         for layer in self.layers:
             vars(layer).pop("forward", None)
 
-    def _wrap(self, index: int, layer: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap(
+        self, index: int, layer: nn.Module, forward: Callable[..., Any]
+    ) -> Callable[..., Any]:
         def forward_with_dropout(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             rate = self.current_rate(index)
             if not layer.training or rate <= 0.0:
@@ -184,12 +188,16 @@ class LayerDropout:
                 name: value if name in _NOT_BATCH_MAJOR else _select_batch(value, keep, batch)
                 for name, value in kwargs.items()
             }
-            output = forward(hidden_states.index_select(0, keep), *args, **kwargs)  # [kept, seq, hidden]
+            output = forward(
+                hidden_states.index_select(0, keep), *args, **kwargs
+            )  # [kept, seq, hidden]
             rest = None
             if isinstance(output, tuple):  # older layer signatures return (hidden, ...)
                 output, rest = output[0], output[1:]
             # Skipped samples keep their input; kept samples take the layer's output.
-            merged = hidden_states.index_copy(0, keep, output.to(hidden_states.dtype))  # [batch, seq, hidden]
+            merged = hidden_states.index_copy(
+                0, keep, output.to(hidden_states.dtype)
+            )  # [batch, seq, hidden]
             return merged if rest is None else (merged, *rest)
 
         return forward_with_dropout
@@ -204,7 +212,9 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
             return layers
     if isinstance(getattr(model, "layers", None), nn.ModuleList):
         return model.layers
-    raise ConfigError(f"{type(model).__name__} has no decoder layers as a ModuleList at .model.layers")
+    raise ConfigError(
+        f"{type(model).__name__} has no decoder layers as a ModuleList at .model.layers"
+    )
 
 
 def apply_layer_dropout(

@@ -69,7 +69,9 @@ class LayerSkipObjective(nn.Module):
 
             return hook
 
-        handles = [self._layers[layer - 1].register_forward_hook(recorder(layer)) for layer in wanted]
+        handles = [
+            self._layers[layer - 1].register_forward_hook(recorder(layer)) for layer in wanted
+        ]
         try:
             self._base(input_ids=input_ids, use_cache=False)
         finally:

@@ -16,12 +16,30 @@ from self_speculation.errors import ConfigError
 
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests and smoke runs: seconds on a CPU.
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
     # A quick CPU example: a few minutes for a usable toy.
-    "small": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2),
+    "small": dict(
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
     # The shipped model (models/layerskip-stdlib): deep and narrow, so that early exits are cheap.
-    "stdlib": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=20, num_attention_heads=4, num_key_value_heads=2,
-                   max_position_embeddings=1024),
+    "stdlib": dict(
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=24,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+    ),
 }
 
 _LLAMA_DEFAULTS: dict[str, Any] = dict(
@@ -63,10 +81,14 @@ def architecture_config(
             raise ConfigError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
         values = dict(PRESETS[preset])
     else:
-        raise ConfigError("training from scratch needs --preset or --config_file (or --model to continue a model)")
+        raise ConfigError(
+            "training from scratch needs --preset or --config_file (or --model to continue a model)"
+        )
     values = {**_LLAMA_DEFAULTS, **values}
     values.update(vocab_size=vocab_size, **special_token_ids)
-    values["max_position_embeddings"] = max(int(values.get("max_position_embeddings", 0)), max_position_embeddings)
+    values["max_position_embeddings"] = max(
+        int(values.get("max_position_embeddings", 0)), max_position_embeddings
+    )
     model_type = values.pop("model_type")
     try:
         return AutoConfig.for_model(model_type, **values)

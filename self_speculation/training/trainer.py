@@ -39,7 +39,11 @@ from self_speculation.training.data import (
     train_tokenizer,
 )
 from self_speculation.training.early_exit_loss import ExitScale
-from self_speculation.training.layer_dropout import DropoutSchedule, DropoutShape, apply_layer_dropout
+from self_speculation.training.layer_dropout import (
+    DropoutSchedule,
+    DropoutShape,
+    apply_layer_dropout,
+)
 from self_speculation.training.objective import LayerSkipObjective
 from self_speculation.training.presets import PRESETS, architecture_config
 
@@ -74,7 +78,9 @@ class ModelArguments:
     def __post_init__(self) -> None:
         chosen = [name for name in ("model", "preset", "config_file") if getattr(self, name)]
         if len(chosen) > 1:
-            raise ConfigError(f"give only one of --model, --preset, --config_file (got {', '.join(chosen)})")
+            raise ConfigError(
+                f"give only one of --model, --preset, --config_file (got {', '.join(chosen)})"
+            )
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"unknown preset '{self.preset}' (choose from {', '.join(PRESETS)})")
         if self.seq_len < 2:
@@ -86,7 +92,9 @@ class DataArguments:
     """What to train on."""
 
     data: list[str] = field(default_factory=list)  # globs of text/code/JSONL files ('**' recursive)
-    exclude: list[str] = field(default_factory=list)  # globs of paths to leave out (e.g. held-out files)
+    exclude: list[str] = field(
+        default_factory=list
+    )  # globs of paths to leave out (e.g. held-out files)
     text_field: str = "text"  # the JSONL / dataset field holding the text
     dataset: str | None = None  # a `datasets` dataset name (needs the network or its cache)
     dataset_config: str | None = None
@@ -102,7 +110,9 @@ class LayerSkipArguments:
     """The LayerSkip recipe (paper §4); p_max 0 and early_exit_loss False give plain training."""
 
     layer_dropout_p_max: float = 0.1  # largest per-layer skip probability; 0 disables
-    layer_dropout_shape: str = DropoutShape.EXPONENTIAL.value  # D(l): uniform/linear/exponential/log/sin/sigmoid/step
+    layer_dropout_shape: str = (
+        DropoutShape.EXPONENTIAL.value
+    )  # D(l): uniform/linear/exponential/log/sin/sigmoid/step
     layer_dropout_schedule: str = DropoutSchedule.CONSTANT.value  # S(t): constant/exponential
     early_exit_loss: bool = True  # supervise early exits; False: last layer only
     early_exit_scale: str = ExitScale.LINEAR.value  # e(l): uniform/linear/sum/sqrt/inverse
@@ -112,12 +122,20 @@ class LayerSkipArguments:
     early_exit_position_fraction: float = 0.125  # share of positions supervised at non-final exits
 
     def __post_init__(self) -> None:
-        self.layer_dropout_shape = _enum(DropoutShape, self.layer_dropout_shape, "layer_dropout_shape").value
-        self.layer_dropout_schedule = _enum(DropoutSchedule, self.layer_dropout_schedule, "layer_dropout_schedule").value
+        self.layer_dropout_shape = _enum(
+            DropoutShape, self.layer_dropout_shape, "layer_dropout_shape"
+        ).value
+        self.layer_dropout_schedule = _enum(
+            DropoutSchedule, self.layer_dropout_schedule, "layer_dropout_schedule"
+        ).value
         self.early_exit_scale = _enum(ExitScale, self.early_exit_scale, "early_exit_scale").value
-        self.early_exit_curriculum = _enum(Curriculum, self.early_exit_curriculum, "early_exit_curriculum").value
+        self.early_exit_curriculum = _enum(
+            Curriculum, self.early_exit_curriculum, "early_exit_curriculum"
+        ).value
         if not 0.0 <= self.layer_dropout_p_max <= 1.0:
-            raise ConfigError(f"--layer_dropout_p_max must be in [0, 1], got {self.layer_dropout_p_max}")
+            raise ConfigError(
+                f"--layer_dropout_p_max must be in [0, 1], got {self.layer_dropout_p_max}"
+            )
         if self.early_exit_e_scale < 0:
             raise ConfigError(f"--early_exit_e_scale must be >= 0, got {self.early_exit_e_scale}")
         if self.early_exit_rotation < 1:
@@ -144,14 +162,20 @@ class TrainingArguments:
     adam_beta2: float = 0.95
     max_grad_norm: float = 1.0  # 0 disables clipping
     max_tokens: int = 0  # token budget (all processes); sets the schedule's length; 0: none
-    max_minutes: float = 0.0  # wall-time budget; 0: none. Alone, it sets the schedule from the measured speed
+    max_minutes: float = (
+        0.0  # wall-time budget; 0: none. Alone, it sets the schedule from the measured speed
+    )
     bf16: bool = True  # bf16 autocast (about 2.6x faster on CPU); weights stay fp32 while training
     num_threads: int = 0  # torch CPU threads per process; 0: torch's default
     log_every: int = 10  # optimizer steps between log lines
     save_every_minutes: float = 10.0  # checkpoint interval; 0: only at the end
     resume: bool = False  # continue from output_dir/checkpoint
-    stop_after_steps: int = 0  # stop (and checkpoint) after this many steps without changing the schedule
-    exit_layer: int = -1  # recommended exit layer written to generation_config.json; -1: max(1, L // 4)
+    stop_after_steps: int = (
+        0  # stop (and checkpoint) after this many steps without changing the schedule
+    )
+    exit_layer: int = (
+        -1
+    )  # recommended exit layer written to generation_config.json; -1: max(1, L // 4)
     num_speculations: int = 4  # recommended draft length written to generation_config.json
 
     def __post_init__(self) -> None:
@@ -194,12 +218,19 @@ class _OneLineErrorParser(simple_parsing.ArgumentParser):
 def parse_config(argv: list[str] | None = None, prog: str = "train.py") -> TrainConfig:
     """Parse the command line into a :class:`TrainConfig` (unknown flags are errors)."""
     parser = _OneLineErrorParser(prog=prog, add_config_path_arg=False)
-    for name, kind in (("model", ModelArguments), ("data", DataArguments), ("layerskip", LayerSkipArguments),
-                       ("training", TrainingArguments)):
+    for name, kind in (
+        ("model", ModelArguments),
+        ("data", DataArguments),
+        ("layerskip", LayerSkipArguments),
+        ("training", TrainingArguments),
+    ):
         parser.add_arguments(kind, dest=name)
     arguments = parser.parse_args(argv)
     return TrainConfig(
-        model=arguments.model, data=arguments.data, layerskip=arguments.layerskip, training=arguments.training
+        model=arguments.model,
+        data=arguments.data,
+        layerskip=arguments.layerskip,
+        training=arguments.training,
     )
 
 
@@ -231,7 +262,9 @@ def _init_distributed() -> _Distributed:
 
 def _setup_logging(output_dir: Path, main: bool) -> None:
     level = logging.INFO if main else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
     logger.setLevel(level)
 
 
@@ -253,7 +286,9 @@ def _load_texts(data: DataArguments) -> list[str]:
         logger.info("reading %d files", len(files))
         texts.extend(read_texts(files, data.text_field))
     if data.dataset:
-        texts.extend(hub_texts(data.dataset, data.dataset_config, data.dataset_split, data.text_field))
+        texts.extend(
+            hub_texts(data.dataset, data.dataset_config, data.dataset_split, data.text_field)
+        )
     if not texts:
         raise ConfigError("the training data is empty")
     return texts
@@ -305,7 +340,9 @@ def train(config: TrainConfig) -> Path:
     if args.resume and not (checkpoint_dir / STATE_FILE).is_file():
         raise ConfigError(f"--resume True but {checkpoint_dir / STATE_FILE} does not exist")
     if not args.resume and (checkpoint_dir / STATE_FILE).is_file():
-        raise ConfigError(f"{output_dir} already holds a run; use --resume True or another --output_dir")
+        raise ConfigError(
+            f"{output_dir} already holds a run; use --resume True or another --output_dir"
+        )
 
     texts = _load_texts(config.data)
 
@@ -316,13 +353,17 @@ def train(config: TrainConfig) -> Path:
     torch.manual_seed(args.seed)
     if args.resume:
         tokenizer = AutoTokenizer.from_pretrained(output_dir / TOKENIZER_DIR)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint_dir), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(checkpoint_dir), dtype=torch.float32
+        )
     elif config.model.model:
         model, tokenizer = _load_pretrained(config.model.model)
     else:
         if distributed.main:
             logger.info("training a %d-token byte-level BPE tokenizer", config.model.vocab_size)
-            train_tokenizer(texts, config.model.vocab_size).save_pretrained(output_dir / TOKENIZER_DIR)
+            train_tokenizer(texts, config.model.vocab_size).save_pretrained(
+                output_dir / TOKENIZER_DIR
+            )
         distributed.barrier()
         tokenizer = AutoTokenizer.from_pretrained(output_dir / TOKENIZER_DIR)
         architecture = architecture_config(
@@ -356,8 +397,13 @@ def train(config: TrainConfig) -> Path:
     parameters = sum(p.numel() for p in model.parameters())
     logger.info(
         "%s: %d layers, %.2fM parameters; %d blocks of %d tokens (%.2fM tokens); %d tokens per step",
-        type(model).__name__, num_layers, parameters / 1e6, len(blocks), config.model.seq_len,
-        blocks.numel() / 1e6, tokens_per_step,
+        type(model).__name__,
+        num_layers,
+        parameters / 1e6,
+        len(blocks),
+        config.model.seq_len,
+        blocks.numel() / 1e6,
+        tokens_per_step,
     )
 
     # The recipe (paper §4): per-process random source for skips and position subsets.
@@ -383,17 +429,23 @@ def train(config: TrainConfig) -> Path:
     trained: nn.Module = objective
     if distributed.world_size > 1:
         # Layers skipped by every sample of a micro-batch get no gradient.
-        trained = nn.parallel.DistributedDataParallel(objective, find_unused_parameters=dropout is not None)
+        trained = nn.parallel.DistributedDataParallel(
+            objective, find_unused_parameters=dropout is not None
+        )
 
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, args.warmup_steps, progress.total_steps, args.min_lr_ratio)
+        optimizer,
+        lambda step: lr_factor(step, args.warmup_steps, progress.total_steps, args.min_lr_ratio),
     )
 
     if args.resume:
@@ -402,14 +454,22 @@ def train(config: TrainConfig) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         progress = _Progress(**state["progress"])
-        rank_state = state["rng"][distributed.rank] if distributed.rank < len(state["rng"]) else state["rng"][0]
+        rank_state = (
+            state["rng"][distributed.rank]
+            if distributed.rank < len(state["rng"])
+            else state["rng"][0]
+        )
         generator.set_state(rank_state["generator"])
         torch.set_rng_state(rank_state["torch"])
         random.setstate(rank_state["python"])
         logger.info("resumed at step %d (%d tokens)", progress.step, progress.tokens)
 
     def save_checkpoint() -> None:
-        rng = {"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}
+        rng = {
+            "generator": generator.get_state(),
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+        }
         gathered = [rng]
         if distributed.world_size > 1:
             gathered = [None] * distributed.world_size
@@ -425,7 +485,9 @@ def train(config: TrainConfig) -> Path:
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "progress": dataclasses.asdict(
-                        dataclasses.replace(progress, elapsed_s=progress.elapsed_s + (time.monotonic() - started))
+                        dataclasses.replace(
+                            progress, elapsed_s=progress.elapsed_s + (time.monotonic() - started)
+                        )
                     ),
                     "rng": gathered,
                     "config": dataclasses.asdict(config),
@@ -439,14 +501,21 @@ def train(config: TrainConfig) -> Path:
 
     log_file = (output_dir / LOG_FILE).open("a", encoding="utf-8") if distributed.main else None
     if distributed.main and not args.resume:
-        _atomic_json(output_dir / "train_config.json", {"argv": sys.argv, **dataclasses.asdict(config)})
+        _atomic_json(
+            output_dir / "train_config.json", {"argv": sys.argv, **dataclasses.asdict(config)}
+        )
     budget_s = args.max_minutes * 60.0
     started = time.monotonic()
     last_save = started
     window_tokens, window_started = 0, started
     bar = tqdm(
-        total=args.max_tokens or None, initial=progress.tokens, unit="tok", unit_scale=True,
-        disable=not distributed.main, mininterval=1.0 if sys.stderr.isatty() else 60.0, dynamic_ncols=True,
+        total=args.max_tokens or None,
+        initial=progress.tokens,
+        unit="tok",
+        unit_scale=True,
+        disable=not distributed.main,
+        mininterval=1.0 if sys.stderr.isatty() else 60.0,
+        dynamic_ncols=True,
     )
 
     def elapsed() -> float:
@@ -465,7 +534,13 @@ def train(config: TrainConfig) -> Path:
     while not should_stop():
         total = progress.total_steps or 1
         exits = (
-            active_exits(recipe.early_exit_curriculum, progress.step, total, num_layers, recipe.early_exit_rotation)
+            active_exits(
+                recipe.early_exit_curriculum,
+                progress.step,
+                total,
+                num_layers,
+                recipe.early_exit_rotation,
+            )
             if recipe.early_exit_loss
             else [num_layers]
         )
@@ -473,16 +548,21 @@ def train(config: TrainConfig) -> Path:
             dropout.set_step(progress.step, total)
         sums = torch.zeros(len(exits) + 1)  # [exits + 1] the weighted loss, then each exit's loss
         for micro in range(args.gradient_accumulation_steps):
-            start = progress.blocks + (micro * distributed.world_size + distributed.rank) * micro_batch
+            start = (
+                progress.blocks + (micro * distributed.world_size + distributed.rank) * micro_batch
+            )
             input_ids = blocks[stream.indices(start, micro_batch)]  # [batch, seq]
             last = micro == args.gradient_accumulation_steps - 1
             sync = last or not isinstance(trained, nn.parallel.DistributedDataParallel)
-            with (trained.no_sync() if not sync else _nullcontext()), torch.autocast(
-                "cpu", dtype=torch.bfloat16, enabled=args.bf16
+            with (
+                trained.no_sync() if not sync else _nullcontext(),
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16),
             ):
                 result = trained(input_ids, exits)
             (result.loss / args.gradient_accumulation_steps).backward()
-            sums += torch.stack([result.loss.detach().float()] + [result.exit_losses[e].float() for e in exits])
+            sums += torch.stack(
+                [result.loss.detach().float()] + [result.exit_losses[e].float() for e in exits]
+            )
         if args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
@@ -496,7 +576,9 @@ def train(config: TrainConfig) -> Path:
 
         if progress.total_steps is None and progress.step == HORIZON_PROBE_STEPS:
             # A pure time budget: fix T (schedule, S(t), curriculum) from the measured speed.
-            progress.total_steps = max(progress.step + 1, int(progress.step * budget_s / max(elapsed(), 1e-6)))
+            progress.total_steps = max(
+                progress.step + 1, int(progress.step * budget_s / max(elapsed(), 1e-6))
+            )
             if distributed.world_size > 1:
                 horizon = torch.tensor(float(progress.total_steps))
                 dist.broadcast(horizon, 0)
@@ -514,9 +596,13 @@ def train(config: TrainConfig) -> Path:
                 "tokens": progress.tokens,
                 "lr": scheduler.get_last_lr()[0],
                 "loss": round(sums[0].item(), 5),
-                "exit_losses": {str(e): round(v, 4) for e, v in zip(exits, sums[1:].tolist(), strict=True)},
+                "exit_losses": {
+                    str(e): round(v, 4) for e, v in zip(exits, sums[1:].tolist(), strict=True)
+                },
                 "layer_dropout_scale": (
-                    dropout.current_rate(num_layers - 1) / max(dropout.rates[-1], 1e-12) if dropout else 0.0
+                    dropout.current_rate(num_layers - 1) / max(dropout.rates[-1], 1e-12)
+                    if dropout
+                    else 0.0
                 ),
                 "tokens_per_second": round(window_tokens / max(now - window_started, 1e-6), 1),
                 "elapsed_s": round(elapsed(), 1),
@@ -525,13 +611,22 @@ def train(config: TrainConfig) -> Path:
             if log_file is not None:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-                bar.set_postfix(loss=f"{record['loss']:.3f}", last=f"{sums[-1].item():.3f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}", last=f"{sums[-1].item():.3f}", refresh=False
+                )
                 logger.info(
                     "step %d tokens %d loss %.4f last-exit %.4f lr %.2e %.0f tok/s",
-                    progress.step, progress.tokens, record["loss"], sums[-1].item(), record["lr"],
+                    progress.step,
+                    progress.tokens,
+                    record["loss"],
+                    sums[-1].item(),
+                    record["lr"],
                     record["tokens_per_second"],
                 )
-        if args.save_every_minutes > 0 and time.monotonic() - last_save >= args.save_every_minutes * 60:
+        if (
+            args.save_every_minutes > 0
+            and time.monotonic() - last_save >= args.save_every_minutes * 60
+        ):
             save_checkpoint()
             last_save = time.monotonic()
     bar.close()
@@ -540,7 +635,9 @@ def train(config: TrainConfig) -> Path:
         log_file.close()
     if dropout is not None:
         dropout.remove()
-    final_dir = _save_final(model, tokenizer, output_dir, args, num_layers, progress, elapsed(), distributed)
+    final_dir = _save_final(
+        model, tokenizer, output_dir, args, num_layers, progress, elapsed(), distributed
+    )
     if distributed.world_size > 1:
         dist.destroy_process_group()
     return final_dir
@@ -584,10 +681,20 @@ def _save_final(
         tokenizer.save_pretrained(output_dir)
         _atomic_json(
             output_dir / "train_summary.json",
-            {"steps": progress.step, "tokens": progress.tokens, "wall_time_s": round(elapsed_s, 1),
-             "num_layers": num_layers, "parameters": sum(p.numel() for p in model.parameters())},
+            {
+                "steps": progress.step,
+                "tokens": progress.tokens,
+                "wall_time_s": round(elapsed_s, 1),
+                "num_layers": num_layers,
+                "parameters": sum(p.numel() for p in model.parameters()),
+            },
         )
-        logger.info("final model (%d steps, %d tokens, %.0f s) -> %s", progress.step, progress.tokens,
-                    elapsed_s, output_dir)
+        logger.info(
+            "final model (%d steps, %d tokens, %.0f s) -> %s",
+            progress.step,
+            progress.tokens,
+            elapsed_s,
+            output_dir,
+        )
     distributed.barrier()
     return output_dir

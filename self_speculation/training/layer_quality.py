@@ -1,0 +1,81 @@
+"""Per-exit quality of a model on held-out tokens (what ``layer_report.py`` measures).
+
+For every exit layer E = 1..L (decoder layers 0..E-1, then the model's own final norm and
+LM head; E = L is the full model):
+
+* accuracy: share of positions whose top-1 token is the next token;
+* perplexity: exp of the mean next-token cross-entropy;
+* agreement: share of positions whose top-1 token equals the last layer's top-1, the
+  per-token acceptance of greedy self-speculative drafts from exit E (LayerSkip §5 and the
+  cost model: an exit that agrees more often drafts more accepted tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from self_speculation.model_surgery import LayerwiseModel
+
+
+@dataclass(frozen=True)
+class ExitQuality:
+    """Held-out quality of one exit layer (1-based)."""
+
+    exit_layer: int
+    accuracy: float
+    perplexity: float
+    agreement: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def exit_quality(
+    layerwise: LayerwiseModel, blocks: torch.Tensor, batch_size: int = 4
+) -> list[ExitQuality]:
+    """Accuracy, perplexity and agreement with the last layer for every exit.
+
+    Args:
+        layerwise: the model seen layer by layer.
+        blocks: held-out token ids [num_blocks, seq]; position i predicts token i + 1.
+        batch_size: blocks per forward.
+
+    Returns:
+        One :class:`ExitQuality` per exit layer 1..L, in order.
+    """
+    num_layers = layerwise.num_layers
+    correct = torch.zeros(num_layers, dtype=torch.float64)  # [L]
+    agree = torch.zeros(num_layers, dtype=torch.float64)  # [L]
+    nll = torch.zeros(num_layers, dtype=torch.float64)  # [L]
+    count = 0
+    for start in range(0, len(blocks), batch_size):
+        input_ids = blocks[start : start + batch_size].to(layerwise.device)  # [batch, seq]
+        targets = input_ids[:, 1:]  # [batch, seq-1]
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        positions = positions.unsqueeze(0).expand(input_ids.shape[0], -1)  # [batch, seq]
+        hidden = layerwise.embed(input_ids)  # [batch, seq, hidden]
+        predictions = []
+        for layer in range(num_layers):
+            hidden = layerwise.run_layers(hidden, layer, layer + 1, None, positions)
+            logits = layerwise.unembed(hidden)[:, :-1].float()  # [batch, seq-1, vocab]
+            log_probs = torch.log_softmax(logits, dim=-1)  # [batch, seq-1, vocab]
+            nll[layer] -= log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
+            top1 = logits.argmax(dim=-1)  # [batch, seq-1]
+            correct[layer] += (top1 == targets).sum().item()
+            predictions.append(top1)
+        for layer in range(num_layers):
+            agree[layer] += (predictions[layer] == predictions[-1]).sum().item()
+        count += targets.numel()
+    return [
+        ExitQuality(
+            exit_layer=layer + 1,
+            accuracy=correct[layer].item() / count,
+            perplexity=math.exp(nll[layer].item() / count),
+            agreement=agree[layer].item() / count,
+        )
+        for layer in range(num_layers)
+    ]
