@@ -1,0 +1,195 @@
+"""How close self-speculative decoding comes to the cost-model bound (REFERENCE §1).
+
+For each (exit_layer E, num_speculations k) it measures, in one run and on the same
+prompts: acceptance rate, tokens per step T, the speedup over autoregressive decoding, and
+the bound T * (L c + h) / (k (E c + h) + L c + h), where c (one layer, one token) and
+h (final norm + LM head, one token) are measured on the same model. The ratio
+speedup / bound shows how much time the implementation loses to overhead.
+
+    python benchmarks/overhead.py                       # a random 16-layer model
+    python benchmarks/overhead.py --model models/layerskip-stdlib --dtype bfloat16 \
+        --exit_layers 4 6 --num_speculations 4 6
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import simple_parsing
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from self_speculation import (  # noqa: E402
+    GenerationConfig,
+    Generator,
+    LayerSkipError,
+    load_model_and_tokenizer,
+)
+
+logger = logging.getLogger("overhead")
+
+
+@dataclass
+class OverheadArguments:
+    """Which model and settings to measure."""
+
+    model: str | None = None  # a model directory or hub id; None: a random Llama built here
+    dtype: str = "float32"
+    layers: int = 16  # random model only
+    hidden: int = 256  # random model only
+    vocab: int = 4096  # random model only
+    exit_layers: list[int] = field(default_factory=lambda: [15, 14, 12])
+    num_speculations: list[int] = field(default_factory=lambda: [2, 4, 6])
+    max_steps: int = 128
+    num_prompts: int = 3
+    repeats: int = 2
+    threads: int = 0  # 0: torch's default
+
+
+def random_model(arguments: OverheadArguments):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import tests.tiny_models as tiny  # the tests' tokenizer: enough to decode ids
+
+    config = LlamaConfig(
+        vocab_size=arguments.vocab,
+        hidden_size=arguments.hidden,
+        intermediate_size=arguments.hidden * 3,
+        num_hidden_layers=arguments.layers,
+        num_attention_heads=max(arguments.hidden // 64, 1),
+        num_key_value_heads=max(arguments.hidden // 128, 1),
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(getattr(torch, arguments.dtype)).eval()
+    return model, tiny.make_tiny_tokenizer()
+
+
+def time_call(function, repeats: int = 30) -> float:
+    """Median seconds of ``function()`` after a warm-up."""
+    function()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+@torch.inference_mode()
+def layer_and_head_costs(generator: Generator, context: int = 200) -> tuple[float, float]:
+    """(c, h): seconds per layer per token with a ``context``-long cache, and per head call."""
+    layerwise = generator.layerwise
+    num_layers = layerwise.num_layers
+    ids = torch.randint(3, layerwise.embed_tokens.weight.shape[0], (1, context))
+    cache = layerwise.new_cache()
+    layerwise.run_layers(
+        layerwise.embed(ids), 0, num_layers, cache, torch.arange(context).unsqueeze(0)
+    )
+    token = layerwise.embed(ids[:, :1])  # [1, 1, hidden]
+    position = torch.tensor([[context]])
+
+    def one_token_all_layers():
+        layerwise.run_layers(token, 0, num_layers, cache, position)
+        for layer in cache.layers:  # undo the append, keep the context length fixed
+            layer.crop(-1)
+
+    layer_cost = time_call(one_token_all_layers) / num_layers
+    head_cost = time_call(lambda: layerwise.unembed(token))
+    return layer_cost, head_cost
+
+
+def tokens_per_step_to_acceptance(tokens_per_step: float, k: int) -> float:
+    """Invert T = (1 - a^(k+1)) / (1 - a) for the per-token acceptance probability a."""
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        a = (low + high) / 2
+        expected = k + 1 if a == 1 else (1 - a ** (k + 1)) / (1 - a)
+        low, high = (a, high) if expected < tokens_per_step else (low, a)
+    return (low + high) / 2
+
+
+def main(arguments: OverheadArguments) -> None:
+    if arguments.threads:
+        torch.set_num_threads(arguments.threads)
+    if arguments.model:
+        model, tokenizer = load_model_and_tokenizer(arguments.model, arguments.dtype, "cpu")
+    else:
+        model, tokenizer = random_model(arguments)
+    generator = Generator(model, tokenizer)
+    num_layers = generator.num_layers
+    c, h = layer_and_head_costs(generator)
+    print(
+        f"model: {arguments.model or 'random Llama'}, L={num_layers}, dtype={arguments.dtype}, "
+        f"threads={torch.get_num_threads()}; c={c * 1e3:.3f} ms/layer, h={h * 1e3:.3f} ms "
+        f"(head = {h / c:.2f} layers)"
+    )
+    vocab = generator.layerwise.embed_tokens.weight.shape[0]
+    source = torch.Generator().manual_seed(0)
+    prompts = [
+        torch.randint(3, vocab, (24,), generator=source).tolist()
+        for _ in range(arguments.num_prompts)
+    ]
+    base = GenerationConfig(max_steps=arguments.max_steps, sample=False)
+    header = (
+        f"{'E':>3} {'k':>3} {'accept':>7} {'T':>5} {'a':>5} {'AR tok/s':>9} {'SS tok/s':>9} "
+        f"{'speedup':>8} {'bound':>6} {'ratio':>6} {'same':>5}"
+    )
+    print(header)
+    for exit_layer in arguments.exit_layers:
+        for k in arguments.num_speculations:
+            speculative = GenerationConfig(
+                max_steps=arguments.max_steps,
+                sample=False,
+                generation_strategy="self_speculative",
+                exit_layer=exit_layer,
+                num_speculations=k,
+            )
+            ar_time = ss_time = 0.0
+            tokens = steps = drafted = accepted = 0
+            same = True
+            for _ in range(arguments.repeats):
+                for prompt in prompts:  # interleaved, so drift hits both alike
+                    reference = generator.generate(prompt, base)
+                    result = generator.generate(prompt, speculative)
+                    same &= reference.token_ids == result.token_ids
+                    ar_time += reference.total_time
+                    ss_time += result.total_time
+                    tokens += len(result.token_ids) - 1
+                    steps += result.num_steps
+                    drafted += result.num_drafted
+                    accepted += result.num_accepted
+            speedup = ar_time / ss_time
+            tokens_per_step = tokens / steps
+            bound = (
+                tokens_per_step
+                * (num_layers * c + h)
+                / (k * (exit_layer * c + h) + num_layers * c + h)
+            )
+            a = tokens_per_step_to_acceptance(tokens_per_step, k)
+            total = arguments.repeats * len(prompts) * arguments.max_steps
+            print(
+                f"{exit_layer:>3} {k:>3} {accepted / max(drafted, 1):>7.3f} "
+                f"{tokens_per_step:>5.2f} {a:>5.2f} {total / ar_time:>9.1f} "
+                f"{total / ss_time:>9.1f} {speedup:>7.2f}x {bound:>5.2f}x "
+                f"{speedup / bound:>6.2f} {'yes' if same else 'NO':>5}"
+            )
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    parsed = simple_parsing.parse(OverheadArguments, add_config_path_arg=False)
+    try:
+        main(parsed)
+    except LayerSkipError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
