@@ -92,9 +92,7 @@ class DataArguments:
     """What to train on."""
 
     data: list[str] = field(default_factory=list)  # globs of text/code/JSONL files ('**' recursive)
-    exclude: list[str] = field(
-        default_factory=list
-    )  # globs of paths to leave out (e.g. held-out files)
+    exclude: list[str] = field(default_factory=list)  # globs of paths to leave out (held-out)
     text_field: str = "text"  # the JSONL / dataset field holding the text
     dataset: str | None = None  # a `datasets` dataset name (needs the network or its cache)
     dataset_config: str | None = None
@@ -162,21 +160,15 @@ class TrainingArguments:
     adam_beta2: float = 0.95
     max_grad_norm: float = 1.0  # 0 disables clipping
     max_tokens: int = 0  # token budget (all processes); sets the schedule's length; 0: none
-    max_minutes: float = (
-        0.0  # wall-time budget; 0: none. Alone, it sets the schedule from the measured speed
-    )
+    max_minutes: float = 0.0  # wall-time budget; 0: none (alone: schedule from measured speed)
     bf16: bool = True  # bf16 autocast (about 2.6x faster on CPU); weights stay fp32 while training
     num_threads: int = 0  # torch CPU threads per process; 0: torch's default
     log_every: int = 10  # optimizer steps between log lines
     save_every_minutes: float = 10.0  # checkpoint interval; 0: only at the end
     resume: bool = False  # continue from output_dir/checkpoint
-    stop_after_steps: int = (
-        0  # stop (and checkpoint) after this many steps without changing the schedule
-    )
-    exit_layer: int = (
-        -1
-    )  # recommended exit layer written to generation_config.json; -1: max(1, L // 4)
-    num_speculations: int = 4  # recommended draft length written to generation_config.json
+    stop_after_steps: int = 0  # stop + checkpoint after N steps, schedule unchanged (0: off)
+    exit_layer: int = -1  # recommended exit layer for generation_config.json; -1: max(1, L//4)
+    num_speculations: int = 4  # recommended draft length for generation_config.json
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "log_every", "num_speculations"):

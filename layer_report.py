@@ -1,0 +1,153 @@
+"""Per-layer quality report: for every exit layer, held-out accuracy, perplexity and agreement.
+
+For each exit layer E = 1..L (layers 0..E-1, then the model's own final norm and LM head;
+E = L is the full model): next-token accuracy, perplexity, and top-1 agreement with the
+last layer (the greedy acceptance proxy of self-speculative decoding). Writes one JSON
+document and a PNG plot to --output_dir; --compare adds other models to both.
+
+Example::
+
+    python layer_report.py --model models/layerskip-stdlib \
+        --data '/root/.pyenv/versions/3.11.7/lib/python3.11/json/*.py' --output_dir logs/report
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import simple_parsing
+import torch
+
+from self_speculation.errors import ConfigError, LayerSkipError
+from self_speculation.loading import DEFAULT_MODEL, load_model_and_tokenizer
+from self_speculation.model_surgery import LayerwiseModel
+from self_speculation.training.data import pack_blocks, read_texts, resolve_files
+from self_speculation.training.layer_quality import ExitQuality, exit_quality
+
+logger = logging.getLogger("layer_report")
+
+
+@dataclass
+class ReportConfig:
+    """Settings of a layer report."""
+
+    model: str = DEFAULT_MODEL  # model to report on (local dir or hub id)
+    compare: list[str] = field(default_factory=list)  # more models, evaluated on the same files
+    data: list[str] = field(default_factory=list)  # globs of held-out text/code/JSONL files
+    exclude: list[str] = field(default_factory=list)  # globs of paths to leave out
+    text_field: str = "text"  # JSONL field holding the text
+    seq_len: int = 512  # tokens per evaluated sequence
+    max_tokens: int = 65536  # evaluate at most this many tokens per model (whole sequences)
+    batch_size: int = 4
+    dtype: str = "float32"  # computation dtype (bf16 weights are upcast exactly)
+    num_threads: int = 0  # torch CPU threads; 0: torch's default
+    output_dir: str = "./logs"
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ConfigError("give held-out data with --data GLOB...")
+        if self.seq_len < 2 or self.max_tokens < self.seq_len or self.batch_size < 1:
+            raise ConfigError("need seq_len >= 2, max_tokens >= seq_len and batch_size >= 1")
+
+
+class _OneLineErrorParser(simple_parsing.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def report_model(name: str, texts: list[str], config: ReportConfig) -> dict:
+    """The report section of one model: its per-exit table and what it was measured on."""
+    model, tokenizer = load_model_and_tokenizer(name, dtype=config.dtype, device="cpu")
+    blocks = pack_blocks(tokenizer, texts, config.seq_len)  # [num_blocks, seq_len]
+    blocks = blocks[: max(1, config.max_tokens // config.seq_len)]
+    logger.info("%s: %d sequences of %d tokens", name, len(blocks), config.seq_len)
+    rows: list[ExitQuality] = exit_quality(LayerwiseModel(model), blocks, config.batch_size)
+    return {
+        "model": name,
+        "num_layers": len(rows),
+        "tokens": int(blocks.numel()),
+        "exits": [row.as_dict() for row in rows],
+    }
+
+
+def plot(sections: list[dict], path: Path) -> None:
+    """Accuracy, perplexity and agreement against the exit layer, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for section in sections:
+        layers = [row["exit_layer"] for row in section["exits"]]
+        label = Path(section["model"]).name or section["model"]
+        for axis, metric in zip(axes, ("accuracy", "perplexity", "agreement")):
+            axis.plot(layers, [row[metric] for row in section["exits"]], marker="o", label=label)
+    for axis, title in zip(
+        axes, ("next-token accuracy", "perplexity", "top-1 agreement with last layer")
+    ):
+        axis.set_title(title)
+        axis.set_xlabel("exit layer E")
+        axis.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[2].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        parser = _OneLineErrorParser(prog="layer_report.py", add_config_path_arg=False)
+        parser.add_arguments(ReportConfig, dest="config")
+        config: ReportConfig = parser.parse_args(argv).config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+        files = resolve_files(config.data, config.exclude)
+        texts = list(read_texts(files, config.text_field))
+        sections = [report_model(name, texts, config) for name in [config.model, *config.compare]]
+        output_dir = Path(config.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        document = {
+            "config": asdict(config),
+            "files": [str(path) for path in files],
+            "models": sections,
+        }
+        temporary = output_dir / "layer_report.json.tmp"
+        temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        temporary.replace(output_dir / "layer_report.json")
+        plot(sections, output_dir / "layer_report.png")
+        for section in sections:
+            logger.info("%s\n%s", section["model"], format_table(section["exits"]))
+        logger.info(
+            "wrote %s and %s", output_dir / "layer_report.json", output_dir / "layer_report.png"
+        )
+    except LayerSkipError as error:
+        sys.stderr.write(f"layer_report.py: error: {error}\n")
+        return 2
+    return 0
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table of per-exit rows."""
+    lines = [
+        "| exit layer | accuracy | perplexity | agreement with last |",
+        "|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {row['exit_layer']} | {row['accuracy']:.3f} | {row['perplexity']:.2f} | {row['agreement']:.3f} |"
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
