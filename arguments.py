@@ -1,0 +1,249 @@
+"""Command-line arguments shared by the scripts, and the wrapper that runs a script's main.
+
+The dataclasses are the CLI (REFERENCE §3: the original tools' flag names and defaults).
+Every script parses them with :func:`parse_args`; booleans are written ``--sample True`` /
+``--sample False``; an unknown flag is an error. :func:`run_main` turns every error meant
+for a user into one line on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import simple_parsing
+
+from self_speculation import (
+    DEFAULT_MODEL,
+    DTYPES,
+    UNSET,
+    ConfigError,
+    GenerationConfig,
+    GenerationStrategyName,
+    LayerSkipError,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+EXIT_ERROR = 2  # a user error: bad flag, bad input, unreachable model or data
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as train.py
+
+
+class ArgumentsError(ConfigError):
+    """A command line that cannot be parsed (unknown flag, bad value, missing flag)."""
+
+
+@dataclass
+class Arguments:
+    """Model, device and output settings common to every script."""
+
+    model: str = DEFAULT_MODEL  # hub id, local directory, .gguf file, or "smollm2"
+    model_args: str | None = None  # extra from_pretrained kwargs: JSON or "key=value,key=value"
+    seed: int = 42  # seeds data shuffling, n-shot choice and sampling
+    output_dir: str = "./logs"  # where result files are written
+    dtype: str | None = None  # float32, bfloat16, float16, float64 (default: float32 on CPU)
+    device: str | None = None  # cpu, cuda, cuda:1 (default: cuda when available)
+    distributed: bool | None = None  # shard samples across torchrun ranks (default: when launched by torchrun)
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
+        self.model_kwargs  # noqa: B018 -- validates model_args now, not after loading data
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        """``model_args`` as a dict: a JSON object, or ``key=value`` pairs split on commas."""
+        text = (self.model_args or "").strip()
+        if not text:
+            return {}
+        if text.startswith("{"):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"--model_args is not valid JSON: {error}") from None
+            if not isinstance(parsed, dict):
+                raise ConfigError("--model_args must be a JSON object")
+            return parsed
+        kwargs: dict[str, Any] = {}
+        for pair in text.split(","):
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--model_args: expected key=value, got '{pair}'")
+            try:
+                kwargs[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                kwargs[key.strip()] = value.strip()
+        return kwargs
+
+
+@dataclass
+class GenerationArguments:
+    """Generation flags; same names and defaults as ``self_speculation.GenerationConfig``.
+
+    ``generation_strategy`` may list several strategies separated by commas
+    (``autoregressive,self_speculative``) where a script can compare them.
+    """
+
+    max_steps: int = 512  # most tokens to generate
+    exit_layer: int = UNSET  # E: drafts (or early-exit decoding) use layers [0, E); -1: model default
+    num_speculations: int = UNSET  # draft tokens per self-speculative step; -1: model default
+    generation_strategy: str = GenerationStrategyName.AUTOREGRESSIVE.value  # autoregressive, self_speculative
+    sample: bool = True  # sample (True) or greedy argmax (False)
+    temperature: float = 0.6
+    top_k: int = 0  # 0: off
+    top_p: float = 0.9  # 1.0: off
+    no_repeat_ngram_size: int | None = None
+    stop_words: list[str] | None = None  # stop once the output contains one of these
+    stop_token_ids: list[int] | None = None  # extra end-of-sequence token ids
+
+    def __post_init__(self) -> None:
+        names = [name.strip() for name in self.generation_strategy.split(",") if name.strip()]
+        valid = [strategy.value for strategy in GenerationStrategyName]
+        for name in names:
+            if name not in valid:
+                raise ConfigError(
+                    f"unknown generation_strategy '{name}' (choose from {', '.join(valid)})"
+                )
+        if not names:
+            raise ConfigError("--generation_strategy is empty")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--generation_strategy lists a strategy twice: {self.generation_strategy}")
+        self.config()  # GenerationConfig validates the remaining values
+
+    @property
+    def strategies(self) -> list[GenerationStrategyName]:
+        """The strategies named by ``generation_strategy``, in the order given."""
+        return [
+            GenerationStrategyName(name.strip())
+            for name in self.generation_strategy.split(",")
+            if name.strip()
+        ]
+
+    def config(self, strategy: GenerationStrategyName | str | None = None) -> GenerationConfig:
+        """The engine's config for ``strategy`` (default: the first one listed)."""
+        fields = {field.name for field in dataclasses.fields(GenerationConfig)}
+        values = {name: getattr(self, name) for name in fields}
+        values["generation_strategy"] = GenerationStrategyName(strategy or self.strategies[0])
+        return GenerationConfig(**values)
+
+    def configs(self) -> list[GenerationConfig]:
+        """One engine config per listed strategy.
+
+        When several strategies are compared, ``exit_layer`` / ``num_speculations`` are the
+        self-speculative settings and ``autoregressive`` is the full model (the baseline);
+        alone, ``autoregressive`` with ``--exit_layer E`` is early-exit decoding.
+        """
+        configs = [self.config(strategy) for strategy in self.strategies]
+        if len(configs) > 1:
+            configs = [
+                dataclasses.replace(config, exit_layer=UNSET, num_speculations=UNSET)
+                if config.generation_strategy is GenerationStrategyName.AUTOREGRESSIVE
+                else config
+                for config in configs
+            ]
+        return configs
+
+
+@dataclass
+class BenchmarkArguments:
+    """Which samples to run (REFERENCE §3 datasets)."""
+
+    dataset: str  # cnn_dm_summarization, xsum_summarization, cnn_dm_lm, human_eval, top_v2, custom_jsonl
+    data_path: str | None = None  # local copy: a JSONL file or a directory saved by datasets
+    random_shuffle: bool = True  # shuffle (seeded) before taking num_samples
+    num_samples: int | None = None  # how many samples (default: all)
+    n_shot: int = 0  # solved examples put before each prompt
+    template: str | None = None  # format of each prompt, e.g. "Question: {message}\nAnswer:"
+    prompt_field: str = "prompt"  # custom_jsonl: field holding the prompt
+    response_field: str = "response"  # custom_jsonl: field holding the reference output
+
+    def __post_init__(self) -> None:
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ConfigError(f"--num_samples must be >= 1, got {self.num_samples}")
+        if self.n_shot < 0:
+            raise ConfigError(f"--n_shot must be >= 0, got {self.n_shot}")
+        if self.template is not None and "{message}" not in self.template:
+            raise ConfigError("--template must contain '{message}' where the prompt goes")
+
+
+class _Parser(simple_parsing.ArgumentParser):
+    """simple-parsing's parser, raising instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentsError(message)
+
+
+def parse_args(
+    *classes: type,
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+    description: str | None = None,
+) -> tuple[Any, ...]:
+    """Parse ``argv`` into one instance of each dataclass in ``classes`` (flat flag names).
+
+    Raises:
+        ArgumentsError: unknown flag, missing required flag or unparsable value.
+        ConfigError: a value the dataclasses' ``__post_init__`` rejects.
+    """
+    parser = _Parser(
+        prog=prog,
+        description=description,
+        add_option_string_dash_variants=simple_parsing.DashVariant.UNDERSCORE,
+        add_config_path_arg=False,
+    )
+    for position, cls in enumerate(classes):
+        parser.add_arguments(cls, dest=f"group{position}")
+    namespace = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    return tuple(getattr(namespace, f"group{position}") for position in range(len(classes)))
+
+
+def arguments_dict(*instances: Any) -> dict[str, Any]:
+    """All fields of the argument dataclasses, flat, JSON-ready (as given on the CLI)."""
+    merged: dict[str, Any] = {}
+    for instance in instances:
+        merged.update(dataclasses.asdict(instance))
+    return merged
+
+
+def setup_logging(rank: int | None = None) -> None:
+    """INFO logs to stderr (rank-prefixed under torchrun); quieter third-party loggers."""
+    rank_env = os.environ.get("RANK") if rank is None else str(rank)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"[rank {rank_env}] " if rank_env is not None and world > 1 else ""
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets", "transformers", "lm_eval", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_main(main: Callable[[list[str]], int | None], prog: str | None = None) -> NoReturn:
+    """Run ``main(sys.argv[1:])`` and exit with its status.
+
+    A :class:`LayerSkipError` (bad flag, bad input, unreachable model or data) or Ctrl-C
+    becomes ONE line on stderr and a non-zero exit status, with no traceback.
+    """
+    prog = prog or os.path.basename(sys.argv[0])
+    setup_logging()
+    try:
+        status = main(sys.argv[1:])
+    except LayerSkipError as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        sys.stderr.write(f"{prog}: error: {message}\n")
+        sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted\n")
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(status or 0)

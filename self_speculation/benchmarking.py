@@ -1,0 +1,302 @@
+"""The run-over-a-dataset loop shared by benchmark.py, sweep.py and correctness.py, and
+the files a run writes.
+
+A run takes samples (already sharded for this rank) and one or more generation configs;
+for each sample it runs every config in turn (interleaved, so that slow drifts of the
+machine hit every strategy alike) and yields one *row* per (sample, config): the prompt,
+reference, prediction, generated token ids, the engine's speed figures and optionally the
+text metrics. Rows are appended to a JSONL file as they come, so an interruption loses
+nothing; the run's single result document is written atomically at the end.
+
+Sampling is seeded per sample (``seed + sample index``), so a sample's output does not
+depend on which rank ran it or on what ran before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from self_speculation.config import GenerationConfig
+from self_speculation.distributed import DistributedContext, broadcast
+from self_speculation.generator import Generator
+from self_speculation.metrics import text_metrics
+
+logger = logging.getLogger(__name__)
+
+
+class Sample(Protocol):
+    """What the loop needs from a sample (data.EvaluationExample fits)."""
+
+    index: int
+    input: str
+    output: str
+
+
+def _json_ready(value: Any) -> Any:
+    """``value`` with NaN/inf turned into None and tuples/paths/enums into JSON types."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(key): _json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "value") and isinstance(getattr(value, "value"), str | int):  # enums
+        return value.value
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    return str(value)
+
+
+def write_json_atomic(path: str | os.PathLike, document: Mapping[str, Any]) -> None:
+    """Write ``document`` as one valid JSON file: to a temporary file, then renamed over
+    ``path``, so a reader never sees half a document."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_json_ready(document), indent=2, allow_nan=False)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+class JsonlWriter:
+    """Appends one JSON object per line and flushes each, so rows survive a crash."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._stream: TextIO = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        self._stream.write(json.dumps(_json_ready(row), allow_nan=False) + "\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def read_jsonl_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as stream:
+        return [json.loads(line) for line in stream if line.strip()]
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of one run: the result document and its per-sample rows.
+
+    Under torchrun each rank streams its rows to ``rank_samples``; rank 0 merges them into
+    ``samples`` (sample order) at the end.
+    """
+
+    result: Path
+    samples: Path
+    rank_samples: Path
+
+
+def run_files(output_dir: str, script: str, context: DistributedContext) -> RunFiles:
+    """Timestamped file names under ``output_dir``, agreed on by every rank."""
+    stamp = broadcast(datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"), context)
+    stem = Path(output_dir) / f"{script}_{stamp}"
+    rank_samples = (
+        stem.with_name(f"{stem.name}.samples.rank{context.rank}.jsonl")
+        if context.world_size > 1
+        else stem.with_name(f"{stem.name}.samples.jsonl")
+    )
+    return RunFiles(
+        result=stem.with_name(f"{stem.name}.json"),
+        samples=stem.with_name(f"{stem.name}.samples.jsonl"),
+        rank_samples=rank_samples,
+    )
+
+
+def merge_rank_rows(files: RunFiles, rows: Sequence[Mapping[str, Any]], context: DistributedContext) -> None:
+    """On rank 0 under torchrun: write every rank's rows, in sample order, to one JSONL and
+    drop the per-rank files. Nothing to do for a single process (already streamed)."""
+    if context.world_size == 1 or not context.is_main:
+        return
+    ordered = sorted(rows, key=lambda row: (row["index"], row.get("order", 0)))
+    temporary = files.samples.with_name(f".{files.samples.name}.tmp")
+    with JsonlWriter(temporary) as writer:
+        for row in ordered:
+            writer.write(row)
+    os.replace(temporary, files.samples)
+    for rank in range(context.world_size):
+        rank_file = files.samples.with_name(files.samples.name.replace(".samples.jsonl", f".samples.rank{rank}.jsonl"))
+        if rank_file.exists():
+            rank_file.unlink()
+
+
+def environment_info(generator: Generator, context: DistributedContext) -> dict[str, Any]:
+    """Versions, device and dtype: what a reader needs to compare two results files."""
+    import transformers
+
+    device = generator.layerwise.device
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(generator.layerwise.dtype).removeprefix("torch."),
+        "torch_num_threads": torch.get_num_threads(),
+        "world_size": context.world_size,
+        "num_layers": generator.num_layers,
+    }
+    for package in ("datasets", "lm_eval"):
+        try:
+            info[package] = __import__(package).__version__
+        except ImportError:
+            pass
+    return info
+
+
+def first_difference(first: Sequence[int], second: Sequence[int]) -> int | None:
+    """Index of the first position where two token sequences differ (a length difference
+    counts at the shorter length); None when they are equal."""
+    for position, (a, b) in enumerate(zip(first, second)):
+        if a != b:
+            return position
+    return None if len(first) == len(second) else min(len(first), len(second))
+
+
+def _sample_generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def generate_rows(
+    generator: Generator,
+    samples: Sequence[Sample],
+    configs: Sequence[GenerationConfig],
+    seed: int,
+    with_text_metrics: bool = True,
+    progress: bool = True,
+    description: str = "samples",
+    log_samples: bool = True,
+) -> Iterator[dict[str, Any]]:
+    """Run every config on every sample (configs interleaved per sample); yield the rows.
+
+    Args:
+        generator: the loaded model's generator.
+        samples: this rank's samples.
+        configs: resolved generation configs (one per strategy / grid point).
+        seed: base seed; sample i is sampled with ``seed + i``.
+        with_text_metrics: add ROUGE/BLEU/exact match/edit distance to each row.
+        progress: show a tqdm bar.
+        log_samples: log each sample's figures at INFO (else DEBUG).
+    """
+    device = generator.layerwise.device
+    if samples:  # untimed warm-up: first-call allocations and lazy imports stay out of the figures
+        for config in configs:
+            generator.generate(samples[0].input, dataclasses.replace(config, max_steps=min(4, config.max_steps)))
+        if with_text_metrics:
+            text_metrics("warm up", "warm up")
+    bar = tqdm(total=len(samples) * len(configs), desc=description, unit="gen", disable=not progress, dynamic_ncols=True)
+    with bar, logging_redirect_tqdm():
+        for sample in samples:
+            for order, config in enumerate(configs):
+                result = generator.generate(
+                    sample.input, config, generator=_sample_generator(device, seed + sample.index)
+                )
+                row: dict[str, Any] = {
+                    "index": sample.index,
+                    "order": order,
+                    "generation_strategy": config.generation_strategy.value,
+                    "prompt": sample.input,
+                    "reference": sample.output,
+                    "prediction": result.text,
+                    "token_ids": result.token_ids,
+                    **result.metrics(),
+                }
+                if with_text_metrics:
+                    row.update(text_metrics(result.text, sample.output))
+                acceptance = result.acceptance_rate
+                logger.log(
+                    logging.INFO if log_samples else logging.DEBUG,
+                    "sample %d %s: %d tokens, %.1f tokens/s%s",
+                    sample.index,
+                    config.generation_strategy.value,
+                    result.num_generated_tokens,
+                    result.tokens_per_second,
+                    "" if acceptance is None else f", acceptance {acceptance:.2f}",
+                )
+                bar.set_postfix(tok_s=f"{result.tokens_per_second:.1f}", refresh=False)
+                bar.update(1)
+                yield row
+
+
+def compare_strategies(rows: Sequence[Mapping[str, Any]], strategies: Sequence[str]) -> dict[str, Any]:
+    """How the strategies did on the same samples, against the first one (the baseline).
+
+    Returns:
+        baseline; speedup per strategy (its total tokens / total time over the baseline's);
+        num_samples compared; num_mismatches and mismatch_pct (samples whose token ids differ
+        from the baseline's); outputs_identical; and per mismatch the sample index, the
+        strategy and the first differing position.
+    """
+    baseline = strategies[0]
+    by_sample: dict[int, dict[str, Mapping[str, Any]]] = {}
+    for row in rows:
+        by_sample.setdefault(int(row["index"]), {})[row["generation_strategy"]] = row
+
+    def throughput(strategy: str) -> float | None:
+        chosen = [row for row in rows if row["generation_strategy"] == strategy]
+        tokens = sum(int(row["num_generated_tokens"]) for row in chosen)
+        seconds = sum(float(row["total_time"]) for row in chosen)
+        return tokens / seconds if seconds > 0 else None
+
+    base_rate = throughput(baseline)
+    speedup = {}
+    for strategy in strategies:
+        rate = throughput(strategy)
+        speedup[strategy] = rate / base_rate if rate is not None and base_rate else None
+
+    mismatches = []
+    for index in sorted(by_sample):
+        runs = by_sample[index]
+        for strategy in strategies[1:]:
+            if baseline not in runs or strategy not in runs:
+                continue
+            position = first_difference(runs[baseline]["token_ids"], runs[strategy]["token_ids"])
+            if position is not None:
+                mismatches.append({"index": index, "generation_strategy": strategy, "first_difference": position})
+    compared = len(by_sample)
+    mismatched_samples = len({mismatch["index"] for mismatch in mismatches})
+    return {
+        "baseline": baseline,
+        "speedup": speedup,
+        "num_samples": compared,
+        "num_mismatches": mismatched_samples,
+        "mismatch_pct": 100.0 * mismatched_samples / compared if compared else 0.0,
+        "outputs_identical": not mismatches,
+        "mismatches": mismatches,
+    }

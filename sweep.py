@@ -1,0 +1,259 @@
+"""Sweep self-speculative decoding over a grid of (exit_layer, num_speculations).
+
+    python sweep.py --model M --dataset human_eval --num_samples 20 --max_steps 128 \
+        --sample False --exit_layer_first 1 --exit_layer_last 8 \
+        --num_speculations_first 1 --num_speculations_last 6 --output_dir ./logs
+
+The model is loaded once and every grid point runs on the same samples. An autoregressive
+baseline (full model) is measured on them too, so each row has its speedup. Rows are
+appended to ``<output_dir>/sweep.csv`` (or ``--output_file``) as points finish; a rerun with
+the same settings and file skips the finished points. At the end: a tokens/s heat map
+(``<csv stem>.png``), a JSON summary (``<csv stem>.json``) and the best point in the log.
+Grid bounds are inclusive; ``--exit_layer_last -1`` means the last layer but one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from arguments import (
+    Arguments,
+    BenchmarkArguments,
+    GenerationArguments,
+    arguments_dict,
+    parse_args,
+    run_main,
+)
+from data import load_examples
+from self_speculation import UNSET, ConfigError, Generator, GenerationStrategyName, load_model_and_tokenizer
+from self_speculation import distributed as dist
+from self_speculation.benchmarking import environment_info, generate_rows, write_json_atomic
+from self_speculation.metrics import summarize_speed
+
+logger = logging.getLogger("sweep")
+
+COLUMNS = [
+    "generation_strategy", "exit_layer", "num_speculations", "acceptance_rate", "total_time",
+    "time_per_token", "tokens_per_second", "overall_tokens_per_second", "tokens_per_step",
+    "speedup", "num_samples", "setting",
+]  # fmt: skip
+
+
+@dataclass
+class SweepArguments:
+    """The grid (inclusive bounds), and where the CSV goes."""
+
+    exit_layer_first: int = 1
+    exit_layer_last: int = -1  # -1: the model's last layer but one
+    exit_layer_step: int = 1
+    num_speculations_first: int = 1
+    num_speculations_last: int = 6
+    num_speculations_step: int = 1
+    output_file: str | None = None  # CSV path (default: <output_dir>/sweep.csv)
+    baseline: bool = True  # also measure autoregressive decoding for the speedup column
+
+    def __post_init__(self) -> None:
+        if self.exit_layer_step < 1 or self.num_speculations_step < 1:
+            raise ConfigError("--exit_layer_step and --num_speculations_step must be >= 1")
+        if self.exit_layer_first < 1:
+            raise ConfigError(f"--exit_layer_first must be >= 1, got {self.exit_layer_first}")
+        if self.exit_layer_last != UNSET and self.exit_layer_last < self.exit_layer_first:
+            raise ConfigError("--exit_layer_last must be >= --exit_layer_first")
+        if not 1 <= self.num_speculations_first <= self.num_speculations_last:
+            raise ConfigError("need 1 <= --num_speculations_first <= --num_speculations_last")
+
+    def grid(self, num_layers: int) -> list[tuple[int, int]]:
+        """(exit_layer, num_speculations) points, exit layer major."""
+        last = num_layers - 1 if self.exit_layer_last == UNSET else self.exit_layer_last
+        if not 1 <= self.exit_layer_first <= last <= num_layers:
+            raise ConfigError(
+                f"exit layers {self.exit_layer_first}..{last} are outside [1, {num_layers}] for this model"
+            )
+        exits = range(self.exit_layer_first, last + 1, self.exit_layer_step)
+        speculations = range(self.num_speculations_first, self.num_speculations_last + 1, self.num_speculations_step)
+        return [(exit_layer, k) for exit_layer in exits for k in speculations]
+
+
+def _setting_key(args: Arguments, generation: GenerationArguments, benchmark: BenchmarkArguments) -> str:
+    """A short hash of everything but the grid: rows with another key are not reused."""
+    relevant = {
+        key: value
+        for key, value in arguments_dict(args, generation, benchmark).items()
+        if key not in ("output_dir", "exit_layer", "num_speculations", "generation_strategy", "distributed")
+    }
+    return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _finished(csv_path: Path, setting: str) -> pd.DataFrame:
+    if not csv_path.exists():
+        return pd.DataFrame(columns=COLUMNS)
+    try:
+        table = pd.read_csv(csv_path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{csv_path} is not a sweep CSV ({error}); choose another --output_file") from None
+    if "setting" not in table.columns:
+        raise ConfigError(f"{csv_path} is not a sweep CSV (no 'setting' column); choose another --output_file")
+    return table[table["setting"] == setting]
+
+
+def _append_row(csv_path: Path, row: dict) -> None:
+    frame = pd.DataFrame([row], columns=COLUMNS)
+    frame.to_csv(csv_path, mode="a", header=not csv_path.exists() or os.path.getsize(csv_path) == 0, index=False)
+
+
+def _measure(generator, samples, config, seed, context) -> dict:
+    rows = list(generate_rows(generator, samples, [config], seed, with_text_metrics=False, progress=False, log_samples=False))
+    all_rows = [row for part in dist.gather(rows, context) for row in part]
+    return summarize_speed(all_rows)
+
+
+def main(argv: list[str]) -> int:
+    args, generation, benchmark, sweep = parse_args(
+        Arguments, GenerationArguments, BenchmarkArguments, SweepArguments, argv=argv, prog="sweep.py"
+    )
+    context = dist.setup(args.distributed, args.device)
+    try:
+        examples = load_examples(benchmark, args.seed)
+        torch.manual_seed(args.seed)
+        model, tokenizer = load_model_and_tokenizer(
+            args.model, args.dtype, dist.device_for(context, args.device), args.model_kwargs
+        )
+        generator = Generator(model, tokenizer)
+        grid = sweep.grid(generator.num_layers)
+        csv_path = Path(sweep.output_file or Path(args.output_dir) / "sweep.csv")
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        setting = _setting_key(args, generation, benchmark)
+        done = _finished(csv_path, setting)
+        samples = dist.shard(examples, context)
+        speculative = dataclasses.replace(
+            generation.config(GenerationStrategyName.SELF_SPECULATIVE), exit_layer=1, num_speculations=1
+        )
+
+        baseline_rate = None
+        if sweep.baseline:
+            previous = done[done["generation_strategy"] == GenerationStrategyName.AUTOREGRESSIVE.value]
+            if len(previous):
+                baseline_rate = float(previous["overall_tokens_per_second"].iloc[-1])
+                logger.info("autoregressive baseline already measured: %.1f tokens/s", baseline_rate)
+            else:
+                config = dataclasses.replace(
+                    speculative,
+                    generation_strategy=GenerationStrategyName.AUTOREGRESSIVE,
+                    exit_layer=generator.num_layers,
+                    num_speculations=UNSET,
+                )
+                speed = _measure(generator, samples, config, args.seed, context)
+                baseline_rate = speed["overall_tokens_per_second"]
+                if context.is_main:
+                    _append_row(csv_path, _csv_row(config.generation_strategy.value, generator.num_layers, 0, speed, 1.0, setting))
+                logger.info("autoregressive baseline: %.1f tokens/s", baseline_rate or 0.0)
+
+        finished = {
+            (int(row.exit_layer), int(row.num_speculations))
+            for row in done.itertuples()
+            if row.generation_strategy == GenerationStrategyName.SELF_SPECULATIVE.value
+        }
+        todo = [point for point in grid if point not in finished]
+        logger.info("%d grid points, %d already in %s", len(grid), len(grid) - len(todo), csv_path)
+        for exit_layer, num_speculations in tqdm(todo, desc="sweep", unit="point", disable=not context.is_main):
+            config = generator.resolve(
+                dataclasses.replace(speculative, exit_layer=exit_layer, num_speculations=num_speculations)
+            )
+            speed = _measure(generator, samples, config, args.seed, context)
+            rate = speed["overall_tokens_per_second"]
+            speedup = rate / baseline_rate if rate and baseline_rate else None
+            if context.is_main:
+                _append_row(csv_path, _csv_row(config.generation_strategy.value, exit_layer, num_speculations, speed, speedup, setting))
+                logger.info(
+                    "exit_layer %d, num_speculations %d: %.1f tokens/s, acceptance %.3f, speedup %s",
+                    exit_layer, num_speculations, rate or 0.0, speed["acceptance_rate"] or 0.0,
+                    "n/a" if speedup is None else f"{speedup:.2f}x",
+                )  # fmt: skip
+        if context.is_main:
+            _finish(csv_path, setting, args, generation, benchmark, sweep, generator, context)
+    finally:
+        dist.teardown(context)
+    return 0
+
+
+def _csv_row(strategy: str, exit_layer: int, num_speculations: int, speed: dict, speedup, setting: str) -> dict:
+    return {
+        "generation_strategy": strategy,
+        "exit_layer": exit_layer,
+        "num_speculations": num_speculations,
+        **{key: speed[key] for key in COLUMNS if key in speed},
+        "speedup": speedup,
+        "setting": setting,
+    }
+
+
+def _finish(csv_path, setting, args, generation, benchmark, sweep, generator, context) -> None:
+    table = pd.read_csv(csv_path)
+    table = table[(table["setting"] == setting) & (table["generation_strategy"] == GenerationStrategyName.SELF_SPECULATIVE.value)]
+    if table.empty:
+        logger.warning("no grid point measured")
+        return
+    best = table.loc[table["overall_tokens_per_second"].idxmax()]
+    plot_path = csv_path.with_suffix(".png")
+    _plot(table, plot_path)
+    best_point = {key: (value.item() if hasattr(value, "item") else value) for key, value in best.items()}
+    write_json_atomic(
+        csv_path.with_suffix(".json"),
+        {
+            "script": "sweep.py",
+            "arguments": arguments_dict(args, generation, benchmark, sweep),
+            "setting": setting,
+            "csv_file": str(csv_path),
+            "plot_file": str(plot_path),
+            "best": best_point,
+            "grid": table.to_dict(orient="records"),
+            "environment": environment_info(generator, context),
+        },
+    )
+    logger.info(
+        "best: exit_layer %d, num_speculations %d: %.1f tokens/s (speedup %s); wrote %s, %s",
+        int(best["exit_layer"]), int(best["num_speculations"]), best["overall_tokens_per_second"],
+        "n/a" if pd.isna(best["speedup"]) else f"{best['speedup']:.2f}x", csv_path, plot_path,
+    )  # fmt: skip
+
+
+def _plot(table: pd.DataFrame, path: Path) -> None:
+    """Heat map of tokens/s over (exit_layer, num_speculations), best point marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = table.pivot_table(index="num_speculations", columns="exit_layer", values="overall_tokens_per_second")
+    figure, axes = plt.subplots(figsize=(1.0 + 0.6 * max(len(grid.columns), 4), 1.0 + 0.5 * max(len(grid.index), 4)))
+    image = axes.imshow(grid.values, origin="lower", aspect="auto", cmap="viridis")
+    axes.set_xticks(range(len(grid.columns)), [str(value) for value in grid.columns])
+    axes.set_yticks(range(len(grid.index)), [str(value) for value in grid.index])
+    axes.set_xlabel("exit_layer")
+    axes.set_ylabel("num_speculations")
+    axes.set_title("self-speculative tokens/s")
+    figure.colorbar(image, ax=axes, label="tokens/s")
+    best = table.loc[table["overall_tokens_per_second"].idxmax()]
+    axes.plot(
+        list(grid.columns).index(best["exit_layer"]), list(grid.index).index(best["num_speculations"]),
+        marker="*", color="red", markersize=14,
+    )  # fmt: skip
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+if __name__ == "__main__":
+    run_main(main, prog="sweep.py")
