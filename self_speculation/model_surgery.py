@@ -14,6 +14,8 @@ Early exit at layer E is ``unembed(run_layers(embed(x), 0, E))``; verification i
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import Cache, DynamicCache, PreTrainedModel
@@ -81,8 +83,13 @@ class LayerwiseModel:
         self.logits_scaling = getattr(self.config, "logits_scaling", None)
         self.logit_scale = getattr(self.config, "logit_scale", None)
         self.final_logit_softcapping = getattr(self.config, "final_logit_softcapping", None)
-        self.layer_types = getattr(self.config, "layer_types", None)
-        self.has_sliding_layers = bool(self.layer_types) and "sliding_attention" in self.layer_types
+        self.layer_types: list[str] = list(
+            getattr(self.config, "layer_types", None) or ["full_attention"] * self.num_layers
+        )
+        self.has_sliding_layers = "sliding_attention" in self.layer_types
+        # Some families (Gemma 3) keep one rotary embedding per layer type.
+        rotary_parameters = inspect.signature(self.rotary_emb.forward).parameters
+        self.rotary_per_layer_type = "layer_type" in rotary_parameters
         if verify:
             self._verify_against_own_forward()
 
@@ -95,7 +102,13 @@ class LayerwiseModel:
         return self.embed_tokens.weight.dtype
 
     def new_cache(self) -> DynamicCache:
-        """An empty KV cache with one layer cache per decoder layer."""
+        """An empty KV cache with one layer cache per decoder layer.
+
+        Sliding-window layers get full caches too: a window cache drops old positions,
+        which a rollback after verification cannot restore; the masks apply the window.
+        """
+        if self.has_sliding_layers:
+            return DynamicCache()
         return DynamicCache(config=self.model.config)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -118,26 +131,50 @@ class LayerwiseModel:
         return logits
 
     def _masks(
-        self, hidden: torch.Tensor, start: int, cache: Cache | None, position_ids: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        cache: Cache | None,
+        position_ids: torch.Tensor,
     ) -> dict[str, torch.Tensor | None]:
-        # A single new token that may see the whole past needs no mask.
-        if hidden.shape[1] == 1 and not self.has_sliding_layers:
-            return {"full_attention": None}
-        # Layers below the exit may hold more positions than layer `start`: size the mask
-        # against the first layer that this call runs.
-        arguments = dict(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            past_key_values=cache,
-            position_ids=position_ids,
-        )
-        if cache is not None:
-            arguments["layer_idx"] = start
-        masks = {"full_attention": create_causal_mask(**arguments)}
-        if self.has_sliding_layers:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**arguments)
+        """One attention mask per layer type used by layers [start, end)."""
+        masks: dict[str, torch.Tensor | None] = {}
+        for index in range(start, end):
+            layer_type = self.layer_types[index]
+            if layer_type in masks:
+                continue
+            # A single new token that may see the whole past needs no mask.
+            if hidden.shape[1] == 1 and layer_type == "full_attention":
+                masks[layer_type] = None
+                continue
+            # Layers below the exit may hold more positions than later ones: size each
+            # mask against the first layer of its type that this call runs.
+            make_mask = (
+                create_sliding_window_causal_mask
+                if layer_type == "sliding_attention"
+                else create_causal_mask
+            )
+            masks[layer_type] = make_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=None,
+                past_key_values=cache,
+                position_ids=position_ids,
+                **({"layer_idx": index} if cache is not None else {}),
+            )
         return masks
+
+    def _rotary(
+        self, hidden: torch.Tensor, start: int, end: int, position_ids: torch.Tensor
+    ) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) per layer type (key None when the family shares one rotary)."""
+        if not self.rotary_per_layer_type:
+            return {None: self.rotary_emb(hidden, position_ids)}
+        return {
+            layer_type: self.rotary_emb(hidden, position_ids, layer_type)
+            for layer_type in set(self.layer_types[start:end])
+        }
 
     def run_layers(
         self,
@@ -163,14 +200,14 @@ class LayerwiseModel:
             raise ValueError(f"layer range [{start}, {end}) outside [0, {self.num_layers}]")
         if start == end:
             return hidden
-        masks = self._masks(hidden, start, cache, position_ids)
-        position_embeddings = self.rotary_emb(hidden, position_ids)  # (cos, sin)
+        masks = self._masks(hidden, start, end, cache, position_ids)
+        rotary = self._rotary(hidden, start, end, position_ids)  # type -> (cos, sin)
         for index in range(start, end):
-            mask_kind = self.layer_types[index] if self.layer_types else "full_attention"
+            layer_type = self.layer_types[index]
             hidden = self.layers[index](
                 hidden,
-                attention_mask=masks.get(mask_kind, masks["full_attention"]),
-                position_embeddings=position_embeddings,
+                attention_mask=masks[layer_type],
+                position_embeddings=rotary[layer_type if self.rotary_per_layer_type else None],
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=cache is not None,

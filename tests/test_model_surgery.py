@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import FAMILIES, make_tiny_model
+from tiny_models import FAMILIES, make_tiny_model, make_tiny_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GraniteConfig, GraniteForCausalLM
 
-from self_speculation import LayerwiseModel, UnsupportedModelError, truncate_cache
+from self_speculation import (
+    GenerationConfig,
+    Generator,
+    LayerwiseModel,
+    UnsupportedModelError,
+    truncate_cache,
+)
 
 TOKENS = torch.tensor([[3, 17, 42, 5, 99, 23, 8, 61, 12, 77]])  # [1, 10]
 
@@ -18,6 +24,23 @@ def test_full_forward_matches_model(family: str) -> None:
     layerwise = LayerwiseModel(model)
     expected = model(input_ids=TOKENS).logits
     torch.testing.assert_close(layerwise.logits(TOKENS), expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_autoregressive_greedy_matches_transformers_generate(family: str) -> None:
+    """Our cache handling (sliding windows included) reproduces the model's own decoding."""
+    model = make_tiny_model(family)
+    generator = Generator(model, make_tiny_tokenizer())
+    prompt = [5, 60, 7, 200, 31, 9]
+    ours = generator.generate(prompt, GenerationConfig(max_steps=16, sample=False)).token_ids
+    theirs = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=16,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )[0, len(prompt) :].tolist()
+    assert ours[: len(theirs)] == theirs and len(theirs) == 16
 
 
 def test_granite_family_scalars_are_reproduced() -> None:
@@ -35,14 +58,16 @@ def test_granite_family_scalars_are_reproduced() -> None:
     model = GraniteForCausalLM(config).to(torch.float64).eval()
     layerwise = LayerwiseModel(model)
     ids = TOKENS % 64
-    torch.testing.assert_close(layerwise.logits(ids), model(input_ids=ids).logits, rtol=0, atol=1e-10)
-
-
+    torch.testing.assert_close(
+        layerwise.logits(ids), model(input_ids=ids).logits, rtol=0, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("exit_layer", [1, 2, 3])
-def test_verification_from_cached_exit_states_equals_fresh_forward(family: str, exit_layer: int) -> None:
+def test_verification_from_cached_exit_states_equals_fresh_forward(
+    family: str, exit_layer: int
+) -> None:
     """Draft-style: prefix through all layers, then new tokens one by one through [0, E)
     (filling the early caches), then all new tokens at once through [E, L)."""
     model = make_tiny_model(family)

@@ -8,11 +8,15 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 VOCAB_SIZE = 320  # model vocabulary; the tokenizer uses at most TOKENIZER_VOCAB of it
@@ -38,6 +42,18 @@ FAMILIES = {
     "qwen2": (Qwen2Config, dict(num_key_value_heads=2)),
     "mistral": (MistralConfig, dict(num_key_value_heads=2, sliding_window=None)),
     "gemma": (GemmaConfig, dict(num_key_value_heads=1, head_dim=8)),
+    "qwen3": (Qwen3Config, dict(num_key_value_heads=2, head_dim=8)),
+    "phi3": (Phi3Config, dict(num_key_value_heads=2)),
+    # Sliding windows shorter than the tests' sequences, alternating with full attention.
+    "qwen2_sliding": (
+        Qwen2Config,
+        dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=2),
+    ),
+    "gemma2_softcap_sliding": (
+        Gemma2Config,
+        dict(num_key_value_heads=2, head_dim=8, sliding_window=4, final_logit_softcapping=5.0),
+    ),
+    "gemma3_text": (Gemma3TextConfig, dict(num_key_value_heads=2, head_dim=8, sliding_window=4)),
 }
 
 
