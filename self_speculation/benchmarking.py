@@ -62,6 +62,11 @@ def _json_ready(value: Any) -> Any:
         return value.value
     if value is None or isinstance(value, str | int | bool):
         return value
+    if callable(getattr(value, "item", None)):  # numpy / torch scalars
+        try:
+            return _json_ready(value.item())
+        except (TypeError, ValueError):
+            pass
     return str(value)
 
 

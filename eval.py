@@ -1,0 +1,157 @@
+"""Evaluate with lm-evaluation-harness tasks through a LayerSkip generation strategy.
+
+    python eval.py --model M --tasks layerskip_mc layerskip_humaneval --limit 10 \
+        --generation_strategy self_speculative --exit_layer 4 --num_speculations 4 \
+        --execute_code True --output_dir ./logs
+
+Generation tasks run the chosen strategy (the task's ``until`` and generation kwargs
+apply); log-likelihood tasks score with the full model, or at an exit layer with
+``--loglikelihood_exit_layer E`` (or ``--loglikelihood_at_exit_layer True`` to reuse
+``--exit_layer``). The local tasks in ``tasks/`` (layerskip_humaneval, layerskip_mc) work
+offline; hub tasks (gsm8k, ...) need their datasets reachable. Writes
+``<output_dir>/eval_<time>.json`` (lm-eval's results, speed of the generation requests,
+arguments, environment) and ``eval_<time>.samples.jsonl`` (one row per generation).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from arguments import Arguments, GenerationArguments, arguments_dict, parse_args, run_main
+from self_speculation import ConfigError, Generator, load_model_and_tokenizer
+from self_speculation import distributed as dist
+from self_speculation.benchmarking import JsonlWriter, environment_info, run_files, write_json_atomic
+from self_speculation.metrics import summarize_speed
+
+logger = logging.getLogger("eval")
+
+LOCAL_TASKS = Path(__file__).resolve().parent / "tasks"
+
+
+@dataclass
+class EvalArguments:
+    """lm-evaluation-harness settings (its own flag names)."""
+
+    tasks: list[str]  # task or group names (space or comma separated)
+    limit: float | None = None  # samples per task (a fraction if < 1)
+    num_fewshot: int | None = None  # few-shot examples (default: the task's)
+    include_path: str | None = None  # another folder of task YAMLs (tasks/ is always included)
+    gen_kwargs: str | None = None  # override the tasks' generation kwargs, e.g. "max_gen_toks=64"
+    loglikelihood_exit_layer: int | None = None  # score log-likelihood tasks at this exit (default: full model)
+    loglikelihood_at_exit_layer: bool = False  # score log-likelihood tasks at --exit_layer
+    execute_code: bool = False  # allow tasks that run model-written code (layerskip_humaneval)
+    bootstrap_iters: int = 1000  # bootstrap resamples for standard errors (0: off)
+
+    def __post_init__(self) -> None:
+        self.tasks = [name.strip() for item in self.tasks for name in item.split(",") if name.strip()]
+        if not self.tasks:
+            raise ConfigError("--tasks is empty")
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"--limit must be > 0, got {self.limit}")
+        if self.loglikelihood_exit_layer is not None and self.loglikelihood_at_exit_layer:
+            raise ConfigError("give --loglikelihood_exit_layer or --loglikelihood_at_exit_layer, not both")
+
+
+def _task_manager(evaluation: EvalArguments):
+    """A TaskManager that knows every requested task; the builtin index is only read when a
+    requested task is not local (it takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(LOCAL_TASKS)] + ([evaluation.include_path] if evaluation.include_path else [])
+    local = TaskManager(include_path=paths, include_defaults=False)
+    if all(local.match_tasks([name]) for name in evaluation.tasks):
+        return local
+    manager = TaskManager(include_path=paths)
+    unknown = [name for name in evaluation.tasks if not manager.match_tasks([name])]
+    if unknown:
+        raise ConfigError(f"unknown lm-eval task(s): {', '.join(unknown)}")
+    return manager
+
+
+def main(argv: list[str]) -> int:
+    args, generation, evaluation = parse_args(
+        Arguments, GenerationArguments, EvalArguments, argv=argv, prog="eval.py"
+    )
+    if len(generation.strategies) > 1:
+        raise ConfigError("eval.py takes one --generation_strategy")
+    context = dist.setup(args.distributed, args.device)
+    try:
+        if context.world_size > 1:
+            raise ConfigError("eval.py runs as one process: use python or torchrun --nproc_per_node 1")
+        from lm_eval import simple_evaluate
+
+        task_manager = _task_manager(evaluation)
+        torch.manual_seed(args.seed)
+        model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device, args.model_kwargs)
+        generator = Generator(model, tokenizer)
+        config = generator.resolve(generation.config())
+        exit_layer = config.exit_layer if evaluation.loglikelihood_at_exit_layer else evaluation.loglikelihood_exit_layer
+        if exit_layer is not None and not 1 <= exit_layer <= generator.num_layers:
+            raise ConfigError(f"loglikelihood exit layer must be in [1, {generator.num_layers}], got {exit_layer}")
+        if evaluation.execute_code:
+            logger.warning("--execute_code True: model-written code will run on this machine")
+
+        from self_speculation.eval_harness import LayerSkipLM
+
+        files = run_files(args.output_dir, "eval", context)
+        with JsonlWriter(files.samples) as writer:
+            lm = LayerSkipLM(generator, config, exit_layer, seed=args.seed, on_generation=writer.write)
+            try:
+                output = simple_evaluate(
+                    model=lm,
+                    tasks=evaluation.tasks,
+                    num_fewshot=evaluation.num_fewshot,
+                    limit=evaluation.limit,
+                    gen_kwargs=evaluation.gen_kwargs,
+                    task_manager=task_manager,
+                    bootstrap_iters=evaluation.bootstrap_iters,
+                    confirm_run_unsafe_code=evaluation.execute_code,
+                    random_seed=args.seed,
+                    numpy_random_seed=args.seed,
+                    torch_random_seed=args.seed,
+                    fewshot_random_seed=args.seed,
+                    log_samples=False,
+                )
+            except ValueError as error:
+                if "unsafe" in str(error):
+                    raise ConfigError(f"{error} (eval.py: pass --execute_code True)") from None
+                raise
+        document = {
+            "script": "eval.py",
+            "arguments": arguments_dict(args, generation, evaluation),
+            "generation_config": vars(config),
+            "loglikelihood_exit_layer": exit_layer,
+            "results": output["results"] if output else {},
+            "n-shot": (output or {}).get("n-shot", {}),
+            "speed": summarize_speed(lm.generation_rows),
+            "environment": environment_info(generator, context),
+            "samples_file": str(files.samples),
+        }
+        write_json_atomic(files.result, document)
+        for task, metrics in document["results"].items():
+            shown = ", ".join(
+                f"{name.split(',')[0]} {value:.4f}"
+                for name, value in metrics.items()
+                if isinstance(value, float) and "stderr" not in name
+            )
+            logger.info("%s: %s", task, shown)
+        if lm.generation_rows:
+            speed = document["speed"]
+            logger.info(
+                "generation: %d requests, %.1f tokens/s, acceptance %s",
+                speed["num_samples"],
+                speed["overall_tokens_per_second"] or 0.0,
+                "n/a" if speed["acceptance_rate"] is None else f"{speed['acceptance_rate']:.3f}",
+            )
+        logger.info("wrote %s", files.result)
+    finally:
+        dist.teardown(context)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, prog="eval.py")

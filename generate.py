@@ -1,0 +1,145 @@
+"""Generate text from prompts, interactively or once, with any strategy.
+
+    python generate.py --model M --sample True --max_steps 512 \
+        --generation_strategy self_speculative --exit_layer 8 --num_speculations 6
+    python generate.py --model M --prompt "def fibonacci(n):" \
+        --generation_strategy self_speculative --sample False --max_steps 64
+
+Without ``--prompt``: reads a prompt per line from standard input (a line ending in a
+backslash continues on the next line), streams the answer to standard output and logs
+tokens/s and the acceptance rate; end with Ctrl-D (EOF) or Ctrl-C. ``--streamer
+speculative`` shows accepted drafts in green and rejected drafts struck through in red.
+Works under ``python`` and under ``torchrun`` (one process).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from arguments import Arguments, GenerationArguments, parse_args, run_main
+from self_speculation import (
+    ConfigError,
+    GenerationConfig,
+    Generator,
+    LayerSkipError,
+    StreamerName,
+    build_streamer,
+    load_model_and_tokenizer,
+)
+from self_speculation import distributed as dist
+
+logger = logging.getLogger("generate")
+
+
+@dataclass
+class GenerateArguments:
+    """What to generate from and how to show it."""
+
+    prompt: str | None = None  # generate once from this prompt (default: interactive)
+    streamer: str = StreamerName.STANDARD.value  # none, standard, speculative
+    chat_template: bool = False  # wrap the prompt in the tokenizer's chat template, if it has one
+
+    def __post_init__(self) -> None:
+        valid = [name.value for name in StreamerName]
+        if self.streamer not in valid:
+            raise ConfigError(f"unknown streamer '{self.streamer}' (choose from {', '.join(valid)})")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ConfigError("the prompt is empty")
+
+
+def read_prompts(stream=sys.stdin) -> Iterator[str]:
+    """Prompts from ``stream``, one per line; a trailing backslash joins the next line."""
+    pending: list[str] = []
+    while True:
+        if stream.isatty():
+            sys.stderr.write("... " if pending else "\n>>> ")
+            sys.stderr.flush()
+        line = stream.readline()
+        if not line:  # EOF
+            return
+        line = line.rstrip("\n")
+        if line.endswith("\\"):
+            pending.append(line[:-1])
+            continue
+        prompt = "\n".join([*pending, line])
+        pending = []
+        if prompt.strip():
+            yield prompt
+
+
+def _prompt_ids(generator: Generator, prompt: str, chat_template: bool) -> str | list[int]:
+    tokenizer = generator.tokenizer
+    if not chat_template:
+        return prompt
+    if getattr(tokenizer, "chat_template", None) is None:
+        logger.warning("the tokenizer has no chat template: using the prompt as it is")
+        return prompt
+    return list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
+
+
+def _answer(generator: Generator, prompt: str, config: GenerationConfig, options: GenerateArguments, seed: int) -> None:
+    streamer = build_streamer(options.streamer, generator.tokenizer)
+    random = torch.Generator(device=generator.layerwise.device).manual_seed(seed)
+    result = generator.generate(_prompt_ids(generator, prompt, options.chat_template), config, streamer, random)
+    if options.streamer == StreamerName.NONE.value:
+        sys.stdout.write(result.text + "\n")
+        sys.stdout.flush()
+    acceptance = result.acceptance_rate
+    logger.info(
+        "%d tokens in %.2f s: %.1f tokens/s%s (stop: %s)",
+        result.num_generated_tokens,
+        result.total_time,
+        result.tokens_per_second,
+        "" if acceptance is None else f", acceptance {acceptance:.2f}, {result.tokens_per_step:.2f} tokens/step",
+        result.stop_reason,
+    )
+
+
+def main(argv: list[str]) -> int:
+    args, generation, options = parse_args(
+        Arguments, GenerationArguments, GenerateArguments, argv=argv, prog="generate.py"
+    )
+    if len(generation.strategies) > 1:
+        raise ConfigError("generate.py takes one --generation_strategy")
+    context = dist.setup(args.distributed, args.device)
+    try:
+        if context.world_size > 1:
+            raise ConfigError("generate.py runs as one process: use python or torchrun --nproc_per_node 1")
+        torch.manual_seed(args.seed)
+        model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device, args.model_kwargs)
+        generator = Generator(model, tokenizer)
+        config = generator.resolve(generation.config())
+        logger.info(
+            "%s, exit_layer %d of %d%s",
+            config.generation_strategy.value,
+            config.exit_layer,
+            generator.num_layers,
+            f", num_speculations {config.num_speculations}" if config.num_speculations > 0 else "",
+        )
+        if options.prompt is not None:
+            _answer(generator, options.prompt, config, options, args.seed)
+            return 0
+        try:
+            for number, prompt in enumerate(read_prompts()):
+                try:
+                    _answer(generator, prompt, config, options, args.seed + number)
+                except LayerSkipError as error:  # one bad prompt does not end the session
+                    logger.error("%s", error)
+        except KeyboardInterrupt:
+            sys.stderr.write("\n")
+        return 0
+    finally:
+        dist.teardown(context)
+
+
+if __name__ == "__main__":
+    run_main(main, prog="generate.py")

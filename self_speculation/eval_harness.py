@@ -1,0 +1,179 @@
+"""lm-evaluation-harness model backed by a LayerSkip generator.
+
+``generate_until`` runs the chosen strategy (autoregressive, early exit or
+self-speculative), honouring the task's ``until`` strings and its generation kwargs
+(``max_gen_toks``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``).
+``loglikelihood`` / ``loglikelihood_rolling`` score with the full model or, when given an
+exit layer, with layers [0, E) + the shared head (the original ignored the exit layer for
+these tasks, so accuracy never changed with it: REFERENCE §4).
+
+Tokenisation of a (context, continuation) pair: the continuation's tokens are those of
+``context + continuation`` past the context's own tokens, with whitespace at the end of the
+context moved to the start of the continuation, as lm-eval's own models do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import LM
+from tqdm import tqdm
+
+from self_speculation.config import GenerationConfig
+from self_speculation.generator import Generator
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 2048  # for models whose config states no context length
+
+
+class LayerSkipLM(LM):
+    """An lm-eval ``LM`` over a :class:`Generator` (batch size 1, one process).
+
+    Args:
+        generator: the loaded model's generator.
+        config: resolved generation settings for ``generate_until``; a task's generation
+            kwargs override its sampling fields and ``max_steps``.
+        loglikelihood_exit_layer: score log-likelihoods at this exit (None: full model).
+        seed: base seed of the per-request sampling generators.
+        progress: show tqdm bars.
+        on_generation: called with each generation's row (prediction + speed figures) as
+            soon as it is done, e.g. to stream rows to a JSONL file.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        config: GenerationConfig,
+        loglikelihood_exit_layer: int | None = None,
+        seed: int = 42,
+        progress: bool = True,
+        on_generation: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.generator = generator
+        self.tokenizer = generator.tokenizer
+        self.config = config
+        self.loglikelihood_exit_layer = loglikelihood_exit_layer
+        self.seed = seed
+        self.progress = progress
+        self.on_generation = on_generation
+        self.generation_rows: list[dict[str, Any]] = []  # one per generate_until request
+        self.max_length = int(getattr(generator.layerwise.config, "max_position_embeddings", None) or DEFAULT_CONTEXT)
+
+    # --- tokenisation -----------------------------------------------------------------
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context is conditioned on: BOS, else EOS."""
+        token = self.tokenizer.bos_token_id
+        return token if token is not None else self.tokenizer.eos_token_id
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _context_ids(self, context: str) -> list[int]:
+        """Context tokens, led by the prefix token (BOS) the model expects."""
+        prefix = [self.prefix_token_id] if self.prefix_token_id is not None else []
+        return prefix + self._encode(context)
+
+    def _pair_ids(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        stripped = context.rstrip()
+        continuation = context[len(stripped) :] + continuation
+        context_ids = self._context_ids(stripped) if stripped else [self.prefix_token_id]
+        whole = self._encode(stripped + continuation)
+        context_only = self._encode(stripped)
+        return context_ids, whole[len(context_only) :]
+
+    # --- scoring ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def _continuation_logprob(self, context_ids: list[int], continuation_ids: list[int]) -> tuple[float, bool]:
+        """log p(continuation | context) and whether greedy decoding would produce it."""
+        tokens = (context_ids + continuation_ids)[-(self.max_length + 1) :]
+        count = len(continuation_ids)
+        device = self.generator.layerwise.device
+        inputs = torch.tensor([tokens[:-1]], device=device)  # [1, seq]
+        logits = self.generator.layerwise.logits(inputs, exit_layer=self.loglikelihood_exit_layer)
+        logprobs = F.log_softmax(logits[0, -count:].float(), dim=-1)  # [count, vocab]
+        targets = torch.tensor(tokens[-count:], device=device)  # [count]
+        total = logprobs.gather(1, targets.unsqueeze(1)).sum().item()
+        greedy = bool((logprobs.argmax(dim=-1) == targets).all())
+        return total, greedy
+
+    def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
+        results = []
+        for request in tqdm(requests, desc="loglikelihood", disable=not self.progress):
+            context, continuation = request.args
+            context_ids, continuation_ids = self._pair_ids(context, continuation)
+            if not continuation_ids:
+                results.append((0.0, True))
+                continue
+            results.append(self._continuation_logprob(context_ids, continuation_ids))
+        return results
+
+    def loglikelihood_rolling(self, requests: Sequence[Any]) -> list[float]:
+        """Whole-string log-likelihood, in windows of the model's context; every token is
+        predicted once, each window with as much preceding text as fits."""
+        results = []
+        for request in tqdm(requests, desc="loglikelihood_rolling", disable=not self.progress):
+            (text,) = request.args
+            tokens = self._encode(text)
+            total, start = 0.0, 0
+            while start < len(tokens):
+                end = min(start + self.max_length, len(tokens))
+                history = ([self.prefix_token_id] + tokens)[max(0, end - self.max_length) : start + 1]
+                logprob, _ = self._continuation_logprob(history, tokens[start:end])
+                total += logprob
+                start = end
+            results.append(total)
+        return results
+
+    # --- generation -------------------------------------------------------------------
+    def _request_config(self, gen_kwargs: dict[str, Any]) -> tuple[GenerationConfig, list[str]]:
+        """This request's config and stop strings: the task's kwargs over the CLI's."""
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        changes: dict[str, Any] = {}
+        if "max_gen_toks" in gen_kwargs:
+            changes["max_steps"] = int(gen_kwargs["max_gen_toks"])
+        if "do_sample" in gen_kwargs:
+            changes["sample"] = bool(gen_kwargs["do_sample"])
+        temperature = gen_kwargs.get("temperature")
+        if temperature is not None:
+            if float(temperature) <= 0:
+                changes["sample"] = False
+            else:
+                changes["temperature"] = float(temperature)
+        for key in ("top_p", "top_k"):
+            if gen_kwargs.get(key) is not None:
+                changes[key] = type(getattr(self.config, key))(gen_kwargs[key])
+        stop_words = [word for word in until if word] + list(self.config.stop_words or [])
+        changes["stop_words"] = stop_words or None
+        return dataclasses.replace(self.config, **changes), stop_words
+
+    def generate_until(self, requests: Sequence[Any]) -> list[str]:
+        outputs = []
+        device = self.generator.layerwise.device
+        for number, request in enumerate(tqdm(requests, desc="generate_until", disable=not self.progress)):
+            context, gen_kwargs = request.args
+            config, stop_words = self._request_config(dict(gen_kwargs or {}))
+            prompt_ids = self._context_ids(context)
+            keep = max(self.max_length - config.max_steps, self.max_length // 2)
+            prompt_ids = prompt_ids[-keep:]  # left-truncate a context too long for the model
+            random = torch.Generator(device=device).manual_seed(self.seed + number)
+            result = self.generator.generate(prompt_ids, config, generator=random)
+            text = result.text
+            for word in stop_words:  # the text ends before the stop string, as lm-eval expects
+                cut = text.find(word)
+                if cut >= 0:
+                    text = text[:cut]
+            outputs.append(text)
+            row = {"request": number, "context": context, "prediction": text, **result.metrics()}
+            self.generation_rows.append(row)
+            if self.on_generation is not None:
+                self.on_generation(row)
+        return outputs
