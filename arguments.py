@@ -51,7 +51,9 @@ class Arguments:
     output_dir: str = "./logs"  # where result files are written
     dtype: str | None = None  # float32, bfloat16, float16, float64 (default: float32 on CPU)
     device: str | None = None  # cpu, cuda, cuda:1 (default: cuda when available)
-    distributed: bool | None = None  # shard samples across torchrun ranks (default: when launched by torchrun)
+    distributed: bool | None = (
+        None  # shard samples across torchrun ranks (default: when launched by torchrun)
+    )
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -93,9 +95,13 @@ class GenerationArguments:
     """
 
     max_steps: int = 512  # most tokens to generate
-    exit_layer: int = UNSET  # E: drafts (or early-exit decoding) use layers [0, E); -1: model default
+    exit_layer: int = (
+        UNSET  # E: drafts (or early-exit decoding) use layers [0, E); -1: model default
+    )
     num_speculations: int = UNSET  # draft tokens per self-speculative step; -1: model default
-    generation_strategy: str = GenerationStrategyName.AUTOREGRESSIVE.value  # autoregressive, self_speculative
+    generation_strategy: str = (
+        GenerationStrategyName.AUTOREGRESSIVE.value
+    )  # autoregressive, self_speculative
     sample: bool = True  # sample (True) or greedy argmax (False)
     temperature: float = 0.6
     top_k: int = 0  # 0: off
@@ -115,7 +121,9 @@ class GenerationArguments:
         if not names:
             raise ConfigError("--generation_strategy is empty")
         if len(set(names)) != len(names):
-            raise ConfigError(f"--generation_strategy lists a strategy twice: {self.generation_strategy}")
+            raise ConfigError(
+                f"--generation_strategy lists a strategy twice: {self.generation_strategy}"
+            )
         self.config()  # GenerationConfig validates the remaining values
 
     @property
@@ -156,7 +164,7 @@ class GenerationArguments:
 class BenchmarkArguments:
     """Which samples to run (REFERENCE §3 datasets)."""
 
-    dataset: str  # cnn_dm_summarization, xsum_summarization, cnn_dm_lm, human_eval, top_v2, custom_jsonl
+    dataset: str = "human_eval"  # cnn_dm_summarization, xsum_summarization, cnn_dm_lm, human_eval, top_v2, custom_jsonl
     data_path: str | None = None  # local copy: a JSONL file or a directory saved by datasets
     random_shuffle: bool = True  # shuffle (seeded) before taking num_samples
     num_samples: int | None = None  # how many samples (default: all)
@@ -225,7 +233,16 @@ def setup_logging(rank: int | None = None) -> None:
         stream=sys.stderr,
         force=True,
     )
-    for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets", "transformers", "lm_eval", "absl"):
+    for noisy in (
+        "httpx",
+        "urllib3",
+        "filelock",
+        "fsspec",
+        "datasets",
+        "transformers",
+        "lm_eval",
+        "absl",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

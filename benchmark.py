@@ -53,7 +53,12 @@ class MetricArguments:
 
 def main(argv: list[str]) -> int:
     args, generation, benchmark, metric = parse_args(
-        Arguments, GenerationArguments, BenchmarkArguments, MetricArguments, argv=argv, prog="benchmark.py"
+        Arguments,
+        GenerationArguments,
+        BenchmarkArguments,
+        MetricArguments,
+        argv=argv,
+        prog="benchmark.py",
     )
     if metric.execute_code and benchmark.dataset != DatasetName.HUMAN_EVAL.value:
         raise ConfigError("--execute_code True applies to --dataset human_eval only")
@@ -74,7 +79,11 @@ def main(argv: list[str]) -> int:
         rows = []
         with JsonlWriter(files.rank_samples) as writer:
             for row in generate_rows(
-                generator, dist.shard(examples, context), configs, args.seed, progress=context.is_main
+                generator,
+                dist.shard(examples, context),
+                configs,
+                args.seed,
+                progress=context.is_main,
             ):
                 if metric.execute_code:
                     row["passed"] = human_eval_pass(problems[row["index"]], row["prediction"])
@@ -83,7 +92,9 @@ def main(argv: list[str]) -> int:
         all_rows = [row for part in dist.gather(rows, context) for row in part]
         if context.is_main:
             merge_rank_rows(files, all_rows, context)
-            document = _result_document(args, generation, benchmark, metric, configs, all_rows, generator, context)
+            document = _result_document(
+                args, generation, benchmark, metric, configs, all_rows, generator, context
+            )
             document["samples_file"] = str(files.samples)
             write_json_atomic(files.result, document)
             _log_summary(document)
@@ -93,7 +104,9 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _result_document(args, generation, benchmark, metric, configs, rows, generator, context) -> dict:
+def _result_document(
+    args, generation, benchmark, metric, configs, rows, generator, context
+) -> dict:
     strategies = [config.generation_strategy.value for config in configs]
     metrics = {}
     for strategy in strategies:

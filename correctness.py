@@ -29,7 +29,7 @@ from arguments import (
     run_main,
 )
 from data import load_examples
-from self_speculation import UNSET, Generator, GenerationStrategyName, load_model_and_tokenizer
+from self_speculation import UNSET, GenerationStrategyName, Generator, load_model_and_tokenizer
 from self_speculation import distributed as dist
 from self_speculation.benchmarking import (
     JsonlWriter,
@@ -51,13 +51,19 @@ STRATEGIES = (GenerationStrategyName.AUTOREGRESSIVE, GenerationStrategyName.SELF
 class CorrectnessGenerationArguments(GenerationArguments):
     """Generation flags; greedy by default, since only greedy outputs must match."""
 
-    generation_strategy: str = GenerationStrategyName.SELF_SPECULATIVE.value  # compared with autoregressive
+    generation_strategy: str = (
+        GenerationStrategyName.SELF_SPECULATIVE.value
+    )  # compared with autoregressive
     sample: bool = False
 
 
 def main(argv: list[str]) -> int:
     args, generation, benchmark = parse_args(
-        Arguments, CorrectnessGenerationArguments, BenchmarkArguments, argv=argv, prog="correctness.py"
+        Arguments,
+        CorrectnessGenerationArguments,
+        BenchmarkArguments,
+        argv=argv,
+        prog="correctness.py",
     )
     if generation.sample:
         logger.warning("--sample True: outputs are compared, but only greedy outputs must match")
@@ -100,7 +106,10 @@ def main(argv: list[str]) -> int:
                 "arguments": arguments_dict(args, generation, benchmark),
                 "generation_configs": [vars(baseline), vars(speculative)],
                 "greedy": not generation.sample,
-                **{key: comparison[key] for key in ("num_samples", "num_mismatches", "mismatch_pct", "speedup")},
+                **{
+                    key: comparison[key]
+                    for key in ("num_samples", "num_mismatches", "mismatch_pct", "speedup")
+                },
                 "mismatches": [
                     {"index": mismatch["index"], "first_difference": mismatch["first_difference"]}
                     for mismatch in comparison["mismatches"]

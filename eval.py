@@ -24,7 +24,12 @@ import torch
 from arguments import Arguments, GenerationArguments, arguments_dict, parse_args, run_main
 from self_speculation import ConfigError, Generator, load_model_and_tokenizer
 from self_speculation import distributed as dist
-from self_speculation.benchmarking import JsonlWriter, environment_info, run_files, write_json_atomic
+from self_speculation.benchmarking import (
+    JsonlWriter,
+    environment_info,
+    run_files,
+    write_json_atomic,
+)
 from self_speculation.metrics import summarize_speed
 
 logger = logging.getLogger("eval")
@@ -41,19 +46,25 @@ class EvalArguments:
     num_fewshot: int | None = None  # few-shot examples (default: the task's)
     include_path: str | None = None  # another folder of task YAMLs (tasks/ is always included)
     gen_kwargs: str | None = None  # override the tasks' generation kwargs, e.g. "max_gen_toks=64"
-    loglikelihood_exit_layer: int | None = None  # score log-likelihood tasks at this exit (default: full model)
+    loglikelihood_exit_layer: int | None = (
+        None  # score log-likelihood tasks at this exit (default: full model)
+    )
     loglikelihood_at_exit_layer: bool = False  # score log-likelihood tasks at --exit_layer
     execute_code: bool = False  # allow tasks that run model-written code (layerskip_humaneval)
     bootstrap_iters: int = 1000  # bootstrap resamples for standard errors (0: off)
 
     def __post_init__(self) -> None:
-        self.tasks = [name.strip() for item in self.tasks for name in item.split(",") if name.strip()]
+        self.tasks = [
+            name.strip() for item in self.tasks for name in item.split(",") if name.strip()
+        ]
         if not self.tasks:
             raise ConfigError("--tasks is empty")
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"--limit must be > 0, got {self.limit}")
         if self.loglikelihood_exit_layer is not None and self.loglikelihood_at_exit_layer:
-            raise ConfigError("give --loglikelihood_exit_layer or --loglikelihood_at_exit_layer, not both")
+            raise ConfigError(
+                "give --loglikelihood_exit_layer or --loglikelihood_at_exit_layer, not both"
+            )
 
 
 def _task_manager(evaluation: EvalArguments):
@@ -81,17 +92,27 @@ def main(argv: list[str]) -> int:
     context = dist.setup(args.distributed, args.device)
     try:
         if context.world_size > 1:
-            raise ConfigError("eval.py runs as one process: use python or torchrun --nproc_per_node 1")
+            raise ConfigError(
+                "eval.py runs as one process: use python or torchrun --nproc_per_node 1"
+            )
         from lm_eval import simple_evaluate
 
         task_manager = _task_manager(evaluation)
         torch.manual_seed(args.seed)
-        model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device, args.model_kwargs)
+        model, tokenizer = load_model_and_tokenizer(
+            args.model, args.dtype, args.device, args.model_kwargs
+        )
         generator = Generator(model, tokenizer)
         config = generator.resolve(generation.config())
-        exit_layer = config.exit_layer if evaluation.loglikelihood_at_exit_layer else evaluation.loglikelihood_exit_layer
+        exit_layer = (
+            config.exit_layer
+            if evaluation.loglikelihood_at_exit_layer
+            else evaluation.loglikelihood_exit_layer
+        )
         if exit_layer is not None and not 1 <= exit_layer <= generator.num_layers:
-            raise ConfigError(f"loglikelihood exit layer must be in [1, {generator.num_layers}], got {exit_layer}")
+            raise ConfigError(
+                f"loglikelihood exit layer must be in [1, {generator.num_layers}], got {exit_layer}"
+            )
         if evaluation.execute_code:
             logger.warning("--execute_code True: model-written code will run on this machine")
 
@@ -99,7 +120,9 @@ def main(argv: list[str]) -> int:
 
         files = run_files(args.output_dir, "eval", context)
         with JsonlWriter(files.samples) as writer:
-            lm = LayerSkipLM(generator, config, exit_layer, seed=args.seed, on_generation=writer.write)
+            lm = LayerSkipLM(
+                generator, config, exit_layer, seed=args.seed, on_generation=writer.write
+            )
             try:
                 output = simple_evaluate(
                     model=lm,

@@ -47,7 +47,9 @@ class GenerateArguments:
     def __post_init__(self) -> None:
         valid = [name.value for name in StreamerName]
         if self.streamer not in valid:
-            raise ConfigError(f"unknown streamer '{self.streamer}' (choose from {', '.join(valid)})")
+            raise ConfigError(
+                f"unknown streamer '{self.streamer}' (choose from {', '.join(valid)})"
+            )
         if self.prompt is not None and not self.prompt.strip():
             raise ConfigError("the prompt is empty")
 
@@ -81,15 +83,26 @@ def _prompt_ids(generator: Generator, prompt: str, chat_template: bool) -> str |
         return prompt
     return list(
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
         )
     )
 
 
-def _answer(generator: Generator, prompt: str, config: GenerationConfig, options: GenerateArguments, seed: int) -> None:
+def _answer(
+    generator: Generator,
+    prompt: str,
+    config: GenerationConfig,
+    options: GenerateArguments,
+    seed: int,
+) -> None:
     streamer = build_streamer(options.streamer, generator.tokenizer)
     random = torch.Generator(device=generator.layerwise.device).manual_seed(seed)
-    result = generator.generate(_prompt_ids(generator, prompt, options.chat_template), config, streamer, random)
+    result = generator.generate(
+        _prompt_ids(generator, prompt, options.chat_template), config, streamer, random
+    )
     if options.streamer == StreamerName.NONE.value:
         sys.stdout.write(result.text + "\n")
         sys.stdout.flush()
@@ -99,7 +112,9 @@ def _answer(generator: Generator, prompt: str, config: GenerationConfig, options
         result.num_generated_tokens,
         result.total_time,
         result.tokens_per_second,
-        "" if acceptance is None else f", acceptance {acceptance:.2f}, {result.tokens_per_step:.2f} tokens/step",
+        ""
+        if acceptance is None
+        else f", acceptance {acceptance:.2f}, {result.tokens_per_step:.2f} tokens/step",
         result.stop_reason,
     )
 
@@ -113,9 +128,13 @@ def main(argv: list[str]) -> int:
     context = dist.setup(args.distributed, args.device)
     try:
         if context.world_size > 1:
-            raise ConfigError("generate.py runs as one process: use python or torchrun --nproc_per_node 1")
+            raise ConfigError(
+                "generate.py runs as one process: use python or torchrun --nproc_per_node 1"
+            )
         torch.manual_seed(args.seed)
-        model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device, args.model_kwargs)
+        model, tokenizer = load_model_and_tokenizer(
+            args.model, args.dtype, args.device, args.model_kwargs
+        )
         generator = Generator(model, tokenizer)
         config = generator.resolve(generation.config())
         logger.info(

@@ -35,7 +35,13 @@ from arguments import (
     run_main,
 )
 from data import load_examples
-from self_speculation import UNSET, ConfigError, Generator, GenerationStrategyName, load_model_and_tokenizer
+from self_speculation import (
+    UNSET,
+    ConfigError,
+    GenerationStrategyName,
+    Generator,
+    load_model_and_tokenizer,
+)
 from self_speculation import distributed as dist
 from self_speculation.benchmarking import environment_info, generate_rows, write_json_atomic
 from self_speculation.metrics import summarize_speed
@@ -80,16 +86,27 @@ class SweepArguments:
                 f"exit layers {self.exit_layer_first}..{last} are outside [1, {num_layers}] for this model"
             )
         exits = range(self.exit_layer_first, last + 1, self.exit_layer_step)
-        speculations = range(self.num_speculations_first, self.num_speculations_last + 1, self.num_speculations_step)
+        speculations = range(
+            self.num_speculations_first, self.num_speculations_last + 1, self.num_speculations_step
+        )
         return [(exit_layer, k) for exit_layer in exits for k in speculations]
 
 
-def _setting_key(args: Arguments, generation: GenerationArguments, benchmark: BenchmarkArguments) -> str:
+def _setting_key(
+    args: Arguments, generation: GenerationArguments, benchmark: BenchmarkArguments
+) -> str:
     """A short hash of everything but the grid: rows with another key are not reused."""
     relevant = {
         key: value
         for key, value in arguments_dict(args, generation, benchmark).items()
-        if key not in ("output_dir", "exit_layer", "num_speculations", "generation_strategy", "distributed")
+        if key
+        not in (
+            "output_dir",
+            "exit_layer",
+            "num_speculations",
+            "generation_strategy",
+            "distributed",
+        )
     }
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -100,26 +117,50 @@ def _finished(csv_path: Path, setting: str) -> pd.DataFrame:
     try:
         table = pd.read_csv(csv_path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{csv_path} is not a sweep CSV ({error}); choose another --output_file") from None
+        raise ConfigError(
+            f"{csv_path} is not a sweep CSV ({error}); choose another --output_file"
+        ) from None
     if "setting" not in table.columns:
-        raise ConfigError(f"{csv_path} is not a sweep CSV (no 'setting' column); choose another --output_file")
+        raise ConfigError(
+            f"{csv_path} is not a sweep CSV (no 'setting' column); choose another --output_file"
+        )
     return table[table["setting"] == setting]
 
 
 def _append_row(csv_path: Path, row: dict) -> None:
     frame = pd.DataFrame([row], columns=COLUMNS)
-    frame.to_csv(csv_path, mode="a", header=not csv_path.exists() or os.path.getsize(csv_path) == 0, index=False)
+    frame.to_csv(
+        csv_path,
+        mode="a",
+        header=not csv_path.exists() or os.path.getsize(csv_path) == 0,
+        index=False,
+    )
 
 
 def _measure(generator, samples, config, seed, context) -> dict:
-    rows = list(generate_rows(generator, samples, [config], seed, with_text_metrics=False, progress=False, log_samples=False))
+    rows = list(
+        generate_rows(
+            generator,
+            samples,
+            [config],
+            seed,
+            with_text_metrics=False,
+            progress=False,
+            log_samples=False,
+        )
+    )
     all_rows = [row for part in dist.gather(rows, context) for row in part]
     return summarize_speed(all_rows)
 
 
 def main(argv: list[str]) -> int:
     args, generation, benchmark, sweep = parse_args(
-        Arguments, GenerationArguments, BenchmarkArguments, SweepArguments, argv=argv, prog="sweep.py"
+        Arguments,
+        GenerationArguments,
+        BenchmarkArguments,
+        SweepArguments,
+        argv=argv,
+        prog="sweep.py",
     )
     context = dist.setup(args.distributed, args.device)
     try:
@@ -136,15 +177,21 @@ def main(argv: list[str]) -> int:
         done = _finished(csv_path, setting)
         samples = dist.shard(examples, context)
         speculative = dataclasses.replace(
-            generation.config(GenerationStrategyName.SELF_SPECULATIVE), exit_layer=1, num_speculations=1
+            generation.config(GenerationStrategyName.SELF_SPECULATIVE),
+            exit_layer=1,
+            num_speculations=1,
         )
 
         baseline_rate = None
         if sweep.baseline:
-            previous = done[done["generation_strategy"] == GenerationStrategyName.AUTOREGRESSIVE.value]
+            previous = done[
+                done["generation_strategy"] == GenerationStrategyName.AUTOREGRESSIVE.value
+            ]
             if len(previous):
                 baseline_rate = float(previous["overall_tokens_per_second"].iloc[-1])
-                logger.info("autoregressive baseline already measured: %.1f tokens/s", baseline_rate)
+                logger.info(
+                    "autoregressive baseline already measured: %.1f tokens/s", baseline_rate
+                )
             else:
                 config = dataclasses.replace(
                     speculative,
@@ -155,7 +202,17 @@ def main(argv: list[str]) -> int:
                 speed = _measure(generator, samples, config, args.seed, context)
                 baseline_rate = speed["overall_tokens_per_second"]
                 if context.is_main:
-                    _append_row(csv_path, _csv_row(config.generation_strategy.value, generator.num_layers, 0, speed, 1.0, setting))
+                    _append_row(
+                        csv_path,
+                        _csv_row(
+                            config.generation_strategy.value,
+                            generator.num_layers,
+                            0,
+                            speed,
+                            1.0,
+                            setting,
+                        ),
+                    )
                 logger.info("autoregressive baseline: %.1f tokens/s", baseline_rate or 0.0)
 
         finished = {
@@ -165,15 +222,29 @@ def main(argv: list[str]) -> int:
         }
         todo = [point for point in grid if point not in finished]
         logger.info("%d grid points, %d already in %s", len(grid), len(grid) - len(todo), csv_path)
-        for exit_layer, num_speculations in tqdm(todo, desc="sweep", unit="point", disable=not context.is_main):
+        for exit_layer, num_speculations in tqdm(
+            todo, desc="sweep", unit="point", disable=not context.is_main
+        ):
             config = generator.resolve(
-                dataclasses.replace(speculative, exit_layer=exit_layer, num_speculations=num_speculations)
+                dataclasses.replace(
+                    speculative, exit_layer=exit_layer, num_speculations=num_speculations
+                )
             )
             speed = _measure(generator, samples, config, args.seed, context)
             rate = speed["overall_tokens_per_second"]
             speedup = rate / baseline_rate if rate and baseline_rate else None
             if context.is_main:
-                _append_row(csv_path, _csv_row(config.generation_strategy.value, exit_layer, num_speculations, speed, speedup, setting))
+                _append_row(
+                    csv_path,
+                    _csv_row(
+                        config.generation_strategy.value,
+                        exit_layer,
+                        num_speculations,
+                        speed,
+                        speedup,
+                        setting,
+                    ),
+                )
                 logger.info(
                     "exit_layer %d, num_speculations %d: %.1f tokens/s, acceptance %.3f, speedup %s",
                     exit_layer, num_speculations, rate or 0.0, speed["acceptance_rate"] or 0.0,
@@ -186,7 +257,9 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _csv_row(strategy: str, exit_layer: int, num_speculations: int, speed: dict, speedup, setting: str) -> dict:
+def _csv_row(
+    strategy: str, exit_layer: int, num_speculations: int, speed: dict, speedup, setting: str
+) -> dict:
     return {
         "generation_strategy": strategy,
         "exit_layer": exit_layer,
@@ -199,14 +272,19 @@ def _csv_row(strategy: str, exit_layer: int, num_speculations: int, speed: dict,
 
 def _finish(csv_path, setting, args, generation, benchmark, sweep, generator, context) -> None:
     table = pd.read_csv(csv_path)
-    table = table[(table["setting"] == setting) & (table["generation_strategy"] == GenerationStrategyName.SELF_SPECULATIVE.value)]
+    table = table[
+        (table["setting"] == setting)
+        & (table["generation_strategy"] == GenerationStrategyName.SELF_SPECULATIVE.value)
+    ]
     if table.empty:
         logger.warning("no grid point measured")
         return
     best = table.loc[table["overall_tokens_per_second"].idxmax()]
     plot_path = csv_path.with_suffix(".png")
     _plot(table, plot_path)
-    best_point = {key: (value.item() if hasattr(value, "item") else value) for key, value in best.items()}
+    best_point = {
+        key: (value.item() if hasattr(value, "item") else value) for key, value in best.items()
+    }
     write_json_atomic(
         csv_path.with_suffix(".json"),
         {
@@ -234,8 +312,12 @@ def _plot(table: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = table.pivot_table(index="num_speculations", columns="exit_layer", values="overall_tokens_per_second")
-    figure, axes = plt.subplots(figsize=(1.0 + 0.6 * max(len(grid.columns), 4), 1.0 + 0.5 * max(len(grid.index), 4)))
+    grid = table.pivot_table(
+        index="num_speculations", columns="exit_layer", values="overall_tokens_per_second"
+    )
+    figure, axes = plt.subplots(
+        figsize=(1.0 + 0.6 * max(len(grid.columns), 4), 1.0 + 0.5 * max(len(grid.index), 4))
+    )
     image = axes.imshow(grid.values, origin="lower", aspect="auto", cmap="viridis")
     axes.set_xticks(range(len(grid.columns)), [str(value) for value in grid.columns])
     axes.set_yticks(range(len(grid.index)), [str(value) for value in grid.index])

@@ -58,7 +58,7 @@ def _json_ready(value: Any) -> Any:
         return [_json_ready(item) for item in value]
     if isinstance(value, Path):
         return str(value)
-    if hasattr(value, "value") and isinstance(getattr(value, "value"), str | int):  # enums
+    if hasattr(value, "value") and isinstance(value.value, str | int):  # enums
         return value.value
     if value is None or isinstance(value, str | int | bool):
         return value
@@ -143,7 +143,9 @@ def run_files(output_dir: str, script: str, context: DistributedContext) -> RunF
     )
 
 
-def merge_rank_rows(files: RunFiles, rows: Sequence[Mapping[str, Any]], context: DistributedContext) -> None:
+def merge_rank_rows(
+    files: RunFiles, rows: Sequence[Mapping[str, Any]], context: DistributedContext
+) -> None:
     """On rank 0 under torchrun: write every rank's rows, in sample order, to one JSONL and
     drop the per-rank files. Nothing to do for a single process (already streamed)."""
     if context.world_size == 1 or not context.is_main:
@@ -155,7 +157,9 @@ def merge_rank_rows(files: RunFiles, rows: Sequence[Mapping[str, Any]], context:
             writer.write(row)
     os.replace(temporary, files.samples)
     for rank in range(context.world_size):
-        rank_file = files.samples.with_name(files.samples.name.replace(".samples.jsonl", f".samples.rank{rank}.jsonl"))
+        rank_file = files.samples.with_name(
+            files.samples.name.replace(".samples.jsonl", f".samples.rank{rank}.jsonl")
+        )
         if rank_file.exists():
             rank_file.unlink()
 
@@ -171,7 +175,9 @@ def environment_info(generator: Generator, context: DistributedContext) -> dict[
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
         "dtype": str(generator.layerwise.dtype).removeprefix("torch."),
         "torch_num_threads": torch.get_num_threads(),
         "world_size": context.world_size,
@@ -222,10 +228,18 @@ def generate_rows(
     device = generator.layerwise.device
     if samples:  # untimed warm-up: first-call allocations and lazy imports stay out of the figures
         for config in configs:
-            generator.generate(samples[0].input, dataclasses.replace(config, max_steps=min(4, config.max_steps)))
+            generator.generate(
+                samples[0].input, dataclasses.replace(config, max_steps=min(4, config.max_steps))
+            )
         if with_text_metrics:
             text_metrics("warm up", "warm up")
-    bar = tqdm(total=len(samples) * len(configs), desc=description, unit="gen", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(samples) * len(configs),
+        desc=description,
+        unit="gen",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     with bar, logging_redirect_tqdm():
         for sample in samples:
             for order, config in enumerate(configs):
@@ -259,7 +273,9 @@ def generate_rows(
                 yield row
 
 
-def compare_strategies(rows: Sequence[Mapping[str, Any]], strategies: Sequence[str]) -> dict[str, Any]:
+def compare_strategies(
+    rows: Sequence[Mapping[str, Any]], strategies: Sequence[str]
+) -> dict[str, Any]:
     """How the strategies did on the same samples, against the first one (the baseline).
 
     Returns:
@@ -293,7 +309,9 @@ def compare_strategies(rows: Sequence[Mapping[str, Any]], strategies: Sequence[s
                 continue
             position = first_difference(runs[baseline]["token_ids"], runs[strategy]["token_ids"])
             if position is not None:
-                mismatches.append({"index": index, "generation_strategy": strategy, "first_difference": position})
+                mismatches.append(
+                    {"index": index, "generation_strategy": strategy, "first_difference": position}
+                )
     compared = len(by_sample)
     mismatched_samples = len({mismatch["index"] for mismatch in mismatches})
     return {

@@ -59,7 +59,9 @@ def setup(requested: bool | None = None, device: str | None = None) -> Distribut
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
     if requested and not launched_by_torchrun():
-        raise ConfigError("--distributed True needs torchrun (torchrun --nproc_per_node N script.py ...)")
+        raise ConfigError(
+            "--distributed True needs torchrun (torchrun --nproc_per_node N script.py ...)"
+        )
     if requested is False and world_size > 1:
         raise ConfigError(
             f"launched as {world_size} processes but --distributed False: use python or --nproc_per_node 1"
@@ -78,7 +80,9 @@ def setup(requested: bool | None = None, device: str | None = None) -> Distribut
 
 def device_for(context: DistributedContext, device: str | None) -> str | None:
     """The device this rank uses: one GPU per rank under torchrun."""
-    if context.world_size > 1 and (device == "cuda" or (device is None and torch.cuda.is_available())):
+    if context.world_size > 1 and (
+        device == "cuda" or (device is None and torch.cuda.is_available())
+    ):
         return f"cuda:{context.local_rank}"
     return device
 

@@ -64,7 +64,9 @@ class LayerSkipLM(LM):
         self.progress = progress
         self.on_generation = on_generation
         self.generation_rows: list[dict[str, Any]] = []  # one per generate_until request
-        self.max_length = int(getattr(generator.layerwise.config, "max_position_embeddings", None) or DEFAULT_CONTEXT)
+        self.max_length = int(
+            getattr(generator.layerwise.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
+        )
 
     # --- tokenisation -----------------------------------------------------------------
     @property
@@ -91,7 +93,9 @@ class LayerSkipLM(LM):
 
     # --- scoring ----------------------------------------------------------------------
     @torch.inference_mode()
-    def _continuation_logprob(self, context_ids: list[int], continuation_ids: list[int]) -> tuple[float, bool]:
+    def _continuation_logprob(
+        self, context_ids: list[int], continuation_ids: list[int]
+    ) -> tuple[float, bool]:
         """log p(continuation | context) and whether greedy decoding would produce it."""
         tokens = (context_ids + continuation_ids)[-(self.max_length + 1) :]
         count = len(continuation_ids)
@@ -125,7 +129,9 @@ class LayerSkipLM(LM):
             total, start = 0.0, 0
             while start < len(tokens):
                 end = min(start + self.max_length, len(tokens))
-                history = ([self.prefix_token_id] + tokens)[max(0, end - self.max_length) : start + 1]
+                history = ([self.prefix_token_id] + tokens)[
+                    max(0, end - self.max_length) : start + 1
+                ]
                 logprob, _ = self._continuation_logprob(history, tokens[start:end])
                 total += logprob
                 start = end
@@ -158,7 +164,9 @@ class LayerSkipLM(LM):
     def generate_until(self, requests: Sequence[Any]) -> list[str]:
         outputs = []
         device = self.generator.layerwise.device
-        for number, request in enumerate(tqdm(requests, desc="generate_until", disable=not self.progress)):
+        for number, request in enumerate(
+            tqdm(requests, desc="generate_until", disable=not self.progress)
+        ):
             context, gen_kwargs = request.args
             config, stop_words = self._request_config(dict(gen_kwargs or {}))
             prompt_ids = self._context_ids(context)

@@ -28,7 +28,13 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rouge3", "rougeL")
-SPEED_KEYS = ("acceptance_rate", "total_time", "time_per_token", "tokens_per_second", "tokens_per_step")
+SPEED_KEYS = (
+    "acceptance_rate",
+    "total_time",
+    "time_per_token",
+    "tokens_per_second",
+    "tokens_per_step",
+)
 TEXT_KEYS = (*ROUGE_TYPES, "bleu", "exact_match", "edit_distance")
 
 # Where a HumanEval completion ends (Chen et al. 2021 §2.3): the function body is over.
@@ -94,7 +100,9 @@ def summarize_speed(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | int 
     ``overall_tokens_per_second`` (total tokens / total time) weights long outputs more
     than the mean of per-sample rates does; both are reported.
     """
-    summary: dict[str, float | int | None] = {name: _mean(row.get(name) for row in rows) for name in SPEED_KEYS}
+    summary: dict[str, float | int | None] = {
+        name: _mean(row.get(name) for row in rows) for name in SPEED_KEYS
+    }
     total_tokens = sum(int(row.get("num_generated_tokens", 0)) for row in rows)
     total_time = sum(float(row.get("total_time", 0.0)) for row in rows)
     drafted = sum(int(row.get("num_drafted", 0)) for row in rows)
@@ -109,9 +117,14 @@ def summarize_speed(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | int 
     return summary
 
 
-def truncate_completion(completion: str, stop_sequences: Sequence[str] = HUMAN_EVAL_STOP_SEQUENCES) -> str:
+def truncate_completion(
+    completion: str, stop_sequences: Sequence[str] = HUMAN_EVAL_STOP_SEQUENCES
+) -> str:
     """``completion`` cut at the first stop sequence (the end of the function body)."""
-    cut = min((index for stop in stop_sequences if (index := completion.find(stop)) >= 0), default=len(completion))
+    cut = min(
+        (index for stop in stop_sequences if (index := completion.find(stop)) >= 0),
+        default=len(completion),
+    )
     return completion[:cut]
 
 

