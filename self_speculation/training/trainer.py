@@ -9,6 +9,7 @@ and/or time budget, DDP, and checkpoints that resume exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -43,6 +44,7 @@ from self_speculation.training.layer_dropout import (
     DropoutSchedule,
     DropoutShape,
     apply_layer_dropout,
+    schedule_factor,
 )
 from self_speculation.training.objective import LayerSkipObjective
 from self_speculation.training.presets import PRESETS, architecture_config
@@ -252,7 +254,7 @@ def _init_distributed() -> _Distributed:
     return _Distributed(rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
-def _setup_logging(output_dir: Path, main: bool) -> None:
+def _setup_logging(main: bool) -> None:
     level = logging.INFO if main else logging.WARNING
     logging.basicConfig(
         level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
@@ -317,45 +319,31 @@ class _Progress:
     total_steps: int | None = None  # schedule horizon T
 
 
-def train(config: TrainConfig) -> Path:
-    """Run one training job; returns the directory of the final model."""
-    distributed = _init_distributed()
-    args = config.training
-    output_dir = Path(args.output_dir)
-    if distributed.main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-    _setup_logging(output_dir, distributed.main)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    checkpoint_dir = output_dir / CHECKPOINT_DIR
-    if args.resume and not (checkpoint_dir / STATE_FILE).is_file():
-        raise ConfigError(f"--resume True but {checkpoint_dir / STATE_FILE} does not exist")
-    if not args.resume and (checkpoint_dir / STATE_FILE).is_file():
-        raise ConfigError(
-            f"{output_dir} already holds a run; use --resume True or another --output_dir"
-        )
+def build_model_and_tokenizer(
+    config: TrainConfig, texts: list[str], distributed: _Distributed
+) -> tuple[nn.Module, Any]:
+    """The fp32 model and tokenizer to train: resumed, continued from --model, or new.
 
-    texts = _load_texts(config.data)
-
-    # Tokenizer and model: resumed, continued from --model, or new.
+    A new run trains its tokenizer on ``texts`` (rank 0; the others load it) and saves it
+    under output_dir/tokenizer, where a resumed run finds it again.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    if args.resume:
+    output_dir = Path(config.training.output_dir)
+    torch.manual_seed(config.training.seed)
+    if config.training.resume:
         tokenizer = AutoTokenizer.from_pretrained(output_dir / TOKENIZER_DIR)
-        model = AutoModelForCausalLM.from_config(
-            AutoConfig.from_pretrained(checkpoint_dir), dtype=torch.float32
-        )
+        architecture = AutoConfig.from_pretrained(output_dir / CHECKPOINT_DIR)
+        model = AutoModelForCausalLM.from_config(architecture, dtype=torch.float32)
     elif config.model.model:
         model, tokenizer = _load_pretrained(config.model.model)
+        if distributed.main:
+            tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
     else:
         if distributed.main:
             logger.info("training a %d-token byte-level BPE tokenizer", config.model.vocab_size)
-            train_tokenizer(texts, config.model.vocab_size).save_pretrained(
-                output_dir / TOKENIZER_DIR
-            )
+            tokenizer = train_tokenizer(texts, config.model.vocab_size)
+            tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
         distributed.barrier()
         tokenizer = AutoTokenizer.from_pretrained(output_dir / TOKENIZER_DIR)
         architecture = architecture_config(
@@ -370,323 +358,378 @@ def train(config: TrainConfig) -> Path:
             ),
         )
         model = AutoModelForCausalLM.from_config(architecture, dtype=torch.float32)
-    if not args.resume and config.model.model and distributed.main:
-        tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.train()
+    return model.train(), tokenizer
 
-    blocks = pack_blocks(tokenizer, texts, config.model.seq_len)  # [num_blocks, seq_len]
-    del texts
-    stream = BlockStream(len(blocks), args.seed)
-    micro_batch = args.batch_size
-    blocks_per_step = micro_batch * args.gradient_accumulation_steps * distributed.world_size
-    tokens_per_step = blocks_per_step * config.model.seq_len
-    progress = _Progress()
-    if args.max_tokens:
-        progress.total_steps = max(1, math.ceil(args.max_tokens / tokens_per_step))
-    num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    parameters = sum(p.numel() for p in model.parameters())
-    logger.info(
-        "%s: %d layers, %.2fM parameters; %d blocks of %d tokens (%.2fM tokens); %d tokens per step",
-        type(model).__name__,
-        num_layers,
-        parameters / 1e6,
-        len(blocks),
-        config.model.seq_len,
-        blocks.numel() / 1e6,
-        tokens_per_step,
-    )
 
-    # The recipe (paper §4): per-process random source for skips and position subsets.
-    recipe = config.layerskip
-    generator = torch.Generator().manual_seed(args.seed * 1000 + 17 + distributed.rank)
-    objective = LayerSkipObjective(
-        model,
-        scale=recipe.early_exit_scale,
-        e_scale=recipe.early_exit_e_scale,
-        position_fraction=recipe.early_exit_position_fraction,
-        generator=generator,
-    )
-    dropout = None
-    if recipe.layer_dropout_p_max > 0:
-        dropout = apply_layer_dropout(
+class Trainer:
+    """One training run: the recipe wired to a model, an optimizer and the data.
+
+    Args:
+        config: the run's settings.
+        model: the fp32 causal LM to train (in train mode).
+        tokenizer: its tokenizer (saved with the final model).
+        blocks: training token blocks [num_blocks, seq_len].
+        distributed: this process's rank and the world size.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: nn.Module,
+        tokenizer: Any,
+        blocks: torch.Tensor,
+        distributed: _Distributed,
+    ) -> None:
+        self.config = config
+        self.args = args = config.training
+        self.recipe = recipe = config.layerskip
+        self.model = model
+        self.tokenizer = tokenizer
+        self.blocks = blocks  # [num_blocks, seq_len]
+        self.stream = BlockStream(len(blocks), args.seed)
+        self.distributed = distributed
+        self.output_dir = Path(args.output_dir)
+        self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        self.blocks_per_step = (
+            args.batch_size * args.gradient_accumulation_steps * distributed.world_size
+        )
+        self.tokens_per_step = self.blocks_per_step * blocks.shape[1]
+        self.progress = _Progress()
+        if args.max_tokens:
+            self.progress.total_steps = max(1, math.ceil(args.max_tokens / self.tokens_per_step))
+
+        # The recipe (paper §4); one random source per process for skips and position subsets.
+        self.generator = torch.Generator().manual_seed(args.seed * 1000 + 17 + distributed.rank)
+        self.objective = LayerSkipObjective(
             model,
-            recipe.layer_dropout_p_max,
-            recipe.layer_dropout_shape,
-            recipe.layer_dropout_schedule,
-            total_steps=progress.total_steps or 1,
-            generator=generator,
+            scale=recipe.early_exit_scale,
+            e_scale=recipe.early_exit_e_scale,
+            position_fraction=recipe.early_exit_position_fraction,
+            generator=self.generator,
         )
-    trained: nn.Module = objective
-    if distributed.world_size > 1:
-        # Layers skipped by every sample of a micro-batch get no gradient.
-        trained = nn.parallel.DistributedDataParallel(
-            objective, find_unused_parameters=dropout is not None
+        self.dropout = None
+        if recipe.layer_dropout_p_max > 0:
+            self.dropout = apply_layer_dropout(
+                model,
+                recipe.layer_dropout_p_max,
+                recipe.layer_dropout_shape,
+                recipe.layer_dropout_schedule,
+                total_steps=self.progress.total_steps or 1,
+                generator=self.generator,
+            )
+        self.trained: nn.Module = self.objective
+        if distributed.world_size > 1:
+            # A layer that every sample of a micro-batch skips gets no gradient.
+            self.trained = nn.parallel.DistributedDataParallel(
+                self.objective, find_unused_parameters=self.dropout is not None
+            )
+        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": args.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
         )
-
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": args.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: lr_factor(step, args.warmup_steps, progress.total_steps, args.min_lr_ratio),
-    )
-
-    if args.resume:
-        state = torch.load(checkpoint_dir / STATE_FILE, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        progress = _Progress(**state["progress"])
-        rank_state = (
-            state["rng"][distributed.rank]
-            if distributed.rank < len(state["rng"])
-            else state["rng"][0]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(
+                step, args.warmup_steps, self.progress.total_steps, args.min_lr_ratio
+            ),
         )
-        generator.set_state(rank_state["generator"])
-        torch.set_rng_state(rank_state["torch"])
-        random.setstate(rank_state["python"])
-        logger.info("resumed at step %d (%d tokens)", progress.step, progress.tokens)
+        self._started = time.monotonic()
 
-    def save_checkpoint() -> None:
+    # -- state
+
+    def elapsed(self) -> float:
+        """Training wall time of the run so far, across resumes, in seconds."""
+        return self.progress.elapsed_s + (time.monotonic() - self._started)
+
+    def save_checkpoint(self) -> None:
+        """Model, optimizer, scheduler, progress and every process's RNG states, atomically."""
         rng = {
-            "generator": generator.get_state(),
+            "generator": self.generator.get_state(),
             "torch": torch.get_rng_state(),
             "python": random.getstate(),
         }
-        gathered = [rng]
-        if distributed.world_size > 1:
-            gathered = [None] * distributed.world_size
+        gathered: list[Any] = [rng]
+        if self.distributed.world_size > 1:
+            gathered = [None] * self.distributed.world_size
             dist.all_gather_object(gathered, rng)
-        if distributed.main:
-            temporary = output_dir / (CHECKPOINT_DIR + ".tmp")
+        if self.distributed.main:
+            checkpoint_dir = self.output_dir / CHECKPOINT_DIR
+            temporary = self.output_dir / (CHECKPOINT_DIR + ".tmp")
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir()
-            model.config.save_pretrained(temporary)
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "progress": dataclasses.asdict(
-                        dataclasses.replace(
-                            progress, elapsed_s=progress.elapsed_s + (time.monotonic() - started)
-                        )
-                    ),
-                    "rng": gathered,
-                    "config": dataclasses.asdict(config),
-                },
-                temporary / STATE_FILE,
-            )
+            self.model.config.save_pretrained(temporary)
+            progress = dataclasses.replace(self.progress, elapsed_s=self.elapsed())
+            state = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "progress": dataclasses.asdict(progress),
+                "rng": gathered,
+                "config": dataclasses.asdict(self.config),
+            }
+            torch.save(state, temporary / STATE_FILE)
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
             temporary.rename(checkpoint_dir)
-            logger.info("checkpoint at step %d -> %s", progress.step, checkpoint_dir)
-        distributed.barrier()
+            logger.info("checkpoint at step %d -> %s", self.progress.step, checkpoint_dir)
+        self.distributed.barrier()
 
-    log_file = (output_dir / LOG_FILE).open("a", encoding="utf-8") if distributed.main else None
-    if distributed.main and not args.resume:
-        _atomic_json(
-            output_dir / "train_config.json", {"argv": sys.argv, **dataclasses.asdict(config)}
+    def load_checkpoint(self) -> None:
+        """Continue exactly where the checkpoint in output_dir left off."""
+        path = self.output_dir / CHECKPOINT_DIR / STATE_FILE
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress = _Progress(**state["progress"])
+        rank = self.distributed.rank
+        rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        self._started = time.monotonic()
+        logger.info("resumed at step %d (%d tokens)", self.progress.step, self.progress.tokens)
+
+    # -- one step
+
+    def supervised_exits(self) -> list[int]:
+        """The 1-based exits the loss supervises at the current step (curriculum, §4.2)."""
+        if not self.recipe.early_exit_loss:
+            return [self.num_layers]
+        return active_exits(
+            self.recipe.early_exit_curriculum,
+            self.progress.step,
+            self.progress.total_steps or 1,
+            self.num_layers,
+            self.recipe.early_exit_rotation,
         )
-    budget_s = args.max_minutes * 60.0
-    started = time.monotonic()
-    last_save = started
-    window_tokens, window_started = 0, started
-    bar = tqdm(
-        total=args.max_tokens or None,
-        initial=progress.tokens,
-        unit="tok",
-        unit_scale=True,
-        disable=not distributed.main,
-        mininterval=1.0 if sys.stderr.isatty() else 60.0,
-        dynamic_ncols=True,
-    )
 
-    def elapsed() -> float:
-        return progress.elapsed_s + (time.monotonic() - started)
+    def train_step(self, exits: list[int]) -> torch.Tensor:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
 
-    def should_stop() -> bool:
+        Returns:
+            [1 + len(exits)]: the weighted loss, then each exit's cross-entropy, averaged
+            over the micro-batches of this process.
+        """
+        args, distributed = self.args, self.distributed
+        if self.dropout is not None:
+            self.dropout.set_step(self.progress.step, self.progress.total_steps or 1)
+        ddp = isinstance(self.trained, nn.parallel.DistributedDataParallel)
+        sums = torch.zeros(len(exits) + 1)  # [1 + exits]
+        for micro in range(args.gradient_accumulation_steps):
+            offset = (micro * distributed.world_size + distributed.rank) * args.batch_size
+            indices = self.stream.indices(self.progress.blocks + offset, args.batch_size)
+            input_ids = self.blocks[indices]  # [batch, seq]
+            last = micro == args.gradient_accumulation_steps - 1
+            with (
+                self.trained.no_sync() if ddp and not last else contextlib.nullcontext(),
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16),
+            ):
+                result = self.trained(input_ids, exits)
+            (result.loss / args.gradient_accumulation_steps).backward()
+            losses = [result.loss.detach().float()] + [result.exit_losses[e].float() for e in exits]
+            sums += torch.stack(losses)
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.step += 1
+        self.progress.blocks += self.blocks_per_step
+        self.progress.tokens += self.tokens_per_step
+        return sums / args.gradient_accumulation_steps
+
+    def should_stop(self) -> bool:
+        """Token budget, time budget or --stop_after_steps reached (agreed by every process)."""
+        progress, args = self.progress, self.args
         stop = progress.total_steps is not None and progress.step >= progress.total_steps
-        stop = stop or (budget_s > 0 and elapsed() >= budget_s)
+        stop = stop or (args.max_minutes > 0 and self.elapsed() >= args.max_minutes * 60.0)
         stop = stop or (args.stop_after_steps > 0 and progress.step >= args.stop_after_steps)
-        if distributed.world_size > 1:  # every process stops at the same step
+        if self.distributed.world_size > 1:
             flag = torch.tensor(float(stop))
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
         return stop
 
-    while not should_stop():
-        total = progress.total_steps or 1
-        exits = (
-            active_exits(
-                recipe.early_exit_curriculum,
-                progress.step,
-                total,
-                num_layers,
-                recipe.early_exit_rotation,
-            )
-            if recipe.early_exit_loss
-            else [num_layers]
+    def _fix_horizon_from_speed(self) -> None:
+        """A pure time budget: set T (schedule, S(t), curriculum) from the measured speed."""
+        progress = self.progress
+        estimate = int(progress.step * self.args.max_minutes * 60.0 / max(self.elapsed(), 1e-6))
+        horizon = torch.tensor(float(max(progress.step + 1, estimate)))
+        if self.distributed.world_size > 1:
+            dist.broadcast(horizon, 0)
+        progress.total_steps = int(horizon.item())
+        logger.info("time budget: schedule set to %d steps", progress.total_steps)
+
+    # -- the loop
+
+    def run(self) -> None:
+        """Train until a budget is spent; log every --log_every steps; checkpoint."""
+        args, main = self.args, self.distributed.main
+        log_file = (self.output_dir / LOG_FILE).open("a", encoding="utf-8") if main else None
+        bar = tqdm(
+            total=args.max_tokens or None,
+            initial=self.progress.tokens,
+            unit="tok",
+            unit_scale=True,
+            disable=not main,
+            mininterval=1.0 if sys.stderr.isatty() else 60.0,
+            dynamic_ncols=True,
         )
-        if dropout is not None:
-            dropout.set_step(progress.step, total)
-        sums = torch.zeros(len(exits) + 1)  # [exits + 1] the weighted loss, then each exit's loss
-        for micro in range(args.gradient_accumulation_steps):
-            start = (
-                progress.blocks + (micro * distributed.world_size + distributed.rank) * micro_batch
-            )
-            input_ids = blocks[stream.indices(start, micro_batch)]  # [batch, seq]
-            last = micro == args.gradient_accumulation_steps - 1
-            sync = last or not isinstance(trained, nn.parallel.DistributedDataParallel)
-            with (
-                trained.no_sync() if not sync else _nullcontext(),
-                torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16),
-            ):
-                result = trained(input_ids, exits)
-            (result.loss / args.gradient_accumulation_steps).backward()
-            sums += torch.stack(
-                [result.loss.detach().float()] + [result.exit_losses[e].float() for e in exits]
-            )
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.step += 1
-        progress.blocks += blocks_per_step
-        progress.tokens += tokens_per_step
-        window_tokens += tokens_per_step
-        bar.update(tokens_per_step)
-
-        if progress.total_steps is None and progress.step == HORIZON_PROBE_STEPS:
-            # A pure time budget: fix T (schedule, S(t), curriculum) from the measured speed.
-            progress.total_steps = max(
-                progress.step + 1, int(progress.step * budget_s / max(elapsed(), 1e-6))
-            )
-            if distributed.world_size > 1:
-                horizon = torch.tensor(float(progress.total_steps))
-                dist.broadcast(horizon, 0)
-                progress.total_steps = int(horizon.item())
-            logger.info("time budget: schedule set to %d steps", progress.total_steps)
-
-        if progress.step % args.log_every == 0 or should_stop():
-            sums /= args.gradient_accumulation_steps
-            if distributed.world_size > 1:
-                dist.all_reduce(sums)
-                sums /= distributed.world_size
-            now = time.monotonic()
-            record = {
-                "step": progress.step,
-                "tokens": progress.tokens,
-                "lr": scheduler.get_last_lr()[0],
-                "loss": round(sums[0].item(), 5),
-                "exit_losses": {
-                    str(e): round(v, 4) for e, v in zip(exits, sums[1:].tolist(), strict=True)
-                },
-                "layer_dropout_scale": (
-                    dropout.current_rate(num_layers - 1) / max(dropout.rates[-1], 1e-12)
-                    if dropout
-                    else 0.0
-                ),
-                "tokens_per_second": round(window_tokens / max(now - window_started, 1e-6), 1),
-                "elapsed_s": round(elapsed(), 1),
-            }
-            window_tokens, window_started = 0, now
+        last_save = window_started = time.monotonic()
+        window_tokens = 0
+        try:
+            while not self.should_stop():
+                exits = self.supervised_exits()
+                sums = self.train_step(exits)  # [1 + exits]
+                window_tokens += self.tokens_per_step
+                bar.update(self.tokens_per_step)
+                if self.progress.total_steps is None and self.progress.step == HORIZON_PROBE_STEPS:
+                    self._fix_horizon_from_speed()
+                if self.progress.step % args.log_every == 0 or self.should_stop():
+                    now = time.monotonic()
+                    speed = window_tokens / max(now - window_started, 1e-6)
+                    self._log(exits, sums, speed, log_file, bar)
+                    window_tokens, window_started = 0, now
+                if (
+                    args.save_every_minutes > 0
+                    and time.monotonic() - last_save >= args.save_every_minutes * 60
+                ):
+                    self.save_checkpoint()
+                    last_save = time.monotonic()
+        finally:
+            bar.close()
             if log_file is not None:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                bar.set_postfix(
-                    loss=f"{record['loss']:.3f}", last=f"{sums[-1].item():.3f}", refresh=False
-                )
-                logger.info(
-                    "step %d tokens %d loss %.4f last-exit %.4f lr %.2e %.0f tok/s",
-                    progress.step,
-                    progress.tokens,
-                    record["loss"],
-                    sums[-1].item(),
-                    record["lr"],
-                    record["tokens_per_second"],
-                )
-        if (
-            args.save_every_minutes > 0
-            and time.monotonic() - last_save >= args.save_every_minutes * 60
-        ):
-            save_checkpoint()
-            last_save = time.monotonic()
-    bar.close()
-    save_checkpoint()
-    if log_file is not None:
-        log_file.close()
-    if dropout is not None:
-        dropout.remove()
-    final_dir = _save_final(
-        model, tokenizer, output_dir, args, num_layers, progress, elapsed(), distributed
+                log_file.close()
+        self.save_checkpoint()
+
+    def _log(
+        self, exits: list[int], sums: torch.Tensor, speed: float, log_file: Any, bar: tqdm
+    ) -> None:
+        if self.distributed.world_size > 1:
+            dist.all_reduce(sums)
+            sums /= self.distributed.world_size
+        if log_file is None:
+            return
+        dropout_scale = 0.0
+        if self.dropout is not None:
+            dropout_scale = schedule_factor(
+                self.dropout.schedule, self.progress.step, self.progress.total_steps or 1
+            )
+        record = {
+            "step": self.progress.step,
+            "tokens": self.progress.tokens,
+            "lr": self.scheduler.get_last_lr()[0],
+            "loss": round(sums[0].item(), 5),
+            "exit_losses": {str(e): round(v, 4) for e, v in zip(exits, sums[1:].tolist())},
+            "layer_dropout_scale": dropout_scale,
+            "tokens_per_second": round(speed, 1),
+            "elapsed_s": round(self.elapsed(), 1),
+        }
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+        last_exit = sums[-1].item()
+        bar.set_postfix(loss=f"{record['loss']:.3f}", last=f"{last_exit:.3f}", refresh=False)
+        logger.info(
+            "step %d tokens %d loss %.4f last-exit %.4f lr %.2e %.0f tok/s",
+            self.progress.step,
+            self.progress.tokens,
+            record["loss"],
+            last_exit,
+            record["lr"],
+            speed,
+        )
+
+    def save_final(self) -> Path:
+        """The final model in output_dir: bf16 safetensors, tokenizer, generation config.
+
+        The generation config records the recommended ``exit_layer`` and
+        ``num_speculations`` for self-speculative decoding.
+        """
+        from transformers import GenerationConfig
+
+        if self.dropout is not None:
+            self.dropout.remove()
+        if self.distributed.main:
+            args, tokenizer = self.args, self.tokenizer
+            final = self.model.eval().to(torch.bfloat16)
+            final.config.dtype = torch.bfloat16
+            # A fresh GenerationConfig: one derived from the model config ("_from_model_config")
+            # loses its extra keys when transformers reloads it.
+            final.generation_config = GenerationConfig(
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                exit_layer=args.exit_layer
+                if args.exit_layer != -1
+                else max(1, self.num_layers // 4),
+                num_speculations=args.num_speculations,
+            )
+            final.save_pretrained(self.output_dir)
+            tokenizer.save_pretrained(self.output_dir)
+            summary = {
+                "steps": self.progress.step,
+                "tokens": self.progress.tokens,
+                "wall_time_s": round(self.elapsed(), 1),
+                "num_layers": self.num_layers,
+                "parameters": sum(p.numel() for p in final.parameters()),
+            }
+            _atomic_json(self.output_dir / "train_summary.json", summary)
+            logger.info("final model (%s) -> %s", summary, self.output_dir)
+        self.distributed.barrier()
+        return self.output_dir
+
+
+def train(config: TrainConfig) -> Path:
+    """Run one training job (parse -> build -> run -> write); returns the final model's dir."""
+    distributed = _init_distributed()
+    args = config.training
+    output_dir = Path(args.output_dir)
+    if distributed.main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    _setup_logging(distributed.main)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    state_file = output_dir / CHECKPOINT_DIR / STATE_FILE
+    if args.resume and not state_file.is_file():
+        raise ConfigError(f"--resume True but {state_file} does not exist")
+    if not args.resume and state_file.is_file():
+        raise ConfigError(
+            f"{output_dir} already holds a run; use --resume True or another --output_dir"
+        )
+    random.seed(args.seed)
+
+    texts = _load_texts(config.data)
+    model, tokenizer = build_model_and_tokenizer(config, texts, distributed)
+    blocks = pack_blocks(tokenizer, texts, config.model.seq_len)  # [num_blocks, seq_len]
+    del texts
+    trainer = Trainer(config, model, tokenizer, blocks, distributed)
+    logger.info(
+        "%s: %d layers, %.2fM parameters; %d blocks of %d tokens (%.2fM tokens); %d tokens/step",
+        type(model).__name__,
+        trainer.num_layers,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        len(blocks),
+        config.model.seq_len,
+        blocks.numel() / 1e6,
+        trainer.tokens_per_step,
     )
+    if args.resume:
+        trainer.load_checkpoint()
+    elif distributed.main:
+        _atomic_json(
+            output_dir / "train_config.json", {"argv": sys.argv, **dataclasses.asdict(config)}
+        )
+    trainer.run()
+    final_dir = trainer.save_final()
     if distributed.world_size > 1:
         dist.destroy_process_group()
     return final_dir
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _save_final(
-    model: nn.Module,
-    tokenizer: Any,
-    output_dir: Path,
-    args: TrainingArguments,
-    num_layers: int,
-    progress: _Progress,
-    elapsed_s: float,
-    distributed: _Distributed,
-) -> Path:
-    """The final model as bf16 safetensors + tokenizer + generation config, in output_dir."""
-    if distributed.main:
-        from transformers import GenerationConfig
-
-        model.eval()
-        final = model.to(torch.bfloat16)
-        final.config.dtype = torch.bfloat16
-        # A fresh GenerationConfig: one derived from the model config ("_from_model_config")
-        # loses its extra keys when transformers reloads it.
-        final.generation_config = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            exit_layer=args.exit_layer if args.exit_layer != -1 else max(1, num_layers // 4),
-            num_speculations=args.num_speculations,
-        )
-        final.save_pretrained(output_dir)
-        tokenizer.save_pretrained(output_dir)
-        _atomic_json(
-            output_dir / "train_summary.json",
-            {
-                "steps": progress.step,
-                "tokens": progress.tokens,
-                "wall_time_s": round(elapsed_s, 1),
-                "num_layers": num_layers,
-                "parameters": sum(p.numel() for p in model.parameters()),
-            },
-        )
-        logger.info(
-            "final model (%d steps, %d tokens, %.0f s) -> %s",
-            progress.step,
-            progress.tokens,
-            elapsed_s,
-            output_dir,
-        )
-    distributed.barrier()
-    return output_dir

@@ -1,0 +1,287 @@
+"""train.py and layer_report.py end to end, in subprocesses, on a tiny corpus and model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--preset", "tiny", "--vocab_size", "300", "--seq_len", "32", "--batch_size", "4"]
+QUICK = [
+    "--warmup_steps",
+    "2",
+    "--log_every",
+    "1",
+    "--num_threads",
+    "1",
+    "--save_every_minutes",
+    "0",
+]
+STEPS_6 = ["--max_tokens", str(6 * 4 * 32)]  # 6 optimizer steps of 4 sequences of 32 tokens
+RECIPE = ["--layer_dropout_p_max", "0.5", "--early_exit_position_fraction", "0.25"]
+
+
+def run(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+
+
+def losses(output_dir: Path) -> list[dict]:
+    lines = (output_dir / "train_log.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few small Python-like text files."""
+    directory = tmp_path_factory.mktemp("corpus")
+    for index in range(3):
+        lines = [
+            f"def function_{index}_{n}(value, other={n}):\n    return value * {n} + other\n"
+            for n in range(120)
+        ]
+        (directory / f"module_{index}.py").write_text("".join(lines))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def trained(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six steps from scratch with the recipe: an uninterrupted run."""
+    output_dir = tmp_path_factory.mktemp("runs") / "scratch"
+    result = run(
+        "train.py",
+        *TINY,
+        *QUICK,
+        *STEPS_6,
+        *RECIPE,
+        "--data",
+        f"{corpus}/*.py",
+        "--output_dir",
+        str(output_dir),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def test_from_scratch_writes_a_model_transformers_loads(trained: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+    model = AutoModelForCausalLM.from_pretrained(trained)
+    assert model.dtype == torch.bfloat16
+    assert json.loads((trained / "config.json").read_text())["dtype"] == "bfloat16"
+    assert tokenizer.bos_token and tokenizer.eos_token and tokenizer.pad_token
+    assert tokenizer("def f")["input_ids"][0] == tokenizer.bos_token_id
+    assert len(tokenizer) <= model.config.vocab_size
+    generation = GenerationConfig.from_pretrained(trained)
+    assert (generation.exit_layer, generation.num_speculations) == (1, 4)
+    records = losses(trained)
+    assert [record["step"] for record in records] == [1, 2, 3, 4, 5, 6]
+    assert set(records[0]["exit_losses"]) == {"1", "2", "3", "4"}
+    assert records[-1]["tokens"] == 6 * 4 * 32
+
+
+def test_resume_reproduces_the_uninterrupted_run(
+    corpus: Path, trained: Path, tmp_path: Path
+) -> None:
+    common = [
+        *TINY,
+        *QUICK,
+        *STEPS_6,
+        *RECIPE,
+        "--data",
+        f"{corpus}/*.py",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    first = run("train.py", *common, "--stop_after_steps", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert [record["step"] for record in losses(tmp_path)] == [1, 2, 3]
+    second = run("train.py", *common, "--resume", "True")
+    assert second.returncode == 0, second.stderr[-3000:]
+    keys = ("step", "tokens", "lr", "loss", "exit_losses")
+    resumed = [{key: record[key] for key in keys} for record in losses(tmp_path)]
+    uninterrupted = [{key: record[key] for key in keys} for record in losses(trained)]
+    assert resumed == uninterrupted
+    expected, actual = (
+        load_file(trained / "model.safetensors"),
+        load_file(tmp_path / "model.safetensors"),
+    )
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_continue_a_saved_model_on_jsonl_and_report(
+    tiny_model_dir: Path, trained: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": f"line {n} of some text\n" * 8}) + "\n" for n in range(40))
+    )
+    output_dir = tmp_path / "continued"
+    result = run(
+        "train.py",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--seq_len",
+        "32",
+        "--batch_size",
+        "2",
+        "--max_tokens",
+        "192",
+        "--bf16",
+        "False",
+        "--early_exit_curriculum",
+        "rotational",
+        *QUICK,
+        "--output_dir",
+        str(output_dir),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = losses(output_dir)
+    assert [sorted(map(int, r["exit_losses"])) for r in records[:2]] == [[2, 4], [1, 3, 4]]
+    report_dir = tmp_path / "report"
+    result = run(
+        "layer_report.py",
+        "--model",
+        str(trained),
+        "--compare",
+        str(output_dir),
+        "--data",
+        str(data),
+        "--seq_len",
+        "32",
+        "--max_tokens",
+        "256",
+        "--num_threads",
+        "1",
+        "--output_dir",
+        str(report_dir),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((report_dir / "layer_report.json").read_text())
+    assert [len(section["exits"]) for section in report["models"]] == [4, 4]
+    assert report["models"][0]["exits"][-1]["agreement"] == 1.0
+    assert (report_dir / "layer_report.png").stat().st_size > 1000
+
+
+def test_torchrun_two_processes(corpus: Path, tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "train.py"),
+            *TINY,
+            *QUICK,
+            "--max_tokens",
+            str(4 * 2 * 4 * 32),
+            *RECIPE,
+            "--data",
+            f"{corpus}/*.py",
+            "--output_dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [record["tokens"] for record in losses(tmp_path)] == [256, 512, 768, 1024]
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (
+            ["--preset", "tiny", "--data", "/nonexistent/**/*.py", "--max_tokens", "10"],
+            "no data files match",
+        ),
+        (["--preset", "huge", "--data", "x", "--max_tokens", "10"], "unknown preset 'huge'"),
+        (
+            ["--preset", "tiny", "--data", "x", "--max_tokens", "10", "--frobnicate", "1"],
+            "unrecognized arguments",
+        ),
+        (["--preset", "tiny", "--data", "x"], "give a budget"),
+        (
+            ["--preset", "tiny", "--data", "x", "--max_tokens", "9", "--early_exit_scale", "cubic"],
+            "--early_exit_scale must be one of",
+        ),
+        (
+            ["--preset", "tiny", "--model", "m", "--data", "x", "--max_tokens", "9"],
+            "give only one of",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit) if "--frobnicate" in arguments else _no_exit():
+        status = train.main([*arguments, "--output_dir", str(tmp_path)])
+        assert status == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1, error
+
+
+def test_bad_input_in_a_subprocess(tmp_path: Path) -> None:
+    missing = run(
+        "train.py",
+        "--preset",
+        "tiny",
+        "--data",
+        str(tmp_path / "*.txt"),
+        "--max_tokens",
+        "10",
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
+    assert missing.returncode != 0
+    assert "Traceback" not in missing.stderr
+    lines = [line for line in missing.stderr.splitlines() if line.strip()]
+    assert lines == [f"train.py: error: no data files match {tmp_path / '*.txt'}"]
+    resume = run(
+        "train.py",
+        "--preset",
+        "tiny",
+        "--data",
+        str(ROOT / "train.py"),
+        "--max_tokens",
+        "10",
+        "--resume",
+        "True",
+        "--output_dir",
+        str(tmp_path / "none"),
+    )
+    assert (
+        resume.returncode != 0
+        and "does not exist" in resume.stderr
+        and "Traceback" not in resume.stderr
+    )
+
+
+class _no_exit:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
