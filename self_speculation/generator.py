@@ -16,7 +16,7 @@ from self_speculation.config import GenerationConfig
 from self_speculation.errors import ConfigError
 from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.sampling import TokenSelector
-from self_speculation.strategies import build_strategy
+from self_speculation.strategies import StepResult, build_strategy
 from self_speculation.streaming import Streamer
 
 
@@ -166,6 +166,8 @@ class Generator:
         if model_eos is not None:
             eos |= set(model_eos) if isinstance(model_eos, list) else {model_eos}
         self.eos_token_ids = frozenset(eos)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else None
+        self.pad_token_id = pad if pad is not None else min(self.eos_token_ids, default=0)
 
     @property
     def num_layers(self) -> int:
@@ -181,7 +183,6 @@ class Generator:
         """Prompt text -> token ids (with the tokenizer's special tokens, e.g. BOS)."""
         return self.tokenizer(prompt)["input_ids"]
 
-    @torch.inference_mode()
     def generate(
         self,
         prompt: str | Sequence[int],
@@ -195,20 +196,50 @@ class Generator:
             ConfigError: empty prompt, prompt too long for the model, or settings outside
                 the model's range.
         """
-        config = self.resolve(config)
+        return self.generate_batch([prompt], config, streamer, generator)[0]
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not prompt_ids:
             raise ConfigError("the prompt is empty")
-        max_new_tokens, limit_reason = config.max_steps, "max_steps"
         context_limit = getattr(self.layerwise.config, "max_position_embeddings", None)
-        if context_limit is not None:
-            if len(prompt_ids) >= context_limit:
-                raise ConfigError(
-                    f"the prompt has {len(prompt_ids)} tokens; the model's context is "
-                    f"{context_limit} tokens"
-                )
-            if len(prompt_ids) + max_new_tokens > context_limit:
-                max_new_tokens, limit_reason = context_limit - len(prompt_ids), "context_length"
+        if context_limit is not None and len(prompt_ids) >= context_limit:
+            raise ConfigError(
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is "
+                f"{context_limit} tokens"
+            )
+        return prompt_ids
+
+    def _token_limit(self, prompt_length: int, config: GenerationConfig) -> tuple[int, str]:
+        """(most new tokens, the stop reason when reached) for one prompt."""
+        context_limit = getattr(self.layerwise.config, "max_position_embeddings", None)
+        if context_limit is not None and prompt_length + config.max_steps > context_limit:
+            return context_limit - prompt_length, "context_length"
+        return config.max_steps, "max_steps"
+
+    @torch.inference_mode()
+    def generate_batch(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        config: GenerationConfig,
+        streamer: Streamer | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[GenerationResult]:
+        """Generate continuations of several prompts at once (left-padded batch).
+
+        Each row's tokens are its own (greedy rows equal their one-by-one output up to
+        floating-point differences that padding brings). The times are the batch's.
+
+        Raises:
+            ConfigError: as ``generate``; also a streamer with more than one prompt.
+        """
+        config = self.resolve(config)
+        prompt_ids = [self._prompt_ids(prompt) for prompt in prompts]
+        if not prompt_ids:
+            raise ConfigError("no prompts given")
+        if streamer is not None and len(prompt_ids) > 1:
+            raise ConfigError("a streamer can follow one prompt only")
+        limits = [self._token_limit(len(ids), config) for ids in prompt_ids]
         streamer = streamer or Streamer()
         stop_token_ids = self.eos_token_ids | frozenset(config.stop_token_ids or [])
         stopper = StopChecker(self.tokenizer, stop_token_ids, config.stop_words)
@@ -216,53 +247,65 @@ class Generator:
             self.layerwise, config, TokenSelector(config, generator), stop_token_ids
         )
         device = self.layerwise.device
-        prompt_tensor = torch.tensor(prompt_ids, dtype=torch.long, device=device)  # [seq]
+        batch = len(prompt_ids)
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        stop_reasons: list[str | None] = [None] * batch
+        num_steps, num_drafted, num_accepted = [0] * batch, [0] * batch, [0] * batch
 
         _synchronize(device)
         started = time.perf_counter()
-        state, first_token = strategy.prefill(prompt_tensor)
-        generated: list[int] = []
-        num_steps = num_drafted = num_accepted = 0
-        step_tokens, draft_tokens, accepted_count = [first_token], [], 0
-        stop_reason = None
+        state, first_tokens = strategy.prefill(prompt_ids, self.pad_token_id)
+        step = StepResult(first_tokens.unsqueeze(1), first_tokens.unsqueeze(1)[:, :0])
         while True:
-            kept = []
-            for token in step_tokens:
-                generated.append(token)
-                kept.append(token)
-                stop_reason = stopper.reason(generated)
-                if stop_reason is None and len(generated) >= max_new_tokens:
-                    stop_reason = limit_reason
-                if stop_reason:
-                    break
-            streamer.on_step(kept, draft_tokens, accepted_count)
-            if stop_reason:
+            new_tokens = step.new_tokens.tolist()
+            for row in range(batch):
+                if stop_reasons[row]:
+                    continue
+                kept = 0
+                for token in new_tokens[row]:
+                    generated[row].append(token)
+                    kept += 1
+                    reason = stopper.reason(generated[row])
+                    if reason is None and len(generated[row]) >= limits[row][0]:
+                        reason = limits[row][1]
+                    if reason:
+                        stop_reasons[row] = reason
+                        break
+                if row == 0:
+                    streamer.on_step(
+                        new_tokens[0][:kept], step.draft_tokens[0].tolist(), step.accepted_count
+                    )
+            active = [reason is None for reason in stop_reasons]
+            if not any(active):
                 break
-            state.tokens = torch.cat([state.tokens, state.tokens.new_tensor(kept)])
-            step = strategy.step(state, max_new_tokens - len(generated))
-            num_steps += 1
-            num_drafted += len(step.draft_tokens)
-            num_accepted += step.accepted_count
-            step_tokens, draft_tokens, accepted_count = (
-                step.new_tokens,
-                step.draft_tokens,
-                step.accepted_count,
+            state.append(step.new_tokens)
+            budget = max(
+                limits[row][0] - len(generated[row]) for row in range(batch) if active[row]
             )
+            step = strategy.step(state, budget, torch.tensor(active, device=device))
+            for row in range(batch):
+                if active[row]:
+                    num_steps[row] += 1
+                    num_drafted[row] += step.draft_tokens.shape[1]
+                    num_accepted[row] += step.accepted_count
         _synchronize(device)
         total_time = time.perf_counter() - started
         streamer.on_end()
-        return GenerationResult(
-            text=self.tokenizer.decode(generated, skip_special_tokens=True),
-            token_ids=generated,
-            num_prompt_tokens=len(prompt_ids),
-            stop_reason=stop_reason,
-            total_time=total_time,
-            num_steps=num_steps,
-            num_drafted=num_drafted,
-            num_accepted=num_accepted,
-            exit_layer=config.exit_layer,
-            num_speculations=max(config.num_speculations, 0),
-        )
+        return [
+            GenerationResult(
+                text=self.tokenizer.decode(generated[row], skip_special_tokens=True),
+                token_ids=generated[row],
+                num_prompt_tokens=len(prompt_ids[row]),
+                stop_reason=stop_reasons[row],
+                total_time=total_time,
+                num_steps=num_steps[row],
+                num_drafted=num_drafted[row],
+                num_accepted=num_accepted[row],
+                exit_layer=config.exit_layer,
+                num_speculations=max(config.num_speculations, 0),
+            )
+            for row in range(batch)
+        ]
 
 
 # The original tools' class name, kept for their users: it was never Llama-specific here.

@@ -137,6 +137,7 @@ class LayerwiseModel:
         end: int,
         cache: Cache | None,
         position_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None,
     ) -> dict[str, torch.Tensor | None]:
         """One attention mask per layer type used by layers [start, end)."""
         masks: dict[str, torch.Tensor | None] = {}
@@ -144,12 +145,13 @@ class LayerwiseModel:
             layer_type = self.layer_types[index]
             if layer_type in masks:
                 continue
-            # A single new token that may see the whole past needs no mask.
-            if hidden.shape[1] == 1 and layer_type == "full_attention":
+            # A single new token that may see the whole (unpadded) past needs no mask.
+            if hidden.shape[1] == 1 and layer_type == "full_attention" and padding_mask is None:
                 masks[layer_type] = None
                 continue
             # Layers below the exit may hold more positions than later ones: size each
             # mask against the first layer of its type that this call runs.
+            past = cache.get_seq_length(index) if cache is not None else 0
             make_mask = (
                 create_sliding_window_causal_mask
                 if layer_type == "sliding_attention"
@@ -158,7 +160,9 @@ class LayerwiseModel:
             masks[layer_type] = make_mask(
                 config=self.config,
                 inputs_embeds=hidden,
-                attention_mask=None,
+                attention_mask=(
+                    None if padding_mask is None else padding_mask[:, : past + hidden.shape[1]]
+                ),
                 past_key_values=cache,
                 position_ids=position_ids,
                 **({"layer_idx": index} if cache is not None else {}),
@@ -183,6 +187,7 @@ class LayerwiseModel:
         end: int,
         cache: Cache | None,
         position_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run decoder layers [start, end) (0-based, end exclusive).
 
@@ -190,8 +195,10 @@ class LayerwiseModel:
             hidden: hidden states entering layer ``start``, [batch, seq, hidden].
             start: first layer to run.
             end: one past the last layer to run.
-            cache: KV cache; layer i's cache holds the positions before ``position_ids``.
-            position_ids: absolute positions of the ``seq`` new tokens, [batch, seq].
+            cache: KV cache; layer i's cache holds the columns before the new tokens.
+            position_ids: positions of the ``seq`` new tokens, [batch, seq].
+            padding_mask: 1 for real tokens, 0 for (left) padding, [batch, columns] over
+                every column so far, the new ones included; None when nothing is padded.
 
         Returns:
             Hidden states leaving layer ``end - 1``, [batch, seq, hidden].
@@ -200,7 +207,7 @@ class LayerwiseModel:
             raise ValueError(f"layer range [{start}, {end}) outside [0, {self.num_layers}]")
         if start == end:
             return hidden
-        masks = self._masks(hidden, start, end, cache, position_ids)
+        masks = self._masks(hidden, start, end, cache, position_ids, padding_mask)
         rotary = self._rotary(hidden, start, end, position_ids)  # type -> (cos, sin)
         for index in range(start, end):
             layer_type = self.layer_types[index]

@@ -37,10 +37,10 @@ def build_logits_processors(config: GenerationConfig) -> LogitsProcessorList:
 
 
 class TokenSelector:
-    """Turns logits into tokens (greedy) or distributions (sampling) for one sequence.
+    """Turns logits into tokens (greedy) or distributions (sampling), row by row.
 
-    Processors see the whole sequence so far (prompt + generated + drafted), never only
-    the last token.
+    Processors see each row's whole sequence so far (prompt + generated + drafted, left
+    padding removed), never only the last token.
 
     Args:
         config: the generation settings.
@@ -52,45 +52,63 @@ class TokenSelector:
         self.processors = build_logits_processors(config)
         self.generator = generator
 
-    def process(self, context: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Processed logits [positions, vocab] for ``logits`` [positions, vocab].
+    def process(
+        self, context: torch.Tensor, pad_counts: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """Processed logits [batch, positions, vocab].
 
         Args:
-            context: token ids [seq]; row i of ``logits`` predicts the token after
-                ``context[: seq - positions + 1 + i]``.
-            logits: raw logits [positions, vocab].
+            context: left-padded token ids [batch, columns]; position i of ``logits``
+                predicts the token after ``context[:, : columns - positions + 1 + i]``.
+            pad_counts: left padding of each row, [batch].
+            logits: raw logits [batch, positions, vocab].
         """
         logits = logits.float()
         if not self.processors:
             return logits
-        first = context.shape[0] - logits.shape[0] + 1
-        rows = [
-            self.processors(context[: first + i].unsqueeze(0), logits[i : i + 1])
-            for i in range(logits.shape[0])
-        ]
-        return torch.cat(rows, dim=0)  # [positions, vocab]
+        positions = logits.shape[1]
+        first = context.shape[1] - positions + 1
+        rows = []
+        for row in range(context.shape[0]):
+            pad = int(pad_counts[row])
+            rows.append(
+                torch.cat(
+                    [
+                        self.processors(
+                            context[row : row + 1, pad : first + i], logits[row, i : i + 1]
+                        )
+                        for i in range(positions)
+                    ]
+                )
+            )
+        return torch.stack(rows)  # [batch, positions, vocab]
 
-    def probabilities(self, context: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Sampling distributions [positions, vocab]."""
-        return torch.softmax(self.process(context, logits), dim=-1)
+    def probabilities(
+        self, context: torch.Tensor, pad_counts: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """Sampling distributions [batch, positions, vocab]."""
+        return torch.softmax(self.process(context, pad_counts, logits), dim=-1)
 
-    def greedy_tokens(self, context: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Argmax tokens [positions]."""
-        return self.process(context, logits).argmax(dim=-1)
+    def greedy_tokens(
+        self, context: torch.Tensor, pad_counts: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """Argmax tokens [batch, positions]."""
+        return self.process(context, pad_counts, logits).argmax(dim=-1)
 
     def choose(
-        self, context: torch.Tensor, logits: torch.Tensor
-    ) -> tuple[int, torch.Tensor | None]:
-        """One token for the last row of ``logits`` [positions, vocab].
+        self, context: torch.Tensor, pad_counts: torch.Tensor, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next token of every row from ``logits`` [batch, vocab].
 
         Returns:
-            The token and, when sampling, the distribution it was drawn from [vocab].
+            Tokens [batch] and, when sampling, the distributions they were drawn from
+            [batch, vocab].
         """
-        last = logits[-1:]  # [1, vocab]
+        logits = logits.unsqueeze(1)  # [batch, 1, vocab]
         if not self.sample:
-            return int(self.greedy_tokens(context, last)[0]), None
-        probs = self.probabilities(context, last)[0]  # [vocab]
-        return sample_token(probs, self.generator), probs
+            return self.greedy_tokens(context, pad_counts, logits)[:, 0], None
+        probs = self.probabilities(context, pad_counts, logits)[:, 0]  # [batch, vocab]
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0], probs
 
 
 def sample_token(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:

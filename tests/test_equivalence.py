@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES, make_tiny_model, make_tiny_tokenizer
 
-from self_speculation import GenerationConfig, Generator
+from self_speculation import GenerationConfig, Generator, UnsupportedModelError
 from self_speculation.strategies import SelfSpeculativeGenerationStrategy
 
 NUM_LAYERS = 4
@@ -134,10 +134,10 @@ def test_cache_holds_prompt_plus_generated_minus_one_after_every_step(
     observed = []
     original_step = SelfSpeculativeGenerationStrategy.step
 
-    def checked_step(self, state, budget):
+    def checked_step(self, state, budget, active):
         lengths = {layer.get_seq_length() for layer in state.cache.layers}
-        observed.append((lengths, state.tokens.shape[0] - 1))
-        return original_step(self, state, budget)
+        observed.append((lengths, state.tokens.shape[1] - 1))
+        return original_step(self, state, budget, active)
 
     monkeypatch.setattr(SelfSpeculativeGenerationStrategy, "step", checked_step)
     result = generator.generate([5, 60, 7], speculative(exit_layer, 3, max_steps=30))
@@ -157,3 +157,51 @@ def test_early_exit_autoregressive_uses_only_the_first_layers() -> None:
     assert result.token_ids == [int(early_logits.argmax())]
     full = generator.generate([5, 60, 7], greedy(1))
     assert full.token_ids == [int(layerwise.logits(prompt)[0, -1].argmax())]
+
+
+BATCH_PROMPTS = [[5], [5, 60, 7, 200, 31], [9, 8, 7]]
+
+
+@pytest.mark.parametrize("family", ["llama_mha_untied", "qwen2_sliding", "mistral"])
+def test_batched_rows_equal_their_single_runs_for_both_strategies(family: str) -> None:
+    """Left-padded batches: every row's greedy output is its own one-by-one output."""
+    generator = generator_for(family)
+    singles = [generator.generate(prompt, greedy()).token_ids for prompt in BATCH_PROMPTS]
+    batch = generator.generate_batch(BATCH_PROMPTS, greedy())
+    assert [result.token_ids for result in batch] == singles
+    for exit_layer in (1, 2, 4):
+        for num_speculations in (2, 5):
+            results = generator.generate_batch(
+                BATCH_PROMPTS, speculative(exit_layer, num_speculations)
+            )
+            assert [result.token_ids for result in results] == singles, (
+                exit_layer,
+                num_speculations,
+            )
+
+
+def test_batched_rows_stop_on_their_own() -> None:
+    generator = generator_for("llama_mha_untied")
+    free_runs = [generator.generate(prompt, greedy(30)).token_ids for prompt in BATCH_PROMPTS]
+    eos = free_runs[1][4]  # ends row 1 early; the other rows may or may not contain it
+    settings = dict(max_steps=30, stop_token_ids=[eos])
+    singles = [generator.generate(p, greedy(**settings)) for p in BATCH_PROMPTS]
+    assert singles[1].stop_reason == "eos"
+    for config in (greedy(**settings), speculative(2, 4, **settings)):
+        results = generator.generate_batch(BATCH_PROMPTS, config)
+        assert [r.token_ids for r in results] == [s.token_ids for s in singles]
+        assert [r.stop_reason for r in results] == [s.stop_reason for s in singles]
+
+
+def test_batched_early_exit_decoding_equals_single_runs() -> None:
+    generator = generator_for("qwen2")
+    config = greedy(generation_strategy="autoregressive", exit_layer=2)
+    singles = [generator.generate(prompt, config).token_ids for prompt in BATCH_PROMPTS]
+    assert [r.token_ids for r in generator.generate_batch(BATCH_PROMPTS, config)] == singles
+
+
+def test_nan_logits_are_an_error_not_tokens() -> None:
+    """transformers' own Gemma 2 forward gives NaN for a fully left-padded sliding window."""
+    generator = generator_for("gemma2_softcap_sliding")
+    with pytest.raises(UnsupportedModelError, match="NaN"):
+        generator.generate_batch(BATCH_PROMPTS, greedy())

@@ -58,19 +58,26 @@ def test_speculative_accept_with_identical_distributions_accepts_everything() ->
 def test_selector_processors_see_the_whole_sequence() -> None:
     config = GenerationConfig(sample=False, no_repeat_ngram_size=2)
     selector = TokenSelector(config)
-    logits = torch.zeros(2, 6)
-    logits[:, 3] = 5.0  # token 3 is everyone's favourite
-    context = torch.tensor([3, 1, 2, 3, 1])  # row 0 follows [3, 1, 2, 3]: bans 1 after 3
-    processed = selector.process(context, logits)
-    assert torch.isinf(processed[0, 1]) and not torch.isinf(processed[0, 3])
-    # row 1 follows [3, 1, 2, 3, 1]: "1 2" was seen, so 2 is banned, 3 is not
-    assert torch.isinf(processed[1, 2]) and not torch.isinf(processed[1, 3])
+    logits = torch.zeros(2, 2, 6)
+    logits[..., 3] = 5.0  # token 3 is everyone's favourite
+    # Row 0 is [3, 1, 2, 3, 1]; row 1 is [5, 2, 5] behind two pads (also id 5).
+    context = torch.tensor([[3, 1, 2, 3, 1], [5, 5, 5, 2, 5]])
+    processed = selector.process(context, torch.tensor([0, 2]), logits)
+    # row 0, position 0 follows [3, 1, 2, 3]: "3 1" was seen, 1 is banned
+    assert torch.isinf(processed[0, 0]).nonzero().flatten().tolist() == [1]
+    # row 0, position 1 follows [3, 1, 2, 3, 1]: "1 2" was seen, 2 is banned
+    assert torch.isinf(processed[0, 1]).nonzero().flatten().tolist() == [2]
+    # row 1, position 0 follows [5, 2]: nothing to ban
+    assert not torch.isinf(processed[1, 0]).any()
+    # row 1, position 1 follows [5, 2, 5]: bans 2; "5 5" was padding and bans nothing
+    assert torch.isinf(processed[1, 1]).nonzero().flatten().tolist() == [2]
 
 
 class IdTokenizer:
     """Just enough tokenizer for the generator: ids in, ids out, no end-of-sequence."""
 
     eos_token_id = None
+    pad_token_id = 0
 
     def __call__(self, text: str) -> dict:
         return {"input_ids": [int(part) for part in text.split()]}
