@@ -1,0 +1,276 @@
+"""The scripts, run for real in subprocesses on tiny models, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from tiny_models import save_tiny_model
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def run_script(
+    script: str, *args: object, stdin: str = "", timeout: int = 240
+) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE")}
+    env.update(OFFLINE_ENV)
+    return subprocess.run(
+        [sys.executable, str(REPOSITORY_ROOT / script), *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPOSITORY_ROOT,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(process: subprocess.CompletedProcess, fragment: str) -> None:
+    assert process.returncode == 2, process.stderr
+    assert "Traceback" not in process.stderr
+    errors = [line for line in process.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1, process.stderr
+    assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def long_context_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with a context long enough for HumanEval prompts."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-long"), max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def eight_layer_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with 8 layers, for the original README's --exit_layer 8."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-8"), num_hidden_layers=8)
+
+
+@pytest.fixture()
+def prompts_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    rows = [
+        {"prompt": "def add(a, b):", "response": "\n    return a + b"},
+        {"prompt": "The quick brown fox", "response": " jumps over the lazy dog."},
+        {"prompt": "def sub(a, b):", "response": "\n    return a - b"},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def only(paths: list[Path]) -> Path:
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+def test_benchmark_compares_strategies_on_human_eval(
+    long_context_model_dir: Path, tmp_path: Path
+) -> None:
+    process = run_script(
+        "benchmark.py", "--model", long_context_model_dir, "--dataset", "human_eval",
+        "--num_samples", 2, "--max_steps", 8, "--sample", "False",
+        "--generation_strategy", "autoregressive,self_speculative",
+        "--exit_layer", 2, "--num_speculations", 3, "--output_dir", tmp_path,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    assert "samples:" in process.stderr and "%|" in process.stderr  # the tqdm bar
+    document = json.loads(only(list(tmp_path.glob("benchmark_*.json"))).read_text())
+    assert {"arguments", "generation_configs", "metrics", "comparison", "environment"} <= set(
+        document
+    )
+    assert document["arguments"]["generation_strategy"] == "autoregressive,self_speculative"
+    assert document["num_samples"] == 2
+    for strategy in ("autoregressive", "self_speculative"):
+        metrics = document["metrics"][strategy]
+        for key in (
+            "rouge1", "rouge2", "rouge3", "rougeL", "bleu", "corpus_bleu", "exact_match",
+            "edit_distance", "acceptance_rate", "total_time", "time_per_token",
+            "tokens_per_second", "overall_tokens_per_second", "total_generated_tokens",
+        ):  # fmt: skip
+            assert key in metrics, key
+    assert document["metrics"]["autoregressive"]["acceptance_rate"] is None
+    assert document["generation_configs"][0]["exit_layer"] == 4  # the baseline is the full model
+    comparison = document["comparison"]
+    assert comparison["outputs_identical"] and comparison["num_mismatches"] == 0
+    assert comparison["speedup"]["autoregressive"] == pytest.approx(1.0)
+    assert document["environment"]["dtype"] == "float32"
+    rows = [json.loads(line) for line in Path(document["samples_file"]).read_text().splitlines()]
+    assert len(rows) == 4
+    assert {row["generation_strategy"] for row in rows} == {"autoregressive", "self_speculative"}
+    assert all(len(row["token_ids"]) == 8 for row in rows)
+
+
+def test_benchmark_custom_jsonl_with_template_and_shots(
+    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    process = run_script(
+        "benchmark.py", "--model", tiny_model_dir, "--dataset", "custom_jsonl",
+        "--data_path", prompts_file, "--n_shot", 1, "--template", "Q: {message}\nA:",
+        "--max_steps", 6, "--output_dir", tmp_path, "--random_shuffle", "False",
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    document = json.loads(only(list(tmp_path.glob("benchmark_*.json"))).read_text())
+    assert set(document["metrics"]) == {"autoregressive"}
+    assert "comparison" not in document
+    rows = [json.loads(line) for line in Path(document["samples_file"]).read_text().splitlines()]
+    assert [row["index"] for row in rows] == [0, 1, 2]
+    assert rows[0]["prompt"].startswith("Q: ") and rows[0]["prompt"].endswith("def add(a, b):\nA:")
+    assert rows[0]["reference"] == "\n    return a + b"
+
+
+def test_correctness_passes_on_tiny_model(
+    tiny_recommending_model_dir: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    process = run_script(
+        "correctness.py", "--model", tiny_recommending_model_dir, "--dataset", "custom_jsonl",
+        "--data_path", prompts_file, "--max_steps", 12, "--output_dir", tmp_path,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    assert "0/3 outputs differ" in process.stderr
+    document = json.loads(only(list(tmp_path.glob("correctness_*.json"))).read_text())
+    assert document["num_samples"] == 3
+    assert document["num_mismatches"] == 0 and document["mismatch_pct"] == 0.0
+    assert document["mismatches"] == [] and document["passed"]
+    assert document["generation_configs"][1]["exit_layer"] == 2  # the model's recommendation
+    assert document["generation_configs"][1]["num_speculations"] == 3
+
+
+def test_sweep_writes_csv_plot_and_resumes(
+    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    common = (
+        "--model", tiny_model_dir, "--dataset", "custom_jsonl", "--data_path", prompts_file,
+        "--num_samples", 2, "--max_steps", 6, "--sample", "False", "--output_dir", tmp_path,
+        "--exit_layer_first", 1, "--exit_layer_last", 2, "--num_speculations_first", 1,
+    )  # fmt: skip
+    first = run_script("sweep.py", *common, "--num_speculations_last", 2)
+    assert first.returncode == 0, first.stderr
+    csv_path = tmp_path / "sweep.csv"
+    table = pd.read_csv(csv_path)
+    for column in (
+        "exit_layer",
+        "num_speculations",
+        "acceptance_rate",
+        "total_time",
+        "time_per_token",
+        "tokens_per_second",
+        "speedup",
+    ):
+        assert column in table.columns
+    assert len(table) == 1 + 4  # baseline + 2 x 2 grid
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    assert {"exit_layer", "num_speculations", "overall_tokens_per_second"} <= set(summary["best"])
+    assert "best: exit_layer" in first.stderr
+
+    second = run_script("sweep.py", *common, "--num_speculations_last", 3)
+    assert second.returncode == 0, second.stderr
+    assert "4 already in" in second.stderr and "baseline already measured" in second.stderr
+    table = pd.read_csv(csv_path)
+    assert len(table) == 1 + 6  # only the two new points were run
+    assert sorted(zip(table["exit_layer"][1:], table["num_speculations"][1:])) == [
+        (e, k) for e in (1, 2) for k in (1, 2, 3)
+    ]
+
+
+def test_generate_one_shot_and_interactive(
+    tiny_model_dir: Path, eight_layer_model_dir: Path
+) -> None:
+    once = run_script(
+        "generate.py", "--model", tiny_model_dir, "--prompt", "def fibonacci(n):",
+        "--generation_strategy", "self_speculative", "--exit_layer", 2, "--num_speculations", 3,
+        "--sample", "False", "--max_steps", 8, "--streamer", "none",
+    )  # fmt: skip
+    assert once.returncode == 0, once.stderr
+    assert once.stdout.strip()
+    assert "tokens/s" in once.stderr and "acceptance" in once.stderr
+
+    # The original README's command, on a model with 8 layers; prompts from stdin, then EOF.
+    interactive = run_script(
+        "generate.py", "--model", eight_layer_model_dir, "--sample", "True", "--max_steps", 512,
+        "--generation_strategy", "self_speculative", "--exit_layer", 8, "--num_speculations", 6,
+        "--streamer", "speculative", stdin="def add(a, b):\nThe quick\\\nbrown fox\n",
+    )  # fmt: skip
+    assert interactive.returncode == 0, interactive.stderr
+    answered = [
+        line
+        for line in interactive.stderr.splitlines()
+        if "INFO generate:" in line and "tokens/s" in line
+    ]
+    assert len(answered) == 2, interactive.stderr  # two prompts answered
+
+
+def test_eval_runs_local_tasks_offline(tiny_model_dir: Path, tmp_path: Path) -> None:
+    process = run_script(
+        "eval.py", "--model", tiny_model_dir, "--tasks", "layerskip_mc,layerskip_humaneval",
+        "--limit", 2, "--gen_kwargs", "max_gen_toks=8", "--execute_code", "True",
+        "--generation_strategy", "self_speculative", "--exit_layer", 2, "--num_speculations", 2,
+        "--loglikelihood_at_exit_layer", "True", "--output_dir", tmp_path,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    document = json.loads(only(list(tmp_path.glob("eval_*.json"))).read_text())
+    assert document["loglikelihood_exit_layer"] == 2
+    assert "acc,none" in document["results"]["layerskip_mc"]
+    assert "pass@1,none" in document["results"]["layerskip_humaneval"]
+    assert document["speed"]["num_samples"] == 2
+    assert document["speed"]["acceptance_rate"] is not None
+    rows = Path(document["samples_file"]).read_text().splitlines()
+    assert len(rows) == 2
+
+
+def test_eval_refuses_code_execution_without_opt_in(tiny_model_dir: Path, tmp_path: Path) -> None:
+    process = run_script(
+        "eval.py", "--model", tiny_model_dir, "--tasks", "layerskip_humaneval", "--limit", 1,
+        "--output_dir", tmp_path,
+    )  # fmt: skip
+    assert_one_line_error(process, "--execute_code True")
+
+
+def test_bad_inputs_fail_in_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A sample of the bad inputs as real processes (the rest: test_cli_errors.py)."""
+    assert_one_line_error(
+        run_script("benchmark.py", "--model", tiny_model_dir, "--dataset", "nope"),
+        "unknown dataset 'nope'",
+    )
+    assert_one_line_error(
+        run_script("generate.py", "--model", tiny_model_dir, "--prompt", "hi", "--exit_layer", 9),
+        "exit_layer must be in [1, 4]",
+    )
+    assert_one_line_error(run_script("sweep.py", "--bogus", "1"), "unrecognized arguments: --bogus")
+    assert_one_line_error(
+        run_script(
+            "correctness.py", "--model", "facebook/layerskip-llama2-7B", "--output_dir", tmp_path
+        ),
+        "cannot load model 'facebook/layerskip-llama2-7B'",
+    )
+
+
+def test_rows_written_before_an_error_stay_valid(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data.jsonl"
+    rows = [
+        {"prompt": "def add(a, b):", "response": "x"},
+        {"prompt": "word " * 400, "response": "x"},
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output = tmp_path / "logs"
+    process = run_script(
+        "benchmark.py", "--model", tiny_model_dir, "--dataset", "custom_jsonl", "--data_path", data,
+        "--random_shuffle", "False", "--max_steps", 4, "--output_dir", output,
+    )  # fmt: skip
+    assert_one_line_error(process, "the model's context is 256 tokens")
+    samples = only(list(output.glob("benchmark_*.samples.jsonl")))
+    written = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [row["index"] for row in written] == [0]
+    assert not list(output.glob("benchmark_*.json"))  # no half-written result document
