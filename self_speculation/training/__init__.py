@@ -3,7 +3,11 @@
 * :mod:`layer_dropout`: per-sample skipping of whole decoder layers (§4.1).
 * :mod:`early_exit_loss`: the shared head supervising every chosen exit (§4.2).
 * :mod:`curriculum`: which exits are supervised at each step (§4.2).
-* :mod:`objective`: the three wired together as one ``nn.Module`` for a training loop.
+* :mod:`objective`: the early-exit loss over a model as one ``nn.Module`` (what DDP wraps).
+* :mod:`layer_quality`: per-exit held-out accuracy, perplexity and agreement with the last
+  layer (``layer_report.py``).
+* :mod:`trainer`, :mod:`data`, :mod:`presets`: the recipe script's loop, data and
+  architectures (``train.py``).
 
 Exit layers count from 1: exit ``E`` runs decoder layers 0..E-1 then the final norm and the
 LM head; exit ``L`` is the full model. Decoder layers themselves count from 0.
@@ -24,18 +28,23 @@ from self_speculation.training.layer_dropout import (
     layer_dropout_rates,
     schedule_factor,
 )
+from self_speculation.training.layer_quality import ExitQuality, exit_quality
+from self_speculation.training.objective import LayerSkipObjective
 
 __all__ = [
     "Curriculum",
     "DropoutSchedule",
     "DropoutShape",
     "EarlyExitLoss",
+    "ExitQuality",
     "ExitScale",
     "LayerDropout",
+    "LayerSkipObjective",
     "active_exits",
     "apply_layer_dropout",
     "early_exit_loss",
     "exit_loss_weights",
+    "exit_quality",
     "layer_dropout_rates",
     "schedule_factor",
 ]
