@@ -1,0 +1,101 @@
+"""The shared argument dataclasses: the original flags, defaults and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from arguments import (
+    Arguments,
+    ArgumentsError,
+    BenchmarkArguments,
+    GenerationArguments,
+    parse_args,
+)
+from self_speculation import DEFAULT_MODEL, ConfigError, GenerationConfig, GenerationStrategyName
+
+
+def test_generation_arguments_mirror_generation_config() -> None:
+    config_fields = {field.name: field for field in dataclasses.fields(GenerationConfig)}
+    argument_fields = {field.name: field for field in dataclasses.fields(GenerationArguments)}
+    assert set(config_fields) == set(argument_fields)
+    defaults = GenerationArguments().config()
+    assert defaults == GenerationConfig()
+
+
+def test_defaults_are_the_original_tools() -> None:
+    args, generation, benchmark = parse_args(
+        Arguments, GenerationArguments, BenchmarkArguments, argv=[]
+    )
+    assert (args.model, args.seed, args.output_dir, args.dtype) == (
+        DEFAULT_MODEL,
+        42,
+        "./logs",
+        None,
+    )
+    assert (generation.max_steps, generation.exit_layer, generation.num_speculations) == (
+        512,
+        -1,
+        -1,
+    )
+    assert generation.sample is True and generation.temperature == 0.6 and generation.top_p == 0.9
+    assert (
+        benchmark.random_shuffle is True and benchmark.n_shot == 0 and benchmark.num_samples is None
+    )
+
+
+def test_flags_parse_like_the_original() -> None:
+    argv = [
+        "--model", "m", "--sample", "False", "--generation_strategy", "self_speculative",
+        "--exit_layer", "8", "--num_speculations", "6", "--stop_words", "###", "\n\n",
+        "--stop_token_ids", "1", "2", "--random_shuffle", "False", "--n_shot", "2",
+        "--template", "Q: {message}", "--model_args", "revision=main,trust_remote_code=false",
+    ]  # fmt: skip
+    args, generation, benchmark = parse_args(
+        Arguments, GenerationArguments, BenchmarkArguments, argv=argv
+    )
+    config = generation.config()
+    assert config.generation_strategy is GenerationStrategyName.SELF_SPECULATIVE
+    assert (config.sample, config.exit_layer, config.num_speculations) == (False, 8, 6)
+    assert config.stop_words == ["###", "\n\n"] and config.stop_token_ids == [1, 2]
+    assert benchmark.random_shuffle is False and benchmark.n_shot == 2
+    assert args.model_kwargs == {"revision": "main", "trust_remote_code": False}
+
+
+def test_model_args_as_json() -> None:
+    (args,) = parse_args(
+        Arguments, argv=["--model_args", '{"revision": "v1", "low_cpu_mem_usage": true}']
+    )
+    assert args.model_kwargs == {"revision": "v1", "low_cpu_mem_usage": True}
+
+
+def test_strategy_list_compares_against_the_full_model() -> None:
+    (generation,) = parse_args(
+        GenerationArguments,
+        argv=["--generation_strategy", "autoregressive,self_speculative", "--exit_layer", "3"],
+    )
+    baseline, speculative = generation.configs()
+    assert baseline.generation_strategy is GenerationStrategyName.AUTOREGRESSIVE
+    assert baseline.exit_layer == -1  # the full model, not early exit
+    assert speculative.exit_layer == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "error", "fragment"),
+    [
+        (["--bogus", "1"], ArgumentsError, "unrecognized arguments: --bogus"),
+        (["--sample", "perhaps"], ArgumentsError, "Boolean value expected"),
+        (["--max_steps", "many"], ArgumentsError, "invalid int value"),
+        (["--max_steps", "0"], ConfigError, "max_steps must be >= 1"),
+        (["--temperature", "0"], ConfigError, "temperature must be > 0"),
+        (["--generation_strategy", "autoregressive,autoregressive"], ConfigError, "twice"),
+        (["--num_samples", "0"], ConfigError, "--num_samples must be >= 1"),
+        (["--n_shot", "-1"], ConfigError, "--n_shot must be >= 0"),
+        (["--model_args", "novalue"], ConfigError, "expected key=value"),
+    ],
+)
+def test_bad_flags_raise_user_errors(argv: list[str], error: type, fragment: str) -> None:
+    with pytest.raises(error, match=None) as raised:
+        parse_args(Arguments, GenerationArguments, BenchmarkArguments, argv=argv)
+    assert fragment in str(raised.value)

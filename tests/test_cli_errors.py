@@ -1,0 +1,153 @@
+"""Bad input to every script: one line on stderr, exit status 2, no traceback.
+
+The scripts' ``main`` runs in this process through ``arguments.run_main`` (what
+``python script.py`` does), so each case costs a model load, not an interpreter start.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from arguments import EXIT_ERROR, run_main
+
+
+def run_in_process(script: str, argv: list[object], monkeypatch, capsys) -> tuple[int, str]:
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, argv)])
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(module.main, prog=f"{script}.py")
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.fixture()
+def data_files(tmp_path: Path) -> dict[str, Path]:
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "def add(a, b):", "response": " return a + b"}) + "\n")
+    malformed = tmp_path / "malformed.jsonl"
+    malformed.write_text('{"prompt": "a", "response": "b"}\n{"prompt": oops}\n')
+    missing_field = tmp_path / "missing_field.jsonl"
+    missing_field.write_text(json.dumps({"question": "a", "response": "b"}) + "\n")
+    too_long = tmp_path / "too_long.jsonl"
+    too_long.write_text(json.dumps({"prompt": "word " * 400, "response": "b"}) + "\n")
+    empty_prompt = tmp_path / "empty_prompt.jsonl"
+    empty_prompt.write_text(json.dumps({"prompt": "", "response": "b"}) + "\n")
+    return {
+        "good": good,
+        "malformed": malformed,
+        "missing_field": missing_field,
+        "too_long": too_long,
+        "empty_prompt": empty_prompt,
+        "missing": tmp_path / "absent.jsonl",
+    }
+
+
+CASES = [
+    # (script, arguments (MODEL / DATA:<name> substituted), fragment of the message)
+    ("benchmark", ["--dataset", "nope"], "unknown dataset 'nope'"),
+    (
+        "benchmark",
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:missing"],
+        "data file not found",
+    ),
+    (
+        "sweep",
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:malformed"],
+        "line 2: not valid JSON",
+    ),
+    (
+        "correctness",
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:missing_field"],
+        "no field 'prompt'",
+    ),
+    ("benchmark", ["--dataset", "custom_jsonl"], "custom_jsonl needs --data_path"),
+    ("benchmark", ["--dataset", "cnn_dm_summarization"], "Supply a local copy with --data_path"),
+    (
+        "benchmark",
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:good", "--exit_layer", 7],
+        "exit_layer must be in [1, 4]",
+    ),
+    (
+        "correctness",
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:good", "--exit_layer", 0],
+        "exit_layer must be >= 1",
+    ),
+    (
+        "correctness",
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:good"],
+        "needs --exit_layer",
+    ),
+    (
+        "sweep",
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:good", "--exit_layer_last", 9],
+        "outside [1, 4]",
+    ),
+    (
+        "benchmark",
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:too_long"],
+        "the model's context is 256 tokens",
+    ),
+    (
+        "benchmark",
+        [
+            "--dataset",
+            "custom_jsonl",
+            "--data_path",
+            "DATA:empty_prompt",
+            "--template",
+            "{message}",
+        ],
+        "the prompt is empty",
+    ),
+    ("generate", ["--prompt", ""], "the prompt is empty"),
+    ("generate", ["--prompt", "word " * 400], "the model's context is 256 tokens"),
+    ("generate", ["--prompt", "hi", "--streamer", "loud"], "unknown streamer 'loud'"),
+    (
+        "generate",
+        ["--prompt", "hi", "--generation_strategy", "fast"],
+        "unknown generation_strategy 'fast'",
+    ),
+    ("generate", ["--prompt", "hi", "--sample", "maybe"], "Boolean value expected"),
+    ("benchmark", ["--n_shot", 1, "--bogus", 3], "unrecognized arguments: --bogus 3"),
+    ("eval", ["--tasks", "no_such_task_anywhere_xyz"], "unknown lm-eval task"),
+    ("eval", ["--tasks", "layerskip_humaneval", "--limit", 1], "--execute_code True"),
+    ("generate", ["--model", "/nonexistent/model", "--prompt", "hi"], "model directory not found"),
+    ("benchmark", ["--dtype", "float8", "--dataset", "human_eval"], "unknown dtype 'float8'"),
+    ("benchmark", ["--model_args", "{not json"], "--model_args is not valid JSON"),
+    ("benchmark", ["--template", "no placeholder"], "--template must contain '{message}'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "fragment"), CASES, ids=[f"{c[0]}:{c[2][:30]}" for c in CASES]
+)
+def test_bad_input_is_one_line(
+    script: str,
+    argv: list,
+    fragment: str,
+    tiny_model_dir: Path,
+    data_files,
+    tmp_path: Path,
+    monkeypatch,
+    capsys,
+) -> None:
+    substituted = [
+        data_files[item.removeprefix("DATA:")]
+        if isinstance(item, str) and item.startswith("DATA:")
+        else item
+        for item in argv
+    ]
+    if "--model" not in substituted:
+        substituted = ["--model", tiny_model_dir, *substituted]
+    code, stderr = run_in_process(
+        script, [*substituted, "--output_dir", tmp_path / "logs"], monkeypatch, capsys
+    )
+    assert code == EXIT_ERROR, stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if f"{script}.py: error:" in line]
+    assert len(errors) == 1, stderr
+    assert fragment in errors[0]

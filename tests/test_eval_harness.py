@@ -1,0 +1,96 @@
+"""The lm-eval model: log-likelihoods at an exit layer, generation honouring task kwargs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from self_speculation import GenerationConfig, Generator, load_model_and_tokenizer
+from self_speculation.eval_harness import LayerSkipLM
+
+
+@dataclass
+class Request:  # what lm-eval's Instance offers the model
+    args: tuple
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_model_dir: Path) -> Generator:
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), "float32", "cpu")
+    return Generator(model, tokenizer)
+
+
+def full_logprob(generator: Generator, text: str, continuation: str) -> float:
+    """Reference: log p(continuation | text) from the model's own forward."""
+    tokenizer = generator.tokenizer
+    context_ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(text + continuation, add_special_tokens=False)["input_ids"]
+    continuation_ids = whole[len(context_ids) - 1 :]
+    ids = torch.tensor([context_ids + continuation_ids])
+    with torch.no_grad():
+        logits = generator.model(input_ids=ids).logits[0, :-1]
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    targets = ids[0, 1:]
+    return (
+        logprobs[-len(continuation_ids) :]
+        .gather(1, targets[-len(continuation_ids) :, None])
+        .sum()
+        .item()
+    )
+
+
+def test_loglikelihood_matches_the_model_and_changes_with_the_exit(generator: Generator) -> None:
+    config = generator.resolve(GenerationConfig(sample=False))
+    requests = [
+        Request(("The quick brown", " fox")),
+        Request(("def add(a, b):", "\n    return a + b")),
+    ]
+    full = LayerSkipLM(generator, config, progress=False).loglikelihood(requests)
+    early = LayerSkipLM(
+        generator, config, loglikelihood_exit_layer=1, progress=False
+    ).loglikelihood(requests)
+    for (logprob, greedy), request in zip(full, requests):
+        assert logprob == pytest.approx(full_logprob(generator, *request.args), abs=1e-4)
+        assert isinstance(greedy, bool)
+    assert [round(value, 4) for value, _ in full] != [round(value, 4) for value, _ in early]
+
+
+def test_loglikelihood_rolling_sums_every_token(generator: Generator) -> None:
+    config = generator.resolve(GenerationConfig(sample=False))
+    lm = LayerSkipLM(generator, config, progress=False)
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    (whole,) = lm.loglikelihood_rolling([Request((text,))])
+    lm.max_length = 16  # forces several windows; every token still predicted once
+    (windowed,) = lm.loglikelihood_rolling([Request((text,))])
+    assert whole < 0 and windowed < 0
+    assert whole == pytest.approx(full_logprob(generator, "", text), abs=1e-3)
+
+
+def test_generate_until_honours_until_and_max_gen_toks(generator: Generator) -> None:
+    config = generator.resolve(
+        GenerationConfig(
+            generation_strategy="self_speculative", exit_layer=2, num_speculations=3, sample=True
+        )
+    )
+    lm = LayerSkipLM(generator, config, progress=False)
+    free = lm.generate_until(
+        [Request(("def add(a, b):", {"max_gen_toks": 12, "do_sample": False, "until": []}))]
+    )[0]
+    assert lm.generation_rows[-1]["num_generated_tokens"] <= 12
+    assert lm.generation_rows[-1]["acceptance_rate"] is not None
+    stop = free[3:6] if len(free) >= 6 else None
+    if stop:
+        (cut,) = lm.generate_until(
+            [Request(("def add(a, b):", {"max_gen_toks": 12, "do_sample": False, "until": [stop]}))]
+        )
+        assert stop not in cut and free.startswith(cut)
+    config_used, stop_words = lm._request_config(
+        {"temperature": 0.0, "max_gen_toks": 5, "until": "\n\n"}
+    )
+    assert (config_used.sample, config_used.max_steps, stop_words) == (False, 5, ["\n\n"])
+    config_used, _ = lm._request_config({"do_sample": True, "temperature": 0.8, "top_p": 0.5})
+    assert (config_used.sample, config_used.temperature, config_used.top_p) == (True, 0.8, 0.5)
