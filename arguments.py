@@ -45,15 +45,20 @@ class ArgumentsError(ConfigError):
 class Arguments:
     """Model, device and output settings common to every script."""
 
-    model: str = DEFAULT_MODEL  # hub id, local directory, .gguf file, or "smollm2"
-    model_args: str | None = None  # extra from_pretrained kwargs: JSON or "key=value,key=value"
-    seed: int = 42  # seeds data shuffling, n-shot choice and sampling
-    output_dir: str = "./logs"  # where result files are written
-    dtype: str | None = None  # float32, bfloat16, float16, float64 (default: float32 on CPU)
-    device: str | None = None  # cpu, cuda, cuda:1 (default: cuda when available)
-    distributed: bool | None = (
-        None  # shard samples across torchrun ranks (default: when launched by torchrun)
-    )
+    model: str = DEFAULT_MODEL
+    """Hub id, local directory, .gguf file, or "smollm2"."""
+    model_args: str | None = None
+    """Extra from_pretrained kwargs: JSON or "key=value,key=value"."""
+    seed: int = 42
+    """Seeds data shuffling, n-shot choice and sampling."""
+    output_dir: str = "./logs"
+    """Where result files are written."""
+    dtype: str | None = None
+    """float32, bfloat16, float16, float64 (default: float32 on CPU)"""
+    device: str | None = None
+    """cpu, cuda, cuda:1 (default: cuda when available)"""
+    distributed: bool | None = None
+    """Shard samples across torchrun ranks (default: when launched by torchrun)."""
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -94,21 +99,26 @@ class GenerationArguments:
     (``autoregressive,self_speculative``) where a script can compare them.
     """
 
-    max_steps: int = 512  # most tokens to generate
-    exit_layer: int = (
-        UNSET  # E: drafts (or early-exit decoding) use layers [0, E); -1: model default
-    )
-    num_speculations: int = UNSET  # draft tokens per self-speculative step; -1: model default
-    generation_strategy: str = (
-        GenerationStrategyName.AUTOREGRESSIVE.value
-    )  # autoregressive, self_speculative
-    sample: bool = True  # sample (True) or greedy argmax (False)
+    max_steps: int = 512
+    """Most tokens to generate."""
+    exit_layer: int = UNSET
+    """E: drafts (or early-exit decoding) use layers [0, E); -1: model default."""
+    num_speculations: int = UNSET
+    """Draft tokens per self-speculative step; -1: model default."""
+    generation_strategy: str = GenerationStrategyName.AUTOREGRESSIVE.value
+    """autoregressive or self_speculative (comma-separated list to compare)"""
+    sample: bool = True
+    """Sample (True) or greedy argmax (False)"""
     temperature: float = 0.6
-    top_k: int = 0  # 0: off
-    top_p: float = 0.9  # 1.0: off
+    top_k: int = 0
+    """Keep the k most likely tokens; 0: off."""
+    top_p: float = 0.9
+    """Nucleus sampling threshold; 1.0: off."""
     no_repeat_ngram_size: int | None = None
-    stop_words: list[str] | None = None  # stop once the output contains one of these
-    stop_token_ids: list[int] | None = None  # extra end-of-sequence token ids
+    stop_words: list[str] | None = None
+    """Stop once the output contains one of these."""
+    stop_token_ids: list[int] | None = None
+    """Extra end-of-sequence token ids."""
 
     def __post_init__(self) -> None:
         names = [name.strip() for name in self.generation_strategy.split(",") if name.strip()]
@@ -164,14 +174,22 @@ class GenerationArguments:
 class BenchmarkArguments:
     """Which samples to run (REFERENCE §3 datasets)."""
 
-    dataset: str = "human_eval"  # cnn_dm_summarization, xsum_summarization, cnn_dm_lm, human_eval, top_v2, custom_jsonl
-    data_path: str | None = None  # local copy: a JSONL file or a directory saved by datasets
-    random_shuffle: bool = True  # shuffle (seeded) before taking num_samples
-    num_samples: int | None = None  # how many samples (default: all)
-    n_shot: int = 0  # solved examples put before each prompt
-    template: str | None = None  # format of each prompt, e.g. "Question: {message}\nAnswer:"
-    prompt_field: str = "prompt"  # custom_jsonl: field holding the prompt
-    response_field: str = "response"  # custom_jsonl: field holding the reference output
+    dataset: str = "human_eval"
+    """One of cnn_dm_summarization, xsum_summarization, cnn_dm_lm, human_eval, top_v2, custom_jsonl."""
+    data_path: str | None = None
+    """Local copy: a JSONL file or a directory saved by datasets."""
+    random_shuffle: bool = True
+    """Shuffle (seeded) before taking num_samples."""
+    num_samples: int | None = None
+    """How many samples (default: all)"""
+    n_shot: int = 0
+    """Solved examples put before each prompt."""
+    template: str | None = None
+    """Format of each prompt, e.g. "Question: {message} Answer:" (the prompt goes at {message})."""
+    prompt_field: str = "prompt"
+    """custom_jsonl: field holding the prompt."""
+    response_field: str = "response"
+    """custom_jsonl: field holding the reference output."""
 
     def __post_init__(self) -> None:
         if self.num_samples is not None and self.num_samples < 1:
@@ -233,6 +251,9 @@ def setup_logging(rank: int | None = None) -> None:
         stream=sys.stderr,
         force=True,
     )
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on every load
     for noisy in (
         "httpx",
         "urllib3",

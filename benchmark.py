@@ -48,7 +48,8 @@ logger = logging.getLogger("benchmark")
 class MetricArguments:
     """Metrics that need an explicit opt-in."""
 
-    execute_code: bool = False  # human_eval: run the generated code against its tests (pass@1)
+    execute_code: bool = False
+    """human_eval: run the generated code against its tests (pass@1)"""
 
 
 def main(argv: list[str]) -> int:

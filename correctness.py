@@ -51,10 +51,10 @@ STRATEGIES = (GenerationStrategyName.AUTOREGRESSIVE, GenerationStrategyName.SELF
 class CorrectnessGenerationArguments(GenerationArguments):
     """Generation flags; greedy by default, since only greedy outputs must match."""
 
-    generation_strategy: str = (
-        GenerationStrategyName.SELF_SPECULATIVE.value
-    )  # compared with autoregressive
+    generation_strategy: str = GenerationStrategyName.SELF_SPECULATIVE.value
+    """Always compared with autoregressive decoding of the full model."""
     sample: bool = False
+    """Greedy by default: only greedy outputs are guaranteed identical."""
 
 
 def main(argv: list[str]) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from arguments import Arguments, GenerationArguments, arguments_dict, parse_args, run_main
+from data import DataError
 from self_speculation import ConfigError, Generator, load_model_and_tokenizer
 from self_speculation import distributed as dist
 from self_speculation.benchmarking import (
@@ -41,17 +42,24 @@ LOCAL_TASKS = Path(__file__).resolve().parent / "tasks"
 class EvalArguments:
     """lm-evaluation-harness settings (its own flag names)."""
 
-    tasks: list[str]  # task or group names (space or comma separated)
-    limit: float | None = None  # samples per task (a fraction if < 1)
-    num_fewshot: int | None = None  # few-shot examples (default: the task's)
-    include_path: str | None = None  # another folder of task YAMLs (tasks/ is always included)
-    gen_kwargs: str | None = None  # override the tasks' generation kwargs, e.g. "max_gen_toks=64"
-    loglikelihood_exit_layer: int | None = (
-        None  # score log-likelihood tasks at this exit (default: full model)
-    )
-    loglikelihood_at_exit_layer: bool = False  # score log-likelihood tasks at --exit_layer
-    execute_code: bool = False  # allow tasks that run model-written code (layerskip_humaneval)
-    bootstrap_iters: int = 1000  # bootstrap resamples for standard errors (0: off)
+    tasks: list[str]
+    """Task or group names (space or comma separated)"""
+    limit: float | None = None
+    """Samples per task (a fraction if < 1)"""
+    num_fewshot: int | None = None
+    """Few-shot examples (default: the task's)"""
+    include_path: str | None = None
+    """Another folder of task YAMLs (tasks/ is always included)"""
+    gen_kwargs: str | None = None
+    """Override the tasks' generation kwargs, e.g. "max_gen_toks=64"."""
+    loglikelihood_exit_layer: int | None = None
+    """Score log-likelihood tasks at this exit layer (default: the full model)."""
+    loglikelihood_at_exit_layer: bool = False
+    """Score log-likelihood tasks at --exit_layer."""
+    execute_code: bool = False
+    """Allow tasks that run model-written code (layerskip_humaneval)"""
+    bootstrap_iters: int = 1000
+    """Bootstrap resamples for standard errors (0: off)"""
 
     def __post_init__(self) -> None:
         self.tasks = [
@@ -143,6 +151,11 @@ def main(argv: list[str]) -> int:
                 if "unsafe" in str(error):
                     raise ConfigError(f"{error} (eval.py: pass --execute_code True)") from None
                 raise
+            except (ConnectionError, OSError) as error:  # a hub task's dataset is unreachable
+                raise DataError(
+                    f"cannot load a task's data: {error}. Hub tasks need the network or a "
+                    f"cached copy; the local tasks in tasks/ work offline"
+                ) from None
         document = {
             "script": "eval.py",
             "arguments": arguments_dict(args, generation, evaluation),

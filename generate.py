@@ -40,9 +40,12 @@ logger = logging.getLogger("generate")
 class GenerateArguments:
     """What to generate from and how to show it."""
 
-    prompt: str | None = None  # generate once from this prompt (default: interactive)
-    streamer: str = StreamerName.STANDARD.value  # none, standard, speculative
-    chat_template: bool = False  # wrap the prompt in the tokenizer's chat template, if it has one
+    prompt: str | None = None
+    """Generate once from this prompt (default: interactive)"""
+    streamer: str = StreamerName.STANDARD.value
+    """none, standard or speculative (drafts shown in colours)."""
+    chat_template: bool = False
+    """Wrap the prompt in the tokenizer's chat template, if it has one."""
 
     def __post_init__(self) -> None:
         valid = [name.value for name in StreamerName]

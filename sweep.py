@@ -60,13 +60,17 @@ class SweepArguments:
     """The grid (inclusive bounds), and where the CSV goes."""
 
     exit_layer_first: int = 1
-    exit_layer_last: int = -1  # -1: the model's last layer but one
+    """First exit layer of the grid."""
+    exit_layer_last: int = -1
+    """Last exit layer of the grid (inclusive); -1: the model's last layer but one."""
     exit_layer_step: int = 1
     num_speculations_first: int = 1
     num_speculations_last: int = 6
     num_speculations_step: int = 1
-    output_file: str | None = None  # CSV path (default: <output_dir>/sweep.csv)
-    baseline: bool = True  # also measure autoregressive decoding for the speedup column
+    output_file: str | None = None
+    """CSV path (default: <output_dir>/sweep.csv)"""
+    baseline: bool = True
+    """Also measure autoregressive decoding for the speedup column."""
 
     def __post_init__(self) -> None:
         if self.exit_layer_step < 1 or self.num_speculations_step < 1:

@@ -115,6 +115,7 @@ CASES = [
     ("benchmark", ["--n_shot", 1, "--bogus", 3], "unrecognized arguments: --bogus 3"),
     ("eval", ["--tasks", "no_such_task_anywhere_xyz"], "unknown lm-eval task"),
     ("eval", ["--tasks", "layerskip_humaneval", "--limit", 1], "--execute_code True"),
+    ("eval", ["--tasks", "gsm8k", "--limit", 1], "Hub tasks need the network"),
     ("generate", ["--model", "/nonexistent/model", "--prompt", "hi"], "model directory not found"),
     ("benchmark", ["--dtype", "float8", "--dataset", "human_eval"], "unknown dtype 'float8'"),
     ("benchmark", ["--model_args", "{not json"], "--model_args is not valid JSON"),
