@@ -34,6 +34,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from self_speculation.config import GenerationConfig
 from self_speculation.distributed import DistributedContext, broadcast
+from self_speculation.errors import ConfigError
 from self_speculation.generator import Generator
 from self_speculation.metrics import text_metrics
 
@@ -204,6 +205,21 @@ def _sample_generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def _check_prompt_lengths(generator: Generator, samples: Sequence[Sample]) -> None:
+    """Fail before generating anything, rather than hours into a run, when a prompt does not
+    fit the model's context."""
+    context_limit = getattr(generator.layerwise.config, "max_position_embeddings", None)
+    if not context_limit:
+        return
+    for sample in samples:
+        length = len(generator.encode(sample.input))
+        if length >= context_limit:
+            raise ConfigError(
+                f"sample {sample.index}: the prompt has {length} tokens; the model's context is "
+                f"{context_limit} tokens (choose shorter prompts or a model with a longer context)"
+            )
+
+
 def generate_rows(
     generator: Generator,
     samples: Sequence[Sample],
@@ -225,6 +241,7 @@ def generate_rows(
         progress: show a tqdm bar.
         log_samples: log each sample's figures at INFO (else DEBUG).
     """
+    _check_prompt_lengths(generator, samples)
     device = generator.layerwise.device
     if samples:  # untimed warm-up: first-call allocations and lazy imports stay out of the figures
         for config in configs:

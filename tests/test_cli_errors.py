@@ -89,7 +89,7 @@ CASES = [
     (
         "benchmark",
         ["--dataset", "custom_jsonl", "--data_path", "DATA:too_long"],
-        "the model's context is 256 tokens",
+        "sample 0: the prompt has",
     ),
     (
         "benchmark",

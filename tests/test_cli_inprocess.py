@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_tiny_model
+from transformers import AutoTokenizer
 
 import self_speculation.strategies as strategies
 
@@ -117,17 +120,37 @@ def test_generate_one_shot_prints_the_answer(
     assert capsys.readouterr().out.strip()
 
 
-def test_generate_chat_template(tiny_model_dir: Path, tmp_path: Path, monkeypatch, caplog) -> None:
+def test_generate_chat_template(tiny_model_dir: Path, tmp_path: Path, caplog, capsys) -> None:
     generate = importlib.import_module("generate")
+    argv = ["--prompt", "hi", "--max_steps", "4", "--chat_template", "True", "--sample", "False"]
+    assert generate.main(["--model", str(tiny_model_dir), *argv]) == 0
+    assert "no chat template" in caplog.text  # warns and uses the prompt as it is
+
+    chat_model = tmp_path / "chat"
+    shutil.copytree(tiny_model_dir, chat_model)
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}The{% endif %}"
+    )
+    tokenizer.save_pretrained(chat_model)
+    caplog.clear()
+    assert generate.main(["--model", str(chat_model), *argv, "--streamer", "none"]) == 0
+    assert "no chat template" not in caplog.text
+    assert capsys.readouterr().out.strip()
+
+
+def test_benchmark_human_eval_pass_at_1_opt_in(tmp_path: Path) -> None:
+    model_dir = save_tiny_model(tmp_path / "long", max_position_embeddings=2048)
+    benchmark = importlib.import_module("benchmark")
     argv = [
-        "--model",
-        str(tiny_model_dir),
-        "--prompt",
-        "hi",
-        "--max_steps",
-        "4",
-        "--chat_template",
-        "True",
-    ]
-    assert generate.main(argv) == 0  # no template: warns and uses the prompt as it is
-    assert "no chat template" in caplog.text
+        "--model", str(model_dir), "--dataset", "human_eval", "--num_samples", "2",
+        "--max_steps", "4", "--sample", "False", "--execute_code", "True",
+        "--output_dir", str(tmp_path / "logs"),
+    ]  # fmt: skip
+    assert benchmark.main(argv) == 0
+    (result,) = (tmp_path / "logs").glob("benchmark_*.json")
+    document = json.loads(result.read_text())
+    assert document["metrics"]["autoregressive"]["pass@1"] == 0.0  # a random model passes nothing
+    rows = [json.loads(line) for line in Path(document["samples_file"]).read_text().splitlines()]
+    assert [row["passed"] for row in rows] == [False, False]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -215,20 +217,38 @@ def test_bad_inputs_fail_in_one_line(tiny_model_dir: Path, tmp_path: Path) -> No
     )
 
 
-def test_rows_written_before_an_error_stay_valid(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_interrupted_run_keeps_its_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C mid-run: one line on stderr, exit 130, the rows written so far are valid JSONL
+    and no half-written result document is left."""
     data = tmp_path / "data.jsonl"
-    rows = [
-        {"prompt": "def add(a, b):", "response": "x"},
-        {"prompt": "word " * 400, "response": "x"},
-    ]
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"def f{i}(x):", "response": "x"}) + "\n" for i in range(40))
+    )
     output = tmp_path / "logs"
-    process = run_script(
-        "benchmark.py", "--model", tiny_model_dir, "--dataset", "custom_jsonl", "--data_path", data,
-        "--random_shuffle", "False", "--max_steps", 4, "--output_dir", output,
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE")}
+    env.update(OFFLINE_ENV)
+    process = subprocess.Popen(
+        [sys.executable, str(REPOSITORY_ROOT / "benchmark.py"), "--model", str(tiny_model_dir),
+         "--dataset", "custom_jsonl", "--data_path", str(data), "--max_steps", "200",
+         "--output_dir", str(output)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPOSITORY_ROOT,
     )  # fmt: skip
-    assert_one_line_error(process, "the model's context is 256 tokens")
-    samples = only(list(output.glob("benchmark_*.samples.jsonl")))
-    written = [json.loads(line) for line in samples.read_text().splitlines()]
-    assert [row["index"] for row in written] == [0]
-    assert not list(output.glob("benchmark_*.json"))  # no half-written result document
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        samples = list(output.glob("benchmark_*.samples.jsonl"))
+        if samples and samples[0].read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert (
+        "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "benchmark.py: interrupted"
+    )
+    rows = [
+        json.loads(line)
+        for line in only(list(output.glob("benchmark_*.samples.jsonl"))).read_text().splitlines()
+    ]
+    assert 1 <= len(rows) < 40
+    assert not list(output.glob("benchmark_*.json"))
