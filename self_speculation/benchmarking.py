@@ -181,6 +181,8 @@ def environment_info(generator: Generator, context: DistributedContext) -> dict[
         else platform.processor() or "cpu",
         "dtype": str(generator.layerwise.dtype).removeprefix("torch."),
         "torch_num_threads": torch.get_num_threads(),
+        # Other work on the machine skews every timing: record how busy it was.
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "world_size": context.world_size,
         "num_layers": generator.num_layers,
     }
