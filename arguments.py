@@ -119,6 +119,8 @@ class GenerationArguments:
     """Stop once the output contains one of these."""
     stop_token_ids: list[int] | None = None
     """Extra end-of-sequence token ids."""
+    draft_confidence_threshold: float = 0.0
+    """Stop drafting once a draft's top probability is below this (0: off, as the original)."""
 
     def __post_init__(self) -> None:
         names = [name.strip() for name in self.generation_strategy.split(",") if name.strip()]

@@ -35,6 +35,10 @@ class GenerationConfig:
         no_repeat_ngram_size: forbid repeating n-grams of this size (None: off).
         stop_words: stop once the generated text contains one of these.
         stop_token_ids: extra end-of-sequence token ids (the tokenizer's EOS always stops).
+        draft_confidence_threshold: stop drafting early in a step once the early exit's
+            top probability for a draft falls below this (0: always draft
+            num_speculations tokens, as the original). Exactness is unaffected: any
+            number of drafts is verified the same way.
     """
 
     max_steps: int = 512
@@ -48,6 +52,7 @@ class GenerationConfig:
     no_repeat_ngram_size: int | None = None
     stop_words: list[str] | None = field(default=None)
     stop_token_ids: list[int] | None = field(default=None)
+    draft_confidence_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         try:
@@ -77,6 +82,11 @@ class GenerationConfig:
                 raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if self.no_repeat_ngram_size is not None and self.no_repeat_ngram_size < 1:
             raise ConfigError(f"no_repeat_ngram_size must be >= 1, got {self.no_repeat_ngram_size}")
+        if not 0 <= self.draft_confidence_threshold < 1:
+            raise ConfigError(
+                "draft_confidence_threshold must be in [0, 1), got "
+                f"{self.draft_confidence_threshold}"
+            )
         if self.stop_words is not None and any(not word for word in self.stop_words):
             raise ConfigError("stop_words must not contain an empty string")
 

@@ -233,6 +233,12 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
                 drafted_stop |= torch.isin(tokens, self.stop_token_ids)
                 if bool(drafted_stop[active].all()):
                     break  # nothing after an end-of-sequence token is ever kept
+            if self.config.draft_confidence_threshold > 0:
+                confidence = (
+                    probs if probs is not None else torch.softmax(logits.float(), dim=-1)
+                ).amax(dim=-1)  # [batch]
+                if bool((confidence[active] < self.config.draft_confidence_threshold).any()):
+                    break  # an unsure draft is likely rejected: verify what we have
         draft_tokens = context[:, state.tokens.shape[1] :]  # [batch, k]
         k = draft_tokens.shape[1]
         exit_states.append(self._early(state, tokens, first_column + k))

@@ -205,3 +205,16 @@ def test_nan_logits_are_an_error_not_tokens() -> None:
     generator = generator_for("gemma2_softcap_sliding")
     with pytest.raises(UnsupportedModelError, match="NaN"):
         generator.generate_batch(BATCH_PROMPTS, greedy())
+
+
+def test_confidence_threshold_shortens_drafts_and_keeps_outputs_exact() -> None:
+    generator = generator_for("llama_mha_untied")
+    reference = generator.generate([5, 60, 7], greedy(40)).token_ids
+    fixed = generator.generate([5, 60, 7], speculative(2, 6, max_steps=40))
+    for threshold in (0.05, 0.5, 0.99):
+        adaptive = generator.generate(
+            [5, 60, 7], speculative(2, 6, max_steps=40, draft_confidence_threshold=threshold)
+        )
+        assert adaptive.token_ids == reference
+    # A random model is never 99% sure: one draft per step, then verification.
+    assert adaptive.num_drafted <= adaptive.num_steps < fixed.num_drafted
