@@ -8,16 +8,18 @@ for a user into one line on stderr and a non-zero exit status, never a traceback
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import simple_parsing
+import torch
 
 from self_speculation import (
     DEFAULT_MODEL,
@@ -26,8 +28,11 @@ from self_speculation import (
     ConfigError,
     GenerationConfig,
     GenerationStrategyName,
+    Generator,
     LayerSkipError,
+    load_model_and_tokenizer,
 )
+from self_speculation import distributed as dist
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +95,19 @@ class Arguments:
                 kwargs[key.strip()] = value.strip()
         return kwargs
 
+    def load_generator(self, context: dist.DistributedContext) -> Generator:
+        """Seed torch with ``seed``, load the model onto this rank's device, wrap it in a
+        :class:`Generator`.
+
+        Raises:
+            ModelLoadError: the model cannot be found or loaded.
+        """
+        torch.manual_seed(self.seed)
+        model, tokenizer = load_model_and_tokenizer(
+            self.model, self.dtype, dist.device_for(context, self.device), self.model_kwargs
+        )
+        return Generator(model, tokenizer)
+
 
 @dataclass
 class GenerationArguments:
@@ -123,7 +141,7 @@ class GenerationArguments:
     """Stop drafting once a draft's top probability is below this (0: off, as the original)."""
 
     def __post_init__(self) -> None:
-        names = [name.strip() for name in self.generation_strategy.split(",") if name.strip()]
+        names = self._strategy_names()
         valid = [strategy.value for strategy in GenerationStrategyName]
         for name in names:
             if name not in valid:
@@ -138,14 +156,13 @@ class GenerationArguments:
             )
         self.config()  # GenerationConfig validates the remaining values
 
+    def _strategy_names(self) -> list[str]:
+        return [name.strip() for name in self.generation_strategy.split(",") if name.strip()]
+
     @property
     def strategies(self) -> list[GenerationStrategyName]:
         """The strategies named by ``generation_strategy``, in the order given."""
-        return [
-            GenerationStrategyName(name.strip())
-            for name in self.generation_strategy.split(",")
-            if name.strip()
-        ]
+        return [GenerationStrategyName(name) for name in self._strategy_names()]
 
     def config(self, strategy: GenerationStrategyName | str | None = None) -> GenerationConfig:
         """The engine's config for ``strategy`` (default: the first one listed)."""
@@ -231,6 +248,43 @@ def parse_args(
         parser.add_arguments(cls, dest=f"group{position}")
     namespace = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     return tuple(getattr(namespace, f"group{position}") for position in range(len(classes)))
+
+
+@contextlib.contextmanager
+def distributed_run(
+    args: Arguments, one_process: str | None = None
+) -> Iterator[dist.DistributedContext]:
+    """The run's place among torchrun's processes; the process group is torn down at the end.
+
+    Args:
+        args: the script's common arguments (``distributed``, ``device``).
+        one_process: for a script that runs as one process only, its name: launched as
+            several processes, it is then an error.
+
+    Raises:
+        ConfigError: ``--distributed`` contradicts the launch, or several processes run a
+            ``one_process`` script.
+    """
+    context = dist.setup(args.distributed, args.device)
+    try:
+        if one_process is not None and context.world_size > 1:
+            raise ConfigError(
+                f"{one_process} runs as one process: use python or torchrun --nproc_per_node 1"
+            )
+        yield context
+    finally:
+        dist.teardown(context)
+
+
+def one_strategy(generation: GenerationArguments, prog: str) -> GenerationConfig:
+    """The one config of a script that runs a single ``--generation_strategy``.
+
+    Raises:
+        ConfigError: several strategies were listed.
+    """
+    if len(generation.strategies) > 1:
+        raise ConfigError(f"{prog} takes one --generation_strategy")
+    return generation.config()
 
 
 def arguments_dict(*instances: Any) -> dict[str, Any]:

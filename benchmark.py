@@ -17,25 +17,23 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
-
 from arguments import (
     Arguments,
     BenchmarkArguments,
     GenerationArguments,
     arguments_dict,
+    distributed_run,
     parse_args,
     run_main,
 )
 from data import DatasetName, load_examples
-from self_speculation import ConfigError, Generator, load_model_and_tokenizer
+from self_speculation import ConfigError
 from self_speculation import distributed as dist
 from self_speculation.benchmarking import (
-    JsonlWriter,
+    collect_rows,
     compare_strategies,
     environment_info,
     generate_rows,
-    merge_rank_rows,
     run_files,
     write_json_atomic,
 )
@@ -63,36 +61,25 @@ def main(argv: list[str]) -> int:
     )
     if metric.execute_code and benchmark.dataset != DatasetName.HUMAN_EVAL.value:
         raise ConfigError("--execute_code True applies to --dataset human_eval only")
-    context = dist.setup(args.distributed, args.device)
-    try:
+    with distributed_run(args) as context:
         examples = load_examples(benchmark, args.seed)
-        torch.manual_seed(args.seed)
-        model, tokenizer = load_model_and_tokenizer(
-            args.model, args.dtype, dist.device_for(context, args.device), args.model_kwargs
-        )
-        generator = Generator(model, tokenizer)
+        generator = args.load_generator(context)
         configs = [generator.resolve(config) for config in generation.configs()]
         if metric.execute_code:
             logger.warning("--execute_code True: model-written code will run on this machine")
         problems = {example.index: example.metadata for example in examples}
         files = run_files(args.output_dir, "benchmark", context)
 
-        rows = []
-        with JsonlWriter(files.rank_samples) as writer:
-            for row in generate_rows(
-                generator,
-                dist.shard(examples, context),
-                configs,
-                args.seed,
-                progress=context.is_main,
-            ):
-                if metric.execute_code:
-                    row["passed"] = human_eval_pass(problems[row["index"]], row["prediction"])
-                writer.write(row)
-                rows.append(row)
-        all_rows = [row for part in dist.gather(rows, context) for row in part]
+        rows = generate_rows(
+            generator, dist.shard(examples, context), configs, args.seed, progress=context.is_main
+        )
+        if metric.execute_code:
+            rows = (
+                {**row, "passed": human_eval_pass(problems[row["index"]], row["prediction"])}
+                for row in rows
+            )
+        all_rows = collect_rows(rows, files, context)
         if context.is_main:
-            merge_rank_rows(files, all_rows, context)
             document = _result_document(
                 args, generation, benchmark, metric, configs, all_rows, generator, context
             )
@@ -100,8 +87,6 @@ def main(argv: list[str]) -> int:
             write_json_atomic(files.result, document)
             _log_summary(document)
             logger.info("wrote %s and %s", files.result, files.samples)
-    finally:
-        dist.teardown(context)
     return 0
 
 

@@ -14,29 +14,27 @@ and do not fail the run.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
-
-import torch
 
 from arguments import (
     Arguments,
     BenchmarkArguments,
     GenerationArguments,
     arguments_dict,
+    distributed_run,
     parse_args,
     run_main,
 )
 from data import load_examples
-from self_speculation import UNSET, GenerationStrategyName, Generator, load_model_and_tokenizer
+from self_speculation import GenerationStrategyName
 from self_speculation import distributed as dist
 from self_speculation.benchmarking import (
-    JsonlWriter,
+    collect_rows,
     compare_strategies,
     environment_info,
+    full_model_config,
     generate_rows,
-    merge_rank_rows,
     run_files,
     write_json_atomic,
 )
@@ -67,39 +65,24 @@ def main(argv: list[str]) -> int:
     )
     if generation.sample:
         logger.warning("--sample True: outputs are compared, but only greedy outputs must match")
-    context = dist.setup(args.distributed, args.device)
-    try:
+    with distributed_run(args) as context:
         examples = load_examples(benchmark, args.seed)
-        torch.manual_seed(args.seed)
-        model, tokenizer = load_model_and_tokenizer(
-            args.model, args.dtype, dist.device_for(context, args.device), args.model_kwargs
-        )
-        generator = Generator(model, tokenizer)
+        generator = args.load_generator(context)
         speculative = generator.resolve(generation.config(GenerationStrategyName.SELF_SPECULATIVE))
-        baseline = dataclasses.replace(  # the full model, same sampling settings
-            speculative,
-            generation_strategy=GenerationStrategyName.AUTOREGRESSIVE,
-            exit_layer=generator.num_layers,
-            num_speculations=UNSET,
-        )
+        baseline = full_model_config(speculative, generator.num_layers)
         files = run_files(args.output_dir, "correctness", context)
-        rows = []
-        with JsonlWriter(files.rank_samples) as writer:
-            for row in generate_rows(
-                generator,
-                dist.shard(examples, context),
-                [baseline, speculative],
-                args.seed,
-                with_text_metrics=False,
-                progress=context.is_main,
-                description="correctness",
-            ):
-                writer.write(row)
-                rows.append(row)
-        all_rows = [row for part in dist.gather(rows, context) for row in part]
+        rows = generate_rows(
+            generator,
+            dist.shard(examples, context),
+            [baseline, speculative],
+            args.seed,
+            with_text_metrics=False,
+            progress=context.is_main,
+            description="correctness",
+        )
+        all_rows = collect_rows(rows, files, context)
         status = 0
         if context.is_main:
-            merge_rank_rows(files, all_rows, context)
             comparison = compare_strategies(all_rows, [strategy.value for strategy in STRATEGIES])
             document = {
                 "script": "correctness.py",
@@ -133,8 +116,6 @@ def main(argv: list[str]) -> int:
             if comparison["num_mismatches"] and not generation.sample:
                 status = EXIT_MISMATCH
         status = dist.broadcast(status, context)
-    finally:
-        dist.teardown(context)
     return status
 
 

@@ -94,33 +94,38 @@ class DatasetSpec:
     to_pair: Callable[[Row], tuple[str, str]]
 
 
-def _spec(name: DatasetName, args: BenchmarkArguments) -> DatasetSpec:
-    if name is DatasetName.CNN_DM_SUMMARIZATION:
-        return DatasetSpec(
-            "abisee/cnn_dailymail", "3.0.0", "test", ("article", "highlights"),
-            _summarization("article", "highlights"),
-        )  # fmt: skip
-    if name is DatasetName.XSUM_SUMMARIZATION:
-        return DatasetSpec(
-            "EdinburghNLP/xsum", None, "test", ("document", "summary"),
-            _summarization("document", "summary"),
-        )  # fmt: skip
-    if name is DatasetName.CNN_DM_LM:
-        return DatasetSpec("abisee/cnn_dailymail", "3.0.0", "test", ("article",), _cnn_dm_lm)
-    if name is DatasetName.HUMAN_EVAL:
-        return DatasetSpec(
-            "openai/openai_humaneval", None, "test", ("prompt", "canonical_solution"),
-            _fields("prompt", "canonical_solution"),
-        )  # fmt: skip
-    if name is DatasetName.TOP_V2:
-        return DatasetSpec(
-            "WillHeld/top_v2", None, "test", ("utterance", "semantic_parse"),
-            _fields("utterance", "semantic_parse"),
-        )  # fmt: skip
+def _summarization_spec(
+    hub_path: str, hub_name: str | None, article: str, summary: str
+) -> DatasetSpec:
     return DatasetSpec(
-        None, None, "test", (args.prompt_field, args.response_field),
-        _fields(args.prompt_field, args.response_field),
-    )  # fmt: skip
+        hub_path, hub_name, "test", (article, summary), _summarization(article, summary)
+    )
+
+
+def _fields_spec(hub_path: str | None, prompt_field: str, response_field: str) -> DatasetSpec:
+    fields = (prompt_field, response_field)
+    return DatasetSpec(hub_path, None, "test", fields, _fields(*fields))
+
+
+HUB_DATASETS: dict[DatasetName, DatasetSpec] = {
+    DatasetName.CNN_DM_SUMMARIZATION: _summarization_spec(
+        "abisee/cnn_dailymail", "3.0.0", "article", "highlights"
+    ),
+    DatasetName.XSUM_SUMMARIZATION: _summarization_spec(
+        "EdinburghNLP/xsum", None, "document", "summary"
+    ),
+    DatasetName.CNN_DM_LM: DatasetSpec(
+        "abisee/cnn_dailymail", "3.0.0", "test", ("article",), _cnn_dm_lm
+    ),
+    DatasetName.HUMAN_EVAL: _fields_spec("openai/openai_humaneval", "prompt", "canonical_solution"),
+    DatasetName.TOP_V2: _fields_spec("WillHeld/top_v2", "utterance", "semantic_parse"),
+}
+
+
+def _spec(name: DatasetName, args: BenchmarkArguments) -> DatasetSpec:
+    if name is DatasetName.CUSTOM_JSONL:
+        return _fields_spec(None, args.prompt_field, args.response_field)
+    return HUB_DATASETS[name]
 
 
 def read_jsonl(path: str) -> list[Row]:

@@ -19,12 +19,17 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from arguments import Arguments, GenerationArguments, arguments_dict, parse_args, run_main
+from arguments import (
+    Arguments,
+    GenerationArguments,
+    arguments_dict,
+    distributed_run,
+    one_strategy,
+    parse_args,
+    run_main,
+)
 from data import DataError
-from self_speculation import ConfigError, Generator, load_model_and_tokenizer
-from self_speculation import distributed as dist
+from self_speculation import ConfigError
 from self_speculation.benchmarking import (
     JsonlWriter,
     environment_info,
@@ -95,23 +100,13 @@ def main(argv: list[str]) -> int:
     args, generation, evaluation = parse_args(
         Arguments, GenerationArguments, EvalArguments, argv=argv, prog="eval.py"
     )
-    if len(generation.strategies) > 1:
-        raise ConfigError("eval.py takes one --generation_strategy")
-    context = dist.setup(args.distributed, args.device)
-    try:
-        if context.world_size > 1:
-            raise ConfigError(
-                "eval.py runs as one process: use python or torchrun --nproc_per_node 1"
-            )
+    config = one_strategy(generation, "eval.py")
+    with distributed_run(args, one_process="eval.py") as context:
         from lm_eval import simple_evaluate
 
         task_manager = _task_manager(evaluation)
-        torch.manual_seed(args.seed)
-        model, tokenizer = load_model_and_tokenizer(
-            args.model, args.dtype, args.device, args.model_kwargs
-        )
-        generator = Generator(model, tokenizer)
-        config = generator.resolve(generation.config())
+        generator = args.load_generator(context)
+        config = generator.resolve(config)
         exit_layer = (
             config.exit_layer
             if evaluation.loglikelihood_at_exit_layer
@@ -184,8 +179,6 @@ def main(argv: list[str]) -> int:
                 "n/a" if speed["acceptance_rate"] is None else f"{speed['acceptance_rate']:.3f}",
             )
         logger.info("wrote %s", files.result)
-    finally:
-        dist.teardown(context)
     return 0
 
 

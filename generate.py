@@ -21,7 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from arguments import Arguments, GenerationArguments, parse_args, run_main
+from arguments import (
+    Arguments,
+    GenerationArguments,
+    distributed_run,
+    one_strategy,
+    parse_args,
+    run_main,
+)
 from self_speculation import (
     ConfigError,
     GenerationConfig,
@@ -29,9 +36,7 @@ from self_speculation import (
     LayerSkipError,
     StreamerName,
     build_streamer,
-    load_model_and_tokenizer,
 )
-from self_speculation import distributed as dist
 
 logger = logging.getLogger("generate")
 
@@ -126,20 +131,10 @@ def main(argv: list[str]) -> int:
     args, generation, options = parse_args(
         Arguments, GenerationArguments, GenerateArguments, argv=argv, prog="generate.py"
     )
-    if len(generation.strategies) > 1:
-        raise ConfigError("generate.py takes one --generation_strategy")
-    context = dist.setup(args.distributed, args.device)
-    try:
-        if context.world_size > 1:
-            raise ConfigError(
-                "generate.py runs as one process: use python or torchrun --nproc_per_node 1"
-            )
-        torch.manual_seed(args.seed)
-        model, tokenizer = load_model_and_tokenizer(
-            args.model, args.dtype, args.device, args.model_kwargs
-        )
-        generator = Generator(model, tokenizer)
-        config = generator.resolve(generation.config())
+    config = one_strategy(generation, "generate.py")
+    with distributed_run(args, one_process="generate.py") as context:
+        generator = args.load_generator(context)
+        config = generator.resolve(config)
         logger.info(
             "%s, exit_layer %d of %d%s",
             config.generation_strategy.value,
@@ -159,8 +154,6 @@ def main(argv: list[str]) -> int:
         except KeyboardInterrupt:
             sys.stderr.write("\n")
         return 0
-    finally:
-        dist.teardown(context)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 from arguments import (
@@ -31,19 +30,20 @@ from arguments import (
     BenchmarkArguments,
     GenerationArguments,
     arguments_dict,
+    distributed_run,
     parse_args,
     run_main,
 )
 from data import load_examples
-from self_speculation import (
-    UNSET,
-    ConfigError,
-    GenerationStrategyName,
-    Generator,
-    load_model_and_tokenizer,
-)
+from self_speculation import UNSET, ConfigError, GenerationStrategyName
 from self_speculation import distributed as dist
-from self_speculation.benchmarking import environment_info, generate_rows, write_json_atomic
+from self_speculation.benchmarking import (
+    environment_info,
+    full_model_config,
+    gather_rows,
+    generate_rows,
+    write_json_atomic,
+)
 from self_speculation.metrics import summarize_speed
 
 logger = logging.getLogger("sweep")
@@ -153,8 +153,7 @@ def _measure(generator, samples, config, seed, context) -> dict:
             log_samples=False,
         )
     )
-    all_rows = [row for part in dist.gather(rows, context) for row in part]
-    return summarize_speed(all_rows)
+    return summarize_speed(gather_rows(rows, context))
 
 
 def main(argv: list[str]) -> int:
@@ -166,14 +165,9 @@ def main(argv: list[str]) -> int:
         argv=argv,
         prog="sweep.py",
     )
-    context = dist.setup(args.distributed, args.device)
-    try:
+    with distributed_run(args) as context:
         examples = load_examples(benchmark, args.seed)
-        torch.manual_seed(args.seed)
-        model, tokenizer = load_model_and_tokenizer(
-            args.model, args.dtype, dist.device_for(context, args.device), args.model_kwargs
-        )
-        generator = Generator(model, tokenizer)
+        generator = args.load_generator(context)
         grid = sweep.grid(generator.num_layers)
         csv_path = Path(sweep.output_file or Path(args.output_dir) / "sweep.csv")
         csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,12 +191,7 @@ def main(argv: list[str]) -> int:
                     "autoregressive baseline already measured: %.1f tokens/s", baseline_rate
                 )
             else:
-                config = dataclasses.replace(
-                    speculative,
-                    generation_strategy=GenerationStrategyName.AUTOREGRESSIVE,
-                    exit_layer=generator.num_layers,
-                    num_speculations=UNSET,
-                )
+                config = full_model_config(speculative, generator.num_layers)
                 speed = _measure(generator, samples, config, args.seed, context)
                 baseline_rate = speed["overall_tokens_per_second"]
                 if context.is_main:
@@ -256,8 +245,6 @@ def main(argv: list[str]) -> int:
                 )  # fmt: skip
         if context.is_main:
             _finish(csv_path, setting, args, generation, benchmark, sweep, generator, context)
-    finally:
-        dist.teardown(context)
     return 0
 
 

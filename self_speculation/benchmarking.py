@@ -23,7 +23,7 @@ import os
 import platform
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -32,8 +32,8 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from self_speculation.config import GenerationConfig
-from self_speculation.distributed import DistributedContext, broadcast
+from self_speculation.config import UNSET, GenerationConfig, GenerationStrategyName
+from self_speculation.distributed import DistributedContext, broadcast, gather
 from self_speculation.errors import ConfigError
 from self_speculation.generator import Generator
 from self_speculation.metrics import text_metrics
@@ -290,6 +290,38 @@ def generate_rows(
                 bar.set_postfix(tok_s=f"{result.tokens_per_second:.1f}", refresh=False)
                 bar.update(1)
                 yield row
+
+
+def full_model_config(config: GenerationConfig, num_layers: int) -> GenerationConfig:
+    """The autoregressive full-model baseline with ``config``'s other settings (sampling,
+    max_steps, stops): what self-speculative decoding is compared with."""
+    return dataclasses.replace(
+        config,
+        generation_strategy=GenerationStrategyName.AUTOREGRESSIVE,
+        exit_layer=num_layers,
+        num_speculations=UNSET,
+    )
+
+
+def gather_rows(rows: list[dict[str, Any]], context: DistributedContext) -> list[dict[str, Any]]:
+    """Every rank's rows, in rank order, on every rank (this process's alone without
+    torchrun)."""
+    return [row for part in gather(rows, context) for row in part]
+
+
+def collect_rows(
+    rows: Iterable[dict[str, Any]], files: RunFiles, context: DistributedContext
+) -> list[dict[str, Any]]:
+    """Stream this rank's ``rows`` to ``files.rank_samples`` as they come, then return every
+    rank's rows; under torchrun rank 0 also merges them into ``files.samples``."""
+    kept = []
+    with JsonlWriter(files.rank_samples) as writer:
+        for row in rows:
+            writer.write(row)
+            kept.append(row)
+    all_rows = gather_rows(kept, context)
+    merge_rank_rows(files, all_rows, context)
+    return all_rows
 
 
 def compare_strategies(
