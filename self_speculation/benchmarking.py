@@ -22,7 +22,7 @@ import math
 import os
 import platform
 import sys
-import tempfile
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +77,10 @@ def write_json_atomic(path: str | os.PathLike, document: Mapping[str, Any]) -> N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_json_ready(document), indent=2, allow_nan=False)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Not mkstemp: its files are 0600, the result would be hidden from other users.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        with open(temporary, "x", encoding="utf-8") as stream:
             stream.write(text + "\n")
         os.replace(temporary, path)
     except BaseException:
@@ -89,16 +90,22 @@ def write_json_atomic(path: str | os.PathLike, document: Mapping[str, Any]) -> N
 
 
 class JsonlWriter:
-    """Appends one JSON object per line and flushes each, so rows survive a crash."""
+    """Appends one JSON object per line and flushes each, so rows survive a crash.
+
+    Used as a context manager, a file that got no row before an error is removed: a run
+    that fails at the start leaves no empty samples file behind.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._stream: TextIO = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
+        self.num_rows = 0
 
     def write(self, row: Mapping[str, Any]) -> None:
         self._stream.write(json.dumps(_json_ready(row), allow_nan=False) + "\n")
         self._stream.flush()
+        self.num_rows += 1
 
     def close(self) -> None:
         self._stream.close()
@@ -106,8 +113,10 @@ class JsonlWriter:
     def __enter__(self) -> JsonlWriter:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         self.close()
+        if exc_type is not None and self.num_rows == 0:
+            self.path.unlink(missing_ok=True)
 
 
 def read_jsonl_rows(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -152,3 +152,5 @@ def test_bad_input_is_one_line(
     errors = [line for line in stderr.splitlines() if f"{script}.py: error:" in line]
     assert len(errors) == 1, stderr
     assert fragment in errors[0]
+    # a run that failed before its first row leaves no empty samples file behind
+    assert not list((tmp_path / "logs").glob("*.jsonl"))

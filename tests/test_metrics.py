@@ -139,6 +139,27 @@ def test_result_files_are_valid_json(tmp_path: Path) -> None:
     ]
 
 
+def test_result_file_mode_is_an_ordinary_file(tmp_path: Path) -> None:
+    """The result document is as readable as the rows next to it (not mkstemp's 0600)."""
+    write_json_atomic(tmp_path / "result.json", {"a": 1})
+    with JsonlWriter(tmp_path / "rows.jsonl") as writer:
+        writer.write({"a": 1})
+    assert (tmp_path / "result.json").stat().st_mode == (tmp_path / "rows.jsonl").stat().st_mode
+
+
+def test_rows_file_of_a_run_that_failed_before_any_row_is_removed(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), JsonlWriter(tmp_path / "empty.jsonl"):
+        raise RuntimeError("the run failed before its first row")
+    assert not (tmp_path / "empty.jsonl").exists()
+    with pytest.raises(KeyboardInterrupt), JsonlWriter(tmp_path / "some.jsonl") as writer:
+        writer.write({"a": 1})
+        raise KeyboardInterrupt  # the rows written so far are kept
+    assert json.loads((tmp_path / "some.jsonl").read_text()) == {"a": 1}
+    with JsonlWriter(tmp_path / "none.jsonl"):
+        pass  # a run with no rows that ends normally keeps its (empty) file
+    assert (tmp_path / "none.jsonl").read_text() == ""
+
+
 def test_human_eval_truncation_and_pass() -> None:
     assert truncate_completion("    return 1\n\ndef other():\n    pass") == "    return 1\n"
     problem = {
