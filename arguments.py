@@ -326,14 +326,15 @@ def setup_logging(rank: int | None = None) -> None:
 def run_main(main: Callable[[list[str]], int | None], prog: str | None = None) -> NoReturn:
     """Run ``main(sys.argv[1:])`` and exit with its status.
 
-    A :class:`LayerSkipError` (bad flag, bad input, unreachable model or data) or Ctrl-C
-    becomes ONE line on stderr and a non-zero exit status, with no traceback.
+    A :class:`LayerSkipError` (bad flag, bad input, unreachable model or data), an
+    ``OSError`` (e.g. an ``--output_dir`` that cannot be written) or Ctrl-C becomes ONE line
+    on stderr and a non-zero exit status, with no traceback.
     """
     prog = prog or os.path.basename(sys.argv[0])
     setup_logging()
     try:
         status = main(sys.argv[1:])
-    except LayerSkipError as error:
+    except (LayerSkipError, OSError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         sys.stderr.write(f"{prog}: error: {message}\n")
         sys.exit(EXIT_ERROR)

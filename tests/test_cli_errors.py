@@ -154,3 +154,19 @@ def test_bad_input_is_one_line(
     assert fragment in errors[0]
     # a run that failed before its first row leaves no empty samples file behind
     assert not list((tmp_path / "logs").glob("*.jsonl"))
+
+
+def test_unwritable_output_dir_is_one_line(
+    tiny_model_dir: Path, data_files, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    not_a_directory = tmp_path / "a_file"
+    not_a_directory.write_text("")
+    argv = [
+        "--model", tiny_model_dir, "--dataset", "custom_jsonl", "--data_path", data_files["good"],
+        "--max_steps", 2, "--output_dir", not_a_directory / "logs",
+    ]  # fmt: skip
+    code, stderr = run_in_process("benchmark", argv, monkeypatch, capsys)
+    assert code == EXIT_ERROR, stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "benchmark.py: error:" in line]
+    assert len(errors) == 1 and "Not a directory" in errors[0], stderr
