@@ -26,7 +26,7 @@ from arguments import (
     parse_args,
     run_main,
 )
-from data import DatasetName, load_examples
+from data import HUMAN_EVAL_PROBLEM_FIELDS, DataError, DatasetName, load_examples
 from self_speculation import ConfigError
 from self_speculation import distributed as dist
 from self_speculation.benchmarking import (
@@ -65,9 +65,10 @@ def main(argv: list[str]) -> int:
         examples = load_examples(benchmark, args.seed)
         generator = args.load_generator(context)
         configs = [generator.resolve(config) for config in generation.configs()]
-        if metric.execute_code:
-            logger.warning("--execute_code True: model-written code will run on this machine")
         problems = {example.index: example.metadata for example in examples}
+        if metric.execute_code:
+            _check_problems(problems)
+            logger.warning("--execute_code True: model-written code will run on this machine")
         files = run_files(args.output_dir, "benchmark", context)
 
         rows = generate_rows(
@@ -88,6 +89,18 @@ def main(argv: list[str]) -> int:
             _log_summary(document)
             logger.info("wrote %s and %s", files.result, files.samples)
     return 0
+
+
+def _check_problems(problems: dict[int, dict]) -> None:
+    """Fail before generating when a sample lacks what running its tests needs (a local
+    --data_path copy of HumanEval without the "test" column, say)."""
+    for index, problem in problems.items():
+        missing = [key for key in HUMAN_EVAL_PROBLEM_FIELDS if key not in problem]
+        if missing:
+            raise DataError(
+                f"--execute_code True: sample {index} has no {', '.join(missing)} "
+                f"(HumanEval problems need {', '.join(HUMAN_EVAL_PROBLEM_FIELDS)})"
+            )
 
 
 def _result_document(

@@ -62,6 +62,8 @@ class EvaluationExample:
 
 
 CNN_DM_LM_PROMPT_WORDS = 100
+# What running a HumanEval problem's tests needs (kept as the sample's metadata).
+HUMAN_EVAL_PROBLEM_FIELDS = ("task_id", "prompt", "test", "entry_point")
 
 
 def _summarization(article_field: str, summary_field: str) -> Callable[[Row], tuple[str, str]]:
@@ -274,9 +276,7 @@ def load_examples(args: BenchmarkArguments, seed: int) -> list[EvaluationExample
         metadata = {}
         if name is DatasetName.HUMAN_EVAL:
             row = rows[row_index]
-            metadata = {
-                key: row[key] for key in ("task_id", "prompt", "test", "entry_point") if key in row
-            }
+            metadata = {key: row[key] for key in HUMAN_EVAL_PROBLEM_FIELDS if key in row}
         examples.append(
             EvaluationExample(index=index, input=prompt, output=reference, metadata=metadata)
         )

@@ -36,12 +36,17 @@ def data_files(tmp_path: Path) -> dict[str, Path]:
     too_long.write_text(json.dumps({"prompt": "word " * 400, "response": "b"}) + "\n")
     empty_prompt = tmp_path / "empty_prompt.jsonl"
     empty_prompt.write_text(json.dumps({"prompt": "", "response": "b"}) + "\n")
+    human_eval_no_tests = tmp_path / "human_eval_no_tests.jsonl"
+    human_eval_no_tests.write_text(
+        json.dumps({"prompt": "def f():\n", "canonical_solution": "    return 1\n"}) + "\n"
+    )
     return {
         "good": good,
         "malformed": malformed,
         "missing_field": missing_field,
         "too_long": too_long,
         "empty_prompt": empty_prompt,
+        "human_eval_no_tests": human_eval_no_tests,
         "missing": tmp_path / "absent.jsonl",
     }
 
@@ -120,6 +125,12 @@ CASES = [
     ("benchmark", ["--dtype", "float8", "--dataset", "human_eval"], "unknown dtype 'float8'"),
     ("benchmark", ["--model_args", "{not json"], "--model_args is not valid JSON"),
     ("benchmark", ["--template", "no placeholder"], "--template must contain '{message}'"),
+    (
+        "benchmark",
+        ["--dataset", "human_eval", "--data_path", "DATA:human_eval_no_tests"]
+        + ["--execute_code", True],
+        "--execute_code True: sample 0 has no task_id, test, entry_point",
+    ),
 ]
 
 
