@@ -185,7 +185,7 @@ def main(argv: list[str]) -> int:
             previous = done[
                 done["generation_strategy"] == GenerationStrategyName.AUTOREGRESSIVE.value
             ]
-            if len(previous):
+            if len(previous) and pd.notna(previous["overall_tokens_per_second"].iloc[-1]):
                 baseline_rate = float(previous["overall_tokens_per_second"].iloc[-1])
                 logger.info(
                     "autoregressive baseline already measured: %.1f tokens/s", baseline_rate
@@ -244,7 +244,7 @@ def main(argv: list[str]) -> int:
                     "n/a" if speedup is None else f"{speedup:.2f}x",
                 )  # fmt: skip
         if context.is_main:
-            _finish(csv_path, setting, args, generation, benchmark, sweep, generator, context)
+            _finish(csv_path, setting, grid, args, generation, benchmark, sweep, generator, context)
     return 0
 
 
@@ -261,11 +261,17 @@ def _csv_row(
     }
 
 
-def _finish(csv_path, setting, args, generation, benchmark, sweep, generator, context) -> None:
+def _finish(
+    csv_path, setting, grid, args, generation, benchmark, sweep, generator, context
+) -> None:
+    """Plot, summary and best point of this run's grid (the CSV may hold more points, from
+    earlier runs with other bounds)."""
     table = pd.read_csv(csv_path)
+    points = pd.Series(list(zip(table["exit_layer"], table["num_speculations"])), index=table.index)
     table = table[
         (table["setting"] == setting)
         & (table["generation_strategy"] == GenerationStrategyName.SELF_SPECULATIVE.value)
+        & points.isin(grid)
     ]
     if table.empty:
         logger.warning("no grid point measured")

@@ -168,6 +168,16 @@ def test_sweep_writes_csv_plot_and_resumes(
         (e, k) for e in (1, 2) for k in (1, 2, 3)
     ]
 
+    third = run_script("sweep.py", *common, "--num_speculations_last", 1)  # a smaller grid
+    assert third.returncode == 0, third.stderr
+    assert "2 grid points, 2 already in" in third.stderr
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    assert sorted((row["exit_layer"], row["num_speculations"]) for row in summary["grid"]) == [
+        (1, 1),
+        (2, 1),
+    ]  # this run's grid, not every point the CSV holds
+    assert summary["best"]["num_speculations"] == 1
+
 
 def test_generate_interactive_readme_command(eight_layer_model_dir: Path) -> None:
     # The original README's command, on a model with 8 layers; prompts from stdin, then EOF.
