@@ -294,9 +294,15 @@ def _with_shots(
     seed: int,
 ) -> str:
     """``prompt`` preceded by ``n_shot`` solved examples and a blank line."""
-    pool = shot_pool if shot_pool is not None else rows[:row_index] + rows[row_index + 1 :]
-    if len(pool) < n_shot:
-        raise DataError(f"--n_shot {n_shot} but only {len(pool)} examples are available for shots")
-    shots = random.Random(seed).sample(pool, n_shot)
+    pool_size = len(shot_pool) if shot_pool is not None else len(rows) - 1
+    if pool_size < n_shot:
+        raise DataError(f"--n_shot {n_shot} but only {pool_size} examples are available for shots")
+    # random.sample chooses positions from the pool's size alone, so sampling positions picks
+    # the same shots as sampling the pool itself.
+    positions = random.Random(seed).sample(range(pool_size), n_shot)
+    if shot_pool is not None:
+        shots = [shot_pool[position] for position in positions]
+    else:  # the other rows, not copied for every sample: positions from row_index on skip it
+        shots = [rows[position + (position >= row_index)] for position in positions]
     text = "".join("".join(spec.to_pair(shot)) + "\n" for shot in shots)
     return f"{text}\n{prompt}"
