@@ -18,6 +18,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TextIO
 
 import torch
 
@@ -62,8 +63,10 @@ class GenerateArguments:
             raise ConfigError("the prompt is empty")
 
 
-def read_prompts(stream=sys.stdin) -> Iterator[str]:
-    """Prompts from ``stream``, one per line; a trailing backslash joins the next line."""
+def read_prompts(stream: TextIO | None = None) -> Iterator[str]:
+    """Prompts from ``stream`` (default: the current ``sys.stdin``), one per line; a trailing
+    backslash joins the next line."""
+    stream = sys.stdin if stream is None else stream
     pending: list[str] = []
     while True:
         if stream.isatty():

@@ -4,8 +4,11 @@ benchmark options, generate's one-shot mode."""
 from __future__ import annotations
 
 import importlib
+import io
 import json
+import logging
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,6 +121,18 @@ def test_generate_one_shot_prints_the_answer(
     ]  # fmt: skip
     assert generate.main(argv) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_generate_interactive_reads_the_current_stdin(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog, capsys
+) -> None:
+    generate = importlib.import_module("generate")  # imported before stdin is replaced
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def add(a, b):\nThe quick\\\nbrown fox\n"))
+    caplog.set_level(logging.INFO, logger="generate")
+    argv = ["--model", str(tiny_model_dir), "--max_steps", "4", "--sample", "False"]
+    assert generate.main([*argv, "--streamer", "none"]) == 0
+    assert caplog.text.count("tokens/s") == 2  # two prompts answered (one continued a line)
+    assert capsys.readouterr().out
 
 
 def test_generate_chat_template(tiny_model_dir: Path, tmp_path: Path, caplog, capsys) -> None:
