@@ -45,11 +45,9 @@ class LayerSkipObjective(nn.Module):
         super().__init__()
         self.model = model
         # Checks that norm + head reproduce the model's own logits before training on them.
-        layerwise = LayerwiseModel(model, verify=True)
-        self._base = layerwise.base
-        self._layers = layerwise.layers
-        self._unembed = layerwise.unembed
-        self.num_layers = layerwise.num_layers
+        # A plain object, not a submodule: the parameters stay registered once, under .model.
+        self._layerwise = LayerwiseModel(model, verify=True)
+        self.num_layers = self._layerwise.num_layers
         self.scale = ExitScale(scale)
         self.e_scale = e_scale
         self.position_fraction = position_fraction
@@ -70,10 +68,11 @@ class LayerSkipObjective(nn.Module):
             return hook
 
         handles = [
-            self._layers[layer - 1].register_forward_hook(recorder(layer)) for layer in wanted
+            self._layerwise.layers[layer - 1].register_forward_hook(recorder(layer))
+            for layer in wanted
         ]
         try:
-            self._base(input_ids=input_ids, use_cache=False)
+            self._layerwise.base(input_ids=input_ids, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
@@ -83,7 +82,7 @@ class LayerSkipObjective(nn.Module):
             [captured[layer] for layer in wanted],
             wanted,
             targets,
-            self._unembed,
+            self._layerwise.unembed,
             self.num_layers,
             scale=self.scale,
             e_scale=self.e_scale,
