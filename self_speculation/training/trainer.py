@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from self_speculation.errors import ConfigError, ModelLoadError
+from self_speculation.errors import ConfigError
+from self_speculation.loading import load_model_and_tokenizer
 from self_speculation.training.curriculum import Curriculum, active_exits
 from self_speculation.training.data import (
     BlockStream,
@@ -288,17 +289,6 @@ def _load_texts(data: DataArguments) -> list[str]:
     return texts
 
 
-def _load_pretrained(name: str) -> tuple[nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"cannot load model '{name}': {str(error).splitlines()[0]}") from None
-    return model, tokenizer
-
-
 def _atomic_json(path: Path, document: Any) -> None:
     temporary = path.with_suffix(path.suffix + ".tmp")
     temporary.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
@@ -336,7 +326,10 @@ def build_model_and_tokenizer(
         architecture = AutoConfig.from_pretrained(output_dir / CHECKPOINT_DIR)
         model = AutoModelForCausalLM.from_config(architecture, dtype=torch.float32)
     elif config.model.model:
-        model, tokenizer = _load_pretrained(config.model.model)
+        # Weights in fp32 for training, whatever they were saved in.
+        model, tokenizer = load_model_and_tokenizer(
+            config.model.model, dtype="float32", device="cpu"
+        )
         if distributed.main:
             tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
     else:
