@@ -209,6 +209,10 @@ class BenchmarkArguments:
     """custom_jsonl: field holding the prompt."""
     response_field: str = "response"
     """custom_jsonl: field holding the reference output."""
+    rstrip_prompt: bool = False
+    """Strip trailing whitespace from each final prompt. HumanEval prompts end in a newline,
+    which BPE tokenizers usually merge with the next line's indentation: a prompt ending in
+    a lone newline token puts small models off the text they were trained on."""
 
     def __post_init__(self) -> None:
         if self.num_samples is not None and self.num_samples < 1:

@@ -273,6 +273,8 @@ def load_examples(args: BenchmarkArguments, seed: int) -> list[EvaluationExample
             )
         if args.template is not None:
             prompt = args.template.replace("{message}", prompt)
+        if args.rstrip_prompt:
+            prompt = prompt.rstrip()
         metadata = {}
         if name is DatasetName.HUMAN_EVAL:
             row = rows[row_index]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -44,3 +45,16 @@ def tiny_recommending_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Pat
     generation_config.num_speculations = 3
     generation_config.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture()
+def prompts_file(tmp_path: Path) -> Path:
+    """A custom_jsonl file of three prompt/response rows."""
+    path = tmp_path / "prompts.jsonl"
+    rows = [
+        {"prompt": "def add(a, b):", "response": "\n    return a + b"},
+        {"prompt": "The quick brown fox", "response": " jumps over the lazy dog."},
+        {"prompt": "def sub(a, b):", "response": "\n    return a - b"},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

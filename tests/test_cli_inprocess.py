@@ -19,18 +19,6 @@ from transformers import AutoTokenizer
 import self_speculation.strategies as strategies
 
 
-@pytest.fixture()
-def prompts_file(tmp_path: Path) -> Path:
-    path = tmp_path / "prompts.jsonl"
-    rows = [
-        {"prompt": "def add(a, b):", "response": "\n    return a + b"},
-        {"prompt": "The quick brown fox", "response": " jumps over the lazy dog."},
-        {"prompt": "def sub(a, b):", "response": "\n    return a - b"},
-    ]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
 def correctness_argv(model: Path, data: Path, output: Path) -> list[str]:
     return [
         "--model", str(model), "--dataset", "custom_jsonl", "--data_path", str(data),

@@ -60,18 +60,6 @@ def eight_layer_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-8"), num_hidden_layers=8)
 
 
-@pytest.fixture()
-def prompts_file(tmp_path: Path) -> Path:
-    path = tmp_path / "prompts.jsonl"
-    rows = [
-        {"prompt": "def add(a, b):", "response": "\n    return a + b"},
-        {"prompt": "The quick brown fox", "response": " jumps over the lazy dog."},
-        {"prompt": "def sub(a, b):", "response": "\n    return a - b"},
-    ]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
 def only(paths: list[Path]) -> Path:
     assert len(paths) == 1, paths
     return paths[0]

