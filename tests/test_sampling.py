@@ -172,3 +172,32 @@ def test_seeded_sampling_is_reproducible(four_token_generator: Generator) -> Non
     assert runs[0].token_ids == runs[1].token_ids
     assert len(runs[0].token_ids) == 12
     assert other.token_ids != runs[0].token_ids or other.num_accepted != runs[0].num_accepted
+
+
+@pytest.mark.slow
+def test_batched_speculative_sampling_keeps_each_rows_distribution(
+    four_token_generator: Generator,
+) -> None:
+    """Row 0 of a two-row batch (its length cut by the other row's acceptance) still
+    follows the full model; same tolerances as the single-row test, 2000 draws."""
+    prompt, other, length, draws = [2, 1, 3], [0, 3], 3, 2000
+    exact = exact_joint(four_token_generator, prompt, length)
+    config = GenerationConfig(
+        max_steps=length,
+        sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        generation_strategy="self_speculative",
+        exit_layer=1,
+        num_speculations=2,
+    )
+    rng = torch.Generator().manual_seed(1)
+    counts = torch.zeros_like(exact)
+    for _ in range(draws):
+        first_row = four_token_generator.generate_batch([prompt, other], config, generator=rng)[0]
+        counts[tuple(first_row.token_ids)] += 1
+    empirical = counts / draws
+    assert total_variation(empirical, exact) < 0.1
+    for axis in range(length):
+        others = tuple(a for a in range(length) if a != axis)
+        assert total_variation(empirical.sum(others), exact.sum(others)) < 0.045, axis
