@@ -219,8 +219,8 @@ def _sample_generator(device: torch.device, seed: int) -> torch.Generator:
 def _check_prompt_lengths(generator: Generator, samples: Sequence[Sample]) -> None:
     """Fail before generating anything, rather than hours into a run, when a prompt does not
     fit the model's context."""
-    context_limit = getattr(generator.layerwise.config, "max_position_embeddings", None)
-    if not context_limit:
+    context_limit = generator.layerwise.context_length
+    if context_limit is None:
         return
     for sample in samples:
         length = len(generator.encode(sample.input))

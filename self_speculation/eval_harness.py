@@ -64,9 +64,7 @@ class LayerSkipLM(LM):
         self.progress = progress
         self.on_generation = on_generation
         self.generation_rows: list[dict[str, Any]] = []  # one per generate_until request
-        self.max_length = int(
-            getattr(generator.layerwise.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
-        )
+        self.max_length = generator.layerwise.context_length or DEFAULT_CONTEXT
 
     # --- tokenisation -----------------------------------------------------------------
     @property

@@ -202,7 +202,7 @@ class Generator:
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not prompt_ids:
             raise ConfigError("the prompt is empty")
-        context_limit = getattr(self.layerwise.config, "max_position_embeddings", None)
+        context_limit = self.layerwise.context_length
         if context_limit is not None and len(prompt_ids) >= context_limit:
             raise ConfigError(
                 f"the prompt has {len(prompt_ids)} tokens; the model's context is "
@@ -212,7 +212,7 @@ class Generator:
 
     def _token_limit(self, prompt_length: int, config: GenerationConfig) -> tuple[int, str]:
         """(most new tokens, the stop reason when reached) for one prompt."""
-        context_limit = getattr(self.layerwise.config, "max_position_embeddings", None)
+        context_limit = self.layerwise.context_length
         if context_limit is not None and prompt_length + config.max_steps > context_limit:
             return context_limit - prompt_length, "context_length"
         return config.max_steps, "max_steps"

@@ -78,6 +78,10 @@ class LayerwiseModel:
             raise UnsupportedModelError(f"{owner} has no LM head (get_output_embeddings)")
         self.lm_head = lm_head
         self.num_layers = len(self.layers)
+        # Longest sequence (prompt + generated) the model takes; None when it states none.
+        self.context_length: int | None = (
+            getattr(self.config, "max_position_embeddings", None) or None
+        )
         # Family scalars applied by the model's own forward outside its layers.
         self.embedding_multiplier = getattr(self.config, "embedding_multiplier", None)
         self.logits_scaling = getattr(self.config, "logits_scaling", None)
