@@ -28,6 +28,7 @@ from pathlib import Path
 
 import simple_parsing
 import torch
+from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -95,23 +96,28 @@ def time_call(function, repeats: int = 30) -> float:
     return statistics.median(samples)
 
 
+def _context_cache(layerwise, context: int) -> tuple[torch.Tensor, DynamicCache]:
+    """Random ids [1, context] and a cache holding them in every layer."""
+    ids = torch.randint(3, layerwise.embed_tokens.weight.shape[0], (1, context))
+    cache = layerwise.new_cache()
+    layerwise.run_layers(
+        layerwise.embed(ids), 0, layerwise.num_layers, cache, torch.arange(context).unsqueeze(0)
+    )
+    return ids, cache
+
+
 @torch.inference_mode()
 def layer_and_head_costs(generator: Generator, context: int = 200) -> tuple[float, float]:
     """(c, h): seconds per layer per token with a ``context``-long cache, and per head call."""
     layerwise = generator.layerwise
     num_layers = layerwise.num_layers
-    ids = torch.randint(3, layerwise.embed_tokens.weight.shape[0], (1, context))
-    cache = layerwise.new_cache()
-    layerwise.run_layers(
-        layerwise.embed(ids), 0, num_layers, cache, torch.arange(context).unsqueeze(0)
-    )
+    ids, cache = _context_cache(layerwise, context)
     token = layerwise.embed(ids[:, :1])  # [1, 1, hidden]
     position = torch.tensor([[context]])
 
     def one_token_all_layers():
         layerwise.run_layers(token, 0, num_layers, cache, position)
-        for layer in cache.layers:  # undo the append, keep the context length fixed
-            layer.crop(-1)
+        truncate_cache(cache, context)  # keep the context length fixed
 
     layer_cost = time_call(one_token_all_layers) / num_layers
     head_cost = time_call(lambda: layerwise.unembed(token))
@@ -123,11 +129,7 @@ def verify_cost(generator: Generator, exit_layer: int, count: int, context: int 
     """Seconds of one verification pass: ``count`` tokens through layers [E, L) and the head."""
     layerwise = generator.layerwise
     num_layers = layerwise.num_layers
-    ids = torch.randint(3, layerwise.embed_tokens.weight.shape[0], (1, context))
-    cache = layerwise.new_cache()
-    layerwise.run_layers(
-        layerwise.embed(ids), 0, num_layers, cache, torch.arange(context).unsqueeze(0)
-    )
+    ids, cache = _context_cache(layerwise, context)
     hidden = layerwise.embed(ids[:, :count])  # [1, count, hidden]
     positions = torch.arange(context, context + count).unsqueeze(0)
 
@@ -144,7 +146,8 @@ def reference_bound(
     tokens_per_step: float, num_layers: int, exit_layer: int, k: int, c: float, h: float
 ) -> float:
     """REFERENCE's cost-model bound: verification priced like a one-token pass."""
-    return tokens_per_step * (num_layers * c + h) / (k * (exit_layer * c + h) + num_layers * c + h)
+    one_token_verify = (num_layers - exit_layer) * c + h
+    return measured_verify_bound(tokens_per_step, num_layers, exit_layer, k, c, h, one_token_verify)
 
 
 def measured_verify_bound(
