@@ -26,7 +26,12 @@ from self_speculation.errors import UnsupportedModelError
 _BASE_MODEL_ATTRIBUTES = ("model", "transformer", "base_model")
 
 
-def _find_base_model(model: nn.Module) -> nn.Module:
+def find_base_model(model: nn.Module) -> nn.Module:
+    """The module holding ``model``'s decoder layers as ``.layers`` (the one place that finds them).
+
+    Raises:
+        UnsupportedModelError: no such module.
+    """
     for name in _BASE_MODEL_ATTRIBUTES:
         base = getattr(model, name, None)
         if isinstance(base, nn.Module) and isinstance(getattr(base, "layers", None), nn.ModuleList):
@@ -68,7 +73,7 @@ class LayerwiseModel:
         self.model = model
         self.config = model.config.get_text_config(decoder=True)
         owner = type(model).__name__
-        self.base = _find_base_model(model)
+        self.base = find_base_model(model)
         self.layers: nn.ModuleList = self.base.layers
         self.embed_tokens = _require(self.base, "embed_tokens", owner)
         self.norm = _require(self.base, "norm", owner)
