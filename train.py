@@ -1,17 +1,20 @@
 """Train a causal LM with the LayerSkip recipe: layer dropout + early-exit loss.
 
 From scratch (``--preset`` or ``--config_file``; a byte-level BPE tokenizer is trained on
-the corpus) or from an existing model (``--model``), on local files (``--data`` globs; text,
-code or JSONL with a "text" field) or a ``datasets`` dataset (``--dataset``). Writes the
-final model in ``save_pretrained`` form (bf16 safetensors + tokenizer) to ``--output_dir``,
-a JSONL log of per-exit losses, and a checkpoint that ``--resume True`` continues exactly.
+the corpus) or from an existing model (``--model``, e.g. continual pretraining of a hub
+checkpoint with ``--recipe configs/recipe-smollm2-135m.json``), on local files (``--data``
+globs; text, code or JSONL with a "text" field) or a ``datasets`` dataset (``--dataset``).
+Writes the final model in ``save_pretrained`` form (bf16 safetensors + tokenizer) to
+``--output_dir``, a JSONL log of per-exit losses, and sharded checkpoints that
+``--resume True`` continues exactly (also written on Ctrl-C / SIGTERM).
 
-Multi-process: ``torchrun --nproc_per_node N train.py ...`` (DDP, gloo on CPU).
-
-Example (a few minutes on a CPU)::
+The same command runs on one CPU, one GPU (``--device cuda``) or, under torchrun, on several
+GPUs and nodes (DDP, or ``--fsdp True`` for FSDP2 sharding), for example::
 
     python train.py --preset small --data 'corpus/**/*.py' --max_tokens 500000 \
         --output_dir runs/small
+    torchrun --nproc_per_node 8 train.py --recipe configs/recipe-llama3.2-1b.json \
+        --data 'corpus/**/*.jsonl' --fsdp True --output_dir runs/llama
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from __future__ import annotations
 import sys
 
 from self_speculation.errors import LayerSkipError
-from self_speculation.training.trainer import TrainConfig, parse_config, train
+from self_speculation.training.config import TrainConfig, parse_config
+from self_speculation.training.loop import TrainingInterrupted, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     except LayerSkipError as error:
         sys.stderr.write(f"train.py: error: {error}\n")
         return 2
+    except TrainingInterrupted as stop:
+        sys.stderr.write(f"train.py: interrupted: {stop}\n")
+        return stop.exit_code
     except KeyboardInterrupt:
-        sys.stderr.write("train.py: interrupted\n")
+        sys.stderr.write("train.py: interrupted before training started\n")
         return 130
     return 0
 

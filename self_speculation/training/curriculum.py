@@ -29,7 +29,7 @@ class Curriculum(str, enum.Enum):
 def active_exits(
     curriculum: Curriculum | str,
     step: int,
-    total_steps: int,
+    total_steps: int | None,
     num_layers: int,
     rotation: int = 2,
 ) -> list[int]:
@@ -38,7 +38,9 @@ def active_exits(
     Args:
         curriculum: which curriculum.
         step: t, the current optimizer step.
-        total_steps: T, the number of optimizer steps of the run (``gradual`` only).
+        total_steps: T, the number of optimizer steps of the run (``gradual`` only); None
+            while unknown (a time budget before the speed is measured): ``gradual`` then
+            stays at its start, the last exit alone.
         num_layers: L.
         rotation: R, the period of ``rotational``.
     """
@@ -53,6 +55,6 @@ def active_exits(
             raise ConfigError(f"rotation must be >= 1, got {rotation}")
         return [layer for layer in every if (layer + step) % rotation == 0 or layer == num_layers]
     if curriculum is Curriculum.GRADUAL:
-        progress = step / max(total_steps, 1)
+        progress = 0.0 if total_steps is None else step / max(total_steps, 1)
         return [layer for layer in every if progress >= 0.5 * (num_layers - layer) / num_layers]
     raise AssertionError(curriculum)

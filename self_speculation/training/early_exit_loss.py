@@ -19,8 +19,12 @@ its tuple has L + 1 entries (embeddings first) and its last entry already went t
 final norm (checked with transformers 5.23), so applying the head to it would norm twice.
 
 Non-final exits may be supervised on a random subset of the positions only
-(``position_fraction``): a uniformly random subset gives an unbiased estimate of the same
-mean cross-entropy at a fraction of the head's cost.
+(``position_fraction``): a uniformly random subset of each sample's positions gives an
+unbiased estimate of the same mean cross-entropy at a fraction of the head's cost.
+
+Memory: the exits are computed one at a time and the head is rebuilt in the backward pass
+(activation checkpointing), so the loss never holds more than one exit's logits; with a
+128k vocabulary, [exits, tokens, vocab] fp32 logits would not fit on any device.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from self_speculation.errors import ConfigError
 
@@ -104,20 +109,76 @@ class EarlyExitLoss:
     weights: dict[int, float]
 
 
-def _sample_positions(
-    num_exits: int, valid: torch.Tensor, fraction: float, generator: torch.Generator | None
+def select_positions(
+    valid: torch.Tensor, fraction: float, noise: torch.Tensor | None
 ) -> torch.Tensor:
-    """Per exit, a uniformly random subset (no repeats) of the ``valid`` flat positions.
+    """The supervised positions of one exit, as indices into the flattened [batch * seq].
 
-    Returns indices [num_exits, count] into the flattened [batch * seq] positions.
+    With ``fraction`` 1 (or no ``noise``) every valid position. Otherwise, in every row, the
+    ``max(1, round(fraction * valid_in_row))`` valid positions with the smallest ``noise``: a
+    uniformly random subset per row when ``noise`` is U(0, 1), and a sample's subset depends
+    only on its own row of noise (not on which other samples share its batch or process).
+
+    Args:
+        valid: [batch, seq] bool, positions that have a target.
+        fraction: share of each row's valid positions to keep, in (0, 1].
+        noise: U(0, 1) draws [batch, seq], or None.
+
+    Returns:
+        [count] int64 indices into the flattened positions, ascending.
     """
-    candidates = valid.nonzero().squeeze(1)  # [num_valid]
-    count = max(1, round(fraction * candidates.numel()))
-    noise = torch.rand(
-        num_exits, candidates.numel(), generator=generator, device="cpu"
-    )  # [exits, num_valid]
-    picks = noise.topk(count, dim=1).indices.to(candidates.device)  # [exits, count]
-    return candidates[picks]  # [exits, count]
+    if fraction >= 1.0 or noise is None:
+        return valid.reshape(-1).nonzero().squeeze(1)  # [num_valid]
+    per_row = valid.sum(1, keepdim=True)  # [batch, 1]
+    wanted = (per_row.to(torch.float64) * fraction).round().clamp(min=1).to(per_row.dtype)
+    ranked = torch.where(valid, noise.to(valid.device), 2.0)  # invalid positions rank last
+    rank = ranked.argsort(dim=1).argsort(dim=1)  # [batch, seq] 0 = smallest noise
+    chosen = valid & (rank < wanted)  # [batch, seq]
+    return chosen.reshape(-1).nonzero().squeeze(1)  # [count]
+
+
+def _exit_cross_entropy(
+    hidden: torch.Tensor, labels: torch.Tensor, unembed: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Mean CE of one exit: hidden [count, hidden], labels [count] -> scalar."""
+    logits = unembed(hidden).float()  # [count, vocab]
+    return F.cross_entropy(logits, labels)
+
+
+def _loss_result(
+    exit_layers: Sequence[int], losses: Sequence[torch.Tensor], weights: Sequence[float]
+) -> EarlyExitLoss:
+    total = torch.stack([weight * loss for weight, loss in zip(weights, losses)]).sum()
+    return EarlyExitLoss(
+        loss=total,
+        exit_losses={layer: loss.detach() for layer, loss in zip(exit_layers, losses)},
+        weights=dict(zip(exit_layers, weights, strict=True)),
+    )
+
+
+def _check(
+    exit_hidden: Sequence[torch.Tensor], exit_layers: Sequence[int], fraction: float
+) -> None:
+    if len(exit_hidden) != len(exit_layers):
+        raise ValueError(f"{len(exit_hidden)} hidden states for {len(exit_layers)} exit layers")
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"position_fraction must be in (0, 1], got {fraction}")
+
+
+def _exit_noise(
+    count: int,
+    shape: torch.Size,
+    position_noise: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """U(0, 1) draws [exits, batch, seq]: the given ones, or fresh ones from ``generator``."""
+    if position_noise is not None:
+        if tuple(position_noise.shape) != (count, *shape):
+            raise ValueError(
+                f"position_noise has shape {tuple(position_noise.shape)}, expected {(count, *shape)}"
+            )
+        return position_noise
+    return torch.rand(count, *shape, generator=generator, device="cpu")  # [exits, batch, seq]
 
 
 def early_exit_loss(
@@ -130,8 +191,15 @@ def early_exit_loss(
     e_scale: float = 1.0,
     position_fraction: float = 1.0,
     generator: torch.Generator | None = None,
+    position_noise: torch.Tensor | None = None,
 ) -> EarlyExitLoss:
-    """The LayerSkip early-exit loss J (paper §4.2, Eq. 4-6), vectorised over exits.
+    """The LayerSkip early-exit loss J (paper §4.2, Eq. 4-6), one exit at a time.
+
+    Each exit's logits are made, reduced to a cross-entropy and dropped before the next
+    exit's; with more than one exit the head runs under activation checkpointing, so the
+    backward pass rebuilds one exit's logits at a time too. Peak memory is one exit's
+    [positions, vocab] logits whatever the number of exits (a stacked computation holds
+    [exits, positions, vocab]: :func:`stacked_early_exit_loss`, the reference).
 
     Args:
         exit_hidden: per supervised exit, the raw output of its last decoder layer,
@@ -144,56 +212,74 @@ def early_exit_loss(
         num_layers: L; exit ``L`` is the full model and is never subsampled.
         scale: depth scale e(l).
         e_scale: multiplier of the non-final exits' weights.
-        position_fraction: share of the valid positions on which each non-final exit is
-            supervised (a fresh uniform subset per exit and call); 1.0 means all.
-        generator: random source of the position subsets (default: torch's global one).
+        position_fraction: share of each sample's valid positions on which a non-final exit
+            is supervised (a uniform subset per exit and sample); 1.0 means all.
+        generator: random source of the position subsets when ``position_noise`` is None
+            (default: torch's global one).
+        position_noise: U(0, 1) draws [exits, batch, seq] choosing the subsets (see
+            :func:`select_positions`).
 
     Returns:
         The weighted loss, the per-exit cross-entropies and the weights.
     """
-    if len(exit_hidden) != len(exit_layers):
-        raise ValueError(f"{len(exit_hidden)} hidden states for {len(exit_layers)} exit layers")
-    if not 0.0 < position_fraction <= 1.0:
-        raise ConfigError(f"position_fraction must be in (0, 1], got {position_fraction}")
+    _check(exit_hidden, exit_layers, position_fraction)
     weights = exit_loss_weights(exit_layers, num_layers, scale, e_scale)
+    valid = targets != IGNORE_INDEX  # [batch, seq]
     flat_targets = targets.reshape(-1)  # [batch * seq]
-    valid = flat_targets != IGNORE_INDEX  # [batch * seq]
-    exit_losses: dict[int, torch.Tensor] = {}
-    total = torch.zeros((), device=targets.device)
+    sampled = position_fraction < 1.0 and any(layer < num_layers for layer in exit_layers)
+    noise = (
+        _exit_noise(len(exit_layers), targets.shape, position_noise, generator) if sampled else None
+    )  # [exits, batch, seq]
+    rebuild = len(exit_layers) > 1  # one exit alone: nothing to gain from recomputing its head
+    losses = []
+    for slot, (hidden, layer) in enumerate(zip(exit_hidden, exit_layers)):
+        exit_noise = noise[slot] if noise is not None and layer < num_layers else None
+        positions = select_positions(valid, position_fraction, exit_noise)  # [count]
+        picked = hidden.flatten(0, 1).index_select(0, positions)  # [count, hidden]
+        labels = flat_targets.index_select(0, positions)  # [count]
+        if rebuild:
+            loss = checkpoint(_exit_cross_entropy, picked, labels, unembed, use_reentrant=False)
+        else:
+            loss = _exit_cross_entropy(picked, labels, unembed)
+        losses.append(loss)
+    return _loss_result(exit_layers, losses, weights)
 
-    # The final exit (and any exit when not subsampling) is supervised on all positions.
-    full = [
-        i for i, layer in enumerate(exit_layers) if layer >= num_layers or position_fraction >= 1.0
-    ]
-    sampled = [i for i in range(len(exit_layers)) if i not in full]
-    if full:
-        hidden = torch.stack([exit_hidden[i] for i in full])  # [n_full, batch, seq, hidden]
-        hidden = hidden.flatten(1, 2)[:, valid]  # [n_full, num_valid, hidden]
-        logits = unembed(hidden).float()  # [n_full, num_valid, vocab]
-        labels = flat_targets[valid].expand(len(full), -1)  # [n_full, num_valid]
-        losses = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(
-            1
-        )  # [n_full]
-        for slot, i in enumerate(full):
-            exit_losses[exit_layers[i]] = losses[slot]
-    if sampled:
-        positions = _sample_positions(
-            len(sampled), valid, position_fraction, generator
-        )  # [n_s, count]
-        hidden = torch.stack([exit_hidden[i] for i in sampled]).flatten(
-            1, 2
-        )  # [n_s, batch * seq, hidden]
-        index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # [n_s, count, hidden]
-        picked = hidden.gather(1, index)  # [n_s, count, hidden]
-        logits = unembed(picked).float()  # [n_s, count, vocab]
-        labels = flat_targets[positions]  # [n_s, count]
-        losses = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)  # [n_s]
-        for slot, i in enumerate(sampled):
-            exit_losses[exit_layers[i]] = losses[slot]
-    for i, layer in enumerate(exit_layers):
-        total = total + weights[i] * exit_losses[layer]
-    return EarlyExitLoss(
-        loss=total,
-        exit_losses={layer: loss.detach() for layer, loss in exit_losses.items()},
-        weights=dict(zip(exit_layers, weights, strict=True)),
-    )
+
+def stacked_early_exit_loss(
+    exit_hidden: Sequence[torch.Tensor],
+    exit_layers: Sequence[int],
+    targets: torch.Tensor,
+    unembed: Callable[[torch.Tensor], torch.Tensor],
+    num_layers: int,
+    scale: ExitScale | str = ExitScale.LINEAR,
+    e_scale: float = 1.0,
+    position_fraction: float = 1.0,
+    position_noise: torch.Tensor | None = None,
+) -> EarlyExitLoss:
+    """The same loss as :func:`early_exit_loss` with every exit's logits stacked at once.
+
+    The reference for tests and the memory benchmark: it holds [exits, count, vocab] fp32
+    logits (and their softmax for the backward pass), so its memory grows with the number of
+    exits. Same arguments; the position subsets come from ``position_noise`` only.
+    """
+    _check(exit_hidden, exit_layers, position_fraction)
+    weights = exit_loss_weights(exit_layers, num_layers, scale, e_scale)
+    valid = targets != IGNORE_INDEX  # [batch, seq]
+    flat_targets = targets.reshape(-1)  # [batch * seq]
+    groups: dict[int, list[int]] = {}  # count of positions -> slots (stackable together)
+    chosen = []
+    for slot, layer in enumerate(exit_layers):
+        noise = position_noise[slot] if position_noise is not None and layer < num_layers else None
+        chosen.append(select_positions(valid, position_fraction, noise))  # [count]
+        groups.setdefault(chosen[-1].numel(), []).append(slot)
+    losses: list[torch.Tensor | None] = [None] * len(exit_layers)
+    for slots in groups.values():
+        picked = torch.stack(
+            [exit_hidden[s].flatten(0, 1).index_select(0, chosen[s]) for s in slots]
+        )  # [n, count, hidden]
+        labels = torch.stack([flat_targets.index_select(0, chosen[s]) for s in slots])  # [n, count]
+        logits = unembed(picked).float()  # [n, count, vocab]
+        per_exit = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)  # [n]
+        for index, slot in enumerate(slots):
+            losses[slot] = per_exit[index]
+    return _loss_result(exit_layers, losses, weights)  # type: ignore[arg-type]

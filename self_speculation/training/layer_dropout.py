@@ -27,9 +27,7 @@ import torch
 from torch import nn
 
 from self_speculation.errors import ConfigError
-
-# Keyword arguments of a decoder layer that are never batch-major.
-_NOT_BATCH_MAJOR = frozenset({"cache_position", "past_key_values", "past_key_value"})
+from self_speculation.model_surgery import find_base_model
 
 
 class DropoutShape(str, enum.Enum):
@@ -81,11 +79,17 @@ def layer_shape(shape: DropoutShape | str, layer: int, num_layers: int) -> float
     raise AssertionError(shape)
 
 
-def schedule_factor(schedule: DropoutSchedule | str, step: int, total_steps: int) -> float:
-    """S(t) for optimizer step ``step`` (0-based) of ``total_steps`` (paper §4.1, Eq. 3)."""
+def schedule_factor(schedule: DropoutSchedule | str, step: int, total_steps: int | None) -> float:
+    """S(t) for optimizer step ``step`` (0-based) of ``total_steps`` (paper §4.1, Eq. 3).
+
+    ``total_steps`` None means the horizon T is not known yet (a run with a time budget, before
+    it has measured its speed): S is held at its start S(0), never jumped to S(T).
+    """
     schedule = DropoutSchedule(schedule)
     if schedule is DropoutSchedule.CONSTANT:
         return 1.0
+    if total_steps is None:
+        return 0.0  # S(0) of the exponential warm-up
     if total_steps <= 1:
         return 1.0
     progress = min(max(step, 0), total_steps - 1) / (total_steps - 1)  # in [0, 1]
@@ -101,31 +105,70 @@ def layer_dropout_rates(
     return [layer_shape(shape, layer, num_layers) * p_max for layer in range(num_layers)]
 
 
-def _select_batch(value: Any, keep: torch.Tensor, batch: int) -> Any:
-    """``value`` restricted to the samples ``keep`` (indices) where it is batch-major."""
+# Keyword arguments of a decoder layer that transformers builds per sample: [batch, ...], or
+# [1, ...] when shared by every sample. Only these and the hidden states are restricted to
+# the kept samples; every other argument (a cache, cache positions, anything unknown) is
+# passed through untouched, whatever its shape.
+PER_SAMPLE_ARGUMENTS = frozenset({"attention_mask", "position_ids", "position_embeddings"})
+
+
+def _keep_rows(value: Any, keep: torch.Tensor, batch: int) -> Any:
+    """A per-sample argument restricted to the samples ``keep`` (a [1, ...] broadcast stays)."""
     if isinstance(value, torch.Tensor):
-        if value.dim() >= 2 and value.shape[0] == batch:
-            return value.index_select(0, keep)
-        return value  # broadcast over the batch ([1, ...]) or not per sample
-    if isinstance(value, tuple | list):
-        return type(value)(_select_batch(item, keep, batch) for item in value)
+        return (
+            value.index_select(0, keep) if value.dim() >= 1 and value.shape[0] == batch else value
+        )
+    if isinstance(value, tuple | list):  # position_embeddings: (cos, sin)
+        return type(value)(_keep_rows(item, keep, batch) for item in value)
     return value
+
+
+def _zero_touch(layer: nn.Module) -> torch.Tensor | None:
+    """0 * (one element of every trainable parameter of ``layer``): a scalar with gradient.
+
+    Added to a skipped layer's output so that every parameter gets a (zero) gradient in
+    every process: FSDP's reduce-scatter and DDP's all-reduce then run for every layer on
+    every rank, whatever each rank's samples skipped.
+    """
+    touched = [p.reshape(-1)[:1] for p in layer.parameters() if p.requires_grad]
+    if not touched or not torch.is_grad_enabled():
+        return None
+    return torch.cat([t.float() for t in touched]).sum() * 0.0
+
+
+def keep_from_uniforms(uniforms: torch.Tensor, rates: Sequence[float]) -> torch.Tensor:
+    """Skip decisions from uniform draws: True where a sample runs a layer.
+
+    Args:
+        uniforms: U(0, 1) draws [batch, num_layers].
+        rates: each layer's current skip probability p(l, t), num_layers of them.
+
+    Returns:
+        [batch, num_layers] bool: sample b runs layer l when ``uniforms[b, l] >= rates[l]``.
+    """
+    return uniforms >= torch.tensor(rates, dtype=uniforms.dtype)  # [batch, num_layers]
 
 
 class LayerDropout:
     """Handle on layer dropout applied to a list of decoder layers.
 
+    Every decoder layer is still *called* for every batch (so FSDP's all-gather and
+    reduce-scatter of each layer run on every rank); inside the call, the skipped samples
+    pass through and only the kept ones run the layer.
+
     Args:
         layers: the model's own decoder layers (e.g. ``model.model.layers``).
         rates: per-layer skip probabilities before the time schedule, one per layer.
         schedule: the time schedule S(t).
-        total_steps: T, the number of optimizer steps of the run (for S(t)).
-        generator: random source of the skip decisions (default: torch's global one).
+        total_steps: T, the number of optimizer steps of the run (for S(t)); None while
+            unknown (S is then held at its start, S(0)).
+        generator: random source of the skip decisions when none are planned
+            (default: torch's global one).
 
     Attributes:
         step: the current optimizer step t (set it with :meth:`set_step`).
         last_kept: per layer, the boolean keep mask [batch] of its last training call
-            (None if it has not run in training mode yet); for tests and logging.
+            (None if it has not drawn in training mode yet); for tests and logging.
     """
 
     def __init__(
@@ -133,7 +176,7 @@ class LayerDropout:
         layers: nn.ModuleList,
         rates: Sequence[float],
         schedule: DropoutSchedule | str = DropoutSchedule.CONSTANT,
-        total_steps: int = 1,
+        total_steps: int | None = 1,
         generator: torch.Generator | None = None,
     ) -> None:
         if len(rates) != len(layers):
@@ -141,31 +184,59 @@ class LayerDropout:
         self.layers = layers
         self.rates = [float(rate) for rate in rates]
         self.schedule = DropoutSchedule(schedule)
-        self.total_steps = max(int(total_steps), 1)
+        self.total_steps = None if total_steps is None else max(int(total_steps), 1)
         self.generator = generator
         self.step = 0
         self.last_kept: list[torch.Tensor | None] = [None] * len(layers)
+        self._planned: torch.Tensor | None = None  # [batch, num_layers] bool
+        self._previous: list[Any] = []  # each layer's own instance ``forward``, if any
         for index, layer in enumerate(layers):
-            if "forward" in vars(layer):
-                raise ConfigError(
-                    f"decoder layer {index} already has layer dropout (or another forward override)"
-                )
+            if getattr(layer.forward, "_layer_dropout", False):
+                raise ConfigError(f"decoder layer {index} already has layer dropout")
+            self._previous.append(vars(layer).get("forward"))
             layer.forward = self._wrap(index, layer, layer.forward)
 
     def set_step(self, step: int, total_steps: int | None = None) -> None:
-        """Set t (and optionally T) of the time schedule S(t)."""
+        """Set t (and T, when known) of the time schedule S(t)."""
         self.step = step
         if total_steps is not None:
             self.total_steps = max(int(total_steps), 1)
 
+    def current_rates(self) -> list[float]:
+        """p(l, t) = S(t) * D(l) * p_max for every layer at the current step."""
+        factor = schedule_factor(self.schedule, self.step, self.total_steps)
+        return [rate * factor for rate in self.rates]
+
     def current_rate(self, layer: int) -> float:
-        """p(l, t) = S(t) * D(l) * p_max for 0-based ``layer`` at the current step."""
-        return self.rates[layer] * schedule_factor(self.schedule, self.step, self.total_steps)
+        """p(l, t) for 0-based ``layer`` at the current step."""
+        return self.current_rates()[layer]
+
+    def plan(self, keep: torch.Tensor | None) -> None:
+        """Fix the skip decisions [batch, num_layers] (bool) of the next forward passes.
+
+        A training loop draws them from per-sample random numbers so that a sample's
+        decisions do not depend on which process holds it or on activation recomputation;
+        ``None`` returns to drawing from ``generator`` in every layer call.
+        """
+        self._planned = keep
 
     def remove(self) -> None:
         """Restore the layers' own ``forward``."""
-        for layer in self.layers:
-            vars(layer).pop("forward", None)
+        for layer, previous in zip(self.layers, self._previous):
+            if previous is None:
+                vars(layer).pop("forward", None)
+            else:
+                layer.forward = previous
+
+    def _keep_mask(self, index: int, batch: int, rate: float) -> torch.Tensor:
+        if self._planned is not None:
+            if self._planned.shape[0] != batch:
+                raise ValueError(
+                    f"planned skip decisions for {self._planned.shape[0]} samples, batch of {batch}"
+                )
+            return self._planned[:, index]
+        draws = torch.rand(batch, generator=self.generator, device="cpu")  # [batch]
+        return draws >= rate  # [batch] True: the sample runs this layer
 
     def _wrap(
         self, index: int, layer: nn.Module, forward: Callable[..., Any]
@@ -175,17 +246,20 @@ class LayerDropout:
             if not layer.training or rate <= 0.0:
                 return forward(hidden_states, *args, **kwargs)
             batch = hidden_states.shape[0]
-            draws = torch.rand(batch, generator=self.generator, device="cpu")  # [batch]
-            kept = draws >= rate  # [batch] True: the sample runs this layer
+            kept = self._keep_mask(index, batch, rate)  # [batch]
             self.last_kept[index] = kept
             if bool(kept.all()):
                 return forward(hidden_states, *args, **kwargs)
-            if not bool(kept.any()):
-                return hidden_states  # every sample skips the layer
+            if not bool(kept.any()):  # every sample skips the layer
+                touch = _zero_touch(layer)
+                return (
+                    hidden_states
+                    if touch is None
+                    else hidden_states + touch.to(hidden_states.dtype)
+                )
             keep = kept.nonzero().squeeze(1).to(hidden_states.device)  # [kept]
-            args = _select_batch(args, keep, batch)
             kwargs = {
-                name: value if name in _NOT_BATCH_MAJOR else _select_batch(value, keep, batch)
+                name: _keep_rows(value, keep, batch) if name in PER_SAMPLE_ARGUMENTS else value
                 for name, value in kwargs.items()
             }
             output = forward(
@@ -200,21 +274,8 @@ class LayerDropout:
             )  # [batch, seq, hidden]
             return merged if rest is None else (merged, *rest)
 
+        forward_with_dropout._layer_dropout = True  # type: ignore[attr-defined]
         return forward_with_dropout
-
-
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a transformers causal LM (``model.model.layers`` and the like)."""
-    for name in ("model", "transformer", "base_model"):
-        base = getattr(model, name, None)
-        layers = getattr(base, "layers", None) if isinstance(base, nn.Module) else None
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    if isinstance(getattr(model, "layers", None), nn.ModuleList):
-        return model.layers
-    raise ConfigError(
-        f"{type(model).__name__} has no decoder layers as a ModuleList at .model.layers"
-    )
 
 
 def apply_layer_dropout(
@@ -222,7 +283,7 @@ def apply_layer_dropout(
     p_max: float,
     shape: DropoutShape | str = DropoutShape.EXPONENTIAL,
     schedule: DropoutSchedule | str = DropoutSchedule.CONSTANT,
-    total_steps: int = 1,
+    total_steps: int | None = 1,
     generator: torch.Generator | None = None,
 ) -> LayerDropout:
     """Add LayerSkip layer dropout (paper §4.1) to a decoder-only transformers model.
@@ -238,6 +299,6 @@ def apply_layer_dropout(
     Returns:
         The handle: call ``set_step(t)`` every optimizer step, ``remove()`` to undo.
     """
-    layers = find_decoder_layers(model)
+    layers = find_base_model(model).layers
     rates = layer_dropout_rates(len(layers), p_max, shape)
     return LayerDropout(layers, rates, schedule, total_steps, generator)

@@ -1,9 +1,13 @@
-"""The LayerSkip training objective as one module (what DDP wraps).
+"""The LayerSkip training objective as one module (what FSDP or DDP wraps).
 
 :class:`LayerSkipObjective` runs the model's own base model forward (so embeddings, masks,
 rotary embeddings and family scalars are the model's), records the raw outputs of the
 decoder layers whose exits are supervised, and applies :func:`early_exit_loss` with the
-model's own head. With only the last exit supervised it is the plain next-token loss.
+model's own head, one exit at a time. With only the last exit supervised it is the plain
+next-token loss.
+
+Under FSDP the objective is the root module: the embeddings, final norm and LM head (the
+parameters outside the decoder layers) are gathered for its whole forward, loss included.
 """
 
 from __future__ import annotations
@@ -53,10 +57,22 @@ class LayerSkipObjective(nn.Module):
         self.position_fraction = position_fraction
         self.generator = generator
 
-    def forward(self, input_ids: torch.Tensor, exit_layers: Sequence[int]) -> EarlyExitLoss:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        exit_layers: Sequence[int],
+        position_noise: torch.Tensor | None = None,
+    ) -> EarlyExitLoss:
         """Loss of next-token prediction on ``input_ids`` [batch, seq] at ``exit_layers``.
 
         Position i predicts token i + 1; the last position has no target.
+
+        Args:
+            input_ids: [batch, seq] token ids.
+            exit_layers: the 1-based exits to supervise.
+            position_noise: optional U(0, 1) draws [num_layers, batch, seq], row ``E - 1``
+                choosing the positions supervised at exit ``E`` (``position_fraction`` < 1);
+                None: drawn from ``generator``.
         """
         wanted = sorted(set(exit_layers))
         captured: dict[int, torch.Tensor] = {}
@@ -88,4 +104,7 @@ class LayerSkipObjective(nn.Module):
             e_scale=self.e_scale,
             position_fraction=self.position_fraction,
             generator=self.generator,
+            position_noise=None
+            if position_noise is None
+            else position_noise[[layer - 1 for layer in wanted]].to(input_ids.device),
         )

@@ -1,0 +1,92 @@
+"""What ``train.py`` trains on and what it trains: the texts and the model + tokenizer.
+
+A run either resumes (the architecture from the checkpoint, the tokenizer from
+``output_dir/tokenizer``), continues an existing model (``--model``: hub id, local directory
+or ``smollm2``), or starts from scratch (``--preset`` / ``--config_file``; a byte-level BPE
+tokenizer is trained on the data by rank 0). The model is built in fp32 on the CPU; the
+distributed setup moves or shards it afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from self_speculation.distributed import DistributedContext, barrier
+from self_speculation.errors import ConfigError
+from self_speculation.loading import load_model_and_tokenizer
+from self_speculation.training.checkpointing import CHECKPOINT_DIR
+from self_speculation.training.config import DataArguments, TrainConfig
+from self_speculation.training.data import hub_texts, read_texts, resolve_files, train_tokenizer
+from self_speculation.training.presets import architecture_config
+
+logger = logging.getLogger("train")
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def load_texts(data: DataArguments) -> list[str]:
+    """Every training document of ``data`` (files, then the hub dataset)."""
+    texts: list[str] = []
+    if data.data:
+        files = resolve_files(data.data, data.exclude)
+        logger.info("reading %d files", len(files))
+        texts.extend(read_texts(files, data.text_field))
+    if data.dataset:
+        texts.extend(
+            hub_texts(data.dataset, data.dataset_config, data.dataset_split, data.text_field)
+        )
+    if not texts:
+        raise ConfigError("the training data is empty")
+    return texts
+
+
+def build_model_and_tokenizer(
+    config: TrainConfig, texts: list[str], distributed: DistributedContext
+) -> tuple[nn.Module, Any]:
+    """The fp32 model and tokenizer to train: resumed, continued from --model, or new.
+
+    A new run trains its tokenizer on ``texts`` (rank 0; the others load it) and saves it
+    under output_dir/tokenizer, where a resumed run finds it again.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    output_dir = Path(config.training.output_dir)
+    torch.manual_seed(config.training.seed)
+    if config.training.resume:
+        tokenizer = AutoTokenizer.from_pretrained(output_dir / TOKENIZER_DIR)
+        architecture = AutoConfig.from_pretrained(output_dir / CHECKPOINT_DIR)
+        model = AutoModelForCausalLM.from_config(architecture, dtype=torch.float32)
+    elif config.model.model:
+        # Weights in fp32 for training, whatever they were saved in.
+        model, tokenizer = load_model_and_tokenizer(
+            config.model.model, dtype="float32", device="cpu"
+        )
+        if distributed.is_main:
+            tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
+    else:
+        if distributed.is_main:
+            logger.info("training a %d-token byte-level BPE tokenizer", config.model.vocab_size)
+            tokenizer = train_tokenizer(texts, config.model.vocab_size)
+            tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
+        barrier(distributed)
+        tokenizer = AutoTokenizer.from_pretrained(output_dir / TOKENIZER_DIR)
+        architecture = architecture_config(
+            config.model.preset,
+            config.model.config_file,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=config.model.seq_len,
+            special_token_ids=dict(
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            ),
+        )
+        model = AutoModelForCausalLM.from_config(architecture, dtype=torch.float32)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.train(), tokenizer

@@ -1,0 +1,183 @@
+"""Checkpoints that resume exactly, and the final ``save_pretrained`` export.
+
+A checkpoint is a directory ``output_dir/checkpoint`` written with
+``torch.distributed.checkpoint`` (DCP): every process writes its own shard of the model and
+optimizer state in parallel (no process ever holds the whole state when training with
+FSDP), and DCP re-shards on load, so a run may resume on another number of processes.
+Next to the shards:
+
+* ``trainer_state.pt`` (rank 0): the scheduler, the progress (optimizer steps, tokens,
+  data position, wall time, schedule horizon) and the world size that wrote it;
+* ``rng-<rank>.pt``: each process's random states (torch CPU and CUDA, Python, the recipe's
+  generator);
+* ``config.json``: the model architecture (to rebuild it before loading the weights).
+
+The directory is written under ``checkpoint.tmp`` and renamed into place, so an interrupted
+save leaves the previous checkpoint intact. On several nodes ``output_dir`` must be on a
+file system every node sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from self_speculation.distributed import DistributedContext, barrier
+
+logger = logging.getLogger("train")
+
+CHECKPOINT_DIR = "checkpoint"
+TRAINER_STATE_FILE = "trainer_state.pt"
+
+
+def checkpoint_exists(output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds a complete checkpoint."""
+    return (output_dir / CHECKPOINT_DIR / TRAINER_STATE_FILE).is_file()
+
+
+def _rng_state(generator: torch.Generator | None) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _distributed_state(objective: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Model and optimizer state keyed by parameter names (DTensor shards under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(objective, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def save_checkpoint(
+    output_dir: Path,
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    model_config: Any,
+    context: DistributedContext,
+    generator: torch.Generator | None = None,
+) -> Path:
+    """Write a checkpoint (every process must call this); returns its directory."""
+    import torch.distributed.checkpoint as dcp
+
+    final = output_dir / CHECKPOINT_DIR
+    temporary = output_dir / (CHECKPOINT_DIR + ".tmp")
+    if context.is_main:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    barrier(context)
+    dcp.save(_distributed_state(objective, optimizer), checkpoint_id=str(temporary))
+    torch.save(_rng_state(generator), temporary / f"rng-{context.rank}.pt")
+    if context.is_main:
+        model_config.save_pretrained(temporary)
+        torch.save(
+            {**trainer_state, "world_size": context.world_size}, temporary / TRAINER_STATE_FILE
+        )
+    barrier(context)
+    if context.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        temporary.rename(final)
+    barrier(context)
+    return final
+
+
+def load_checkpoint(
+    output_dir: Path,
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    context: DistributedContext,
+    generator: torch.Generator | None = None,
+) -> dict[str, Any]:
+    """Load model, optimizer and random states in place; returns the trainer state.
+
+    Random states are restored exactly when the world size is the one that saved; on another
+    world size each process keeps its seeded states (the recipe's per-sample draws do not
+    depend on them, see :mod:`self_speculation.training.loop`).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    directory = output_dir / CHECKPOINT_DIR
+    state = _distributed_state(objective, optimizer)
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(
+        objective,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+    )
+    trainer_state = torch.load(directory / TRAINER_STATE_FILE, weights_only=False)
+    rng_file = directory / f"rng-{context.rank}.pt"
+    if trainer_state.get("world_size") == context.world_size and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False), generator)
+    elif context.is_main:
+        logger.warning(
+            "checkpoint written by %s processes, resuming on %d: random states start afresh",
+            trainer_state.get("world_size"),
+            context.world_size,
+        )
+    if dist.is_initialized():
+        dist.barrier()
+    return trainer_state
+
+
+def export_pretrained(
+    output_dir: Path,
+    model: nn.Module,
+    weights: dict[str, torch.Tensor] | None,
+    tokenizer: Any,
+    generation_config: Any,
+    context: DistributedContext,
+) -> None:
+    """The final model as a ``save_pretrained`` directory (bf16 safetensors), from rank 0.
+
+    Args:
+        output_dir: where to write.
+        model: the trained model (unsharded), or under FSDP the sharded one, used only for
+            its config.
+        weights: under FSDP, the full weights gathered on rank 0 (keys of ``model``); None
+            when ``model`` itself holds them.
+        tokenizer: saved alongside.
+        generation_config: the model's generation config (recommended exit and draft length).
+        context: only rank 0 writes.
+    """
+    if context.is_main:
+        if weights is None:
+            final = model.eval().to(torch.bfloat16)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            final = AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16)
+            missing, unexpected = final.load_state_dict(weights, strict=False)
+            final.tie_weights()
+            tied = {name for name in missing if name.endswith("lm_head.weight")}
+            if set(missing) - tied or unexpected:
+                raise RuntimeError(
+                    f"export: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}"
+                )
+            final.eval()
+        final.config.dtype = torch.bfloat16
+        final.generation_config = generation_config
+        final.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+    barrier(context)

@@ -1,0 +1,258 @@
+"""The command line of ``train.py``: one dataclass per concern, validated on construction.
+
+The dataclasses are the CLI (simple-parsing; booleans as ``--flag True``; an unknown flag is
+an error). ``--recipe FILE`` reads a JSON recipe (``configs/recipe-*.json``): its ``flags``
+are command-line flags given before the real ones, so the command line overrides them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import simple_parsing
+
+from self_speculation.errors import ConfigError
+from self_speculation.training.curriculum import Curriculum
+from self_speculation.training.early_exit_loss import ExitScale
+from self_speculation.training.layer_dropout import DropoutSchedule, DropoutShape
+from self_speculation.training.presets import PRESETS
+
+
+def _enum(enum_type: type, value: Any, flag: str) -> Any:
+    try:
+        return enum_type(value.value if isinstance(value, enum_type) else value)
+    except ValueError:
+        choices = ", ".join(member.value for member in enum_type)
+        raise ConfigError(f"--{flag} must be one of {choices}, got '{value}'") from None
+
+
+@dataclass
+class ModelArguments:
+    """What to train."""
+
+    model: str | None = None  # existing model (local dir or hub id) to continue training
+    preset: str | None = None  # architecture from scratch: one of PRESETS
+    config_file: str | None = None  # architecture from scratch: a JSON config (model_type + fields)
+    vocab_size: int = 4096  # tokenizer size when training from scratch
+    seq_len: int = 512  # tokens per training sequence
+
+    def __post_init__(self) -> None:
+        chosen = [name for name in ("model", "preset", "config_file") if getattr(self, name)]
+        if len(chosen) > 1:
+            raise ConfigError(
+                f"give only one of --model, --preset, --config_file (got {', '.join(chosen)})"
+            )
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{self.preset}' (choose from {', '.join(PRESETS)})")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len must be >= 2, got {self.seq_len}")
+
+
+@dataclass
+class DataArguments:
+    """What to train on."""
+
+    data: list[str] = field(default_factory=list)  # globs of text/code/JSONL files ('**' recursive)
+    exclude: list[str] = field(default_factory=list)  # globs of paths to leave out (held-out)
+    text_field: str = "text"  # the JSONL / dataset field holding the text
+    dataset: str | None = None  # a `datasets` dataset name (needs the network or its cache)
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+
+    def __post_init__(self) -> None:
+        if not self.data and not self.dataset:
+            raise ConfigError("no training data: give --data GLOB... or --dataset NAME")
+
+
+@dataclass
+class LayerSkipArguments:
+    """The LayerSkip recipe (paper §4); p_max 0 and early_exit_loss False give plain training."""
+
+    layer_dropout_p_max: float = 0.1  # largest per-layer skip probability; 0 disables
+    layer_dropout_shape: str = (
+        DropoutShape.EXPONENTIAL.value
+    )  # D(l): uniform/linear/exponential/log/sin/sigmoid/step
+    layer_dropout_schedule: str = DropoutSchedule.CONSTANT.value  # S(t): constant/exponential
+    early_exit_loss: bool = True  # supervise early exits; False: last layer only
+    early_exit_scale: str = ExitScale.LINEAR.value  # e(l): uniform/linear/sum/sqrt/inverse
+    early_exit_e_scale: float = 1.0  # multiplier of the non-final exits' weights
+    early_exit_curriculum: str = Curriculum.NONE.value  # none/rotational/gradual
+    early_exit_rotation: int = 2  # R of the rotational curriculum
+    early_exit_position_fraction: float = 0.125  # share of positions supervised at non-final exits
+
+    def __post_init__(self) -> None:
+        self.layer_dropout_shape = _enum(
+            DropoutShape, self.layer_dropout_shape, "layer_dropout_shape"
+        ).value
+        self.layer_dropout_schedule = _enum(
+            DropoutSchedule, self.layer_dropout_schedule, "layer_dropout_schedule"
+        ).value
+        self.early_exit_scale = _enum(ExitScale, self.early_exit_scale, "early_exit_scale").value
+        self.early_exit_curriculum = _enum(
+            Curriculum, self.early_exit_curriculum, "early_exit_curriculum"
+        ).value
+        if not 0.0 <= self.layer_dropout_p_max <= 1.0:
+            raise ConfigError(
+                f"--layer_dropout_p_max must be in [0, 1], got {self.layer_dropout_p_max}"
+            )
+        if self.early_exit_e_scale < 0:
+            raise ConfigError(f"--early_exit_e_scale must be >= 0, got {self.early_exit_e_scale}")
+        if self.early_exit_rotation < 1:
+            raise ConfigError(f"--early_exit_rotation must be >= 1, got {self.early_exit_rotation}")
+        if not 0.0 < self.early_exit_position_fraction <= 1.0:
+            raise ConfigError(
+                f"--early_exit_position_fraction must be in (0, 1], got {self.early_exit_position_fraction}"
+            )
+
+
+@dataclass
+class TrainingArguments:
+    """How to train."""
+
+    output_dir: str = "runs/train"
+    seed: int = 42
+    batch_size: int = 8  # sequences per micro-batch and process
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    min_lr_ratio: float = 0.1  # the cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_tokens: int = 0  # token budget (all processes); sets the schedule's length; 0: none
+    max_minutes: float = 0.0  # wall-time budget; 0: none (alone: schedule from measured speed)
+    device: str = "auto"  # auto (cuda when there is one), cpu, cuda; torchrun: one GPU per process
+    bf16: bool = True  # bf16 compute, fp32 weights and optimizer (CPU: about 2.6x faster)
+    fsdp: bool = False  # shard weights, gradients and optimizer state (FSDP2, per decoder layer)
+    fsdp_cpu_offload: bool = (
+        False  # with --fsdp True: keep the shards (and the optimizer) in CPU RAM
+    )
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
+    num_threads: int = 0  # torch CPU threads per process; 0: torch's default
+    log_every: int = 10  # optimizer steps between log lines
+    save_every_minutes: float = 10.0  # checkpoint interval; 0: only at the end (and on a signal)
+    save_every_steps: int = 0  # also checkpoint every N optimizer steps; 0: off
+    resume: bool = False  # continue from output_dir/checkpoint
+    stop_after_steps: int = 0  # stop + checkpoint after N steps, schedule unchanged (0: off)
+    exit_layer: int = -1  # recommended exit layer for generation_config.json; -1: max(1, L//4)
+    num_speculations: int = 4  # recommended draft length for generation_config.json
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "gradient_accumulation_steps", "log_every", "num_speculations"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in (
+            "warmup_steps",
+            "max_tokens",
+            "num_threads",
+            "stop_after_steps",
+            "save_every_steps",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_minutes < 0 or self.save_every_minutes < 0:
+            raise ConfigError("--max_minutes and --save_every_minutes must be >= 0")
+        if self.max_tokens == 0 and self.max_minutes == 0:
+            raise ConfigError("give a budget: --max_tokens N and/or --max_minutes M")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.exit_layer != -1 and self.exit_layer < 1:
+            raise ConfigError(f"--exit_layer must be >= 1 (or -1), got {self.exit_layer}")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+        if self.fsdp_cpu_offload and not self.fsdp:
+            raise ConfigError("--fsdp_cpu_offload True needs --fsdp True")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run."""
+
+    model: ModelArguments = field(default_factory=ModelArguments)
+    data: DataArguments = field(default_factory=DataArguments)
+    layerskip: LayerSkipArguments = field(default_factory=LayerSkipArguments)
+    training: TrainingArguments = field(default_factory=TrainingArguments)
+
+
+class _OneLineErrorParser(simple_parsing.ArgumentParser):
+    """Command-line errors as one line on stderr, exit status 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+RECIPE_FLAG = "--recipe"
+
+
+def recipe_arguments(path: str) -> list[str]:
+    """The command-line flags of a JSON recipe file: ``{"flags": {"name": value, ...}}``.
+
+    Booleans become ``True``/``False``, lists several values of one flag.
+
+    Raises:
+        ConfigError: unreadable file, no ``flags`` object.
+    """
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"cannot read recipe {path}: {error}") from None
+    flags = document.get("flags") if isinstance(document, dict) else None
+    if not isinstance(flags, dict):
+        raise ConfigError(f"recipe {path} must hold a JSON object with a 'flags' object")
+    arguments: list[str] = []
+    for name, value in flags.items():
+        values = value if isinstance(value, list) else [value]
+        arguments.append(f"--{name}")
+        arguments.extend(str(item) for item in values)
+    return arguments
+
+
+def _expand_recipe(argv: list[str]) -> list[str]:
+    """``argv`` with ``--recipe FILE`` replaced by the recipe's flags (placed first)."""
+    if RECIPE_FLAG not in argv and not any(a.startswith(RECIPE_FLAG + "=") for a in argv):
+        return argv
+    rest: list[str] = []
+    recipe: list[str] = []
+    index = 0
+    while index < len(argv):
+        argument = argv[index]
+        if argument == RECIPE_FLAG:
+            if index + 1 >= len(argv):
+                raise ConfigError("--recipe needs a file")
+            recipe += recipe_arguments(argv[index + 1])
+            index += 2
+            continue
+        if argument.startswith(RECIPE_FLAG + "="):
+            recipe += recipe_arguments(argument.split("=", 1)[1])
+        else:
+            rest.append(argument)
+        index += 1
+    return recipe + rest
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "train.py") -> TrainConfig:
+    """Parse the command line into a :class:`TrainConfig` (unknown flags are errors)."""
+    argv = _expand_recipe(list(sys.argv[1:] if argv is None else argv))
+    parser = _OneLineErrorParser(prog=prog, add_config_path_arg=False)
+    for name, kind in (
+        ("model", ModelArguments),
+        ("data", DataArguments),
+        ("layerskip", LayerSkipArguments),
+        ("training", TrainingArguments),
+    ):
+        parser.add_arguments(kind, dest=name)
+    arguments = parser.parse_args(argv)
+    return TrainConfig(
+        model=arguments.model,
+        data=arguments.data,
+        layerskip=arguments.layerskip,
+        training=arguments.training,
+    )

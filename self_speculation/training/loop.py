@@ -1,0 +1,599 @@
+"""The training loop behind ``train.py``: :class:`Trainer` and :func:`train`.
+
+The loop wires the recipe's pieces together: :func:`apply_layer_dropout` (paper §4.1),
+:func:`active_exits` (§4.2 curriculum) and :class:`LayerSkipObjective` (§4.2 early-exit loss),
+with AdamW, linear warm-up + cosine decay, gradient accumulation, a token and/or time
+budget, and checkpoints (:mod:`checkpointing`) on a timer, every N steps, at the end and on
+SIGINT/SIGTERM. Where it runs (device, FSDP2 or DDP, bf16, activation checkpointing) is
+:mod:`distributed_setup`.
+
+Random decisions of the recipe are per sample, not per process: for optimizer step t and
+accumulation micro-batch m, one generator seeded from (seed, t, m) draws the skip decisions
+and position subsets of the whole global micro-batch on every process, and each process
+keeps the rows of its own samples. Training on 1 or N processes (same global batch), and
+resuming from a checkpoint, therefore make the same decisions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from self_speculation.distributed import DistributedContext, barrier, teardown
+from self_speculation.distributed import setup as setup_distributed
+from self_speculation.errors import ConfigError
+from self_speculation.model_surgery import find_base_model
+from self_speculation.training.build import build_model_and_tokenizer, load_texts
+from self_speculation.training.checkpointing import (
+    CHECKPOINT_DIR,
+    checkpoint_exists,
+    export_pretrained,
+    load_checkpoint,
+    save_checkpoint,
+)
+from self_speculation.training.config import TrainConfig
+from self_speculation.training.curriculum import active_exits
+from self_speculation.training.data import BlockStream, pack_blocks
+from self_speculation.training.distributed_setup import (
+    apply_activation_checkpointing,
+    compute_context,
+    full_state_dict,
+    gradient_sync,
+    resolve_device,
+    wrap_for_training,
+)
+from self_speculation.training.layer_dropout import (
+    apply_layer_dropout,
+    keep_from_uniforms,
+    schedule_factor,
+)
+from self_speculation.training.objective import LayerSkipObjective
+
+logger = logging.getLogger("train")
+
+LOG_FILE = "train_log.jsonl"
+# Steps after which a pure time budget fixes its schedule horizon from the measured speed.
+HORIZON_PROBE_STEPS = 10
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a checkpoint was written."""
+
+    def __init__(self, signal_number: int, step: int, checkpoint: Path) -> None:
+        name = signal.Signals(signal_number).name
+        super().__init__(
+            f"{name} at step {step}: checkpoint saved in {checkpoint}; continue with --resume True"
+        )
+        self.exit_code = 128 + signal_number
+
+
+class StopSignals:
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current step.
+
+    A second signal of either kind restores the default handlers and is re-raised: an
+    impatient user still gets out at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for number in self.SIGNALS:
+            try:
+                self._previous[number] = signal.signal(number, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _handle(self, number: int, _frame: FrameType | None) -> None:
+        if self.received is not None:
+            self.__exit__()
+            signal.raise_signal(number)
+            return
+        self.received = number
+        logger.warning("%s: stopping after this step", signal.Signals(number).name)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int | None, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate: linear warm-up, then cosine decay to min_ratio."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps is None:
+        return 1.0
+    span = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / span, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def recipe_uniforms(
+    seed: int, step: int, micro: int, rows: slice, global_rows: int, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """U(0, 1) draws [len(rows), *shape] for the samples ``rows`` of a global micro-batch.
+
+    The whole [global_rows, *shape] table is drawn from a generator seeded by (seed, step,
+    micro) and sliced, so a sample's draws do not depend on the number of processes.
+    """
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
+    return torch.rand(global_rows, *shape, generator=generator)[rows]
+
+
+def _setup_logging(main: bool) -> None:
+    level = logging.INFO if main else logging.WARNING
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    logger.setLevel(level)
+
+
+def _atomic_json(path: Path, document: Any) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+    temporary.replace(path)
+
+
+@dataclass
+class Progress:
+    """Everything that changes during a run and must survive a resume."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # tokens trained on, all processes
+    blocks: int = 0  # data position: stream positions consumed, all processes
+    elapsed_s: float = 0.0  # training wall time before this process started
+    total_steps: int | None = None  # schedule horizon T; None while a time budget measures it
+
+
+class Trainer:
+    """One training run: the recipe wired to a model, an optimizer and the data.
+
+    Args:
+        config: the run's settings.
+        model: the fp32 causal LM to train (in train mode, on the CPU).
+        tokenizer: its tokenizer (saved with the final model).
+        blocks: training token blocks [num_blocks, seq_len].
+        distributed: this process's rank and the world size.
+        device: where this process computes.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: nn.Module,
+        tokenizer: Any,
+        blocks: torch.Tensor,
+        distributed: DistributedContext,
+        device: torch.device | None = None,
+    ) -> None:
+        self.config = config
+        self.args = args = config.training
+        self.recipe = recipe = config.layerskip
+        self.model = model
+        self.tokenizer = tokenizer
+        self.blocks = blocks  # [num_blocks, seq_len]
+        self.stream = BlockStream(len(blocks), args.seed)
+        self.distributed = distributed
+        self.device = device or torch.device("cpu")
+        self.output_dir = Path(args.output_dir)
+        self.seq_len = blocks.shape[1]
+        self.global_batch = args.batch_size * distributed.world_size  # one micro-step, all ranks
+        self.blocks_per_step = self.global_batch * args.gradient_accumulation_steps
+        self.tokens_per_step = self.blocks_per_step * self.seq_len
+        self.progress = Progress()
+        if args.max_tokens:
+            self.progress.total_steps = max(1, math.ceil(args.max_tokens / self.tokens_per_step))
+
+        # Random source of anything not planned per sample (kept in checkpoints).
+        self.generator = torch.Generator().manual_seed(args.seed * 1000 + 17 + distributed.rank)
+        self.objective = LayerSkipObjective(
+            model,
+            scale=recipe.early_exit_scale,
+            e_scale=recipe.early_exit_e_scale,
+            position_fraction=recipe.early_exit_position_fraction,
+            generator=self.generator,
+        )
+        self.num_layers = self.objective.num_layers
+        self.num_parameters = sum(p.numel() for p in model.parameters())  # before sharding
+        layers = find_base_model(model).layers
+        if args.activation_checkpointing:  # before dropout: skips are decided outside it
+            apply_activation_checkpointing(layers)
+        self.dropout = None
+        if recipe.layer_dropout_p_max > 0:
+            self.dropout = apply_layer_dropout(
+                model,
+                recipe.layer_dropout_p_max,
+                recipe.layer_dropout_shape,
+                recipe.layer_dropout_schedule,
+                total_steps=self.progress.total_steps,
+                generator=self.generator,
+            )
+        self.trained = wrap_for_training(
+            self.objective,
+            layers,
+            self.device,
+            distributed,
+            fsdp=args.fsdp,
+            bf16=args.bf16,
+            cpu_offload=args.fsdp_cpu_offload,
+        )
+        decay = [p for p in self.objective.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.objective.parameters() if p.requires_grad and p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": args.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(
+                step, args.warmup_steps, self.progress.total_steps, args.min_lr_ratio
+            ),
+        )
+        self._started = time.monotonic()
+
+    # -- state
+
+    def elapsed(self) -> float:
+        """Training wall time of the run so far, across resumes, in seconds."""
+        return self.progress.elapsed_s + (time.monotonic() - self._started)
+
+    def save_checkpoint(self) -> Path:
+        """Model, optimizer, scheduler, progress and every process's random states."""
+        progress = dataclasses.replace(self.progress, elapsed_s=self.elapsed())
+        state = {
+            "scheduler": self.scheduler.state_dict(),
+            "progress": dataclasses.asdict(progress),
+            "config": dataclasses.asdict(self.config),
+        }
+        path = save_checkpoint(
+            self.output_dir,
+            self.objective,
+            self.optimizer,
+            state,
+            self.model.config,
+            self.distributed,
+            self.generator,
+        )
+        logger.info("checkpoint at step %d -> %s", self.progress.step, path)
+        return path
+
+    def load_checkpoint(self) -> None:
+        """Continue exactly where the checkpoint in output_dir left off."""
+        state = load_checkpoint(
+            self.output_dir, self.objective, self.optimizer, self.distributed, self.generator
+        )
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress = Progress(**state["progress"])
+        self._started = time.monotonic()
+        logger.info("resumed at step %d (%d tokens)", self.progress.step, self.progress.tokens)
+
+    # -- one step
+
+    def supervised_exits(self) -> list[int]:
+        """The 1-based exits the loss supervises at the current step (curriculum, §4.2)."""
+        if not self.recipe.early_exit_loss:
+            return [self.num_layers]
+        return active_exits(
+            self.recipe.early_exit_curriculum,
+            self.progress.step,
+            self.progress.total_steps,
+            self.num_layers,
+            self.recipe.early_exit_rotation,
+        )
+
+    def _plan_micro_batch(self, micro: int) -> torch.Tensor | None:
+        """Per-sample skip decisions for this micro-batch; returns the position noise."""
+        rank, batch = self.distributed.rank, self.args.batch_size
+        rows = slice(rank * batch, (rank + 1) * batch)
+        step = self.progress.step
+        if self.dropout is not None:
+            uniforms = recipe_uniforms(
+                self.args.seed, step, micro, rows, self.global_batch, (self.num_layers,)
+            )  # [batch, layers]
+            self.dropout.plan(keep_from_uniforms(uniforms, self.dropout.current_rates()))
+        if self.recipe.early_exit_loss and self.recipe.early_exit_position_fraction < 1.0:
+            noise = recipe_uniforms(
+                self.args.seed + 1,
+                step,
+                micro,
+                rows,
+                self.global_batch,
+                (self.num_layers, self.seq_len),
+            )  # [batch, layers, seq]
+            return noise.transpose(0, 1)  # [layers, batch, seq]
+        return None
+
+    def train_step(self, exits: list[int]) -> torch.Tensor:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
+
+        Returns:
+            [1 + len(exits)]: the weighted loss, then each exit's cross-entropy, averaged
+            over the micro-batches of this process.
+        """
+        args, distributed = self.args, self.distributed
+        if self.dropout is not None:
+            self.dropout.set_step(self.progress.step, self.progress.total_steps)
+        sums = torch.zeros(len(exits) + 1)  # [1 + exits]
+        for micro in range(args.gradient_accumulation_steps):
+            offset = (micro * distributed.world_size + distributed.rank) * args.batch_size
+            indices = self.stream.indices(self.progress.blocks + offset, args.batch_size)
+            input_ids = self.blocks[indices].to(self.device)  # [batch, seq]
+            noise = self._plan_micro_batch(micro)  # [layers, batch, seq] or None
+            last = micro == args.gradient_accumulation_steps - 1
+            with (
+                gradient_sync(self.trained, sync=last),
+                compute_context(self.device, args.bf16, args.fsdp),
+            ):
+                result = self.trained(input_ids, exits, noise)
+            (result.loss / args.gradient_accumulation_steps).backward()
+            losses = [result.loss.detach()] + [result.exit_losses[e] for e in exits]
+            sums += torch.stack(losses).float().cpu()
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.objective.parameters(), args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.step += 1
+        self.progress.blocks += self.blocks_per_step
+        self.progress.tokens += self.tokens_per_step
+        return sums / args.gradient_accumulation_steps
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every process when it is True on any."""
+        if self.distributed.world_size == 1:
+            return flag
+        value = torch.tensor(float(flag), device=self._collective_device())
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def _collective_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def budget_spent(self) -> bool:
+        """Token budget, time budget or --stop_after_steps reached (this process's view)."""
+        progress, args = self.progress, self.args
+        stop = progress.total_steps is not None and progress.step >= progress.total_steps
+        stop = stop or (args.max_minutes > 0 and self.elapsed() >= args.max_minutes * 60.0)
+        return stop or (args.stop_after_steps > 0 and progress.step >= args.stop_after_steps)
+
+    def _fix_horizon_from_speed(self) -> None:
+        """A pure time budget: set T (schedule, S(t), curriculum) from the measured speed."""
+        progress = self.progress
+        estimate = int(progress.step * self.args.max_minutes * 60.0 / max(self.elapsed(), 1e-6))
+        horizon = torch.tensor(float(max(progress.step + 1, estimate)))
+        if self.distributed.world_size > 1:
+            horizon = horizon.to(self._collective_device())
+            dist.broadcast(horizon, 0)
+        progress.total_steps = int(horizon.item())
+        logger.info("time budget: schedule set to %d steps", progress.total_steps)
+
+    # -- the loop
+
+    def run(self) -> None:
+        """Train until a budget is spent or a signal arrives; log; checkpoint.
+
+        Raises:
+            TrainingInterrupted: SIGINT/SIGTERM; the checkpoint is written first.
+        """
+        args, main = self.args, self.distributed.is_main
+        log_file = (self.output_dir / LOG_FILE).open("a", encoding="utf-8") if main else None
+        bar = tqdm(
+            total=args.max_tokens or None,
+            initial=self.progress.tokens,
+            unit="tok",
+            unit_scale=True,
+            disable=not main,
+            mininterval=1.0 if sys.stderr.isatty() else 60.0,
+            dynamic_ncols=True,
+        )
+        last_save = window_started = time.monotonic()
+        window_tokens = 0
+        with StopSignals() as signals:
+            try:
+                stop = self._agree(self.budget_spent() or signals.received is not None)
+                while not stop:
+                    exits = self.supervised_exits()
+                    sums = self.train_step(exits)  # [1 + exits]
+                    window_tokens += self.tokens_per_step
+                    bar.update(self.tokens_per_step)
+                    if (
+                        self.progress.total_steps is None
+                        and self.progress.step == HORIZON_PROBE_STEPS
+                    ):
+                        self._fix_horizon_from_speed()
+                    stop = self._agree(self.budget_spent() or signals.received is not None)
+                    if self.progress.step % args.log_every == 0 or stop:
+                        now = time.monotonic()
+                        speed = window_tokens / max(now - window_started, 1e-6)
+                        self._log(exits, sums, speed, log_file, bar)
+                        window_tokens, window_started = 0, now
+                    periodic = (
+                        args.save_every_steps > 0
+                        and self.progress.step % args.save_every_steps == 0
+                    ) or (
+                        args.save_every_minutes > 0
+                        and time.monotonic() - last_save >= args.save_every_minutes * 60
+                    )
+                    if not stop and self._agree(periodic):
+                        self.save_checkpoint()
+                        last_save = time.monotonic()
+            finally:
+                bar.close()
+                if log_file is not None:
+                    log_file.close()
+            path = self.save_checkpoint()
+            received = signals.received
+        interrupted = self._agree(received is not None)
+        if interrupted:
+            number = received if received is not None else signal.SIGTERM
+            raise TrainingInterrupted(number, self.progress.step, path)
+
+    def _log(
+        self, exits: list[int], sums: torch.Tensor, speed: float, log_file: Any, bar: tqdm
+    ) -> None:
+        if self.distributed.world_size > 1:
+            sums = sums.to(self._collective_device())
+            dist.all_reduce(sums)
+            sums = sums.cpu() / self.distributed.world_size
+        if log_file is None:
+            return
+        dropout_scale = 0.0
+        if self.dropout is not None:
+            dropout_scale = schedule_factor(
+                self.dropout.schedule, self.progress.step - 1, self.progress.total_steps
+            )
+        record = {
+            "step": self.progress.step,
+            "tokens": self.progress.tokens,
+            "lr": self.scheduler.get_last_lr()[0],
+            "loss": round(sums[0].item(), 5),
+            "exit_losses": {str(e): round(v, 4) for e, v in zip(exits, sums[1:].tolist())},
+            "layer_dropout_scale": dropout_scale,
+            "tokens_per_second": round(speed, 1),
+            "elapsed_s": round(self.elapsed(), 1),
+        }
+        if self.device.type == "cuda":
+            record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+        last_exit = sums[-1].item()
+        bar.set_postfix(loss=f"{record['loss']:.3f}", last=f"{last_exit:.3f}", refresh=False)
+        logger.info(
+            "step %d tokens %d loss %.4f last-exit %.4f lr %.2e %.0f tok/s",
+            self.progress.step,
+            self.progress.tokens,
+            record["loss"],
+            last_exit,
+            record["lr"],
+            speed,
+        )
+
+    def save_final(self) -> Path:
+        """The final model in output_dir: bf16 safetensors, tokenizer, generation config.
+
+        The generation config records the recommended ``exit_layer`` and
+        ``num_speculations`` for self-speculative decoding.
+        """
+        from transformers import GenerationConfig
+
+        if self.dropout is not None:
+            self.dropout.remove()
+        args, tokenizer = self.args, self.tokenizer
+        weights = None
+        if args.fsdp:
+            prefix = "model."  # the objective's submodule holding the causal LM
+            gathered = full_state_dict(self.objective, sharded=True)
+            weights = {k.removeprefix(prefix): v for k, v in gathered.items()}
+        # A fresh GenerationConfig: one derived from the model config ("_from_model_config")
+        # loses its extra keys when transformers reloads it.
+        generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            exit_layer=args.exit_layer if args.exit_layer != -1 else max(1, self.num_layers // 4),
+            num_speculations=args.num_speculations,
+        )
+        model = self.model if weights is not None else self.model.to("cpu")
+        export_pretrained(
+            self.output_dir, model, weights, tokenizer, generation_config, self.distributed
+        )
+        if self.distributed.is_main:
+            summary = {
+                "steps": self.progress.step,
+                "tokens": self.progress.tokens,
+                "wall_time_s": round(self.elapsed(), 1),
+                "num_layers": self.num_layers,
+                "parameters": self.num_parameters,
+                "world_size": self.distributed.world_size,
+                "fsdp": args.fsdp,
+                "device": str(self.device),
+            }
+            _atomic_json(self.output_dir / "train_summary.json", summary)
+            logger.info("final model (%s) -> %s", summary, self.output_dir)
+        barrier(self.distributed)
+        return self.output_dir
+
+
+def train(config: TrainConfig) -> Path:
+    """Run one training job (parse -> build -> run -> write); returns the final model's dir.
+
+    Raises:
+        TrainingInterrupted: SIGINT/SIGTERM stopped the run (after a checkpoint).
+    """
+    args = config.training
+    distributed = setup_distributed(device="cuda" if args.device.startswith("cuda") else None)
+    try:
+        return _train(config, distributed)
+    finally:
+        teardown(distributed)
+
+
+def _train(config: TrainConfig, distributed: DistributedContext) -> Path:
+    args = config.training
+    device = resolve_device(args.device, distributed)
+    output_dir = Path(args.output_dir)
+    if distributed.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    barrier(distributed)
+    _setup_logging(distributed.is_main)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    if args.resume and not checkpoint_exists(output_dir):
+        raise ConfigError(f"--resume True but {output_dir / CHECKPOINT_DIR} does not exist")
+    if not args.resume and checkpoint_exists(output_dir):
+        raise ConfigError(
+            f"{output_dir} already holds a run; use --resume True or another --output_dir"
+        )
+    random.seed(args.seed)
+
+    texts = load_texts(config.data)
+    model, tokenizer = build_model_and_tokenizer(config, texts, distributed)
+    blocks = pack_blocks(tokenizer, texts, config.model.seq_len)  # [num_blocks, seq_len]
+    del texts
+    trainer = Trainer(config, model, tokenizer, blocks, distributed, device)
+    logger.info(
+        "%s: %d layers, %.2fM parameters; %d blocks of %d tokens (%.2fM tokens); %d tokens/step; "
+        "%d process(es), %s, %s",
+        type(model).__name__,
+        trainer.num_layers,
+        trainer.num_parameters / 1e6,
+        len(blocks),
+        config.model.seq_len,
+        blocks.numel() / 1e6,
+        trainer.tokens_per_step,
+        distributed.world_size,
+        device,
+        "FSDP2" if args.fsdp else ("DDP" if distributed.world_size > 1 else "one process"),
+    )
+    if args.resume:
+        trainer.load_checkpoint()
+    elif distributed.is_main:
+        _atomic_json(
+            output_dir / "train_config.json", {"argv": sys.argv, **dataclasses.asdict(config)}
+        )
+    trainer.run()
+    return trainer.save_final()
