@@ -53,6 +53,26 @@ def resolve_device(requested: str, context: DistributedContext) -> torch.device:
     return torch.device("cpu")
 
 
+@contextlib.contextmanager
+def single_process_group(needed: bool, device: torch.device) -> Iterator[None]:
+    """A process group of one (in-memory store) when ``needed`` and none exists.
+
+    FSDP needs a process group even on one device; ``python train.py --fsdp True`` then
+    works without torchrun.
+    """
+    import torch.distributed as dist
+
+    if not needed or dist.is_initialized():
+        yield
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def apply_activation_checkpointing(layers: nn.ModuleList) -> None:
     """Recompute each decoder layer's activations in the backward pass instead of keeping them.
 
@@ -84,10 +104,9 @@ def shard_with_fsdp(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
     if not dist.is_initialized():
-        raise ConfigError("--fsdp True needs a process group: launch with torchrun (any N)")
-    mesh = init_device_mesh(device.type, (world_size,))
+        raise ConfigError("--fsdp True needs a process group (see single_process_group)")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
     )

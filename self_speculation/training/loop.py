@@ -55,6 +55,7 @@ from self_speculation.training.distributed_setup import (
     full_state_dict,
     gradient_sync,
     resolve_device,
+    single_process_group,
     wrap_for_training,
 )
 from self_speculation.training.layer_dropout import (
@@ -574,6 +575,19 @@ def _train(config: TrainConfig, distributed: DistributedContext) -> Path:
     model, tokenizer = build_model_and_tokenizer(config, texts, distributed)
     blocks = pack_blocks(tokenizer, texts, config.model.seq_len)  # [num_blocks, seq_len]
     del texts
+    with single_process_group(args.fsdp, device):
+        return _run(config, distributed, device, model, tokenizer, blocks)
+
+
+def _run(
+    config: TrainConfig,
+    distributed: DistributedContext,
+    device: torch.device,
+    model: nn.Module,
+    tokenizer: Any,
+    blocks: torch.Tensor,
+) -> Path:
+    args, output_dir = config.training, Path(config.training.output_dir)
     trainer = Trainer(config, model, tokenizer, blocks, distributed, device)
     logger.info(
         "%s: %d layers, %.2fM parameters; %d blocks of %d tokens (%.2fM tokens); %d tokens/step; "
