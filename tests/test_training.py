@@ -1,4 +1,5 @@
-"""The LayerSkip training pieces against their definitions and slow reference loops."""
+"""The LayerSkip training pieces against their definitions and slow reference loops, and
+the properties training at scale relies on (memory, collectives, recomputation, schedules)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from self_speculation.training import (
     DropoutSchedule,
     DropoutShape,
     ExitScale,
+    LayerDropout,
     active_exits,
     apply_layer_dropout,
     early_exit_loss,
@@ -23,7 +25,11 @@ from self_speculation.training import (
     layer_dropout_rates,
     schedule_factor,
 )
+from self_speculation.training.distributed_setup import apply_activation_checkpointing
+from self_speculation.training.early_exit_loss import stacked_early_exit_loss
+from self_speculation.training.layer_dropout import keep_from_uniforms
 from self_speculation.training.layer_quality import exit_quality
+from self_speculation.training.loop import recipe_uniforms
 from self_speculation.training.objective import LayerSkipObjective
 
 
@@ -299,3 +305,177 @@ def test_exit_quality_against_the_models_own_logits() -> None:
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     assert rows[-1].perplexity == pytest.approx(math.exp(nll.item()), rel=1e-4)
     assert set(FAMILIES) >= {"llama_gqa_tied"}
+
+
+# ----------------------------------------------------------------------------- at scale
+
+
+def _exit_states(model, input_ids):
+    """Raw decoder-layer outputs (the exits' hidden states) from transformers' forward."""
+    output = model(input_ids, output_hidden_states=True)
+    # hidden_states[l] leaves layer l-1 for l < L; the last entry is normed, so rebuild it.
+    layerwise = LayerwiseModel(model, verify=False)
+    positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
+    last = layerwise.run_layers(output.hidden_states[-2], 3, 4, None, positions)
+    return [*output.hidden_states[1:-1], last], layerwise
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.25])
+def test_per_exit_loss_equals_the_stacked_loss_with_gradients(fraction: float) -> None:
+    # The loss is fp32 (logits are upcast), so fp32 sums in another order: 1e-6.
+    model = make_tiny_model("llama_mha_untied", dtype=torch.float32).train()
+    input_ids = _inputs(model, batch=3, seq=10)
+    targets = torch.full_like(input_ids, -100)
+    targets[:, :-1] = input_ids[:, 1:]
+    exits = [1, 2, 3, 4]
+    noise = torch.rand(4, *input_ids.shape, generator=torch.Generator().manual_seed(2))
+    results, gradients = [], []
+    for loss_function in (early_exit_loss, stacked_early_exit_loss):
+        model.zero_grad()
+        hidden, layerwise = _exit_states(model, input_ids)
+        result = loss_function(
+            hidden,
+            exits,
+            targets,
+            layerwise.unembed,
+            4,
+            scale="sum",
+            e_scale=0.5,
+            position_fraction=fraction,
+            position_noise=noise,
+        )
+        result.loss.backward()
+        results.append(result)
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    per_exit, stacked = results
+    assert per_exit.loss.item() == pytest.approx(stacked.loss.item(), rel=1e-6)
+    for layer in exits:
+        assert per_exit.exit_losses[layer].item() == pytest.approx(
+            stacked.exit_losses[layer].item(), rel=1e-6
+        )
+    for name, gradient in gradients[1].items():
+        assert torch.allclose(gradients[0][name], gradient, rtol=1e-5, atol=1e-7), name
+
+
+def test_per_exit_loss_keeps_no_logits_for_the_backward_pass() -> None:
+    """What autograd keeps for the backward pass does not grow with the number of exits:
+    no [positions, vocab] tensor is saved (the head is rebuilt one exit at a time)."""
+    vocab, hidden_size, positions = 997, 16, 64
+    head = torch.nn.Linear(hidden_size, vocab)
+    targets = torch.randint(0, vocab, (2, positions // 2))
+
+    def saved_bytes(loss_function, num_exits: int) -> tuple[int, int]:
+        hidden = [torch.randn(2, positions // 2, hidden_size, requires_grad=True)] * num_exits
+        sizes: list[torch.Size] = []
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            sizes.append(tensor.shape)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss_function(hidden, list(range(1, num_exits + 1)), targets, head, num_exits)
+        widest = max((size[-1] for size in sizes if len(size) > 0), default=0)
+        return sum(torch.Size(size).numel() for size in sizes), widest
+
+    for num_exits in (6, 24):
+        total, widest = saved_bytes(early_exit_loss, num_exits)
+        assert widest < vocab, "a vocab-wide tensor is kept for backward"
+        assert total <= num_exits * positions * (hidden_size + 4), total
+        _, stacked_widest = saved_bytes(stacked_early_exit_loss, num_exits)
+        assert stacked_widest == vocab  # the reference does keep the logits
+
+
+class _RecordingLayer(torch.nn.Module):
+    """A stand-in decoder layer that records the arguments it was called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.calls: list[dict] = []
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, table=None):
+        self.calls.append(
+            dict(hidden=hidden_states, mask=attention_mask, rotary=position_embeddings, table=table)
+        )
+        return hidden_states * self.scale + 1.0
+
+
+def test_layer_dropout_slices_only_the_per_sample_arguments() -> None:
+    layer = _RecordingLayer().train()
+    dropout = LayerDropout(torch.nn.ModuleList([layer]), rates=[0.5])
+    batch = 4
+    hidden = torch.randn(batch, 3, 8)
+    mask = torch.zeros(batch, 1, 3, 3)  # per sample
+    rotary = (torch.randn(1, 3, 2), torch.randn(1, 3, 2))  # shared by every sample
+    table = torch.arange(batch * 5.0).view(batch, 5)  # first dim == batch, not per sample
+    dropout.plan(torch.tensor([[True], [False], [True], [False]]))
+    output = layer(
+        hidden, attention_mask=mask, position_embeddings=rotary, table=table
+    )  # [batch, 3, 8]
+    seen = layer.calls[-1]
+    assert seen["hidden"].shape[0] == 2 and seen["mask"].shape[0] == 2
+    assert seen["rotary"][0] is rotary[0] and seen["rotary"][1] is rotary[1]
+    assert seen["table"] is table, "an unknown argument must pass through untouched"
+    assert torch.equal(output[[1, 3]], hidden[[1, 3]])
+    assert torch.equal(output[[0, 2]], hidden[[0, 2]] + 1.0)
+
+
+def test_a_layer_every_sample_skips_still_gets_zero_gradients() -> None:
+    """The FSDP / DDP collectives of a layer run on a process whose samples all skip it."""
+    model = make_tiny_model("llama_gqa_tied", dtype=torch.float32).train()
+    dropout = apply_layer_dropout(model, p_max=0.5, shape="uniform")
+    keep = torch.ones(3, 4, dtype=torch.bool)
+    keep[:, 2] = False  # every sample skips layer 2
+    dropout.plan(keep)
+    input_ids = _inputs(model)
+    model(input_ids, labels=input_ids).loss.backward()
+    for name, parameter in model.model.layers[2].named_parameters():
+        assert parameter.grad is not None and torch.count_nonzero(parameter.grad) == 0, name
+    assert all(
+        parameter.grad is not None and parameter.grad.abs().sum() > 0
+        for parameter in model.model.layers[1].parameters()
+    )
+
+
+def test_planned_skips_are_kept_under_activation_checkpointing() -> None:
+    """Skips decided outside the recomputed region: same loss and gradients as without."""
+    keep = torch.tensor([[True, False, True, True], [True, True, False, True]] * 2)
+    gradients = []
+    for checkpointed in (False, True):
+        model = make_tiny_model("qwen2", dtype=torch.float64).train()
+        layers = model.model.layers
+        if checkpointed:
+            apply_activation_checkpointing(layers)
+        dropout = apply_layer_dropout(model, p_max=0.5, shape="uniform")
+        dropout.plan(keep)
+        input_ids = _inputs(model, batch=4)
+        model(input_ids, labels=input_ids).loss.backward()
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        dropout.remove()
+        assert ("forward" in vars(layers[0])) == checkpointed, "the checkpointing stays"
+    for name, gradient in gradients[0].items():
+        assert torch.allclose(gradients[1][name], gradient, rtol=1e-10, atol=1e-12), name
+
+
+def test_recipe_draws_do_not_depend_on_the_number_of_processes() -> None:
+    whole = recipe_uniforms(7, step=3, micro=1, rows=slice(0, 8), global_rows=8, shape=(4, 5))
+    halves = [
+        recipe_uniforms(
+            7, step=3, micro=1, rows=slice(r * 4, r * 4 + 4), global_rows=8, shape=(4, 5)
+        )
+        for r in (0, 1)
+    ]
+    assert torch.equal(torch.cat(halves), whole)
+    assert not torch.equal(
+        whole, recipe_uniforms(7, step=4, micro=1, rows=slice(0, 8), global_rows=8, shape=(4, 5))
+    )
+    keep = keep_from_uniforms(torch.tensor([[0.05, 0.5], [0.3, 0.1]]), [0.1, 0.2])
+    assert keep.tolist() == [[False, True], [True, False]]
+
+
+def test_an_unknown_horizon_holds_the_schedules_at_their_start() -> None:
+    """A time budget before the speed is measured: no full-strength warm-up, no extra exits."""
+    assert schedule_factor("exponential", 5, None) == 0.0
+    assert schedule_factor("constant", 5, None) == 1.0
+    assert active_exits("gradual", 5, None, 4) == [4]
+    assert active_exits("rotational", 1, None, 5, rotation=2) == [1, 3, 5]
