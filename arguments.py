@@ -33,6 +33,13 @@ from self_speculation import (
     load_model_and_tokenizer,
 )
 from self_speculation import distributed as dist
+from self_speculation.loading import (
+    OWNED_FROM_PRETRAINED_KEYS,
+    ModelFacts,
+    check_device,
+    check_model_args,
+    inspect_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +47,7 @@ T = TypeVar("T")
 
 EXIT_ERROR = 2  # a user error: bad flag, bad input, unreachable model or data
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as train.py
+MAX_SEED = 2**32 - 1  # numpy's limit (lm-eval seeds numpy with it); torch takes it too
 
 
 class ArgumentsError(ConfigError):
@@ -68,7 +76,14 @@ class Arguments:
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
-        self.model_kwargs  # noqa: B018 -- validates model_args now, not after loading data
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
+        check_device(self.device)
+        for key in self.model_kwargs:  # also validates model_args now, not after loading data
+            if key in OWNED_FROM_PRETRAINED_KEYS:
+                raise ConfigError(
+                    f"--model_args: '{key}' is set by {OWNED_FROM_PRETRAINED_KEYS[key]}, not here"
+                )
 
     @property
     def model_kwargs(self) -> dict[str, Any]:
@@ -94,6 +109,38 @@ class Arguments:
             except json.JSONDecodeError:
                 kwargs[key.strip()] = value.strip()
         return kwargs
+
+    def check_model(self, *configs: GenerationConfig) -> ModelFacts | None:
+        """Check the model's files and the generation settings against its config.json,
+        before any weight is read: a wrong --exit_layer fails in a second, not after a load.
+        None when the model is not a local directory (checked when loaded).
+
+        Raises:
+            ModelLoadError: a malformed config.json or weights file.
+            ConfigError: settings outside the model's range, or unknown --model_args keys.
+        """
+        facts = inspect_model(self.model)
+        if facts is None:
+            return None
+        check_model_args(self.model_kwargs, facts.config)
+        for config in configs:
+            if facts.num_layers is not None:
+                config.resolved(
+                    facts.num_layers,
+                    facts.recommended_exit_layer,
+                    facts.recommended_num_speculations,
+                )
+            too_large = [
+                token
+                for token in config.stop_token_ids or []
+                if facts.vocab_size is not None and token >= facts.vocab_size
+            ]
+            if too_large:
+                raise ConfigError(
+                    f"--stop_token_ids: {too_large[0]} is not a token id of this model "
+                    f"(its vocabulary has ids 0..{facts.vocab_size - 1})"
+                )
+        return facts
 
     def load_generator(self, context: dist.DistributedContext) -> Generator:
         """Seed torch with ``seed``, load the model onto this rank's device, wrap it in a

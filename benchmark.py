@@ -61,6 +61,7 @@ def main(argv: list[str]) -> int:
     )
     if metric.execute_code and benchmark.dataset != DatasetName.HUMAN_EVAL.value:
         raise ConfigError("--execute_code True applies to --dataset human_eval only")
+    args.check_model(*generation.configs())  # before the data and weights load
     with distributed_run(args) as context:
         examples = load_examples(benchmark, args.seed)
         generator = args.load_generator(context)

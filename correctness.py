@@ -65,6 +65,7 @@ def main(argv: list[str]) -> int:
     )
     if generation.sample:
         logger.warning("--sample True: outputs are compared, but only greedy outputs must match")
+    args.check_model(generation.config(GenerationStrategyName.SELF_SPECULATIVE))
     with distributed_run(args) as context:
         examples = load_examples(benchmark, args.seed)
         generator = args.load_generator(context)

@@ -16,6 +16,8 @@ arguments, environment) and ``eval_<time>.samples.jsonl`` (one row per generatio
 from __future__ import annotations
 
 import logging
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from arguments import (
     run_main,
 )
 from data import DataError
-from self_speculation import ConfigError
+from self_speculation import ConfigError, GenerationConfig
 from self_speculation.benchmarking import (
     JsonlWriter,
     environment_info,
@@ -72,8 +74,33 @@ class EvalArguments:
         ]
         if not self.tasks:
             raise ConfigError("--tasks is empty")
-        if self.limit is not None and self.limit <= 0:
-            raise ConfigError(f"--limit must be > 0, got {self.limit}")
+        if self.limit is not None and not (0 < self.limit < math.inf):
+            raise ConfigError(f"--limit must be a number > 0, got {self.limit}")
+        if self.limit is not None and self.limit >= 1 and not float(self.limit).is_integer():
+            raise ConfigError(
+                f"--limit must be a whole number of samples or a fraction < 1, got {self.limit}"
+            )
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"--num_fewshot must be >= 0, got {self.num_fewshot}")
+        if self.bootstrap_iters < 0:
+            raise ConfigError(
+                f"--bootstrap_iters must be >= 0 (0: off), got {self.bootstrap_iters}"
+            )
+        if self.loglikelihood_exit_layer is not None and self.loglikelihood_exit_layer < 1:
+            raise ConfigError(
+                f"--loglikelihood_exit_layer must be >= 1, got {self.loglikelihood_exit_layer}"
+            )
+        if self.include_path is not None and not os.path.isdir(self.include_path):
+            raise ConfigError(
+                f"--include_path {self.include_path} is not a directory (a folder of task YAMLs)"
+            )
+        if self.gen_kwargs is not None:
+            for pair in self.gen_kwargs.split(","):
+                key, sep, value = pair.partition("=")
+                if not sep or not key.strip() or not value.strip():
+                    raise ConfigError(
+                        f"--gen_kwargs: expected key=value pairs separated by commas, got '{pair}'"
+                    )
         if self.loglikelihood_exit_layer is not None and self.loglikelihood_at_exit_layer:
             raise ConfigError(
                 "give --loglikelihood_exit_layer or --loglikelihood_at_exit_layer, not both"
@@ -96,26 +123,43 @@ def _task_manager(evaluation: EvalArguments):
     return manager
 
 
+def _check_loglikelihood_exit(
+    evaluation: EvalArguments, config: GenerationConfig, num_layers: int
+) -> int | None:
+    """The exit layer log-likelihood tasks score at (None: the full model), checked."""
+    exit_layer = (
+        config.exit_layer
+        if evaluation.loglikelihood_at_exit_layer
+        else evaluation.loglikelihood_exit_layer
+    )
+    if exit_layer is not None and not 1 <= exit_layer <= num_layers:
+        raise ConfigError(
+            f"loglikelihood exit layer must be in [1, {num_layers}] for this model, got {exit_layer}"
+        )
+    return exit_layer
+
+
 def main(argv: list[str]) -> int:
     args, generation, evaluation = parse_args(
         Arguments, GenerationArguments, EvalArguments, argv=argv, prog="eval.py"
     )
     config = one_strategy(generation, "eval.py")
+    facts = args.check_model(config)  # before the tasks and weights load
+    if facts is not None and facts.num_layers is not None:
+        _check_loglikelihood_exit(
+            evaluation,
+            config.resolved(
+                facts.num_layers, facts.recommended_exit_layer, facts.recommended_num_speculations
+            ),
+            facts.num_layers,
+        )
     with distributed_run(args, one_process="eval.py") as context:
         from lm_eval import simple_evaluate
 
         task_manager = _task_manager(evaluation)
         generator = args.load_generator(context)
         config = generator.resolve(config)
-        exit_layer = (
-            config.exit_layer
-            if evaluation.loglikelihood_at_exit_layer
-            else evaluation.loglikelihood_exit_layer
-        )
-        if exit_layer is not None and not 1 <= exit_layer <= generator.num_layers:
-            raise ConfigError(
-                f"loglikelihood exit layer must be in [1, {generator.num_layers}], got {exit_layer}"
-            )
+        exit_layer = _check_loglikelihood_exit(evaluation, config, generator.num_layers)
         if evaluation.execute_code:
             logger.warning("--execute_code True: model-written code will run on this machine")
 

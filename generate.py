@@ -135,6 +135,7 @@ def main(argv: list[str]) -> int:
         Arguments, GenerationArguments, GenerateArguments, argv=argv, prog="generate.py"
     )
     config = one_strategy(generation, "generate.py")
+    args.check_model(config)  # before the weights load
     with distributed_run(args, one_process="generate.py") as context:
         generator = args.load_generator(context)
         config = generator.resolve(config)

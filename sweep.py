@@ -165,6 +165,14 @@ def main(argv: list[str]) -> int:
         argv=argv,
         prog="sweep.py",
     )
+    speculative = dataclasses.replace(
+        generation.config(GenerationStrategyName.SELF_SPECULATIVE),
+        exit_layer=1,
+        num_speculations=1,
+    )
+    facts = args.check_model(speculative)  # before the data and weights load
+    if facts is not None and facts.num_layers is not None:
+        sweep.grid(facts.num_layers)
     with distributed_run(args) as context:
         examples = load_examples(benchmark, args.seed)
         generator = args.load_generator(context)
@@ -174,11 +182,6 @@ def main(argv: list[str]) -> int:
         setting = _setting_key(args, generation, benchmark)
         done = _finished(csv_path, setting)
         samples = dist.shard(examples, context)
-        speculative = dataclasses.replace(
-            generation.config(GenerationStrategyName.SELF_SPECULATIVE),
-            exit_layer=1,
-            num_speculations=1,
-        )
 
         baseline_rate = None
         if sweep.baseline:

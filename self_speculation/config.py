@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass, field
 
 from self_speculation.errors import ConfigError
 
 UNSET = -1  # exit_layer / num_speculations not given: use the model's recommendation
+MIN_TEMPERATURE = 1e-4  # sampling below it is greedy decoding in all but name
 
 
 class GenerationStrategyName(str, enum.Enum):
@@ -73,9 +75,16 @@ class GenerationConfig:
             raise ConfigError(
                 f"num_speculations must be >= 1 (or -1 for the default), got {self.num_speculations}"
             )
+        for name in ("temperature", "top_p", "draft_confidence_threshold"):
+            if not math.isfinite(getattr(self, name)):  # nan/inf: never a setting
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.sample:
-            if not self.temperature > 0:
-                raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature}")
+            # Below the floor, logits / temperature overflows float32 into inf - inf = nan.
+            if not self.temperature >= MIN_TEMPERATURE:
+                raise ConfigError(
+                    f"temperature must be >= {MIN_TEMPERATURE} when sampling (--sample False "
+                    f"for greedy decoding), got {self.temperature}"
+                )
             if not 0 < self.top_p <= 1:
                 raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
             if self.top_k < 0:
@@ -87,6 +96,8 @@ class GenerationConfig:
                 "draft_confidence_threshold must be in [0, 1), got "
                 f"{self.draft_confidence_threshold}"
             )
+        if self.stop_token_ids is not None and any(token < 0 for token in self.stop_token_ids):
+            raise ConfigError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
         if self.stop_words is not None and any(not word for word in self.stop_words):
             raise ConfigError("stop_words must not contain an empty string")
 

@@ -24,12 +24,28 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from tqdm import tqdm
 
-from self_speculation.config import GenerationConfig
+from self_speculation.config import MIN_TEMPERATURE, GenerationConfig
+from self_speculation.errors import ConfigError
 from self_speculation.generator import Generator
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 2048  # for models whose config states no context length
+
+
+def _number(gen_kwargs: dict[str, Any], key: str, kind: type) -> Any:
+    """A task's (or --gen_kwargs') numeric generation setting, or a one-line error."""
+    value = gen_kwargs[key]
+    try:
+        if isinstance(value, bool) or (
+            kind is int and isinstance(value, float) and not value.is_integer()
+        ):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(
+            f"generation kwarg {key}={value!r} is not {'an integer' if kind is int else 'a number'}"
+        ) from None
 
 
 class LayerSkipLM(LM):
@@ -143,18 +159,19 @@ class LayerSkipLM(LM):
         until = [until] if isinstance(until, str) else list(until)
         changes: dict[str, Any] = {}
         if "max_gen_toks" in gen_kwargs:
-            changes["max_steps"] = int(gen_kwargs["max_gen_toks"])
+            changes["max_steps"] = _number(gen_kwargs, "max_gen_toks", int)
         if "do_sample" in gen_kwargs:
             changes["sample"] = bool(gen_kwargs["do_sample"])
         temperature = gen_kwargs.get("temperature")
         if temperature is not None:
-            if float(temperature) <= 0:
+            temperature = _number(gen_kwargs, "temperature", float)
+            if temperature < MIN_TEMPERATURE:  # 0 (or next to it) means greedy
                 changes["sample"] = False
             else:
-                changes["temperature"] = float(temperature)
+                changes["temperature"] = temperature
         for key in ("top_p", "top_k"):
             if gen_kwargs.get(key) is not None:
-                changes[key] = type(getattr(self.config, key))(gen_kwargs[key])
+                changes[key] = _number(gen_kwargs, key, type(getattr(self.config, key)))
         stop_words = [word for word in until if word] + list(self.config.stop_words or [])
         changes["stop_words"] = stop_words or None
         return dataclasses.replace(self.config, **changes), stop_words

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import inspect
+import json
 import logging
 import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -60,6 +69,329 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a device string torch cannot parse, or a device this machine does not have.
+
+    Raises:
+        ConfigError: naming the device and what would be valid.
+    """
+    if device is None:
+        return
+    valid = "cpu" + (
+        f", cuda, cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+        if torch.cuda.is_available()
+        else ""
+    )
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device '{device}' (valid here: {valid})") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device '{device}' requested but CUDA is not available")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device '{device}' does not exist: this machine has "
+                f"{torch.cuda.device_count()} GPU(s) (valid here: {valid})"
+            )
+        return
+    backend = getattr(torch, parsed.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise ConfigError(
+            f"device '{device}' is not available on this machine (valid here: {valid})"
+        )
+
+
+# Keys of --model_args that other flags own: two sources for one setting would be ambiguous.
+OWNED_FROM_PRETRAINED_KEYS = {
+    "dtype": "--dtype",
+    "torch_dtype": "--dtype",
+    "device_map": "--device",
+    "gguf_file": "--model (give the .gguf path there)",
+    "pretrained_model_name_or_path": "--model",
+    "output_loading_info": "the loader (it always checks the weights)",
+    "ignore_mismatched_sizes": "the loader (weights must match config.json)",
+}
+# from_pretrained options read from **kwargs (not in its signature); config.json fields are
+# accepted too (they override the config).
+FROM_PRETRAINED_KWARGS = frozenset(
+    {
+        "attn_implementation", "experts_implementation", "trust_remote_code", "subfolder",
+        "variant", "quantization_config", "max_memory", "offload_folder", "offload_buffers",
+        "key_mapping", "adapter_kwargs", "adapter_name", "use_kernels", "kernel_config",
+        "tp_plan", "tp_size", "device_mesh", "distributed_config", "proxies",
+        "generation_config", "low_cpu_mem_usage",
+    }
+)  # fmt: skip
+
+
+def check_model_args(model_args: dict[str, Any], config: PreTrainedConfig | None) -> None:
+    """Refuse ``--model_args`` keys that clash with another flag or that from_pretrained
+    would not understand (it would fail with a TypeError after reading the weights).
+
+    Raises:
+        ConfigError: naming the key and what would be valid.
+    """
+    for key in model_args:
+        if key in OWNED_FROM_PRETRAINED_KEYS:
+            raise ConfigError(
+                f"--model_args: '{key}' is set by {OWNED_FROM_PRETRAINED_KEYS[key]}, not here"
+            )
+    signature = inspect.signature(PreTrainedModel.from_pretrained).parameters
+    known = set(FROM_PRETRAINED_KWARGS) | {
+        name
+        for name, parameter in signature.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+        or parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    }
+    unknown = [key for key in model_args if key not in known]
+    if config is not None:
+        fields = set(config.to_dict()) | set(getattr(config, "attribute_map", {}))
+        unknown = [key for key in unknown if key not in fields]
+    if unknown:
+        raise ConfigError(
+            f"--model_args: unknown key '{unknown[0]}' (give a from_pretrained option such as "
+            "attn_implementation, revision, trust_remote_code, or a config.json field)"
+        )
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a model's files say before any weight is read.
+
+    Attributes:
+        config: the parsed config.json.
+        num_layers: L, decoder layers config.json declares (None when it states none).
+        vocab_size: the LM head's size (None when config.json states none).
+        recommended_exit_layer, recommended_num_speculations: from generation_config.json.
+    """
+
+    config: PreTrainedConfig
+    num_layers: int | None
+    vocab_size: int | None
+    recommended_exit_layer: int | None
+    recommended_num_speculations: int | None
+
+
+def _local_directory(model: str) -> Path | None:
+    if model == "smollm2" or model.endswith(".gguf"):
+        return None
+    path = Path(model).expanduser()
+    return path if path.is_dir() else None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError:
+        raise ModelLoadError(f"cannot read {path}: permission denied") from None
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{path} is not a JSON text file (not UTF-8)") from None
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(
+            f"{path} is not valid JSON (line {error.lineno}: {error.msg})"
+        ) from None
+    except OSError as error:
+        raise ModelLoadError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _readable_file(path: Path, what: str) -> None:
+    """Refuse a weights file that is missing, a broken link, a directory or unreadable."""
+    if path.is_symlink() and not path.exists():
+        raise ModelLoadError(f"{what} {path} is a broken link (to {os.readlink(path)})")
+    if path.is_dir():
+        raise ModelLoadError(f"{what} {path} is a directory, not a file")
+    if not path.exists():
+        raise ModelLoadError(f"{what} {path} does not exist")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise ModelLoadError(f"cannot read {what} {path}: permission denied") from None
+    except OSError as error:
+        raise ModelLoadError(f"cannot read {what} {path}: {error.strerror or error}") from None
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a save_pretrained directory (sharded or not); [] for a
+    pytorch_model.bin checkpoint, which has no header to check."""
+    index = directory / SAFETENSORS_INDEX
+    if index.exists() or index.is_symlink():
+        _readable_file(index, "weights index")
+        document = _read_json(index)
+        weight_map = document.get("weight_map") if isinstance(document, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index} has no weight_map: not a safetensors index")
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    single = directory / WEIGHT_FILES[0]
+    if single.exists() or single.is_symlink():
+        return [single]
+    if any((directory / name).is_file() for name in WEIGHT_FILES[1:]):
+        return []
+    raise ModelLoadError(
+        f"{directory} holds no weights ({SAFETENSORS_INDEX}, {', '.join(WEIGHT_FILES)})"
+    )
+
+
+def check_weight_files(directory: Path) -> None:
+    """Every safetensors file of ``directory`` is readable and whole: its header parses and
+    covers the file (a truncated or foreign file fails here, before loading).
+
+    Raises:
+        ModelLoadError: naming the file and what is wrong with it.
+    """
+    for path in _weight_files(directory):
+        _readable_file(path, "weights file")
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except SafetensorError as error:
+            reason = str(error).removeprefix("Error while deserializing header: ")
+            raise ModelLoadError(
+                f"{path} is not a valid safetensors file ({reason}): truncated or corrupt? "
+                "Copy or save the model again"
+            ) from None
+
+
+def _config_int(config: PreTrainedConfig, name: str) -> int | None:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text_config, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def inspect_model(model: str) -> ModelFacts | None:
+    """Read and check a local model's config.json, generation_config.json and weight file
+    headers, without loading any weight. None for a hub id, a .gguf file or "smollm2"
+    (their files are checked when loaded).
+
+    Raises:
+        ModelLoadError: a missing or malformed config.json, or a weights file that is
+            missing, unreadable, truncated or not safetensors.
+    """
+    directory = _local_directory(model)
+    if directory is None:
+        return None
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise ModelLoadError(
+            f"{directory} has no config.json (a model directory in save_pretrained form)"
+        )
+    raw = _read_json(config_path)
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{config_path} is not a JSON object")
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelLoadError(f"{config_path}: {_first_line(error)}") from None
+    for name in ("num_hidden_layers", "vocab_size"):
+        value = _config_int(config, name)
+        if value is not None and value < 1:
+            raise ModelLoadError(f"{config_path}: {name} must be >= 1, got {value}")
+    check_weight_files(directory)
+    recommended: dict[str, Any] = {}
+    generation_path = directory / "generation_config.json"
+    if generation_path.exists():
+        loaded = _read_json(generation_path)
+        recommended = loaded if isinstance(loaded, dict) else {}
+    return ModelFacts(
+        config=config,
+        num_layers=_config_int(config, "num_hidden_layers"),
+        vocab_size=_config_int(config, "vocab_size"),
+        recommended_exit_layer=recommended.get("exit_layer"),
+        recommended_num_speculations=recommended.get("num_speculations"),
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _layer_indices(keys: Iterable[str]) -> list[int]:
+    return sorted({int(match.group(1)) for key in keys if (match := _LAYER_INDEX.search(key))})
+
+
+def _first(keys: Iterable[Any]) -> str:
+    ordered = sorted(str(key if isinstance(key, str) else key[0]) for key in keys)
+    more = f" and {len(ordered) - 1} more" if len(ordered) > 1 else ""
+    return f"{ordered[0]}{more}"
+
+
+def check_loading_info(model: str, info: dict[str, Any], num_layers: int | None) -> None:
+    """Refuse weights that do not fit config.json: missing tensors (they would run randomly
+    initialised), unexpected ones (trained weights silently dropped) or other shapes.
+
+    Raises:
+        ModelLoadError: one line saying what disagrees.
+    """
+    missing, unexpected = (
+        set(info.get("missing_keys") or ()),
+        set(info.get("unexpected_keys") or ()),
+    )
+    mismatched = list(info.get("mismatched_keys") or ())
+    declared = f"config.json declares {num_layers} decoder layers" if num_layers else ""
+    if missing:
+        layers = _layer_indices(missing)
+        if layers and declared:
+            raise ModelLoadError(
+                f"model '{model}': {declared} but the weights have none for layer(s) "
+                f"{', '.join(map(str, layers))} (they would run randomly initialised); "
+                "fix num_hidden_layers in config.json or use the matching weights"
+            )
+        raise ModelLoadError(
+            f"model '{model}': the weights lack {_first(missing)} "
+            "(they would run randomly initialised); config.json and the weights disagree"
+        )
+    if unexpected:
+        layers = _layer_indices(unexpected)
+        if layers and declared:
+            raise ModelLoadError(
+                f"model '{model}': {declared} but the weights also hold layer(s) "
+                f"{', '.join(map(str, layers))} (they would be dropped); "
+                "fix num_hidden_layers in config.json or use the matching weights"
+            )
+        raise ModelLoadError(
+            f"model '{model}': the weights hold {_first(unexpected)}, which config.json's "
+            "model has no place for (they would be dropped)"
+        )
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
+        raise ModelLoadError(
+            f"model '{model}': {key} has shape {list(stored)} in the weights but config.json "
+            f"implies {list(expected)}{more}; config.json and the weights disagree"
+        )
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_loading_report() -> Iterator[None]:
+    """transformers logs a multi-line table of missing/unexpected keys; they are reported
+    in one line by :func:`check_loading_info` instead. (A filter, not a higher level: that
+    logger's level also switches on other warnings.)"""
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    dropper = _DropLoadReport()
+    report_logger.addFilter(dropper)
+    try:
+        yield
+    finally:
+        report_logger.removeFilter(dropper)
+
+
 def load_model_and_tokenizer(
     model: str,
     dtype: str | None = None,
@@ -79,9 +411,8 @@ def load_model_and_tokenizer(
         ModelLoadError: the model cannot be found or read.
     """
     device = device or default_device()
+    check_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}' requested but CUDA is not available")
     arguments: dict[str, Any] = dict(model_args or {})
     source = smollm2_gguf_path() if model == "smollm2" else model
     if source.endswith(".gguf"):
@@ -89,18 +420,30 @@ def load_model_and_tokenizer(
             raise ModelLoadError(f"GGUF file not found: {source}")
         arguments["gguf_file"] = os.path.basename(source)
         source = os.path.dirname(os.path.abspath(source))
-    elif source.startswith((".", "/", "~")) and not os.path.isdir(source):
+    elif source.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(source)):
         raise ModelLoadError(f"model directory not found: {source}")
+    facts = inspect_model(model)
+    check_model_args(model_args or {}, facts.config if facts else None)
     logger.info("loading %s (%s, %s)", model, torch_dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, **{key: value for key, value in arguments.items() if key == "gguf_file"}
         )
-        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **arguments)
-    except (OSError, ValueError, KeyError) as error:
-        first_line = (
-            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        )
-        raise ModelLoadError(f"cannot load model '{model}': {first_line}") from error
+        with _quiet_loading_report():
+            loaded, info = AutoModelForCausalLM.from_pretrained(
+                source,
+                dtype=torch_dtype,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported by check_loading_info, in one line
+                **arguments,
+            )
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        raise ModelLoadError(f"cannot load model '{model}': {_first_line(error)}") from error
+    except Exception as error:  # tokenizers' Rust errors (a corrupt tokenizer.json) are bare
+        if type(error).__module__.split(".")[0] not in ("tokenizers", "builtins"):
+            raise
+        raise ModelLoadError(f"cannot load model '{model}': {_first_line(error)}") from error
+    if "gguf_file" not in arguments:
+        check_loading_info(model, info, facts.num_layers if facts else None)
     loaded.to(device).eval()
     return loaded, tokenizer

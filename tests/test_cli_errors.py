@@ -66,7 +66,7 @@ CASES = [
     ),
     (
         "correctness",
-        ["--dataset", "custom_jsonl", "--data_path", "DATA:missing_field"],
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:missing_field", "--exit_layer", 2],
         "no field 'prompt'",
     ),
     ("benchmark", ["--dataset", "custom_jsonl"], "custom_jsonl needs --data_path"),
