@@ -232,6 +232,18 @@ def test_torchrun_two_processes(corpus: Path, tmp_path: Path) -> None:
             ["--preset", "tiny", "--model", "m", "--data", "x", "--max_tokens", "9"],
             "give only one of",
         ),
+        (
+            ["--preset", "tiny", "--data", "x", "--max_tokens", "9", "--device", "tpu"],
+            "--device must be auto, cpu, cuda or cuda:N",
+        ),
+        (
+            ["--preset", "tiny", "--data", "x", "--max_tokens", "9", "--fsdp_cpu_offload", "True"],
+            "--fsdp_cpu_offload True needs --fsdp True",
+        ),
+        (
+            ["--recipe", "/nonexistent/recipe.json", "--data", "x", "--max_tokens", "9"],
+            "cannot read recipe /nonexistent/recipe.json",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(
@@ -278,3 +290,60 @@ def test_bad_input_in_a_subprocess(tmp_path: Path) -> None:
         and "does not exist" in resume.stderr
         and "Traceback" not in resume.stderr
     )
+
+
+def test_time_budget_starts_the_schedules_at_their_beginning(corpus: Path, tmp_path: Path) -> None:
+    """With --max_minutes alone the horizon T is unknown for the first steps: the exponential
+    dropout warm-up must start at S(0) = 0 and the gradual curriculum at the last exit alone
+    (not at full p_max with every exit on, as `T = 1` gave)."""
+    result = run(
+        "train.py",
+        *TINY,
+        *QUICK,
+        "--max_minutes",
+        "10",
+        "--stop_after_steps",
+        "3",
+        "--layer_dropout_p_max",
+        "0.5",
+        "--layer_dropout_schedule",
+        "exponential",
+        "--early_exit_curriculum",
+        "gradual",
+        "--data",
+        f"{corpus}/*.py",
+        "--output_dir",
+        str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = losses(tmp_path)
+    assert [record["step"] for record in records] == [1, 2, 3]
+    assert all(set(record["exit_losses"]) == {"4"} for record in records), records
+    assert all(record["layer_dropout_scale"] == 0.0 for record in records), records
+
+
+def test_recipe_files_are_flags_the_command_line_overrides(tmp_path: Path) -> None:
+    from self_speculation.training.config import parse_config
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(
+        json.dumps(
+            {
+                "flags": {
+                    "model": "some/model",
+                    "learning_rate": 2e-5,
+                    "bf16": False,
+                    "data": ["a", "b"],
+                }
+            }
+        )
+    )
+    config = parse_config(["--recipe", str(recipe), "--learning_rate", "1e-4", "--max_tokens", "9"])
+    assert config.model.model == "some/model" and config.data.data == ["a", "b"]
+    assert config.training.learning_rate == 1e-4 and config.training.bf16 is False
+    shipped = sorted((ROOT / "configs").glob("recipe-*.json"))
+    assert len(shipped) >= 2
+    for path in shipped:
+        config = parse_config(["--recipe", str(path), "--data", "x"])
+        assert config.model.model and config.layerskip.layer_dropout_p_max > 0, path
+        assert config.training.max_tokens > 0, path
