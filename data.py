@@ -25,6 +25,7 @@ from typing import Any
 
 from arguments import BenchmarkArguments
 from self_speculation import LayerSkipError
+from self_speculation.errors import require_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +237,7 @@ def _check_fields(rows: list[Row], fields: tuple[str, ...], name: DatasetName, w
         for field_name in fields:
             if not isinstance(row[field_name], str):
                 raise DataError(f"{where}: row {number}: field '{field_name}' is not a string")
+            require_utf8(row[field_name], f"{where}: row {number}: field '{field_name}'")
 
 
 def load_examples(args: BenchmarkArguments, seed: int) -> list[EvaluationExample]:

@@ -38,6 +38,7 @@ from self_speculation import (
     StreamerName,
     build_streamer,
 )
+from self_speculation.errors import require_utf8
 
 logger = logging.getLogger("generate")
 
@@ -61,12 +62,16 @@ class GenerateArguments:
             )
         if self.prompt is not None and not self.prompt.strip():
             raise ConfigError("the prompt is empty")
+        if self.prompt is not None:
+            require_utf8(self.prompt, "--prompt")
 
 
 def read_prompts(stream: TextIO | None = None) -> Iterator[str]:
     """Prompts from ``stream`` (default: the current ``sys.stdin``), one per line; a trailing
     backslash joins the next line."""
     stream = sys.stdin if stream is None else stream
+    if hasattr(stream, "reconfigure"):  # undecodable bytes: a one-line error, not a crash
+        stream.reconfigure(errors="surrogateescape")
     pending: list[str] = []
     while True:
         if stream.isatty():
@@ -109,6 +114,8 @@ def _answer(
     options: GenerateArguments,
     seed: int,
 ) -> None:
+    # Undecodable input bytes fail this prompt only, not the interactive session.
+    require_utf8(prompt, "the prompt")
     streamer = build_streamer(options.streamer, generator.tokenizer)
     random = torch.Generator(device=generator.layerwise.device).manual_seed(seed)
     result = generator.generate(

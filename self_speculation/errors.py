@@ -15,3 +15,25 @@ class UnsupportedModelError(LayerSkipError):
 
 class ModelLoadError(LayerSkipError):
     """A model or tokenizer could not be loaded (missing path, unreachable hub, bad file)."""
+
+
+def require_utf8(text: str, where: str) -> None:
+    """Refuse text that cannot be encoded as UTF-8: a lone surrogate from a JSON ``\\ud800``
+    escape, or a byte that was not UTF-8 (decoded with ``surrogateescape``, as Python does
+    for arguments and standard input). Tokenizers fail on such text with a bare TypeError.
+
+    Raises:
+        ConfigError: naming ``where`` and the offending character.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+        what = (
+            f"byte 0x{code - 0xDC00:02x} is not UTF-8"
+            if 0xDC80 <= code <= 0xDCFF
+            else f"lone surrogate \\u{code:04x}"
+        )
+        raise ConfigError(
+            f"{where} is not valid UTF-8 text ({what} at character {error.start})"
+        ) from None

@@ -66,7 +66,8 @@ CASES = [
     ),
     (
         "correctness",
-        ["--dataset", "custom_jsonl", "--data_path", "DATA:missing_field", "--exit_layer", 2],
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:missing_field", "--exit_layer", 2]
+        + ["--num_speculations", 2],
         "no field 'prompt'",
     ),
     ("benchmark", ["--dataset", "custom_jsonl"], "custom_jsonl needs --data_path"),
