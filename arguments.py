@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import simple_parsing
@@ -54,6 +55,28 @@ class ArgumentsError(ConfigError):
     """A command line that cannot be parsed (unknown flag, bad value, missing flag)."""
 
 
+def check_output_dir(path: str, flag: str = "--output_dir") -> None:
+    """Refuse, before any work, an output directory that is a file or lies under one.
+
+    Raises:
+        ConfigError: naming the path and the file in the way.
+    """
+    directory = Path(path).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a directory (choose another {flag})")
+    for parent in directory.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"{flag} {path}: {parent} is a file, not a directory (choose another {flag})"
+                )
+            if not directory.exists() and not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"{flag} {path}: cannot create it, {parent} is not writable")
+            break
+    if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path} is not writable (choose another {flag})")
+
+
 @dataclass
 class Arguments:
     """Model, device and output settings common to every script."""
@@ -79,6 +102,7 @@ class Arguments:
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
         check_device(self.device)
+        check_output_dir(self.output_dir)
         for key in self.model_kwargs:  # also validates model_args now, not after loading data
             if key in OWNED_FROM_PRETRAINED_KEYS:
                 raise ConfigError(
@@ -374,6 +398,17 @@ def setup_logging(rank: int | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def error_line(error: BaseException) -> str:
+    """``error`` as one line; an OSError as "<file>: <reason>" rather than "[Errno N] ..."."""
+    if isinstance(error, OSError) and error.strerror:
+        where = error.filename if error.filename is not None else ""
+        target = f" -> {error.filename2}" if error.filename2 is not None else ""
+        message = f"{where}{target}: {error.strerror}" if where else error.strerror
+    else:
+        message = str(error)
+    return " ".join(message.split()) or type(error).__name__
+
+
 def run_main(main: Callable[[list[str]], int | None], prog: str | None = None) -> NoReturn:
     """Run ``main(sys.argv[1:])`` and exit with its status.
 
@@ -386,8 +421,7 @@ def run_main(main: Callable[[list[str]], int | None], prog: str | None = None) -
     try:
         status = main(sys.argv[1:])
     except (LayerSkipError, OSError) as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        sys.stderr.write(f"{prog}: error: {message}\n")
+        sys.stderr.write(f"{prog}: error: {error_line(error)}\n")
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")

@@ -13,17 +13,18 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import simple_parsing
 import torch
 
-from self_speculation.errors import ConfigError, LayerSkipError
-from self_speculation.loading import DEFAULT_MODEL, load_model_and_tokenizer
+from arguments import MAX_SEED, check_output_dir, run_main
+from self_speculation.benchmarking import write_json_atomic
+from self_speculation.errors import ConfigError, require_utf8
+from self_speculation.loading import DEFAULT_MODEL, DTYPES, inspect_model, load_model_and_tokenizer
 from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.training.data import pack_blocks, read_texts, resolve_files
 from self_speculation.training.layer_quality import ExitQuality, exit_quality
@@ -53,12 +54,19 @@ class ReportConfig:
             raise ConfigError("give held-out data with --data GLOB...")
         if self.seq_len < 2 or self.max_tokens < self.seq_len or self.batch_size < 1:
             raise ConfigError("need seq_len >= 2, max_tokens >= seq_len and batch_size >= 1")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
+        if self.num_threads < 0:
+            raise ConfigError(
+                f"--num_threads must be >= 0 (0: torch's default), got {self.num_threads}"
+            )
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
 
 
 class _OneLineErrorParser(simple_parsing.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        sys.exit(2)
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see --help)")
 
 
 def report_model(name: str, texts: list[str], config: ReportConfig) -> dict:
@@ -102,37 +110,65 @@ def plot(sections: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def check_text_files(files: list[Path]) -> None:
+    """Refuse a binary or non-UTF-8 file among the data (a glob can catch a .pyc or an
+    image): its bytes would be scored as text, or fail deep in the tokenizer.
+
+    Raises:
+        ConfigError: naming the file, the offset and how to leave it out.
+    """
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None
+        nul = data.find(b"\0")
+        if nul >= 0:
+            raise ConfigError(
+                f"{path} is a binary file (NUL byte at offset {nul}): give text, "
+                "code or JSONL files, or leave it out with --exclude"
+            )
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"{path} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
+                f"{error.start}): convert it or leave it out with --exclude"
+            ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        parser = _OneLineErrorParser(prog="layer_report.py", add_config_path_arg=False)
-        parser.add_arguments(ReportConfig, dest="config")
-        config: ReportConfig = parser.parse_args(argv).config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        torch.manual_seed(config.seed)
-        files = resolve_files(config.data, config.exclude)
-        texts = list(read_texts(files, config.text_field))
-        sections = [report_model(name, texts, config) for name in [config.model, *config.compare]]
-        output_dir = Path(config.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        document = {
-            "config": asdict(config),
-            "files": [str(path) for path in files],
-            "models": sections,
-        }
-        temporary = output_dir / "layer_report.json.tmp"
-        temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-        temporary.replace(output_dir / "layer_report.json")
-        plot(sections, output_dir / "layer_report.png")
-        for section in sections:
-            logger.info("%s\n%s", section["model"], format_table(section["exits"]))
-        logger.info(
-            "wrote %s and %s", output_dir / "layer_report.json", output_dir / "layer_report.png"
-        )
-    except LayerSkipError as error:
-        sys.stderr.write(f"layer_report.py: error: {error}\n")
-        return 2
+    parser = _OneLineErrorParser(prog="layer_report.py", add_config_path_arg=False)
+    parser.add_arguments(ReportConfig, dest="config")
+    config: ReportConfig = parser.parse_args(argv).config
+    check_output_dir(config.output_dir)
+    for name in [config.model, *config.compare]:
+        inspect_model(name)  # config.json and weight files, before reading any data
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+    files = resolve_files(config.data, config.exclude)
+    check_text_files(files)
+    texts = []
+    for path in files:
+        for number, text in enumerate(read_texts([path], config.text_field), 1):
+            require_utf8(text, f"{path}: document {number}")  # a JSON "\ud800" escape
+            texts.append(text)
+    sections = [report_model(name, texts, config) for name in [config.model, *config.compare]]
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    document = {
+        "config": asdict(config),
+        "files": [str(path) for path in files],
+        "models": sections,
+    }
+    write_json_atomic(output_dir / "layer_report.json", document)
+    plot(sections, output_dir / "layer_report.png")
+    for section in sections:
+        logger.info("%s\n%s", section["model"], format_table(section["exits"]))
+    logger.info(
+        "wrote %s and %s", output_dir / "layer_report.json", output_dir / "layer_report.png"
+    )
     return 0
 
 
@@ -150,4 +186,4 @@ def format_table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, prog="layer_report.py")

@@ -181,7 +181,7 @@ def test_unwritable_output_dir_is_one_line(
     assert code == EXIT_ERROR, stderr
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if "benchmark.py: error:" in line]
-    assert len(errors) == 1 and "Not a directory" in errors[0], stderr
+    assert len(errors) == 1 and "is a file, not a directory" in errors[0], stderr
 
 
 def test_a_model_without_decoder_layers_is_one_line_in_a_subprocess(tmp_path: Path) -> None:
