@@ -1,0 +1,266 @@
+"""What the LayerSkip recipe costs in training: tokens/s and peak memory, measured.
+
+Two measurements, each in a fresh process (so that peak memory is that measurement's own):
+
+1. Throughput: the real training step of ``train.py`` (:class:`Trainer`, same optimizer,
+   bf16 setting and device) on one random model and random tokens, plain training
+   (last-exit loss, no dropout) against the recipe (layer dropout + early-exit loss at every
+   exit, 1/8 of the positions at the non-final ones). Reports tokens/s and peak memory.
+2. Early-exit loss memory: forward + backward of the loss alone over a deep model's exit
+   states, for 6 and for 24 supervised exits, with the per-exit loss that training uses
+   and the stacked reference ([exits, tokens, vocab] logits at once). The per-exit loss's
+   peak should not grow with the number of exits; the stacked one's does.
+
+Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU the process's peak
+resident set size above its size just before the measured work (``ru_maxrss``).
+
+    python benchmarks/train_throughput.py                           # CPU, small model
+    python benchmarks/train_throughput.py --device cuda --preset stdlib --seq_len 1024
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import simple_parsing
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from self_speculation.distributed import DistributedContext  # noqa: E402
+from self_speculation.model_surgery import LayerwiseModel  # noqa: E402
+from self_speculation.training.config import (  # noqa: E402
+    DataArguments,
+    LayerSkipArguments,
+    ModelArguments,
+    TrainConfig,
+    TrainingArguments,
+)
+from self_speculation.training.distributed_setup import resolve_device  # noqa: E402
+from self_speculation.training.early_exit_loss import (  # noqa: E402
+    IGNORE_INDEX,
+    early_exit_loss,
+    stacked_early_exit_loss,
+)
+from self_speculation.training.loop import Trainer  # noqa: E402
+from self_speculation.training.presets import architecture_config  # noqa: E402
+
+logger = logging.getLogger("train_throughput")
+
+
+@dataclass
+class ThroughputArguments:
+    """What to measure."""
+
+    preset: str = "small"  # throughput model: a train.py preset (tiny, small, stdlib)
+    vocab_size: int = 8192
+    seq_len: int = 256
+    batch_size: int = 8
+    steps: int = 4  # timed optimizer steps per setting (after one untimed)
+    device: str = "auto"
+    bf16: bool = True
+    num_threads: int = 2
+    memory_layers: int = 24  # early-exit-loss memory: a model this deep
+    memory_hidden: int = 64
+    memory_vocab: int = 8192
+    memory_tokens: int = 1024  # positions per loss (2 sequences)
+    memory_exits: list[int] = field(default_factory=lambda: [6, 24])
+    output_dir: str = "logs/train_throughput"
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+class _PeakMemory:
+    """Peak memory (MiB) of the work inside the block (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mib = 0.0
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated() / 2**20
+        else:
+            self._start = _rss_mib()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mib = torch.cuda.max_memory_allocated() / 2**20 - self._start
+        else:
+            self.peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - self._start
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_training(args: ThroughputArguments, recipe: bool) -> dict[str, Any]:
+    """Tokens/s and peak memory of ``args.steps`` training steps, plain or with the recipe."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.num_threads)
+    torch.manual_seed(0)
+    architecture = architecture_config(
+        args.preset, None, args.vocab_size, args.seq_len, special_token_ids={}
+    )
+    model = AutoModelForCausalLM.from_config(architecture, dtype=torch.float32).train()
+    layerskip = LayerSkipArguments(
+        layer_dropout_p_max=0.1 if recipe else 0.0,
+        early_exit_loss=recipe,
+        early_exit_position_fraction=0.125,
+    )
+    training = TrainingArguments(
+        output_dir=args.output_dir,
+        batch_size=args.batch_size,
+        max_tokens=10**12,
+        warmup_steps=1,
+        device=args.device,
+        bf16=args.bf16,
+        save_every_minutes=0,
+    )
+    config = TrainConfig(ModelArguments(), DataArguments(data=["(random)"]), layerskip, training)
+    context = DistributedContext()
+    device = resolve_device(args.device, context)
+    blocks = torch.randint(0, args.vocab_size, (args.batch_size * (args.steps + 1), args.seq_len))
+    trainer = Trainer(config, model, None, blocks, context, device)
+    exits = trainer.supervised_exits()
+    trainer.train_step(exits)  # untimed: allocations, kernel choices
+    _synchronize(device)
+    with _PeakMemory(device) as memory:
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            trainer.train_step(exits)
+        _synchronize(device)
+        seconds = time.perf_counter() - started
+    return {
+        "setting": "recipe" if recipe else "plain",
+        "supervised_exits": len(exits),
+        "layer_dropout_p_max": layerskip.layer_dropout_p_max,
+        "tokens_per_second": round(args.steps * trainer.tokens_per_step / seconds, 1),
+        "peak_memory_mib": round(memory.peak_mib, 1),
+        "parameters_m": round(trainer.num_parameters / 1e6, 2),
+        "device": str(device),
+    }
+
+
+def measure_loss_memory(args: ThroughputArguments, num_exits: int, stacked: bool) -> dict[str, Any]:
+    """Peak memory of forward + backward of the early-exit loss alone over ``num_exits``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(args.num_threads)
+    torch.manual_seed(0)
+    context = DistributedContext()
+    device = resolve_device(args.device, context)
+    config = LlamaConfig(
+        vocab_size=args.memory_vocab,
+        hidden_size=args.memory_hidden,
+        intermediate_size=2 * args.memory_hidden,
+        num_hidden_layers=args.memory_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+    model = LlamaForCausalLM(config).to(device)
+    layerwise = LayerwiseModel(model, verify=False)
+    sequences = 2
+    input_ids = torch.randint(
+        0, args.memory_vocab, (sequences, args.memory_tokens // sequences), device=device
+    )  # [batch, seq]
+    targets = torch.full_like(input_ids, IGNORE_INDEX)
+    targets[:, :-1] = input_ids[:, 1:]
+    positions = torch.arange(input_ids.shape[1], device=device).unsqueeze(0)
+    step = args.memory_layers // num_exits
+    exit_layers = list(range(step, args.memory_layers + 1, step))[-num_exits:]
+    with torch.no_grad():  # the exit states are inputs here: measure the loss alone
+        hidden = layerwise.embed(input_ids)
+        states = []
+        for layer in range(args.memory_layers):
+            hidden = layerwise.run_layers(hidden, layer, layer + 1, None, positions)
+            if layer + 1 in exit_layers:
+                states.append(hidden.clone())
+    states = [state.requires_grad_() for state in states]
+    loss_function = stacked_early_exit_loss if stacked else early_exit_loss
+    _synchronize(device)
+    with _PeakMemory(device) as memory:
+        result = loss_function(states, exit_layers, targets, layerwise.unembed, args.memory_layers)
+        result.loss.backward()
+        _synchronize(device)
+    return {
+        "loss": "stacked" if stacked else "per_exit",
+        "exits": len(exit_layers),
+        "tokens": args.memory_tokens,
+        "vocab": args.memory_vocab,
+        "peak_memory_mib": round(memory.peak_mib, 1),
+        "one_exit_logits_mib": round(args.memory_tokens * args.memory_vocab * 4 / 2**20, 1),
+    }
+
+
+def _in_fresh_process(function: Any, *arguments: Any) -> dict[str, Any]:
+    """Run ``function(*arguments)`` in a spawned process so its peak memory is its own."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(function, arguments)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    parser = simple_parsing.ArgumentParser(add_config_path_arg=False)
+    parser.add_arguments(ThroughputArguments, dest="args")
+    args: ThroughputArguments = parser.parse_args(argv).args
+    training = []
+    for recipe in (False, True):
+        logger.info("training step, %s", "recipe" if recipe else "plain")
+        training.append(_in_fresh_process(measure_training, args, recipe))
+    loss_memory = []
+    for num_exits in args.memory_exits:
+        for stacked in (False, True):
+            logger.info(
+                "early-exit loss, %d exits, %s", num_exits, "stacked" if stacked else "per exit"
+            )
+            loss_memory.append(_in_fresh_process(measure_loss_memory, args, num_exits, stacked))
+    plain, recipe = training
+    document = {
+        "arguments": asdict(args),
+        "training": training,
+        "recipe_relative_tokens_per_second": round(
+            recipe["tokens_per_second"] / plain["tokens_per_second"], 3
+        ),
+        "early_exit_loss_memory": loss_memory,
+    }
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    temporary = output_dir / "train_throughput.json.tmp"
+    temporary.write_text(json.dumps(document, indent=2) + "\n")
+    temporary.replace(output_dir / "train_throughput.json")
+    for row in training:
+        print(
+            f"{row['setting']:>7}: {row['tokens_per_second']:9.1f} tokens/s, "
+            f"peak {row['peak_memory_mib']:8.1f} MiB ({row['supervised_exits']} exits, {row['device']})"
+        )
+    print(f"recipe / plain tokens/s: {document['recipe_relative_tokens_per_second']}")
+    for row in loss_memory:
+        print(
+            f"early-exit loss {row['loss']:>8}, {row['exits']:2d} exits: peak "
+            f"{row['peak_memory_mib']:8.1f} MiB (one exit's logits {row['one_exit_logits_mib']} MiB)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
