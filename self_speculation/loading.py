@@ -56,6 +56,74 @@ def smollm2_gguf_path() -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_NAME)
 
 
+def _offline() -> bool:
+    return any(
+        os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def check_model_source(model: str) -> None:
+    """Fail at once on a ``--model`` that is neither on this machine nor a reachable hub id.
+
+    Otherwise ``from_pretrained`` takes any name it cannot find locally for a hub id and
+    retries the network for a minute before failing. A name that looks like a path (starts
+    with ``.``, ``/`` or ``~``, has a backslash, more than one ``/``, or a first component
+    that is a local directory, as in a mistyped ``models/layerskip-stdlb``) or that is not
+    a valid hub id is reported as a missing directory, with the nearest existing names.
+    Offline (``HF_HUB_OFFLINE``), a hub id must already be in the hub cache.
+
+    Raises:
+        ModelLoadError: one line naming the model and what was looked for.
+    """
+    import difflib
+
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ModelLoadError(
+            f"{model} is a file, not a model directory (give a save_pretrained directory, "
+            "a .gguf file, a hub id or smollm2)"
+        )
+    if model == DEFAULT_MODEL:
+        raise ModelLoadError(
+            f"the shipped model is not at {model}: a non-editable install (pip install .) "
+            "copies the package only; pass --model PATH, or install a checkout with "
+            "pip install -e ."
+        )
+    parts = model.replace("\\", "/").split("/")
+    path_like = (
+        model.startswith((".", "/", "~"))
+        or "\\" in model
+        or len(parts) > 2
+        or (len(parts) == 2 and Path(parts[0]).expanduser().is_dir())
+    )
+    if not path_like:
+        try:
+            validate_repo_id(model)
+        except HFValidationError:
+            path_like = True
+    if path_like:
+        parent = path.parent
+        near = (
+            difflib.get_close_matches(path.name, [entry.name for entry in parent.iterdir()], 3)
+            if parent.is_dir()
+            else []
+        )
+        hint = f" (did you mean {', '.join(str(parent / name) for name in near)}?)" if near else ""
+        raise ModelLoadError(f"model directory not found: {model}{hint}")
+    cached = Path(hub_constants.HF_HUB_CACHE) / f"models--{model.replace('/', '--')}"
+    if _offline() and not cached.is_dir():
+        raise ModelLoadError(
+            f"model '{model}' is not a local directory, and HF_HUB_OFFLINE is set while the "
+            f"hub cache ({hub_constants.HF_HUB_CACHE}) has no copy of it"
+        )
+
+
 def resolve_dtype(name: str | None, device: str) -> torch.dtype:
     """``name`` as a torch dtype; None means float32 on CPU and bfloat16 elsewhere."""
     if name is None:
@@ -420,8 +488,8 @@ def load_model_and_tokenizer(
             raise ModelLoadError(f"GGUF file not found: {source}")
         arguments["gguf_file"] = os.path.basename(source)
         source = os.path.dirname(os.path.abspath(source))
-    elif source.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(source)):
-        raise ModelLoadError(f"model directory not found: {source}")
+    else:
+        check_model_source(source)
     facts = inspect_model(model)
     check_model_args(model_args or {}, facts.config if facts else None)
     logger.info("loading %s (%s, %s)", model, torch_dtype, device)
