@@ -7,8 +7,11 @@ document and a PNG plot to --output_dir; --compare adds other models to both.
 
 Example::
 
+    S=$(python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
     python layer_report.py --model models/layerskip-stdlib \
-        --data '/root/.pyenv/versions/3.11.7/lib/python3.11/json/*.py' --output_dir logs/report
+        --data "$S/json/*.py" --output_dir logs/report
+
+(``$S`` is this Python's standard library, the held-out files of the shipped model.)
 """
 
 from __future__ import annotations
