@@ -22,6 +22,9 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,14 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> 
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it saves "in a single process" when there is no process group: intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _distributed_state(objective: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Model and optimizer state keyed by parameter names (DTensor shards under FSDP)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -86,7 +97,8 @@ def save_checkpoint(
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     barrier(context)
-    dcp.save(_distributed_state(objective, optimizer), checkpoint_id=str(temporary))
+    with _quiet_single_process():
+        dcp.save(_distributed_state(objective, optimizer), checkpoint_id=str(temporary))
     torch.save(_rng_state(generator), temporary / f"rng-{context.rank}.pt")
     if context.is_main:
         model_config.save_pretrained(temporary)
@@ -119,7 +131,8 @@ def load_checkpoint(
 
     directory = output_dir / CHECKPOINT_DIR
     state = _distributed_state(objective, optimizer)
-    dcp.load(state, checkpoint_id=str(directory))
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(
         objective,
         optimizer,

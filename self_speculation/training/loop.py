@@ -546,7 +546,8 @@ def train(config: TrainConfig) -> Path:
         TrainingInterrupted: SIGINT/SIGTERM stopped the run (after a checkpoint).
     """
     args = config.training
-    distributed = setup_distributed(device="cuda" if args.device.startswith("cuda") else None)
+    # gloo for CPU training even where a GPU exists; nccl for GPUs ("auto": whichever is there).
+    distributed = setup_distributed(device=None if args.device == "auto" else args.device)
     try:
         return _train(config, distributed)
     finally:
