@@ -14,8 +14,10 @@ Grid bounds are inclusive; ``--exit_layer_last -1`` means the last layer but one
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -38,10 +40,12 @@ from data import load_examples
 from self_speculation import UNSET, ConfigError, GenerationStrategyName
 from self_speculation import distributed as dist
 from self_speculation.benchmarking import (
+    append_line,
     environment_info,
     full_model_config,
     gather_rows,
     generate_rows,
+    repair_last_line,
     write_json_atomic,
 )
 from self_speculation.metrics import summarize_speed
@@ -53,6 +57,8 @@ COLUMNS = [
     "time_per_token", "tokens_per_second", "overall_tokens_per_second", "tokens_per_step",
     "speedup", "num_samples", "setting",
 ]  # fmt: skip
+INTEGER_COLUMNS = ("exit_layer", "num_speculations", "num_samples")
+TEXT_COLUMNS = ("generation_strategy", "setting")
 
 
 @dataclass
@@ -115,30 +121,103 @@ def _setting_key(
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _finished(csv_path: Path, setting: str) -> pd.DataFrame:
+def _parse_row(fields: list[str], where: str) -> dict:
+    """One CSV row as typed values; ConfigError naming ``where`` (file, line) when a value
+    is not what the sweep writes."""
+    if len(fields) != len(COLUMNS):
+        raise ConfigError(f"{where}: {len(fields)} fields, the header has {len(COLUMNS)}")
+    row: dict = dict(zip(COLUMNS, fields))
+    if row["generation_strategy"] not in {name.value for name in GenerationStrategyName}:
+        raise ConfigError(f"{where}: unknown generation_strategy '{row['generation_strategy']}'")
+    for column in COLUMNS:
+        value = row[column]
+        if column in TEXT_COLUMNS:
+            continue
+        if value == "" and column not in INTEGER_COLUMNS:
+            row[column] = None
+            continue
+        try:
+            number = float(value)
+            if column in INTEGER_COLUMNS:
+                if not number.is_integer():
+                    raise ValueError
+                number = int(number)
+        except (ValueError, OverflowError):
+            kind = "an integer" if column in INTEGER_COLUMNS else "a number"
+            raise ConfigError(f"{where}: {column} '{value}' is not {kind}") from None
+        row[column] = number
+    return row
+
+
+def read_sweep_csv(csv_path: Path) -> tuple[pd.DataFrame, bool]:
+    """The rows of a sweep CSV, every value checked, and whether its last line is unfinished
+    (no newline and not a whole row: a write cut short; it is left out).
+
+    Raises:
+        ConfigError: the file is not a sweep CSV, or a line (named by number) is malformed:
+            hand-edited, say.
+    """
+    hint = "fix or delete that line, or choose another --output_file"
+    try:
+        text = csv_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{csv_path} is not a sweep CSV (not UTF-8 text at byte {error.start}); "
+            "choose another --output_file"
+        ) from None
+    lines = text.splitlines(keepends=True)
+    unfinished = bool(lines) and not lines[-1].endswith("\n")
+    rows = []
+    for number, fields in enumerate(csv.reader(lines), start=1):
+        last = number == len(lines)
+        if number == 1:
+            if fields != COLUMNS and not (last and unfinished):
+                raise ConfigError(
+                    f"{csv_path} is not a sweep CSV (its header is not {','.join(COLUMNS)}); "
+                    "choose another --output_file"
+                )
+            continue
+        try:
+            rows.append(_parse_row(fields, f"{csv_path}, line {number}"))
+        except ConfigError as error:
+            if last and unfinished:
+                break  # cut short by a kill: repaired before the next row is appended
+            raise ConfigError(f"{error}: {hint}") from None
+        else:
+            if last and unfinished:
+                unfinished = False  # a whole row that only lacks its newline
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    for column in COLUMNS:
+        if column not in TEXT_COLUMNS:
+            table[column] = pd.to_numeric(table[column])
+    return table, unfinished
+
+
+def _finished(csv_path: Path, setting: str, repair: bool) -> pd.DataFrame:
+    """This setting's rows already in the CSV. With ``repair``, an unfinished last line is cut
+    off (and a whole last row missing its newline gets one) so the next row starts on a
+    line of its own."""
     if not csv_path.exists():
         return pd.DataFrame(columns=COLUMNS)
-    try:
-        table = pd.read_csv(csv_path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise ConfigError(
-            f"{csv_path} is not a sweep CSV ({error}); choose another --output_file"
-        ) from None
-    if "setting" not in table.columns:
-        raise ConfigError(
-            f"{csv_path} is not a sweep CSV (no 'setting' column); choose another --output_file"
-        )
+    if csv_path.is_dir():
+        raise ConfigError(f"{csv_path} is a directory; --output_file must be a CSV file")
+    table, unfinished = read_sweep_csv(csv_path)
+    if repair:
+        dropped = repair_last_line(csv_path, is_complete=lambda line: not unfinished)
+        if dropped:
+            logger.warning("%s ended in an unfinished line, cut off: %r", csv_path, dropped)
     return table[table["setting"] == setting]
 
 
 def _append_row(csv_path: Path, row: dict) -> None:
-    frame = pd.DataFrame([row], columns=COLUMNS)
-    frame.to_csv(
-        csv_path,
-        mode="a",
-        header=not csv_path.exists() or os.path.getsize(csv_path) == 0,
-        index=False,
-    )
+    """One whole line per row (header first in a new or empty file), so that a kill leaves
+    at most an unfinished last line, which the next run repairs."""
+    if not csv_path.exists() or os.path.getsize(csv_path) == 0:
+        append_line(csv_path, ",".join(COLUMNS))
+    values = ["" if row.get(column) is None else row[column] for column in COLUMNS]
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(values)
+    append_line(csv_path, buffer.getvalue())
 
 
 def _measure(generator, samples, config, seed, context) -> dict:
@@ -174,13 +253,14 @@ def main(argv: list[str]) -> int:
     if facts is not None and facts.num_layers is not None:
         sweep.grid(facts.num_layers)
     with distributed_run(args) as context:
+        # The CSV first: a malformed one fails before the data and weights load.
+        csv_path = Path(sweep.output_file or Path(args.output_dir) / "sweep.csv")
+        setting = _setting_key(args, generation, benchmark)
+        done = _finished(csv_path, setting, repair=context.is_main)
         examples = load_examples(benchmark, args.seed)
         generator = args.load_generator(context)
         grid = sweep.grid(generator.num_layers)
-        csv_path = Path(sweep.output_file or Path(args.output_dir) / "sweep.csv")
         csv_path.parent.mkdir(parents=True, exist_ok=True)
-        setting = _setting_key(args, generation, benchmark)
-        done = _finished(csv_path, setting)
         samples = dist.shard(examples, context)
 
         baseline_rate = None
@@ -269,7 +349,7 @@ def _finish(
 ) -> None:
     """Plot, summary and best point of this run's grid (the CSV may hold more points, from
     earlier runs with other bounds)."""
-    table = pd.read_csv(csv_path)
+    table, _ = read_sweep_csv(csv_path)
     points = pd.Series(list(zip(table["exit_layer"], table["num_speculations"])), index=table.index)
     table = table[
         (table["setting"] == setting)

@@ -23,7 +23,7 @@ import os
 import platform
 import sys
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -87,6 +87,48 @@ def write_json_atomic(path: str | os.PathLike, document: Mapping[str, Any]) -> N
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def repair_last_line(
+    path: str | os.PathLike, is_complete: Callable[[str], bool] = lambda line: False
+) -> str | None:
+    """Make ``path`` end at a line boundary before rows are appended to it, so that a new row
+    is never glued onto a line a killed writer (or an editor) left unfinished.
+
+    A last line without its newline is kept (the newline is added) when ``is_complete``
+    says it is a whole row, e.g. an editor dropped the final newline; otherwise it is cut
+    off.
+
+    Returns:
+        The unfinished line that was cut off, or None when nothing was lost.
+    """
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    with open(path, "rb+") as stream:
+        stream.seek(-1, os.SEEK_END)
+        if stream.read(1) == b"\n":
+            return None
+        stream.seek(0)
+        data = stream.read()
+        keep = data.rfind(b"\n") + 1  # 0 when the file is one unfinished line
+        last = data[keep:].decode("utf-8", errors="replace")
+        if is_complete(last):
+            stream.seek(0, os.SEEK_END)
+            stream.write(b"\n")
+            return None
+        stream.truncate(keep)
+    return last
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one whole line (``line`` + newline) in a single write, flushed to disk."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, (line.rstrip("\n") + "\n").encode("utf-8"))
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 class JsonlWriter:
