@@ -34,6 +34,7 @@ from self_speculation import (
     load_model_and_tokenizer,
 )
 from self_speculation import distributed as dist
+from self_speculation.errors import require_utf8
 from self_speculation.loading import (
     OWNED_FROM_PRETRAINED_KEYS,
     ModelFacts,
@@ -225,6 +226,8 @@ class GenerationArguments:
             raise ConfigError(
                 f"--generation_strategy lists a strategy twice: {self.generation_strategy}"
             )
+        for word in self.stop_words or []:
+            require_utf8(word, "--stop_words", from_bytes=True)
         self.config()  # GenerationConfig validates the remaining values
 
     def _strategy_names(self) -> list[str]:
@@ -292,6 +295,8 @@ class BenchmarkArguments:
             raise ConfigError(f"--n_shot must be >= 0, got {self.n_shot}")
         if self.template is not None and "{message}" not in self.template:
             raise ConfigError("--template must contain '{message}' where the prompt goes")
+        if self.template is not None:
+            require_utf8(self.template, "--template", from_bytes=True)
 
 
 class _Parser(simple_parsing.ArgumentParser):

@@ -63,7 +63,7 @@ class GenerateArguments:
         if self.prompt is not None and not self.prompt.strip():
             raise ConfigError("the prompt is empty")
         if self.prompt is not None:
-            require_utf8(self.prompt, "--prompt")
+            require_utf8(self.prompt, "--prompt", from_bytes=True)
 
 
 def read_prompts(stream: TextIO | None = None) -> Iterator[str]:
@@ -115,7 +115,7 @@ def _answer(
     seed: int,
 ) -> None:
     # Undecodable input bytes fail this prompt only, not the interactive session.
-    require_utf8(prompt, "the prompt")
+    require_utf8(prompt, "the prompt", from_bytes=True)
     streamer = build_streamer(options.streamer, generator.tokenizer)
     random = torch.Generator(device=generator.layerwise.device).manual_seed(seed)
     result = generator.generate(

@@ -17,10 +17,16 @@ class ModelLoadError(LayerSkipError):
     """A model or tokenizer could not be loaded (missing path, unreachable hub, bad file)."""
 
 
-def require_utf8(text: str, where: str) -> None:
+def require_utf8(text: str, where: str, from_bytes: bool = False) -> None:
     """Refuse text that cannot be encoded as UTF-8: a lone surrogate from a JSON ``\\ud800``
     escape, or a byte that was not UTF-8 (decoded with ``surrogateescape``, as Python does
     for arguments and standard input). Tokenizers fail on such text with a bare TypeError.
+
+    Args:
+        text: the text to check.
+        where: what it is, for the message ("--prompt", "data.jsonl: row 3").
+        from_bytes: ``text`` was decoded from bytes with ``surrogateescape`` (command-line
+            arguments, standard input): name the undecodable byte, not a surrogate.
 
     Raises:
         ConfigError: naming ``where`` and the offending character.
@@ -31,7 +37,7 @@ def require_utf8(text: str, where: str) -> None:
         code = ord(text[error.start])
         what = (
             f"byte 0x{code - 0xDC00:02x} is not UTF-8"
-            if 0xDC80 <= code <= 0xDCFF
+            if from_bytes and 0xDC80 <= code <= 0xDCFF
             else f"lone surrogate \\u{code:04x}"
         )
         raise ConfigError(

@@ -406,7 +406,7 @@ def check_loading_info(model: str, info: dict[str, Any], num_layers: int | None)
         set(info.get("missing_keys") or ()),
         set(info.get("unexpected_keys") or ()),
     )
-    mismatched = list(info.get("mismatched_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda item: str(item[0]))
     declared = f"config.json declares {num_layers} decoder layers" if num_layers else ""
     if missing:
         layers = _layer_indices(missing)
