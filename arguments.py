@@ -40,6 +40,7 @@ from self_speculation.loading import (
     ModelFacts,
     check_device,
     check_model_args,
+    check_model_source,
     inspect_model,
 )
 
@@ -144,6 +145,8 @@ class Arguments:
             ModelLoadError: a malformed config.json or weights file.
             ConfigError: settings outside the model's range, or unknown --model_args keys.
         """
+        if self.model != "smollm2" and not self.model.endswith(".gguf"):
+            check_model_source(self.model)  # a mistyped path fails now, not after the data
         facts = inspect_model(self.model)
         if facts is None:
             return None
@@ -241,7 +244,8 @@ class GenerationArguments:
     def config(self, strategy: GenerationStrategyName | str | None = None) -> GenerationConfig:
         """The engine's config for ``strategy`` (default: the first one listed)."""
         fields = {field.name for field in dataclasses.fields(GenerationConfig)}
-        values = {name: getattr(self, name) for name in fields}
+        # Engine fields without a flag here keep GenerationConfig's defaults.
+        values = {name: getattr(self, name) for name in fields if hasattr(self, name)}
         values["generation_strategy"] = GenerationStrategyName(strategy or self.strategies[0])
         return GenerationConfig(**values)
 
