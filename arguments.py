@@ -8,11 +8,13 @@ for a user into one line on stderr and a non-zero exit status, never a traceback
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -303,11 +305,31 @@ class BenchmarkArguments:
             require_utf8(self.template, "--template", from_bytes=True)
 
 
+class _HelpFormatter(simple_parsing.SimpleHelpFormatter):
+    """Adds "(default: X)" only where the flag's help does not already say its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(simple_parsing.ArgumentParser):
     """simple-parsing's parser, raising instead of printing usage and exiting."""
 
     def error(self, message: str) -> NoReturn:
         raise ArgumentsError(message)
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> argparse._ArgumentGroup:
+        # simple-parsing titles a group "GenerationArguments ['group1']": show "generation
+        # options" instead (the class and dest names mean nothing to a user).
+        title = kwargs.get("title", args[0] if args else None)
+        if isinstance(title, str) and re.search(r" \[.*\]$", title):
+            name = re.sub(r"Arguments$", "", re.sub(r" \[.*\]$", "", title))
+            words = re.sub(r"(?<!^)(?=[A-Z])", " ", name).lower() or "common"
+            kwargs["title"], args = f"{words} options", args[1:]
+        return super().add_argument_group(*args, **kwargs)
 
 
 def parse_args(
@@ -327,6 +349,8 @@ def parse_args(
         description=description,
         add_option_string_dash_variants=simple_parsing.DashVariant.UNDERSCORE,
         add_config_path_arg=False,
+        allow_abbrev=False,  # --max_step is an unknown flag, not --max_steps
+        formatter_class=_HelpFormatter,
     )
     for position, cls in enumerate(classes):
         parser.add_arguments(cls, dest=f"group{position}")

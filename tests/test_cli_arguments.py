@@ -85,10 +85,12 @@ def test_strategy_list_compares_against_the_full_model() -> None:
     ("argv", "error", "fragment"),
     [
         (["--bogus", "1"], ArgumentsError, "unrecognized arguments: --bogus"),
+        (["--max_step", "5"], ArgumentsError, "unrecognized arguments: --max_step"),  # no prefixes
+        (["--temp", "0.5"], ArgumentsError, "unrecognized arguments: --temp"),
         (["--sample", "perhaps"], ArgumentsError, "Boolean value expected"),
         (["--max_steps", "many"], ArgumentsError, "invalid int value"),
         (["--max_steps", "0"], ConfigError, "max_steps must be >= 1"),
-        (["--temperature", "0"], ConfigError, "temperature must be > 0"),
+        (["--temperature", "0"], ConfigError, "temperature must be"),
         (["--generation_strategy", "autoregressive,autoregressive"], ConfigError, "twice"),
         (["--num_samples", "0"], ConfigError, "--num_samples must be >= 1"),
         (["--n_shot", "-1"], ConfigError, "--n_shot must be >= 0"),
@@ -99,3 +101,18 @@ def test_bad_flags_raise_user_errors(argv: list[str], error: type, fragment: str
     with pytest.raises(error, match=None) as raised:
         parse_args(Arguments, GenerationArguments, BenchmarkArguments, argv=argv)
     assert fragment in str(raised.value)
+
+
+def test_help_names_groups_for_users_and_each_default_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(Arguments, GenerationArguments, BenchmarkArguments, argv=["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "['group" not in text and "GenerationArguments" not in text
+    for title in ("common options:", "generation options:", "benchmark options:"):
+        assert title in text
+    # a help text that states its default gets no second "(default: ...)"
+    assert "(default: float32 on CPU) (default" not in text
+    assert "(default: cuda when available) (default" not in text
+    assert "--max_steps int Most tokens to generate. (default: 512)" in text
