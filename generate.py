@@ -7,9 +7,14 @@
 
 Without ``--prompt``: reads a prompt per line from standard input (a line ending in a
 backslash continues on the next line), streams the answer to standard output and logs
-tokens/s and the acceptance rate; end with Ctrl-D (EOF) or Ctrl-C. ``--streamer
-speculative`` shows accepted drafts in green and rejected drafts struck through in red.
-Works under ``python`` and under ``torchrun`` (one process).
+tokens/s and the acceptance rate; end with Ctrl-D (EOF, exit status 0) or Ctrl-C (130).
+``--streamer speculative`` shows accepted drafts in green and rejected drafts struck
+through in red. Works under ``python`` and under ``torchrun`` (one process).
+
+Writes ``<output_dir>/generate_<time>.json``: the arguments, the resolved generation
+config, the environment and, per prompt, the prompt, the generated text and its metrics.
+The document is rewritten (atomically) after every answer, so an interactive session that
+ends, however it ends, keeps every answer given so far.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from typing import TextIO
 import torch
 
 from arguments import (
+    EXIT_INTERRUPTED,
     Arguments,
     GenerationArguments,
+    arguments_dict,
     distributed_run,
     one_strategy,
     parse_args,
@@ -33,11 +40,14 @@ from arguments import (
 from self_speculation import (
     ConfigError,
     GenerationConfig,
+    GenerationResult,
+    GenerationStrategyName,
     Generator,
     LayerSkipError,
     StreamerName,
     build_streamer,
 )
+from self_speculation.benchmarking import environment_info, run_files, write_json_atomic
 from self_speculation.errors import require_utf8
 
 logger = logging.getLogger("generate")
@@ -113,7 +123,7 @@ def _answer(
     config: GenerationConfig,
     options: GenerateArguments,
     seed: int,
-) -> None:
+) -> GenerationResult:
     # Undecodable input bytes fail this prompt only, not the interactive session.
     require_utf8(prompt, "the prompt", from_bytes=True)
     streamer = build_streamer(options.streamer, generator.tokenizer)
@@ -135,6 +145,7 @@ def _answer(
         else f", acceptance {acceptance:.2f}, {result.tokens_per_step:.2f} tokens/step",
         result.stop_reason,
     )
+    return result
 
 
 def main(argv: list[str]) -> int:
@@ -142,10 +153,33 @@ def main(argv: list[str]) -> int:
         Arguments, GenerationArguments, GenerateArguments, argv=argv, prog="generate.py"
     )
     config = one_strategy(generation, "generate.py")
+    if (
+        options.streamer == StreamerName.SPECULATIVE.value
+        and config.generation_strategy is GenerationStrategyName.AUTOREGRESSIVE
+    ):
+        logger.warning(
+            "--streamer speculative colours drafts, and --generation_strategy autoregressive "
+            "drafts none: the output looks as with --streamer standard"
+        )
     args.check_model(config)  # before the weights load
     with distributed_run(args, one_process="generate.py") as context:
         generator = args.load_generator(context)
         config = generator.resolve(config)
+        files = run_files(args.output_dir, "generate", context)
+        document = {
+            "script": "generate.py",
+            "arguments": arguments_dict(args, generation, options),
+            "generation_config": vars(config),
+            "environment": environment_info(generator, context),
+            "ended_by": None,
+            "prompts": [],
+        }
+
+        def answer(prompt: str, seed: int) -> None:
+            result = _answer(generator, prompt, config, options, seed)
+            document["prompts"].append({"prompt": prompt, "text": result.text, **result.metrics()})
+            write_json_atomic(files.result, document)
+
         logger.info(
             "%s, exit_layer %d of %d%s",
             config.generation_strategy.value,
@@ -154,17 +188,25 @@ def main(argv: list[str]) -> int:
             f", num_speculations {config.num_speculations}" if config.num_speculations > 0 else "",
         )
         if options.prompt is not None:
-            _answer(generator, options.prompt, config, options, args.seed)
+            document["ended_by"] = "one prompt"
+            answer(options.prompt, args.seed)
+            logger.info("wrote %s", files.result)
             return 0
+        status = 0
         try:
             for number, prompt in enumerate(read_prompts()):
                 try:
-                    _answer(generator, prompt, config, options, args.seed + number)
+                    answer(prompt, args.seed + number)
                 except LayerSkipError as error:  # one bad prompt does not end the session
                     logger.error("%s", error)
+            document["ended_by"] = "end of input"
         except KeyboardInterrupt:
             sys.stderr.write("\n")
-        return 0
+            document["ended_by"] = "interrupted"
+            status = EXIT_INTERRUPTED
+        write_json_atomic(files.result, document)
+        logger.info("wrote %s (%d answers)", files.result, len(document["prompts"]))
+        return status
 
 
 if __name__ == "__main__":

@@ -167,12 +167,13 @@ def test_sweep_writes_csv_plot_and_resumes(
     assert summary["best"]["num_speculations"] == 1
 
 
-def test_generate_interactive_readme_command(eight_layer_model_dir: Path) -> None:
+def test_generate_interactive_readme_command(eight_layer_model_dir: Path, tmp_path: Path) -> None:
     # The original README's command, on a model with 8 layers; prompts from stdin, then EOF.
     interactive = run_script(
         "generate.py", "--model", eight_layer_model_dir, "--sample", "True", "--max_steps", 512,
         "--generation_strategy", "self_speculative", "--exit_layer", 8, "--num_speculations", 6,
-        "--streamer", "speculative", stdin="def add(a, b):\nThe quick\\\nbrown fox\n",
+        "--streamer", "speculative", "--output_dir", tmp_path,
+        stdin="def add(a, b):\nThe quick\\\nbrown fox\n",
     )  # fmt: skip
     assert interactive.returncode == 0, interactive.stderr
     answered = [
@@ -181,6 +182,62 @@ def test_generate_interactive_readme_command(eight_layer_model_dir: Path) -> Non
         if "INFO generate:" in line and "tokens/s" in line
     ]
     assert len(answered) == 2, interactive.stderr  # two prompts answered
+    assert "WARNING" not in interactive.stderr
+    document = json.loads(only(list(tmp_path.glob("generate_*.json"))).read_text())
+    assert document["ended_by"] == "end of input"
+    assert document["arguments"]["exit_layer"] == 8
+    assert document["generation_config"]["num_speculations"] == 6
+    assert [row["prompt"] for row in document["prompts"]] == [
+        "def add(a, b):",
+        "The quick\nbrown fox",
+    ]
+    assert all(row["text"] and row["num_generated_tokens"] > 0 for row in document["prompts"])
+    assert document["environment"]["torch"]
+
+
+def test_generate_one_prompt_writes_its_result(tiny_model_dir: Path, tmp_path: Path) -> None:
+    process = run_script(
+        "generate.py", "--model", tiny_model_dir, "--prompt", "def add(a, b):",
+        "--sample", "False", "--max_steps", 8, "--output_dir", tmp_path,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    document = json.loads(only(list(tmp_path.glob("generate_*.json"))).read_text())
+    (row,) = document["prompts"]
+    assert row["prompt"] == "def add(a, b):" and row["num_generated_tokens"] == 8
+    assert row["text"] in process.stdout
+
+
+def test_generate_ctrl_c_exits_130_and_keeps_the_answers(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Interactive, autoregressive with --streamer speculative (a one-line warning): Ctrl-C
+    after one answer ends the session with status 130 and a document holding that answer."""
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE")}
+    env.update(OFFLINE_ENV)
+    process = subprocess.Popen(
+        [sys.executable, str(REPOSITORY_ROOT / "generate.py"), "--model", str(tiny_model_dir),
+         "--streamer", "speculative", "--max_steps", "4", "--output_dir", str(tmp_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, cwd=REPOSITORY_ROOT,
+    )  # fmt: skip
+    process.stdin.write("def add(a, b):\n")
+    process.stdin.flush()  # stdin stays open: the session waits for the next prompt
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        written = list(tmp_path.glob("generate_*.json"))
+        if written and json.loads(written[0].read_text())["prompts"]:
+            break
+        time.sleep(0.1)
+    assert process.poll() is None, "the session ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    warnings = [line for line in stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "--streamer speculative" in warnings[0], stderr
+    document = json.loads(only(list(tmp_path.glob("generate_*.json"))).read_text())
+    assert document["ended_by"] == "interrupted"
+    assert [row["prompt"] for row in document["prompts"]] == ["def add(a, b):"]
 
 
 def test_eval_runs_local_tasks_offline(tiny_model_dir: Path, tmp_path: Path) -> None:
