@@ -11,8 +11,10 @@ Two measurements, each in a fresh process (so that peak memory is that measureme
    and the stacked reference ([exits, tokens, vocab] logits at once). The per-exit loss's
    peak should not grow with the number of exits; the stacked one's does.
 
-Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU the process's peak
-resident set size above its size just before the measured work (``ru_maxrss``).
+Peak memory: the most tensor memory live at once during the measured work, above what was
+live before it (``torch.cuda.max_memory_allocated`` on a GPU; on a CPU the allocations and
+frees recorded by torch's profiler). Training: one optimizer step (activations, gradients,
+and the optimizer state on the first step only, so it is not included).
 
     python benchmarks/train_throughput.py                           # CPU, small model
     python benchmarks/train_throughput.py --device cuda --preset stdlib --seq_len 1024
@@ -23,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -76,14 +77,13 @@ class ThroughputArguments:
     output_dir: str = "logs/train_throughput"
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as statm:
-        pages = int(statm.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
-
-
 class _PeakMemory:
-    """Peak memory (MiB) of the work inside the block (see the module docstring)."""
+    """Peak memory (MiB) allocated by the work inside the block, above what it started with.
+
+    CUDA: the caching allocator's peak. CPU: the running total of the allocations and frees
+    that torch's profiler records (the process's resident size is no measure here: the C
+    allocator keeps freed blocks, so it grows with fragmentation, not with live tensors).
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -93,17 +93,30 @@ class _PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            self._start = torch.cuda.memory_allocated() / 2**20
+            self._start = torch.cuda.memory_allocated()
         else:
-            self._start = _rss_mib()
+            from torch.profiler import ProfilerActivity, profile
+
+            self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profile.__enter__()
         return self
 
-    def __exit__(self, *_exc: object) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            self.peak_mib = torch.cuda.max_memory_allocated() / 2**20 - self._start
-        else:
-            self.peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - self._start
+            self.peak_mib = (torch.cuda.max_memory_allocated() - self._start) / 2**20
+            return
+        self._profile.__exit__(*exc)
+        events = [
+            event
+            for event in self._profile.profiler.kineto_results.events()
+            if event.name() == "[memory]"
+        ]
+        live = peak = 0
+        for event in sorted(events, key=lambda event: event.start_ns()):
+            live += event.nbytes()  # negative for a free
+            peak = max(peak, live)
+        self.peak_mib = peak / 2**20
 
 
 def _synchronize(device: torch.device) -> None:
@@ -138,17 +151,18 @@ def measure_training(args: ThroughputArguments, recipe: bool) -> dict[str, Any]:
     config = TrainConfig(ModelArguments(), DataArguments(data=["(random)"]), layerskip, training)
     context = DistributedContext()
     device = resolve_device(args.device, context)
-    blocks = torch.randint(0, args.vocab_size, (args.batch_size * (args.steps + 1), args.seq_len))
+    blocks = torch.randint(0, args.vocab_size, (args.batch_size * (args.steps + 2), args.seq_len))
     trainer = Trainer(config, model, None, blocks, context, device)
     exits = trainer.supervised_exits()
     trainer.train_step(exits)  # untimed: allocations, kernel choices
     _synchronize(device)
-    with _PeakMemory(device) as memory:
-        started = time.perf_counter()
-        for _ in range(args.steps):
-            trainer.train_step(exits)
-        _synchronize(device)
-        seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.train_step(exits)
+    _synchronize(device)
+    seconds = time.perf_counter() - started
+    with _PeakMemory(device) as memory:  # one more step, its memory measured
+        trainer.train_step(exits)
     return {
         "setting": "recipe" if recipe else "plain",
         "supervised_exits": len(exits),
