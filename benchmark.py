@@ -72,8 +72,16 @@ def main(argv: list[str]) -> int:
             logger.warning("--execute_code True: model-written code will run on this machine")
         files = run_files(args.output_dir, "benchmark", context)
 
+        with_references = all(example.output is not None for example in examples)
+        if not with_references:
+            logger.warning("the samples have no references: quality metrics are skipped")
         rows = generate_rows(
-            generator, dist.shard(examples, context), configs, args.seed, progress=context.is_main
+            generator,
+            dist.shard(examples, context),
+            configs,
+            args.seed,
+            progress=context.is_main,
+            with_text_metrics=with_references,
         )
         if metric.execute_code:
             rows = (
@@ -108,10 +116,12 @@ def _result_document(
     args, generation, benchmark, metric, configs, rows, generator, context
 ) -> dict:
     strategies = [config.generation_strategy.value for config in configs]
+    with_references = all(row["reference"] is not None for row in rows)
     metrics = {}
     for strategy in strategies:
         chosen = [row for row in rows if row["generation_strategy"] == strategy]
-        metrics[strategy] = {**summarize_text(chosen), **summarize_speed(chosen)}
+        quality = summarize_text(chosen) if with_references else {}
+        metrics[strategy] = {**quality, **summarize_speed(chosen)}
         if metric.execute_code:
             metrics[strategy]["pass@1"] = sum(row["passed"] for row in chosen) / max(len(chosen), 1)
     document = {
@@ -120,6 +130,7 @@ def _result_document(
         "generation_configs": [vars(config) for config in configs],
         "num_samples": len({row["index"] for row in rows}),
         "metrics": metrics,
+        "quality_metrics": "computed" if with_references else "skipped: no references",
         "environment": environment_info(generator, context),
     }
     if len(strategies) > 1:
@@ -132,16 +143,20 @@ def _result_document(
 def _log_summary(document: dict) -> None:
     for strategy, metrics in document["metrics"].items():
         acceptance = metrics["acceptance_rate"]
+        quality = (
+            f", ROUGE-L {metrics['rougeL'] or 0.0:.3f}, BLEU {metrics['corpus_bleu']:.2f}, "
+            f"exact match {metrics['exact_match'] or 0.0:.3f}"
+            if "corpus_bleu" in metrics
+            else ""
+        )
         logger.info(
-            "%s: %d samples, %.1f tokens/s (%.4f s/token), acceptance %s, ROUGE-L %.3f, BLEU %.2f, exact match %.3f",
+            "%s: %d samples, %.1f tokens/s (%.4f s/token), acceptance %s%s",
             strategy,
             metrics["num_samples"],
             metrics["overall_tokens_per_second"] or 0.0,
             metrics["time_per_token"] or 0.0,
             "n/a" if acceptance is None else f"{acceptance:.3f}",
-            metrics["rougeL"] or 0.0,
-            metrics["corpus_bleu"],
-            metrics["exact_match"] or 0.0,
+            quality,
         )
     comparison = document.get("comparison")
     if comparison:

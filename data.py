@@ -52,13 +52,14 @@ class EvaluationExample:
     Attributes:
         index: position in the selected samples (stable across processes).
         input: the full prompt (n-shot examples and template applied).
-        output: the reference continuation.
+        output: the reference continuation; None for a prompt-only ``custom_jsonl`` file
+            (no reference: a speed-only run, without quality metrics).
         metadata: dataset-specific extras (human_eval: task_id, test, entry_point, prompt).
     """
 
     index: int
     input: str
-    output: str
+    output: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,7 +95,7 @@ class DatasetSpec:
     hub_name: str | None
     split: str
     fields: tuple[str, ...]
-    to_pair: Callable[[Row], tuple[str, str]]
+    to_pair: Callable[[Row], tuple[str, str | None]]
 
 
 def _summarization_spec(
@@ -108,6 +109,15 @@ def _summarization_spec(
 def _fields_spec(hub_path: str | None, prompt_field: str, response_field: str) -> DatasetSpec:
     fields = (prompt_field, response_field)
     return DatasetSpec(hub_path, None, "test", fields, _fields(*fields))
+
+
+def _prompt_only_spec(prompt_field: str) -> DatasetSpec:
+    """custom_jsonl rows without a reference: (prompt, None)."""
+
+    def to_pair(row: Row) -> tuple[str, None]:
+        return str(row[prompt_field]), None
+
+    return DatasetSpec(None, None, "test", (prompt_field,), to_pair)
 
 
 HUB_DATASETS: dict[DatasetName, DatasetSpec] = {
@@ -255,6 +265,18 @@ def load_examples(args: BenchmarkArguments, seed: int) -> list[EvaluationExample
     spec = _spec(name, args)
     rows, shot_pool = _load_rows(name, spec, args.data_path, args.n_shot > 0)
     where = args.data_path or spec.hub_path or name.value
+    if name is DatasetName.CUSTOM_JSONL and not any(args.response_field in row for row in rows):
+        spec = _prompt_only_spec(args.prompt_field)
+        if args.n_shot:
+            raise DataError(
+                f"--n_shot {args.n_shot} needs solved examples, and {where} has no "
+                f"'{args.response_field}' field (prompts only)"
+            )
+        logger.info(
+            "%s has no '%s' field: prompts only, no references (quality metrics are skipped)",
+            where,
+            args.response_field,
+        )
     _check_fields(rows, spec.fields, name, where)
     if shot_pool is not None:
         _check_fields(shot_pool, spec.fields, name, f"{where} (train split)")

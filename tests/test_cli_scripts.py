@@ -102,6 +102,24 @@ def test_benchmark_compares_strategies_on_human_eval(
     assert all(len(row["token_ids"]) == 8 for row in rows)
 
 
+def test_benchmark_on_prompts_only_skips_quality_metrics(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("def f(x):", "import")))
+    process = run_script(
+        "benchmark.py", "--model", tiny_model_dir, "--dataset", "custom_jsonl",
+        "--data_path", data, "--max_steps", 4, "--output_dir", tmp_path / "logs",
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    assert "quality metrics are skipped" in process.stderr
+    document = json.loads(only(list((tmp_path / "logs").glob("benchmark_*.json"))).read_text())
+    assert document["quality_metrics"] == "skipped: no references"
+    metrics = document["metrics"]["autoregressive"]
+    assert metrics["num_samples"] == 2 and metrics["overall_tokens_per_second"] > 0
+    assert "rougeL" not in metrics and "corpus_bleu" not in metrics
+
+
 def test_correctness_passes_on_tiny_model(
     tiny_recommending_model_dir: Path, prompts_file: Path, tmp_path: Path
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 from pathlib import Path
@@ -80,6 +81,16 @@ def test_custom_jsonl_fields_shuffle_and_count(tmp_path: Path) -> None:
         seed=1,
     )  # fmt: skip
     assert [e.input for e in ordered] == ["question 0", "question 1", "question 2"]
+
+
+def test_custom_jsonl_with_prompts_only_has_no_references(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"def f{i}():"} for i in range(3)])
+    args = BenchmarkArguments(dataset="custom_jsonl", data_path=str(path), random_shuffle=False)
+    examples = load_examples(args, seed=0)
+    assert [e.input for e in examples] == ["def f0():", "def f1():", "def f2():"]
+    assert all(e.output is None for e in examples)
+    with pytest.raises(DataError, match="--n_shot 1 needs solved examples"):
+        load_examples(dataclasses.replace(args, n_shot=1), seed=0)
 
 
 def test_cnn_dm_summarization_local_copy_with_shots(tmp_path: Path) -> None:
@@ -161,7 +172,11 @@ def test_gzipped_jsonl(tmp_path: Path) -> None:
         ),
         ("custom_jsonl", '{"prompt": "a", "response": "b"}\n{oops\n', "line 2: not valid JSON"),
         ("custom_jsonl", "\n\n", "holds no rows"),
-        ("custom_jsonl", '{"prompt": "a"}\n', "row 1 has no field 'response'"),
+        (
+            "custom_jsonl",
+            '{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n',
+            "row 2 has no field 'response'",  # references in some rows only
+        ),
         ("custom_jsonl", '{"prompt": 3, "response": "b"}\n', "field 'prompt' is not a string"),
         ("cnn_dm_summarization", '{"article": "a"}\n', "no field 'highlights'"),
         ("cnn_dm_summarization", None, "Supply a local copy with --data_path"),
