@@ -160,6 +160,12 @@ class Arguments:
                     facts.recommended_exit_layer,
                     facts.recommended_num_speculations,
                 )
+            context = facts.context_length
+            if context is not None and config.num_speculations >= context:
+                raise ConfigError(
+                    f"num_speculations must be below the model's context ({context} tokens), "
+                    f"got {config.num_speculations}"
+                )
             too_large = [
                 token
                 for token in config.stop_token_ids or []

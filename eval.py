@@ -43,6 +43,7 @@ from self_speculation.metrics import summarize_speed
 logger = logging.getLogger("eval")
 
 LOCAL_TASKS = Path(__file__).resolve().parent / "tasks"
+NUMERIC_GEN_KWARGS = ("temperature", "top_p", "top_k", "max_gen_toks")
 
 
 @dataclass
@@ -101,6 +102,13 @@ class EvalArguments:
                     raise ConfigError(
                         f"--gen_kwargs: expected key=value pairs separated by commas, got '{pair}'"
                     )
+                if key.strip() in NUMERIC_GEN_KWARGS:
+                    try:
+                        float(value)
+                    except ValueError:
+                        raise ConfigError(
+                            f"--gen_kwargs: {key.strip()}={value.strip()} is not a number"
+                        ) from None
         if self.loglikelihood_exit_layer is not None and self.loglikelihood_at_exit_layer:
             raise ConfigError(
                 "give --loglikelihood_exit_layer or --loglikelihood_at_exit_layer, not both"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
@@ -234,12 +235,14 @@ class ModelFacts:
         config: the parsed config.json.
         num_layers: L, decoder layers config.json declares (None when it states none).
         vocab_size: the LM head's size (None when config.json states none).
+        context_length: max_position_embeddings (None when config.json states none).
         recommended_exit_layer, recommended_num_speculations: from generation_config.json.
     """
 
     config: PreTrainedConfig
     num_layers: int | None
     vocab_size: int | None
+    context_length: int | None
     recommended_exit_layer: int | None
     recommended_num_speculations: int | None
 
@@ -356,8 +359,9 @@ def inspect_model(model: str) -> ModelFacts | None:
         raise ModelLoadError(f"{config_path} is not a JSON object")
     try:
         config = AutoConfig.from_pretrained(str(directory))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ModelLoadError(f"{config_path}: {_first_line(error)}") from None
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise ModelLoadError(f"{config_path}: {message}") from None
     for name in ("num_hidden_layers", "vocab_size"):
         value = _config_int(config, name)
         if value is not None and value < 1:
@@ -368,18 +372,28 @@ def inspect_model(model: str) -> ModelFacts | None:
     if generation_path.exists():
         loaded = _read_json(generation_path)
         recommended = loaded if isinstance(loaded, dict) else {}
+    for key in ("exit_layer", "num_speculations"):
+        value = recommended.get(key)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise ModelLoadError(
+                f"{generation_path}: {key} must be a whole number >= 1, got {value!r}"
+            )
     return ModelFacts(
         config=config,
         num_layers=_config_int(config, "num_hidden_layers"),
         vocab_size=_config_int(config, "vocab_size"),
+        context_length=_config_int(config, "max_position_embeddings"),
         recommended_exit_layer=recommended.get("exit_layer"),
         recommended_num_speculations=recommended.get("num_speculations"),
     )
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    """``error``'s message on one line (transformers' messages span several), shortened."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -506,11 +520,11 @@ def load_model_and_tokenizer(
                 **arguments,
             )
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
-        raise ModelLoadError(f"cannot load model '{model}': {_first_line(error)}") from error
+        raise ModelLoadError(f"cannot load model '{model}': {_one_line(error)}") from error
     except Exception as error:  # tokenizers' Rust errors (a corrupt tokenizer.json) are bare
         if type(error).__module__.split(".")[0] not in ("tokenizers", "builtins"):
             raise
-        raise ModelLoadError(f"cannot load model '{model}': {_first_line(error)}") from error
+        raise ModelLoadError(f"cannot load model '{model}': {_one_line(error)}") from error
     if "gguf_file" not in arguments:
         check_loading_info(model, info, facts.num_layers if facts else None)
     loaded.to(device).eval()

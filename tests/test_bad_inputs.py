@@ -250,6 +250,10 @@ def broken_models(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
     (variant("list_config") / "config.json").write_text("[]")
     (variant("latin1_config") / "config.json").write_bytes(b'{"model_type": "caf\xe9"}')
     (variant("bad_generation_config") / "generation_config.json").write_text("{oops")
+    recommending = variant("text_exit_layer") / "generation_config.json"
+    recommending.write_text(json.dumps({"exit_layer": "four", "num_speculations": 2}))
+    _edit_config(variant("text_layer_count"), num_hidden_layers="4")
+    (variant("broken_tokenizer") / "tokenizer.json").write_text('{"version": ')
     return models
 
 
@@ -324,6 +328,12 @@ CASES = [
     ("generation config not JSON", "generate.py",
      ["--model", "MODEL:bad_generation_config", "--prompt", "hi"],
      "generation_config.json is not valid JSON"),
+    ("exit layer as text", "generate.py", ["--model", "MODEL:text_exit_layer", "--prompt", "hi"],
+     "generation_config.json: exit_layer must be a whole number >= 1, got 'four'"),
+    ("layer count as text", "generate.py", ["--model", "MODEL:text_layer_count", "--prompt", "hi"],
+     "config.json: Validation error for field 'num_hidden_layers'"),
+    ("broken tokenizer", "generate.py", ["--model", "MODEL:broken_tokenizer", "--prompt", "hi"],
+     "cannot load model"),
     # --model_args, --device, --seed
     ("model_args unknown key", "generate.py", ["--prompt", "hi", "--model_args", "foo=1"],
      "--model_args: unknown key 'foo'"),
@@ -359,6 +369,9 @@ CASES = [
      "--stop_token_ids: 320 is not a token id of this model (its vocabulary has ids 0..319)"),
     ("exit layer beyond model", "generate.py", ["--prompt", "hi", "--exit_layer", 9],
      "exit_layer must be in [1, 4] for this model, got 9"),
+    ("drafts beyond the context", "generate.py",
+     ["--prompt", "hi", "--generation_strategy", "self_speculative", "--exit_layer", 2,
+      "--num_speculations", 10**9], "num_speculations must be below the model's context (256"),
     ("negative max_steps", "generate.py", ["--prompt", "hi", "--max_steps", -3],
      "max_steps must be >= 1"),
     # eval.py
@@ -374,6 +387,8 @@ CASES = [
      "--bootstrap_iters must be >= 0"),
     ("gen_kwargs without value", "eval.py", ["--tasks", "layerskip_mc", "--gen_kwargs", "max_gen_toks"],
      "--gen_kwargs: expected key=value"),
+    ("gen_kwargs not a number", "eval.py", ["--tasks", "layerskip_mc", "--gen_kwargs", "temperature=hot"],
+     "--gen_kwargs: temperature=hot is not a number"),
     ("loglikelihood exit beyond model", "eval.py",
      ["--tasks", "layerskip_mc", "--loglikelihood_exit_layer", 9],
      "loglikelihood exit layer must be in [1, 4] for this model, got 9"),
