@@ -12,7 +12,12 @@ scratch). A skipped sample leaves the layer with exactly the hidden states it ca
 
 The model is not copied: :func:`apply_layer_dropout` overrides ``forward`` on each decoder
 layer *instance* (parameters and ``state_dict`` keys are untouched) with a wrapper that runs the
-model's own layer on the kept samples only and passes the skipped ones through. It is a no-op
+model's own layer on the kept samples only and passes the skipped ones through. Only the
+hidden states and the arguments transformers builds per sample (attention mask, position
+ids, rotary cos/sin) are restricted to the kept samples; anything else passes untouched.
+Every layer is still called for every batch and a layer skipped by every sample still gives
+its parameters zero gradients, so FSDP's and DDP's collectives match across processes. A
+training loop may fix the decisions per sample (:meth:`LayerDropout.plan`). It is a no-op
 in eval mode (``model.eval()``) and is undone by :meth:`LayerDropout.remove`.
 """
 
