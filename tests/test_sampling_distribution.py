@@ -19,14 +19,14 @@ These tests check that promise end to end, through the public API only
 Noise floor: with n draws, the total-variation distance (TV) between the empirical and
 the exact distribution is itself random. We simulate it: 1000 experiments of n exact
 draws each give its mean and standard deviation, and a check fails when the observed TV
-exceeds mean + 4.5 standard deviations (a false alarm well below 1e-4 per check for a
-correct sampler). With 1000 draws the floor is about 0.15 for the joint of 4 tokens (81
+exceeds mean + 4.5 standard deviations (a correct sampler crosses it about once in 1e5
+checks if the TV were normal; its right tail is a little heavier). With 1000 draws the floor is about 0.15 for the joint of 4 tokens (81
 outcomes) and 0.06-0.08 for each token's marginal; a correct sampler measured 0.11 and
 0.01-0.04. Injected bugs, checked when these tests were written: a residual drawn from
 position 0 instead of the rejected draft's (or from the next position) puts 8-50% of the
 draws on sequences the warpers forbid and the joint's TV at 0.22-0.55; draft
-probabilities taken before the warpers give a joint TV of 0.28-0.35 and marginal TVs of
-0.14-0.22, in every scenario below.
+probabilities taken before the warpers give a joint TV of 0.28-0.35 (and marginal TVs up
+to 0.22). Each of the three sampling tests below failed for each injected bug.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ class Tally:
     def __init__(self) -> None:
         self.counts = torch.zeros([VOCAB] * LENGTH, dtype=torch.float64)
         self.draws = self.drafted = self.accepted = 0
-        self.steps_with_all_drafts = 0  # first steps that verified NUM_SPECULATIONS drafts
+        self.steps_with_all_drafts = 0  # runs whose first step drafted NUM_SPECULATIONS
 
     def add(self, result) -> None:
         assert len(result.token_ids) == MAX_STEPS
