@@ -162,6 +162,8 @@ def main(argv: list[str]) -> int:
             "drafts none: the output looks as with --streamer standard"
         )
     args.check_model(config)  # before the weights load
+    if options.prompt is None and sys.stdin is None:  # started with standard input closed
+        raise ConfigError("no standard input to read prompts from: give --prompt or pipe them in")
     with distributed_run(args, one_process="generate.py") as context:
         generator = args.load_generator(context)
         config = generator.resolve(config)

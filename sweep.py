@@ -252,6 +252,12 @@ def main(argv: list[str]) -> int:
     facts = args.check_model(speculative)  # before the data and weights load
     if facts is not None and facts.num_layers is not None:
         sweep.grid(facts.num_layers)
+    if facts is not None and facts.context_length is not None:
+        if sweep.num_speculations_last >= facts.context_length:
+            raise ConfigError(
+                f"--num_speculations_last must be below the model's context "
+                f"({facts.context_length} tokens), got {sweep.num_speculations_last}"
+            )
     with distributed_run(args) as context:
         # The CSV first: a malformed one fails before the data and weights load.
         csv_path = Path(sweep.output_file or Path(args.output_dir) / "sweep.csv")

@@ -41,11 +41,11 @@ class Completed:
 
 
 def _run_forked(
-    script: str, argv: list[str], stdin: bytes, workdir: Path, timeout: float
+    script: str, argv: list[str], stdin: bytes | None, workdir: Path, timeout: float
 ) -> Completed:
     """Run ``script`` as ``__main__`` in a forked child, as ``python script ARGV`` would."""
     stdin_path, stdout_path, stderr_path = (workdir / name for name in ("in", "out", "err"))
-    stdin_path.write_bytes(stdin)
+    stdin_path.write_bytes(stdin or b"")
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         code = 1
@@ -61,6 +61,9 @@ def _run_forked(
                 os.dup2(opened, fd)
                 os.close(opened)
             sys.stdin = io.TextIOWrapper(open(0, "rb", closefd=False), encoding="utf-8")  # noqa: SIM115
+            if stdin is None:  # started with standard input closed, as with <&-
+                os.close(0)
+                sys.stdin = None
             sys.stdout = io.TextIOWrapper(
                 open(1, "wb", closefd=False),  # noqa: SIM115
                 encoding="utf-8",
@@ -109,11 +112,12 @@ def run_script(
     script: str,
     argv: list[object],
     workdir: Path,
-    stdin: bytes = b"",
+    stdin: bytes | None = b"",
     fresh_interpreter: bool = False,
     timeout: float = 300,
 ) -> Completed:
-    """Run a script on ``argv`` (str() of each; bytes kept as they are) in a process of its own."""
+    """Run a script on ``argv`` (str() of each; bytes kept as they are) in a process of its
+    own; ``stdin`` None: with standard input closed (forked runs only)."""
     arguments = [item if isinstance(item, bytes) else str(item) for item in argv]
     if fresh_interpreter:
         completed = subprocess.run(
@@ -389,6 +393,8 @@ CASES = [
      "--gen_kwargs: expected key=value"),
     ("gen_kwargs not a number", "eval.py", ["--tasks", "layerskip_mc", "--gen_kwargs", "temperature=hot"],
      "--gen_kwargs: temperature=hot is not a number"),
+    ("sweep drafts beyond the context", "sweep.py", [*GOOD, "--num_speculations_last", 10**6],
+     "--num_speculations_last must be below the model's context (256 tokens)"),
     ("loglikelihood exit beyond model", "eval.py",
      ["--tasks", "layerskip_mc", "--loglikelihood_exit_layer", 9],
      "loglikelihood exit layer must be in [1, 4] for this model, got 9"),
@@ -606,6 +612,17 @@ def test_interactive_session_survives_undecodable_stdin(
     errors = [line for line in completed.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "the prompt is not valid UTF-8 text (byte 0xe9" in errors[0]
     assert len(completed.stdout.splitlines()) == 2  # both good prompts were answered
+
+
+def test_interactive_session_without_stdin_is_one_line(
+    tiny_model_dir: Path, output_dir: Path, tmp_path: Path
+) -> None:
+    before = _snapshot(output_dir)
+    completed = run_script(
+        "generate.py", ["--model", tiny_model_dir, "--output_dir", output_dir], tmp_path, stdin=None
+    )
+    assert_one_error_line(completed, "generate.py", "no standard input to read prompts from")
+    assert_results_intact(output_dir, before)
 
 
 @pytest.mark.parametrize(
