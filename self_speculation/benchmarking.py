@@ -135,13 +135,14 @@ class JsonlWriter:
     """Appends one JSON object per line and flushes each, so rows survive a crash.
 
     Used as a context manager, a file that got no row before an error is removed: a run
-    that fails at the start leaves no empty samples file behind.
+    that fails at the start leaves no empty samples file behind. The file must be new: an
+    existing one (another run's rows) is never truncated or appended to.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._stream: TextIO = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
+        self._stream: TextIO = open(self.path, "x", encoding="utf-8")  # noqa: SIM115
         self.num_rows = 0
 
     def write(self, row: Mapping[str, Any]) -> None:
@@ -204,6 +205,7 @@ def merge_rank_rows(
         return
     ordered = sorted(rows, key=lambda row: (row["index"], row.get("order", 0)))
     temporary = files.samples.with_name(f".{files.samples.name}.tmp")
+    temporary.unlink(missing_ok=True)  # left by a run killed while merging
     with JsonlWriter(temporary) as writer:
         for row in ordered:
             writer.write(row)

@@ -647,3 +647,40 @@ def test_fresh_interpreter_gives_the_same_one_line(
     )
     assert_one_error_line(completed, script, fragment)
     assert_results_intact(output_dir, before)
+
+
+# --- the writers themselves ---------------------------------------------------------------
+
+
+def test_rows_writer_never_touches_an_existing_file(tmp_path: Path) -> None:
+    from self_speculation.benchmarking import JsonlWriter
+
+    earlier = tmp_path / "run.samples.jsonl"
+    earlier.write_text('{"index": 0}\n')
+    with pytest.raises(FileExistsError):
+        JsonlWriter(earlier)
+    assert earlier.read_text() == '{"index": 0}\n'
+
+
+@pytest.mark.parametrize(
+    ("content", "complete", "after", "dropped"),
+    [
+        (b"h\nrow1\n", False, b"h\nrow1\n", None),  # whole: untouched
+        (b"h\nrow1\nro", False, b"h\nrow1\n", "ro"),  # cut short: cut off
+        (b"h\nrow1\nrow2", True, b"h\nrow1\nrow2\n", None),  # only the newline missing
+        (b"hea", False, b"", "hea"),  # a header cut short
+        (b"", False, b"", None),
+    ],
+    ids=["whole", "cut short", "newline missing", "header cut short", "empty"],
+)
+def test_repair_last_line(
+    content: bytes, complete: bool, after: bytes, dropped: str | None, tmp_path: Path
+) -> None:
+    from self_speculation.benchmarking import append_line, repair_last_line
+
+    path = tmp_path / "rows.csv"
+    path.write_bytes(content)
+    assert repair_last_line(path, is_complete=lambda line: complete) == dropped
+    assert path.read_bytes() == after
+    append_line(path, "next")
+    assert path.read_bytes() == after + b"next\n"  # never glued onto a line
