@@ -222,6 +222,10 @@ class GenerationArguments:
     """Extra end-of-sequence token ids."""
     draft_confidence_threshold: float = 0.0
     """Stop drafting once a draft's top probability is below this (0: off, as the original)."""
+    compile: bool = False
+    """Run the decoding passes through torch.compile (first generation pays the compilation)."""
+    compile: bool = False
+    """Fast path: torch.compile the decoding passes (compiled once per batch size, E and k)."""
 
     def __post_init__(self) -> None:
         names = self._strategy_names()
