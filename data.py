@@ -152,7 +152,7 @@ def read_jsonl(path: str) -> list[Row]:
     opener = gzip.open if path.endswith(".gz") else open
     rows = []
     try:
-        with opener(path, "rt", encoding="utf-8") as handle:
+        with opener(path, "rt", encoding="utf-8-sig") as handle:  # a BOM (Notepad) is fine
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue

@@ -159,7 +159,7 @@ def read_sweep_csv(csv_path: Path) -> tuple[pd.DataFrame, bool]:
     """
     hint = "fix or delete that line, or choose another --output_file"
     try:
-        text = csv_path.read_bytes().decode("utf-8")
+        text = csv_path.read_bytes().decode("utf-8-sig")  # a BOM from a spreadsheet is fine
     except UnicodeDecodeError as error:
         raise ConfigError(
             f"{csv_path} is not a sweep CSV (not UTF-8 text at byte {error.start}); "
@@ -170,6 +170,8 @@ def read_sweep_csv(csv_path: Path) -> tuple[pd.DataFrame, bool]:
     rows = []
     for number, fields in enumerate(csv.reader(lines), start=1):
         last = number == len(lines)
+        if not fields and number > 1:  # a blank line from an editor
+            continue
         if number == 1:
             if fields != COLUMNS and not (last and unfinished):
                 raise ConfigError(

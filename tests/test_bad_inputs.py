@@ -593,6 +593,31 @@ def test_sweep_resumes_from_a_csv_cut_short(
         assert "unfinished line, cut off" in second.stderr
 
 
+def test_sweep_csv_with_bom_and_blank_lines_is_resumed(
+    tiny_model_dir: Path, data_files: dict, output_dir: Path, tmp_path: Path
+) -> None:
+    """What a spreadsheet or an editor leaves (a BOM, blank lines) is not an error."""
+    csv_path = output_dir / "sweep.csv"
+    csv_path.write_bytes(
+        b"\xef\xbb\xbf" + "\n\n".join([SWEEP_HEADER, *SWEEP_ROWS]).encode() + b"\n\n"
+    )
+    completed = run_script(
+        "sweep.py", _sweep_arguments(tiny_model_dir, data_files, output_dir), tmp_path
+    )
+    assert completed.returncode == 0, completed.stderr
+    rows = [row for row in csv.reader(csv_path.open(encoding="utf-8-sig")) if row]
+    assert len(rows) == 1 + 3 + 3 and all(len(row) == 12 for row in rows)
+
+
+def test_jsonl_with_bom_is_read(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "notepad.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "def f():", "response": "x"}).encode())
+    arguments = ["--model", tiny_model_dir, "--dataset", "custom_jsonl", "--data_path", data]
+    arguments += ["--max_steps", 2, "--output_dir", tmp_path / "logs"]
+    completed = run_script("benchmark.py", arguments, tmp_path)
+    assert completed.returncode == 0, completed.stderr
+
+
 # --- the interactive loop and the fresh-interpreter path ---------------------------------
 
 
