@@ -1,11 +1,12 @@
 """What the LayerSkip recipe costs in training: tokens/s and peak memory, measured.
 
-Two measurements, each in a fresh process (so that peak memory is that measurement's own):
+Two measurements:
 
 1. Throughput: the real training step of ``train.py`` (:class:`Trainer`, same optimizer,
    bf16 setting and device) on one random model and random tokens, plain training
    (last-exit loss, no dropout) against the recipe (layer dropout + early-exit loss at every
-   exit, 1/8 of the positions at the non-final ones). Reports tokens/s and peak memory.
+   exit, 1/8 of the positions at the non-final ones), their steps alternating. Reports
+   tokens/s (fastest step) and peak memory.
 2. Early-exit loss memory: forward + backward of the loss alone over a deep model's exit
    states, for 6 and for 24 supervised exits, with the per-exit loss that training uses
    and the stacked reference ([exits, tokens, vocab] logits at once). The per-exit loss's
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -124,11 +124,10 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure_training(args: ThroughputArguments, recipe: bool) -> dict[str, Any]:
-    """Tokens/s and peak memory of ``args.steps`` training steps, plain or with the recipe."""
+def _trainer(args: ThroughputArguments, recipe: bool, device: torch.device) -> Trainer:
+    """train.py's Trainer on a fresh random model (same seed for both settings)."""
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(args.num_threads)
     torch.manual_seed(0)
     architecture = architecture_config(
         args.preset, None, args.vocab_size, args.seq_len, special_token_ids={}
@@ -149,29 +148,47 @@ def measure_training(args: ThroughputArguments, recipe: bool) -> dict[str, Any]:
         save_every_minutes=0,
     )
     config = TrainConfig(ModelArguments(), DataArguments(data=["(random)"]), layerskip, training)
-    context = DistributedContext()
-    device = resolve_device(args.device, context)
     blocks = torch.randint(0, args.vocab_size, (args.batch_size * (args.steps + 2), args.seq_len))
-    trainer = Trainer(config, model, None, blocks, context, device)
-    exits = trainer.supervised_exits()
-    trainer.train_step(exits)  # untimed: allocations, kernel choices
-    _synchronize(device)
-    started = time.perf_counter()
+    return Trainer(config, model, None, blocks, DistributedContext(), device)
+
+
+def measure_training(args: ThroughputArguments) -> list[dict[str, Any]]:
+    """Tokens/s and peak memory of plain training and of the recipe.
+
+    The two settings' steps alternate (plain, recipe, plain, ...) and each reports its fastest
+    step: on a shared machine the other steps measure the neighbours' load (all step times
+    are in the result file).
+    """
+    device = resolve_device(args.device, DistributedContext())
+    trainers = {"plain": _trainer(args, False, device), "recipe": _trainer(args, True, device)}
+    exits = {name: trainer.supervised_exits() for name, trainer in trainers.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in trainers}
+    for name, trainer in trainers.items():
+        trainer.train_step(exits[name])  # untimed: allocations, optimizer state
     for _ in range(args.steps):
-        trainer.train_step(exits)
-    _synchronize(device)
-    seconds = time.perf_counter() - started
-    with _PeakMemory(device) as memory:  # one more step, its memory measured
-        trainer.train_step(exits)
-    return {
-        "setting": "recipe" if recipe else "plain",
-        "supervised_exits": len(exits),
-        "layer_dropout_p_max": layerskip.layer_dropout_p_max,
-        "tokens_per_second": round(args.steps * trainer.tokens_per_step / seconds, 1),
-        "peak_memory_mib": round(memory.peak_mib, 1),
-        "parameters_m": round(trainer.num_parameters / 1e6, 2),
-        "device": str(device),
-    }
+        for name, trainer in trainers.items():
+            _synchronize(device)
+            started = time.perf_counter()
+            trainer.train_step(exits[name])
+            _synchronize(device)
+            seconds[name].append(time.perf_counter() - started)
+    rows = []
+    for name, trainer in trainers.items():
+        with _PeakMemory(device) as memory:  # one more step, its memory measured
+            trainer.train_step(exits[name])
+        rows.append(
+            {
+                "setting": name,
+                "supervised_exits": len(exits[name]),
+                "layer_dropout_p_max": trainer.recipe.layer_dropout_p_max,
+                "tokens_per_second": round(trainer.tokens_per_step / min(seconds[name]), 1),
+                "step_seconds": [round(value, 4) for value in seconds[name]],
+                "peak_memory_mib": round(memory.peak_mib, 1),
+                "parameters_m": round(trainer.num_parameters / 1e6, 2),
+                "device": str(device),
+            }
+        )
+    return rows
 
 
 def measure_loss_memory(args: ThroughputArguments, num_exits: int, stacked: bool) -> dict[str, Any]:
@@ -225,29 +242,21 @@ def measure_loss_memory(args: ThroughputArguments, num_exits: int, stacked: bool
     }
 
 
-def _in_fresh_process(function: Any, *arguments: Any) -> dict[str, Any]:
-    """Run ``function(*arguments)`` in a spawned process so its peak memory is its own."""
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        return pool.apply(function, arguments)
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     parser = simple_parsing.ArgumentParser(add_config_path_arg=False)
     parser.add_arguments(ThroughputArguments, dest="args")
     args: ThroughputArguments = parser.parse_args(argv).args
-    training = []
-    for recipe in (False, True):
-        logger.info("training step, %s", "recipe" if recipe else "plain")
-        training.append(_in_fresh_process(measure_training, args, recipe))
+    torch.set_num_threads(args.num_threads)
+    logger.info("training steps, plain and recipe alternating")
+    training = measure_training(args)
     loss_memory = []
     for num_exits in args.memory_exits:
         for stacked in (False, True):
             logger.info(
                 "early-exit loss, %d exits, %s", num_exits, "stacked" if stacked else "per exit"
             )
-            loss_memory.append(_in_fresh_process(measure_loss_memory, args, num_exits, stacked))
+            loss_memory.append(measure_loss_memory(args, num_exits, stacked))
     plain, recipe = training
     document = {
         "arguments": asdict(args),
