@@ -147,11 +147,20 @@ def _check_loglikelihood_exit(
     return exit_layer
 
 
+class _DropMetadataHint(logging.Filter):
+    """lm-eval warns about --metadata (a flag of its own CLI) for every local task, in two
+    lines; it means nothing here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "--metadata" not in str(record.msg)
+
+
 def main(argv: list[str]) -> int:
     args, generation, evaluation = parse_args(
         Arguments, GenerationArguments, EvalArguments, argv=argv, prog="eval.py"
     )
     config = one_strategy(generation, "eval.py")
+    logging.getLogger("lm_eval.api.task").addFilter(_DropMetadataHint())
     facts = args.check_model(config)  # before the tasks and weights load
     if facts is not None and facts.num_layers is not None:
         _check_loglikelihood_exit(
@@ -197,6 +206,11 @@ def main(argv: list[str]) -> int:
             except ValueError as error:
                 if "unsafe" in str(error):
                     raise ConfigError(f"{error} (eval.py: pass --execute_code True)") from None
+                if "Sample larger than population" in str(error):  # lm-eval's few-shot draw
+                    raise ConfigError(
+                        f"--num_fewshot {evaluation.num_fewshot}: a task has fewer examples "
+                        "to draw shots from"
+                    ) from None
                 raise
             except (ConnectionError, OSError) as error:  # a hub task's dataset is unreachable
                 raise DataError(

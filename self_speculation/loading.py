@@ -409,7 +409,9 @@ def _first(keys: Iterable[Any]) -> str:
     return f"{ordered[0]}{more}"
 
 
-def check_loading_info(model: str, info: dict[str, Any], num_layers: int | None) -> None:
+def check_loading_info(
+    model: str, info: dict[str, Any], num_layers: int | None, config_source: str = "config.json"
+) -> None:
     """Refuse weights that do not fit config.json: missing tensors (they would run randomly
     initialised), unexpected ones (trained weights silently dropped) or other shapes.
 
@@ -421,7 +423,7 @@ def check_loading_info(model: str, info: dict[str, Any], num_layers: int | None)
         set(info.get("unexpected_keys") or ()),
     )
     mismatched = sorted(info.get("mismatched_keys") or (), key=lambda item: str(item[0]))
-    declared = f"config.json declares {num_layers} decoder layers" if num_layers else ""
+    declared = f"{config_source} declares {num_layers} decoder layers" if num_layers else ""
     if missing:
         layers = _layer_indices(missing)
         if layers and declared:
@@ -432,7 +434,7 @@ def check_loading_info(model: str, info: dict[str, Any], num_layers: int | None)
             )
         raise ModelLoadError(
             f"model '{model}': the weights lack {_first(missing)} "
-            "(they would run randomly initialised); config.json and the weights disagree"
+            f"(they would run randomly initialised); {config_source} and the weights disagree"
         )
     if unexpected:
         layers = _layer_indices(unexpected)
@@ -443,15 +445,15 @@ def check_loading_info(model: str, info: dict[str, Any], num_layers: int | None)
                 "fix num_hidden_layers in config.json or use the matching weights"
             )
         raise ModelLoadError(
-            f"model '{model}': the weights hold {_first(unexpected)}, which config.json's "
+            f"model '{model}': the weights hold {_first(unexpected)}, which {config_source}'s "
             "model has no place for (they would be dropped)"
         )
     if mismatched:
         key, stored, expected = mismatched[0]
         more = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
         raise ModelLoadError(
-            f"model '{model}': {key} has shape {list(stored)} in the weights but config.json "
-            f"implies {list(expected)}{more}; config.json and the weights disagree"
+            f"model '{model}': {key} has shape {list(stored)} in the weights but {config_source} "
+            f"implies {list(expected)}{more}; {config_source} and the weights disagree"
         )
 
 
@@ -519,13 +521,22 @@ def load_model_and_tokenizer(
                 ignore_mismatched_sizes=True,  # reported by check_loading_info, in one line
                 **arguments,
             )
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        SafetensorError,
+        StrictDataclassError,
+    ) as error:
         raise ModelLoadError(f"cannot load model '{model}': {_one_line(error)}") from error
     except Exception as error:  # tokenizers' Rust errors (a corrupt tokenizer.json) are bare
         if type(error).__module__.split(".")[0] not in ("tokenizers", "builtins"):
             raise
         raise ModelLoadError(f"cannot load model '{model}': {_one_line(error)}") from error
     if "gguf_file" not in arguments:
-        check_loading_info(model, info, facts.num_layers if facts else None)
+        source_of_config = "config.json" + (" with --model_args" if model_args else "")
+        num_layers = _config_int(loaded.config, "num_hidden_layers")
+        check_loading_info(model, info, num_layers, source_of_config)
     loaded.to(device).eval()
     return loaded, tokenizer

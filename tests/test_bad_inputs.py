@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import runpy
 import shutil
 import signal
@@ -146,7 +147,7 @@ def assert_one_error_line(completed: Completed, script: str, fragment: str) -> s
     errors = [line for line in stderr.splitlines() if line.startswith(f"{script}: error: ")]
     assert len(errors) == 1, stderr
     for line in stderr.splitlines():
-        if not line.strip() or line in errors:
+        if not line.strip() or line in errors or re.search(r"\d+%\|", line):  # progress bars
             continue
         fields = line.split(" ", 2)
         assert len(fields) == 3 and fields[1] in LOG_LINE_PREFIXES, (
@@ -347,6 +348,13 @@ CASES = [
      "'device_map' is set by --device"),
     ("model_args gguf_file", "generate.py", ["--prompt", "hi", "--model_args", "gguf_file=x"],
      "'gguf_file' is set by --model"),
+    ("model_args more layers", "generate.py", ["--prompt", "hi", "--model_args", "num_hidden_layers=6"],
+     "config.json with --model_args declares 6 decoder layers but the weights have none"),
+    ("model_args other width", "generate.py", ["--prompt", "hi", "--model_args", "hidden_size=64"],
+     "config.json with --model_args implies [320, 64]"),
+    ("model_args mistyped field", "generate.py",
+     ["--prompt", "hi", "--model_args", '{"rope_parameters": 5}'],
+     "Validation error for field 'rope_parameters'"),
     ("unknown device", "generate.py", ["--prompt", "hi", "--device", "foo"],
      "unknown device 'foo' (valid here: cpu"),
     ("device type without device", "benchmark.py", [*GOOD, "--device", "mps"],
@@ -387,6 +395,9 @@ CASES = [
     ("nan limit", "eval.py", ["--tasks", "layerskip_mc", "--limit", "nan"], "--limit must be a number > 0"),
     ("fractional limit above 1", "eval.py", ["--tasks", "layerskip_mc", "--limit", 2.5],
      "--limit must be a whole number"),
+    ("more shots than examples", "eval.py",
+     ["--tasks", "layerskip_mc", "--limit", 1, "--num_fewshot", 10**5],
+     "--num_fewshot 100000: a task has fewer examples to draw shots from"),
     ("negative bootstrap", "eval.py", ["--tasks", "layerskip_mc", "--bootstrap_iters", -1],
      "--bootstrap_iters must be >= 0"),
     ("gen_kwargs without value", "eval.py", ["--tasks", "layerskip_mc", "--gen_kwargs", "max_gen_toks"],
