@@ -479,3 +479,19 @@ def test_an_unknown_horizon_holds_the_schedules_at_their_start() -> None:
     assert schedule_factor("constant", 5, None) == 1.0
     assert active_exits("gradual", 5, None, 4) == [4]
     assert active_exits("rotational", 1, None, 5, rotation=2) == [1, 3, 5]
+
+
+def test_stop_signals_turn_the_first_signal_into_a_request() -> None:
+    """The loop stops after its step on SIGINT/SIGTERM; under torchrun (which forwards the
+    terminal's Ctrl-C once more) a repeated signal does not kill the checkpoint write."""
+    import os
+    import signal
+
+    from self_speculation.training.loop import StopSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals(force_on_repeat=False) as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.received == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before

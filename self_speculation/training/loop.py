@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from self_speculation.distributed import DistributedContext, barrier, teardown
+from self_speculation.distributed import DistributedContext, barrier, launched_by_torchrun, teardown
 from self_speculation.distributed import setup as setup_distributed
 from self_speculation.errors import ConfigError
 from self_speculation.model_surgery import find_base_model
@@ -86,14 +86,20 @@ class TrainingInterrupted(Exception):
 class StopSignals:
     """Turns the first SIGINT/SIGTERM into a request to stop after the current step.
 
-    A second signal of either kind restores the default handlers and is re-raised: an
-    impatient user still gets out at once.
+    Alone (``python train.py``), a second signal restores the default handlers and is
+    re-raised: an impatient user still gets out at once. Under torchrun a repeated signal is
+    ignored: on Ctrl-C the terminal signals every process and torchrun forwards the signal
+    again at once, and torchrun itself escalates to SIGKILL after its shutdown timeout (30 s
+    by default), so the checkpoint must be written within it.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, force_on_repeat: bool | None = None) -> None:
         self.received: int | None = None
+        self.force_on_repeat = (
+            not launched_by_torchrun() if force_on_repeat is None else force_on_repeat
+        )
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -110,12 +116,12 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, number: int, _frame: FrameType | None) -> None:
-        if self.received is not None:
+        if self.received is None:
+            self.received = number
+            logger.warning("%s: stopping after this step", signal.Signals(number).name)
+        elif self.force_on_repeat:
             self.__exit__()
             signal.raise_signal(number)
-            return
-        self.received = number
-        logger.warning("%s: stopping after this step", signal.Signals(number).name)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int | None, min_ratio: float) -> float:
