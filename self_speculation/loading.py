@@ -199,7 +199,9 @@ FROM_PRETRAINED_KWARGS = frozenset(
 
 def check_model_args(model_args: dict[str, Any], config: PreTrainedConfig | None) -> None:
     """Refuse ``--model_args`` keys that clash with another flag or that from_pretrained
-    would not understand (it would fail with a TypeError after reading the weights).
+    would not understand (it would fail with a TypeError after reading the weights). Without
+    the model's ``config`` (a hub id, a GGUF file) only the clashes are checked: any key may
+    be a config field.
 
     Raises:
         ConfigError: naming the key and what would be valid.
@@ -209,6 +211,8 @@ def check_model_args(model_args: dict[str, Any], config: PreTrainedConfig | None
             raise ConfigError(
                 f"--model_args: '{key}' is set by {OWNED_FROM_PRETRAINED_KEYS[key]}, not here"
             )
+    if config is None:
+        return
     signature = inspect.signature(PreTrainedModel.from_pretrained).parameters
     known = set(FROM_PRETRAINED_KWARGS) | {
         name
@@ -216,10 +220,8 @@ def check_model_args(model_args: dict[str, Any], config: PreTrainedConfig | None
         if parameter.kind is inspect.Parameter.KEYWORD_ONLY
         or parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
     }
-    unknown = [key for key in model_args if key not in known]
-    if config is not None:
-        fields = set(config.to_dict()) | set(getattr(config, "attribute_map", {}))
-        unknown = [key for key in unknown if key not in fields]
+    fields = set(config.to_dict()) | set(getattr(config, "attribute_map", {}))
+    unknown = [key for key in model_args if key not in known and key not in fields]
     if unknown:
         raise ConfigError(
             f"--model_args: unknown key '{unknown[0]}' (give a from_pretrained option such as "
@@ -287,6 +289,7 @@ def _readable_file(path: Path, what: str) -> None:
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+OTHER_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack"}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
@@ -304,7 +307,9 @@ def _weight_files(directory: Path) -> list[Path]:
     single = directory / WEIGHT_FILES[0]
     if single.exists() or single.is_symlink():
         return [single]
-    if any((directory / name).is_file() for name in WEIGHT_FILES[1:]):
+    # Other layouts (pytorch_model.bin, shards of it, a --model_args variant's files) are
+    # left to transformers.
+    if any(path.suffix in OTHER_WEIGHT_SUFFIXES for path in directory.iterdir()):
         return []
     raise ModelLoadError(
         f"{directory} holds no weights ({SAFETENSORS_INDEX}, {', '.join(WEIGHT_FILES)})"
