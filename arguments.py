@@ -52,6 +52,7 @@ T = TypeVar("T")
 
 EXIT_ERROR = 2  # a user error: bad flag, bad input, unreachable model or data
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as train.py
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a reader that left early
 MAX_SEED = 2**32 - 1  # numpy's limit (lm-eval seeds numpy with it); torch takes it too
 
 
@@ -222,8 +223,6 @@ class GenerationArguments:
     """Extra end-of-sequence token ids."""
     draft_confidence_threshold: float = 0.0
     """Stop drafting once a draft's top probability is below this (0: off, as the original)."""
-    compile: bool = False
-    """Run the decoding passes through torch.compile (first generation pays the compilation)."""
     compile: bool = False
     """Fast path: torch.compile the decoding passes (compiled once per batch size, E and k)."""
 
@@ -456,15 +455,33 @@ def run_main(main: Callable[[list[str]], int | None], prog: str | None = None) -
     """Run ``main(sys.argv[1:])`` and exit with its status.
 
     A :class:`LayerSkipError` (bad flag, bad input, unreachable model or data), an
-    ``OSError`` (e.g. an ``--output_dir`` that cannot be written) or Ctrl-C becomes ONE line
-    on stderr and a non-zero exit status, with no traceback.
+    ``OSError`` (e.g. an ``--output_dir`` that cannot be written), running out of memory or
+    Ctrl-C becomes ONE line on stderr and a non-zero exit status, with no traceback. A
+    reader that closes standard output early (``| head``) ends the run quietly.
     """
     prog = prog or os.path.basename(sys.argv[0])
     setup_logging()
     try:
         status = main(sys.argv[1:])
+    except BrokenPipeError:
+        # Python would complain again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
     except (LayerSkipError, OSError) as error:
         sys.stderr.write(f"{prog}: error: {error_line(error)}\n")
+        sys.exit(EXIT_ERROR)
+    except (MemoryError, RuntimeError) as error:
+        # torch.OutOfMemoryError on a GPU, "can't allocate memory" from the CPU allocator
+        text = str(error)
+        if not isinstance(error, MemoryError | torch.OutOfMemoryError) and (
+            "can't allocate memory" not in text
+        ):
+            raise
+        first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        sys.stderr.write(
+            f"{prog}: error: out of memory ({first[:200]}): try a smaller --max_steps, "
+            "fewer samples per batch or a lower-precision --dtype\n"
+        )
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
