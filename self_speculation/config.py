@@ -41,6 +41,10 @@ class GenerationConfig:
             top probability for a draft falls below this (0: always draft
             num_speculations tokens, as the original). Exactness is unaffected: any
             number of drafts is verified the same way.
+        compile: run the decoding passes through ``torch.compile`` (the fast path:
+            inductor, whole-graph, weights frozen on CPU, CUDA graphs on CUDA). The first
+            generation of each (batch size, exit layer, k) pays the compilation; the
+            tokens are the same as eager decoding's.
     """
 
     max_steps: int = 512
@@ -55,6 +59,7 @@ class GenerationConfig:
     stop_words: list[str] | None = field(default=None)
     stop_token_ids: list[int] | None = field(default=None)
     draft_confidence_threshold: float = 0.0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         try:

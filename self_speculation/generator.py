@@ -12,11 +12,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import GENERATION_CONFIG_NAME
 
-from self_speculation.config import GenerationConfig
+from self_speculation.config import GenerationConfig, GenerationStrategyName
 from self_speculation.errors import ConfigError
 from self_speculation.model_surgery import LayerwiseModel
+from self_speculation.passes import ForwardPasses
 from self_speculation.sampling import TokenSelector
-from self_speculation.strategies import StepResult, build_strategy
+from self_speculation.strategies import GenerationStrategy, StepResult, build_strategy
 from self_speculation.streaming import Streamer
 
 
@@ -168,6 +169,7 @@ class Generator:
         self.eos_token_ids = frozenset(eos)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else None
         self.pad_token_id = pad if pad is not None else min(self.eos_token_ids, default=0)
+        self._forward_passes: dict[bool, ForwardPasses] = {}
 
     @property
     def num_layers(self) -> int:
@@ -217,7 +219,23 @@ class Generator:
             return context_limit - prompt_length, "context_length"
         return config.max_steps, "max_steps"
 
-    @torch.inference_mode()
+    def _strategy(
+        self, config: GenerationConfig, generator: torch.Generator | None
+    ) -> GenerationStrategy:
+        return build_strategy(self._passes(config), config, TokenSelector(config, generator))
+
+    def _passes(self, config: GenerationConfig) -> ForwardPasses:
+        """The eager or compiled forward passes (built once each, then reused)."""
+        if config.compile not in self._forward_passes:
+            self._forward_passes[config.compile] = ForwardPasses(self.layerwise, config.compile)
+        return self._forward_passes[config.compile]
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling so far (first calls of each compiled shape)."""
+        return sum(passes.compile_seconds for passes in self._forward_passes.values())
+
+    @torch.no_grad()
     def generate_batch(
         self,
         prompts: Sequence[str | Sequence[int]],
@@ -227,8 +245,9 @@ class Generator:
     ) -> list[GenerationResult]:
         """Generate continuations of several prompts at once (left-padded batch).
 
-        Each row's tokens are its own (greedy rows equal their one-by-one output up to
-        floating-point differences that padding brings). The times are the batch's.
+        Rows advance independently (each keeps its own accepted drafts); each row's tokens
+        are its own (greedy rows equal their one-by-one output up to floating-point
+        differences that padding brings). The times are the batch's.
 
         Raises:
             ConfigError: as ``generate``; also a streamer with more than one prompt.
@@ -240,72 +259,133 @@ class Generator:
         if streamer is not None and len(prompt_ids) > 1:
             raise ConfigError("a streamer can follow one prompt only")
         limits = [self._token_limit(len(ids), config) for ids in prompt_ids]
-        streamer = streamer or Streamer()
         stop_token_ids = self.eos_token_ids | frozenset(config.stop_token_ids or [])
-        stopper = StopChecker(self.tokenizer, stop_token_ids, config.stop_words)
-        strategy = build_strategy(
-            self.layerwise, config, TokenSelector(config, generator), stop_token_ids
-        )
+        stop_words = StopChecker(self.tokenizer, frozenset(), config.stop_words)
+        strategy = self._strategy(config, generator)
+        speculative = config.generation_strategy is GenerationStrategyName.SELF_SPECULATIVE
         device = self.layerwise.device
         batch = len(prompt_ids)
-        generated: list[list[int]] = [[] for _ in range(batch)]
-        stop_reasons: list[str | None] = [None] * batch
-        num_steps, num_drafted, num_accepted = [0] * batch, [0] * batch, [0] * batch
+        limit = torch.tensor([most for most, _ in limits], device=device)  # [batch]
+        stop_ids = torch.tensor(sorted(stop_token_ids), dtype=torch.long, device=device)
+        # Per row, on the device: tokens generated, and why it stopped (0: still running).
+        generated_count = torch.zeros(batch, dtype=torch.long, device=device)
+        reason_code = torch.zeros(batch, dtype=torch.long, device=device)
+        num_drafted = torch.zeros(batch, dtype=torch.long, device=device)
+        num_accepted = torch.zeros(batch, dtype=torch.long, device=device)
+        generated = [0] * batch  # host copy of generated_count
+        reasons: list[str | None] = [None] * batch
+        num_steps = [0] * batch
+        streamer = streamer or Streamer()
+        follow_tokens = streamer.wants_tokens or bool(config.stop_words)
 
         _synchronize(device)
         started = time.perf_counter()
-        state, first_tokens = strategy.prefill(prompt_ids, self.pad_token_id)
-        step = StepResult(first_tokens.unsqueeze(1), first_tokens.unsqueeze(1)[:, :0])
+        state = strategy.prefill(prompt_ids, self.pad_token_id, max(limit.tolist()))
+        new_tokens = state.tokens[:, state.prompt_width : state.prompt_width + 1]  # [batch, 1]
+        step = StepResult(
+            new_tokens, torch.ones_like(limit), new_tokens[:, :0], torch.zeros_like(limit)
+        )
         while True:
-            new_tokens = step.new_tokens.tolist()
+            kept = _kept_counts(step, stop_ids, limit, generated_count, reason_code)
+            generated_count += kept
+            # The step's one host synchronisation: how many tokens each row kept, and why
+            # rows stopped.
+            host = torch.cat([kept, reason_code]).tolist()
+            kept_list, codes = host[:batch], host[batch:]
+            new_token_lists = step.new_tokens.tolist() if follow_tokens else None
             for row in range(batch):
-                if stop_reasons[row]:
+                if reasons[row] is not None or kept_list[row] == 0:
                     continue
-                kept = 0
-                for token in new_tokens[row]:
-                    generated[row].append(token)
-                    kept += 1
-                    reason = stopper.reason(generated[row])
-                    if reason is None and len(generated[row]) >= limits[row][0]:
-                        reason = limits[row][1]
-                    if reason:
-                        stop_reasons[row] = reason
-                        break
-                if row == 0:
-                    streamer.on_step(
-                        new_tokens[0][:kept], step.draft_tokens[0].tolist(), step.accepted_count
-                    )
-            active = [reason is None for reason in stop_reasons]
-            if not any(active):
+                new_row = new_token_lists[row][: kept_list[row]] if new_token_lists else []
+                if config.stop_words:
+                    cut = _stop_word_cut(stop_words, state, row, generated[row], new_row)
+                    if cut is not None:
+                        kept_list[row], new_row, codes[row] = cut, new_row[:cut], STOP_WORD
+                        generated_count[row] = generated[row] + cut
+                        reason_code[row] = STOP_WORD
+                generated[row] += kept_list[row]
+                if codes[row]:
+                    reasons[row] = _REASONS[codes[row]] if codes[row] != LIMIT else limits[row][1]
+                if row == 0 and streamer.wants_tokens:
+                    drafts = step.draft_tokens[0].tolist()
+                    streamer.on_step(new_row, drafts, int(step.accepted_counts[0]))
+            if all(reason is not None for reason in reasons):
                 break
-            state.append(step.new_tokens)
-            budget = max(
-                limits[row][0] - len(generated[row]) for row in range(batch) if active[row]
+            active = reason_code == 0  # [batch]
+            remaining = max(
+                limits[row][0] - generated[row] for row in range(batch) if reasons[row] is None
             )
-            step = strategy.step(state, budget, torch.tensor(active, device=device))
+            # Never draft more than can be kept: k drafts yield up to k + 1 tokens.
+            num_drafts = min(config.num_speculations, remaining - 1) if speculative else 0
+            step = strategy.step(state, num_drafts, active)
             for row in range(batch):
-                if active[row]:
-                    num_steps[row] += 1
-                    num_drafted[row] += step.draft_tokens.shape[1]
-                    num_accepted[row] += step.accepted_count
+                num_steps[row] += reasons[row] is None
+            num_drafted += step.draft_tokens.shape[1] * active
+            num_accepted += step.accepted_counts * active
         _synchronize(device)
         total_time = time.perf_counter() - started
         streamer.on_end()
-        return [
-            GenerationResult(
-                text=self.tokenizer.decode(generated[row], skip_special_tokens=True),
-                token_ids=generated[row],
-                num_prompt_tokens=len(prompt_ids[row]),
-                stop_reason=stop_reasons[row],
-                total_time=total_time,
-                num_steps=num_steps[row],
-                num_drafted=num_drafted[row],
-                num_accepted=num_accepted[row],
-                exit_layer=config.exit_layer,
-                num_speculations=max(config.num_speculations, 0),
+        drafted, accepted = num_drafted.tolist(), num_accepted.tolist()
+        results = []
+        for row in range(batch):
+            token_ids = state.generated(row, generated[row])
+            results.append(
+                GenerationResult(
+                    text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
+                    token_ids=token_ids,
+                    num_prompt_tokens=len(prompt_ids[row]),
+                    stop_reason=reasons[row],
+                    total_time=total_time,
+                    num_steps=num_steps[row],
+                    num_drafted=drafted[row],
+                    num_accepted=accepted[row],
+                    exit_layer=config.exit_layer,
+                    num_speculations=max(config.num_speculations, 0),
+                )
             )
-            for row in range(batch)
-        ]
+        return results
+
+
+# Why a row stopped, as the codes kept on the device.
+EOS, LIMIT, STOP_WORD = 1, 2, 3
+_REASONS = {EOS: "eos", STOP_WORD: "stop_word"}
+
+
+def _kept_counts(
+    step: StepResult,
+    stop_ids: torch.Tensor,
+    limit: torch.Tensor,
+    generated_count: torch.Tensor,
+    reason_code: torch.Tensor,
+) -> torch.Tensor:
+    """Tokens of this step each row keeps, [batch]; marks rows that stop in ``reason_code``.
+
+    A row keeps its new tokens up to and including the first end-of-sequence token, and
+    no more than its limit allows.
+    """
+    new_tokens, counts = step.new_tokens, step.new_counts  # [batch, n], [batch]
+    index = torch.arange(new_tokens.shape[1], device=counts.device)
+    is_stop = torch.isin(new_tokens, stop_ids) & (index < counts[:, None])  # [batch, n]
+    has_stop = is_stop.any(dim=1)
+    through_stop = torch.where(has_stop, is_stop.long().argmax(dim=1) + 1, counts)
+    room = limit - generated_count
+    kept = torch.minimum(through_stop, room) * (reason_code == 0)  # [batch]
+    stops = (reason_code == 0) & has_stop & (through_stop <= room)
+    full = (reason_code == 0) & ~stops & (generated_count + kept >= limit)
+    reason_code.masked_fill_(stops, EOS).masked_fill_(full, LIMIT)
+    return kept
+
+
+def _stop_word_cut(
+    checker: StopChecker, state, row: int, generated: int, new_tokens: list[int]
+) -> int | None:
+    """How many of ``new_tokens`` to keep when one completes a stop word, else None."""
+    history = state.generated(row, generated)
+    for index, token in enumerate(new_tokens):
+        history.append(token)
+        if checker.reason(history) == "stop_word":
+            return index + 1
+    return None
 
 
 # The original tools' class name, kept for their users: it was never Llama-specific here.

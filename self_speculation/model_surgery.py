@@ -22,6 +22,7 @@ from transformers import Cache, DynamicCache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from self_speculation.errors import UnsupportedModelError
+from self_speculation.kv_cache import ColumnKVCache
 
 _BASE_MODEL_ATTRIBUTES = ("model", "transformer", "base_model")
 
@@ -99,6 +100,8 @@ class LayerwiseModel:
         # Some families (Gemma 3) keep one rotary embedding per layer type.
         rotary_parameters = inspect.signature(self.rotary_emb.forward).parameters
         self.rotary_per_layer_type = "layer_type" in rotary_parameters
+        # Eager attention adds its mask to the scores; sdpa takes a boolean mask.
+        self.additive_masks = getattr(self.config, "_attn_implementation", "eager") == "eager"
         if verify:
             self._verify_against_own_forward()
 
@@ -189,6 +192,33 @@ class LayerwiseModel:
             for layer_type in set(self.layer_types[start:end])
         }
 
+    def _column_masks(
+        self, hidden: torch.Tensor, start: int, end: int, cache: ColumnKVCache, pad_counts
+    ) -> dict[str, torch.Tensor]:
+        """One mask [batch, 1, new, capacity] per layer type, from the cache's write columns.
+
+        A query at column c sees columns [pad, c] of its row (and [c - window + 1, c] on a
+        sliding layer). A left-padding query sees only itself, so that no row of the
+        attention is empty (an empty row would put NaN into the padding columns' values,
+        and 0 * NaN would reach real tokens).
+        """
+        columns = cache.write_columns[:, None, :, None]  # [batch, 1, new, 1]
+        slots = torch.arange(cache.columns(start), device=hidden.device)  # [capacity]
+        causal = slots <= columns  # [batch, 1, new, capacity]
+        if pad_counts is not None:
+            causal = causal & ((slots >= pad_counts[:, None, None, None]) | (slots == columns))
+        masks: dict[str, torch.Tensor] = {}
+        for layer_type in set(self.layer_types[start:end]):
+            visible = causal
+            if layer_type == "sliding_attention":
+                visible = causal & (slots > columns - self.config.sliding_window)
+            if self.additive_masks:  # eager attention adds the mask to its scores
+                visible = torch.zeros((), dtype=hidden.dtype, device=hidden.device).masked_fill(
+                    ~visible, torch.finfo(hidden.dtype).min
+                )
+            masks[layer_type] = visible
+        return masks
+
     def run_layers(
         self,
         hidden: torch.Tensor,
@@ -204,10 +234,14 @@ class LayerwiseModel:
             hidden: hidden states entering layer ``start``, [batch, seq, hidden].
             start: first layer to run.
             end: one past the last layer to run.
-            cache: KV cache; layer i's cache holds the columns before the new tokens.
+            cache: KV cache. A ``ColumnKVCache`` (the engine's) must have its
+                ``write_columns`` set to the new tokens' columns, [batch, seq]; any other
+                transformers ``Cache`` holds, in layer i, the columns before the new tokens.
             position_ids: positions of the ``seq`` new tokens, [batch, seq].
-            padding_mask: 1 for real tokens, 0 for (left) padding, [batch, columns] over
-                every column so far, the new ones included; None when nothing is padded.
+            padding_mask: with a ``ColumnKVCache``: each row's left padding, [batch] (None:
+                no padding). Otherwise 1 for real tokens, 0 for (left) padding,
+                [batch, columns] over every column so far, the new ones included; None
+                when nothing is padded.
 
         Returns:
             Hidden states leaving layer ``end - 1``, [batch, seq, hidden].
@@ -216,7 +250,10 @@ class LayerwiseModel:
             raise ValueError(f"layer range [{start}, {end}) outside [0, {self.num_layers}]")
         if start == end:
             return hidden
-        masks = self._masks(hidden, start, end, cache, position_ids, padding_mask)
+        if isinstance(cache, ColumnKVCache):
+            masks = self._column_masks(hidden, start, end, cache, padding_mask)
+        else:
+            masks = self._masks(hidden, start, end, cache, position_ids, padding_mask)
         rotary = self._rotary(hidden, start, end, position_ids)  # type -> (cos, sin)
         for index in range(start, end):
             layer_type = self.layer_types[index]

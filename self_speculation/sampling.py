@@ -23,24 +23,41 @@ def build_logits_processors(config: GenerationConfig) -> LogitsProcessorList:
 
     Greedy decoding keeps only the processors that can change the argmax.
     """
+    return LogitsProcessorList([*_context_processors(config), *_warpers(config)])
+
+
+def _context_processors(config: GenerationConfig) -> LogitsProcessorList:
+    """Processors that read each row's tokens (no-repeat-n-gram)."""
     processors = LogitsProcessorList()
     if config.no_repeat_ngram_size:
         processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
-    if config.sample:
-        if config.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(config.temperature))
-        if config.top_k > 0:
-            processors.append(TopKLogitsWarper(config.top_k))
-        if config.top_p < 1.0:
-            processors.append(TopPLogitsWarper(config.top_p))
     return processors
 
 
-class TokenSelector:
-    """Turns logits into tokens (greedy) or distributions (sampling), row by row.
+def _warpers(config: GenerationConfig) -> LogitsProcessorList:
+    """Sampling warpers: functions of one row of logits each, so they run on [rows, vocab]."""
+    warpers = LogitsProcessorList()
+    if config.sample:
+        if config.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k > 0:
+            warpers.append(TopKLogitsWarper(config.top_k))
+        if config.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(config.top_p))
+    return warpers
 
-    Processors see each row's whole sequence so far (prompt + generated + drafted, left
-    padding removed), never only the last token.
+
+class TokenSelector:
+    """Turns logits into tokens (greedy) or distributions (sampling), for a whole batch.
+
+    Context processors (no-repeat-n-gram) see each row's whole sequence so far (prompt +
+    generated + drafted, left padding removed), never only the last token; they are the
+    only part that loops over rows and positions, and only when configured. The warpers
+    (temperature, top-k, top-p) run once on every row and position together.
+
+    Token contexts are given as a token buffer with each row's left padding and length:
+    position i of a call's logits predicts the token after
+    ``tokens[row, pad_counts[row] : lengths[row] + i]``.
 
     Args:
         config: the generation settings.
@@ -49,54 +66,78 @@ class TokenSelector:
 
     def __init__(self, config: GenerationConfig, generator: torch.Generator | None = None) -> None:
         self.sample = config.sample
-        self.processors = build_logits_processors(config)
+        self.context_processors = _context_processors(config)
+        self.warpers = _warpers(config)
         self.generator = generator
 
     def process(
-        self, context: torch.Tensor, pad_counts: torch.Tensor, logits: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        pad_counts: torch.Tensor,
+        lengths: torch.Tensor,
     ) -> torch.Tensor:
-        """Processed logits [batch, positions, vocab].
+        """Processed logits [batch, positions, vocab] (float32).
 
         Args:
-            context: left-padded token ids [batch, columns]; position i of ``logits``
-                predicts the token after ``context[:, : columns - positions + 1 + i]``.
-            pad_counts: left padding of each row, [batch].
             logits: raw logits [batch, positions, vocab].
+            tokens: left-padded token buffer [batch, columns].
+            pad_counts: left padding of each row, [batch].
+            lengths: columns before position 0's prediction, per row, [batch].
         """
         logits = logits.float()
-        if not self.processors:
-            return logits
-        positions = logits.shape[1]
-        first = context.shape[1] - positions + 1
-        rows = []
-        for row in range(context.shape[0]):
-            pad = int(pad_counts[row])
-            rows.append(
-                torch.cat(
-                    [
-                        self.processors(
-                            context[row : row + 1, pad : first + i], logits[row, i : i + 1]
-                        )
-                        for i in range(positions)
-                    ]
-                )
+        batch, positions, vocab = logits.shape
+        if self.context_processors:
+            ends = (lengths[:, None] + torch.arange(positions, device=lengths.device)).tolist()
+            logits = torch.stack(
+                [
+                    torch.cat(
+                        [
+                            self.context_processors(
+                                tokens[row : row + 1, int(pad_counts[row]) : ends[row][i]],
+                                logits[row, i : i + 1],
+                            )
+                            for i in range(positions)
+                        ]
+                    )
+                    for row in range(batch)
+                ]
             )
-        return torch.stack(rows)  # [batch, positions, vocab]
+        if self.warpers:
+            # Warpers ignore the token ids; an empty id tensor keeps the call cheap.
+            flat = logits.reshape(batch * positions, vocab)  # [batch * positions, vocab]
+            empty_ids = tokens.new_zeros(batch * positions, 0)
+            logits = self.warpers(empty_ids, flat).reshape(batch, positions, vocab)
+        return logits
 
     def probabilities(
-        self, context: torch.Tensor, pad_counts: torch.Tensor, logits: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        pad_counts: torch.Tensor,
+        lengths: torch.Tensor,
     ) -> torch.Tensor:
         """Sampling distributions [batch, positions, vocab]."""
-        return torch.softmax(self.process(context, pad_counts, logits), dim=-1)
+        return torch.softmax(self.process(logits, tokens, pad_counts, lengths), dim=-1)
 
     def greedy_tokens(
-        self, context: torch.Tensor, pad_counts: torch.Tensor, logits: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        pad_counts: torch.Tensor,
+        lengths: torch.Tensor,
     ) -> torch.Tensor:
         """Argmax tokens [batch, positions]."""
-        return self.process(context, pad_counts, logits).argmax(dim=-1)
+        if not self.context_processors:
+            return logits.argmax(dim=-1)  # argmax needs neither float32 nor warpers
+        return self.process(logits, tokens, pad_counts, lengths).argmax(dim=-1)
 
     def choose(
-        self, context: torch.Tensor, pad_counts: torch.Tensor, logits: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        pad_counts: torch.Tensor,
+        lengths: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The next token of every row from ``logits`` [batch, vocab].
 
@@ -106,31 +147,32 @@ class TokenSelector:
         """
         logits = logits.unsqueeze(1)  # [batch, 1, vocab]
         if not self.sample:
-            return self.greedy_tokens(context, pad_counts, logits)[:, 0], None
-        probs = self.probabilities(context, pad_counts, logits)[:, 0]  # [batch, vocab]
+            return self.greedy_tokens(logits, tokens, pad_counts, lengths)[:, 0], None
+        probs = self.probabilities(logits, tokens, pad_counts, lengths)[:, 0]  # [batch, vocab]
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0], probs
 
 
-def sample_token(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
-    """Draw one token from ``probs`` [vocab]."""
-    return int(torch.multinomial(probs, 1, generator=generator)[0])
-
-
-def greedy_accept(draft_tokens: torch.Tensor, target_tokens: torch.Tensor) -> tuple[int, int]:
-    """Greedy verification (LayerSkip §5.2; Leviathan et al. 2023).
+def greedy_accept(
+    draft_tokens: torch.Tensor, target_tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy verification for a batch (LayerSkip §5.2; Leviathan et al. 2023).
 
     Args:
-        draft_tokens: [k] tokens proposed by the early exit.
-        target_tokens: [k + 1] full-model argmax after the pending token and each draft.
+        draft_tokens: [batch, k] tokens proposed by the early exit; -1 marks a slot with
+            no draft (fewer drafts than k), which never matches.
+        target_tokens: [batch, k + 1] full-model argmax after the pending token and each
+            draft.
 
     Returns:
-        accepted_count n (the longest prefix where draft == target) and the next token:
-        the full model's correction at position n, or the bonus token when n == k.
+        accepted_counts [batch] (the longest prefix where draft == target) and the next
+        tokens [batch]: the full model's correction at that position, or the bonus token
+        when every draft was accepted.
     """
-    k = draft_tokens.shape[0]
-    mismatch = (draft_tokens != target_tokens[:k]).nonzero()
-    accepted_count = int(mismatch[0, 0]) if mismatch.numel() else k
-    return accepted_count, int(target_tokens[accepted_count])
+    k = draft_tokens.shape[1]
+    agrees = draft_tokens == target_tokens[:, :k]  # [batch, k]
+    accepted_counts = agrees.long().cumprod(dim=1).sum(dim=1)  # [batch]
+    next_tokens = target_tokens.gather(1, accepted_counts[:, None])[:, 0]  # [batch]
+    return accepted_counts, next_tokens
 
 
 def speculative_accept(
@@ -138,33 +180,43 @@ def speculative_accept(
     draft_probs: torch.Tensor,
     target_probs: torch.Tensor,
     generator: torch.Generator | None = None,
-) -> tuple[int, int]:
-    """Speculative sampling verification (Leviathan et al. 2023, Alg. 1; Chen et al. 2023).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling verification for a batch (Leviathan et al. 2023, Alg. 1;
+    Chen et al. 2023).
 
-    Accept draft x_i with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection,
-    draw from norm(max(p_i - q_i, 0)); if all k are accepted, draw the bonus token from
-    p_k. The returned tokens are distributed exactly as samples from p.
+    Accept draft x_i with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection
+    i, draw from norm(max(p_i - q_i, 0)); if all drafts are accepted, draw the bonus token
+    from p_k. The kept tokens are distributed exactly as samples from p.
 
     Args:
-        draft_tokens: [k] tokens drawn from ``draft_probs``.
-        draft_probs: [k, vocab] draft distributions q.
-        target_probs: [k + 1, vocab] target distributions p.
+        draft_tokens: [batch, k] tokens drawn from ``draft_probs``; -1 marks a slot with
+            no draft (fewer drafts than k): never accepted, and a rejection there draws
+            from p (the bonus token of the real drafts).
+        draft_probs: [batch, k, vocab] draft distributions q (any values where no draft).
+        target_probs: [batch, k + 1, vocab] target distributions p.
         generator: random source.
 
     Returns:
-        accepted_count and the next token (residual sample or bonus).
+        accepted_counts [batch] and the next tokens [batch] (residual sample or bonus).
     """
-    k = draft_tokens.shape[0]
-    rows = torch.arange(k, device=draft_tokens.device)
-    p = target_probs[rows, draft_tokens]  # [k]
-    q = draft_probs[rows, draft_tokens]  # [k]
-    uniform = torch.rand(k, generator=generator, device=draft_tokens.device)  # [k]
-    rejected = (uniform * q > p).nonzero()
-    if not rejected.numel():
-        return k, sample_token(target_probs[k], generator)
-    accepted_count = int(rejected[0, 0])
-    residual = (target_probs[accepted_count] - draft_probs[accepted_count]).clamp_min(0)  # [vocab]
-    total = residual.sum()
+    batch, k = draft_tokens.shape
+    drafted = draft_tokens >= 0  # [batch, k]
+    index = draft_tokens.clamp_min(0).unsqueeze(2)  # [batch, k, 1]
+    p = target_probs[:, :k].gather(2, index)[..., 0]  # [batch, k]
+    q = draft_probs.gather(2, index)[..., 0]  # [batch, k]
+    uniform = torch.rand(batch, k, generator=generator, device=draft_tokens.device)
+    accepted = (uniform * q <= p) & drafted  # u < p / q, without dividing by q
+    accepted_counts = accepted.long().cumprod(dim=1).sum(dim=1)  # [batch]
+    # q at each of the k + 1 positions, zero where no draft was made (and after the last).
+    q_all = torch.cat(
+        [draft_probs * drafted.unsqueeze(2), draft_probs.new_zeros(batch, 1, draft_probs.shape[2])],
+        dim=1,
+    )  # [batch, k + 1, vocab]
+    at = accepted_counts[:, None, None].expand(batch, 1, target_probs.shape[2])
+    p_at = target_probs.gather(1, at)[:, 0]  # [batch, vocab]
+    residual = (p_at - q_all.gather(1, at)[:, 0]).clamp_min(0)  # [batch, vocab]
+    total = residual.sum(dim=1, keepdim=True)  # [batch, 1]
     # residual == 0 only when p == q, where rejection has probability 0; guard rounding.
-    residual = residual / total if total > 0 else target_probs[accepted_count]
-    return accepted_count, sample_token(residual, generator)
+    residual = torch.where(total > 0, residual / total.clamp_min(1e-30), p_at)
+    next_tokens = torch.multinomial(residual, 1, generator=generator)[:, 0]  # [batch]
+    return accepted_counts, next_tokens

@@ -1,15 +1,18 @@
 """Decoding strategies behind one interface, and the registry the scripts use.
 
-A strategy advances a ``DecodingState`` (a batch of left-padded sequences) by one step and
-returns the tokens it produced; the generator owns the loop, stopping, streaming and timing.
-Every row of a batch gains the same number of tokens per step, so the batch stays
-rectangular: in a self-speculative step the batch keeps the smallest accepted count among
-its unfinished rows (for a row that accepted more, the token after that count is one of its
-own accepted drafts, so every row's output is still exactly its own).
+A strategy advances a ``DecodingState`` (a batch of left-padded sequences in one token
+buffer and one ``ColumnKVCache``) by one step and reports, per row, the tokens it
+appended; the generator owns the loop, stopping, streaming and timing.
 
-Cache invariant (every strategy): after each step, every layer that has run holds exactly
-``columns - 1`` positions; the last column (the *pending* tokens) is in no cache yet.
-Early-exit-only decoding never runs layers [E, L), whose caches stay empty.
+Rows advance independently: each has its own length (columns filled), so in a
+self-speculative step every row keeps its own accepted drafts, and a slow row no longer
+holds back the others. A step is tensor operations only; the generator reads the per-row
+counts once per step (the one host synchronisation).
+
+Column invariant (every strategy): the pending token of row b is at column
+``lengths[b] - 1``; every layer that has run holds valid keys/values for the columns
+before it. Columns at and after it may hold stale entries from rejected drafts: the next
+call writes over them before any query can see them (see ``kv_cache``).
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from transformers import Cache
 
 from self_speculation.config import GenerationConfig, GenerationStrategyName
 from self_speculation.errors import UnsupportedModelError
-from self_speculation.model_surgery import LayerwiseModel, truncate_cache
+from self_speculation.kv_cache import ColumnKVCache
+from self_speculation.passes import ForwardPasses
 from self_speculation.sampling import TokenSelector, greedy_accept, speculative_accept
 
 
@@ -33,41 +36,38 @@ class DecodingState:
     """A batch of sequences being decoded.
 
     Attributes:
-        tokens: left-padded prompts + generated tokens, [batch, columns]; the last column
-            holds the pending tokens.
-        cache: the shared KV cache of all layers.
+        tokens: left-padded prompts, then generated (and drafted) tokens,
+            [batch, capacity].
+        lengths: columns filled per row, [batch]; the pending token is at ``lengths - 1``.
         pad_counts: left padding of each row, [batch].
-        padding_mask: 1 for real tokens, 0 for padding, [batch, columns]; None when no
-            row is padded (then no mask is needed at all).
+        prompt_width: columns of the padded prompts (generation starts there).
+        cache: the shared KV cache of all layers.
     """
 
     tokens: torch.Tensor
-    cache: Cache
+    lengths: torch.Tensor
     pad_counts: torch.Tensor
-    padding_mask: torch.Tensor | None
+    prompt_width: int
+    cache: ColumnKVCache
 
-    @property
-    def pending_column(self) -> int:
-        return self.tokens.shape[1] - 1
+    def pending_tokens(self) -> torch.Tensor:
+        """The newest token of each row, [batch, 1]."""
+        return self.tokens.gather(1, self.lengths[:, None] - 1)
 
-    def positions(self, first_column: int, count: int) -> torch.Tensor:
-        """Positions of columns [first_column, first_column + count), [batch, count]."""
-        columns = torch.arange(first_column, first_column + count, device=self.tokens.device)
-        return columns.unsqueeze(0) - self.pad_counts.unsqueeze(1)
-
-    def mask_through(self, columns: int) -> torch.Tensor | None:
-        """The padding mask extended with real tokens up to ``columns`` columns."""
-        if self.padding_mask is None:
-            return None
-        extra = columns - self.padding_mask.shape[1]
-        return torch.cat(
-            [self.padding_mask, self.padding_mask.new_ones(len(self.tokens), extra)], 1
+    def write(self, new_tokens: torch.Tensor, counts: torch.Tensor) -> None:
+        """Append the first ``counts[b]`` of ``new_tokens[b]`` [batch, n] to each row."""
+        columns = self.lengths[:, None] + torch.arange(new_tokens.shape[1], device=counts.device)
+        keep = torch.arange(new_tokens.shape[1], device=counts.device) < counts[:, None]
+        # Slots past a row's count are written with what is already there.
+        current = self.tokens.gather(1, columns.clamp_max(self.tokens.shape[1] - 1))
+        self.tokens.scatter_(
+            1, columns.clamp_max(self.tokens.shape[1] - 1), torch.where(keep, new_tokens, current)
         )
+        self.lengths += counts
 
-    def append(self, new_tokens: torch.Tensor) -> None:
-        """Add ``new_tokens`` [batch, n] as the newest columns."""
-        self.tokens = torch.cat([self.tokens, new_tokens], dim=1)
-        self.padding_mask = self.mask_through(self.tokens.shape[1])
+    def generated(self, row: int, count: int) -> list[int]:
+        """The first ``count`` generated tokens of ``row``."""
+        return self.tokens[row, self.prompt_width : self.prompt_width + count].tolist()
 
 
 @dataclass
@@ -75,105 +75,88 @@ class StepResult:
     """What one decoding step produced, for every row.
 
     Attributes:
-        new_tokens: tokens appended to each row (accepted drafts + correction/bonus),
-            [batch, accepted_count + 1].
-        draft_tokens: tokens the early exit proposed, [batch, drafts] (no columns for
-            autoregressive decoding).
-        accepted_count: how many drafts every row kept.
+        new_tokens: tokens appended to each row (accepted drafts, then the correction or
+            bonus token), [batch, n]; row b's are the first ``new_counts[b]``.
+        new_counts: tokens appended per row, [batch] (0 for rows that were not active).
+        draft_tokens: tokens the early exit proposed, [batch, k] (-1 where none; no
+            columns for autoregressive decoding).
+        accepted_counts: drafts kept per row, [batch].
     """
 
     new_tokens: torch.Tensor
+    new_counts: torch.Tensor
     draft_tokens: torch.Tensor
-    accepted_count: int = 0
+    accepted_counts: torch.Tensor
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device):
-    """Prompts -> (tokens [batch, columns], pad_counts [batch], padding mask or None)."""
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_token_id: int, capacity: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Prompts -> (token buffer [batch, capacity], pad_counts [batch], prompt width)."""
     width = max(len(prompt) for prompt in prompts)
-    pad_counts = torch.tensor([width - len(prompt) for prompt in prompts], device=device)
-    tokens = torch.tensor(
-        [[pad_token_id] * (width - len(prompt)) + list(prompt) for prompt in prompts],
-        dtype=torch.long,
-        device=device,
-    )  # [batch, columns]
-    if not bool(pad_counts.any()):
-        return tokens, pad_counts, None
-    columns = torch.arange(width, device=device).unsqueeze(0)
-    return tokens, pad_counts, (columns >= pad_counts.unsqueeze(1)).long()
+    tokens = torch.full((len(prompts), capacity), pad_token_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt) : width] = torch.tensor(list(prompt), dtype=torch.long)
+    pad_counts = torch.tensor([width - len(prompt) for prompt in prompts])
+    return tokens.to(device), pad_counts.to(device), width
 
 
 class GenerationStrategy(abc.ABC):
     """A decoding strategy.
 
     Args:
-        model: the layer-wise view of the model.
+        passes: the model's forward passes (eager or compiled).
         config: resolved generation settings (exit_layer / num_speculations filled in).
         selector: turns logits into tokens.
-        stop_token_ids: end-of-sequence ids; drafting stops once every unfinished row
-            has drafted one.
     """
 
     name: ClassVar[GenerationStrategyName]
 
     def __init__(
-        self,
-        model: LayerwiseModel,
-        config: GenerationConfig,
-        selector: TokenSelector,
-        stop_token_ids: frozenset[int] = frozenset(),
+        self, passes: ForwardPasses, config: GenerationConfig, selector: TokenSelector
     ) -> None:
-        self.model = model
+        self.passes = passes
+        self.model = passes.model
         self.config = config
         self.selector = selector
-        self.stop_token_ids = torch.tensor(sorted(stop_token_ids), device=model.device)
 
     @property
     @abc.abstractmethod
     def prefill_layers(self) -> int:
         """How many layers the prompt runs through."""
 
-    def forward(
-        self, state: DecodingState, hidden: torch.Tensor, start: int, end: int, first_column: int
-    ) -> torch.Tensor:
-        """Layers [start, end) over the columns from ``first_column`` of ``hidden``."""
-        count = hidden.shape[1]
-        return self.model.run_layers(
-            hidden,
-            start,
-            end,
-            state.cache,
-            state.positions(first_column, count),
-            state.mask_through(first_column + count),
-        )
+    @property
+    def lookahead(self) -> int:
+        """Columns a step may write past its last kept token (drafts that get rejected)."""
+        return 1
 
     def prefill(
-        self, prompts: Sequence[Sequence[int]], pad_token_id: int
-    ) -> tuple[DecodingState, torch.Tensor]:
-        """Run the prompts and choose each row's first generated token, [batch]."""
-        tokens, pad_counts, padding_mask = left_pad(prompts, pad_token_id, self.model.device)
-        state = DecodingState(tokens, self.model.new_cache(), pad_counts, padding_mask)
-        hidden = self.forward(state, self.model.embed(tokens), 0, self.prefill_layers, 0)
-        logits = self.model.unembed(hidden[:, -1:])  # [batch, 1, vocab]
+        self, prompts: Sequence[Sequence[int]], pad_token_id: int, max_new_tokens: int
+    ) -> DecodingState:
+        """Run the prompts and append each row's first generated token."""
+        device = self.model.device
+        width = max(len(prompt) for prompt in prompts)
+        capacity = width + max_new_tokens + self.lookahead
+        tokens, pad_counts, width = left_pad(prompts, pad_token_id, capacity, device)
+        cache = self.passes.new_cache(len(prompts), capacity)
+        state = DecodingState(tokens, torch.full_like(pad_counts, width), pad_counts, width, cache)
+        logits = self.passes.prefill(
+            tokens[:, :width], cache, pad_counts, self.prefill_layers
+        )  # [batch, vocab]
         if bool(torch.isnan(logits).any()):
-            raise UnsupportedModelError(
-                "the model produced NaN logits for the prompt"
-                + (
-                    " (left padding in a batch: try one prompt at a time)"
-                    if len(prompts) > 1
-                    else ""
-                )
-            )
-        first_tokens, _ = self.selector.choose(tokens, pad_counts, logits[:, 0])
-        return state, first_tokens
+            raise UnsupportedModelError("the model produced NaN logits for the prompt")
+        first_tokens, _ = self.selector.choose(logits, tokens, pad_counts, state.lengths)
+        state.write(first_tokens[:, None], torch.ones_like(pad_counts))
+        return state
 
     @abc.abstractmethod
-    def step(self, state: DecodingState, budget: int, active: torch.Tensor) -> StepResult:
-        """Advance ``state`` by at most ``budget`` tokens per row.
+    def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
+        """Advance the active rows of ``state`` by one step.
 
         Args:
-            state: the batch; its last column is pending.
-            budget: the most tokens any unfinished row may still take.
-            active: which rows are unfinished, [batch] bool.
+            state: the batch.
+            num_drafts: drafts to make this step (self-speculative; <= k).
+            active: which rows are unfinished, [batch] bool; the others do not advance.
         """
 
 
@@ -186,21 +169,29 @@ class AutoRegressiveGenerationStrategy(GenerationStrategy):
     def prefill_layers(self) -> int:
         return self.config.exit_layer
 
-    def step(self, state: DecodingState, budget: int, active: torch.Tensor) -> StepResult:
-        pending = self.model.embed(state.tokens[:, -1:])  # [batch, 1, hidden]
-        hidden = self.forward(state, pending, 0, self.config.exit_layer, state.pending_column)
-        logits = self.model.unembed(hidden)[:, 0]  # [batch, vocab]
-        tokens, _ = self.selector.choose(state.tokens, state.pad_counts, logits)
-        return StepResult(new_tokens=tokens.unsqueeze(1), draft_tokens=tokens.unsqueeze(1)[:, :0])
+    def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
+        logits, _ = self.passes.early(
+            state.pending_tokens(),
+            state.lengths[:, None] - 1,
+            state.cache,
+            state.pad_counts,
+            self.config.exit_layer,
+        )  # [batch, vocab]
+        tokens, _ = self.selector.choose(logits, state.tokens, state.pad_counts, state.lengths)
+        counts = active.long()  # [batch]
+        state.write(tokens[:, None], counts)
+        no_drafts = tokens[:, None][:, :0]
+        return StepResult(tokens[:, None], counts, no_drafts, torch.zeros_like(counts))
 
 
 class SelfSpeculativeGenerationStrategy(GenerationStrategy):
     """Draft with layers [0, E), verify with layers [E, L) reusing the drafts' work.
 
-    One step (LayerSkip §5): draft k tokens autoregressively with the early exit, keeping
-    the exit-layer hidden states (the exit query cache); run the last draft through
-    layers [0, E); verify all k + 1 positions in one pass through layers [E, L) starting
-    from the kept states; accept; roll every cache back to the accepted length.
+    One step (LayerSkip §5): draft up to k tokens autoregressively with the early exit,
+    keeping the exit-layer hidden states (the exit query cache); run the last draft
+    through layers [0, E); verify all k + 1 positions in one pass through layers [E, L)
+    starting from the kept states; accept per row. Rolling back is free: each row's next
+    step writes from its first rejected column.
     """
 
     name = GenerationStrategyName.SELF_SPECULATIVE
@@ -209,89 +200,100 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
     def prefill_layers(self) -> int:
         return self.model.num_layers
 
-    def _early(self, state: DecodingState, tokens: torch.Tensor, column: int) -> torch.Tensor:
-        """Exit-layer hidden states [batch, 1, hidden] of ``tokens`` [batch] at ``column``."""
-        hidden = self.model.embed(tokens.unsqueeze(1))  # [batch, 1, hidden]
-        return self.forward(state, hidden, 0, self.config.exit_layer, column)
+    @property
+    def lookahead(self) -> int:
+        # A row may end up to k past its limit (it keeps every accepted draft), and a
+        # finished row's columns are still written (and ignored) while others go on.
+        return 2 * (self.config.num_speculations + 1)
 
-    def step(self, state: DecodingState, budget: int, active: torch.Tensor) -> StepResult:
-        exit_layer, first_column = self.config.exit_layer, state.pending_column
-        # Never draft more than can be kept: k drafts yield up to k + 1 tokens.
-        num_drafts = min(self.config.num_speculations, budget - 1)
-        context = state.tokens  # [batch, columns + drafts so far]
-        exit_states = []  # exit-layer states of the pending tokens and each draft
+    def _draft(
+        self, state: DecodingState, num_drafts: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        """Draft up to ``num_drafts`` tokens per row with layers [0, E).
+
+        Drafts are written into the token buffer after each row's pending token (context
+        processors read them there); verification overwrites what it rejects.
+
+        Returns:
+            draft tokens [batch, k] (-1 past the drafts made), exit-layer states
+            [batch, k + 1, hidden] (pending token and drafts; zero past them), draft
+            distributions [batch, k, vocab] when sampling, and the number of drafts made.
+        """
+        k, exit_layer = self.config.num_speculations, self.config.exit_layer
+        batch = len(state.lengths)
+        exit_states = []  # [batch, 1, hidden] per position
         draft_probs = []  # [batch, vocab] per draft, when sampling
-        tokens = state.tokens[:, -1]  # [batch]
-        drafted_stop = torch.zeros_like(active)
+        drafts = []  # [batch] per draft
+        tokens = state.pending_tokens()  # [batch, 1]
         for i in range(num_drafts):
-            exit_states.append(self._early(state, tokens, first_column + i))
-            logits = self.model.unembed(exit_states[-1])[:, 0]  # [batch, vocab]
-            tokens, probs = self.selector.choose(context, state.pad_counts, logits)
+            logits, hidden = self.passes.early(
+                tokens, state.lengths[:, None] - 1 + i, state.cache, state.pad_counts, exit_layer
+            )
+            exit_states.append(hidden)
+            chosen, probs = self.selector.choose(
+                logits, state.tokens, state.pad_counts, state.lengths + i
+            )  # [batch], [batch, vocab] or None
+            drafts.append(chosen)
             draft_probs.append(probs)
-            context = torch.cat([context, tokens.unsqueeze(1)], dim=1)
-            if len(self.stop_token_ids):
-                drafted_stop |= torch.isin(tokens, self.stop_token_ids)
-                if bool(drafted_stop[active].all()):
-                    break  # nothing after an end-of-sequence token is ever kept
-            if self.config.draft_confidence_threshold > 0:
+            tokens = chosen[:, None]
+            if self.selector.context_processors:  # later drafts' processors read it
+                state.tokens.scatter_(1, state.lengths[:, None] + i, tokens)
+            threshold = self.config.draft_confidence_threshold
+            if threshold > 0 and i + 1 < num_drafts:
                 confidence = (
                     probs if probs is not None else torch.softmax(logits.float(), dim=-1)
                 ).amax(dim=-1)  # [batch]
-                if bool((confidence[active] < self.config.draft_confidence_threshold).any()):
+                if bool((confidence < threshold).any()):
                     break  # an unsure draft is likely rejected: verify what we have
-        draft_tokens = context[:, state.tokens.shape[1] :]  # [batch, k]
-        k = draft_tokens.shape[1]
-        exit_states.append(self._early(state, tokens, first_column + k))
+        made = len(drafts)
+        missing = k - made
+        draft_tokens = torch.stack(drafts, dim=1)  # [batch, made]
+        draft_tokens = torch.nn.functional.pad(draft_tokens, (0, missing), value=-1)
+        hidden = exit_states[0]
+        states = torch.cat(
+            [*exit_states, hidden.new_zeros(batch, k + 1 - made, hidden.shape[-1])], dim=1
+        )  # [batch, k + 1, hidden]
+        stacked_probs = None
+        if self.selector.sample:
+            probs = torch.stack(draft_probs, dim=1)  # [batch, made, vocab]
+            stacked_probs = torch.nn.functional.pad(probs, (0, 0, 0, missing))
+        return draft_tokens, states, stacked_probs, made
 
-        # Verification: one pass through [E, L) over the pending tokens and every draft.
-        verify_hidden = torch.cat(exit_states, dim=1)  # [batch, k + 1, hidden]
-        verify_hidden = self.forward(
-            state, verify_hidden, exit_layer, self.model.num_layers, first_column
-        )
-        target_logits = self.model.unembed(verify_hidden)  # [batch, k + 1, vocab]
+    def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
+        k, exit_layer = self.config.num_speculations, self.config.exit_layer
+        num_drafts = max(1, min(num_drafts, k))
+        draft_tokens, exit_states, draft_probs, made = self._draft(state, num_drafts)
+        last_tokens = draft_tokens[:, made - 1 : made]  # [batch, 1]
+        columns = state.lengths[:, None] - 1 + torch.arange(k + 1, device=state.lengths.device)
+        made_tensor = torch.tensor([made], device=columns.device)
+        target_logits = self.passes.verify(
+            last_tokens,
+            exit_states,
+            made_tensor,
+            columns,
+            state.cache,
+            state.pad_counts,
+            exit_layer,
+        )  # [batch, k + 1, vocab]
 
         if self.selector.sample:
-            target_probs = self.selector.probabilities(context, state.pad_counts, target_logits)
-            stacked_draft_probs = (
-                torch.stack(draft_probs, dim=1) if draft_probs else target_probs[:, :0]
-            )  # [batch, k, vocab]
-            decisions = [
-                speculative_accept(
-                    draft_tokens[row],
-                    stacked_draft_probs[row],
-                    target_probs[row],
-                    self.selector.generator,
-                )
-                for row in range(len(draft_tokens))
-            ]
+            target_probs = self.selector.probabilities(
+                target_logits, state.tokens, state.pad_counts, state.lengths
+            )  # [batch, k + 1, vocab]
+            accepted_counts, next_tokens = speculative_accept(
+                draft_tokens, draft_probs, target_probs, self.selector.generator
+            )
         else:
             target_tokens = self.selector.greedy_tokens(
-                context, state.pad_counts, target_logits
+                target_logits, state.tokens, state.pad_counts, state.lengths
             )  # [batch, k + 1]
-            decisions = [
-                greedy_accept(draft_tokens[row], target_tokens[row])
-                for row in range(len(draft_tokens))
-            ]
-        accepted_count = min(
-            count for (count, _), is_active in zip(decisions, active.tolist()) if is_active
-        )
-        # A row that accepted more than the batch keeps its own accepted draft next.
-        # (Finished rows may have accepted fewer; their tokens are never read.)
-        next_tokens = torch.tensor(
-            [
-                next_token if count <= accepted_count else int(draft_tokens[row, accepted_count])
-                for row, (count, next_token) in enumerate(decisions)
-            ],
-            device=draft_tokens.device,
-        )  # [batch]
-
-        # Columns first_column .. first_column + accepted_count hold the pending tokens and
-        # the accepted drafts: keep them, drop the rest.
-        truncate_cache(state.cache, first_column + accepted_count + 1)
-        new_tokens = torch.cat(
-            [draft_tokens[:, :accepted_count], next_tokens.unsqueeze(1)], dim=1
-        )  # [batch, accepted_count + 1]
-        return StepResult(new_tokens, draft_tokens, accepted_count)
+            accepted_counts, next_tokens = greedy_accept(draft_tokens, target_tokens)
+        # Row b keeps its accepted drafts, then its correction / bonus token.
+        new_tokens = torch.cat([draft_tokens.clamp_min(0), next_tokens[:, None]], dim=1)
+        new_tokens = new_tokens.scatter(1, accepted_counts[:, None], next_tokens[:, None])
+        counts = (accepted_counts + 1) * active  # [batch]
+        state.write(new_tokens, counts)
+        return StepResult(new_tokens, counts, draft_tokens[:, :made], accepted_counts)
 
 
 STRATEGIES: dict[GenerationStrategyName, type[GenerationStrategy]] = {
@@ -301,11 +303,8 @@ STRATEGIES: dict[GenerationStrategyName, type[GenerationStrategy]] = {
 
 
 def build_strategy(
-    model: LayerwiseModel,
-    config: GenerationConfig,
-    selector: TokenSelector,
-    stop_token_ids: frozenset[int] = frozenset(),
+    passes: ForwardPasses, config: GenerationConfig, selector: TokenSelector
 ) -> GenerationStrategy:
     """The registered strategy for ``config.generation_strategy``."""
     strategy_class = STRATEGIES[GenerationStrategyName(config.generation_strategy)]
-    return strategy_class(model, config, selector, stop_token_ids)
+    return strategy_class(passes, config, selector)

@@ -20,6 +20,9 @@ class StreamerName(str, enum.Enum):
 class Streamer:
     """Receives tokens as they are decided. The base class ignores everything."""
 
+    # Whether on_step needs the tokens (they cost a device-to-host copy every step).
+    wants_tokens = False
+
     def on_step(self, new_tokens: list[int], draft_tokens: list[int], accepted_count: int) -> None:
         """Called once per decoding step with the tokens kept and the drafts proposed."""
 
@@ -35,6 +38,8 @@ class TextStreamer(Streamer):
         tokenizer: decodes token ids.
         stream: where to write (stdout by default).
     """
+
+    wants_tokens = True
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stream: TextIO | None = None) -> None:
         self.tokenizer = tokenizer

@@ -44,9 +44,9 @@ def test_correctness_fails_on_a_broken_verification(
 
     def broken_greedy_accept(
         draft_tokens: torch.Tensor, target_tokens: torch.Tensor
-    ) -> tuple[int, int]:
-        accepted_count, next_token = real_greedy_accept(draft_tokens, target_tokens)
-        return accepted_count, (next_token + 1) % 300  # a wrong correction / bonus token
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        accepted_counts, next_tokens = real_greedy_accept(draft_tokens, target_tokens)
+        return accepted_counts, (next_tokens + 1) % 300  # a wrong correction / bonus token
 
     monkeypatch.setattr(strategies, "greedy_accept", broken_greedy_accept)
     correctness = importlib.import_module("correctness")

@@ -8,7 +8,8 @@ import pytest
 import torch
 from tiny_models import FAMILIES, make_tiny_model, make_tiny_tokenizer
 
-from self_speculation import GenerationConfig, Generator, UnsupportedModelError
+from self_speculation import GenerationConfig, Generator
+from self_speculation.passes import ForwardPasses
 from self_speculation.strategies import SelfSpeculativeGenerationStrategy
 
 NUM_LAYERS = 4
@@ -127,23 +128,44 @@ def test_no_repeat_ngram_sees_the_whole_sequence_in_both_strategies() -> None:
 
 
 @pytest.mark.parametrize("exit_layer", [1, 2, 4])
-def test_cache_holds_prompt_plus_generated_minus_one_after_every_step(
+def test_cache_before_the_pending_token_equals_a_fresh_prefill_after_every_step(
     exit_layer: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Rollback by moving a length: whatever rejected drafts wrote, every layer's keys and
+    values before each row's pending column are those of a fresh pass over the kept tokens."""
     generator = generator_for("qwen2")
-    observed = []
+    passes = ForwardPasses(generator.layerwise)
+    checked_lengths = []
     original_step = SelfSpeculativeGenerationStrategy.step
 
-    def checked_step(self, state, budget, active):
-        lengths = {layer.get_seq_length() for layer in state.cache.layers}
-        observed.append((lengths, state.tokens.shape[1] - 1))
-        return original_step(self, state, budget, active)
+    def checked_step(self, state, num_drafts, active):
+        result = original_step(self, state, num_drafts, active)
+        for row in range(len(state.lengths)):
+            kept = int(state.lengths[row]) - 1  # columns before the pending token
+            fresh = passes.new_cache(1, state.cache.capacity)
+            passes.prefill(
+                state.tokens[row : row + 1, :kept],
+                fresh,
+                state.pad_counts[row : row + 1],
+                generator.num_layers,
+            )
+            for layer in range(generator.num_layers):
+                for ours, theirs in (
+                    (state.cache.keys[layer], fresh.keys[layer]),
+                    (state.cache.values[layer], fresh.values[layer]),
+                ):
+                    start = int(state.pad_counts[row])
+                    torch.testing.assert_close(
+                        ours[row, :, start:kept], theirs[0, :, start:kept], rtol=0, atol=1e-10
+                    )
+            checked_lengths.append(kept)
+        return result
 
     monkeypatch.setattr(SelfSpeculativeGenerationStrategy, "step", checked_step)
-    result = generator.generate([5, 60, 7], speculative(exit_layer, 3, max_steps=30))
-    assert result.num_steps == len(observed) > 3
-    for lengths, expected in observed:
-        assert lengths == {expected}
+    single = generator.generate([5, 60, 7], speculative(exit_layer, 3, max_steps=30))
+    assert single.num_steps > 3
+    batch = generator.generate_batch([[5, 60, 7], [9, 8]], speculative(exit_layer, 3, max_steps=30))
+    assert len(checked_lengths) == single.num_steps + 2 * max(r.num_steps for r in batch)
 
 
 def test_early_exit_autoregressive_uses_only_the_first_layers() -> None:
@@ -200,11 +222,14 @@ def test_batched_early_exit_decoding_equals_single_runs() -> None:
     assert [r.token_ids for r in generator.generate_batch(BATCH_PROMPTS, config)] == singles
 
 
-def test_nan_logits_are_an_error_not_tokens() -> None:
-    """transformers' own Gemma 2 forward gives NaN for a fully left-padded sliding window."""
+def test_left_padded_sliding_window_batches_are_finite_and_exact() -> None:
+    """transformers' own Gemma 2 forward gives NaN for a query whose whole sliding window
+    is left padding; here a padding query sees itself, so no row of attention is empty and
+    every row equals its single run."""
     generator = generator_for("gemma2_softcap_sliding")
-    with pytest.raises(UnsupportedModelError, match="NaN"):
-        generator.generate_batch(BATCH_PROMPTS, greedy())
+    singles = [generator.generate(prompt, greedy()).token_ids for prompt in BATCH_PROMPTS]
+    for config in (greedy(), speculative(2, 3)):
+        assert [r.token_ids for r in generator.generate_batch(BATCH_PROMPTS, config)] == singles
 
 
 def test_confidence_threshold_shortens_drafts_and_keeps_outputs_exact() -> None:

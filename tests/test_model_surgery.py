@@ -90,7 +90,9 @@ def test_verification_from_cached_exit_states_equals_fresh_forward(
         layerwise.run_layers(exit_states, exit_layer, num_layers, cache, positions)
     )
     fresh = model(input_ids=TOKENS).logits[:, prefix_length:]
-    torch.testing.assert_close(verified, fresh, rtol=0, atol=1e-10)
+    # Gemma 2's eager attention takes its softmax in float32 even for a float64 model.
+    tolerance = 1e-6 if family.startswith("gemma2") else 1e-10
+    torch.testing.assert_close(verified, fresh, rtol=0, atol=tolerance)
     for layer in cache.layers:
         assert layer.get_seq_length() == TOKENS.shape[1]
 

@@ -17,42 +17,72 @@ def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
 
 
 def test_greedy_accept_takes_the_longest_agreeing_prefix_then_the_target_token() -> None:
-    drafts = torch.tensor([4, 5, 6])
-    assert greedy_accept(drafts, torch.tensor([4, 5, 6, 9])) == (3, 9)  # bonus token
-    assert greedy_accept(drafts, torch.tensor([4, 7, 6, 9])) == (1, 7)  # correction
-    assert greedy_accept(drafts, torch.tensor([1, 5, 6, 9])) == (0, 1)
-    assert greedy_accept(drafts[:0], torch.tensor([3])) == (0, 3)  # no drafts: plain step
+    drafts = torch.tensor([[4, 5, 6], [4, 5, 6], [4, 5, 6], [4, 5, -1]])  # -1: no draft
+    targets = torch.tensor([[4, 5, 6, 9], [4, 7, 6, 9], [1, 5, 6, 9], [4, 5, 8, 9]])
+    accepted, next_tokens = greedy_accept(drafts, targets)
+    # bonus token; correction; first draft wrong; two drafts made, both kept: token 8 is
+    # the bonus of the real drafts, whatever the target said past them.
+    assert accepted.tolist() == [3, 1, 0, 2]
+    assert next_tokens.tolist() == [9, 7, 1, 8]
+    accepted, next_tokens = greedy_accept(drafts[:, :0], targets[:, :1])  # no drafts
+    assert accepted.tolist() == [0] * 4 and next_tokens.tolist() == [4, 4, 1, 4]
 
 
 @pytest.mark.parametrize("num_drafts", [1, 3])
 def test_speculative_accept_outputs_follow_the_target_distribution(num_drafts: int) -> None:
-    """First kept token ~ p_0 and, where the first draft survives, second ~ p_1."""
-    vocab, draws = 5, 30_000
+    """Every kept position i is distributed as p_i given the kept prefix: the first kept
+    token ~ p_0, and the token after an accepted first draft ~ p_1 (rows drawn at once)."""
+    vocab, draws = 5, 40_000
     source = torch.Generator().manual_seed(0)
     target = torch.softmax(torch.randn(num_drafts + 1, vocab, generator=source) * 2, -1)
     draft = torch.softmax(torch.randn(num_drafts, vocab, generator=source) * 2, -1)
     rng = torch.Generator().manual_seed(1)
-    first = torch.zeros(vocab)
-    accepted_total = 0
-    for _ in range(draws):
-        drafts = torch.multinomial(draft, 1, generator=rng)[:, 0]  # [k]
-        accepted_count, next_token = speculative_accept(drafts, draft, target, rng)
-        kept = drafts[:accepted_count].tolist() + [next_token]
-        first[kept[0]] += 1
-        accepted_total += accepted_count
+    drafts = torch.multinomial(draft.repeat(draws, 1), 1, True, generator=rng)
+    drafts = drafts.view(draws, num_drafts)  # [draws, k]
+    accepted, next_tokens = speculative_accept(
+        drafts, draft.expand(draws, -1, -1), target.expand(draws, -1, -1), rng
+    )
+    kept = torch.cat([drafts, next_tokens[:, None]], 1).scatter(
+        1, accepted[:, None], next_tokens[:, None]
+    )
+    first = torch.bincount(kept[:, 0], minlength=vocab) / draws
     # The expected acceptance of the first draft is sum_x min(p, q).
     expected_first_acceptance = float(torch.minimum(target[0], draft[0]).sum())
-    assert total_variation(first / draws, target[0]) < 0.015  # sampling noise ~0.005
-    assert accepted_total / draws >= expected_first_acceptance - 0.02
+    assert total_variation(first, target[0]) < 0.015  # sampling noise ~0.005
+    assert abs(float((accepted >= 1).float().mean()) - expected_first_acceptance) < 0.015
+    if num_drafts > 1:
+        second = kept[accepted >= 1, 1]
+        assert (
+            total_variation(torch.bincount(second, minlength=vocab) / len(second), target[1]) < 0.02
+        )
+
+
+def test_speculative_accept_with_fewer_drafts_than_slots_draws_the_bonus_from_p() -> None:
+    """A row that drafted 1 of 3 slots and kept it draws its next token from p_1, never
+    from a residual against the empty slots' q."""
+    vocab, draws = 4, 20_000
+    target = torch.tensor(
+        [[0.0, 1.0, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4], [1.0, 0, 0, 0], [1.0, 0, 0, 0]]
+    )
+    draft = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [1.0, 0, 0, 0]])
+    drafts = torch.tensor([[1, -1, -1]]).expand(draws, -1)
+    accepted, next_tokens = speculative_accept(
+        drafts,
+        draft.expand(draws, -1, -1),
+        target.expand(draws, -1, -1),
+        torch.Generator().manual_seed(0),
+    )
+    assert accepted.eq(1).all()
+    assert total_variation(torch.bincount(next_tokens, minlength=vocab) / draws, target[1]) < 0.02
 
 
 def test_speculative_accept_with_identical_distributions_accepts_everything() -> None:
     probs = torch.softmax(torch.randn(4, 7), -1)
-    drafts = torch.tensor([1, 2, 3])
-    accepted_count, _ = speculative_accept(
-        drafts, probs[:3], probs, torch.Generator().manual_seed(0)
+    drafts = torch.tensor([[1, 2, 3]])
+    accepted, _ = speculative_accept(
+        drafts, probs[None, :3], probs[None], torch.Generator().manual_seed(0)
     )
-    assert accepted_count == 3
+    assert accepted.tolist() == [3]
 
 
 def test_selector_processors_see_the_whole_sequence() -> None:
@@ -60,9 +90,10 @@ def test_selector_processors_see_the_whole_sequence() -> None:
     selector = TokenSelector(config)
     logits = torch.zeros(2, 2, 6)
     logits[..., 3] = 5.0  # token 3 is everyone's favourite
-    # Row 0 is [3, 1, 2, 3, 1]; row 1 is [5, 2, 5] behind two pads (also id 5).
-    context = torch.tensor([[3, 1, 2, 3, 1], [5, 5, 5, 2, 5]])
-    processed = selector.process(context, torch.tensor([0, 2]), logits)
+    # Row 0 is [3, 1, 2, 3, 1]; row 1 is [5, 2, 5] behind two pads (also id 5). Position i
+    # of each row follows its tokens up to column 4 + i.
+    tokens = torch.tensor([[3, 1, 2, 3, 1], [5, 5, 5, 2, 5]])
+    processed = selector.process(logits, tokens, torch.tensor([0, 2]), torch.tensor([4, 4]))
     # row 0, position 0 follows [3, 1, 2, 3]: "3 1" was seen, 1 is banned
     assert torch.isinf(processed[0, 0]).nonzero().flatten().tolist() == [1]
     # row 0, position 1 follows [3, 1, 2, 3, 1]: "1 2" was seen, 2 is banned
@@ -71,6 +102,30 @@ def test_selector_processors_see_the_whole_sequence() -> None:
     assert not torch.isinf(processed[1, 0]).any()
     # row 1, position 1 follows [5, 2, 5]: bans 2; "5 5" was padding and bans nothing
     assert torch.isinf(processed[1, 1]).nonzero().flatten().tolist() == [2]
+
+
+def test_selector_warps_every_row_and_position_like_transformers() -> None:
+    """Temperature, top-k and top-p on [batch, positions, vocab] at once equal the
+    warpers applied one row at a time."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    config = GenerationConfig(sample=True, temperature=0.7, top_k=5, top_p=0.8)
+    logits = torch.randn(3, 4, 11, generator=torch.Generator().manual_seed(0))
+    tokens = torch.zeros(3, 8, dtype=torch.long)
+    probs = TokenSelector(config).probabilities(
+        logits, tokens, torch.zeros(3, dtype=torch.long), torch.full((3,), 4)
+    )
+    for row in range(3):
+        for position in range(4):
+            scores = logits[row, position : position + 1]
+            for warper in (
+                TemperatureLogitsWarper(0.7),
+                TopKLogitsWarper(5),
+                TopPLogitsWarper(0.8),
+            ):
+                scores = warper(tokens[:1], scores)
+            torch.testing.assert_close(probs[row, position], torch.softmax(scores, -1)[0])
+    assert (probs > 0).sum(-1).le(5).all()  # top-k really cut
 
 
 class IdTokenizer:

@@ -1,0 +1,202 @@
+"""The engine's forward passes over a ``ColumnKVCache``, eager or compiled.
+
+Three passes serve every strategy (LayerSkip §5; E = exit layer, L = layers):
+
+* ``prefill``: the prompts through layers [0, end), eager (its shape changes per prompt).
+* ``early``: one token per row through layers [0, end) + head. A draft is ``early`` with
+  end = E; an autoregressive step is ``early`` with end = L (or E for early-exit decoding).
+* ``verify``: the last draft through layers [0, E), then the pending token and the drafts,
+  from their exit-layer states, through layers [E, L) in one pass + head.
+
+Shapes never depend on the step: ``verify`` always takes k + 1 positions (when fewer
+drafts were made, the missing ones are zero states at columns past the real ones, whose
+outputs are ignored and whose cache columns are rewritten before anything reads them), and
+the cache's column count is a dynamic dimension. So a compiled pass compiles once per
+(batch size, exit layer, k) and never again during generation.
+
+With ``compile=True`` each pass is ``torch.compile``d (inductor, whole graph); on CPU with
+weight freezing (constant weights, prepacked for the CPU's matrix kernels), on CUDA with
+CUDA graphs (``mode="reduce-overhead"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from self_speculation.kv_cache import ColumnKVCache
+from self_speculation.model_surgery import LayerwiseModel
+
+logger = logging.getLogger(__name__)
+
+
+def compile_options(device: torch.device) -> dict:
+    """``torch.compile`` arguments for the engine's passes on ``device``."""
+    if device.type == "cuda":
+        return {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
+    # CPU: no CUDA graphs; freezing folds the weights into the graph as constants and lets
+    # inductor prepack them for oneDNN's matrix kernels.
+    return {"fullgraph": True, "dynamic": False, "options": {"freezing": True}}
+
+
+class ForwardPasses:
+    """Prefill, early (draft / decode) and verify passes of one model.
+
+    Args:
+        model: the layer-wise view of the model.
+        compile: compile ``early`` and ``verify`` with ``torch.compile``.
+    """
+
+    def __init__(self, model: LayerwiseModel, compile: bool = False) -> None:
+        self.model = model
+        self.compiled = compile
+        # Seconds spent in calls that compiled something (first call of each shape).
+        self.compile_seconds = 0.0
+        self._seen: set[tuple] = set()
+        self._early: Callable = self._early_eager
+        self._verify: Callable = self._verify_eager
+        if compile:
+            options = compile_options(model.device)
+            self._early = torch.compile(self._early_eager, **options)
+            self._verify = torch.compile(self._verify_eager, **options)
+
+    def _timed(self, key: tuple, function: Callable, *args) -> object:
+        """Call ``function``; a first call of a new compiled shape counts as compile time."""
+        if not self.compiled or key in self._seen:
+            return function(*args)
+        started = time.perf_counter()
+        result = function(*args)
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        elapsed = time.perf_counter() - started
+        self.compile_seconds += elapsed
+        self._seen.add(key)
+        logger.info("compiled %s in %.1f s", key[0], elapsed)
+        return result
+
+    def new_cache(self, batch_size: int, capacity: int) -> ColumnKVCache:
+        return ColumnKVCache(self.model.num_layers, batch_size, capacity, dynamic=self.compiled)
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        tokens: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        end: int,
+    ) -> torch.Tensor:
+        """Left-padded prompts [batch, width] through layers [0, end) + head.
+
+        Returns:
+            Logits at the last column [batch, vocab].
+        """
+        columns = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        cache.write_columns = columns  # [batch, width]
+        positions = (columns - pad_counts[:, None]).clamp_min(0)  # [batch, width]
+        hidden = self.model.run_layers(
+            self.model.embed(tokens), 0, end, cache, positions, pad_counts
+        )  # [batch, width, hidden]
+        return self.model.unembed(hidden[:, -1:])[:, 0]
+
+    def _early_eager(
+        self,
+        tokens: torch.Tensor,
+        columns: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        end: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cache.write_columns = columns  # [batch, 1]
+        hidden = self.model.run_layers(
+            self.model.embed(tokens), 0, end, cache, columns - pad_counts[:, None], pad_counts
+        )  # [batch, 1, hidden]
+        return self.model.unembed(hidden)[:, 0], hidden
+
+    @torch.no_grad()
+    def early(
+        self,
+        tokens: torch.Tensor,
+        columns: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        end: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [batch, 1] at ``columns`` [batch, 1] through layers [0, end) + head.
+
+        Returns:
+            Logits [batch, vocab] and the hidden states leaving layer end - 1
+            [batch, 1, hidden] (a draft's exit-layer state).
+        """
+        key = ("early", end, tokens.shape[0])
+        return self._timed(key, self._early, tokens, columns, cache, pad_counts, end)
+
+    def _verify_eager(
+        self,
+        last_tokens: torch.Tensor,
+        exit_states: torch.Tensor,
+        num_drafts: torch.Tensor,
+        columns: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        exit_layer: int,
+    ) -> torch.Tensor:
+        positions = columns - pad_counts[:, None]  # [batch, k + 1]
+        last_column = columns.gather(1, num_drafts.expand(len(columns), 1))  # [batch, 1]
+        cache.write_columns = last_column
+        last_state = self.model.run_layers(
+            self.model.embed(last_tokens),
+            0,
+            exit_layer,
+            cache,
+            last_column - pad_counts[:, None],
+            pad_counts,
+        )  # [batch, 1, hidden]
+        states = exit_states.index_copy(1, num_drafts, last_state)  # [batch, k + 1, hidden]
+        cache.write_columns = columns
+        states = self.model.run_layers(
+            states, exit_layer, self.model.num_layers, cache, positions, pad_counts
+        )
+        return self.model.unembed(states)  # [batch, k + 1, vocab]
+
+    @torch.no_grad()
+    def verify(
+        self,
+        last_tokens: torch.Tensor,
+        exit_states: torch.Tensor,
+        num_drafts: torch.Tensor,
+        columns: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        exit_layer: int,
+    ) -> torch.Tensor:
+        """Verification of one self-speculative step.
+
+        Args:
+            last_tokens: the last draft of each row, [batch, 1]; it goes through layers
+                [0, E) first (every earlier draft already did, while being drafted).
+            exit_states: exit-layer states of the pending token and the earlier drafts,
+                zero past them, [batch, k + 1, hidden].
+            num_drafts: how many drafts were made (<= k), a [1] long tensor; the last
+                draft's state goes to index ``num_drafts``.
+            columns: columns of the k + 1 positions, [batch, k + 1].
+            cache, pad_counts: the cache and each row's left padding [batch].
+            exit_layer: E.
+
+        Returns:
+            Full-model logits at the k + 1 positions, [batch, k + 1, vocab].
+        """
+        key = ("verify", exit_layer, *exit_states.shape[:2])
+        return self._timed(
+            key,
+            self._verify,
+            last_tokens,
+            exit_states,
+            num_drafts,
+            columns,
+            cache,
+            pad_counts,
+            exit_layer,
+        )
