@@ -134,9 +134,11 @@ def wrap_for_training(
     cpu_offload: bool = False,
 ) -> nn.Module:
     """The module the loop calls: sharded (FSDP2), replicated (DDP) or the objective itself."""
+    if cpu_offload and device.type != "cuda":
+        raise ConfigError(
+            "--fsdp_cpu_offload True keeps a GPU run's shards in CPU memory; it needs a GPU"
+        )
     if fsdp:
-        if cpu_offload:
-            objective.to("cpu")
         return shard_with_fsdp(objective, layers, device, bf16, cpu_offload)
     objective.to(device)
     if context.world_size > 1:
