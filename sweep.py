@@ -32,6 +32,7 @@ from arguments import (
     BenchmarkArguments,
     GenerationArguments,
     arguments_dict,
+    check_output_dir,
     distributed_run,
     parse_args,
     run_main,
@@ -251,6 +252,8 @@ def main(argv: list[str]) -> int:
         exit_layer=1,
         num_speculations=1,
     )
+    if sweep.output_file is not None:
+        check_output_dir(str(Path(sweep.output_file).parent), "--output_file's folder")
     facts = args.check_model(speculative)  # before the data and weights load
     if facts is not None and facts.num_layers is not None:
         sweep.grid(facts.num_layers)

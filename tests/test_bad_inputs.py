@@ -414,6 +414,8 @@ CASES = [
      "text.py is a file, not a directory"),
     ("output_dir under a file", "eval.py",
      ["--tasks", "layerskip_mc", "--output_dir", "DATA:a_file/sub"], "is a file, not a directory"),
+    ("sweep output_file under a file", "sweep.py", [*GOOD, "--output_file", "DATA:a_file/s.csv"],
+     "--output_file's folder"),
     ("sweep output_file is a directory", "sweep.py", [*GOOD, "--output_file", "OUTPUT"],
      "is a directory; --output_file must be a CSV file"),
     # text that is not UTF-8
