@@ -384,6 +384,12 @@ CASES = [
     ("drafts beyond the context", "generate.py",
      ["--prompt", "hi", "--generation_strategy", "self_speculative", "--exit_layer", 2,
       "--num_speculations", 10**9], "num_speculations must be below the model's context (256"),
+    # checked before the weights load: this model's weights would be refused at load time
+    ("needs an exit layer before loading", "generate.py",
+     ["--model", "MODEL:more_layers", "--prompt", "hi", "--generation_strategy", "self_speculative"],
+     "self_speculative needs --exit_layer (the model recommends none)"),
+    ("exit layer checked before loading", "benchmark.py",
+     ["--model", "MODEL:more_layers", *GOOD, "--exit_layer", 7], "exit_layer must be in [1, 6]"),
     ("negative max_steps", "generate.py", ["--prompt", "hi", "--max_steps", -3],
      "max_steps must be >= 1"),
     # eval.py
