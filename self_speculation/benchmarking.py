@@ -238,6 +238,9 @@ def environment_info(generator: Generator, context: DistributedContext) -> dict[
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "world_size": context.world_size,
         "num_layers": generator.num_layers,
+        # Which decoding path ran, and what compiling it cost (kept out of every timing).
+        "decoding_path": "fast (torch.compile)" if generator.compile_seconds else "eager",
+        "compile_seconds": generator.compile_seconds,
     }
     for package in ("datasets", "lm_eval"):
         try:

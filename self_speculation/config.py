@@ -41,6 +41,11 @@ class GenerationConfig:
             top probability for a draft falls below this (0: always draft
             num_speculations tokens, as the original). Exactness is unaffected: any
             number of drafts is verified the same way.
+        token_healing: back each prompt up over its last token when longer tokens start
+            with that token's text (a trailing newline or indentation, say), and let the
+            first generated token be only one of those, so that the model chooses the token
+            boundary itself (Guidance's "token healing"). The result's text is what follows
+            the original prompt; its token ids start with the healed token.
         compile: run the decoding passes through ``torch.compile`` (the fast path:
             inductor, whole-graph, weights frozen on CPU, CUDA graphs on CUDA). The first
             generation of each (batch size, exit layer, k) pays the compilation; the
@@ -59,6 +64,7 @@ class GenerationConfig:
     stop_words: list[str] | None = field(default=None)
     stop_token_ids: list[int] | None = field(default=None)
     draft_confidence_threshold: float = 0.0
+    token_healing: bool = False
     compile: bool = False
 
     def __post_init__(self) -> None:

@@ -170,16 +170,29 @@ class Generator:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else None
         self.pad_token_id = pad if pad is not None else min(self.eos_token_ids, default=0)
         self._forward_passes: dict[bool, ForwardPasses] = {}
+        self._texts: list[str] | None = None
 
     @property
     def num_layers(self) -> int:
         return self.layerwise.num_layers
 
     def resolve(self, config: GenerationConfig) -> GenerationConfig:
-        """``config`` with exit_layer / num_speculations resolved for this model."""
-        return config.resolved(
+        """``config`` with exit_layer / num_speculations resolved for this model.
+
+        Raises:
+            ConfigError: settings outside the model's range, or more drafts per step than
+                the model's context holds.
+        """
+        resolved = config.resolved(
             self.num_layers, self.recommended_exit_layer, self.recommended_num_speculations
         )
+        context = self.layerwise.context_length
+        if context is not None and resolved.num_speculations >= context:
+            raise ConfigError(
+                f"num_speculations must be below the model's context ({context} tokens), "
+                f"got {resolved.num_speculations}"
+            )
+        return resolved
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt text -> token ids (with the tokenizer's special tokens, e.g. BOS)."""
@@ -211,6 +224,33 @@ class Generator:
                 f"{context_limit} tokens"
             )
         return prompt_ids
+
+    def _token_texts(self) -> list[str]:
+        """Each vocabulary entry's text, decoded alone (computed once)."""
+        if self._texts is None:
+            vocab = self.layerwise.embed_tokens.weight.shape[0]
+            self._texts = [self.tokenizer.decode([token]) for token in range(vocab)]
+        return self._texts
+
+    def _heal(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[str], torch.Tensor]:
+        """Token healing: (prompts backed up over their last token where that token's text
+        begins longer tokens, the removed texts, allowed first tokens [batch, vocab])."""
+        texts = self._token_texts()
+        device = self.layerwise.device
+        allowed = torch.ones(len(prompt_ids), len(texts), dtype=torch.bool, device=device)
+        healed_prompts, removed = [], []
+        for row, ids in enumerate(prompt_ids):
+            tail = texts[ids[-1]] if len(ids) > 1 and ids[-1] < len(texts) else ""
+            extending = [t for t, text in enumerate(texts) if tail and text.startswith(tail)]
+            if len(extending) < 2 or ids[-1] in getattr(self.tokenizer, "all_special_ids", ()):
+                healed_prompts.append(ids)  # nothing to heal: the token is all there is
+                removed.append("")
+                continue
+            allowed[row] = False
+            allowed[row, extending] = True
+            healed_prompts.append(ids[:-1])
+            removed.append(tail)
+        return healed_prompts, removed, allowed
 
     def _token_limit(self, prompt_length: int, config: GenerationConfig) -> tuple[int, str]:
         """(most new tokens, the stop reason when reached) for one prompt."""
@@ -256,6 +296,9 @@ class Generator:
         prompt_ids = [self._prompt_ids(prompt) for prompt in prompts]
         if not prompt_ids:
             raise ConfigError("no prompts given")
+        healed_text, first_token_allowed = [""] * len(prompt_ids), None
+        if config.token_healing:
+            prompt_ids, healed_text, first_token_allowed = self._heal(prompt_ids)
         if streamer is not None and len(prompt_ids) > 1:
             raise ConfigError("a streamer can follow one prompt only")
         limits = [self._token_limit(len(ids), config) for ids in prompt_ids]
@@ -280,7 +323,9 @@ class Generator:
 
         _synchronize(device)
         started = time.perf_counter()
-        state = strategy.prefill(prompt_ids, self.pad_token_id, max(limit.tolist()))
+        state = strategy.prefill(
+            prompt_ids, self.pad_token_id, max(limit.tolist()), first_token_allowed
+        )
         new_tokens = state.tokens[:, state.prompt_width : state.prompt_width + 1]  # [batch, 1]
         step = StepResult(
             new_tokens, torch.ones_like(limit), new_tokens[:, :0], torch.zeros_like(limit)
@@ -329,9 +374,10 @@ class Generator:
         results = []
         for row in range(batch):
             token_ids = state.generated(row, generated[row])
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
             results.append(
                 GenerationResult(
-                    text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
+                    text=text.removeprefix(healed_text[row]),
                     token_ids=token_ids,
                     num_prompt_tokens=len(prompt_ids[row]),
                     stop_reason=reasons[row],

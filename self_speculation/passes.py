@@ -67,6 +67,14 @@ class ForwardPasses:
         self._early: Callable = self._early_eager
         self._verify: Callable = self._verify_eager
         if compile:
+            # Every (exit layer, batch size, k) of every model is another compiled version of
+            # the same two functions; dynamo's default limit (8) would send a sweep back to
+            # eager code.
+            dynamo_config = torch._dynamo.config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 1024)
+            dynamo_config.accumulated_recompile_limit = max(
+                dynamo_config.accumulated_recompile_limit, 4096
+            )
             options = compile_options(model.device)
             self._early = torch.compile(self._early_eager, **options)
             self._verify = torch.compile(self._verify_eager, **options)

@@ -131,9 +131,18 @@ class GenerationStrategy(abc.ABC):
         return 1
 
     def prefill(
-        self, prompts: Sequence[Sequence[int]], pad_token_id: int, max_new_tokens: int
+        self,
+        prompts: Sequence[Sequence[int]],
+        pad_token_id: int,
+        max_new_tokens: int,
+        first_token_allowed: torch.Tensor | None = None,
     ) -> DecodingState:
-        """Run the prompts and append each row's first generated token."""
+        """Run the prompts and append each row's first generated token.
+
+        Args:
+            first_token_allowed: which tokens each row's first generated token may be,
+                [batch, vocab] bool (token healing); None: any.
+        """
         device = self.model.device
         width = max(len(prompt) for prompt in prompts)
         capacity = width + max_new_tokens + self.lookahead
@@ -145,6 +154,8 @@ class GenerationStrategy(abc.ABC):
         )  # [batch, vocab]
         if bool(torch.isnan(logits).any()):
             raise UnsupportedModelError("the model produced NaN logits for the prompt")
+        if first_token_allowed is not None:
+            logits = logits.masked_fill(~first_token_allowed, float("-inf"))
         first_tokens, _ = self.selector.choose(logits, tokens, pad_counts, state.lengths)
         state.write(first_tokens[:, None], torch.ones_like(pad_counts))
         return state

@@ -53,24 +53,48 @@ def resolve_files(patterns: Sequence[str], exclude: Sequence[str] = ()) -> list[
 
 
 def read_texts(files: Iterable[Path], text_field: str = "text") -> Iterator[str]:
-    """The documents of ``files``: one per JSONL line (its ``text_field``), else one per file."""
+    """The documents of ``files``: one per JSONL line (its ``text_field``), else one per file.
+
+    A binary or non-UTF-8 file among plain-text files (a glob can catch a .pyc or a
+    Latin-1 test file) is skipped with a warning rather than scored as replacement
+    characters; a JSONL file must be UTF-8 JSON throughout.
+    """
+    skipped: list[str] = []
     for path in files:
         if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as lines:
-                for number, line in enumerate(lines, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raise ConfigError(f"{path}:{number}: not JSON ({error.msg})") from None
-                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise ConfigError(f"{path}:{number}: no string field '{text_field}'")
-                    yield record[text_field]
-        else:
-            text = path.read_text(encoding="utf-8", errors="replace")
-            if text.strip():
-                yield text
+            try:
+                with path.open(encoding="utf-8") as lines:
+                    yield from _jsonl_texts(path, lines, text_field)
+            except UnicodeDecodeError as error:
+                raise ConfigError(
+                    f"{path} is not UTF-8 (byte 0x{error.object[error.start]:02x}): convert it"
+                ) from None
+            continue
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or "\0" in text:
+            skipped.append(str(path))
+            continue
+        if text.strip():
+            yield text
+    if skipped:
+        logger.warning("skipped %d binary or non-UTF-8 file(s), e.g. %s", len(skipped), skipped[0])
+
+
+def _jsonl_texts(path: Path, lines: Iterable[str], text_field: str) -> Iterator[str]:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise ConfigError(f"{path}:{number}: no string field '{text_field}'")
+        yield record[text_field]
 
 
 def hub_texts(name: str, config_name: str | None, split: str, text_field: str) -> list[str]:

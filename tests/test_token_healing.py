@@ -1,0 +1,68 @@
+"""Token healing: a prompt ending in a token that longer tokens extend (HumanEval's
+trailing newline) is backed up over it, and the first generated token must re-create it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import make_tiny_model, make_tiny_tokenizer
+
+from self_speculation import GenerationConfig, Generator
+
+PROMPT = "def add(a, b):\n"
+
+
+@pytest.fixture(scope="module")
+def generator() -> Generator:
+    return Generator(make_tiny_model("llama_gqa_tied", dtype=torch.float32), make_tiny_tokenizer())
+
+
+def test_healing_backs_up_over_the_trailing_newline_and_constrains_the_first_token(
+    generator: Generator,
+) -> None:
+    ids = generator.encode(PROMPT)
+    tail = generator.tokenizer.decode([ids[-1]])
+    assert tail.endswith("\n")
+    healed, removed, allowed = generator._heal([ids])
+    assert healed == [ids[:-1]] and removed == [tail]
+    texts = generator._token_texts()
+    allowed_ids = allowed[0].nonzero().flatten().tolist()
+    assert ids[-1] in allowed_ids and len(allowed_ids) >= 2  # a longer token extends it
+    assert all(texts[token].startswith(tail) for token in allowed_ids)
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_healed_generation_continues_the_original_prompt_in_both_strategies(
+    generator: Generator, sample: bool
+) -> None:
+    settings = dict(max_steps=12, sample=sample, token_healing=True)
+    results = [
+        generator.generate(
+            PROMPT, GenerationConfig(**settings), generator=torch.Generator().manual_seed(0)
+        ),
+        generator.generate(
+            PROMPT,
+            GenerationConfig(
+                **settings, generation_strategy="self_speculative", exit_layer=2, num_speculations=3
+            ),
+            generator=torch.Generator().manual_seed(0),
+        ),
+    ]
+    tail = generator.tokenizer.decode([generator.encode(PROMPT)[-1]])
+    for result in results:
+        full = generator.tokenizer.decode(result.token_ids)
+        assert full.startswith(tail)  # the first token re-created the removed newline
+        assert result.text == full[len(tail) :]  # the text is what follows the prompt
+    if not sample:
+        assert results[0].token_ids == results[1].token_ids
+
+
+def test_nothing_to_heal_leaves_the_prompt_alone(generator: Generator) -> None:
+    ids = generator.encode("The quick brown fox")
+    healed, removed, allowed = generator._heal([ids, ids[:1]])
+    texts = generator._token_texts()
+    tail = texts[ids[-1]]
+    extending = [t for t, text in enumerate(texts) if text.startswith(tail)]
+    if len(extending) < 2:
+        assert healed[0] == ids and removed[0] == "" and bool(allowed[0].all())
+    assert healed[1] == ids[:1] and removed[1] == "" and bool(allowed[1].all())  # one token
