@@ -226,8 +226,8 @@ class GenerationArguments:
     compile: bool = False
     """Fast path: torch.compile the decoding passes (compiled once per batch size, E and k)."""
     token_healing: bool = True
-    """Back the prompt up over a last token that longer tokens extend (a trailing newline or
-    indentation) and let the model choose that boundary; the text still follows the prompt."""
+    """Back the prompt up over a trailing whitespace token (newline, indentation) that longer
+    tokens extend, and let the model choose that boundary; the text still follows the prompt."""
 
     def __post_init__(self) -> None:
         names = self._strategy_names()

@@ -41,8 +41,8 @@ class GenerationConfig:
             top probability for a draft falls below this (0: always draft
             num_speculations tokens, as the original). Exactness is unaffected: any
             number of drafts is verified the same way.
-        token_healing: back each prompt up over its last token when longer tokens start
-            with that token's text (a trailing newline or indentation, say), and let the
+        token_healing: back each prompt up over a last whitespace token (a trailing
+            newline or indentation) when longer tokens start with its text, and let the
             first generated token be only one of those, so that the model chooses the token
             boundary itself (Guidance's "token healing"). The result's text is what follows
             the original prompt; its token ids start with the healed token.

@@ -233,14 +233,18 @@ class Generator:
         return self._texts
 
     def _heal(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[str], torch.Tensor]:
-        """Token healing: (prompts backed up over their last token where that token's text
-        begins longer tokens, the removed texts, allowed first tokens [batch, vocab])."""
+        """Token healing: (prompts backed up over a last whitespace token (a newline,
+        indentation) whose text begins longer tokens, the removed texts, allowed first
+        tokens [batch, vocab]). A prompt ending in a word or punctuation is left alone:
+        there the tokenizer's own boundary is the one the model was trained on."""
         texts = self._token_texts()
         device = self.layerwise.device
         allowed = torch.ones(len(prompt_ids), len(texts), dtype=torch.bool, device=device)
         healed_prompts, removed = [], []
         for row, ids in enumerate(prompt_ids):
             tail = texts[ids[-1]] if len(ids) > 1 and ids[-1] < len(texts) else ""
+            if tail.strip():
+                tail = ""  # only a trailing whitespace token is a boundary worth healing
             extending = [t for t, text in enumerate(texts) if tail and text.startswith(tail)]
             if len(extending) < 2 or ids[-1] in getattr(self.tokenizer, "all_special_ids", ()):
                 healed_prompts.append(ids)  # nothing to heal: the token is all there is
