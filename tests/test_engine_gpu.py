@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import make_tiny_model
+from tiny_models import IdTokenizer, make_tiny_model
 
 from self_speculation import GenerationConfig, Generator
 
@@ -19,17 +19,6 @@ pytestmark = [
 ]
 
 PROMPTS = [[5, 7, 9, 11, 13], [3, 4], [8, 8, 8, 9, 10, 11, 12, 13, 14]]
-
-
-class IdTokenizer:
-    eos_token_id = None
-    pad_token_id = 0
-
-    def __call__(self, text: str) -> dict:
-        return {"input_ids": [int(part) for part in text.split()]}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return " ".join(map(str, ids))
 
 
 def config(strategy: str, compile: bool, **overrides) -> GenerationConfig:

@@ -11,25 +11,12 @@ import functools
 
 import pytest
 import torch
-from tiny_models import FAMILIES, make_tiny_model
+from tiny_models import FAMILIES, IdTokenizer, make_tiny_model
 from torch._dynamo.utils import counters
 
 from self_speculation import GenerationConfig, Generator
 
 PROMPTS = [[5, 7, 9, 11, 13], [3, 4], [8, 8, 8, 9, 10, 11, 12, 13, 14]]
-
-
-class IdTokenizer:
-    """Just enough tokenizer for the generator: ids in, ids out, no end-of-sequence."""
-
-    eos_token_id = None
-    pad_token_id = 0
-
-    def __call__(self, text: str) -> dict:
-        return {"input_ids": [int(part) for part in text.split()]}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return " ".join(map(str, ids))
 
 
 @functools.cache

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from tiny_models import make_tiny_model
+from tiny_models import IdTokenizer, make_tiny_model
 
 from self_speculation import GenerationConfig, Generator
 from self_speculation.sampling import TokenSelector, greedy_accept, speculative_accept
@@ -126,19 +126,6 @@ def test_selector_warps_every_row_and_position_like_transformers() -> None:
                 scores = warper(tokens[:1], scores)
             torch.testing.assert_close(probs[row, position], torch.softmax(scores, -1)[0])
     assert (probs > 0).sum(-1).le(5).all()  # top-k really cut
-
-
-class IdTokenizer:
-    """Just enough tokenizer for the generator: ids in, ids out, no end-of-sequence."""
-
-    eos_token_id = None
-    pad_token_id = 0
-
-    def __call__(self, text: str) -> dict:
-        return {"input_ids": [int(part) for part in text.split()]}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return " ".join(map(str, ids))
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,9 @@ to 0.22). Each of the three sampling tests below failed for each injected bug.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
 import torch
-from tiny_models import make_tiny_model
+from tiny_models import IdTokenizer, make_tiny_model
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from self_speculation import GenerationConfig, Generator
@@ -50,19 +48,6 @@ LENGTH = NUM_SPECULATIONS + 1
 MAX_STEPS = NUM_SPECULATIONS + 2  # + 1 bonus token, so the first step is never cut short
 WARPERS = dict(temperature=0.7, top_k=3, top_p=0.9)
 NOISE_SIGMAS = 4.5
-
-
-class IdTokenizer:
-    """Just enough tokenizer for the generator: token ids in and out, no special tokens."""
-
-    eos_token_id = None
-    pad_token_id = 0
-
-    def __call__(self, text: str) -> dict:
-        return {"input_ids": [int(part) for part in text.split()]}
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return " ".join(map(str, ids))
 
 
 def tiny_generator() -> Generator:

@@ -97,3 +97,16 @@ def save_tiny_model(
     model.save_pretrained(directory)
     make_tiny_tokenizer().save_pretrained(directory)
     return directory
+
+
+class IdTokenizer:
+    """Just enough tokenizer for the generator: token ids in and out, no special tokens."""
+
+    eos_token_id = None
+    pad_token_id = 0
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [int(part) for part in text.split()]}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return " ".join(map(str, ids))
