@@ -133,11 +133,22 @@ class ForwardPasses:
         pad_counts: torch.Tensor,
         end: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cache.write_columns = columns  # [batch, 1]
-        hidden = self.model.run_layers(
-            self.model.embed(tokens), 0, end, cache, columns - pad_counts[:, None], pad_counts
-        )  # [batch, 1, hidden]
+        hidden = self._first_layers(tokens, columns, cache, pad_counts, end)  # [batch, 1, hidden]
         return self.model.unembed(hidden)[:, 0], hidden
+
+    def _first_layers(
+        self,
+        tokens: torch.Tensor,
+        columns: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        end: int,
+    ) -> torch.Tensor:
+        """Tokens [batch, n] written at ``columns`` [batch, n] through layers [0, end)."""
+        cache.write_columns = columns
+        return self.model.run_layers(
+            self.model.embed(tokens), 0, end, cache, columns - pad_counts[:, None], pad_counts
+        )  # [batch, n, hidden]
 
     @torch.no_grad()
     def early(
@@ -167,21 +178,17 @@ class ForwardPasses:
         pad_counts: torch.Tensor,
         exit_layer: int,
     ) -> torch.Tensor:
-        positions = columns - pad_counts[:, None]  # [batch, k + 1]
         last_column = columns.gather(1, num_drafts.expand(len(columns), 1))  # [batch, 1]
-        cache.write_columns = last_column
-        last_state = self.model.run_layers(
-            self.model.embed(last_tokens),
-            0,
-            exit_layer,
-            cache,
-            last_column - pad_counts[:, None],
-            pad_counts,
-        )  # [batch, 1, hidden]
+        last_state = self._first_layers(last_tokens, last_column, cache, pad_counts, exit_layer)
         states = exit_states.index_copy(1, num_drafts, last_state)  # [batch, k + 1, hidden]
         cache.write_columns = columns
         states = self.model.run_layers(
-            states, exit_layer, self.model.num_layers, cache, positions, pad_counts
+            states,
+            exit_layer,
+            self.model.num_layers,
+            cache,
+            columns - pad_counts[:, None],
+            pad_counts,
         )
         return self.model.unembed(states)  # [batch, k + 1, vocab]
 
