@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import GENERATION_CONFIG_NAME
 
 from self_speculation.config import GenerationConfig, GenerationStrategyName
+from self_speculation.draft import DraftExit
 from self_speculation.errors import ConfigError
 from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.passes import ForwardPasses
@@ -157,10 +158,12 @@ class Generator:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         verify_model: bool = True,
+        draft: DraftExit | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.layerwise = LayerwiseModel(model, verify=verify_model)
+        self._draft = draft
         self.recommended_exit_layer, self.recommended_num_speculations = recommended_settings(model)
         eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         model_eos = getattr(model.generation_config, "eos_token_id", None)
@@ -176,6 +179,16 @@ class Generator:
     def num_layers(self) -> int:
         return self.layerwise.num_layers
 
+    @property
+    def draft(self) -> DraftExit | None:
+        """How drafts leave layer E (exit adapter, reduced vocabulary); None: the plain exit."""
+        return self._draft
+
+    @draft.setter
+    def draft(self, draft: DraftExit | None) -> None:
+        self._draft = draft
+        self._forward_passes.clear()  # passes (and compiled code) hold the draft exit
+
     def resolve(self, config: GenerationConfig) -> GenerationConfig:
         """``config`` with exit_layer / num_speculations resolved for this model.
 
@@ -183,9 +196,17 @@ class Generator:
             ConfigError: settings outside the model's range, or more drafts per step than
                 the model's context holds.
         """
+        adapter_exit = self._draft.exit_layer if self._draft is not None else None
+        recommended_exit = adapter_exit or self.recommended_exit_layer
         resolved = config.resolved(
-            self.num_layers, self.recommended_exit_layer, self.recommended_num_speculations
+            self.num_layers, recommended_exit, self.recommended_num_speculations
         )
+        early = resolved.exit_layer < self.num_layers
+        if adapter_exit is not None and early and resolved.exit_layer != adapter_exit:
+            raise ConfigError(
+                f"the draft adapter was trained for exit layer {adapter_exit}; got "
+                f"--exit_layer {resolved.exit_layer} (leave it unset or give {adapter_exit})"
+            )
         context = self.layerwise.context_length
         if context is not None and resolved.num_speculations >= context:
             raise ConfigError(
@@ -271,7 +292,9 @@ class Generator:
     def _passes(self, config: GenerationConfig) -> ForwardPasses:
         """The eager or compiled forward passes (built once each, then reused)."""
         if config.compile not in self._forward_passes:
-            self._forward_passes[config.compile] = ForwardPasses(self.layerwise, config.compile)
+            self._forward_passes[config.compile] = ForwardPasses(
+                self.layerwise, config.compile, self._draft
+            )
         return self._forward_passes[config.compile]
 
     @property

@@ -132,7 +132,10 @@ class LayerwiseModel:
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [batch, seq, hidden] at any exit -> logits [batch, seq, vocab]."""
-        logits = self.lm_head(self.norm(hidden))  # [batch, seq, vocab]
+        return self.scale_logits(self.lm_head(self.norm(hidden)))  # [batch, seq, vocab]
+
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The family's scaling and soft-capping of raw LM-head outputs."""
         if self.logits_scaling is not None:
             logits = logits / self.logits_scaling
         if self.logit_scale is not None:
@@ -182,18 +185,23 @@ class LayerwiseModel:
         return masks
 
     def _rotary(
-        self, hidden: torch.Tensor, start: int, end: int, position_ids: torch.Tensor
+        self, hidden: torch.Tensor, layer_types: set[str], position_ids: torch.Tensor
     ) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
         """(cos, sin) per layer type (key None when the family shares one rotary)."""
         if not self.rotary_per_layer_type:
             return {None: self.rotary_emb(hidden, position_ids)}
         return {
             layer_type: self.rotary_emb(hidden, position_ids, layer_type)
-            for layer_type in set(self.layer_types[start:end])
+            for layer_type in layer_types
         }
 
     def _column_masks(
-        self, hidden: torch.Tensor, start: int, end: int, cache: ColumnKVCache, pad_counts
+        self,
+        hidden: torch.Tensor,
+        layer_types: set[str],
+        cache_index: int,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
         """One mask [batch, 1, new, capacity] per layer type, from the cache's write columns.
 
@@ -203,12 +211,12 @@ class LayerwiseModel:
         and 0 * NaN would reach real tokens).
         """
         columns = cache.write_columns[:, None, :, None]  # [batch, 1, new, 1]
-        slots = torch.arange(cache.columns(start), device=hidden.device)  # [capacity]
+        slots = torch.arange(cache.columns(cache_index), device=hidden.device)  # [capacity]
         causal = slots <= columns  # [batch, 1, new, capacity]
         if pad_counts is not None:
             causal = causal & ((slots >= pad_counts[:, None, None, None]) | (slots == columns))
         masks: dict[str, torch.Tensor] = {}
-        for layer_type in set(self.layer_types[start:end]):
+        for layer_type in layer_types:
             visible = causal
             if layer_type == "sliding_attention":
                 visible = causal & (slots > columns - self.config.sliding_window)
@@ -250,24 +258,78 @@ class LayerwiseModel:
             raise ValueError(f"layer range [{start}, {end}) outside [0, {self.num_layers}]")
         if start == end:
             return hidden
+        layer_types = set(self.layer_types[start:end])
         if isinstance(cache, ColumnKVCache):
-            masks = self._column_masks(hidden, start, end, cache, padding_mask)
+            masks = self._column_masks(hidden, layer_types, start, cache, padding_mask)
         else:
             masks = self._masks(hidden, start, end, cache, position_ids, padding_mask)
-        rotary = self._rotary(hidden, start, end, position_ids)  # type -> (cos, sin)
+        rotary = self._rotary(hidden, layer_types, position_ids)  # type -> (cos, sin)
         for index in range(start, end):
-            layer_type = self.layer_types[index]
-            hidden = self.layers[index](
-                hidden,
-                attention_mask=masks[layer_type],
-                position_embeddings=rotary[layer_type if self.rotary_per_layer_type else None],
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=cache is not None,
+            hidden = self._call_layer(
+                self.layers[index], self.layer_types[index], hidden, masks, rotary, cache, position_ids
             )
-            if isinstance(hidden, tuple):  # older layer signatures return (hidden, ...)
-                hidden = hidden[0]
         return hidden
+
+    def _call_layer(
+        self,
+        layer: nn.Module,
+        layer_type: str,
+        hidden: torch.Tensor,
+        masks: dict[str, torch.Tensor | None],
+        rotary: dict[str | None, tuple[torch.Tensor, torch.Tensor]],
+        cache: Cache | None,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        hidden = layer(
+            hidden,
+            attention_mask=masks[layer_type],
+            position_embeddings=rotary[layer_type if self.rotary_per_layer_type else None],
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        if isinstance(hidden, tuple):  # older layer signatures return (hidden, ...)
+            hidden = hidden[0]
+        return hidden
+
+    def run_block(
+        self,
+        block: nn.Module,
+        layer_type: str,
+        hidden: torch.Tensor,
+        cache: ColumnKVCache | None,
+        position_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run one decoder layer that is not among the model's layers (an exit adapter).
+
+        Its attention must carry its own ``layer_idx`` (a cache index past the model's
+        layers). ``cache``: a ``ColumnKVCache`` with ``write_columns`` set (``padding_mask``
+        is then each row's left padding), or None for a fresh causal pass over ``hidden``
+        (``padding_mask``: 1 for real tokens, 0 for left padding, or None).
+        """
+        if isinstance(cache, ColumnKVCache):
+            index = block.self_attn.layer_idx
+            masks = self._column_masks(hidden, {layer_type}, index, cache, padding_mask)
+        elif cache is None:
+            make_mask = (
+                create_sliding_window_causal_mask
+                if layer_type == "sliding_attention"
+                else create_causal_mask
+            )
+            masks = {
+                layer_type: make_mask(
+                    config=self.config,
+                    inputs_embeds=hidden,
+                    attention_mask=padding_mask,
+                    past_key_values=None,
+                    position_ids=position_ids,
+                )
+            }
+        else:
+            raise TypeError(f"run_block takes a ColumnKVCache or None, not {type(cache).__name__}")
+        rotary = self._rotary(hidden, {layer_type}, position_ids)
+        return self._call_layer(block, layer_type, hidden, masks, rotary, cache, position_ids)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, exit_layer: int | None = None) -> torch.Tensor:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+from self_speculation.draft import DraftExit, cache_layers
 from self_speculation.kv_cache import ColumnKVCache
 from self_speculation.model_surgery import LayerwiseModel
 
@@ -56,10 +57,16 @@ class ForwardPasses:
     Args:
         model: the layer-wise view of the model.
         compile: compile ``early`` and ``verify`` with ``torch.compile``.
+        draft: how drafts leave layer E (an exit adapter, a reduced draft vocabulary);
+            None: layer E's states go to the model's own final norm + head. It serves
+            every pass that ends below the last layer.
     """
 
-    def __init__(self, model: LayerwiseModel, compile: bool = False) -> None:
+    def __init__(
+        self, model: LayerwiseModel, compile: bool = False, draft: DraftExit | None = None
+    ) -> None:
         self.model = model
+        self.draft = draft
         self.compiled = compile
         # Seconds spent in calls that compiled something (first call of each shape).
         self.compile_seconds = 0.0
@@ -102,7 +109,35 @@ class ForwardPasses:
         return result
 
     def new_cache(self, batch_size: int, capacity: int) -> ColumnKVCache:
-        return ColumnKVCache(self.model.num_layers, batch_size, capacity, dynamic=self.compiled)
+        layers = cache_layers(self.model, self.draft)
+        return ColumnKVCache(layers, batch_size, capacity, dynamic=self.compiled)
+
+    def _exit_logits(
+        self,
+        hidden: torch.Tensor,
+        end: int,
+        cache: ColumnKVCache,
+        positions: torch.Tensor,
+        pad_counts: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits [batch, n, vocab] of states [batch, n, hidden] leaving layer ``end - 1``:
+        the full model's head at the last layer, the draft exit below it (which writes the
+        adapter's cache columns)."""
+        if end == self.model.num_layers or self.draft is None:
+            return self.model.unembed(hidden)
+        return self.draft.logits(hidden, cache, positions, pad_counts)
+
+    def _adapter_columns(
+        self,
+        hidden: torch.Tensor,
+        cache: ColumnKVCache,
+        positions: torch.Tensor,
+        pad_counts: torch.Tensor,
+    ) -> None:
+        """Write the adapter's cache columns for states that leave layer E but are not drafted
+        from (the prompt under self-speculation, the last draft)."""
+        if self.draft is not None and self.draft.adapter is not None:
+            self.draft.adapt(hidden, cache, positions, pad_counts)
 
     @torch.no_grad()
     def prefill(
@@ -120,9 +155,17 @@ class ForwardPasses:
         columns = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         cache.write_columns = columns  # [batch, width]
         positions = (columns - pad_counts[:, None]).clamp_min(0)  # [batch, width]
-        hidden = self.model.run_layers(
-            self.model.embed(tokens), 0, end, cache, positions, pad_counts
-        )  # [batch, width, hidden]
+        hidden = self.model.embed(tokens)
+        split = self.draft.exit_layer if self.draft is not None else None
+        if split is not None and split < end:  # the adapter reads layer E's states
+            hidden = self.model.run_layers(hidden, 0, split, cache, positions, pad_counts)
+            self._adapter_columns(hidden, cache, positions, pad_counts)
+            hidden = self.model.run_layers(hidden, split, end, cache, positions, pad_counts)
+        else:
+            hidden = self.model.run_layers(hidden, 0, end, cache, positions, pad_counts)
+        if end < self.model.num_layers and self.draft is not None:
+            # Early-exit decoding: the first token comes from the draft exit too.
+            return self._exit_logits(hidden, end, cache, positions, pad_counts)[:, -1]
         return self.model.unembed(hidden[:, -1:])[:, 0]
 
     def _early_eager(
@@ -134,7 +177,8 @@ class ForwardPasses:
         end: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self._first_layers(tokens, columns, cache, pad_counts, end)  # [batch, 1, hidden]
-        return self.model.unembed(hidden)[:, 0], hidden
+        positions = columns - pad_counts[:, None]
+        return self._exit_logits(hidden, end, cache, positions, pad_counts)[:, 0], hidden
 
     def _first_layers(
         self,
@@ -180,6 +224,7 @@ class ForwardPasses:
     ) -> torch.Tensor:
         last_column = columns.gather(1, num_drafts.expand(len(columns), 1))  # [batch, 1]
         last_state = self._first_layers(last_tokens, last_column, cache, pad_counts, exit_layer)
+        self._adapter_columns(last_state, cache, last_column - pad_counts[:, None], pad_counts)
         states = exit_states.index_copy(1, num_drafts, last_state)  # [batch, k + 1, hidden]
         cache.write_columns = columns
         states = self.model.run_layers(

@@ -1,0 +1,337 @@
+"""Draft exits for models never trained with LayerSkip.
+
+Two optional parts change how drafts are made, never how they are verified (the full model
+still verifies every token, so greedy outputs stay identical to autoregressive decoding and
+sampling keeps the full model's distribution):
+
+* an **exit adapter** (Kangaroo, Liu et al. 2024): one small trained decoder block of the
+  model's own family between layer E's output and the shared final norm + LM head. Layer
+  E's own hidden states still go on to verification; only the draft logits pass through
+  the adapter. Its attention keeps its keys and values in the KV cache's layer L (one past
+  the model's layers), written for every column that reaches layer E (prompt, drafts, the
+  last draft during verification), so rolling back is as free as for the other layers.
+* a **reduced draft vocabulary** (FR-Spec, Zhao et al. 2025): the draft head scores only N
+  frequent tokens (rows of the model's own LM head); every other token gets probability 0
+  in the draft. Verification uses the full head.
+
+An adapter is saved as a folder: ``adapter_config.json`` (exit layer, base model, the layer
+it was initialised from, training record) and ``adapter.safetensors`` (the block's weights
+and the ranked draft vocabulary, most frequent first).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from self_speculation.errors import ConfigError, ModelLoadError
+from self_speculation.kv_cache import ColumnKVCache
+from self_speculation.model_surgery import LayerwiseModel
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
+_VOCAB_KEY = "draft_vocab"  # ranked token ids in the weights file
+_BLOCK_PREFIX = "block."
+
+
+@dataclass
+class AdapterConfig:
+    """What an adapter folder's ``adapter_config.json`` holds.
+
+    Attributes:
+        exit_layer: E; the adapter reads the hidden states leaving layer E - 1.
+        num_layers: decoder layers of the base model (checked when loading).
+        hidden_size: the base model's hidden size (checked when loading).
+        init_layer: the base layer whose structure (and initial weights) the block copies.
+        base_model: how the base model was named when training (informational).
+        draft_vocab_size: tokens in the ranked draft vocabulary saved with it (0: none).
+        training: the training record (data, tokens, time, agreement before / after).
+    """
+
+    exit_layer: int
+    num_layers: int
+    hidden_size: int
+    init_layer: int
+    base_model: str = ""
+    draft_vocab_size: int = 0
+    training: dict = field(default_factory=dict)
+
+
+class ExitAdapter(nn.Module):
+    """A decoder block of the model's own family mapping layer E's output to the head's input.
+
+    Args:
+        model: the base model's layer-wise view (only its structure is copied).
+        exit_layer: E, 1 <= E < L.
+        init_layer: which base layer to copy (structure and starting weights); default
+            the last one, which already maps into the space the final norm + head read.
+    """
+
+    def __init__(self, model: LayerwiseModel, exit_layer: int, init_layer: int | None = None):
+        super().__init__()
+        num_layers = model.num_layers
+        if not 1 <= exit_layer < num_layers:
+            raise ConfigError(
+                f"an exit adapter's exit layer must be in [1, {num_layers - 1}], got {exit_layer}"
+            )
+        init_layer = num_layers - 1 if init_layer is None else init_layer
+        if not 0 <= init_layer < num_layers:
+            raise ConfigError(f"init_layer must be in [0, {num_layers - 1}], got {init_layer}")
+        self.exit_layer = exit_layer
+        self.init_layer = init_layer
+        self.layer_type = model.layer_types[init_layer]
+        self.block = copy.deepcopy(model.layers[init_layer])
+        attention = getattr(self.block, "self_attn", None)
+        if attention is None or not hasattr(attention, "layer_idx"):
+            raise ConfigError(
+                f"{type(self.block).__name__} has no self_attn.layer_idx; exit adapters need "
+                "a decoder layer whose attention addresses the KV cache by layer index"
+            )
+        attention.layer_idx = num_layers  # its own slot in the KV cache
+        self.cache_index = num_layers
+        for parameter in self.block.parameters():
+            parameter.requires_grad_(True)
+
+    def forward(
+        self,
+        model: LayerwiseModel,
+        hidden: torch.Tensor,
+        cache: ColumnKVCache | None,
+        position_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Layer E's states [batch, seq, hidden] -> the head's input [batch, seq, hidden]."""
+        return model.run_block(self.block, self.layer_type, hidden, cache, position_ids, padding_mask)
+
+
+class DraftExit:
+    """How drafts leave the model at layer E: an optional adapter, an optional vocabulary.
+
+    Args:
+        model: the base model's layer-wise view.
+        adapter: an exit adapter (None: layer E's states go straight to the head).
+        vocab: the draft vocabulary's token ids [N] (None: the whole vocabulary).
+    """
+
+    def __init__(
+        self,
+        model: LayerwiseModel,
+        adapter: ExitAdapter | None = None,
+        vocab: torch.Tensor | None = None,
+    ) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.vocab = None if vocab is None else vocab.to(model.device, torch.long)
+        self._head_weight = None
+        self._head_bias = None
+        if self.vocab is not None:
+            head = model.lm_head
+            # A contiguous copy of the N rows: one dense product per draft.
+            self._head_weight = head.weight.detach()[self.vocab].contiguous()  # [N, hidden]
+            bias = getattr(head, "bias", None)
+            self._head_bias = None if bias is None else bias.detach()[self.vocab]
+
+    @property
+    def exit_layer(self) -> int | None:
+        """The exit layer the adapter was trained for (None: any)."""
+        return None if self.adapter is None else self.adapter.exit_layer
+
+    @property
+    def extra_cache_layers(self) -> int:
+        """KV-cache layers needed past the model's own (the adapter's attention)."""
+        return 0 if self.adapter is None else 1
+
+    def adapt(
+        self,
+        hidden: torch.Tensor,
+        cache: ColumnKVCache | None,
+        position_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Layer E's states through the adapter (unchanged without one)."""
+        if self.adapter is None:
+            return hidden
+        return self.adapter(self.model, hidden, cache, position_ids, padding_mask)
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's full vocabulary size (rows of its LM head)."""
+        return self.model.lm_head.weight.shape[0]
+
+    def small_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Head input [..., hidden] -> logits over the draft vocabulary only [..., N]
+        (the whole vocabulary without one), with the family's own norm and scaling."""
+        if self.vocab is None:
+            return self.model.unembed(hidden)
+        normed = self.model.norm(hidden)
+        small = torch.nn.functional.linear(normed, self._head_weight, self._head_bias)
+        return self.model.scale_logits(small)  # [..., N]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Head input [..., hidden] -> draft logits [..., vocab]: -inf outside the draft
+        vocabulary (probability 0 there)."""
+        small = self.small_logits(hidden)
+        if self.vocab is None:
+            return small
+        full = small.new_full((*small.shape[:-1], self.vocab_size), float("-inf"))
+        return full.index_copy(-1, self.vocab, small)
+
+    def full_to_draft(self) -> torch.Tensor:
+        """Each full-vocabulary id's index in the draft vocabulary, -1 outside it, [vocab]."""
+        if self.vocab is None:
+            return torch.arange(self.vocab_size, device=self.model.device)
+        mapping = torch.full((self.vocab_size,), -1, dtype=torch.long, device=self.model.device)
+        mapping[self.vocab] = torch.arange(len(self.vocab), device=self.model.device)
+        return mapping
+
+    def draft_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices into the draft vocabulary -> full-vocabulary token ids."""
+        return indices if self.vocab is None else self.vocab[indices]
+
+    def logits(
+        self,
+        hidden: torch.Tensor,
+        cache: ColumnKVCache | None,
+        position_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Draft logits from layer E's states."""
+        return self.head(self.adapt(hidden, cache, position_ids, padding_mask))
+
+
+def save_adapter(
+    path: str | Path, adapter: ExitAdapter, config: AdapterConfig, vocab: torch.Tensor | None
+) -> None:
+    """Write an adapter folder: the block's weights in bfloat16, the ranked vocabulary."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        _BLOCK_PREFIX + name: tensor.detach().to(torch.bfloat16).contiguous().cpu()
+        for name, tensor in adapter.block.state_dict().items()
+    }
+    if vocab is not None:
+        tensors[_VOCAB_KEY] = vocab.detach().to(torch.int64).cpu().contiguous()
+    config.draft_vocab_size = 0 if vocab is None else len(vocab)
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS_NAME))
+    (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+
+def read_adapter_config(path: str | Path) -> AdapterConfig:
+    """The ``adapter_config.json`` of an adapter folder.
+
+    Raises:
+        ConfigError: not an adapter folder, or a malformed config.
+    """
+    folder = Path(path)
+    config_file = folder / ADAPTER_CONFIG_NAME
+    if not folder.is_dir() or not config_file.is_file():
+        raise ConfigError(f"--draft_adapter: {path} is not an adapter folder (no {ADAPTER_CONFIG_NAME})")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        config = AdapterConfig(**raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
+        raise ConfigError(f"--draft_adapter: {config_file} is malformed ({error})") from None
+    for name in ("exit_layer", "num_layers", "hidden_size", "init_layer", "draft_vocab_size"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"--draft_adapter: {config_file}: '{name}' must be an integer >= 0")
+    return config
+
+
+def load_draft_exit(
+    model: LayerwiseModel,
+    adapter_path: str | Path | None = None,
+    draft_vocab_size: int = 0,
+    vocab: torch.Tensor | None = None,
+) -> DraftExit | None:
+    """The draft exit named by the command-line flags (None when neither is given).
+
+    Args:
+        adapter_path: an adapter folder (``--draft_adapter``).
+        draft_vocab_size: N, keep the N most frequent tokens (``--draft_vocab_size``; 0:
+            the whole vocabulary). The ranking comes from ``vocab`` or else the adapter.
+        vocab: a ranked vocabulary (most frequent first), e.g. counted over a corpus.
+
+    Raises:
+        ConfigError / ModelLoadError: the adapter does not fit this model, or N has no
+            ranking to come from.
+    """
+    adapter = None
+    saved_vocab = None
+    if adapter_path is not None:
+        config = read_adapter_config(adapter_path)
+        if (config.num_layers, config.hidden_size) != (model.num_layers, model.config.hidden_size):
+            raise ConfigError(
+                f"--draft_adapter: {adapter_path} was trained for a model with "
+                f"{config.num_layers} layers of width {config.hidden_size}; this one has "
+                f"{model.num_layers} of width {model.config.hidden_size}"
+            )
+        if not 1 <= config.exit_layer < model.num_layers or config.init_layer >= model.num_layers:
+            raise ConfigError(f"--draft_adapter: {adapter_path}: exit or init layer out of range")
+        adapter = ExitAdapter(model, config.exit_layer, config.init_layer)
+        weights_file = Path(adapter_path) / ADAPTER_WEIGHTS_NAME
+        try:
+            tensors = load_file(str(weights_file))
+        except (OSError, SafetensorError) as error:
+            raise ModelLoadError(f"--draft_adapter: cannot read {weights_file} ({error})") from None
+        saved_vocab = tensors.pop(_VOCAB_KEY, None)
+        state = {
+            name[len(_BLOCK_PREFIX) :]: tensor
+            for name, tensor in tensors.items()
+            if name.startswith(_BLOCK_PREFIX)
+        }
+        expected = adapter.block.state_dict()
+        if set(state) != set(expected) or any(
+            state[name].shape != expected[name].shape for name in expected
+        ):
+            raise ConfigError(
+                f"--draft_adapter: {weights_file} does not hold a "
+                f"{type(adapter.block).__name__} of this model's sizes"
+            )
+        adapter.block.load_state_dict({name: t.to(model.dtype) for name, t in state.items()})
+        adapter.to(model.device)
+        adapter.requires_grad_(False)
+        adapter.eval()
+    if draft_vocab_size < 0:
+        raise ConfigError(f"--draft_vocab_size must be >= 0, got {draft_vocab_size}")
+    ranked = vocab if vocab is not None else saved_vocab
+    chosen = None
+    if draft_vocab_size > 0:
+        if ranked is None:
+            raise ConfigError(
+                "--draft_vocab_size needs a token ranking: an adapter saved with one "
+                "(--draft_adapter) or a corpus (--draft_vocab_corpus)"
+            )
+        vocab_size = model.lm_head.weight.shape[0]
+        if draft_vocab_size > len(ranked):
+            raise ConfigError(
+                f"--draft_vocab_size {draft_vocab_size} is more than the {len(ranked)} ranked "
+                "tokens available"
+            )
+        chosen = ranked[:draft_vocab_size].to(torch.long)
+        if int(chosen.min()) < 0 or int(chosen.max()) >= vocab_size:
+            raise ConfigError("the draft vocabulary holds token ids outside this model's vocabulary")
+        chosen = chosen.sort().values  # ascending ids: the head's rows in memory order
+    if adapter is None and chosen is None:
+        return None
+    return DraftExit(model, adapter, chosen)
+
+
+def rank_tokens(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Token ids ranked by frequency in ``token_ids`` (most frequent first; ties by id);
+    tokens never seen follow, by id."""
+    counts = torch.bincount(token_ids.flatten().to(torch.long), minlength=vocab_size)
+    # A stable sort of -counts keeps ids ascending among equal counts.
+    return torch.sort(-counts[:vocab_size], stable=True).indices
+
+
+def cache_layers(model: LayerwiseModel, draft: DraftExit | None) -> int:
+    """KV-cache layers a generation needs with ``draft``."""
+    return model.num_layers + (0 if draft is None else draft.extra_cache_layers)

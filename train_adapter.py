@@ -1,0 +1,378 @@
+"""Train an exit adapter for self-speculation on a model never trained with LayerSkip.
+
+The base model stays frozen; one decoder block of its own family (initialised from one of
+its layers) learns to map layer E's hidden states to the full model's next-token
+distribution (self-distillation, Kangaroo-style), optionally over a reduced draft
+vocabulary. See ``self_speculation/adapter_training.py`` for the two phases (cached
+targets, then adapter training); both resume after an interruption.
+
+Example (SmolLM2-135M-Instruct, offline; about an hour on 2 CPU cores)::
+
+    S=$(python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+    python train_adapter.py --model smollm2 --exit_layer 12 --draft_vocab_size 8192 \\
+        --data "$S/*.py" "/usr/share/doc/**/*.md" --chat_prompts 144 \\
+        --output_dir models/smollm2-adapter-e12
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from arguments import MAX_SEED, check_output_dir, parse_args, run_main
+from self_speculation import GenerationConfig, Generator
+from self_speculation.adapter_training import (
+    TargetSettings,
+    agreement,
+    batches,
+    chat_texts,
+    compute_targets,
+    corpus_fingerprint,
+    default_chat_prompts,
+    distillation_loss,
+    load_targets,
+    rank_draft_vocab,
+)
+from self_speculation.benchmarking import environment_info, write_json_atomic
+from self_speculation.distributed import DistributedContext
+from self_speculation.draft import AdapterConfig, DraftExit, ExitAdapter, save_adapter
+from self_speculation.errors import ConfigError
+from self_speculation.loading import DTYPES, check_device, load_model_and_tokenizer
+from self_speculation.training.data import pack_blocks, read_texts, resolve_files
+
+logger = logging.getLogger("train_adapter")
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class AdapterTrainArguments:
+    """Settings of an adapter training run."""
+
+    output_dir: str = ""
+    """Where the adapter folder (adapter_config.json, adapter.safetensors) is written."""
+    model: str = "smollm2"
+    """Frozen base model: a local directory, a hub id, a .gguf file or smollm2."""
+    exit_layer: int = 0
+    """E: the adapter reads the states leaving layer E - 1 (1 <= E < L)."""
+    init_layer: int = -1
+    """Base layer the adapter block copies (structure and starting weights); -1: the last."""
+    data: list[str] = field(default_factory=list)
+    """Globs of text / code / JSONL files (permissively licensed: you redistribute the adapter)."""
+    exclude: list[str] = field(default_factory=list)
+    """Globs of paths to leave out."""
+    chat_prompts: int = 0
+    """Answer this many built-in instruction prompts with the model itself (greedy, through its
+    chat template) and add the conversations to the data: text from the model's own
+    distribution; 0: none."""
+    chat_max_steps: int = 128
+    """Tokens per self-generated answer."""
+    seq_len: int = 256
+    """Tokens per training block."""
+    max_target_tokens: int = 300_000
+    """Most tokens to compute targets for (one frozen full forward each)."""
+    target_minutes: float = 0.0
+    """Stop computing targets after this many minutes (0: no limit); a rerun continues."""
+    top_k: int = 32
+    """Full-model probabilities kept per token (the distillation target)."""
+    cache_exit_layers: list[int] = field(default_factory=list)
+    """More exit layers whose states to cache too, for later runs on the same targets."""
+    cache_dir: str = ""
+    """Target cache (default: <output_dir>/targets)."""
+    draft_vocab_size: int = 0
+    """Train for a draft head over the N tokens the full model chooses most often; 0: full."""
+    held_out_blocks: int = 8
+    """Blocks kept out of training, for the agreement figures."""
+    epochs: int = 3
+    batch_size: int = 8
+    """Blocks per optimiser step."""
+    learning_rate: float = 2e-4
+    train_minutes: float = 0.0
+    """Stop training after this many minutes (0: no limit); a rerun continues."""
+    dtype: str = "float32"
+    device: str = "cpu"
+    num_threads: int = 0
+    """torch CPU threads; 0: torch's default."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("give --output_dir for the adapter folder")
+        check_output_dir(self.output_dir)
+        if self.exit_layer < 1:
+            raise ConfigError(f"--exit_layer must be >= 1, got {self.exit_layer}")
+        if not self.data and self.chat_prompts == 0:
+            raise ConfigError("give training data: --data GLOB... and/or --chat_prompts N")
+        if not 0 <= self.chat_prompts <= len(default_chat_prompts()):
+            raise ConfigError(
+                f"--chat_prompts must be in [0, {len(default_chat_prompts())}], got {self.chat_prompts}"
+            )
+        positive = ("chat_max_steps", "seq_len", "max_target_tokens", "top_k", "epochs", "batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ConfigError(f"--seq_len must be >= 2, got {self.seq_len}")
+        for name in ("target_minutes", "train_minutes", "learning_rate"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"--{name} must be a finite number >= 0, got {value}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if self.draft_vocab_size < 0 or self.held_out_blocks < 1 or self.num_threads < 0:
+            raise ConfigError("--draft_vocab_size and --num_threads must be >= 0, --held_out_blocks >= 1")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
+        if any(layer < 1 for layer in self.cache_exit_layers):
+            raise ConfigError("--cache_exit_layers must be >= 1")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
+        check_device(self.device)
+
+    @property
+    def targets_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "targets"
+
+
+def build_blocks(
+    args: AdapterTrainArguments, generator: Generator
+) -> tuple[torch.Tensor, dict]:
+    """The training blocks (self-generated chat first, then files), and where they came from."""
+    tokenizer = generator.tokenizer
+    sources: dict = {"files": 0, "chat_conversations": 0}
+    texts: list[str] = []
+    if args.chat_prompts:
+        prompts = default_chat_prompts()[: args.chat_prompts]
+        config = GenerationConfig(max_steps=args.chat_max_steps, sample=False)
+        responses = []
+        for start in tqdm(range(0, len(prompts), 8), desc="self-generated chat", unit="batch"):
+            chunk = prompts[start : start + 8]
+            opened = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True
+                )
+                for prompt in chunk
+            ]
+            opened = [ids["input_ids"] if isinstance(ids, dict) else ids for ids in opened]
+            responses += [result.text for result in generator.generate_batch(opened, config)]
+        texts += chat_texts(tokenizer, prompts, responses)
+        sources["chat_conversations"] = len(prompts)
+    chat_blocks = pack_blocks(tokenizer, texts, args.seq_len) if texts else None
+    blocks = []
+    if args.data:
+        files = resolve_files(args.data, args.exclude)
+        sources["files"] = len(files)
+        file_blocks = pack_blocks(tokenizer, list(read_texts(files)), args.seq_len)
+        order = torch.randperm(len(file_blocks), generator=torch.Generator().manual_seed(args.seed))
+        blocks.append(file_blocks[order])
+    if chat_blocks is not None:
+        blocks.insert(0, chat_blocks)
+    everything = torch.cat(blocks)
+    budget = max(args.max_target_tokens // args.seq_len, args.held_out_blocks + args.batch_size)
+    everything = everything[:budget]
+    # Chat and file blocks interleaved, so that any prefix the time budget allows mixes both.
+    order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(args.seed + 1))
+    sources["blocks"] = len(everything)
+    return everything[order], sources
+
+
+def train_adapter(args: AdapterTrainArguments) -> dict:
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    torch.manual_seed(args.seed)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model_and_tokenizer(
+        args.model, args.dtype, args.device
+    )
+    model.requires_grad_(False)
+    generator = Generator(model, tokenizer)
+    layerwise = generator.layerwise
+    if not args.exit_layer < layerwise.num_layers:
+        raise ConfigError(
+            f"--exit_layer must be below the model's {layerwise.num_layers} layers, got {args.exit_layer}"
+        )
+    if any(layer >= layerwise.num_layers for layer in args.cache_exit_layers):
+        raise ConfigError(f"--cache_exit_layers must be below {layerwise.num_layers}")
+    init_layer = layerwise.num_layers - 1 if args.init_layer == -1 else args.init_layer
+    base_checksum = _checksum(model)
+    record: dict = {"arguments": asdict(args), "environment": environment_info(generator, DistributedContext())}
+
+    # Phase 1: targets.
+    started = time.monotonic()
+    blocks, record["data"] = build_blocks(args, generator)
+    settings = TargetSettings(
+        model=args.model,
+        exit_layers=sorted({args.exit_layer, *args.cache_exit_layers}),
+        seq_len=args.seq_len,
+        top_k=args.top_k,
+        num_blocks=len(blocks),
+        fingerprint=corpus_fingerprint(blocks),
+    )
+    done = compute_targets(
+        layerwise,
+        blocks,
+        settings,
+        args.targets_dir,
+        max_seconds=args.target_minutes * 60 or None,
+    )
+    record["target_seconds"] = time.monotonic() - started
+    targets = load_targets(args.targets_dir, args.exit_layer)
+    if len(targets) < args.held_out_blocks + args.batch_size:
+        raise ConfigError(
+            f"only {len(targets)} blocks have targets; need more than --held_out_blocks + "
+            "--batch_size (raise --target_minutes or rerun to continue)"
+        )
+    train_set, held_out = targets.split(args.held_out_blocks)
+    record["target_tokens"] = {"train": train_set.tokens.numel(), "held_out": held_out.tokens.numel()}
+    logger.info("targets for %d of %d blocks", done, len(blocks))
+
+    # Phase 2: the adapter.
+    vocab_size = layerwise.lm_head.weight.shape[0]
+    ranking = rank_draft_vocab(train_set, vocab_size)
+    vocab = ranking[: args.draft_vocab_size].sort().values if args.draft_vocab_size else None
+    plain = DraftExit(layerwise, None, vocab)
+    adapter = ExitAdapter(layerwise, args.exit_layer, init_layer)
+    draft = DraftExit(layerwise, adapter, vocab)
+    before = {
+        "plain_exit": agreement(plain, held_out),
+        "plain_exit_full_vocab": agreement(DraftExit(layerwise), held_out),
+        "adapter_at_init": agreement(draft, held_out),
+    }
+    logger.info("before: %s", before)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    steps_per_epoch = len(train_set) // args.batch_size
+    total_steps = steps_per_epoch * args.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+    )
+    step = _resume(output / CHECKPOINT_NAME, adapter, optimizer, schedule)
+    full_to_draft = draft.full_to_draft()
+    train_started = time.monotonic()
+    stop = _StopFlag()
+    losses = []
+    progress = tqdm(total=total_steps, initial=step, unit="step", desc="adapter")
+    adapter.train()
+    while step < total_steps and not stop.requested:
+        epoch, offset = divmod(step, steps_per_epoch)
+        indices = list(batches(len(train_set), args.batch_size, args.seed, epoch))[offset]
+        states = train_set.states[indices].to(layerwise.device, layerwise.dtype)
+        positions = torch.arange(states.shape[1], device=states.device).expand(states.shape[:2])
+        log_q = torch.log_softmax(
+            draft.small_logits(draft.adapt(states, None, positions)).float(), dim=-1
+        )
+        loss = distillation_loss(
+            log_q,
+            train_set.top_p[indices].to(states.device),
+            train_set.top_idx[indices].to(states.device),
+            full_to_draft,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        losses.append(loss.item())
+        progress.update(1)
+        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+        out_of_time = args.train_minutes and time.monotonic() - train_started > args.train_minutes * 60
+        if step % 50 == 0 or out_of_time or stop.requested:
+            _save_checkpoint(output / CHECKPOINT_NAME, adapter, optimizer, schedule, step)
+        if out_of_time:
+            break
+    progress.close()
+    adapter.eval()
+    _save_checkpoint(output / CHECKPOINT_NAME, adapter, optimizer, schedule, step)
+    after = agreement(draft, held_out)
+    if _checksum(model) != base_checksum:
+        raise RuntimeError("a base weight changed during adapter training")
+    record.update(
+        steps=step,
+        total_steps=total_steps,
+        train_seconds=time.monotonic() - train_started,
+        final_loss=sum(losses[-20:]) / max(len(losses[-20:]), 1) if losses else None,
+        before=before,
+        after=after,
+        base_weights_unchanged=True,
+    )
+    config = AdapterConfig(
+        exit_layer=args.exit_layer,
+        num_layers=layerwise.num_layers,
+        hidden_size=layerwise.config.hidden_size,
+        init_layer=init_layer,
+        base_model=args.model,
+        training={key: record[key] for key in ("data", "target_tokens", "steps", "before", "after")},
+    )
+    save_adapter(output, adapter, config, ranking)
+    write_json_atomic(output / "training_record.json", record)
+    if stop.requested:
+        raise KeyboardInterrupt
+    return record
+
+
+def _checksum(model: torch.nn.Module) -> float:
+    """A cheap fingerprint of every base weight (sum of |w| per tensor, summed in float64)."""
+    return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+
+
+def _save_checkpoint(path: Path, adapter, optimizer, schedule, step: int) -> None:
+    partial = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "adapter": adapter.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "step": step,
+        },
+        partial,
+    )
+    partial.replace(path)
+
+
+def _resume(path: Path, adapter, optimizer, schedule) -> int:
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=True)
+    adapter.load_state_dict(state["adapter"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    logger.info("resumed at step %d", state["step"])
+    return int(state["step"])
+
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM during training: finish the step, save, then stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+
+
+def main(argv: list[str]) -> int:
+    (args,) = parse_args(AdapterTrainArguments, argv=argv, prog="train_adapter.py")
+    record = train_adapter(args)
+    summary = {
+        "agreement_before": record["before"]["plain_exit"]["agreement"],
+        "agreement_after": record["after"]["agreement"],
+        "coverage": record["after"]["coverage"],
+        "steps": record["steps"],
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, prog="train_adapter.py")
