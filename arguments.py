@@ -8,20 +8,17 @@ for a user into one line on stderr and a non-zero exit status, never a traceback
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-import simple_parsing
 import torch
 
 from self_speculation import (
@@ -36,6 +33,9 @@ from self_speculation import (
     load_model_and_tokenizer,
 )
 from self_speculation import distributed as dist
+from self_speculation.cli import FlagParser
+from self_speculation.errors import ArgumentsError as ArgumentsError  # re-exported
+from self_speculation.draft import load_draft_exit, rank_tokens, read_adapter_config
 from self_speculation.errors import require_utf8
 from self_speculation.loading import (
     OWNED_FROM_PRETRAINED_KEYS,
@@ -54,10 +54,6 @@ EXIT_ERROR = 2  # a user error: bad flag, bad input, unreachable model or data
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as train.py
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a reader that left early
 MAX_SEED = 2**32 - 1  # numpy's limit (lm-eval seeds numpy with it); torch takes it too
-
-
-class ArgumentsError(ConfigError):
-    """A command line that cannot be parsed (unknown flag, bad value, missing flag)."""
 
 
 def check_output_dir(path: str, flag: str = "--output_dir") -> None:
@@ -100,8 +96,21 @@ class Arguments:
     """cpu, cuda, cuda:1 (default: cuda when available)"""
     distributed: bool | None = None
     """Shard samples across torchrun ranks (default: when launched by torchrun)."""
+    draft_adapter: str | None = None
+    """Exit adapter folder (made by train_adapter.py): drafts leave layer E through it."""
+    draft_vocab_size: int = 0
+    """Draft head over the N most frequent tokens only (0: the whole vocabulary); ranked by
+    the adapter's saved list or by --draft_vocab_corpus."""
+    draft_vocab_corpus: list[str] | None = None
+    """Globs of text files whose token counts rank the draft vocabulary."""
 
     def __post_init__(self) -> None:
+        if self.draft_vocab_size < 0:
+            raise ConfigError(f"--draft_vocab_size must be >= 0, got {self.draft_vocab_size}")
+        if self.draft_vocab_corpus and not self.draft_vocab_size:
+            raise ConfigError("--draft_vocab_corpus ranks a draft vocabulary: give --draft_vocab_size N too")
+        if self.draft_adapter is not None:
+            read_adapter_config(self.draft_adapter)  # a wrong path fails before any loading
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
         if not 0 <= self.seed <= MAX_SEED:
@@ -154,13 +163,30 @@ class Arguments:
         if facts is None:
             return None
         check_model_args(self.model_kwargs, facts.config)
+        adapter = read_adapter_config(self.draft_adapter) if self.draft_adapter else None
+        hidden_size = getattr(facts.config, "hidden_size", None)
+        if adapter is not None and facts.num_layers is not None and (
+            (adapter.num_layers, adapter.hidden_size) != (facts.num_layers, hidden_size)
+        ):
+            raise ConfigError(
+                f"--draft_adapter {self.draft_adapter} was trained for a model with "
+                f"{adapter.num_layers} layers of width {adapter.hidden_size}; {self.model} has "
+                f"{facts.num_layers} of width {hidden_size}"
+            )
         for config in configs:
             if facts.num_layers is not None:
-                config.resolved(
+                resolved = config.resolved(
                     facts.num_layers,
-                    facts.recommended_exit_layer,
+                    adapter.exit_layer if adapter else facts.recommended_exit_layer,
                     facts.recommended_num_speculations,
                 )
+                early = resolved.exit_layer < facts.num_layers
+                if adapter is not None and early and resolved.exit_layer != adapter.exit_layer:
+                    raise ConfigError(
+                        f"--draft_adapter was trained for exit layer {adapter.exit_layer}; got "
+                        f"--exit_layer {resolved.exit_layer} (leave it unset or give "
+                        f"{adapter.exit_layer})"
+                    )
             context = facts.context_length
             if context is not None and config.num_speculations >= context:
                 raise ConfigError(
@@ -190,7 +216,26 @@ class Arguments:
         model, tokenizer = load_model_and_tokenizer(
             self.model, self.dtype, dist.device_for(context, self.device), self.model_kwargs
         )
-        return Generator(model, tokenizer)
+        generator = Generator(model, tokenizer)
+        ranking = None
+        if self.draft_vocab_corpus:
+            ranking = corpus_token_ranking(tokenizer, self.draft_vocab_corpus, generator.layerwise)
+        generator.draft = load_draft_exit(
+            generator.layerwise, self.draft_adapter, self.draft_vocab_size, ranking
+        )
+        return generator
+
+
+def corpus_token_ranking(tokenizer, patterns: Sequence[str], model) -> torch.Tensor:
+    """Token ids ranked by their count over the files of ``patterns`` (most frequent first)."""
+    from self_speculation.training.data import read_texts, resolve_files
+
+    counts: list[int] = []
+    for text in read_texts(resolve_files(patterns)):
+        counts.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not counts:
+        raise ConfigError(f"--draft_vocab_corpus {' '.join(patterns)} holds no text")
+    return rank_tokens(torch.tensor(counts), model.lm_head.weight.shape[0])
 
 
 @dataclass
@@ -317,33 +362,6 @@ class BenchmarkArguments:
             require_utf8(self.template, "--template", from_bytes=True)
 
 
-class _HelpFormatter(simple_parsing.SimpleHelpFormatter):
-    """Adds "(default: X)" only where the flag's help does not already say its default."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS):
-            return text
-        return super()._get_help_string(action)
-
-
-class _Parser(simple_parsing.ArgumentParser):
-    """simple-parsing's parser, raising instead of printing usage and exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ArgumentsError(message)
-
-    def add_argument_group(self, *args: Any, **kwargs: Any) -> argparse._ArgumentGroup:
-        # simple-parsing titles a group "GenerationArguments ['group1']": show "generation
-        # options" instead (the class and dest names mean nothing to a user).
-        title = kwargs.get("title", args[0] if args else None)
-        if isinstance(title, str) and re.search(r" \[.*\]$", title):
-            name = re.sub(r"Arguments$", "", re.sub(r" \[.*\]$", "", title))
-            words = re.sub(r"(?<!^)(?=[A-Z])", " ", name).lower() or "common"
-            kwargs["title"], args = f"{words} options", args[1:]
-        return super().add_argument_group(*args, **kwargs)
-
-
 def parse_args(
     *classes: type,
     argv: Sequence[str] | None = None,
@@ -356,14 +374,7 @@ def parse_args(
         ArgumentsError: unknown flag, missing required flag or unparsable value.
         ConfigError: a value the dataclasses' ``__post_init__`` rejects.
     """
-    parser = _Parser(
-        prog=prog,
-        description=description,
-        add_option_string_dash_variants=simple_parsing.DashVariant.UNDERSCORE,
-        add_config_path_arg=False,
-        allow_abbrev=False,  # --max_step is an unknown flag, not --max_steps
-        formatter_class=_HelpFormatter,
-    )
+    parser = FlagParser(prog=prog, description=description)  # --max_step is not --max_steps
     for position, cls in enumerate(classes):
         parser.add_arguments(cls, dest=f"group{position}")
     namespace = parser.parse_args(list(sys.argv[1:] if argv is None else argv))

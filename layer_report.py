@@ -19,12 +19,10 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
-import simple_parsing
 import torch
 
-from arguments import MAX_SEED, check_output_dir, run_main
+from arguments import MAX_SEED, check_output_dir, parse_args, run_main
 from self_speculation.benchmarking import write_json_atomic
 from self_speculation.errors import ConfigError, require_utf8
 from self_speculation.loading import DEFAULT_MODEL, DTYPES, inspect_model, load_model_and_tokenizer
@@ -65,11 +63,6 @@ class ReportConfig:
             )
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
-
-
-class _OneLineErrorParser(simple_parsing.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{message} (see --help)")
 
 
 def report_model(name: str, texts: list[str], config: ReportConfig) -> dict:
@@ -141,9 +134,7 @@ def check_text_files(files: list[Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineErrorParser(prog="layer_report.py", add_config_path_arg=False)
-    parser.add_arguments(ReportConfig, dest="config")
-    config: ReportConfig = parser.parse_args(argv).config
+    (config,) = parse_args(ReportConfig, argv=argv, prog="layer_report.py")
     check_output_dir(config.output_dir)
     for name in [config.model, *config.compare]:
         inspect_model(name)  # config.json and weight files, before reading any data

@@ -252,7 +252,9 @@ def batch_throughput(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = simple_parsing.parse(EngineArguments, args=argv, add_option_string_dash_variants=False)
+    args = simple_parsing.parse(
+        EngineArguments, args=argv, add_option_string_dash_variants=False, allow_abbrev=False
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads and args.device == "cpu":
         torch.set_num_threads(args.threads)

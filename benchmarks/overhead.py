@@ -256,7 +256,7 @@ def main(arguments: OverheadArguments) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    parsed = simple_parsing.parse(OverheadArguments, add_config_path_arg=False)
+    parsed = simple_parsing.parse(OverheadArguments, add_config_path_arg=False, allow_abbrev=False)
     try:
         main(parsed)
     except LayerSkipError as error:

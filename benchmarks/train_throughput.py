@@ -244,7 +244,7 @@ def measure_loss_memory(args: ThroughputArguments, num_exits: int, stacked: bool
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    parser = simple_parsing.ArgumentParser(add_config_path_arg=False)
+    parser = simple_parsing.ArgumentParser(add_config_path_arg=False, allow_abbrev=False)
     parser.add_arguments(ThroughputArguments, dest="args")
     args: ThroughputArguments = parser.parse_args(argv).args
     torch.set_num_threads(args.num_threads)

@@ -9,6 +9,10 @@ class ConfigError(LayerSkipError, ValueError):
     """A configuration value is out of range or inconsistent."""
 
 
+class ArgumentsError(ConfigError):
+    """A command line that cannot be parsed (unknown flag, bad value, missing flag)."""
+
+
 class UnsupportedModelError(LayerSkipError):
     """The model lacks something LayerSkip needs (decoder layers, final norm, LM head...)."""
 

@@ -637,6 +637,74 @@ def test_jsonl_with_bom_is_read(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr
 
 
+# --- flags: whole names only, and --help says what they take -----------------------------
+
+SCRIPTS = [
+    "generate.py", "benchmark.py", "correctness.py", "sweep.py", "eval.py", "layer_report.py",
+    "train.py",
+]  # fmt: skip
+ABBREVIATED = [
+    # (script, good arguments, a prefix of one of the script's flags, a value for it)
+    ("generate.py", ["--prompt", "hi"], "--max_step", 5),
+    ("benchmark.py", GOOD, "--num_sample", 2),
+    ("correctness.py", GOOD, "--num_sample", 2),
+    ("sweep.py", GOOD, "--exit_layer_f", 1),
+    ("eval.py", ["--tasks", "layerskip_mc"], "--lim", 2),
+    ("layer_report.py", REPORT[:2], "--max_token", 8),
+    # without a budget: the misspelt flag is named, not the budget its value would have set
+    ("train.py", ["--preset", "tiny", "--data", "DATA:text.py"], "--max_token", 5),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "prefix", "value"), ABBREVIATED, ids=[case[0] for case in ABBREVIATED]
+)
+def test_flag_prefix_is_an_unknown_flag(
+    script: str, argv: list, prefix: str, value: object, tiny_model_dir: Path,
+    data_files: dict, output_dir: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    """``--max_step`` is not taken for ``--max_steps``: one line naming it, exit status 2."""
+    arguments = _substitute(
+        [*argv, prefix, value, "--output_dir", output_dir], {}, data_files, output_dir
+    )
+    if script != "train.py":
+        arguments = ["--model", tiny_model_dir, *arguments]
+    before = _snapshot(output_dir)
+    completed = run_script(script, arguments, tmp_path, timeout=60)
+    line = assert_one_error_line(completed, script, f"unrecognized arguments: {prefix}")
+    assert "(see --help)" in line
+    assert_results_intact(output_dir, before)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_names_groups_and_defaults_once(script: str, tmp_path: Path) -> None:
+    """``--help``: exit 0, groups titled for a user (not "GenerationArguments ['group1']"),
+    no flag's default given twice."""
+    completed = run_script(script, ["--help"], tmp_path, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    help_text = completed.stdout
+    assert "usage: " + script in help_text
+    assert "['" not in help_text and "Arguments" not in help_text, help_text
+    assert "generation options" in help_text or script in ("layer_report.py", "train.py")
+    flags = re.split(r"\n  (?=-)", help_text.split("\noptions:", 1)[1])
+    for flag in flags:
+        assert flag.count("(default") <= 1, flag
+
+
+def test_train_help_lists_presets_and_an_unknown_one_is_one_line(tmp_path: Path) -> None:
+    from self_speculation.training.presets import PRESETS
+
+    completed = run_script("train.py", ["--help"], tmp_path, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert f"--preset {{{','.join(PRESETS)}}}" in completed.stdout
+    completed = run_script(
+        "train.py", ["--preset", "huge", "--data", "x", "--max_tokens", 10], tmp_path, timeout=60
+    )
+    assert_one_error_line(
+        completed, "train.py", f"unknown preset 'huge' (choose from {', '.join(PRESETS)})"
+    )
+
+
 # --- the interactive loop and the fresh-interpreter path ---------------------------------
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import simple_parsing
 
+from self_speculation.cli import FlagParser
 from self_speculation.errors import ConfigError
 from self_speculation.training.curriculum import Curriculum
 from self_speculation.training.early_exit_loss import ExitScale
@@ -35,7 +36,11 @@ class ModelArguments:
     """What to train."""
 
     model: str | None = None  # existing model (local dir or hub id) to continue training
-    preset: str | None = None  # architecture from scratch: one of PRESETS
+    preset: str | None = simple_parsing.field(
+        default=None,
+        metavar="{" + ",".join(PRESETS) + "}",
+        help=f"architecture from scratch: {', '.join(PRESETS)}",
+    )
     config_file: str | None = None  # architecture from scratch: a JSON config (model_type + fields)
     vocab_size: int = 4096  # tokenizer size when training from scratch
     seq_len: int = 512  # tokens per training sequence
@@ -73,9 +78,8 @@ class LayerSkipArguments:
     """The LayerSkip recipe (paper §4); p_max 0 and early_exit_loss False give plain training."""
 
     layer_dropout_p_max: float = 0.1  # largest per-layer skip probability; 0 disables
-    layer_dropout_shape: str = (
-        DropoutShape.EXPONENTIAL.value
-    )  # D(l): uniform/linear/exponential/log/sin/sigmoid/step
+    layer_dropout_shape: str = DropoutShape.EXPONENTIAL.value
+    """D(l), the skip probability over depth: uniform/linear/exponential/log/sin/sigmoid/step"""
     layer_dropout_schedule: str = DropoutSchedule.CONSTANT.value  # S(t): constant/exponential
     early_exit_loss: bool = True  # supervise early exits; False: last layer only
     early_exit_scale: str = ExitScale.LINEAR.value  # e(l): uniform/linear/sum/sqrt/inverse
@@ -127,11 +131,10 @@ class TrainingArguments:
     max_tokens: int = 0  # token budget (all processes); sets the schedule's length; 0: none
     max_minutes: float = 0.0  # wall-time budget; 0: none (alone: schedule from measured speed)
     device: str = "auto"  # auto (cuda when there is one), cpu, cuda; torchrun: one GPU per process
-    bf16: bool = True  # bf16 compute, fp32 weights and optimizer (CPU: about 2.6x faster)
+    bf16: bool = True  # bf16 autocast, fp32 weights and optimizer (a CPU without bf16: slower)
     fsdp: bool = False  # shard weights, gradients and optimizer state (FSDP2, per decoder layer)
-    fsdp_cpu_offload: bool = (
-        False  # with --fsdp True: keep the shards (and the optimizer) in CPU RAM
-    )
+    fsdp_cpu_offload: bool = False
+    """with --fsdp True: keep the shards (and the optimizer) in CPU RAM"""
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
     num_threads: int = 0  # torch CPU threads per process; 0: torch's default
     log_every: int = 10  # optimizer steps between log lines
@@ -179,14 +182,6 @@ class TrainConfig:
     data: DataArguments = field(default_factory=DataArguments)
     layerskip: LayerSkipArguments = field(default_factory=LayerSkipArguments)
     training: TrainingArguments = field(default_factory=TrainingArguments)
-
-
-class _OneLineErrorParser(simple_parsing.ArgumentParser):
-    """Command-line errors as one line on stderr, exit status 2 (no usage dump)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        sys.exit(2)
 
 
 RECIPE_FLAG = "--recipe"
@@ -239,9 +234,14 @@ def _expand_recipe(argv: list[str]) -> list[str]:
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "train.py") -> TrainConfig:
-    """Parse the command line into a :class:`TrainConfig` (unknown flags are errors)."""
+    """Parse the command line into a :class:`TrainConfig`.
+
+    Raises:
+        ArgumentsError: unknown flag (prefixes are not taken for flags), unparsable value.
+        ConfigError: a value the dataclasses' ``__post_init__`` rejects.
+    """
     argv = _expand_recipe(list(sys.argv[1:] if argv is None else argv))
-    parser = _OneLineErrorParser(prog=prog, add_config_path_arg=False)
+    parser = FlagParser(prog=prog)
     for name, kind in (
         ("model", ModelArguments),
         ("data", DataArguments),
