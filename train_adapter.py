@@ -151,17 +151,22 @@ def build_blocks(
     texts: list[str] = []
     if args.chat_prompts:
         prompts = default_chat_prompts()[: args.chat_prompts]
-        config = GenerationConfig(max_steps=args.chat_max_steps, sample=False)
+        # The fast path: one compile (a few minutes on a CPU), then several times eager speed.
+        config = GenerationConfig(max_steps=args.chat_max_steps, sample=False, compile=True)
         responses = []
         for start in tqdm(range(0, len(prompts), 8), desc="self-generated chat", unit="batch"):
             chunk = prompts[start : start + 8]
             opened = [
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True
+                list(
+                    tokenizer.apply_chat_template(
+                        [{"role": "user", "content": prompt}],
+                        add_generation_prompt=True,
+                        tokenize=True,
+                        return_dict=False,
+                    )
                 )
                 for prompt in chunk
             ]
-            opened = [ids["input_ids"] if isinstance(ids, dict) else ids for ids in opened]
             responses += [result.text for result in generator.generate_batch(opened, config)]
         texts += chat_texts(tokenizer, prompts, responses)
         sources["chat_conversations"] = len(prompts)
@@ -184,15 +189,18 @@ def build_blocks(
     return everything[order], sources
 
 
-def train_adapter(args: AdapterTrainArguments) -> dict:
+def train_adapter(args: AdapterTrainArguments, model=None, tokenizer=None) -> dict:
+    """Run both phases and write the adapter folder; returns the training record.
+
+    ``model`` / ``tokenizer``: an already loaded base model (default: load ``args.model``).
+    """
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model_and_tokenizer(
-        args.model, args.dtype, args.device
-    )
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device)
     model.requires_grad_(False)
     generator = Generator(model, tokenizer)
     layerwise = generator.layerwise

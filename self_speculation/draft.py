@@ -324,6 +324,14 @@ def load_draft_exit(
     return DraftExit(model, adapter, chosen)
 
 
+def saved_ranking(path: str | Path) -> torch.Tensor | None:
+    """The ranked draft vocabulary saved in an adapter folder (None when it has none)."""
+    try:
+        return load_file(str(Path(path) / ADAPTER_WEIGHTS_NAME)).get(_VOCAB_KEY)
+    except (OSError, SafetensorError) as error:
+        raise ModelLoadError(f"cannot read the adapter in {path} ({error})") from None
+
+
 def rank_tokens(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Token ids ranked by frequency in ``token_ids`` (most frequent first; ties by id);
     tokens never seen follow, by id."""

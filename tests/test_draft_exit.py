@@ -1,0 +1,254 @@
+"""Exit adapters and reduced draft vocabularies change the drafts, never the output.
+
+* Greedy self-speculation with an adapter, a reduced draft vocabulary or both equals
+  autoregressive decoding (several families, sliding windows, batches of unequal prompts).
+* The adapter's KV cache is filled and rolled back like the model's: an adapter that is a
+  copy of the last layer, at exit L - 1, reproduces the full model exactly, so every draft
+  must be accepted; a missing or stale adapter column would make drafts disagree.
+* Sampling with an adapter and a reduced vocabulary keeps the full model's distribution
+  (enumerated, k = 3 drafts, warpers on; ``test_sampling_distribution``'s machinery).
+* Saving and loading an adapter, and every way a wrong adapter is refused.
+* Training an adapter changes no base weight, changes the adapter, and resumes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_sampling_distribution import (
+    LENGTH,
+    OTHER_PROMPT,
+    PROMPT,
+    Tally,
+    config,
+    exact_joint,
+    tiny_generator,
+)
+from tiny_models import VOCAB_SIZE, make_tiny_model, make_tiny_tokenizer
+
+from self_speculation import ConfigError, GenerationConfig, Generator, ModelLoadError
+from self_speculation.draft import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    AdapterConfig,
+    DraftExit,
+    ExitAdapter,
+    load_draft_exit,
+    save_adapter,
+)
+
+FAMILIES = ["llama_gqa_tied", "qwen2_sliding", "gemma2_softcap_sliding", "gemma3_text", "phi3"]
+PROMPTS = [[5, 60, 7, 200, 31, 8, 9], [9], [40, 41, 42]]
+NUM_LAYERS = 4
+
+
+def greedy(**settings) -> GenerationConfig:
+    return GenerationConfig(max_steps=20, sample=False, **settings)
+
+
+def speculative(exit_layer: int, k: int, **settings) -> GenerationConfig:
+    return greedy(
+        generation_strategy="self_speculative", exit_layer=exit_layer, num_speculations=k, **settings
+    )
+
+
+def perturbed_adapter(generator: Generator, exit_layer: int, seed: int = 0) -> ExitAdapter:
+    """An adapter unlike any base layer (its drafts are sometimes right, often wrong)."""
+    adapter = ExitAdapter(generator.layerwise, exit_layer)
+    rng = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            noise = torch.randn(parameter.shape, generator=rng, dtype=parameter.dtype)
+            parameter.add_(0.1 * noise)
+    return adapter.requires_grad_(False)
+
+
+def ranked_vocab(size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randperm(VOCAB_SIZE, generator=torch.Generator().manual_seed(seed))[:size]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_with_adapter_or_reduced_vocab_equals_autoregressive(family: str) -> None:
+    generator = Generator(make_tiny_model(family), make_tiny_tokenizer())
+    reference = [result.token_ids for result in generator.generate_batch(PROMPTS, greedy())]
+    model = generator.layerwise
+    drafts = {
+        "adapter": DraftExit(model, perturbed_adapter(generator, 2)),
+        "vocab": DraftExit(model, None, ranked_vocab(96).sort().values),
+        "both": DraftExit(model, perturbed_adapter(generator, 2, seed=1), ranked_vocab(64)),
+    }
+    for name, draft in drafts.items():
+        generator.draft = draft
+        for k in (1, 3):
+            batch = generator.generate_batch(PROMPTS, speculative(2, k))
+            assert [result.token_ids for result in batch] == reference, (name, k)
+        alone = generator.generate(PROMPTS[0], speculative(2, 4))
+        assert alone.token_ids == reference[0], name
+        assert alone.num_drafted > 0
+
+
+@pytest.mark.parametrize("family", ["llama_mha_untied", "gemma2_softcap_sliding"])
+def test_adapter_cache_columns_are_filled_and_rolled_back(family: str) -> None:
+    """At exit L - 1, an unchanged copy of the last layer IS the full model's last layer:
+    drafting with it from a correct cache reproduces the full model's tokens, so every
+    draft is accepted. The adapter's columns come from the prefill, from drafting, and
+    from verification's last-draft pass; a missing one breaks the agreement."""
+    generator = Generator(make_tiny_model(family), make_tiny_tokenizer())
+    reference = [result.token_ids for result in generator.generate_batch(PROMPTS, greedy())]
+    adapter = ExitAdapter(generator.layerwise, NUM_LAYERS - 1).requires_grad_(False)
+    generator.draft = DraftExit(generator.layerwise, adapter)
+    for k in (2, 5):
+        batch = generator.generate_batch(PROMPTS, speculative(NUM_LAYERS - 1, k))
+        assert [result.token_ids for result in batch] == reference
+        for result in batch:
+            assert result.num_drafted > 0
+            assert result.num_accepted == result.num_drafted, (k, result.metrics())
+    # Early-exit decoding through the same adapter is the full model too.
+    early = generator.generate_batch(PROMPTS, greedy(exit_layer=NUM_LAYERS - 1))
+    assert [result.token_ids for result in early] == reference
+
+
+def test_exit_layer_comes_from_the_adapter_and_others_are_refused() -> None:
+    generator = Generator(make_tiny_model("llama_gqa_tied"), make_tiny_tokenizer())
+    generator.draft = DraftExit(generator.layerwise, perturbed_adapter(generator, 2))
+    result = generator.generate(PROMPTS[0], greedy(generation_strategy="self_speculative", num_speculations=2))
+    assert result.exit_layer == 2
+    with pytest.raises(ConfigError, match="trained for exit layer 2"):
+        generator.generate(PROMPTS[0], speculative(3, 2))
+    # The full model (exit L) needs no draft exit and is always allowed.
+    assert generator.generate(PROMPTS[0], greedy()).exit_layer == NUM_LAYERS
+
+
+def test_reduced_vocab_drafts_only_its_tokens() -> None:
+    generator = Generator(make_tiny_model("qwen2"), make_tiny_tokenizer())
+    vocab = ranked_vocab(32)
+    draft = DraftExit(generator.layerwise, None, vocab.sort().values)
+    hidden = torch.randn(2, 3, generator.layerwise.config.hidden_size, dtype=torch.float64)
+    logits = draft.head(hidden)  # [2, 3, vocab]
+    full = generator.layerwise.unembed(hidden)
+    inside = torch.zeros(VOCAB_SIZE, dtype=torch.bool)
+    inside[vocab] = True
+    assert torch.isinf(logits[..., ~inside]).all()
+    torch.testing.assert_close(logits[..., inside], full[..., inside])
+    mapping = draft.full_to_draft()
+    assert torch.equal(draft.draft_ids(mapping[vocab]), vocab)
+    assert (mapping[~inside] == -1).all()
+
+
+@pytest.mark.slow
+def test_sampling_with_adapter_and_reduced_vocab_keeps_the_distribution() -> None:
+    """1000 seeded draws of one prompt and 250 batches of two unequal prompts, k = 3,
+    temperature / top-k / top-p on, drafts from a perturbed adapter over 8 of 12 tokens."""
+    generator = tiny_generator()
+    adapter = ExitAdapter(generator.layerwise, 1)
+    with torch.no_grad():
+        rng = torch.Generator().manual_seed(3)
+        for parameter in adapter.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=rng))
+    adapter.requires_grad_(False)
+    vocab = torch.tensor([0, 1, 2, 4, 5, 7, 9, 11])
+    generator.draft = DraftExit(generator.layerwise, adapter, vocab)
+    rng = torch.Generator().manual_seed(0)
+    exact = exact_joint(generator.model, PROMPT, LENGTH)
+    tally = Tally()
+    for _ in range(1000):
+        tally.add(generator.generate(PROMPT, config(), generator=rng))
+    tally.check(exact, "adapter, one prompt")
+    tally, other = Tally(), Tally()
+    for _ in range(250):
+        first, second = generator.generate_batch([PROMPT, OTHER_PROMPT], config(), generator=rng)
+        tally.add(first)
+        other.add(second)
+    tally.check(exact, "adapter, batch row 0")
+    other.check(exact_joint(generator.model, OTHER_PROMPT, LENGTH), "adapter, batch row 1")
+
+
+def test_save_and_load_round_trip(tmp_path) -> None:
+    generator = Generator(make_tiny_model("llama_gqa_tied", dtype=torch.float32), make_tiny_tokenizer())
+    model = generator.layerwise
+    adapter = perturbed_adapter(generator, 2)
+    ranking = ranked_vocab(VOCAB_SIZE)
+    settings = AdapterConfig(exit_layer=2, num_layers=NUM_LAYERS, hidden_size=32, init_layer=3)
+    save_adapter(tmp_path, adapter, settings, ranking)
+    loaded = load_draft_exit(model, tmp_path, draft_vocab_size=50)
+    assert loaded.exit_layer == 2
+    assert torch.equal(loaded.vocab, ranking[:50].sort().values)
+    for name, tensor in adapter.block.state_dict().items():
+        expected = tensor.to(torch.bfloat16).float()  # adapters are stored in bfloat16
+        torch.testing.assert_close(loaded.adapter.block.state_dict()[name], expected)
+    assert load_draft_exit(model, tmp_path).vocab is None  # N = 0: the whole vocabulary
+    assert load_draft_exit(model) is None
+    generator.draft = loaded
+    reference = generator.generate(PROMPTS[0], greedy()).token_ids
+    assert generator.generate(PROMPTS[0], speculative(2, 3)).token_ids == reference
+
+
+def test_wrong_adapters_are_refused(tmp_path) -> None:
+    generator = Generator(make_tiny_model("llama_gqa_tied", dtype=torch.float32), make_tiny_tokenizer())
+    model = generator.layerwise
+    settings = AdapterConfig(exit_layer=2, num_layers=NUM_LAYERS, hidden_size=32, init_layer=3)
+    save_adapter(tmp_path / "good", perturbed_adapter(generator, 2), settings, ranked_vocab(100))
+    with pytest.raises(ConfigError, match="not an adapter folder"):
+        load_draft_exit(model, tmp_path / "missing")
+    with pytest.raises(ConfigError, match="more than the 100 ranked"):
+        load_draft_exit(model, tmp_path / "good", draft_vocab_size=101)
+    with pytest.raises(ConfigError, match="needs a token ranking"):
+        load_draft_exit(model, None, draft_vocab_size=10)
+    other = Generator(
+        make_tiny_model("llama_gqa_tied", dtype=torch.float32, num_hidden_layers=6),
+        make_tiny_tokenizer(),
+    )
+    with pytest.raises(ConfigError, match="6 of width 32"):
+        load_draft_exit(other.layerwise, tmp_path / "good")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / ADAPTER_CONFIG_NAME).write_text((tmp_path / "good" / ADAPTER_CONFIG_NAME).read_text())
+    (broken / ADAPTER_WEIGHTS_NAME).write_bytes(b"not safetensors")
+    with pytest.raises(ModelLoadError, match="cannot read"):
+        load_draft_exit(model, broken)
+    (broken / ADAPTER_CONFIG_NAME).write_text(json.dumps({"exit_layer": "two"}))
+    with pytest.raises(ConfigError, match="malformed|must be an integer"):
+        load_draft_exit(model, broken)
+
+
+def test_training_changes_only_the_adapter_and_resumes(tmp_path) -> None:
+    from train_adapter import AdapterTrainArguments, train_adapter
+
+    model = make_tiny_model("llama_gqa_tied", dtype=torch.float32)
+    tokenizer = make_tiny_tokenizer()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def add(a, b):\n    return a + b\n\n" * 400)
+    output = tmp_path / "adapter"
+    arguments = dict(
+        output_dir=str(output),
+        model="tiny",
+        exit_layer=2,
+        data=[str(corpus)],
+        seq_len=32,
+        max_target_tokens=1024,
+        held_out_blocks=4,
+        batch_size=4,
+        epochs=1,
+        learning_rate=1e-3,
+        draft_vocab_size=40,
+    )
+    record = train_adapter(AdapterTrainArguments(**arguments), model, tokenizer)
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    first_steps = record["steps"]
+    assert first_steps == record["total_steps"] > 0
+    loaded = load_draft_exit(Generator(model, tokenizer).layerwise, output, draft_vocab_size=40)
+    initial = model.model.layers[NUM_LAYERS - 1].state_dict()
+    changed = [
+        not torch.equal(loaded.adapter.block.state_dict()[name], initial[name].to(torch.bfloat16).float())
+        for name in initial
+    ]
+    assert any(changed)  # training moved the adapter
+    assert record["after"]["coverage"] > 0
+    # A second run with more epochs reuses the targets and continues from the checkpoint.
+    record = train_adapter(AdapterTrainArguments(**{**arguments, "epochs": 2}), model, tokenizer)
+    assert record["steps"] == 2 * first_steps
+    assert all(torch.equal(before[name], model.state_dict()[name]) for name in before)
