@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +29,8 @@ from self_speculation.errors import ConfigError, require_utf8
 from self_speculation.loading import DEFAULT_MODEL, DTYPES, inspect_model, load_model_and_tokenizer
 from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.training.data import pack_blocks, read_texts, resolve_files
-from self_speculation.training.layer_quality import ExitQuality, exit_quality
+from self_speculation.draft import load_draft_exit
+from self_speculation.training.layer_quality import ExitQuality, draft_exit_quality, exit_quality
 
 logger = logging.getLogger("layer_report")
 
@@ -49,6 +51,9 @@ class ReportConfig:
     num_threads: int = 0  # torch CPU threads; 0: torch's default
     output_dir: str = "./logs"
     seed: int = 42
+    draft_adapter: str | None = None  # also report this exit adapter (train_adapter.py)
+    draft_vocab_size: int = 0  # also report a draft head over the N top-ranked tokens
+    exit_layer: int = 0  # exit of the draft-exit row without an adapter (0: none)
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -57,6 +62,10 @@ class ReportConfig:
             raise ConfigError("need seq_len >= 2, max_tokens >= seq_len and batch_size >= 1")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
+        if self.draft_vocab_size < 0 or self.exit_layer < 0:
+            raise ConfigError("--draft_vocab_size and --exit_layer must be >= 0")
+        if self.draft_vocab_size and not self.draft_adapter and not self.exit_layer:
+            raise ConfigError("a draft vocabulary without --draft_adapter needs --exit_layer E")
         if self.num_threads < 0:
             raise ConfigError(
                 f"--num_threads must be >= 0 (0: torch's default), got {self.num_threads}"
@@ -71,13 +80,26 @@ def report_model(name: str, texts: list[str], config: ReportConfig) -> dict:
     blocks = pack_blocks(tokenizer, texts, config.seq_len)  # [num_blocks, seq_len]
     blocks = blocks[: max(1, config.max_tokens // config.seq_len)]
     logger.info("%s: %d sequences of %d tokens", name, len(blocks), config.seq_len)
-    rows: list[ExitQuality] = exit_quality(LayerwiseModel(model), blocks, config.batch_size)
-    return {
+    layerwise = LayerwiseModel(model)
+    rows: list[ExitQuality] = exit_quality(layerwise, blocks, config.batch_size)
+    section = {
         "model": name,
         "num_layers": len(rows),
         "tokens": int(blocks.numel()),
         "exits": [row.as_dict() for row in rows],
     }
+    if name == config.model and (config.draft_adapter or config.draft_vocab_size):
+        draft = load_draft_exit(layerwise, config.draft_adapter, config.draft_vocab_size)
+        exit_layer = draft.exit_layer or config.exit_layer
+        if not 1 <= exit_layer < layerwise.num_layers:
+            raise ConfigError(
+                f"--exit_layer must be in [1, {layerwise.num_layers - 1}] for a draft vocabulary "
+                f"without an adapter, got {exit_layer}"
+            )
+        section["draft_exit"] = draft_exit_quality(
+            layerwise, draft, exit_layer, blocks, config.batch_size
+        )
+    return section
 
 
 def plot(sections: list[dict], path: Path) -> None:
@@ -160,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(sections, output_dir / "layer_report.png")
     for section in sections:
         logger.info("%s\n%s", section["model"], format_table(section["exits"]))
+        if "draft_exit" in section:
+            logger.info("draft exit: %s", json.dumps(section["draft_exit"]))
     logger.info(
         "wrote %s and %s", output_dir / "layer_report.json", output_dir / "layer_report.png"
     )

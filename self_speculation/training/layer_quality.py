@@ -79,3 +79,43 @@ def exit_quality(
         )
         for layer in range(num_layers)
     ]
+
+
+@torch.no_grad()
+def draft_exit_quality(
+    layerwise: LayerwiseModel, draft, exit_layer: int, blocks: torch.Tensor, batch_size: int = 4
+) -> dict[str, float | int | None]:
+    """The same figures for a draft exit (an exit adapter and / or a reduced draft
+    vocabulary, ``self_speculation.draft.DraftExit``) at ``exit_layer``, plus ``coverage``:
+    the share of the last layer's top-1 tokens inside the draft vocabulary (1 without one).
+    Perplexity is None when a next token falls outside the draft vocabulary (probability 0).
+    """
+    full_to_draft = draft.full_to_draft()
+    correct = agree = covered = nll = 0.0
+    count = 0
+    for start in range(0, len(blocks), batch_size):
+        input_ids = blocks[start : start + batch_size].to(layerwise.device)  # [batch, seq]
+        targets = input_ids[:, 1:]
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        positions = positions.unsqueeze(0).expand(input_ids.shape[0], -1)
+        hidden = layerwise.run_layers(layerwise.embed(input_ids), 0, exit_layer, None, positions)
+        draft_logits = draft.head(draft.adapt(hidden, None, positions))[:, :-1].float()
+        last = layerwise.run_layers(hidden, exit_layer, layerwise.num_layers, None, positions)
+        last_top1 = layerwise.unembed(last)[:, :-1].argmax(dim=-1)  # [batch, seq-1]
+        top1 = draft_logits.argmax(dim=-1)
+        log_probs = torch.log_softmax(draft_logits, dim=-1)
+        nll -= log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
+        correct += (top1 == targets).sum().item()
+        agree += (top1 == last_top1).sum().item()
+        covered += (full_to_draft[last_top1] >= 0).sum().item()
+        count += targets.numel()
+    perplexity = math.exp(nll / count) if math.isfinite(nll) else None
+    return {
+        "exit_layer": exit_layer,
+        "draft_vocab_size": 0 if draft.vocab is None else len(draft.vocab),
+        "adapter": draft.adapter is not None,
+        "accuracy": correct / count,
+        "perplexity": perplexity,
+        "agreement": agree / count,
+        "coverage": covered / count,
+    }
