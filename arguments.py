@@ -34,8 +34,8 @@ from self_speculation import (
 )
 from self_speculation import distributed as dist
 from self_speculation.cli import FlagParser
-from self_speculation.errors import ArgumentsError as ArgumentsError  # re-exported
 from self_speculation.draft import load_draft_exit, rank_tokens, read_adapter_config
+from self_speculation.errors import ArgumentsError as ArgumentsError  # re-exported
 from self_speculation.errors import require_utf8
 from self_speculation.loading import (
     OWNED_FROM_PRETRAINED_KEYS,

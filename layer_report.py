@@ -25,11 +25,11 @@ import torch
 
 from arguments import MAX_SEED, check_output_dir, parse_args, run_main
 from self_speculation.benchmarking import write_json_atomic
+from self_speculation.draft import load_draft_exit
 from self_speculation.errors import ConfigError, require_utf8
 from self_speculation.loading import DEFAULT_MODEL, DTYPES, inspect_model, load_model_and_tokenizer
 from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.training.data import pack_blocks, read_texts, resolve_files
-from self_speculation.draft import load_draft_exit
 from self_speculation.training.layer_quality import ExitQuality, draft_exit_quality, exit_quality
 
 logger = logging.getLogger("layer_report")

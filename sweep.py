@@ -49,6 +49,7 @@ from self_speculation.benchmarking import (
     repair_last_line,
     write_json_atomic,
 )
+from self_speculation.draft import read_adapter_config
 from self_speculation.metrics import summarize_speed
 
 logger = logging.getLogger("sweep")
@@ -247,9 +248,15 @@ def main(argv: list[str]) -> int:
         argv=argv,
         prog="sweep.py",
     )
+    first_exit = 1
+    if args.draft_adapter is not None:
+        # An exit adapter is trained for one exit layer: the grid is over k at that layer.
+        first_exit = read_adapter_config(args.draft_adapter).exit_layer
+        logger.info("the draft adapter fixes the exit layer at %d", first_exit)
+        sweep.exit_layer_first = sweep.exit_layer_last = first_exit
     speculative = dataclasses.replace(
         generation.config(GenerationStrategyName.SELF_SPECULATIVE),
-        exit_layer=1,
+        exit_layer=first_exit,
         num_speculations=1,
     )
     if sweep.output_file is not None:

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -115,7 +114,14 @@ class AdapterTrainArguments:
             raise ConfigError(
                 f"--chat_prompts must be in [0, {len(default_chat_prompts())}], got {self.chat_prompts}"
             )
-        positive = ("chat_max_steps", "seq_len", "max_target_tokens", "top_k", "epochs", "batch_size")
+        positive = (
+            "chat_max_steps",
+            "seq_len",
+            "max_target_tokens",
+            "top_k",
+            "epochs",
+            "batch_size",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -128,7 +134,9 @@ class AdapterTrainArguments:
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if self.draft_vocab_size < 0 or self.held_out_blocks < 1 or self.num_threads < 0:
-            raise ConfigError("--draft_vocab_size and --num_threads must be >= 0, --held_out_blocks >= 1")
+            raise ConfigError(
+                "--draft_vocab_size and --num_threads must be >= 0, --held_out_blocks >= 1"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
         if any(layer < 1 for layer in self.cache_exit_layers):
@@ -142,9 +150,7 @@ class AdapterTrainArguments:
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "targets"
 
 
-def build_blocks(
-    args: AdapterTrainArguments, generator: Generator
-) -> tuple[torch.Tensor, dict]:
+def build_blocks(args: AdapterTrainArguments, generator: Generator) -> tuple[torch.Tensor, dict]:
     """The training blocks (self-generated chat first, then files), and where they came from."""
     tokenizer = generator.tokenizer
     sources: dict = {"files": 0, "chat_conversations": 0}
@@ -212,7 +218,10 @@ def train_adapter(args: AdapterTrainArguments, model=None, tokenizer=None) -> di
         raise ConfigError(f"--cache_exit_layers must be below {layerwise.num_layers}")
     init_layer = layerwise.num_layers - 1 if args.init_layer == -1 else args.init_layer
     base_checksum = _checksum(model)
-    record: dict = {"arguments": asdict(args), "environment": environment_info(generator, DistributedContext())}
+    record: dict = {
+        "arguments": asdict(args),
+        "environment": environment_info(generator, DistributedContext()),
+    }
 
     # Phase 1: targets.
     started = time.monotonic()
@@ -240,7 +249,10 @@ def train_adapter(args: AdapterTrainArguments, model=None, tokenizer=None) -> di
             "--batch_size (raise --target_minutes or rerun to continue)"
         )
     train_set, held_out = targets.split(args.held_out_blocks)
-    record["target_tokens"] = {"train": train_set.tokens.numel(), "held_out": held_out.tokens.numel()}
+    record["target_tokens"] = {
+        "train": train_set.tokens.numel(),
+        "held_out": held_out.tokens.numel(),
+    }
     logger.info("targets for %d of %d blocks", done, len(blocks))
 
     # Phase 2: the adapter.
@@ -260,7 +272,8 @@ def train_adapter(args: AdapterTrainArguments, model=None, tokenizer=None) -> di
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+        optimizer,
+        lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / total_steps)),
     )
     step = _resume(output / CHECKPOINT_NAME, adapter, optimizer, schedule)
     full_to_draft = draft.full_to_draft()
@@ -292,7 +305,9 @@ def train_adapter(args: AdapterTrainArguments, model=None, tokenizer=None) -> di
         losses.append(loss.item())
         progress.update(1)
         progress.set_postfix(loss=f"{losses[-1]:.3f}")
-        out_of_time = args.train_minutes and time.monotonic() - train_started > args.train_minutes * 60
+        out_of_time = (
+            args.train_minutes and time.monotonic() - train_started > args.train_minutes * 60
+        )
         if step % 50 == 0 or out_of_time or stop.requested:
             _save_checkpoint(output / CHECKPOINT_NAME, adapter, optimizer, schedule, step)
         if out_of_time:
@@ -318,7 +333,9 @@ def train_adapter(args: AdapterTrainArguments, model=None, tokenizer=None) -> di
         hidden_size=layerwise.config.hidden_size,
         init_layer=init_layer,
         base_model=args.model,
-        training={key: record[key] for key in ("data", "target_tokens", "steps", "before", "after")},
+        training={
+            key: record[key] for key in ("data", "target_tokens", "steps", "before", "after")
+        },
     )
     save_adapter(output, adapter, config, ranking)
     write_json_atomic(output / "training_record.json", record)

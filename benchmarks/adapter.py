@@ -133,7 +133,10 @@ def pass_times(generator: Generator, config: GenerationConfig, prompt: list[int]
 
 def main(argv: list[str] | None = None) -> int:
     args = simple_parsing.parse(
-        AdapterBenchmarkArguments, args=argv, add_option_string_dash_variants=False, allow_abbrev=False
+        AdapterBenchmarkArguments,
+        args=argv,
+        add_option_string_dash_variants=False,
+        allow_abbrev=False,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -182,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                     identical = result.pop("outputs") == reference[name]["outputs"]
                     ratio = result["tokens_per_second"] / reference[name]["tokens_per_second"]
                     bound = (
-                        result["tokens_per_step"] * times["decode"] / (k * times["draft"] + times["verify"])
+                        result["tokens_per_step"]
+                        * times["decode"]
+                        / (k * times["draft"] + times["verify"])
                     )
                     row = {
                         "prompts": name,

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from self_speculation.draft import DraftExit, ExitAdapter
+from self_speculation.draft import DraftExit
 from self_speculation.errors import ConfigError
 from self_speculation.model_surgery import LayerwiseModel
 
@@ -208,16 +208,16 @@ def distillation_loss(
 
 
 @torch.no_grad()
-def agreement(
-    draft: DraftExit, targets: Targets, batch_size: int = 8
-) -> dict[str, float]:
+def agreement(draft: DraftExit, targets: Targets, batch_size: int = 8) -> dict[str, float]:
     """On ``targets``: how often the draft exit's greedy token is the full model's
     (``agreement``), the draft cross-entropy against the top-K targets (``loss``), and the
     share of the full model's greedy tokens inside the draft vocabulary (``coverage``)."""
     full_to_draft = draft.full_to_draft()
     agree, loss, covered, count = 0.0, 0.0, 0.0, 0
     for start in range(0, len(targets), batch_size):
-        states = targets.states[start : start + batch_size].to(draft.model.device, draft.model.dtype)
+        states = targets.states[start : start + batch_size].to(
+            draft.model.device, draft.model.dtype
+        )
         positions = torch.arange(states.shape[1], device=states.device).expand(states.shape[:2])
         log_q = _draft_log_probs(draft, states, positions, train=False)
         top_idx = targets.top_idx[start : start + batch_size].to(states.device)
@@ -250,12 +250,30 @@ def default_chat_prompts() -> list[str]:
         "Write a Python function related to {}, with a docstring.",
     )
     topics = (
-        "photosynthesis", "the water cycle", "public transport", "machine learning",
-        "healthy sleep", "the French revolution", "volcanoes", "saving money",
-        "learning a language", "recursion", "climate change", "the internet",
-        "gardening", "databases", "the solar system", "time management",
-        "electric cars", "sorting algorithms", "coffee", "renewable energy",
-        "version control", "the human heart", "chess", "unit testing",
+        "photosynthesis",
+        "the water cycle",
+        "public transport",
+        "machine learning",
+        "healthy sleep",
+        "the French revolution",
+        "volcanoes",
+        "saving money",
+        "learning a language",
+        "recursion",
+        "climate change",
+        "the internet",
+        "gardening",
+        "databases",
+        "the solar system",
+        "time management",
+        "electric cars",
+        "sorting algorithms",
+        "coffee",
+        "renewable energy",
+        "version control",
+        "the human heart",
+        "chess",
+        "unit testing",
     )
     return [request.format(topic) for topic in topics for request in requests]
 

@@ -108,7 +108,9 @@ class ExitAdapter(nn.Module):
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Layer E's states [batch, seq, hidden] -> the head's input [batch, seq, hidden]."""
-        return model.run_block(self.block, self.layer_type, hidden, cache, position_ids, padding_mask)
+        return model.run_block(
+            self.block, self.layer_type, hidden, cache, position_ids, padding_mask
+        )
 
 
 class DraftExit:
@@ -232,7 +234,9 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
     folder = Path(path)
     config_file = folder / ADAPTER_CONFIG_NAME
     if not folder.is_dir() or not config_file.is_file():
-        raise ConfigError(f"--draft_adapter: {path} is not an adapter folder (no {ADAPTER_CONFIG_NAME})")
+        raise ConfigError(
+            f"--draft_adapter: {path} is not an adapter folder (no {ADAPTER_CONFIG_NAME})"
+        )
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
         config = AdapterConfig(**raw)
@@ -317,7 +321,9 @@ def load_draft_exit(
             )
         chosen = ranked[:draft_vocab_size].to(torch.long)
         if int(chosen.min()) < 0 or int(chosen.max()) >= vocab_size:
-            raise ConfigError("the draft vocabulary holds token ids outside this model's vocabulary")
+            raise ConfigError(
+                "the draft vocabulary holds token ids outside this model's vocabulary"
+            )
         chosen = chosen.sort().values  # ascending ids: the head's rows in memory order
     if adapter is None and chosen is None:
         return None

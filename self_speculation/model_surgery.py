@@ -266,7 +266,13 @@ class LayerwiseModel:
         rotary = self._rotary(hidden, layer_types, position_ids)  # type -> (cos, sin)
         for index in range(start, end):
             hidden = self._call_layer(
-                self.layers[index], self.layer_types[index], hidden, masks, rotary, cache, position_ids
+                self.layers[index],
+                self.layer_types[index],
+                hidden,
+                masks,
+                rotary,
+                cache,
+                position_ids,
             )
         return hidden
 

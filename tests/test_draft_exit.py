@@ -50,7 +50,10 @@ def greedy(**settings) -> GenerationConfig:
 
 def speculative(exit_layer: int, k: int, **settings) -> GenerationConfig:
     return greedy(
-        generation_strategy="self_speculative", exit_layer=exit_layer, num_speculations=k, **settings
+        generation_strategy="self_speculative",
+        exit_layer=exit_layer,
+        num_speculations=k,
+        **settings,
     )
 
 
@@ -113,7 +116,9 @@ def test_adapter_cache_columns_are_filled_and_rolled_back(family: str) -> None:
 def test_exit_layer_comes_from_the_adapter_and_others_are_refused() -> None:
     generator = Generator(make_tiny_model("llama_gqa_tied"), make_tiny_tokenizer())
     generator.draft = DraftExit(generator.layerwise, perturbed_adapter(generator, 2))
-    result = generator.generate(PROMPTS[0], greedy(generation_strategy="self_speculative", num_speculations=2))
+    result = generator.generate(
+        PROMPTS[0], greedy(generation_strategy="self_speculative", num_speculations=2)
+    )
     assert result.exit_layer == 2
     with pytest.raises(ConfigError, match="trained for exit layer 2"):
         generator.generate(PROMPTS[0], speculative(3, 2))
@@ -166,7 +171,9 @@ def test_sampling_with_adapter_and_reduced_vocab_keeps_the_distribution() -> Non
 
 
 def test_save_and_load_round_trip(tmp_path) -> None:
-    generator = Generator(make_tiny_model("llama_gqa_tied", dtype=torch.float32), make_tiny_tokenizer())
+    generator = Generator(
+        make_tiny_model("llama_gqa_tied", dtype=torch.float32), make_tiny_tokenizer()
+    )
     model = generator.layerwise
     adapter = perturbed_adapter(generator, 2)
     ranking = ranked_vocab(VOCAB_SIZE)
@@ -186,7 +193,9 @@ def test_save_and_load_round_trip(tmp_path) -> None:
 
 
 def test_wrong_adapters_are_refused(tmp_path) -> None:
-    generator = Generator(make_tiny_model("llama_gqa_tied", dtype=torch.float32), make_tiny_tokenizer())
+    generator = Generator(
+        make_tiny_model("llama_gqa_tied", dtype=torch.float32), make_tiny_tokenizer()
+    )
     model = generator.layerwise
     settings = AdapterConfig(exit_layer=2, num_layers=NUM_LAYERS, hidden_size=32, init_layer=3)
     save_adapter(tmp_path / "good", perturbed_adapter(generator, 2), settings, ranked_vocab(100))
@@ -243,7 +252,9 @@ def test_training_changes_only_the_adapter_and_resumes(tmp_path) -> None:
     loaded = load_draft_exit(Generator(model, tokenizer).layerwise, output, draft_vocab_size=40)
     initial = model.model.layers[NUM_LAYERS - 1].state_dict()
     changed = [
-        not torch.equal(loaded.adapter.block.state_dict()[name], initial[name].to(torch.bfloat16).float())
+        not torch.equal(
+            loaded.adapter.block.state_dict()[name], initial[name].to(torch.bfloat16).float()
+        )
         for name in initial
     ]
     assert any(changed)  # training moved the adapter
