@@ -157,23 +157,7 @@ def build_blocks(args: AdapterTrainArguments, generator: Generator) -> tuple[tor
     texts: list[str] = []
     if args.chat_prompts:
         prompts = default_chat_prompts()[: args.chat_prompts]
-        # The fast path: one compile (a few minutes on a CPU), then several times eager speed.
-        config = GenerationConfig(max_steps=args.chat_max_steps, sample=False, compile=True)
-        responses = []
-        for start in tqdm(range(0, len(prompts), 8), desc="self-generated chat", unit="batch"):
-            chunk = prompts[start : start + 8]
-            opened = [
-                list(
-                    tokenizer.apply_chat_template(
-                        [{"role": "user", "content": prompt}],
-                        add_generation_prompt=True,
-                        tokenize=True,
-                        return_dict=False,
-                    )
-                )
-                for prompt in chunk
-            ]
-            responses += [result.text for result in generator.generate_batch(opened, config)]
+        responses = _chat_responses(args, generator, prompts)
         texts += chat_texts(tokenizer, prompts, responses)
         sources["chat_conversations"] = len(prompts)
     chat_blocks = pack_blocks(tokenizer, texts, args.seq_len) if texts else None
@@ -193,6 +177,36 @@ def build_blocks(args: AdapterTrainArguments, generator: Generator) -> tuple[tor
     order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(args.seed + 1))
     sources["blocks"] = len(everything)
     return everything[order], sources
+
+
+def _chat_responses(
+    args: AdapterTrainArguments, generator: Generator, prompts: list[str]
+) -> list[str]:
+    """The model's own greedy answers to ``prompts`` (saved beside the targets, so that a
+    rerun does not generate them again)."""
+    saved = args.targets_dir / f"chat_{len(prompts)}_{args.chat_max_steps}.json"
+    if saved.exists():
+        return json.loads(saved.read_text())
+    # The fast path: one compile (minutes on a CPU), then several times eager speed.
+    config = GenerationConfig(max_steps=args.chat_max_steps, sample=False, compile=True)
+    tokenizer = generator.tokenizer
+    responses: list[str] = []
+    for start in tqdm(range(0, len(prompts), 8), desc="self-generated chat", unit="batch"):
+        opened = [
+            list(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}],
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=False,
+                )
+            )
+            for prompt in prompts[start : start + 8]
+        ]
+        responses += [result.text for result in generator.generate_batch(opened, config)]
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(saved, responses)
+    return responses
 
 
 def train_adapter(args: AdapterTrainArguments, model=None, tokenizer=None) -> dict:

@@ -263,3 +263,24 @@ def test_training_changes_only_the_adapter_and_resumes(tmp_path) -> None:
     record = train_adapter(AdapterTrainArguments(**{**arguments, "epochs": 2}), model, tokenizer)
     assert record["steps"] == 2 * first_steps
     assert all(torch.equal(before[name], model.state_dict()[name]) for name in before)
+
+
+def test_layer_quality_of_a_draft_exit() -> None:
+    """The exact adapter (a copy of the last layer at exit L - 1) agrees with the last layer
+    everywhere; a reduced vocabulary's coverage is the share of last-layer tokens inside it."""
+    from self_speculation.training.layer_quality import draft_exit_quality, exit_quality
+
+    generator = Generator(make_tiny_model("llama_gqa_tied"), make_tiny_tokenizer())
+    model = generator.layerwise
+    blocks = torch.randint(3, VOCAB_SIZE, (2, 24), generator=torch.Generator().manual_seed(0))
+    exact = DraftExit(model, ExitAdapter(model, NUM_LAYERS - 1).requires_grad_(False))
+    quality = draft_exit_quality(model, exact, NUM_LAYERS - 1, blocks)
+    assert quality["agreement"] == 1.0 and quality["coverage"] == 1.0
+    full = exit_quality(model, blocks)[-1]
+    assert quality["accuracy"] == pytest.approx(full.accuracy)
+    assert quality["perplexity"] == pytest.approx(full.perplexity)
+    last = model.logits(blocks)[:, :-1].argmax(-1)
+    vocab = last.flatten().unique()[:5]  # a vocabulary holding some of the last layer's choices
+    reduced = draft_exit_quality(model, DraftExit(model, None, vocab), 2, blocks)
+    assert reduced["coverage"] == pytest.approx(float(torch.isin(last, vocab).double().mean()))
+    assert reduced["perplexity"] is None or reduced["perplexity"] > 0
