@@ -178,7 +178,8 @@ class Arguments:
                 resolved = config.resolved(
                     facts.num_layers,
                     adapter.exit_layer if adapter else facts.recommended_exit_layer,
-                    facts.recommended_num_speculations,
+                    (adapter.num_speculations if adapter else None)
+                    or facts.recommended_num_speculations,
                 )
                 early = resolved.exit_layer < facts.num_layers
                 if adapter is not None and early and resolved.exit_layer != adapter.exit_layer:

@@ -52,6 +52,7 @@ class AdapterConfig:
         init_layer: the base layer whose structure (and initial weights) the block copies.
         base_model: how the base model was named when training (informational).
         draft_vocab_size: tokens in the ranked draft vocabulary saved with it (0: none).
+        num_speculations: the k that measured fastest with it (None: not measured).
         training: the training record (data, tokens, time, agreement before / after).
     """
 
@@ -61,6 +62,7 @@ class AdapterConfig:
     init_layer: int
     base_model: str = ""
     draft_vocab_size: int = 0
+    num_speculations: int | None = None
     training: dict = field(default_factory=dict)
 
 
@@ -131,6 +133,8 @@ class DraftExit:
         self.model = model
         self.adapter = adapter
         self.vocab = None if vocab is None else vocab.to(model.device, torch.long)
+        # The k recommended with the adapter (its config's num_speculations), if any.
+        self.num_speculations: int | None = None
         self._head_weight = None
         self._head_bias = None
         if self.vocab is not None:
@@ -242,6 +246,10 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
         config = AdapterConfig(**raw)
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
         raise ConfigError(f"--draft_adapter: {config_file} is malformed ({error})") from None
+    if config.num_speculations is not None and (
+        not isinstance(config.num_speculations, int) or config.num_speculations < 1
+    ):
+        raise ConfigError(f"--draft_adapter: {config_file}: 'num_speculations' must be >= 1")
     for name in ("exit_layer", "num_layers", "hidden_size", "init_layer", "draft_vocab_size"):
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -327,7 +335,10 @@ def load_draft_exit(
         chosen = chosen.sort().values  # ascending ids: the head's rows in memory order
     if adapter is None and chosen is None:
         return None
-    return DraftExit(model, adapter, chosen)
+    draft = DraftExit(model, adapter, chosen)
+    if adapter_path is not None:
+        draft.num_speculations = config.num_speculations
+    return draft
 
 
 def saved_ranking(path: str | Path) -> torch.Tensor | None:

@@ -198,8 +198,9 @@ class Generator:
         """
         adapter_exit = self._draft.exit_layer if self._draft is not None else None
         recommended_exit = adapter_exit or self.recommended_exit_layer
+        adapter_k = self._draft.num_speculations if self._draft is not None else None
         resolved = config.resolved(
-            self.num_layers, recommended_exit, self.recommended_num_speculations
+            self.num_layers, recommended_exit, adapter_k or self.recommended_num_speculations
         )
         early = resolved.exit_layer < self.num_layers
         if adapter_exit is not None and early and resolved.exit_layer != adapter_exit:
