@@ -108,7 +108,9 @@ class Arguments:
         if self.draft_vocab_size < 0:
             raise ConfigError(f"--draft_vocab_size must be >= 0, got {self.draft_vocab_size}")
         if self.draft_vocab_corpus and not self.draft_vocab_size:
-            raise ConfigError("--draft_vocab_corpus ranks a draft vocabulary: give --draft_vocab_size N too")
+            raise ConfigError(
+                "--draft_vocab_corpus ranks a draft vocabulary: give --draft_vocab_size N too"
+            )
         if self.draft_adapter is not None:
             read_adapter_config(self.draft_adapter)  # a wrong path fails before any loading
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -165,8 +167,10 @@ class Arguments:
         check_model_args(self.model_kwargs, facts.config)
         adapter = read_adapter_config(self.draft_adapter) if self.draft_adapter else None
         hidden_size = getattr(facts.config, "hidden_size", None)
-        if adapter is not None and facts.num_layers is not None and (
-            (adapter.num_layers, adapter.hidden_size) != (facts.num_layers, hidden_size)
+        if (
+            adapter is not None
+            and facts.num_layers is not None
+            and ((adapter.num_layers, adapter.hidden_size) != (facts.num_layers, hidden_size))
         ):
             raise ConfigError(
                 f"--draft_adapter {self.draft_adapter} was trained for a model with "
