@@ -98,16 +98,18 @@ class Arguments:
     """Shard samples across torchrun ranks (default: when launched by torchrun)."""
     draft_adapter: str | None = None
     """Exit adapter folder (made by train_adapter.py): drafts leave layer E through it."""
-    draft_vocab_size: int = 0
-    """Draft head over the N most frequent tokens only (0: the whole vocabulary); ranked by
-    the adapter's saved list or by --draft_vocab_corpus."""
+    draft_vocab_size: int = -1
+    """Draft head over the N most frequent tokens only (0: the whole vocabulary; -1: the N
+    the adapter was trained for, else 0); ranked by the adapter's list or --draft_vocab_corpus."""
     draft_vocab_corpus: list[str] | None = None
     """Globs of text files whose token counts rank the draft vocabulary."""
 
     def __post_init__(self) -> None:
-        if self.draft_vocab_size < 0:
-            raise ConfigError(f"--draft_vocab_size must be >= 0, got {self.draft_vocab_size}")
-        if self.draft_vocab_corpus and not self.draft_vocab_size:
+        if self.draft_vocab_size < -1:
+            raise ConfigError(
+                f"--draft_vocab_size must be >= 0 (or -1), got {self.draft_vocab_size}"
+            )
+        if self.draft_vocab_corpus and self.draft_vocab_size <= 0:
             raise ConfigError(
                 "--draft_vocab_corpus ranks a draft vocabulary: give --draft_vocab_size N too"
             )

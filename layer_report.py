@@ -52,7 +52,7 @@ class ReportConfig:
     output_dir: str = "./logs"
     seed: int = 42
     draft_adapter: str | None = None  # also report this exit adapter (train_adapter.py)
-    draft_vocab_size: int = 0  # also report a draft head over the N top-ranked tokens
+    draft_vocab_size: int = -1  # draft head over the N top-ranked tokens (-1: the adapter's)
     exit_layer: int = 0  # exit of the draft-exit row without an adapter (0: none)
 
     def __post_init__(self) -> None:
@@ -62,9 +62,9 @@ class ReportConfig:
             raise ConfigError("need seq_len >= 2, max_tokens >= seq_len and batch_size >= 1")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
-        if self.draft_vocab_size < 0 or self.exit_layer < 0:
-            raise ConfigError("--draft_vocab_size and --exit_layer must be >= 0")
-        if self.draft_vocab_size and not self.draft_adapter and not self.exit_layer:
+        if self.draft_vocab_size < -1 or self.exit_layer < 0:
+            raise ConfigError("--draft_vocab_size must be >= -1 and --exit_layer >= 0")
+        if self.draft_vocab_size > 0 and not self.draft_adapter and not self.exit_layer:
             raise ConfigError("a draft vocabulary without --draft_adapter needs --exit_layer E")
         if self.num_threads < 0:
             raise ConfigError(
@@ -88,7 +88,7 @@ def report_model(name: str, texts: list[str], config: ReportConfig) -> dict:
         "tokens": int(blocks.numel()),
         "exits": [row.as_dict() for row in rows],
     }
-    if name == config.model and (config.draft_adapter or config.draft_vocab_size):
+    if name == config.model and (config.draft_adapter or config.draft_vocab_size > 0):
         draft = load_draft_exit(layerwise, config.draft_adapter, config.draft_vocab_size)
         exit_layer = draft.exit_layer or config.exit_layer
         if not 1 <= exit_layer < layerwise.num_layers:

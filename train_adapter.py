@@ -347,6 +347,7 @@ def train_adapter(args: AdapterTrainArguments, model=None, tokenizer=None) -> di
         hidden_size=layerwise.config.hidden_size,
         init_layer=init_layer,
         base_model=args.model,
+        trained_draft_vocab_size=args.draft_vocab_size,
         training={
             key: record[key] for key in ("data", "target_tokens", "steps", "before", "after")
         },

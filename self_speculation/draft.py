@@ -51,7 +51,9 @@ class AdapterConfig:
         hidden_size: the base model's hidden size (checked when loading).
         init_layer: the base layer whose structure (and initial weights) the block copies.
         base_model: how the base model was named when training (informational).
-        draft_vocab_size: tokens in the ranked draft vocabulary saved with it (0: none).
+        draft_vocab_size: tokens in the ranked vocabulary saved with it (0: none).
+        trained_draft_vocab_size: the N it was trained for (0: the whole vocabulary); the
+            default N when it is loaded.
         num_speculations: the k that measured fastest with it (None: not measured).
         training: the training record (data, tokens, time, agreement before / after).
     """
@@ -62,6 +64,7 @@ class AdapterConfig:
     init_layer: int
     base_model: str = ""
     draft_vocab_size: int = 0
+    trained_draft_vocab_size: int = 0
     num_speculations: int | None = None
     training: dict = field(default_factory=dict)
 
@@ -250,7 +253,8 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
         not isinstance(config.num_speculations, int) or config.num_speculations < 1
     ):
         raise ConfigError(f"--draft_adapter: {config_file}: 'num_speculations' must be >= 1")
-    for name in ("exit_layer", "num_layers", "hidden_size", "init_layer", "draft_vocab_size"):
+    names = ("exit_layer", "num_layers", "hidden_size", "init_layer", "draft_vocab_size")
+    for name in (*names, "trained_draft_vocab_size"):
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"--draft_adapter: {config_file}: '{name}' must be an integer >= 0")
@@ -260,7 +264,7 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
 def load_draft_exit(
     model: LayerwiseModel,
     adapter_path: str | Path | None = None,
-    draft_vocab_size: int = 0,
+    draft_vocab_size: int = -1,
     vocab: torch.Tensor | None = None,
 ) -> DraftExit | None:
     """The draft exit named by the command-line flags (None when neither is given).
@@ -268,7 +272,7 @@ def load_draft_exit(
     Args:
         adapter_path: an adapter folder (``--draft_adapter``).
         draft_vocab_size: N, keep the N most frequent tokens (``--draft_vocab_size``; 0:
-            the whole vocabulary). The ranking comes from ``vocab`` or else the adapter.
+            the whole vocabulary; -1: the N the adapter was trained for, else 0). The ranking comes from ``vocab`` or else the adapter.
         vocab: a ranked vocabulary (most frequent first), e.g. counted over a corpus.
 
     Raises:
@@ -311,8 +315,10 @@ def load_draft_exit(
         adapter.to(model.device)
         adapter.requires_grad_(False)
         adapter.eval()
+    if draft_vocab_size == -1:
+        draft_vocab_size = config.trained_draft_vocab_size if adapter is not None else 0
     if draft_vocab_size < 0:
-        raise ConfigError(f"--draft_vocab_size must be >= 0, got {draft_vocab_size}")
+        raise ConfigError(f"--draft_vocab_size must be >= 0 (or -1), got {draft_vocab_size}")
     ranked = vocab if vocab is not None else saved_vocab
     chosen = None
     if draft_vocab_size > 0:

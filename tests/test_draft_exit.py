@@ -249,7 +249,8 @@ def test_training_changes_only_the_adapter_and_resumes(tmp_path) -> None:
     assert all(torch.equal(before[name], after[name]) for name in before)
     first_steps = record["steps"]
     assert first_steps == record["total_steps"] > 0
-    loaded = load_draft_exit(Generator(model, tokenizer).layerwise, output, draft_vocab_size=40)
+    loaded = load_draft_exit(Generator(model, tokenizer).layerwise, output)
+    assert len(loaded.vocab) == 40  # by default, the N the adapter was trained for
     initial = model.model.layers[NUM_LAYERS - 1].state_dict()
     changed = [
         not torch.equal(
