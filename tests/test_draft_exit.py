@@ -285,3 +285,33 @@ def test_layer_quality_of_a_draft_exit() -> None:
     reduced = draft_exit_quality(model, DraftExit(model, None, vocab), 2, blocks)
     assert reduced["coverage"] == pytest.approx(float(torch.isin(last, vocab).double().mean()))
     assert reduced["perplexity"] is None or reduced["perplexity"] > 0
+
+
+def test_scripts_take_an_adapter(tiny_model_dir, prompts_file, tmp_path) -> None:
+    """sweep.py with --draft_adapter sweeps k at the adapter's exit layer (its outputs checked
+    against autoregressive decoding by correctness.py, which takes the same flags)."""
+    import importlib
+
+    import pandas as pd
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    generator = Generator(model, make_tiny_tokenizer())
+    settings = AdapterConfig(exit_layer=2, num_layers=NUM_LAYERS, hidden_size=32, init_layer=3)
+    save_adapter(tmp_path / "adapter", perturbed_adapter(generator, 2), settings, None)
+    common = [
+        "--model", str(tiny_model_dir), "--dataset", "custom_jsonl", "--data_path",
+        str(prompts_file), "--max_steps", "10", "--sample", "False",
+        "--draft_adapter", str(tmp_path / "adapter"),
+    ]  # fmt: skip
+    sweep = importlib.import_module("sweep")
+    csv = tmp_path / "sweep.csv"
+    argv = [*common, "--num_speculations_first", "1", "--num_speculations_last", "2"]
+    assert sweep.main([*argv, "--output_file", str(csv), "--output_dir", str(tmp_path)]) == 0
+    table = pd.read_csv(csv)
+    speculative = table[table["generation_strategy"] == "self_speculative"]
+    assert sorted(speculative["num_speculations"]) == [1, 2]
+    assert set(speculative["exit_layer"]) == {2}
+    correctness = importlib.import_module("correctness")
+    argv = [*common, "--num_speculations", "3", "--output_dir", str(tmp_path / "check")]
+    assert correctness.main(argv) == 0
