@@ -34,7 +34,12 @@ from self_speculation import (
 )
 from self_speculation import distributed as dist
 from self_speculation.cli import FlagParser
-from self_speculation.draft import load_draft_exit, rank_tokens, read_adapter_config
+from self_speculation.draft import (
+    load_draft_exit,
+    rank_tokens,
+    read_adapter_config,
+    resolve_with_adapter,
+)
 from self_speculation.errors import ArgumentsError as ArgumentsError  # re-exported
 from self_speculation.errors import require_utf8
 from self_speculation.loading import (
@@ -181,19 +186,14 @@ class Arguments:
             )
         for config in configs:
             if facts.num_layers is not None:
-                resolved = config.resolved(
+                resolve_with_adapter(
+                    config,
                     facts.num_layers,
-                    adapter.exit_layer if adapter else facts.recommended_exit_layer,
-                    (adapter.num_speculations if adapter else None)
-                    or facts.recommended_num_speculations,
+                    facts.recommended_exit_layer,
+                    facts.recommended_num_speculations,
+                    adapter.exit_layer if adapter else None,
+                    adapter.num_speculations if adapter else None,
                 )
-                early = resolved.exit_layer < facts.num_layers
-                if adapter is not None and early and resolved.exit_layer != adapter.exit_layer:
-                    raise ConfigError(
-                        f"--draft_adapter was trained for exit layer {adapter.exit_layer}; got "
-                        f"--exit_layer {resolved.exit_layer} (leave it unset or give "
-                        f"{adapter.exit_layer})"
-                    )
             context = facts.context_length
             if context is not None and config.num_speculations >= context:
                 raise ConfigError(

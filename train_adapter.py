@@ -38,6 +38,7 @@ from self_speculation.adapter_training import (
     corpus_fingerprint,
     default_chat_prompts,
     distillation_loss,
+    draft_log_probs,
     load_targets,
     rank_draft_vocab,
 )
@@ -300,12 +301,8 @@ def train_adapter(args: AdapterTrainArguments, model=None, tokenizer=None) -> di
         epoch, offset = divmod(step, steps_per_epoch)
         indices = list(batches(len(train_set), args.batch_size, args.seed, epoch))[offset]
         states = train_set.states[indices].to(layerwise.device, layerwise.dtype)
-        positions = torch.arange(states.shape[1], device=states.device).expand(states.shape[:2])
-        log_q = torch.log_softmax(
-            draft.small_logits(draft.adapt(states, None, positions)).float(), dim=-1
-        )
         loss = distillation_loss(
-            log_q,
+            draft_log_probs(draft, states),
             train_set.top_p[indices].to(states.device),
             train_set.top_idx[indices].to(states.device),
             full_to_draft,

@@ -187,13 +187,12 @@ def rank_draft_vocab(targets: Targets, vocab_size: int) -> torch.Tensor:
     return torch.sort(-score, stable=True).indices
 
 
-def _draft_log_probs(
-    draft: DraftExit, hidden: torch.Tensor, positions: torch.Tensor, train: bool
-) -> torch.Tensor:
-    """Log-probabilities of the draft exit over its vocabulary [batch, seq, N]."""
-    adapted = draft.adapt(hidden, None, positions)
-    with torch.set_grad_enabled(train):
-        return torch.log_softmax(draft.small_logits(adapted).float(), dim=-1)
+def draft_log_probs(draft: DraftExit, states: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the draft exit over its vocabulary [batch, seq, N] for whole
+    blocks of layer-E states [batch, seq, hidden] (a fresh causal pass, no cache)."""
+    positions = torch.arange(states.shape[1], device=states.device).expand(states.shape[:2])
+    adapted = draft.adapt(states, None, positions)
+    return torch.log_softmax(draft.small_logits(adapted).float(), dim=-1)
 
 
 def distillation_loss(
@@ -218,8 +217,7 @@ def agreement(draft: DraftExit, targets: Targets, batch_size: int = 8) -> dict[s
         states = targets.states[start : start + batch_size].to(
             draft.model.device, draft.model.dtype
         )
-        positions = torch.arange(states.shape[1], device=states.device).expand(states.shape[:2])
-        log_q = _draft_log_probs(draft, states, positions, train=False)
+        log_q = draft_log_probs(draft, states)
         top_idx = targets.top_idx[start : start + batch_size].to(states.device)
         top_p = targets.top_p[start : start + batch_size].to(states.device)
         chosen = draft.draft_ids(log_q.argmax(-1))  # full-vocabulary ids

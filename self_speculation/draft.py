@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from self_speculation.config import GenerationConfig
 from self_speculation.errors import ConfigError, ModelLoadError
 from self_speculation.kv_cache import ColumnKVCache
 from self_speculation.model_surgery import LayerwiseModel
@@ -213,6 +214,35 @@ class DraftExit:
     ) -> torch.Tensor:
         """Draft logits from layer E's states."""
         return self.head(self.adapt(hidden, cache, position_ids, padding_mask))
+
+
+def resolve_with_adapter(
+    config: GenerationConfig,
+    num_layers: int,
+    recommended_exit_layer: int | None,
+    recommended_num_speculations: int | None,
+    adapter_exit_layer: int | None,
+    adapter_num_speculations: int | None,
+) -> GenerationConfig:
+    """``config.resolved`` where an adapter's exit layer and k come before the model's
+    recommendations.
+
+    Raises:
+        ConfigError: as ``GenerationConfig.resolved``; also an exit layer below L other than
+            the one the adapter was trained for.
+    """
+    resolved = config.resolved(
+        num_layers,
+        adapter_exit_layer or recommended_exit_layer,
+        adapter_num_speculations or recommended_num_speculations,
+    )
+    early = resolved.exit_layer < num_layers
+    if adapter_exit_layer is not None and early and resolved.exit_layer != adapter_exit_layer:
+        raise ConfigError(
+            f"the draft adapter was trained for exit layer {adapter_exit_layer}; got "
+            f"--exit_layer {resolved.exit_layer} (leave it unset or give {adapter_exit_layer})"
+        )
+    return resolved
 
 
 def save_adapter(

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import GENERATION_CONFIG_NAME
 
 from self_speculation.config import GenerationConfig, GenerationStrategyName
-from self_speculation.draft import DraftExit
+from self_speculation.draft import DraftExit, resolve_with_adapter
 from self_speculation.errors import ConfigError
 from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.passes import ForwardPasses
@@ -196,18 +196,15 @@ class Generator:
             ConfigError: settings outside the model's range, or more drafts per step than
                 the model's context holds.
         """
-        adapter_exit = self._draft.exit_layer if self._draft is not None else None
-        recommended_exit = adapter_exit or self.recommended_exit_layer
-        adapter_k = self._draft.num_speculations if self._draft is not None else None
-        resolved = config.resolved(
-            self.num_layers, recommended_exit, adapter_k or self.recommended_num_speculations
+        draft = self._draft
+        resolved = resolve_with_adapter(
+            config,
+            self.num_layers,
+            self.recommended_exit_layer,
+            self.recommended_num_speculations,
+            draft.exit_layer if draft is not None else None,
+            draft.num_speculations if draft is not None else None,
         )
-        early = resolved.exit_layer < self.num_layers
-        if adapter_exit is not None and early and resolved.exit_layer != adapter_exit:
-            raise ConfigError(
-                f"the draft adapter was trained for exit layer {adapter_exit}; got "
-                f"--exit_layer {resolved.exit_layer} (leave it unset or give {adapter_exit})"
-            )
         context = self.layerwise.context_length
         if context is not None and resolved.num_speculations >= context:
             raise ConfigError(

@@ -164,8 +164,11 @@ class ForwardPasses:
         else:
             hidden = self.model.run_layers(hidden, 0, end, cache, positions, pad_counts)
         if end < self.model.num_layers and self.draft is not None:
-            # Early-exit decoding: the first token comes from the draft exit too.
-            return self._exit_logits(hidden, end, cache, positions, pad_counts)[:, -1]
+            # Early-exit decoding: the first token comes from the draft exit too. The
+            # adapter fills its cache columns for every prompt position; the head scores
+            # only the last one.
+            adapted = self.draft.adapt(hidden, cache, positions, pad_counts)
+            return self.draft.head(adapted[:, -1:])[:, 0]
         return self.model.unembed(hidden[:, -1:])[:, 0]
 
     def _early_eager(

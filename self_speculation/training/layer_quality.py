@@ -99,7 +99,7 @@ def draft_exit_quality(
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         positions = positions.unsqueeze(0).expand(input_ids.shape[0], -1)
         hidden = layerwise.run_layers(layerwise.embed(input_ids), 0, exit_layer, None, positions)
-        draft_logits = draft.head(draft.adapt(hidden, None, positions))[:, :-1].float()
+        draft_logits = draft.logits(hidden, None, positions)[:, :-1].float()
         last = layerwise.run_layers(hidden, exit_layer, layerwise.num_layers, None, positions)
         last_top1 = layerwise.unembed(last)[:, :-1].argmax(dim=-1)  # [batch, seq-1]
         top1 = draft_logits.argmax(dim=-1)
