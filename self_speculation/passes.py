@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+from self_speculation.cpu_kernels import FewRowProducts, load_few_row_kernel
 from self_speculation.draft import DraftExit, cache_layers
 from self_speculation.kv_cache import ColumnKVCache
 from self_speculation.model_surgery import LayerwiseModel
@@ -41,14 +42,19 @@ def compile_options(device: torch.device) -> dict:
     # CPU: no CUDA graphs. A one-token step is a chain of matrix-vector products bound by
     # reading weights; inductor's decomposition of an [1, n] x [n, m] product into a fused
     # multiply-and-sum reads them about 1.4x faster than the BLAS call. (Measured slower
-    # here: weight freezing with MKL-packed weights, and decomposing multi-token products.)
-    return {
-        "fullgraph": True,
-        "dynamic": False,
+    # here: weight freezing with MKL-packed weights, decomposing multi-token products, and
+    # the few-row kernel for one row, which inductor cannot fuse with its neighbours.)
+    # Verification's k + 1 rows (and batches of up to 8 rows) go to the few-row kernel,
+    # which reads each weight once for all rows (BLAS: 2-4x a one-row product).
+    options = {
         # The C++ wrapper calls the kernels without Python in between (~6 ms per step
         # of Python wrapper overhead on the shipped model otherwise).
-        "options": {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp_wrapper": True},
+        "cpp_wrapper": True,
+        "post_grad_fusion_options": {"decompose_mm_pass": {}},
     }
+    if load_few_row_kernel():
+        options["post_grad_custom_post_pass"] = FewRowProducts()
+    return {"fullgraph": True, "dynamic": False, "options": options}
 
 
 class ForwardPasses:
@@ -73,6 +79,7 @@ class ForwardPasses:
         self._seen: set[tuple] = set()
         self._early: Callable = self._early_eager
         self._verify: Callable = self._verify_eager
+        self._greedy_drafts: Callable = self._greedy_drafts_eager
         if compile:
             # Every (exit layer, batch size, k) of every model is another compiled version of
             # the same two functions; dynamo's default limit (8) would send a sweep back to
@@ -85,6 +92,7 @@ class ForwardPasses:
             options = compile_options(model.device)
             self._early = torch.compile(self._early_eager, **options)
             self._verify = torch.compile(self._verify_eager, **options)
+            self._greedy_drafts = torch.compile(self._greedy_drafts_eager, **options)
 
     def _timed(self, key: tuple, function: Callable, *args) -> object:
         """Call ``function``; a first call of a new compiled shape counts as compile time.
@@ -214,6 +222,51 @@ class ForwardPasses:
         """
         key = ("early", end, tokens.shape[0])
         return self._timed(key, self._early, tokens, columns, cache, pad_counts, end)
+
+    def _greedy_drafts_eager(
+        self,
+        tokens: torch.Tensor,
+        columns: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        exit_layer: int,
+        count: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        drafts, states = [], []
+        for i in range(count):
+            logits, hidden = self._early_eager(tokens, columns + i, cache, pad_counts, exit_layer)
+            tokens = logits.argmax(dim=-1, keepdim=True)  # [batch, 1]
+            drafts.append(tokens)
+            states.append(hidden)
+        return torch.cat(drafts, dim=1), torch.cat(states, dim=1)
+
+    @torch.no_grad()
+    def greedy_drafts(
+        self,
+        tokens: torch.Tensor,
+        columns: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        exit_layer: int,
+        count: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``count`` greedy drafts in one call: ``early`` through layers [0, E), each draft
+        the argmax of the previous one's logits (no logits processors).
+
+        One compiled call instead of ``count``: on a CPU each call of a compiled pass
+        costs about a millisecond outside its kernels, as much as a draft's own layers.
+
+        Args:
+            tokens: the pending token of each row, [batch, 1].
+            columns: its column, [batch, 1]; draft i goes to ``columns + i``.
+
+        Returns:
+            Draft tokens [batch, count] and their exit-layer states [batch, count, hidden].
+        """
+        key = ("greedy_drafts", exit_layer, tokens.shape[0], count)
+        return self._timed(
+            key, self._greedy_drafts, tokens, columns, cache, pad_counts, exit_layer, count
+        )
 
     def _verify_eager(
         self,

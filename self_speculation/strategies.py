@@ -217,6 +217,16 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
         # finished row's columns are still written (and ignored) while others go on.
         return 2 * (self.config.num_speculations + 1)
 
+    @property
+    def _fused_drafts(self) -> bool:
+        """Greedy drafts without logits processors or a confidence stop: one compiled call."""
+        return (
+            self.passes.compiled
+            and not self.selector.sample
+            and not self.selector.context_processors
+            and self.config.draft_confidence_threshold <= 0
+        )
+
     def _draft(
         self, state: DecodingState, num_drafts: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
@@ -232,6 +242,23 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
         """
         k, exit_layer = self.config.num_speculations, self.config.exit_layer
         batch = len(state.lengths)
+        if self._fused_drafts:
+            # Always k drafts (one compiled shape); verification uses the first num_drafts.
+            drafts, states = self.passes.greedy_drafts(
+                state.pending_tokens(),
+                state.lengths[:, None] - 1,
+                state.cache,
+                state.pad_counts,
+                exit_layer,
+                k,
+            )  # [batch, k], [batch, k, hidden]
+            draft_tokens = drafts.masked_fill(
+                torch.arange(k, device=drafts.device) >= num_drafts, -1
+            )
+            states = torch.cat([states, states.new_zeros(batch, 1, states.shape[-1])], dim=1)
+            if num_drafts < k:
+                states[:, num_drafts:] = 0
+            return draft_tokens, states, None, num_drafts
         exit_states = []  # [batch, 1, hidden] per position
         draft_probs = []  # [batch, vocab] per draft, when sampling
         drafts = []  # [batch] per draft

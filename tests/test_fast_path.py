@@ -15,6 +15,8 @@ from tiny_models import FAMILIES, IdTokenizer, make_tiny_model
 from torch._dynamo.utils import counters
 
 from self_speculation import GenerationConfig, Generator
+from self_speculation.cpu_kernels import MAX_ROWS, load_few_row_kernel
+from self_speculation.passes import compile_options
 
 PROMPTS = [[5, 7, 9, 11, 13], [3, 4], [8, 8, 8, 9, 10, 11, 12, 13, 14]]
 
@@ -71,3 +73,47 @@ def test_fast_path_self_speculation_equals_autoregressive_for_every_family(famil
     ]
     fast = generator.generate_batch(PROMPTS, config("self_speculative", True))
     assert [r.token_ids for r in fast] == reference
+
+
+@pytest.mark.parametrize("rows", range(1, MAX_ROWS + 2))
+def test_few_row_kernel_equals_a_linear_layer(rows: int) -> None:
+    """Every row count (the last one past the kernel's limit goes to BLAS), sizes that are
+    not multiples of the kernel's vector width or column block."""
+    assert load_few_row_kernel(), "the fast path's kernel did not build on this machine"
+    generator = torch.Generator().manual_seed(rows)
+    for inputs, outputs in [(3, 5), (19, 37), (64, 130), (200, 67)]:
+        x = torch.randn(rows, inputs, generator=generator)
+        w = torch.randn(outputs, inputs, generator=generator)
+        product = torch.ops.layerskip.few_row_linear(x, w)
+        torch.testing.assert_close(product, torch.nn.functional.linear(x, w))
+
+
+def test_compiled_few_row_products_go_to_the_kernel() -> None:
+    """The compiler pass rewrites linear layers with 2-8 rows (with and without bias) and
+    leaves wider products to BLAS; results equal the eager layers."""
+    layers = torch.nn.Sequential(
+        torch.nn.Linear(24, 40), torch.nn.SiLU(), torch.nn.Linear(40, 16, bias=False)
+    )
+    options = compile_options(torch.device("cpu"))
+    rewrite = options["options"]["post_grad_custom_post_pass"]
+    compiled = torch.compile(layers, **options)
+    # Compile afresh: a graph from inductor's on-disk cache skips the passes.
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        for rows in (6, 12):
+            x = torch.randn(1, rows, 24)
+            before = rewrite.replaced
+            torch.testing.assert_close(compiled(x), layers(x))
+            assert rewrite.replaced - before == (2 if rows <= MAX_ROWS else 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama_mha_untied", "qwen2", "phi3", "gemma2_softcap_sliding"])
+def test_fast_path_single_prompt_self_speculation_equals_autoregressive(family: str) -> None:
+    """One prompt: verification's k + 1 = 4 rows go through the few-row kernel (projections
+    with bias, fused qkv, soft-capping and sliding windows), drafts through the fused
+    greedy draft pass (every family's batched drafts are checked above)."""
+    generator = generator_for(family)
+    for prompt in PROMPTS:
+        reference = generator.generate(prompt, config("autoregressive", False)).token_ids
+        fast = generator.generate(prompt, config("self_speculative", True)).token_ids
+        assert fast == reference
