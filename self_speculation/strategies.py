@@ -241,10 +241,10 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
             distributions [batch, k, vocab] when sampling, and the number of drafts made.
         """
         k, exit_layer = self.config.num_speculations, self.config.exit_layer
-        batch = len(state.lengths)
+        draft_probs: list[torch.Tensor | None] = []  # greedy: no distributions
         if self._fused_drafts:
             # Always k drafts (one compiled shape); verification uses the first num_drafts.
-            drafts, states = self.passes.greedy_drafts(
+            drafts, exit_states = self.passes.greedy_drafts(
                 state.pending_tokens(),
                 state.lengths[:, None] - 1,
                 state.cache,
@@ -252,13 +252,32 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
                 exit_layer,
                 k,
             )  # [batch, k], [batch, k, hidden]
-            draft_tokens = drafts.masked_fill(
-                torch.arange(k, device=drafts.device) >= num_drafts, -1
-            )
-            states = torch.cat([states, states.new_zeros(batch, 1, states.shape[-1])], dim=1)
-            if num_drafts < k:
-                states[:, num_drafts:] = 0
-            return draft_tokens, states, None, num_drafts
+            draft_tokens = drafts[:, :num_drafts]  # [batch, made]
+            exit_states = exit_states[:, :num_drafts]  # [batch, made, hidden]
+        else:
+            draft_tokens, exit_states, draft_probs = self._draft_one_by_one(state, num_drafts)
+        made = draft_tokens.shape[1]
+        missing = k - made
+        draft_tokens = torch.nn.functional.pad(draft_tokens, (0, missing), value=-1)
+        states = torch.nn.functional.pad(exit_states, (0, 0, 0, k + 1 - made))
+        stacked_probs = None  # [batch, k, vocab]
+        if self.selector.sample:
+            probs = torch.stack(draft_probs, dim=1)  # [batch, made, vocab]
+            stacked_probs = torch.nn.functional.pad(probs, (0, 0, 0, missing))
+        return draft_tokens, states, stacked_probs, made
+
+    def _draft_one_by_one(
+        self, state: DecodingState, num_drafts: int
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+        """Drafts through one ``early`` call each, with the selector's processors and the
+        confidence stop.
+
+        Returns:
+            Draft tokens [batch, made], the exit-layer states of the pending token and
+            the drafts but the last [batch, made, hidden], and each draft's distribution
+            [batch, vocab] (None when greedy).
+        """
+        exit_layer = self.config.exit_layer
         exit_states = []  # [batch, 1, hidden] per position
         draft_probs = []  # [batch, vocab] per draft, when sampling
         drafts = []  # [batch] per draft
@@ -283,19 +302,7 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
                 ).amax(dim=-1)  # [batch]
                 if bool((confidence < threshold).any()):
                     break  # an unsure draft is likely rejected: verify what we have
-        made = len(drafts)
-        missing = k - made
-        draft_tokens = torch.stack(drafts, dim=1)  # [batch, made]
-        draft_tokens = torch.nn.functional.pad(draft_tokens, (0, missing), value=-1)
-        hidden = exit_states[0]
-        states = torch.cat(
-            [*exit_states, hidden.new_zeros(batch, k + 1 - made, hidden.shape[-1])], dim=1
-        )  # [batch, k + 1, hidden]
-        stacked_probs = None
-        if self.selector.sample:
-            probs = torch.stack(draft_probs, dim=1)  # [batch, made, vocab]
-            stacked_probs = torch.nn.functional.pad(probs, (0, 0, 0, missing))
-        return draft_tokens, states, stacked_probs, made
+        return torch.stack(drafts, dim=1), torch.cat(exit_states, dim=1), draft_probs
 
     def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
         k, exit_layer = self.config.num_speculations, self.config.exit_layer
