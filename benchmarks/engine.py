@@ -21,6 +21,8 @@ peak memory of the eager and fast paths. Writes one JSON document.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import logging
@@ -63,7 +65,6 @@ class EngineArguments:
     batch_compile: bool = False  # batch throughput on the fast path (compiles per batch size)
     skip_transformers: bool = False
     paths: list[str] = field(default_factory=list)  # run only paths whose name contains one
-    memory: bool = True  # peak memory of the eager and fast paths
     output: str = "logs/engine.json"
 
 
@@ -130,7 +131,13 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _peak_rss_reset() -> None:
-    """Reset the process's peak resident set size (Linux: /proc/self/clear_refs)."""
+    """Reset the process's peak resident set size (Linux: /proc/self/clear_refs), after
+    handing memory that earlier paths freed back to the system (glibc ``malloc_trim``), so
+    that a path's peak counts what it allocates itself rather than what it reuses."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -227,27 +234,47 @@ def run_transformers(
 
 
 def batch_throughput(
-    generator: Generator, configs: dict[str, GenerationConfig], prompts: list[str], sizes
+    generator: Generator,
+    configs: dict[str, GenerationConfig],
+    prompts: list[str],
+    sizes: list[int],
+    record,
 ) -> list[dict]:
-    rows = []
+    """Throughput at each batch size over the same prompts (the first ``max(sizes)``),
+    generated in consecutive batches of that size, so that every size decodes the same
+    rows and only the batching differs. Calls ``record`` after each row of the result."""
+    rows: list[dict] = []
+    prompts = prompts[: max(sizes)]
     for size in sizes:
-        batch = (prompts * size)[:size]
+        chunks = [prompts[start : start + size] for start in range(0, len(prompts), size)]
         for name, config in configs.items():
-            generator.generate_batch(batch, dataclasses.replace(config, max_steps=8))
-            results = generator.generate_batch(batch, config)
-            tokens = sum(r.num_generated_tokens for r in results)
-            drafted = sum(r.num_drafted for r in results)
+            compile_before = generator.compile_seconds
+            # Warm-up, untimed: compiles the shapes of this batch size.
+            generator.generate_batch(chunks[0], dataclasses.replace(config, max_steps=8))
+            if len(chunks[-1]) != size:
+                generator.generate_batch(chunks[-1], dataclasses.replace(config, max_steps=8))
+            tokens = drafted = accepted = 0
+            seconds = 0.0
+            for chunk in chunks:
+                results = generator.generate_batch(chunk, config)
+                tokens += sum(r.num_generated_tokens for r in results)
+                drafted += sum(r.num_drafted for r in results)
+                accepted += sum(r.num_accepted for r in results)
+                seconds += results[0].total_time
             rows.append(
                 {
                     "batch_size": size,
                     "path": name,
-                    "tokens_per_second": tokens / results[0].total_time,
-                    "acceptance": sum(r.num_accepted for r in results) / drafted
-                    if drafted
-                    else None,
+                    "prompts": len(prompts),
+                    "tokens": tokens,
+                    "seconds": seconds,
+                    "tokens_per_second": tokens / seconds,
+                    "acceptance": accepted / drafted if drafted else None,
+                    "compile_seconds": generator.compile_seconds - compile_before,
                 }
             )
             logger.info("batch %d %s: %.1f tok/s", size, name, rows[-1]["tokens_per_second"])
+            record(rows)
     return rows
 
 
@@ -363,7 +390,12 @@ def main(argv: list[str] | None = None) -> int:
                 **common, **speculative, compile=args.batch_compile
             ),
         }
-        document["batch"] = batch_throughput(generator, batch_configs, prompts, args.batch_sizes)
+
+        def record_batch(rows: list[dict]) -> None:
+            document["batch"] = rows
+            record()
+
+        batch_throughput(generator, batch_configs, prompts, args.batch_sizes, record_batch)
     document["environment"]["load_average_1min_end"] = os.getloadavg()[0]
     record()
     print_table(document)
@@ -375,13 +407,15 @@ def print_table(document: dict) -> None:
     floor = document["floor_ms_per_token"]
     print(f"\nweight-streaming floor: {floor:.2f} ms/token")
     print(
-        f"{'path':50s} {'tok/s':>7s} {'ms/tok':>7s} {'x floor':>7s} {'compile s':>9s} same as 1st"
+        f"{'path':50s} {'tok/s':>7s} {'ms/tok':>7s} {'x floor':>7s} {'compile s':>9s} "
+        f"{'peak MB':>7s} same as 1st"
     )
     for path in document["paths"]:
+        peak = path["peak_memory_bytes"]
         print(
             f"{path['name']:50s} {path['tokens_per_second']:7.1f} {path['ms_per_token']:7.2f} "
             f"{path['ms_per_token'] / floor:7.1f} {path['compile_or_first_call_seconds']:9.1f} "
-            f"{path['identical_to_first_path']}"
+            f"{'-' if peak is None else f'{peak / 1e6:.1f}':>7s} {path['identical_to_first_path']}"
         )
 
     def ratio(first: str, second: str) -> None:
@@ -394,14 +428,31 @@ def print_table(document: dict) -> None:
     ratio(fast_ss, fast_ar)
     ratio("ours eager self_speculative", "ours eager autoregressive")
     ratio(fast_ar, "ours eager autoregressive")
+    for strategy in ("autoregressive", "self_speculative"):
+        eager, fast = (paths.get(f"ours {kind} {strategy}") for kind in ("eager", "fast"))
+        if eager and fast and eager["peak_memory_bytes"] and fast["peak_memory_bytes"]:
+            value = fast["peak_memory_bytes"] / eager["peak_memory_bytes"]
+            print(f"peak memory, fast / eager {strategy}: {value:.2f}x")
     for name in paths:
         if name.startswith("transformers"):
             ratio(fast_ar if "assistant" not in name else fast_ss, name)
+    batch = {
+        (row["batch_size"], row["path"]): row["tokens_per_second"]
+        for row in document.get("batch", [])
+    }
     for row in document.get("batch", []):
         print(
             f"batch {row['batch_size']} {row['path']}: {row['tokens_per_second']:.1f} tok/s"
             + (f", acceptance {row['acceptance']:.2f}" if row["acceptance"] is not None else "")
         )
+    for size, path in batch:
+        if path == "self_speculative" and size > 1 and (1, path) in batch:
+            print(
+                f"batch {size} / batch 1 self_speculative: {batch[size, path] / batch[1, path]:.2f}x"
+            )
+        if path == "self_speculative" and (size, "autoregressive") in batch:
+            value = batch[size, path] / batch[size, "autoregressive"]
+            print(f"batch {size} self_speculative / autoregressive: {value:.2f}x")
     print(json.dumps(document["environment"]))
 
 

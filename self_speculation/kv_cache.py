@@ -70,9 +70,12 @@ class ColumnKVCache(Cache):
             keys.index_copy_(2, columns[0], key_states)
             values.index_copy_(2, columns[0], value_states)
         else:
-            index = columns[:, None, :, None]  # [batch, 1, new, 1]
-            keys.scatter_(2, index.expand_as(key_states), key_states)
-            values.scatter_(2, index.expand_as(value_states), value_states)
+            # Advanced indexing, not scatter_: inductor updates a graph input in place with
+            # index_put_, but turns scatter_ into copies of the whole buffer (measured: 24
+            # layers at batch 8, 3.5 ms against 0.27 ms).
+            rows = torch.arange(columns.shape[0], device=columns.device)[:, None]  # [batch, 1]
+            keys[rows, :, columns] = key_states.transpose(1, 2)  # [batch, new, heads, dim]
+            values[rows, :, columns] = value_states.transpose(1, 2)
         return keys, values
 
     def columns(self, layer_idx: int) -> int:

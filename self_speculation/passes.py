@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+from self_speculation.attention import sdpa_configs, use_few_query_attention
 from self_speculation.cpu_kernels import FewRowProducts, load_few_row_kernel
 from self_speculation.draft import DraftExit, cache_layers
 from self_speculation.kv_cache import ColumnKVCache
@@ -42,10 +43,10 @@ def compile_options(device: torch.device) -> dict:
     # CPU: no CUDA graphs. A one-token step is a chain of matrix-vector products bound by
     # reading weights; inductor's decomposition of an [1, n] x [n, m] product into a fused
     # multiply-and-sum reads them about 1.4x faster than the BLAS call. (Measured slower
-    # here: weight freezing with MKL-packed weights, decomposing multi-token products, and
-    # the few-row kernel for one row, which inductor cannot fuse with its neighbours.)
+    # here: weight freezing with MKL-packed weights, decomposing multi-token products.)
     # Verification's k + 1 rows (and batches of up to 8 rows) go to the few-row kernel,
-    # which reads each weight once for all rows (BLAS: 2-4x a one-row product).
+    # which reads each weight once for all rows (BLAS: 2-4x a one-row product); so do
+    # one-row products with large weights (cpu_kernels.ONE_ROW_MIN_WEIGHTS).
     options = {
         # The C++ wrapper calls the kernels without Python in between (~6 ms per step
         # of Python wrapper overhead on the shipped model otherwise).
@@ -53,7 +54,7 @@ def compile_options(device: torch.device) -> dict:
         "post_grad_fusion_options": {"decompose_mm_pass": {}},
     }
     if load_few_row_kernel():
-        options["post_grad_custom_post_pass"] = FewRowProducts()
+        options["post_grad_custom_pre_pass"] = FewRowProducts()
     return {"fullgraph": True, "dynamic": False, "options": options}
 
 
@@ -80,6 +81,7 @@ class ForwardPasses:
         self._early: Callable = self._early_eager
         self._verify: Callable = self._verify_eager
         self._greedy_drafts: Callable = self._greedy_drafts_eager
+        self._attention_configs: list = []
         if compile:
             # Every (exit layer, batch size, k) of every model is another compiled version of
             # the same two functions; dynamo's default limit (8) would send a sweep back to
@@ -90,6 +92,9 @@ class ForwardPasses:
                 dynamo_config.accumulated_recompile_limit, 4096
             )
             options = compile_options(model.device)
+            if model.device.type == "cpu":
+                # Compiled CPU calls use the grouped few-query attention (attention.py).
+                self._attention_configs = sdpa_configs(model.model)
             self._early = torch.compile(self._early_eager, **options)
             self._verify = torch.compile(self._verify_eager, **options)
             self._greedy_drafts = torch.compile(self._greedy_drafts_eager, **options)
@@ -104,10 +109,14 @@ class ForwardPasses:
         if not self.compiled:
             return function(*args)
         if key in self._seen:
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            with (
+                use_few_query_attention(self._attention_configs),
+                torch.compiler.set_stance("default", skip_guard_eval_unsafe=True),
+            ):
                 return function(*args)
         started = time.perf_counter()
-        result = function(*args)
+        with use_few_query_attention(self._attention_configs):
+            result = function(*args)
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
         elapsed = time.perf_counter() - started

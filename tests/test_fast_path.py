@@ -15,7 +15,7 @@ from tiny_models import FAMILIES, IdTokenizer, make_tiny_model
 from torch._dynamo.utils import counters
 
 from self_speculation import GenerationConfig, Generator
-from self_speculation.cpu_kernels import MAX_ROWS, load_few_row_kernel
+from self_speculation.cpu_kernels import MAX_ROWS, ONE_ROW_MIN_WEIGHTS, load_few_row_kernel
 from self_speculation.passes import compile_options
 
 PROMPTS = [[5, 7, 9, 11, 13], [3, 4], [8, 8, 8, 9, 10, 11, 12, 13, 14]]
@@ -89,21 +89,27 @@ def test_few_row_kernel_equals_a_linear_layer(rows: int) -> None:
 
 
 def test_compiled_few_row_products_go_to_the_kernel() -> None:
-    """The compiler pass rewrites linear layers with 2-8 rows (with and without bias) and
-    leaves wider products to BLAS; results equal the eager layers."""
+    """The compiler pass rewrites linear layers with 2-8 rows (with and without bias), one
+    row only for large weights, and leaves wider products to BLAS; results equal eager."""
     layers = torch.nn.Sequential(
         torch.nn.Linear(24, 40), torch.nn.SiLU(), torch.nn.Linear(40, 16, bias=False)
     )
+    large = torch.nn.Linear(512, ONE_ROW_MIN_WEIGHTS // 512, bias=False)
     options = compile_options(torch.device("cpu"))
-    rewrite = options["options"]["post_grad_custom_post_pass"]
-    compiled = torch.compile(layers, **options)
+    rewrite = options["options"]["post_grad_custom_pre_pass"]
     # Compile afresh: a graph from inductor's on-disk cache skips the passes.
     with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
-        for rows in (6, 12):
-            x = torch.randn(1, rows, 24)
+        for module, rows, expected in [
+            (layers, 1, 0),
+            (layers, 6, 2),
+            (layers, 12, 0),
+            (large, 1, 1),
+            (large, 2, 1),
+        ]:
+            x = torch.randn(1, rows, module[0].in_features if module is layers else 512)
             before = rewrite.replaced
-            torch.testing.assert_close(compiled(x), layers(x))
-            assert rewrite.replaced - before == (2 if rows <= MAX_ROWS else 0)
+            torch.testing.assert_close(torch.compile(module, **options)(x), module(x))
+            assert rewrite.replaced - before == expected, (rows, expected)
 
 
 @pytest.mark.slow
@@ -117,3 +123,48 @@ def test_fast_path_single_prompt_self_speculation_equals_autoregressive(family: 
         reference = generator.generate(prompt, config("autoregressive", False)).token_ids
         fast = generator.generate(prompt, config("self_speculative", True)).token_ids
         assert fast == reference
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "queries"), [(1, 4, 1, 1), (3, 4, 2, 4), (2, 6, 6, 3)]
+)
+def test_few_query_attention_equals_sdpa(batch: int, heads: int, kv_heads: int, queries: int):
+    """The compiled passes' grouped attention against transformers' sdpa function: grouped
+    query heads, left padding, queries past the end of the written columns; eager and
+    compiled."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from self_speculation.attention import few_query_attention
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = heads // kv_heads, True
+    generator = torch.Generator().manual_seed(batch * 100 + queries)
+    columns = 11
+    query = torch.randn(batch, heads, queries, 8, generator=generator)
+    key, value = (torch.randn(batch, kv_heads, columns, 8, generator=generator) for _ in "kv")
+    # Row r is left-padded by r columns; query i sits at column 6 + i.
+    slots = torch.arange(columns)
+    at = 6 + torch.arange(queries)[None, None, :, None]
+    padding = torch.arange(batch)[:, None, None, None]
+    mask = (slots <= at) & (slots >= padding)  # [batch, 1, queries, columns]
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    for function in (few_query_attention, torch.compile(few_query_attention, fullgraph=True)):
+        output, weights = function(module, query, key, value, mask, scaling=0.3)
+        assert weights is None
+        torch.testing.assert_close(output, expected)
+
+
+def test_few_query_attention_leaves_what_it_does_not_cover_to_sdpa() -> None:
+    """Soft-capping is sdpa's to refuse (it raises), not ours to ignore; float masks too."""
+    from self_speculation.attention import few_query_attention
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 1, True
+    query, key, value = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="softcap"):
+        few_query_attention(module, query, key, value, mask, softcap=30.0)
+    additive = torch.zeros(1, 1, 1, 5)
+    output, _ = few_query_attention(module, query, key, value, additive)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, additive)
+    torch.testing.assert_close(output, expected.transpose(1, 2))
