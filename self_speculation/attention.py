@@ -93,11 +93,13 @@ def sdpa_configs(model: torch.nn.Module) -> list:
 
 @contextmanager
 def use_few_query_attention(configs: list) -> Iterator[None]:
-    """Within the block, attention modules of these configs call ``few_query_attention``."""
-    for config in configs:
+    """Within the block, attention modules of these configs call ``few_query_attention``
+    (those still on ``sdpa``: a model switched to another implementation since keeps it)."""
+    switched = [config for config in configs if config._attn_implementation_internal == "sdpa"]
+    for config in switched:
         config._attn_implementation_internal = NAME
     try:
         yield
     finally:
-        for config in configs:
+        for config in switched:
             config._attn_implementation_internal = "sdpa"

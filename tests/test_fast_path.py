@@ -168,3 +168,33 @@ def test_few_query_attention_leaves_what_it_does_not_cover_to_sdpa() -> None:
     output, _ = few_query_attention(module, query, key, value, additive)
     expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, additive)
     torch.testing.assert_close(output, expected.transpose(1, 2))
+
+
+def test_few_query_attention_is_switched_on_only_around_compiled_calls() -> None:
+    """Compiled CPU passes switch sdpa models to the grouped attention for their calls only;
+    the eager path and transformers' own forward keep sdpa."""
+    from self_speculation.attention import NAME, sdpa_configs, use_few_query_attention
+
+    generator = generator_for("llama_gqa_tied")
+    model = generator.layerwise.model
+    assert model.config._attn_implementation == "sdpa"
+    assert sdpa_configs(model) == [model.config]
+    seen = {}
+    for compile in (True, False):
+        passes = generator._passes(config("autoregressive", compile))
+        early = passes._early
+
+        def recording(*args, compile=compile, early=early):
+            seen[compile] = model.config._attn_implementation
+            return early(*args)
+
+        passes._early = recording
+        try:
+            generator.generate(PROMPTS[0], config("autoregressive", compile, max_steps=3))
+        finally:
+            passes._early = early
+    assert seen == {True: NAME, False: "sdpa"}
+    assert model.config._attn_implementation == "sdpa"
+    with use_few_query_attention(sdpa_configs(model)):
+        assert model.config._attn_implementation == NAME
+    assert model.config._attn_implementation == "sdpa"
