@@ -11,8 +11,9 @@ separately):
 It prints tokens/s and every ratio, checks that every path produced the same tokens as
 our eager autoregressive decoding, and relates each autoregressive path to the
 weight-streaming floor: bytes of weights read per token divided by the memory bandwidth
-measured in the same run. Then batch throughput (B = 1, 4, 8) for both strategies and the
-peak memory of the eager and fast paths. Writes one JSON document.
+measured in the same run, and the peak memory of our eager and fast paths. Then batch
+throughput for both strategies at B = 1, 4, 8 over the same prompts (the first max(B),
+decoded in consecutive batches of B). Writes one JSON document, updated after each path.
 
     python benchmarks/engine.py                               # shipped model, fp32
     python benchmarks/engine.py --model smollm2 --num_prompts 5 --max_steps 64 --exit_layer 12
