@@ -108,14 +108,11 @@ class ForwardPasses:
         """
         if not self.compiled:
             return function(*args)
-        if key in self._seen:
-            with (
-                use_few_query_attention(self._attention_configs),
-                torch.compiler.set_stance("default", skip_guard_eval_unsafe=True),
-            ):
-                return function(*args)
-        started = time.perf_counter()
         with use_few_query_attention(self._attention_configs):
+            if key in self._seen:
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    return function(*args)
+            started = time.perf_counter()
             result = function(*args)
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)

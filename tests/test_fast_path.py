@@ -130,8 +130,7 @@ def test_fast_path_single_prompt_self_speculation_equals_autoregressive(family: 
 )
 def test_few_query_attention_equals_sdpa(batch: int, heads: int, kv_heads: int, queries: int):
     """The compiled passes' grouped attention against transformers' sdpa function: grouped
-    query heads, left padding, queries past the end of the written columns; eager and
-    compiled."""
+    query heads, left padding, several queries at consecutive columns; eager and compiled."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from self_speculation.attention import few_query_attention
