@@ -39,8 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from arguments import run_main  # noqa: E402
 from self_speculation import (  # noqa: E402
     DEFAULT_MODEL,
+    ConfigError,
     GenerationConfig,
     Generator,
     load_model_and_tokenizer,
@@ -67,6 +69,20 @@ class EngineArguments:
     skip_transformers: bool = False
     paths: list[str] = field(default_factory=list)  # run only paths whose name contains one
     output: str = "logs/engine.json"
+
+    def __post_init__(self) -> None:
+        counts = {
+            "--num_prompts": self.num_prompts,
+            "--max_steps": self.max_steps,
+            "--exit_layer": self.exit_layer,
+            "--num_speculations": self.num_speculations,
+            "--batch_sizes": min(self.batch_sizes, default=1),
+        }
+        for flag, value in counts.items():
+            if value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if self.threads < 0:
+            raise ConfigError(f"--threads must be >= 0, got {self.threads}")
 
 
 RANDOM_1B = "random-llama-1b"
@@ -458,4 +474,4 @@ def print_table(document: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, prog="engine.py")

@@ -225,3 +225,20 @@ def test_a_model_without_decoder_layers_is_one_line_in_a_subprocess(tmp_path: Pa
     assert completed.returncode == EXIT_ERROR
     lines = [line for line in completed.stderr.splitlines() if "decoder layers" in line]
     assert len(lines) == 1 and "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch_sizes", "4", "0"], "--batch_sizes must be >= 1, got 0"),
+        (["--num_prompts", "0"], "--num_prompts must be >= 1, got 0"),
+        (["--threads", "-1"], "--threads must be >= 0, got -1"),
+    ],
+)
+def test_engine_benchmark_bad_flags_are_one_line(argv, message, monkeypatch, capsys) -> None:
+    """benchmarks/engine.py refuses values it would crash on later (a zero batch size was a
+    ``range()`` traceback after minutes of benchmarking), before loading anything."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    code, stderr = run_in_process("engine", argv, monkeypatch, capsys)
+    assert code == EXIT_ERROR and "Traceback" not in stderr
+    assert stderr.strip() == f"engine.py: error: {message}"
