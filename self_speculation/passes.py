@@ -110,8 +110,16 @@ class ForwardPasses:
             return function(*args)
         with use_few_query_attention(self._attention_configs):
             if key in self._seen:
-                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                    return function(*args)
+                try:
+                    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                        return function(*args)
+                except RuntimeError as error:
+                    # No compiled version fits these inputs (another dtype, layout or
+                    # specialised size than the key's first call): compile one, with the
+                    # full guards, instead of failing.
+                    if "skip_guard_eval_unsafe" not in str(error):
+                        raise
+                    logger.info("%s: inputs unlike the compiled ones; compiling again", key[0])
             started = time.perf_counter()
             result = function(*args)
         if self.model.device.type == "cuda":

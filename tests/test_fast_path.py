@@ -197,3 +197,20 @@ def test_few_query_attention_is_switched_on_only_around_compiled_calls() -> None
     with use_few_query_attention(sdpa_configs(model)):
         assert model.config._attn_implementation == NAME
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_compiled_pass_called_with_unlike_inputs_compiles_again_instead_of_failing() -> None:
+    """After its first call a pass runs with dynamo's reduced guard checks; inputs that no
+    compiled version fits (here another dtype; in the wild a tensor laid out otherwise)
+    compile a new version with the full guards rather than raising dynamo's "Recompilation
+    triggered with skip_guard_eval_unsafe stance" error."""
+    from self_speculation.passes import ForwardPasses
+
+    passes = ForwardPasses(generator_for("llama_gqa_tied").layerwise, compile=True)
+    doubled = torch.compile(lambda x: x * 2 + 1, backend="eager", fullgraph=True)
+    first = torch.arange(4, dtype=torch.float32)
+    assert torch.equal(passes._timed(("probe",), doubled, first), first * 2 + 1)
+    assert torch.equal(passes._timed(("probe",), doubled, first + 1), first * 2 + 3)
+    other = torch.arange(4, dtype=torch.int64)
+    assert torch.equal(passes._timed(("probe",), doubled, other), other * 2 + 1)
+    assert torch.equal(passes._timed(("probe",), doubled, other), other * 2 + 1)
