@@ -27,12 +27,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from self_speculation import GenerationConfig, Generator, load_model_and_tokenizer  # noqa: E402
+from arguments import run_main  # noqa: E402
+from self_speculation import (  # noqa: E402
+    ConfigError,
+    GenerationConfig,
+    Generator,
+    load_model_and_tokenizer,
+)
 from self_speculation.benchmarking import write_json_atomic  # noqa: E402
 from self_speculation.draft import load_draft_exit, saved_ranking  # noqa: E402
 
 logger = logging.getLogger("adapter-benchmark")
 CHAT_PROMPTS = Path(__file__).resolve().parent / "chat_prompts.jsonl"
+PROMPT_SETS = ("human_eval", "chat")
 
 
 @dataclass
@@ -48,6 +55,32 @@ class AdapterBenchmarkArguments:
     compile: bool = True  # the fast path (the fastest the engine has)
     threads: int = 2
     output: str = "logs/adapter_benchmark.json"
+
+    def __post_init__(self) -> None:
+        counts = {
+            "--num_prompts": self.num_prompts,
+            "--max_steps": self.max_steps,
+            "--threads": self.threads,
+            "--num_speculations": min(self.num_speculations, default=1),
+            "--plain_exit_layers": min(self.plain_exit_layers, default=1),
+        }
+        for flag, value in counts.items():
+            if value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if min(self.draft_vocab_sizes, default=0) < 0:
+            raise ConfigError(
+                f"--draft_vocab_sizes must be >= 0 (0: whole vocabulary), got "
+                f"{min(self.draft_vocab_sizes)}"
+            )
+        unknown = sorted(set(self.prompt_sets) - set(PROMPT_SETS))
+        if unknown or not self.prompt_sets:
+            raise ConfigError(
+                f"--prompt_sets must name some of {', '.join(PROMPT_SETS)}, got "
+                f"{' '.join(self.prompt_sets) or 'none'}"
+            )
+        for folder in self.adapters:
+            if not Path(folder, "adapter_config.json").is_file():
+                raise ConfigError(f"--adapters: {folder} is not an adapter folder")
 
 
 def prompt_sets(generator: Generator, names: list[str], count: int) -> dict[str, list[list[int]]]:
@@ -142,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model, "float32", "cpu")
     generator = Generator(model, tokenizer)
+    too_deep = [layer for layer in args.plain_exit_layers if layer >= generator.num_layers]
+    if too_deep:
+        raise ConfigError(
+            f"--plain_exit_layers must be below the model's {generator.num_layers} layers, "
+            f"got {too_deep[0]}"
+        )
     sets = prompt_sets(generator, args.prompt_sets, args.num_prompts)
     document = {
         "arguments": asdict(args),
@@ -224,4 +263,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, prog="adapter.py")

@@ -242,3 +242,32 @@ def test_engine_benchmark_bad_flags_are_one_line(argv, message, monkeypatch, cap
     code, stderr = run_in_process("engine", argv, monkeypatch, capsys)
     assert code == EXIT_ERROR and "Traceback" not in stderr
     assert stderr.strip() == f"engine.py: error: {message}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--num_speculations", "2", "0"], "--num_speculations must be >= 1, got 0"),
+        (["--max_steps", "0"], "--max_steps must be >= 1, got 0"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (
+            ["--draft_vocab_sizes", "-5"],
+            "--draft_vocab_sizes must be >= 0 (0: whole vocabulary), got -5",
+        ),
+        (["--prompt_sets", "xsum"], "--prompt_sets must name some of human_eval, chat, got xsum"),
+        (["--adapters", "no/such/adapter"], "--adapters: no/such/adapter is not an adapter folder"),
+        (
+            ["--model", "models/layerskip-stdlib", "--plain_exit_layers", "24"],
+            "--plain_exit_layers must be below the model's 24 layers, got 24",
+        ),
+    ],
+)
+def test_adapter_benchmark_bad_flags_are_one_line(argv, message, monkeypatch, capsys) -> None:
+    """benchmarks/adapter.py refuses values it would crash on minutes later (a zero k, a
+    missing adapter folder, an exit at or past the last layer) in one line."""
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    code, stderr = run_in_process("adapter", argv, monkeypatch, capsys)
+    assert code == EXIT_ERROR and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "error" in line]  # after log lines
+    assert errors == [f"adapter.py: error: {message}"]
