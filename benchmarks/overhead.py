@@ -32,12 +32,14 @@ from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from arguments import run_main  # noqa: E402
 from self_speculation import (  # noqa: E402
+    ConfigError,
     GenerationConfig,
     Generator,
-    LayerSkipError,
     load_model_and_tokenizer,
 )
+from self_speculation.loading import DTYPES  # noqa: E402
 from self_speculation.model_surgery import truncate_cache  # noqa: E402
 
 logger = logging.getLogger("overhead")
@@ -61,6 +63,30 @@ class OverheadArguments:
     )
     repeats: int = 2
     threads: int = 0  # 0: torch's default
+
+    def __post_init__(self) -> None:
+        counts = {
+            "--layers": (self.layers, 2),
+            "--hidden": (self.hidden, 1),
+            "--vocab": (self.vocab, 16),
+            "--exit_layers": (min(self.exit_layers, default=1), 1),
+            "--num_speculations": (min(self.num_speculations, default=1), 1),
+            "--max_steps": (self.max_steps, 1),
+            "--num_prompts": (self.num_prompts, 1),
+            "--repeats": (self.repeats, 1),
+            "--threads": (self.threads, 0),
+        }
+        for flag, (value, least) in counts.items():
+            if value < least:
+                raise ConfigError(f"{flag} must be >= {least}, got {value}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
+        heads, kv_heads = max(self.hidden // 64, 1), max(self.hidden // 128, 1)
+        if self.model is None and (self.hidden % heads or heads % kv_heads):
+            raise ConfigError(
+                f"--hidden {self.hidden} does not split into {heads} heads of 64 with "
+                f"{kv_heads} key/value heads (use a multiple of 128)"
+            )
 
 
 def random_model(arguments: OverheadArguments):
@@ -174,7 +200,11 @@ def tokens_per_step_to_acceptance(tokens_per_step: float, k: int) -> float:
     return (low + high) / 2
 
 
-def main(arguments: OverheadArguments) -> None:
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    arguments = simple_parsing.parse(
+        OverheadArguments, args=argv, add_config_path_arg=False, allow_abbrev=False
+    )
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
     if arguments.model:
@@ -183,6 +213,11 @@ def main(arguments: OverheadArguments) -> None:
         model, tokenizer = random_model(arguments)
     generator = Generator(model, tokenizer)
     num_layers = generator.num_layers
+    too_deep = [layer for layer in arguments.exit_layers if layer >= num_layers]
+    if too_deep:
+        raise ConfigError(
+            f"--exit_layers must be below the model's {num_layers} layers, got {too_deep[0]}"
+        )
     c, h = layer_and_head_costs(generator)
     print(
         f"model: {arguments.model or 'random Llama'}, L={num_layers}, dtype={arguments.dtype}, "
@@ -252,13 +287,8 @@ def main(arguments: OverheadArguments) -> None:
                 f"{speedup / bound:>6.2f} {verify / single:>6.2f} {verify_bound:>6.2f}x "
                 f"{speedup / verify_bound:>7.2f} {'yes' if same else 'NO':>5}"
             )
+    return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    parsed = simple_parsing.parse(OverheadArguments, add_config_path_arg=False, allow_abbrev=False)
-    try:
-        main(parsed)
-    except LayerSkipError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, prog="overhead.py")

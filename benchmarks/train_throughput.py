@@ -36,7 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from arguments import run_main  # noqa: E402
 from self_speculation.distributed import DistributedContext  # noqa: E402
+from self_speculation.errors import ConfigError  # noqa: E402
+from self_speculation.loading import check_device  # noqa: E402
 from self_speculation.model_surgery import LayerwiseModel  # noqa: E402
 from self_speculation.training.config import (  # noqa: E402
     DataArguments,
@@ -52,7 +55,7 @@ from self_speculation.training.early_exit_loss import (  # noqa: E402
     stacked_early_exit_loss,
 )
 from self_speculation.training.loop import Trainer  # noqa: E402
-from self_speculation.training.presets import architecture_config  # noqa: E402
+from self_speculation.training.presets import PRESETS, architecture_config  # noqa: E402
 
 logger = logging.getLogger("train_throughput")
 
@@ -75,6 +78,32 @@ class ThroughputArguments:
     memory_tokens: int = 1024  # positions per loss (2 sequences)
     memory_exits: list[int] = field(default_factory=lambda: [6, 24])
     output_dir: str = "logs/train_throughput"
+
+    def __post_init__(self) -> None:
+        counts = {
+            "--vocab_size": (self.vocab_size, 16),
+            "--seq_len": (self.seq_len, 2),
+            "--batch_size": (self.batch_size, 1),
+            "--steps": (self.steps, 1),
+            "--num_threads": (self.num_threads, 1),
+            "--memory_layers": (self.memory_layers, 1),
+            "--memory_hidden": (self.memory_hidden, 1),
+            "--memory_vocab": (self.memory_vocab, 16),
+            "--memory_tokens": (self.memory_tokens, 2),
+            "--memory_exits": (min(self.memory_exits, default=1), 1),
+        }
+        for flag, (value, least) in counts.items():
+            if value < least:
+                raise ConfigError(f"{flag} must be >= {least}, got {value}")
+        if max(self.memory_exits, default=1) > self.memory_layers:
+            raise ConfigError(
+                f"--memory_exits must be at most --memory_layers ({self.memory_layers}), "
+                f"got {max(self.memory_exits)}"
+            )
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{self.preset}' (choose from {', '.join(PRESETS)})")
+        if self.device != "auto":
+            check_device(self.device)
 
 
 class _PeakMemory:
@@ -244,9 +273,9 @@ def measure_loss_memory(args: ThroughputArguments, num_exits: int, stacked: bool
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    parser = simple_parsing.ArgumentParser(add_config_path_arg=False, allow_abbrev=False)
-    parser.add_arguments(ThroughputArguments, dest="args")
-    args: ThroughputArguments = parser.parse_args(argv).args
+    args = simple_parsing.parse(
+        ThroughputArguments, args=argv, add_config_path_arg=False, allow_abbrev=False
+    )
     torch.set_num_threads(args.num_threads)
     logger.info("training steps, plain and recipe alternating")
     training = measure_training(args)
@@ -286,4 +315,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, prog="train_throughput.py")

@@ -271,3 +271,30 @@ def test_adapter_benchmark_bad_flags_are_one_line(argv, message, monkeypatch, ca
     assert code == EXIT_ERROR and "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if "error" in line]  # after log lines
     assert errors == [f"adapter.py: error: {message}"]
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "message"),
+    [
+        ("overhead", ["--num_speculations", "0"], "--num_speculations must be >= 1, got 0"),
+        ("overhead", ["--layers", "1"], "--layers must be >= 2, got 1"),
+        ("overhead", ["--dtype", "float8"], "unknown dtype 'float8' (choose from "),
+        ("overhead", ["--hidden", "320"], "--hidden 320 does not split into 5 heads of 64 with 2"),
+        ("overhead", ["--layers", "4", "--exit_layers", "4"], "--exit_layers must be below the"),
+        ("train_throughput", ["--steps", "0"], "--steps must be >= 1, got 0"),
+        ("train_throughput", ["--preset", "huge"], "unknown preset 'huge' (choose from "),
+        ("train_throughput", ["--device", "tpu9"], "unknown device 'tpu9' (valid here: "),
+        ("train_throughput", ["--memory_exits", "30"], "--memory_exits must be at most"),
+    ],
+)
+def test_developer_benchmarks_bad_flags_are_one_line(
+    script, argv, message, monkeypatch, capsys
+) -> None:
+    """benchmarks/overhead.py and benchmarks/train_throughput.py refuse bad values in one
+    line with exit 2 (they were tracebacks from deep inside a model build or a run)."""
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    code, stderr = run_in_process(script, argv, monkeypatch, capsys)
+    assert code == EXIT_ERROR and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"{script}.py: error: {message}")
