@@ -270,14 +270,22 @@ def batch_throughput(
             generator.generate_batch(chunks[0], dataclasses.replace(config, max_steps=8))
             if len(chunks[-1]) != size:
                 generator.generate_batch(chunks[-1], dataclasses.replace(config, max_steps=8))
-            tokens = drafted = accepted = 0
+            tokens = drafted = accepted = steps = row_steps = 0
             seconds = 0.0
+            passes = generator._passes(config)
+            passes.pass_seconds = {}  # where the time goes: seconds and calls of each pass
             for chunk in chunks:
                 results = generator.generate_batch(chunk, config)
                 tokens += sum(r.num_generated_tokens for r in results)
                 drafted += sum(r.num_drafted for r in results)
                 accepted += sum(r.num_accepted for r in results)
+                steps += max(r.num_steps for r in results)
+                row_steps += sum(r.num_steps for r in results)
                 seconds += results[0].total_time
+            timed, passes.pass_seconds = passes.pass_seconds, None
+            pass_seconds = {}
+            for key, (spent, calls) in timed.items():
+                pass_seconds[key[0]] = [pass_seconds.get(key[0], [0.0])[0] + spent, calls]
             rows.append(
                 {
                     "batch_size": size,
@@ -288,6 +296,11 @@ def batch_throughput(
                     "tokens_per_second": tokens / seconds,
                     "acceptance": accepted / drafted if drafted else None,
                     "compile_seconds": generator.compile_seconds - compile_before,
+                    "steps": steps,  # batch steps
+                    "row_steps": row_steps,  # steps summed over rows (while active)
+                    # Decoding passes only (prefill is eager and not counted here): kind ->
+                    # [seconds, calls]; the rest of ``seconds`` is prefill and the loop.
+                    "pass_seconds": pass_seconds,
                 }
             )
             logger.info("batch %d %s: %.1f tok/s", size, name, rows[-1]["tokens_per_second"])
@@ -470,7 +483,38 @@ def print_table(document: dict) -> None:
         if path == "self_speculative" and (size, "autoregressive") in batch:
             value = batch[size, path] / batch[size, "autoregressive"]
             print(f"batch {size} self_speculative / autoregressive: {value:.2f}x")
+    print_step_costs(document.get("batch", []))
     print(json.dumps(document["environment"]))
+
+
+def print_step_costs(rows: list[dict]) -> None:
+    """Where a decoding step's time goes at each batch size, and the self-speculative /
+    autoregressive ratio that the measured pass times allow (the cost-model bound):
+    ``T * t_AR / (t_drafts + t_verify)``, T the tokens each row gains per step, and the
+    same with drafting free, ``T * t_AR / t_verify``. A target above the free-drafting
+    bound needs a cheaper verification pass, not better acceptance or cheaper drafts."""
+    by_key = {(row["batch_size"], row["path"]): row for row in rows if row.get("steps")}
+    for (size, path), row in by_key.items():
+        autoregressive = by_key.get((size, "autoregressive"))
+        if path != "self_speculative" or autoregressive is None:
+            continue
+
+        def per_step(of: dict, kind: str) -> float:
+            spent, _ = of["pass_seconds"].get(kind, (0.0, 0))
+            return spent / of["steps"]
+
+        ar_pass = per_step(autoregressive, "early")
+        drafts = per_step(row, "greedy_drafts") + per_step(row, "early")
+        verify = per_step(row, "verify")
+        # Tokens an active row gains per step (each row's first token comes from prefill).
+        gained = (row["tokens"] - row["prompts"]) / row["row_steps"]
+        print(
+            f"batch {size} step costs: autoregressive pass {ar_pass * 1e3:.1f} ms (1 token a "
+            f"row); self-speculative drafts {drafts * 1e3:.1f} ms + verification "
+            f"{verify * 1e3:.1f} ms ({gained:.2f} tokens a row); self-speculative / "
+            f"autoregressive at most {gained * ar_pass / (drafts + verify):.2f}x from these "
+            f"passes, {gained * ar_pass / verify:.2f}x with drafting free"
+        )
 
 
 if __name__ == "__main__":

@@ -77,6 +77,10 @@ class ForwardPasses:
         self.compiled = compile
         # Seconds spent in calls that compiled something (first call of each shape).
         self.compile_seconds = 0.0
+        # Set to {} to time the calls that compile nothing: pass key ("early" / "verify" /
+        # "greedy_drafts", end layer, batch, ...) -> [seconds, calls]. Benchmarks use it to
+        # say where a step's time goes (on CUDA each timed call synchronises).
+        self.pass_seconds: dict[tuple, list] | None = None
         self._seen: set[tuple] = set()
         self._early: Callable = self._early_eager
         self._verify: Callable = self._verify_eager
@@ -107,12 +111,12 @@ class ForwardPasses:
         weight and cache buffer, costs about 1 ms per call on a CPU.
         """
         if not self.compiled:
-            return function(*args)
+            return self._counted(key, function, *args)
         with use_few_query_attention(self._attention_configs):
             if key in self._seen:
                 try:
                     with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                        return function(*args)
+                        return self._counted(key, function, *args)
                 except RuntimeError as error:
                     # No compiled version fits these inputs (another dtype, layout or
                     # specialised size than the key's first call): compile one, with the
@@ -128,6 +132,18 @@ class ForwardPasses:
         self.compile_seconds += elapsed
         self._seen.add(key)
         logger.info("compiled %s in %.1f s", key[0], elapsed)
+        return result
+
+    def _counted(self, key: tuple, function: Callable, *args) -> object:
+        if self.pass_seconds is None:
+            return function(*args)
+        started = time.perf_counter()
+        result = function(*args)
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        totals = self.pass_seconds.setdefault(key, [0.0, 0])
+        totals[0] += time.perf_counter() - started
+        totals[1] += 1
         return result
 
     def new_cache(self, batch_size: int, capacity: int) -> ColumnKVCache:

@@ -214,3 +214,24 @@ def test_a_compiled_pass_called_with_unlike_inputs_compiles_again_instead_of_fai
     other = torch.arange(4, dtype=torch.int64)
     assert torch.equal(passes._timed(("probe",), doubled, other), other * 2 + 1)
     assert torch.equal(passes._timed(("probe",), doubled, other), other * 2 + 1)
+
+
+def test_pass_timing_counts_each_pass_call_when_switched_on() -> None:
+    """``ForwardPasses.pass_seconds`` (benchmarks' step breakdown) records one verification
+    per self-speculative step and nothing while it is off."""
+    generator = generator_for("llama_gqa_tied")
+    settings = config("self_speculative", False, max_steps=12)
+    passes = generator._passes(settings)
+    assert passes.pass_seconds is None
+    generator.generate(PROMPTS[0], settings)
+    assert passes.pass_seconds is None
+    passes.pass_seconds = {}
+    try:
+        result = generator.generate(PROMPTS[0], settings)
+        timed = passes.pass_seconds
+    finally:
+        passes.pass_seconds = None
+    verify = [calls for key, (_, calls) in timed.items() if key[0] == "verify"]
+    assert sum(verify) == result.num_steps > 0
+    assert all(seconds > 0 and calls > 0 for seconds, calls in timed.values())
+    assert {key[0] for key in timed} - {"verify"}  # the drafts were timed too
