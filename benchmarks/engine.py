@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def record_batch(rows: list[dict]) -> None:
             document["batch"] = rows
+            document["batch_step_costs"] = step_costs(rows)
             record()
 
         batch_throughput(generator, batch_configs, prompts, args.batch_sizes, record_batch)
@@ -487,33 +488,61 @@ def print_table(document: dict) -> None:
     print(json.dumps(document["environment"]))
 
 
-def print_step_costs(rows: list[dict]) -> None:
-    """Where a decoding step's time goes at each batch size, and the self-speculative /
-    autoregressive ratio that the measured pass times allow (the cost-model bound):
-    ``T * t_AR / (t_drafts + t_verify)``, T the tokens each row gains per step, and the
-    same with drafting free, ``T * t_AR / t_verify``. A target above the free-drafting
-    bound needs a cheaper verification pass, not better acceptance or cheaper drafts."""
+def step_costs(rows: list[dict]) -> list[dict]:
+    """Where a decoding step's time goes at each batch size that has both strategies, and
+    the self-speculative / autoregressive throughput ratio that the measured passes allow
+    (the cost-model bound): tokens per batch step over the step's pass time, for each
+    strategy. Also the bound with drafting free: a target above it needs a cheaper
+    verification pass, not better acceptance or cheaper drafts. A batch step counts every
+    row until the batch's last row finishes: self-speculative rows advance at their own
+    pace, so the slowest row holds the batch and finished rows' slots are computed for
+    nothing (``active``: the share of row slots still decoding)."""
     by_key = {(row["batch_size"], row["path"]): row for row in rows if row.get("steps")}
+
+    def per_step(of: dict, kind: str) -> float:
+        spent, _ = of["pass_seconds"].get(kind, (0.0, 0))
+        return spent / of["steps"]
+
+    def tokens_per_step(of: dict) -> float:  # each row's first token comes from prefill
+        return (of["tokens"] - of["prompts"]) / of["steps"]
+
+    costs = []
     for (size, path), row in by_key.items():
         autoregressive = by_key.get((size, "autoregressive"))
         if path != "self_speculative" or autoregressive is None:
             continue
-
-        def per_step(of: dict, kind: str) -> float:
-            spent, _ = of["pass_seconds"].get(kind, (0.0, 0))
-            return spent / of["steps"]
-
         ar_pass = per_step(autoregressive, "early")
+        ar_rate = tokens_per_step(autoregressive) / ar_pass
         drafts = per_step(row, "greedy_drafts") + per_step(row, "early")
         verify = per_step(row, "verify")
-        # Tokens an active row gains per step (each row's first token comes from prefill).
-        gained = (row["tokens"] - row["prompts"]) / row["row_steps"]
+        gained = tokens_per_step(row)
+        costs.append(
+            {
+                "batch_size": size,
+                "autoregressive_pass_seconds": ar_pass,
+                "autoregressive_tokens_per_step": tokens_per_step(autoregressive),
+                "draft_seconds": drafts,
+                "verify_seconds": verify,
+                "tokens_per_step": gained,
+                "active": row["row_steps"] / (row["steps"] * size),
+                "bound": gained / (drafts + verify) / ar_rate,
+                "bound_drafting_free": gained / verify / ar_rate,
+            }
+        )
+    return costs
+
+
+def print_step_costs(rows: list[dict]) -> None:
+    for cost in step_costs(rows):
         print(
-            f"batch {size} step costs: autoregressive pass {ar_pass * 1e3:.1f} ms (1 token a "
-            f"row); self-speculative drafts {drafts * 1e3:.1f} ms + verification "
-            f"{verify * 1e3:.1f} ms ({gained:.2f} tokens a row); self-speculative / "
-            f"autoregressive at most {gained * ar_pass / (drafts + verify):.2f}x from these "
-            f"passes, {gained * ar_pass / verify:.2f}x with drafting free"
+            f"batch {cost['batch_size']} steps: autoregressive pass "
+            f"{cost['autoregressive_pass_seconds'] * 1e3:.1f} ms for "
+            f"{cost['autoregressive_tokens_per_step']:.2f} tokens; self-speculative drafts "
+            f"{cost['draft_seconds'] * 1e3:.1f} ms + verification "
+            f"{cost['verify_seconds'] * 1e3:.1f} ms for {cost['tokens_per_step']:.2f} tokens "
+            f"({cost['active']:.0%} of row slots active); self-speculative / autoregressive "
+            f"at most {cost['bound']:.2f}x from these passes, "
+            f"{cost['bound_drafting_free']:.2f}x with drafting free"
         )
 
 

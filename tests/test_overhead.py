@@ -62,3 +62,39 @@ def test_verify_cost_times_k_plus_one_tokens_through_the_upper_layers(
     assert calls[0] == (16, 0, num_layers, 0)  # the context, once
     # Every timed pass: 3 tokens through [1, L) over the same 16-position cache.
     assert len(calls) > 2 and set(calls[1:]) == {(3, 1, num_layers, 16)}
+
+
+def test_engine_step_costs_bound_the_batch_ratio_from_pass_times(monkeypatch) -> None:
+    """benchmarks/engine.py's batch breakdown: tokens per batch step over pass time for each
+    strategy. Here self-speculation gains 20 tokens per step (of 8 rows x 4 slots) for
+    10 + 30 ms, autoregressive decoding 8 tokens for 10 ms: at most (20 / 40) / (8 / 10)
+    = 0.625x, and 0.833x with drafting free."""
+    monkeypatch.syspath_prepend(str(_PATH.parent))
+    import engine
+
+    rows = [
+        {
+            "batch_size": 8,
+            "path": "autoregressive",
+            "prompts": 8,
+            "tokens": 8 + 8 * 100,
+            "steps": 100,
+            "row_steps": 800,
+            "pass_seconds": {"early": [1.0, 100]},
+        },
+        {
+            "batch_size": 8,
+            "path": "self_speculative",
+            "prompts": 8,
+            "tokens": 8 + 20 * 50,
+            "steps": 50,
+            "row_steps": 300,
+            "pass_seconds": {"greedy_drafts": [0.5, 50], "verify": [1.5, 50]},
+        },
+    ]
+    (cost,) = engine.step_costs(rows)
+    assert cost["tokens_per_step"] == pytest.approx(20.0)
+    assert cost["bound"] == pytest.approx(0.625)
+    assert cost["bound_drafting_free"] == pytest.approx(20 / 30e-3 / 800)
+    assert cost["active"] == pytest.approx(0.75)
+    assert engine.step_costs(rows[:1]) == []  # no self-speculative row: nothing to bound
