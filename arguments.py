@@ -62,11 +62,13 @@ MAX_SEED = 2**32 - 1  # numpy's limit (lm-eval seeds numpy with it); torch takes
 
 
 def check_output_dir(path: str, flag: str = "--output_dir") -> None:
-    """Refuse, before any work, an output directory that is a file or lies under one.
+    """Refuse, before any work, an output directory that is empty, a file or under one.
 
     Raises:
         ConfigError: naming the path and the file in the way.
     """
+    if not path.strip():  # Path("") is the current directory: never what was meant
+        raise ConfigError(f"{flag} is empty (give a folder; '.' for the current one)")
     directory = Path(path).expanduser()
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"{flag} {path} is a file, not a directory (choose another {flag})")
@@ -110,6 +112,8 @@ class Arguments:
     """Globs of text files whose token counts rank the draft vocabulary."""
 
     def __post_init__(self) -> None:
+        if not self.model.strip():
+            raise ConfigError("--model is empty (give a model folder, hub id or .gguf file)")
         if self.draft_vocab_size < -1:
             raise ConfigError(
                 f"--draft_vocab_size must be >= 0 (or -1), got {self.draft_vocab_size}"
@@ -359,6 +363,8 @@ class BenchmarkArguments:
     a lone newline token puts small models off the text they were trained on."""
 
     def __post_init__(self) -> None:
+        if self.data_path is not None and not self.data_path.strip():
+            raise ConfigError("--data_path is empty (give a JSONL file or a saved dataset folder)")
         if self.num_samples is not None and self.num_samples < 1:
             raise ConfigError(f"--num_samples must be >= 1, got {self.num_samples}")
         if self.n_shot < 0:

@@ -27,7 +27,7 @@ from arguments import (
     run_main,
 )
 from data import load_examples
-from self_speculation import GenerationStrategyName
+from self_speculation import ConfigError, GenerationStrategyName
 from self_speculation import distributed as dist
 from self_speculation.benchmarking import (
     collect_rows,
@@ -63,6 +63,12 @@ def main(argv: list[str]) -> int:
         argv=argv,
         prog="correctness.py",
     )
+    if generation.strategies != [GenerationStrategyName.SELF_SPECULATIVE]:
+        # The comparison is fixed; another value would be ignored without a word.
+        raise ConfigError(
+            "correctness.py always compares autoregressive with self_speculative decoding: "
+            f"leave out --generation_strategy (got {generation.generation_strategy})"
+        )
     if generation.sample:
         logger.warning("--sample True: outputs are compared, but only greedy outputs must match")
     args.check_model(generation.config(GenerationStrategyName.SELF_SPECULATIVE))

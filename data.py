@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,10 +163,20 @@ def read_jsonl(path: str) -> list[Row]:
                     raise DataError(
                         f"{path}, line {line_number}: not valid JSON ({error.msg})"
                     ) from None
+                except (RecursionError, ValueError) as error:  # nested too deep, huge number
+                    reason = (
+                        "nested too deeply"
+                        if isinstance(error, RecursionError)
+                        else "a huge number"
+                    )
+                    raise DataError(
+                        f"{path}, line {line_number}: not valid JSON ({reason})"
+                    ) from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}, line {line_number}: expected a JSON object")
                 rows.append(row)
-    except (OSError, UnicodeDecodeError) as error:
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error) as error:
+        # EOFError, zlib.error: a .gz file cut short or corrupt
         raise DataError(f"cannot read {path}: {error}") from None
     if not rows:
         raise DataError(f"{path} holds no rows")
@@ -189,6 +200,8 @@ def _from_disk(path: str, split: str) -> tuple[list[Row], list[Row] | None]:
 
     try:
         loaded = datasets.load_from_disk(path)
+    except IndexError:  # datasets cannot reopen a dataset saved with no rows (no shards)
+        raise DataError(f"{path} holds no rows") from None
     except (FileNotFoundError, OSError, ValueError) as error:
         raise DataError(
             f"{path} is not a directory saved by datasets' save_to_disk ({error})"
@@ -265,6 +278,8 @@ def load_examples(args: BenchmarkArguments, seed: int) -> list[EvaluationExample
     spec = _spec(name, args)
     rows, shot_pool = _load_rows(name, spec, args.data_path, args.n_shot > 0)
     where = args.data_path or spec.hub_path or name.value
+    if not rows:  # an empty split of a saved DatasetDict, say
+        raise DataError(f"{where} holds no rows")
     if name is DatasetName.CUSTOM_JSONL and not any(args.response_field in row for row in rows):
         spec = _prompt_only_spec(args.prompt_field)
         if args.n_shot:

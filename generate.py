@@ -78,7 +78,7 @@ class GenerateArguments:
 
 def read_prompts(stream: TextIO | None = None) -> Iterator[str]:
     """Prompts from ``stream`` (default: the current ``sys.stdin``), one per line; a trailing
-    backslash joins the next line."""
+    backslash joins the next line (at the end of the input, it ends the prompt)."""
     stream = sys.stdin if stream is None else stream
     if hasattr(stream, "reconfigure"):  # undecodable bytes: a one-line error, not a crash
         stream.reconfigure(errors="surrogateescape")
@@ -88,7 +88,9 @@ def read_prompts(stream: TextIO | None = None) -> Iterator[str]:
             sys.stderr.write("... " if pending else "\n>>> ")
             sys.stderr.flush()
         line = stream.readline()
-        if not line:  # EOF
+        if not line:  # EOF: a prompt still waiting for its continuation is answered too
+            if "".join(pending).strip():
+                yield "\n".join(pending)
             return
         line = line.rstrip("\n")
         if line.endswith("\\"):

@@ -26,7 +26,7 @@ import torch
 from arguments import MAX_SEED, check_output_dir, parse_args, run_main
 from self_speculation.benchmarking import write_json_atomic
 from self_speculation.draft import load_draft_exit
-from self_speculation.errors import ConfigError, require_utf8
+from self_speculation.errors import ConfigError, require_thread_count, require_utf8
 from self_speculation.loading import DEFAULT_MODEL, DTYPES, inspect_model, load_model_and_tokenizer
 from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.training.data import pack_blocks, read_texts, resolve_files
@@ -44,7 +44,7 @@ class ReportConfig:
     data: list[str] = field(default_factory=list)  # globs of held-out text/code/JSONL files
     exclude: list[str] = field(default_factory=list)  # globs of paths to leave out
     text_field: str = "text"  # JSONL field holding the text
-    seq_len: int = 512  # tokens per evaluated sequence
+    seq_len: int = 0  # tokens per evaluated sequence; 0: 512, or the model's context if shorter
     max_tokens: int = 65536  # evaluate at most this many tokens per model (whole sequences)
     batch_size: int = 4
     dtype: str = "float32"  # computation dtype (bf16 weights are upcast exactly)
@@ -58,29 +58,47 @@ class ReportConfig:
     def __post_init__(self) -> None:
         if not self.data:
             raise ConfigError("give held-out data with --data GLOB...")
-        if self.seq_len < 2 or self.max_tokens < self.seq_len or self.batch_size < 1:
-            raise ConfigError("need seq_len >= 2, max_tokens >= seq_len and batch_size >= 1")
+        if self.seq_len and self.seq_len < 2:
+            raise ConfigError(f"--seq_len must be >= 2 (0: automatic), got {self.seq_len}")
+        if self.max_tokens < max(self.seq_len, 2) or self.batch_size < 1:
+            raise ConfigError("need max_tokens >= seq_len and batch_size >= 1")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
         if self.draft_vocab_size < -1 or self.exit_layer < 0:
             raise ConfigError("--draft_vocab_size must be >= -1 and --exit_layer >= 0")
         if self.draft_vocab_size > 0 and not self.draft_adapter and not self.exit_layer:
             raise ConfigError("a draft vocabulary without --draft_adapter needs --exit_layer E")
-        if self.num_threads < 0:
-            raise ConfigError(
-                f"--num_threads must be >= 0 (0: torch's default), got {self.num_threads}"
-            )
+        require_thread_count(self.num_threads)
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
+
+
+DEFAULT_SEQ_LEN = 512
+
+
+def check_seq_len(name: str, seq_len: int, context_length: int | None) -> None:
+    """Refuse sequences longer than the model's context: positions past it were never
+    trained, and the figures would describe a model run outside its range.
+
+    Raises:
+        ConfigError: naming the model and its context.
+    """
+    if context_length is not None and seq_len > context_length:
+        raise ConfigError(
+            f"--seq_len {seq_len} is longer than the context of {name} "
+            f"({context_length} tokens): choose --seq_len <= {context_length}"
+        )
 
 
 def report_model(name: str, texts: list[str], config: ReportConfig) -> dict:
     """The report section of one model: its per-exit table and what it was measured on."""
     model, tokenizer = load_model_and_tokenizer(name, dtype=config.dtype, device="cpu")
-    blocks = pack_blocks(tokenizer, texts, config.seq_len)  # [num_blocks, seq_len]
-    blocks = blocks[: max(1, config.max_tokens // config.seq_len)]
-    logger.info("%s: %d sequences of %d tokens", name, len(blocks), config.seq_len)
     layerwise = LayerwiseModel(model)
+    seq_len = config.seq_len or min(DEFAULT_SEQ_LEN, layerwise.context_length or DEFAULT_SEQ_LEN)
+    check_seq_len(name, seq_len, layerwise.context_length)
+    blocks = pack_blocks(tokenizer, texts, seq_len)  # [num_blocks, seq_len]
+    blocks = blocks[: max(1, config.max_tokens // seq_len)]
+    logger.info("%s: %d sequences of %d tokens", name, len(blocks), seq_len)
     rows: list[ExitQuality] = exit_quality(layerwise, blocks, config.batch_size)
     section = {
         "model": name,
@@ -159,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     (config,) = parse_args(ReportConfig, argv=argv, prog="layer_report.py")
     check_output_dir(config.output_dir)
     for name in [config.model, *config.compare]:
-        inspect_model(name)  # config.json and weight files, before reading any data
+        facts = inspect_model(name)  # config.json and weight files, before reading any data
+        if facts is not None and config.seq_len:
+            check_seq_len(name, config.seq_len, facts.context_length)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)

@@ -89,6 +89,17 @@ class SweepArguments:
             raise ConfigError("--exit_layer_last must be >= --exit_layer_first")
         if not 1 <= self.num_speculations_first <= self.num_speculations_last:
             raise ConfigError("need 1 <= --num_speculations_first <= --num_speculations_last")
+        if self.output_file is not None and not self.output_file.strip():
+            raise ConfigError("--output_file is empty (give a CSV path)")
+        if self.output_file is not None and Path(self.output_file).suffix.lower() in (
+            ".png",
+            ".json",
+        ):
+            # The plot and the summary go beside the CSV as <stem>.png and <stem>.json.
+            raise ConfigError(
+                f"--output_file {self.output_file}: the plot and summary are written to "
+                "<stem>.png and <stem>.json beside the CSV and would overwrite it; give a .csv path"
+            )
 
     def grid(self, num_layers: int) -> list[tuple[int, int]]:
         """(exit_layer, num_speculations) points, exit layer major."""

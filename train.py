@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 
+from arguments import check_output_dir, error_line
 from self_speculation.errors import LayerSkipError
 from self_speculation.training.config import TrainConfig, parse_config
 from self_speculation.training.loop import TrainingInterrupted, train
@@ -29,9 +30,10 @@ from self_speculation.training.loop import TrainingInterrupted, train
 def main(argv: list[str] | None = None) -> int:
     try:
         config: TrainConfig = parse_config(argv, prog="train.py")
+        check_output_dir(config.training.output_dir)  # before the data is read
         train(config)
-    except LayerSkipError as error:
-        sys.stderr.write(f"train.py: error: {error}\n")
+    except (LayerSkipError, OSError) as error:  # OSError: an output file that cannot be written
+        sys.stderr.write(f"train.py: error: {error_line(error)}\n")
         return 2
     except TrainingInterrupted as stop:
         sys.stderr.write(f"train.py: interrupted: {stop}\n")

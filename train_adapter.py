@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,7 +46,7 @@ from self_speculation.adapter_training import (
 from self_speculation.benchmarking import environment_info, write_json_atomic
 from self_speculation.distributed import DistributedContext
 from self_speculation.draft import AdapterConfig, DraftExit, ExitAdapter, save_adapter
-from self_speculation.errors import ConfigError
+from self_speculation.errors import ConfigError, require_thread_count
 from self_speculation.loading import DTYPES, check_device, load_model_and_tokenizer
 from self_speculation.training.data import pack_blocks, read_texts, resolve_files
 
@@ -107,6 +108,8 @@ class AdapterTrainArguments:
         if not self.output_dir:
             raise ConfigError("give --output_dir for the adapter folder")
         check_output_dir(self.output_dir)
+        if self.cache_dir:
+            check_output_dir(self.cache_dir, "--cache_dir")  # was "<path>: File exists"
         if self.exit_layer < 1:
             raise ConfigError(f"--exit_layer must be >= 1, got {self.exit_layer}")
         if not self.data and self.chat_prompts == 0:
@@ -138,6 +141,7 @@ class AdapterTrainArguments:
             raise ConfigError(
                 "--draft_vocab_size and --num_threads must be >= 0, --held_out_blocks >= 1"
             )
+        require_thread_count(self.num_threads)
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
         if any(layer < 1 for layer in self.cache_exit_layers):
@@ -231,6 +235,18 @@ def train_adapter(args: AdapterTrainArguments, model=None, tokenizer=None) -> di
         )
     if any(layer >= layerwise.num_layers for layer in args.cache_exit_layers):
         raise ConfigError(f"--cache_exit_layers must be below {layerwise.num_layers}")
+    context = layerwise.context_length
+    if context is not None and args.seq_len > context:  # positions it was never trained on
+        raise ConfigError(
+            f"--seq_len {args.seq_len} is longer than the model's context ({context} tokens)"
+        )
+    vocab_size = layerwise.lm_head.weight.shape[0]
+    for name in ("top_k", "draft_vocab_size"):  # before the targets, not after an hour
+        if getattr(args, name) > vocab_size:
+            raise ConfigError(
+                f"--{name} must be at most the model's vocabulary ({vocab_size} tokens), "
+                f"got {getattr(args, name)}"
+            )
     init_layer = layerwise.num_layers - 1 if args.init_layer == -1 else args.init_layer
     base_checksum = _checksum(model)
     record: dict = {
@@ -271,7 +287,6 @@ def train_adapter(args: AdapterTrainArguments, model=None, tokenizer=None) -> di
     logger.info("targets for %d of %d blocks", done, len(blocks))
 
     # Phase 2: the adapter.
-    vocab_size = layerwise.lm_head.weight.shape[0]
     ranking = rank_draft_vocab(train_set, vocab_size)
     vocab = ranking[: args.draft_vocab_size].sort().values if args.draft_vocab_size else None
     plain = DraftExit(layerwise, None, vocab)
@@ -378,10 +393,18 @@ def _save_checkpoint(path: Path, adapter, optimizer, schedule, step: int) -> Non
 def _resume(path: Path, adapter, optimizer, schedule) -> int:
     if not path.exists():
         return 0
-    state = torch.load(path, weights_only=True)
-    adapter.load_state_dict(state["adapter"])
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
+    try:
+        state = torch.load(path, weights_only=True)
+        adapter.load_state_dict(state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        int(state["step"])
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError):
+        # Cut short, overwritten, or from an adapter of another shape.
+        raise ConfigError(
+            f"{path} is not a checkpoint of this adapter training: delete it to start over, "
+            "or choose another --output_dir"
+        ) from None
     logger.info("resumed at step %d", state["step"])
     return int(state["step"])
 

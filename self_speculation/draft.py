@@ -277,8 +277,9 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
         config = AdapterConfig(**raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
-        raise ConfigError(f"--draft_adapter: {config_file} is malformed ({error})") from None
+    except (ValueError, TypeError, RecursionError) as error:  # not JSON / UTF-8, wrong keys
+        reason = "JSON nested too deeply" if isinstance(error, RecursionError) else error
+        raise ConfigError(f"--draft_adapter: {config_file} is malformed ({reason})") from None
     if config.num_speculations is not None and (
         not isinstance(config.num_speculations, int) or config.num_speculations < 1
     ):

@@ -47,3 +47,17 @@ def require_utf8(text: str, where: str, from_bytes: bool = False) -> None:
         raise ConfigError(
             f"{where} is not valid UTF-8 text ({what} at character {error.start})"
         ) from None
+
+
+MAX_THREADS = 1024  # torch fails to start (or crashes on) tens of thousands of threads
+
+
+def require_thread_count(value: int, flag: str = "--num_threads") -> None:
+    """Refuse a CPU thread count torch cannot use: negative, or so large that starting the
+    threads aborts the process (``libgomp: Thread creation failed``) or overflows.
+
+    Raises:
+        ConfigError: naming ``flag`` and the allowed range.
+    """
+    if not 0 <= value <= MAX_THREADS:
+        raise ConfigError(f"{flag} must be in [0, {MAX_THREADS}] (0: torch's default), got {value}")

@@ -267,6 +267,9 @@ def _read_json(path: Path) -> Any:
         raise ModelLoadError(
             f"{path} is not valid JSON (line {error.lineno}: {error.msg})"
         ) from None
+    except (RecursionError, ValueError) as error:  # nested too deep, a huge number
+        reason = "nested too deeply" if isinstance(error, RecursionError) else "a huge number"
+        raise ModelLoadError(f"{path} is not valid JSON ({reason})") from None
     except OSError as error:
         raise ModelLoadError(f"cannot read {path}: {error.strerror or error}") from None
 

@@ -88,6 +88,10 @@ class LayerwiseModel:
         self.context_length: int | None = (
             getattr(self.config, "max_position_embeddings", None) or None
         )
+        if self.context_length is not None and self.context_length < 1:  # --model_args, say
+            raise UnsupportedModelError(
+                f"{owner}: max_position_embeddings must be >= 1, got {self.context_length}"
+            )
         # Family scalars applied by the model's own forward outside its layers.
         self.embedding_multiplier = getattr(self.config, "embedding_multiplier", None)
         self.logits_scaling = getattr(self.config, "logits_scaling", None)

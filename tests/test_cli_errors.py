@@ -6,6 +6,7 @@ The scripts' ``main`` runs in this process through ``arguments.run_main`` (what
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import json
 import sys
@@ -40,7 +41,17 @@ def data_files(tmp_path: Path) -> dict[str, Path]:
     human_eval_no_tests.write_text(
         json.dumps({"prompt": "def f():\n", "canonical_solution": "    return 1\n"}) + "\n"
     )
+    deep_nesting = tmp_path / "deep_nesting.jsonl"  # json.loads: RecursionError
+    deep_nesting.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    huge_number = tmp_path / "huge_number.jsonl"  # json.loads: int digit limit (ValueError)
+    huge_number.write_text('{"prompt": "a", "response": "b", "n": ' + "9" * 5000 + "}\n")
+    truncated_gz = tmp_path / "truncated.jsonl.gz"  # gzip: EOFError
+    compressed = gzip.compress(good.read_bytes() * 20)
+    truncated_gz.write_bytes(compressed[: len(compressed) // 2])
     return {
+        "deep_nesting": deep_nesting,
+        "huge_number": huge_number,
+        "truncated_gz": truncated_gz,
         "good": good,
         "malformed": malformed,
         "missing_field": missing_field,
@@ -131,6 +142,99 @@ CASES = [
         ["--dataset", "human_eval", "--data_path", "DATA:human_eval_no_tests"]
         + ["--execute_code", True],
         "--execute_code True: sample 0 has no task_id, test, entry_point",
+    ),
+    # JSON that json.loads refuses with a RecursionError or a plain ValueError, and a .gz
+    # file cut short (EOFError): tracebacks before, not a JSONDecodeError
+    (
+        "benchmark",
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:deep_nesting"],
+        "deep_nesting.jsonl, line 1: not valid JSON (nested too deeply)",
+    ),
+    (
+        "sweep",
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:huge_number"],
+        "huge_number.jsonl, line 1: not valid JSON (a huge number)",
+    ),
+    (
+        "benchmark",
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:truncated_gz"],
+        "Compressed file ended before the end-of-stream marker was reached",
+    ),
+    (
+        "layer_report",
+        ["--data", "DATA:deep_nesting", "--seq_len", 16],
+        "not JSON (nested too deeply)",
+    ),
+    # empty strings: "" was the current directory ("data file not found: ", ". has no
+    # config.json") or, for --output_file, silently the default
+    ("benchmark", ["--dataset", "custom_jsonl", "--data_path", " "], "--data_path is empty"),
+    ("generate", ["--model", "", "--prompt", "hi"], "--model is empty"),
+    (
+        "sweep",
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:good", "--output_file", ""],
+        "--output_file is empty",
+    ),  # fmt: skip
+    # the sweep's plot and summary (<stem>.png, <stem>.json) overwrote such a CSV
+    (
+        "sweep",
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:good", "--output_file", "grid.json"],
+        "--output_file grid.json: the plot and summary are written to <stem>.png and "
+        "<stem>.json beside the CSV and would overwrite it",
+    ),
+    ("sweep", ["--output_file", "grid.png"], "would overwrite it"),
+    # correctness.py ignored the strategy it was given
+    (
+        "correctness",
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:good", "--exit_layer", 2]
+        + ["--num_speculations", 2, "--generation_strategy", "autoregressive"],
+        "always compares autoregressive with self_speculative decoding",
+    ),
+    # layer_report.py scored positions past the model's context without a word
+    (
+        "layer_report",
+        ["--data", "DATA:good", "--seq_len", 300, "--max_tokens", 300],
+        "--seq_len 300 is longer than the context of",
+    ),
+    # a thread count torch cannot start: a segfault, an abort or an overflow traceback
+    (
+        "layer_report",
+        ["--data", "DATA:good", "--num_threads", 10**6],
+        "--num_threads must be in [0, 1024] (0: torch's default), got 1000000",
+    ),
+    (
+        "train_adapter",
+        ["--exit_layer", 2, "--data", "DATA:good", "--num_threads", 2**31],
+        "--num_threads must be in [0, 1024]",
+    ),
+    # more than the vocabulary: a topk traceback after the targets, or a broken adapter
+    (
+        "train_adapter",
+        ["--exit_layer", 2, "--data", "DATA:good", "--top_k", 1000],
+        "--top_k must be at most the model's vocabulary (320 tokens), got 1000",
+    ),
+    (
+        "train_adapter",
+        ["--exit_layer", 2, "--data", "DATA:good", "--draft_vocab_size", 10**9],
+        "--draft_vocab_size must be at most the model's vocabulary (320 tokens)",
+    ),
+    # a negative context was reported as "num_speculations must be below the model's
+    # context (-1 tokens), got -1", for an autoregressive run
+    (
+        "generate",
+        ["--prompt", "hi", "--model_args", "max_position_embeddings=-1"],
+        "max_position_embeddings must be >= 1, got -1",
+    ),
+    # a file as the target cache was "<path>: File exists" after the model had loaded
+    (
+        "train_adapter",
+        ["--exit_layer", 2, "--data", "DATA:good", "--cache_dir", "DATA:good"],
+        "good.jsonl is a file, not a directory (choose another --cache_dir)",
+    ),
+    # distillation targets computed past the model's context, without a word
+    (
+        "train_adapter",
+        ["--exit_layer", 2, "--data", "DATA:good", "--seq_len", 300],
+        "--seq_len 300 is longer than the model's context (256 tokens)",
     ),
 ]
 
@@ -298,3 +402,159 @@ def test_developer_benchmarks_bad_flags_are_one_line(
     assert code == EXIT_ERROR and "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith(f"{script}.py: error: {message}")
+
+
+def test_empty_output_dir_is_one_line(tiny_model_dir: Path, monkeypatch, capsys) -> None:
+    """--output_dir "" was the current directory: files landed wherever the run started."""
+    argv = ["--model", tiny_model_dir, "--prompt", "hi", "--output_dir", ""]
+    code, stderr = run_in_process("generate", argv, monkeypatch, capsys)
+    assert code == EXIT_ERROR and "Traceback" not in stderr
+    assert stderr.strip() == (
+        "generate.py: error: --output_dir is empty (give a folder; '.' for the current one)"
+    )
+
+
+def test_config_json_nested_too_deeply_is_one_line(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A config.json json.loads refuses with a RecursionError, not a JSONDecodeError."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    argv = ["--model", model, "--prompt", "hi", "--output_dir", tmp_path / "logs"]
+    code, stderr = run_in_process("generate", argv, monkeypatch, capsys)
+    assert code == EXIT_ERROR and "Traceback" not in stderr
+    assert stderr.strip() == (
+        f"generate.py: error: {model / 'config.json'} is not valid JSON (nested too deeply)"
+    )
+
+
+def test_adapter_checkpoint_that_is_not_one_is_one_line(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A checkpoint.pt cut short or overwritten was an UnpicklingError traceback on resume."""
+    corpus = tmp_path / "corpus.py"
+    corpus.write_text("def add(a, b):\n    return a + b\n" * 40)
+    output = tmp_path / "adapter"
+    output.mkdir()
+    (output / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    argv = [
+        "--model", tiny_model_dir, "--exit_layer", 2, "--data", corpus, "--seq_len", 16,
+        "--max_target_tokens", 256, "--held_out_blocks", 2, "--batch_size", 2, "--epochs", 1,
+        "--top_k", 4, "--output_dir", output,
+    ]  # fmt: skip
+    code, stderr = run_in_process("train_adapter", argv, monkeypatch, capsys)
+    assert code == EXIT_ERROR and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "train_adapter.py: error:" in line]
+    assert errors == [
+        f"train_adapter.py: error: {output / 'checkpoint.pt'} is not a checkpoint of this "
+        "adapter training: delete it to start over, or choose another --output_dir"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # a NaN loss from the first step, the model still written
+        (["--learning_rate", "inf"], "--learning_rate must be a finite number > 0, got inf"),
+        (["--weight_decay", "nan"], "--weight_decay must be a finite number >= 0, got nan"),
+        (["--early_exit_e_scale", "inf"], "--early_exit_e_scale must be a finite number >= 0"),
+        # nan turned gradient clipping or the time budget off without a word
+        (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number >= 0, got nan"),
+        (["--max_minutes", "nan"], "--max_minutes must be a finite number >= 0, got nan"),
+        # torch's AdamW: a ValueError traceback
+        (["--adam_beta1", "2"], "--adam_beta1 must be in [0, 1), got 2.0"),
+        (["--adam_beta2", "nan"], "--adam_beta2 must be in [0, 1), got nan"),
+        # torch.manual_seed: an overflow traceback
+        (["--seed", str(2**60)], "--seed must be in [0, 4294967295], got 1152921504606846976"),
+        # the tokenizer trainer aborted the process reserving memory for it
+        (["--vocab_size", str(10**12)], "--vocab_size must be in [300, 1048576]"),
+        (["--num_threads", str(10**6)], "--num_threads must be in [0, 1024]"),
+        # a NotADirectoryError traceback (train.py did not turn OSError into a line)
+        (["--output_dir", "FILE/run"], "is a file, not a directory (choose another --output_dir)"),
+        # the model, tokenizer and checkpoints were written to the current directory
+        (["--output_dir", ""], "--output_dir is empty"),
+    ],
+)
+def test_train_bad_values_are_one_line(argv, message, tmp_path: Path, monkeypatch, capsys) -> None:
+    """train.py refuses values that crashed it or trained a NaN model, before any data."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    argv = [str(a_file) + item[4:] if item.startswith("FILE/") else item for item in argv]
+    base = ["--preset", "tiny", "--data", str(tmp_path / "*.py"), "--max_tokens", "64"]
+    base += ["--output_dir", str(tmp_path / "run")]
+    code, stderr = run_in_process("train", [*base, *argv], monkeypatch, capsys)
+    assert code == EXIT_ERROR and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "train.py: error:" in line]
+    assert len(errors) == 1 and message in errors[0], stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_saved_dataset_is_one_line(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A save_to_disk folder without rows was an IndexError from inside datasets."""
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_dict({"prompt": [], "response": []}).save_to_disk(str(folder))
+    argv = ["--model", tiny_model_dir, "--dataset", "custom_jsonl", "--data_path", folder]
+    code, stderr = run_in_process(
+        "benchmark", [*argv, "--output_dir", tmp_path / "logs"], monkeypatch, capsys
+    )
+    assert code == EXIT_ERROR and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "benchmark.py: error:" in line]
+    assert errors == [f"benchmark.py: error: {folder} holds no rows"]
+
+
+def test_prompt_continued_at_end_of_input_is_answered() -> None:
+    """A last line ending in a backslash (continued, then EOF) was dropped without a word."""
+    import io
+
+    from generate import read_prompts
+
+    assert list(read_prompts(io.StringIO("a\nb \\\nc\\\n"))) == ["a", "b \nc"]
+    assert list(read_prompts(io.StringIO("first\ndef f():\\"))) == ["first", "def f():"]
+    assert list(read_prompts(io.StringIO("first\n \\\n"))) == ["first"]  # nothing left
+
+
+@pytest.mark.parametrize(
+    ("flag", "content", "message"),
+    [
+        ("--recipe", b'{"flags": {"seq_len": "\xff"}}', "cannot read recipe"),
+        ("--recipe", b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply"),
+        ("--config_file", b'{"hidden_size": 64, "name": "caf\xe9"}', "cannot read architecture"),
+        ("--config_file", b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply"),
+    ],
+    ids=["recipe latin-1", "recipe nested", "architecture latin-1", "architecture nested"],
+)
+def test_train_unreadable_json_file_is_one_line(
+    flag, content, message, tmp_path, monkeypatch, capsys
+) -> None:
+    """A recipe or architecture file that is not UTF-8, or nested past Python's recursion
+    limit, was a UnicodeDecodeError / RecursionError traceback."""
+    path = tmp_path / "file.json"
+    path.write_bytes(content)
+    (tmp_path / "corpus.py").write_text("def add(a, b):\n    return a + b\n" * 20)
+    argv = ["--data", str(tmp_path / "*.py"), "--max_tokens", "64", "--vocab_size", "300"]
+    argv += [flag, str(path)]
+    argv += ["--output_dir", str(tmp_path / "run")]
+    code, stderr = run_in_process("train", argv, monkeypatch, capsys)
+    assert code == EXIT_ERROR
+    errors = [line for line in stderr.splitlines() if "train.py: error:" in line]
+    assert "Traceback" not in stderr and len(errors) == 1 and message in errors[0], stderr
+
+
+def test_adapter_config_nested_too_deeply_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """--draft_adapter with an adapter_config.json json.loads refuses with a RecursionError."""
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    argv = ["--prompt", "hi", "--draft_adapter", tmp_path / "adapter"]
+    code, stderr = run_in_process("generate", argv, monkeypatch, capsys)
+    assert code == EXIT_ERROR and "Traceback" not in stderr
+    assert stderr.strip() == (
+        f"generate.py: error: --draft_adapter: {tmp_path / 'adapter' / 'adapter_config.json'} "
+        "is malformed (JSON nested too deeply)"
+    )

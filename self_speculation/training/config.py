@@ -8,6 +8,7 @@ are command-line flags given before the real ones, so the command line overrides
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +17,15 @@ from typing import Any
 import simple_parsing
 
 from self_speculation.cli import FlagParser
-from self_speculation.errors import ConfigError
+from self_speculation.errors import ConfigError, require_thread_count
 from self_speculation.training.curriculum import Curriculum
 from self_speculation.training.early_exit_loss import ExitScale
 from self_speculation.training.layer_dropout import DropoutSchedule, DropoutShape
 from self_speculation.training.presets import PRESETS
+
+MIN_VOCAB_SIZE = 300  # 256 byte tokens + the special tokens
+MAX_VOCAB_SIZE = 2**20
+MAX_SEED = 2**32 - 1  # as the other scripts (numpy's limit); torch overflows far above it
 
 
 def _enum(enum_type: type, value: Any, flag: str) -> Any:
@@ -55,6 +60,13 @@ class ModelArguments:
             raise ConfigError(f"unknown preset '{self.preset}' (choose from {', '.join(PRESETS)})")
         if self.seq_len < 2:
             raise ConfigError(f"seq_len must be >= 2, got {self.seq_len}")
+        if not MIN_VOCAB_SIZE <= self.vocab_size <= MAX_VOCAB_SIZE:
+            # Checked now, not after reading the data; a huge size makes the tokenizer
+            # trainer abort the process trying to reserve memory for it.
+            raise ConfigError(
+                f"--vocab_size must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] for a byte-level "
+                f"BPE (256 bytes + specials), got {self.vocab_size}"
+            )
 
 
 @dataclass
@@ -103,8 +115,10 @@ class LayerSkipArguments:
             raise ConfigError(
                 f"--layer_dropout_p_max must be in [0, 1], got {self.layer_dropout_p_max}"
             )
-        if self.early_exit_e_scale < 0:
-            raise ConfigError(f"--early_exit_e_scale must be >= 0, got {self.early_exit_e_scale}")
+        if not 0 <= self.early_exit_e_scale < math.inf:  # nan / inf: a NaN loss
+            raise ConfigError(
+                f"--early_exit_e_scale must be a finite number >= 0, got {self.early_exit_e_scale}"
+            )
         if self.early_exit_rotation < 1:
             raise ConfigError(f"--early_exit_rotation must be >= 1, got {self.early_exit_rotation}")
         if not 0.0 < self.early_exit_position_fraction <= 1.0:
@@ -158,12 +172,22 @@ class TrainingArguments:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_minutes < 0 or self.save_every_minutes < 0:
-            raise ConfigError("--max_minutes and --save_every_minutes must be >= 0")
+        for name in ("max_minutes", "save_every_minutes", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:  # nan would turn the budget or clipping off unseen
+                raise ConfigError(f"--{name} must be a finite number >= 0, got {value}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.max_tokens == 0 and self.max_minutes == 0:
             raise ConfigError("give a budget: --max_tokens N and/or --max_minutes M")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 < self.learning_rate < math.inf:
+            raise ConfigError(
+                f"--learning_rate must be a finite number > 0, got {self.learning_rate}"
+            )
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
+        require_thread_count(self.num_threads)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.exit_layer != -1 and self.exit_layer < 1:
@@ -197,8 +221,9 @@ def recipe_arguments(path: str) -> list[str]:
     """
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"cannot read recipe {path}: {error}") from None
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON, not UTF-8
+        reason = "JSON nested too deeply" if isinstance(error, RecursionError) else error
+        raise ConfigError(f"cannot read recipe {path}: {reason}") from None
     flags = document.get("flags") if isinstance(document, dict) else None
     if not isinstance(flags, dict):
         raise ConfigError(f"recipe {path} must hold a JSON object with a 'flags' object")

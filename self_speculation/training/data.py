@@ -92,6 +92,9 @@ def _jsonl_texts(path: Path, lines: Iterable[str], text_field: str) -> Iterator[
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path}:{number}: not JSON ({error.msg})") from None
+        except (RecursionError, ValueError) as error:  # nested too deep, a huge number
+            reason = "nested too deeply" if isinstance(error, RecursionError) else "a huge number"
+            raise ConfigError(f"{path}:{number}: not JSON ({reason})") from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise ConfigError(f"{path}:{number}: no string field '{text_field}'")
         yield record[text_field]

@@ -72,8 +72,9 @@ def architecture_config(
     if config_file is not None:
         try:
             values = json.loads(Path(config_file).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise ConfigError(f"cannot read architecture file {config_file}: {error}") from None
+        except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON, not UTF-8
+            reason = "JSON nested too deeply" if isinstance(error, RecursionError) else error
+            raise ConfigError(f"cannot read architecture file {config_file}: {reason}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"architecture file {config_file} must hold a JSON object")
     elif preset is not None:
