@@ -132,8 +132,10 @@ def run(generator: Generator, config: GenerationConfig, prompts: list[list[int]]
 
 @torch.no_grad()
 def pass_times(generator: Generator, config: GenerationConfig, prompt: list[int]) -> dict:
-    """Seconds per call of the compiled passes: decode (layers [0, L) + head), draft
-    (layers [0, E) + draft exit) and verify, on one prompt's cache."""
+    """Seconds per call of the compiled passes, on one prompt's cache and with the inputs
+    laid out as the engine lays them out (so that they reuse its compiled code): decode
+    (layers [0, L) + head), one draft (the fused greedy drafts' call over [0, E) + draft
+    exit, divided by k) and verify."""
     strategy = generator._strategy(config, None)
     passes = strategy.passes
     state = strategy.prefill([prompt], generator.pad_token_id, 64, None)
@@ -143,6 +145,7 @@ def pass_times(generator: Generator, config: GenerationConfig, prompt: list[int]
     exit_states = torch.zeros(1, k + 1, hidden_size, dtype=generator.layerwise.dtype)
     verify_columns = columns + torch.arange(k + 1)
     made = torch.tensor([k])
+    last_draft = tokens.expand(1, k).contiguous()[:, k - 1 : k]  # a column of [batch, k]
 
     def timed(call, repeats: int = 30) -> float:
         for _ in range(3):
@@ -155,10 +158,16 @@ def pass_times(generator: Generator, config: GenerationConfig, prompt: list[int]
     args = (columns, state.cache, state.pad_counts)
     return {
         "decode": timed(lambda: passes.early(tokens, *args, layers)),
-        "draft": timed(lambda: passes.early(tokens, *args, exit_layer)),
+        "draft": timed(lambda: passes.greedy_drafts(tokens, *args, exit_layer, k)) / k,
         "verify": timed(
             lambda: passes.verify(
-                tokens, exit_states, made, verify_columns, state.cache, state.pad_counts, exit_layer
+                last_draft,
+                exit_states,
+                made,
+                verify_columns,
+                state.cache,
+                state.pad_counts,
+                exit_layer,
             )
         ),
     }
