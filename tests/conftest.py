@@ -28,6 +28,16 @@ from tiny_models import save_tiny_model  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread_after_each_test():
+    """Scripts run in-process set torch's thread count (``--threads 2``, say). Put it back
+    after each test: a child that test_bad_inputs.py forks from a pytest process whose
+    OpenMP pool ran with several threads deadlocks in its first parallel region."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny 4-layer Llama (GQA, tied) + tokenizer in save_pretrained form, fp32."""
