@@ -26,7 +26,7 @@ from typing import Any
 
 from arguments import BenchmarkArguments
 from self_speculation import LayerSkipError
-from self_speculation.errors import require_utf8
+from self_speculation.errors import json_refusal, require_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -159,18 +159,9 @@ def read_jsonl(path: str) -> list[Row]:
                     continue
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError as error:
+                except (RecursionError, ValueError) as error:
                     raise DataError(
-                        f"{path}, line {line_number}: not valid JSON ({error.msg})"
-                    ) from None
-                except (RecursionError, ValueError) as error:  # nested too deep, huge number
-                    reason = (
-                        "nested too deeply"
-                        if isinstance(error, RecursionError)
-                        else "a huge number"
-                    )
-                    raise DataError(
-                        f"{path}, line {line_number}: not valid JSON ({reason})"
+                        f"{path}, line {line_number}: not valid JSON ({json_refusal(error)})"
                     ) from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}, line {line_number}: expected a JSON object")

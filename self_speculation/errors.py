@@ -1,5 +1,16 @@
 """Errors a user can act on. Scripts print them as one line and exit non-zero."""
 
+import json
+
+
+def json_refusal(error: ValueError | RecursionError) -> str:
+    """Why ``json.loads`` refused a text, in a few words: its own message for malformed
+    JSON; "nested too deeply" (a RecursionError) and "a huge number" (a ValueError past
+    Python's integer digit limit) for the two refusals that carry no JSON message."""
+    if isinstance(error, json.JSONDecodeError):
+        return error.msg
+    return "nested too deeply" if isinstance(error, RecursionError) else "a huge number"
+
 
 class LayerSkipError(Exception):
     """Base class of every error meant for the user, not for a traceback."""

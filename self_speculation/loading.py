@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from self_speculation.errors import ConfigError, ModelLoadError
+from self_speculation.errors import ConfigError, ModelLoadError, json_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -268,8 +268,7 @@ def _read_json(path: Path) -> Any:
             f"{path} is not valid JSON (line {error.lineno}: {error.msg})"
         ) from None
     except (RecursionError, ValueError) as error:  # nested too deep, a huge number
-        reason = "nested too deeply" if isinstance(error, RecursionError) else "a huge number"
-        raise ModelLoadError(f"{path} is not valid JSON ({reason})") from None
+        raise ModelLoadError(f"{path} is not valid JSON ({json_refusal(error)})") from None
     except OSError as error:
         raise ModelLoadError(f"cannot read {path}: {error.strerror or error}") from None
 

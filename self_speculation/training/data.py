@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from self_speculation.errors import ConfigError
+from self_speculation.errors import ConfigError, json_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +90,8 @@ def _jsonl_texts(path: Path, lines: Iterable[str], text_field: str) -> Iterator[
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}:{number}: not JSON ({error.msg})") from None
-        except (RecursionError, ValueError) as error:  # nested too deep, a huge number
-            reason = "nested too deeply" if isinstance(error, RecursionError) else "a huge number"
-            raise ConfigError(f"{path}:{number}: not JSON ({reason})") from None
+        except (RecursionError, ValueError) as error:
+            raise ConfigError(f"{path}:{number}: not JSON ({json_refusal(error)})") from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise ConfigError(f"{path}:{number}: no string field '{text_field}'")
         yield record[text_field]
