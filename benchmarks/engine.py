@@ -283,9 +283,11 @@ def batch_throughput(
                 row_steps += sum(r.num_steps for r in results)
                 seconds += results[0].total_time
             timed, passes.pass_seconds = passes.pass_seconds, None
-            pass_seconds = {}
+            pass_seconds: dict[str, list] = {}  # pass kind -> [seconds, calls], over its keys
             for key, (spent, calls) in timed.items():
-                pass_seconds[key[0]] = [pass_seconds.get(key[0], [0.0])[0] + spent, calls]
+                totals = pass_seconds.setdefault(key[0], [0.0, 0])
+                totals[0] += spent
+                totals[1] += calls
             rows.append(
                 {
                     "batch_size": size,
