@@ -266,8 +266,11 @@ def batch_throughput(
         chunks = [prompts[start : start + size] for start in range(0, len(prompts), size)]
         for name, config in configs.items():
             compile_before = generator.compile_seconds
-            # Warm-up, untimed: compiles the shapes of this batch size.
-            generator.generate_batch(chunks[0], dataclasses.replace(config, max_steps=8))
+            # Warm-up, untimed: compiles the shapes of this batch size, and of the halves
+            # down to 2 rows, to which a compiled batch shrinks as its rows finish.
+            for smaller in _halves(size) if config.compile else [size]:
+                warm_up = dataclasses.replace(config, max_steps=8)
+                generator.generate_batch(chunks[0][:smaller], warm_up)
             if len(chunks[-1]) != size:
                 generator.generate_batch(chunks[-1], dataclasses.replace(config, max_steps=8))
             tokens = drafted = accepted = steps = row_steps = 0
@@ -308,6 +311,11 @@ def batch_throughput(
             logger.info("batch %d %s: %.1f tok/s", size, name, rows[-1]["tokens_per_second"])
             record(rows)
     return rows
+
+
+def _halves(size: int) -> list[int]:
+    """``size`` and its halves down to 2 (8 -> [8, 4, 2]; batch 1 is its own run)."""
+    return [size >> shift for shift in range(size.bit_length()) if size >> shift >= 2] or [size]
 
 
 def main(argv: list[str] | None = None) -> int:

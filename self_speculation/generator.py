@@ -343,6 +343,10 @@ class Generator:
         generated = [0] * batch  # host copy of generated_count
         reasons: list[str | None] = [None] * batch
         num_steps = [0] * batch
+        # Finished rows leave the batch (``_shrink``): ``rows[i]`` is the prompt whose
+        # sequence is in row i of the state now; a row's tokens are read when it leaves.
+        rows = list(range(batch))
+        token_ids: dict[int, list[int]] = {}
         streamer = streamer or Streamer()
         follow_tokens = streamer.wants_tokens or bool(config.stop_words)
 
@@ -360,50 +364,63 @@ class Generator:
             generated_count += kept
             # The step's one host synchronisation: how many tokens each row kept, and why
             # rows stopped.
+            size = len(rows)
             host = torch.cat([kept, reason_code]).tolist()
-            kept_list, codes = host[:batch], host[batch:]
+            kept_list, codes = host[:size], host[size:]
             new_token_lists = step.new_tokens.tolist() if follow_tokens else None
-            for row in range(batch):
-                if reasons[row] is not None or kept_list[row] == 0:
+            for index, row in enumerate(rows):
+                if reasons[row] is not None or kept_list[index] == 0:
                     continue
-                new_row = new_token_lists[row][: kept_list[row]] if new_token_lists else []
+                new_row = new_token_lists[index][: kept_list[index]] if new_token_lists else []
                 if config.stop_words:
-                    cut = _stop_word_cut(stop_words, state, row, generated[row], new_row)
+                    cut = _stop_word_cut(stop_words, state, index, generated[row], new_row)
                     if cut is not None:
-                        kept_list[row], new_row, codes[row] = cut, new_row[:cut], STOP_WORD
-                        generated_count[row] = generated[row] + cut
-                        reason_code[row] = STOP_WORD
-                generated[row] += kept_list[row]
-                if codes[row]:
-                    reasons[row] = _REASONS[codes[row]] if codes[row] != LIMIT else limits[row][1]
+                        kept_list[index], new_row, codes[index] = cut, new_row[:cut], STOP_WORD
+                        generated_count[index] = generated[row] + cut
+                        reason_code[index] = STOP_WORD
+                generated[row] += kept_list[index]
+                if codes[index]:
+                    reasons[row] = (
+                        _REASONS[codes[index]] if codes[index] != LIMIT else limits[row][1]
+                    )
                 if row == 0 and streamer.wants_tokens:
                     drafts = step.draft_tokens[0].tolist()
                     streamer.on_step(new_row, drafts, int(step.accepted_counts[0]))
             if all(reason is not None for reason in reasons):
                 break
-            active = reason_code == 0  # [batch]
-            remaining = max(
-                limits[row][0] - generated[row] for row in range(batch) if reasons[row] is None
-            )
+            keep = self._rows_to_keep(strategy, [reasons[row] is None for row in rows])
+            if keep is not None:
+                for index, row in enumerate(rows):
+                    if index not in keep:
+                        token_ids[row] = state.generated(index, generated[row])
+                state.select_rows(keep)
+                kept_rows = torch.tensor(keep, device=device)
+                limit, generated_count = limit[kept_rows], generated_count[kept_rows]
+                reason_code = reason_code[kept_rows]
+                rows = [rows[index] for index in keep]
+            active = reason_code == 0  # [rows]
+            remaining = max(limits[row][0] - generated[row] for row in rows if reasons[row] is None)
             # Never draft more than can be kept: k drafts yield up to k + 1 tokens.
             num_drafts = min(config.num_speculations, remaining - 1) if speculative else 0
             step = strategy.step(state, num_drafts, active)
-            for row in range(batch):
+            for row in rows:
                 num_steps[row] += reasons[row] is None
-            num_drafted += step.draft_tokens.shape[1] * active
-            num_accepted += step.accepted_counts * active
+            in_batch = torch.tensor(rows, device=device)
+            num_drafted.index_add_(0, in_batch, step.draft_tokens.shape[1] * active)
+            num_accepted.index_add_(0, in_batch, step.accepted_counts * active)
         _synchronize(device)
         total_time = time.perf_counter() - started
         streamer.on_end()
+        for index, row in enumerate(rows):
+            token_ids[row] = state.generated(index, generated[row])
         drafted, accepted = num_drafted.tolist(), num_accepted.tolist()
         results = []
         for row in range(batch):
-            token_ids = state.generated(row, generated[row])
-            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            text = self.tokenizer.decode(token_ids[row], skip_special_tokens=True)
             results.append(
                 GenerationResult(
                     text=text.removeprefix(healed_text[row]),
-                    token_ids=token_ids,
+                    token_ids=token_ids[row],
                     num_prompt_tokens=len(prompt_ids[row]),
                     stop_reason=reasons[row],
                     total_time=total_time,
@@ -415,6 +432,26 @@ class Generator:
                 )
             )
         return results
+
+
+    @staticmethod
+    def _rows_to_keep(strategy: GenerationStrategy, running: list[bool]) -> list[int] | None:
+        """The rows (indices into the current batch) to go on with, or None to keep all.
+
+        Finished rows leave as soon as a smaller batch runs without compiling anything:
+        in eager decoding, the running rows alone; in compiled decoding, the smallest
+        batch size already compiled that holds them (topped up with finished rows, whose
+        steps are ignored). A finished row that stays costs a full row of every pass.
+        """
+        count, size = sum(running), len(running)
+        fits = next(
+            (smaller for smaller in range(count, size) if strategy.can_run(smaller)), None
+        )
+        if fits is None:
+            return None
+        finished = [index for index in range(size) if not running[index]]
+        fillers = set(finished[: fits - count])
+        return [index for index in range(size) if running[index] or index in fillers]
 
 
 # Why a row stopped, as the codes kept on the device.

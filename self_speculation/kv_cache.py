@@ -78,6 +78,21 @@ class ColumnKVCache(Cache):
             values[rows, :, columns] = value_states.transpose(1, 2)
         return keys, values
 
+    def select_rows(self, rows: torch.Tensor, first_column: int = 0) -> None:
+        """Keep only ``rows`` (indices into the batch, in their new order) and the columns
+        from ``first_column`` on (left padding no kept row needs); the kept entries move to
+        fresh contiguous buffers, so that compiled passes see the layout they were
+        compiled for."""
+        for buffers in (self.keys, self.values):
+            for layer, buffer in enumerate(buffers):
+                if buffer is None:
+                    continue
+                buffers[layer] = buffer[rows, :, first_column:].contiguous()
+                if self.dynamic:
+                    torch._dynamo.maybe_mark_dynamic(buffers[layer], 2)
+        self.rows = len(rows)
+        self.capacity -= first_column
+
     def columns(self, layer_idx: int) -> int:
         """Columns of a layer's buffers (read from the buffer, so that a compiled caller
         can treat it as a dynamic size)."""

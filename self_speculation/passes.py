@@ -134,6 +134,10 @@ class ForwardPasses:
         logger.info("compiled %s in %.1f s", key[0], elapsed)
         return result
 
+    def ready(self, keys: list[tuple]) -> bool:
+        """Whether calls with these keys run without compiling (always, when eager)."""
+        return not self.compiled or all(key in self._seen for key in keys)
+
     def _counted(self, key: tuple, function: Callable, *args) -> object:
         if self.pass_seconds is None:
             return function(*args)

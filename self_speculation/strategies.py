@@ -65,6 +65,20 @@ class DecodingState:
         )
         self.lengths += counts
 
+    def select_rows(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (in that order): finished rows leave the batch, so that
+        later steps compute nothing for them. Left padding that none of the kept rows
+        needs is cut too (their columns all move left by the same amount; positions,
+        which count from each row's first real token, do not change)."""
+        index = torch.tensor(list(rows), device=self.lengths.device)
+        pad_counts = self.pad_counts[index]
+        first_column = int(pad_counts.min())
+        self.tokens = self.tokens[index, first_column:].contiguous()
+        self.lengths = self.lengths[index] - first_column
+        self.pad_counts = pad_counts - first_column
+        self.prompt_width -= first_column
+        self.cache.select_rows(index, first_column)
+
     def generated(self, row: int, count: int) -> list[int]:
         """The first ``count`` generated tokens of ``row``."""
         return self.tokens[row, self.prompt_width : self.prompt_width + count].tolist()
@@ -130,6 +144,15 @@ class GenerationStrategy(abc.ABC):
         """Columns a step may write past its last kept token (drafts that get rejected)."""
         return 1
 
+    @abc.abstractmethod
+    def pass_keys(self, batch_size: int) -> list[tuple]:
+        """The ``ForwardPasses`` keys a step at ``batch_size`` rows calls (what must be
+        compiled before a batch may shrink to that size without compiling mid-run)."""
+
+    def can_run(self, batch_size: int) -> bool:
+        """Whether a step at ``batch_size`` rows runs without compiling anything."""
+        return self.passes.ready(self.pass_keys(batch_size))
+
     def prefill(
         self,
         prompts: Sequence[Sequence[int]],
@@ -180,6 +203,9 @@ class AutoRegressiveGenerationStrategy(GenerationStrategy):
     def prefill_layers(self) -> int:
         return self.config.exit_layer
 
+    def pass_keys(self, batch_size: int) -> list[tuple]:
+        return [("early", self.config.exit_layer, batch_size)]
+
     def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
         logits, _ = self.passes.early(
             state.pending_tokens(),
@@ -216,6 +242,15 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
         # A row may end up to k past its limit (it keeps every accepted draft), and a
         # finished row's columns are still written (and ignored) while others go on.
         return 2 * (self.config.num_speculations + 1)
+
+    def pass_keys(self, batch_size: int) -> list[tuple]:
+        k, exit_layer = self.config.num_speculations, self.config.exit_layer
+        drafts = (
+            ("greedy_drafts", exit_layer, batch_size, k)
+            if self._fused_drafts
+            else ("early", exit_layer, batch_size)
+        )
+        return [drafts, ("verify", exit_layer, batch_size, k + 1)]
 
     @property
     def _fused_drafts(self) -> bool:

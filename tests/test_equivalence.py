@@ -165,7 +165,10 @@ def test_cache_before_the_pending_token_equals_a_fresh_prefill_after_every_step(
     single = generator.generate([5, 60, 7], speculative(exit_layer, 3, max_steps=30))
     assert single.num_steps > 3
     batch = generator.generate_batch([[5, 60, 7], [9, 8]], speculative(exit_layer, 3, max_steps=30))
-    assert len(checked_lengths) == single.num_steps + 2 * max(r.num_steps for r in batch)
+    # Each step checks the rows still in the batch: finished rows leave it (eager
+    # decoding shrinks it to the running rows), so every row is checked once per step of
+    # its own, including the steps after the batch shrank and its padding was cut.
+    assert len(checked_lengths) == single.num_steps + sum(r.num_steps for r in batch)
 
 
 def test_early_exit_autoregressive_uses_only_the_first_layers() -> None:
@@ -243,3 +246,27 @@ def test_confidence_threshold_shortens_drafts_and_keeps_outputs_exact() -> None:
         assert adaptive.token_ids == reference
     # A random model is never 99% sure: one draft per step, then verification.
     assert adaptive.num_drafted <= adaptive.num_steps < fixed.num_drafted
+
+
+@pytest.mark.parametrize("strategy", ["autoregressive", "self_speculative"])
+def test_finished_rows_leave_the_batch(strategy: str) -> None:
+    """Once a row stops, later steps run without it (eager: the running rows alone), and
+    every row still gets its single run's tokens and stop reason."""
+    generator = generator_for("llama_mha_untied")
+    free_runs = [generator.generate(prompt, greedy(30)).token_ids for prompt in BATCH_PROMPTS]
+    eos = free_runs[1][3]  # row 1 (the longest prompt, no padding) stops after 4 tokens
+    settings = dict(max_steps=30, stop_token_ids=[eos])
+    config = greedy(**settings) if strategy == "autoregressive" else speculative(2, 3, **settings)
+    singles = [generator.generate(prompt, config) for prompt in BATCH_PROMPTS]
+    passes = generator._passes(config)
+    passes.pass_seconds = {}
+    try:
+        results = generator.generate_batch(BATCH_PROMPTS, config)
+    finally:
+        timed, passes.pass_seconds = passes.pass_seconds, None
+    assert [r.token_ids for r in results] == [s.token_ids for s in singles]
+    assert [r.stop_reason for r in results] == [s.stop_reason for s in singles]
+    assert [r.num_steps for r in results] == [s.num_steps for s in singles]
+    assert len({r.num_steps for r in results}) > 1  # the rows finished apart
+    batch_sizes = {key[2] for key in timed}
+    assert max(batch_sizes) == 3 and min(batch_sizes) < 3

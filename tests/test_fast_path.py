@@ -7,6 +7,7 @@ a tiny model takes seconds to tens of seconds, so the checks share compiled gene
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -60,6 +61,32 @@ def test_fast_path_tokens_equal_the_eager_path_with_rows_finishing_apart(strateg
     assert [r.token_ids for r in longer] == [
         r.token_ids for r in generator.generate_batch(others, config(strategy, False, max_steps=40))
     ]
+
+
+@pytest.mark.slow
+def test_compiled_batches_shrink_only_to_compiled_sizes() -> None:
+    """Finished rows leave a compiled batch only for a batch size already compiled (never
+    a compilation mid-run): here 3 rows go straight to 1 once one row is left running."""
+    generator = generator_for("llama_mha_untied")  # its rows finish at different steps
+    speculative = config("self_speculative", True, max_steps=24)
+    generator.generate(PROMPTS[0], speculative)  # compiles batch size 1
+    eager = generator.generate_batch(PROMPTS, config("self_speculative", False, max_steps=24))
+    steps = sorted(r.num_steps for r in eager)
+    assert steps[0] < steps[1] < steps[2]  # two rows stop before the last one
+    generator.generate_batch(PROMPTS, dataclasses.replace(speculative, max_steps=2))  # batch 3
+    passes = generator._passes(speculative)
+    graphs, passes.pass_seconds = unique_graphs(), {}
+    try:
+        fast = generator.generate_batch(PROMPTS, speculative)
+    finally:
+        timed, passes.pass_seconds = passes.pass_seconds, None
+    assert unique_graphs() == graphs
+    assert [r.token_ids for r in fast] == [r.token_ids for r in eager]
+    calls = {}  # batch size -> verification calls
+    for key, (_, count) in timed.items():
+        if key[0] == "verify":
+            calls[key[2]] = calls.get(key[2], 0) + count
+    assert calls == {3: steps[1], 1: steps[2] - steps[1]}
 
 
 @pytest.mark.slow
