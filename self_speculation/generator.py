@@ -433,7 +433,6 @@ class Generator:
             )
         return results
 
-
     @staticmethod
     def _rows_to_keep(strategy: GenerationStrategy, running: list[bool]) -> list[int] | None:
         """The rows (indices into the current batch) to go on with, or None to keep all.
@@ -444,9 +443,7 @@ class Generator:
         steps are ignored). A finished row that stays costs a full row of every pass.
         """
         count, size = sum(running), len(running)
-        fits = next(
-            (smaller for smaller in range(count, size) if strategy.can_run(smaller)), None
-        )
+        fits = next((smaller for smaller in range(count, size) if strategy.can_run(smaller)), None)
         if fits is None:
             return None
         finished = [index for index in range(size) if not running[index]]
