@@ -503,10 +503,10 @@ def step_costs(rows: list[dict]) -> list[dict]:
     the self-speculative / autoregressive throughput ratio that the measured passes allow
     (the cost-model bound): tokens per batch step over the step's pass time, for each
     strategy. Also the bound with drafting free: a target above it needs a cheaper
-    verification pass, not better acceptance or cheaper drafts. A batch step counts every
-    row until the batch's last row finishes: self-speculative rows advance at their own
-    pace, so the slowest row holds the batch and finished rows' slots are computed for
-    nothing (``active``: the share of row slots still decoding)."""
+    verification pass, not better acceptance or cheaper drafts. Self-speculative rows
+    advance at their own pace, so the slowest row holds the batch; finished rows leave it
+    for the smaller compiled sizes (``active``: the share of the full batch's row slots
+    still decoding; pass times per step average over the sizes the batch ran at)."""
     by_key = {(row["batch_size"], row["path"]): row for row in rows if row.get("steps")}
 
     def per_step(of: dict, kind: str) -> float:
@@ -550,7 +550,8 @@ def print_step_costs(rows: list[dict]) -> None:
             f"{cost['autoregressive_tokens_per_step']:.2f} tokens; self-speculative drafts "
             f"{cost['draft_seconds'] * 1e3:.1f} ms + verification "
             f"{cost['verify_seconds'] * 1e3:.1f} ms for {cost['tokens_per_step']:.2f} tokens "
-            f"({cost['active']:.0%} of row slots active); self-speculative / autoregressive "
+            f"({cost['active']:.0%} of the full batch's row slots running); "
+            "self-speculative / autoregressive "
             f"at most {cost['bound']:.2f}x from these passes, "
             f"{cost['bound_drafting_free']:.2f}x with drafting free"
         )

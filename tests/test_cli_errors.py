@@ -389,13 +389,26 @@ def test_adapter_benchmark_bad_flags_are_one_line(argv, message, monkeypatch, ca
         ("train_throughput", ["--preset", "huge"], "unknown preset 'huge' (choose from "),
         ("train_throughput", ["--device", "tpu9"], "unknown device 'tpu9' (valid here: "),
         ("train_throughput", ["--memory_exits", "30"], "--memory_exits must be at most"),
+        ("batch_bound", ["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+        ("batch_bound", ["--engine_json", "no/such.json"], "--engine_json: no such file"),
+        ("batch_bound", ["--engine_json", "README.md"], "--engine_json: "),
+        (
+            "batch_bound",
+            ["--engine_json", "models/layerskip-stdlib/config.json"],
+            "--engine_json has no",
+        ),
+        (
+            "batch_bound",
+            ["--exit_layer", "24", "--repeats", "1"],
+            "--exit_layer must be in [1, 24)",
+        ),
     ],
 )
 def test_developer_benchmarks_bad_flags_are_one_line(
     script, argv, message, monkeypatch, capsys
 ) -> None:
-    """benchmarks/overhead.py and benchmarks/train_throughput.py refuse bad values in one
-    line with exit 2 (they were tracebacks from deep inside a model build or a run)."""
+    """benchmarks/overhead.py, train_throughput.py and batch_bound.py refuse bad values in
+    one line with exit 2 (not tracebacks from deep inside a model build or a run)."""
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     code, stderr = run_in_process(script, argv, monkeypatch, capsys)

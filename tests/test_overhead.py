@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from self_speculation import Generator
+from self_speculation import ConfigError, Generator
 
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "overhead.py"
 
@@ -98,3 +101,36 @@ def test_engine_step_costs_bound_the_batch_ratio_from_pass_times(monkeypatch) ->
     assert cost["bound_drafting_free"] == pytest.approx(20 / 30e-3 / 800)
     assert cost["active"] == pytest.approx(0.75)
     assert engine.step_costs(rows[:1]) == []  # no self-speculative row: nothing to bound
+
+
+def test_batch_bound_prices_each_step_at_its_products_and_nothing_else(monkeypatch) -> None:
+    """benchmarks/batch_bound.py: a self-speculative step's products cost more than an
+    autoregressive step's (k drafts, then k + 1 verified positions per row), and a run's
+    bound is its tokens over prefill plus row-steps at the full batch's per-row cost."""
+    monkeypatch.syspath_prepend(str(_PATH.parent))
+    batch_bound = importlib.import_module("batch_bound")
+
+    model = make_tiny_model("llama_gqa_tied", dtype=torch.float32)
+    args = batch_bound.BoundArguments(batch_size=2, exit_layer=2, num_speculations=3, repeats=3)
+    timer = batch_bound.ProductTimer(args.repeats)
+    with torch.no_grad():
+        bounds = batch_bound.step_bounds(model, args, timer)
+    assert bounds["self_speculative_step"] > bounds["autoregressive_step"] > 0
+    assert bounds["layer_verified_positions"] > bounds["layer_one_position"] > 0
+
+    def row(size: int, path: str, tokens_per_second: float) -> dict:
+        return dict(
+            batch_size=size, path=path, row_steps=10, tokens=100, seconds=1.0,
+            tokens_per_second=tokens_per_second,
+        )  # fmt: skip
+
+    engine = {
+        "batch": [row(1, "self_speculative", 50.0), row(2, "autoregressive", 80.0)]
+        + [row(2, "self_speculative", 70.0)]
+    }
+    run = batch_bound.bound_run(engine, {"self_speculative_step": 0.02}, batch=2, prefill=0.4)
+    assert run["bound_self_speculative_tok_s"] == pytest.approx(100 / (0.4 + 10 * 0.02 / 2))
+    assert run["target_4x_batch1_tok_s"] == 200.0
+    assert run["target_1.2x_autoregressive_tok_s"] == pytest.approx(96.0)
+    with pytest.raises(ConfigError, match="no batch rows"):
+        batch_bound.bound_run({"batch": engine["batch"][1:]}, {}, batch=2, prefill=0.4)

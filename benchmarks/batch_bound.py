@@ -1,0 +1,282 @@
+"""The fastest a batched step could be on this machine: each product at its best rate.
+
+A decoding step of a Llama-shaped model is, arithmetically, its linear products (seven
+per layer, and the head) and its attention products. This script times each product of
+one step in isolation, at the step's exact shapes, on the faster of BLAS
+(``torch.nn.functional.linear``) and the few-row kernel (``cpu_kernels``), best of
+``--repeats``, and adds them up; norms, rotary, masks, softmax, cache writes and the
+decoding loop count as free. That sum bounds a step's pass time from below.
+
+With an ``engine.py`` result (``--engine_json``), it bounds that run's batched
+self-speculation: its prefill (the first B prompts, padded) and its row-steps at their
+products' best time, everything else free, against the issue's targets (4x the run's
+batch-1 self-speculation, 1.2x its batch-B autoregressive decoding).
+
+    python benchmarks/batch_bound.py --engine_json logs/engine-batch-shrink.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import simple_parsing
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from arguments import run_main  # noqa: E402
+from self_speculation import ConfigError, load_model_and_tokenizer  # noqa: E402
+from self_speculation.cpu_kernels import MAX_ROWS, load_few_row_kernel  # noqa: E402
+from self_speculation.errors import json_refusal  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import human_eval_prompts  # noqa: E402
+
+logger = logging.getLogger("batch_bound")
+
+
+@dataclass
+class BoundArguments:
+    """The model, step shapes and (optionally) the engine run to bound."""
+
+    model: str = "models/layerskip-stdlib"
+    batch_size: int = 8
+    exit_layer: int = 5
+    num_speculations: int = 5
+    columns: int = 287  # cache columns attention reads (longest prompt + steps + slack)
+    engine_json: str | None = None  # an engine.py result with batch rows to bound
+    repeats: int = 200
+    output: str | None = None  # write the bound (and the run's, with --engine_json) as JSON
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        for flag, value in (
+            ("--batch_size", self.batch_size),
+            ("--exit_layer", self.exit_layer),
+            ("--num_speculations", self.num_speculations),
+            ("--columns", self.columns),
+            ("--repeats", self.repeats),
+            ("--threads", self.threads),
+        ):
+            if value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if self.engine_json is not None and not Path(self.engine_json).is_file():
+            raise ConfigError(f"--engine_json: no such file: {self.engine_json}")
+        if self.output is not None and (not self.output or Path(self.output).is_dir()):
+            raise ConfigError(f"--output must be a file path, got '{self.output}'")
+
+
+def best_seconds(function, repeats: int) -> float:
+    """The fastest of ``repeats`` calls (after three warm-up calls)."""
+    for _ in range(3):
+        function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+class ProductTimer:
+    """Best time of ``x @ w.T`` for each (rows, weight) shape, over the backends."""
+
+    def __init__(self, repeats: int) -> None:
+        self.repeats = repeats
+        self.kernel = load_few_row_kernel()
+        self.cache: dict[tuple, float] = {}
+
+    def linear(self, rows: int, weight: torch.Tensor) -> float:
+        key = ("linear", rows, *weight.shape)
+        if key not in self.cache:
+            x = torch.randn(rows, weight.shape[1])
+            options = [lambda: torch.nn.functional.linear(x, weight)]
+            if self.kernel and rows <= MAX_ROWS:
+                options.append(lambda: torch.ops.layerskip.few_row_linear(x, weight))
+            self.cache[key] = min(best_seconds(option, self.repeats) for option in options)
+        return self.cache[key]
+
+    def attention(self, batch: int, kv_heads: int, queries: int, columns: int, dim: int):
+        """The two products of grouped attention: scores, then the weighted values."""
+        key = ("attention", batch, kv_heads, queries, columns, dim)
+        if key not in self.cache:
+            q = torch.randn(batch * kv_heads, queries, dim)
+            k = torch.randn(batch * kv_heads, dim, columns)
+            p = torch.randn(batch * kv_heads, queries, columns)
+            v = torch.randn(batch * kv_heads, columns, dim)
+            self.cache[key] = best_seconds(lambda: torch.bmm(q, k), self.repeats) + best_seconds(
+                lambda: torch.bmm(p, v), self.repeats
+            )
+        return self.cache[key]
+
+
+def layer_weights(model) -> list[torch.Tensor]:
+    """The seven product weights of one decoder layer ([out, in] each)."""
+    layer = model.model.layers[0]
+    attention, mlp = layer.self_attn, layer.mlp
+    modules = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
+    modules += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    return [module.weight.detach() for module in modules]
+
+
+def step_bounds(model, args: BoundArguments, timer: ProductTimer) -> dict[str, float]:
+    """Seconds of products in one autoregressive and one self-speculative step."""
+    config = model.config
+    weights = layer_weights(model)
+    head = model.lm_head.weight.detach()
+    kv_heads = config.num_key_value_heads
+    groups = config.num_attention_heads // kv_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layers, batch, exit_layer, k = (
+        config.num_hidden_layers,
+        args.batch_size,
+        args.exit_layer,
+        args.num_speculations,
+    )
+
+    def layer(rows_per_sequence: int) -> float:
+        rows = batch * rows_per_sequence
+        products = sum(timer.linear(rows, weight) for weight in weights)
+        attention = timer.attention(batch, kv_heads, groups * rows_per_sequence, args.columns, dim)
+        return products + attention
+
+    one, verified = layer(1), layer(k + 1)
+    head_one, head_verified = timer.linear(batch, head), timer.linear(batch * (k + 1), head)
+    autoregressive = layers * one + head_one
+    drafts = k * (exit_layer * one + head_one)
+    verification = exit_layer * one + (layers - exit_layer) * verified + head_verified
+    return {
+        "autoregressive_step": autoregressive,
+        "self_speculative_drafts": drafts,
+        "self_speculative_verification": verification,
+        "self_speculative_step": drafts + verification,
+        "layer_one_position": one,
+        "layer_verified_positions": verified,
+    }
+
+
+def prefill_bound(model, widths: list[int], args: BoundArguments, timer: ProductTimer) -> float:
+    """Seconds of products in the prefills of batches padded to ``widths`` (each of
+    ``--batch_size`` rows): every layer's products over all positions, causal attention
+    over the prompt, the head at the last position."""
+    config = model.config
+    weights = layer_weights(model)
+    kv_heads = config.num_key_value_heads
+    groups = config.num_attention_heads // kv_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    total = 0.0
+    for width in widths:
+        rows = args.batch_size * width
+        products = sum(timer.linear(rows, weight) for weight in weights)
+        # Causal: half the score matrix is needed; price half of the full products.
+        attention = timer.attention(args.batch_size, kv_heads, groups * width, width, dim) / 2
+        total += config.num_hidden_layers * (products + attention)
+        total += timer.linear(args.batch_size, model.lm_head.weight.detach())
+    return total
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+
+
+def batch_rows(engine: dict, batch: int) -> dict[tuple[int, str], dict]:
+    """The engine result's batch rows by (batch size, path), checked for what the bound
+    needs: both strategies at ``batch``, self-speculation at batch 1."""
+    found = engine.get("batch")
+    rows = {
+        (row.get("batch_size"), row.get("path")): row
+        for row in (found if isinstance(found, list) else [])
+        if isinstance(row, dict)
+    }
+    needed = [(batch, "autoregressive"), (batch, "self_speculative"), (1, "self_speculative")]
+    fields = ("row_steps", "tokens", "seconds", "tokens_per_second")
+    missing = [
+        key for key in needed if not all(_finite(rows.get(key, {}).get(name)) for name in fields)
+    ]
+    if missing:
+        raise ConfigError(
+            f"--engine_json has no batch rows with step counts for {missing} "
+            f"(run engine.py with --batch_sizes 1 {batch})"
+        )
+    return rows
+
+
+def bound_run(engine: dict, bounds: dict[str, float], batch: int, prefill: float) -> dict:
+    """The fastest the engine run's batched self-speculation could be: its prefill and
+    its row-steps at their products' best time, everything else free.
+
+    A row-step (one row through one step) is priced at the full batch's per-row cost,
+    the cheapest per row (smaller batches, to which a batch shrinks as rows finish, cost
+    more per row), so this is a lower bound on the time and an upper bound on the speed.
+    """
+    rows = batch_rows(engine, batch)
+    autoregressive, speculative = rows[batch, "autoregressive"], rows[batch, "self_speculative"]
+    steps_seconds = speculative["row_steps"] * bounds["self_speculative_step"] / batch
+    best = speculative["tokens"] / (prefill + steps_seconds)
+    return {
+        "measured_autoregressive_tok_s": autoregressive["tokens_per_second"],
+        "measured_self_speculative_tok_s": speculative["tokens_per_second"],
+        "measured_batch1_self_speculative_tok_s": rows[1, "self_speculative"]["tokens_per_second"],
+        "prefill_products_seconds": prefill,
+        "steps_products_seconds": steps_seconds,
+        "measured_seconds": speculative["seconds"],
+        "bound_self_speculative_tok_s": best,
+        "target_4x_batch1_tok_s": 4 * rows[1, "self_speculative"]["tokens_per_second"],
+        "target_1.2x_autoregressive_tok_s": 1.2 * autoregressive["tokens_per_second"],
+        "row_steps": speculative["row_steps"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = simple_parsing.parse(
+        BoundArguments, args=argv, add_option_string_dash_variants=False, allow_abbrev=False
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    engine = None
+    if args.engine_json is not None:
+        text = Path(args.engine_json).read_text()
+        try:
+            engine = json.loads(text)
+        except (ValueError, RecursionError) as error:
+            raise ConfigError(f"--engine_json: {json_refusal(error)}") from None
+        if not isinstance(engine, dict):
+            raise ConfigError("--engine_json: not an engine.py result (expected an object)")
+        batch_rows(engine, args.batch_size)
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model_and_tokenizer(args.model, "float32", "cpu")
+    if not 1 <= args.exit_layer < model.config.num_hidden_layers:
+        raise ConfigError(
+            f"--exit_layer must be in [1, {model.config.num_hidden_layers}), got {args.exit_layer}"
+        )
+    load = os.getloadavg()[0]
+    timer = ProductTimer(args.repeats)
+    with torch.no_grad():
+        bounds = step_bounds(model, args, timer)
+    document = {"arguments": vars(args), "load_average_1min_start": load, "step_seconds": bounds}
+    for name, seconds in bounds.items():
+        print(f"{name}: {seconds * 1e3:.2f} ms (products only, best rates)")
+    if engine is not None:
+        # engine.py's batch rows decode its first batch_size prompts, padded to the longest.
+        prompts = human_eval_prompts(args.batch_size)
+        widths = [max(len(tokenizer(prompt)["input_ids"]) for prompt in prompts)]
+        with torch.no_grad():
+            prefill = prefill_bound(model, widths, args, timer)
+        run = bound_run(engine, bounds, args.batch_size, prefill)
+        document["run"] = run
+        for name, value in run.items():
+            print(f"{name}: {value:.3g}" if isinstance(value, float) else f"{name}: {value}")
+    print(f"load average at the start: {load:.2f}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(document, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
