@@ -128,8 +128,10 @@ def test_batch_bound_prices_each_step_at_its_products_and_nothing_else(monkeypat
         "batch": [row(1, "self_speculative", 50.0), row(2, "autoregressive", 80.0)]
         + [row(2, "self_speculative", 70.0)]
     }
-    run = batch_bound.bound_run(engine, {"self_speculative_step": 0.02}, batch=2, prefill=0.4)
+    steps = {"self_speculative_step": 0.02, "autoregressive_step": 0.01}
+    run = batch_bound.bound_run(engine, steps, batch=2, prefill=0.4)
     assert run["bound_self_speculative_tok_s"] == pytest.approx(100 / (0.4 + 10 * 0.02 / 2))
+    assert run["bound_autoregressive_tok_s"] == pytest.approx(100 / (0.4 + 10 * 0.01 / 2))
     assert run["target_4x_batch1_tok_s"] == 200.0
     assert run["target_1.2x_autoregressive_tok_s"] == pytest.approx(96.0)
     with pytest.raises(ConfigError, match="no batch rows"):
