@@ -343,7 +343,7 @@ class Generator:
         generated = [0] * batch  # host copy of generated_count
         reasons: list[str | None] = [None] * batch
         num_steps = [0] * batch
-        # Finished rows leave the batch (``_shrink``): ``rows[i]`` is the prompt whose
+        # Finished rows leave the batch (``_rows_to_keep``): ``rows[i]`` is the prompt whose
         # sequence is in row i of the state now; a row's tokens are read when it leaves.
         rows = list(range(batch))
         token_ids: dict[int, list[int]] = {}
