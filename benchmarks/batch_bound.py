@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from arguments import run_main  # noqa: E402
 from self_speculation import ConfigError, load_model_and_tokenizer  # noqa: E402
 from self_speculation.cpu_kernels import MAX_ROWS, load_few_row_kernel  # noqa: E402
-from self_speculation.errors import json_refusal  # noqa: E402
+from self_speculation.errors import json_refusal, require_thread_count  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import human_eval_prompts  # noqa: E402
+from engine import DEFAULT_MODEL, human_eval_prompts  # noqa: E402
 
 logger = logging.getLogger("batch_bound")
 
@@ -46,7 +46,7 @@ logger = logging.getLogger("batch_bound")
 class BoundArguments:
     """The model, step shapes and (optionally) the engine run to bound."""
 
-    model: str = "models/layerskip-stdlib"
+    model: str = DEFAULT_MODEL
     batch_size: int = 8
     exit_layer: int = 5
     num_speculations: int = 5
@@ -54,19 +54,21 @@ class BoundArguments:
     engine_json: str | None = None  # an engine.py result with batch rows to bound
     repeats: int = 200
     output: str | None = None  # write the bound (and the run's, with --engine_json) as JSON
-    threads: int = 2
+    threads: int = 2  # 0: torch's default
 
     def __post_init__(self) -> None:
-        for flag, value in (
-            ("--batch_size", self.batch_size),
-            ("--exit_layer", self.exit_layer),
-            ("--num_speculations", self.num_speculations),
-            ("--columns", self.columns),
-            ("--repeats", self.repeats),
-            ("--threads", self.threads),
+        for flag, value, most in (
+            ("--batch_size", self.batch_size, 1024),
+            ("--exit_layer", self.exit_layer, None),
+            ("--num_speculations", self.num_speculations, 64),
+            ("--columns", self.columns, None),  # checked against the model's context
+            ("--repeats", self.repeats, None),
         ):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
+            if most is not None and value > most:
+                raise ConfigError(f"{flag} must be at most {most}, got {value}")
+        require_thread_count(self.threads, "--threads")
         if self.engine_json is not None and not Path(self.engine_json).is_file():
             raise ConfigError(f"--engine_json: no such file: {self.engine_json}")
         if self.output is not None and (not self.output or Path(self.output).is_dir()):
@@ -118,12 +120,34 @@ class ProductTimer:
 
 
 def layer_weights(model) -> list[torch.Tensor]:
-    """The seven product weights of one decoder layer ([out, in] each)."""
-    layer = model.model.layers[0]
-    attention, mlp = layer.self_attn, layer.mlp
-    modules = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
-    modules += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-    return [module.weight.detach() for module in modules]
+    """The seven product weights of one decoder layer ([out, in] each).
+
+    Raises:
+        ConfigError: the layer has other projections than a Llama's.
+    """
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers) or model.lm_head is None:
+        raise ConfigError("batch_bound.py times Llama-shaped decoders (model.layers, lm_head)")
+    layer = layers[0]
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    names += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    weights = []
+    for name in names:
+        module = layer.get_submodule(name) if _has(layer, name) else None
+        if not isinstance(getattr(module, "weight", None), torch.Tensor):
+            raise ConfigError(
+                f"the model's layers have no {name} (batch_bound.py times Llama-shaped layers)"
+            )
+        weights.append(module.weight.detach())
+    return weights
+
+
+def _has(module: torch.nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def step_bounds(model, args: BoundArguments, timer: ProductTimer) -> dict[str, float]:
@@ -180,6 +204,15 @@ def prefill_bound(model, widths: list[int], args: BoundArguments, timer: Product
         total += config.num_hidden_layers * (products + attention)
         total += timer.linear(args.batch_size, model.lm_head.weight.detach())
     return total
+
+
+def _same(name: str, measured: object, given: object) -> bool:
+    """Whether an engine run's setting is ours (model directories compare as paths)."""
+    if measured == given:
+        return True
+    if name != "model" or not isinstance(measured, str):
+        return False
+    return Path(measured).is_dir() and Path(measured).resolve() == Path(str(given)).resolve()
 
 
 def _finite(value: object) -> bool:
@@ -255,11 +288,25 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(engine, dict):
             raise ConfigError("--engine_json: not an engine.py result (expected an object)")
         batch_rows(engine, args.batch_size)
-    torch.set_num_threads(args.threads)
+        measured = engine.get("arguments")
+        measured = measured if isinstance(measured, dict) else {}
+        for name in ("model", "exit_layer", "num_speculations"):
+            if name in measured and not _same(name, measured[name], getattr(args, name)):
+                raise ConfigError(
+                    f"--engine_json measured {name} = {measured[name]!r}; pass "
+                    f"--{name} {measured[name]} to bound that run (got {getattr(args, name)!r})"
+                )
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model, "float32", "cpu")
-    if not 1 <= args.exit_layer < model.config.num_hidden_layers:
+    layer_weights(model)  # a Llama-shaped decoder, or a one-line error before any timing
+    layers = model.config.num_hidden_layers
+    if not 1 <= args.exit_layer < layers:
+        raise ConfigError(f"--exit_layer must be in [1, {layers}), got {args.exit_layer}")
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and args.columns > context + 2 * (args.num_speculations + 1):
         raise ConfigError(
-            f"--exit_layer must be in [1, {model.config.num_hidden_layers}), got {args.exit_layer}"
+            f"--columns must be at most the model's context ({context}), got {args.columns}"
         )
     load = os.getloadavg()[0]
     timer = ProductTimer(args.repeats)

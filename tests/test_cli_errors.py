@@ -402,6 +402,10 @@ def test_adapter_benchmark_bad_flags_are_one_line(argv, message, monkeypatch, ca
             ["--exit_layer", "24", "--repeats", "1"],
             "--exit_layer must be in [1, 24)",
         ),
+        ("batch_bound", ["--threads", "5000"], "--threads must be in [0, 1024]"),
+        ("batch_bound", ["--num_speculations", "1000"], "--num_speculations must be at most 64"),
+        ("batch_bound", ["--columns", "100000000"], "--columns must be at most the model's"),
+        ("batch_bound", ["--model", "tests"], "tests has no config.json"),
     ],
 )
 def test_developer_benchmarks_bad_flags_are_one_line(
@@ -570,4 +574,28 @@ def test_adapter_config_nested_too_deeply_is_one_line(tmp_path: Path, monkeypatc
     assert stderr.strip() == (
         f"generate.py: error: --draft_adapter: {tmp_path / 'adapter' / 'adapter_config.json'} "
         "is malformed (JSON nested too deeply)"
+    )
+
+
+def test_batch_bound_refuses_an_engine_run_of_other_settings(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Bounding a run measured with another k (or exit layer, or model) would print a
+    bound that belongs to neither: refused in one line, before any timing."""
+    row = dict(row_steps=10, tokens=100, seconds=1.0, tokens_per_second=100.0)
+    rows = [
+        dict(row, batch_size=size, path=path)
+        for size, path in ((1, "self_speculative"), (8, "autoregressive"), (8, "self_speculative"))
+    ]
+    engine = tmp_path / "engine.json"
+    engine.write_text(json.dumps({"arguments": {"num_speculations": 3}, "batch": rows}))
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    code, stderr = run_in_process(
+        "batch_bound", ["--engine_json", str(engine)], monkeypatch, capsys
+    )
+    assert code == EXIT_ERROR and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "batch_bound.py: error: --engine_json measured num_speculations = 3; pass "
+        "--num_speculations 3 to bound that run (got 5)"
     )
