@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,9 @@ class EngineArguments:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8])
     batch_compile: bool = False  # batch throughput on the fast path (compiles per batch size)
     skip_transformers: bool = False
+    # Also time batched self-speculation with finished rows kept to the end, interleaved
+    # with the default (rows leave the batch), in rounds: the gain of shedding in one run.
+    compare_shedding: bool = False
     paths: list[str] = field(default_factory=list)  # run only paths whose name contains one
     output: str = "logs/engine.json"
 
@@ -313,6 +317,39 @@ def batch_throughput(
     return rows
 
 
+def compare_shedding(
+    generator: Generator, config: GenerationConfig, prompts: list[str], rounds: int = 3
+) -> dict:
+    """Tokens/s of one batch with finished rows leaving it (the default) and kept to the
+    end, interleaved over ``rounds`` (after ``batch_throughput`` compiled the sizes)."""
+    speeds: dict[str, list[float]] = {"shed": [], "kept": []}
+    outputs: dict[str, list] = {}
+    try:
+        for _ in range(rounds):
+            for name in speeds:
+                generator.shed_finished_rows = name == "shed"
+                results = generator.generate_batch(prompts, config)
+                tokens = sum(result.num_generated_tokens for result in results)
+                speeds[name].append(tokens / results[0].total_time)
+                outputs[name] = [result.token_ids for result in results]
+    finally:
+        generator.shed_finished_rows = True
+    best = {name: max(values) for name, values in speeds.items()}
+    logger.info(
+        "batch %d self_speculative: %.1f tok/s shedding finished rows, %.1f keeping them",
+        len(prompts),
+        best["shed"],
+        best["kept"],
+    )
+    return {
+        "batch_size": len(prompts),
+        "tokens_per_second": speeds,
+        "best_ratio": best["shed"] / best["kept"],
+        "median_ratio": statistics.median(speeds["shed"]) / statistics.median(speeds["kept"]),
+        "identical_tokens": outputs["shed"] == outputs["kept"],
+    }
+
+
 def _halves(size: int) -> list[int]:
     """``size`` and its halves down to 2 (8 -> [8, 4, 2]; batch 1 is its own run)."""
     return [size >> shift for shift in range(size.bit_length()) if size >> shift >= 2] or [size]
@@ -437,6 +474,14 @@ def main(argv: list[str] | None = None) -> int:
             record()
 
         batch_throughput(generator, batch_configs, prompts, args.batch_sizes, record_batch)
+        if args.compare_shedding:
+            speculative_config = batch_configs["self_speculative"]
+            document["shedding"] = []
+            for size in (size for size in args.batch_sizes if size > 1):
+                document["shedding"].append(
+                    compare_shedding(generator, speculative_config, prompts[:size])
+                )
+                record()
     document["environment"]["load_average_1min_end"] = os.getloadavg()[0]
     record()
     print_table(document)
@@ -495,6 +540,13 @@ def print_table(document: dict) -> None:
             value = batch[size, path] / batch[size, "autoregressive"]
             print(f"batch {size} self_speculative / autoregressive: {value:.2f}x")
     print_step_costs(document.get("batch", []))
+    for shedding in document.get("shedding", []):
+        print(
+            f"batch {shedding['batch_size']} self_speculative, finished rows leaving / kept: "
+            f"{shedding['best_ratio']:.2f}x (best of rounds), "
+            f"{shedding['median_ratio']:.2f}x (medians), tokens identical: "
+            f"{shedding['identical_tokens']}"
+        )
     print(json.dumps(document["environment"]))
 
 

@@ -174,6 +174,9 @@ class Generator:
         self.pad_token_id = pad if pad is not None else min(self.eos_token_ids, default=0)
         self._forward_passes: dict[bool, ForwardPasses] = {}
         self._texts: list[str] | None = None
+        # Finished rows leave a batch (``_rows_to_keep``); False keeps every row to the end
+        # (benchmarks compare the two in one run).
+        self.shed_finished_rows = True
 
     @property
     def num_layers(self) -> int:
@@ -388,7 +391,9 @@ class Generator:
                     streamer.on_step(new_row, drafts, int(step.accepted_counts[0]))
             if all(reason is not None for reason in reasons):
                 break
-            keep = self._rows_to_keep(strategy, [reasons[row] is None for row in rows])
+            keep = None
+            if self.shed_finished_rows:
+                keep = self._rows_to_keep(strategy, [reasons[row] is None for row in rows])
             if keep is not None:
                 for index, row in enumerate(rows):
                     if index not in keep:

@@ -270,3 +270,11 @@ def test_finished_rows_leave_the_batch(strategy: str) -> None:
     assert len({r.num_steps for r in results}) > 1  # the rows finished apart
     batch_sizes = {key[2] for key in timed}
     assert max(batch_sizes) == 3 and min(batch_sizes) < 3
+    generator.shed_finished_rows = False  # every row to the end: one batch size throughout
+    passes.pass_seconds = {}
+    try:
+        kept = generator.generate_batch(BATCH_PROMPTS, config)
+    finally:
+        generator.shed_finished_rows, timed, passes.pass_seconds = True, passes.pass_seconds, None
+    assert [r.token_ids for r in kept] == [s.token_ids for s in singles]
+    assert {key[2] for key in timed} == {3}

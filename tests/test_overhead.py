@@ -12,7 +12,7 @@ import torch
 from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from self_speculation import ConfigError, Generator
+from self_speculation import ConfigError, GenerationConfig, Generator
 
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "overhead.py"
 
@@ -136,3 +136,34 @@ def test_batch_bound_prices_each_step_at_its_products_and_nothing_else(monkeypat
     assert run["target_1.2x_autoregressive_tok_s"] == pytest.approx(96.0)
     with pytest.raises(ConfigError, match="no batch rows"):
         batch_bound.bound_run({"batch": engine["batch"][1:]}, {}, batch=2, prefill=0.4)
+
+
+def test_engine_compares_shedding_finished_rows_in_one_run(monkeypatch) -> None:
+    """benchmarks/engine.py --compare_shedding: the same batch with finished rows leaving
+    and kept, interleaved; the same tokens either way, and the default restored."""
+    monkeypatch.syspath_prepend(str(_PATH.parent))
+    engine = importlib.import_module("engine")
+    from tiny_models import make_tiny_tokenizer
+
+    generator = Generator(make_tiny_model("llama_mha_untied"), make_tiny_tokenizer())
+    config = GenerationConfig(
+        max_steps=24,
+        sample=False,
+        generation_strategy="self_speculative",
+        exit_layer=2,
+        num_speculations=3,
+    )
+    calls = []
+    keep = generator._rows_to_keep
+
+    def recording(strategy, running):
+        calls.append(generator.shed_finished_rows)
+        return keep(strategy, running)
+
+    monkeypatch.setattr(generator, "_rows_to_keep", recording)
+    result = engine.compare_shedding(generator, config, [[5, 7, 9, 11, 13], [3, 4], [8, 8]], 2)
+    assert result["identical_tokens"] and result["batch_size"] == 3
+    assert [len(values) for values in result["tokens_per_second"].values()] == [2, 2]
+    assert result["best_ratio"] > 0 and result["median_ratio"] > 0
+    assert calls and all(calls)  # asked only while shedding is on
+    assert generator.shed_finished_rows
