@@ -12,7 +12,7 @@ self-speculation: its prefill (the first B prompts, padded) and its row-steps at
 products' best time, everything else free, against the issue's targets (4x the run's
 batch-1 self-speculation, 1.2x its batch-B autoregressive decoding).
 
-    python benchmarks/batch_bound.py --engine_json logs/engine-batch-shrink.json
+    python benchmarks/batch_bound.py --engine_json logs/engine-batch-shedding.json
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class BoundArguments:
             ("--exit_layer", self.exit_layer, None),
             ("--num_speculations", self.num_speculations, 64),
             ("--columns", self.columns, None),  # checked against the model's context
-            ("--repeats", self.repeats, None),
+            ("--repeats", self.repeats, 100_000),
         ):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
