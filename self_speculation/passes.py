@@ -134,6 +134,20 @@ class ForwardPasses:
         logger.info("compiled %s in %.1f s", key[0], elapsed)
         return result
 
+    # The keys of the compiled passes (one compiled version each). Strategies build them
+    # here too, to ask whether a batch size is compiled (``ready``).
+    @staticmethod
+    def early_key(end: int, batch: int) -> tuple:
+        return ("early", end, batch)
+
+    @staticmethod
+    def greedy_drafts_key(exit_layer: int, batch: int, count: int) -> tuple:
+        return ("greedy_drafts", exit_layer, batch, count)
+
+    @staticmethod
+    def verify_key(exit_layer: int, batch: int, positions: int) -> tuple:
+        return ("verify", exit_layer, batch, positions)
+
     def ready(self, keys: list[tuple]) -> bool:
         """Whether calls with these keys run without compiling (always, when eager)."""
         return not self.compiled or all(key in self._seen for key in keys)
@@ -254,7 +268,7 @@ class ForwardPasses:
             Logits [batch, vocab] and the hidden states leaving layer end - 1
             [batch, 1, hidden] (a draft's exit-layer state).
         """
-        key = ("early", end, tokens.shape[0])
+        key = self.early_key(end, tokens.shape[0])
         return self._timed(key, self._early, tokens, columns, cache, pad_counts, end)
 
     def _greedy_drafts_eager(
@@ -297,7 +311,7 @@ class ForwardPasses:
         Returns:
             Draft tokens [batch, count] and their exit-layer states [batch, count, hidden].
         """
-        key = ("greedy_drafts", exit_layer, tokens.shape[0], count)
+        key = self.greedy_drafts_key(exit_layer, tokens.shape[0], count)
         return self._timed(
             key, self._greedy_drafts, tokens, columns, cache, pad_counts, exit_layer, count
         )
@@ -354,7 +368,7 @@ class ForwardPasses:
         Returns:
             Full-model logits at the k + 1 positions, [batch, k + 1, vocab].
         """
-        key = ("verify", exit_layer, *exit_states.shape[:2])
+        key = self.verify_key(exit_layer, *exit_states.shape[:2])
         return self._timed(
             key,
             self._verify,

@@ -204,7 +204,7 @@ class AutoRegressiveGenerationStrategy(GenerationStrategy):
         return self.config.exit_layer
 
     def pass_keys(self, batch_size: int) -> list[tuple]:
-        return [("early", self.config.exit_layer, batch_size)]
+        return [ForwardPasses.early_key(self.config.exit_layer, batch_size)]
 
     def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
         logits, _ = self.passes.early(
@@ -246,11 +246,11 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
     def pass_keys(self, batch_size: int) -> list[tuple]:
         k, exit_layer = self.config.num_speculations, self.config.exit_layer
         drafts = (
-            ("greedy_drafts", exit_layer, batch_size, k)
+            ForwardPasses.greedy_drafts_key(exit_layer, batch_size, k)
             if self._fused_drafts
-            else ("early", exit_layer, batch_size)
+            else ForwardPasses.early_key(exit_layer, batch_size)
         )
-        return [drafts, ("verify", exit_layer, batch_size, k + 1)]
+        return [drafts, ForwardPasses.verify_key(exit_layer, batch_size, k + 1)]
 
     @property
     def _fused_drafts(self) -> bool:
