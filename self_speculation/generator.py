@@ -349,6 +349,7 @@ class Generator:
         # Finished rows leave the batch (``_rows_to_keep``): ``rows[i]`` is the prompt whose
         # sequence is in row i of the state now; a row's tokens are read when it leaves.
         rows = list(range(batch))
+        in_batch = torch.arange(batch, device=device)  # ``rows`` as a tensor
         token_ids: dict[int, list[int]] = {}
         streamer = streamer or Streamer()
         follow_tokens = streamer.wants_tokens or bool(config.stop_words)
@@ -403,6 +404,7 @@ class Generator:
                 limit, generated_count = limit[kept_rows], generated_count[kept_rows]
                 reason_code = reason_code[kept_rows]
                 rows = [rows[index] for index in keep]
+                in_batch = in_batch[kept_rows]
             active = reason_code == 0  # [rows]
             remaining = max(limits[row][0] - generated[row] for row in rows if reasons[row] is None)
             # Never draft more than can be kept: k drafts yield up to k + 1 tokens.
@@ -410,7 +412,6 @@ class Generator:
             step = strategy.step(state, num_drafts, active)
             for row in rows:
                 num_steps[row] += reasons[row] is None
-            in_batch = torch.tensor(rows, device=device)
             num_drafted.index_add_(0, in_batch, step.draft_tokens.shape[1] * active)
             num_accepted.index_add_(0, in_batch, step.accepted_counts * active)
         _synchronize(device)
