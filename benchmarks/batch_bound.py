@@ -126,28 +126,24 @@ def layer_weights(model) -> list[torch.Tensor]:
         ConfigError: the layer has other projections than a Llama's.
     """
     layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or not len(layers) or model.lm_head is None:
+    head = getattr(model, "lm_head", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers) or head is None:
         raise ConfigError("batch_bound.py times Llama-shaped decoders (model.layers, lm_head)")
     layer = layers[0]
     names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
     names += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     weights = []
     for name in names:
-        module = layer.get_submodule(name) if _has(layer, name) else None
+        try:
+            module = layer.get_submodule(name)
+        except AttributeError:
+            module = None
         if not isinstance(getattr(module, "weight", None), torch.Tensor):
             raise ConfigError(
                 f"the model's layers have no {name} (batch_bound.py times Llama-shaped layers)"
             )
         weights.append(module.weight.detach())
     return weights
-
-
-def _has(module: torch.nn.Module, name: str) -> bool:
-    try:
-        module.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def step_bounds(model, args: BoundArguments, timer: ProductTimer) -> dict[str, float]:
