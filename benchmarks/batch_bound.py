@@ -50,7 +50,10 @@ class BoundArguments:
     batch_size: int = 8
     exit_layer: int = 5
     num_speculations: int = 5
-    columns: int = 287  # cache columns attention reads (longest prompt + steps + slack)
+    # Cache columns a step's attention reads. Default: with --engine_json, the run's mean
+    # (the padded prompts + half the new tokens: the engine reads only filled columns);
+    # otherwise 287 (the shipped model's batch-8 capacity for 128 tokens).
+    columns: int | None = None
     engine_json: str | None = None  # an engine.py result with batch rows to bound
     repeats: int = 200
     output: str | None = None  # write the bound (and the run's, with --engine_json) as JSON
@@ -61,7 +64,7 @@ class BoundArguments:
             ("--batch_size", self.batch_size, 1024),
             ("--exit_layer", self.exit_layer, None),
             ("--num_speculations", self.num_speculations, 64),
-            ("--columns", self.columns, None),  # checked against the model's context
+            ("--columns", 1 if self.columns is None else self.columns, None),  # and the context
             ("--repeats", self.repeats, 100_000),
         ):
             if value < 1:
@@ -94,16 +97,24 @@ class ProductTimer:
         self.repeats = repeats
         self.kernel = load_few_row_kernel()
         self.cache: dict[tuple, float] = {}
+        self.fastest: dict[tuple, object] = {}  # (rows, out, in) -> the faster backend
 
     def linear(self, rows: int, weight: torch.Tensor) -> float:
         key = ("linear", rows, *weight.shape)
         if key not in self.cache:
             x = torch.randn(rows, weight.shape[1])
-            options = [lambda: torch.nn.functional.linear(x, weight)]
+            backends = [torch.nn.functional.linear]
             if self.kernel and rows <= MAX_ROWS:
-                options.append(lambda: torch.ops.layerskip.few_row_linear(x, weight))
-            self.cache[key] = min(best_seconds(option, self.repeats) for option in options)
+                backends.append(torch.ops.layerskip.few_row_linear)
+            times = [best_seconds(lambda: backend(x, weight), self.repeats) for backend in backends]
+            self.cache[key] = min(times)
+            self.fastest[key] = backends[times.index(min(times))]
         return self.cache[key]
+
+    def backend(self, rows: int, weight: torch.Tensor):
+        """The faster backend for this shape (timing it first if needed)."""
+        self.linear(rows, weight)
+        return self.fastest["linear", rows, *weight.shape]
 
     def attention(self, batch: int, kv_heads: int, queries: int, columns: int, dim: int):
         """The two products of grouped attention: scores, then the weighted values."""
@@ -119,41 +130,49 @@ class ProductTimer:
         return self.cache[key]
 
 
-def layer_weights(model) -> list[torch.Tensor]:
-    """The seven product weights of one decoder layer ([out, in] each).
+def layer_weights(model) -> list[list[torch.Tensor]]:
+    """The seven product weights of each decoder layer ([out, in] each), layer by layer.
 
     Raises:
-        ConfigError: the layer has other projections than a Llama's.
+        ConfigError: the layers have other projections than a Llama's.
     """
     layers = getattr(getattr(model, "model", None), "layers", None)
     head = getattr(model, "lm_head", None)
     if not isinstance(layers, torch.nn.ModuleList) or not len(layers) or head is None:
         raise ConfigError("batch_bound.py times Llama-shaped decoders (model.layers, lm_head)")
-    layer = layers[0]
     names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
     names += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    weights = []
-    for name in names:
-        try:
-            module = layer.get_submodule(name)
-        except AttributeError:
-            module = None
-        if not isinstance(getattr(module, "weight", None), torch.Tensor):
-            raise ConfigError(
-                f"the model's layers have no {name} (batch_bound.py times Llama-shaped layers)"
-            )
-        weights.append(module.weight.detach())
-    return weights
+    all_weights = []
+    for layer in layers:
+        weights = []
+        for name in names:
+            try:
+                module = layer.get_submodule(name)
+            except AttributeError:
+                module = None
+            if not isinstance(getattr(module, "weight", None), torch.Tensor):
+                raise ConfigError(
+                    f"the model's layers have no {name} (batch_bound.py times Llama-shaped "
+                    "layers)"
+                )
+            weights.append(module.weight.detach())
+        all_weights.append(weights)
+    return all_weights
+
+
+def attention_shape(config) -> tuple[int, int, int]:
+    """(KV heads, query heads per KV head, head size) of a Llama-shaped config."""
+    kv_heads = config.num_key_value_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return kv_heads, config.num_attention_heads // kv_heads, dim
 
 
 def step_bounds(model, args: BoundArguments, timer: ProductTimer) -> dict[str, float]:
     """Seconds of products in one autoregressive and one self-speculative step."""
     config = model.config
-    weights = layer_weights(model)
+    weights = layer_weights(model)[0]
     head = model.lm_head.weight.detach()
-    kv_heads = config.num_key_value_heads
-    groups = config.num_attention_heads // kv_heads
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads, groups, dim = attention_shape(config)
     layers, batch, exit_layer, k = (
         config.num_hidden_layers,
         args.batch_size,
@@ -182,15 +201,89 @@ def step_bounds(model, args: BoundArguments, timer: ProductTimer) -> dict[str, f
     }
 
 
+class StepSequence:
+    """A step's products back to back, in the step's order, on each layer's own weights
+    and its own cache buffers: what the step reads comes from memory as it does in a real
+    step, not from a CPU cache that one product repeated ``--repeats`` times keeps warm
+    (the shipped model's weights and a batch's caches are several times the L3 cache).
+
+    Each product runs on its faster backend (``ProductTimer``). The Python and dispatch
+    cost of the calls is measured on one-element operands and taken off, so the result
+    is still a lower bound on a step that makes these products.
+    """
+
+    def __init__(self, model, args: BoundArguments, timer: ProductTimer) -> None:
+        self.weights = layer_weights(model)
+        self.head = model.lm_head.weight.detach()
+        self.args, self.timer = args, timer
+        self.kv_heads, self.groups, self.dim = attention_shape(model.config)
+        rows = args.batch_size * self.kv_heads
+        self.caches = [
+            (torch.randn(rows, self.dim, args.columns), torch.randn(rows, args.columns, self.dim))
+            for _ in self.weights
+        ]  # keys (transposed) and values of each layer
+        self.inputs: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _input(self, rows: int, width: int) -> torch.Tensor:
+        if (rows, width) not in self.inputs:
+            self.inputs[rows, width] = torch.randn(rows, width)
+        return self.inputs[rows, width]
+
+    def _calls(self, first: int, end: int, positions: int, head: bool) -> list:
+        """(function, operands) of layers [first, end) at ``positions`` per row (+ head)."""
+        batch = self.args.batch_size
+        rows = batch * positions
+        queries = self._input(batch * self.kv_heads, self.groups * positions * self.dim)
+        queries = queries.view(batch * self.kv_heads, self.groups * positions, self.dim)
+        calls = []
+        for layer in range(first, end):
+            for weight in self.weights[layer]:
+                backend = self.timer.backend(rows, weight)
+                calls.append((backend, (self._input(rows, weight.shape[1]), weight)))
+            keys, values = self.caches[layer]
+            scores = self._input(batch * self.kv_heads, self.groups * positions * keys.shape[2])
+            scores = scores.view(batch * self.kv_heads, self.groups * positions, keys.shape[2])
+            calls += [(torch.bmm, (queries, keys)), (torch.bmm, (scores, values))]
+        if head:
+            backend = self.timer.backend(rows, self.head)
+            calls.append((backend, (self._input(rows, self.head.shape[1]), self.head)))
+        return calls
+
+    def _seconds(self, calls: list) -> float:
+        def run() -> None:
+            for function, operands in calls:
+                function(*operands)
+
+        one = torch.ones(1, 1)
+
+        def dispatch() -> None:
+            for _ in calls:
+                torch.nn.functional.linear(one, one)
+
+        repeats = max(3, self.args.repeats // 10)
+        return max(0.0, best_seconds(run, repeats) - best_seconds(dispatch, repeats))
+
+    def bounds(self, model) -> dict[str, float]:
+        """Seconds of one autoregressive and one self-speculative step, sequenced."""
+        layers = model.config.num_hidden_layers
+        exit_layer, k = self.args.exit_layer, self.args.num_speculations
+        autoregressive = self._calls(0, layers, 1, head=True)
+        drafts = k * self._calls(0, exit_layer, 1, head=True)
+        verification = self._calls(0, exit_layer, 1, head=False)
+        verification += self._calls(exit_layer, layers, k + 1, head=True)
+        return {
+            "sequenced_autoregressive_step": self._seconds(autoregressive),
+            "sequenced_self_speculative_step": self._seconds(drafts + verification),
+        }
+
+
 def prefill_bound(model, widths: list[int], args: BoundArguments, timer: ProductTimer) -> float:
     """Seconds of products in the prefills of batches padded to ``widths`` (each of
     ``--batch_size`` rows): every layer's products over all positions, causal attention
     over the prompt, the head at the last position."""
     config = model.config
-    weights = layer_weights(model)
-    kv_heads = config.num_key_value_heads
-    groups = config.num_attention_heads // kv_heads
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    weights = layer_weights(model)[0]
+    kv_heads, groups, dim = attention_shape(config)
     total = 0.0
     for width in widths:
         rows = args.batch_size * width
@@ -248,10 +341,17 @@ def bound_run(engine: dict, bounds: dict[str, float], batch: int, prefill: float
     """
     rows = batch_rows(engine, batch)
     autoregressive, speculative = rows[batch, "autoregressive"], rows[batch, "self_speculative"]
-    steps_seconds = speculative["row_steps"] * bounds["self_speculative_step"] / batch
+    # Both timings bound a step from below; the larger is the tighter bound.
+    speculative_step = max(
+        bounds["self_speculative_step"], bounds.get("sequenced_self_speculative_step", 0.0)
+    )
+    autoregressive_step = max(
+        bounds["autoregressive_step"], bounds.get("sequenced_autoregressive_step", 0.0)
+    )
+    steps_seconds = speculative["row_steps"] * speculative_step / batch
     best = speculative["tokens"] / (prefill + steps_seconds)
     # The same bound for autoregressive decoding: the ratio the arithmetic alone allows.
-    autoregressive_seconds = autoregressive["row_steps"] * bounds["autoregressive_step"] / batch
+    autoregressive_seconds = autoregressive["row_steps"] * autoregressive_step / batch
     best_autoregressive = autoregressive["tokens"] / (prefill + autoregressive_seconds)
     return {
         "measured_autoregressive_tok_s": autoregressive["tokens_per_second"],
@@ -292,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"--engine_json measured {name} = {measured[name]!r}; pass "
                     f"--{name} {measured[name]} to bound that run (got {getattr(args, name)!r})"
                 )
+        engine_steps = measured.get("max_steps", 128)
+        if not isinstance(engine_steps, int) or isinstance(engine_steps, bool) or engine_steps < 1:
+            raise ConfigError(
+                f"--engine_json: max_steps must be a positive integer, got {engine_steps!r}"
+            )
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model, "float32", "cpu")
@@ -299,6 +404,15 @@ def main(argv: list[str] | None = None) -> int:
     layers = model.config.num_hidden_layers
     if not 1 <= args.exit_layer < layers:
         raise ConfigError(f"--exit_layer must be in [1, {layers}), got {args.exit_layer}")
+    widths = []
+    if engine is not None:
+        # engine.py's batch rows decode its first batch_size prompts, padded to the longest.
+        prompts = human_eval_prompts(args.batch_size)
+        widths = [max(len(tokenizer(prompt)["input_ids"]) for prompt in prompts)]
+        if args.columns is None:
+            args.columns = widths[0] + engine_steps // 2
+    if args.columns is None:
+        args.columns = 287
     context = getattr(model.config, "max_position_embeddings", None)
     if context and args.columns > context + 2 * (args.num_speculations + 1):
         raise ConfigError(
@@ -308,13 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     timer = ProductTimer(args.repeats)
     with torch.no_grad():
         bounds = step_bounds(model, args, timer)
+        bounds |= StepSequence(model, args, timer).bounds(model)
     document = {"arguments": vars(args), "load_average_1min_start": load, "step_seconds": bounds}
+    print(f"attention reads {args.columns} columns per step")
     for name, seconds in bounds.items():
         print(f"{name}: {seconds * 1e3:.2f} ms (products only, best rates)")
     if engine is not None:
-        # engine.py's batch rows decode its first batch_size prompts, padded to the longest.
-        prompts = human_eval_prompts(args.batch_size)
-        widths = [max(len(tokenizer(prompt)["input_ids"]) for prompt in prompts)]
         with torch.no_grad():
             prefill = prefill_bound(model, widths, args, timer)
         run = bound_run(engine, bounds, args.batch_size, prefill)

@@ -12,6 +12,11 @@ column c only ever sees columns <= c, and its own column was written in the same
 before attention. After verification rejects drafts, the engine simply writes the next
 step at the first rejected column; nothing needs to be erased, cropped or copied.
 Columns are per row, so the rows of a batch advance independently.
+
+Attention need not read the whole buffer: ``read_columns(n)`` makes every layer return (and
+every mask cover) only columns [0, n), the columns any row has filled plus the call's new
+ones, so that a step's attention costs what the sequences' lengths need, not what the
+capacity (prompt + every token still to come) holds.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ class ColumnKVCache(Cache):
         self.values: list[torch.Tensor | None] = [None] * num_layers
         # [batch, new tokens] columns of the tokens of the current call; set by the engine.
         self.write_columns: torch.Tensor | None = None
+        # A tensor whose length is the number of columns attention reads (None: all). A
+        # size, not an int attribute, so that compiled passes take it as a dynamic size:
+        # one compiled version serves every length.
+        self.read_size: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.num_layers
@@ -65,6 +74,19 @@ class ColumnKVCache(Cache):
         if self.keys[layer_idx] is None:
             self._allocate(layer_idx, key_states, value_states)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
+        self._write(keys, values, key_states, value_states)
+        if self.read_size is None:
+            return keys, values
+        read = self.read_size.shape[0]
+        return keys[:, :, :read], values[:, :, :read]
+
+    def _write(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+    ) -> None:
         columns = self.write_columns  # [batch, new]
         if columns.shape[0] == 1 and keys.shape[0] == 1:
             keys.index_copy_(2, columns[0], key_states)
@@ -76,7 +98,14 @@ class ColumnKVCache(Cache):
             rows = torch.arange(columns.shape[0], device=columns.device)[:, None]  # [batch, 1]
             keys[rows, :, columns] = key_states.transpose(1, 2)  # [batch, new, heads, dim]
             values[rows, :, columns] = value_states.transpose(1, 2)
-        return keys, values
+
+    def read_columns(self, columns: int) -> None:
+        """Attention reads columns [0, columns) of every layer (at most the capacity) from
+        now on. The caller keeps every column a query may see, its own included, below
+        ``columns``."""
+        self.read_size = torch.empty(min(columns, self.capacity), dtype=torch.uint8)
+        if self.dynamic:
+            torch._dynamo.maybe_mark_dynamic(self.read_size, 0)
 
     def select_rows(self, rows: torch.Tensor, first_column: int = 0) -> None:
         """Keep only ``rows`` (indices into the batch, in their new order) and the columns
@@ -92,10 +121,13 @@ class ColumnKVCache(Cache):
                     torch._dynamo.maybe_mark_dynamic(buffers[layer], 2)
         self.rows = len(rows)
         self.capacity -= first_column
+        self.read_size = None
 
     def columns(self, layer_idx: int) -> int:
-        """Columns of a layer's buffers (read from the buffer, so that a compiled caller
-        can treat it as a dynamic size)."""
+        """Columns attention reads in a layer (a size read from a tensor, so that a
+        compiled caller can treat it as a dynamic size)."""
+        if self.read_size is not None:
+            return self.read_size.shape[0]
         keys = self.keys[layer_idx]
         return self.capacity if keys is None else keys.shape[2]
 

@@ -599,3 +599,12 @@ def test_batch_bound_refuses_an_engine_run_of_other_settings(
         "batch_bound.py: error: --engine_json measured num_speculations = 3; pass "
         "--num_speculations 3 to bound that run (got 5)"
     )
+    # Its step count sets the columns attention reads: a hostile one is refused too.
+    engine.write_text(json.dumps({"arguments": {"max_steps": "many"}, "batch": rows}))
+    code, stderr = run_in_process(
+        "batch_bound", ["--engine_json", str(engine)], monkeypatch, capsys
+    )
+    assert code == EXIT_ERROR and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "batch_bound.py: error: --engine_json: max_steps must be a positive integer, got 'many'"
+    )

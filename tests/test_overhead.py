@@ -111,12 +111,27 @@ def test_batch_bound_prices_each_step_at_its_products_and_nothing_else(monkeypat
     batch_bound = importlib.import_module("batch_bound")
 
     model = make_tiny_model("llama_gqa_tied", dtype=torch.float32)
-    args = batch_bound.BoundArguments(batch_size=2, exit_layer=2, num_speculations=3, repeats=3)
+    args = batch_bound.BoundArguments(
+        batch_size=2, exit_layer=2, num_speculations=3, repeats=3, columns=16
+    )
     timer = batch_bound.ProductTimer(args.repeats)
     with torch.no_grad():
         bounds = batch_bound.step_bounds(model, args, timer)
+        sequence = batch_bound.StepSequence(model, args, timer)
+        sequenced = sequence.bounds(model)
     assert bounds["self_speculative_step"] > bounds["autoregressive_step"] > 0
     assert bounds["layer_verified_positions"] > bounds["layer_one_position"] > 0
+    assert set(sequenced) == {"sequenced_autoregressive_step", "sequenced_self_speculative_step"}
+    assert all(seconds >= 0 for seconds in sequenced.values())
+    # The sequence makes every product of the step on the layer's own weights: seven
+    # projections and two attention products per layer, the head where logits are needed.
+    layers, weights = model.config.num_hidden_layers, batch_bound.layer_weights(model)
+    calls = sequence._calls(1, layers, 4, head=True)  # verification's layers [E, L) at k + 1
+    assert len(calls) == 9 * (layers - 1) + 1
+    assert calls[0][1][1].data_ptr() == weights[1][0].data_ptr()  # layer 1's q_proj
+    assert calls[9][1][1].data_ptr() == weights[2][0].data_ptr()  # layer 2's
+    assert calls[0][1][0].shape == (2 * 4, model.config.hidden_size)
+    assert calls[-1][1][1].data_ptr() == model.lm_head.weight.data_ptr()
 
     def row(size: int, path: str, tokens_per_second: float) -> dict:
         return dict(
@@ -131,6 +146,11 @@ def test_batch_bound_prices_each_step_at_its_products_and_nothing_else(monkeypat
     steps = {"self_speculative_step": 0.02, "autoregressive_step": 0.01}
     run = batch_bound.bound_run(engine, steps, batch=2, prefill=0.4)
     assert run["bound_self_speculative_tok_s"] == pytest.approx(100 / (0.4 + 10 * 0.02 / 2))
+    assert run["bound_autoregressive_tok_s"] == pytest.approx(100 / (0.4 + 10 * 0.01 / 2))
+    # Two lower bounds of a step: the larger (here the sequenced one) is the tighter.
+    steps |= {"sequenced_self_speculative_step": 0.03, "sequenced_autoregressive_step": 0.005}
+    run = batch_bound.bound_run(engine, steps, batch=2, prefill=0.4)
+    assert run["bound_self_speculative_tok_s"] == pytest.approx(100 / (0.4 + 10 * 0.03 / 2))
     assert run["bound_autoregressive_tok_s"] == pytest.approx(100 / (0.4 + 10 * 0.01 / 2))
     assert run["target_4x_batch1_tok_s"] == 200.0
     assert run["target_1.2x_autoregressive_tok_s"] == pytest.approx(96.0)
