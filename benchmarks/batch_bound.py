@@ -353,6 +353,16 @@ def bound_run(engine: dict, bounds: dict[str, float], batch: int, prefill: float
     # The same bound for autoregressive decoding: the ratio the arithmetic alone allows.
     autoregressive_seconds = autoregressive["row_steps"] * autoregressive_step / batch
     best_autoregressive = autoregressive["tokens"] / (prefill + autoregressive_seconds)
+    targets = {
+        "4x_batch1": 4 * rows[1, "self_speculative"]["tokens_per_second"],
+        "1.2x_autoregressive": 1.2 * autoregressive["tokens_per_second"],
+    }
+    needed = {
+        f"needed_tokens_per_row_step_{name}": needed_tokens_per_row_step(
+            speculative["tokens"], target, prefill, speculative_step / batch
+        )
+        for name, target in targets.items()
+    }
     return {
         "measured_autoregressive_tok_s": autoregressive["tokens_per_second"],
         "measured_self_speculative_tok_s": speculative["tokens_per_second"],
@@ -363,10 +373,38 @@ def bound_run(engine: dict, bounds: dict[str, float], batch: int, prefill: float
         "bound_self_speculative_tok_s": best,
         "bound_autoregressive_tok_s": best_autoregressive,
         "bound_ratio": best / best_autoregressive,
-        "target_4x_batch1_tok_s": 4 * rows[1, "self_speculative"]["tokens_per_second"],
-        "target_1.2x_autoregressive_tok_s": 1.2 * autoregressive["tokens_per_second"],
+        "target_4x_batch1_tok_s": targets["4x_batch1"],
+        "target_1.2x_autoregressive_tok_s": targets["1.2x_autoregressive"],
         "row_steps": speculative["row_steps"],
+        "tokens_per_row_step": speculative["tokens"] / speculative["row_steps"],
+        **needed,
     }
+
+
+def needed_tokens_per_row_step(
+    tokens: float, target: float, prefill: float, row_step_seconds: float
+) -> float:
+    """Tokens each row-step must yield for the bound to reach ``target`` tok/s: with
+    T per row-step the run takes prefill + tokens / T * row_step_seconds. Infinite when
+    the prefill alone takes longer than the target allows."""
+    spare = tokens / target - prefill
+    return tokens * row_step_seconds / spare if spare > 0 else math.inf
+
+
+def acceptance_for(tokens_per_step: float, k: int) -> float:
+    """The draft acceptance rate a (each draft kept with probability a, independently)
+    at which a step of k drafts yields ``tokens_per_step`` on average:
+    (1 - a^(k+1)) / (1 - a). Infinite beyond k + 1 (no acceptance gives that)."""
+    if tokens_per_step > k + 1:
+        return math.inf
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if sum(middle**i for i in range(k + 1)) < tokens_per_step:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             prefill = prefill_bound(model, widths, args, timer)
         run = bound_run(engine, bounds, args.batch_size, prefill)
+        for name in ("tokens_per_row_step", *(key for key in run if key.startswith("needed_"))):
+            run[name.replace("tokens_per_row_step", "implied_acceptance")] = acceptance_for(
+                run[name], args.num_speculations
+            )
         document["run"] = run
         for name, value in run.items():
             print(f"{name}: {value:.3g}" if isinstance(value, float) else f"{name}: {value}")

@@ -4,8 +4,9 @@ Every decoder layer owns two preallocated buffers ``[batch, kv_heads, capacity, 
 A call through layers [start, end) first tells the cache which columns its new tokens
 occupy (``ColumnKVCache.write_columns``, one row of columns per sequence); the model's own
 attention modules then call ``update`` and the new keys and values land in those columns.
-Attention reads the whole buffer; the mask built from the same columns hides what a query
-may not see (left padding, the future, stale columns, positions outside a sliding window).
+Attention reads the buffer's first columns (all of them, or ``read_columns``, below); the
+mask built from the same columns hides what a query may not see (left padding, the future,
+stale columns, positions outside a sliding window).
 
 Why this makes rollback free (gpt-fast's static cache, with per-row columns): a query at
 column c only ever sees columns <= c, and its own column was written in the same call,

@@ -156,6 +156,14 @@ def test_batch_bound_prices_each_step_at_its_products_and_nothing_else(monkeypat
     assert run["target_1.2x_autoregressive_tok_s"] == pytest.approx(96.0)
     with pytest.raises(ConfigError, match="no batch rows"):
         batch_bound.bound_run({"batch": engine["batch"][1:]}, {}, batch=2, prefill=0.4)
+    # What each target would need: 100 tokens at 200 tok/s leave 0.1 s after the prefill
+    # for 100 / T row-steps of 0.015 s.
+    assert run["needed_tokens_per_row_step_4x_batch1"] == pytest.approx(100 * 0.015 / 0.1)
+    assert batch_bound.needed_tokens_per_row_step(100, 250.0, 0.4, 0.015) == float("inf")
+    # Each of k = 3 drafts kept with probability 0.5: 1 + 0.5 + 0.25 + 0.125 tokens a step.
+    assert batch_bound.acceptance_for(1.875, 3) == pytest.approx(0.5)
+    assert batch_bound.acceptance_for(1.0, 3) == pytest.approx(0.0, abs=1e-9)
+    assert batch_bound.acceptance_for(4.5, 3) == float("inf")  # more than k + 1 tokens
 
 
 def test_engine_compares_shedding_finished_rows_in_one_run(monkeypatch) -> None:
