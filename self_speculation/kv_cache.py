@@ -4,20 +4,14 @@ Every decoder layer owns two preallocated buffers ``[batch, kv_heads, capacity, 
 A call through layers [start, end) first tells the cache which columns its new tokens
 occupy (``ColumnKVCache.write_columns``, one row of columns per sequence); the model's own
 attention modules then call ``update`` and the new keys and values land in those columns.
-Attention reads the buffer's first columns (all of them, or ``read_columns``, below); the
-mask built from the same columns hides what a query may not see (left padding, the future,
-stale columns, positions outside a sliding window).
+Attention reads the whole buffer; the mask built from the same columns hides what a query
+may not see (left padding, the future, stale columns, positions outside a sliding window).
 
 Why this makes rollback free (gpt-fast's static cache, with per-row columns): a query at
 column c only ever sees columns <= c, and its own column was written in the same call,
 before attention. After verification rejects drafts, the engine simply writes the next
 step at the first rejected column; nothing needs to be erased, cropped or copied.
 Columns are per row, so the rows of a batch advance independently.
-
-Attention need not read the whole buffer: ``read_columns(n)`` makes every layer return (and
-every mask cover) only columns [0, n), the columns any row has filled plus the call's new
-ones, so that a step's attention costs what the sequences' lengths need, not what the
-capacity (prompt + every token still to come) holds.
 """
 
 from __future__ import annotations
@@ -52,10 +46,6 @@ class ColumnKVCache(Cache):
         self.values: list[torch.Tensor | None] = [None] * num_layers
         # [batch, new tokens] columns of the tokens of the current call; set by the engine.
         self.write_columns: torch.Tensor | None = None
-        # A tensor whose length is the number of columns attention reads (None: all). A
-        # size, not an int attribute, so that compiled passes take it as a dynamic size:
-        # one compiled version serves every length.
-        self.read_size: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.num_layers
@@ -75,19 +65,6 @@ class ColumnKVCache(Cache):
         if self.keys[layer_idx] is None:
             self._allocate(layer_idx, key_states, value_states)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        self._write(keys, values, key_states, value_states)
-        if self.read_size is None:
-            return keys, values
-        read = self.read_size.shape[0]
-        return keys[:, :, :read], values[:, :, :read]
-
-    def _write(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-    ) -> None:
         columns = self.write_columns  # [batch, new]
         if columns.shape[0] == 1 and keys.shape[0] == 1:
             keys.index_copy_(2, columns[0], key_states)
@@ -99,14 +76,7 @@ class ColumnKVCache(Cache):
             rows = torch.arange(columns.shape[0], device=columns.device)[:, None]  # [batch, 1]
             keys[rows, :, columns] = key_states.transpose(1, 2)  # [batch, new, heads, dim]
             values[rows, :, columns] = value_states.transpose(1, 2)
-
-    def read_columns(self, columns: int) -> None:
-        """Attention reads columns [0, columns) of every layer (at most the capacity) from
-        now on. The caller keeps every column a query may see, its own included, below
-        ``columns``."""
-        self.read_size = torch.empty(min(columns, self.capacity), dtype=torch.uint8)
-        if self.dynamic:
-            torch._dynamo.maybe_mark_dynamic(self.read_size, 0)
+        return keys, values
 
     def select_rows(self, rows: torch.Tensor, first_column: int = 0) -> None:
         """Keep only ``rows`` (indices into the batch, in their new order) and the columns
@@ -122,13 +92,10 @@ class ColumnKVCache(Cache):
                     torch._dynamo.maybe_mark_dynamic(buffers[layer], 2)
         self.rows = len(rows)
         self.capacity -= first_column
-        self.read_size = None
 
     def columns(self, layer_idx: int) -> int:
-        """Columns attention reads in a layer (a size read from a tensor, so that a
-        compiled caller can treat it as a dynamic size)."""
-        if self.read_size is not None:
-            return self.read_size.shape[0]
+        """Columns of a layer's buffers (read from the buffer, so that a compiled caller
+        can treat it as a dynamic size)."""
         keys = self.keys[layer_idx]
         return self.capacity if keys is None else keys.shape[2]
 

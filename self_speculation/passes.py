@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.fx.experimental import _config as fx_config
 
 from self_speculation.attention import sdpa_configs, use_few_query_attention
 from self_speculation.cpu_kernels import FewRowProducts, load_few_row_kernel
@@ -87,10 +86,6 @@ class ForwardPasses:
         self._verify: Callable = self._verify_eager
         self._greedy_drafts: Callable = self._greedy_drafts_eager
         self._attention_configs: list = []
-        # Attention reads only the columns some row has filled (``ColumnKVCache.read_columns``).
-        # On a CPU reading the longest row's column is free; on CUDA it would be a host
-        # synchronisation per call and a new CUDA graph per length, so CUDA reads them all.
-        self.trims_reads = model.device.type == "cpu"
         if compile:
             # Every (exit layer, batch size, k) of every model is another compiled version of
             # the same two functions; dynamo's default limit (8) would send a sweep back to
@@ -130,11 +125,7 @@ class ForwardPasses:
                         raise
                     logger.info("%s: inputs unlike the compiled ones; compiling again", key[0])
             started = time.perf_counter()
-            # No duck sizing: the cache's capacity and its read length are separate sizes
-            # even when the first call sees them equal (a version specialised to equal
-            # sizes would serve later calls wrongly, as guards are skipped after it).
-            with fx_config.patch(use_duck_shape=False):
-                result = function(*args)
+            result = function(*args)
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
         elapsed = time.perf_counter() - started
@@ -176,13 +167,6 @@ class ForwardPasses:
     def new_cache(self, batch_size: int, capacity: int) -> ColumnKVCache:
         layers = cache_layers(self.model, self.draft)
         return ColumnKVCache(layers, batch_size, capacity, dynamic=self.compiled)
-
-    def _read_through(self, cache: ColumnKVCache, columns: torch.Tensor, later: int = 0) -> None:
-        """Let attention read only through the call's last column: the largest of
-        ``columns`` (the columns written first) + ``later`` (columns written after them
-        within the call, by later drafts)."""
-        if self.trims_reads:
-            cache.read_columns(int(columns.max()) + 1 + later)
 
     def _exit_logits(
         self,
@@ -226,7 +210,6 @@ class ForwardPasses:
         """
         columns = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         cache.write_columns = columns  # [batch, width]
-        self._read_through(cache, columns)
         positions = (columns - pad_counts[:, None]).clamp_min(0)  # [batch, width]
         hidden = self.model.embed(tokens)
         split = self.draft.exit_layer if self.draft is not None else None
@@ -286,7 +269,6 @@ class ForwardPasses:
             [batch, 1, hidden] (a draft's exit-layer state).
         """
         key = self.early_key(end, tokens.shape[0])
-        self._read_through(cache, columns)
         return self._timed(key, self._early, tokens, columns, cache, pad_counts, end)
 
     def _greedy_drafts_eager(
@@ -330,7 +312,6 @@ class ForwardPasses:
             Draft tokens [batch, count] and their exit-layer states [batch, count, hidden].
         """
         key = self.greedy_drafts_key(exit_layer, tokens.shape[0], count)
-        self._read_through(cache, columns, count - 1)
         return self._timed(
             key, self._greedy_drafts, tokens, columns, cache, pad_counts, exit_layer, count
         )
@@ -388,7 +369,6 @@ class ForwardPasses:
             Full-model logits at the k + 1 positions, [batch, k + 1, vocab].
         """
         key = self.verify_key(exit_layer, *exit_states.shape[:2])
-        self._read_through(cache, columns)
         return self._timed(
             key,
             self._verify,
