@@ -160,6 +160,8 @@ def test_batch_bound_prices_each_step_at_its_products_and_nothing_else(monkeypat
     # for 100 / T row-steps of 0.015 s.
     assert run["needed_tokens_per_row_step_4x_batch1"] == pytest.approx(100 * 0.015 / 0.1)
     assert batch_bound.needed_tokens_per_row_step(100, 250.0, 0.4, 0.015) == float("inf")
+    # 1.2x the autoregressive bound (1.2 * 100 / 0.45 tok/s) leaves no time after the prefill.
+    assert run["needed_tokens_per_row_step_1.2x_autoregressive_bound"] == float("inf")
     # Each of k = 3 drafts kept with probability 0.5: 1 + 0.5 + 0.25 + 0.125 tokens a step.
     assert batch_bound.acceptance_for(1.875, 3) == pytest.approx(0.5)
     assert batch_bound.acceptance_for(1.0, 3) == pytest.approx(0.0, abs=1e-9)
