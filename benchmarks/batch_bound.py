@@ -112,7 +112,10 @@ class ProductTimer:
             backends = [torch.nn.functional.linear]
             if self.kernel and rows <= MAX_ROWS:
                 backends.append(torch.ops.layerskip.few_row_linear)
-            times = [best_seconds(lambda: backend(x, weight), self.repeats) for backend in backends]
+            times = [
+                best_seconds(lambda backend=backend: backend(x, weight), self.repeats)
+                for backend in backends
+            ]
             self.cache[key] = min(times)
             self.fastest[key] = backends[times.index(min(times))]
         return self.cache[key]
@@ -120,7 +123,8 @@ class ProductTimer:
     def backend(self, rows: int, weight: torch.Tensor):
         """The faster backend for this shape (timing it first if needed)."""
         self.linear(rows, weight)
-        return self.fastest["linear", rows, *weight.shape]
+        key = ("linear", rows, *weight.shape)
+        return self.fastest[key]
 
     def attention(self, batch: int, kv_heads: int, queries: int, columns: int, dim: int):
         """The two products of grouped attention: scores, then the weighted values."""
@@ -158,8 +162,7 @@ def layer_weights(model) -> list[list[torch.Tensor]]:
                 module = None
             if not isinstance(getattr(module, "weight", None), torch.Tensor):
                 raise ConfigError(
-                    f"the model's layers have no {name} (batch_bound.py times Llama-shaped "
-                    "layers)"
+                    f"the model's layers have no {name} (batch_bound.py times Llama-shaped layers)"
                 )
             weights.append(module.weight.detach())
         all_weights.append(weights)
