@@ -409,12 +409,13 @@ def distributed_run(
         ConfigError: ``--distributed`` contradicts the launch, or several processes run a
             ``one_process`` script.
     """
+    # Before the process group: joining it waits for the other processes.
+    if one_process is not None and dist.launch_environment()[1] > 1:
+        raise ConfigError(
+            f"{one_process} runs as one process: use python or torchrun --nproc_per_node 1"
+        )
     context = dist.setup(args.distributed, args.device)
     try:
-        if one_process is not None and context.world_size > 1:
-            raise ConfigError(
-                f"{one_process} runs as one process: use python or torchrun --nproc_per_node 1"
-            )
         yield context
     finally:
         dist.teardown(context)
@@ -442,8 +443,9 @@ def arguments_dict(*instances: Any) -> dict[str, Any]:
 def setup_logging(rank: int | None = None) -> None:
     """INFO logs to stderr (rank-prefixed under torchrun); quieter third-party loggers."""
     rank_env = os.environ.get("RANK") if rank is None else str(rank)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    prefix = f"[rank {rank_env}] " if rank_env is not None and world > 1 else ""
+    # Checked later, in the run (a bad value is a one-line error there, not here).
+    several = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+    prefix = f"[rank {rank_env}] " if rank_env is not None and several else ""
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s",
@@ -478,6 +480,18 @@ def error_line(error: BaseException) -> str:
     return " ".join(message.split()) or type(error).__name__
 
 
+def out_of_memory_line(error: BaseException) -> str | None:
+    """ "out of memory (...)" for an allocation failure (torch.OutOfMemoryError on a GPU,
+    "can't allocate memory" from the CPU allocator, MemoryError); None for anything else."""
+    text = str(error)
+    if not isinstance(error, MemoryError | torch.OutOfMemoryError) and (
+        "can't allocate memory" not in text
+    ):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return f"out of memory ({first[:200]})"
+
+
 def run_main(main: Callable[[list[str]], int | None], prog: str | None = None) -> NoReturn:
     """Run ``main(sys.argv[1:])`` and exit with its status.
 
@@ -498,15 +512,11 @@ def run_main(main: Callable[[list[str]], int | None], prog: str | None = None) -
         sys.stderr.write(f"{prog}: error: {error_line(error)}\n")
         sys.exit(EXIT_ERROR)
     except (MemoryError, RuntimeError) as error:
-        # torch.OutOfMemoryError on a GPU, "can't allocate memory" from the CPU allocator
-        text = str(error)
-        if not isinstance(error, MemoryError | torch.OutOfMemoryError) and (
-            "can't allocate memory" not in text
-        ):
+        line = out_of_memory_line(error)
+        if line is None:
             raise
-        first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
         sys.stderr.write(
-            f"{prog}: error: out of memory ({first[:200]}): try a smaller --max_steps, "
+            f"{prog}: error: {line}: try a smaller --max_steps, "
             "fewer samples per batch or a lower-precision --dtype\n"
         )
         sys.exit(EXIT_ERROR)

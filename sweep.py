@@ -208,6 +208,34 @@ def read_sweep_csv(csv_path: Path) -> tuple[pd.DataFrame, bool]:
     return table, unfinished
 
 
+def check_siblings(csv_path: Path) -> None:
+    """Refuse a CSV path whose ``<stem>.json`` / ``<stem>.png`` (where the summary and the
+    plot go) hold something else: ``--output_file model/config.csv`` would replace the
+    model's config.json. A summary an earlier sweep wrote (and its plot) may be replaced.
+
+    Raises:
+        ConfigError: a sibling exists and is not an earlier sweep's.
+    """
+    summary, plot = csv_path.with_suffix(".json"), csv_path.with_suffix(".png")
+    ours = False
+    if summary.exists():
+        try:
+            document = json.loads(summary.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            document = None
+        ours = isinstance(document, dict) and document.get("script") == "sweep.py"
+        if not ours:
+            raise ConfigError(
+                f"--output_file {csv_path}: the sweep's summary goes to {summary}, which "
+                "exists and is not a sweep summary; choose another --output_file"
+            )
+    if plot.exists() and not ours:
+        raise ConfigError(
+            f"--output_file {csv_path}: the sweep's plot goes to {plot}, which exists "
+            "and no sweep summary beside it says it is a sweep's; choose another --output_file"
+        )
+
+
 def _finished(csv_path: Path, setting: str, repair: bool) -> pd.DataFrame:
     """This setting's rows already in the CSV. With ``repair``, an unfinished last line is cut
     off (and a whole last row missing its newline gets one) so the next row starts on a
@@ -285,6 +313,7 @@ def main(argv: list[str]) -> int:
         # The CSV first: a malformed one fails before the data and weights load.
         csv_path = Path(sweep.output_file or Path(args.output_dir) / "sweep.csv")
         setting = _setting_key(args, generation, benchmark)
+        check_siblings(csv_path)
         done = _finished(csv_path, setting, repair=context.is_main)
         examples = load_examples(benchmark, args.seed)
         generator = args.load_generator(context)

@@ -8,6 +8,7 @@ single process (rank 0 of 1) and nothing is initialised. Under ``torchrun
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from self_speculation.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -46,6 +49,42 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def _environment_integer(name: str, default: int, least: int) -> int:
+    text = os.environ.get(name, str(default))
+    try:
+        value = int(text)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise ConfigError(
+            f"environment variable {name}={text!r} must be an integer >= {least} "
+            "(set by torchrun; unset it to run as one process)"
+        )
+    return value
+
+
+def launch_environment() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's variables, checked: integers, the
+    ranks below the world size (a process whose rank no other process expects would wait
+    for the rendezvous for hours). (0, 1, 0) when not launched by torchrun.
+
+    Raises:
+        ConfigError: a variable is not such an integer.
+    """
+    if not launched_by_torchrun():
+        return 0, 1, 0
+    world_size = _environment_integer("WORLD_SIZE", 1, 1)
+    rank = _environment_integer("RANK", 0, 0)
+    local_rank = _environment_integer("LOCAL_RANK", 0, 0)
+    for name, value in (("RANK", rank), ("LOCAL_RANK", local_rank)):
+        if value >= world_size:
+            raise ConfigError(
+                f"environment variable {name}={value} must be below WORLD_SIZE={world_size} "
+                "(set by torchrun; unset them to run as one process)"
+            )
+    return rank, world_size, local_rank
+
+
 def setup(requested: bool | None = None, device: str | None = None) -> DistributedContext:
     """Initialise the process group when launched by torchrun with more than one process.
 
@@ -57,7 +96,7 @@ def setup(requested: bool | None = None, device: str | None = None) -> Distribut
     Raises:
         ConfigError: ``requested`` contradicts how the process was launched.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
+    rank, world_size, local_rank = launch_environment()
     if requested and not launched_by_torchrun():
         raise ConfigError(
             "--distributed True needs torchrun (torchrun --nproc_per_node N script.py ...)"
@@ -68,12 +107,26 @@ def setup(requested: bool | None = None, device: str | None = None) -> Distribut
         )
     if world_size == 1:
         return DistributedContext()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise ConfigError(
+            f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set: launch with torchrun "
+            "(or unset RANK and WORLD_SIZE to run as one process)"
+        )
     use_cuda = (device or "").startswith("cuda") or (device is None and torch.cuda.is_available())
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        # Blocks until all world_size processes have joined: say so, or a process started
+        # by hand with torchrun's variables would wait without a word.
+        logger.info(
+            "rank %d waiting for %d processes at %s:%s",
+            rank,
+            world_size,
+            os.environ["MASTER_ADDR"],
+            os.environ["MASTER_PORT"],
+        )
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=2))
     return DistributedContext(rank, world_size, local_rank, initialized=True)
 

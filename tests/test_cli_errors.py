@@ -509,6 +509,101 @@ def test_train_bad_values_are_one_line(argv, message, tmp_path: Path, monkeypatc
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("architecture", "message"),
+    [
+        ({"max_position_embeddings": "abc"}, "max_position_embeddings must be an integer >= 1"),
+        ({"max_position_embeddings": None}, "max_position_embeddings must be an integer >= 1"),
+        ({"num_attention_heads": 0}, "num_attention_heads must be an integer >= 1, got 0"),
+        ({"hidden_size": -64}, "hidden_size must be an integer >= 1, got -64"),
+        ({"num_key_value_heads": 3}, "num_attention_heads (4) must be a multiple of"),
+        ({"hidden_size": 66}, "hidden_size (66) must be a multiple of num_attention_heads (4)"),
+    ],
+)
+def test_train_bad_architecture_values_are_one_line(
+    architecture, message, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """--config_file sizes that raised ValueError, TypeError, ZeroDivisionError or a
+    negative-dimension RuntimeError from inside the model's constructor."""
+    values = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    values |= dict(num_attention_heads=4, num_key_value_heads=2)
+    values |= architecture
+    config_file = tmp_path / "architecture.json"
+    config_file.write_text(json.dumps(values))
+    (tmp_path / "a.py").write_text("def f(x):\n    return x + 1\n" * 200)
+    argv = ["--config_file", config_file, "--data", tmp_path / "*.py", "--vocab_size", "300"]
+    argv += ["--seq_len", "16", "--max_tokens", "64", "--output_dir", tmp_path / "run"]
+    code, stderr = run_in_process("train", argv, monkeypatch, capsys)
+    assert code == EXIT_ERROR and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "train.py: error:" in line]
+    assert len(errors) == 1 and message in errors[0], stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # a list of 10^12 block indices a step: memory grew, SIGTERM waited for the step
+        (["--batch_size", str(10**12)], "needs that many blocks a micro-step, but the data"),
+        # written into generation_config.json, which generate.py then refused
+        (["--exit_layer", "100"], "--exit_layer must be at most the model's 4 layers, got 100"),
+        (["--num_speculations", str(10**11)], "--num_speculations must be at most 64"),
+    ],
+)
+def test_train_settings_the_model_or_data_cannot_serve_are_one_line(
+    argv, message, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    (tmp_path / "a.py").write_text("def f(x):\n    return x + 1\n" * 200)
+    base = ["--preset", "tiny", "--data", tmp_path / "*.py", "--vocab_size", "300"]
+    base += ["--seq_len", "16", "--max_tokens", "64", "--output_dir", tmp_path / "run"]
+    code, stderr = run_in_process("train", [*base, *argv], monkeypatch, capsys)
+    assert code == EXIT_ERROR and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "train.py: error:" in line]
+    assert len(errors) == 1 and message in errors[0], stderr
+    assert not (tmp_path / "run" / "generation_config.json").exists()
+
+
+def test_one_process_scripts_refuse_torchrun_variables_before_joining(
+    tiny_model_dir: Path, monkeypatch, capsys
+) -> None:
+    """generate.py with RANK/WORLD_SIZE of two processes (and a rendezvous address) waited
+    for a second process that never came; it runs as one process, so it says so at once."""
+    for name, value in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", "29581")
+    argv = ["--model", tiny_model_dir, "--prompt", "hi", "--max_steps", "2"]
+    code, stderr = run_in_process("generate", argv, monkeypatch, capsys)
+    assert code == EXIT_ERROR and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "generate.py: error: generate.py runs as one process: use python or torchrun "
+        "--nproc_per_node 1"
+    )
+
+
+def test_sweep_refuses_to_write_over_files_beside_its_csv(
+    tiny_model_dir: Path, data_files: dict[str, Path], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """--output_file model/config.csv replaced the model's config.json with the sweep's
+    summary (and config.png, tokenizer.json the same way)."""
+    folder = tmp_path / "model_copy"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "plot.png").write_bytes(b"not ours")
+    for output, kept, message in (
+        (folder / "config.csv", folder / "config.json", "is not a sweep summary"),
+        (tmp_path / "plot.csv", tmp_path / "plot.png", "no sweep summary beside it"),
+    ):
+        before = kept.read_bytes()
+        argv = ["--model", tiny_model_dir, "--dataset", "custom_jsonl"]
+        argv += ["--data_path", data_files["good"], "--num_samples", "1", "--max_steps", "2"]
+        argv += ["--exit_layer_first", "1", "--exit_layer_last", "1"]
+        argv += ["--num_speculations_last", "1", "--output_file", output]
+        argv += ["--output_dir", tmp_path / "logs"]
+        code, stderr = run_in_process("sweep", argv, monkeypatch, capsys)
+        assert code == EXIT_ERROR and "Traceback" not in stderr
+        assert message in stderr.strip().splitlines()[-1]
+        assert kept.read_bytes() == before and not output.exists()
+
+
 def test_empty_saved_dataset_is_one_line(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from self_speculation import ConfigError
 from self_speculation import distributed as dist
@@ -39,6 +41,34 @@ def test_refuses_several_processes_when_told_not_to(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="--distributed False"):
         dist.setup(requested=False)
+
+
+@pytest.mark.parametrize(
+    ("environment", "message"),
+    [
+        ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc' must be an integer >= 0"),
+        ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE='0' must be an integer >= 1"),
+        ({"RANK": "0", "WORLD_SIZE": "x"}, "WORLD_SIZE='x' must be an integer >= 1"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' must be an"),
+        # no other process has this rank: the rendezvous would wait for two hours
+        ({"RANK": "5", "WORLD_SIZE": "2"}, "RANK=5 must be below WORLD_SIZE=2"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "2"}, "LOCAL_RANK=2 must be below"),
+        # env:// needs both; init_process_group raised a ValueError traceback
+        ({"RANK": "1", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT not set"),
+    ],
+)
+def test_torchrun_variables_are_checked_before_joining(
+    environment: dict[str, str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hand-set (or inherited) torchrun variables: one ConfigError, never a traceback from
+    the process group or a rendezvous that cannot complete."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        dist.setup()
+    assert not torch.distributed.is_initialized()
 
 
 def test_shards_cover_every_item_once() -> None:

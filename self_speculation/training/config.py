@@ -190,6 +190,8 @@ class TrainingArguments:
         require_thread_count(self.num_threads)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.num_speculations > 64:
+            raise ConfigError(f"--num_speculations must be at most 64, got {self.num_speculations}")
         if self.exit_layer != -1 and self.exit_layer < 1:
             raise ConfigError(f"--exit_layer must be >= 1 (or -1), got {self.exit_layer}")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):

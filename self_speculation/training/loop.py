@@ -580,8 +580,19 @@ def _train(config: TrainConfig, distributed: DistributedContext) -> Path:
 
     texts = load_texts(config.data)
     model, tokenizer = build_model_and_tokenizer(config, texts, distributed)
+    layers = model.config.num_hidden_layers
+    if args.exit_layer > layers:  # what generation_config.json will recommend
+        raise ConfigError(
+            f"--exit_layer must be at most the model's {layers} layers, got {args.exit_layer}"
+        )
     blocks = pack_blocks(tokenizer, texts, config.model.seq_len)  # [num_blocks, seq_len]
     del texts
+    if args.batch_size * distributed.world_size > len(blocks):
+        raise ConfigError(
+            f"--batch_size {args.batch_size} x {distributed.world_size} process(es) needs that "
+            f"many blocks a micro-step, but the data makes {len(blocks)} blocks of "
+            f"{config.model.seq_len} tokens"
+        )
     with single_process_group(args.fsdp, device):
         return _run(config, distributed, device, model, tokenizer, blocks)
 

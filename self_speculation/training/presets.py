@@ -55,6 +55,45 @@ _LLAMA_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+# Sizes that, where an architecture gives them, must be positive integers.
+_SIZES = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "head_dim",
+)
+
+
+def _check_sizes(values: dict, source: str) -> None:
+    """Refuse sizes that would fail deep inside the model's constructor (or allocate
+    nothing sensible): each a positive integer, the heads dividing each other.
+
+    Raises:
+        ConfigError: the first bad size, naming the file or preset.
+    """
+    for name in _SIZES:
+        value = values.get(name)
+        if name in values and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(
+                f"architecture {source}: {name} must be an integer >= 1, got {value!r}"
+            )
+    heads, kv_heads = values.get("num_attention_heads"), values.get("num_key_value_heads")
+    if heads is not None and kv_heads is not None and heads % kv_heads:
+        raise ConfigError(
+            f"architecture {source}: num_attention_heads ({heads}) must be a multiple of "
+            f"num_key_value_heads ({kv_heads})"
+        )
+    hidden = values.get("hidden_size")
+    if heads is not None and hidden is not None and "head_dim" not in values and hidden % heads:
+        raise ConfigError(
+            f"architecture {source}: hidden_size ({hidden}) must be a multiple of "
+            f"num_attention_heads ({heads})"
+        )
+
+
 def architecture_config(
     preset: str | None,
     config_file: str | None,
@@ -87,8 +126,9 @@ def architecture_config(
         )
     values = {**_LLAMA_DEFAULTS, **values}
     values.update(vocab_size=vocab_size, **special_token_ids)
+    _check_sizes(values, config_file or preset)
     values["max_position_embeddings"] = max(
-        int(values.get("max_position_embeddings", 0)), max_position_embeddings
+        values.get("max_position_embeddings", 0), max_position_embeddings
     )
     model_type = values.pop("model_type")
     try:
