@@ -264,8 +264,12 @@ def _sample_generator(device: torch.device, seed: int) -> torch.Generator:
 
 
 def _check_prompt_lengths(generator: Generator, samples: Sequence[Sample]) -> None:
-    """Fail before generating anything, rather than hours into a run, when a prompt does not
-    fit the model's context."""
+    """Fail before generating anything, rather than hours into a run, when a prompt is empty
+    (whitespace only: generated from a BOS token alone, its metrics would mean nothing;
+    ``generate.py --prompt`` refuses it too) or does not fit the model's context."""
+    for sample in samples:
+        if not sample.input.strip():
+            raise ConfigError(f"sample {sample.index}: the prompt is empty (whitespace only)")
     context_limit = generator.layerwise.context_length
     if context_limit is None:
         return

@@ -37,6 +37,8 @@ def data_files(tmp_path: Path) -> dict[str, Path]:
     too_long.write_text(json.dumps({"prompt": "word " * 400, "response": "b"}) + "\n")
     empty_prompt = tmp_path / "empty_prompt.jsonl"
     empty_prompt.write_text(json.dumps({"prompt": "", "response": "b"}) + "\n")
+    blank_prompt = tmp_path / "blank_prompt.jsonl"  # ran from BOS alone, exit 0
+    blank_prompt.write_text(json.dumps({"prompt": " \n\t ", "response": "b"}) + "\n")
     human_eval_no_tests = tmp_path / "human_eval_no_tests.jsonl"
     human_eval_no_tests.write_text(
         json.dumps({"prompt": "def f():\n", "canonical_solution": "    return 1\n"}) + "\n"
@@ -57,6 +59,7 @@ def data_files(tmp_path: Path) -> dict[str, Path]:
         "missing_field": missing_field,
         "too_long": too_long,
         "empty_prompt": empty_prompt,
+        "blank_prompt": blank_prompt,
         "human_eval_no_tests": human_eval_no_tests,
         "missing": tmp_path / "absent.jsonl",
     }
@@ -119,6 +122,12 @@ CASES = [
             "{message}",
         ],
         "the prompt is empty",
+    ),
+    (
+        "benchmark",
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:blank_prompt"]
+        + ["--template", "{message}"],
+        "sample 0: the prompt is empty (whitespace only)",
     ),
     ("generate", ["--prompt", ""], "the prompt is empty"),
     ("generate", ["--prompt", "word " * 400], "the model's context is 256 tokens"),
