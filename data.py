@@ -149,6 +149,11 @@ def read_jsonl(path: str) -> list[Row]:
         DataError: missing file, invalid JSON, or a line that is not a JSON object.
     """
     if not os.path.isfile(path):
+        if os.path.exists(path) and not os.path.isdir(path):  # a pipe: <(...), a device
+            raise DataError(
+                f"data file {path} is not a regular file (a pipe or a device); save the data "
+                "to a file first"
+            )
         raise DataError(f"data file not found: {path}")
     opener = gzip.open if path.endswith(".gz") else open
     rows = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def data_files(tmp_path: Path) -> dict[str, Path]:
     too_long.write_text(json.dumps({"prompt": "word " * 400, "response": "b"}) + "\n")
     empty_prompt = tmp_path / "empty_prompt.jsonl"
     empty_prompt.write_text(json.dumps({"prompt": "", "response": "b"}) + "\n")
+    fifo = tmp_path / "fifo.jsonl"  # as from <(...): was "data file not found"
+    os.mkfifo(fifo)
     blank_prompt = tmp_path / "blank_prompt.jsonl"  # ran from BOS alone, exit 0
     blank_prompt.write_text(json.dumps({"prompt": " \n\t ", "response": "b"}) + "\n")
     human_eval_no_tests = tmp_path / "human_eval_no_tests.jsonl"
@@ -60,6 +63,7 @@ def data_files(tmp_path: Path) -> dict[str, Path]:
         "too_long": too_long,
         "empty_prompt": empty_prompt,
         "blank_prompt": blank_prompt,
+        "fifo": fifo,
         "human_eval_no_tests": human_eval_no_tests,
         "missing": tmp_path / "absent.jsonl",
     }
@@ -122,6 +126,11 @@ CASES = [
             "{message}",
         ],
         "the prompt is empty",
+    ),
+    (
+        "benchmark",
+        ["--dataset", "custom_jsonl", "--data_path", "DATA:fifo"],
+        "is not a regular file (a pipe or a device)",
     ),
     (
         "benchmark",
