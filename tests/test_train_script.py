@@ -235,6 +235,15 @@ def test_torchrun_two_processes(corpus: Path, tmp_path: Path) -> None:
             ["--preset", "tiny", "--data", "x", "--max_tokens", "9", "--device", "tpu"],
             "--device must be auto, cpu, cuda or cuda:N",
         ),
+        # a ValueError traceback on a CUDA machine; accepted as the CPU elsewhere
+        (
+            ["--preset", "tiny", "--data", "x", "--max_tokens", "9", "--device", "cuda:abc"],
+            "--device must be auto, cpu, cuda or cuda:N, got 'cuda:abc'",
+        ),
+        (
+            ["--preset", "tiny", "--data", "x", "--max_tokens", "9", "--device", "cpu:abc"],
+            "--device must be auto, cpu, cuda or cuda:N, got 'cpu:abc'",
+        ),
         (
             ["--preset", "tiny", "--data", "x", "--max_tokens", "9", "--fsdp_cpu_offload", "True"],
             "--fsdp_cpu_offload True needs --fsdp True",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,7 +195,7 @@ class TrainingArguments:
             raise ConfigError(f"--num_speculations must be at most 64, got {self.num_speculations}")
         if self.exit_layer != -1 and self.exit_layer < 1:
             raise ConfigError(f"--exit_layer must be >= 1 (or -1), got {self.exit_layer}")
-        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", self.device):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
         if self.fsdp_cpu_offload and not self.fsdp:
             raise ConfigError("--fsdp_cpu_offload True needs --fsdp True")

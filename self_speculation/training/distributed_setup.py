@@ -48,6 +48,10 @@ def resolve_device(requested: str, context: DistributedContext) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {requested} but torch sees no CUDA device")
         index = context.local_rank if requested == "cuda" else int(requested.split(":")[1])
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA device(s)"
+            )
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
