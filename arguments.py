@@ -480,16 +480,18 @@ def error_line(error: BaseException) -> str:
     return " ".join(message.split()) or type(error).__name__
 
 
-def out_of_memory_line(error: BaseException) -> str | None:
-    """ "out of memory (...)" for an allocation failure (torch.OutOfMemoryError on a GPU,
-    "can't allocate memory" from the CPU allocator, MemoryError); None for anything else."""
+def report_out_of_memory(error: BaseException, prog: str, hint: str) -> bool:
+    """Write "``prog``: error: out of memory (...): ``hint``" for an allocation failure
+    (torch.OutOfMemoryError on a GPU, "can't allocate memory" from the CPU allocator,
+    MemoryError) and return True; return False (writing nothing) for anything else."""
     text = str(error)
     if not isinstance(error, MemoryError | torch.OutOfMemoryError) and (
         "can't allocate memory" not in text
     ):
-        return None
+        return False
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return f"out of memory ({first[:200]})"
+    sys.stderr.write(f"{prog}: error: out of memory ({first[:200]}): {hint}\n")
+    return True
 
 
 def run_main(main: Callable[[list[str]], int | None], prog: str | None = None) -> NoReturn:
@@ -512,13 +514,9 @@ def run_main(main: Callable[[list[str]], int | None], prog: str | None = None) -
         sys.stderr.write(f"{prog}: error: {error_line(error)}\n")
         sys.exit(EXIT_ERROR)
     except (MemoryError, RuntimeError) as error:
-        line = out_of_memory_line(error)
-        if line is None:
+        hint = "try a smaller --max_steps, fewer samples per batch or a lower-precision --dtype"
+        if not report_out_of_memory(error, prog, hint):
             raise
-        sys.stderr.write(
-            f"{prog}: error: {line}: try a smaller --max_steps, "
-            "fewer samples per batch or a lower-precision --dtype\n"
-        )
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")

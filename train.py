@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 
-from arguments import check_output_dir, error_line, out_of_memory_line
+from arguments import check_output_dir, error_line, report_out_of_memory
 from self_speculation.errors import LayerSkipError
 from self_speculation.training.config import TrainConfig, parse_config
 from self_speculation.training.loop import TrainingInterrupted, train
@@ -39,12 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"train.py: interrupted: {stop}\n")
         return stop.exit_code
     except (MemoryError, RuntimeError) as error:
-        line = out_of_memory_line(error)
-        if line is None:
+        if not report_out_of_memory(
+            error, "train.py", "try a smaller model, --batch_size or --seq_len"
+        ):
             raise
-        sys.stderr.write(
-            f"train.py: error: {line}: try a smaller model, --batch_size or --seq_len\n"
-        )
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("train.py: interrupted before training started\n")

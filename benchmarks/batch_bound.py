@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from arguments import run_main  # noqa: E402
 from self_speculation import ConfigError, load_model_and_tokenizer  # noqa: E402
 from self_speculation.cpu_kernels import MAX_ROWS, load_few_row_kernel  # noqa: E402
-from self_speculation.errors import json_refusal, require_thread_count  # noqa: E402
+from self_speculation.errors import json_refusal, require_thread_count, whole_number  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import DEFAULT_MODEL, human_eval_prompts  # noqa: E402
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"--{name} {measured[name]} to bound that run (got {getattr(args, name)!r})"
                 )
         engine_steps = measured.get("max_steps", 128)
-        if not isinstance(engine_steps, int) or isinstance(engine_steps, bool) or engine_steps < 1:
+        if not whole_number(engine_steps, 1):
             raise ConfigError(
                 f"--engine_json: max_steps must be a positive integer, got {engine_steps!r}"
             )

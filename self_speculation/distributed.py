@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from self_speculation.errors import ConfigError
+from self_speculation.errors import ConfigError, whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ def launched_by_torchrun() -> bool:
 def _environment_integer(name: str, default: int, least: int) -> int:
     text = os.environ.get(name, str(default))
     try:
-        value = int(text)
+        value: int | None = int(text)
     except ValueError:
-        value = least - 1
-    if value < least:
+        value = None
+    if not whole_number(value, least):
         raise ConfigError(
             f"environment variable {name}={text!r} must be an integer >= {least} "
             "(set by torchrun; unset it to run as one process)"

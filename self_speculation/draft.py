@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from self_speculation.config import GenerationConfig
-from self_speculation.errors import ConfigError, ModelLoadError
+from self_speculation.errors import ConfigError, ModelLoadError, whole_number
 from self_speculation.kv_cache import ColumnKVCache
 from self_speculation.model_surgery import LayerwiseModel
 
@@ -287,7 +287,7 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
     names = ("exit_layer", "num_layers", "hidden_size", "init_layer", "draft_vocab_size")
     for name in (*names, "trained_draft_vocab_size"):
         value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not whole_number(value):
             raise ConfigError(f"--draft_adapter: {config_file}: '{name}' must be an integer >= 0")
     return config
 

@@ -60,6 +60,12 @@ def require_utf8(text: str, where: str, from_bytes: bool = False) -> None:
         ) from None
 
 
+def whole_number(value: object, least: int = 0) -> bool:
+    """Whether ``value`` (read from JSON, a config or the environment) is an int >= ``least``
+    (a bool is not: JSON's true would pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 MAX_THREADS = 1024  # torch fails to start (or crashes on) tens of thousands of threads
 
 

@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from self_speculation.errors import ConfigError, ModelLoadError, json_refusal
+from self_speculation.errors import ConfigError, ModelLoadError, json_refusal, whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -381,9 +381,7 @@ def inspect_model(model: str) -> ModelFacts | None:
         recommended = loaded if isinstance(loaded, dict) else {}
     for key in ("exit_layer", "num_speculations"):
         value = recommended.get(key)
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 1
-        ):
+        if value is not None and not whole_number(value, 1):
             raise ModelLoadError(
                 f"{generation_path}: {key} must be a whole number >= 1, got {value!r}"
             )

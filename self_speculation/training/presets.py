@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-from self_speculation.errors import ConfigError
+from self_speculation.errors import ConfigError, whole_number
 
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests and smoke runs: seconds on a CPU.
@@ -76,7 +76,7 @@ def _check_sizes(values: dict, source: str) -> None:
     """
     for name in _SIZES:
         value = values.get(name)
-        if name in values and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if name in values and not whole_number(value, 1):
             raise ConfigError(
                 f"architecture {source}: {name} must be an integer >= 1, got {value!r}"
             )
