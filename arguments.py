@@ -16,7 +16,6 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import torch
@@ -41,7 +40,7 @@ from self_speculation.draft import (
     resolve_with_adapter,
 )
 from self_speculation.errors import ArgumentsError as ArgumentsError  # re-exported
-from self_speculation.errors import require_utf8
+from self_speculation.errors import require_thread_count, require_utf8
 from self_speculation.loading import (
     OWNED_FROM_PRETRAINED_KEYS,
     ModelFacts,
@@ -50,6 +49,7 @@ from self_speculation.loading import (
     check_model_source,
     inspect_model,
 )
+from self_speculation.output_safety import check_output_dir as check_output_dir  # re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -59,30 +59,13 @@ EXIT_ERROR = 2  # a user error: bad flag, bad input, unreachable model or data
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as train.py
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a reader that left early
 MAX_SEED = 2**32 - 1  # numpy's limit (lm-eval seeds numpy with it); torch takes it too
+DEFAULT_NUM_THREADS = 1  # see Arguments.num_threads
 
 
-def check_output_dir(path: str, flag: str = "--output_dir") -> None:
-    """Refuse, before any work, an output directory that is empty, a file or under one.
-
-    Raises:
-        ConfigError: naming the path and the file in the way.
-    """
-    if not path.strip():  # Path("") is the current directory: never what was meant
-        raise ConfigError(f"{flag} is empty (give a folder; '.' for the current one)")
-    directory = Path(path).expanduser()
-    if directory.exists() and not directory.is_dir():
-        raise ConfigError(f"{flag} {path} is a file, not a directory (choose another {flag})")
-    for parent in directory.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(
-                    f"{flag} {path}: {parent} is a file, not a directory (choose another {flag})"
-                )
-            if not directory.exists() and not os.access(parent, os.W_OK | os.X_OK):
-                raise ConfigError(f"{flag} {path}: cannot create it, {parent} is not writable")
-            break
-    if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path} is not writable (choose another {flag})")
+def apply_num_threads(num_threads: int) -> None:
+    """Set torch's CPU thread count (0: leave torch's default), before any torch work."""
+    if num_threads and torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
 
 
 @dataclass
@@ -96,7 +79,15 @@ class Arguments:
     seed: int = 42
     """Seeds data shuffling, n-shot choice and sampling."""
     output_dir: str = "./logs"
-    """Where result files are written."""
+    """Where result files are written (~ is expanded). A folder holding a model, an exit
+    adapter, or a folder shipped under models/ is refused unless --overwrite True."""
+    overwrite: bool = False
+    """Write into --output_dir even when it holds a model, an exit adapter or earlier results."""
+    num_threads: int = DEFAULT_NUM_THREADS
+    """torch CPU threads (0: torch's default, one per core). 1 by default: on a machine
+    where anything else runs, several OpenMP threads spin against it and decoding can
+    slow 10-60x; measured on an idle 2-core machine, 2 threads gained little. Set
+    OMP_WAIT_POLICY=PASSIVE in the environment when you raise it on a shared machine."""
     dtype: str | None = None
     """float32, bfloat16, float16, float64 (default: float32 on CPU)"""
     device: str | None = None
@@ -129,7 +120,9 @@ class Arguments:
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
         check_device(self.device)
-        check_output_dir(self.output_dir)
+        require_thread_count(self.num_threads)
+        self.output_dir = os.path.expanduser(self.output_dir)  # as --model is
+        check_output_dir(self.output_dir, overwrite=self.overwrite)
         for key in self.model_kwargs:  # also validates model_args now, not after loading data
             if key in OWNED_FROM_PRETRAINED_KEYS:
                 raise ConfigError(
@@ -414,6 +407,7 @@ def distributed_run(
         raise ConfigError(
             f"{one_process} runs as one process: use python or torchrun --nproc_per_node 1"
         )
+    apply_num_threads(args.num_threads)  # before the process group and the model
     context = dist.setup(args.distributed, args.device)
     try:
         yield context

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from self_speculation.draft import load_draft_exit
 from self_speculation.errors import ConfigError, require_thread_count, require_utf8
 from self_speculation.loading import DEFAULT_MODEL, DTYPES, inspect_model, load_model_and_tokenizer
 from self_speculation.model_surgery import LayerwiseModel
+from self_speculation.output_safety import output_dir_lock
 from self_speculation.training.data import pack_blocks, read_texts, resolve_files
 from self_speculation.training.layer_quality import ExitQuality, draft_exit_quality, exit_quality
 
@@ -49,13 +51,15 @@ class ReportConfig:
     batch_size: int = 4
     dtype: str = "float32"  # computation dtype (bf16 weights are upcast exactly)
     num_threads: int = 0  # torch CPU threads; 0: torch's default
-    output_dir: str = "./logs"
+    output_dir: str = "./logs"  # ~ is expanded; a model's or a shipped folder is refused
+    overwrite: bool = False  # replace an earlier layer_report.json / .png in output_dir
     seed: int = 42
     draft_adapter: str | None = None  # also report this exit adapter (train_adapter.py)
     draft_vocab_size: int = -1  # draft head over the N top-ranked tokens (-1: the adapter's)
     exit_layer: int = 0  # exit of the draft-exit row without an adapter (0: none)
 
     def __post_init__(self) -> None:
+        self.output_dir = os.path.expanduser(self.output_dir)  # as --model is
         if not self.data:
             raise ConfigError("give held-out data with --data GLOB...")
         if self.seq_len and self.seq_len < 2:
@@ -74,6 +78,7 @@ class ReportConfig:
 
 
 DEFAULT_SEQ_LEN = 512
+REPORT_FILES = ("layer_report.json", "layer_report.png")
 
 
 def check_seq_len(name: str, seq_len: int, context_length: int | None) -> None:
@@ -175,7 +180,7 @@ def check_text_files(files: list[Path]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     (config,) = parse_args(ReportConfig, argv=argv, prog="layer_report.py")
-    check_output_dir(config.output_dir)
+    check_output_dir(config.output_dir, overwrite=config.overwrite, own_files=REPORT_FILES)
     for name in [config.model, *config.compare]:
         facts = inspect_model(name)  # config.json and weight files, before reading any data
         if facts is not None and config.seq_len:
@@ -190,9 +195,14 @@ def main(argv: list[str] | None = None) -> int:
         for number, text in enumerate(read_texts([path], config.text_field), 1):
             require_utf8(text, f"{path}: document {number}")  # a JSON "\ud800" escape
             texts.append(text)
+    # One report is written into a folder at a time; the folder is created here.
+    with output_dir_lock(config.output_dir) as output_dir:
+        _report(config, files, texts, output_dir)
+    return 0
+
+
+def _report(config: ReportConfig, files: list[Path], texts: list[str], output_dir: Path) -> None:
     sections = [report_model(name, texts, config) for name in [config.model, *config.compare]]
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     document = {
         "config": asdict(config),
         "files": [str(path) for path in files],
@@ -207,7 +217,6 @@ def main(argv: list[str] | None = None) -> int:
     logger.info(
         "wrote %s and %s", output_dir / "layer_report.json", output_dir / "layer_report.png"
     )
-    return 0
 
 
 def format_table(rows: list[dict]) -> str:

@@ -14,6 +14,7 @@ Grid bounds are inclusive; ``--exit_layer_last -1`` means the last layer but one
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -51,6 +52,7 @@ from self_speculation.benchmarking import (
 )
 from self_speculation.draft import read_adapter_config
 from self_speculation.metrics import summarize_speed
+from self_speculation.output_safety import output_dir_lock
 
 logger = logging.getLogger("sweep")
 
@@ -278,6 +280,14 @@ def _measure(generator, samples, config, seed, context) -> dict:
     return summarize_speed(gather_rows(rows, context))
 
 
+def _csv_lock(csv_path: Path, context: dist.DistributedContext, flag: str):
+    """One sweep appends to a CSV at a time (two would measure every point twice, each
+    while the other loads the machine): rank 0 holds its folder's lock for the run."""
+    if not context.is_main:
+        return contextlib.nullcontext()
+    return output_dir_lock(csv_path.parent, flag=flag)
+
+
 def main(argv: list[str]) -> int:
     args, generation, benchmark, sweep = parse_args(
         Arguments,
@@ -299,7 +309,11 @@ def main(argv: list[str]) -> int:
         num_speculations=1,
     )
     if sweep.output_file is not None:
-        check_output_dir(str(Path(sweep.output_file).parent), "--output_file's folder")
+        check_output_dir(
+            str(Path(sweep.output_file).expanduser().parent),
+            "--output_file's folder",
+            overwrite=args.overwrite,
+        )
     facts = args.check_model(speculative)  # before the data and weights load
     if facts is not None and facts.num_layers is not None:
         sweep.grid(facts.num_layers)
@@ -309,9 +323,14 @@ def main(argv: list[str]) -> int:
                 f"--num_speculations_last must be below the model's context "
                 f"({facts.context_length} tokens), got {sweep.num_speculations_last}"
             )
-    with distributed_run(args) as context:
+    csv_path = Path(sweep.output_file or Path(args.output_dir) / "sweep.csv").expanduser()
+    with (
+        distributed_run(args) as context,
+        _csv_lock(
+            csv_path, context, "--output_file's folder" if sweep.output_file else "--output_dir"
+        ),
+    ):
         # The CSV first: a malformed one fails before the data and weights load.
-        csv_path = Path(sweep.output_file or Path(args.output_dir) / "sweep.csv")
         setting = _setting_key(args, generation, benchmark)
         check_siblings(csv_path)
         done = _finished(csv_path, setting, repair=context.is_main)

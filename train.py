@@ -24,13 +24,19 @@ import sys
 from arguments import check_output_dir, error_line, report_out_of_memory
 from self_speculation.errors import LayerSkipError
 from self_speculation.training.config import TrainConfig, parse_config
-from self_speculation.training.loop import TrainingInterrupted, train
+from self_speculation.training.loop import RUN_FILES, TrainingInterrupted, train
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         config: TrainConfig = parse_config(argv, prog="train.py")
-        check_output_dir(config.training.output_dir)  # before the data is read
+        args = config.training
+        check_output_dir(  # before the data is read
+            args.output_dir,
+            overwrite=args.overwrite,
+            own_files=() if args.resume else RUN_FILES,
+            allow=("holds a model",) if args.resume else (),  # a finished run resumed: its own
+        )
         train(config)
     except (LayerSkipError, OSError) as error:  # OSError: an output file that cannot be written
         sys.stderr.write(f"train.py: error: {error_line(error)}\n")

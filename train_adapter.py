@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pickle
 import signal
 import time
@@ -48,6 +49,7 @@ from self_speculation.distributed import DistributedContext
 from self_speculation.draft import AdapterConfig, DraftExit, ExitAdapter, save_adapter
 from self_speculation.errors import ConfigError, require_thread_count
 from self_speculation.loading import DTYPES, check_device, load_model_and_tokenizer
+from self_speculation.output_safety import output_dir_lock
 from self_speculation.training.data import pack_blocks, read_texts, resolve_files
 
 logger = logging.getLogger("train_adapter")
@@ -59,7 +61,11 @@ class AdapterTrainArguments:
     """Settings of an adapter training run."""
 
     output_dir: str = ""
-    """Where the adapter folder (adapter_config.json, adapter.safetensors) is written."""
+    """Where the adapter folder (adapter_config.json, adapter.safetensors) is written. A
+    folder holding a model, a finished adapter or a shipped folder (models/) is refused
+    unless --overwrite True; an interrupted run's folder is continued."""
+    overwrite: bool = False
+    """Write into --output_dir even when it holds a model or a finished adapter."""
     model: str = "smollm2"
     """Frozen base model: a local directory, a hub id, a .gguf file or smollm2."""
     exit_layer: int = 0
@@ -107,9 +113,12 @@ class AdapterTrainArguments:
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise ConfigError("give --output_dir for the adapter folder")
-        check_output_dir(self.output_dir)
+        self.output_dir = os.path.expanduser(self.output_dir)  # as --model is
+        self.cache_dir = os.path.expanduser(self.cache_dir)
+        check_output_dir(self.output_dir, overwrite=self.overwrite)
         if self.cache_dir:
-            check_output_dir(self.cache_dir, "--cache_dir")  # was "<path>: File exists"
+            # A shared target cache may sit anywhere but in a model's or a shipped folder.
+            check_output_dir(self.cache_dir, "--cache_dir", overwrite=self.overwrite)
         if self.exit_layer < 1:
             raise ConfigError(f"--exit_layer must be >= 1, got {self.exit_layer}")
         if not self.data and self.chat_prompts == 0:
@@ -219,11 +228,16 @@ def train_adapter(args: AdapterTrainArguments, model=None, tokenizer=None) -> di
 
     ``model`` / ``tokenizer``: an already loaded base model (default: load ``args.model``).
     """
+    # One run writes an adapter folder at a time (a second would interleave checkpoints).
+    with output_dir_lock(args.output_dir):
+        return _train_adapter(args, model, tokenizer)
+
+
+def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)
     output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     if model is None or tokenizer is None:
         model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device)
     model.requires_grad_(False)

@@ -37,6 +37,7 @@ from self_speculation.distributed import DistributedContext, broadcast, gather
 from self_speculation.errors import ConfigError
 from self_speculation.generator import Generator
 from self_speculation.metrics import text_metrics
+from self_speculation.output_safety import hold_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -181,9 +182,13 @@ class RunFiles:
 
 
 def run_files(output_dir: str, script: str, context: DistributedContext) -> RunFiles:
-    """Timestamped file names under ``output_dir``, agreed on by every rank."""
+    """Timestamped file names under ``output_dir`` (``~`` expanded), agreed on by every
+    rank; the directory is created and held with a shared lock for the rest of the run
+    (a training run or sweep writing there meanwhile is refused, and refuses this one)."""
     stamp = broadcast(datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"), context)
-    stem = Path(output_dir) / f"{script}_{stamp}"
+    directory = Path(output_dir).expanduser()
+    hold_output_dir(directory)
+    stem = directory / f"{script}_{stamp}"
     rank_samples = (
         stem.with_name(f"{stem.name}.samples.rank{context.rank}.jsonl")
         if context.world_size > 1

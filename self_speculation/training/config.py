@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -133,6 +134,9 @@ class TrainingArguments:
     """How to train."""
 
     output_dir: str = "runs/train"
+    # Without it, an output_dir holding a model, an adapter, a folder shipped under models/
+    # or another run's files is refused (--resume True continues a run's own folder).
+    overwrite: bool = False  # write into such an output_dir anyway (a new run starts over)
     seed: int = 42
     batch_size: int = 8  # sequences per micro-batch and process
     gradient_accumulation_steps: int = 1
@@ -161,6 +165,7 @@ class TrainingArguments:
     num_speculations: int = 4  # recommended draft length for generation_config.json
 
     def __post_init__(self) -> None:
+        self.output_dir = os.path.expanduser(self.output_dir)  # as --model is
         for name in ("batch_size", "gradient_accumulation_steps", "log_every", "num_speculations"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")

@@ -16,11 +16,13 @@ resuming from a checkpoint, therefore make the same decisions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import random
+import shutil
 import signal
 import sys
 import time
@@ -38,7 +40,8 @@ from self_speculation.distributed import DistributedContext, barrier, launched_b
 from self_speculation.distributed import setup as setup_distributed
 from self_speculation.errors import ConfigError
 from self_speculation.model_surgery import find_base_model
-from self_speculation.training.build import build_model_and_tokenizer, load_texts
+from self_speculation.output_safety import output_dir_lock
+from self_speculation.training.build import TOKENIZER_DIR, build_model_and_tokenizer, load_texts
 from self_speculation.training.checkpointing import (
     CHECKPOINT_DIR,
     checkpoint_exists,
@@ -545,6 +548,27 @@ class Trainer:
         return self.output_dir
 
 
+# What a run writes into its output_dir besides the final model (config.json, weights,
+# tokenizer files, generation_config.json): an earlier run's, found by a new run, is refused.
+RUN_FILES = (
+    "train_config.json",
+    LOG_FILE,
+    "train_summary.json",
+    CHECKPOINT_DIR,
+    CHECKPOINT_DIR + ".tmp",
+)
+
+
+def _remove_run_files(output_dir: Path) -> None:
+    """Remove an earlier run's log, checkpoints and tokenizer (``--overwrite True``)."""
+    for name in (*RUN_FILES, TOKENIZER_DIR):
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 def train(config: TrainConfig) -> Path:
     """Run one training job (parse -> build -> run -> write); returns the final model's dir.
 
@@ -564,18 +588,31 @@ def _train(config: TrainConfig, distributed: DistributedContext) -> Path:
     args = config.training
     device = resolve_device(args.device, distributed)
     output_dir = Path(args.output_dir)
-    if distributed.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    barrier(distributed)
+    # One run writes a folder at a time: a second one started into it is refused here
+    # (it would delete the first one's checkpoint.tmp under it).
+    with output_dir_lock(output_dir) if distributed.is_main else contextlib.nullcontext():
+        barrier(distributed)
+        return _train_locked(config, distributed, device, output_dir)
+
+
+def _train_locked(
+    config: TrainConfig, distributed: DistributedContext, device: torch.device, output_dir: Path
+) -> Path:
+    args = config.training
     _setup_logging(distributed.is_main)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     if args.resume and not checkpoint_exists(output_dir):
         raise ConfigError(f"--resume True but {output_dir / CHECKPOINT_DIR} does not exist")
     if not args.resume and checkpoint_exists(output_dir):
-        raise ConfigError(
-            f"{output_dir} already holds a run; use --resume True or another --output_dir"
-        )
+        if not args.overwrite:
+            raise ConfigError(
+                f"{output_dir} already holds a run; use --resume True, --overwrite True "
+                "(starts over) or another --output_dir"
+            )
+    if not args.resume and args.overwrite and distributed.is_main:
+        _remove_run_files(output_dir)  # asked for: the new run's log starts empty
+    barrier(distributed)
     random.seed(args.seed)
 
     texts = load_texts(config.data)

@@ -1,0 +1,186 @@
+"""The one rule every script follows before it writes: nothing written before is changed
+unless the user asked for it.
+
+A script's output directory is refused (one line, before any work) when it
+
+- is, or lies under, a folder shipped with the project (``models/``),
+- holds a model (``config.json`` beside weights), an exit adapter (``adapter_config.json``),
+- or holds files of an earlier run that this script would write again,
+
+unless the user passes ``--overwrite True``. While a script writes, it holds a lock on the
+directory (``flock`` on the directory itself, so no lock file is left behind and a run that
+dies releases it): scripts that write fixed file names (train.py, train_adapter.py,
+sweep.py, layer_report.py) hold it exclusively, scripts that add timestamped files
+(generate.py, benchmark.py, correctness.py, eval.py) hold it shared, so two benchmarks may
+share ``./logs`` but a second training run into the same folder is refused in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from self_speculation.errors import ConfigError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locking, the other checks still apply
+    fcntl = None  # type: ignore[assignment]
+
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+OVERWRITE_HINT = "choose another {flag}, or pass --overwrite True to write there anyway"
+
+
+def _is_under(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+    except ValueError:
+        return False
+    return True
+
+
+def held_contents(directory: Path) -> str | None:
+    """Why a script must not write into ``directory``, in a few words ("holds a model
+    (config.json and model.safetensors)"); None when it holds no model or adapter and is no
+    shipped folder."""
+    resolved = directory.expanduser().resolve()
+    if SHIPPED_MODELS_DIR.is_dir() and _is_under(resolved, SHIPPED_MODELS_DIR.resolve()):
+        return "is a folder shipped with the project (under models/)"
+    if not resolved.is_dir():
+        return None
+    if (resolved / "adapter_config.json").exists():
+        return "holds an exit adapter (adapter_config.json)"
+    if (resolved / "config.json").exists():
+        weights = sorted(
+            entry.name
+            for entry in resolved.iterdir()
+            if entry.suffix in WEIGHT_SUFFIXES and entry.name != "training_args.bin"
+        )
+        if weights:
+            return f"holds a model (config.json and {weights[0]})"
+    if any(entry.suffix == ".gguf" for entry in resolved.iterdir()):
+        return "holds a model (a .gguf file)"
+    return None
+
+
+def check_output_dir(
+    path: str,
+    flag: str = "--output_dir",
+    *,
+    overwrite: bool = False,
+    own_files: Iterable[str] = (),
+    allow: Iterable[str] = (),
+) -> None:
+    """Refuse, before any work, an output directory that cannot be written or that holds
+    something a run would change without being asked to.
+
+    Args:
+        path: the directory as the user gave it (``~`` is expanded).
+        flag: the flag that named it, for the message.
+        overwrite: the user passed ``--overwrite True``: a model, adapter, shipped folder or
+            earlier results there may be written over (the directory must still be usable).
+        own_files: names this script writes under fixed names (``layer_report.json``): one
+            that exists is an earlier run's result, refused without ``overwrite``.
+        allow: what ``held_contents`` may find there without refusal, by the start of its
+            description: ``"holds a model"`` for a resumed training run.
+
+    Raises:
+        ConfigError: naming the path and what is in the way.
+    """
+    if not path.strip():  # Path("") is the current directory: never what was meant
+        raise ConfigError(f"{flag} is empty (give a folder; '.' for the current one)")
+    directory = Path(path).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a directory (choose another {flag})")
+    for parent in directory.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"{flag} {path}: {parent} is a file, not a directory (choose another {flag})"
+                )
+            if not directory.exists() and not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"{flag} {path}: cannot create it, {parent} is not writable")
+            break
+    if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path} is not writable (choose another {flag})")
+    if overwrite:
+        return
+    held = held_contents(directory)
+    if held is not None and not any(held.startswith(kind) for kind in allow):
+        raise ConfigError(f"{flag} {path} {held}: {OVERWRITE_HINT.format(flag=flag)}")
+    earlier = sorted(name for name in own_files if (directory / name).exists())
+    if earlier:
+        raise ConfigError(
+            f"{flag} {path} already holds {earlier[0]} from an earlier run: "
+            f"{OVERWRITE_HINT.format(flag=flag)}"
+        )
+
+
+def _lock(directory: Path, exclusive: bool, flag: str) -> int | None:
+    """Lock ``directory`` (created if missing) and return the descriptor holding the lock."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        return None
+    descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(descriptor, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise ConfigError(
+            f"{flag} {directory} is in use by another run writing there: wait for it to "
+            f"finish, or choose another {flag}"
+        ) from None
+    return descriptor
+
+
+@contextlib.contextmanager
+def output_dir_lock(
+    path: str | os.PathLike, exclusive: bool = True, flag: str = "--output_dir"
+) -> Iterator[Path]:
+    """Hold a lock on the output directory (created if missing) while the block runs.
+
+    Args:
+        path: the directory.
+        exclusive: True for a run that writes fixed file names (no other run may write
+            there meanwhile); False for one that adds files of its own (other such runs
+            may share the directory, an exclusive one may not).
+        flag: the flag that named the directory, for the message.
+
+    Raises:
+        ConfigError: another run holds a conflicting lock.
+    """
+    directory = Path(path).expanduser()
+    if directory.exists():
+        # A shared lock this process took for an earlier in-process run is not another run.
+        held = _HELD.pop(directory.resolve(), None)
+        if held is not None:
+            os.close(held)
+    descriptor = _lock(directory, exclusive, flag)
+    try:
+        yield directory
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)  # closing releases the lock
+
+
+_HELD: dict[Path, int | None] = {}
+
+
+def hold_output_dir(path: str | os.PathLike, flag: str = "--output_dir") -> None:
+    """Take a shared lock on ``path`` for the rest of this process (scripts that add
+    timestamped files take it where they name their files). Taken once per directory."""
+    directory = Path(path).expanduser()
+    key = directory.resolve()
+    if key not in _HELD:
+        _HELD[key] = _lock(directory, exclusive=False, flag=flag)
+
+
+def release_output_dirs() -> None:
+    """Release every lock :func:`hold_output_dir` took (for scripts run in-process)."""
+    while _HELD:
+        descriptor = _HELD.popitem()[1]
+        if descriptor is not None:
+            os.close(descriptor)
