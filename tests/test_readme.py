@@ -201,28 +201,70 @@ def test_docs_setup_block_matches_readme() -> None:
     assert scripts == readme
 
 
-def test_every_readme_command_is_known_and_its_flags_parse() -> None:
+@pytest.fixture()
+def fresh_clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory that looks like a fresh clone: the repository's tracked top-level
+    entries, linked, without the logs/ or runs/ an earlier run left (the scripts refuse to
+    write over an earlier run's files, and some check --output_dir while parsing)."""
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for entry in REPOSITORY_ROOT.iterdir():
+        if entry.name not in ("logs", "runs", "checkpoints", ".venv", ".git"):
+            (clone / entry.name).symlink_to(entry)
+    monkeypatch.chdir(clone)
+    return clone
+
+
+def check_page(page: Path) -> list[str]:
+    """Check every command of ``page``'s shell blocks (in order, as a user pastes them);
+    return the scripts they run. A file that an earlier command of the page writes
+    (``--output F``) may be missing when a later one reads it."""
     variables: dict[str, str] = {}
+    written: set[str] = set()
     checked = []
-    for command in readme_commands():
-        assignment = shell_assignment(command)
-        if assignment is not None:
-            variables[assignment[0]] = assignment[1]
-            continue
-        words = expand_variables(shlex.split(command, comments=True), variables)
-        if command in SET_UP or words[0] == "pip" or command == TEST_COMMAND:
-            continue  # checked against .ci/run above
-        if words[0] == "bash":
-            assert (REPOSITORY_ROOT / words[1]).is_file(), command
-            continue
-        target = script_and_arguments(words)
-        assert target is not None, f"README command of a kind this test does not know: {command}"
-        check_parses(*target)
-        checked.append(target[0])
+    for block in fenced_blocks(page.read_text(), "bash"):
+        for command in shell_commands(block):
+            assignment = shell_assignment(command)
+            if assignment is not None:
+                variables[assignment[0]] = assignment[1]
+                continue
+            words = expand_variables(shlex.split(command, comments=True), variables)
+            if command in SET_UP or words[0] == "pip" or command == TEST_COMMAND:
+                continue  # the README's are checked against .ci/run
+            if words[0] == "bash":
+                assert (REPOSITORY_ROOT / words[1]).is_file(), f"{page.name}: {command}"
+                continue
+            target = script_and_arguments(words)
+            assert target is not None, f"{page.name}: a command this test does not know: {command}"
+            written.update(
+                value
+                for flag, value in zip(words, words[1:])
+                if flag in ("--output", "--output_json")
+            )
+            try:
+                check_parses(*target)
+            except pytest.fail.Exception as failure:
+                if not any(f"no such file: {path}" in str(failure) for path in written):
+                    raise AssertionError(f"{page.name}: {failure}") from None
+            checked.append(target[0])
+    return checked
+
+
+@pytest.mark.usefixtures("fresh_clone")
+def test_every_readme_command_is_known_and_its_flags_parse() -> None:
+    checked = check_page(README)
     for script in ("generate.py", "benchmark.py", "eval.py", "sweep.py", "correctness.py"):
         assert script in checked, f"README shows no example of {script}"
     for script in ("train.py", "train_adapter.py", "layer_report.py"):
         assert script in checked, f"README shows no example of {script}"
+
+
+@pytest.mark.usefixtures("fresh_clone")
+@pytest.mark.parametrize(
+    "page", sorted((REPOSITORY_ROOT / "docs").glob("*.md")), ids=lambda page: page.name
+)
+def test_every_docs_command_is_known_and_its_flags_parse(page: Path) -> None:
+    check_page(page)
 
 
 @pytest.mark.parametrize(
