@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,6 +339,77 @@ def check_weight_files(directory: Path) -> None:
             ) from None
 
 
+TOKENIZER_JSON_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "added_tokens.json",
+)
+
+
+def check_tokenizer_files(directory: Path) -> None:
+    """The tokenizer's JSON files in ``directory`` parse, and tokenizer.json is one the
+    ``tokenizers`` library reads (its own errors name no file).
+
+    Raises:
+        ModelLoadError: naming the file and what is wrong with it.
+    """
+    for name in TOKENIZER_JSON_FILES:
+        path = directory / name
+        if path.exists() or path.is_symlink():
+            _readable_file(path, "tokenizer file")
+            _read_json(path)
+    path = directory / "tokenizer.json"
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(path))
+        except Exception as error:  # the Rust library raises a bare Exception
+            raise ModelLoadError(
+                f"{path} is not a tokenizer the tokenizers library can read "
+                f"({_one_line(error, 200)}): copy or save the model again"
+            ) from None
+
+
+def check_gguf_file(path: str) -> None:
+    """A GGUF file's header, metadata and tensor table parse, and every tensor lies within
+    the file (a truncated or foreign file fails here in one line, not as a struct.error
+    deep in transformers' reader). Reads the metadata only, not the tensor data.
+
+    Raises:
+        ModelLoadError: naming the file and what is wrong with it.
+    """
+    _readable_file(Path(path), "GGUF file")
+    size = os.path.getsize(path)
+    try:
+        from transformers.integrations.gguf.reader import GgufHeader
+    except ImportError:  # another transformers layout: at least the magic bytes
+        with open(path, "rb") as stream:
+            if stream.read(4) != b"GGUF":
+                raise ModelLoadError(f"{path} is not a GGUF file (no GGUF magic bytes)") from None
+        return
+    try:
+        header = GgufHeader.from_file(path)
+    except (struct.error, ValueError, KeyError, IndexError, OverflowError) as error:
+        reason = (
+            "it ends inside its metadata"
+            if isinstance(error, struct.error)
+            else _one_line(error, 200)
+        )
+        raise ModelLoadError(
+            f"{path} is not a valid GGUF file ({reason}): truncated or corrupt? Copy it again"
+        ) from None
+    for tensor in header.tensors:
+        end = header.data_start + tensor.offset + tensor.nbytes
+        if end > size:
+            raise ModelLoadError(
+                f"{path} is not a valid GGUF file (tensor {tensor.name} ends at byte {end}, "
+                f"the file has {size}): truncated? Copy it again"
+            )
+
+
 def _config_int(config: PreTrainedConfig, name: str) -> int | None:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     value = getattr(text_config, name, None)
@@ -355,6 +427,8 @@ def inspect_model(model: str) -> ModelFacts | None:
     """
     directory = _local_directory(model)
     if directory is None:
+        if model.endswith(".gguf") and os.path.isfile(os.path.expanduser(model)):
+            check_gguf_file(os.path.expanduser(model))
         return None
     config_path = directory / "config.json"
     if not config_path.exists():
@@ -374,6 +448,7 @@ def inspect_model(model: str) -> ModelFacts | None:
         if value is not None and value < 1:
             raise ModelLoadError(f"{config_path}: {name} must be >= 1, got {value}")
     check_weight_files(directory)
+    check_tokenizer_files(directory)
     recommended: dict[str, Any] = {}
     generation_path = directory / "generation_config.json"
     if generation_path.exists():
@@ -503,10 +578,11 @@ def load_model_and_tokenizer(
     check_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     arguments: dict[str, Any] = dict(model_args or {})
-    source = smollm2_gguf_path() if model == "smollm2" else model
+    source = smollm2_gguf_path() if model == "smollm2" else os.path.expanduser(model)
     if source.endswith(".gguf"):
         if not os.path.isfile(source):
             raise ModelLoadError(f"GGUF file not found: {source}")
+        check_gguf_file(source)
         arguments["gguf_file"] = os.path.basename(source)
         source = os.path.dirname(os.path.abspath(source))
     else:

@@ -338,7 +338,7 @@ CASES = [
     ("layer count as text", "generate.py", ["--model", "MODEL:text_layer_count", "--prompt", "hi"],
      "config.json: Validation error for field 'num_hidden_layers'"),
     ("broken tokenizer", "generate.py", ["--model", "MODEL:broken_tokenizer", "--prompt", "hi"],
-     "cannot load model"),
+     "tokenizer.json is not valid JSON"),
     # --model_args, --device, --seed
     ("model_args unknown key", "generate.py", ["--prompt", "hi", "--model_args", "foo=1"],
      "--model_args: unknown key 'foo'"),
