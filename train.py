@@ -23,6 +23,7 @@ import sys
 
 from arguments import check_output_dir, error_line, report_out_of_memory
 from self_speculation.errors import LayerSkipError
+from self_speculation.loading import inspect_model
 from self_speculation.training.config import TrainConfig, parse_config
 from self_speculation.training.loop import RUN_FILES, TrainingInterrupted, train
 
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             own_files=() if args.resume else RUN_FILES,
             allow=("holds a model",) if args.resume else (),  # a finished run resumed: its own
         )
+        if config.model.model and not args.resume:
+            inspect_model(config.model.model)  # damaged model files: before the data is read
         train(config)
     except (LayerSkipError, OSError) as error:  # OSError: an output file that cannot be written
         sys.stderr.write(f"train.py: error: {error_line(error)}\n")
