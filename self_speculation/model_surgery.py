@@ -15,14 +15,25 @@ Early exit at layer E is ``unembed(run_layers(embed(x), 0, E))``; verification i
 from __future__ import annotations
 
 import inspect
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import Cache, DynamicCache, PreTrainedModel
+from transformers import Cache, DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from self_speculation.errors import UnsupportedModelError
 from self_speculation.kv_cache import ColumnKVCache
+from self_speculation.model_support import (
+    SLIDING_ATTENTION,
+    attention_layer_types,
+    generation_hook_limit,
+    rotary_position_limit,
+)
+
+logger = logging.getLogger(__name__)
 
 _BASE_MODEL_ATTRIBUTES = ("model", "transformer", "base_model")
 
@@ -97,13 +108,32 @@ class LayerwiseModel:
         self.logits_scaling = getattr(self.config, "logits_scaling", None)
         self.logit_scale = getattr(self.config, "logit_scale", None)
         self.final_logit_softcapping = getattr(self.config, "final_logit_softcapping", None)
-        self.layer_types: list[str] = list(
-            getattr(self.config, "layer_types", None) or ["full_attention"] * self.num_layers
-        )
-        self.has_sliding_layers = "sliding_attention" in self.layer_types
+        self.layer_types = attention_layer_types(self.config, self.num_layers, owner)
+        self.has_sliding_layers = SLIDING_ATTENTION in self.layer_types
         # Some families (Gemma 3) keep one rotary embedding per layer type.
         rotary_parameters = inspect.signature(self.rotary_emb.forward).parameters
         self.rotary_per_layer_type = "layer_type" in rotary_parameters
+        # Decoding must end where the model's own generation hooks or its rotary tables
+        # would stop matching a plain KV-cache loop; rotary positions are clamped there.
+        hook_limit = generation_hook_limit(model, self.config)
+        if hook_limit is not None and (self.context_length or hook_limit + 1) > hook_limit:
+            logger.warning(
+                "%s: transformers re-runs this family's cache once a sequence passes %d "
+                "tokens (original_max_position_embeddings); decoding stops there",
+                owner,
+                hook_limit,
+            )
+            self.context_length = hook_limit
+        self.rotary_position_limit = rotary_position_limit(
+            self.rotary_emb,
+            set(self.layer_types) if self.rotary_per_layer_type else None,
+            self.context_length,
+            self.config,
+            self.embed_tokens.weight.new_zeros(1, 1, self.embed_tokens.weight.shape[-1]),
+            owner,
+        )
+        if self.rotary_position_limit is not None:
+            self.context_length = min(self.context_length, self.rotary_position_limit)
         # Eager attention adds its mask to the scores; sdpa takes a boolean mask.
         self.additive_masks = getattr(self.config, "_attn_implementation", "eager") == "eager"
         if verify:
@@ -173,7 +203,7 @@ class LayerwiseModel:
             past = cache.get_seq_length(index) if cache is not None else 0
             make_mask = (
                 create_sliding_window_causal_mask
-                if layer_type == "sliding_attention"
+                if layer_type == SLIDING_ATTENTION
                 else create_causal_mask
             )
             masks[layer_type] = make_mask(
@@ -191,7 +221,13 @@ class LayerwiseModel:
     def _rotary(
         self, hidden: torch.Tensor, layer_types: set[str], position_ids: torch.Tensor
     ) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
-        """(cos, sin) per layer type (key None when the family shares one rotary)."""
+        """(cos, sin) per layer type (key None when the family shares one rotary).
+
+        Positions past ``rotary_position_limit`` (columns no kept token reads) are clamped,
+        so that they cannot switch the tables of the positions that count.
+        """
+        if self.rotary_position_limit is not None:
+            position_ids = position_ids.clamp(max=self.rotary_position_limit - 1)
         if not self.rotary_per_layer_type:
             return {None: self.rotary_emb(hidden, position_ids)}
         return {
@@ -222,7 +258,7 @@ class LayerwiseModel:
         masks: dict[str, torch.Tensor] = {}
         for layer_type in layer_types:
             visible = causal
-            if layer_type == "sliding_attention":
+            if layer_type == SLIDING_ATTENTION:
                 visible = causal & (slots > columns - self.config.sliding_window)
             if self.additive_masks:  # eager attention adds the mask to its scores
                 visible = torch.zeros((), dtype=hidden.dtype, device=hidden.device).masked_fill(
@@ -324,7 +360,7 @@ class LayerwiseModel:
         elif cache is None:
             make_mask = (
                 create_sliding_window_causal_mask
-                if layer_type == "sliding_attention"
+                if layer_type == SLIDING_ATTENTION
                 else create_causal_mask
             )
             masks = {
@@ -351,14 +387,106 @@ class LayerwiseModel:
 
     @torch.no_grad()
     def _verify_against_own_forward(self) -> None:
+        """Compare the layer-wise view with the model's own forward on a probe that can see
+        what a short one cannot: two rows, one left-padded, longer than every sliding
+        window (windows are narrowed to a few positions for the probe, in both views), run
+        once as a whole and once as a prefill followed by one-token steps with a cache.
+
+        Raises:
+            UnsupportedModelError: the views differ, or the model's own forward fails (a
+                kernel without this dtype, say), in one line.
+        """
+        owner = type(self.model).__name__
+        length = min(_PROBE_LENGTH, self.context_length or _PROBE_LENGTH)
+        padding = min(_PROBE_PADDING, length - 1)
         vocab = self.embed_tokens.weight.shape[0]
-        probe = (torch.arange(5, device=self.device).unsqueeze(0) * 7 + 3) % vocab  # [1, 5]
-        expected = self.model(input_ids=probe, use_cache=False).logits.float()
-        actual = self.logits(probe).float()
+        probe = (torch.arange(2 * length, device=self.device).view(2, length) * 7 + 3) % vocab
+        mask = torch.ones_like(probe)  # [2, length]: 1 real, 0 left padding
+        mask[1, :padding] = 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [2, length]
+        real = mask.bool()
+        with _narrowed_windows(self.model.config, self.config):
+            try:
+                expected = self.model(
+                    input_ids=probe, attention_mask=mask, position_ids=positions, use_cache=False
+                ).logits.float()  # [2, length, vocab]
+            except Exception as error:  # a kernel the dtype lacks, say: one line, not a trace
+                dtype = str(self.dtype).removeprefix("torch.")
+                hint = "; try --dtype float32" if self.dtype != torch.float32 else ""
+                raise UnsupportedModelError(
+                    f"{owner}: its own forward fails in {dtype} ({_first_line(error)}){hint}"
+                ) from None
+            try:
+                whole = self.unembed(
+                    self.run_layers(self.embed(probe), 0, self.num_layers, None, positions, mask)
+                ).float()
+                stepped = self._stepped_logits(probe, positions, mask).float()
+            except Exception as error:
+                raise UnsupportedModelError(
+                    f"{owner}: the layer-wise forward fails ({_first_line(error)}); "
+                    "this family needs an adapter"
+                ) from None
+        # Some families' own forward gives a left-padded row NaN (Gemma 2's eager attention
+        # over all-masked padding queries); the engine masks padding its own way, so only
+        # the rows the model itself computes are compared.
+        finite = torch.isfinite(expected).all(dim=-1)  # [2, length]
+        real &= (finite | ~real).all(dim=1, keepdim=True)  # whole rows out
         tolerance = 1e-3 if self.dtype in (torch.float32, torch.float64) else 5e-2
-        error = (expected - actual).abs().max().item() / max(expected.abs().max().item(), 1.0)
-        if not error <= tolerance:
-            raise UnsupportedModelError(
-                f"{type(self.model).__name__}: layer-wise forward differs from the model's own "
-                f"forward (relative error {error:.2e}); this family needs an adapter"
+        scale = max(expected[real].abs().max().item(), 1.0)
+        for view, actual in (("whole", whole), ("cached one-token", stepped)):
+            error = (expected[real] - actual[real]).abs().max().item() / scale
+            if not error <= tolerance:
+                raise UnsupportedModelError(
+                    f"{owner}: the layer-wise {view} forward differs from the model's own "
+                    f"forward (relative error {error:.2e}); this family needs an adapter"
+                )
+
+    def _stepped_logits(
+        self, probe: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits [batch, length, vocab] of a prefill of half the probe, then one token at a
+        time through a cache, as decoding runs."""
+        cache = self.new_cache()
+        half = probe.shape[1] // 2
+        hidden = self.run_layers(
+            self.embed(probe[:, :half]), 0, self.num_layers, cache, positions[:, :half], mask
+        )
+        logits = [self.unembed(hidden)]
+        for column in range(half, probe.shape[1]):
+            hidden = self.run_layers(
+                self.embed(probe[:, column : column + 1]),
+                0,
+                self.num_layers,
+                cache,
+                positions[:, column : column + 1],
+                mask[:, : column + 1],
             )
+            logits.append(self.unembed(hidden))
+        return torch.cat(logits, dim=1)
+
+
+_PROBE_LENGTH = 12  # tokens per probe row
+_PROBE_PADDING = 3  # left padding of the second row
+_PROBE_WINDOW = 4  # sliding windows during the probe: shorter than the probe
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextmanager
+def _narrowed_windows(*configs: PretrainedConfig | None) -> Iterator[None]:
+    """Within the block, every config's ``sliding_window`` is at most ``_PROBE_WINDOW``
+    (both the model's own forward and the layer-wise view read it per call)."""
+    saved = []
+    for config in {id(c): c for c in configs if c is not None}.values():
+        window = getattr(config, "sliding_window", None)
+        if isinstance(window, int) and window > _PROBE_WINDOW:
+            saved.append((config, window))
+            config.sliding_window = _PROBE_WINDOW
+    try:
+        yield
+    finally:
+        for config, window in saved:
+            config.sliding_window = window

@@ -8,15 +8,27 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Cohere2Config,
+    CohereConfig,
     Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
+    GptOssConfig,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    Olmo2Config,
+    Olmo3Config,
     Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
+    SmolLM3Config,
+    StableLmConfig,
+    Starcoder2Config,
 )
 
 VOCAB_SIZE = 320  # model vocabulary; the tokenizer uses at most TOKENIZER_VOCAB of it
@@ -56,12 +68,116 @@ FAMILIES = {
     "gemma3_text": (Gemma3TextConfig, dict(num_key_value_heads=2, head_dim=8, sliding_window=4)),
 }
 
+# Position-dependent RoPE switches at this many positions in the families below that have one.
+ROPE_SWITCH = 24
+_HEAD_DIM = _COMMON["hidden_size"] // _COMMON["num_attention_heads"]
+_LONGROPE = dict(
+    rope_type="longrope",
+    rope_theta=10000.0,
+    short_factor=[1.0] * (_HEAD_DIM // 2),
+    long_factor=[3.0 + i for i in range(_HEAD_DIM // 2)],
+    original_max_position_embeddings=ROPE_SWITCH,
+    factor=4.0,
+)
+_EXPERTS = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+
+# Families and configurations real checkpoints use beyond FAMILIES: windows on every layer
+# without layer_types, mixtures of experts (float32: transformers' grouped expert kernel
+# takes no float64), other rotary types, other norms and scalars. name -> (config class,
+# overrides, dtype).
+FAMILIES_BEYOND = {
+    "mistral_sliding": (MistralConfig, dict(num_key_value_heads=2, sliding_window=4), None),
+    "starcoder2_sliding": (Starcoder2Config, dict(num_key_value_heads=2, sliding_window=4), None),
+    "mixtral_sliding": (
+        MixtralConfig,
+        dict(num_key_value_heads=2, sliding_window=4, num_local_experts=4, num_experts_per_tok=2),
+        torch.float32,
+    ),
+    "qwen2_moe": (
+        Qwen2MoeConfig,
+        dict(num_key_value_heads=2, num_experts=4, shared_expert_intermediate_size=32, **_EXPERTS),
+        torch.float32,
+    ),
+    "qwen3_moe": (
+        Qwen3MoeConfig,
+        dict(num_key_value_heads=2, head_dim=8, num_experts=4, **_EXPERTS),
+        torch.float32,
+    ),
+    "gpt_oss_sinks_sliding": (
+        GptOssConfig,
+        dict(num_key_value_heads=2, head_dim=8, sliding_window=4, num_local_experts=4),
+        torch.float32,
+    ),
+    "olmo2": (Olmo2Config, dict(num_key_value_heads=2), None),
+    "olmo3_sliding": (Olmo3Config, dict(num_key_value_heads=2, sliding_window=4), None),
+    "cohere": (CohereConfig, dict(num_key_value_heads=2, logit_scale=0.5), None),
+    "cohere2_sliding": (Cohere2Config, dict(num_key_value_heads=2, sliding_window=4), None),
+    "granite_scalars": (
+        GraniteConfig,
+        dict(embedding_multiplier=3.0, logits_scaling=7.0, residual_multiplier=0.5),
+        None,
+    ),
+    "stablelm_partial_rotary": (
+        StableLmConfig,
+        dict(num_key_value_heads=2, partial_rotary_factor=0.5),
+        None,
+    ),
+    "smollm3_no_rope_layers": (SmolLM3Config, dict(num_key_value_heads=2), None),
+    "llama3_rope": (
+        LlamaConfig,
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=10000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=ROPE_SWITCH,
+            )
+        ),
+        None,
+    ),
+    "llama_yarn": (
+        LlamaConfig,
+        dict(
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=4.0,
+                original_max_position_embeddings=ROPE_SWITCH,
+            )
+        ),
+        None,
+    ),
+    "llama_dynamic_rope": (
+        LlamaConfig,
+        dict(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)),
+        None,
+    ),
+    # Context capped at ROPE_SWITCH: the tables switch there (and Phi-3 resets its cache).
+    "llama_longrope": (LlamaConfig, dict(rope_parameters=_LONGROPE), None),
+    "phi3_longrope": (
+        Phi3Config,
+        dict(
+            num_key_value_heads=2,
+            rope_parameters=_LONGROPE,
+            original_max_position_embeddings=ROPE_SWITCH,
+        ),
+        None,
+    ),
+}
+
 
 def make_tiny_model(
     family: str = "llama_mha_untied", seed: int = 0, dtype=torch.float64, **overrides
 ):
-    """A randomly initialised tiny causal LM of ``family`` in eval mode."""
-    config_class, family_overrides = FAMILIES[family]
+    """A randomly initialised tiny causal LM of ``family`` (FAMILIES or FAMILIES_BEYOND) in
+    eval mode; a FAMILIES_BEYOND family that states a dtype gets that dtype."""
+    if family in FAMILIES_BEYOND:
+        config_class, family_overrides, family_dtype = FAMILIES_BEYOND[family]
+        dtype = family_dtype or dtype
+    else:
+        config_class, family_overrides = FAMILIES[family]
     config = config_class(**{**_COMMON, **family_overrides, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)

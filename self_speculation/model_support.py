@@ -1,0 +1,197 @@
+"""What the layer-wise engine can reproduce exactly of a model, decided before it decodes.
+
+``LayerwiseModel`` runs a model's own decoder layers, rotary embedding and masks, one layer
+range at a time, with one KV cache that drafting, verification and rollback share. That is
+exact only when each call's result depends on nothing the layer-wise view changes. These
+checks find what would break it and either adapt (a shorter usable context) or refuse with
+``UnsupportedModelError``, one line, instead of decoding wrong tokens:
+
+* attention kinds: each layer's kind as the family's own forward chooses it (the config's
+  ``layer_types``; without them, a ``sliding_window`` windows every layer, as Mistral,
+  Mixtral, Starcoder2, Phi-3 and Qwen3-MoE do); kinds other than full and sliding
+  (chunked, linear, state-space...) are refused.
+* rotary tables: transformers' ``longrope`` and ``dynamic`` RoPE pick their frequencies from
+  the largest position of each call, so a verification call (positions p .. p + k) or a
+  batch (rows at different positions) would rotate a position otherwise than one-token
+  decoding does. Where the tables are call-independent only below a switch point, the
+  usable context ends there; where they are not even then, the model is refused.
+* generation hooks: a family whose ``prepare_inputs_for_generation`` does more than pass
+  the cache along decodes otherwise than a plain KV-cache loop (Phi-3 drops its cache and
+  re-runs the sequence when it crosses ``original_max_position_embeddings``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig
+
+from self_speculation.errors import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+SUPPORTED_ATTENTION = (FULL_ATTENTION, SLIDING_ATTENTION)
+_GENERATION_HOOKS = ("prepare_inputs_for_generation", "_update_model_kwargs_for_generation")
+# Families whose generation hook recomputes the cache once the sequence passes
+# config.original_max_position_embeddings (and does nothing else): exact below it.
+_CACHE_RESET_AT_ORIGINAL_LENGTH = frozenset(
+    {"Phi3ForCausalLM", "PhimoeForCausalLM", "Phi4MultimodalForCausalLM"}
+)
+
+
+def attention_layer_types(config: PretrainedConfig, num_layers: int, owner: str) -> list[str]:
+    """Each decoder layer's attention kind, as the family's own forward applies it.
+
+    Raises:
+        UnsupportedModelError: a kind the engine cannot reproduce, a list of the wrong
+            length, or a sliding layer without a usable window.
+    """
+    declared = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if declared:
+        layer_types = list(declared)
+    elif window is not None:  # no per-layer list: the forward windows every layer
+        layer_types = [SLIDING_ATTENTION] * num_layers
+    else:
+        layer_types = [FULL_ATTENTION] * num_layers
+    if len(layer_types) != num_layers:
+        raise UnsupportedModelError(
+            f"{owner}: config.layer_types lists {len(layer_types)} layers for {num_layers} "
+            "decoder layers"
+        )
+    for index, kind in enumerate(layer_types):
+        if kind not in SUPPORTED_ATTENTION:
+            raise UnsupportedModelError(
+                f"{owner}: layer {index} uses '{kind}', which the layer-wise engine does not "
+                f"reproduce exactly (supported: {', '.join(SUPPORTED_ATTENTION)})"
+            )
+    if SLIDING_ATTENTION in layer_types and not (
+        isinstance(window, int) and not isinstance(window, bool) and window >= 1
+    ):
+        raise UnsupportedModelError(
+            f"{owner}: sliding-window layers need config.sliding_window >= 1, got {window!r}"
+        )
+    return layer_types
+
+
+def generation_hook_limit(model: nn.Module, config: PretrainedConfig) -> int | None:
+    """The longest sequence up to which ``model``'s own generation hooks leave decoding a
+    plain KV-cache loop; None when they never interfere.
+
+    Raises:
+        UnsupportedModelError: a hook of unknown effect.
+    """
+    cls = type(model)
+    for hook in _GENERATION_HOOKS:
+        defined_by = next((klass for klass in cls.__mro__ if hook in vars(klass)), GenerationMixin)
+        if defined_by is GenerationMixin or not issubclass(defined_by, GenerationMixin):
+            continue
+        if hook == "prepare_inputs_for_generation" and defined_by.__name__ in (
+            _CACHE_RESET_AT_ORIGINAL_LENGTH
+        ):
+            limit = getattr(config, "original_max_position_embeddings", None)
+            if isinstance(limit, int) and limit >= 2:
+                return limit
+            continue  # the reset never triggers without that setting
+        raise UnsupportedModelError(
+            f"{cls.__name__}: {defined_by.__name__}.{hook} changes how transformers decodes "
+            "this family, which the layer-wise engine does not reproduce"
+        )
+    return None
+
+
+def _original_lengths(config: PretrainedConfig) -> list[int]:
+    """Switch points a config declares: ``original_max_position_embeddings``, top level or in
+    its (per-layer-type) ``rope_parameters``."""
+    found = [getattr(config, "original_max_position_embeddings", None)]
+    parameters = getattr(config, "rope_parameters", None) or {}
+    nested = parameters.values() if all(isinstance(v, dict) for v in parameters.values()) else []
+    for entry in [parameters, *nested]:
+        if isinstance(entry, dict):
+            found.append(entry.get("original_max_position_embeddings"))
+    return sorted({n for n in found if isinstance(n, int) and not isinstance(n, bool) and n >= 2})
+
+
+def _tables_call_independent(
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    limit: int,
+    device: torch.device,
+) -> bool:
+    """Whether the (cos, sin) of sample positions below ``limit`` come out the same alone,
+    beside position ``limit - 1`` and beside position 0 (calls of other largest positions)."""
+    samples = sorted({0, 1, limit // 2, limit - 2, limit - 1} & set(range(limit)))
+    for position in samples:
+        alone = rotary(torch.tensor([[position]], device=device))
+        for other in (limit - 1, 0):
+            pair = rotary(torch.tensor([[other, position]], device=device))
+            for table, paired in zip(alone, pair, strict=True):
+                if not torch.equal(table[:, 0], paired[:, 1]):
+                    return False
+    return True
+
+
+def rotary_position_limit(
+    rotary_emb: nn.Module,
+    layer_types: set[str] | None,
+    context_length: int | None,
+    config: PretrainedConfig,
+    hidden: torch.Tensor,
+    owner: str,
+) -> int | None:
+    """Where positions must be clamped before ``rotary_emb`` so that every position gets
+    the tables one-token decoding gives it in any call; None: nowhere.
+
+    Returns ``context_length`` when the tables only change past the context (dynamic
+    RoPE grows there: the engine's lookahead columns must not trigger it), or a shorter
+    switch point (longrope's ``original_max_position_embeddings``) below which they are
+    call-independent: decoding must end there. Probes a copy of the module (dynamic RoPE
+    rewrites its buffers when called).
+
+    Args:
+        layer_types: the types to probe for a family with one rotary table per layer type;
+            None when the family shares one.
+        hidden: any [1, 1, hidden] tensor of the model's dtype and device.
+
+    Raises:
+        UnsupportedModelError: the tables depend on the call even below every switch point.
+    """
+    if context_length is None or context_length < 2:
+        return None
+    probe = copy.deepcopy(rotary_emb)
+
+    def independent(limit: int) -> bool:
+        for layer_type in layer_types or [None]:
+            extra = () if layer_type is None else (layer_type,)
+
+            def tables(positions: torch.Tensor, extra: tuple = extra) -> tuple:
+                return probe(hidden, positions, *extra)
+
+            if not _tables_call_independent(tables, limit, hidden.device):
+                return False
+        return True
+
+    with torch.no_grad():
+        if independent(2 * context_length):
+            return None
+        if independent(context_length):
+            return context_length
+        for limit in _original_lengths(config):
+            if limit < context_length and independent(limit):
+                logger.warning(
+                    "%s: its rotary embedding switches tables at %d positions "
+                    "(original_max_position_embeddings); decoding stops there, where every "
+                    "position still gets the tables one-token decoding gives it",
+                    owner,
+                    limit,
+                )
+                return limit
+    raise UnsupportedModelError(
+        f"{owner}: its rotary embedding gives a position different tables depending on the "
+        "other positions of a call, which self-speculation and batching would change"
+    )
