@@ -7,7 +7,14 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from self_speculation.errors import ConfigError
+from self_speculation.errors import (
+    ArgumentTypeError,
+    ConfigError,
+    require_bool,
+    require_int,
+    require_list_of,
+    require_number,
+)
 
 UNSET = -1  # exit_layer / num_speculations not given: use the model's recommendation
 MIN_TEMPERATURE = 1e-4  # sampling below it is greedy decoding in all but name
@@ -68,6 +75,7 @@ class GenerationConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
+        self._check_types()
         try:
             strategy = GenerationStrategyName(self.generation_strategy)
         except ValueError:
@@ -111,6 +119,32 @@ class GenerationConfig:
             raise ConfigError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
         if self.stop_words is not None and any(not word for word in self.stop_words):
             raise ConfigError("stop_words must not contain an empty string")
+
+    def _check_types(self) -> None:
+        """Python callers get a TypeError naming the field, not a failure deep in decoding
+        (``max_steps=2.5``) or a str split into characters (``stop_words="name"``).
+
+        Raises:
+            ArgumentTypeError: naming the field and the value's type.
+        """
+        for name in ("max_steps", "exit_layer", "num_speculations", "top_k"):
+            require_int(getattr(self, name), name)
+        require_int(self.no_repeat_ngram_size, "no_repeat_ngram_size", allow_none=True)
+        for name in ("temperature", "top_p", "draft_confidence_threshold"):
+            require_number(getattr(self, name), name)
+        for name in ("sample", "token_healing", "compile"):
+            require_bool(getattr(self, name), name)
+        if not isinstance(self.generation_strategy, str):  # the enum is a str too
+            raise ArgumentTypeError(
+                "generation_strategy must be 'autoregressive' or 'self_speculative', got "
+                f"{type(self.generation_strategy).__name__}"
+            )
+        if self.stop_words is not None:
+            require_list_of(self.stop_words, str, "stop_words")
+            object.__setattr__(self, "stop_words", list(self.stop_words))
+        if self.stop_token_ids is not None:
+            require_list_of(self.stop_token_ids, int, "stop_token_ids")
+            object.__setattr__(self, "stop_token_ids", list(self.stop_token_ids))
 
     def resolved(
         self,

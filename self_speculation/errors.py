@@ -24,6 +24,67 @@ class ArgumentsError(ConfigError):
     """A command line that cannot be parsed (unknown flag, bad value, missing flag)."""
 
 
+class ArgumentTypeError(ConfigError, TypeError):
+    """A Python API argument of the wrong type (a str where a list is meant, a float step
+    count). A TypeError for Python callers, and a ConfigError that scripts print as one line."""
+
+
+def _type_name(value: object) -> str:
+    text = repr(value)
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    return f"{type(value).__name__} {shown}"
+
+
+def require_int(value: object, name: str, allow_none: bool = False) -> None:
+    """``value`` is an int (not a bool: True would count as 1), or None when allowed.
+
+    Raises:
+        ArgumentTypeError: naming ``name`` and what it got.
+    """
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be an int, got {_type_name(value)}")
+
+
+def require_number(value: object, name: str) -> None:
+    """``value`` is a real number (int or float, not a bool).
+
+    Raises:
+        ArgumentTypeError: naming ``name`` and what it got.
+    """
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be a number, got {_type_name(value)}")
+
+
+def require_bool(value: object, name: str) -> None:
+    """``value`` is True or False (a string "False" would be true).
+
+    Raises:
+        ArgumentTypeError: naming ``name`` and what it got.
+    """
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be True or False, got {_type_name(value)}")
+
+
+def require_list_of(value: object, kind: type, name: str) -> None:
+    """``value`` is a list or tuple of ``kind`` (a str is not a list of its characters).
+
+    Raises:
+        ArgumentTypeError: naming ``name``, and the first element of another type.
+    """
+    if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+        hint = f" (write [{value!r}] for one)" if isinstance(value, str | int) else ""
+        raise ArgumentTypeError(
+            f"{name} must be a list of {kind.__name__}, got {_type_name(value)}{hint}"
+        )
+    for item in value:
+        if not isinstance(item, kind) or (kind is int and isinstance(item, bool)):
+            raise ArgumentTypeError(
+                f"{name} must be a list of {kind.__name__}, it holds {_type_name(item)}"
+            )
+
+
 class UnsupportedModelError(LayerSkipError):
     """The model lacks something LayerSkip needs (decoder layers, final norm, LM head...)."""
 

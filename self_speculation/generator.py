@@ -14,7 +14,13 @@ from transformers.utils import GENERATION_CONFIG_NAME
 
 from self_speculation.config import GenerationConfig, GenerationStrategyName
 from self_speculation.draft import DraftExit, resolve_with_adapter
-from self_speculation.errors import ConfigError
+from self_speculation.errors import (
+    ArgumentTypeError,
+    ConfigError,
+    require_bool,
+    require_list_of,
+    require_utf8,
+)
 from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.passes import ForwardPasses
 from self_speculation.sampling import TokenSelector
@@ -160,6 +166,21 @@ class Generator:
         verify_model: bool = True,
         draft: DraftExit | None = None,
     ) -> None:
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise ArgumentTypeError(
+                f"model must be a transformers causal LM (from load_model_and_tokenizer), "
+                f"got {type(model).__name__}"
+            )
+        if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+            raise ArgumentTypeError(
+                f"tokenizer must be the model's tokenizer (callable, with decode), "
+                f"got {type(tokenizer).__name__}"
+            )
+        require_bool(verify_model, "verify_model")
+        if draft is not None and not isinstance(draft, DraftExit):
+            raise ArgumentTypeError(
+                f"draft must be a DraftExit or None, got {type(draft).__name__}"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.layerwise = LayerwiseModel(model, verify=verify_model)
@@ -233,12 +254,67 @@ class Generator:
             ConfigError: empty prompt, prompt too long for the model, or settings outside
                 the model's range.
         """
+        self._check_call(config, streamer, generator)
+        self._prompt_ids(prompt)  # "prompt", not "prompts[0]", in the message
         return self.generate_batch([prompt], config, streamer, generator)[0]
 
-    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    @staticmethod
+    def _check_call(config: object, streamer: object, generator: object) -> None:
+        """The arguments of ``generate`` / ``generate_batch`` besides the prompts.
+
+        Raises:
+            ArgumentTypeError: naming the argument of the wrong type.
+        """
+        if not isinstance(config, GenerationConfig):
+            raise ArgumentTypeError(
+                f"config must be a GenerationConfig, got {type(config).__name__}"
+            )
+        if streamer is not None and not isinstance(streamer, Streamer):
+            raise ArgumentTypeError(
+                f"streamer must be a Streamer (self_speculation.build_streamer) or None, "
+                f"got {type(streamer).__name__}"
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ArgumentTypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+            )
+
+    def _prompt_ids(self, prompt: str | Sequence[int], name: str = "prompt") -> list[int]:
+        """``prompt`` (text, or a list / 1-D tensor of token ids) as checked token ids.
+
+        Raises:
+            ArgumentTypeError: neither text nor token ids (bytes, None, a nested list).
+            ConfigError: empty (or whitespace only), token ids outside the vocabulary, or
+                too long for the model.
+        """
+        if isinstance(prompt, str):
+            if not prompt.strip():  # as the scripts: a generation from BOS alone
+                raise ConfigError(f"{name} is empty")
+            require_utf8(prompt, name)
+            prompt_ids = self.encode(prompt)
+        elif isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.is_complex():
+                raise ArgumentTypeError(
+                    f"{name}: a tensor of token ids must be 1-D and integer, got shape "
+                    f"{list(prompt.shape)} and {prompt.dtype}"
+                )
+            prompt_ids = prompt.tolist()
+        elif isinstance(prompt, list | tuple):
+            require_list_of(prompt, int, name)
+            prompt_ids = list(prompt)
+        else:  # bytes are a sequence of ints too, but never token ids
+            raise ArgumentTypeError(
+                f"{name} must be a str or a list of token ids, got {type(prompt).__name__}"
+                + (" (decode bytes to str first)" if isinstance(prompt, bytes | bytearray) else "")
+            )
         if not prompt_ids:
-            raise ConfigError("the prompt is empty")
+            raise ConfigError(f"{name} is empty")
+        vocab = self.layerwise.embed_tokens.weight.shape[0]
+        outside = [token for token in prompt_ids if not 0 <= token < vocab]
+        if outside:
+            raise ConfigError(
+                f"{name}: {outside[0]} is not a token id of this model (ids 0..{vocab - 1})"
+            )
         context_limit = self.layerwise.context_length
         if context_limit is not None and len(prompt_ids) >= context_limit:
             raise ConfigError(
@@ -320,10 +396,24 @@ class Generator:
         Raises:
             ConfigError: as ``generate``; also a streamer with more than one prompt.
         """
-        config = self.resolve(config)
-        prompt_ids = [self._prompt_ids(prompt) for prompt in prompts]
-        if not prompt_ids:
+        self._check_call(config, streamer, generator)
+        if isinstance(prompts, str | bytes | bytearray | torch.Tensor) or not isinstance(
+            prompts, Sequence
+        ):
+            raise ArgumentTypeError(
+                f"prompts must be a list of prompts, got {type(prompts).__name__}"
+                + (
+                    " (use generate for one prompt, or write [prompt])"
+                    if isinstance(prompts, str)
+                    else ""
+                )
+            )
+        if not prompts:
             raise ConfigError("no prompts given")
+        prompt_ids = [
+            self._prompt_ids(prompt, f"prompts[{index}]") for index, prompt in enumerate(prompts)
+        ]
+        config = self.resolve(config)
         healed_text, first_token_allowed = [""] * len(prompt_ids), None
         if config.token_healing:
             prompt_ids, healed_text, first_token_allowed = self._heal(prompt_ids)

@@ -27,7 +27,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from self_speculation.errors import ConfigError, ModelLoadError, json_refusal, whole_number
+from self_speculation.errors import (
+    ArgumentTypeError,
+    ConfigError,
+    ModelLoadError,
+    json_refusal,
+    whole_number,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -556,6 +562,47 @@ def _quiet_loading_report() -> Iterator[None]:
         report_logger.removeFilter(dropper)
 
 
+def _check_load_arguments(
+    model: object, dtype: object, device: object, model_args: object
+) -> tuple[str, str | None, str | None]:
+    """``load_model_and_tokenizer``'s arguments, checked before any file is read: a path
+    object and a ``torch.dtype`` / ``torch.device`` are taken for their names.
+
+    Raises:
+        ArgumentTypeError: naming the argument of the wrong type.
+        ConfigError: an empty model name.
+    """
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str):
+        raise ArgumentTypeError(
+            f"model must be a hub id, a path or 'smollm2' (a str), got {type(model).__name__}"
+        )
+    if not model.strip():
+        raise ConfigError("model is empty (give a model folder, hub id or .gguf file)")
+    if isinstance(dtype, torch.dtype):
+        names = {value: name for name, value in DTYPES.items()}
+        if dtype not in names:
+            raise ConfigError(f"unsupported dtype {dtype} (choose from {', '.join(DTYPES)})")
+        dtype = names[dtype]
+    if dtype is not None and not isinstance(dtype, str):
+        raise ArgumentTypeError(
+            f"dtype must be a str such as 'float32', got {type(dtype).__name__}"
+        )
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device is not None and not isinstance(device, str):
+        raise ArgumentTypeError(f"device must be a str such as 'cpu', got {type(device).__name__}")
+    if model_args is not None and (
+        not isinstance(model_args, dict) or not all(isinstance(key, str) for key in model_args)
+    ):
+        raise ArgumentTypeError(
+            f"model_args must be a dict of from_pretrained keyword arguments, got "
+            f"{type(model_args).__name__}"
+        )
+    return model, dtype, device
+
+
 def load_model_and_tokenizer(
     model: str,
     dtype: str | None = None,
@@ -574,6 +621,7 @@ def load_model_and_tokenizer(
     Raises:
         ModelLoadError: the model cannot be found or read.
     """
+    model, dtype, device = _check_load_arguments(model, dtype, device, model_args)
     device = device or default_device()
     check_device(device)
     torch_dtype = resolve_dtype(dtype, device)
