@@ -62,8 +62,8 @@ class AdapterTrainArguments:
 
     output_dir: str = ""
     """Where the adapter folder (adapter_config.json, adapter.safetensors) is written. A
-    folder holding a model, a finished adapter or a shipped folder (models/) is refused
-    unless --overwrite True; an interrupted run's folder is continued."""
+    folder holding a model, an adapter without its checkpoint.pt or a shipped folder
+    (models/) is refused unless --overwrite True; a folder with checkpoint.pt continues."""
     overwrite: bool = False
     """Write into --output_dir even when it holds a model or a finished adapter."""
     model: str = "smollm2"
@@ -115,7 +115,14 @@ class AdapterTrainArguments:
             raise ConfigError("give --output_dir for the adapter folder")
         self.output_dir = os.path.expanduser(self.output_dir)  # as --model is
         self.cache_dir = os.path.expanduser(self.cache_dir)
-        check_output_dir(self.output_dir, overwrite=self.overwrite)
+        # An adapter with its training checkpoint is this script's own run: a rerun
+        # continues it (more epochs); one without (copied, shipped) is not written over.
+        resumable = (Path(self.output_dir) / CHECKPOINT_NAME).is_file()
+        check_output_dir(
+            self.output_dir,
+            overwrite=self.overwrite,
+            allow=("holds an exit adapter",) if resumable else (),
+        )
         if self.cache_dir:
             # A shared target cache may sit anywhere but in a model's or a shipped folder.
             check_output_dir(self.cache_dir, "--cache_dir", overwrite=self.overwrite)
