@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -241,8 +240,7 @@ def test_locks_shared_and_exclusive(tmp_path: Path) -> None:
     assert other("x") == 0
     with output_dir_lock(tmp_path):
         assert other("s") != 0
-    start = time.monotonic()
-    assert other("x") == 0 and time.monotonic() - start < 120
+    assert other("x") == 0  # released when the block ends
 
 
 def test_check_output_dir_rules(tmp_path: Path) -> None:
