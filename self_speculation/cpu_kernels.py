@@ -8,8 +8,10 @@ self-speculative step. ``layerskip::few_row_linear`` (``csrc/few_row_linear.cpp`
 weight row once for all rows (8-12 GB/s at 6 rows, 12-18 GB/s at one).
 
 The kernel is built once per machine with the compiler inductor already needs (cached by
-``torch.utils.cpp_extension``, about a minute). Where it cannot be built, the fast path keeps
-inductor's own kernels and says why once.
+``torch.utils.cpp_extension``, about a minute; a log line says so before it starts). Where it
+cannot be built, the fast path keeps inductor's own kernels and says why once. A build that
+was killed leaves its lock file behind, on which every later build would wait forever: a
+lock older than ``STALE_LOCK_SECONDS`` is removed, with one warning.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -32,7 +35,37 @@ MAX_ROWS = 8  # the kernel's row limit; larger products stay with BLAS
 # token through the kernel against 9.1 ms; SmolLM2's (110K-885K weights and a 28M head),
 # 30.7 ms against 40.8 ms (a microbenchmark of its products, compiled).
 ONE_ROW_MIN_WEIGHTS = 1 << 18
+# A build takes about a minute; a lock this old was left by a build that did not finish.
+STALE_LOCK_SECONDS = 600.0
 _available: bool | None = None
+
+
+def clear_stale_lock(lock: Path, stale_after: float = STALE_LOCK_SECONDS) -> bool:
+    """Wait for a build lock held by a running build; remove one older than ``stale_after``
+    seconds (a killed build's), with one warning. True when a stale lock was removed."""
+    waited = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if age >= stale_after:
+            lock.unlink(missing_ok=True)
+            logger.warning(
+                "removed a stale build lock (%s, %.0f s old) left by an interrupted build",
+                lock,
+                age,
+            )
+            return True
+        if not waited:
+            logger.info(
+                "waiting for another process's build of the few-row kernel (lock %s, "
+                "removed as stale after %.0f s)",
+                lock,
+                stale_after,
+            )
+            waited = True
+        time.sleep(1.0)
 
 
 def _cpu_signature() -> str:
@@ -57,12 +90,21 @@ def load_few_row_kernel() -> bool:
     if hasattr(torch.ops.layerskip, "few_row_linear"):
         _available = True
         return True
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_signature().encode()).hexdigest()[:12]
+    name = f"layerskip_few_row_linear_{digest}"
     try:
+        build_directory = Path(_get_build_directory(name, verbose=False))
+        clear_stale_lock(build_directory / "lock")
+        if not any(build_directory.glob(f"{name}*.so")):
+            logger.info(
+                "building the fast path's few-row product kernel (once on this machine, "
+                "about a minute) in %s",
+                build_directory,
+            )
         load(
-            name=f"layerskip_few_row_linear_{digest}",
+            name=name,
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],

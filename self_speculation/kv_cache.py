@@ -12,12 +12,102 @@ column c only ever sees columns <= c, and its own column was written in the same
 before attention. After verification rejects drafts, the engine simply writes the next
 step at the first rejected column; nothing needs to be erased, cropped or copied.
 Columns are per row, so the rows of a batch advance independently.
+
+Static buffers (CUDA graphs): the compiled passes' caches take their buffers from a
+``BufferPool``, which keeps them from one generation to the next, one set per capacity
+bucket (capacities rounded up to ``CAPACITY_STEP`` columns) with room for a power-of-two
+batch. A cache uses the first rows of its set (a view, at the set's address), and every
+buffer is marked a static address (``torch._dynamo.mark_static_address``, as transformers'
+``StaticCache`` does), so that inductor captures the passes that write it in CUDA graphs
+and replays them instead of skipping them for mutating an input. Nothing is reallocated
+during a generation: rolling back moves lengths only, and a shrinking batch moves its kept
+rows to the front of the same buffers (``select_rows``).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from transformers import Cache
+
+CAPACITY_STEP = 128  # capacity buckets: one compiled shape (and CUDA graph) per bucket
+MAX_POOLED_CAPACITIES = 4  # buffer sets a pool keeps (least recently used ones go)
+
+
+def capacity_bucket(capacity: int) -> int:
+    """Columns of the buffers that serve ``capacity`` columns (a multiple of CAPACITY_STEP)."""
+    return -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
+
+
+def batch_bucket(rows: int) -> int:
+    """Rows of the buffers that serve ``rows`` rows (the next power of two)."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+def is_static_address(tensor: torch.Tensor) -> bool:
+    """Whether dynamo treats ``tensor`` as living at a fixed address (CUDA graphs)."""
+    return getattr(tensor, "_dynamo_static_input_type", None) is not None
+
+
+class BufferPool:
+    """Key/value buffers kept across generations: per capacity bucket, one
+    ``[rows, heads, capacity, head_dim]`` pair per cache layer, allocated on first use and
+    again only for more rows or another shape (never during a generation: a cache takes
+    its buffers at the prompt's pass).
+
+    A pool serves one generation at a time (a ``ForwardPasses`` decodes one batch at a
+    time): a new cache of the same capacity reuses, and overwrites, the same buffers.
+    """
+
+    def __init__(self, max_capacities: int = MAX_POOLED_CAPACITIES) -> None:
+        self.max_capacities = max_capacities
+        # capacity -> layer -> (keys, values)
+        self._sets: OrderedDict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.allocations = 0  # buffer pairs allocated so far (tests and logs)
+
+    def take(
+        self, layer: int, capacity: int, rows: int, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers of ``layer`` with at least ``rows`` rows and ``capacity`` columns, laid
+        out for keys/values like ``key`` / ``value`` [batch, heads, new, head_dim]."""
+        buffers = self._sets.setdefault(capacity, {})
+        self._sets.move_to_end(capacity)
+        while len(self._sets) > self.max_capacities:
+            self._sets.popitem(last=False)
+        held = buffers.get(layer)
+        if held is None or not all(
+            _fits(buffer, like, rows) for buffer, like in zip(held, (key, value))
+        ):
+            size = batch_bucket(rows)
+            held = tuple(
+                like.new_zeros(size, like.shape[1], capacity, like.shape[-1])
+                for like in (key, value)
+            )
+            for buffer in held:
+                torch._dynamo.mark_static_address(buffer)
+            buffers[layer] = held
+            self.allocations += 1
+        return held
+
+    def nbytes(self) -> int:
+        """Bytes held by the pool's buffers."""
+        return sum(
+            buffer.numel() * buffer.element_size()
+            for buffers in self._sets.values()
+            for pair in buffers.values()
+            for buffer in pair
+        )
+
+
+def _fits(buffer: torch.Tensor, like: torch.Tensor, rows: int) -> bool:
+    return (
+        buffer.shape[0] >= rows
+        and buffer.shape[1] == like.shape[1]
+        and buffer.shape[3] == like.shape[-1]
+        and buffer.dtype == like.dtype
+        and buffer.device == like.device
+    )
 
 
 class ColumnKVCache(Cache):
@@ -29,21 +119,33 @@ class ColumnKVCache(Cache):
         capacity: columns per row (longest prompt + generated tokens + drafting slack).
         dynamic: mark the column dimension dynamic for ``torch.compile``, so that caches
             of other capacities (other prompt lengths) reuse the same compiled code.
+        pool: take the buffers from this pool (static addresses, kept across
+            generations; the capacity is rounded up to its bucket); None: allocate them
+            for this cache alone.
 
-    Buffers are allocated on a layer's first ``update`` (the prefill), with the dtype,
+    Buffers are taken on a layer's first ``update`` (the prefill), with the dtype,
     device, head count and head size of the keys the model's own attention produced.
+    ``keys[i]`` / ``values[i]`` are the first ``rows`` rows of the layer's buffers.
     """
 
     def __init__(
-        self, num_layers: int, batch_size: int, capacity: int, dynamic: bool = False
+        self,
+        num_layers: int,
+        batch_size: int,
+        capacity: int,
+        dynamic: bool = False,
+        pool: BufferPool | None = None,
     ) -> None:
         super().__init__(layers=[])
         self.num_layers = num_layers
         self.rows = batch_size
-        self.capacity = capacity
+        self.pool = pool
+        self.capacity = capacity_bucket(capacity) if pool is not None else capacity
         self.dynamic = dynamic
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        # The whole buffers of each layer (keys, values); ``keys`` / ``values`` view them.
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         # [batch, new tokens] columns of the tokens of the current call; set by the engine.
         self.write_columns: torch.Tensor | None = None
 
@@ -51,12 +153,25 @@ class ColumnKVCache(Cache):
         return self.num_layers
 
     def _allocate(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        batch, heads = key.shape[:2]
-        self.keys[layer] = key.new_zeros(batch, heads, self.capacity, key.shape[-1])
-        self.values[layer] = value.new_zeros(batch, heads, self.capacity, value.shape[-1])
-        if self.dynamic:
-            torch._dynamo.maybe_mark_dynamic(self.keys[layer], 2)
-            torch._dynamo.maybe_mark_dynamic(self.values[layer], 2)
+        if self.pool is not None:
+            self._buffers[layer] = self.pool.take(layer, self.capacity, self.rows, key, value)
+        else:
+            self._buffers[layer] = tuple(
+                like.new_zeros(self.rows, like.shape[1], self.capacity, like.shape[-1])
+                for like in (key, value)
+            )
+        self._use_first_rows(layer)
+
+    def _use_first_rows(self, layer: int) -> None:
+        """Point ``keys[layer]`` / ``values[layer]`` at the first ``rows`` rows of the
+        layer's buffers (same address: the rows come first)."""
+        keys, values = (buffer[: self.rows] for buffer in self._buffers[layer])
+        for view in (keys, values):
+            if self.pool is not None:
+                torch._dynamo.mark_static_address(view)
+            if self.dynamic:
+                torch._dynamo.maybe_mark_dynamic(view, 2)
+        self.keys[layer], self.values[layer] = keys, values
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
@@ -80,18 +195,24 @@ class ColumnKVCache(Cache):
 
     def select_rows(self, rows: torch.Tensor, first_column: int = 0) -> None:
         """Keep only ``rows`` (indices into the batch, in their new order) and the columns
-        from ``first_column`` on (left padding no kept row needs); the kept entries move to
-        fresh contiguous buffers, so that compiled passes see the layout they were
-        compiled for."""
-        for buffers in (self.keys, self.values):
-            for layer, buffer in enumerate(buffers):
-                if buffer is None:
-                    continue
-                buffers[layer] = buffer[rows, :, first_column:].contiguous()
-                if self.dynamic:
-                    torch._dynamo.maybe_mark_dynamic(buffers[layer], 2)
+        from ``first_column`` on (left padding no kept row needs), in the same buffers:
+        the kept entries move to the first rows and columns (the last ``first_column``
+        columns keep stale entries, which no query sees before its row writes them), and
+        ``keys`` / ``values`` view the first ``len(rows)`` rows. No buffer is allocated or
+        moved, so compiled passes (and their CUDA graphs) keep their addresses."""
+        width = self.capacity - first_column
+        for layer in range(self.num_layers):
+            if self._buffers[layer] is None:
+                continue
+            for current, buffer in zip(
+                (self.keys[layer], self.values[layer]), self._buffers[layer]
+            ):
+                kept = current[rows, :, first_column:]  # [kept, heads, width, dim], a copy
+                buffer[: len(rows), :, :width].copy_(kept)
         self.rows = len(rows)
-        self.capacity -= first_column
+        for layer in range(self.num_layers):
+            if self._buffers[layer] is not None:
+                self._use_first_rows(layer)
 
     def columns(self, layer_idx: int) -> int:
         """Columns of a layer's buffers (read from the buffer, so that a compiled caller

@@ -15,13 +15,21 @@ the cache's column count is a dynamic dimension. So a compiled pass compiles onc
 (batch size, exit layer, k) and never again during generation.
 
 With ``compile=True`` each pass is ``torch.compile``d (inductor, whole graph); on CPU with
-weight freezing (constant weights, prepacked for the CPU's matrix kernels), on CUDA with
-CUDA graphs (``mode="reduce-overhead"``).
+the C++ wrapper and the few-row product kernel, on CUDA with CUDA graphs
+(``mode="reduce-overhead"``; the cache buffers are static addresses, see ``kv_cache``).
+
+When compiling is impossible (no C++ compiler, a graph break in a model family that
+``fullgraph`` refuses, a compiler error), the passes fall back to eager decoding with one
+warning that names the reason; the tokens are the same, only slower.
+``LAYERSKIP_COMPILE_BACKEND=eager`` (or ``aot_eager``) traces the passes with dynamo but
+runs them without inductor: a check that they compile whole, in seconds (tests, CI).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable
 
@@ -30,16 +38,54 @@ import torch
 from self_speculation.attention import sdpa_configs, use_few_query_attention
 from self_speculation.cpu_kernels import FewRowProducts, load_few_row_kernel
 from self_speculation.draft import DraftExit, cache_layers
-from self_speculation.kv_cache import ColumnKVCache
+from self_speculation.kv_cache import BufferPool, ColumnKVCache
 from self_speculation.model_surgery import LayerwiseModel
 
 logger = logging.getLogger(__name__)
 
+COMPILE_BACKEND_VARIABLE = "LAYERSKIP_COMPILE_BACKEND"
+# Compiled versions of one pass: every (exit layer, batch size, k) of every model is one,
+# and dynamo's default limit (8) would send a sweep back to eager code. Set on our
+# functions only (torch.compile's recompile_limit), not for the whole process.
+RECOMPILE_LIMIT = 1024
+
+
+def compile_backend() -> str:
+    """The backend the passes compile with: inductor unless LAYERSKIP_COMPILE_BACKEND says."""
+    return os.environ.get(COMPILE_BACKEND_VARIABLE, "") or "inductor"
+
+
+def missing_compiler(device: torch.device) -> str | None:
+    """Why inductor cannot build kernels for ``device`` on this machine (no C++ compiler on
+    CPU; no C compiler for Triton's launcher on CUDA), or None."""
+    if compile_backend() != "inductor":
+        return None
+    if device.type == "cuda":
+        names = [os.environ.get("CC", ""), "cc", "gcc", "clang"]
+        kind = "C compiler (Triton builds its CUDA launcher with one)"
+    else:
+        names = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+        kind = "C++ compiler"
+    if any(name and shutil.which(name) for name in names):
+        return None
+    return f"no {kind} found (install g++, or set CXX/CC)"
+
 
 def compile_options(device: torch.device) -> dict:
-    """``torch.compile`` arguments for the engine's passes on ``device``."""
+    """``torch.compile`` arguments for the engine's passes on ``device``.
+
+    Guards: a compiled version is chosen by the guards that tell versions apart (ints such
+    as the exit layer, the inputs' shapes and dtypes). Guards on the model's modules and
+    weights are dropped (``skip_guard_on_all_nn_modules_unsafe``): re-checking every weight
+    on every call costs about a millisecond on a CPU, and the passes never change them.
+    """
+    common = {"fullgraph": True, "dynamic": False, "recompile_limit": RECOMPILE_LIMIT}
+    guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    backend = compile_backend()
+    if backend != "inductor":
+        return {**common, "backend": backend, "options": guards}
     if device.type == "cuda":
-        return {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
+        return {**common, "mode": "reduce-overhead", "options": guards}
     # CPU: no CUDA graphs. A one-token step is a chain of matrix-vector products bound by
     # reading weights; inductor's decomposition of an [1, n] x [n, m] product into a fused
     # multiply-and-sum reads them about 1.4x faster than the BLAS call. (Measured slower
@@ -48,6 +94,7 @@ def compile_options(device: torch.device) -> dict:
     # which reads each weight once for all rows (BLAS: 2-4x a one-row product); so do
     # one-row products with large weights (cpu_kernels.ONE_ROW_MIN_WEIGHTS).
     options = {
+        **guards,
         # The C++ wrapper calls the kernels without Python in between (~6 ms per step
         # of Python wrapper overhead on the shipped model otherwise).
         "cpp_wrapper": True,
@@ -55,7 +102,7 @@ def compile_options(device: torch.device) -> dict:
     }
     if load_few_row_kernel():
         options["post_grad_custom_pre_pass"] = FewRowProducts()
-    return {"fullgraph": True, "dynamic": False, "options": options}
+    return {**common, "options": options}
 
 
 class ForwardPasses:
@@ -86,53 +133,89 @@ class ForwardPasses:
         self._verify: Callable = self._verify_eager
         self._greedy_drafts: Callable = self._greedy_drafts_eager
         self._attention_configs: list = []
+        # Compiled passes keep their cache buffers from one generation to the next, at
+        # fixed addresses (CUDA graphs replay on them).
+        self._pool: BufferPool | None = None
+        self._compiles = 0  # compiles so far (for the expected time of the next one)
+        # Why compiling was given up (the passes then run eagerly), or None.
+        self.fallback_reason: str | None = None
         if compile:
-            # Every (exit layer, batch size, k) of every model is another compiled version of
-            # the same two functions; dynamo's default limit (8) would send a sweep back to
-            # eager code.
-            dynamo_config = torch._dynamo.config
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 1024)
-            dynamo_config.accumulated_recompile_limit = max(
-                dynamo_config.accumulated_recompile_limit, 4096
-            )
+            reason = missing_compiler(model.device)
+            if reason is not None:
+                self._fall_back(reason)
+                return
+            self._pool = BufferPool()
             options = compile_options(model.device)
-            if model.device.type == "cpu":
+            if model.device.type == "cpu" and compile_backend() == "inductor":
                 # Compiled CPU calls use the grouped few-query attention (attention.py).
                 self._attention_configs = sdpa_configs(model.model)
             self._early = torch.compile(self._early_eager, **options)
             self._verify = torch.compile(self._verify_eager, **options)
             self._greedy_drafts = torch.compile(self._greedy_drafts_eager, **options)
 
+    def _fall_back(self, reason: str) -> None:
+        """Decode eagerly from now on (same tokens), after one warning naming ``reason``."""
+        logger.warning("fast path off, decoding eagerly: %s", reason)
+        self.fallback_reason = reason
+        self.compiled = False
+        self._early = self._early_eager
+        self._verify = self._verify_eager
+        self._greedy_drafts = self._greedy_drafts_eager
+        self._attention_configs = []
+
     def _timed(self, key: tuple, function: Callable, *args) -> object:
         """Call ``function``; a first call of a new compiled shape counts as compile time.
 
-        Once a shape is compiled, dynamo checks only the guards that tell its compiled
-        versions apart (by exit layer, batch, k): the full guard set, which re-checks every
-        weight and cache buffer, costs about 1 ms per call on a CPU.
+        A compile that fails (a graph break ``fullgraph`` refuses, a compiler error)
+        switches these passes to eager decoding with one warning (``_fall_back``).
         """
         if not self.compiled:
             return self._counted(key, function, *args)
-        with use_few_query_attention(self._attention_configs):
-            if key in self._seen:
-                try:
-                    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                        return self._counted(key, function, *args)
-                except RuntimeError as error:
-                    # No compiled version fits these inputs (another dtype, layout or
-                    # specialised size than the key's first call): compile one, with the
-                    # full guards, instead of failing.
-                    if "skip_guard_eval_unsafe" not in str(error):
-                        raise
-                    logger.info("%s: inputs unlike the compiled ones; compiling again", key[0])
-            started = time.perf_counter()
-            result = function(*args)
+        if key in self._seen:
+            with use_few_query_attention(self._attention_configs):
+                return self._compiled_result(self._counted(key, function, *args), args)
+        logger.info(
+            "compiling the %s pass (%s): %s",
+            key[0],
+            ", ".join(f"{name} {value}" for name, value in zip(_KEY_NAMES[key[0]], key[1:])),
+            self._expected_compile_time(),
+        )
+        started = time.perf_counter()
+        try:
+            with use_few_query_attention(self._attention_configs):
+                result = function(*args)
+        except _COMPILE_FAILURES as error:
+            self._fall_back(f"compiling the {key[0]} pass failed: {_first_line(error)}")
+            return self._counted(key, getattr(self, f"_{key[0]}_eager"), *args)
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
         elapsed = time.perf_counter() - started
         self.compile_seconds += elapsed
+        self._compiles += 1
         self._seen.add(key)
-        logger.info("compiled %s in %.1f s", key[0], elapsed)
-        return result
+        logger.info("compiled the %s pass in %.1f s", key[0], elapsed)
+        return self._compiled_result(result, args)
+
+    def _expected_compile_time(self) -> str:
+        if self._compiles:
+            return f"about {self.compile_seconds / self._compiles:.0f} s, as the ones before"
+        if compile_backend() != "inductor":
+            return f"{compile_backend()} backend, seconds"
+        if self.model.device.type == "cuda":
+            return "typically 20 s to 2 min (once per shape; CUDA graphs are captured after)"
+        return "typically 20 s to 3 min on a CPU (once per shape; cached on disk after)"
+
+    def _compiled_result(self, result: object, args: tuple) -> object:
+        """On CUDA, copies of a compiled pass's outputs: CUDA graphs write every replay's
+        outputs to the same memory, and drafts outlive the next draft's call."""
+        for arg in args:
+            if isinstance(arg, ColumnKVCache):
+                arg.write_columns = None  # a graph output; nothing reads it after the call
+        if self.model.device.type != "cuda":
+            return result
+        if isinstance(result, tuple):
+            return tuple(item.clone() for item in result)
+        return result.clone()
 
     # The keys of the compiled passes (one compiled version each). Strategies build them
     # here too, to ask whether a batch size is compiled (``ready``).
@@ -166,7 +249,7 @@ class ForwardPasses:
 
     def new_cache(self, batch_size: int, capacity: int) -> ColumnKVCache:
         layers = cache_layers(self.model, self.draft)
-        return ColumnKVCache(layers, batch_size, capacity, dynamic=self.compiled)
+        return ColumnKVCache(layers, batch_size, capacity, dynamic=self.compiled, pool=self._pool)
 
     def _exit_logits(
         self,
@@ -380,3 +463,24 @@ class ForwardPasses:
             pad_counts,
             exit_layer,
         )
+
+
+# Names of the ints in each pass key after its kind (for the log line before a compile).
+_KEY_NAMES = {
+    "early": ("end layer", "batch"),
+    "greedy_drafts": ("exit layer", "batch", "drafts"),
+    "verify": ("exit layer", "batch", "positions"),
+}
+# What a failed compile raises: a graph break (``fullgraph``), an unsupported construct, a
+# backend (inductor, C++ compiler) failure.
+_COMPILE_FAILURES = (torch._dynamo.exc.Unsupported, torch._dynamo.exc.BackendCompilerFailed)
+
+
+def _first_line(error: BaseException) -> str:
+    """The error in one line: a backend failure's own error (a compiler's message), else the
+    first line of dynamo's (the graph break's reason)."""
+    inner = getattr(error, "inner_exception", None)
+    if inner is not None:
+        error = inner
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
