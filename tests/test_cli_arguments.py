@@ -117,3 +117,23 @@ def test_help_names_groups_for_users_and_each_default_once(
     assert "(default: float32 on CPU) (default" not in text
     assert "(default: cuda when available) (default" not in text
     assert "--max_steps int Most tokens to generate. (default: 512)" in text
+
+
+def test_num_threads_is_applied_before_any_run_and_checked() -> None:
+    import torch
+
+    from arguments import DEFAULT_NUM_THREADS, distributed_run
+
+    (args,) = parse_args(Arguments, argv=["--num_threads", "3"])
+    with distributed_run(args):
+        assert torch.get_num_threads() == 3
+    (args,) = parse_args(Arguments, argv=[])
+    assert args.num_threads == DEFAULT_NUM_THREADS == 1  # see its help: measured under load
+    with pytest.raises(ConfigError, match="--num_threads must be in"):
+        parse_args(Arguments, argv=["--num_threads", "-1"])
+
+
+def test_output_dir_expands_home(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (args,) = parse_args(Arguments, argv=["--output_dir", "~/runs"])
+    assert args.output_dir == str(tmp_path / "runs")
