@@ -50,7 +50,7 @@ class ReportConfig:
     max_tokens: int = 65536  # evaluate at most this many tokens per model (whole sequences)
     batch_size: int = 4
     dtype: str = "float32"  # computation dtype (bf16 weights are upcast exactly)
-    num_threads: int = 0  # torch CPU threads; 0: torch's default
+    num_threads: int = 1  # torch CPU threads (0: torch's default); 1: see generate.py --help
     output_dir: str = "./logs"  # ~ is expanded; a model's or a shipped folder is refused
     overwrite: bool = False  # replace an earlier layer_report.json / .png in output_dir
     seed: int = 42

@@ -106,8 +106,10 @@ class AdapterTrainArguments:
     """Stop training after this many minutes (0: no limit); a rerun continues."""
     dtype: str = "float32"
     device: str = "cpu"
-    num_threads: int = 0
-    """torch CPU threads; 0: torch's default."""
+    num_threads: int = 1
+    """torch CPU threads (0: torch's default, one per core). 1 by default: with anything else
+    running, more OpenMP threads spin against it; on a machine of your own, 2 or more (with
+    OMP_WAIT_POLICY=PASSIVE in the environment on a shared one)."""
     seed: int = 0
 
     def __post_init__(self) -> None:

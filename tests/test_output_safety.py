@@ -313,3 +313,19 @@ def test_damaged_safetensors_and_tokenizer_name_the_file(
     weights.write_bytes(weights.read_bytes()[:1000])
     code, stderr = run_in_process("generate", argv, monkeypatch, capsys)
     one_error(code, stderr, "generate.py", f"{weights} is not a valid safetensors file")
+
+
+def test_train_adapter_continues_its_own_folder_but_not_a_copied_adapter(
+    tiny_model_dir: Path, data_file: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    argv = [*script_argv("train_adapter", tiny_model_dir, data_file), "--output_dir", adapter]
+    code, stderr = run_in_process("train_adapter", argv, monkeypatch, capsys)
+    one_error(code, stderr, "train_adapter.py", "holds an exit adapter (adapter_config.json)")
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json"]
+    from train_adapter import CHECKPOINT_NAME, AdapterTrainArguments
+
+    (adapter / CHECKPOINT_NAME).write_bytes(b"")  # its own run: continued, not refused
+    AdapterTrainArguments(output_dir=str(adapter), exit_layer=1, data=[str(data_file)])
