@@ -11,14 +11,22 @@ tokens/s and the acceptance rate; end with Ctrl-D (EOF, exit status 0) or Ctrl-C
 ``--streamer speculative`` shows accepted drafts in green and rejected drafts struck
 through in red. Works under ``python`` and under ``torchrun`` (one process).
 
+After each answer, one line says what the strategy did: for self-speculation, the tokens
+drafted by the early exit and accepted by the full model, tokens per full-model pass, and,
+with ``--compare_autoregressive True``, the speed against plain decoding of the same prompt.
+With ``--compile True`` the first prompt is decoded once, untimed, to compile the fast path
+(a log line says so); tokens/s never include compiling.
+
 Writes ``<output_dir>/generate_<time>.json``: the arguments, the resolved generation
-config, the environment and, per prompt, the prompt, the generated text and its metrics.
+config, the environment (with the decoding path that actually ran, and the compile time)
+and, per prompt, the prompt, the generated text and its metrics.
 The document is rewritten (atomically) after every answer, so an interactive session that
 ends, however it ends, keeps every answer given so far.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Iterator
@@ -63,6 +71,8 @@ class GenerateArguments:
     """none, standard or speculative (drafts shown in colours)."""
     chat_template: bool = False
     """Wrap the prompt in the tokenizer's chat template, if it has one."""
+    compare_autoregressive: bool = False
+    """Also decode each prompt autoregressively (untimed output) and report the speedup."""
 
     def __post_init__(self) -> None:
         valid = [name.value for name in StreamerName]
@@ -119,35 +129,96 @@ def _prompt_ids(generator: Generator, prompt: str, chat_template: bool) -> str |
     )
 
 
+def autoregressive_config(generator: Generator, config: GenerationConfig) -> GenerationConfig:
+    """Plain decoding (every layer, one token per step) with ``config``'s other settings."""
+    return generator.resolve(
+        dataclasses.replace(
+            config,
+            generation_strategy=GenerationStrategyName.AUTOREGRESSIVE,
+            exit_layer=generator.num_layers,
+        )
+    )
+
+
+def _compile_first(
+    generator: Generator, prompt: str | list[int], configs: list[GenerationConfig]
+) -> None:
+    """Compile the fast path's passes on ``prompt`` (a few tokens, untimed, discarded), so
+    that no answer's tokens/s includes compiling."""
+    for config in configs:
+        if not config.compile:
+            continue
+        logger.info(
+            "compiling the fast path for %s on this prompt first (not counted in tokens/s)",
+            config.generation_strategy.value,
+        )
+        steps = min(config.max_steps, max(config.num_speculations, 0) + 2)
+        generator.generate(prompt, dataclasses.replace(config, max_steps=steps))
+
+
+def summary_line(result: GenerationResult, plain: GenerationResult | None = None) -> str:
+    """One line on what the strategy did with this prompt."""
+    speed = (
+        f"{result.num_generated_tokens} tokens in {result.total_time:.2f} s "
+        f"({result.tokens_per_second:.1f} tokens/s, stop: {result.stop_reason})"
+    )
+    if not result.num_drafted:
+        return f"autoregressive: {speed}"
+    line = (
+        f"self-speculative: {speed}; layers [0, {result.exit_layer}) drafted "
+        f"{result.num_drafted} tokens, the full model accepted {result.num_accepted} "
+        f"({result.acceptance_rate:.0%}): {result.tokens_per_step:.2f} tokens per full-model "
+        "pass (plain decoding: 1)"
+    )
+    if plain is None:
+        return line + "; --compare_autoregressive True times plain decoding too"
+    same = "same tokens" if plain.token_ids == result.token_ids else "different tokens"
+    return (
+        line + f"; {result.tokens_per_second / plain.tokens_per_second:.2f}x plain decoding "
+        f"({plain.tokens_per_second:.1f} tokens/s, {same})"
+    )
+
+
 def _answer(
     generator: Generator,
     prompt: str,
     config: GenerationConfig,
     options: GenerateArguments,
     seed: int,
+    first: bool = False,
 ) -> GenerationResult:
     # Undecodable input bytes fail this prompt only, not the interactive session.
     require_utf8(prompt, "the prompt", from_bytes=True)
+    prompt_ids = _prompt_ids(generator, prompt, options.chat_template)
+    speculative = config.generation_strategy is GenerationStrategyName.SELF_SPECULATIVE
+    compare = options.compare_autoregressive and speculative
+    plain_config = autoregressive_config(generator, config) if compare else None
+    if first:
+        _compile_first(generator, prompt_ids, [config] + ([plain_config] if compare else []))
     streamer = build_streamer(options.streamer, generator.tokenizer)
     random = torch.Generator(device=generator.layerwise.device).manual_seed(seed)
-    result = generator.generate(
-        _prompt_ids(generator, prompt, options.chat_template), config, streamer, random
-    )
+    result = generator.generate(prompt_ids, config, streamer, random)
     if options.streamer == StreamerName.NONE.value:
         sys.stdout.write(result.text + "\n")
         sys.stdout.flush()
-    acceptance = result.acceptance_rate
-    logger.info(
-        "%d tokens in %.2f s: %.1f tokens/s%s (stop: %s)",
-        result.num_generated_tokens,
-        result.total_time,
-        result.tokens_per_second,
-        ""
-        if acceptance is None
-        else f", acceptance {acceptance:.2f}, {result.tokens_per_step:.2f} tokens/step",
-        result.stop_reason,
-    )
+    plain = None
+    if compare:
+        random = torch.Generator(device=generator.layerwise.device).manual_seed(seed)
+        plain = generator.generate(prompt_ids, plain_config, None, random)
+    logger.info("%s", summary_line(result, plain))
     return result
+
+
+def decoding_path(generator: Generator, config: GenerationConfig) -> dict:
+    """The decoding path that ran (after compiling, not before) and the compile time."""
+    reason = generator._passes(config).fallback_reason if config.compile else None
+    if not config.compile:
+        path = "eager"
+    elif reason is not None:
+        path = f"eager (fast path off: {reason})"
+    else:
+        path = "fast (torch.compile)"
+    return {"decoding_path": path, "compile_seconds": generator.compile_seconds}
 
 
 def main(argv: list[str]) -> int:
@@ -180,7 +251,9 @@ def main(argv: list[str]) -> int:
         }
 
         def answer(prompt: str, seed: int) -> None:
-            result = _answer(generator, prompt, config, options, seed)
+            first = not document["prompts"]
+            result = _answer(generator, prompt, config, options, seed, first)
+            document["environment"].update(decoding_path(generator, config))
             document["prompts"].append({"prompt": prompt, "text": result.text, **result.metrics()})
             write_json_atomic(files.result, document)
 
