@@ -1,0 +1,68 @@
+"""generate.py shows what self-speculation did in one line after the answer, and records the
+decoding path that actually ran (after compiling), with compile time kept out of tokens/s."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from pathlib import Path
+
+from self_speculation.passes import COMPILE_BACKEND_VARIABLE
+
+
+def argv(model: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(model), "--prompt", "def fibonacci(n):", "--streamer", "none",
+        "--generation_strategy", "self_speculative", "--exit_layer", "2",
+        "--num_speculations", "3", "--sample", "False", "--max_steps", "12",
+        "--output_dir", str(output), *extra,
+    ]  # fmt: skip
+
+
+def summary_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("self-spec")]
+
+
+def test_one_line_says_what_self_speculation_did(
+    tiny_model_dir: Path, tmp_path: Path, caplog, capsys
+) -> None:
+    generate = importlib.import_module("generate")
+    caplog.set_level(logging.INFO, logger="generate")
+    assert generate.main(argv(tiny_model_dir, tmp_path)) == 0
+    (line,) = summary_lines(caplog)
+    assert "drafted" in line and "accepted" in line and "tokens per full-model pass" in line
+    assert "--compare_autoregressive True" in line  # where the speedup is shown
+
+    caplog.clear()
+    assert generate.main(argv(tiny_model_dir, tmp_path, "--compare_autoregressive", "True")) == 0
+    (line,) = summary_lines(caplog)
+    assert "x plain decoding" in line and "same tokens" in line
+    document = json.loads(sorted(tmp_path.glob("generate_*.json"))[-1].read_text())
+    assert document["environment"]["decoding_path"] == "eager"
+    assert capsys.readouterr().out.strip()
+
+
+def test_compiled_run_records_the_fast_path_after_compiling(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """The document says "fast" (it said "eager", written before anything compiled), and
+    the answer's time excludes compiling (compiled on the prompt first, untimed)."""
+    monkeypatch.setenv(COMPILE_BACKEND_VARIABLE, "eager")  # traced, not built: seconds
+    generate = importlib.import_module("generate")
+    caplog.set_level(logging.INFO)
+    assert generate.main(argv(tiny_model_dir, tmp_path, "--compile", "True")) == 0
+    document = json.loads(only(tmp_path.glob("generate_*.json")).read_text())
+    environment = document["environment"]
+    assert environment["decoding_path"] == "fast (torch.compile)"
+    assert environment["compile_seconds"] > 0
+    (answer,) = document["prompts"]
+    assert answer["total_time"] < environment["compile_seconds"] or answer["total_time"] < 5
+    messages = [record.getMessage() for record in caplog.records]
+    first_compile = next(i for i, m in enumerate(messages) if " pass (" in m)  # passes.py
+    assert any("compiling the fast path" in m for m in messages[:first_compile])
+
+
+def only(paths) -> Path:
+    (path,) = list(paths)
+    return path
