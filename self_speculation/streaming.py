@@ -8,6 +8,8 @@ from typing import TextIO
 
 from transformers import PreTrainedTokenizerBase
 
+from self_speculation.errors import ArgumentTypeError, ConfigError
+
 GREEN, RED, RESET = "\033[32m", "\033[9;31m", "\033[0m"
 
 
@@ -86,11 +88,21 @@ class SpeculativeStreamer(TextStreamer):
 
 
 def build_streamer(name: StreamerName | str, tokenizer: PreTrainedTokenizerBase) -> Streamer:
-    """The streamer registered under ``name``."""
+    """The streamer registered under ``name``.
+
+    Raises:
+        ConfigError: an unknown name (a TypeError too when it is not a str).
+    """
     kinds = {
         StreamerName.NONE: Streamer,
         StreamerName.STANDARD: TextStreamer,
         StreamerName.SPECULATIVE: SpeculativeStreamer,
     }
-    kind = kinds[StreamerName(name)]
+    valid = ", ".join(kind.value for kind in StreamerName)
+    if not isinstance(name, str):
+        raise ArgumentTypeError(f"streamer name must be one of {valid}, got {type(name).__name__}")
+    try:
+        kind = kinds[StreamerName(name)]
+    except ValueError:
+        raise ConfigError(f"unknown streamer '{name}' (choose from {valid})") from None
     return kind() if kind is Streamer else kind(tokenizer)

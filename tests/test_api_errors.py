@@ -186,3 +186,10 @@ def test_load_model_and_tokenizer_checks_its_arguments(tiny_model_dir: Path) -> 
         tiny_model_dir, dtype=torch.float32, device=torch.device("cpu")
     )
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_build_streamer_checks_its_name() -> None:
+    with pytest.raises(ConfigError, match="unknown streamer 'colour'"):
+        build_streamer("colour", None)
+    with pytest.raises(ArgumentTypeError, match="got NoneType"):
+        build_streamer(None, None)
