@@ -15,6 +15,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /layerskip
 
+# A C++ compiler: torch.compile (--compile True, the fast path) builds its CPU kernels, and
+# Triton its CUDA launcher, with one; without it the fast path falls back to eager decoding.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+
 # The README's set-up commands, in its order (tests/test_cli_docker.py checks this).
 # 1. torch alone from the chosen index (CPU by default), so requirements.txt's torch pin is
 #    met by that build instead of the default (CUDA) one from PyPI; its own dependencies
