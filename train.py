@@ -20,10 +20,12 @@ GPUs and nodes (DDP, or ``--fsdp True`` for FSDP2 sharding), for example::
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from arguments import check_output_dir, error_line, report_out_of_memory
-from self_speculation.errors import LayerSkipError
+from self_speculation.errors import ConfigError, LayerSkipError
 from self_speculation.loading import inspect_model
+from self_speculation.training.checkpointing import checkpoint_exists
 from self_speculation.training.config import TrainConfig, parse_config
 from self_speculation.training.loop import RUN_FILES, TrainingInterrupted, train
 
@@ -32,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config: TrainConfig = parse_config(argv, prog="train.py")
         args = config.training
+        if not (args.resume or args.overwrite) and checkpoint_exists(Path(args.output_dir)):
+            raise ConfigError(
+                f"{args.output_dir} already holds a run: --resume True continues it, "
+                "--overwrite True starts over, or choose another --output_dir"
+            )
         check_output_dir(  # before the data is read
             args.output_dir,
             overwrite=args.overwrite,
