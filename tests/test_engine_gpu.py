@@ -2,7 +2,9 @@
 
 The fast path on CUDA compiles with CUDA graphs (``mode="reduce-overhead"``); these checks
 run it for two families, both strategies, and replay the captured graphs on a second
-batch of other prompt lengths.
+batch of other prompt lengths: tokens equal eager decoding, no graph is skipped (inductor's
+``cudagraph_skips`` counter: a mutated non-static input, a CPU op, ...), and the second
+batch replays captured graphs.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import IdTokenizer, make_tiny_model
+from torch._dynamo.utils import counters
 
 from self_speculation import GenerationConfig, Generator
 
@@ -42,3 +45,30 @@ def test_cuda_fast_path_equals_eager_and_replays(family: str, strategy: str) -> 
     others = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [6], [7, 7]]
     eager = [r.token_ids for r in generator.generate_batch(others, config(strategy, False))]
     assert [r.token_ids for r in generator.generate_batch(others, config(strategy, True))] == eager
+
+
+@pytest.mark.parametrize("strategy", ["autoregressive", "self_speculative"])
+def test_cuda_graphs_are_captured_and_replayed(strategy: str, monkeypatch) -> None:
+    """Zero CUDA-graph skips over warm-up and generation (rows finishing apart, so that the
+    batch shrinks), graph replays counted, tokens equal eager decoding."""
+    from torch._inductor import cudagraph_trees
+
+    replays = []
+    run_graph = cudagraph_trees.CUDAGraphNode.run_graph
+
+    def counting(node) -> None:
+        replays.append(node)
+        run_graph(node)
+
+    monkeypatch.setattr(cudagraph_trees.CUDAGraphNode, "run_graph", counting)
+    model = make_tiny_model("llama_mha_untied", dtype=torch.float32).to("cuda")
+    generator = Generator(model, IdTokenizer())
+    eager = [r.token_ids for r in generator.generate_batch(PROMPTS, config(strategy, False))]
+    skips = counters["inductor"]["cudagraph_skips"]
+    for size in (1, 2, 3):  # compiles (and captures) the sizes the batch shrinks to
+        generator.generate_batch(PROMPTS[:size], config(strategy, True, max_steps=4))
+    replays.clear()
+    fast = [r.token_ids for r in generator.generate_batch(PROMPTS, config(strategy, True))]
+    assert fast == eager
+    assert counters["inductor"]["cudagraph_skips"] == skips
+    assert len(replays) > 0
