@@ -220,6 +220,10 @@ class Generator:
             ConfigError: settings outside the model's range, or more drafts per step than
                 the model's context holds.
         """
+        if not isinstance(config, GenerationConfig):
+            raise ArgumentTypeError(
+                f"config must be a GenerationConfig, got {type(config).__name__}"
+            )
         draft = self._draft
         resolved = resolve_with_adapter(
             config,
@@ -239,6 +243,8 @@ class Generator:
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt text -> token ids (with the tokenizer's special tokens, e.g. BOS)."""
+        if not isinstance(prompt, str):
+            raise ArgumentTypeError(f"prompt must be a str, got {type(prompt).__name__}")
         return self.tokenizer(prompt)["input_ids"]
 
     def generate(

@@ -193,3 +193,10 @@ def test_build_streamer_checks_its_name() -> None:
         build_streamer("colour", None)
     with pytest.raises(ArgumentTypeError, match="got NoneType"):
         build_streamer(None, None)
+
+
+def test_encode_and_resolve_check_their_arguments(generator: Generator) -> None:
+    with pytest.raises(ArgumentTypeError, match="prompt must be a str, got bytes"):
+        generator.encode(b"def")
+    with pytest.raises(ArgumentTypeError, match="config must be a GenerationConfig, got NoneType"):
+        generator.resolve(None)
