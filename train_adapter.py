@@ -16,6 +16,7 @@ Example (SmolLM2-135M-Instruct, offline; about an hour on 2 CPU cores)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -237,8 +238,14 @@ def train_adapter(args: AdapterTrainArguments, model=None, tokenizer=None) -> di
 
     ``model`` / ``tokenizer``: an already loaded base model (default: load ``args.model``).
     """
-    # One run writes an adapter folder at a time (a second would interleave checkpoints).
-    with output_dir_lock(args.output_dir):
+    # One run writes an adapter folder (and a shared target cache) at a time: a second
+    # would interleave checkpoints and target shards.
+    cache_lock = (
+        output_dir_lock(args.cache_dir, flag="--cache_dir")
+        if args.cache_dir
+        else contextlib.nullcontext()
+    )
+    with output_dir_lock(args.output_dir), cache_lock:
         return _train_adapter(args, model, tokenizer)
 
 
