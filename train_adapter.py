@@ -242,7 +242,7 @@ def train_adapter(args: AdapterTrainArguments, model=None, tokenizer=None) -> di
     # would interleave checkpoints and target shards.
     cache_lock = (
         output_dir_lock(args.cache_dir, flag="--cache_dir")
-        if args.cache_dir
+        if args.cache_dir and Path(args.cache_dir).resolve() != Path(args.output_dir).resolve()
         else contextlib.nullcontext()
     )
     with output_dir_lock(args.output_dir), cache_lock:
