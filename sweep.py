@@ -127,6 +127,7 @@ def _setting_key(
         if key
         not in (
             "output_dir",
+            "overwrite",
             "exit_layer",
             "num_speculations",
             "generation_strategy",
