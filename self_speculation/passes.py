@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch._dynamo.utils import counters
 
 from self_speculation.attention import sdpa_configs, use_few_query_attention
 from self_speculation.cpu_kernels import FewRowProducts, load_few_row_kernel
@@ -167,33 +168,44 @@ class ForwardPasses:
         """Call ``function``; a first call of a new compiled shape counts as compile time.
 
         A compile that fails (a graph break ``fullgraph`` refuses, a compiler error)
-        switches these passes to eager decoding with one warning (``_fall_back``).
+        switches these passes to eager decoding with one warning (``_fall_back``). A call
+        of a compiled shape whose inputs differ from the compiled ones in what the guards
+        check (another dtype, say) compiles again: dynamo's graph counter tells.
         """
         if not self.compiled:
             return self._counted(key, function, *args)
-        if key in self._seen:
-            with use_few_query_attention(self._attention_configs):
-                return self._compiled_result(self._counted(key, function, *args), args)
-        logger.info(
-            "compiling the %s pass (%s): %s",
-            key[0],
-            ", ".join(f"{name} {value}" for name, value in zip(_KEY_NAMES[key[0]], key[1:])),
-            self._expected_compile_time(),
-        )
+        first = key not in self._seen
+        if first:
+            logger.info(
+                "compiling the %s pass (%s): %s",
+                key[0],
+                ", ".join(f"{name} {value}" for name, value in zip(_KEY_NAMES[key[0]], key[1:])),
+                self._expected_compile_time(),
+            )
+        graphs = counters["stats"]["unique_graphs"]
         started = time.perf_counter()
         try:
             with use_few_query_attention(self._attention_configs):
-                result = function(*args)
+                if not first:
+                    result = self._counted(key, function, *args)
+                else:
+                    result = function(*args)
+                    if self.model.device.type == "cuda":
+                        torch.cuda.synchronize(self.model.device)
         except _COMPILE_FAILURES as error:
             self._fall_back(f"compiling the {key[0]} pass failed: {_first_line(error)}")
             return self._counted(key, getattr(self, f"_{key[0]}_eager"), *args)
-        if self.model.device.type == "cuda":
-            torch.cuda.synchronize(self.model.device)
         elapsed = time.perf_counter() - started
-        self.compile_seconds += elapsed
-        self._compiles += 1
-        self._seen.add(key)
-        logger.info("compiled the %s pass in %.1f s", key[0], elapsed)
+        if first or counters["stats"]["unique_graphs"] != graphs:
+            self.compile_seconds += elapsed
+            self._compiles += 1
+            self._seen.add(key)
+            logger.info(
+                "compiled the %s pass%s in %.1f s",
+                key[0],
+                "" if first else " again, for inputs unlike the compiled ones",
+                elapsed,
+            )
         return self._compiled_result(result, args)
 
     def _expected_compile_time(self) -> str:
