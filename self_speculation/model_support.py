@@ -127,13 +127,19 @@ def _tables_call_independent(
     beside position ``limit - 1`` and beside position 0 (calls of other largest positions)."""
     samples = sorted({0, 1, limit // 2, limit - 2, limit - 1} & set(range(limit)))
     for position in samples:
-        alone = rotary(torch.tensor([[position]], device=device))
+        alone = _tables(rotary(torch.tensor([[position]], device=device)))
         for other in (limit - 1, 0):
-            pair = rotary(torch.tensor([[other, position]], device=device))
+            pair = _tables(rotary(torch.tensor([[other, position]], device=device)))
             for table, paired in zip(alone, pair, strict=True):
                 if not torch.equal(table[:, 0], paired[:, 1]):
                     return False
     return True
+
+
+def _tables(output: torch.Tensor | tuple) -> tuple[torch.Tensor, ...]:
+    """A rotary module's output as a tuple of [batch, seq, ...] tables: (cos, sin) for most
+    families, one complex tensor for DeepSeek-V2."""
+    return (output,) if isinstance(output, torch.Tensor) else tuple(output)
 
 
 def rotary_position_limit(
@@ -176,21 +182,37 @@ def rotary_position_limit(
                 return False
         return True
 
-    with torch.no_grad():
-        if independent(2 * context_length):
-            return None
-        if independent(context_length):
-            return context_length
-        for limit in _original_lengths(config):
-            if limit < context_length and independent(limit):
-                logger.warning(
-                    "%s: its rotary embedding switches tables at %d positions "
-                    "(original_max_position_embeddings); decoding stops there, where every "
-                    "position still gets the tables one-token decoding gives it",
-                    owner,
-                    limit,
-                )
-                return limit
+    try:
+        with torch.no_grad():
+            return _position_limit(independent, context_length, config, owner)
+    except UnsupportedModelError:
+        raise
+    except Exception as error:  # a family whose tables the engine could not compute either
+        raise UnsupportedModelError(
+            f"{owner}: its rotary embedding cannot be called as the layer-wise engine calls it "
+            f"({type(error).__name__}: {error})"
+        ) from None
+
+
+def _position_limit(
+    independent: Callable[[int], bool], context_length: int, config: PretrainedConfig, owner: str
+) -> int | None:
+    """``rotary_position_limit``'s search: the context doubled, the context, then each
+    switch point the config declares."""
+    if independent(2 * context_length):
+        return None
+    if independent(context_length):
+        return context_length
+    for limit in _original_lengths(config):
+        if limit < context_length and independent(limit):
+            logger.warning(
+                "%s: its rotary embedding switches tables at %d positions "
+                "(original_max_position_embeddings); decoding stops there, where every "
+                "position still gets the tables one-token decoding gives it",
+                owner,
+                limit,
+            )
+            return limit
     raise UnsupportedModelError(
         f"{owner}: its rotary embedding gives a position different tables depending on the "
         "other positions of a call, which self-speculation and batching would change"

@@ -208,3 +208,18 @@ def test_rotary_tables_that_depend_on_the_call_everywhere_are_refused() -> None:
     model.model.rotary_emb = _CallDependentRotary(model.config)
     with pytest.raises(UnsupportedModelError, match="rotary embedding"):
         LayerwiseModel(model)
+
+
+class _FailingRotary(LlamaRotaryEmbedding):
+    """A rotary module the engine cannot call as it calls the family's own."""
+
+    def forward(self, x, position_ids):
+        raise KeyError("full_attention")
+
+
+def test_a_rotary_embedding_that_fails_when_called_is_one_line() -> None:
+    model = LlamaForCausalLM(_tiny_llama_config()).eval()
+    model.model.rotary_emb = _FailingRotary(model.config)
+    with pytest.raises(UnsupportedModelError, match="cannot be called") as info:
+        LayerwiseModel(model)
+    assert "\n" not in str(info.value)
