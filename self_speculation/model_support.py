@@ -72,10 +72,11 @@ def attention_layer_types(config: PretrainedConfig, num_layers: int, owner: str)
                 f"reproduce exactly (supported: {', '.join(SUPPORTED_ATTENTION)})"
             )
     if SLIDING_ATTENTION in layer_types and not (
-        isinstance(window, int) and not isinstance(window, bool) and window >= 1
+        isinstance(window, int) and not isinstance(window, bool) and window >= 2
     ):
+        # A window of 1: transformers' own cached decoding and its forward disagree there.
         raise UnsupportedModelError(
-            f"{owner}: sliding-window layers need config.sliding_window >= 1, got {window!r}"
+            f"{owner}: sliding-window layers need config.sliding_window >= 2, got {window!r}"
         )
     return layer_types
 
@@ -217,3 +218,38 @@ def _position_limit(
         f"{owner}: its rotary embedding gives a position different tables depending on the "
         "other positions of a call, which self-speculation and batching would change"
     )
+
+
+# Settings of a checkpoint's generation_config.json that change transformers' greedy or
+# sampled tokens, each with its neutral value; the engine takes its settings from its own
+# GenerationConfig (the original tools' flags) and applies none of these.
+_CHECKPOINT_PROCESSORS = {
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "sequence_bias": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "typical_p": 1.0,
+    "min_p": None,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+}
+
+
+def unapplied_generation_settings(model: nn.Module) -> list[str]:
+    """``name=value`` for each logits-changing setting of ``model``'s generation config that
+    differs from its neutral value: transformers' ``generate`` applies it, the engine does
+    not (so its tokens differ from ``generate``'s with that checkpoint's defaults)."""
+    generation_config = getattr(model, "generation_config", None)
+    found = []
+    for name, neutral in _CHECKPOINT_PROCESSORS.items():
+        value = getattr(generation_config, name, neutral)
+        if value is not None and value != neutral and value != []:
+            found.append(f"{name}={value!r}")
+    return found

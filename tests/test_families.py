@@ -29,6 +29,7 @@ from self_speculation import (
     LayerwiseModel,
     UnsupportedModelError,
 )
+from self_speculation.model_support import unapplied_generation_settings
 
 CAPPED = {"llama_longrope", "phi3_longrope"}  # context ends at ROPE_SWITCH
 PROMPTS = [[5, 60, 7, 200, 31, 9, 44, 12, 90, 3], [17, 4], [8, 8, 9, 100, 101]]
@@ -223,3 +224,20 @@ def test_a_rotary_embedding_that_fails_when_called_is_one_line() -> None:
     with pytest.raises(UnsupportedModelError, match="cannot be called") as info:
         LayerwiseModel(model)
     assert "\n" not in str(info.value)
+
+
+def test_a_window_of_one_is_refused() -> None:
+    """transformers' own cached generate disagrees with its own forward at window 1."""
+    with pytest.raises(UnsupportedModelError, match="sliding_window >= 2"):
+        LayerwiseModel(make_tiny_model("mistral_sliding", sliding_window=1))
+
+
+def test_checkpoint_generation_settings_the_engine_does_not_apply_are_named() -> None:
+    model = make_tiny_model("llama_mha_untied")
+    assert unapplied_generation_settings(model) == []
+    model.generation_config.repetition_penalty = 1.05
+    model.generation_config.suppress_tokens = [3]
+    assert unapplied_generation_settings(model) == [
+        "repetition_penalty=1.05",
+        "suppress_tokens=[3]",
+    ]
