@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     generator = Generator(model, tokenizer)
     device = generator.layerwise.device
     # Single-stream paths decode the first num_prompts; batches the first max(batch_sizes).
-    all_prompts = human_eval_prompts(max(args.num_prompts, *args.batch_sizes))
+    all_prompts = human_eval_prompts(max([args.num_prompts, *args.batch_sizes]))
     prompts = all_prompts[: args.num_prompts]
     common = dict(max_steps=args.max_steps, sample=False)
     speculative = dict(
