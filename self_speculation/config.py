@@ -129,9 +129,13 @@ class GenerationConfig:
         """
         for name in ("max_steps", "exit_layer", "num_speculations", "top_k"):
             require_int(getattr(self, name), name)
+            object.__setattr__(self, name, int(getattr(self, name)))  # numpy.int64 -> int
         require_int(self.no_repeat_ngram_size, "no_repeat_ngram_size", allow_none=True)
+        if self.no_repeat_ngram_size is not None:
+            object.__setattr__(self, "no_repeat_ngram_size", int(self.no_repeat_ngram_size))
         for name in ("temperature", "top_p", "draft_confidence_threshold"):
             require_number(getattr(self, name), name)
+            object.__setattr__(self, name, float(getattr(self, name)))
         for name in ("sample", "token_healing", "compile"):
             require_bool(getattr(self, name), name)
         if not isinstance(self.generation_strategy, str):  # the enum is a str too
@@ -144,7 +148,9 @@ class GenerationConfig:
             object.__setattr__(self, "stop_words", list(self.stop_words))
         if self.stop_token_ids is not None:
             require_list_of(self.stop_token_ids, int, "stop_token_ids")
-            object.__setattr__(self, "stop_token_ids", list(self.stop_token_ids))
+            object.__setattr__(
+                self, "stop_token_ids", [int(token) for token in self.stop_token_ids]
+            )
 
     def resolved(
         self,

@@ -1,6 +1,7 @@
 """Errors a user can act on. Scripts print them as one line and exit non-zero."""
 
 import json
+import numbers
 
 
 def json_refusal(error: ValueError | RecursionError) -> str:
@@ -43,8 +44,13 @@ def require_int(value: object, name: str, allow_none: bool = False) -> None:
     """
     if value is None and allow_none:
         return
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not is_integer(value):
         raise ArgumentTypeError(f"{name} must be an int, got {_type_name(value)}")
+
+
+def is_integer(value: object) -> bool:
+    """An int, or another integral number (numpy.int64), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def require_number(value: object, name: str) -> None:
@@ -53,7 +59,7 @@ def require_number(value: object, name: str) -> None:
     Raises:
         ArgumentTypeError: naming ``name`` and what it got.
     """
-    if not isinstance(value, int | float) or isinstance(value, bool):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise ArgumentTypeError(f"{name} must be a number, got {_type_name(value)}")
 
 
@@ -79,7 +85,7 @@ def require_list_of(value: object, kind: type, name: str) -> None:
             f"{name} must be a list of {kind.__name__}, got {_type_name(value)}{hint}"
         )
     for item in value:
-        if not isinstance(item, kind) or (kind is int and isinstance(item, bool)):
+        if not (is_integer(item) if kind is int else isinstance(item, kind)):
             raise ArgumentTypeError(
                 f"{name} must be a list of {kind.__name__}, it holds {_type_name(item)}"
             )

@@ -307,7 +307,7 @@ class Generator:
             prompt_ids = prompt.tolist()
         elif isinstance(prompt, list | tuple):
             require_list_of(prompt, int, name)
-            prompt_ids = list(prompt)
+            prompt_ids = [int(token) for token in prompt]  # numpy.int64 -> int
         else:  # bytes are a sequence of ints too, but never token ids
             raise ArgumentTypeError(
                 f"{name} must be a str or a list of token ids, got {type(prompt).__name__}"

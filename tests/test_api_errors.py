@@ -200,3 +200,15 @@ def test_encode_and_resolve_check_their_arguments(generator: Generator) -> None:
         generator.encode(b"def")
     with pytest.raises(ArgumentTypeError, match="config must be a GenerationConfig, got NoneType"):
         generator.resolve(None)
+
+
+def test_numpy_integers_are_integers(generator: Generator) -> None:
+    import numpy as np
+
+    config = GenerationConfig(sample=False, max_steps=np.int64(2), stop_token_ids=[np.int32(0)])
+    assert type(config.max_steps) is int and config.stop_token_ids == [0]
+    ids = generator.encode("def add")
+    expected = generator.generate(ids, config).token_ids
+    assert generator.generate([np.int64(token) for token in ids], config).token_ids == expected
+    with pytest.raises(ArgumentTypeError, match="max_steps must be an int, got float64"):
+        GenerationConfig(max_steps=np.float64(2.0))
