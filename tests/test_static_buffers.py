@@ -185,3 +185,16 @@ def test_a_stale_build_lock_is_removed_with_one_warning(tmp_path, caplog) -> Non
     messages = [record.getMessage() for record in caplog.records]
     assert any("stale build lock" in message for message in messages)
     assert not clear_stale_lock(lock)  # no lock: nothing to do
+
+
+def test_compiled_code_is_not_shared_between_models(inspected) -> None:
+    """Guards on the model's modules are dropped (their cost per call); the guard on the
+    ``ForwardPasses`` instance keeps a Llama's compiled passes from serving a Qwen2 of the
+    same shapes (whose projections have biases): each compiles its own, tokens exact."""
+    for family in ("llama_gqa_tied", "qwen2"):
+        generator = Generator(make_tiny_model(family, dtype=torch.float32), IdTokenizer())
+        graphs = len(GRAPHS)
+        eager = generator.generate_batch(PROMPTS[:1], config("autoregressive", False))
+        fast = generator.generate_batch(PROMPTS[:1], config("autoregressive", True))
+        assert [r.token_ids for r in fast] == [r.token_ids for r in eager], family
+        assert len(GRAPHS) > graphs, family  # compiled for this model
