@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,11 +22,14 @@ from self_speculation.errors import (
     require_list_of,
     require_utf8,
 )
+from self_speculation.model_support import unapplied_generation_settings
 from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.passes import ForwardPasses
 from self_speculation.sampling import TokenSelector
 from self_speculation.strategies import GenerationStrategy, StepResult, build_strategy
 from self_speculation.streaming import Streamer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,14 @@ class Generator:
         self.tokenizer = tokenizer
         self.layerwise = LayerwiseModel(model, verify=verify_model)
         self._draft = draft
+        unapplied = unapplied_generation_settings(model)
+        if unapplied:
+            logger.warning(
+                "%s's generation config sets %s: transformers' generate applies it, this "
+                "engine does not (it decodes with its own GenerationConfig)",
+                type(model).__name__,
+                ", ".join(unapplied),
+            )
         self.recommended_exit_layer, self.recommended_num_speculations = recommended_settings(model)
         eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         model_eos = getattr(model.generation_config, "eos_token_id", None)
@@ -325,7 +337,7 @@ class Generator:
         if context_limit is not None and len(prompt_ids) >= context_limit:
             raise ConfigError(
                 f"the prompt has {len(prompt_ids)} tokens; the model's context is "
-                f"{context_limit} tokens"
+                f"{context_limit} tokens ({self.layerwise.context_source})"
             )
         return prompt_ids
 

@@ -113,6 +113,8 @@ class LayerwiseModel:
         # Some families (Gemma 3) keep one rotary embedding per layer type.
         rotary_parameters = inspect.signature(self.rotary_emb.forward).parameters
         self.rotary_per_layer_type = "layer_type" in rotary_parameters
+        # What ends the context: max_position_embeddings, or a limit found below.
+        self.context_source = "max_position_embeddings"
         # Decoding must end where the model's own generation hooks or its rotary tables
         # would stop matching a plain KV-cache loop; rotary positions are clamped there.
         hook_limit = generation_hook_limit(model, self.config)
@@ -124,6 +126,7 @@ class LayerwiseModel:
                 hook_limit,
             )
             self.context_length = hook_limit
+            self.context_source = "where transformers re-runs this family's cache"
         self.rotary_position_limit = rotary_position_limit(
             self.rotary_emb,
             set(self.layer_types) if self.rotary_per_layer_type else None,
@@ -133,6 +136,8 @@ class LayerwiseModel:
             owner,
         )
         if self.rotary_position_limit is not None:
+            if self.rotary_position_limit < self.context_length:
+                self.context_source = "where its rotary tables switch"
             self.context_length = min(self.context_length, self.rotary_position_limit)
         # Eager attention adds its mask to the scores; sdpa takes a boolean mask.
         self.additive_masks = getattr(self.config, "_attn_implementation", "eager") == "eager"

@@ -241,3 +241,17 @@ def test_checkpoint_generation_settings_the_engine_does_not_apply_are_named() ->
         "repetition_penalty=1.05",
         "suppress_tokens=[3]",
     ]
+
+
+def test_a_prompt_past_a_capped_context_says_what_capped_it() -> None:
+    generator = generator_for("llama_longrope")
+    with pytest.raises(ConfigError, match="where its rotary tables switch"):
+        generator.generate(list(range(3, 3 + ROPE_SWITCH)), settings())
+
+
+def test_the_generator_warns_of_checkpoint_settings_it_does_not_apply(caplog) -> None:
+    model = make_tiny_model("llama_mha_untied")
+    model.generation_config.repetition_penalty = 1.05
+    with caplog.at_level("WARNING"):
+        Generator(model, IdTokenizer())
+    assert "repetition_penalty=1.05" in caplog.text
