@@ -188,7 +188,9 @@ class ForwardPasses:
             logger.info(
                 "compiling the %s pass (%s): %s",
                 key[0],
-                ", ".join(f"{name} {value}" for name, value in zip(_KEY_NAMES[key[0]], key[1:])),
+                ", ".join(
+                    f"{name} {value}" for name, value in zip(_KEY_NAMES.get(key[0], ()), key[1:])
+                ),
                 self._expected_compile_time(),
             )
         graphs = counters["stats"]["unique_graphs"]
