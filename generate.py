@@ -59,6 +59,7 @@ from self_speculation.benchmarking import environment_info, run_files, write_jso
 from self_speculation.errors import require_utf8
 
 logger = logging.getLogger("generate")
+MAX_LINE = 1 << 20  # characters of one input line; a longer one is no prompt
 
 
 @dataclass
@@ -97,7 +98,13 @@ def read_prompts(stream: TextIO | None = None) -> Iterator[str]:
         if stream.isatty():
             sys.stderr.write("... " if pending else "\n>>> ")
             sys.stderr.flush()
-        line = stream.readline()
+        line = stream.readline(MAX_LINE + 1)  # /dev/zero: no newline, ever
+        if len(line) > MAX_LINE:
+            raise ConfigError(
+                f"an input line is longer than {MAX_LINE} characters: binary input, not prompts?"
+            )
+        if "\0" in line:
+            raise ConfigError("the input holds NUL bytes: binary input, not prompts")
         if not line:  # EOF: a prompt still waiting for its continuation is answered too
             if "".join(pending).strip():
                 yield "\n".join(pending)

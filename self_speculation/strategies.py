@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from self_speculation.config import GenerationConfig, GenerationStrategyName
-from self_speculation.errors import UnsupportedModelError
+from self_speculation.errors import ArgumentTypeError, UnsupportedModelError
 from self_speculation.kv_cache import ColumnKVCache
 from self_speculation.passes import ForwardPasses
 from self_speculation.sampling import TokenSelector, greedy_accept, speculative_accept
@@ -385,6 +385,19 @@ STRATEGIES: dict[GenerationStrategyName, type[GenerationStrategy]] = {
 def build_strategy(
     passes: ForwardPasses, config: GenerationConfig, selector: TokenSelector
 ) -> GenerationStrategy:
-    """The registered strategy for ``config.generation_strategy``."""
+    """The registered strategy for ``config.generation_strategy``.
+
+    Raises:
+        ArgumentTypeError: an argument of another type, named.
+    """
+    for name, value, expected in (
+        ("passes", passes, ForwardPasses),
+        ("config", config, GenerationConfig),
+        ("selector", selector, TokenSelector),
+    ):
+        if not isinstance(value, expected):
+            raise ArgumentTypeError(
+                f"{name} must be a {expected.__name__}, got {type(value).__name__}"
+            )
     strategy_class = STRATEGIES[GenerationStrategyName(config.generation_strategy)]
     return strategy_class(passes, config, selector)

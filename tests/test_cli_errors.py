@@ -651,6 +651,32 @@ def test_prompt_continued_at_end_of_input_is_answered() -> None:
 
 
 @pytest.mark.parametrize(
+    ("stream", "message"),
+    [
+        ("\0" * (2 << 20), "longer than"),  # /dev/zero: no newline, ever
+        ("prompt\n\0\1\2\n", "NUL bytes"),
+    ],
+    ids=["endless line", "binary"],
+)
+def test_binary_standard_input_is_refused_not_read_into_memory(stream: str, message: str) -> None:
+    import io
+
+    from generate import read_prompts
+
+    from self_speculation import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        list(read_prompts(io.StringIO(stream)))
+
+
+def test_build_strategy_names_an_argument_of_another_type() -> None:
+    from self_speculation import build_strategy
+
+    with pytest.raises(TypeError, match="passes must be a ForwardPasses"):
+        build_strategy(object(), object(), object())
+
+
+@pytest.mark.parametrize(
     ("flag", "content", "message"),
     [
         ("--recipe", b'{"flags": {"seq_len": "\xff"}}', "cannot read recipe"),
