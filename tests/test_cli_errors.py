@@ -662,7 +662,6 @@ def test_binary_standard_input_is_refused_not_read_into_memory(stream: str, mess
     import io
 
     from generate import read_prompts
-
     from self_speculation import ConfigError
 
     with pytest.raises(ConfigError, match=message):
