@@ -382,7 +382,8 @@ class Generator:
     def _strategy(
         self, config: GenerationConfig, generator: torch.Generator | None
     ) -> GenerationStrategy:
-        return build_strategy(self._passes(config), config, TokenSelector(config, generator))
+        selector = TokenSelector(config, generator, getattr(self.model, "generation_config", None))
+        return build_strategy(self._passes(config), config, selector)
 
     def _passes(self, config: GenerationConfig) -> ForwardPasses:
         """The eager or compiled forward passes (built once each, then reused)."""

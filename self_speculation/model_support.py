@@ -221,13 +221,9 @@ def _position_limit(
 
 
 # Settings of a checkpoint's generation_config.json that change transformers' greedy or
-# sampled tokens, each with its neutral value; the engine takes its settings from its own
-# GenerationConfig (the original tools' flags) and applies none of these.
+# sampled tokens, each with its neutral value, that the engine does not apply (it applies
+# sampling's context processors; its own GenerationConfig sets the sampling warpers).
 _CHECKPOINT_PROCESSORS = {
-    "repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "bad_words_ids": None,
-    "suppress_tokens": None,
     "begin_suppress_tokens": None,
     "sequence_bias": None,
     "min_length": 0,

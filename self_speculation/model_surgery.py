@@ -410,14 +410,18 @@ class LayerwiseModel:
         mask[1, :padding] = 0
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [2, length]
         real = mask.bool()
-        with _narrowed_windows(self.model.config, self.config):
+        with _narrowed_windows(self.model, self.model.config, self.config):
             try:
                 expected = self.model(
                     input_ids=probe, attention_mask=mask, position_ids=positions, use_cache=False
                 ).logits.float()  # [2, length, vocab]
             except Exception as error:  # a kernel the dtype lacks, say: one line, not a trace
                 dtype = str(self.dtype).removeprefix("torch.")
-                hint = "; try --dtype float32" if self.dtype != torch.float32 else ""
+                hint = (
+                    "; if the dtype is the cause, try --dtype float32"
+                    if self.dtype != torch.float32
+                    else ""
+                )
                 raise UnsupportedModelError(
                     f"{owner}: its own forward fails in {dtype} ({_first_line(error)}){hint}"
                 ) from None
@@ -483,6 +487,9 @@ _PROBE_LENGTH = 12  # tokens per probe row
 _PROBE_PADDING = 3  # left padding of the second row
 _PROBE_STEPS = 4  # one-token steps after the prefill
 _PROBE_WINDOW = 4  # sliding windows during the probe: shorter than the probe
+# Config lengths past which a family attends otherwise (Doge keeps its top
+# keep_window_size keys); the probe narrows each so that it sees that regime.
+_WINDOW_SETTINGS = ("sliding_window", "keep_window_size")
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:
@@ -491,17 +498,20 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
 
 
 @contextmanager
-def _narrowed_windows(*configs: PretrainedConfig | None) -> Iterator[None]:
-    """Within the block, every config's ``sliding_window`` is at most ``_PROBE_WINDOW``
-    (both the model's own forward and the layer-wise view read it per call)."""
+def _narrowed_windows(model: nn.Module, *configs: PretrainedConfig | None) -> Iterator[None]:
+    """Within the block, the ``_WINDOW_SETTINGS`` of every config, and of every module of
+    ``model`` that copied one at init, are at most ``_PROBE_WINDOW`` (the model's own
+    forward and the layer-wise view both read them per call)."""
     saved = []
-    for config in {id(c): c for c in configs if c is not None}.values():
-        window = getattr(config, "sliding_window", None)
-        if isinstance(window, int) and window > _PROBE_WINDOW:
-            saved.append((config, window))
-            config.sliding_window = _PROBE_WINDOW
+    holders = [*configs, *model.modules()]
+    for config in {id(c): c for c in holders if c is not None}.values():
+        for name in _WINDOW_SETTINGS:
+            window = getattr(config, name, None)
+            if isinstance(window, int) and window > _PROBE_WINDOW:
+                saved.append((config, name, window))
+                setattr(config, name, _PROBE_WINDOW)
     try:
         yield
     finally:
-        for config, window in saved:
-            config.sliding_window = window
+        for config, name, window in saved:
+            setattr(config, name, window)

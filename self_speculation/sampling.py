@@ -7,9 +7,13 @@ comes from the early exit, the target distribution p from the full model.
 from __future__ import annotations
 
 import torch
+from transformers import GenerationConfig as CheckpointGenerationConfig
 from transformers import (
     LogitsProcessorList,
+    NoBadWordsLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -26,11 +30,28 @@ def build_logits_processors(config: GenerationConfig) -> LogitsProcessorList:
     return LogitsProcessorList([*_context_processors(config), *_warpers(config)])
 
 
-def _context_processors(config: GenerationConfig) -> LogitsProcessorList:
-    """Processors that read each row's tokens (no-repeat-n-gram)."""
+def _context_processors(
+    config: GenerationConfig, checkpoint: CheckpointGenerationConfig | None = None
+) -> LogitsProcessorList:
+    """Processors that read each row's tokens: the checkpoint's repetition penalty, then
+    no-repeat-n-gram (``config``'s, else the checkpoint's), bad words and suppressed tokens,
+    in the order transformers' ``generate`` applies them (greedy decoding included), so that
+    a checkpoint decodes as ``generate`` decodes it."""
     processors = LogitsProcessorList()
-    if config.no_repeat_ngram_size:
-        processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+    penalty = getattr(checkpoint, "repetition_penalty", None)
+    if penalty is not None and penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(penalty))
+    ngram = config.no_repeat_ngram_size or getattr(checkpoint, "no_repeat_ngram_size", None)
+    if ngram:
+        processors.append(NoRepeatNGramLogitsProcessor(ngram))
+    bad_words = getattr(checkpoint, "bad_words_ids", None)
+    if bad_words:
+        processors.append(
+            NoBadWordsLogitsProcessor(bad_words, getattr(checkpoint, "eos_token_id", None))
+        )
+    suppressed = getattr(checkpoint, "suppress_tokens", None)
+    if suppressed:
+        processors.append(SuppressTokensLogitsProcessor(suppressed))
     return processors
 
 
@@ -62,11 +83,19 @@ class TokenSelector:
     Args:
         config: the generation settings.
         generator: random source for sampling (seeded runs are reproducible).
+        checkpoint: the model's own generation config, whose sequence processors
+            (repetition penalty, no-repeat-n-gram, bad words, suppressed tokens) apply as
+            in transformers' ``generate``; None: none.
     """
 
-    def __init__(self, config: GenerationConfig, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        config: GenerationConfig,
+        generator: torch.Generator | None = None,
+        checkpoint: CheckpointGenerationConfig | None = None,
+    ) -> None:
         self.sample = config.sample
-        self.context_processors = _context_processors(config)
+        self.context_processors = _context_processors(config, checkpoint)
         self.warpers = _warpers(config)
         self.generator = generator
 

@@ -19,7 +19,13 @@ from tiny_models import (
     IdTokenizer,
     make_tiny_model,
 )
-from transformers import Llama4TextConfig, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    DogeConfig,
+    DogeForCausalLM,
+    Llama4TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from self_speculation import (
@@ -147,7 +153,9 @@ def test_a_forward_failing_in_the_dtype_is_one_line_naming_a_dtype_that_works(
     family: str,
 ) -> None:
     model = make_tiny_model(family).to(torch.float64)
-    with pytest.raises(UnsupportedModelError, match=r"fails in float64 .*--dtype float32") as info:
+    with pytest.raises(
+        UnsupportedModelError, match=r"fails in float64 .*try --dtype float32"
+    ) as info:
         LayerwiseModel(model)
     assert "\n" not in str(info.value)
 
@@ -234,13 +242,41 @@ def test_a_window_of_one_is_refused() -> None:
 
 def test_checkpoint_generation_settings_the_engine_does_not_apply_are_named() -> None:
     model = make_tiny_model("llama_mha_untied")
+    model.generation_config.repetition_penalty = 1.05  # applied: not named
     assert unapplied_generation_settings(model) == []
-    model.generation_config.repetition_penalty = 1.05
-    model.generation_config.suppress_tokens = [3]
-    assert unapplied_generation_settings(model) == [
-        "repetition_penalty=1.05",
-        "suppress_tokens=[3]",
-    ]
+    model.generation_config.begin_suppress_tokens = [3]
+    model.generation_config.min_new_tokens = 2
+    assert unapplied_generation_settings(model) == ["begin_suppress_tokens=[3]", "min_new_tokens=2"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("repetition_penalty", 1.5),
+        ("no_repeat_ngram_size", 2),
+        ("suppress_tokens", [22]),
+        ("bad_words_ids", [[22], [5, 6]]),
+    ],
+)
+def test_a_checkpoint_s_sequence_processors_decode_as_transformers_generate(
+    setting: str, value
+) -> None:
+    """Qwen2.5-Instruct ships repetition_penalty 1.05: generate applies it, greedy too."""
+    model = make_tiny_model("llama_mha_untied")
+    model.generation_config.eos_token_id = None
+    setattr(model.generation_config, setting, value)
+    generator = Generator(model, IdTokenizer())
+    prompt = [9, 8, 7, 6, 5, 4, 3]
+    ours = generator.generate(prompt, settings()).token_ids
+    theirs = model.generate(
+        torch.tensor([prompt]), max_new_tokens=MAX_STEPS, do_sample=False, pad_token_id=2
+    )[0, len(prompt) :].tolist()
+    assert ours == theirs
+    for exit_layer, num_speculations in ((1, 3), (2, 2), (4, 5)):
+        speculative = settings(
+            "self_speculative", exit_layer=exit_layer, num_speculations=num_speculations
+        )
+        assert generator.generate(prompt, speculative).token_ids == ours
 
 
 def test_a_prompt_past_a_capped_context_says_what_capped_it() -> None:
@@ -251,7 +287,28 @@ def test_a_prompt_past_a_capped_context_says_what_capped_it() -> None:
 
 def test_the_generator_warns_of_checkpoint_settings_it_does_not_apply(caplog) -> None:
     model = make_tiny_model("llama_mha_untied")
-    model.generation_config.repetition_penalty = 1.05
+    model.generation_config.begin_suppress_tokens = [3]
     with caplog.at_level("WARNING"):
         Generator(model, IdTokenizer())
-    assert "repetition_penalty=1.05" in caplog.text
+    assert "begin_suppress_tokens=[3]" in caplog.text
+
+
+def test_attention_that_changes_past_a_config_length_is_seen_by_the_load_time_check() -> None:
+    """Doge keeps only its top keep_window_size keys past that length (2048 in real
+    checkpoints), which the engine's cached decoding does not reproduce: the check narrows
+    the setting below its probe, on the config and on the modules that copied it."""
+    config = DogeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        keep_window_size=2048,
+    )
+    torch.manual_seed(0)
+    model = DogeForCausalLM(config).to(torch.float64).eval()
+    with pytest.raises(UnsupportedModelError, match="differs from the model's own forward"):
+        LayerwiseModel(model)
+    assert model.config.keep_window_size == 2048  # put back
