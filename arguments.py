@@ -274,7 +274,10 @@ class GenerationArguments:
     draft_confidence_threshold: float = 0.0
     """Stop drafting once a draft's top probability is below this (0: off, as the original)."""
     compile: bool = False
-    """Fast path: torch.compile the decoding passes (compiled once per batch size, E and k)."""
+    """Fast path: torch.compile the decoding passes (once per batch size, E and k). Off by
+    default: it pays after ~29k generated tokens with a cold compile cache, ~2.9k with a warm
+    one (shipped model, quiet 2-core CPU: compile 241 s cold / 24 s warm, self-speculation
+    368.9 vs 90.8 tok/s eager); turn it on for benchmarks, sweeps and long runs."""
     token_healing: bool = True
     """Back the prompt up over a trailing whitespace token (newline, indentation) that longer
     tokens extend, and let the model choose that boundary; the text still follows the prompt."""
