@@ -218,7 +218,7 @@ def _answer(
 
 def decoding_path(generator: Generator, config: GenerationConfig) -> dict:
     """The decoding path that ran (after compiling, not before) and the compile time."""
-    reason = generator._passes(config).fallback_reason if config.compile else None
+    reason = generator.fast_path_fallback(config)
     if not config.compile:
         path = "eager"
     elif reason is not None:

@@ -393,6 +393,13 @@ class Generator:
             )
         return self._forward_passes[config.compile]
 
+    def fast_path_fallback(self, config: GenerationConfig) -> str | None:
+        """Why ``config``'s compiled passes fell back to eager decoding (no compiler, a graph
+        break, a failing compile); None when they run compiled or ``config`` is eager."""
+        if not config.compile or config.compile not in self._forward_passes:
+            return None
+        return self._forward_passes[config.compile].fallback_reason
+
     @property
     def compile_seconds(self) -> float:
         """Seconds spent compiling so far (first calls of each compiled shape)."""

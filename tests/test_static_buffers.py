@@ -161,6 +161,8 @@ def test_a_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch, capl
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 1 and "no kernels today" in warnings[0], warnings
     assert "fast path off" in warnings[0]
+    assert "no kernels today" in generator.fast_path_fallback(config("self_speculative", True))
+    assert generator.fast_path_fallback(config("self_speculative", False)) is None
     assert generator._passes(config("self_speculative", True)).fallback_reason
 
 
