@@ -145,3 +145,9 @@ def require_thread_count(value: int, flag: str = "--num_threads") -> None:
     """
     if not 0 <= value <= MAX_THREADS:
         raise ConfigError(f"{flag} must be in [0, {MAX_THREADS}] (0: torch's default), got {value}")
+
+
+def one_line(error: BaseException, limit: int = 400) -> str:
+    """``error``'s message on one line (transformers' messages span several), shortened."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

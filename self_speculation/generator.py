@@ -273,8 +273,8 @@ class Generator:
                 the model's range.
         """
         self._check_call(config, streamer, generator)
-        self._prompt_ids(prompt)  # "prompt", not "prompts[0]", in the message
-        return self.generate_batch([prompt], config, streamer, generator)[0]
+        # Checked (and tokenized) once here, so that a message names "prompt", not "prompts[0]".
+        return self.generate_batch([self._prompt_ids(prompt)], config, streamer, generator)[0]
 
     @staticmethod
     def _check_call(config: object, streamer: object, generator: object) -> None:

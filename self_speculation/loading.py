@@ -32,6 +32,7 @@ from self_speculation.errors import (
     ConfigError,
     ModelLoadError,
     json_refusal,
+    one_line,
     whole_number,
 )
 
@@ -375,7 +376,7 @@ def check_tokenizer_files(directory: Path) -> None:
         except Exception as error:  # the Rust library raises a bare Exception
             raise ModelLoadError(
                 f"{path} is not a tokenizer the tokenizers library can read "
-                f"({_one_line(error, 200)}): copy or save the model again"
+                f"({one_line(error, 200)}): copy or save the model again"
             ) from None
 
 
@@ -402,7 +403,7 @@ def check_gguf_file(path: str) -> None:
         reason = (
             "it ends inside its metadata"
             if isinstance(error, struct.error)
-            else _one_line(error, 200)
+            else one_line(error, 200)
         )
         raise ModelLoadError(
             f"{path} is not a valid GGUF file ({reason}): truncated or corrupt? Copy it again"
@@ -474,12 +475,6 @@ def inspect_model(model: str) -> ModelFacts | None:
         recommended_exit_layer=recommended.get("exit_layer"),
         recommended_num_speculations=recommended.get("num_speculations"),
     )
-
-
-def _one_line(error: BaseException, limit: int = 400) -> str:
-    """``error``'s message on one line (transformers' messages span several), shortened."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -658,11 +653,11 @@ def load_model_and_tokenizer(
         SafetensorError,
         StrictDataclassError,
     ) as error:
-        raise ModelLoadError(f"cannot load model '{model}': {_one_line(error)}") from error
+        raise ModelLoadError(f"cannot load model '{model}': {one_line(error)}") from error
     except Exception as error:  # tokenizers' Rust errors (a corrupt tokenizer.json) are bare
         if type(error).__module__.split(".")[0] not in ("tokenizers", "builtins"):
             raise
-        raise ModelLoadError(f"cannot load model '{model}': {_one_line(error)}") from error
+        raise ModelLoadError(f"cannot load model '{model}': {one_line(error)}") from error
     if "gguf_file" not in arguments:
         source_of_config = "config.json" + (" with --model_args" if model_args else "")
         num_layers = _config_int(loaded.config, "num_hidden_layers")

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import Cache, DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from self_speculation.errors import UnsupportedModelError
+from self_speculation.errors import UnsupportedModelError, one_line
 from self_speculation.kv_cache import ColumnKVCache
 from self_speculation.model_support import (
     SLIDING_ATTENTION,
@@ -118,7 +118,9 @@ class LayerwiseModel:
         # Decoding must end where the model's own generation hooks or its rotary tables
         # would stop matching a plain KV-cache loop; rotary positions are clamped there.
         hook_limit = generation_hook_limit(model, self.config)
-        if hook_limit is not None and (self.context_length or hook_limit + 1) > hook_limit:
+        if hook_limit is not None and (
+            self.context_length is None or self.context_length > hook_limit
+        ):
             logger.warning(
                 "%s: transformers re-runs this family's cache once a sequence passes %d "
                 "tokens (original_max_position_embeddings); decoding stops there",
@@ -423,7 +425,7 @@ class LayerwiseModel:
                     else ""
                 )
                 raise UnsupportedModelError(
-                    f"{owner}: its own forward fails in {dtype} ({_first_line(error)}){hint}"
+                    f"{owner}: its own forward fails in {dtype} ({one_line(error, 200)}){hint}"
                 ) from None
             try:
                 whole = self.unembed(
@@ -432,7 +434,7 @@ class LayerwiseModel:
                 stepped = self._stepped_logits(probe, positions, mask).float()
             except Exception as error:
                 raise UnsupportedModelError(
-                    f"{owner}: the layer-wise forward fails ({_first_line(error)}); "
+                    f"{owner}: the layer-wise forward fails ({one_line(error, 200)}); "
                     "this family needs an adapter"
                 ) from None
         # Some families' own forward gives a left-padded row NaN (Gemma 2's eager attention
@@ -490,11 +492,6 @@ _PROBE_WINDOW = 4  # sliding windows during the probe: shorter than the probe
 # Config lengths past which a family attends otherwise (Doge keeps its top
 # keep_window_size keys); the probe narrows each so that it sees that regime.
 _WINDOW_SETTINGS = ("sliding_window", "keep_window_size")
-
-
-def _first_line(error: BaseException, limit: int = 200) -> str:
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextmanager
