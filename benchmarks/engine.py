@@ -58,8 +58,11 @@ from self_speculation import (  # noqa: E402
 )
 from self_speculation.benchmarking import write_json_atomic  # noqa: E402
 from self_speculation.passes import COMPILE_BACKEND_VARIABLE  # noqa: E402
+from self_speculation.strategies import SelfSpeculativeGenerationStrategy  # noqa: E402
 
 logger = logging.getLogger("engine")
+
+TWO_CALLS = "ours fast self_speculative, two calls per step"
 
 
 @dataclass
@@ -89,6 +92,9 @@ class EngineArguments:
     # Also time batched self-speculation with finished rows kept to the end, interleaved
     # with the default (rows leave the batch), in rounds: the gain of shedding in one run.
     compare_shedding: bool = False
+    # Also time fast self-speculation with drafts and verification as two compiled calls
+    # per step (as before greedy_step), against the one-call step, in the same run.
+    compare_two_calls: bool = False
     paths: list[str] = field(default_factory=list)  # run only paths whose name contains one
     output: str = "logs/engine.json"
 
@@ -498,7 +504,20 @@ def main(argv: list[str] | None = None) -> int:
     }
     measure_bandwidth()
 
+    def same_kind_autoregressive(name: str) -> bool | None:
+        """Whether a self-speculative path's tokens equal the autoregressive path of its
+        own kind (eager or fast): the exactness check that holds in bf16 too, where a
+        compiled pass's rounding can differ from eager's and turn a near-tie."""
+        if not name.startswith("ours ") or not name.endswith(" self_speculative"):
+            return None
+        twin = name.replace("self_speculative", "autoregressive")
+        ar = next((r for r in results if r.name == twin), None)
+        return None if ar is None else ar.token_ids == by_name[name].token_ids
+
+    by_name: dict[str, PathResult] = {}
+
     def record() -> None:
+        by_name.update((r.name, r) for r in results)
         document["paths"] = [
             {
                 "name": r.name,
@@ -510,15 +529,22 @@ def main(argv: list[str] | None = None) -> int:
                 "acceptance": r.acceptance,
                 "peak_memory_bytes": r.peak_memory_bytes,
                 "identical_to_first_path": r.token_ids == results[0].token_ids,
+                "identical_to_same_kind_autoregressive": same_kind_autoregressive(r.name),
             }
             for r in results
         ]
         write_json_atomic(args.output, document)
 
+    if args.compare_two_calls:
+        ours[TWO_CALLS] = ours["ours fast self_speculative"]
     for name, config in ours.items():
         if args.paths and not any(part in name for part in args.paths):
             continue
-        results.append(run_ours(generator, name, config, prompts))
+        SelfSpeculativeGenerationStrategy.one_call_greedy_step = name != TWO_CALLS
+        try:
+            results.append(run_ours(generator, name, config, prompts))
+        finally:
+            SelfSpeculativeGenerationStrategy.one_call_greedy_step = True
         logger.info("%s: %.1f tok/s", name, results[-1].tokens_per_second)
         record()
     measure_bandwidth()
@@ -608,6 +634,11 @@ def print_table(document: dict) -> None:
             f"{path['ms_per_token'] / floor:7.1f} {path['compile_or_first_call_seconds']:9.1f} "
             f"{'-' if peak is None else f'{peak / 1e6:.1f}':>7s} {path['identical_to_first_path']}"
         )
+        if path.get("identical_to_same_kind_autoregressive") is not None:
+            print(
+                f"{'':50s} same tokens as its kind's autoregressive path: "
+                f"{path['identical_to_same_kind_autoregressive']}"
+            )
 
     def ratio(first: str, second: str) -> None:
         if first in paths and second in paths:
@@ -617,6 +648,7 @@ def print_table(document: dict) -> None:
     print()
     fast_ar, fast_ss = "ours fast autoregressive", "ours fast self_speculative"
     ratio(fast_ss, fast_ar)
+    ratio(fast_ss, TWO_CALLS)
     ratio("ours eager self_speculative", "ours eager autoregressive")
     ratio(fast_ar, "ours eager autoregressive")
     for strategy in ("autoregressive", "self_speculative"):
@@ -688,6 +720,9 @@ def step_costs(rows: list[dict]) -> list[dict]:
         ar_rate = tokens_per_step(autoregressive) / ar_pass
         drafts = per_step(row, "greedy_drafts") + per_step(row, "early")
         verify = per_step(row, "verify")
+        # Greedy compiled steps draft, verify and accept in one call (greedy_step): only
+        # the whole step is timed, and the bound with drafting free is not known.
+        whole = drafts + verify + per_step(row, "greedy_step")
         gained = tokens_per_step(row)
         costs.append(
             {
@@ -697,10 +732,11 @@ def step_costs(rows: list[dict]) -> list[dict]:
                 "autoregressive_tokens_per_step": tokens_per_step(autoregressive),
                 "draft_seconds": drafts,
                 "verify_seconds": verify,
+                "step_seconds": whole,
                 "tokens_per_step": gained,
                 "active": row["row_steps"] / (row["steps"] * size),
-                "bound": gained / (drafts + verify) / ar_rate,
-                "bound_drafting_free": gained / verify / ar_rate,
+                "bound": gained / whole / ar_rate,
+                "bound_drafting_free": gained / verify / ar_rate if verify else None,
             }
         )
     return costs
@@ -711,13 +747,22 @@ def print_step_costs(rows: list[dict]) -> None:
         print(
             f"batch {cost['batch_size']} {cost['decoding']} steps: autoregressive pass "
             f"{cost['autoregressive_pass_seconds'] * 1e3:.1f} ms for "
-            f"{cost['autoregressive_tokens_per_step']:.2f} tokens; self-speculative drafts "
-            f"{cost['draft_seconds'] * 1e3:.1f} ms + verification "
-            f"{cost['verify_seconds'] * 1e3:.1f} ms for {cost['tokens_per_step']:.2f} tokens "
+            f"{cost['autoregressive_tokens_per_step']:.2f} tokens; self-speculative "
+            + (
+                f"drafts {cost['draft_seconds'] * 1e3:.1f} ms + verification "
+                f"{cost['verify_seconds'] * 1e3:.1f} ms"
+                if cost["bound_drafting_free"] is not None
+                else f"step {cost['step_seconds'] * 1e3:.1f} ms (one call)"
+            )
+            + f" for {cost['tokens_per_step']:.2f} tokens "
             f"({cost['active']:.0%} of the full batch's row slots running); "
             "self-speculative / autoregressive "
-            f"at most {cost['bound']:.2f}x from these passes, "
-            f"{cost['bound_drafting_free']:.2f}x with drafting free"
+            f"at most {cost['bound']:.2f}x from these passes"
+            + (
+                f", {cost['bound_drafting_free']:.2f}x with drafting free"
+                if cost["bound_drafting_free"] is not None
+                else ""
+            )
         )
 
 

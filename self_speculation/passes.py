@@ -27,6 +27,7 @@ runs them without inductor: a check that they compile whole, in seconds (tests, 
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import os
@@ -42,6 +43,7 @@ from self_speculation.cpu_kernels import FewRowProducts, load_few_row_kernel
 from self_speculation.draft import DraftExit, cache_layers
 from self_speculation.kv_cache import BufferPool, ColumnKVCache
 from self_speculation.model_surgery import LayerwiseModel
+from self_speculation.sampling import greedy_accept
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,20 @@ def missing_compiler(device: torch.device) -> str | None:
     return f"no {kind} found (install g++, or set CXX/CC)"
 
 
+def _recompile_limit() -> dict:
+    """``recompile_limit=RECOMPILE_LIMIT`` where torch.compile takes it (torch >= 2.13: it
+    then holds for our functions only); on older torch, dynamo's process-wide limit is
+    raised to it instead."""
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        return {"recompile_limit": RECOMPILE_LIMIT}
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(
+        config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT
+    )
+    return {}
+
+
 def compile_options(device: torch.device) -> dict:
     """``torch.compile`` arguments for the engine's passes on ``device``.
 
@@ -84,13 +100,15 @@ def compile_options(device: torch.device) -> dict:
     the passes never change a model. The instance guard keeps one model's compiled code
     from serving another model of the same shapes but another structure.
     """
-    common = {"fullgraph": True, "dynamic": False, "recompile_limit": RECOMPILE_LIMIT}
+    common = {"fullgraph": True, "dynamic": False, **_recompile_limit()}
     guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     backend = compile_backend()
     if backend != "inductor":
         return {**common, "backend": backend, "options": guards}
     if device.type == "cuda":
-        return {**common, "mode": "reduce-overhead", "options": guards}
+        # CUDA graphs: what mode="reduce-overhead" turns on (torch takes a mode or options,
+        # not both, and the guard filter goes in the options).
+        return {**common, "options": {**guards, "triton.cudagraphs": True}}
     # CPU: no CUDA graphs. A one-token step is a chain of matrix-vector products bound by
     # reading weights; inductor's decomposition of an [1, n] x [n, m] product into a fused
     # multiply-and-sum reads them about 1.4x faster than the BLAS call. (Measured slower
@@ -142,6 +160,7 @@ class ForwardPasses:
         self._early: Callable = self._early_eager
         self._verify: Callable = self._verify_eager
         self._greedy_drafts: Callable = self._greedy_drafts_eager
+        self._greedy_step: Callable = self._greedy_step_eager
         self._attention_configs: list = []
         # Compiled passes keep their cache buffers from one generation to the next, at
         # fixed addresses (CUDA graphs replay on them).
@@ -162,6 +181,7 @@ class ForwardPasses:
             self._early = torch.compile(self._early_eager, **options)
             self._verify = torch.compile(self._verify_eager, **options)
             self._greedy_drafts = torch.compile(self._greedy_drafts_eager, **options)
+            self._greedy_step = torch.compile(self._greedy_step_eager, **options)
 
     def _fall_back(self, reason: str) -> None:
         """Decode eagerly from now on (same tokens), after one warning naming ``reason``."""
@@ -171,6 +191,7 @@ class ForwardPasses:
         self._early = self._early_eager
         self._verify = self._verify_eager
         self._greedy_drafts = self._greedy_drafts_eager
+        self._greedy_step = self._greedy_step_eager
         self._attention_configs = []
 
     def _timed(self, key: tuple, function: Callable, *args) -> object:
@@ -253,6 +274,10 @@ class ForwardPasses:
     @staticmethod
     def verify_key(exit_layer: int, batch: int, positions: int) -> tuple:
         return ("verify", exit_layer, batch, positions)
+
+    @staticmethod
+    def greedy_step_key(exit_layer: int, batch: int, count: int) -> tuple:
+        return ("greedy_step", exit_layer, batch, count)
 
     def ready(self, keys: list[tuple]) -> bool:
         """Whether calls with these keys run without compiling (always, when eager)."""
@@ -489,9 +514,72 @@ class ForwardPasses:
             exit_layer,
         )
 
+    def _greedy_step_eager(
+        self,
+        pending: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        made: torch.Tensor,
+        exit_layer: int,
+        count: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        positions = torch.arange(count + 1, device=lengths.device)
+        columns = lengths[:, None] - 1 + positions  # [batch, k + 1]
+        drafts, states = self._greedy_drafts_eager(
+            pending, columns[:, :1], cache, pad_counts, exit_layer, count
+        )  # [batch, k], [batch, k, hidden]
+        drafted = positions[:count] < made  # [k]: the drafts verification uses
+        draft_tokens = torch.where(drafted, drafts, -1)
+        # Exit-layer states of the pending token and the drafts but the last, zero past them.
+        exit_states = torch.nn.functional.pad(
+            torch.where(drafted[None, :, None], states, 0), (0, 0, 0, 1)
+        )  # [batch, k + 1, hidden]
+        last_tokens = drafts.gather(1, (made - 1).expand(len(drafts), 1))  # [batch, 1]
+        logits = self._verify_eager(
+            last_tokens, exit_states, made, columns, cache, pad_counts, exit_layer
+        )
+        accepted_counts, next_tokens = greedy_accept(draft_tokens, logits.argmax(dim=-1))
+        # Row b keeps its accepted drafts, then the full model's correction / bonus token.
+        new_tokens = torch.cat([draft_tokens.clamp_min(0), next_tokens[:, None]], dim=1)
+        new_tokens = new_tokens.scatter(1, accepted_counts[:, None], next_tokens[:, None])
+        return new_tokens, accepted_counts, draft_tokens
+
+    @torch.no_grad()
+    def greedy_step(
+        self,
+        pending: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        made: torch.Tensor,
+        exit_layer: int,
+        count: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A whole greedy self-speculative step in one call: ``count`` greedy drafts
+        (``greedy_drafts``), verification of the first ``made`` (``verify``) and greedy
+        acceptance. One compiled call (one CUDA graph) per step instead of two, with the
+        glue between them (padding, argmax, acceptance) inside it.
+
+        Args:
+            pending: the pending token of each row, [batch, 1], at column ``lengths - 1``.
+            lengths: columns filled per row, [batch].
+            made: how many of the ``count`` drafts to verify (<= count), a [1] long tensor.
+
+        Returns:
+            The step's new tokens [batch, k + 1] (accepted drafts, then the correction or
+            bonus token; the first ``accepted + 1`` of each row count), the accepted counts
+            [batch] and the drafts [batch, k] (-1 past ``made``).
+        """
+        key = self.greedy_step_key(exit_layer, pending.shape[0], count)
+        return self._timed(
+            key, self._greedy_step, pending, lengths, cache, pad_counts, made, exit_layer, count
+        )
+
 
 # Names of the ints in each pass key after its kind (for the log line before a compile).
 _KEY_NAMES = {
+    "greedy_step": ("exit layer", "batch", "drafts"),
     "early": ("end layer", "batch"),
     "greedy_drafts": ("exit layer", "batch", "drafts"),
     "verify": ("exit layer", "batch", "positions"),

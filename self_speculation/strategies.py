@@ -232,6 +232,9 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
     """
 
     name = GenerationStrategyName.SELF_SPECULATIVE
+    # Greedy compiled steps in one call (``_fused_step``); benchmarks/engine.py turns it off
+    # to time the two-call step against it in one run.
+    one_call_greedy_step = True
 
     @property
     def prefill_layers(self) -> int:
@@ -245,18 +248,20 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
 
     def pass_keys(self, batch_size: int) -> list[tuple]:
         k, exit_layer = self.config.num_speculations, self.config.exit_layer
-        drafts = (
-            ForwardPasses.greedy_drafts_key(exit_layer, batch_size, k)
-            if self._fused_drafts
-            else ForwardPasses.early_key(exit_layer, batch_size)
-        )
-        return [drafts, ForwardPasses.verify_key(exit_layer, batch_size, k + 1)]
+        if self._fused_step:
+            return [ForwardPasses.greedy_step_key(exit_layer, batch_size, k)]
+        return [
+            ForwardPasses.early_key(exit_layer, batch_size),
+            ForwardPasses.verify_key(exit_layer, batch_size, k + 1),
+        ]
 
     @property
-    def _fused_drafts(self) -> bool:
-        """Greedy drafts without logits processors or a confidence stop: one compiled call."""
+    def _fused_step(self) -> bool:
+        """Greedy drafts without logits processors or a confidence stop: drafting,
+        verification and acceptance in one compiled call (``ForwardPasses.greedy_step``)."""
         return (
-            self.passes.compiled
+            self.one_call_greedy_step
+            and self.passes.compiled
             and not self.selector.sample
             and not self.selector.context_processors
             and self.config.draft_confidence_threshold <= 0
@@ -275,22 +280,8 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
             [batch, k + 1, hidden] (pending token and drafts; zero past them), draft
             distributions [batch, k, vocab] when sampling, and the number of drafts made.
         """
-        k, exit_layer = self.config.num_speculations, self.config.exit_layer
-        draft_probs: list[torch.Tensor | None] = []  # greedy: no distributions
-        if self._fused_drafts:
-            # Always k drafts (one compiled shape); verification uses the first num_drafts.
-            drafts, exit_states = self.passes.greedy_drafts(
-                state.pending_tokens(),
-                state.lengths[:, None] - 1,
-                state.cache,
-                state.pad_counts,
-                exit_layer,
-                k,
-            )  # [batch, k], [batch, k, hidden]
-            draft_tokens = drafts[:, :num_drafts]  # [batch, made]
-            exit_states = exit_states[:, :num_drafts]  # [batch, made, hidden]
-        else:
-            draft_tokens, exit_states, draft_probs = self._draft_one_by_one(state, num_drafts)
+        k = self.config.num_speculations
+        draft_tokens, exit_states, draft_probs = self._draft_one_by_one(state, num_drafts)
         made = draft_tokens.shape[1]
         missing = k - made
         draft_tokens = torch.nn.functional.pad(draft_tokens, (0, missing), value=-1)
@@ -342,6 +333,20 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
     def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
         k, exit_layer = self.config.num_speculations, self.config.exit_layer
         num_drafts = max(1, min(num_drafts, k))
+        if self._fused_step:
+            # Always k drafts (one compiled shape); verification uses the first num_drafts.
+            new_tokens, accepted_counts, draft_tokens = self.passes.greedy_step(
+                state.pending_tokens(),
+                state.lengths,
+                state.cache,
+                state.pad_counts,
+                torch.tensor([num_drafts], device=state.lengths.device),
+                exit_layer,
+                k,
+            )  # [batch, k + 1], [batch], [batch, k]
+            counts = (accepted_counts + 1) * active  # [batch]
+            state.write(new_tokens, counts)
+            return StepResult(new_tokens, counts, draft_tokens[:, :num_drafts], accepted_counts)
         draft_tokens, exit_states, draft_probs, made = self._draft(state, num_drafts)
         last_tokens = draft_tokens[:, made - 1 : made]  # [batch, 1]
         columns = state.lengths[:, None] - 1 + torch.arange(k + 1, device=state.lengths.device)

@@ -63,6 +63,54 @@ def test_fast_path_tokens_equal_the_eager_path_with_rows_finishing_apart(strateg
     ]
 
 
+@pytest.mark.parametrize("family", ["llama_gqa_tied", "qwen2", "gemma2_softcap_sliding"])
+def test_one_call_greedy_step_equals_the_passes_called_apart(family: str, monkeypatch) -> None:
+    """A greedy step in one call (drafts, verification of the first num_drafts, acceptance:
+    ForwardPasses.greedy_step, the compiled path's step; run eagerly here) decodes what the
+    passes called apart decode: tokens, drafts, acceptance and steps, batched, including
+    the last steps that draft fewer than k."""
+    from self_speculation.strategies import SelfSpeculativeGenerationStrategy
+
+    generator = generator_for(family)
+    # Exit layer 3 of 4: drafts that agree often, so that a step that drafts fewer than k
+    # would accept past its drafts if it verified the ones it did not ask for.
+    speculative = config("self_speculative", False, max_steps=14, exit_layer=3)
+    steps: list[list] = []  # per step: what each row kept, drafts, acceptance
+    step = SelfSpeculativeGenerationStrategy.step
+
+    def recording(self, state, num_drafts, active):
+        result = step(self, state, num_drafts, active)
+        kept = [row[:count] for row, count in zip(result.new_tokens.tolist(), result.new_counts)]
+        steps[-1].append((kept, result.draft_tokens.tolist(), result.accepted_counts.tolist()))
+        return result
+
+    monkeypatch.setattr(SelfSpeculativeGenerationStrategy, "step", recording)
+    steps.append([])
+    apart = generator.generate_batch(PROMPTS, speculative)
+    monkeypatch.setattr(
+        SelfSpeculativeGenerationStrategy, "_fused_step", property(lambda self: True)
+    )
+    passes = generator._passes(speculative)
+    passes.pass_seconds = {}
+    steps.append([])
+    try:
+        one_call = generator.generate_batch(PROMPTS, speculative)
+        kinds = {key[0] for key in passes.pass_seconds}
+    finally:
+        passes.pass_seconds = None
+    assert kinds == {"greedy_step"}
+    assert steps[1] == steps[0]
+    short = [(drafts, accepted) for _, drafts, accepted in steps[1] if len(drafts[0]) < 3]
+    assert short  # steps that drafted fewer than k
+    assert all(max(accepted) <= len(drafts[0]) for drafts, accepted in short)
+    summary = [(r.token_ids, r.num_drafted, r.num_accepted, r.num_steps) for r in one_call]
+    assert summary == [(r.token_ids, r.num_drafted, r.num_accepted, r.num_steps) for r in apart]
+    autoregressive = generator.generate_batch(
+        PROMPTS, config("autoregressive", False, max_steps=14)
+    )
+    assert [r.token_ids for r in one_call] == [r.token_ids for r in autoregressive]
+
+
 @pytest.mark.slow
 def test_compiled_batches_shrink_only_to_compiled_sizes() -> None:
     """Finished rows leave a compiled batch only for a batch size already compiled (never
@@ -113,6 +161,33 @@ def test_few_row_kernel_equals_a_linear_layer(rows: int) -> None:
         w = torch.randn(outputs, inputs, generator=generator)
         product = torch.ops.layerskip.few_row_linear(x, w)
         torch.testing.assert_close(product, torch.nn.functional.linear(x, w))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compile_options_are_accepted_by_torch_compile(device: str) -> None:
+    """torch.compile takes the options built for each device (the first GPU run failed
+    here: a mode and options together are refused); CUDA graphs are asked for on CUDA."""
+    options = compile_options(torch.device(device))
+    assert not ("mode" in options and "options" in options)
+    assert options["options"].get("triton.cudagraphs", False) == (device == "cuda")
+    torch.compile(lambda x: x + 1, **options)  # validates its arguments, compiles nothing
+
+
+def test_recompile_limit_on_a_torch_without_the_argument(monkeypatch) -> None:
+    """Where torch.compile has no recompile_limit (torch 2.11, on the GPU image we were
+    lent), the process-wide limit is raised instead of passing an unknown argument."""
+    from self_speculation import passes
+
+    def old_compile(model=None, *, fullgraph=False, dynamic=None, backend="inductor",
+                    mode=None, options=None, disable=False):  # fmt: skip
+        return model
+
+    monkeypatch.setattr(torch, "compile", old_compile)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    options = passes.compile_options(torch.device("cuda"))
+    assert "recompile_limit" not in options
+    assert torch._dynamo.config.recompile_limit == passes.RECOMPILE_LIMIT
+    old_compile(lambda x: x, **options)
 
 
 def test_compiled_few_row_products_go_to_the_kernel() -> None:

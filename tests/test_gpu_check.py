@@ -43,7 +43,7 @@ def test_every_engine_flag_of_the_plan_exists(device: str, quick: bool, gpu_chec
         (_, big), _ = runs
         big_args = simple_parsing.parse(engine.EngineArguments, args=big)
         assert big_args.model == "random-llama-1b" and big_args.dtype == "bfloat16"
-        assert big_args.batch_sizes == [1, 8, 32] and big_args.batch_paths == ["eager", "fast"]
+        assert big_args.batch_sizes == [1, 8] and big_args.batch_paths == ["eager", "fast"]
         assert args.budget <= 480  # 8 minutes on one GPU, every part included
 
 

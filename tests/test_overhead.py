@@ -101,6 +101,12 @@ def test_engine_step_costs_bound_the_batch_ratio_from_pass_times(monkeypatch) ->
     assert cost["bound_drafting_free"] == pytest.approx(20 / 30e-3 / 800)
     assert cost["active"] == pytest.approx(0.75)
     assert engine.step_costs(rows[:1]) == []  # no self-speculative row: nothing to bound
+    # A greedy compiled step is one call: its whole time counts, drafting is not separable.
+    rows[1]["pass_seconds"] = {"greedy_step": [2.0, 50]}
+    (fused,) = engine.step_costs(rows)
+    assert fused["bound"] == pytest.approx(0.625)
+    assert fused["bound_drafting_free"] is None
+    engine.print_step_costs(rows)
 
 
 def test_batch_bound_prices_each_step_at_its_products_and_nothing_else(monkeypatch) -> None:
