@@ -43,4 +43,4 @@ RUN useradd --create-home --uid 1000 layerskip && mkdir -p /cache/huggingface lo
     && chown -R 1000:1000 /cache /layerskip
 USER 1000:1000
 
-CMD ["python", "generate.py", "--prompt", "def fibonacci(n):", "--generation_strategy", "self_speculative", "--sample", "False", "--max_steps", "64"]
+CMD ["python", "generate.py", "--prompt", "def fibonacci(n):", "--generation_strategy", "self_speculative", "--sample", "False", "--max_steps", "64", "--no_repeat_ngram_size", "4"]

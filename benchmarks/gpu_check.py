@@ -101,7 +101,7 @@ def engine_runs(args: CheckArguments) -> list[tuple[str, list[str]]]:
         ]  # fmt: skip
     elif args.quick:
         # Every path on the tiny Llama; the shipped model's eager paths (its fast paths
-        # are the same code, and tracing its 24 layers for each pass takes a minute).
+        # are the same code, and tracing its 16 layers for each pass takes a minute).
         big = [
             "--model", "random-llama-tiny", "--threads", "1", "--num_prompts", "1",
             "--max_steps", "4", "--exit_layer", "2", "--num_speculations", "2",

@@ -250,22 +250,30 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
         k, exit_layer = self.config.num_speculations, self.config.exit_layer
         if self._fused_step:
             return [ForwardPasses.greedy_step_key(exit_layer, batch_size, k)]
-        return [
-            ForwardPasses.early_key(exit_layer, batch_size),
-            ForwardPasses.verify_key(exit_layer, batch_size, k + 1),
-        ]
+        drafts = (
+            ForwardPasses.greedy_drafts_key(exit_layer, batch_size, k)
+            if self._fused_drafts
+            else ForwardPasses.early_key(exit_layer, batch_size)
+        )
+        return [drafts, ForwardPasses.verify_key(exit_layer, batch_size, k + 1)]
 
     @property
-    def _fused_step(self) -> bool:
-        """Greedy drafts without logits processors or a confidence stop: drafting,
-        verification and acceptance in one compiled call (``ForwardPasses.greedy_step``)."""
+    def _fused_drafts(self) -> bool:
+        """Greedy drafts without logits processors or a confidence stop on the compiled
+        path: all k drafts in one compiled call."""
         return (
-            self.one_call_greedy_step
-            and self.passes.compiled
+            self.passes.compiled
             and not self.selector.sample
             and not self.selector.context_processors
             and self.config.draft_confidence_threshold <= 0
         )
+
+    @property
+    def _fused_step(self) -> bool:
+        """Drafting, verification and acceptance in one compiled call
+        (``ForwardPasses.greedy_step``) where the drafts can be fused; with
+        ``one_call_greedy_step`` off, drafts and verification are two calls."""
+        return self.one_call_greedy_step and self._fused_drafts
 
     def _draft(
         self, state: DecodingState, num_drafts: int
@@ -280,8 +288,22 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
             [batch, k + 1, hidden] (pending token and drafts; zero past them), draft
             distributions [batch, k, vocab] when sampling, and the number of drafts made.
         """
-        k = self.config.num_speculations
-        draft_tokens, exit_states, draft_probs = self._draft_one_by_one(state, num_drafts)
+        k, exit_layer = self.config.num_speculations, self.config.exit_layer
+        draft_probs: list[torch.Tensor | None] = []  # greedy: no distributions
+        if self._fused_drafts:
+            # Always k drafts (one compiled shape); verification uses the first num_drafts.
+            drafts, exit_states = self.passes.greedy_drafts(
+                state.pending_tokens(),
+                state.lengths[:, None] - 1,
+                state.cache,
+                state.pad_counts,
+                exit_layer,
+                k,
+            )  # [batch, k], [batch, k, hidden]
+            draft_tokens = drafts[:, :num_drafts]  # [batch, made]
+            exit_states = exit_states[:, :num_drafts]  # [batch, made, hidden]
+        else:
+            draft_tokens, exit_states, draft_probs = self._draft_one_by_one(state, num_drafts)
         made = draft_tokens.shape[1]
         missing = k - made
         draft_tokens = torch.nn.functional.pad(draft_tokens, (0, missing), value=-1)

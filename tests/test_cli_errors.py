@@ -379,8 +379,8 @@ def test_engine_benchmark_bad_flags_are_one_line(argv, message, monkeypatch, cap
         (["--prompt_sets", "xsum"], "--prompt_sets must name some of human_eval, chat, got xsum"),
         (["--adapters", "no/such/adapter"], "--adapters: no/such/adapter is not an adapter folder"),
         (
-            ["--model", "models/layerskip-stdlib", "--plain_exit_layers", "24"],
-            "--plain_exit_layers must be below the model's 24 layers, got 24",
+            ["--model", "models/layerskip-stdlib", "--plain_exit_layers", "16"],
+            "--plain_exit_layers must be below the model's 16 layers, got 16",
         ),
     ],
 )
@@ -417,8 +417,8 @@ def test_adapter_benchmark_bad_flags_are_one_line(argv, message, monkeypatch, ca
         ),
         (
             "batch_bound",
-            ["--exit_layer", "24", "--repeats", "1"],
-            "--exit_layer must be in [1, 24)",
+            ["--exit_layer", "16", "--repeats", "1"],
+            "--exit_layer must be in [1, 16)",
         ),
         ("batch_bound", ["--threads", "5000"], "--threads must be in [0, 1024]"),
         ("batch_bound", ["--num_speculations", "1000"], "--num_speculations must be at most 64"),

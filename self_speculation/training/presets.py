@@ -31,13 +31,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_attention_heads=4,
         num_key_value_heads=2,
     ),
-    # The shipped model (models/layerskip-stdlib): deep and narrow, so that early exits are cheap.
+    # The shipped model (models/layerskip-stdlib; configs/layerskip-code-16x256.json).
     "stdlib": dict(
-        hidden_size=192,
-        intermediate_size=512,
-        num_hidden_layers=24,
-        num_attention_heads=3,
-        num_key_value_heads=1,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         max_position_embeddings=1024,
     ),
 }
