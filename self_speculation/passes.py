@@ -43,7 +43,7 @@ from self_speculation.cpu_kernels import FewRowProducts, load_few_row_kernel
 from self_speculation.draft import DraftExit, cache_layers
 from self_speculation.kv_cache import BufferPool, ColumnKVCache
 from self_speculation.model_surgery import LayerwiseModel
-from self_speculation.sampling import greedy_accept
+from self_speculation.sampling import greedy_accept, kept_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -540,10 +540,11 @@ class ForwardPasses:
             last_tokens, exit_states, made, columns, cache, pad_counts, exit_layer
         )
         accepted_counts, next_tokens = greedy_accept(draft_tokens, logits.argmax(dim=-1))
-        # Row b keeps its accepted drafts, then the full model's correction / bonus token.
-        new_tokens = torch.cat([draft_tokens.clamp_min(0), next_tokens[:, None]], dim=1)
-        new_tokens = new_tokens.scatter(1, accepted_counts[:, None], next_tokens[:, None])
-        return new_tokens, accepted_counts, draft_tokens
+        return (
+            kept_tokens(draft_tokens, accepted_counts, next_tokens),
+            accepted_counts,
+            draft_tokens,
+        )
 
     @torch.no_grad()
     def greedy_step(

@@ -204,6 +204,16 @@ def greedy_accept(
     return accepted_counts, next_tokens
 
 
+def kept_tokens(
+    draft_tokens: torch.Tensor, accepted_counts: torch.Tensor, next_tokens: torch.Tensor
+) -> torch.Tensor:
+    """A self-speculative step's new tokens, [batch, k + 1]: row b's accepted drafts, then
+    its correction / bonus token (the first ``accepted_counts[b] + 1`` count; slots past
+    them hold rejected drafts, -1 slots as 0)."""
+    new_tokens = torch.cat([draft_tokens.clamp_min(0), next_tokens[:, None]], dim=1)
+    return new_tokens.scatter(1, accepted_counts[:, None], next_tokens[:, None])
+
+
 def speculative_accept(
     draft_tokens: torch.Tensor,
     draft_probs: torch.Tensor,

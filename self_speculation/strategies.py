@@ -28,7 +28,12 @@ from self_speculation.config import GenerationConfig, GenerationStrategyName
 from self_speculation.errors import ArgumentTypeError, UnsupportedModelError
 from self_speculation.kv_cache import ColumnKVCache
 from self_speculation.passes import ForwardPasses
-from self_speculation.sampling import TokenSelector, greedy_accept, speculative_accept
+from self_speculation.sampling import (
+    TokenSelector,
+    greedy_accept,
+    kept_tokens,
+    speculative_accept,
+)
 
 
 @dataclass
@@ -366,9 +371,25 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
                 exit_layer,
                 k,
             )  # [batch, k + 1], [batch], [batch, k]
-            counts = (accepted_counts + 1) * active  # [batch]
-            state.write(new_tokens, counts)
-            return StepResult(new_tokens, counts, draft_tokens[:, :num_drafts], accepted_counts)
+            made = num_drafts
+        else:
+            new_tokens, accepted_counts, draft_tokens, made = self._draft_and_verify(
+                state, num_drafts
+            )
+        counts = (accepted_counts + 1) * active  # [batch]
+        state.write(new_tokens, counts)
+        return StepResult(new_tokens, counts, draft_tokens[:, :made], accepted_counts)
+
+    def _draft_and_verify(
+        self, state: DecodingState, num_drafts: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """A step through separate passes: drafts, verification, acceptance.
+
+        Returns:
+            The step's new tokens [batch, k + 1], accepted counts [batch], drafts [batch, k]
+            (-1 past the drafts made) and the number of drafts made.
+        """
+        k, exit_layer = self.config.num_speculations, self.config.exit_layer
         draft_tokens, exit_states, draft_probs, made = self._draft(state, num_drafts)
         last_tokens = draft_tokens[:, made - 1 : made]  # [batch, 1]
         columns = state.lengths[:, None] - 1 + torch.arange(k + 1, device=state.lengths.device)
@@ -395,12 +416,8 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
                 target_logits, state.tokens, state.pad_counts, state.lengths
             )  # [batch, k + 1]
             accepted_counts, next_tokens = greedy_accept(draft_tokens, target_tokens)
-        # Row b keeps its accepted drafts, then its correction / bonus token.
-        new_tokens = torch.cat([draft_tokens.clamp_min(0), next_tokens[:, None]], dim=1)
-        new_tokens = new_tokens.scatter(1, accepted_counts[:, None], next_tokens[:, None])
-        counts = (accepted_counts + 1) * active  # [batch]
-        state.write(new_tokens, counts)
-        return StepResult(new_tokens, counts, draft_tokens[:, :made], accepted_counts)
+        new_tokens = kept_tokens(draft_tokens, accepted_counts, next_tokens)
+        return new_tokens, accepted_counts, draft_tokens, made
 
 
 STRATEGIES: dict[GenerationStrategyName, type[GenerationStrategy]] = {
