@@ -125,6 +125,35 @@ def test_resume_reproduces_the_uninterrupted_run(
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
 
 
+def test_resume_with_a_larger_budget_extends_the_schedule(
+    corpus: Path, trained: Path, tmp_path: Path
+) -> None:
+    """A finished run resumed with more --max_tokens trains on (it used to stop at once)."""
+    import shutil
+
+    from self_speculation.training.loop import lr_factor
+
+    output_dir = tmp_path / "extended"
+    shutil.copytree(trained, output_dir)
+    common = [*TINY, *QUICK, *RECIPE, "--data", f"{corpus}/*.py", "--output_dir", str(output_dir)]
+    longer = run("train.py", *common, "--max_tokens", str(9 * 4 * 32), "--resume", "True")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    records = losses(output_dir)
+    assert [record["step"] for record in records] == list(range(1, 10))
+    assert records[-1]["tokens"] == 9 * 4 * 32
+    # Steps 7-9 follow the 9-step cosine (logged after the step: the next step's rate).
+    for record in records[6:]:
+        expected = 1e-3 * lr_factor(record["step"], 2, 9, 0.1)  # tiny preset's peak rate
+        assert record["lr"] == pytest.approx(expected, rel=1e-6)
+    resumes = json.loads((output_dir / "train_config.json").read_text())["resumes"]
+    assert [(entry["step"], entry["max_tokens"]) for entry in resumes] == [(6, 9 * 4 * 32)]
+
+    spent = run("train.py", *common, "--max_tokens", str(3 * 4 * 32), "--resume", "True")
+    assert spent.returncode != 0
+    assert "already spent" in spent.stderr and "Traceback" not in spent.stderr
+    assert len(losses(output_dir)) == 9
+
+
 def test_continue_a_saved_model_on_jsonl_and_report(
     tiny_model_dir: Path, trained: Path, tmp_path: Path
 ) -> None:

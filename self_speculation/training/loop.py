@@ -297,9 +297,42 @@ class Trainer:
             self.output_dir, self.objective, self.optimizer, self.distributed, self.generator
         )
         self.scheduler.load_state_dict(state["scheduler"])
+        saved_horizon = state["progress"]["total_steps"]
         self.progress = Progress(**state["progress"])
         self._started = time.monotonic()
         logger.info("resumed at step %d (%d tokens)", self.progress.step, self.progress.tokens)
+        if self.args.max_tokens:
+            self._set_token_horizon(saved_horizon)
+
+    def _set_token_horizon(self, saved_horizon: int | None) -> None:
+        """A resume with another --max_tokens: the schedule's horizon moves to the new budget.
+
+        The learning rate (cosine), layer dropout's S(t) and the curriculum follow the new
+        horizon from the current step on (a longer budget re-warms the decay part-way).
+
+        Raises:
+            ConfigError: the new budget is already spent by the checkpoint.
+        """
+        progress, args = self.progress, self.args
+        horizon = max(1, math.ceil(args.max_tokens / self.tokens_per_step))
+        if horizon == saved_horizon:
+            return
+        if horizon <= progress.step:
+            raise ConfigError(
+                f"--max_tokens {args.max_tokens} is already spent: the checkpoint in "
+                f"{self.output_dir} has trained {progress.tokens} tokens ({progress.step} steps); "
+                "give a larger budget to continue it"
+            )
+        progress.total_steps = horizon
+        logger.info(
+            "--max_tokens %d: schedule horizon %s -> %d steps from step %d (learning rate now %.3g)",
+            args.max_tokens,
+            saved_horizon,
+            horizon,
+            progress.step,
+            args.learning_rate
+            * lr_factor(progress.step, args.warmup_steps, horizon, args.min_lr_ratio),
+        )
 
     # -- one step
 
@@ -595,6 +628,21 @@ def _train(config: TrainConfig, distributed: DistributedContext) -> Path:
         return _train_locked(config, distributed, device, output_dir)
 
 
+def _record_resume(path: Path, progress: Progress, config: TrainConfig) -> None:
+    """Append this resume's command line and settings to the run's train_config.json."""
+    document = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    document.setdefault("resumes", []).append(
+        {
+            "step": progress.step,
+            "tokens": progress.tokens,
+            "argv": sys.argv,
+            "max_tokens": config.training.max_tokens,
+            "max_minutes": config.training.max_minutes,
+        }
+    )
+    _atomic_json(path, document)
+
+
 def _train_locked(
     config: TrainConfig, distributed: DistributedContext, device: torch.device, output_dir: Path
 ) -> Path:
@@ -660,6 +708,8 @@ def _run(
     )
     if args.resume:
         trainer.load_checkpoint()
+        if distributed.is_main:
+            _record_resume(output_dir / "train_config.json", trainer.progress, config)
     elif distributed.is_main:
         _atomic_json(
             output_dir / "train_config.json", {"argv": sys.argv, **dataclasses.asdict(config)}
