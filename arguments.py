@@ -258,7 +258,8 @@ class GenerationArguments:
     num_speculations: int = UNSET
     """Draft tokens per self-speculative step; -1: model default."""
     generation_strategy: str = GenerationStrategyName.AUTOREGRESSIVE.value
-    """autoregressive or self_speculative (comma-separated list to compare)"""
+    """autoregressive, self_speculative (chains of k drafts) or tree (token trees from the
+    early exit, greedy) (comma-separated list to compare)"""
     sample: bool = True
     """Sample (True) or greedy argmax (False)"""
     temperature: float = 0.6
@@ -278,6 +279,9 @@ class GenerationArguments:
     default: it pays after ~29k generated tokens with a cold compile cache, ~2.9k with a warm
     one (shipped model, quiet 2-core CPU: compile 241 s cold / 24 s warm, self-speculation
     368.9 vs 90.8 tok/s eager); turn it on for benchmarks, sweeps and long runs."""
+    tree_branching: list[int] | None = None
+    """tree: children per node at each depth, e.g. 2 2 1 (the depth stands for
+    num_speculations); default: 2 2 then 1s to depth num_speculations."""
     token_healing: bool = True
     """Back the prompt up over a trailing whitespace token (newline, indentation) that longer
     tokens extend, and let the model choose that boundary; the text still follows the prompt."""

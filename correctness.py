@@ -46,7 +46,6 @@ from self_speculation.benchmarking import (
 logger = logging.getLogger("correctness")
 
 EXIT_MISMATCH = 1
-STRATEGIES = (GenerationStrategyName.AUTOREGRESSIVE, GenerationStrategyName.SELF_SPECULATIVE)
 
 
 @dataclass
@@ -54,7 +53,7 @@ class CorrectnessGenerationArguments(GenerationArguments):
     """Generation flags; greedy by default, since only greedy outputs must match."""
 
     generation_strategy: str = GenerationStrategyName.SELF_SPECULATIVE.value
-    """Always compared with autoregressive decoding of the full model."""
+    """self_speculative or tree: compared with autoregressive decoding of the full model."""
     sample: bool = False
     """Must stay False: only greedy outputs are guaranteed identical (True is refused)."""
 
@@ -67,22 +66,24 @@ def main(argv: list[str]) -> int:
         argv=argv,
         prog="correctness.py",
     )
-    if generation.strategies != [GenerationStrategyName.SELF_SPECULATIVE]:
+    strategies = generation.strategies
+    if len(strategies) != 1 or not strategies[0].speculative:
         # The comparison is fixed; another value would be ignored without a word.
         raise ConfigError(
-            "correctness.py always compares autoregressive with self_speculative decoding: "
-            f"leave out --generation_strategy (got {generation.generation_strategy})"
+            "correctness.py compares autoregressive decoding with one of self_speculative or "
+            f"tree: give one of them (got --generation_strategy {generation.generation_strategy})"
         )
+    strategy = strategies[0]
     if generation.sample:
         raise ConfigError(
             "correctness.py checks greedy decoding only: leave out --sample True (sampled "
             "outputs differ even when both strategies are right, their random draws differ)"
         )
-    args.check_model(generation.config(GenerationStrategyName.SELF_SPECULATIVE))
+    args.check_model(generation.config(strategy))
     with distributed_run(args) as context:
         examples = load_examples(benchmark, args.seed)
         generator = args.load_generator(context)
-        speculative = generator.resolve(generation.config(GenerationStrategyName.SELF_SPECULATIVE))
+        speculative = generator.resolve(generation.config(strategy))
         baseline = full_model_config(speculative, generator.num_layers)
         files = run_files(args.output_dir, "correctness", context)
         rows = generate_rows(
@@ -97,7 +98,8 @@ def main(argv: list[str]) -> int:
         all_rows = collect_rows(rows, files, context)
         status = 0
         if context.is_main:
-            comparison = compare_strategies(all_rows, [strategy.value for strategy in STRATEGIES])
+            names = [GenerationStrategyName.AUTOREGRESSIVE.value, strategy.value]
+            comparison = compare_strategies(all_rows, names)
             document = {
                 "script": "correctness.py",
                 "arguments": arguments_dict(args, generation, benchmark),
@@ -117,11 +119,12 @@ def main(argv: list[str]) -> int:
             }
             write_json_atomic(files.result, document)
             logger.info(
-                "%d/%d outputs differ (%.1f%%) between autoregressive and self_speculative "
+                "%d/%d outputs differ (%.1f%%) between autoregressive and %s "
                 "(exit_layer %d, num_speculations %d, %s); wrote %s",
                 comparison["num_mismatches"],
                 comparison["num_samples"],
                 comparison["mismatch_pct"],
+                strategy.value,
                 speculative.exit_layer,
                 speculative.num_speculations,
                 "greedy",

@@ -197,7 +197,7 @@ def _answer(
     # Undecodable input bytes fail this prompt only, not the interactive session.
     require_utf8(prompt, "the prompt", from_bytes=True)
     prompt_ids = _prompt_ids(generator, prompt, options.chat_template)
-    speculative = config.generation_strategy is GenerationStrategyName.SELF_SPECULATIVE
+    speculative = config.generation_strategy.speculative
     compare = options.compare_autoregressive and speculative
     plain_config = autoregressive_config(generator, config) if compare else None
     if first:

@@ -10,6 +10,10 @@ appended to ``<output_dir>/sweep.csv`` (or ``--output_file``) as points finish; 
 the same settings and file skips the finished points. At the end: a tokens/s heat map
 (``<csv stem>.png``), a JSON summary (``<csv stem>.json``) and the best point in the log.
 Grid bounds are inclusive; ``--exit_layer_last -1`` means the last layer but one.
+
+``--generation_strategy self_speculative,tree`` sweeps both (chains of k drafts, and token
+trees of depth k: ``--tree_branching`` fixes one tree, else each k gets the default tree)
+into the same CSV, with the best point of each in the summary.
 """
 
 from __future__ import annotations
@@ -304,10 +308,14 @@ def main(argv: list[str]) -> int:
         first_exit = read_adapter_config(args.draft_adapter).exit_layer
         logger.info("the draft adapter fixes the exit layer at %d", first_exit)
         sweep.exit_layer_first = sweep.exit_layer_last = first_exit
+    strategies = [name for name in generation.strategies if name.speculative] or [
+        GenerationStrategyName.SELF_SPECULATIVE
+    ]
     speculative = dataclasses.replace(
         generation.config(GenerationStrategyName.SELF_SPECULATIVE),
         exit_layer=first_exit,
         num_speculations=1,
+        tree_branching=None,
     )
     if sweep.output_file is not None:
         check_output_dir(
@@ -370,18 +378,28 @@ def main(argv: list[str]) -> int:
                 logger.info("autoregressive baseline: %.1f tokens/s", baseline_rate or 0.0)
 
         finished = {
-            (int(row.exit_layer), int(row.num_speculations))
+            (row.generation_strategy, int(row.exit_layer), int(row.num_speculations))
             for row in done.itertuples()
-            if row.generation_strategy == GenerationStrategyName.SELF_SPECULATIVE.value
         }
-        todo = [point for point in grid if point not in finished]
-        logger.info("%d grid points, %d already in %s", len(grid), len(grid) - len(todo), csv_path)
-        for exit_layer, num_speculations in tqdm(
+        points = [
+            (strategy, exit_layer, k)
+            for strategy in strategies
+            for exit_layer, k in _strategy_grid(strategy, grid, generation)
+        ]
+        todo = [point for point in points if (point[0].value, *point[1:]) not in finished]
+        logger.info(
+            "%d grid points, %d already in %s", len(points), len(points) - len(todo), csv_path
+        )
+        for strategy, exit_layer, num_speculations in tqdm(
             todo, desc="sweep", unit="point", disable=not context.is_main
         ):
             config = generator.resolve(
                 dataclasses.replace(
-                    speculative, exit_layer=exit_layer, num_speculations=num_speculations
+                    speculative,
+                    generation_strategy=strategy,
+                    exit_layer=exit_layer,
+                    num_speculations=num_speculations,
+                    tree_branching=generation.tree_branching if strategy.value == "tree" else None,
                 )
             )
             speed = _measure(generator, samples, config, args.seed, context)
@@ -400,13 +418,28 @@ def main(argv: list[str]) -> int:
                     ),
                 )
                 logger.info(
-                    "exit_layer %d, num_speculations %d: %.1f tokens/s, acceptance %.3f, speedup %s",
-                    exit_layer, num_speculations, rate or 0.0, speed["acceptance_rate"] or 0.0,
+                    "%s, exit_layer %d, num_speculations %d: %.1f tokens/s, acceptance %.3f, "
+                    "speedup %s",
+                    strategy.value, exit_layer, num_speculations, rate or 0.0,
+                    speed["acceptance_rate"] or 0.0,
                     "n/a" if speedup is None else f"{speedup:.2f}x",
                 )  # fmt: skip
         if context.is_main:
-            _finish(csv_path, setting, grid, args, generation, benchmark, sweep, generator, context)
+            _finish(
+                csv_path, setting, points, args, generation, benchmark, sweep, generator, context
+            )
     return 0
+
+
+def _strategy_grid(
+    strategy: GenerationStrategyName, grid: list[tuple[int, int]], generation: GenerationArguments
+) -> list[tuple[int, int]]:
+    """The (exit_layer, num_speculations) points of one strategy: a given tree has one
+    depth, so its points are the grid's exit layers at that depth."""
+    if strategy is GenerationStrategyName.TREE and generation.tree_branching:
+        depth = len(generation.tree_branching)
+        return list(dict.fromkeys((exit_layer, depth) for exit_layer, _ in grid))
+    return grid
 
 
 def _csv_row(
@@ -423,25 +456,35 @@ def _csv_row(
 
 
 def _finish(
-    csv_path, setting, grid, args, generation, benchmark, sweep, generator, context
+    csv_path, setting, points, args, generation, benchmark, sweep, generator, context
 ) -> None:
     """Plot, summary and best point of this run's grid (the CSV may hold more points, from
     earlier runs with other bounds)."""
     table, _ = read_sweep_csv(csv_path)
-    points = pd.Series(list(zip(table["exit_layer"], table["num_speculations"])), index=table.index)
-    table = table[
-        (table["setting"] == setting)
-        & (table["generation_strategy"] == GenerationStrategyName.SELF_SPECULATIVE.value)
-        & points.isin(grid)
-    ]
+    keys = pd.Series(
+        list(zip(table["generation_strategy"], table["exit_layer"], table["num_speculations"])),
+        index=table.index,
+    )
+    wanted = [(strategy.value, exit_layer, k) for strategy, exit_layer, k in points]
+    table = table[(table["setting"] == setting) & keys.isin(wanted)]
     if table.empty:
         logger.warning("no grid point measured")
         return
     best = table.loc[table["overall_tokens_per_second"].idxmax()]
     plot_path = csv_path.with_suffix(".png")
-    _plot(table, plot_path)
-    best_point = {
-        key: (value.item() if hasattr(value, "item") else value) for key, value in best.items()
+    # The heat map shows the first strategy swept that has rows (chains, unless only trees).
+    shown = next(name for name, *_ in wanted if (table["generation_strategy"] == name).any())
+    _plot(table[table["generation_strategy"] == shown], plot_path)
+
+    def plain(row: pd.Series) -> dict:
+        return {
+            key: (value.item() if hasattr(value, "item") else value) for key, value in row.items()
+        }
+
+    best_point = plain(best)
+    best_by_strategy = {
+        strategy: plain(rows.loc[rows["overall_tokens_per_second"].idxmax()])
+        for strategy, rows in table.groupby("generation_strategy")
     }
     write_json_atomic(
         csv_path.with_suffix(".json"),
@@ -452,13 +495,15 @@ def _finish(
             "csv_file": str(csv_path),
             "plot_file": str(plot_path),
             "best": best_point,
+            "best_by_strategy": best_by_strategy,
             "grid": table.to_dict(orient="records"),
             "environment": environment_info(generator, context),
         },
     )
     logger.info(
-        "best: exit_layer %d, num_speculations %d: %.1f tokens/s (speedup %s); wrote %s, %s",
-        int(best["exit_layer"]), int(best["num_speculations"]), best["overall_tokens_per_second"],
+        "best: %s, exit_layer %d, num_speculations %d: %.1f tokens/s (speedup %s); wrote %s, %s",
+        best["generation_strategy"], int(best["exit_layer"]), int(best["num_speculations"]),
+        best["overall_tokens_per_second"],
         "n/a" if pd.isna(best["speedup"]) else f"{best['speedup']:.2f}x", csv_path, plot_path,
     )  # fmt: skip
 
@@ -481,7 +526,7 @@ def _plot(table: pd.DataFrame, path: Path) -> None:
     axes.set_yticks(range(len(grid.index)), [str(value) for value in grid.index])
     axes.set_xlabel("exit_layer")
     axes.set_ylabel("num_speculations")
-    axes.set_title("self-speculative tokens/s")
+    axes.set_title(f"{table['generation_strategy'].iloc[0]} tokens/s")
     figure.colorbar(image, ax=axes, label="tokens/s")
     best = table.loc[table["overall_tokens_per_second"].idxmax()]
     axes.plot(

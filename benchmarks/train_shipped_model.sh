@@ -38,5 +38,15 @@ setsid nohup python train.py --config_file configs/layerskip-code-16x256.json --
   --exit_layer 4 --num_speculations 4 --output_dir "runs/$name" "${resume[@]}" \
   >> "runs/$name.log" 2>&1 < /dev/null &
 pid=$!
-echo 19 > "/proc/$pid/autogroup" 2>/dev/null || echo "could not lower the priority of $pid" >&2
+# Lower the new scheduling group only once setsid has made it: written before, it would
+# lower this shell's group (and every later command of the caller) instead.
+for _ in $(seq 50); do
+  [ "$(ps -o sid= -p "$pid" 2>/dev/null | tr -d ' ')" = "$pid" ] && break
+  sleep 0.1
+done
+if [ "$(ps -o sid= -p "$pid" 2>/dev/null | tr -d ' ')" = "$pid" ]; then
+  echo 19 > "/proc/$pid/autogroup" 2>/dev/null || echo "could not lower the priority of $pid" >&2
+else
+  echo "training $pid did not start its own session; its priority is unchanged" >&2
+fi
 echo "training pid $pid, log runs/$name.log"

@@ -15,6 +15,7 @@ from self_speculation.errors import (
     require_list_of,
     require_number,
 )
+from self_speculation.trees import check_branching, default_branching
 
 UNSET = -1  # exit_layer / num_speculations not given: use the model's recommendation
 MIN_TEMPERATURE = 1e-4  # sampling below it is greedy decoding in all but name
@@ -25,6 +26,12 @@ class GenerationStrategyName(str, enum.Enum):
 
     AUTOREGRESSIVE = "autoregressive"
     SELF_SPECULATIVE = "self_speculative"
+    TREE = "tree"  # self-speculative with token trees drafted from the early exit
+
+    @property
+    def speculative(self) -> bool:
+        """Drafts with layers [0, E) and verifies with the rest."""
+        return self is not GenerationStrategyName.AUTOREGRESSIVE
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,9 @@ class GenerationConfig:
             ``self_speculative``, the model's recommended exit layer).
         num_speculations: draft tokens per self-speculative step; -1: the model's
             recommendation.
-        generation_strategy: ``autoregressive`` or ``self_speculative``.
+        generation_strategy: ``autoregressive``, ``self_speculative`` (chains of k drafts)
+            or ``tree`` (token trees drafted from the early exit, greedy; sampling, logits
+            processors and the confidence stop decode chains).
         sample: sample instead of greedy argmax.
         temperature, top_k, top_p: sampling warpers (top_k 0 and top_p 1 disable them).
         no_repeat_ngram_size: forbid repeating n-grams of this size (None: off).
@@ -53,6 +62,10 @@ class GenerationConfig:
             first generated token be only one of those, so that the model chooses the token
             boundary itself (Guidance's "token healing"). The result's text is what follows
             the original prompt; its token ids start with the healed token.
+        tree_branching: the ``tree`` strategy's shape: children per node at each depth
+            (``[2, 2, 1]``: the 2 most likely tokens after the pending one, 2 after each of
+            those, then the greedy continuation; the depth is its length and stands for
+            num_speculations). None: 2, 2, then 1s to depth num_speculations.
         compile: run the decoding passes through ``torch.compile`` (the fast path:
             inductor, whole-graph, weights frozen on CPU, CUDA graphs on CUDA). The first
             generation of each (batch size, exit layer, k) pays the compilation; the
@@ -72,6 +85,7 @@ class GenerationConfig:
     stop_token_ids: list[int] | None = field(default=None)
     draft_confidence_threshold: float = 0.0
     token_healing: bool = False
+    tree_branching: list[int] | None = field(default=None)
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -119,6 +133,14 @@ class GenerationConfig:
             raise ConfigError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
         if self.stop_words is not None and any(not word for word in self.stop_words):
             raise ConfigError("stop_words must not contain an empty string")
+        if self.tree_branching is not None:
+            check_branching(self.tree_branching)
+            depth = len(self.tree_branching)
+            if self.num_speculations not in (UNSET, depth):
+                raise ConfigError(
+                    f"tree_branching {self.tree_branching} is {depth} deep, but "
+                    f"num_speculations is {self.num_speculations} (give one of them)"
+                )
 
     def _check_types(self) -> None:
         """Python callers get a TypeError naming the field, not a failure deep in decoding
@@ -139,10 +161,14 @@ class GenerationConfig:
         for name in ("sample", "token_healing", "compile"):
             require_bool(getattr(self, name), name)
         if not isinstance(self.generation_strategy, str):  # the enum is a str too
+            names = " or ".join(f"'{name.value}'" for name in GenerationStrategyName)
             raise ArgumentTypeError(
-                "generation_strategy must be 'autoregressive' or 'self_speculative', got "
+                f"generation_strategy must be {names}, got "
                 f"{type(self.generation_strategy).__name__}"
             )
+        if self.tree_branching is not None:
+            require_list_of(self.tree_branching, int, "tree_branching")
+            object.__setattr__(self, "tree_branching", [int(n) for n in self.tree_branching])
         if self.stop_words is not None:
             require_list_of(self.stop_words, str, "stop_words")
             object.__setattr__(self, "stop_words", list(self.stop_words))
@@ -165,19 +191,32 @@ class GenerationConfig:
                 with no recommendation from the model.
         """
         exit_layer, num_speculations = self.exit_layer, self.num_speculations
-        speculative = self.generation_strategy is GenerationStrategyName.SELF_SPECULATIVE
+        speculative = self.generation_strategy.speculative
         if exit_layer == UNSET:
             if speculative and recommended_exit_layer is None:
-                raise ConfigError("self_speculative needs --exit_layer (the model recommends none)")
+                raise ConfigError(
+                    f"{self.generation_strategy.value} needs --exit_layer (the model recommends none)"
+                )
             exit_layer = recommended_exit_layer if speculative else num_layers
         if not 1 <= exit_layer <= num_layers:
             raise ConfigError(
                 f"exit_layer must be in [1, {num_layers}] for this model, got {exit_layer}"
             )
+        if self.tree_branching is not None:
+            num_speculations = len(self.tree_branching)
         if speculative and num_speculations == UNSET:
             if recommended_num_speculations is None:
                 raise ConfigError(
-                    "self_speculative needs --num_speculations (the model recommends none)"
+                    f"{self.generation_strategy.value} needs --num_speculations (the model "
+                    "recommends none)"
                 )
             num_speculations = recommended_num_speculations
-        return dataclasses.replace(self, exit_layer=exit_layer, num_speculations=num_speculations)
+        branching = self.tree_branching
+        if self.generation_strategy is GenerationStrategyName.TREE and branching is None:
+            branching = list(default_branching(num_speculations))  # recorded as it ran
+        return dataclasses.replace(
+            self,
+            exit_layer=exit_layer,
+            num_speculations=num_speculations,
+            tree_branching=branching,
+        )

@@ -13,7 +13,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import GENERATION_CONFIG_NAME
 
-from self_speculation.config import GenerationConfig, GenerationStrategyName
+from self_speculation.config import GenerationConfig
 from self_speculation.draft import DraftExit, resolve_with_adapter
 from self_speculation.errors import (
     ArgumentTypeError,
@@ -449,7 +449,7 @@ class Generator:
         stop_token_ids = self.eos_token_ids | frozenset(config.stop_token_ids or [])
         stop_words = StopChecker(self.tokenizer, frozenset(), config.stop_words)
         strategy = self._strategy(config, generator)
-        speculative = config.generation_strategy is GenerationStrategyName.SELF_SPECULATIVE
+        speculative = config.generation_strategy.speculative
         device = self.layerwise.device
         batch = len(prompt_ids)
         limit = torch.tensor([most for most, _ in limits], device=device)  # [batch]

@@ -31,6 +31,8 @@ from collections import OrderedDict
 import torch
 from transformers import Cache
 
+from self_speculation.trees import TreeColumns
+
 CAPACITY_STEP = 128  # capacity buckets: one compiled shape (and CUDA graph) per bucket
 MAX_POOLED_CAPACITIES = 4  # buffer sets a pool keeps (least recently used ones go)
 
@@ -148,6 +150,8 @@ class ColumnKVCache(Cache):
         self._buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         # [batch, new tokens] columns of the tokens of the current call; set by the engine.
         self.write_columns: torch.Tensor | None = None
+        # Set by a token-tree call: what its tokens see instead of the columns before them.
+        self.tree: TreeColumns | None = None
 
     def __len__(self) -> int:
         return self.num_layers
@@ -192,6 +196,17 @@ class ColumnKVCache(Cache):
             keys[rows, :, columns] = key_states.transpose(1, 2)  # [batch, new, heads, dim]
             values[rows, :, columns] = value_states.transpose(1, 2)
         return keys, values
+
+    def move_columns(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
+        """Copy every layer's entries at columns ``sources`` to ``destinations`` (both
+        [batch, n], per row): an accepted tree path moves behind its root. All sources are
+        read before anything is written."""
+        rows = torch.arange(sources.shape[0], device=sources.device)[:, None]  # [batch, 1]
+        for keys, values in zip(self.keys, self.values):
+            if keys is None:
+                continue
+            for buffer in (keys, values):
+                buffer[rows, :, destinations] = buffer[rows, :, sources]
 
     def select_rows(self, rows: torch.Tensor, first_column: int = 0) -> None:
         """Keep only ``rows`` (indices into the batch, in their new order) and the columns

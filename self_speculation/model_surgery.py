@@ -32,6 +32,7 @@ from self_speculation.model_support import (
     generation_hook_limit,
     rotary_position_limit,
 )
+from self_speculation.trees import TreeColumns
 
 logger = logging.getLogger(__name__)
 
@@ -257,16 +258,20 @@ class LayerwiseModel:
         attention is empty (an empty row would put NaN into the padding columns' values,
         and 0 * NaN would reach real tokens).
         """
-        columns = cache.write_columns[:, None, :, None]  # [batch, 1, new, 1]
         slots = torch.arange(cache.columns(cache_index), device=hidden.device)  # [capacity]
-        causal = slots <= columns  # [batch, 1, new, capacity]
-        if pad_counts is not None:
-            causal = causal & ((slots >= pad_counts[:, None, None, None]) | (slots == columns))
+        if cache.tree is not None:
+            causal, columns, slot_columns = _tree_visibility(cache.tree, slots, pad_counts)
+        else:
+            columns = cache.write_columns[:, None, :, None]  # [batch, 1, new, 1]
+            causal = slots <= columns  # [batch, 1, new, capacity]
+            if pad_counts is not None:
+                causal = causal & ((slots >= pad_counts[:, None, None, None]) | (slots == columns))
+            slot_columns = slots
         masks: dict[str, torch.Tensor] = {}
         for layer_type in layer_types:
             visible = causal
             if layer_type == SLIDING_ATTENTION:
-                visible = causal & (slots > columns - self.config.sliding_window)
+                visible = causal & (slot_columns > columns - self.config.sliding_window)
             if self.additive_masks:  # eager attention adds the mask to its scores
                 visible = torch.zeros((), dtype=hidden.dtype, device=hidden.device).masked_fill(
                     ~visible, torch.finfo(hidden.dtype).min
@@ -512,3 +517,29 @@ def _narrowed_windows(model: nn.Module, *configs: PretrainedConfig | None) -> It
     finally:
         for config, name, window in saved:
             setattr(config, name, window)
+
+
+def _tree_visibility(
+    tree: TreeColumns, slots: torch.Tensor, pad_counts: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the tokens of a token-tree call see (``trees``): the columns before the root,
+    and their own ancestors among the tree's columns.
+
+    Returns:
+        visible [batch, 1, new, capacity]; each query's chain column (the column it would
+        have in a chain: root + depth) [batch, 1, new, 1]; each slot's chain column
+        [batch, 1, 1, capacity] (sliding windows count in those).
+    """
+    base = tree.base[:, None]  # [batch, 1]
+    offsets = slots - base  # [batch, capacity]
+    nodes = tree.node_depths.shape[0]
+    in_tree = (offsets >= 0) & (offsets < nodes)
+    node = offsets.clamp(0, nodes - 1)  # [batch, capacity]
+    sees_node = tree.ancestors[:, node].permute(1, 0, 2)  # [batch, new, capacity]
+    before = slots < base  # [batch, capacity]
+    if pad_counts is not None:
+        before = before & (slots >= pad_counts[:, None])
+    visible = torch.where(in_tree[:, None], sees_node, before[:, None])[:, None]
+    query_columns = (base + tree.query_depths)[:, None, :, None]  # [batch, 1, new, 1]
+    slot_columns = torch.where(in_tree, base + tree.node_depths[node], slots)[:, None, None]
+    return visible, query_columns, slot_columns

@@ -44,6 +44,7 @@ from self_speculation.draft import DraftExit, cache_layers
 from self_speculation.kv_cache import BufferPool, ColumnKVCache
 from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.sampling import greedy_accept, kept_tokens
+from self_speculation.trees import TokenTree, TreeColumns, greedy_tree_accept
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,8 @@ class ForwardPasses:
         self._verify: Callable = self._verify_eager
         self._greedy_drafts: Callable = self._greedy_drafts_eager
         self._greedy_step: Callable = self._greedy_step_eager
+        self._tree_step: Callable = self._tree_step_eager
+        self._tree_tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._attention_configs: list = []
         # Compiled passes keep their cache buffers from one generation to the next, at
         # fixed addresses (CUDA graphs replay on them).
@@ -182,6 +185,7 @@ class ForwardPasses:
             self._verify = torch.compile(self._verify_eager, **options)
             self._greedy_drafts = torch.compile(self._greedy_drafts_eager, **options)
             self._greedy_step = torch.compile(self._greedy_step_eager, **options)
+            self._tree_step = torch.compile(self._tree_step_eager, **options)
 
     def _fall_back(self, reason: str) -> None:
         """Decode eagerly from now on (same tokens), after one warning naming ``reason``."""
@@ -192,6 +196,7 @@ class ForwardPasses:
         self._verify = self._verify_eager
         self._greedy_drafts = self._greedy_drafts_eager
         self._greedy_step = self._greedy_step_eager
+        self._tree_step = self._tree_step_eager
         self._attention_configs = []
 
     def _timed(self, key: tuple, function: Callable, *args) -> object:
@@ -255,6 +260,7 @@ class ForwardPasses:
         for arg in args:
             if isinstance(arg, ColumnKVCache):
                 arg.write_columns = None  # a graph output; nothing reads it after the call
+                arg.tree = None
         if self.model.device.type != "cuda":
             return result
         if isinstance(result, tuple):
@@ -278,6 +284,10 @@ class ForwardPasses:
     @staticmethod
     def greedy_step_key(exit_layer: int, batch: int, count: int) -> tuple:
         return ("greedy_step", exit_layer, batch, count)
+
+    @staticmethod
+    def tree_step_key(exit_layer: int, batch: int, branching: tuple[int, ...]) -> tuple:
+        return ("tree_step", exit_layer, batch, branching)
 
     def ready(self, keys: list[tuple]) -> bool:
         """Whether calls with these keys run without compiling (always, when eager)."""
@@ -577,10 +587,98 @@ class ForwardPasses:
             key, self._greedy_step, pending, lengths, cache, pad_counts, made, exit_layer, count
         )
 
+    def _tree_step_eager(
+        self,
+        pending: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        exit_layer: int,
+        tree: TokenTree,
+        depths: torch.Tensor,
+        ancestors: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device = lengths.device
+        base = lengths - 1  # [batch]: the root (pending token) column
+        batch = len(lengths)
+        level_tokens = [pending]  # per depth, [batch, nodes at that depth]
+        exit_states = []  # per depth, [batch, nodes at that depth, hidden]
+        for depth in range(tree.depth + 1):
+            first = tree.starts[depth]
+            nodes = slice(first, first + tree.sizes[depth])
+            columns = base[:, None] + torch.arange(nodes.start, nodes.stop, device=device)
+            positions = (base - pad_counts + depth)[:, None].expand_as(columns)  # root's + depth
+            cache.tree = TreeColumns(base, depths, ancestors[nodes], depths[nodes])
+            cache.write_columns = columns
+            hidden = self.model.run_layers(
+                self.model.embed(level_tokens[depth]), 0, exit_layer, cache, positions, pad_counts
+            )  # [batch, nodes at depth, hidden]
+            exit_states.append(hidden)
+            if depth == tree.depth:  # leaves: nothing to draft after them
+                self._adapter_columns(hidden, cache, positions, pad_counts)
+                break
+            logits = self._exit_logits(hidden, exit_layer, cache, positions, pad_counts)
+            children = logits.topk(tree.branching[depth], dim=-1).indices  # [b, n, width]
+            level_tokens.append(children.reshape(batch, -1))
+        tokens = torch.cat(level_tokens, dim=1)  # [batch, nodes]
+        columns = base[:, None] + torch.arange(tree.num_nodes, device=device)
+        cache.tree = TreeColumns(base, depths, ancestors, depths)
+        cache.write_columns = columns
+        hidden = self.model.run_layers(
+            torch.cat(exit_states, dim=1),
+            exit_layer,
+            self.model.num_layers,
+            cache,
+            base[:, None] + depths - pad_counts[:, None],
+            pad_counts,
+        )
+        cache.tree = None
+        targets = self.model.unembed(hidden).argmax(dim=-1)  # [batch, nodes]
+        accepted, next_tokens, path, drafts = greedy_tree_accept(tree, tokens, targets)
+        # The accepted path's columns (and those after it) move behind the root.
+        behind = base[:, None] + 1 + torch.arange(tree.depth, device=device)
+        cache.move_columns(base[:, None] + path, behind)
+        return kept_tokens(drafts, accepted, next_tokens), accepted, drafts
+
+    @torch.no_grad()
+    def tree_step(
+        self,
+        pending: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        exit_layer: int,
+        tree: TokenTree,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A greedy self-speculative step over a token tree (``trees``) in one call: each
+        depth's nodes drafted through layers [0, E) (children: the early exit's most likely
+        tokens), every node verified through layers [E, L), the longest path the full
+        model agrees with accepted and its cache columns moved behind the root.
+
+        Args:
+            pending: the pending token of each row (the root), [batch, 1], at column
+                ``lengths - 1``; the tree's nodes take the columns after it.
+            tree: the tree's shape.
+
+        Returns:
+            The step's new tokens [batch, depth + 1] (the accepted path, then the correction
+            or bonus token; the first ``accepted + 1`` of each row count), the accepted
+            counts [batch] and the path's drafts [batch, depth].
+        """
+        key = self.tree_step_key(exit_layer, pending.shape[0], tree.branching)
+        tensors = self._tree_tensors.get(key)
+        if tensors is None:
+            device = lengths.device
+            tensors = self._tree_tensors[key] = (tree.depths(device), tree.ancestors(device))
+        return self._timed(
+            key, self._tree_step, pending, lengths, cache, pad_counts, exit_layer, tree, *tensors
+        )
+
 
 # Names of the ints in each pass key after its kind (for the log line before a compile).
 _KEY_NAMES = {
     "greedy_step": ("exit layer", "batch", "drafts"),
+    "tree_step": ("exit layer", "batch", "branching"),
     "early": ("end layer", "batch"),
     "greedy_drafts": ("exit layer", "batch", "drafts"),
     "verify": ("exit layer", "batch", "positions"),

@@ -18,6 +18,7 @@ call writes over them before any query can see them (see ``kv_cache``).
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -34,6 +35,9 @@ from self_speculation.sampling import (
     kept_tokens,
     speculative_accept,
 )
+from self_speculation.trees import TokenTree, default_branching
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -420,9 +424,75 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
         return new_tokens, accepted_counts, draft_tokens, made
 
 
+class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
+    """Self-speculation over token trees drafted from the early exit (``trees``).
+
+    Each step drafts a static tree (the early exit's most likely tokens at each node,
+    ``tree_branching``), verifies all of it in one pass through layers [E, L) and accepts
+    the longest path the full model agrees with: greedy, so the output is autoregressive
+    decoding's, token for token. Sampling, logits processors and the confidence stop need a
+    chain's acceptance rule; with them a step is a ``self_speculative`` chain step (said once
+    in the log).
+    """
+
+    name = GenerationStrategyName.TREE
+
+    def __init__(
+        self, passes: ForwardPasses, config: GenerationConfig, selector: TokenSelector
+    ) -> None:
+        super().__init__(passes, config, selector)
+        branching = config.tree_branching or default_branching(config.num_speculations)
+        self.tree = TokenTree(tuple(branching))
+        self.chains = self._chain_reason()
+        if self.chains:
+            logger.warning("tree: decoding chains (self_speculative) instead: %s", self.chains)
+
+    def _chain_reason(self) -> str | None:
+        """Why steps must be chains, or None."""
+        if self.selector.sample:
+            return "sampling keeps the target distribution with a chain's acceptance rule"
+        if self.selector.context_processors:
+            return "logits processors read each node's own context, which trees do not give"
+        if self.config.draft_confidence_threshold > 0:
+            return "the confidence stop shortens chains, not trees"
+        return None
+
+    @property
+    def lookahead(self) -> int:
+        # A row may end up depth past its limit, and a finished row's step still writes
+        # the whole tree after its last column.
+        return self.tree.depth + self.tree.num_nodes + 1
+
+    def pass_keys(self, batch_size: int) -> list[tuple]:
+        if self.chains:
+            return super().pass_keys(batch_size)
+        return [
+            ForwardPasses.tree_step_key(self.config.exit_layer, batch_size, self.tree.branching)
+        ]
+
+    def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
+        if self.chains:
+            return super().step(state, num_drafts, active)
+        new_tokens, accepted_counts, draft_tokens = self.passes.tree_step(
+            state.pending_tokens(),
+            state.lengths,
+            state.cache,
+            state.pad_counts,
+            self.config.exit_layer,
+            self.tree,
+        )  # [batch, depth + 1], [batch], [batch, depth]
+        counts = (accepted_counts + 1) * active  # [batch]
+        state.write(new_tokens, counts)
+        return StepResult(new_tokens, counts, draft_tokens, accepted_counts)
+
+
 STRATEGIES: dict[GenerationStrategyName, type[GenerationStrategy]] = {
     strategy.name: strategy
-    for strategy in (AutoRegressiveGenerationStrategy, SelfSpeculativeGenerationStrategy)
+    for strategy in (
+        AutoRegressiveGenerationStrategy,
+        SelfSpeculativeGenerationStrategy,
+        TreeGenerationStrategy,
+    )
 }
 
 
