@@ -96,6 +96,8 @@ class EngineArguments:
     # per step (as before greedy_step), against the one-call step, in the same run.
     compare_two_calls: bool = False
     paths: list[str] = field(default_factory=list)  # run only paths whose name contains one
+    # Token trees to time too (the tree strategy), each as its branching: "2,1,1" "3,1".
+    trees: list[str] = field(default_factory=list)
     output: str = "logs/engine.json"
 
     def __post_init__(self) -> None:
@@ -473,6 +475,13 @@ def main(argv: list[str] | None = None) -> int:
         "ours fast autoregressive": GenerationConfig(**common, compile=True),
         "ours fast self_speculative": GenerationConfig(**common, **speculative, compile=True),
     }
+    for tree in args.trees:
+        branching = [int(width) for width in tree.split(",")]
+        settings = dict(generation_strategy="tree", exit_layer=args.exit_layer)
+        for kind, compile in (("eager", False), ("fast", True)):
+            ours[f"ours {kind} tree {tree}"] = GenerationConfig(
+                **common, **settings, tree_branching=branching, compile=compile
+            )
     bytes_per_token = weight_bytes_per_token(model)
     bandwidths: list[float] = []  # every measurement of this run; the floor uses the best
 
@@ -508,9 +517,10 @@ def main(argv: list[str] | None = None) -> int:
         """Whether a self-speculative path's tokens equal the autoregressive path of its
         own kind (eager or fast): in bf16 a compiled pass's rounding can differ from
         eager's and turn a near-tie, so the first path is not the reference there."""
-        if not path.name.startswith("ours ") or not path.name.endswith(" self_speculative"):
+        kind = path.name.split()[1] if path.name.startswith("ours ") else None
+        if kind is None or "autoregressive" in path.name:
             return None
-        twin = path.name.replace("self_speculative", "autoregressive")
+        twin = f"ours {kind} autoregressive"
         ar = next((r for r in results if r.name == twin), None)
         return None if ar is None else ar.token_ids == path.token_ids
 
@@ -648,6 +658,11 @@ def print_table(document: dict) -> None:
     ratio(fast_ss, TWO_CALLS)
     ratio("ours eager self_speculative", "ours eager autoregressive")
     ratio(fast_ar, "ours eager autoregressive")
+    for name in paths:
+        if " tree " in name:
+            kind = name.split()[1]
+            ratio(name, f"ours {kind} autoregressive")
+            ratio(name, f"ours {kind} self_speculative")
     for strategy in ("autoregressive", "self_speculative"):
         eager, fast = (paths.get(f"ours {kind} {strategy}") for kind in ("eager", "fast"))
         if eager and fast and eager["peak_memory_bytes"] and fast["peak_memory_bytes"]:

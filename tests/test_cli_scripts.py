@@ -163,7 +163,7 @@ def test_sweep_writes_csv_plot_and_resumes(
     assert (tmp_path / "sweep.png").stat().st_size > 0
     summary = json.loads((tmp_path / "sweep.json").read_text())
     assert {"exit_layer", "num_speculations", "overall_tokens_per_second"} <= set(summary["best"])
-    assert "best: exit_layer" in first.stderr
+    assert "best: self_speculative, exit_layer" in first.stderr
 
     second = run_script("sweep.py", *common, "--num_speculations_last", 3)
     assert second.returncode == 0, second.stderr
@@ -183,6 +183,54 @@ def test_sweep_writes_csv_plot_and_resumes(
         (2, 1),
     ]  # this run's grid, not every point the CSV holds
     assert summary["best"]["num_speculations"] == 1
+
+
+def test_sweep_compares_chains_and_trees_in_one_csv(
+    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    common = (
+        "--model", tiny_model_dir, "--dataset", "custom_jsonl", "--data_path", prompts_file,
+        "--num_samples", 2, "--max_steps", 6, "--sample", "False", "--output_dir", tmp_path,
+        "--exit_layer_first", 1, "--exit_layer_last", 2, "--num_speculations_first", 1,
+        "--num_speculations_last", 2,
+    )  # fmt: skip
+    both = run_script("sweep.py", *common, "--generation_strategy", "self_speculative,tree")
+    assert both.returncode == 0, both.stderr
+    table = pd.read_csv(tmp_path / "sweep.csv")
+    points = sorted(
+        zip(table["generation_strategy"], table["exit_layer"], table["num_speculations"])
+    )
+    grid = [(e, k) for e in (1, 2) for k in (1, 2)]
+    assert points == sorted(
+        [("autoregressive", 4, 0)]
+        + [("self_speculative", e, k) for e, k in grid]
+        + [("tree", e, k) for e, k in grid]
+    )
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    assert set(summary["best_by_strategy"]) == {"self_speculative", "tree"}
+    # One given tree: its depth is the only k, at each exit layer of the grid.
+    given = run_script(
+        "sweep.py", *common, "--generation_strategy", "tree", "--tree_branching", 2, 1, 1,
+        "--output_file", tmp_path / "given.csv",
+    )  # fmt: skip
+    assert given.returncode == 0, given.stderr
+    table = pd.read_csv(tmp_path / "given.csv")
+    trees = table[table["generation_strategy"] == "tree"]
+    assert sorted(zip(trees["exit_layer"], trees["num_speculations"])) == [(1, 3), (2, 3)]
+
+
+def test_correctness_checks_trees(tiny_model_dir: Path, prompts_file: Path, tmp_path: Path):
+    process = run_script(
+        "correctness.py", "--model", tiny_model_dir, "--dataset", "custom_jsonl",
+        "--data_path", prompts_file, "--num_samples", 3, "--max_steps", 12,
+        "--generation_strategy", "tree", "--tree_branching", 2, 2, "--exit_layer", 2,
+        "--output_dir", tmp_path,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    assert "0/3 outputs differ (0.0%) between autoregressive and tree" in process.stderr
+    document = json.loads(only(list(tmp_path.glob("correctness_*.json"))).read_text())
+    assert document["generation_configs"][1]["tree_branching"] == [2, 2]
+    assert document["passed"]
 
 
 def test_generate_interactive_readme_command(eight_layer_model_dir: Path, tmp_path: Path) -> None:
