@@ -163,7 +163,7 @@ class ForwardPasses:
         self._greedy_drafts: Callable = self._greedy_drafts_eager
         self._greedy_step: Callable = self._greedy_step_eager
         self._tree_step: Callable = self._tree_step_eager
-        self._tree_tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tree_tensors: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._attention_configs: list = []
         # Compiled passes keep their cache buffers from one generation to the next, at
         # fixed addresses (CUDA graphs replay on them).
@@ -666,10 +666,11 @@ class ForwardPasses:
             counts [batch] and the path's drafts [batch, depth].
         """
         key = self.tree_step_key(exit_layer, pending.shape[0], tree.branching)
-        tensors = self._tree_tensors.get(key)
-        if tensors is None:
+        tensors = self._tree_tensors.get(tree.branching)
+        if tensors is None:  # the shape's node depths and ancestor table, once per shape
             device = lengths.device
-            tensors = self._tree_tensors[key] = (tree.depths(device), tree.ancestors(device))
+            tensors = (tree.depths(device), tree.ancestors(device))
+            self._tree_tensors[tree.branching] = tensors
         return self._timed(
             key, self._tree_step, pending, lengths, cache, pad_counts, exit_layer, tree, *tensors
         )

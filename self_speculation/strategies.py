@@ -362,6 +362,20 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
         return torch.stack(drafts, dim=1), torch.cat(exit_states, dim=1), draft_probs
 
     def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
+        new_tokens, accepted_counts, draft_tokens = self._speculate(state, num_drafts)
+        counts = (accepted_counts + 1) * active  # [batch]
+        state.write(new_tokens, counts)
+        return StepResult(new_tokens, counts, draft_tokens, accepted_counts)
+
+    def _speculate(
+        self, state: DecodingState, num_drafts: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draft, verify and accept for every row (``state`` is not written).
+
+        Returns:
+            The step's new tokens [batch, k + 1] (the first ``accepted + 1`` of each row
+            count), the accepted counts [batch] and the drafts made [batch, made].
+        """
         k, exit_layer = self.config.num_speculations, self.config.exit_layer
         num_drafts = max(1, min(num_drafts, k))
         if self._fused_step:
@@ -380,9 +394,7 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
             new_tokens, accepted_counts, draft_tokens, made = self._draft_and_verify(
                 state, num_drafts
             )
-        counts = (accepted_counts + 1) * active  # [batch]
-        state.write(new_tokens, counts)
-        return StepResult(new_tokens, counts, draft_tokens[:, :made], accepted_counts)
+        return new_tokens, accepted_counts, draft_tokens[:, :made]
 
     def _draft_and_verify(
         self, state: DecodingState, num_drafts: int
@@ -470,10 +482,12 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
             ForwardPasses.tree_step_key(self.config.exit_layer, batch_size, self.tree.branching)
         ]
 
-    def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
+    def _speculate(
+        self, state: DecodingState, num_drafts: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.chains:
-            return super().step(state, num_drafts, active)
-        new_tokens, accepted_counts, draft_tokens = self.passes.tree_step(
+            return super()._speculate(state, num_drafts)
+        return self.passes.tree_step(
             state.pending_tokens(),
             state.lengths,
             state.cache,
@@ -481,9 +495,6 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
             self.config.exit_layer,
             self.tree,
         )  # [batch, depth + 1], [batch], [batch, depth]
-        counts = (accepted_counts + 1) * active  # [batch]
-        state.write(new_tokens, counts)
-        return StepResult(new_tokens, counts, draft_tokens, accepted_counts)
 
 
 STRATEGIES: dict[GenerationStrategyName, type[GenerationStrategy]] = {

@@ -72,17 +72,21 @@ def ranked_vocab(size: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(VOCAB_SIZE, generator=torch.Generator().manual_seed(seed))[:size]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_with_adapter_or_reduced_vocab_equals_autoregressive(family: str) -> None:
-    generator = Generator(make_tiny_model(family), make_tiny_tokenizer())
-    reference = [result.token_ids for result in generator.generate_batch(PROMPTS, greedy())]
+def draft_exits(generator: Generator) -> dict[str, DraftExit]:
+    """Draft exits at layer 2: an adapter, a reduced vocabulary, and both."""
     model = generator.layerwise
-    drafts = {
+    return {
         "adapter": DraftExit(model, perturbed_adapter(generator, 2)),
         "vocab": DraftExit(model, None, ranked_vocab(96).sort().values),
         "both": DraftExit(model, perturbed_adapter(generator, 2, seed=1), ranked_vocab(64)),
     }
-    for name, draft in drafts.items():
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_with_adapter_or_reduced_vocab_equals_autoregressive(family: str) -> None:
+    generator = Generator(make_tiny_model(family), make_tiny_tokenizer())
+    reference = [result.token_ids for result in generator.generate_batch(PROMPTS, greedy())]
+    for name, draft in draft_exits(generator).items():
         generator.draft = draft
         for k in (1, 3):
             batch = generator.generate_batch(PROMPTS, speculative(2, k))

@@ -127,6 +127,34 @@ def test_no_repeat_ngram_sees_the_whole_sequence_in_both_strategies() -> None:
         assert result.token_ids == reference.token_ids
 
 
+def assert_cache_equals_a_fresh_prefill(
+    generator: Generator, passes: ForwardPasses, state
+) -> list[int]:
+    """Every layer's keys and values before each row's pending column equal those of a
+    fresh pass over the row's kept tokens; returns the checked lengths, one per row."""
+    checked = []
+    for row in range(len(state.lengths)):
+        kept = int(state.lengths[row]) - 1  # columns before the pending token
+        fresh = passes.new_cache(1, state.cache.capacity)
+        passes.prefill(
+            state.tokens[row : row + 1, :kept],
+            fresh,
+            state.pad_counts[row : row + 1],
+            generator.num_layers,
+        )
+        start = int(state.pad_counts[row])
+        for layer in range(generator.num_layers):
+            for ours, theirs in (
+                (state.cache.keys[layer], fresh.keys[layer]),
+                (state.cache.values[layer], fresh.values[layer]),
+            ):
+                torch.testing.assert_close(
+                    ours[row, :, start:kept], theirs[0, :, start:kept], rtol=0, atol=1e-10
+                )
+        checked.append(kept)
+    return checked
+
+
 @pytest.mark.parametrize("exit_layer", [1, 2, 4])
 def test_cache_before_the_pending_token_equals_a_fresh_prefill_after_every_step(
     exit_layer: int, monkeypatch: pytest.MonkeyPatch
@@ -140,25 +168,7 @@ def test_cache_before_the_pending_token_equals_a_fresh_prefill_after_every_step(
 
     def checked_step(self, state, num_drafts, active):
         result = original_step(self, state, num_drafts, active)
-        for row in range(len(state.lengths)):
-            kept = int(state.lengths[row]) - 1  # columns before the pending token
-            fresh = passes.new_cache(1, state.cache.capacity)
-            passes.prefill(
-                state.tokens[row : row + 1, :kept],
-                fresh,
-                state.pad_counts[row : row + 1],
-                generator.num_layers,
-            )
-            for layer in range(generator.num_layers):
-                for ours, theirs in (
-                    (state.cache.keys[layer], fresh.keys[layer]),
-                    (state.cache.values[layer], fresh.values[layer]),
-                ):
-                    start = int(state.pad_counts[row])
-                    torch.testing.assert_close(
-                        ours[row, :, start:kept], theirs[0, :, start:kept], rtol=0, atol=1e-10
-                    )
-            checked_lengths.append(kept)
+        checked_lengths.extend(assert_cache_equals_a_fresh_prefill(generator, passes, state))
         return result
 
     monkeypatch.setattr(SelfSpeculativeGenerationStrategy, "step", checked_step)

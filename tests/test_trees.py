@@ -128,6 +128,8 @@ def test_cache_after_every_tree_step_equals_a_fresh_prefill(monkeypatch) -> None
     """The accepted path's columns move behind the root: every layer's keys and values
     before each row's pending column are those of a fresh pass over the kept tokens, also
     after steps that accepted a second- or third-ranked branch."""
+    from test_equivalence import assert_cache_equals_a_fresh_prefill
+
     import self_speculation.passes as passes_module
 
     generator = generator_for("qwen2")
@@ -148,25 +150,7 @@ def test_cache_after_every_tree_step_equals_a_fresh_prefill(monkeypatch) -> None
 
     def checked_step(self, state, num_drafts, active):
         result = original_step(self, state, num_drafts, active)
-        for row in range(len(state.lengths)):
-            kept = int(state.lengths[row]) - 1
-            fresh = passes.new_cache(1, state.cache.capacity)
-            passes.prefill(
-                state.tokens[row : row + 1, :kept],
-                fresh,
-                state.pad_counts[row : row + 1],
-                generator.num_layers,
-            )
-            start = int(state.pad_counts[row])
-            for layer in range(generator.num_layers):
-                for ours, theirs in (
-                    (state.cache.keys[layer], fresh.keys[layer]),
-                    (state.cache.values[layer], fresh.values[layer]),
-                ):
-                    torch.testing.assert_close(
-                        ours[row, :, start:kept], theirs[0, :, start:kept], rtol=0, atol=1e-10
-                    )
-            checked.append(kept)
+        checked.extend(assert_cache_equals_a_fresh_prefill(generator, passes, state))
         return result
 
     monkeypatch.setattr(passes_module, "greedy_tree_accept", counting_accept)
@@ -184,19 +168,11 @@ def test_trees_with_an_exit_adapter_or_a_draft_vocabulary_match_autoregressive(
 ) -> None:
     """Draft exits: an adapter (its own attention over the cache, which the tree's mask
     and the path's move must cover) and a reduced draft vocabulary."""
-    from test_draft_exit import perturbed_adapter, ranked_vocab
-
-    from self_speculation.draft import DraftExit
+    from test_draft_exit import draft_exits
 
     generator = Generator(make_tiny_model(family), make_tiny_tokenizer())
     reference = [r.token_ids for r in generator.generate_batch(PROMPTS, greedy())]
-    model = generator.layerwise
-    drafts = {
-        "adapter": DraftExit(model, perturbed_adapter(generator, 2)),
-        "vocab": DraftExit(model, None, ranked_vocab(96).sort().values),
-        "both": DraftExit(model, perturbed_adapter(generator, 2, seed=1), ranked_vocab(64)),
-    }
-    for name, draft in drafts.items():
+    for name, draft in draft_exits(generator).items():
         generator.draft = draft
         for branching in ([2, 2, 1], [1, 1]):
             batch = generator.generate_batch(PROMPTS, tree(2, branching))
