@@ -256,10 +256,11 @@ class GenerationArguments:
     exit_layer: int = UNSET
     """E: drafts (or early-exit decoding) use layers [0, E); -1: model default."""
     num_speculations: int = UNSET
-    """Draft tokens per self-speculative step; -1: model default."""
+    """Draft tokens per self-speculative step (adaptive: the most); -1: model default."""
     generation_strategy: str = GenerationStrategyName.AUTOREGRESSIVE.value
-    """autoregressive, self_speculative (chains of k drafts) or tree (token trees from the
-    early exit, greedy) (comma-separated list to compare)"""
+    """autoregressive, self_speculative (chains of k drafts), tree (token trees from the
+    early exit, greedy) or adaptive (chains of 1, 2, 4 ... k drafts, chosen per step from
+    the recent acceptance) (comma-separated list to compare)"""
     sample: bool = True
     """Sample (True) or greedy argmax (False)"""
     temperature: float = 0.6

@@ -163,8 +163,10 @@ def _compile_first(
         generator.generate(prompt, dataclasses.replace(config, max_steps=steps))
 
 
-def summary_line(result: GenerationResult, plain: GenerationResult | None = None) -> str:
-    """One line on what the strategy did with this prompt."""
+def summary_line(
+    result: GenerationResult, plain: GenerationResult | None = None, label: str = "self-speculative"
+) -> str:
+    """One line on what the strategy (``label``) did with this prompt."""
     speed = (
         f"{result.num_generated_tokens} tokens in {result.total_time:.2f} s "
         f"({result.tokens_per_second:.1f} tokens/s, stop: {result.stop_reason})"
@@ -172,7 +174,7 @@ def summary_line(result: GenerationResult, plain: GenerationResult | None = None
     if not result.num_drafted:
         return f"autoregressive: {speed}"
     line = (
-        f"self-speculative: {speed}; layers [0, {result.exit_layer}) drafted "
+        f"{label}: {speed}; layers [0, {result.exit_layer}) drafted "
         f"{result.num_drafted} tokens, the full model accepted {result.num_accepted} "
         f"({result.acceptance_rate:.0%}): {result.tokens_per_step:.2f} tokens per full-model "
         "pass (plain decoding: 1)"
@@ -212,7 +214,10 @@ def _answer(
     if compare:
         random = torch.Generator(device=generator.layerwise.device).manual_seed(seed)
         plain = generator.generate(prompt_ids, plain_config, None, random)
-    logger.info("%s", summary_line(result, plain))
+    label = config.generation_strategy.value.replace("_", "-")
+    if config.tree_branching:
+        label += " " + ",".join(map(str, config.tree_branching))
+    logger.info("%s", summary_line(result, plain, label))
     return result
 
 

@@ -101,6 +101,8 @@ class EngineArguments:
     paths: list[str] = field(default_factory=list)  # run only paths whose name contains one
     # Token trees to time too (the tree strategy), each as its branching: "2,1,1" "3,1".
     trees: list[str] = field(default_factory=list)
+    # Time the adaptive strategy too (chains of 1, 2, 4, ... up to --num_speculations).
+    adaptive: bool = False
     output: str = "logs/engine.json"
 
     def __post_init__(self) -> None:
@@ -520,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
             ours[f"ours {kind} tree {tree}"] = GenerationConfig(
                 **common, **settings, tree_branching=branching, compile=compile
             )
+    if args.adaptive:
+        settings = dict(speculative, generation_strategy="adaptive")
+        for kind, compile in (("eager", False), ("fast", True)):
+            ours[f"ours {kind} adaptive"] = GenerationConfig(**common, **settings, compile=compile)
     bytes_per_token = weight_bytes_per_token(model)
     bandwidths: list[float] = []  # every measurement of this run; the floor uses the best
 
@@ -697,7 +703,7 @@ def print_table(document: dict) -> None:
     ratio("ours eager self_speculative", "ours eager autoregressive")
     ratio(fast_ar, "ours eager autoregressive")
     for name in paths:
-        if " tree " in name:
+        if " tree " in name or name.endswith(" adaptive"):
             kind = name.split()[1]
             ratio(name, f"ours {kind} autoregressive")
             ratio(name, f"ours {kind} self_speculative")

@@ -27,6 +27,7 @@ class GenerationStrategyName(str, enum.Enum):
     AUTOREGRESSIVE = "autoregressive"
     SELF_SPECULATIVE = "self_speculative"
     TREE = "tree"  # self-speculative with token trees drafted from the early exit
+    ADAPTIVE = "adaptive"  # self-speculative chains whose length follows the acceptance
 
     @property
     def speculative(self) -> bool:
@@ -46,8 +47,10 @@ class GenerationConfig:
         num_speculations: draft tokens per self-speculative step; -1: the model's
             recommendation.
         generation_strategy: ``autoregressive``, ``self_speculative`` (chains of k drafts)
-            or ``tree`` (token trees drafted from the early exit, greedy; sampling, logits
-            processors and the confidence stop decode chains).
+            ``tree`` (token trees drafted from the early exit, greedy; sampling, logits
+            processors and the confidence stop decode chains) or ``adaptive`` (chains of
+            1, 2, 4, ... up to num_speculations drafts, chosen each step from the rows'
+            recent acceptance; ``adaptive``).
         sample: sample instead of greedy argmax.
         temperature, top_k, top_p: sampling warpers (top_k 0 and top_p 1 disable them).
         no_repeat_ngram_size: forbid repeating n-grams of this size (None: off).

@@ -176,6 +176,15 @@ class LayerwiseModel:
         """Hidden states [batch, seq, hidden] at any exit -> logits [batch, seq, vocab]."""
         return self.scale_logits(self.lm_head(self.norm(hidden)))  # [batch, seq, vocab]
 
+    def head_cost_in_layers(self) -> float:
+        """The head's (final norm + LM head) weights over one decoder layer's: what a
+        one-token pass through it costs in one-layer passes, where reading weights bounds
+        the cost (decoding)."""
+        layer = sum(parameter.numel() for parameter in self.layers[0].parameters())
+        head = sum(parameter.numel() for parameter in self.lm_head.parameters())
+        head += sum(parameter.numel() for parameter in self.norm.parameters())
+        return head / max(layer, 1)
+
     def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The family's scaling and soft-capping of raw LM-head outputs."""
         if self.logits_scaling is not None:

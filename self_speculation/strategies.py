@@ -18,6 +18,7 @@ call writes over them before any query can see them (see ``kv_cache``).
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import ClassVar
 
 import torch
 
+from self_speculation.adaptive import DraftLengthPolicy, default_lengths, row_cost
 from self_speculation.config import GenerationConfig, GenerationStrategyName
 from self_speculation.errors import ArgumentTypeError, UnsupportedModelError
 from self_speculation.kv_cache import ColumnKVCache
@@ -51,6 +53,7 @@ class DecodingState:
         pad_counts: left padding of each row, [batch].
         prompt_width: columns of the padded prompts (generation starts there).
         cache: the shared KV cache of all layers.
+        draft_lengths: per-row acceptance statistics of the ``adaptive`` strategy.
     """
 
     tokens: torch.Tensor
@@ -58,6 +61,7 @@ class DecodingState:
     pad_counts: torch.Tensor
     prompt_width: int
     cache: ColumnKVCache
+    draft_lengths: DraftLengthPolicy | None = None
 
     def pending_tokens(self) -> torch.Tensor:
         """The newest token of each row, [batch, 1]."""
@@ -87,6 +91,8 @@ class DecodingState:
         self.pad_counts = pad_counts - first_column
         self.prompt_width -= first_column
         self.cache.select_rows(index, first_column)
+        if self.draft_lengths is not None:
+            self.draft_lengths.select_rows(index)
 
     def generated(self, row: int, count: int) -> list[int]:
         """The first ``count`` generated tokens of ``row``."""
@@ -497,12 +503,80 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
         )  # [batch, depth + 1], [batch], [batch, depth]
 
 
+class AdaptiveGenerationStrategy(SelfSpeculativeGenerationStrategy):
+    """Self-speculative chains whose length each step follows the acceptance (``adaptive``).
+
+    Each step drafts 1, 2, 4, ... or k tokens (k = num_speculations; each length is one
+    compiled shape), the length whose expected tokens per unit of cost is highest given each
+    row's recent acceptance (``adaptive.DraftLengthPolicy``). A step of length m is the
+    ``self_speculative`` step with k = m, so greedy output is autoregressive decoding's and
+    sampling keeps the target distribution: the length depends only on earlier steps.
+    """
+
+    name = GenerationStrategyName.ADAPTIVE
+
+    def __init__(
+        self, passes: ForwardPasses, config: GenerationConfig, selector: TokenSelector
+    ) -> None:
+        super().__init__(passes, config, selector)
+        self.draft_lengths = default_lengths(config.num_speculations)
+        self.chains = {
+            length: SelfSpeculativeGenerationStrategy(
+                passes,
+                dataclasses.replace(
+                    config,
+                    generation_strategy=GenerationStrategyName.SELF_SPECULATIVE,
+                    num_speculations=length,
+                ),
+                selector,
+            )
+            for length in self.draft_lengths
+        }
+        self.head_layers = passes.model.head_cost_in_layers()
+        self.row_cost = row_cost(passes.model.device)
+
+    def pass_keys(self, batch_size: int) -> list[tuple]:
+        return [key for chain in self.chains.values() for key in chain.pass_keys(batch_size)]
+
+    def prefill(
+        self,
+        prompts: Sequence[Sequence[int]],
+        pad_token_id: int,
+        max_new_tokens: int,
+        first_token_allowed: torch.Tensor | None = None,
+    ) -> DecodingState:
+        state = super().prefill(prompts, pad_token_id, max_new_tokens, first_token_allowed)
+        state.draft_lengths = DraftLengthPolicy(
+            self.draft_lengths,
+            self.config.exit_layer,
+            self.model.num_layers,
+            self.head_layers,
+            self.row_cost,
+            batch_size=len(prompts),
+        )
+        return state
+
+    def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
+        policy = state.draft_lengths
+        length = policy.choose(active)
+        # Near a row's token limit the generator asks for fewer drafts: the chain of this
+        # length drafts them (its compiled shape verifies the first num_drafts).
+        new_tokens, accepted_counts, draft_tokens = self.chains[length]._speculate(
+            state, min(num_drafts, length)
+        )
+        counts = (accepted_counts + 1) * active  # [batch]
+        state.write(new_tokens, counts)
+        policy.update(draft_tokens.shape[1], accepted_counts, active)
+        return StepResult(new_tokens, counts, draft_tokens, accepted_counts)
+
+
 STRATEGIES: dict[GenerationStrategyName, type[GenerationStrategy]] = {
     strategy.name: strategy
     for strategy in (
         AutoRegressiveGenerationStrategy,
         SelfSpeculativeGenerationStrategy,
         TreeGenerationStrategy,
+        AdaptiveGenerationStrategy,
     )
 }
 

@@ -1,0 +1,195 @@
+"""The ``adaptive`` strategy: chains whose length each step follows the rows' recent
+acceptance. The policy's choices, greedy output identical to autoregressive decoding on
+every family (batched, single, compiled), and sampling that keeps the target distribution."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from test_sampling_distribution import WARPERS, assert_matches, exact_joint, tiny_generator
+from tiny_models import FAMILIES, IdTokenizer, make_tiny_model, make_tiny_tokenizer
+
+from self_speculation import GenerationConfig, Generator
+from self_speculation.adaptive import (
+    DraftLengthPolicy,
+    check_lengths,
+    default_lengths,
+    expected_tokens,
+    step_cost,
+)
+from self_speculation.errors import ConfigError
+from self_speculation.strategies import AdaptiveGenerationStrategy
+
+PROMPTS = [[5], [5, 60, 7, 200, 31], [9, 8, 7]]
+
+
+@functools.cache
+def generator_for(family: str) -> Generator:
+    return Generator(make_tiny_model(family), make_tiny_tokenizer())
+
+
+def greedy(max_steps: int = 24, **settings) -> GenerationConfig:
+    return GenerationConfig(max_steps=max_steps, sample=False, **settings)
+
+
+def adaptive(exit_layer: int, k: int, **settings) -> GenerationConfig:
+    return greedy(
+        generation_strategy="adaptive", exit_layer=exit_layer, num_speculations=k, **settings
+    )
+
+
+def policy(batch_size: int = 1, lengths=(1, 2, 4, 8)) -> DraftLengthPolicy:
+    return DraftLengthPolicy(lengths, 6, 16, head=1.4, row_cost=0.1, batch_size=batch_size)
+
+
+def test_lengths_and_expected_tokens() -> None:
+    assert default_lengths(8) == (1, 2, 4, 8)
+    assert default_lengths(6) == (1, 2, 4, 6)
+    assert default_lengths(3) == (1, 2, 3) and default_lengths(1) == (1,)
+    a = torch.tensor([0.0, 0.5, 1.0])
+    # a = 0: the correction only; a = 1: every draft and the bonus token.
+    assert expected_tokens(a, 3).tolist() == pytest.approx([1.0, 1.875, 4.0], rel=1e-4)
+    # Cost: 2 drafts through 6 layers + head, the last through 6, 3 rows through 10 + head.
+    assert step_cost(2, 6, 16, 1.4, 0.1) == pytest.approx(2 * 7.4 + 6 + 11.4 * 1.2)
+    for bad in ([], [0], [2, -1]):
+        with pytest.raises(ConfigError):
+            check_lengths(bad)
+
+
+def test_high_acceptance_drafts_long_and_rejections_draft_short() -> None:
+    lengths = policy()
+    everything = torch.tensor([True])
+    for _ in range(20):  # every draft accepted
+        length = lengths.choose(everything)
+        lengths.update(length, torch.tensor([length]), everything)
+    assert lengths.choose(everything) == 8
+    for _ in range(20):  # the first draft rejected every time
+        length = lengths.choose(everything)
+        lengths.update(length, torch.tensor([0]), everything)
+    assert lengths.choose(everything) == 1
+
+
+def test_rows_keep_their_own_statistics() -> None:
+    lengths = policy(batch_size=3)
+    active = torch.tensor([True, True, False])
+    for _ in range(5):
+        lengths.update(4, torch.tensor([4, 0, 4]), active)
+    acceptance = lengths.acceptance()
+    assert acceptance[0] > 0.9 and acceptance[1] < 0.2
+    assert acceptance[2] == pytest.approx(0.6)  # inactive: still the prior
+    # Alone, the sure row drafts long and the unsure one short; the batch follows the sum.
+    assert lengths.choose(torch.tensor([True, False, False])) == 8
+    assert lengths.choose(torch.tensor([False, True, False])) == 1
+    lengths.select_rows(torch.tensor([1]))
+    assert lengths.choose() == 1 and lengths.acceptance().shape == (1,)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_adaptive_decoding_matches_autoregressive(family: str) -> None:
+    generator = generator_for(family)
+    for prompt in PROMPTS[:2]:
+        reference = generator.generate(prompt, greedy()).token_ids
+        for exit_layer in (1, 2, 3, 4):
+            for k in (1, 3, 8):
+                result = generator.generate(prompt, adaptive(exit_layer, k))
+                assert result.token_ids == reference, (prompt, exit_layer, k)
+
+
+def test_the_length_changes_during_a_generation(monkeypatch) -> None:
+    """Exact while the length switches between steps."""
+    generator = generator_for("llama_mha_untied")
+    chosen: list[int] = []
+    original = DraftLengthPolicy.choose
+
+    def recording(self, active=None):
+        chosen.append(original(self, active))
+        return chosen[-1]
+
+    monkeypatch.setattr(DraftLengthPolicy, "choose", recording)
+    reference = generator.generate([5, 6], greedy(60)).token_ids
+    switched = 0
+    for exit_layer in (1, 2, 3):
+        chosen.clear()
+        result = generator.generate([5, 6], adaptive(exit_layer, 8, max_steps=60))
+        assert result.token_ids == reference, exit_layer
+        # Each step drafted the chosen length (the last one may be cut by max_steps).
+        assert sum(chosen[:-1]) < result.num_drafted <= sum(chosen)
+        switched += len(set(chosen)) > 1
+    assert switched
+
+
+@pytest.mark.parametrize("family", ["llama_mha_untied", "qwen2_sliding"])
+def test_batched_adaptive_rows_equal_their_single_runs_and_stop_on_their_own(
+    family: str,
+) -> None:
+    generator = generator_for(family)
+    free_runs = [generator.generate(prompt, greedy(30)).token_ids for prompt in PROMPTS]
+    eos = free_runs[1][4]
+    settings = dict(max_steps=30, stop_token_ids=[eos])
+    singles = [generator.generate(p, greedy(**settings)) for p in PROMPTS]
+    for exit_layer in (1, 3):
+        results = generator.generate_batch(PROMPTS, adaptive(exit_layer, 4, **settings))
+        assert [r.token_ids for r in results] == [s.token_ids for s in singles]
+        assert [r.stop_reason for r in results] == [s.stop_reason for s in singles]
+
+
+@pytest.mark.parametrize("max_steps", [1, 2, 3, 5])
+def test_max_steps_below_the_longest_chain_is_exact(max_steps: int) -> None:
+    generator = generator_for("qwen2")
+    reference = generator.generate([5, 6, 7], greedy(max_steps)).token_ids
+    result = generator.generate([5, 6, 7], adaptive(4, 8, max_steps=max_steps))
+    assert result.token_ids == reference and len(result.token_ids) == max_steps
+
+
+def test_compiled_adaptive_equals_eager_and_compiles_each_length_once() -> None:
+    from torch._dynamo.utils import counters
+
+    generator = Generator(make_tiny_model("llama_gqa_tied", dtype=torch.float32), IdTokenizer())
+    prompts = [[5, 7, 9, 11, 13], [3, 4], [8, 8, 8, 9, 10, 11, 12, 13, 14]]
+    eager = generator.generate_batch(prompts, adaptive(2, 4, max_steps=24))
+    fast = generator.generate_batch(prompts, adaptive(2, 4, max_steps=24, compile=True))
+    assert [r.token_ids for r in fast] == [r.token_ids for r in eager]
+    graphs = counters["stats"]["unique_graphs"]
+    again = generator.generate_batch(prompts[::-1], adaptive(2, 4, max_steps=24, compile=True))
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert [r.token_ids for r in again] == [r.token_ids for r in eager[::-1]]
+
+
+def test_strategy_compiles_one_shape_per_length() -> None:
+    generator = generator_for("llama_mha_untied")
+    strategy = generator._strategy(generator.resolve(adaptive(2, 6)), None)
+    assert isinstance(strategy, AdaptiveGenerationStrategy)
+    assert sorted(strategy.chains) == [1, 2, 4, 6]
+    # Eager: a drafting and a verification pass per length (k + 1 verified positions).
+    keys = strategy.pass_keys(3)
+    assert sorted(key[-1] for key in keys if key[0] == "verify") == [2, 3, 5, 7]
+
+
+@pytest.mark.slow
+def test_sampled_adaptive_decoding_keeps_the_target_distribution() -> None:
+    """The length of a step depends on earlier steps only, so each chain step's acceptance
+    rule keeps p: 1000 seeded draws, joint of the first 4 tokens (several steps, lengths
+    chosen from the prior and then from what was accepted)."""
+    generator = tiny_generator()  # 12-token vocabulary, exit 1 far from the last layer
+    prompt, length = [3, 1, 4], 4
+    exact = exact_joint(generator.model, prompt, length)
+    config = GenerationConfig(
+        max_steps=length + 1,
+        sample=True,
+        generation_strategy="adaptive",
+        exit_layer=1,
+        num_speculations=3,
+        **WARPERS,
+    )
+    rng = torch.Generator().manual_seed(3)
+    counts = torch.zeros([exact.shape[0]] * length, dtype=torch.float64)
+    drafted = accepted = 0
+    for _ in range(1000):
+        result = generator.generate(prompt, config, generator=rng)
+        counts[tuple(result.token_ids[:length])] += 1
+        drafted += result.num_drafted
+        accepted += result.num_accepted
+    assert 0.05 < accepted / drafted < 0.95
+    assert_matches(counts / 1000, exact, 1000, "adaptive")
