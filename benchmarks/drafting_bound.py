@@ -13,8 +13,9 @@ every (E, k) and shape is exact and comparable on the same trajectories.
 Each step is priced in one-layer passes (``adaptive.step_cost``: drafts through [0, E)
 and the head, verification of m + 1 rows through [E, L) at ``row_cost`` extra per row;
 trees: one [0, E) pass per depth and one for the leaves, rows as nodes) against L + h per
-autoregressive token; h, the head's cost, is measured here (one-token passes, eager). The
-ratios are bounds: a real step adds its loop, acceptance and call overhead (measured by
+autoregressive token; h is the head's weights over one layer's (what decoding reads), the
+same price the ``adaptive`` strategy decides with. Nothing here is timed, so the replay
+can run beside other work. The ratios are bounds: a real step adds its loop, acceptance and call overhead (measured by
 benchmarks/overhead.py and engine.py). If even the oracle's bound is below a target, no
 drafting policy at that exit can reach it on this model.
 
@@ -37,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from arguments import run_main  # noqa: E402
 from benchmarks.engine import PROMPT_SETS  # noqa: E402
-from benchmarks.overhead import layer_and_head_costs  # noqa: E402
 from self_speculation import (  # noqa: E402
     DEFAULT_MODEL,
     ConfigError,
@@ -221,11 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     exits = [layer for layer in arguments.exit_layers if layer < num_layers]
     if not exits:
         raise ConfigError(f"--exit_layers must have one below the model's {num_layers} layers")
-    c, h = layer_and_head_costs(generator)
-    head = h / c  # the head in one-layer passes
-    logger.info(
-        "L=%d, head = %.2f layers (c %.3f ms, h %.3f ms)", num_layers, head, c * 1e3, h * 1e3
-    )
+    head = generator.layerwise.head_cost_in_layers()
+    logger.info("L=%d, head = %.2f layers", num_layers, head)
 
     prompts = PROMPT_SETS[arguments.prompt_set](arguments.num_prompts)
     config = GenerationConfig(max_steps=arguments.max_steps, sample=False)

@@ -557,6 +557,13 @@ class AdaptiveGenerationStrategy(SelfSpeculativeGenerationStrategy):
         return state
 
     def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
+        if not self.selector.sample:
+            # Compiled: every length's shape on the first step, so that none compiles in the
+            # middle of a timed run. A discarded greedy step changes nothing: the state is
+            # not written, and the cache columns it wrote are rewritten before they are read.
+            for length, chain in self.chains.items():
+                if not chain.can_run(len(state.lengths)):
+                    chain._speculate(state, min(num_drafts, length))
         policy = state.draft_lengths
         length = policy.choose(active)
         # Near a row's token limit the generator asks for fewer drafts: the chain of this

@@ -149,9 +149,11 @@ def test_compiled_adaptive_equals_eager_and_compiles_each_length_once() -> None:
     generator = Generator(make_tiny_model("llama_gqa_tied", dtype=torch.float32), IdTokenizer())
     prompts = [[5, 7, 9, 11, 13], [3, 4], [8, 8, 8, 9, 10, 11, 12, 13, 14]]
     eager = generator.generate_batch(prompts, adaptive(2, 4, max_steps=24))
+    # A generation of two steps compiles every length (none compiles later, mid-run).
+    generator.generate_batch(prompts, adaptive(2, 4, max_steps=3, compile=True))
+    graphs = counters["stats"]["unique_graphs"]
     fast = generator.generate_batch(prompts, adaptive(2, 4, max_steps=24, compile=True))
     assert [r.token_ids for r in fast] == [r.token_ids for r in eager]
-    graphs = counters["stats"]["unique_graphs"]
     again = generator.generate_batch(prompts[::-1], adaptive(2, 4, max_steps=24, compile=True))
     assert counters["stats"]["unique_graphs"] == graphs
     assert [r.token_ids for r in again] == [r.token_ids for r in eager[::-1]]
