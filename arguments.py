@@ -283,6 +283,9 @@ class GenerationArguments:
     tree_branching: list[int] | None = None
     """tree: children per node at each depth, e.g. 2 2 1 (the depth stands for
     num_speculations); default: 2 2 then 1s to depth num_speculations."""
+    adaptive_exit_layers: list[int] | None = None
+    """adaptive: more exit layers to draft from, e.g. 5 7 (with --exit_layer), each step
+    choosing the exit too; default: --exit_layer only."""
     token_healing: bool = True
     """Back the prompt up over a trailing whitespace token (newline, indentation) that longer
     tokens extend, and let the model choose that boundary; the text still follows the prompt."""
@@ -319,6 +322,9 @@ class GenerationArguments:
         # Engine fields without a flag here keep GenerationConfig's defaults.
         values = {name: getattr(self, name) for name in fields if hasattr(self, name)}
         values["generation_strategy"] = GenerationStrategyName(strategy or self.strategies[0])
+        adaptive = GenerationStrategyName.ADAPTIVE
+        if values["generation_strategy"] is not adaptive and adaptive in self.strategies:
+            values["adaptive_exit_layers"] = None  # compared with adaptive: its setting only
         return GenerationConfig(**values)
 
     def configs(self) -> list[GenerationConfig]:

@@ -217,6 +217,9 @@ def _answer(
     label = config.generation_strategy.value.replace("_", "-")
     if config.tree_branching:
         label += " " + ",".join(map(str, config.tree_branching))
+    if config.adaptive_exit_layers:
+        exits = sorted({config.exit_layer, *config.adaptive_exit_layers})
+        label += f" from exits {','.join(map(str, exits))}"
     logger.info("%s", summary_line(result, plain, label))
     return result
 

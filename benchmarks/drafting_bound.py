@@ -46,7 +46,7 @@ from self_speculation import (  # noqa: E402
     load_model_and_tokenizer,
 )
 from self_speculation.adaptive import (  # noqa: E402
-    DraftLengthPolicy,
+    DraftPolicy,
     default_lengths,
     step_cost,
 )
@@ -70,6 +70,11 @@ class BoundArguments:
     trees: list[str] = field(default_factory=lambda: ["2,1,1", "2,2,1", "2,1,1,1", "3,1,1"])
     # Extra cost of each verified row over a one-row pass (CPU few-row kernel ~0.1; GPU ~0).
     row_cost: float = 0.1
+    # Fixed cost of each pass in one-layer passes (0: the paper's model; 5.5: fitted to the
+    # shipped model's compiled CPU steps, adaptive.pass_overhead).
+    pass_overhead: float = 0.0
+    # Exit sets (comma-separated) that adaptive chooses from each step (adaptive_exit_layers).
+    adaptive_exit_sets: list[str] = field(default_factory=lambda: ["5,6,7", "4,6,8", "3,4,5,6,7,8"])
     # Thresholds of the per-row confidence stop to replay.
     confidence_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
     threads: int = 2
@@ -153,17 +158,18 @@ def replay_tree(ranks: list[int], branching: tuple[int, ...]) -> int:
     return steps
 
 
-def replay_adaptive(ranks: list[int], policy: DraftLengthPolicy) -> list[int]:
-    """The lengths ``adaptive`` drafts at each step of one trajectory (batch of one)."""
-    position, lengths = 0, []
+def replay_adaptive(ranks: dict[int, list[int]], policy: DraftPolicy) -> list[tuple[int, int]]:
+    """The (exit, length) ``adaptive`` drafts with at each step of one trajectory (batch of
+    one); ``ranks`` per exit layer."""
+    position, steps = 0, []
     active = torch.ones(1, dtype=torch.bool)
-    while position < len(ranks):
-        length = policy.choose()
-        accepted = chain_run(ranks, position, length)
-        policy.update(length, torch.tensor([accepted]), active)
-        lengths.append(length)
+    while position < len(next(iter(ranks.values()))):
+        exit_layer, length = policy.choose()
+        accepted = chain_run(ranks[exit_layer], position, length)
+        policy.update(exit_layer, length, torch.tensor([accepted]), active)
+        steps.append((exit_layer, length))
         position += accepted + 1
-    return lengths
+    return steps
 
 
 def replay_confidence(
@@ -239,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         trajectories.append(ranks)
     tokens = sum(ranks.shape[1] for ranks in trajectories)  # after each first token
-    autoregressive = tokens * (num_layers + head)
+    overhead = arguments.pass_overhead
+    autoregressive = tokens * (num_layers + head + overhead)
 
     rows = []
 
@@ -259,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def cost_of(length: int, exit_layer: int) -> float:
         if not length:  # nothing to draft: one full-model pass
-            return num_layers + head
-        return step_cost(length, exit_layer, num_layers, head, arguments.row_cost)
+            return num_layers + head + overhead
+        return step_cost(length, exit_layer, num_layers, head, arguments.row_cost, overhead)
 
     k_max = max(arguments.num_speculations)
     for exit_layer in exits:
@@ -269,12 +276,15 @@ def main(argv: list[str] | None = None) -> int:
         agreement = sum(r.count(0) for r in per_exit) / tokens
         for k in arguments.num_speculations:
             steps = sum(replay_static(r, k)[0] for r in per_exit)
-            cost = steps * step_cost(k, exit_layer, num_layers, head, arguments.row_cost)
+            cost = steps * cost_of(k, exit_layer)
             add("chain", exit_layer, steps, steps * k, cost, k=k, agreement=agreement)
         for shape in arguments.trees:
             tree = TokenTree(tuple(int(part) for part in shape.split(",")))
             steps = sum(replay_tree(r, tree.branching) for r in per_exit)
-            cost = steps * tree_cost(tree, exit_layer, num_layers, head, arguments.row_cost)
+            cost = steps * (
+                tree_cost(tree, exit_layer, num_layers, head, arguments.row_cost)
+                + (tree.depth + 2) * overhead
+            )
             add("tree", exit_layer, steps, steps * tree.depth, cost, tree=shape)
         for threshold in arguments.confidence_thresholds:
             lengths = []
@@ -291,24 +301,17 @@ def main(argv: list[str] | None = None) -> int:
                 threshold=threshold,
                 mean_length=sum(lengths) / len(lengths),
             )
-        for name, replay in (
-            ("adaptive", None),
-            ("oracle", replay_oracle),
-        ):
+        for name in ("adaptive", "oracle"):
             lengths = []
             for r in per_exit:
-                if replay is None:
-                    policy = DraftLengthPolicy(
-                        default_lengths(k_max),
-                        exit_layer,
-                        num_layers,
-                        head,
-                        arguments.row_cost,
-                        batch_size=1,
-                    )
-                    lengths += replay_adaptive(r, policy)
+                if name == "adaptive":
+                    policy = DraftPolicy(
+                        [exit_layer], default_lengths(k_max), num_layers, head,
+                        arguments.row_cost, batch_size=1, overhead=overhead,
+                    )  # fmt: skip
+                    lengths += [length for _, length in replay_adaptive({exit_layer: r}, policy)]
                 else:
-                    lengths += replay(r, k_max)
+                    lengths += replay_oracle(r, k_max)
             cost = sum(cost_of(m, exit_layer) for m in lengths)
             add(
                 name,
@@ -319,6 +322,25 @@ def main(argv: list[str] | None = None) -> int:
                 k=k_max,
                 mean_length=sum(lengths) / len(lengths),
             )
+    # adaptive choosing the exit too (--adaptive_exit_layers), over each set given.
+    for exit_set in arguments.adaptive_exit_sets:
+        chosen_exits = [int(layer) for layer in exit_set.split(",")]
+        steps_taken = []
+        for ranks in trajectories:
+            policy = DraftPolicy(
+                chosen_exits,
+                default_lengths(k_max),
+                num_layers,
+                head,
+                arguments.row_cost,
+                1,
+                overhead,
+            )
+            by_exit = {layer: ranks[layer - 1].tolist() for layer in chosen_exits}
+            steps_taken += replay_adaptive(by_exit, policy)
+        cost = sum(cost_of(length, layer) for layer, length in steps_taken)
+        drafted = sum(length for _, length in steps_taken)
+        add("adaptive_exit", 0, len(steps_taken), drafted, cost, k=k_max, exits=exit_set)
     # An oracle that also picks the exit of each step: the most tokens per cost among the
     # exits' exact runs (greedy step by step).
     steps = drafts = 0
@@ -353,8 +375,10 @@ def print_rows(rows: list[dict]) -> None:
     print(f"{'policy':<9} {'E':>3} {'shape':>9} {'T/step':>7} {'accept':>7} {'bound':>6}")
     best: dict[str, dict] = {}
     for row in rows:
-        shape = row.get("tree") or (
-            f"t={row['threshold']}" if "threshold" in row else f"k={row['k']}"
+        shape = (
+            row.get("tree")
+            or row.get("exits")
+            or (f"t={row['threshold']}" if "threshold" in row else f"k={row['k']}")
         )
         acceptance = "-" if row["acceptance"] is None else f"{row['acceptance']:.3f}"
         print(
@@ -365,7 +389,8 @@ def print_rows(rows: list[dict]) -> None:
             best[row["policy"]] = row
     for policy, row in best.items():
         print(
-            f"best {policy}: E={row['exit_layer']} {row.get('tree') or 'k=' + str(row['k'])}"
+            f"best {policy}: E={row.get('exits') or row['exit_layer']} "
+            f"{row.get('tree') or 'k=' + str(row['k'])}"
             f" {row['bound']:.2f}x autoregressive (cost-model bound)"
         )
     print(json.dumps({policy: round(row["bound"], 3) for policy, row in best.items()}))

@@ -1,5 +1,5 @@
-"""Adaptive speculation length: each step drafts as many tokens as the recent acceptance
-pays for (the ``adaptive`` strategy).
+"""Adaptive speculation: each step drafts as many tokens (and, given several exits, from
+the exit) that the recent acceptance pays for (the ``adaptive`` strategy).
 
 A static k drafts the same number of tokens in a stretch the early exit predicts well
 (boilerplate, a repeated name) and in one where it guesses; every rejected draft cost a
@@ -9,13 +9,20 @@ drafts), and each step picks, from a few compiled lengths, the one whose expecte
 per unit of cost is highest under the LayerSkip cost model (§5; REFERENCE §1):
 
     expected tokens of m drafts  T(m) = (1 - a^(m + 1)) / (1 - a)     (per row, then summed)
-    cost of a step of m drafts   m (E + h) + E + (L - E + h) (1 + r m)  (in one-layer passes)
+    cost of a step of m drafts   m (E + h) + E + (L - E + h) (1 + r m) + (m + 2) o
+                                 (in one-layer passes)
 
 with h the head's cost in layers and r the extra cost of each verified row (a few-row CPU
-product reads each weight once for every row: r ~ 0.1; a GPU: ~0). Greedy acceptance does not
-depend on how many drafts were made, so any choice gives autoregressive decoding's tokens;
-only the speed changes. The length is one per batch step (the batch shares its passes);
-the statistics are per row.
+product reads each weight once for every row: r ~ 0.1; a GPU: ~0) and o the fixed cost of a
+pass (m drafts, the last draft, the verification: m + 2 passes), large on a CPU's compiled
+path (its kernels are launched one by one). With several exit layers
+(``adaptive_exit_layers``), each row keeps one estimate per exit and the step picks the
+(exit, length) pair the same way (DEL's idea, COLM 2025, from acceptance statistics).
+Greedy acceptance does not depend on how many drafts were made, nor on the exit (every
+column's keys and values come out exact either way: drafting fills layers [0, E) of the
+columns it writes, verification [E, L) of every column from the pending token on), so any
+choice gives autoregressive decoding's tokens; only the speed changes. The choice is one
+per batch step (the batch shares its passes); the statistics are per row.
 """
 
 from __future__ import annotations
@@ -71,68 +78,109 @@ def expected_tokens(acceptance: torch.Tensor, length: int) -> torch.Tensor:
     return (1 - a ** (length + 1)) / (1 - a)
 
 
-def step_cost(length: int, exit_layer: int, num_layers: int, head: float, row_cost: float) -> float:
+def pass_overhead(device: torch.device, compiled: bool) -> float:
+    """Fixed cost of one pass, in one-layer passes. Fitted to the shipped model's compiled CPU
+    steps (a sweep over E = 6, 7 and k = 2-4 on the fast path: 0.19 ms per layer, 1.07 ms
+    per pass, docs/adaptive.md); a GPU step is one CUDA graph (a few microseconds per pass);
+    eager passes pay Python per layer, which the layer cost already carries."""
+    if compiled and device.type == "cpu":
+        return 5.5
+    return 0.5
+
+
+def step_cost(
+    length: int,
+    exit_layer: int,
+    num_layers: int,
+    head: float,
+    row_cost: float,
+    overhead: float = 0.0,
+) -> float:
     """A step's cost in one-layer one-token passes: ``length`` drafts through [0, E) and the
-    head, the last draft through [0, E), ``length + 1`` rows through [E, L) and the head."""
+    head, the last draft through [0, E), ``length + 1`` rows through [E, L) and the head, and
+    ``overhead`` for each of those ``length + 2`` passes."""
     verify = (num_layers - exit_layer + head) * (1 + row_cost * length)
-    return length * (exit_layer + head) + exit_layer + verify
+    return length * (exit_layer + head) + exit_layer + verify + (length + 2) * overhead
 
 
-class DraftLengthPolicy:
-    """Per-row acceptance statistics and the draft length of the next step.
+class DraftPolicy:
+    """Per-row acceptance statistics, per exit, and the exit and length of the next step.
 
     Args:
-        lengths: the lengths to choose from (each a compiled shape on the fast path).
-        exit_layer, num_layers: E and L.
+        exit_layers: the exits to choose from (usually one; each exit x length is one
+            compiled shape on the fast path).
+        lengths: the draft lengths to choose from.
+        num_layers: L.
         head: the head's cost (final norm + LM head) in one-layer passes.
         row_cost: extra cost of each verified row, relative to a one-row pass.
         batch_size: rows of the batch.
+        overhead: fixed cost of a pass, in one-layer passes.
     """
 
     def __init__(
         self,
+        exit_layers: Sequence[int],
         lengths: Sequence[int],
-        exit_layer: int,
         num_layers: int,
         head: float,
         row_cost: float,
         batch_size: int,
+        overhead: float = 0.0,
     ) -> None:
         check_lengths(lengths)
+        self.exit_layers = tuple(sorted(set(exit_layers)))
         self.lengths = tuple(sorted(set(lengths)))
         self.costs = torch.tensor(
-            [step_cost(m, exit_layer, num_layers, head, row_cost) for m in self.lengths]
-        )  # [lengths]
-        # Decayed counts of accepted drafts and of judged drafts, [batch].
-        self.accepted = torch.full(
-            (batch_size,), PRIOR_ACCEPTANCE * PRIOR_WEIGHT, dtype=torch.float64
-        )
-        self.trials = torch.full((batch_size,), PRIOR_WEIGHT, dtype=torch.float64)
+            [
+                [
+                    step_cost(m, exit_layer, num_layers, head, row_cost, overhead)
+                    for m in self.lengths
+                ]
+                for exit_layer in self.exit_layers
+            ],
+            dtype=torch.float64,
+        )  # [exits, lengths]
+        # Decayed counts of accepted drafts and of judged drafts, [batch, exits]; an exit
+        # never drafted from keeps the prior (it is tried when the prior makes it worth it).
+        shape = (batch_size, len(self.exit_layers))
+        self.accepted = torch.full(shape, PRIOR_ACCEPTANCE * PRIOR_WEIGHT, dtype=torch.float64)
+        self.trials = torch.full(shape, PRIOR_WEIGHT, dtype=torch.float64)
 
     def acceptance(self) -> torch.Tensor:
-        """Each row's estimated per-draft acceptance probability, [batch]."""
+        """Each row's estimated per-draft acceptance probability at each exit,
+        [batch, exits]."""
         return self.accepted / self.trials
 
-    def choose(self, active: torch.Tensor | None = None) -> int:
-        """The length with the most expected tokens (summed over ``active`` rows, [batch]
-        bool; all when None) per unit of step cost."""
+    def choose(self, active: torch.Tensor | None = None) -> tuple[int, int]:
+        """The (exit layer, length) with the most expected tokens (summed over ``active``
+        rows, [batch] bool; all when None) per unit of step cost."""
         acceptance = self.acceptance()
         if active is not None:
             acceptance = acceptance[active.cpu()]
-        rates = (
-            torch.stack([expected_tokens(acceptance, m).sum() for m in self.lengths]) / self.costs
-        )  # [lengths]
-        return self.lengths[int(rates.argmax())]
+        tokens = torch.stack(
+            [expected_tokens(acceptance, m).sum(dim=0) for m in self.lengths], dim=1
+        )  # [exits, lengths]
+        best = int((tokens / self.costs).argmax())
+        exit_index, length_index = divmod(best, len(self.lengths))
+        return self.exit_layers[exit_index], self.lengths[length_index]
 
-    def update(self, drafted: int, accepted_counts: torch.Tensor, active: torch.Tensor) -> None:
-        """Count a step: ``drafted`` drafts per row, ``accepted_counts`` [batch] kept; a
-        row that rejected one saw one failure (the drafts after it were never judged).
-        Inactive rows keep their statistics."""
+    def update(
+        self,
+        exit_layer: int,
+        drafted: int,
+        accepted_counts: torch.Tensor,
+        active: torch.Tensor,
+    ) -> None:
+        """Count a step at ``exit_layer``: ``drafted`` drafts per row, ``accepted_counts``
+        [batch] kept; a row that rejected one saw one failure (the drafts after it were
+        never judged). Inactive rows keep their statistics."""
+        column = self.exit_layers.index(exit_layer)
         accepted = accepted_counts.detach().to("cpu", torch.float64)
         keep = active.detach().cpu()
         rejected = (accepted < drafted).to(torch.float64)
-        self.accepted = torch.where(keep, DECAY * self.accepted + accepted, self.accepted)
-        self.trials = torch.where(keep, DECAY * self.trials + accepted + rejected, self.trials)
+        counts, trials = self.accepted[:, column], self.trials[:, column]
+        self.accepted[:, column] = torch.where(keep, DECAY * counts + accepted, counts)
+        self.trials[:, column] = torch.where(keep, DECAY * trials + accepted + rejected, trials)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep the statistics of ``rows`` only (finished rows left the batch)."""

@@ -51,6 +51,8 @@ class GenerationConfig:
             processors and the confidence stop decode chains) or ``adaptive`` (chains of
             1, 2, 4, ... up to num_speculations drafts, chosen each step from the rows'
             recent acceptance; ``adaptive``).
+        adaptive_exit_layers: ``adaptive`` only: more exit layers it may draft from, each
+            step choosing the exit too (each exit x length is one compiled shape).
         sample: sample instead of greedy argmax.
         temperature, top_k, top_p: sampling warpers (top_k 0 and top_p 1 disable them).
         no_repeat_ngram_size: forbid repeating n-grams of this size (None: off).
@@ -89,6 +91,7 @@ class GenerationConfig:
     draft_confidence_threshold: float = 0.0
     token_healing: bool = False
     tree_branching: list[int] | None = field(default=None)
+    adaptive_exit_layers: list[int] | None = field(default=None)
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -136,6 +139,16 @@ class GenerationConfig:
             raise ConfigError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
         if self.stop_words is not None and any(not word for word in self.stop_words):
             raise ConfigError("stop_words must not contain an empty string")
+        if self.adaptive_exit_layers is not None:
+            if strategy is not GenerationStrategyName.ADAPTIVE:
+                raise ConfigError(
+                    "adaptive_exit_layers is for generation_strategy 'adaptive', got "
+                    f"'{strategy.value}'"
+                )
+            if any(layer < 1 for layer in self.adaptive_exit_layers):
+                raise ConfigError(
+                    f"adaptive_exit_layers entries must be >= 1, got {self.adaptive_exit_layers}"
+                )
         if self.tree_branching is not None:
             check_branching(self.tree_branching)
             depth = len(self.tree_branching)
@@ -168,6 +181,11 @@ class GenerationConfig:
             raise ArgumentTypeError(
                 f"generation_strategy must be {names}, got "
                 f"{type(self.generation_strategy).__name__}"
+            )
+        if self.adaptive_exit_layers is not None:
+            require_list_of(self.adaptive_exit_layers, int, "adaptive_exit_layers")
+            object.__setattr__(
+                self, "adaptive_exit_layers", [int(n) for n in self.adaptive_exit_layers]
             )
         if self.tree_branching is not None:
             require_list_of(self.tree_branching, int, "tree_branching")
@@ -204,6 +222,11 @@ class GenerationConfig:
         if not 1 <= exit_layer <= num_layers:
             raise ConfigError(
                 f"exit_layer must be in [1, {num_layers}] for this model, got {exit_layer}"
+            )
+        beyond = [layer for layer in self.adaptive_exit_layers or [] if layer > num_layers]
+        if beyond:
+            raise ConfigError(
+                f"adaptive_exit_layers must be in [1, {num_layers}] for this model, got {beyond}"
             )
         if self.tree_branching is not None:
             num_speculations = len(self.tree_branching)

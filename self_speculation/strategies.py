@@ -26,9 +26,9 @@ from typing import ClassVar
 
 import torch
 
-from self_speculation.adaptive import DraftLengthPolicy, default_lengths, row_cost
+from self_speculation.adaptive import DraftPolicy, default_lengths, pass_overhead, row_cost
 from self_speculation.config import GenerationConfig, GenerationStrategyName
-from self_speculation.errors import ArgumentTypeError, UnsupportedModelError
+from self_speculation.errors import ArgumentTypeError, ConfigError, UnsupportedModelError
 from self_speculation.kv_cache import ColumnKVCache
 from self_speculation.passes import ForwardPasses
 from self_speculation.sampling import (
@@ -53,7 +53,7 @@ class DecodingState:
         pad_counts: left padding of each row, [batch].
         prompt_width: columns of the padded prompts (generation starts there).
         cache: the shared KV cache of all layers.
-        draft_lengths: per-row acceptance statistics of the ``adaptive`` strategy.
+        draft_policy: per-row acceptance statistics of the ``adaptive`` strategy.
     """
 
     tokens: torch.Tensor
@@ -61,7 +61,7 @@ class DecodingState:
     pad_counts: torch.Tensor
     prompt_width: int
     cache: ColumnKVCache
-    draft_lengths: DraftLengthPolicy | None = None
+    draft_policy: DraftPolicy | None = None
 
     def pending_tokens(self) -> torch.Tensor:
         """The newest token of each row, [batch, 1]."""
@@ -91,8 +91,8 @@ class DecodingState:
         self.pad_counts = pad_counts - first_column
         self.prompt_width -= first_column
         self.cache.select_rows(index, first_column)
-        if self.draft_lengths is not None:
-            self.draft_lengths.select_rows(index)
+        if self.draft_policy is not None:
+            self.draft_policy.select_rows(index)
 
     def generated(self, row: int, count: int) -> list[int]:
         """The first ``count`` generated tokens of ``row``."""
@@ -504,13 +504,15 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
 
 
 class AdaptiveGenerationStrategy(SelfSpeculativeGenerationStrategy):
-    """Self-speculative chains whose length each step follows the acceptance (``adaptive``).
+    """Self-speculative chains whose length (and exit) each step follows the acceptance
+    (``adaptive``).
 
-    Each step drafts 1, 2, 4, ... or k tokens (k = num_speculations; each length is one
-    compiled shape), the length whose expected tokens per unit of cost is highest given each
-    row's recent acceptance (``adaptive.DraftLengthPolicy``). A step of length m is the
-    ``self_speculative`` step with k = m, so greedy output is autoregressive decoding's and
-    sampling keeps the target distribution: the length depends only on earlier steps.
+    Each step drafts 1, 2, 4, ... or k tokens (k = num_speculations) from exit E, or from one
+    of ``adaptive_exit_layers`` when given: the (exit, length) whose expected tokens per unit
+    of cost is highest given each row's recent acceptance (``adaptive.DraftPolicy``). Each
+    pair is one compiled shape. A step is the ``self_speculative`` step with that E and k, so
+    greedy output is autoregressive decoding's and sampling keeps the target distribution:
+    the choice depends only on earlier steps.
     """
 
     name = GenerationStrategyName.ADAPTIVE
@@ -519,17 +521,27 @@ class AdaptiveGenerationStrategy(SelfSpeculativeGenerationStrategy):
         self, passes: ForwardPasses, config: GenerationConfig, selector: TokenSelector
     ) -> None:
         super().__init__(passes, config, selector)
+        exits = sorted({config.exit_layer, *(config.adaptive_exit_layers or [])})
+        if len(exits) > 1 and passes.draft is not None and passes.draft.adapter is not None:
+            raise ConfigError(
+                "adaptive_exit_layers: the draft adapter serves the exit it was trained for "
+                f"({passes.draft.exit_layer}) only"
+            )
+        self.exit_layers = tuple(exits)
         self.draft_lengths = default_lengths(config.num_speculations)
         self.chains = {
-            length: SelfSpeculativeGenerationStrategy(
+            (exit_layer, length): SelfSpeculativeGenerationStrategy(
                 passes,
                 dataclasses.replace(
                     config,
                     generation_strategy=GenerationStrategyName.SELF_SPECULATIVE,
+                    exit_layer=exit_layer,
                     num_speculations=length,
+                    adaptive_exit_layers=None,
                 ),
                 selector,
             )
+            for exit_layer in self.exit_layers
             for length in self.draft_lengths
         }
         self.head_layers = passes.model.head_cost_in_layers()
@@ -546,34 +558,36 @@ class AdaptiveGenerationStrategy(SelfSpeculativeGenerationStrategy):
         first_token_allowed: torch.Tensor | None = None,
     ) -> DecodingState:
         state = super().prefill(prompts, pad_token_id, max_new_tokens, first_token_allowed)
-        state.draft_lengths = DraftLengthPolicy(
+        state.draft_policy = DraftPolicy(
+            self.exit_layers,
             self.draft_lengths,
-            self.config.exit_layer,
             self.model.num_layers,
             self.head_layers,
             self.row_cost,
             batch_size=len(prompts),
+            overhead=pass_overhead(self.model.device, self.passes.compiled),
         )
         return state
 
     def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
         if not self.selector.sample:
-            # Compiled: every length's shape on the first step, so that none compiles in the
-            # middle of a timed run. A discarded greedy step changes nothing: the state is
-            # not written, and the cache columns it wrote are rewritten before they are read.
-            for length, chain in self.chains.items():
+            # Compiled: every shape on the first step, so that none compiles in the middle of
+            # a timed run. A discarded greedy step changes nothing: the state is not written,
+            # and every cache column it wrote (any exit) is rewritten, in every layer, before
+            # it is read.
+            for (_, length), chain in self.chains.items():
                 if not chain.can_run(len(state.lengths)):
                     chain._speculate(state, min(num_drafts, length))
-        policy = state.draft_lengths
-        length = policy.choose(active)
+        policy = state.draft_policy
+        exit_layer, length = policy.choose(active)
         # Near a row's token limit the generator asks for fewer drafts: the chain of this
         # length drafts them (its compiled shape verifies the first num_drafts).
-        new_tokens, accepted_counts, draft_tokens = self.chains[length]._speculate(
+        new_tokens, accepted_counts, draft_tokens = self.chains[exit_layer, length]._speculate(
             state, min(num_drafts, length)
         )
         counts = (accepted_counts + 1) * active  # [batch]
         state.write(new_tokens, counts)
-        policy.update(draft_tokens.shape[1], accepted_counts, active)
+        policy.update(exit_layer, draft_tokens.shape[1], accepted_counts, active)
         return StepResult(new_tokens, counts, draft_tokens, accepted_counts)
 
 

@@ -13,7 +13,7 @@ from tiny_models import FAMILIES, IdTokenizer, make_tiny_model, make_tiny_tokeni
 
 from self_speculation import GenerationConfig, Generator
 from self_speculation.adaptive import (
-    DraftLengthPolicy,
+    DraftPolicy,
     check_lengths,
     default_lengths,
     expected_tokens,
@@ -40,8 +40,8 @@ def adaptive(exit_layer: int, k: int, **settings) -> GenerationConfig:
     )
 
 
-def policy(batch_size: int = 1, lengths=(1, 2, 4, 8)) -> DraftLengthPolicy:
-    return DraftLengthPolicy(lengths, 6, 16, head=1.4, row_cost=0.1, batch_size=batch_size)
+def policy(batch_size: int = 1, lengths=(1, 2, 4, 8), exits=(6,)) -> DraftPolicy:
+    return DraftPolicy(exits, lengths, 16, head=1.4, row_cost=0.1, batch_size=batch_size)
 
 
 def test_lengths_and_expected_tokens() -> None:
@@ -62,28 +62,44 @@ def test_high_acceptance_drafts_long_and_rejections_draft_short() -> None:
     lengths = policy()
     everything = torch.tensor([True])
     for _ in range(20):  # every draft accepted
-        length = lengths.choose(everything)
-        lengths.update(length, torch.tensor([length]), everything)
-    assert lengths.choose(everything) == 8
+        exit_layer, length = lengths.choose(everything)
+        lengths.update(exit_layer, length, torch.tensor([length]), everything)
+    assert lengths.choose(everything) == (6, 8)
     for _ in range(20):  # the first draft rejected every time
-        length = lengths.choose(everything)
-        lengths.update(length, torch.tensor([0]), everything)
-    assert lengths.choose(everything) == 1
+        exit_layer, length = lengths.choose(everything)
+        lengths.update(exit_layer, length, torch.tensor([0]), everything)
+    assert lengths.choose(everything) == (6, 1)
 
 
 def test_rows_keep_their_own_statistics() -> None:
     lengths = policy(batch_size=3)
     active = torch.tensor([True, True, False])
     for _ in range(5):
-        lengths.update(4, torch.tensor([4, 0, 4]), active)
-    acceptance = lengths.acceptance()
+        lengths.update(6, 4, torch.tensor([4, 0, 4]), active)
+    acceptance = lengths.acceptance()[:, 0]
     assert acceptance[0] > 0.9 and acceptance[1] < 0.2
     assert acceptance[2] == pytest.approx(0.6)  # inactive: still the prior
     # Alone, the sure row drafts long and the unsure one short; the batch follows the sum.
-    assert lengths.choose(torch.tensor([True, False, False])) == 8
-    assert lengths.choose(torch.tensor([False, True, False])) == 1
+    assert lengths.choose(torch.tensor([True, False, False])) == (6, 8)
+    assert lengths.choose(torch.tensor([False, True, False])) == (6, 1)
     lengths.select_rows(torch.tensor([1]))
-    assert lengths.choose() == 1 and lengths.acceptance().shape == (1,)
+    assert lengths.choose() == (6, 1) and lengths.acceptance().shape == (1, 1)
+
+
+def test_exits_keep_their_own_statistics() -> None:
+    """An exit never drafted from keeps the prior; a cheap exit that keeps failing gives
+    way to a deeper one that keeps being accepted."""
+    choices = policy(exits=(3, 6))
+    everything = torch.tensor([True])
+    # At the prior the cheaper exit comes first.
+    assert choices.choose(everything)[0] == 3
+    for _ in range(10):
+        choices.update(3, 2, torch.tensor([0]), everything)
+    assert choices.choose(everything)[0] == 6
+    for _ in range(10):
+        choices.update(6, 4, torch.tensor([4]), everything)
+    assert choices.acceptance()[0, 0] < 0.1 and choices.acceptance()[0, 1] > 0.9
+    assert choices.choose(everything)[0] == 6
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -101,13 +117,14 @@ def test_the_length_changes_during_a_generation(monkeypatch) -> None:
     """Exact while the length switches between steps."""
     generator = generator_for("llama_mha_untied")
     chosen: list[int] = []
-    original = DraftLengthPolicy.choose
+    original = DraftPolicy.choose
 
     def recording(self, active=None):
-        chosen.append(original(self, active))
-        return chosen[-1]
+        exit_layer, length = original(self, active)
+        chosen.append(length)
+        return exit_layer, length
 
-    monkeypatch.setattr(DraftLengthPolicy, "choose", recording)
+    monkeypatch.setattr(DraftPolicy, "choose", recording)
     reference = generator.generate([5, 6], greedy(60)).token_ids
     switched = 0
     for exit_layer in (1, 2, 3):
@@ -163,7 +180,7 @@ def test_strategy_compiles_one_shape_per_length() -> None:
     generator = generator_for("llama_mha_untied")
     strategy = generator._strategy(generator.resolve(adaptive(2, 6)), None)
     assert isinstance(strategy, AdaptiveGenerationStrategy)
-    assert sorted(strategy.chains) == [1, 2, 4, 6]
+    assert sorted(strategy.chains) == [(2, 1), (2, 2), (2, 4), (2, 6)]
     # Eager: a drafting and a verification pass per length (k + 1 verified positions).
     keys = strategy.pass_keys(3)
     assert sorted(key[-1] for key in keys if key[0] == "verify") == [2, 3, 5, 7]
@@ -195,3 +212,50 @@ def test_sampled_adaptive_decoding_keeps_the_target_distribution() -> None:
         accepted += result.num_accepted
     assert 0.05 < accepted / drafted < 0.95
     assert_matches(counts / 1000, exact, 1000, "adaptive")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_switching_exits_between_steps_matches_autoregressive(family: str, monkeypatch) -> None:
+    """Each step may draft from another exit: the cache stays exact (drafting fills layers
+    [0, E) of its columns, verification [E, L) from the pending token on, whatever E was
+    the step before)."""
+    generator = generator_for(family)
+    exits: list[int] = []
+    original = DraftPolicy.choose
+
+    def alternating(self, active=None):
+        _, length = original(self, active)
+        exits.append(self.exit_layers[len(exits) % len(self.exit_layers)])
+        return exits[-1], length
+
+    monkeypatch.setattr(DraftPolicy, "choose", alternating)
+    for prompt in PROMPTS[:2]:
+        reference = generator.generate(prompt, greedy(30)).token_ids
+        config = adaptive(2, 3, max_steps=30, adaptive_exit_layers=[1, 3, 4])
+        assert generator.generate(prompt, config).token_ids == reference, prompt
+        batch = generator.generate_batch(PROMPTS, config)
+        assert batch[PROMPTS.index(prompt)].token_ids == reference
+    assert set(exits) == {1, 2, 3, 4}
+
+
+def test_adaptive_exits_compiled_equal_eager() -> None:
+    generator = Generator(make_tiny_model("llama_gqa_tied", dtype=torch.float32), IdTokenizer())
+    prompts = [[5, 7, 9, 11, 13], [3, 4]]
+    settings = dict(max_steps=20, adaptive_exit_layers=[1, 3])
+    eager = generator.generate_batch(prompts, adaptive(2, 2, **settings))
+    fast = generator.generate_batch(prompts, adaptive(2, 2, compile=True, **settings))
+    assert [r.token_ids for r in fast] == [r.token_ids for r in eager]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(generation_strategy="self_speculative", adaptive_exit_layers=[3]), "is for"),
+        (dict(generation_strategy="adaptive", adaptive_exit_layers=[0]), ">= 1"),
+        (dict(generation_strategy="adaptive", adaptive_exit_layers=[9]), r"in \[1, 4\]"),
+    ],
+)
+def test_bad_adaptive_exit_layers_are_refused(settings: dict, message: str) -> None:
+    generator = generator_for("llama_mha_untied")
+    with pytest.raises(ConfigError, match=message):
+        generator.generate([5], greedy(exit_layer=2, num_speculations=2, **settings))
