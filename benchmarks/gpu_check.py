@@ -98,7 +98,7 @@ def engine_runs(args: CheckArguments) -> list[tuple[str, list[str]]]:
         shipped = [
             "--dtype", "bfloat16", "--num_prompts", "4", "--max_steps", "64",
             "--paths", "ours", "--skip_transformers", "True", "--batch_sizes", "1",
-            "--trees", "2,1,1",
+            "--trees", "2,1,1", "--adaptive", "True",
         ]  # fmt: skip
     elif args.quick:
         # Every path on the tiny Llama; the shipped model's eager paths (its fast paths
@@ -112,6 +112,7 @@ def engine_runs(args: CheckArguments) -> list[tuple[str, list[str]]]:
         shipped = [
             "--threads", "1", "--num_prompts", "1", "--max_steps", "4", "--paths", "eager",
             "--batch_sizes", "1", "2", "--batch_decoding", "eager", "--trees", "2,1,1",
+            "--adaptive", "True",
         ]  # fmt: skip
     else:
         big = [

@@ -26,7 +26,7 @@ PROMPTS = [[5, 7, 9, 11, 13], [3, 4], [8, 8, 8, 9, 10, 11, 12, 13, 14]]
 
 def config(strategy: str, compile: bool, **overrides) -> GenerationConfig:
     settings = dict(max_steps=24, sample=False, generation_strategy=strategy, compile=compile)
-    if strategy in ("self_speculative", "tree"):
+    if strategy in ("self_speculative", "tree", "adaptive"):
         settings.update(exit_layer=2, num_speculations=3)
     return GenerationConfig(**{**settings, **overrides})
 
@@ -34,7 +34,12 @@ def config(strategy: str, compile: bool, **overrides) -> GenerationConfig:
 # Each case compiles its passes (about 20 s each on an H200): two families, each strategy once.
 @pytest.mark.parametrize(
     ("family", "strategy"),
-    [("llama_gqa_tied", "self_speculative"), ("qwen2", "autoregressive"), ("qwen2", "tree")],
+    [
+        ("llama_gqa_tied", "self_speculative"),
+        ("qwen2", "autoregressive"),
+        ("qwen2", "tree"),
+        ("llama_gqa_tied", "adaptive"),
+    ],
 )
 def test_cuda_fast_path_equals_eager_and_replays(family: str, strategy: str) -> None:
     model = make_tiny_model(family, dtype=torch.float32).to("cuda")
