@@ -4,12 +4,11 @@ every family (batched, single, compiled), and sampling that keeps the target dis
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
+from test_equivalence import generator_for, greedy
 from test_sampling_distribution import WARPERS, assert_matches, exact_joint, tiny_generator
-from tiny_models import FAMILIES, IdTokenizer, make_tiny_model, make_tiny_tokenizer
+from tiny_models import FAMILIES, IdTokenizer, make_tiny_model
 
 from self_speculation import GenerationConfig, Generator
 from self_speculation.adaptive import (
@@ -23,15 +22,6 @@ from self_speculation.errors import ConfigError
 from self_speculation.strategies import AdaptiveGenerationStrategy
 
 PROMPTS = [[5], [5, 60, 7, 200, 31], [9, 8, 7]]
-
-
-@functools.cache
-def generator_for(family: str) -> Generator:
-    return Generator(make_tiny_model(family), make_tiny_tokenizer())
-
-
-def greedy(max_steps: int = 24, **settings) -> GenerationConfig:
-    return GenerationConfig(max_steps=max_steps, sample=False, **settings)
 
 
 def adaptive(exit_layer: int, k: int, **settings) -> GenerationConfig:
