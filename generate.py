@@ -143,6 +143,7 @@ def autoregressive_config(generator: Generator, config: GenerationConfig) -> Gen
             config,
             generation_strategy=GenerationStrategyName.AUTOREGRESSIVE,
             exit_layer=generator.num_layers,
+            adaptive_exit_layers=None,
         )
     )
 

@@ -400,6 +400,9 @@ def main(argv: list[str]) -> int:
                     exit_layer=exit_layer,
                     num_speculations=num_speculations,
                     tree_branching=generation.tree_branching if strategy.value == "tree" else None,
+                    adaptive_exit_layers=(
+                        generation.adaptive_exit_layers if strategy.value == "adaptive" else None
+                    ),
                 )
             )
             speed = _measure(generator, samples, config, args.seed, context)

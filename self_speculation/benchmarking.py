@@ -365,6 +365,7 @@ def full_model_config(config: GenerationConfig, num_layers: int) -> GenerationCo
         generation_strategy=GenerationStrategyName.AUTOREGRESSIVE,
         exit_layer=num_layers,
         num_speculations=UNSET,
+        adaptive_exit_layers=None,
     )
 
 

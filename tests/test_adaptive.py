@@ -4,6 +4,9 @@ every family (batched, single, compiled), and sampling that keeps the target dis
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
 import pytest
 import torch
 from test_equivalence import generator_for, greedy
@@ -249,3 +252,43 @@ def test_bad_adaptive_exit_layers_are_refused(settings: dict, message: str) -> N
     generator = generator_for("llama_mha_untied")
     with pytest.raises(ConfigError, match=message):
         generator.generate([5], greedy(exit_layer=2, num_speculations=2, **settings))
+
+
+def used_exits(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The exit sets of every DraftPolicy built from now on."""
+    built: list[tuple[int, ...]] = []
+    original = DraftPolicy.__init__
+
+    def recording(self, exit_layers, *args, **kwargs):
+        built.append(tuple(exit_layers))
+        original(self, exit_layers, *args, **kwargs)
+
+    monkeypatch.setattr(DraftPolicy, "__init__", recording)
+    return built
+
+
+def test_scripts_use_the_adaptive_exits_and_compare_with_plain_decoding(
+    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """generate --compare_autoregressive, correctness and sweep (beside self_speculative)
+    build their autoregressive baselines without the adaptive-only flag, and the adaptive
+    runs draft from every exit given."""
+    built = used_exits(monkeypatch)
+    common = ["--model", str(tiny_model_dir), "--generation_strategy", "adaptive",
+              "--exit_layer", "2", "--num_speculations", "3", "--adaptive_exit_layers", "1", "3",
+              "--max_steps", "12"]  # fmt: skip
+    generate = importlib.import_module("generate")
+    argv = [*common, "--prompt", "def f(x):", "--sample", "False", "--streamer", "none"]
+    assert generate.main([*argv, "--compare_autoregressive", "True",
+                          "--output_dir", str(tmp_path / "g")]) == 0  # fmt: skip
+    correctness = importlib.import_module("correctness")
+    data = ["--dataset", "custom_jsonl", "--data_path", str(prompts_file)]
+    assert correctness.main([*common, *data, "--output_dir", str(tmp_path / "c")]) == 0
+    assert set(built) == {(1, 2, 3)}
+    built.clear()
+    sweep = importlib.import_module("sweep")
+    grid = ["--exit_layer_first", "2", "--exit_layer_last", "2", "--num_speculations_first",
+            "2", "--num_speculations_last", "2", "--sample", "False"]  # fmt: skip
+    both = [*common[:2], "--generation_strategy", "self_speculative,adaptive", *common[4:]]
+    assert sweep.main([*both, *data, *grid, "--output_dir", str(tmp_path / "s")]) == 0
+    assert built and set(built) == {(1, 2, 3)}
