@@ -55,7 +55,12 @@ from self_speculation import (
     StreamerName,
     build_streamer,
 )
-from self_speculation.benchmarking import environment_info, run_files, write_json_atomic
+from self_speculation.benchmarking import (
+    environment_info,
+    full_model_config,
+    run_files,
+    write_json_atomic,
+)
 from self_speculation.errors import require_utf8
 
 logger = logging.getLogger("generate")
@@ -138,14 +143,7 @@ def _prompt_ids(generator: Generator, prompt: str, chat_template: bool) -> str |
 
 def autoregressive_config(generator: Generator, config: GenerationConfig) -> GenerationConfig:
     """Plain decoding (every layer, one token per step) with ``config``'s other settings."""
-    return generator.resolve(
-        dataclasses.replace(
-            config,
-            generation_strategy=GenerationStrategyName.AUTOREGRESSIVE,
-            exit_layer=generator.num_layers,
-            adaptive_exit_layers=None,
-        )
-    )
+    return generator.resolve(full_model_config(config, generator.num_layers))
 
 
 def _compile_first(

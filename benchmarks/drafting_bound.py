@@ -133,17 +133,8 @@ def chain_run(ranks: list[int], start: int, limit: int) -> int:
     return accepted
 
 
-def replay_static(ranks: list[int], k: int) -> tuple[int, int]:
-    """(steps, drafts) of a chain of k over one trajectory."""
-    position = steps = 0
-    while position < len(ranks):
-        position += chain_run(ranks, position, k) + 1
-        steps += 1
-    return steps, steps * k
-
-
 def replay_tree(ranks: list[int], branching: tuple[int, ...]) -> int:
-    """Steps of a static tree over one trajectory."""
+    """Steps of a static tree over one trajectory (a chain of k: branching 1, ..., 1)."""
     position = steps = 0
     while position < len(ranks):
         depth = 0
@@ -275,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         sure = [confidence[exit_layer - 1].tolist() for confidence in confidences]
         agreement = sum(r.count(0) for r in per_exit) / tokens
         for k in arguments.num_speculations:
-            steps = sum(replay_static(r, k)[0] for r in per_exit)
+            steps = sum(replay_tree(r, (1,) * k) for r in per_exit)
             cost = steps * cost_of(k, exit_layer)
             add("chain", exit_layer, steps, steps * k, cost, k=k, agreement=agreement)
         for shape in arguments.trees:
@@ -328,14 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         steps_taken = []
         for ranks in trajectories:
             policy = DraftPolicy(
-                chosen_exits,
-                default_lengths(k_max),
-                num_layers,
-                head,
-                arguments.row_cost,
-                1,
-                overhead,
-            )
+                chosen_exits, default_lengths(k_max), num_layers, head,
+                arguments.row_cost, batch_size=1, overhead=overhead,
+            )  # fmt: skip
             by_exit = {layer: ranks[layer - 1].tolist() for layer in chosen_exits}
             steps_taken += replay_adaptive(by_exit, policy)
         cost = sum(cost_of(length, layer) for layer, length in steps_taken)

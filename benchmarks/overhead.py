@@ -39,6 +39,7 @@ from self_speculation import (  # noqa: E402
     Generator,
     load_model_and_tokenizer,
 )
+from self_speculation.adaptive import expected_tokens  # noqa: E402
 from self_speculation.loading import DTYPES  # noqa: E402
 from self_speculation.model_surgery import truncate_cache  # noqa: E402
 
@@ -195,7 +196,7 @@ def tokens_per_step_to_acceptance(tokens_per_step: float, k: int) -> float:
     low, high = 0.0, 1.0
     for _ in range(60):
         a = (low + high) / 2
-        expected = k + 1 if a == 1 else (1 - a ** (k + 1)) / (1 - a)
+        expected = float(expected_tokens(torch.tensor(a, dtype=torch.float64), k))
         low, high = (a, high) if expected < tokens_per_step else (low, a)
     return (low + high) / 2
 

@@ -66,9 +66,9 @@ def default_lengths(num_speculations: int) -> tuple[int, ...]:
 def check_lengths(lengths: Sequence[int]) -> None:
     """Raises ConfigError for lengths an adaptive step cannot use."""
     if not lengths:
-        raise ConfigError("adaptive_lengths must name at least one draft length")
+        raise ConfigError("an adaptive policy needs at least one draft length")
     if any(not isinstance(length, int) or length < 1 for length in lengths):
-        raise ConfigError(f"adaptive_lengths entries must be ints >= 1, got {list(lengths)}")
+        raise ConfigError(f"draft lengths must be ints >= 1, got {list(lengths)}")
 
 
 def expected_tokens(acceptance: torch.Tensor, length: int) -> torch.Tensor:
