@@ -92,6 +92,18 @@ class BoundArguments:
             raise ConfigError(f"--num_speculations must be >= 1, got {self.num_speculations}")
         if not self.row_cost >= 0:
             raise ConfigError(f"--row_cost must be >= 0, got {self.row_cost}")
+        if not self.pass_overhead >= 0:
+            raise ConfigError(f"--pass_overhead must be >= 0, got {self.pass_overhead}")
+        for flag, values in (
+            ("--trees", self.trees),
+            ("--adaptive_exit_sets", self.adaptive_exit_sets),
+        ):
+            for value in values:
+                parts = value.split(",")
+                if not all(part.strip().isdigit() and int(part) >= 1 for part in parts):
+                    raise ConfigError(
+                        f"{flag} entries are comma-separated ints >= 1, e.g. 2,1,1; got '{value}'"
+                    )
 
 
 @torch.inference_mode()
@@ -218,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     exits = [layer for layer in arguments.exit_layers if layer < num_layers]
     if not exits:
         raise ConfigError(f"--exit_layers must have one below the model's {num_layers} layers")
+    for exit_set in arguments.adaptive_exit_sets:
+        if any(int(layer) > num_layers for layer in exit_set.split(",")):
+            raise ConfigError(
+                f"--adaptive_exit_sets: '{exit_set}' names an exit past the model's "
+                f"{num_layers} layers"
+            )
     head = generator.layerwise.head_cost_in_layers()
     logger.info("L=%d, head = %.2f layers", num_layers, head)
 

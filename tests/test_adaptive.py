@@ -5,6 +5,8 @@ every family (batched, single, compiled), and sampling that keeps the target dis
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -292,3 +294,17 @@ def test_scripts_use_the_adaptive_exits_and_compare_with_plain_decoding(
     both = [*common[:2], "--generation_strategy", "self_speculative,adaptive", *common[4:]]
     assert sweep.main([*both, *data, *grid, "--output_dir", str(tmp_path / "s")]) == 0
     assert built and set(built) == {(1, 2, 3)}
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["--trees", "x"], ["--trees", "2,0"], ["--adaptive_exit_sets", "5,a"], ["--row_cost", "-1"]],
+)
+def test_drafting_bound_refuses_bad_settings_in_one_line(arguments: list[str]) -> None:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "drafting_bound.py"
+    finished = subprocess.run(
+        [sys.executable, str(script), *arguments], capture_output=True, text=True, timeout=120
+    )
+    assert finished.returncode == 2
+    assert "Traceback" not in finished.stderr
+    assert finished.stderr.strip().splitlines()[-1].startswith("drafting_bound.py: error:")
