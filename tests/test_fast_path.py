@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import FAMILIES, IdTokenizer, make_tiny_model
+from tiny_models import FAMILIES, IdTokenizer, make_tiny_model, save_tiny_model
 from torch._dynamo.utils import counters
 
 from self_speculation import GenerationConfig, Generator
@@ -170,6 +174,8 @@ def test_compile_options_are_accepted_by_torch_compile(device: str) -> None:
     options = compile_options(torch.device(device))
     assert not ("mode" in options and "options" in options)
     assert options["options"].get("triton.cudagraphs", False) == (device == "cuda")
+    # CPU: kernels and wrapper built apart (the wrapper at -O1), for a shorter cold compile.
+    assert options["options"].get("cpp_wrapper_build_separate", False) == (device == "cpu")
     torch.compile(lambda x: x + 1, **options)  # validates its arguments, compiles nothing
 
 
@@ -343,3 +349,28 @@ def test_pass_timing_counts_each_pass_call_when_switched_on() -> None:
     assert sum(verify) == result.num_steps > 0
     assert all(seconds > 0 and calls > 0 for seconds, calls in timed.values())
     assert {key[0] for key in timed} - {"verify"}  # the drafts were timed too
+
+
+def test_compile_time_script_times_both_passes_and_refuses_bad_settings(tmp_path) -> None:
+    """benchmarks/compile_time.py compiles the autoregressive pass and a greedy step (here
+    with dynamo's eager backend: seconds) and prints their times; a bad exit layer is one
+    line and exit 2."""
+    model = save_tiny_model(tmp_path / "model")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "compile_time.py"
+    env = {**os.environ, "LAYERSKIP_COMPILE_BACKEND": "eager"}
+    run = [sys.executable, str(script), "--model", str(model), "--num_speculations", "2"]
+    finished = subprocess.run(
+        [*run, "--exit_layer", "2"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert finished.returncode == 0, finished.stderr
+    line = finished.stdout.strip()
+    assert "autoregressive" in line and "self-speculative (E=2, k=2)" in line
+    assert "fell back" not in finished.stderr
+    refused = subprocess.run(
+        [*run, "--exit_layer", "9"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert refused.returncode == 2
+    assert "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "compile_time.py: error: exit_layer must be in [1, 4] for this model, got 9"
+    )
