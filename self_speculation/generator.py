@@ -423,6 +423,11 @@ class Generator:
             ConfigError: as ``generate``; also a streamer with more than one prompt.
         """
         self._check_call(config, streamer, generator)
+        if generator is not None and generator.device.type != self.layerwise.device.type:
+            raise ConfigError(
+                f"generator is a {generator.device.type} torch.Generator; the model runs on "
+                f"{self.layerwise.device} (make it with torch.Generator(device=...))"
+            )
         if isinstance(prompts, str | bytes | bytearray | torch.Tensor) or not isinstance(
             prompts, Sequence
         ):

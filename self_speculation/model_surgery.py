@@ -457,6 +457,13 @@ class LayerwiseModel:
         finite = torch.isfinite(expected).all(dim=-1)  # [2, length]
         real &= (finite | ~real).all(dim=1, keepdim=True)  # whole rows out
         full_precision = self.dtype in (torch.float32, torch.float64)
+        if not real.any():  # NaN weights, or a dtype the activations overflow
+            dtype = str(self.dtype).removeprefix("torch.")
+            hint = "; try --dtype float32" if not full_precision else ""
+            raise UnsupportedModelError(
+                f"{owner}: its own forward gives NaN or infinite logits in {dtype} "
+                f"(broken weights or an overflowing dtype){hint}"
+            )
         scale = max(expected[real].abs().max().item(), 1.0)
         for view, actual, tolerance in (
             ("whole", whole, 1e-3 if full_precision else 5e-2),

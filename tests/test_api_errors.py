@@ -212,3 +212,31 @@ def test_numpy_integers_are_integers(generator: Generator) -> None:
     assert generator.generate([np.int64(token) for token in ids], config).token_ids == expected
     with pytest.raises(ArgumentTypeError, match="max_steps must be an int, got float64"):
         GenerationConfig(max_steps=np.float64(2.0))
+
+
+@pytest.mark.parametrize("method", ["generate", "generate_batch"])
+def test_a_random_generator_on_another_device_is_refused(no_work: Generator, method, monkeypatch):
+    """A CPU torch.Generator for a model on CUDA (or the reverse) is one ConfigError before
+    any work, not an error from deep inside sampling."""
+    layerwise_class = type(no_work.layerwise)
+    monkeypatch.setattr(layerwise_class, "device", property(lambda self: torch.device("cuda", 0)))
+    call = getattr(no_work, method)
+    prompt = "def" if method == "generate" else ["def"]
+    with pytest.raises(
+        ConfigError, match="generator is a cpu torch.Generator; the model runs on cuda:0"
+    ):
+        call(prompt, GREEDY, None, torch.Generator().manual_seed(0))
+
+
+def test_a_model_whose_own_forward_gives_nan_is_refused_in_one_line() -> None:
+    """NaN weights (or a dtype whose activations overflow): UnsupportedModelError naming it,
+    not a RuntimeError from the exactness check."""
+    from tiny_models import IdTokenizer, make_tiny_model
+
+    from self_speculation import UnsupportedModelError
+
+    model = make_tiny_model("qwen2")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
+    with pytest.raises(UnsupportedModelError, match="its own forward gives NaN or infinite logits"):
+        Generator(model, IdTokenizer())
