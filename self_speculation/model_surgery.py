@@ -509,7 +509,7 @@ class LayerwiseModel:
 _PROBE_LENGTH = 12  # tokens per probe row
 _PROBE_PADDING = 3  # left padding of the second row
 _PROBE_STEPS = 4  # one-token steps after the prefill
-_PROBE_WINDOW = 4  # sliding windows during the probe: shorter than the probe
+_PROBE_WINDOW = 4  # the shortest window during the probe; all stay shorter than the probe
 # Config lengths past which a family attends otherwise (Doge keeps its top
 # keep_window_size keys); the probe narrows each so that it sees that regime.
 _WINDOW_SETTINGS = ("sliding_window", "keep_window_size")
@@ -518,21 +518,35 @@ _WINDOW_SETTINGS = ("sliding_window", "keep_window_size")
 @contextmanager
 def _narrowed_windows(model: nn.Module, *configs: PretrainedConfig | None) -> Iterator[None]:
     """Within the block, the ``_WINDOW_SETTINGS`` of every config, and of every module of
-    ``model`` that copied one at init, are at most ``_PROBE_WINDOW`` (the model's own
-    forward and the layer-wise view both read them per call)."""
-    saved = []
+    ``model`` that copied one at init, are short enough for the probe to pass them (the
+    model's own forward and the layer-wise view both read them per call).
+
+    Settings keep their order: the i-th smallest distinct value becomes at most
+    ``_PROBE_WINDOW + 2 i``. Narrowing all of them to one length would hide one behind
+    another (Doge's top keep_window_size keys inside a longer sliding window: with both at
+    4 the window leaves nothing for the top-k to drop).
+    """
+    found = []
     holders = [*configs, *model.modules()]
-    for config in {id(c): c for c in holders if c is not None}.values():
+    for holder in {id(c): c for c in holders if c is not None}.values():
         for name in _WINDOW_SETTINGS:
-            window = getattr(config, name, None)
-            if isinstance(window, int) and window > _PROBE_WINDOW:
-                saved.append((config, name, window))
-                setattr(config, name, _PROBE_WINDOW)
+            window = getattr(holder, name, None)
+            if isinstance(window, int) and not isinstance(window, bool):
+                found.append((holder, name, window))
+    lengths = sorted({window for _, _, window in found})
+    narrowed = {
+        window: min(window, _PROBE_WINDOW + 2 * rank) for rank, window in enumerate(lengths)
+    }
+    saved = []
+    for holder, name, window in found:
+        if narrowed[window] < window:
+            saved.append((holder, name, window))
+            setattr(holder, name, narrowed[window])
     try:
         yield
     finally:
-        for config, name, window in saved:
-            setattr(config, name, window)
+        for holder, name, window in saved:
+            setattr(holder, name, window)
 
 
 def _tree_visibility(

@@ -312,3 +312,35 @@ def test_attention_that_changes_past_a_config_length_is_seen_by_the_load_time_ch
     with pytest.raises(UnsupportedModelError, match="differs from the model's own forward"):
         LayerwiseModel(model)
     assert model.config.keep_window_size == 2048  # put back
+
+
+def doge(**settings) -> DogeForCausalLM:
+    config = DogeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **settings,
+    )
+    torch.manual_seed(0)
+    return DogeForCausalLM(config).to(torch.float64).eval()
+
+
+def test_a_keep_window_inside_a_longer_sliding_window_is_seen_by_the_load_time_check() -> None:
+    """Doge's top-k keys inside a longer sliding window: narrowed to one length, the window
+    hid the top-k from the check and the model decoded otherwise than its own generate.
+    The check keeps the two lengths in order; a keep window the sliding window covers (so
+    that it never binds) is accepted and exact."""
+    with pytest.raises(UnsupportedModelError, match="differs from the model's own forward"):
+        LayerwiseModel(doge(keep_window_size=8, sliding_window=64))
+    model = doge(keep_window_size=2048, sliding_window=4)
+    prompt = list(range(5, 17))
+    ours = Generator(model, IdTokenizer()).generate(prompt, settings()).token_ids
+    theirs = model.generate(
+        torch.tensor([prompt]), max_new_tokens=MAX_STEPS, do_sample=False, eos_token_id=None,
+        pad_token_id=0,
+    )[0, len(prompt) :].tolist()  # fmt: skip
+    assert ours == theirs[: len(ours)] and len(ours) == MAX_STEPS
