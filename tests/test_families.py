@@ -15,6 +15,7 @@ import pytest
 import torch
 from tiny_models import (
     FAMILIES_BEYOND,
+    FAMILIES_REGISTERED,
     ROPE_SWITCH,
     IdTokenizer,
     make_tiny_model,
@@ -53,7 +54,10 @@ def settings(strategy: str = "autoregressive", **overrides) -> GenerationConfig:
     )
 
 
-@pytest.mark.parametrize("family", FAMILIES_BEYOND)
+ALL_BEYOND = [*FAMILIES_BEYOND, *FAMILIES_REGISTERED]
+
+
+@pytest.mark.parametrize("family", ALL_BEYOND)
 def test_autoregressive_equals_transformers_generate(family: str) -> None:
     generator = generator_for(family)
     model = generator.layerwise.model
@@ -75,7 +79,7 @@ def test_autoregressive_equals_transformers_generate(family: str) -> None:
             assert len(ours.token_ids) == MAX_STEPS
 
 
-@pytest.mark.parametrize("family", FAMILIES_BEYOND)
+@pytest.mark.parametrize("family", ALL_BEYOND)
 def test_self_speculation_and_batches_equal_single_autoregressive_runs(family: str) -> None:
     generator = generator_for(family)
     single = [generator.generate(prompt, settings()).token_ids for prompt in PROMPTS]

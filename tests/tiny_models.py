@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     Cohere2Config,
     CohereConfig,
@@ -189,12 +190,73 @@ FAMILIES_BEYOND = {
     ),
 }
 
+# More families, as transformers registers them (model_type), built from their default
+# config shrunk to the sizes above (float32; several are mixtures of experts). Each decoded
+# exactly in a probe over every registered causal LM (2026-12-05); they differ from the
+# families above in attention (differential, mixture of attention heads), activations,
+# norms, routers or layer kinds.
+FAMILIES_REGISTERED = (
+    "afmoe",
+    "apertus",
+    "bitnet",
+    "cohere2_moe",
+    "diffllama",
+    "ernie4_5_moe",
+    "exaone4",
+    "flex_olmo",
+    "glm4",
+    "glm4_moe",
+    "granitemoe",
+    "helium",
+    "hunyuan_v1_moe",
+    "jetmoe",
+    "laguna",
+    "mimo_v2_flash",
+    "minimax_m2",
+    "nemotron",
+    "olmoe",
+    "seed_oss",
+    "vaultgemma",
+)
+_REGISTERED_SIZES = dict(
+    _COMMON,
+    num_key_value_heads=2,
+    head_dim=8,
+    sliding_window=4,
+    moe_intermediate_size=32,
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+)
+
+
+def _registered_config(model_type: str):
+    """``model_type``'s default config with every size it has from _REGISTERED_SIZES, and
+    per-layer kinds cut to its number of layers."""
+    config = AutoConfig.for_model(model_type)
+    for name, value in _REGISTERED_SIZES.items():
+        if hasattr(config, name):
+            setattr(config, name, value)
+    if getattr(config, "layer_types", None):
+        config.layer_types = (list(config.layer_types) * config.num_hidden_layers)[
+            : config.num_hidden_layers
+        ]
+    return config
+
 
 def make_tiny_model(
     family: str = "llama_mha_untied", seed: int = 0, dtype=torch.float64, **overrides
 ):
-    """A randomly initialised tiny causal LM of ``family`` (FAMILIES or FAMILIES_BEYOND) in
-    eval mode; a FAMILIES_BEYOND family that states a dtype gets that dtype."""
+    """A randomly initialised tiny causal LM of ``family`` (FAMILIES, FAMILIES_BEYOND or
+    FAMILIES_REGISTERED) in eval mode; a FAMILIES_BEYOND family that states a dtype gets
+    that dtype, a FAMILIES_REGISTERED one float32."""
+    if family in FAMILIES_REGISTERED:
+        config = _registered_config(family)
+        for name, value in overrides.items():
+            setattr(config, name, value)
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     if family in FAMILIES_BEYOND:
         config_class, family_overrides, family_dtype = FAMILIES_BEYOND[family]
         dtype = family_dtype or dtype
