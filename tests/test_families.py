@@ -297,27 +297,6 @@ def test_the_generator_warns_of_checkpoint_settings_it_does_not_apply(caplog) ->
     assert "begin_suppress_tokens=[3]" in caplog.text
 
 
-def test_attention_that_changes_past_a_config_length_is_seen_by_the_load_time_check() -> None:
-    """Doge keeps only its top keep_window_size keys past that length (2048 in real
-    checkpoints), which the engine's cached decoding does not reproduce: the check narrows
-    the setting below its probe, on the config and on the modules that copied it."""
-    config = DogeConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        keep_window_size=2048,
-    )
-    torch.manual_seed(0)
-    model = DogeForCausalLM(config).to(torch.float64).eval()
-    with pytest.raises(UnsupportedModelError, match="differs from the model's own forward"):
-        LayerwiseModel(model)
-    assert model.config.keep_window_size == 2048  # put back
-
-
 def doge(**settings) -> DogeForCausalLM:
     config = DogeConfig(
         vocab_size=64,
@@ -331,6 +310,16 @@ def doge(**settings) -> DogeForCausalLM:
     )
     torch.manual_seed(0)
     return DogeForCausalLM(config).to(torch.float64).eval()
+
+
+def test_attention_that_changes_past_a_config_length_is_seen_by_the_load_time_check() -> None:
+    """Doge keeps only its top keep_window_size keys past that length (2048 in real
+    checkpoints), which the engine's cached decoding does not reproduce: the check narrows
+    the setting below its probe, on the config and on the modules that copied it."""
+    model = doge(keep_window_size=2048)
+    with pytest.raises(UnsupportedModelError, match="differs from the model's own forward"):
+        LayerwiseModel(model)
+    assert model.config.keep_window_size == 2048  # put back
 
 
 def test_a_keep_window_inside_a_longer_sliding_window_is_seen_by_the_load_time_check() -> None:
