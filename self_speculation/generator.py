@@ -206,6 +206,7 @@ class Generator:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else None
         self.pad_token_id = pad if pad is not None else min(self.eos_token_ids, default=0)
         self._forward_passes: dict[bool, ForwardPasses] = {}
+        self._full_depth_drafts_warned = False
         self._texts: list[str] | None = None
         # Finished rows leave a batch (``_rows_to_keep``); False keeps every row to the end
         # (benchmarks compare the two in one run).
@@ -251,6 +252,16 @@ class Generator:
                 f"num_speculations must be below the model's context ({context} tokens), "
                 f"got {resolved.num_speculations}"
             )
+        full_depth = resolved.exit_layer == self.num_layers and draft is None
+        if resolved.generation_strategy.speculative and full_depth:
+            if not self._full_depth_drafts_warned:
+                logger.warning(
+                    "exit_layer %d is the full model: each draft costs a whole forward pass, "
+                    "so self-speculation is slower than autoregressive decoding (pick a lower "
+                    "--exit_layer)",
+                    resolved.exit_layer,
+                )
+            self._full_depth_drafts_warned = True
         return resolved
 
     def encode(self, prompt: str) -> list[int]:

@@ -3,6 +3,7 @@ ConfigError naming the argument, raised before any work (issue 24)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,20 @@ def test_a_model_whose_own_forward_gives_nan_is_refused_in_one_line() -> None:
         model.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
     with pytest.raises(UnsupportedModelError, match="its own forward gives NaN or infinite logits"):
         Generator(model, IdTokenizer())
+
+
+def test_drafting_with_the_full_model_is_warned_about_once(generator: Generator, caplog) -> None:
+    """exit_layer = L is accepted (drafts equal the model's own tokens) but can only be slower
+    than plain decoding: one warning per Generator, none for a lower exit layer."""
+    generator._full_depth_drafts_warned = False
+    lower = GenerationConfig(
+        sample=False, max_steps=2, generation_strategy="self_speculative", exit_layer=1,
+        num_speculations=2,
+    )  # fmt: skip
+    full = dataclasses.replace(lower, exit_layer=generator.num_layers)
+    with caplog.at_level("WARNING"):
+        generator.resolve(lower)
+        assert "is the full model" not in caplog.text
+        generator.resolve(full)
+        generator.resolve(full)
+    assert caplog.text.count("is the full model") == 1
