@@ -255,13 +255,13 @@ class Generator:
         full_depth = resolved.exit_layer == self.num_layers and draft is None
         if resolved.generation_strategy.speculative and full_depth:
             if not self._full_depth_drafts_warned:
+                self._full_depth_drafts_warned = True
                 logger.warning(
                     "exit_layer %d is the full model: each draft costs a whole forward pass, "
                     "so self-speculation is slower than autoregressive decoding (pick a lower "
                     "--exit_layer)",
                     resolved.exit_layer,
                 )
-            self._full_depth_drafts_warned = True
         return resolved
 
     def encode(self, prompt: str) -> list[int]:

@@ -252,17 +252,16 @@ def make_tiny_model(
     FAMILIES_REGISTERED) in eval mode; a FAMILIES_BEYOND family that states a dtype gets
     that dtype, a FAMILIES_REGISTERED one float32."""
     if family in FAMILIES_REGISTERED:
-        config = _registered_config(family)
+        config, dtype = _registered_config(family), torch.float32
         for name, value in overrides.items():
             setattr(config, name, value)
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    if family in FAMILIES_BEYOND:
-        config_class, family_overrides, family_dtype = FAMILIES_BEYOND[family]
-        dtype = family_dtype or dtype
     else:
-        config_class, family_overrides = FAMILIES[family]
-    config = config_class(**{**_COMMON, **family_overrides, **overrides})
+        if family in FAMILIES_BEYOND:
+            config_class, family_overrides, family_dtype = FAMILIES_BEYOND[family]
+            dtype = family_dtype or dtype
+        else:
+            config_class, family_overrides = FAMILIES[family]
+        config = config_class(**{**_COMMON, **family_overrides, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
