@@ -40,8 +40,10 @@ class GenerationResult:
         text: the decoded generated text (special tokens skipped).
         token_ids: generated token ids, prompt excluded.
         num_prompt_tokens: prompt length in tokens.
-        stop_reason: "eos", "stop_word", "max_steps" or "context_length" (the model's
-            context filled up before max_steps).
+        stop_reason: "eos", "stop_word", "max_steps", "context_length" (the model's
+            context filled up before max_steps) or "non_finite_logits" (the model's logits
+            became NaN or infinite, e.g. float16 overflowing; the tokens chosen from them are
+            not kept, and a warning says so).
         total_time: seconds from the prompt's forward to the last token (device-synchronised).
         num_steps: decoding steps after the prompt's forward (one verification each).
         num_drafted, num_accepted: draft tokens proposed / accepted by verification.
@@ -505,7 +507,7 @@ class Generator:
             kept_list, codes = host[:size], host[size:]
             new_token_lists = step.new_tokens.tolist() if follow_tokens else None
             for index, row in enumerate(rows):
-                if reasons[row] is not None or kept_list[index] == 0:
+                if reasons[row] is not None or (kept_list[index] == 0 and not codes[index]):
                     continue
                 new_row = new_token_lists[index][: kept_list[index]] if new_token_lists else []
                 if config.stop_words:
@@ -549,6 +551,15 @@ class Generator:
         _synchronize(device)
         total_time = time.perf_counter() - started
         streamer.on_end()
+        broken = [row for row in range(batch) if reasons[row] == _REASONS[NON_FINITE]]
+        if broken:
+            logger.warning(
+                "%d of %d generations stopped early: the model's logits became NaN or "
+                "infinite (an overflowing dtype such as float16? try bfloat16 or float32); "
+                "their text ends before the first token chosen from such logits",
+                len(broken),
+                batch,
+            )
         for index, row in enumerate(rows):
             token_ids[row] = state.generated(index, generated[row])
         drafted, accepted = num_drafted.tolist(), num_accepted.tolist()
@@ -590,8 +601,8 @@ class Generator:
 
 
 # Why a row stopped, as the codes kept on the device.
-EOS, LIMIT, STOP_WORD = 1, 2, 3
-_REASONS = {EOS: "eos", STOP_WORD: "stop_word"}
+EOS, LIMIT, STOP_WORD, NON_FINITE = 1, 2, 3, 4
+_REASONS = {EOS: "eos", STOP_WORD: "stop_word", NON_FINITE: "non_finite_logits"}
 
 
 def _kept_counts(
@@ -604,18 +615,22 @@ def _kept_counts(
     """Tokens of this step each row keeps, [batch]; marks rows that stop in ``reason_code``.
 
     A row keeps its new tokens up to and including the first end-of-sequence token, and
-    no more than its limit allows.
+    no more than its limit allows; none when the step's logits for it were not finite
+    (``StepResult.non_finite``): it stops there.
     """
     new_tokens, counts = step.new_tokens, step.new_counts  # [batch, n], [batch]
+    running = reason_code == 0
+    broken = running & step.non_finite if step.non_finite is not None else running & False
+    healthy = running & ~broken
     index = torch.arange(new_tokens.shape[1], device=counts.device)
     is_stop = torch.isin(new_tokens, stop_ids) & (index < counts[:, None])  # [batch, n]
     has_stop = is_stop.any(dim=1)
     through_stop = torch.where(has_stop, is_stop.long().argmax(dim=1) + 1, counts)
     room = limit - generated_count
-    kept = torch.minimum(through_stop, room) * (reason_code == 0)  # [batch]
-    stops = (reason_code == 0) & has_stop & (through_stop <= room)
-    full = (reason_code == 0) & ~stops & (generated_count + kept >= limit)
-    reason_code.masked_fill_(stops, EOS).masked_fill_(full, LIMIT)
+    kept = torch.minimum(through_stop, room) * healthy  # [batch]
+    stops = healthy & has_stop & (through_stop <= room)
+    full = healthy & ~stops & (generated_count + kept >= limit)
+    reason_code.masked_fill_(stops, EOS).masked_fill_(full, LIMIT).masked_fill_(broken, NON_FINITE)
     return kept
 
 

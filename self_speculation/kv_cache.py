@@ -159,6 +159,11 @@ class ColumnKVCache(Cache):
     def _allocate(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         if self.pool is not None:
             self._buffers[layer] = self.pool.take(layer, self.capacity, self.rows, key, value)
+            for buffer in self._buffers[layer]:
+                # Attention weighs masked columns by zero, and 0 x NaN is NaN: a column
+                # left non-finite by an earlier generation (float16 overflowing) would
+                # poison every later one. Zeroed in place (same address).
+                buffer[: self.rows].zero_()
         else:
             self._buffers[layer] = tuple(
                 like.new_zeros(self.rows, like.shape[1], self.capacity, like.shape[-1])

@@ -33,22 +33,32 @@ import logging
 import os
 import shutil
 import time
+import weakref
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch._dynamo.utils import counters
 
+from self_speculation import precompiled
 from self_speculation.attention import sdpa_configs, use_few_query_attention
 from self_speculation.cpu_kernels import FewRowProducts, load_few_row_kernel
 from self_speculation.draft import DraftExit, cache_layers
 from self_speculation.kv_cache import BufferPool, ColumnKVCache
 from self_speculation.model_surgery import LayerwiseModel
-from self_speculation.sampling import greedy_accept, kept_tokens
+from self_speculation.sampling import (
+    greedy_accept,
+    kept_tokens,
+    non_finite,
+    verified_non_finite,
+)
 from self_speculation.trees import TokenTree, TreeColumns, greedy_tree_accept
 
 logger = logging.getLogger(__name__)
 
 COMPILE_BACKEND_VARIABLE = "LAYERSKIP_COMPILE_BACKEND"
+# "0" switches off keeping compiled passes on disk (``precompiled``).
+PRECOMPILE_VARIABLE = "LAYERSKIP_PRECOMPILE"
 # Compiled versions of one pass: every (exit layer, batch size, k) of every model is one,
 # and dynamo's default limit (8) would send a sweep back to eager code. Set on our
 # functions only (torch.compile's recompile_limit), not for the whole process.
@@ -137,6 +147,10 @@ def compile_options(device: torch.device) -> dict:
 
 
 _INSTANCES = itertools.count()
+# ForwardPasses -> pass key -> its compiled version kept on disk (``precompiled``). Not an
+# attribute: saving a compiled pass pickles what it reads from its ``ForwardPasses``, and
+# a loaded compiled function cannot be pickled.
+_PRECOMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class ForwardPasses:
@@ -176,6 +190,12 @@ class ForwardPasses:
         # fixed addresses (CUDA graphs replay on them).
         self._pool: BufferPool | None = None
         self._compiles = 0  # compiles so far (for the expected time of the next one)
+        # CPU: compiled passes saved to / loaded from disk (``precompiled``), per key
+        # (in _PRECOMPILED), each called directly with these passes as its first argument.
+        self._keep_on_disk = False
+        self._options: dict = {}
+        self._model_digest: str | None = None
+        self._loaded: set[tuple] = set()  # keys whose compiled pass came from disk
         # Why compiling was given up (the passes then run eagerly), or None.
         self.fallback_reason: str | None = None
         if compile:
@@ -185,6 +205,12 @@ class ForwardPasses:
                 return
             self._pool = BufferPool()
             options = compile_options(model.device)
+            self._options = options
+            self._keep_on_disk = (
+                model.device.type == "cpu"
+                and precompiled.available()
+                and os.environ.get(PRECOMPILE_VARIABLE, "") != "0"
+            )
             if model.device.type == "cpu" and compile_backend() == "inductor":
                 # Compiled CPU calls use the grouped few-query attention (attention.py).
                 self._attention_configs = sdpa_configs(model.model)
@@ -199,6 +225,7 @@ class ForwardPasses:
         logger.warning("fast path off, decoding eagerly: %s", reason)
         self.fallback_reason = reason
         self.compiled = False
+        _PRECOMPILED.pop(self, None)
         self._early = self._early_eager
         self._verify = self._verify_eager
         self._greedy_drafts = self._greedy_drafts_eager
@@ -231,9 +258,12 @@ class ForwardPasses:
         try:
             with use_few_query_attention(self._attention_configs):
                 if not first:
-                    result = self._counted(key, function, *args)
+                    kept = _PRECOMPILED.get(self)
+                    result = self._counted(
+                        key, kept.get(key, function) if kept else function, *args
+                    )
                 else:
-                    result = function(*args)
+                    result = self._first_call(key, function, args)
                     if self.model.device.type == "cuda":
                         torch.cuda.synchronize(self.model.device)
         except _COMPILE_FAILURES as error:
@@ -245,12 +275,43 @@ class ForwardPasses:
             self._compiles += 1
             self._seen.add(key)
             logger.info(
-                "compiled the %s pass%s in %.1f s",
+                "%s the %s pass%s in %.1f s",
+                "loaded" if key in self._loaded else "compiled",
                 key[0],
                 "" if first else " again, for inputs unlike the compiled ones",
                 elapsed,
             )
         return self._compiled_result(result, args)
+
+    def _first_call(self, key: tuple, function: Callable, args: tuple) -> object:
+        """The first call of a compiled pass: through the version kept on disk when there is
+        one (loaded, or compiled ahead of time and saved), else through ``function``."""
+        if not self._keep_on_disk:
+            return function(*args)
+        if self._model_digest is None:
+            self._model_digest = precompiled.model_digest(self.model.model, self.draft)
+        path = precompiled.artifact_path(self._model_digest, key, args, self._options)
+        kept = precompiled.load(path)
+        if kept is not None:
+            logger.info("loading the compiled %s pass from %s", key[0], path)
+            self._loaded.add(key)
+        else:
+            try:
+                kept = precompiled.compile_and_save(
+                    getattr(type(self), f"_{key[0]}_eager"), self._options, (self, *args), path
+                )
+            except Exception as error:  # compile as usual (a real failure fails there)
+                logger.info("not kept on disk (%s): %s", key[0], _first_line(error))
+                return function(*args)
+        call = partial(kept, self)
+        try:
+            result = call(*args)
+        except Exception as error:  # inputs its guards refuse: compile as usual
+            logger.info("the saved %s pass does not fit: %s", key[0], _first_line(error))
+            self._loaded.discard(key)
+            return function(*args)
+        _PRECOMPILED.setdefault(self, {})[key] = call
+        return result
 
     def _expected_compile_time(self) -> str:
         if self._compiles:
@@ -540,7 +601,7 @@ class ForwardPasses:
         made: torch.Tensor,
         exit_layer: int,
         count: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         positions = torch.arange(count + 1, device=lengths.device)
         columns = lengths[:, None] - 1 + positions  # [batch, k + 1]
         drafts, states = self._greedy_drafts_eager(
@@ -561,6 +622,7 @@ class ForwardPasses:
             kept_tokens(draft_tokens, accepted_counts, next_tokens),
             accepted_counts,
             draft_tokens,
+            verified_non_finite(non_finite(logits), made),
         )
 
     @torch.no_grad()
@@ -573,7 +635,7 @@ class ForwardPasses:
         made: torch.Tensor,
         exit_layer: int,
         count: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """A whole greedy self-speculative step in one call: ``count`` greedy drafts
         (``greedy_drafts``), verification of the first ``made`` (``verify``) and greedy
         acceptance. One compiled call (one CUDA graph) per step instead of two, with the
@@ -587,7 +649,8 @@ class ForwardPasses:
         Returns:
             The step's new tokens [batch, k + 1] (accepted drafts, then the correction or
             bonus token; the first ``accepted + 1`` of each row count), the accepted counts
-            [batch] and the drafts [batch, k] (-1 past ``made``).
+            [batch], the drafts [batch, k] (-1 past ``made``) and the rows whose verified
+            logits held NaN or +inf [batch] (``sampling.non_finite``).
         """
         key = self.greedy_step_key(exit_layer, pending.shape[0], count)
         return self._timed(
@@ -604,7 +667,7 @@ class ForwardPasses:
         tree: TokenTree,
         depths: torch.Tensor,
         ancestors: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         device = lengths.device
         base = lengths - 1  # [batch]: the root (pending token) column
         batch = len(lengths)
@@ -640,12 +703,14 @@ class ForwardPasses:
             pad_counts,
         )
         cache.tree = None
-        targets = self.model.unembed(hidden).argmax(dim=-1)  # [batch, nodes]
+        logits = self.model.unembed(hidden)  # [batch, nodes, vocab]
+        targets = logits.argmax(dim=-1)  # [batch, nodes]
         accepted, next_tokens, path, drafts = greedy_tree_accept(tree, tokens, targets)
         # The accepted path's columns (and those after it) move behind the root.
         behind = base[:, None] + 1 + torch.arange(tree.depth, device=device)
         cache.move_columns(base[:, None] + path, behind)
-        return kept_tokens(drafts, accepted, next_tokens), accepted, drafts
+        bad = non_finite(logits).any(dim=1)  # [batch]: any node's (a broken model)
+        return kept_tokens(drafts, accepted, next_tokens), accepted, drafts, bad
 
     @torch.no_grad()
     def tree_step(
@@ -656,7 +721,7 @@ class ForwardPasses:
         pad_counts: torch.Tensor,
         exit_layer: int,
         tree: TokenTree,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """A greedy self-speculative step over a token tree (``trees``) in one call: each
         depth's nodes drafted through layers [0, E) (children: the early exit's most likely
         tokens), every node verified through layers [E, L), the longest path the full
@@ -670,7 +735,8 @@ class ForwardPasses:
         Returns:
             The step's new tokens [batch, depth + 1] (the accepted path, then the correction
             or bonus token; the first ``accepted + 1`` of each row count), the accepted
-            counts [batch] and the path's drafts [batch, depth].
+            counts [batch], the path's drafts [batch, depth] and the rows whose logits held
+            NaN or +inf at any node [batch].
         """
         key = self.tree_step_key(exit_layer, pending.shape[0], tree.branching)
         tensors = self._tree_tensors.get(tree.branching)

@@ -33,9 +33,12 @@ from self_speculation.kv_cache import ColumnKVCache
 from self_speculation.passes import ForwardPasses
 from self_speculation.sampling import (
     TokenSelector,
+    finite_or_uniform,
     greedy_accept,
     kept_tokens,
+    non_finite,
     speculative_accept,
+    verified_non_finite,
 )
 from self_speculation.trees import TokenTree, default_branching
 
@@ -110,12 +113,15 @@ class StepResult:
         draft_tokens: tokens the early exit proposed, [batch, k] (-1 where none; no
             columns for autoregressive decoding).
         accepted_counts: drafts kept per row, [batch].
+        non_finite: rows whose full-model logits this step held NaN or +inf, [batch] bool
+            (``sampling.non_finite``): what such a row produced is not kept and it stops.
     """
 
     new_tokens: torch.Tensor
     new_counts: torch.Tensor
     draft_tokens: torch.Tensor
     accepted_counts: torch.Tensor
+    non_finite: torch.Tensor | None = None
 
 
 def left_pad(
@@ -190,8 +196,11 @@ class GenerationStrategy(abc.ABC):
         logits = self.passes.prefill(
             tokens[:, :width], cache, pad_counts, self.prefill_layers
         )  # [batch, vocab]
-        if bool(torch.isnan(logits).any()):
-            raise UnsupportedModelError("the model produced NaN logits for the prompt")
+        if bool(non_finite(logits).any()):
+            raise UnsupportedModelError(
+                "the model produced NaN or infinite logits for the prompt (an overflowing "
+                "dtype such as float16? try bfloat16 or float32)"
+            )
         if first_token_allowed is not None:
             logits = logits.masked_fill(~first_token_allowed, float("-inf"))
         first_tokens, _ = self.selector.choose(logits, tokens, pad_counts, state.lengths)
@@ -229,11 +238,14 @@ class AutoRegressiveGenerationStrategy(GenerationStrategy):
             state.pad_counts,
             self.config.exit_layer,
         )  # [batch, vocab]
+        bad = non_finite(logits)  # [batch]
+        if self.selector.sample:
+            logits = finite_or_uniform(logits, bad)
         tokens, _ = self.selector.choose(logits, state.tokens, state.pad_counts, state.lengths)
         counts = active.long()  # [batch]
         state.write(tokens[:, None], counts)
         no_drafts = tokens[:, None][:, :0]
-        return StepResult(tokens[:, None], counts, no_drafts, torch.zeros_like(counts))
+        return StepResult(tokens[:, None], counts, no_drafts, torch.zeros_like(counts), bad)
 
 
 class SelfSpeculativeGenerationStrategy(GenerationStrategy):
@@ -350,6 +362,8 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
                 tokens, state.lengths[:, None] - 1 + i, state.cache, state.pad_counts, exit_layer
             )
             exit_states.append(hidden)
+            if self.selector.sample:  # a draft only proposes: a broken one is just rejected
+                logits = finite_or_uniform(logits, non_finite(logits))
             chosen, probs = self.selector.choose(
                 logits, state.tokens, state.pad_counts, state.lengths + i
             )  # [batch], [batch, vocab] or None
@@ -368,25 +382,26 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
         return torch.stack(drafts, dim=1), torch.cat(exit_states, dim=1), draft_probs
 
     def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
-        new_tokens, accepted_counts, draft_tokens = self._speculate(state, num_drafts)
+        new_tokens, accepted_counts, draft_tokens, bad = self._speculate(state, num_drafts)
         counts = (accepted_counts + 1) * active  # [batch]
         state.write(new_tokens, counts)
-        return StepResult(new_tokens, counts, draft_tokens, accepted_counts)
+        return StepResult(new_tokens, counts, draft_tokens, accepted_counts, bad)
 
     def _speculate(
         self, state: DecodingState, num_drafts: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draft, verify and accept for every row (``state`` is not written).
 
         Returns:
             The step's new tokens [batch, k + 1] (the first ``accepted + 1`` of each row
-            count), the accepted counts [batch] and the drafts made [batch, made].
+            count), the accepted counts [batch], the drafts made [batch, made] and the rows
+            whose verification logits were not finite [batch].
         """
         k, exit_layer = self.config.num_speculations, self.config.exit_layer
         num_drafts = max(1, min(num_drafts, k))
         if self._fused_step:
             # Always k drafts (one compiled shape); verification uses the first num_drafts.
-            new_tokens, accepted_counts, draft_tokens = self.passes.greedy_step(
+            new_tokens, accepted_counts, draft_tokens, bad = self.passes.greedy_step(
                 state.pending_tokens(),
                 state.lengths,
                 state.cache,
@@ -394,22 +409,23 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
                 torch.tensor([num_drafts], device=state.lengths.device),
                 exit_layer,
                 k,
-            )  # [batch, k + 1], [batch], [batch, k]
+            )  # [batch, k + 1], [batch], [batch, k], [batch]
             made = num_drafts
         else:
-            new_tokens, accepted_counts, draft_tokens, made = self._draft_and_verify(
+            new_tokens, accepted_counts, draft_tokens, made, bad = self._draft_and_verify(
                 state, num_drafts
             )
-        return new_tokens, accepted_counts, draft_tokens[:, :made]
+        return new_tokens, accepted_counts, draft_tokens[:, :made], bad
 
     def _draft_and_verify(
         self, state: DecodingState, num_drafts: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
         """A step through separate passes: drafts, verification, acceptance.
 
         Returns:
             The step's new tokens [batch, k + 1], accepted counts [batch], drafts [batch, k]
-            (-1 past the drafts made) and the number of drafts made.
+            (-1 past the drafts made), the number of drafts made and the rows whose
+            verification logits were not finite [batch].
         """
         k, exit_layer = self.config.num_speculations, self.config.exit_layer
         draft_tokens, exit_states, draft_probs, made = self._draft(state, num_drafts)
@@ -425,8 +441,10 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
             state.pad_counts,
             exit_layer,
         )  # [batch, k + 1, vocab]
-
+        bad_positions = non_finite(target_logits)  # [batch, k + 1]
+        bad = verified_non_finite(bad_positions, made_tensor)  # [batch]
         if self.selector.sample:
+            target_logits = finite_or_uniform(target_logits, bad_positions)
             target_probs = self.selector.probabilities(
                 target_logits, state.tokens, state.pad_counts, state.lengths
             )  # [batch, k + 1, vocab]
@@ -439,7 +457,7 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
             )  # [batch, k + 1]
             accepted_counts, next_tokens = greedy_accept(draft_tokens, target_tokens)
         new_tokens = kept_tokens(draft_tokens, accepted_counts, next_tokens)
-        return new_tokens, accepted_counts, draft_tokens, made
+        return new_tokens, accepted_counts, draft_tokens, made, bad
 
 
 class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
@@ -490,7 +508,7 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
 
     def _speculate(
         self, state: DecodingState, num_drafts: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.chains:
             return super()._speculate(state, num_drafts)
         return self.passes.tree_step(
@@ -500,7 +518,7 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
             state.pad_counts,
             self.config.exit_layer,
             self.tree,
-        )  # [batch, depth + 1], [batch], [batch, depth]
+        )  # [batch, depth + 1], [batch], [batch, depth], [batch]
 
 
 class AdaptiveGenerationStrategy(SelfSpeculativeGenerationStrategy):
@@ -582,13 +600,14 @@ class AdaptiveGenerationStrategy(SelfSpeculativeGenerationStrategy):
         exit_layer, length = policy.choose(active)
         # Near a row's token limit the generator asks for fewer drafts: the chain of this
         # length drafts them (its compiled shape verifies the first num_drafts).
-        new_tokens, accepted_counts, draft_tokens = self.chains[exit_layer, length]._speculate(
+        chain = self.chains[exit_layer, length]
+        new_tokens, accepted_counts, draft_tokens, bad = chain._speculate(
             state, min(num_drafts, length)
         )
         counts = (accepted_counts + 1) * active  # [batch]
         state.write(new_tokens, counts)
         policy.update(exit_layer, draft_tokens.shape[1], accepted_counts, active)
-        return StepResult(new_tokens, counts, draft_tokens, accepted_counts)
+        return StepResult(new_tokens, counts, draft_tokens, accepted_counts, bad)
 
 
 STRATEGIES: dict[GenerationStrategyName, type[GenerationStrategy]] = {

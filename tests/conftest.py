@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the scripts run in subprocesses
+# Compiled passes kept on disk (self_speculation.precompiled): this session's own directory,
+# so that no test loads what an earlier session (or the user) saved.
+os.environ.setdefault("LAYERSKIP_PRECOMPILED_DIR", tempfile.mkdtemp(prefix="layerskip-pc-"))
 
 import torch  # noqa: E402
 from tiny_models import save_tiny_model  # noqa: E402

@@ -1,0 +1,173 @@
+"""Compiled passes kept on disk, so that a second process skips tracing (CPU).
+
+A cold compile of a pass is mostly code generation and the C++ compiler, which inductor's
+on-disk cache already saves; what a second process still pays is dynamo tracing the pass
+again (about 6 s of 6.7 s per pass on the shipped model). torch's ahead-of-time
+compilation (``torch.compile(...).aot_compile``) saves the traced and compiled pass whole;
+loading it takes well under a second.
+
+One file per compiled version: the name hashes everything the compiled code depends on
+(torch, transformers and this package's sources, the model's structure and config, the
+draft exit, the pass's key and the inputs' dtypes, shapes and devices). The weights are
+not in it: the pass reads them from the model it is called with. The saved code keeps
+torch's portable guards only (tensor metadata, global state); the key in the name tells
+versions apart (ints such as the exit layer, the batch size).
+
+Anything that fails here (an older torch, a pass whose guards cannot be saved, a damaged
+file) makes the caller compile as usual; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DIRECTORY_VARIABLE = "LAYERSKIP_PRECOMPILED_DIR"
+
+
+def available() -> bool:
+    """Whether this torch can save and load compiled functions."""
+    return hasattr(torch.compiler, "load_compiled_function") and hasattr(
+        torch.compiler, "keep_portable_guards_unsafe"
+    )
+
+
+def directory() -> Path:
+    """Where compiled passes are kept: LAYERSKIP_PRECOMPILED_DIR, else next to inductor's
+    own cache (TORCHINDUCTOR_CACHE_DIR or its default), so that clearing one clears both."""
+    chosen = os.environ.get(DIRECTORY_VARIABLE, "")
+    if chosen:
+        return Path(chosen)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir  # noqa: PLC0415
+
+    return Path(cache_dir()) / "layerskip-precompiled"
+
+
+@cache
+def _sources_digest() -> str:
+    """This package's code (the passes trace it), torch's and transformers' versions."""
+    digest = hashlib.sha256()
+    for name in ("torch", "transformers"):
+        digest.update(f"{name}={importlib.metadata.version(name)};".encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _describe(value: object) -> str:
+    """What of a pass's argument the compiled code depends on."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor({value.dtype}, {tuple(value.shape)}, {value.device.type})"
+    if isinstance(value, int | float | bool | str | tuple | type(None)):
+        return repr(value)
+    layers = [pair for pair in getattr(value, "_buffers", None) or [] if pair is not None]
+    if layers:  # a ColumnKVCache: its buffers' layout; the column count is dynamic
+        keys, values = layers[0]
+        return (
+            f"cache({type(value).__name__}, {len(layers)} layers, rows {value.rows}, "
+            f"{keys.dtype}, {tuple(keys.shape[1::2])}, {tuple(values.shape[1::2])}, "
+            f"{keys.device.type}, {getattr(value, 'tree', None) is not None})"
+        )
+    return f"{type(value).__name__}:{value!r}"
+
+
+def _stable(value: object) -> str:
+    """``value`` described the same way in every process (no object addresses)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key!r}: {_stable(value[key])}" for key in sorted(value)) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_stable(item) for item in value) + "]"
+    if isinstance(value, int | float | bool | str | type(None)):
+        return repr(value)
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{value.__module__}.{value.__qualname__}"
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
+def artifact_path(model_digest: str, key: tuple, args: tuple, options: dict) -> Path:
+    """The file of the compiled pass ``key`` called with ``args``."""
+    digest = hashlib.sha256()
+    for part in (_sources_digest(), model_digest, repr(key), _stable(options)):
+        digest.update(part.encode())
+    for arg in args:
+        digest.update(_describe(arg).encode())
+    return directory() / f"{key[0]}-{digest.hexdigest()[:32]}.pt2"
+
+
+def model_digest(model: torch.nn.Module, draft: object) -> str:
+    """The model's structure, config and draft exit (not its weights)."""
+    parts = [type(model).__qualname__, repr(model)]
+    config = getattr(model, "config", None)
+    if config is not None:
+        parts.append(config.to_json_string(use_diff=False))
+    if draft is not None:
+        vocab = getattr(draft, "vocab", None)
+        parts.append(
+            f"draft exit {getattr(draft, 'exit_layer', None)}, adapter "
+            f"{getattr(draft, 'adapter', None)!r}, vocab "
+            f"{None if vocab is None else tuple(vocab.shape)}"
+        )
+    parts.append(str(next(model.parameters()).dtype))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def load(path: Path) -> Callable | None:
+    """The compiled pass saved at ``path``, or None (none there, or it cannot be loaded)."""
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as file:
+            compiled = torch.compiler.load_compiled_function(file)
+    except Exception as error:  # a damaged or foreign file: compile again
+        logger.warning("ignoring the saved compiled pass %s: %s", path.name, _one_line(error))
+        return None
+    # Its saved tensor guards refuse the cache's dynamic column dimension in a new process
+    # (torch 2.13: "_has_dynamo_dim_marking ... absent at compile time"); what they would
+    # check (dtypes, shapes, devices of every input) is in the file's name.
+    compiled.disable_guard_check()
+    return compiled
+
+
+def compile_and_save(function: Callable, options: dict, args: tuple, path: Path) -> Callable:
+    """``function`` compiled ahead of time for ``args`` and saved at ``path`` (written to a
+    temporary file first, so that an interrupted save leaves nothing half-written).
+
+    Raises what compiling raises; a failed save only logs."""
+    options = {
+        **options,
+        "options": {
+            **options.get("options", {}),
+            "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe,
+        },
+    }
+    options.pop("recompile_limit", None)  # one version per file
+    compiled = torch.compile(function, **options).aot_compile((args, {}))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".part") as file:
+            temporary = Path(file.name)
+    except OSError as error:  # a read-only disk
+        logger.warning("could not save the compiled pass: %s", _one_line(error))
+        return compiled
+    try:
+        compiled.save_compiled_function(str(temporary))
+        temporary.replace(path)
+    except Exception as error:  # a full disk, a pass whose code cannot be saved
+        logger.warning("could not save the compiled pass: %s", _one_line(error))
+        temporary.unlink(missing_ok=True)
+    return compiled
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

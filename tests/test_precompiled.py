@@ -1,0 +1,107 @@
+"""Compiled passes kept on disk (``self_speculation.precompiled``): a second process (here:
+a second Generator, as a new process would build it) loads them instead of tracing again,
+decodes the same tokens, and reads its own model's weights, not the first one's."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+from tiny_models import IdTokenizer, make_tiny_model
+from torch._dynamo.utils import counters
+
+from self_speculation import GenerationConfig, Generator, precompiled
+
+PROMPTS = [[100, 101, 102], [3, 4]]
+
+
+@pytest.fixture()
+def kept_in(tmp_path, monkeypatch):
+    monkeypatch.setenv(precompiled.DIRECTORY_VARIABLE, str(tmp_path))
+    monkeypatch.setenv("LAYERSKIP_COMPILE_BACKEND", "eager")
+    return tmp_path
+
+
+def config(strategy: str, compile: bool) -> GenerationConfig:
+    extra = {} if strategy == "autoregressive" else {"exit_layer": 2, "num_speculations": 3}
+    return GenerationConfig(
+        max_steps=12, sample=False, generation_strategy=strategy, compile=compile, **extra
+    )
+
+
+def fresh(seed: int) -> Generator:
+    return Generator(
+        make_tiny_model("llama_mha_untied", seed=seed, dtype=torch.float32), IdTokenizer()
+    )
+
+
+def token_ids(generator: Generator, strategy: str, compile: bool) -> list[list[int]]:
+    return [r.token_ids for r in generator.generate_batch(PROMPTS, config(strategy, compile))]
+
+
+@pytest.mark.parametrize("strategy", ["autoregressive", "self_speculative"])
+def test_a_second_generator_loads_the_saved_passes_instead_of_tracing(
+    kept_in, strategy: str, caplog
+) -> None:
+    first = fresh(seed=0)
+    expected = token_ids(first, strategy, compile=False)
+    assert token_ids(first, strategy, compile=True) == expected
+    saved = sorted(kept_in.glob("*.pt2"))
+    assert saved  # one file per compiled pass
+
+    graphs = counters["stats"]["unique_graphs"]
+    second = fresh(seed=0)
+    with caplog.at_level(logging.INFO, logger="self_speculation.passes"):
+        assert token_ids(second, strategy, compile=True) == expected
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing traced
+    assert caplog.text.count("loading the compiled") == len(saved)
+    assert sorted(kept_in.glob("*.pt2")) == saved
+    # Another cache capacity (the column dimension is dynamic in the saved code too).
+    longer = dataclasses.replace(config(strategy, True), max_steps=300)
+    assert [r.token_ids for r in second.generate_batch(PROMPTS, longer)] == [
+        r.token_ids
+        for r in first.generate_batch(PROMPTS, dataclasses.replace(longer, compile=False))
+    ]
+    assert counters["stats"]["unique_graphs"] == graphs
+
+    # Another model of the same structure: the same files, its own weights.
+    other = fresh(seed=1)
+    other_expected = token_ids(other, strategy, compile=False)
+    assert other_expected != expected
+    assert token_ids(other, strategy, compile=True) == other_expected
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_another_structure_or_dtype_gets_its_own_files(kept_in) -> None:
+    token_ids(fresh(seed=0), "autoregressive", compile=True)
+    saved = set(kept_in.glob("*.pt2"))
+    wider = Generator(
+        make_tiny_model("llama_mha_untied", dtype=torch.float32, intermediate_size=48),
+        IdTokenizer(),
+    )
+    token_ids(wider, "autoregressive", compile=True)
+    double = Generator(make_tiny_model("llama_mha_untied", dtype=torch.float64), IdTokenizer())
+    assert token_ids(double, "autoregressive", compile=True) == token_ids(
+        double, "autoregressive", compile=False
+    )
+    assert len(set(kept_in.glob("*.pt2")) - saved) == 2 * len(saved)
+
+
+def test_a_damaged_file_is_compiled_again_with_a_warning(kept_in, caplog) -> None:
+    expected = token_ids(fresh(seed=0), "autoregressive", compile=True)
+    for path in kept_in.glob("*.pt2"):
+        path.write_bytes(b"not a compiled function")
+    with caplog.at_level(logging.WARNING):
+        assert token_ids(fresh(seed=0), "autoregressive", compile=True) == expected
+    assert "ignoring the saved compiled pass" in caplog.text
+    assert all(path.stat().st_size > 100 for path in kept_in.glob("*.pt2"))  # saved again
+    assert not list(kept_in.glob("*.part"))
+
+
+def test_switched_off_nothing_is_kept(kept_in, monkeypatch) -> None:
+    monkeypatch.setenv("LAYERSKIP_PRECOMPILE", "0")
+    expected = token_ids(fresh(seed=0), "self_speculative", compile=False)
+    assert token_ids(fresh(seed=0), "self_speculative", compile=True) == expected
+    assert not list(kept_in.iterdir())
