@@ -276,10 +276,11 @@ class GenerationArguments:
     draft_confidence_threshold: float = 0.0
     """Stop drafting once a draft's top probability is below this (0: off, as the original)."""
     compile: bool = False
-    """Fast path: torch.compile the decoding passes (once per batch size, E and k). Off by
-    default: it pays after ~29k generated tokens with a cold compile cache, ~2.9k with a warm
-    one (shipped model, quiet 2-core CPU: compile 241 s cold / 24 s warm, self-speculation
-    368.9 vs 90.8 tok/s eager); turn it on for benchmarks, sweeps and long runs."""
+    """Fast path: torch.compile the decoding passes (once per batch size, E and k; on CPU
+    kept on disk, so a later process loads them). Off by default: it pays after ~11k
+    generated tokens the first time, ~240 after (shipped model, quiet 2-core CPU: compile
+    91.5 s cold / 2.0 s loaded, self-speculation 368.9 vs 90.8 tok/s eager); turn it on for
+    benchmarks, sweeps and long runs."""
     tree_branching: list[int] | None = None
     """tree: children per node at each depth, e.g. 2 2 1 (the depth stands for
     num_speculations); default: 2 2 then 1s to depth num_speculations."""

@@ -615,19 +615,23 @@ def _kept_counts(
     """Tokens of this step each row keeps, [batch]; marks rows that stop in ``reason_code``.
 
     A row keeps its new tokens up to and including the first end-of-sequence token, and
-    no more than its limit allows; none when the step's logits for it were not finite
-    (``StepResult.non_finite``): it stops there.
+    no more than its limit allows; where one of those was chosen from logits that were not
+    finite (``StepResult.non_finite``), only the tokens before it, and it stops there.
     """
     new_tokens, counts = step.new_tokens, step.new_counts  # [batch, n], [batch]
     running = reason_code == 0
-    broken = running & step.non_finite if step.non_finite is not None else running & False
-    healthy = running & ~broken
     index = torch.arange(new_tokens.shape[1], device=counts.device)
     is_stop = torch.isin(new_tokens, stop_ids) & (index < counts[:, None])  # [batch, n]
     has_stop = is_stop.any(dim=1)
     through_stop = torch.where(has_stop, is_stop.long().argmax(dim=1) + 1, counts)
     room = limit - generated_count
-    kept = torch.minimum(through_stop, room) * healthy  # [batch]
+    kept = torch.minimum(through_stop, room) * running  # [batch]
+    broken = torch.zeros_like(running)
+    if step.non_finite is not None:
+        bad = step.non_finite & (index < kept[:, None])  # [batch, n]: among the kept
+        broken = bad.any(dim=1)
+        kept = torch.where(broken, bad.long().argmax(dim=1), kept)
+    healthy = running & ~broken
     stops = healthy & has_stop & (through_stop <= room)
     full = healthy & ~stops & (generated_count + kept >= limit)
     reason_code.masked_fill_(stops, EOS).masked_fill_(full, LIMIT).masked_fill_(broken, NON_FINITE)

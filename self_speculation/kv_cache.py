@@ -217,7 +217,7 @@ class ColumnKVCache(Cache):
         """Keep only ``rows`` (indices into the batch, in their new order) and the columns
         from ``first_column`` on (left padding no kept row needs), in the same buffers:
         the kept entries move to the first rows and columns (the last ``first_column``
-        columns keep stale entries, which no query sees before its row writes them), and
+        columns are zeroed), and
         ``keys`` / ``values`` view the first ``len(rows)`` rows. No buffer is allocated or
         moved, so compiled passes (and their CUDA graphs) keep their addresses."""
         width = self.capacity - first_column
@@ -229,6 +229,9 @@ class ColumnKVCache(Cache):
             ):
                 kept = current[rows, :, first_column:]  # [kept, heads, width, dim], a copy
                 buffer[: len(rows), :, :width].copy_(kept)
+                # What was left there may be a dropped row's, non-finite (0 x NaN: see
+                # _allocate).
+                buffer[: len(rows), :, width:].zero_()
         self.rows = len(rows)
         for layer in range(self.num_layers):
             if self._buffers[layer] is not None:

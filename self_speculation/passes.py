@@ -50,7 +50,6 @@ from self_speculation.sampling import (
     greedy_accept,
     kept_tokens,
     non_finite,
-    verified_non_finite,
 )
 from self_speculation.trees import TokenTree, TreeColumns, greedy_tree_accept
 
@@ -147,9 +146,10 @@ def compile_options(device: torch.device) -> dict:
 
 
 _INSTANCES = itertools.count()
-# ForwardPasses -> pass key -> its compiled version kept on disk (``precompiled``). Not an
-# attribute: saving a compiled pass pickles what it reads from its ``ForwardPasses``, and
-# a loaded compiled function cannot be pickled.
+# ForwardPasses -> pass key -> its compiled version kept on disk (``precompiled``), called
+# with the ForwardPasses first (it keeps no reference to it, so entries go with their
+# ForwardPasses). Not an attribute: saving a compiled pass pickles what it reads from its
+# ForwardPasses, and a loaded compiled function cannot be pickled.
 _PRECOMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -258,10 +258,9 @@ class ForwardPasses:
         try:
             with use_few_query_attention(self._attention_configs):
                 if not first:
-                    kept = _PRECOMPILED.get(self)
-                    result = self._counted(
-                        key, kept.get(key, function) if kept else function, *args
-                    )
+                    saved = _PRECOMPILED.get(self, {}).get(key)
+                    call = function if saved is None else partial(saved, self)
+                    result = self._counted(key, call, *args)
                 else:
                     result = self._first_call(key, function, args)
                     if self.model.device.type == "cuda":
@@ -285,33 +284,44 @@ class ForwardPasses:
 
     def _first_call(self, key: tuple, function: Callable, args: tuple) -> object:
         """The first call of a compiled pass: through the version kept on disk when there is
-        one (loaded, or compiled ahead of time and saved), else through ``function``."""
+        one (loaded, or compiled ahead of time, saved and loaded back), else through
+        ``function`` (torch.compile's dispatch)."""
         if not self._keep_on_disk:
             return function(*args)
+        try:
+            kept = self._kept_on_disk(key, args)
+        except Exception as error:  # a disk, hashing or saving failure: compile as usual
+            logger.info("not kept on disk (%s): %s", key[0], _first_line(error))
+            return function(*args)
+        try:
+            result = kept(self, *args)
+        except Exception as error:  # a saved pass that does not fit: compile as usual
+            logger.warning(
+                "the saved %s pass does not fit, compiling it: %s", key[0], _first_line(error)
+            )
+            self._loaded.discard(key)
+            return function(*args)
+        _PRECOMPILED.setdefault(self, {})[key] = kept
+        return result
+
+    def _kept_on_disk(self, key: tuple, args: tuple) -> Callable:
+        """The pass ``key`` as kept on disk for ``args``: loaded, or compiled ahead of time,
+        saved and loaded back (the loaded copy holds no reference to these passes and runs
+        as it will in a later process). Called with these passes as its first argument."""
         if self._model_digest is None:
             self._model_digest = precompiled.model_digest(self.model.model, self.draft)
         path = precompiled.artifact_path(self._model_digest, key, args, self._options)
         kept = precompiled.load(path)
-        if kept is not None:
+        if kept is None:
+            unbound = getattr(type(self), f"_{key[0]}_eager")
+            precompiled.compile_and_save(unbound, self._options, (self, *args), path)
+            kept = precompiled.load(path)
+            if kept is None:
+                raise RuntimeError(f"the saved pass could not be loaded back from {path}")
+        else:
             logger.info("loading the compiled %s pass from %s", key[0], path)
             self._loaded.add(key)
-        else:
-            try:
-                kept = precompiled.compile_and_save(
-                    getattr(type(self), f"_{key[0]}_eager"), self._options, (self, *args), path
-                )
-            except Exception as error:  # compile as usual (a real failure fails there)
-                logger.info("not kept on disk (%s): %s", key[0], _first_line(error))
-                return function(*args)
-        call = partial(kept, self)
-        try:
-            result = call(*args)
-        except Exception as error:  # inputs its guards refuse: compile as usual
-            logger.info("the saved %s pass does not fit: %s", key[0], _first_line(error))
-            self._loaded.discard(key)
-            return function(*args)
-        _PRECOMPILED.setdefault(self, {})[key] = call
-        return result
+        return kept
 
     def _expected_compile_time(self) -> str:
         if self._compiles:
@@ -622,7 +632,7 @@ class ForwardPasses:
             kept_tokens(draft_tokens, accepted_counts, next_tokens),
             accepted_counts,
             draft_tokens,
-            verified_non_finite(non_finite(logits), made),
+            non_finite(logits),  # [batch, k + 1]
         )
 
     @torch.no_grad()
@@ -649,8 +659,8 @@ class ForwardPasses:
         Returns:
             The step's new tokens [batch, k + 1] (accepted drafts, then the correction or
             bonus token; the first ``accepted + 1`` of each row count), the accepted counts
-            [batch], the drafts [batch, k] (-1 past ``made``) and the rows whose verified
-            logits held NaN or +inf [batch] (``sampling.non_finite``).
+            [batch], the drafts [batch, k] (-1 past ``made``) and where the logits at the
+            k + 1 positions were not finite [batch, k + 1] (``sampling.non_finite``).
         """
         key = self.greedy_step_key(exit_layer, pending.shape[0], count)
         return self._timed(
@@ -709,7 +719,10 @@ class ForwardPasses:
         # The accepted path's columns (and those after it) move behind the root.
         behind = base[:, None] + 1 + torch.arange(tree.depth, device=device)
         cache.move_columns(base[:, None] + path, behind)
-        bad = non_finite(logits).any(dim=1)  # [batch]: any node's (a broken model)
+        # Where the logits that chose each new token (the root's, then the path's) were not
+        # finite, [batch, depth + 1].
+        chosen_at = torch.nn.functional.pad(path, (1, 0))  # node 0 is the root
+        bad = non_finite(logits).gather(1, chosen_at)
         return kept_tokens(drafts, accepted, next_tokens), accepted, drafts, bad
 
     @torch.no_grad()
@@ -735,8 +748,8 @@ class ForwardPasses:
         Returns:
             The step's new tokens [batch, depth + 1] (the accepted path, then the correction
             or bonus token; the first ``accepted + 1`` of each row count), the accepted
-            counts [batch], the path's drafts [batch, depth] and the rows whose logits held
-            NaN or +inf at any node [batch].
+            counts [batch], the path's drafts [batch, depth] and where the logits that chose
+            the new tokens were not finite [batch, depth + 1].
         """
         key = self.tree_step_key(exit_layer, pending.shape[0], tree.branching)
         tensors = self._tree_tensors.get(tree.branching)

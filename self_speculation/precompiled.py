@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import inspect
 import logging
 import os
+import platform
 import tempfile
 from collections.abc import Callable
 from functools import cache
@@ -55,13 +57,25 @@ def directory() -> Path:
 
 @cache
 def _sources_digest() -> str:
-    """This package's code (the passes trace it), torch's and transformers' versions."""
+    """This package's code (the passes trace it), torch's and transformers' versions, the
+    Python version and the CPU (compiled kernels use its instructions)."""
+    from self_speculation.cpu_kernels import _cpu_signature  # noqa: PLC0415
+
     digest = hashlib.sha256()
     for name in ("torch", "transformers"):
         digest.update(f"{name}={importlib.metadata.version(name)};".encode())
+    digest.update(f"python={platform.python_version()};cpu={_cpu_signature()};".encode())
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+@cache
+def _file_digest(path: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
 
 
 def _describe(value: object) -> str:
@@ -90,14 +104,18 @@ def _stable(value: object) -> str:
     if isinstance(value, int | float | bool | str | type(None)):
         return repr(value)
     if callable(value) and hasattr(value, "__qualname__"):
-        return f"{value.__module__}.{value.__qualname__}"
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    if hasattr(value, "to_json_string"):  # a config
+        return _config_digest(value)
     return f"{type(value).__module__}.{type(value).__qualname__}"
 
 
 def artifact_path(model_digest: str, key: tuple, args: tuple, options: dict) -> Path:
     """The file of the compiled pass ``key`` called with ``args``."""
     digest = hashlib.sha256()
-    for part in (_sources_digest(), model_digest, repr(key), _stable(options)):
+    # Inductor's CPU kernels are built for the thread count of the process that compiled them.
+    threads = f"threads={torch.get_num_threads()}"
+    for part in (_sources_digest(), model_digest, repr(key), _stable(options), threads):
         digest.update(part.encode())
     for arg in args:
         digest.update(_describe(arg).encode())
@@ -105,20 +123,62 @@ def artifact_path(model_digest: str, key: tuple, args: tuple, options: dict) -> 
 
 
 def model_digest(model: torch.nn.Module, draft: object) -> str:
-    """The model's structure, config and draft exit (not its weights)."""
-    parts = [type(model).__qualname__, repr(model)]
-    config = getattr(model, "config", None)
-    if config is not None:
-        parts.append(config.to_json_string(use_diff=False))
+    """What compiled code of ``model`` depends on besides the weights' values: every
+    module's class (and its source file), settings (non-tensor attributes) and tensors'
+    names, dtypes, shapes and sharing (a tied head), the configs (attention implementation
+    included), and the draft exit's (adapter, vocabulary size, exit layer)."""
+    parts = [_module_digest(model)]
     if draft is not None:
+        adapter = getattr(draft, "adapter", None)
         vocab = getattr(draft, "vocab", None)
         parts.append(
-            f"draft exit {getattr(draft, 'exit_layer', None)}, adapter "
-            f"{getattr(draft, 'adapter', None)!r}, vocab "
-            f"{None if vocab is None else tuple(vocab.shape)}"
+            f"draft exit {getattr(draft, 'exit_layer', None)}, vocab "
+            f"{None if vocab is None else tuple(vocab.shape)}, adapter "
+            f"{_module_digest(adapter) if isinstance(adapter, torch.nn.Module) else adapter!r}"
         )
-    parts.append(str(next(model.parameters()).dtype))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+_MODULE_INTERNALS = frozenset(
+    {"_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set"}
+)
+
+
+def _module_digest(module: torch.nn.Module) -> str:
+    parts = []
+    first_name: dict[int, str] = {}  # storage -> first tensor name (tied weights share one)
+    tensors = [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]
+    for name, tensor in tensors:
+        shared = first_name.setdefault(tensor.untyped_storage().data_ptr(), name)
+        parts.append(f"{name}: {tensor.dtype} {tuple(tensor.shape)} {shared}")
+    for name, child in module.named_modules(remove_duplicate=False):
+        kind = type(child)
+        source = getattr(inspect.getmodule(kind), "__file__", None)
+        settings = {
+            key: value
+            for key, value in vars(child).items()
+            if key not in _MODULE_INTERNALS
+            and not key.endswith("hooks")
+            and not isinstance(value, torch.Tensor)
+        }
+        parts.append(
+            f"{name}: {kind.__module__}.{kind.__qualname__} "
+            f"{_file_digest(source) if source else ''} {_stable(settings)}"
+        )
+    return "\n".join(parts)
+
+
+def _config_digest(config: object) -> str:
+    """A config in full, with the implementation choices ``to_json_string`` leaves out."""
+    parts = [config.to_json_string(use_diff=False)]
+    configs = [config, *(getattr(config, name) for name in getattr(config, "sub_configs", {}))]
+    for each in configs:
+        for name in ("_attn_implementation", "_experts_implementation"):
+            parts.append(f"{name}={getattr(each, name, None)!r}")
+    return "\n".join(parts)
 
 
 def load(path: Path) -> Callable | None:
@@ -138,11 +198,10 @@ def load(path: Path) -> Callable | None:
     return compiled
 
 
-def compile_and_save(function: Callable, options: dict, args: tuple, path: Path) -> Callable:
-    """``function`` compiled ahead of time for ``args`` and saved at ``path`` (written to a
-    temporary file first, so that an interrupted save leaves nothing half-written).
-
-    Raises what compiling raises; a failed save only logs."""
+def compile_and_save(function: Callable, options: dict, args: tuple, path: Path) -> None:
+    """Compile ``function`` ahead of time for ``args`` and save it at ``path`` (written to a
+    temporary file first, so that an interrupted or concurrent save never leaves a
+    half-written file under that name). Raises what compiling or saving raises."""
     options = {
         **options,
         "options": {
@@ -152,20 +211,14 @@ def compile_and_save(function: Callable, options: dict, args: tuple, path: Path)
     }
     options.pop("recompile_limit", None)  # one version per file
     compiled = torch.compile(function, **options).aot_compile((args, {}))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".part") as file:
-            temporary = Path(file.name)
-    except OSError as error:  # a read-only disk
-        logger.warning("could not save the compiled pass: %s", _one_line(error))
-        return compiled
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".part") as file:
+        temporary = Path(file.name)
     try:
         compiled.save_compiled_function(str(temporary))
         temporary.replace(path)
-    except Exception as error:  # a full disk, a pass whose code cannot be saved
-        logger.warning("could not save the compiled pass: %s", _one_line(error))
+    finally:
         temporary.unlink(missing_ok=True)
-    return compiled
 
 
 def _one_line(error: BaseException) -> str:

@@ -188,13 +188,6 @@ def non_finite(logits: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(logits.amax(dim=-1))
 
 
-def verified_non_finite(bad_positions: torch.Tensor, made: torch.Tensor) -> torch.Tensor:
-    """Rows with non-finite logits (``bad_positions`` [batch, k + 1]) at a position that
-    verification used: the pending token's and the first ``made`` drafts' ([1] long), [batch]."""
-    used = torch.arange(bad_positions.shape[1], device=bad_positions.device) <= made
-    return (bad_positions & used).any(dim=1)
-
-
 def finite_or_uniform(logits: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
     """``logits`` with the rows marked in ``bad`` [...] replaced by zeros (a uniform
     distribution), so that sampling from them draws a token instead of failing; the

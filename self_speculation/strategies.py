@@ -38,7 +38,6 @@ from self_speculation.sampling import (
     kept_tokens,
     non_finite,
     speculative_accept,
-    verified_non_finite,
 )
 from self_speculation.trees import TokenTree, default_branching
 
@@ -113,8 +112,9 @@ class StepResult:
         draft_tokens: tokens the early exit proposed, [batch, k] (-1 where none; no
             columns for autoregressive decoding).
         accepted_counts: drafts kept per row, [batch].
-        non_finite: rows whose full-model logits this step held NaN or +inf, [batch] bool
-            (``sampling.non_finite``): what such a row produced is not kept and it stops.
+        non_finite: where the full-model logits that chose ``new_tokens`` were not finite,
+            [batch, n] bool (``sampling.non_finite``): a row keeps the tokens before its
+            first such one and stops there.
     """
 
     new_tokens: torch.Tensor
@@ -245,7 +245,9 @@ class AutoRegressiveGenerationStrategy(GenerationStrategy):
         counts = active.long()  # [batch]
         state.write(tokens[:, None], counts)
         no_drafts = tokens[:, None][:, :0]
-        return StepResult(tokens[:, None], counts, no_drafts, torch.zeros_like(counts), bad)
+        return StepResult(
+            tokens[:, None], counts, no_drafts, torch.zeros_like(counts), bad[:, None]
+        )
 
 
 class SelfSpeculativeGenerationStrategy(GenerationStrategy):
@@ -394,8 +396,8 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
 
         Returns:
             The step's new tokens [batch, k + 1] (the first ``accepted + 1`` of each row
-            count), the accepted counts [batch], the drafts made [batch, made] and the rows
-            whose verification logits were not finite [batch].
+            count), the accepted counts [batch], the drafts made [batch, made] and where the
+            logits that chose the new tokens were not finite [batch, k + 1].
         """
         k, exit_layer = self.config.num_speculations, self.config.exit_layer
         num_drafts = max(1, min(num_drafts, k))
@@ -409,7 +411,7 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
                 torch.tensor([num_drafts], device=state.lengths.device),
                 exit_layer,
                 k,
-            )  # [batch, k + 1], [batch], [batch, k], [batch]
+            )  # [batch, k + 1], [batch], [batch, k], [batch, k + 1]
             made = num_drafts
         else:
             new_tokens, accepted_counts, draft_tokens, made, bad = self._draft_and_verify(
@@ -424,8 +426,8 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
 
         Returns:
             The step's new tokens [batch, k + 1], accepted counts [batch], drafts [batch, k]
-            (-1 past the drafts made), the number of drafts made and the rows whose
-            verification logits were not finite [batch].
+            (-1 past the drafts made), the number of drafts made and where the
+            verification logits were not finite [batch, k + 1].
         """
         k, exit_layer = self.config.num_speculations, self.config.exit_layer
         draft_tokens, exit_states, draft_probs, made = self._draft(state, num_drafts)
@@ -441,10 +443,9 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
             state.pad_counts,
             exit_layer,
         )  # [batch, k + 1, vocab]
-        bad_positions = non_finite(target_logits)  # [batch, k + 1]
-        bad = verified_non_finite(bad_positions, made_tensor)  # [batch]
+        bad = non_finite(target_logits)  # [batch, k + 1]
         if self.selector.sample:
-            target_logits = finite_or_uniform(target_logits, bad_positions)
+            target_logits = finite_or_uniform(target_logits, bad)
             target_probs = self.selector.probabilities(
                 target_logits, state.tokens, state.pad_counts, state.lengths
             )  # [batch, k + 1, vocab]
@@ -518,7 +519,7 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
             state.pad_counts,
             self.config.exit_layer,
             self.tree,
-        )  # [batch, depth + 1], [batch], [batch, depth], [batch]
+        )  # [batch, depth + 1], [batch], [batch, depth], [batch, depth + 1]
 
 
 class AdaptiveGenerationStrategy(SelfSpeculativeGenerationStrategy):

@@ -292,17 +292,17 @@ def test_few_query_attention_is_switched_on_only_around_compiled_calls() -> None
     seen = {}
     for compile in (True, False):
         passes = generator._passes(config("autoregressive", compile))
-        early = passes._early
+        counted = passes._counted  # every call but a compiled pass's first
 
-        def recording(*args, compile=compile, early=early):
+        def recording(*args, compile=compile, counted=counted):
             seen[compile] = model.config._attn_implementation
-            return early(*args)
+            return counted(*args)
 
-        passes._early = recording
+        passes._counted = recording
         try:
             generator.generate(PROMPTS[0], config("autoregressive", compile, max_steps=3))
         finally:
-            passes._early = early
+            del passes._counted
     assert seen == {True: NAME, False: "sdpa"}
     assert model.config._attn_implementation == "sdpa"
     with use_few_query_attention(sdpa_configs(model)):

@@ -19,7 +19,9 @@ import torch
 from tiny_models import IdTokenizer, make_tiny_model
 
 from self_speculation import GenerationConfig, Generator
-from self_speculation.sampling import non_finite, verified_non_finite
+from self_speculation.generator import EOS, NON_FINITE, _kept_counts
+from self_speculation.sampling import non_finite
+from self_speculation.strategies import StepResult
 
 POISON = 9
 PROMPTS = [[100, 101, 102], [3, 4]]  # the token at position 9 is generated token 7 / 8
@@ -67,6 +69,8 @@ def config(strategy: str, sample: bool = False, **overrides) -> GenerationConfig
     settings = dict(max_steps=MAX_STEPS, sample=sample, generation_strategy=strategy)
     if strategy != "autoregressive":
         settings.update(exit_layer=1, num_speculations=3)
+    elif "num_speculations" in overrides:
+        del overrides["num_speculations"]
     return GenerationConfig(**{**settings, **overrides})
 
 
@@ -74,9 +78,6 @@ def test_the_helpers_flag_nan_infinity_and_all_minus_infinity() -> None:
     logits = torch.tensor([[0.0, 1.0], [float("nan"), 1.0], [float("inf"), 0.0], [-1e30, 0.0]])
     logits = torch.cat([logits, torch.tensor([[float("-inf"), float("-inf")]])])
     assert non_finite(logits).tolist() == [False, True, True, False, True]
-    bad_positions = torch.tensor([[False, False, True], [True, False, False]])
-    # Row 0's bad position is past the one draft verified; row 1's is the pending token's.
-    assert verified_non_finite(bad_positions, torch.tensor([1])).tolist() == [False, True]
 
 
 def test_plain_decoding_keeps_the_tokens_chosen_from_finite_logits(generator, caplog) -> None:
@@ -136,3 +137,47 @@ def test_a_row_that_ends_before_them_is_not_affected(generator) -> None:
     assert [result.token_ids for result in results] == [
         result.token_ids for result in generator.generate_batch(PROMPTS, limited)
     ]
+
+
+@pytest.mark.parametrize("strategy", ["autoregressive", "self_speculative"])
+def test_a_row_that_stops_on_them_leaves_no_trace_for_the_rows_that_go_on(
+    generator, strategy: str
+) -> None:
+    """The long prompt reaches the poisoned positions and leaves the batch; the short one
+    never does and decodes as it does alone, although its row moves into the buffers the
+    stopped row filled with NaN (0 x NaN in attention, were they left there)."""
+    long, short = list(range(20, 28)), [3, 4]
+    # The short row's positions (drafts and verification's k + 1 included) stay below POISON.
+    limited = config(strategy, max_steps=4, num_speculations=2)
+    alone = generator.generate_batch([short], limited)[0]
+    with nan_from(generator, POISON):
+        stopped, healthy = generator.generate_batch([long, short], limited)
+    assert stopped.stop_reason == "non_finite_logits"
+    assert (healthy.token_ids, healthy.stop_reason) == (alone.token_ids, "max_steps")
+
+
+@pytest.mark.parametrize(
+    ("bad_at", "counts", "stop_at", "kept", "reason"),
+    [
+        (2, 4, None, 2, NON_FINITE),  # the tokens before the first bad one
+        (0, 4, None, 0, NON_FINITE),
+        (3, 2, None, 2, 0),  # past what the row appends this step: not its tokens
+        (2, 4, 1, 2, EOS),  # past its end-of-sequence token
+        (None, 4, None, 4, 0),
+    ],
+)
+def test_a_step_keeps_the_tokens_chosen_before_them(bad_at, counts, stop_at, kept, reason):
+    new_tokens = torch.tensor([[10, 11, 12, 13]])
+    if stop_at is not None:
+        new_tokens[0, stop_at] = 99
+    flags = torch.zeros(1, 4, dtype=torch.bool)
+    if bad_at is not None:
+        flags[0, bad_at] = True
+    step = StepResult(
+        new_tokens, torch.tensor([counts]), new_tokens[:, :0], torch.tensor([0]), flags
+    )
+    reason_code = torch.zeros(1, dtype=torch.long)
+    result = _kept_counts(
+        step, torch.tensor([99]), torch.tensor([100]), torch.zeros(1, dtype=torch.long), reason_code
+    )
+    assert (result.item(), reason_code.item()) == (kept, reason)

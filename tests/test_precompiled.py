@@ -5,7 +5,9 @@ decodes the same tokens, and reads its own model's weights, not the first one's.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -105,3 +107,25 @@ def test_switched_off_nothing_is_kept(kept_in, monkeypatch) -> None:
     expected = token_ids(fresh(seed=0), "self_speculative", compile=False)
     assert token_ids(fresh(seed=0), "self_speculative", compile=True) == expected
     assert not list(kept_in.iterdir())
+
+
+def test_a_tied_head_and_an_untied_one_do_not_share_files(kept_in) -> None:
+    """Same config, but one model's head is its own tensor: the traced code differs."""
+    tied = Generator(make_tiny_model("llama_gqa_tied", dtype=torch.float32), IdTokenizer())
+    token_ids(tied, "autoregressive", compile=True)
+    untied_model = make_tiny_model("llama_gqa_tied", dtype=torch.float32)
+    with torch.no_grad():
+        head = untied_model.lm_head.weight.clone()
+        untied_model.lm_head.weight = torch.nn.Parameter(head + torch.randn_like(head))
+    untied = Generator(untied_model, IdTokenizer())
+    expected = token_ids(untied, "autoregressive", compile=False)
+    assert token_ids(untied, "autoregressive", compile=True) == expected
+
+
+def test_a_generator_and_its_model_are_freed_after_use(kept_in) -> None:
+    generator = fresh(seed=0)
+    token_ids(generator, "self_speculative", compile=True)
+    model = weakref.ref(generator.model)
+    del generator
+    gc.collect()
+    assert model() is None
