@@ -277,9 +277,9 @@ class GenerationArguments:
     """Stop drafting once a draft's top probability is below this (0: off, as the original)."""
     compile: bool = False
     """Fast path: torch.compile the decoding passes (once per batch size, E and k; on CPU
-    kept on disk, so a later process loads them). Off by default: it pays after ~11k
-    generated tokens the first time, ~240 after (shipped model, quiet 2-core CPU: compile
-    91.5 s cold / 2.0 s loaded, self-speculation 368.9 vs 90.8 tok/s eager); turn it on for
+    kept on disk, so a later process loads them). Off by default: it pays after ~12k
+    generated tokens the first time, ~250 after (shipped model, quiet 2-core CPU: compile
+    97 s cold / 2.1 s loaded, self-speculation 368.9 vs 90.8 tok/s eager); turn it on for
     benchmarks, sweeps and long runs."""
     tree_branching: list[int] | None = None
     """tree: children per node at each depth, e.g. 2 2 1 (the depth stands for
