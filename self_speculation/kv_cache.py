@@ -72,7 +72,10 @@ class BufferPool:
         self, layer: int, capacity: int, rows: int, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Buffers of ``layer`` with at least ``rows`` rows and ``capacity`` columns, laid
-        out for keys/values like ``key`` / ``value`` [batch, heads, new, head_dim]."""
+        out for keys/values like ``key`` / ``value`` [batch, heads, new, head_dim], their
+        first ``rows`` rows zero. (Attention weighs masked columns by zero, and 0 x NaN is
+        NaN: a column left non-finite by an earlier generation, float16 overflowing, would
+        poison every later one; reused buffers are zeroed in place, at the same address.)"""
         buffers = self._sets.setdefault(capacity, {})
         self._sets.move_to_end(capacity)
         while len(self._sets) > self.max_capacities:
@@ -90,6 +93,9 @@ class BufferPool:
                 torch._dynamo.mark_static_address(buffer)
             buffers[layer] = held
             self.allocations += 1
+        else:
+            for buffer in held:
+                buffer[:rows].zero_()
         return held
 
     def nbytes(self) -> int:
@@ -159,11 +165,6 @@ class ColumnKVCache(Cache):
     def _allocate(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         if self.pool is not None:
             self._buffers[layer] = self.pool.take(layer, self.capacity, self.rows, key, value)
-            for buffer in self._buffers[layer]:
-                # Attention weighs masked columns by zero, and 0 x NaN is NaN: a column
-                # left non-finite by an earlier generation (float16 overflowing) would
-                # poison every later one. Zeroed in place (same address).
-                buffer[: self.rows].zero_()
         else:
             self._buffers[layer] = tuple(
                 like.new_zeros(self.rows, like.shape[1], self.capacity, like.shape[-1])
@@ -230,7 +231,7 @@ class ColumnKVCache(Cache):
                 kept = current[rows, :, first_column:]  # [kept, heads, width, dim], a copy
                 buffer[: len(rows), :, :width].copy_(kept)
                 # What was left there may be a dropped row's, non-finite (0 x NaN: see
-                # _allocate).
+                # BufferPool.take).
                 buffer[: len(rows), :, width:].zero_()
         self.rows = len(rows)
         for layer in range(self.num_layers):

@@ -7,11 +7,12 @@ compilation (``torch.compile(...).aot_compile``) saves the traced and compiled p
 loading it takes well under a second.
 
 One file per compiled version: the name hashes everything the compiled code depends on
-(torch, transformers and this package's sources, the model's structure and config, the
-draft exit, the pass's key and the inputs' dtypes, shapes and devices). The weights are
-not in it: the pass reads them from the model it is called with. The saved code keeps
-torch's portable guards only (tensor metadata, global state); the key in the name tells
-versions apart (ints such as the exit layer, the batch size).
+(torch, transformers and Python versions, the CPU, the thread count, this package's
+sources, every module of the model and the draft adapter with its class's source, settings
+and tensor layout, the configs, the pass's key and the inputs' dtypes, shapes and
+devices). The weights are not in it: the pass reads them from the model it is called with.
+A loaded pass runs without guard checks (torch's saved guards refuse the cache's dynamic
+column dimension in a new process); the name stands for what they would check.
 
 Anything that fails here (an older torch, a pass whose guards cannot be saved, a damaged
 file) makes the caller compile as usual; nothing else changes.
@@ -31,6 +32,8 @@ from functools import cache
 from pathlib import Path
 
 import torch
+
+from self_speculation.errors import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +192,7 @@ def load(path: Path) -> Callable | None:
         with path.open("rb") as file:
             compiled = torch.compiler.load_compiled_function(file)
     except Exception as error:  # a damaged or foreign file: compile again
-        logger.warning("ignoring the saved compiled pass %s: %s", path.name, _one_line(error))
+        logger.warning("ignoring the saved compiled pass %s: %s", path.name, one_line(error, 200))
         return None
     # Its saved tensor guards refuse the cache's dynamic column dimension in a new process
     # (torch 2.13: "_has_dynamo_dim_marking ... absent at compile time"); what they would
@@ -219,8 +222,3 @@ def compile_and_save(function: Callable, options: dict, args: tuple, path: Path)
         temporary.replace(path)
     finally:
         temporary.unlink(missing_ok=True)
-
-
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
