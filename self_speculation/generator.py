@@ -213,6 +213,10 @@ class Generator:
         # Finished rows leave a batch (``_rows_to_keep``); False keeps every row to the end
         # (benchmarks compare the two in one run).
         self.shed_finished_rows = True
+        # Issue each step before reading the previous step's counts (None: on GPUs, where
+        # the device would otherwise wait for the host's bookkeeping every step; on a CPU
+        # nothing runs meanwhile, and reading ahead costs one discarded step at the end).
+        self.steps_ahead: bool | None = None
 
     @property
     def num_layers(self) -> int:
@@ -470,84 +474,93 @@ class Generator:
         speculative = config.generation_strategy.speculative
         device = self.layerwise.device
         batch = len(prompt_ids)
-        limit = torch.tensor([most for most, _ in limits], device=device)  # [batch]
         stop_ids = torch.tensor(sorted(stop_token_ids), dtype=torch.long, device=device)
-        # Per row, on the device: tokens generated, and why it stopped (0: still running).
-        generated_count = torch.zeros(batch, dtype=torch.long, device=device)
-        reason_code = torch.zeros(batch, dtype=torch.long, device=device)
-        num_drafted = torch.zeros(batch, dtype=torch.long, device=device)
-        num_accepted = torch.zeros(batch, dtype=torch.long, device=device)
-        generated = [0] * batch  # host copy of generated_count
-        reasons: list[str | None] = [None] * batch
-        num_steps = [0] * batch
-        # Finished rows leave the batch (``_rows_to_keep``): ``rows[i]`` is the prompt whose
+        rows = _Rows.start([most for most, _ in limits], device)
+        generated = [0] * batch  # host copy of rows.generated, by prompt
+        reasons: list[str | None] = [None] * batch  # by prompt
+        # Finished rows leave the batch (``_rows_to_keep``): ``order[i]`` is the prompt whose
         # sequence is in row i of the state now; a row's tokens are read when it leaves.
-        rows = list(range(batch))
-        in_batch = torch.arange(batch, device=device)  # ``rows`` as a tensor
+        order = list(range(batch))
         token_ids: dict[int, list[int]] = {}
         streamer = streamer or Streamer()
         follow_tokens = streamer.wants_tokens or bool(config.stop_words)
+        # Where no streamer or stop word needs a step's tokens, the next step is issued
+        # before this step's counts are read: a GPU never idles while the host keeps books.
+        ahead = not follow_tokens and (
+            self.steps_ahead if self.steps_ahead is not None else device.type == "cuda"
+        )
+
+        def issue() -> StepResult:
+            """The next step for the rows still running (as far as the host knows)."""
+            remaining = max(limits[i][0] - generated[i] for i in order if reasons[i] is None)
+            # Never draft more than can be kept: k drafts yield up to k + 1 tokens. (Steps
+            # issued ahead count from the step before: more drafts, never more tokens.)
+            num_drafts = min(config.num_speculations, remaining - 1) if speculative else 0
+            active = rows.reason == 0  # [rows]
+            step = strategy.step(state, num_drafts, active)
+            rows.count(step, active)
+            return step
 
         _synchronize(device)
         started = time.perf_counter()
         state = strategy.prefill(
-            prompt_ids, self.pad_token_id, max(limit.tolist()), first_token_allowed
+            prompt_ids, self.pad_token_id, max(most for most, _ in limits), first_token_allowed
         )
         new_tokens = state.tokens[:, state.prompt_width : state.prompt_width + 1]  # [batch, 1]
         step = StepResult(
-            new_tokens, torch.ones_like(limit), new_tokens[:, :0], torch.zeros_like(limit)
+            new_tokens, torch.ones_like(rows.limit), new_tokens[:, :0], torch.zeros_like(rows.limit)
         )
         while True:
-            kept = _kept_counts(step, stop_ids, limit, generated_count, reason_code)
-            generated_count += kept
-            # The step's one host synchronisation: how many tokens each row kept, and why
-            # rows stopped.
-            size = len(rows)
-            host = torch.cat([kept, reason_code]).tolist()
-            kept_list, codes = host[:size], host[size:]
-            new_token_lists = step.new_tokens.tolist() if follow_tokens else None
-            for index, row in enumerate(rows):
-                if reasons[row] is not None or (kept_list[index] == 0 and not codes[index]):
+            kept = _kept_counts(step, stop_ids, rows.limit, rows.generated, rows.reason)
+            rows.generated += kept
+            # The step's one host synchronisation: how many tokens each row kept, why rows
+            # stopped (and the tokens, for a streamer or stop words).
+            size = len(order)
+            read = _HostRead(
+                torch.cat(
+                    [kept, rows.reason, *([step.new_tokens.flatten()] if follow_tokens else [])]
+                )
+            )
+            upcoming = issue() if ahead else None
+            host = read.values()
+            kept_list, codes = host[:size], host[size : 2 * size]
+            width = step.new_tokens.shape[1]
+            for index, prompt in enumerate(order):
+                if reasons[prompt] is not None or (kept_list[index] == 0 and not codes[index]):
                     continue
-                new_row = new_token_lists[index][: kept_list[index]] if new_token_lists else []
+                new_row = (
+                    host[2 * size + index * width :][: kept_list[index]] if follow_tokens else []
+                )
                 if config.stop_words:
-                    cut = _stop_word_cut(stop_words, state, index, generated[row], new_row)
+                    cut = _stop_word_cut(stop_words, state, index, generated[prompt], new_row)
                     if cut is not None:
                         kept_list[index], new_row, codes[index] = cut, new_row[:cut], STOP_WORD
-                        generated_count[index] = generated[row] + cut
-                        reason_code[index] = STOP_WORD
-                generated[row] += kept_list[index]
+                        rows.generated[index] = generated[prompt] + cut
+                        rows.reason[index] = STOP_WORD
+                generated[prompt] += kept_list[index]
                 if codes[index]:
-                    reasons[row] = (
-                        _REASONS[codes[index]] if codes[index] != LIMIT else limits[row][1]
+                    reasons[prompt] = (
+                        _REASONS[codes[index]] if codes[index] != LIMIT else limits[prompt][1]
                     )
-                if row == 0 and streamer.wants_tokens:
+                if prompt == 0 and streamer.wants_tokens:
                     drafts = step.draft_tokens[0].tolist()
                     streamer.on_step(new_row, drafts, int(step.accepted_counts[0]))
             if all(reason is not None for reason in reasons):
                 break
             keep = None
             if self.shed_finished_rows:
-                keep = self._rows_to_keep(strategy, [reasons[row] is None for row in rows])
+                keep = self._rows_to_keep(strategy, [reasons[i] is None for i in order])
             if keep is not None:
-                for index, row in enumerate(rows):
+                for index, prompt in enumerate(order):
                     if index not in keep:
-                        token_ids[row] = state.generated(index, generated[row])
+                        token_ids[prompt] = state.generated(index, generated[prompt])
                 state.select_rows(keep)
                 kept_rows = torch.tensor(keep, device=device)
-                limit, generated_count = limit[kept_rows], generated_count[kept_rows]
-                reason_code = reason_code[kept_rows]
-                rows = [rows[index] for index in keep]
-                in_batch = in_batch[kept_rows]
-            active = reason_code == 0  # [rows]
-            remaining = max(limits[row][0] - generated[row] for row in rows if reasons[row] is None)
-            # Never draft more than can be kept: k drafts yield up to k + 1 tokens.
-            num_drafts = min(config.num_speculations, remaining - 1) if speculative else 0
-            step = strategy.step(state, num_drafts, active)
-            for row in rows:
-                num_steps[row] += reasons[row] is None
-            num_drafted.index_add_(0, in_batch, step.draft_tokens.shape[1] * active)
-            num_accepted.index_add_(0, in_batch, step.accepted_counts * active)
+                rows = rows.select(kept_rows)
+                if upcoming is not None:
+                    upcoming = upcoming.select_rows(kept_rows)
+                order = [order[index] for index in keep]
+            step = upcoming if upcoming is not None else issue()
         _synchronize(device)
         total_time = time.perf_counter() - started
         streamer.on_end()
@@ -560,9 +573,9 @@ class Generator:
                 len(broken),
                 batch,
             )
-        for index, row in enumerate(rows):
-            token_ids[row] = state.generated(index, generated[row])
-        drafted, accepted = num_drafted.tolist(), num_accepted.tolist()
+        for index, prompt in enumerate(order):
+            token_ids[prompt] = state.generated(index, generated[prompt])
+        num_steps, drafted, accepted = rows.totals()
         results = []
         for row in range(batch):
             text = self.tokenizer.decode(token_ids[row], skip_special_tokens=True)
@@ -598,6 +611,75 @@ class Generator:
         finished = [index for index in range(size) if not running[index]]
         fillers = set(finished[: fits - count])
         return [index for index in range(size) if running[index] or index in fillers]
+
+
+@dataclass
+class _Rows:
+    """Per-row counters on the device, in the batch's current row order (finished rows
+    leave it), and per-prompt statistics.
+
+    Attributes:
+        limit: tokens each row may generate, [rows].
+        generated: tokens each row has kept so far, [rows].
+        reason: why each row stopped (0: running; EOS, LIMIT, ...), [rows].
+        prompt: the prompt each row decodes, [rows].
+        statistics: steps, drafts and accepted drafts per prompt, [prompts, 3].
+    """
+
+    limit: torch.Tensor
+    generated: torch.Tensor
+    reason: torch.Tensor
+    prompt: torch.Tensor
+    statistics: torch.Tensor
+
+    @classmethod
+    def start(cls, limits: list[int], device: torch.device) -> _Rows:
+        limit = torch.tensor(limits, device=device)
+        return cls(
+            limit,
+            torch.zeros_like(limit),
+            torch.zeros_like(limit),
+            torch.arange(len(limits), device=device),
+            torch.zeros(len(limits), 3, dtype=torch.long, device=device),
+        )
+
+    def count(self, step: StepResult, active: torch.Tensor) -> None:
+        """Adds a step to the statistics of the prompts whose rows were ``active``."""
+        made = step.draft_tokens.shape[1]
+        counts = torch.stack([active.long(), made * active, step.accepted_counts * active], 1)
+        self.statistics.index_add_(0, self.prompt, counts)
+
+    def select(self, index: torch.Tensor) -> _Rows:
+        """The rows at ``index`` (in that order)."""
+        return _Rows(
+            self.limit[index],
+            self.generated[index],
+            self.reason[index],
+            self.prompt[index],
+            self.statistics,
+        )
+
+    def totals(self) -> list[list[int]]:
+        """Steps, drafts and accepted drafts, each a list over prompts."""
+        return self.statistics.T.tolist()
+
+
+class _HostRead:
+    """A device tensor's values for the host, copied without waiting for the device:
+    ``values`` waits for the copy alone (on a GPU, steps issued after it keep running)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._done = None
+        if tensor.device.type == "cuda":
+            tensor = tensor.to("cpu", non_blocking=True)  # into pinned memory
+            self._done = torch.cuda.Event()
+            self._done.record()
+        self._tensor = tensor
+
+    def values(self) -> list[int]:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._tensor.tolist()
 
 
 # Why a row stopped, as the codes kept on the device.

@@ -123,6 +123,16 @@ class StepResult:
     accepted_counts: torch.Tensor
     non_finite: torch.Tensor | None = None
 
+    def select_rows(self, index: torch.Tensor) -> StepResult:
+        """The result of the rows at ``index`` (in that order)."""
+        return StepResult(
+            self.new_tokens[index],
+            self.new_counts[index],
+            self.draft_tokens[index],
+            self.accepted_counts[index],
+            None if self.non_finite is None else self.non_finite[index],
+        )
+
 
 def left_pad(
     prompts: Sequence[Sequence[int]], pad_token_id: int, capacity: int, device: torch.device
@@ -154,6 +164,15 @@ class GenerationStrategy(abc.ABC):
         self.model = passes.model
         self.config = config
         self.selector = selector
+        # [value] on the model's device for every draft count 0 .. k, made here: a host number
+        # copied to a GPU during a step would make the host wait for the device.
+        self._counts = [
+            torch.tensor([value], device=self.model.device)
+            for value in range(max(config.num_speculations, 0) + 1)
+        ]
+
+    def _count(self, value: int) -> torch.Tensor:
+        return self._counts[value]
 
     @property
     @abc.abstractmethod
@@ -408,7 +427,7 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
                 state.lengths,
                 state.cache,
                 state.pad_counts,
-                torch.tensor([num_drafts], device=state.lengths.device),
+                self._count(num_drafts),
                 exit_layer,
                 k,
             )  # [batch, k + 1], [batch], [batch, k], [batch, k + 1]
@@ -433,11 +452,10 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
         draft_tokens, exit_states, draft_probs, made = self._draft(state, num_drafts)
         last_tokens = draft_tokens[:, made - 1 : made]  # [batch, 1]
         columns = state.lengths[:, None] - 1 + torch.arange(k + 1, device=state.lengths.device)
-        made_tensor = torch.tensor([made], device=columns.device)
         target_logits = self.passes.verify(
             last_tokens,
             exit_states,
-            made_tensor,
+            self._count(made),
             columns,
             state.cache,
             state.pad_counts,
