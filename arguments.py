@@ -307,7 +307,7 @@ class GenerationArguments:
             )
         for word in self.stop_words or []:
             require_utf8(word, "--stop_words", from_bytes=True)
-        self.config()  # GenerationConfig validates the remaining values
+        self.configs()  # GenerationConfig validates the remaining values, per strategy
 
     def _strategy_names(self) -> list[str]:
         return [name.strip() for name in self.generation_strategy.split(",") if name.strip()]
@@ -323,9 +323,13 @@ class GenerationArguments:
         # Engine fields without a flag here keep GenerationConfig's defaults.
         values = {name: getattr(self, name) for name in fields if hasattr(self, name)}
         values["generation_strategy"] = GenerationStrategyName(strategy or self.strategies[0])
-        adaptive = GenerationStrategyName.ADAPTIVE
-        if values["generation_strategy"] is not adaptive and adaptive in self.strategies:
-            values["adaptive_exit_layers"] = None  # compared with adaptive: its setting only
+        # Compared with adaptive or tree: their shape settings are theirs only.
+        for owner, setting in (
+            (GenerationStrategyName.ADAPTIVE, "adaptive_exit_layers"),
+            (GenerationStrategyName.TREE, "tree_branching"),
+        ):
+            if values["generation_strategy"] is not owner and owner in self.strategies:
+                values[setting] = None
         return GenerationConfig(**values)
 
     def configs(self) -> list[GenerationConfig]:

@@ -366,6 +366,7 @@ def full_model_config(config: GenerationConfig, num_layers: int) -> GenerationCo
         exit_layer=num_layers,
         num_speculations=UNSET,
         adaptive_exit_layers=None,
+        tree_branching=None,
     )
 
 

@@ -15,9 +15,10 @@ from self_speculation.errors import (
     require_list_of,
     require_number,
 )
-from self_speculation.trees import check_branching, default_branching
+from self_speculation.trees import check_branching, default_branching, tree_refusal
 
 UNSET = -1  # exit_layer / num_speculations not given: use the model's recommendation
+MAX_TOKEN_ID = 2**62  # token ids above it are no vocabulary's (and overflow int64 tensors)
 MIN_TEMPERATURE = 1e-4  # sampling below it is greedy decoding in all but name
 
 
@@ -47,8 +48,8 @@ class GenerationConfig:
         num_speculations: draft tokens per self-speculative step; -1: the model's
             recommendation.
         generation_strategy: ``autoregressive``, ``self_speculative`` (chains of k drafts)
-            ``tree`` (token trees drafted from the early exit, greedy; sampling, logits
-            processors and the confidence stop decode chains) or ``adaptive`` (chains of
+            ``tree`` (token trees drafted from the early exit; greedy, without logits
+            processors or the confidence stop) or ``adaptive`` (chains of
             1, 2, 4, ... up to num_speculations drafts, chosen each step from the rows'
             recent acceptance; ``adaptive``).
         adaptive_exit_layers: ``adaptive`` only: more exit layers it may draft from, each
@@ -135,10 +136,18 @@ class GenerationConfig:
                 "draft_confidence_threshold must be in [0, 1), got "
                 f"{self.draft_confidence_threshold}"
             )
-        if self.stop_token_ids is not None and any(token < 0 for token in self.stop_token_ids):
+        if self.stop_token_ids is not None and any(
+            not 0 <= token < MAX_TOKEN_ID for token in self.stop_token_ids
+        ):
             raise ConfigError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
         if self.stop_words is not None and any(not word for word in self.stop_words):
             raise ConfigError("stop_words must not contain an empty string")
+        if strategy is GenerationStrategyName.TREE:
+            reason = tree_refusal(
+                self.sample, bool(self.no_repeat_ngram_size), self.draft_confidence_threshold
+            )
+            if reason:
+                raise ConfigError(f"generation_strategy 'tree': {reason}")
         if self.adaptive_exit_layers is not None:
             if strategy is not GenerationStrategyName.ADAPTIVE:
                 raise ConfigError(
@@ -150,6 +159,10 @@ class GenerationConfig:
                     f"adaptive_exit_layers entries must be >= 1, got {self.adaptive_exit_layers}"
                 )
         if self.tree_branching is not None:
+            if strategy is not GenerationStrategyName.TREE:
+                raise ConfigError(
+                    f"tree_branching is for generation_strategy 'tree', got '{strategy.value}'"
+                )
             check_branching(self.tree_branching)
             depth = len(self.tree_branching)
             if self.num_speculations not in (UNSET, depth):

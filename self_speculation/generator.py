@@ -106,7 +106,9 @@ class StopChecker:
     """Decides, token by token, whether generation is over.
 
     Stop words are searched in the decoded generated text; only a tail long enough to hold
-    the longest stop word is decoded each time, since any new occurrence must end there.
+    the longest stop word is decoded each time, since any new occurrence must end there
+    (every token is at least one byte of text, so a word of n UTF-8 bytes spans at most n
+    tokens, plus the ones it starts and ends inside).
     """
 
     def __init__(
@@ -118,14 +120,24 @@ class StopChecker:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.stop_words = list(stop_words or [])
-        # Each token decodes to at least one character, bar partial bytes: pad generously.
-        self.tail_tokens = max((len(word) for word in self.stop_words), default=0) + 8
+        longest = max((len(word.encode("utf-8")) for word in self.stop_words), default=0)
+        self.tail_tokens = longest + 8
 
-    def reason(self, generated: list[int]) -> str | None:
+    def reason(self, generated: list[int], prompt_text: str = "") -> str | None:
+        """Why generation stops after ``generated``, or None.
+
+        Args:
+            prompt_text: text that ``generated`` begins with but that is the prompt's (token
+                healing backs a prompt up over its last whitespace token and lets the first
+                generated token repeat it): never searched for stop words.
+        """
         if generated[-1] in self.eos_token_ids:
             return "eos"
         if self.stop_words:
-            tail = self.tokenizer.decode(generated[-self.tail_tokens :], skip_special_tokens=True)
+            tail_ids = generated[-self.tail_tokens :]
+            tail = self.tokenizer.decode(tail_ids, skip_special_tokens=True)
+            if len(tail_ids) == len(generated):
+                tail = tail.removeprefix(prompt_text)
             if any(word in tail for word in self.stop_words):
                 return "stop_word"
         return None
@@ -462,6 +474,13 @@ class Generator:
             self._prompt_ids(prompt, f"prompts[{index}]") for index, prompt in enumerate(prompts)
         ]
         config = self.resolve(config)
+        vocab_size = getattr(self.model.config.get_text_config(), "vocab_size", None)
+        beyond = [token for token in config.stop_token_ids or [] if token >= (vocab_size or 2**62)]
+        if beyond:
+            raise ConfigError(
+                f"stop_token_ids: {beyond[0]} is not a token id of this model (its vocabulary "
+                f"has ids 0..{vocab_size - 1})"
+            )
         healed_text, first_token_allowed = [""] * len(prompt_ids), None
         if config.token_healing:
             prompt_ids, healed_text, first_token_allowed = self._heal(prompt_ids)
@@ -501,6 +520,7 @@ class Generator:
             rows.count(step, active)
             return step
 
+        streamer.on_start(healed_text[0])
         _synchronize(device)
         started = time.perf_counter()
         state = strategy.prefill(
@@ -532,7 +552,9 @@ class Generator:
                     host[2 * size + index * width :][: kept_list[index]] if follow_tokens else []
                 )
                 if config.stop_words:
-                    cut = _stop_word_cut(stop_words, state, index, generated[prompt], new_row)
+                    cut = _stop_word_cut(
+                        stop_words, state, index, generated[prompt], new_row, healed_text[prompt]
+                    )
                     if cut is not None:
                         kept_list[index], new_row, codes[index] = cut, new_row[:cut], STOP_WORD
                         rows.generated[index] = generated[prompt] + cut
@@ -721,13 +743,19 @@ def _kept_counts(
 
 
 def _stop_word_cut(
-    checker: StopChecker, state, row: int, generated: int, new_tokens: list[int]
+    checker: StopChecker,
+    state,
+    row: int,
+    generated: int,
+    new_tokens: list[int],
+    prompt_text: str,
 ) -> int | None:
-    """How many of ``new_tokens`` to keep when one completes a stop word, else None."""
+    """How many of ``new_tokens`` to keep when one completes a stop word, else None
+    (``prompt_text``: see ``StopChecker.reason``)."""
     history = state.generated(row, generated)
     for index, token in enumerate(new_tokens):
         history.append(token)
-        if checker.reason(history) == "stop_word":
+        if checker.reason(history, prompt_text) == "stop_word":
             return index + 1
     return None
 

@@ -39,7 +39,7 @@ from self_speculation.sampling import (
     non_finite,
     speculative_accept,
 )
-from self_speculation.trees import TokenTree, default_branching
+from self_speculation.trees import TokenTree, default_branching, tree_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -486,8 +486,7 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
     ``tree_branching``), verifies all of it in one pass through layers [E, L) and accepts
     the longest path the full model agrees with: greedy, so the output is autoregressive
     decoding's, token for token. Sampling, logits processors and the confidence stop need a
-    chain's acceptance rule; with them a step is a ``self_speculative`` chain step (said once
-    in the log).
+    chain's acceptance rule or each draft's own context: refused (``trees.tree_refusal``).
     """
 
     name = GenerationStrategyName.TREE
@@ -496,21 +495,15 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
         self, passes: ForwardPasses, config: GenerationConfig, selector: TokenSelector
     ) -> None:
         super().__init__(passes, config, selector)
+        reason = tree_refusal(
+            selector.sample,
+            bool(selector.context_processors),
+            config.draft_confidence_threshold,
+        )
+        if reason:  # here too: a checkpoint's own processors are known only now
+            raise ConfigError(f"generation_strategy 'tree': {reason}")
         branching = config.tree_branching or default_branching(config.num_speculations)
         self.tree = TokenTree(tuple(branching))
-        self.chains = self._chain_reason()
-        if self.chains:
-            logger.warning("tree: decoding chains (self_speculative) instead: %s", self.chains)
-
-    def _chain_reason(self) -> str | None:
-        """Why steps must be chains, or None."""
-        if self.selector.sample:
-            return "sampling keeps the target distribution with a chain's acceptance rule"
-        if self.selector.context_processors:
-            return "logits processors read each node's own context, which trees do not give"
-        if self.config.draft_confidence_threshold > 0:
-            return "the confidence stop shortens chains, not trees"
-        return None
 
     @property
     def lookahead(self) -> int:
@@ -519,8 +512,6 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
         return self.tree.depth + self.tree.num_nodes + 1
 
     def pass_keys(self, batch_size: int) -> list[tuple]:
-        if self.chains:
-            return super().pass_keys(batch_size)
         return [
             ForwardPasses.tree_step_key(self.config.exit_layer, batch_size, self.tree.branching)
         ]
@@ -528,8 +519,6 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
     def _speculate(
         self, state: DecodingState, num_drafts: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.chains:
-            return super()._speculate(state, num_drafts)
         return self.passes.tree_step(
             state.pending_tokens(),
             state.lengths,

@@ -25,6 +25,11 @@ class Streamer:
     # Whether on_step needs the tokens (they cost a device-to-host copy every step).
     wants_tokens = False
 
+    def on_start(self, prompt_text: str) -> None:
+        """Called once before the first token with the text the generated tokens begin with
+        that is the prompt's (token healing backs a prompt up over its last whitespace
+        token, and the first generated token repeats it); "" without healing."""
+
     def on_step(self, new_tokens: list[int], draft_tokens: list[int], accepted_count: int) -> None:
         """Called once per decoding step with the tokens kept and the drafts proposed."""
 
@@ -48,9 +53,15 @@ class TextStreamer(Streamer):
         self.stream = stream or sys.stdout
         self.tokens: list[int] = []
         self.printed = 0
+        self.prompt_text = ""
+
+    def on_start(self, prompt_text: str) -> None:
+        self.tokens, self.printed, self.prompt_text = [], 0, prompt_text
 
     def _text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        """What follows the prompt so far."""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return text.removeprefix(self.prompt_text)
 
     def _write_new_text(self, colour: str = "") -> None:
         text = self._text()

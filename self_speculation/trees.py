@@ -111,6 +111,24 @@ class TokenTree:
         return torch.tensor(table, device=device)
 
 
+def tree_refusal(sample: bool, context_processors: bool, confidence_threshold: float) -> str | None:
+    """Why the ``tree`` strategy cannot decode with these settings (they need a chain's
+    acceptance rule or each draft's own context), or None."""
+    if sample:
+        reason = "sampling keeps the full model's distribution with a chain's acceptance rule"
+    elif context_processors:
+        reason = (
+            "logits processors (no_repeat_ngram_size; a checkpoint's repetition penalty, bad "
+            "words or suppressed tokens) read each draft's own context, which a tree's nodes "
+            "do not have"
+        )
+    elif confidence_threshold > 0:
+        reason = "draft_confidence_threshold shortens chains, not trees"
+    else:
+        return None
+    return f"{reason}; use 'self_speculative' (chains) instead"
+
+
 def check_branching(branching: tuple[int, ...] | list[int]) -> None:
     """Raises ConfigError for a branching that makes no tree, or too large a one."""
     if not branching:

@@ -258,3 +258,15 @@ def test_drafting_with_the_full_model_is_warned_about_once(generator: Generator,
         generator.resolve(full)
         generator.resolve(full)
     assert caplog.text.count("is the full model") == 1
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused(no_work: Generator) -> None:
+    with pytest.raises(ConfigError, match="stop_token_ids must be token ids >= 0"):
+        GenerationConfig(stop_token_ids=[2**63])  # no tensor holds it
+    vocab_size = no_work.model.config.vocab_size
+    for method in (
+        no_work.generate,
+        lambda prompt, config: no_work.generate_batch([prompt], config),
+    ):
+        with pytest.raises(ConfigError, match=f"{vocab_size} is not a token id of this model"):
+            method("x", dataclasses.replace(GREEDY, stop_token_ids=[3, vocab_size]))

@@ -3,11 +3,13 @@ trailing newline) is backed up over it, and the first generated token must re-cr
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from tiny_models import make_tiny_model, make_tiny_tokenizer
 
-from self_speculation import GenerationConfig, Generator
+from self_speculation import GenerationConfig, Generator, StopChecker, TextStreamer
 
 PROMPT = "def add(a, b):\n"
 
@@ -66,3 +68,32 @@ def test_nothing_to_heal_leaves_the_prompt_alone(generator: Generator) -> None:
     if len(extending) < 2:
         assert healed[0] == ids and removed[0] == "" and bool(allowed[0].all())
     assert healed[1] == ids[:1] and removed[1] == "" and bool(allowed[1].all())  # one token
+
+
+def test_stop_words_and_streamers_see_only_what_follows_the_prompt(
+    generator: Generator,
+) -> None:
+    """The first healed token repeats the prompt's backed-up newline: that newline is the
+    prompt's, so it neither completes a stop word nor reaches a streamer."""
+    tail = generator.tokenizer.decode([generator.encode(PROMPT)[-1]])
+    stream = io.StringIO()
+    result = generator.generate(
+        PROMPT,
+        GenerationConfig(max_steps=12, sample=False, stop_words=[tail], token_healing=True),
+        streamer=TextStreamer(generator.tokenizer, stream),
+    )
+    assert result.stop_reason != "stop_word" or tail in result.text
+    assert stream.getvalue() == result.text + "\n"  # on_end ends the line
+    checker = StopChecker(generator.tokenizer, frozenset(), [tail])
+    first = generator.encode(tail + "    ")[-2:]  # the newline, then text after it
+    assert checker.reason(first) == "stop_word"
+    assert checker.reason(first, prompt_text=tail) is None
+
+
+def test_stop_words_of_many_tokens_per_character_are_found() -> None:
+    """Byte-level tokens: each of these characters is several tokens."""
+    tokenizer = make_tiny_tokenizer()
+    for word in ("🦀" * 5, "😀" * 10, "ǅ" * 10):
+        ids = tokenizer("x = " + word, add_special_tokens=False)["input_ids"]
+        assert len(ids) > len(word) + 8  # more tokens than characters
+        assert StopChecker(tokenizer, frozenset(), [word]).reason(ids) == "stop_word"

@@ -5,7 +5,6 @@ the cache after each step equal to a fresh pass over the kept tokens."""
 from __future__ import annotations
 
 import functools
-import logging
 
 import pytest
 import torch
@@ -181,24 +180,35 @@ def test_trees_with_an_exit_adapter_or_a_draft_vocabulary_match_autoregressive(
         assert alone.token_ids == reference[1], name
 
 
-def test_sampling_and_processors_decode_chains_with_one_warning(caplog) -> None:
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(sample=True, temperature=0.8), "sampling keeps"),
+        (dict(sample=False, no_repeat_ngram_size=2), "logits processors"),
+        (dict(sample=False, draft_confidence_threshold=0.5), "draft_confidence_threshold"),
+    ],
+)
+def test_settings_that_need_chains_are_refused(settings: dict, message: str) -> None:
+    """A tree cannot keep them exact: refused in one line, pointing at chains, rather than
+    decoded as chains under the tree's name."""
+    with pytest.raises(ConfigError, match=f"{message}.*use 'self_speculative'"):
+        GenerationConfig(generation_strategy="tree", exit_layer=2, **settings)
+
+
+def test_a_checkpoints_own_logits_processors_are_refused_too() -> None:
     generator = generator_for("llama_mha_untied")
-    settings = dict(exit_layer=2, num_speculations=3, max_steps=20)
-    for extra in (
-        dict(sample=True, temperature=0.8),
-        dict(sample=False, no_repeat_ngram_size=2),
-    ):
-        chains = GenerationConfig(generation_strategy="self_speculative", **settings, **extra)
-        trees = GenerationConfig(generation_strategy="tree", **settings, **extra)
-        caplog.clear()
-        with caplog.at_level(logging.WARNING):
-            torch.manual_seed(3)
-            got = generator.generate([5, 6], trees, generator=torch.Generator().manual_seed(3))
-        torch.manual_seed(3)
-        want = generator.generate([5, 6], chains, generator=torch.Generator().manual_seed(3))
-        assert got.token_ids == want.token_ids
-        warnings = [r.getMessage() for r in caplog.records if "decoding chains" in r.getMessage()]
-        assert len(warnings) == 1
+    generator.model.generation_config.repetition_penalty = 1.3
+    try:
+        with pytest.raises(ConfigError, match="logits processors"):
+            generator.generate([5, 6], tree(2, [2, 1]))
+    finally:
+        generator.model.generation_config.repetition_penalty = None
+
+
+def test_tree_branching_is_refused_for_other_strategies() -> None:
+    for strategy in ("self_speculative", "adaptive", "autoregressive"):
+        with pytest.raises(ConfigError, match="tree_branching is for generation_strategy 'tree'"):
+            GenerationConfig(generation_strategy=strategy, sample=False, tree_branching=[2, 2])
 
 
 @pytest.mark.parametrize(
