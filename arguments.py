@@ -60,6 +60,10 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as train.py
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a reader that left early
 MAX_SEED = 2**32 - 1  # numpy's limit (lm-eval seeds numpy with it); torch takes it too
 DEFAULT_NUM_THREADS = 1  # see Arguments.num_threads
+# --compile auto: a first compile pays from this many generated tokens on (shipped model,
+# quiet 2-core CPU: 97.1 s to compile, 8.3 ms saved per token; docs/fast-path.md).
+COMPILE_BREAK_EVEN_TOKENS = 12_000
+COMPILE_CHOICES = ("true", "false", "auto")
 
 
 def apply_num_threads(num_threads: int) -> None:
@@ -275,12 +279,14 @@ class GenerationArguments:
     """Extra end-of-sequence token ids."""
     draft_confidence_threshold: float = 0.0
     """Stop drafting once a draft's top probability is below this (0: off, as the original)."""
-    compile: bool = False
+    compile: str = "auto"
     """Fast path: torch.compile the decoding passes (once per batch size, E and k; on CPU
-    kept on disk, so a later process loads them). Off by default: it pays after ~12k
-    generated tokens the first time, ~250 after (shipped model, quiet 2-core CPU: compile
-    97 s cold / 2.1 s loaded, self-speculation 368.9 vs 90.8 tok/s eager); turn it on for
-    benchmarks, sweeps and long runs."""
+    kept on disk, so a later process loads them): True, False or auto. auto compiles when
+    a run's expected tokens (prompts x max_steps, per process) reach 12,000, where a first
+    compile pays for itself (shipped model, quiet 2-core CPU: 97 s to compile, 8.3 ms saved
+    per token, 368.9 vs 90.8 tok/s self-speculative); passes already compiled load in ~2 s
+    and pay after ~250 tokens: give True then. generate.py's one prompt and eval.py (whose
+    request count is not known up front) stay eager under auto."""
     tree_branching: list[int] | None = None
     """tree: children per node at each depth, e.g. 2 2 1 (the depth stands for
     num_speculations); default: 2 2 then 1s to depth num_speculations."""
@@ -307,6 +313,8 @@ class GenerationArguments:
             )
         for word in self.stop_words or []:
             require_utf8(word, "--stop_words", from_bytes=True)
+        if not isinstance(self.compile, str) or self.compile.lower() not in COMPILE_CHOICES:
+            raise ConfigError(f"--compile must be True, False or auto, got '{self.compile}'")
         self.configs()  # GenerationConfig validates the remaining values, per strategy
 
     def _strategy_names(self) -> list[str]:
@@ -317,11 +325,40 @@ class GenerationArguments:
         """The strategies named by ``generation_strategy``, in the order given."""
         return [GenerationStrategyName(name) for name in self._strategy_names()]
 
-    def config(self, strategy: GenerationStrategyName | str | None = None) -> GenerationConfig:
-        """The engine's config for ``strategy`` (default: the first one listed)."""
+    def compile_for(self, expected_tokens: int | None) -> bool:
+        """``--compile`` for a run expected to generate ``expected_tokens`` tokens per
+        process (None: not known): auto compiles from COMPILE_BREAK_EVEN_TOKENS on."""
+        choice = self.compile.lower()
+        if choice != "auto":
+            return choice == "true"
+        return expected_tokens is not None and expected_tokens >= COMPILE_BREAK_EVEN_TOKENS
+
+    def announce_compile(self, expected_tokens: int | None) -> None:
+        """Says in the log when ``--compile auto`` turns the fast path on, and why (staying
+        eager, the default for short runs, is said at debug level only)."""
+        if self.compile.lower() != "auto":
+            return
+        on = self.compile_for(expected_tokens)
+        logger.log(
+            logging.INFO if on else logging.DEBUG,
+            "--compile auto: %s (%s tokens expected in this process; compiling pays from about %s)",
+            "fast path on" if on else "eager decoding",
+            "unknown" if expected_tokens is None else f"up to {expected_tokens:,}",
+            f"{COMPILE_BREAK_EVEN_TOKENS:,}",
+        )
+
+    def config(
+        self,
+        strategy: GenerationStrategyName | str | None = None,
+        expected_tokens: int | None = None,
+    ) -> GenerationConfig:
+        """The engine's config for ``strategy`` (default: the first one listed), for a run of
+        ``expected_tokens`` generated tokens per process (None: not known; ``--compile auto``
+        then stays eager)."""
         fields = {field.name for field in dataclasses.fields(GenerationConfig)}
         # Engine fields without a flag here keep GenerationConfig's defaults.
         values = {name: getattr(self, name) for name in fields if hasattr(self, name)}
+        values["compile"] = self.compile_for(expected_tokens)
         values["generation_strategy"] = GenerationStrategyName(strategy or self.strategies[0])
         # Compared with adaptive or tree: their shape settings are theirs only.
         for owner, setting in (
@@ -332,14 +369,14 @@ class GenerationArguments:
                 values[setting] = None
         return GenerationConfig(**values)
 
-    def configs(self) -> list[GenerationConfig]:
-        """One engine config per listed strategy.
+    def configs(self, expected_tokens: int | None = None) -> list[GenerationConfig]:
+        """One engine config per listed strategy (``expected_tokens``: see ``config``).
 
         When several strategies are compared, ``exit_layer`` / ``num_speculations`` are the
         self-speculative settings and ``autoregressive`` is the full model (the baseline);
         alone, ``autoregressive`` with ``--exit_layer E`` is early-exit decoding.
         """
-        configs = [self.config(strategy) for strategy in self.strategies]
+        configs = [self.config(strategy, expected_tokens) for strategy in self.strategies]
         if len(configs) > 1:
             configs = [
                 dataclasses.replace(config, exit_layer=UNSET, num_speculations=UNSET)
@@ -435,15 +472,20 @@ def distributed_run(
         dist.teardown(context)
 
 
-def one_strategy(generation: GenerationArguments, prog: str) -> GenerationConfig:
-    """The one config of a script that runs a single ``--generation_strategy``.
+def one_strategy(
+    generation: GenerationArguments, prog: str, expected_tokens: int | None = None
+) -> GenerationConfig:
+    """The one config of a script that runs a single ``--generation_strategy``
+    (``expected_tokens``: see ``GenerationArguments.config``); says what ``--compile auto``
+    decided.
 
     Raises:
         ConfigError: several strategies were listed.
     """
     if len(generation.strategies) > 1:
         raise ConfigError(f"{prog} takes one --generation_strategy")
-    return generation.config()
+    generation.announce_compile(expected_tokens)
+    return generation.config(expected_tokens=expected_tokens)
 
 
 def arguments_dict(*instances: Any) -> dict[str, Any]:

@@ -64,8 +64,10 @@ def main(argv: list[str]) -> int:
     args.check_model(*generation.configs())  # before the data and weights load
     with distributed_run(args) as context:
         examples = load_examples(benchmark, args.seed)
+        expected = len(dist.shard(examples, context)) * generation.max_steps
+        generation.announce_compile(expected)
         generator = args.load_generator(context)
-        configs = [generator.resolve(config) for config in generation.configs()]
+        configs = [generator.resolve(config) for config in generation.configs(expected)]
         problems = {example.index: example.metadata for example in examples}
         if metric.execute_code:
             _check_problems(problems)

@@ -82,8 +82,10 @@ def main(argv: list[str]) -> int:
     args.check_model(generation.config(strategy))
     with distributed_run(args) as context:
         examples = load_examples(benchmark, args.seed)
+        expected = len(dist.shard(examples, context)) * generation.max_steps
+        generation.announce_compile(expected)
         generator = args.load_generator(context)
-        speculative = generator.resolve(generation.config(strategy))
+        speculative = generator.resolve(generation.config(strategy, expected))
         baseline = full_model_config(speculative, generator.num_layers)
         files = run_files(args.output_dir, "correctness", context)
         rows = generate_rows(

@@ -239,7 +239,12 @@ def main(argv: list[str]) -> int:
     args, generation, options = parse_args(
         Arguments, GenerationArguments, GenerateArguments, argv=argv, prog="generate.py"
     )
-    config = one_strategy(generation, "generate.py")
+    # One prompt: its tokens (and plain decoding's, compared); prompts from standard input:
+    # not known up front.
+    expected = None
+    if options.prompt is not None:
+        expected = generation.max_steps * (2 if options.compare_autoregressive else 1)
+    config = one_strategy(generation, "generate.py", expected)
     if (
         options.streamer == StreamerName.SPECULATIVE.value
         and config.generation_strategy is GenerationStrategyName.AUTOREGRESSIVE

@@ -348,6 +348,9 @@ def main(argv: list[str]) -> int:
         grid = sweep.grid(generator.num_layers)
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         samples = dist.shard(examples, context)
+        expected = len(samples) * generation.max_steps  # per grid point
+        generation.announce_compile(expected)
+        speculative = dataclasses.replace(speculative, compile=generation.compile_for(expected))
 
         baseline_rate = None
         if sweep.baseline:

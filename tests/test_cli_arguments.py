@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from arguments import (
+    COMPILE_BREAK_EVEN_TOKENS,
     Arguments,
     ArgumentsError,
     BenchmarkArguments,
@@ -137,3 +138,20 @@ def test_output_dir_expands_home(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     (args,) = parse_args(Arguments, argv=["--output_dir", "~/runs"])
     assert args.output_dir == str(tmp_path / "runs")
+
+
+def test_compile_auto_compiles_long_runs_only() -> None:
+    """--compile auto (the default) turns the fast path on where a run's expected tokens
+    reach the break-even, and says so; True and False are what they say."""
+    (generation,) = parse_args(GenerationArguments, argv=[])
+    assert generation.compile == "auto"
+    assert not generation.config().compile  # tokens not known: eager
+    assert not generation.config(expected_tokens=COMPILE_BREAK_EVEN_TOKENS - 1).compile
+    assert generation.config(expected_tokens=COMPILE_BREAK_EVEN_TOKENS).compile
+    assert all(config.compile for config in generation.configs(10**6))
+    for flag, expected in (("True", True), ("false", False)):
+        (generation,) = parse_args(GenerationArguments, argv=["--compile", flag])
+        assert generation.config().compile is expected
+        assert generation.config(expected_tokens=10**6).compile is expected
+    with pytest.raises(ConfigError, match="--compile must be True, False or auto, got 'yes'"):
+        parse_args(GenerationArguments, argv=["--compile", "yes"])

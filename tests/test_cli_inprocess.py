@@ -157,3 +157,38 @@ def test_benchmark_human_eval_pass_at_1_opt_in(tmp_path: Path) -> None:
     assert document["metrics"]["autoregressive"]["pass@1"] == 0.0  # a random model passes nothing
     rows = [json.loads(line) for line in Path(document["samples_file"]).read_text().splitlines()]
     assert [row["passed"] for row in rows] == [False, False]
+
+
+@pytest.mark.parametrize("break_even, path", [(18, "fast (torch.compile)"), (19, "eager")])
+def test_benchmark_compiles_under_compile_auto_from_the_break_even(
+    tiny_model_dir: Path,
+    prompts_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    break_even: int,
+    path: str,
+) -> None:
+    """3 samples x 6 tokens = 18 expected tokens: compiled from a break-even of 18 on."""
+    arguments = importlib.import_module("arguments")
+    benchmark = importlib.import_module("benchmark")
+    monkeypatch.setattr(arguments, "COMPILE_BREAK_EVEN_TOKENS", break_even)
+    monkeypatch.setenv("LAYERSKIP_COMPILE_BACKEND", "eager")  # traced, not built: seconds
+    argv = [
+        "--model", str(tiny_model_dir), "--dataset", "custom_jsonl", "--data_path", str(prompts_file),
+        "--max_steps", "6", "--sample", "False", "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="arguments"):
+        assert benchmark.main(argv) == 0
+    (result,) = tmp_path.glob("benchmark_*.json")
+    document = json.loads(result.read_text())
+    assert document["environment"]["decoding_path"] == path
+    assert document["generation_configs"][0]["compile"] is (path != "eager")
+    said = [r.getMessage() for r in caplog.records if "--compile auto" in r.getMessage()]
+    if path == "eager":
+        assert not said  # short runs stay eager without a word (debug level)
+    else:
+        assert said == [
+            "--compile auto: fast path on (up to 18 tokens expected in this process; "
+            "compiling pays from about 18)"
+        ]
