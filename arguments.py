@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import torch
+from simple_parsing import field as simple_field
 
 from self_speculation import (
     DEFAULT_MODEL,
@@ -63,7 +64,19 @@ DEFAULT_NUM_THREADS = 1  # see Arguments.num_threads
 # --compile auto: a first compile pays from this many generated tokens on (shipped model,
 # quiet 2-core CPU: 97.1 s to compile, 8.3 ms saved per token; docs/fast-path.md).
 COMPILE_BREAK_EVEN_TOKENS = 12_000
-COMPILE_CHOICES = ("true", "false", "auto")
+# --compile's spellings (as simple-parsing reads booleans), and a bare --compile: true.
+_COMPILE_SPELLINGS = {
+    **dict.fromkeys(("true", "1", "yes", "y", "on"), "true"),
+    **dict.fromkeys(("false", "0", "no", "n", "off"), "false"),
+    "auto": "auto",
+}
+
+
+def expected_tokens(num_samples: int, max_steps: int, world_size: int = 1) -> int:
+    """The most tokens one process generates per decoding path for ``--compile auto``: the
+    largest share of ``num_samples`` (so that every process of a torchrun decides alike)
+    x ``max_steps``. Each path (strategy, sweep point) compiles its own passes."""
+    return -(-num_samples // max(world_size, 1)) * max_steps
 
 
 def apply_num_threads(num_threads: int) -> None:
@@ -279,14 +292,15 @@ class GenerationArguments:
     """Extra end-of-sequence token ids."""
     draft_confidence_threshold: float = 0.0
     """Stop drafting once a draft's top probability is below this (0: off, as the original)."""
-    compile: str = "auto"
+    compile: str = simple_field(default="auto", nargs="?", const="true")
     """Fast path: torch.compile the decoding passes (once per batch size, E and k; on CPU
     kept on disk, so a later process loads them): True, False or auto. auto compiles when
-    a run's expected tokens (prompts x max_steps, per process) reach 12,000, where a first
-    compile pays for itself (shipped model, quiet 2-core CPU: 97 s to compile, 8.3 ms saved
-    per token, 368.9 vs 90.8 tok/s self-speculative); passes already compiled load in ~2 s
-    and pay after ~250 tokens: give True then. generate.py's one prompt and eval.py (whose
-    request count is not known up front) stay eager under auto."""
+    a run's expected tokens per decoding path (prompts x max_steps, per process) reach
+    12,000, where a first compile pays for itself (shipped model, quiet 2-core CPU: 97 s to
+    compile, 8.3 ms saved per token, 368.9 vs 90.8 tok/s self-speculative); passes already
+    compiled load in ~2 s and pay after ~250 tokens: give True then. generate.py counts its
+    one prompt's max_steps; prompts from stdin and eval.py's requests (not known up front)
+    stay eager under auto."""
     tree_branching: list[int] | None = None
     """tree: children per node at each depth, e.g. 2 2 1 (the depth stands for
     num_speculations); default: 2 2 then 1s to depth num_speculations."""
@@ -313,7 +327,10 @@ class GenerationArguments:
             )
         for word in self.stop_words or []:
             require_utf8(word, "--stop_words", from_bytes=True)
-        if not isinstance(self.compile, str) or self.compile.lower() not in COMPILE_CHOICES:
+        spelling = str(self.compile).strip().lower()
+        if isinstance(self.compile, bool) or spelling in _COMPILE_SPELLINGS:
+            self.compile = _COMPILE_SPELLINGS[spelling]
+        else:
             raise ConfigError(f"--compile must be True, False or auto, got '{self.compile}'")
         self.configs()  # GenerationConfig validates the remaining values, per strategy
 
@@ -328,15 +345,14 @@ class GenerationArguments:
     def compile_for(self, expected_tokens: int | None) -> bool:
         """``--compile`` for a run expected to generate ``expected_tokens`` tokens per
         process (None: not known): auto compiles from COMPILE_BREAK_EVEN_TOKENS on."""
-        choice = self.compile.lower()
-        if choice != "auto":
-            return choice == "true"
+        if self.compile != "auto":
+            return self.compile == "true"
         return expected_tokens is not None and expected_tokens >= COMPILE_BREAK_EVEN_TOKENS
 
     def announce_compile(self, expected_tokens: int | None) -> None:
         """Says in the log when ``--compile auto`` turns the fast path on, and why (staying
         eager, the default for short runs, is said at debug level only)."""
-        if self.compile.lower() != "auto":
+        if self.compile != "auto":
             return
         on = self.compile_for(expected_tokens)
         logger.log(

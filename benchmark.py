@@ -23,6 +23,7 @@ from arguments import (
     GenerationArguments,
     arguments_dict,
     distributed_run,
+    expected_tokens,
     parse_args,
     run_main,
 )
@@ -64,7 +65,7 @@ def main(argv: list[str]) -> int:
     args.check_model(*generation.configs())  # before the data and weights load
     with distributed_run(args) as context:
         examples = load_examples(benchmark, args.seed)
-        expected = len(dist.shard(examples, context)) * generation.max_steps
+        expected = expected_tokens(len(examples), generation.max_steps, context.world_size)
         generation.announce_compile(expected)
         generator = args.load_generator(context)
         configs = [generator.resolve(config) for config in generation.configs(expected)]

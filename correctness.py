@@ -27,6 +27,7 @@ from arguments import (
     GenerationArguments,
     arguments_dict,
     distributed_run,
+    expected_tokens,
     parse_args,
     run_main,
 )
@@ -82,7 +83,7 @@ def main(argv: list[str]) -> int:
     args.check_model(generation.config(strategy))
     with distributed_run(args) as context:
         examples = load_examples(benchmark, args.seed)
-        expected = len(dist.shard(examples, context)) * generation.max_steps
+        expected = expected_tokens(len(examples), generation.max_steps, context.world_size)
         generation.announce_compile(expected)
         generator = args.load_generator(context)
         speculative = generator.resolve(generation.config(strategy, expected))

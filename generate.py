@@ -239,11 +239,8 @@ def main(argv: list[str]) -> int:
     args, generation, options = parse_args(
         Arguments, GenerationArguments, GenerateArguments, argv=argv, prog="generate.py"
     )
-    # One prompt: its tokens (and plain decoding's, compared); prompts from standard input:
-    # not known up front.
-    expected = None
-    if options.prompt is not None:
-        expected = generation.max_steps * (2 if options.compare_autoregressive else 1)
+    # One prompt: its tokens; prompts from standard input: not known up front.
+    expected = generation.max_steps if options.prompt is not None else None
     config = one_strategy(generation, "generate.py", expected)
     if (
         options.streamer == StreamerName.SPECULATIVE.value

@@ -39,6 +39,7 @@ from arguments import (
     arguments_dict,
     check_output_dir,
     distributed_run,
+    expected_tokens,
     parse_args,
     run_main,
 )
@@ -122,9 +123,13 @@ class SweepArguments:
 
 
 def _setting_key(
-    args: Arguments, generation: GenerationArguments, benchmark: BenchmarkArguments
+    args: Arguments,
+    generation: GenerationArguments,
+    benchmark: BenchmarkArguments,
+    compiled: bool,
 ) -> str:
-    """A short hash of everything but the grid: rows with another key are not reused."""
+    """A short hash of everything but the grid: rows with another key are not reused.
+    ``compiled``: the decoding path that runs (what ``--compile auto`` decided)."""
     relevant = {
         key: value
         for key, value in arguments_dict(args, generation, benchmark).items()
@@ -138,6 +143,7 @@ def _setting_key(
             "distributed",
         )
     }
+    relevant["compile"] = compiled
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -339,18 +345,19 @@ def main(argv: list[str]) -> int:
             csv_path, context, "--output_file's folder" if sweep.output_file else "--output_dir"
         ),
     ):
-        # The CSV first: a malformed one fails before the data and weights load.
-        setting = _setting_key(args, generation, benchmark)
+        # The CSV and the data first: either one malformed fails before the weights load.
         check_siblings(csv_path)
-        done = _finished(csv_path, setting, repair=context.is_main)
         examples = load_examples(benchmark, args.seed)
+        expected = expected_tokens(len(examples), generation.max_steps, context.world_size)
+        generation.announce_compile(expected)  # per grid point
+        compiled = generation.compile_for(expected)
+        speculative = dataclasses.replace(speculative, compile=compiled)
+        setting = _setting_key(args, generation, benchmark, compiled)
+        done = _finished(csv_path, setting, repair=context.is_main)
         generator = args.load_generator(context)
         grid = sweep.grid(generator.num_layers)
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         samples = dist.shard(examples, context)
-        expected = len(samples) * generation.max_steps  # per grid point
-        generation.announce_compile(expected)
-        speculative = dataclasses.replace(speculative, compile=generation.compile_for(expected))
 
         baseline_rate = None
         if sweep.baseline:

@@ -139,7 +139,9 @@ class GenerationConfig:
         if self.stop_token_ids is not None and any(
             not 0 <= token < MAX_TOKEN_ID for token in self.stop_token_ids
         ):
-            raise ConfigError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
+            raise ConfigError(
+                f"stop_token_ids must be token ids (0 <= id < 2**62), got {self.stop_token_ids}"
+            )
         if self.stop_words is not None and any(not word for word in self.stop_words):
             raise ConfigError("stop_words must not contain an empty string")
         if strategy is GenerationStrategyName.TREE:

@@ -474,8 +474,8 @@ class Generator:
             self._prompt_ids(prompt, f"prompts[{index}]") for index, prompt in enumerate(prompts)
         ]
         config = self.resolve(config)
-        vocab_size = getattr(self.model.config.get_text_config(), "vocab_size", None)
-        beyond = [token for token in config.stop_token_ids or [] if token >= (vocab_size or 2**62)]
+        vocab_size = self.layerwise.embed_tokens.weight.shape[0]  # as prompts are checked
+        beyond = [token for token in config.stop_token_ids or [] if token >= vocab_size]
         if beyond:
             raise ConfigError(
                 f"stop_token_ids: {beyond[0]} is not a token id of this model (its vocabulary "
@@ -505,15 +505,17 @@ class Generator:
         follow_tokens = streamer.wants_tokens or bool(config.stop_words)
         # Where no streamer or stop word needs a step's tokens, the next step is issued
         # before this step's counts are read: a GPU never idles while the host keeps books.
-        ahead = not follow_tokens and (
-            self.steps_ahead if self.steps_ahead is not None else device.type == "cuda"
+        # (Not for a strategy that reads the device to choose each step anyway.)
+        ahead = (
+            not follow_tokens
+            and not strategy.reads_device_each_step
+            and (self.steps_ahead if self.steps_ahead is not None else device.type == "cuda")
         )
 
-        def issue() -> StepResult:
-            """The next step for the rows still running (as far as the host knows)."""
-            remaining = max(limits[i][0] - generated[i] for i in order if reasons[i] is None)
-            # Never draft more than can be kept: k drafts yield up to k + 1 tokens. (Steps
-            # issued ahead count from the step before: more drafts, never more tokens.)
+        def issue(remaining: int) -> StepResult:
+            """The next step for the rows still running (``remaining``: the most tokens a
+            running row may still add, as the host knew before reading the last step)."""
+            # Never draft more than can be kept: k drafts yield up to k + 1 tokens.
             num_drafts = min(config.num_speculations, remaining - 1) if speculative else 0
             active = rows.reason == 0  # [rows]
             step = strategy.step(state, num_drafts, active)
@@ -541,8 +543,12 @@ class Generator:
                     [kept, rows.reason, *([step.new_tokens.flatten()] if follow_tokens else [])]
                 )
             )
-            upcoming = issue() if ahead else None
+            # Counted before this step's read, whether the next step goes ahead of it or
+            # not, so that both draft alike (and sampling draws alike).
+            remaining = max(limits[i][0] - generated[i] for i in order if reasons[i] is None)
+            upcoming = issue(remaining) if ahead else None
             host = read.values()
+            ended = time.perf_counter()  # this step is done (a step issued ahead is not timed)
             kept_list, codes = host[:size], host[size : 2 * size]
             width = step.new_tokens.shape[1]
             for index, prompt in enumerate(order):
@@ -582,9 +588,9 @@ class Generator:
                 if upcoming is not None:
                     upcoming = upcoming.select_rows(kept_rows)
                 order = [order[index] for index in keep]
-            step = upcoming if upcoming is not None else issue()
-        _synchronize(device)
-        total_time = time.perf_counter() - started
+            step = upcoming if upcoming is not None else issue(remaining)
+        _synchronize(device)  # a step issued ahead of the last read finishes, untimed
+        total_time = ended - started
         streamer.on_end()
         broken = [row for row in range(batch) if reasons[row] == _REASONS[NON_FINITE]]
         if broken:
@@ -693,9 +699,12 @@ class _HostRead:
     def __init__(self, tensor: torch.Tensor) -> None:
         self._done = None
         if tensor.device.type == "cuda":
+            stream = torch.cuda.current_stream(
+                tensor.device
+            )  # the copy's, whatever device is current
             tensor = tensor.to("cpu", non_blocking=True)  # into pinned memory
             self._done = torch.cuda.Event()
-            self._done.record()
+            self._done.record(stream)
         self._tensor = tensor
 
     def values(self) -> list[int]:

@@ -156,6 +156,9 @@ class GenerationStrategy(abc.ABC):
     """
 
     name: ClassVar[GenerationStrategyName]
+    # Whether a step reads the device to decide what it runs (then issuing the next step
+    # ahead of the generator's read gains nothing: ``Generator.steps_ahead``).
+    reads_device_each_step: ClassVar[bool] = False
 
     def __init__(
         self, passes: ForwardPasses, config: GenerationConfig, selector: TokenSelector
@@ -542,6 +545,7 @@ class AdaptiveGenerationStrategy(SelfSpeculativeGenerationStrategy):
     """
 
     name = GenerationStrategyName.ADAPTIVE
+    reads_device_each_step = True  # the policy chooses each step's chain from the statistics
 
     def __init__(
         self, passes: ForwardPasses, config: GenerationConfig, selector: TokenSelector

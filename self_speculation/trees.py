@@ -115,8 +115,12 @@ def tree_refusal(sample: bool, context_processors: bool, confidence_threshold: f
     """Why the ``tree`` strategy cannot decode with these settings (they need a chain's
     acceptance rule or each draft's own context), or None."""
     if sample:
-        reason = "sampling keeps the full model's distribution with a chain's acceptance rule"
-    elif context_processors:
+        return (
+            "trees decode greedily (sampling keeps the full model's distribution with a "
+            "chain's acceptance rule): give sample=False (--sample False), or use "
+            "'self_speculative' (chains) to sample"
+        )
+    if context_processors:
         reason = (
             "logits processors (no_repeat_ngram_size; a checkpoint's repetition penalty, bad "
             "words or suppressed tokens) read each draft's own context, which a tree's nodes "

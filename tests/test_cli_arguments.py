@@ -12,6 +12,7 @@ from arguments import (
     ArgumentsError,
     BenchmarkArguments,
     GenerationArguments,
+    expected_tokens,
     parse_args,
 )
 from self_speculation import DEFAULT_MODEL, ConfigError, GenerationConfig, GenerationStrategyName
@@ -149,9 +150,22 @@ def test_compile_auto_compiles_long_runs_only() -> None:
     assert not generation.config(expected_tokens=COMPILE_BREAK_EVEN_TOKENS - 1).compile
     assert generation.config(expected_tokens=COMPILE_BREAK_EVEN_TOKENS).compile
     assert all(config.compile for config in generation.configs(10**6))
-    for flag, expected in (("True", True), ("false", False)):
-        (generation,) = parse_args(GenerationArguments, argv=["--compile", flag])
+    for argv, expected in (
+        (["--compile", "True"], True),
+        (["--compile"], True),  # a bare flag, as when it was a boolean
+        (["--compile", "1"], True),
+        (["--compile", "false"], False),
+        (["--compile", "no"], False),
+    ):
+        (generation,) = parse_args(GenerationArguments, argv=argv)
         assert generation.config().compile is expected
         assert generation.config(expected_tokens=10**6).compile is expected
-    with pytest.raises(ConfigError, match="--compile must be True, False or auto, got 'yes'"):
-        parse_args(GenerationArguments, argv=["--compile", "yes"])
+    assert GenerationArguments(compile=True).config().compile  # Python callers' booleans
+    with pytest.raises(ConfigError, match="--compile must be True, False or auto, got 'maybe'"):
+        parse_args(GenerationArguments, argv=["--compile", "maybe"])
+
+
+def test_expected_tokens_are_the_largest_share_of_a_process() -> None:
+    """Every process of a torchrun run decides --compile auto alike (47 samples on 2)."""
+    assert expected_tokens(47, 512, 2) == expected_tokens(48, 512, 2) == 24 * 512
+    assert expected_tokens(47, 512) == 47 * 512

@@ -197,12 +197,13 @@ def test_settings_that_need_chains_are_refused(settings: dict, message: str) -> 
 
 def test_a_checkpoints_own_logits_processors_are_refused_too() -> None:
     generator = generator_for("llama_mha_untied")
-    generator.model.generation_config.repetition_penalty = 1.3
+    checkpoint = generator.model.generation_config
+    before, checkpoint.repetition_penalty = checkpoint.repetition_penalty, 1.3
     try:
         with pytest.raises(ConfigError, match="logits processors"):
             generator.generate([5, 6], tree(2, [2, 1]))
     finally:
-        generator.model.generation_config.repetition_penalty = None
+        checkpoint.repetition_penalty = before
 
 
 def test_tree_branching_is_refused_for_other_strategies() -> None:
