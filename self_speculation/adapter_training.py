@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from self_speculation.draft import DraftExit
-from self_speculation.errors import ConfigError
+from self_speculation.errors import ConfigError, one_line
 from self_speculation.model_surgery import LayerwiseModel
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,13 @@ def compute_targets(
     manifest = folder / MANIFEST_NAME
     wanted = settings.__dict__
     if manifest.exists():
-        found = json.loads(manifest.read_text())
+        try:
+            found = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"{manifest} is damaged ({one_line(error)}); delete {folder} to compute the "
+                "targets again"
+            ) from None
         if found != wanted:
             raise ConfigError(
                 f"{folder} holds targets for other settings ({found}); use another --cache_dir"
@@ -165,7 +171,15 @@ def load_targets(folder: Path, exit_layer: int) -> Targets:
     paths = sorted(folder.glob("shard_*.pt"))
     if not paths:
         raise ConfigError(f"{folder} holds no target shards")
-    parts = [torch.load(path, weights_only=True) for path in paths]
+    parts = []
+    for path in paths:
+        try:
+            parts.append(torch.load(path, weights_only=True))
+        except Exception as error:  # a truncated file makes torch raise anything
+            raise ConfigError(
+                f"target shard {path} is damaged ({one_line(error)}); delete it and run again: "
+                "a missing shard is computed again"
+            ) from None
     if exit_layer not in parts[0]["states"]:
         raise ConfigError(
             f"{folder} holds states for exit layers {sorted(parts[0]['states'])}, not {exit_layer}"

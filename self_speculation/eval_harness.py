@@ -110,16 +110,27 @@ class LayerSkipLM(LM):
     def _continuation_logprob(
         self, context_ids: list[int], continuation_ids: list[int]
     ) -> tuple[float, bool]:
-        """log p(continuation | context) and whether greedy decoding would produce it."""
-        tokens = (context_ids + continuation_ids)[-(self.max_length + 1) :]
-        count = len(continuation_ids)
-        device = self.generator.layerwise.device
-        inputs = torch.tensor([tokens[:-1]], device=device)  # [1, seq]
-        logits = self.generator.layerwise.logits(inputs, exit_layer=self.loglikelihood_exit_layer)
-        logprobs = F.log_softmax(logits[0, -count:].float(), dim=-1)  # [count, vocab]
-        targets = torch.tensor(tokens[-count:], device=device)  # [count]
-        total = logprobs.gather(1, targets.unsqueeze(1)).sum().item()
-        greedy = bool((logprobs.argmax(dim=-1) == targets).all())
+        """log p(continuation | context) and whether greedy decoding would produce it.
+
+        A continuation longer than the model's context is scored in windows of it, each
+        with as much preceding text as fits (every token predicted once)."""
+        sequence = context_ids + continuation_ids
+        total, greedy = 0.0, True
+        start = len(context_ids)
+        while start < len(sequence):
+            end = min(start + self.max_length, len(sequence))
+            tokens = sequence[max(0, end - self.max_length - 1) : end]
+            count = end - start
+            device = self.generator.layerwise.device
+            inputs = torch.tensor([tokens[:-1]], device=device)  # [1, seq]
+            logits = self.generator.layerwise.logits(
+                inputs, exit_layer=self.loglikelihood_exit_layer
+            )
+            logprobs = F.log_softmax(logits[0, -count:].float(), dim=-1)  # [count, vocab]
+            targets = torch.tensor(tokens[-count:], device=device)  # [count]
+            total += logprobs.gather(1, targets.unsqueeze(1)).sum().item()
+            greedy = greedy and bool((logprobs.argmax(dim=-1) == targets).all())
+            start = end
         return total, greedy
 
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
@@ -140,16 +151,7 @@ class LayerSkipLM(LM):
         for request in tqdm(requests, desc="loglikelihood_rolling", disable=not self.progress):
             (text,) = request.args
             tokens = self._encode(text)
-            total, start = 0.0, 0
-            while start < len(tokens):
-                end = min(start + self.max_length, len(tokens))
-                history = ([self.prefix_token_id] + tokens)[
-                    max(0, end - self.max_length) : start + 1
-                ]
-                logprob, _ = self._continuation_logprob(history, tokens[start:end])
-                total += logprob
-                start = end
-            results.append(total)
+            results.append(self._continuation_logprob([self.prefix_token_id], tokens)[0])
         return results
 
     # --- generation -------------------------------------------------------------------

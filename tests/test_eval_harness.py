@@ -70,6 +70,23 @@ def test_loglikelihood_rolling_sums_every_token(generator: Generator) -> None:
     assert whole == pytest.approx(full_logprob(generator, "", text), abs=1e-3)
 
 
+def test_a_continuation_longer_than_the_context_is_scored_in_windows(
+    generator: Generator,
+) -> None:
+    """A multiple-choice answer longer than the model's context (a model trained at a short
+    --seq_len): every token scored once, as the rolling log-likelihood does."""
+    config = generator.resolve(GenerationConfig(sample=False))
+    lm = LayerSkipLM(generator, config, progress=False)
+    lm.max_length = 8
+    answer = " the quick brown fox jumps over the lazy dog" * 2
+    ((logprob, greedy),) = lm.loglikelihood([Request(("", answer))])
+    (rolling,) = lm.loglikelihood_rolling([Request((answer,))])  # the same windows
+    assert len(lm._encode(answer)) > 2 * lm.max_length and isinstance(greedy, bool)
+    assert logprob < 0 and logprob == pytest.approx(rolling, abs=1e-4)
+    ((with_context, _),) = lm.loglikelihood([Request(("Question: which?\nAnswer:", answer))])
+    assert with_context < 0
+
+
 def test_generate_until_honours_until_and_max_gen_toks(generator: Generator) -> None:
     config = generator.resolve(
         GenerationConfig(

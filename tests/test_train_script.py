@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -383,3 +384,56 @@ def test_recipe_files_are_flags_the_command_line_overrides(tmp_path: Path) -> No
         config = parse_config(["--recipe", str(path), "--data", "x"])
         assert config.model.model and config.layerskip.layer_dropout_p_max > 0, path
         assert config.training.max_tokens > 0, path
+
+
+def test_resume_refuses_other_settings_damage_and_recovers_a_half_replaced_checkpoint(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """What a user can do to a stopped run: resume with other settings (refused: the data
+    position would mean nothing), damage a checkpoint file (one line), be killed while a
+    checkpoint replaces the previous one (recovered), leave log lines after the checkpoint
+    (cut back)."""
+    common = [*TINY, *QUICK, *STEPS_6, "--data", f"{corpus}/*.py", "--output_dir", str(tmp_path)]
+    first = run("train.py", *common, "--stop_after_steps", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = tmp_path / "checkpoint"
+    for changed, name in (
+        (["--seq_len", "64"], "--seq_len"),
+        (["--seed", "7"], "--seed"),
+        (["--layer_dropout_p_max", "0.5"], "--layer_dropout_p_max"),
+        (["--batch_size", "2"], "global batch"),
+    ):
+        result = run("train.py", *common, *changed, "--resume", "True")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert name in result.stderr.strip().splitlines()[-1]
+    backup = tmp_path.parent / "backup"
+    shutil.copytree(checkpoint, backup)
+    (checkpoint / "trainer_state.pt").write_text("garbage")
+    result = run("train.py", *common, "--resume", "True")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is damaged or incomplete" in result.stderr.strip().splitlines()[-1]
+    # Killed after the previous checkpoint moved aside, before the new one moved in.
+    shutil.rmtree(checkpoint)
+    shutil.copytree(backup, tmp_path / "checkpoint.old")
+    shutil.copytree(backup, tmp_path / "checkpoint.tmp")
+    with (tmp_path / "train_log.jsonl").open("a") as log:  # logged after the checkpoint
+        log.write(json.dumps({"step": 4, "loss": 1.0}) + "\n" + '{"step": 5, "lo')
+    result = run("train.py", *common, "--resume", "True")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [record["step"] for record in losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert not (tmp_path / "checkpoint.old").exists()
+    assert not (tmp_path / "checkpoint.tmp").exists()
+
+
+def test_a_diverging_run_stops_in_one_line_and_keeps_its_checkpoint(
+    corpus: Path, tmp_path: Path
+) -> None:
+    common = [*TINY, *QUICK, "--data", f"{corpus}/*.py", "--output_dir", str(tmp_path)]
+    result = run("train.py", *common, "--max_tokens", str(40 * 4 * 32), "--learning_rate", "1e4",
+                 "--warmup_steps", "1", "--max_grad_norm", "0", "--save_every_steps", "1")  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "training diverged at step" in result.stderr.strip().splitlines()[-1]
+    text = (tmp_path / "train_log.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert not (tmp_path / "model.safetensors").exists()  # no model from NaN weights
+    assert (tmp_path / "checkpoint" / "trainer_state.pt").is_file()

@@ -495,3 +495,18 @@ def test_stop_signals_turn_the_first_signal_into_a_request() -> None:
         os.kill(os.getpid(), signal.SIGINT)
         assert signals.received == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_damaged_target_cache_is_one_line(tmp_path) -> None:
+    """train_adapter.py's target cache: a truncated shard or manifest names the file and
+    what to do, instead of torch's or json's traceback."""
+    from self_speculation.adapter_training import TargetSettings, compute_targets, load_targets
+    from self_speculation.errors import ConfigError
+
+    (tmp_path / "shard_00000.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ConfigError, match=r"shard_00000.pt is damaged .*delete it"):
+        load_targets(tmp_path, 2)
+    (tmp_path / "manifest.json").write_text("{")
+    settings = TargetSettings("m", [2], 8, 4, 1, "f")
+    with pytest.raises(ConfigError, match=r"manifest.json is damaged .*compute the targets again"):
+        compute_targets(None, torch.zeros(1, 8, dtype=torch.long), settings, tmp_path)

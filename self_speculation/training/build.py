@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from self_speculation.distributed import DistributedContext, barrier
-from self_speculation.errors import ConfigError
+from self_speculation.errors import ConfigError, one_line
 from self_speculation.loading import load_model_and_tokenizer
-from self_speculation.training.checkpointing import CHECKPOINT_DIR
+from self_speculation.training.checkpointing import CHECKPOINT_DIR, damaged
 from self_speculation.training.config import DataArguments, TrainConfig
 from self_speculation.training.data import hub_texts, read_texts, resolve_files, train_tokenizer
 from self_speculation.training.presets import architecture_config
@@ -58,8 +58,17 @@ def build_model_and_tokenizer(
     output_dir = Path(config.training.output_dir)
     torch.manual_seed(config.training.seed)
     if config.training.resume:
-        tokenizer = AutoTokenizer.from_pretrained(output_dir / TOKENIZER_DIR)
-        architecture = AutoConfig.from_pretrained(output_dir / CHECKPOINT_DIR)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(output_dir / TOKENIZER_DIR)
+        except Exception as error:  # a missing folder reads as a bad hub id
+            raise ConfigError(
+                f"the run's tokenizer in {output_dir / TOKENIZER_DIR} is missing or damaged "
+                f"({one_line(error)})"
+            ) from None
+        try:
+            architecture = AutoConfig.from_pretrained(output_dir / CHECKPOINT_DIR)
+        except Exception as error:
+            raise damaged(output_dir / CHECKPOINT_DIR, error) from None
         model = AutoModelForCausalLM.from_config(architecture, dtype=torch.float32)
     elif config.model.model:
         # Weights in fp32 for training, whatever they were saved in.
@@ -86,7 +95,17 @@ def build_model_and_tokenizer(
                 pad_token_id=tokenizer.pad_token_id,
             ),
         )
-        model = AutoModelForCausalLM.from_config(architecture, dtype=torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_config(architecture, dtype=torch.float32)
+        except Exception as error:  # an activation, rope type or field value it refuses
+            source = (
+                f"--config_file {config.model.config_file}"
+                if config.model.config_file
+                else (f"--preset {config.model.preset}")
+            )
+            raise ConfigError(
+                f"{source}: transformers cannot build a causal LM from it ({one_line(error)})"
+            ) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.train(), tokenizer

@@ -12,9 +12,10 @@ Next to the shards:
   generator);
 * ``config.json``: the model architecture (to rebuild it before loading the weights).
 
-The directory is written under ``checkpoint.tmp`` and renamed into place, so an interrupted
-save leaves the previous checkpoint intact. On several nodes ``output_dir`` must be on a
-file system every node sees.
+The directory is written under ``checkpoint.tmp``; then the previous checkpoint moves to
+``checkpoint.old``, the new one into place, and the old one is deleted. A kill at any point
+leaves one complete checkpoint, which ``recover_checkpoint`` puts back in place. On several
+nodes ``output_dir`` must be on a file system every node sees.
 """
 
 from __future__ import annotations
@@ -33,16 +34,40 @@ import torch.distributed as dist
 from torch import nn
 
 from self_speculation.distributed import DistributedContext, barrier
+from self_speculation.errors import ConfigError, one_line
 
 logger = logging.getLogger("train")
 
 CHECKPOINT_DIR = "checkpoint"
+TEMPORARY_DIR = CHECKPOINT_DIR + ".tmp"  # a checkpoint being written
+PREVIOUS_DIR = CHECKPOINT_DIR + ".old"  # the one it replaces, until it is in place
 TRAINER_STATE_FILE = "trainer_state.pt"
 
 
 def checkpoint_exists(output_dir: Path) -> bool:
     """Whether ``output_dir`` holds a complete checkpoint."""
     return (output_dir / CHECKPOINT_DIR / TRAINER_STATE_FILE).is_file()
+
+
+def recover_checkpoint(output_dir: Path) -> None:
+    """Finish a checkpoint replacement that a kill interrupted (main process only).
+
+    ``checkpoint.tmp`` is renamed into place only once every process has written it, and
+    the previous checkpoint moves to ``checkpoint.old`` just before: with ``checkpoint``
+    missing, a ``checkpoint.old`` means the new one was complete; without it, the previous
+    one is the one to keep.
+    """
+    final = output_dir / CHECKPOINT_DIR
+    temporary, previous = output_dir / TEMPORARY_DIR, output_dir / PREVIOUS_DIR
+    if not checkpoint_exists(output_dir):
+        if previous.is_dir() and (temporary / TRAINER_STATE_FILE).is_file():
+            temporary.rename(final)
+        elif (previous / TRAINER_STATE_FILE).is_file():
+            previous.rename(final)
+        else:
+            return
+        logger.warning("recovered %s, which a kill left half-replaced", final)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _rng_state(generator: torch.Generator | None) -> dict[str, Any]:
@@ -92,7 +117,7 @@ def save_checkpoint(
     import torch.distributed.checkpoint as dcp
 
     final = output_dir / CHECKPOINT_DIR
-    temporary = output_dir / (CHECKPOINT_DIR + ".tmp")
+    temporary, previous = output_dir / TEMPORARY_DIR, output_dir / PREVIOUS_DIR
     if context.is_main:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
@@ -106,11 +131,38 @@ def save_checkpoint(
             {**trainer_state, "world_size": context.world_size}, temporary / TRAINER_STATE_FILE
         )
     barrier(context)
-    if context.is_main:
-        shutil.rmtree(final, ignore_errors=True)
+    if context.is_main:  # never without one complete checkpoint (``recover_checkpoint``)
+        shutil.rmtree(previous, ignore_errors=True)
+        if final.exists():
+            final.rename(previous)
         temporary.rename(final)
+        shutil.rmtree(previous, ignore_errors=True)
     barrier(context)
     return final
+
+
+def damaged(directory: Path, error: BaseException) -> ConfigError:
+    """The one-line error for a checkpoint that cannot be read."""
+    return ConfigError(
+        f"the checkpoint in {directory} is damaged or incomplete ({one_line(error)}); "
+        "train again without --resume, or restore it from a copy"
+    )
+
+
+def read_trainer_state(output_dir: Path) -> dict[str, Any]:
+    """The checkpoint's trainer state (progress, scheduler, the run's settings).
+
+    Raises:
+        ConfigError: the file is damaged.
+    """
+    path = output_dir / CHECKPOINT_DIR / TRAINER_STATE_FILE
+    try:
+        state = torch.load(path, weights_only=False)
+        if not isinstance(state, dict) or "progress" not in state:
+            raise ValueError("no training progress in it")
+    except Exception as error:  # unpickling raises anything
+        raise damaged(path.parent, error) from None
+    return state
 
 
 def load_checkpoint(
@@ -131,19 +183,25 @@ def load_checkpoint(
 
     directory = output_dir / CHECKPOINT_DIR
     state = _distributed_state(objective, optimizer)
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(directory))
-    set_state_dict(
-        objective,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optimizer"],
-    )
-    trainer_state = torch.load(directory / TRAINER_STATE_FILE, weights_only=False)
-    rng_file = directory / f"rng-{context.rank}.pt"
-    if trainer_state.get("world_size") == context.world_size and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False), generator)
-    elif context.is_main:
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(
+            objective,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
+        trainer_state = read_trainer_state(output_dir)
+        rng_file = directory / f"rng-{context.rank}.pt"
+        restore_rng = trainer_state.get("world_size") == context.world_size and rng_file.is_file()
+        if restore_rng:
+            _set_rng_state(torch.load(rng_file, weights_only=False), generator)
+    except ConfigError:
+        raise
+    except Exception as error:  # whatever a truncated or missing file makes torch raise
+        raise damaged(directory, error) from None
+    if not restore_rng and context.is_main:
         logger.warning(
             "checkpoint written by %s processes, resuming on %d: random states start afresh",
             trainer_state.get("world_size"),

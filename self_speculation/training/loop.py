@@ -38,15 +38,19 @@ from tqdm import tqdm
 
 from self_speculation.distributed import DistributedContext, barrier, launched_by_torchrun, teardown
 from self_speculation.distributed import setup as setup_distributed
-from self_speculation.errors import ConfigError
+from self_speculation.errors import ConfigError, LayerSkipError
 from self_speculation.model_surgery import find_base_model
 from self_speculation.output_safety import output_dir_lock
 from self_speculation.training.build import TOKENIZER_DIR, build_model_and_tokenizer, load_texts
 from self_speculation.training.checkpointing import (
     CHECKPOINT_DIR,
+    PREVIOUS_DIR,
+    TEMPORARY_DIR,
     checkpoint_exists,
     export_pretrained,
     load_checkpoint,
+    read_trainer_state,
+    recover_checkpoint,
     save_checkpoint,
 )
 from self_speculation.training.config import TrainConfig
@@ -84,6 +88,19 @@ class TrainingInterrupted(Exception):
             f"{name} at step {step}: checkpoint saved in {checkpoint}; continue with --resume True"
         )
         self.exit_code = 128 + signal_number
+
+
+class TrainingDiverged(LayerSkipError):
+    """The loss stopped being finite: nothing after the last checkpoint is saved."""
+
+    def __init__(self, step: int, output_dir: Path) -> None:
+        kept = (
+            f"the checkpoint in {output_dir / CHECKPOINT_DIR} (an earlier step) is kept; "
+            "resume it with a lower --learning_rate"
+            if checkpoint_exists(output_dir)
+            else "no checkpoint was written yet; try a lower --learning_rate"
+        )
+        super().__init__(f"training diverged at step {step}: the loss is NaN or infinite; {kept}")
 
 
 class StopSignals:
@@ -301,6 +318,8 @@ class Trainer:
         self.progress = Progress(**state["progress"])
         self._started = time.monotonic()
         logger.info("resumed at step %d (%d tokens)", self.progress.step, self.progress.tokens)
+        if self.distributed.is_main:
+            _cut_log(self.output_dir / LOG_FILE, self.progress.step)
         if self.args.max_tokens:
             self._set_token_horizon(saved_horizon)
 
@@ -395,6 +414,8 @@ class Trainer:
             (result.loss / args.gradient_accumulation_steps).backward()
             losses = [result.loss.detach()] + [result.exit_losses[e] for e in exits]
             sums += torch.stack(losses).float().cpu()
+        if self._agree(not bool(torch.isfinite(sums).all())):
+            raise TrainingDiverged(self.progress.step + 1, self.output_dir)
         if args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.objective.parameters(), args.max_grad_norm)
         self.optimizer.step()
@@ -588,8 +609,27 @@ RUN_FILES = (
     LOG_FILE,
     "train_summary.json",
     CHECKPOINT_DIR,
-    CHECKPOINT_DIR + ".tmp",
+    TEMPORARY_DIR,
+    PREVIOUS_DIR,
 )
+
+
+def _cut_log(path: Path, step: int) -> None:
+    """Drop the log lines after ``step`` (a run killed after its last checkpoint logged steps
+    that the resumed run trains again) and any line a kill cut short."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    temporary.replace(path)
 
 
 def _remove_run_files(output_dir: Path) -> None:
@@ -628,6 +668,59 @@ def _train(config: TrainConfig, distributed: DistributedContext) -> Path:
         return _train_locked(config, distributed, device, output_dir)
 
 
+# Settings a resume may change: budgets, cadence, devices and sharding, the optimizer's
+# hyperparameters (to recover from a divergence), the exported recommendation. Every other
+# one (model, data, recipe, seed, the global batch) must be the checkpoint's: the data
+# position and the schedule mean nothing under others.
+_RESUME_MAY_CHANGE = frozenset(
+    {
+        "output_dir", "overwrite", "resume", "max_tokens", "max_minutes", "stop_after_steps",
+        "device", "fsdp", "fsdp_cpu_offload", "activation_checkpointing", "num_threads",
+        "log_every", "save_every_minutes", "save_every_steps", "exit_layer", "num_speculations",
+        "learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay", "max_grad_norm",
+        "batch_size", "gradient_accumulation_steps",
+    }
+)  # fmt: skip
+
+
+def _check_resumed_settings(
+    saved: dict[str, Any], config: TrainConfig, distributed: DistributedContext, output_dir: Path
+) -> None:
+    """Refuses, in one line, a resume whose settings differ from the checkpoint's where the
+    run could not continue exactly (``_RESUME_MAY_CHANGE`` lists the others).
+
+    Raises:
+        ConfigError: naming the first setting that differs, with both values.
+    """
+    before = saved.get("config")
+    if not isinstance(before, dict):
+        return  # a checkpoint from before settings were saved in it
+    now = dataclasses.asdict(config)
+    for group, values in now.items():
+        for name, value in values.items():
+            was = before.get(group, {}).get(name, value)
+            if name not in _RESUME_MAY_CHANGE and was != value:
+                raise ConfigError(
+                    f"--resume True: --{name} is {value!r}, but the checkpoint in "
+                    f"{output_dir / CHECKPOINT_DIR} was trained with {was!r}; resume with its "
+                    "settings, or start a new run in another --output_dir"
+                )
+    args, old = config.training, before.get("training", {})
+    old_world = saved.get("world_size", distributed.world_size)
+    old_batch = old.get("batch_size", args.batch_size) * old.get(
+        "gradient_accumulation_steps", args.gradient_accumulation_steps
+    )
+    if old_batch * old_world != args.batch_size * args.gradient_accumulation_steps * (
+        distributed.world_size
+    ):
+        raise ConfigError(
+            f"--resume True: the global batch (--batch_size x --gradient_accumulation_steps x "
+            f"processes) is {args.batch_size} x {args.gradient_accumulation_steps} x "
+            f"{distributed.world_size}, but the checkpoint's was {old_batch} x {old_world}; "
+            "keep the number of sequences per optimizer step"
+        )
+
+
 def _record_resume(path: Path, progress: Progress, config: TrainConfig) -> None:
     """Append this resume's command line and settings to the run's train_config.json."""
     document = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -650,8 +743,13 @@ def _train_locked(
     _setup_logging(distributed.is_main)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    if distributed.is_main:
+        recover_checkpoint(output_dir)  # a kill during a checkpoint's replacement
+    barrier(distributed)
     if args.resume and not checkpoint_exists(output_dir):
         raise ConfigError(f"--resume True but {output_dir / CHECKPOINT_DIR} does not exist")
+    if args.resume:  # before the data and the model: what the checkpoint was trained with
+        _check_resumed_settings(read_trainer_state(output_dir), config, distributed, output_dir)
     if not args.resume and checkpoint_exists(output_dir):
         if not args.overwrite:
             raise ConfigError(

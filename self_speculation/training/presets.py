@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-from self_speculation.errors import ConfigError, whole_number
+from self_speculation.errors import ConfigError, one_line, whole_number
 
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests and smoke runs: seconds on a CPU.
@@ -133,5 +133,5 @@ def architecture_config(
     model_type = values.pop("model_type")
     try:
         return AutoConfig.for_model(model_type, **values)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"invalid architecture ({model_type}): {error}") from None
+    except Exception as error:  # ValueError, TypeError, transformers' strict field checks...
+        raise ConfigError(f"invalid architecture ({model_type}): {one_line(error)}") from None
