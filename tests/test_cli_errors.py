@@ -536,6 +536,9 @@ def test_train_bad_values_are_one_line(argv, message, tmp_path: Path, monkeypatc
         ({"hidden_size": -64}, "hidden_size must be an integer >= 1, got -64"),
         ({"num_key_value_heads": 3}, "num_attention_heads (4) must be a multiple of"),
         ({"hidden_size": 66}, "hidden_size (66) must be a multiple of num_attention_heads (4)"),
+        ({"hidden_act": "nosuchact"}, "transformers cannot build a causal LM from it"),
+        ({"rms_norm_eps": "x"}, "invalid architecture (llama)"),
+        ({"intermediate_size": None}, "intermediate_size must be an integer >= 1"),
     ],
 )
 def test_train_bad_architecture_values_are_one_line(
@@ -546,6 +549,9 @@ def test_train_bad_architecture_values_are_one_line(
     values = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     values |= dict(num_attention_heads=4, num_key_value_heads=2)
     values |= architecture
+    if architecture == {"intermediate_size": None}:  # left out: not transformers' default
+        del values["intermediate_size"]
+        message = "must give the model's sizes: intermediate_size missing"
     config_file = tmp_path / "architecture.json"
     config_file.write_text(json.dumps(values))
     (tmp_path / "a.py").write_text("def f(x):\n    return x + 1\n" * 200)

@@ -56,6 +56,8 @@ _LLAMA_DEFAULTS: dict[str, Any] = dict(
 
 
 # Sizes that, where an architecture gives them, must be positive integers.
+# What an architecture file must state (the rest has defaults of our own or the family's).
+_REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _SIZES = (
     "hidden_size",
     "intermediate_size",
@@ -123,6 +125,12 @@ def architecture_config(
     else:
         raise ConfigError(
             "training from scratch needs --preset or --config_file (or --model to continue a model)"
+        )
+    missing = [name for name in _REQUIRED_SIZES if name not in values]
+    if missing:  # transformers would fill in its own defaults: a model of billions of weights
+        raise ConfigError(
+            f"architecture file {config_file or preset} must give the model's sizes: "
+            f"{', '.join(missing)} missing"
         )
     values = {**_LLAMA_DEFAULTS, **values}
     values.update(vocab_size=vocab_size, **special_token_ids)
