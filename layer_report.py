@@ -99,7 +99,9 @@ def report_model(name: str, texts: list[str], config: ReportConfig) -> dict:
     """The report section of one model: its per-exit table and what it was measured on."""
     model, tokenizer = load_model_and_tokenizer(name, dtype=config.dtype, device="cpu")
     layerwise = LayerwiseModel(model)
-    seq_len = config.seq_len or min(DEFAULT_SEQ_LEN, layerwise.context_length or DEFAULT_SEQ_LEN)
+    seq_len = config.seq_len or min(
+        DEFAULT_SEQ_LEN, layerwise.context_length or DEFAULT_SEQ_LEN, config.max_tokens
+    )  # automatic: never more tokens than --max_tokens allows
     check_seq_len(name, seq_len, layerwise.context_length)
     blocks = pack_blocks(tokenizer, texts, seq_len)  # [num_blocks, seq_len]
     blocks = blocks[: max(1, config.max_tokens // seq_len)]

@@ -209,6 +209,12 @@ def test_continue_a_saved_model_on_jsonl_and_report(
     assert [len(section["exits"]) for section in report["models"]] == [4, 4]
     assert report["models"][0]["exits"][-1]["agreement"] == 1.0
     assert (report_dir / "layer_report.png").stat().st_size > 1000
+    # An automatic --seq_len never reads more than --max_tokens.
+    small = run("layer_report.py", "--model", str(trained), "--data", str(data),
+                "--max_tokens", "10", "--num_threads", "1", "--output_dir", str(tmp_path / "small"))  # fmt: skip
+    assert small.returncode == 0, small.stderr[-3000:]
+    (section,) = json.loads((tmp_path / "small" / "layer_report.json").read_text())["models"]
+    assert 0 < section["tokens"] <= 10
 
 
 def test_torchrun_two_processes(corpus: Path, tmp_path: Path) -> None:
