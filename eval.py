@@ -221,6 +221,9 @@ def main(argv: list[str]) -> int:
             "script": "eval.py",
             "arguments": arguments_dict(args, generation, evaluation),
             "generation_config": vars(config),
+            # What generation ran with: the tasks' gen_kwargs (max_gen_toks, do_sample,
+            # temperature...) over generation_config, one entry per distinct setting.
+            "generation_configs_used": lm.configs_used,
             "loglikelihood_exit_layer": exit_layer,
             "results": output["results"] if output else {},
             "n-shot": (output or {}).get("n-shot", {}),

@@ -80,6 +80,9 @@ class LayerSkipLM(LM):
         self.progress = progress
         self.on_generation = on_generation
         self.generation_rows: list[dict[str, Any]] = []  # one per generate_until request
+        # The settings generate_until ran with (the CLI's, with each task's gen_kwargs over
+        # them), each once, in the order first used.
+        self.configs_used: list[dict[str, Any]] = []
         self.max_length = generator.layerwise.context_length or DEFAULT_CONTEXT
 
     # --- tokenisation -----------------------------------------------------------------
@@ -167,6 +170,8 @@ class LayerSkipLM(LM):
         temperature = gen_kwargs.get("temperature")
         if temperature is not None:
             temperature = _number(gen_kwargs, "temperature", float)
+            if temperature < 0:
+                raise ConfigError(f"gen_kwargs temperature must be >= 0, got {temperature}")
             if temperature < MIN_TEMPERATURE:  # 0 (or next to it) means greedy
                 changes["sample"] = False
             else:
@@ -186,6 +191,8 @@ class LayerSkipLM(LM):
         ):
             context, gen_kwargs = request.args
             config, stop_words = self._request_config(dict(gen_kwargs or {}))
+            if vars(config) not in self.configs_used:
+                self.configs_used.append(vars(config))
             prompt_ids = self._context_ids(context)
             keep = max(self.max_length - config.max_steps, self.max_length // 2)
             prompt_ids = prompt_ids[-keep:]  # left-truncate a context too long for the model

@@ -322,6 +322,10 @@ def test_eval_runs_local_tasks_offline(tiny_model_dir: Path, tmp_path: Path) -> 
     assert "pass@1,none" in document["results"]["layerskip_humaneval"]
     assert document["speed"]["num_samples"] == 2
     assert document["speed"]["acceptance_rate"] is not None
+    # What generation ran with: the task's greedy decoding, --gen_kwargs' 8 tokens.
+    (used,) = document["generation_configs_used"]
+    assert (used["sample"], used["max_steps"]) == (False, 8)
+    assert document["generation_config"]["sample"] is True  # the CLI's, which the task overrode
     rows = Path(document["samples_file"]).read_text().splitlines()
     assert len(rows) == 2
 

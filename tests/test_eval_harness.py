@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from self_speculation import GenerationConfig, Generator, load_model_and_tokenizer
+from self_speculation import ConfigError, GenerationConfig, Generator, load_model_and_tokenizer
 from self_speculation.eval_harness import LayerSkipLM
 
 
@@ -111,3 +111,10 @@ def test_generate_until_honours_until_and_max_gen_toks(generator: Generator) -> 
     assert (config_used.sample, config_used.max_steps, stop_words) == (False, 5, ["\n\n"])
     config_used, _ = lm._request_config({"do_sample": True, "temperature": 0.8, "top_p": 0.5})
     assert (config_used.sample, config_used.temperature, config_used.top_p) == (True, 0.8, 0.5)
+
+
+def test_a_negative_gen_kwargs_temperature_is_refused(generator: Generator) -> None:
+    lm = LayerSkipLM(generator, generator.resolve(GenerationConfig()), progress=False)
+    with pytest.raises(ConfigError, match="gen_kwargs temperature must be >= 0, got -1"):
+        lm._request_config({"temperature": -1})
+    assert not lm._request_config({"temperature": 0})[0].sample  # 0: greedy
