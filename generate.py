@@ -36,6 +36,7 @@ from typing import TextIO
 import torch
 
 from arguments import (
+    EXIT_ERROR,
     EXIT_INTERRUPTED,
     Arguments,
     GenerationArguments,
@@ -292,6 +293,8 @@ def main(argv: list[str]) -> int:
                     answer(prompt, args.seed + number)
                 except LayerSkipError as error:  # one bad prompt does not end the session
                     logger.error("%s", error)
+                    document["failed_prompts"] = document.get("failed_prompts", 0) + 1
+                    status = EXIT_ERROR  # ... but the exit status says some failed
             document["ended_by"] = "end of input"
         except KeyboardInterrupt:
             sys.stderr.write("\n")

@@ -123,6 +123,22 @@ def test_generate_interactive_reads_the_current_stdin(
     assert capsys.readouterr().out
 
 
+def test_generate_interactive_skips_a_bad_prompt_but_exits_non_zero(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog, capsys
+) -> None:
+    """A prompt longer than the model's context is refused in one line and the session goes
+    on; the exit status and the result document say that one failed."""
+    generate = importlib.import_module("generate")
+    long_line = "x " * 2000
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{long_line}\ndef add(a, b):\n"))
+    argv = ["--model", str(tiny_model_dir), "--max_steps", "4", "--sample", "False"]
+    assert generate.main([*argv, "--streamer", "none", "--output_dir", str(tmp_path)]) == 2
+    (result,) = tmp_path.glob("generate_*.json")
+    document = json.loads(result.read_text())
+    assert document["failed_prompts"] == 1 and len(document["prompts"]) == 1
+    assert document["ended_by"] == "end of input"
+
+
 def test_generate_chat_template(tiny_model_dir: Path, tmp_path: Path, caplog, capsys) -> None:
     generate = importlib.import_module("generate")
     argv = ["--prompt", "hi", "--max_steps", "4", "--chat_template", "True", "--sample", "False"]
