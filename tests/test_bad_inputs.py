@@ -376,7 +376,7 @@ CASES = [
     ("nan confidence", "generate.py", ["--prompt", "hi", "--draft_confidence_threshold", "nan"],
      "draft_confidence_threshold must be a finite number"),
     ("negative stop id", "generate.py", ["--prompt", "hi", "--stop_token_ids", -1],
-     "stop_token_ids must be token ids >= 0"),
+     "stop_token_ids must be token ids (0 <= id < 2**62)"),
     ("stop id beyond vocab", "benchmark.py", [*GOOD, "--stop_token_ids", 1, 320],
      "--stop_token_ids: 320 is not a token id of this model (its vocabulary has ids 0..319)"),
     ("exit layer beyond model", "generate.py", ["--prompt", "hi", "--exit_layer", 9],
@@ -711,7 +711,8 @@ def test_train_help_lists_presets_and_an_unknown_one_is_one_line(tmp_path: Path)
 def test_interactive_session_survives_undecodable_stdin(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    """A prompt with bytes that are not UTF-8 fails alone, in one line; the session goes on."""
+    """A prompt with bytes that are not UTF-8 fails alone, in one line; the session goes on
+    (and its exit status says that a prompt failed)."""
     completed = run_script(
         "generate.py",
         ["--model", tiny_model_dir, "--max_steps", 2, "--sample", False, "--streamer", "none"],
@@ -719,7 +720,7 @@ def test_interactive_session_survives_undecodable_stdin(
         stdin=b"def add(a, b):\ncaf\xe9 \xff\xfe\nThe quick\n",
         fresh_interpreter=True,
     )
-    assert completed.returncode == 0, completed.stderr
+    assert completed.returncode == 2, completed.stderr
     assert "Traceback" not in completed.stderr
     errors = [line for line in completed.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "the prompt is not valid UTF-8 text (byte 0xe9" in errors[0]

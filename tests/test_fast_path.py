@@ -78,7 +78,11 @@ def test_one_call_greedy_step_equals_the_passes_called_apart(family: str, monkey
     generator = generator_for(family)
     # Exit layer 3 of 4: drafts that agree often, so that a step that drafts fewer than k
     # would accept past its drafts if it verified the ones it did not ask for.
-    speculative = config("self_speculative", False, max_steps=14, exit_layer=3)
+    # 3 tokens: the first step may keep at most 3, so it drafts 2 of k = 3.
+    speculatives = [
+        config("self_speculative", False, max_steps=steps, exit_layer=3) for steps in (14, 3)
+    ]
+    speculative = speculatives[0]
     steps: list[list] = []  # per step: what each row kept, drafts, acceptance
     step = SelfSpeculativeGenerationStrategy.step
 
@@ -90,7 +94,7 @@ def test_one_call_greedy_step_equals_the_passes_called_apart(family: str, monkey
 
     monkeypatch.setattr(SelfSpeculativeGenerationStrategy, "step", recording)
     steps.append([])
-    apart = generator.generate_batch(PROMPTS, speculative)
+    apart = [r for c in speculatives for r in generator.generate_batch(PROMPTS, c)]
     monkeypatch.setattr(
         SelfSpeculativeGenerationStrategy, "_fused_step", property(lambda self: True)
     )
@@ -98,7 +102,7 @@ def test_one_call_greedy_step_equals_the_passes_called_apart(family: str, monkey
     passes.pass_seconds = {}
     steps.append([])
     try:
-        one_call = generator.generate_batch(PROMPTS, speculative)
+        one_call = [r for c in speculatives for r in generator.generate_batch(PROMPTS, c)]
         kinds = {key[0] for key in passes.pass_seconds}
     finally:
         passes.pass_seconds = None
@@ -109,9 +113,11 @@ def test_one_call_greedy_step_equals_the_passes_called_apart(family: str, monkey
     assert all(max(accepted) <= len(drafts[0]) for drafts, accepted in short)
     summary = [(r.token_ids, r.num_drafted, r.num_accepted, r.num_steps) for r in one_call]
     assert summary == [(r.token_ids, r.num_drafted, r.num_accepted, r.num_steps) for r in apart]
-    autoregressive = generator.generate_batch(
-        PROMPTS, config("autoregressive", False, max_steps=14)
-    )
+    autoregressive = [
+        r
+        for steps in (14, 3)
+        for r in generator.generate_batch(PROMPTS, config("autoregressive", False, max_steps=steps))
+    ]
     assert [r.token_ids for r in one_call] == [r.token_ids for r in autoregressive]
 
 
