@@ -327,8 +327,8 @@ class GenerationArguments:
             )
         for word in self.stop_words or []:
             require_utf8(word, "--stop_words", from_bytes=True)
-        spelling = str(self.compile).strip().lower()
-        if isinstance(self.compile, bool) or spelling in _COMPILE_SPELLINGS:
+        spelling = str(self.compile).strip().lower()  # a Python bool too: "true", "false"
+        if spelling in _COMPILE_SPELLINGS:
             self.compile = _COMPILE_SPELLINGS[spelling]
         else:
             raise ConfigError(f"--compile must be True, False or auto, got '{self.compile}'")

@@ -118,13 +118,13 @@ class LayerSkipLM(LM):
         A continuation longer than the model's context is scored in windows of it, each
         with as much preceding text as fits (every token predicted once)."""
         sequence = context_ids + continuation_ids
+        device = self.generator.layerwise.device
         total, greedy = 0.0, True
         start = len(context_ids)
         while start < len(sequence):
             end = min(start + self.max_length, len(sequence))
             tokens = sequence[max(0, end - self.max_length - 1) : end]
             count = end - start
-            device = self.generator.layerwise.device
             inputs = torch.tensor([tokens[:-1]], device=device)  # [1, seq]
             logits = self.generator.layerwise.logits(
                 inputs, exit_layer=self.loglikelihood_exit_layer

@@ -699,9 +699,8 @@ class _HostRead:
     def __init__(self, tensor: torch.Tensor) -> None:
         self._done = None
         if tensor.device.type == "cuda":
-            stream = torch.cuda.current_stream(
-                tensor.device
-            )  # the copy's, whatever device is current
+            # The copy runs on its tensor's device, whichever device is current.
+            stream = torch.cuda.current_stream(tensor.device)
             tensor = tensor.to("cpu", non_blocking=True)  # into pinned memory
             self._done = torch.cuda.Event()
             self._done.record(stream)

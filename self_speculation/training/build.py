@@ -101,7 +101,7 @@ def build_model_and_tokenizer(
             source = (
                 f"--config_file {config.model.config_file}"
                 if config.model.config_file
-                else (f"--preset {config.model.preset}")
+                else f"--preset {config.model.preset}"
             )
             raise ConfigError(
                 f"{source}: transformers cannot build a causal LM from it ({one_line(error)})"
