@@ -772,13 +772,15 @@ def step_costs(rows: list[dict]) -> list[dict]:
         autoregressive = by_key.get((size, decoding, "autoregressive"))
         if path != "self_speculative" or autoregressive is None:
             continue
-        ar_pass = per_step(autoregressive, "early")
+        # Greedy compiled steps: the pass with its bookkeeping (decode_step).
+        ar_pass = per_step(autoregressive, "early") + per_step(autoregressive, "decode_step")
         ar_rate = tokens_per_step(autoregressive) / ar_pass
         drafts = per_step(row, "greedy_drafts") + per_step(row, "early")
         verify = per_step(row, "verify")
-        # Greedy compiled steps draft, verify and accept in one call (greedy_step): only
-        # the whole step is timed, and the bound with drafting free is not known.
-        whole = drafts + verify + per_step(row, "greedy_step")
+        # Greedy compiled steps draft, verify, accept and keep the books in one call
+        # (counted_greedy_step): only the whole step is timed, and the bound with drafting
+        # free is not known.
+        whole = drafts + verify + per_step(row, "counted_greedy_step")
         gained = tokens_per_step(row)
         costs.append(
             {

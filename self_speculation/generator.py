@@ -13,6 +13,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import GENERATION_CONFIG_NAME
 
+from self_speculation.bookkeeping import LIMIT, NON_FINITE, REASONS, STOP_WORD, RowBooks
 from self_speculation.config import GenerationConfig
 from self_speculation.draft import DraftExit, resolve_with_adapter
 from self_speculation.errors import (
@@ -26,7 +27,7 @@ from self_speculation.model_support import unapplied_generation_settings
 from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.passes import ForwardPasses
 from self_speculation.sampling import TokenSelector
-from self_speculation.strategies import GenerationStrategy, StepResult, build_strategy
+from self_speculation.strategies import GenerationStrategy, StepResult, build_strategy, settled
 from self_speculation.streaming import Streamer
 
 logger = logging.getLogger(__name__)
@@ -493,8 +494,7 @@ class Generator:
         speculative = config.generation_strategy.speculative
         device = self.layerwise.device
         batch = len(prompt_ids)
-        stop_ids = torch.tensor(sorted(stop_token_ids), dtype=torch.long, device=device)
-        rows = _Rows.start([most for most, _ in limits], device)
+        rows = RowBooks.start([most for most, _ in limits], sorted(stop_token_ids), device)
         generated = [0] * batch  # host copy of rows.generated, by prompt
         reasons: list[str | None] = [None] * batch  # by prompt
         # Finished rows leave the batch (``_rows_to_keep``): ``order[i]`` is the prompt whose
@@ -517,10 +517,7 @@ class Generator:
             running row may still add, as the host knew before reading the last step)."""
             # Never draft more than can be kept: k drafts yield up to k + 1 tokens.
             num_drafts = min(config.num_speculations, remaining - 1) if speculative else 0
-            active = rows.reason == 0  # [rows]
-            step = strategy.step(state, num_drafts, active)
-            rows.count(step, active)
-            return step
+            return strategy.counted_step(state, num_drafts, rows)
 
         streamer.on_start(healed_text[0])
         _synchronize(device)
@@ -529,20 +526,15 @@ class Generator:
             prompt_ids, self.pad_token_id, max(most for most, _ in limits), first_token_allowed
         )
         new_tokens = state.tokens[:, state.prompt_width : state.prompt_width + 1]  # [batch, 1]
-        step = StepResult(
+        first = StepResult(
             new_tokens, torch.ones_like(rows.limit), new_tokens[:, :0], torch.zeros_like(rows.limit)
         )
+        step = settled(first, rows, None)  # the first token is not a counted step
         while True:
-            kept = _kept_counts(step, stop_ids, rows.limit, rows.generated, rows.reason)
-            rows.generated += kept
             # The step's one host synchronisation: how many tokens each row kept, why rows
-            # stopped (and the tokens, for a streamer or stop words).
+            # stopped, and the tokens (``bookkeeping.settle``'s summary).
             size = len(order)
-            read = _HostRead(
-                torch.cat(
-                    [kept, rows.reason, *([step.new_tokens.flatten()] if follow_tokens else [])]
-                )
-            )
+            read = _HostRead(step.summary)
             # Counted before this step's read, whether the next step goes ahead of it or
             # not, so that both draft alike (and sampling draws alike).
             remaining = max(limits[i][0] - generated[i] for i in order if reasons[i] is None)
@@ -554,9 +546,7 @@ class Generator:
             for index, prompt in enumerate(order):
                 if reasons[prompt] is not None or (kept_list[index] == 0 and not codes[index]):
                     continue
-                new_row = (
-                    host[2 * size + index * width :][: kept_list[index]] if follow_tokens else []
-                )
+                new_row = host[2 * size + index * width :][: kept_list[index]]
                 if config.stop_words:
                     cut = _stop_word_cut(
                         stop_words, state, index, generated[prompt], new_row, healed_text[prompt]
@@ -568,7 +558,7 @@ class Generator:
                 generated[prompt] += kept_list[index]
                 if codes[index]:
                     reasons[prompt] = (
-                        _REASONS[codes[index]] if codes[index] != LIMIT else limits[prompt][1]
+                        REASONS[codes[index]] if codes[index] != LIMIT else limits[prompt][1]
                     )
                 if prompt == 0 and streamer.wants_tokens:
                     drafts = step.draft_tokens[0].tolist()
@@ -592,7 +582,7 @@ class Generator:
         _synchronize(device)  # a step issued ahead of the last read finishes, untimed
         total_time = ended - started
         streamer.on_end()
-        broken = [row for row in range(batch) if reasons[row] == _REASONS[NON_FINITE]]
+        broken = [row for row in range(batch) if reasons[row] == REASONS[NON_FINITE]]
         if broken:
             logger.warning(
                 "%d of %d generations stopped early: the model's logits became NaN or "
@@ -641,57 +631,6 @@ class Generator:
         return [index for index in range(size) if running[index] or index in fillers]
 
 
-@dataclass
-class _Rows:
-    """Per-row counters on the device, in the batch's current row order (finished rows
-    leave it), and per-prompt statistics.
-
-    Attributes:
-        limit: tokens each row may generate, [rows].
-        generated: tokens each row has kept so far, [rows].
-        reason: why each row stopped (0: running; EOS, LIMIT, ...), [rows].
-        prompt: the prompt each row decodes, [rows].
-        statistics: steps, drafts and accepted drafts per prompt, [prompts, 3].
-    """
-
-    limit: torch.Tensor
-    generated: torch.Tensor
-    reason: torch.Tensor
-    prompt: torch.Tensor
-    statistics: torch.Tensor
-
-    @classmethod
-    def start(cls, limits: list[int], device: torch.device) -> _Rows:
-        limit = torch.tensor(limits, device=device)
-        return cls(
-            limit,
-            torch.zeros_like(limit),
-            torch.zeros_like(limit),
-            torch.arange(len(limits), device=device),
-            torch.zeros(len(limits), 3, dtype=torch.long, device=device),
-        )
-
-    def count(self, step: StepResult, active: torch.Tensor) -> None:
-        """Adds a step to the statistics of the prompts whose rows were ``active``."""
-        made = step.draft_tokens.shape[1]
-        counts = torch.stack([active.long(), made * active, step.accepted_counts * active], 1)
-        self.statistics.index_add_(0, self.prompt, counts)
-
-    def select(self, index: torch.Tensor) -> _Rows:
-        """The rows at ``index`` (in that order)."""
-        return _Rows(
-            self.limit[index],
-            self.generated[index],
-            self.reason[index],
-            self.prompt[index],
-            self.statistics,
-        )
-
-    def totals(self) -> list[list[int]]:
-        """Steps, drafts and accepted drafts, each a list over prompts."""
-        return self.statistics.T.tolist()
-
-
 class _HostRead:
     """A device tensor's values for the host, copied without waiting for the device:
     ``values`` waits for the copy alone (on a GPU, steps issued after it keep running)."""
@@ -710,44 +649,6 @@ class _HostRead:
         if self._done is not None:
             self._done.synchronize()
         return self._tensor.tolist()
-
-
-# Why a row stopped, as the codes kept on the device.
-EOS, LIMIT, STOP_WORD, NON_FINITE = 1, 2, 3, 4
-_REASONS = {EOS: "eos", STOP_WORD: "stop_word", NON_FINITE: "non_finite_logits"}
-
-
-def _kept_counts(
-    step: StepResult,
-    stop_ids: torch.Tensor,
-    limit: torch.Tensor,
-    generated_count: torch.Tensor,
-    reason_code: torch.Tensor,
-) -> torch.Tensor:
-    """Tokens of this step each row keeps, [batch]; marks rows that stop in ``reason_code``.
-
-    A row keeps its new tokens up to and including the first end-of-sequence token, and
-    no more than its limit allows; where one of those was chosen from logits that were not
-    finite (``StepResult.non_finite``), only the tokens before it, and it stops there.
-    """
-    new_tokens, counts = step.new_tokens, step.new_counts  # [batch, n], [batch]
-    running = reason_code == 0
-    index = torch.arange(new_tokens.shape[1], device=counts.device)
-    is_stop = torch.isin(new_tokens, stop_ids) & (index < counts[:, None])  # [batch, n]
-    has_stop = is_stop.any(dim=1)
-    through_stop = torch.where(has_stop, is_stop.long().argmax(dim=1) + 1, counts)
-    room = limit - generated_count
-    kept = torch.minimum(through_stop, room) * running  # [batch]
-    broken = torch.zeros_like(running)
-    if step.non_finite is not None:
-        bad = step.non_finite & (index < kept[:, None])  # [batch, n]: among the kept
-        broken = bad.any(dim=1)
-        kept = torch.where(broken, bad.long().argmax(dim=1), kept)
-    healthy = running & ~broken
-    stops = healthy & has_stop & (through_stop <= room)
-    full = healthy & ~stops & (generated_count + kept >= limit)
-    reason_code.masked_fill_(stops, EOS).masked_fill_(full, LIMIT).masked_fill_(broken, NON_FINITE)
-    return kept
 
 
 def _stop_word_cut(

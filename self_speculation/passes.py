@@ -8,6 +8,11 @@ Three passes serve every strategy (LayerSkip §5; E = exit layer, L = layers):
 * ``verify``: the last draft through layers [0, E), then the pending token and the drafts,
   from their exit-layer states, through layers [E, L) in one pass + head.
 
+Greedy steps without logits processors run whole in one call, their token write and
+bookkeeping included (``bookkeeping``): ``decode_step`` (an autoregressive step: ``early``
+and argmax), ``greedy_step`` (k greedy drafts, ``verify`` and acceptance) and
+``counted_greedy_step`` (``greedy_step`` with the write and the books).
+
 Shapes never depend on the step: ``verify`` always takes k + 1 positions (when fewer
 drafts were made, the missing ones are zero states at columns past the real ones, whose
 outputs are ignored and whose cache columns are rewritten before anything reads them), and
@@ -42,6 +47,7 @@ from torch._dynamo.utils import counters
 
 from self_speculation import precompiled
 from self_speculation.attention import sdpa_configs, use_few_query_attention
+from self_speculation.bookkeeping import appended, settle
 from self_speculation.cpu_kernels import FewRowProducts, load_few_row_kernel
 from self_speculation.draft import DraftExit, cache_layers
 from self_speculation.kv_cache import BufferPool, ColumnKVCache
@@ -184,6 +190,8 @@ class ForwardPasses:
         self._greedy_drafts: Callable = self._greedy_drafts_eager
         self._greedy_step: Callable = self._greedy_step_eager
         self._tree_step: Callable = self._tree_step_eager
+        self._decode_step: Callable = self._decode_step_eager
+        self._counted_greedy_step: Callable = self._counted_greedy_step_eager
         self._tree_tensors: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._attention_configs: list = []
         # Compiled passes keep their cache buffers from one generation to the next, at
@@ -219,6 +227,8 @@ class ForwardPasses:
             self._greedy_drafts = torch.compile(self._greedy_drafts_eager, **options)
             self._greedy_step = torch.compile(self._greedy_step_eager, **options)
             self._tree_step = torch.compile(self._tree_step_eager, **options)
+            self._decode_step = torch.compile(self._decode_step_eager, **options)
+            self._counted_greedy_step = torch.compile(self._counted_greedy_step_eager, **options)
 
     def _fall_back(self, reason: str) -> None:
         """Decode eagerly from now on (same tokens), after one warning naming ``reason``."""
@@ -231,6 +241,8 @@ class ForwardPasses:
         self._greedy_drafts = self._greedy_drafts_eager
         self._greedy_step = self._greedy_step_eager
         self._tree_step = self._tree_step_eager
+        self._decode_step = self._decode_step_eager
+        self._counted_greedy_step = self._counted_greedy_step_eager
         self._attention_configs = []
 
     def _timed(self, key: tuple, function: Callable, *args) -> object:
@@ -362,6 +374,14 @@ class ForwardPasses:
     @staticmethod
     def greedy_step_key(exit_layer: int, batch: int, count: int) -> tuple:
         return ("greedy_step", exit_layer, batch, count)
+
+    @staticmethod
+    def decode_step_key(end: int, batch: int) -> tuple:
+        return ("decode_step", end, batch)
+
+    @staticmethod
+    def counted_greedy_step_key(exit_layer: int, batch: int, count: int) -> tuple:
+        return ("counted_greedy_step", exit_layer, batch, count)
 
     @staticmethod
     def tree_step_key(exit_layer: int, batch: int, branching: tuple[int, ...]) -> tuple:
@@ -667,6 +687,112 @@ class ForwardPasses:
             key, self._greedy_step, pending, lengths, cache, pad_counts, made, exit_layer, count
         )
 
+    # One compiled call per step: a step with its token write and bookkeeping
+    # (``bookkeeping``). They take the token buffer [batch, capacity], its fill levels
+    # [batch], the cache and the left padding, then the books (``RowBooks.tensors``: stop
+    # ids, limits, generated counts, stop reasons, statistics), and
+    # return new tensors for all of them but the cache: tokens, lengths, the step's new
+    # tokens [batch, n], their counts [batch], drafts [batch, k], accepted drafts [batch],
+    # non-finite flags [batch, n], then ``settle``'s kept counts, generated counts,
+    # reasons, statistics and summary for the host. Only running rows (reason 0) advance.
+
+    def _decode_step_eager(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        stop_ids: torch.Tensor,
+        limit: torch.Tensor,
+        generated: torch.Tensor,
+        reason: torch.Tensor,
+        statistics: torch.Tensor,
+        end: int,
+    ) -> tuple[torch.Tensor, ...]:
+        columns = lengths[:, None] - 1  # [batch, 1]: the pending tokens'
+        logits, _ = self._early_eager(tokens.gather(1, columns), columns, cache, pad_counts, end)
+        new_tokens = logits.argmax(dim=-1, keepdim=True)  # [batch, 1]
+        counts = (reason == 0).long()  # running rows add one token
+        return _closed(
+            tokens,
+            lengths,
+            new_tokens,
+            counts,
+            new_tokens[:, :0],  # no drafts
+            torch.zeros_like(counts),
+            non_finite(logits)[:, None],
+            0,  # drafts made
+            (stop_ids, limit, generated, reason, statistics),
+        )
+
+    @torch.no_grad()
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        books: tuple[torch.Tensor, ...],
+        end: int,
+    ) -> tuple[torch.Tensor, ...]:
+        """A greedy autoregressive step through layers [0, end) (``early`` and argmax)
+        with its bookkeeping, in one call (see above)."""
+        key = self.decode_step_key(end, tokens.shape[0])
+        tokens, books = _dynamic_sizes(tokens, books, self.compiled)
+        return self._timed(key, self._decode_step, tokens, lengths, cache, pad_counts, *books, end)
+
+    def _counted_greedy_step_eager(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        made: torch.Tensor,
+        stop_ids: torch.Tensor,
+        limit: torch.Tensor,
+        generated: torch.Tensor,
+        reason: torch.Tensor,
+        statistics: torch.Tensor,
+        exit_layer: int,
+        count: int,
+    ) -> tuple[torch.Tensor, ...]:
+        pending = tokens.gather(1, lengths[:, None] - 1)  # [batch, 1]
+        new_tokens, accepted, drafts, bad = self._greedy_step_eager(
+            pending, lengths, cache, pad_counts, made, exit_layer, count
+        )
+        counts = (accepted + 1) * (reason == 0)  # running rows add accepted + 1 tokens
+        books = (stop_ids, limit, generated, reason, statistics)
+        return _closed(tokens, lengths, new_tokens, counts, drafts, accepted, bad, made, books)
+
+    @torch.no_grad()
+    def counted_greedy_step(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        made: torch.Tensor,
+        books: tuple[torch.Tensor, ...],
+        exit_layer: int,
+        count: int,
+    ) -> tuple[torch.Tensor, ...]:
+        """``greedy_step`` with its token write and bookkeeping, in one call (see above;
+        ``made``: drafts to verify, a [1] tensor)."""
+        key = self.counted_greedy_step_key(exit_layer, tokens.shape[0], count)
+        tokens, books = _dynamic_sizes(tokens, books, self.compiled)
+        return self._timed(
+            key,
+            self._counted_greedy_step,
+            tokens,
+            lengths,
+            cache,
+            pad_counts,
+            made,
+            *books,
+            exit_layer,
+            count,
+        )
+
     def _tree_step_eager(
         self,
         pending: torch.Tensor,
@@ -762,8 +888,40 @@ class ForwardPasses:
         )
 
 
+def _closed(
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    new_tokens: torch.Tensor,
+    counts: torch.Tensor,
+    drafts: torch.Tensor,
+    accepted: torch.Tensor,
+    bad: torch.Tensor,
+    made: torch.Tensor | int,
+    books: tuple[torch.Tensor, ...],
+) -> tuple[torch.Tensor, ...]:
+    """A step's outputs with its tokens written and its books settled (``decode_step``)."""
+    tokens, lengths = appended(tokens, lengths, new_tokens, counts)
+    booked = settle(new_tokens, counts, bad, accepted, made, *books)
+    return (tokens, lengths, new_tokens, counts, drafts, accepted, bad, *booked)
+
+
+def _dynamic_sizes(
+    tokens: torch.Tensor, books: tuple[torch.Tensor, ...], compiled: bool
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """A compiled step's token buffer and books with their sizes that vary between
+    generations of one batch size marked dynamic (compiled once): the buffer's columns (its
+    capacity follows the prompt, as the cache's does) and the number of stop ids (at least
+    two, ``RowBooks.start``: dynamo gives sizes 0 and 1 their own versions)."""
+    if compiled:
+        torch._dynamo.maybe_mark_dynamic(tokens, 1)
+        torch._dynamo.maybe_mark_dynamic(books[0], 0)
+    return tokens, books
+
+
 # Names of the ints in each pass key after its kind (for the log line before a compile).
 _KEY_NAMES = {
+    "decode_step": ("end layer", "batch"),
+    "counted_greedy_step": ("exit layer", "batch", "drafts"),
     "greedy_step": ("exit layer", "batch", "drafts"),
     "tree_step": ("exit layer", "batch", "branching"),
     "early": ("end layer", "batch"),

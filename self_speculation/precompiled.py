@@ -84,7 +84,12 @@ def _file_digest(path: str) -> str:
 def _describe(value: object) -> str:
     """What of a pass's argument the compiled code depends on."""
     if isinstance(value, torch.Tensor):
-        return f"tensor({value.dtype}, {tuple(value.shape)}, {value.device.type})"
+        # Dimensions marked dynamic (a step's token buffer: its capacity) are any size.
+        dynamic = getattr(value, "_dynamo_weak_dynamic_indices", set()) | getattr(
+            value, "_dynamo_dynamic_indices", set()
+        )
+        shape = tuple("*" if dim in dynamic else size for dim, size in enumerate(value.shape))
+        return f"tensor({value.dtype}, {shape}, {value.device.type})"
     if isinstance(value, int | float | bool | str | tuple | type(None)):
         return repr(value)
     layers = [pair for pair in getattr(value, "_buffers", None) or [] if pair is not None]

@@ -27,6 +27,7 @@ from typing import ClassVar
 import torch
 
 from self_speculation.adaptive import DraftPolicy, default_lengths, pass_overhead, row_cost
+from self_speculation.bookkeeping import RowBooks, appended, settle
 from self_speculation.config import GenerationConfig, GenerationStrategyName
 from self_speculation.errors import ArgumentTypeError, ConfigError, UnsupportedModelError
 from self_speculation.kv_cache import ColumnKVCache
@@ -71,14 +72,7 @@ class DecodingState:
 
     def write(self, new_tokens: torch.Tensor, counts: torch.Tensor) -> None:
         """Append the first ``counts[b]`` of ``new_tokens[b]`` [batch, n] to each row."""
-        columns = self.lengths[:, None] + torch.arange(new_tokens.shape[1], device=counts.device)
-        keep = torch.arange(new_tokens.shape[1], device=counts.device) < counts[:, None]
-        # Slots past a row's count are written with what is already there.
-        current = self.tokens.gather(1, columns.clamp_max(self.tokens.shape[1] - 1))
-        self.tokens.scatter_(
-            1, columns.clamp_max(self.tokens.shape[1] - 1), torch.where(keep, new_tokens, current)
-        )
-        self.lengths += counts
+        self.tokens, self.lengths = appended(self.tokens, self.lengths, new_tokens, counts)
 
     def select_rows(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (in that order): finished rows leave the batch, so that
@@ -88,7 +82,8 @@ class DecodingState:
         index = torch.tensor(list(rows), device=self.lengths.device)
         pad_counts = self.pad_counts[index]
         first_column = int(pad_counts.min())
-        self.tokens = self.tokens[index, first_column:].contiguous()
+        # The buffer keeps its columns (the cache's do too): the last first_column are free.
+        self.tokens = torch.nn.functional.pad(self.tokens[index, first_column:], (0, first_column))
         self.lengths = self.lengths[index] - first_column
         self.pad_counts = pad_counts - first_column
         self.prompt_width -= first_column
@@ -122,16 +117,44 @@ class StepResult:
     draft_tokens: torch.Tensor
     accepted_counts: torch.Tensor
     non_finite: torch.Tensor | None = None
+    # Set when the step is settled (``settled``, or inside a compiled step): tokens each row
+    # keeps [batch], why rows stop after it [batch] (``bookkeeping``), and both with the new
+    # tokens in one tensor for the host (``bookkeeping.settle``).
+    kept: torch.Tensor | None = None
+    reasons: torch.Tensor | None = None
+    summary: torch.Tensor | None = None
 
     def select_rows(self, index: torch.Tensor) -> StepResult:
         """The result of the rows at ``index`` (in that order)."""
+        new_tokens = self.new_tokens[index]
+        kept = None if self.kept is None else self.kept[index]
+        reasons = None if self.reasons is None else self.reasons[index]
         return StepResult(
-            self.new_tokens[index],
+            new_tokens,
             self.new_counts[index],
             self.draft_tokens[index],
             self.accepted_counts[index],
             None if self.non_finite is None else self.non_finite[index],
+            kept,
+            reasons,
+            None if kept is None else torch.cat([kept, reasons, new_tokens.flatten()]),
         )
+
+
+def settled(step: StepResult, books: RowBooks, made: int | torch.Tensor | None) -> StepResult:
+    """``step`` with its bookkeeping (``bookkeeping.settle``; ``made``: drafts made, None
+    for a prompt's first token, which is not a counted step); ``books`` takes the rows'
+    new totals."""
+    kept, generated, reasons, statistics, summary = settle(
+        step.new_tokens,
+        step.new_counts,
+        step.non_finite,
+        step.accepted_counts,
+        made,
+        *books.tensors(),
+    )
+    books.update(generated, reasons, statistics)
+    return dataclasses.replace(step, kept=kept, reasons=reasons, summary=summary)
 
 
 def left_pad(
@@ -144,6 +167,19 @@ def left_pad(
         tokens[row, width - len(prompt) : width] = torch.tensor(list(prompt), dtype=torch.long)
     pad_counts = torch.tensor([width - len(prompt) for prompt in prompts])
     return tokens.to(device), pad_counts.to(device), width
+
+
+def _from_counted_step(
+    outputs: tuple[torch.Tensor, ...], state: DecodingState, books: RowBooks, made: int = 0
+) -> StepResult:
+    """The result of a compiled step with its bookkeeping (``ForwardPasses.decode_step``,
+    ``counted_greedy_step``); ``state`` and ``books`` take the new tensors."""
+    (tokens, lengths, new_tokens, counts, drafts, accepted, bad, kept, *totals, summary) = outputs
+    state.tokens, state.lengths = tokens, lengths
+    books.update(*totals)
+    return StepResult(
+        new_tokens, counts, drafts[:, :made], accepted, bad, kept, books.reason, summary
+    )
 
 
 class GenerationStrategy(abc.ABC):
@@ -211,9 +247,10 @@ class GenerationStrategy(abc.ABC):
         """
         device = self.model.device
         width = max(len(prompt) for prompt in prompts)
-        capacity = width + max_new_tokens + self.lookahead
-        tokens, pad_counts, width = left_pad(prompts, pad_token_id, capacity, device)
-        cache = self.passes.new_cache(len(prompts), capacity)
+        cache = self.passes.new_cache(len(prompts), width + max_new_tokens + self.lookahead)
+        # As many columns as the cache (compiled: its capacity bucket, so that a compiled
+        # step's token buffer keeps one shape, and one CUDA graph, across generations).
+        tokens, pad_counts, width = left_pad(prompts, pad_token_id, cache.capacity, device)
         state = DecodingState(tokens, torch.full_like(pad_counts, width), pad_counts, width, cache)
         logits = self.passes.prefill(
             tokens[:, :width], cache, pad_counts, self.prefill_layers
@@ -239,6 +276,13 @@ class GenerationStrategy(abc.ABC):
             active: which rows are unfinished, [batch] bool; the others do not advance.
         """
 
+    def counted_step(self, state: DecodingState, num_drafts: int, books: RowBooks) -> StepResult:
+        """A step of the rows still running (``books.reason`` 0) and its bookkeeping
+        (``settled``): the generator's call. Strategies whose compiled step keeps the books
+        itself (one compiled call per step) override it."""
+        step = self.step(state, num_drafts, books.reason == 0)
+        return settled(step, books, step.draft_tokens.shape[1])
+
 
 class AutoRegressiveGenerationStrategy(GenerationStrategy):
     """One token per step from layers [0, E); E == L is ordinary decoding."""
@@ -249,8 +293,33 @@ class AutoRegressiveGenerationStrategy(GenerationStrategy):
     def prefill_layers(self) -> int:
         return self.config.exit_layer
 
+    @property
+    def _books_in_step(self) -> bool:
+        """Greedy decoding without logits processors on the compiled path: the step, its
+        token write and its bookkeeping in one compiled call (``decode_step``)."""
+        return (
+            self.passes.compiled
+            and not self.selector.sample
+            and not self.selector.context_processors
+        )
+
     def pass_keys(self, batch_size: int) -> list[tuple]:
+        if self._books_in_step:
+            return [ForwardPasses.decode_step_key(self.config.exit_layer, batch_size)]
         return [ForwardPasses.early_key(self.config.exit_layer, batch_size)]
+
+    def counted_step(self, state: DecodingState, num_drafts: int, books: RowBooks) -> StepResult:
+        if not self._books_in_step:
+            return super().counted_step(state, num_drafts, books)
+        outputs = self.passes.decode_step(
+            state.tokens,
+            state.lengths,
+            state.cache,
+            state.pad_counts,
+            books.tensors(),
+            self.config.exit_layer,
+        )
+        return _from_counted_step(outputs, state, books)
 
     def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
         logits, _ = self.passes.early(
@@ -286,6 +355,9 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
     # Greedy compiled steps in one call (``_fused_step``); benchmarks/engine.py turns it off
     # to time the two-call step against it in one run.
     one_call_greedy_step = True
+    # Whether ``counted_step`` may run the fused step with its bookkeeping
+    # (``counted_greedy_step``); strategies that step otherwise say no.
+    books_in_compiled_step: ClassVar[bool] = True
 
     @property
     def prefill_layers(self) -> int:
@@ -298,6 +370,13 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
         return 2 * (self.config.num_speculations + 1)
 
     def pass_keys(self, batch_size: int) -> list[tuple]:
+        if self._books_in_step:
+            k, exit_layer = self.config.num_speculations, self.config.exit_layer
+            return [ForwardPasses.counted_greedy_step_key(exit_layer, batch_size, k)]
+        return self.speculate_keys(batch_size)
+
+    def speculate_keys(self, batch_size: int) -> list[tuple]:
+        """The keys of the passes ``_speculate`` calls (a step without its bookkeeping)."""
         k, exit_layer = self.config.num_speculations, self.config.exit_layer
         if self._fused_step:
             return [ForwardPasses.greedy_step_key(exit_layer, batch_size, k)]
@@ -325,6 +404,29 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
         (``ForwardPasses.greedy_step``) where the drafts can be fused; with
         ``one_call_greedy_step`` off, drafts and verification are two calls."""
         return self.one_call_greedy_step and self._fused_drafts
+
+    @property
+    def _books_in_step(self) -> bool:
+        """The fused step with its token write and bookkeeping in one compiled call."""
+        return self.books_in_compiled_step and self._fused_step
+
+    def counted_step(self, state: DecodingState, num_drafts: int, books: RowBooks) -> StepResult:
+        if not self._books_in_step:
+            return super().counted_step(state, num_drafts, books)
+        k = self.config.num_speculations
+        made = max(1, min(num_drafts, k))
+        # Always k drafts (one compiled shape); verification uses the first ``made``.
+        outputs = self.passes.counted_greedy_step(
+            state.tokens,
+            state.lengths,
+            state.cache,
+            state.pad_counts,
+            self._count(made),
+            books.tensors(),
+            self.config.exit_layer,
+            k,
+        )
+        return _from_counted_step(outputs, state, books, made)
 
     def _draft(
         self, state: DecodingState, num_drafts: int
@@ -493,6 +595,7 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
     """
 
     name = GenerationStrategyName.TREE
+    books_in_compiled_step = False
 
     def __init__(
         self, passes: ForwardPasses, config: GenerationConfig, selector: TokenSelector
@@ -514,7 +617,7 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
         # the whole tree after its last column.
         return self.tree.depth + self.tree.num_nodes + 1
 
-    def pass_keys(self, batch_size: int) -> list[tuple]:
+    def speculate_keys(self, batch_size: int) -> list[tuple]:
         return [
             ForwardPasses.tree_step_key(self.config.exit_layer, batch_size, self.tree.branching)
         ]
@@ -546,6 +649,7 @@ class AdaptiveGenerationStrategy(SelfSpeculativeGenerationStrategy):
 
     name = GenerationStrategyName.ADAPTIVE
     reads_device_each_step = True  # the policy chooses each step's chain from the statistics
+    books_in_compiled_step = False
 
     def __init__(
         self, passes: ForwardPasses, config: GenerationConfig, selector: TokenSelector
@@ -577,8 +681,8 @@ class AdaptiveGenerationStrategy(SelfSpeculativeGenerationStrategy):
         self.head_layers = passes.model.head_cost_in_layers()
         self.row_cost = row_cost(passes.model.device)
 
-    def pass_keys(self, batch_size: int) -> list[tuple]:
-        return [key for chain in self.chains.values() for key in chain.pass_keys(batch_size)]
+    def speculate_keys(self, batch_size: int) -> list[tuple]:
+        return [key for chain in self.chains.values() for key in chain.speculate_keys(batch_size)]
 
     def prefill(
         self,
@@ -606,7 +710,7 @@ class AdaptiveGenerationStrategy(SelfSpeculativeGenerationStrategy):
             # and every cache column it wrote (any exit) is rewritten, in every layer, before
             # it is read.
             for (_, length), chain in self.chains.items():
-                if not chain.can_run(len(state.lengths)):
+                if not self.passes.ready(chain.speculate_keys(len(state.lengths))):
                     chain._speculate(state, min(num_drafts, length))
         policy = state.draft_policy
         exit_layer, length = policy.choose(active)

@@ -69,10 +69,11 @@ def test_fast_path_tokens_equal_the_eager_path_with_rows_finishing_apart(strateg
 
 @pytest.mark.parametrize("family", ["llama_gqa_tied", "qwen2", "gemma2_softcap_sliding"])
 def test_one_call_greedy_step_equals_the_passes_called_apart(family: str, monkeypatch) -> None:
-    """A greedy step in one call (drafts, verification of the first num_drafts, acceptance:
-    ForwardPasses.greedy_step, the compiled path's step; run eagerly here) decodes what the
-    passes called apart decode: tokens, drafts, acceptance and steps, batched, including
-    the last steps that draft fewer than k."""
+    """A greedy step in one call (drafts, verification of the first num_drafts, acceptance,
+    the token write and the bookkeeping: ForwardPasses.counted_greedy_step, the compiled
+    path's step; run eagerly here) decodes what the passes called apart decode: tokens,
+    drafts, acceptance and steps, batched, including the last steps that draft fewer than
+    k."""
     from self_speculation.strategies import SelfSpeculativeGenerationStrategy
 
     generator = generator_for(family)
@@ -84,15 +85,15 @@ def test_one_call_greedy_step_equals_the_passes_called_apart(family: str, monkey
     ]
     speculative = speculatives[0]
     steps: list[list] = []  # per step: what each row kept, drafts, acceptance
-    step = SelfSpeculativeGenerationStrategy.step
+    step = SelfSpeculativeGenerationStrategy.counted_step
 
-    def recording(self, state, num_drafts, active):
-        result = step(self, state, num_drafts, active)
+    def recording(self, state, num_drafts, books):
+        result = step(self, state, num_drafts, books)
         kept = [row[:count] for row, count in zip(result.new_tokens.tolist(), result.new_counts)]
         steps[-1].append((kept, result.draft_tokens.tolist(), result.accepted_counts.tolist()))
         return result
 
-    monkeypatch.setattr(SelfSpeculativeGenerationStrategy, "step", recording)
+    monkeypatch.setattr(SelfSpeculativeGenerationStrategy, "counted_step", recording)
     steps.append([])
     apart = [r for c in speculatives for r in generator.generate_batch(PROMPTS, c)]
     monkeypatch.setattr(
@@ -106,7 +107,7 @@ def test_one_call_greedy_step_equals_the_passes_called_apart(family: str, monkey
         kinds = {key[0] for key in passes.pass_seconds}
     finally:
         passes.pass_seconds = None
-    assert kinds == {"greedy_step"}
+    assert kinds == {"counted_greedy_step"}
     assert steps[1] == steps[0]
     short = [(drafts, accepted) for _, drafts, accepted in steps[1] if len(drafts[0]) < 3]
     assert short  # steps that drafted fewer than k
@@ -142,7 +143,7 @@ def test_compiled_batches_shrink_only_to_compiled_sizes() -> None:
     assert [r.token_ids for r in fast] == [r.token_ids for r in eager]
     calls = {}  # batch size -> verification calls (greedy compiled steps: one call each)
     for key, (_, count) in timed.items():
-        if key[0] in ("verify", "greedy_step"):
+        if key[0] in ("verify", "counted_greedy_step"):
             calls[key[2]] = calls.get(key[2], 0) + count
     assert calls == {3: steps[1], 1: steps[2] - steps[1]}
 

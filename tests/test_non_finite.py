@@ -19,9 +19,8 @@ import torch
 from tiny_models import IdTokenizer, make_tiny_model
 
 from self_speculation import GenerationConfig, Generator
-from self_speculation.generator import EOS, NON_FINITE, _kept_counts
+from self_speculation.bookkeeping import EOS, NON_FINITE, kept_counts
 from self_speculation.sampling import non_finite
-from self_speculation.strategies import StepResult
 
 POISON = 9
 PROMPTS = [[100, 101, 102], [3, 4]]  # the token at position 9 is generated token 7 / 8
@@ -173,11 +172,13 @@ def test_a_step_keeps_the_tokens_chosen_before_them(bad_at, counts, stop_at, kep
     flags = torch.zeros(1, 4, dtype=torch.bool)
     if bad_at is not None:
         flags[0, bad_at] = True
-    step = StepResult(
-        new_tokens, torch.tensor([counts]), new_tokens[:, :0], torch.tensor([0]), flags
+    kept_count, reason_code = kept_counts(
+        new_tokens,
+        torch.tensor([counts]),
+        flags,
+        torch.tensor([99]),
+        torch.tensor([100]),
+        torch.zeros(1, dtype=torch.long),
+        torch.zeros(1, dtype=torch.long),
     )
-    reason_code = torch.zeros(1, dtype=torch.long)
-    result = _kept_counts(
-        step, torch.tensor([99]), torch.tensor([100]), torch.zeros(1, dtype=torch.long), reason_code
-    )
-    assert (result.item(), reason_code.item()) == (kept, reason)
+    assert (kept_count.item(), reason_code.item()) == (kept, reason)

@@ -155,13 +155,13 @@ def _loop_reads(
 
     def logged_strategy(self, *args, **kwargs):
         built = strategy(self, *args, **kwargs)
-        step = built.step
+        step = built.counted_step
 
         def logged_step(*step_args, **step_kwargs):
             events.append("step")
             return step(*step_args, **step_kwargs)
 
-        built.step = logged_step
+        built.counted_step = logged_step
         return built
 
     with monkeypatch.context() as patch:
