@@ -777,10 +777,11 @@ def step_costs(rows: list[dict]) -> list[dict]:
         ar_rate = tokens_per_step(autoregressive) / ar_pass
         drafts = per_step(row, "greedy_drafts") + per_step(row, "early")
         verify = per_step(row, "verify")
-        # Greedy compiled steps draft, verify, accept and keep the books in one call
-        # (counted_greedy_step): only the whole step is timed, and the bound with drafting
-        # free is not known.
-        whole = drafts + verify + per_step(row, "counted_greedy_step")
+        # Greedy compiled steps draft, verify, accept (and keep the books: since 2026-12-05)
+        # in one call: only the whole step is timed, and the bound with drafting free is
+        # not known.
+        one_call = per_step(row, "greedy_step") + per_step(row, "counted_greedy_step")
+        whole = drafts + verify + one_call
         gained = tokens_per_step(row)
         costs.append(
             {
