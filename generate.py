@@ -115,7 +115,7 @@ def read_prompts(stream: TextIO | None = None) -> Iterator[str]:
             if "".join(pending).strip():
                 yield "\n".join(pending)
             return
-        line = line.rstrip("\n")
+        line = line.rstrip("\r\n")  # Windows line ends too
         if line.endswith("\\"):
             pending.append(line[:-1])
             continue

@@ -44,7 +44,7 @@ from arguments import (
     run_main,
 )
 from data import load_examples
-from self_speculation import UNSET, ConfigError, GenerationStrategyName
+from self_speculation import UNSET, ConfigError, GenerationConfig, GenerationStrategyName
 from self_speculation import distributed as dist
 from self_speculation.benchmarking import (
     append_line,
@@ -144,7 +144,28 @@ def _setting_key(
         )
     }
     relevant["compile"] = compiled
+    # What the paths hold, not only their names: a model retrained or data rewritten in
+    # place measures again instead of reusing the old rows.
+    for name, path in (
+        ("model", args.model),
+        ("draft_adapter", args.draft_adapter),
+        ("data_path", benchmark.data_path),
+    ):
+        if path is not None:
+            relevant[f"{name}_files"] = _files_fingerprint(path)
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _files_fingerprint(path: str) -> list:
+    """Name, size and modification time of a local file, or of the files in a local folder
+    (one level, as models and saved datasets are laid out); [] for a hub id."""
+    where = Path(path).expanduser()
+    files = sorted(where.iterdir()) if where.is_dir() else [where] if where.is_file() else []
+    return [
+        (item.name, item.stat().st_size, item.stat().st_mtime_ns)
+        for item in files
+        if item.is_file()
+    ]
 
 
 def _parse_row(fields: list[str], where: str) -> dict:
@@ -356,6 +377,17 @@ def main(argv: list[str]) -> int:
         done = _finished(csv_path, setting, repair=context.is_main)
         generator = args.load_generator(context)
         grid = sweep.grid(generator.num_layers)
+        points = [
+            (strategy, exit_layer, k)
+            for strategy in strategies
+            for exit_layer, k in _strategy_grid(strategy, grid, generation)
+        ]
+        # Every point's settings resolved before anything is measured: one the model or
+        # the strategy refuses (a default tree too large at some k) fails now, not midway.
+        configs = {
+            point: generator.resolve(_point_config(speculative, generation, *point))
+            for point in points
+        }
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         samples = dist.shard(examples, context)
 
@@ -391,11 +423,6 @@ def main(argv: list[str]) -> int:
             (row.generation_strategy, int(row.exit_layer), int(row.num_speculations))
             for row in done.itertuples()
         }
-        points = [
-            (strategy, exit_layer, k)
-            for strategy in strategies
-            for exit_layer, k in _strategy_grid(strategy, grid, generation)
-        ]
         todo = [point for point in points if (point[0].value, *point[1:]) not in finished]
         logger.info(
             "%d grid points, %d already in %s", len(points), len(points) - len(todo), csv_path
@@ -403,18 +430,7 @@ def main(argv: list[str]) -> int:
         for strategy, exit_layer, num_speculations in tqdm(
             todo, desc="sweep", unit="point", disable=not context.is_main
         ):
-            config = generator.resolve(
-                dataclasses.replace(
-                    speculative,
-                    generation_strategy=strategy,
-                    exit_layer=exit_layer,
-                    num_speculations=num_speculations,
-                    tree_branching=generation.tree_branching if strategy.value == "tree" else None,
-                    adaptive_exit_layers=(
-                        generation.adaptive_exit_layers if strategy.value == "adaptive" else None
-                    ),
-                )
-            )
+            config = configs[strategy, exit_layer, num_speculations]
             speed = _measure(generator, samples, config, args.seed, context)
             rate = speed["overall_tokens_per_second"]
             speedup = rate / baseline_rate if rate and baseline_rate else None
@@ -442,6 +458,26 @@ def main(argv: list[str]) -> int:
                 csv_path, setting, points, args, generation, benchmark, sweep, generator, context
             )
     return 0
+
+
+def _point_config(
+    speculative: GenerationConfig,
+    generation: GenerationArguments,
+    strategy: GenerationStrategyName,
+    exit_layer: int,
+    num_speculations: int,
+) -> GenerationConfig:
+    """The settings of one grid point (not yet resolved against the model)."""
+    return dataclasses.replace(
+        speculative,
+        generation_strategy=strategy,
+        exit_layer=exit_layer,
+        num_speculations=num_speculations,
+        tree_branching=generation.tree_branching if strategy.value == "tree" else None,
+        adaptive_exit_layers=(
+            generation.adaptive_exit_layers if strategy.value == "adaptive" else None
+        ),
+    )
 
 
 def _strategy_grid(

@@ -244,7 +244,7 @@ def environment_info(generator: Generator, context: DistributedContext) -> dict[
         "world_size": context.world_size,
         "num_layers": generator.num_layers,
         # Which decoding path ran, and what compiling it cost (kept out of every timing).
-        "decoding_path": "fast (torch.compile)" if generator.compile_seconds else "eager",
+        "decoding_path": _decoding_path(generator),
         "compile_seconds": generator.compile_seconds,
     }
     for package in ("datasets", "lm_eval"):
@@ -253,6 +253,14 @@ def environment_info(generator: Generator, context: DistributedContext) -> dict[
         except ImportError:
             pass
     return info
+
+
+def _decoding_path(generator: Generator) -> str:
+    """Which decoding path ran: a compiled pass that fell back made the rest eager."""
+    fallback = generator.fast_path_fallback()
+    if fallback:
+        return f"eager (fast path off: {fallback})"
+    return "fast (torch.compile)" if generator.compile_seconds else "eager"
 
 
 def first_difference(first: Sequence[int], second: Sequence[int]) -> int | None:

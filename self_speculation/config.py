@@ -15,7 +15,13 @@ from self_speculation.errors import (
     require_list_of,
     require_number,
 )
-from self_speculation.trees import check_branching, default_branching, tree_refusal
+from self_speculation.trees import (
+    MAX_DEFAULT_TREE_DEPTH,
+    MAX_TREE_NODES,
+    check_branching,
+    default_branching,
+    tree_refusal,
+)
 
 UNSET = -1  # exit_layer / num_speculations not given: use the model's recommendation
 MAX_TOKEN_ID = 2**62  # token ids above it are no vocabulary's (and overflow int64 tensors)
@@ -255,6 +261,12 @@ class GenerationConfig:
         branching = self.tree_branching
         if self.generation_strategy is GenerationStrategyName.TREE and branching is None:
             branching = list(default_branching(num_speculations))  # recorded as it ran
+            if num_speculations > MAX_DEFAULT_TREE_DEPTH:
+                raise ConfigError(
+                    f"tree: the default tree of depth num_speculations={num_speculations} "
+                    f"makes more than {MAX_TREE_NODES} nodes; give num_speculations <= "
+                    f"{MAX_DEFAULT_TREE_DEPTH} or a smaller tree_branching"
+                )
         return dataclasses.replace(
             self,
             exit_layer=exit_layer,

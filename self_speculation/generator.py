@@ -423,9 +423,13 @@ class Generator:
             )
         return self._forward_passes[config.compile]
 
-    def fast_path_fallback(self, config: GenerationConfig) -> str | None:
-        """Why ``config``'s compiled passes fell back to eager decoding (no compiler, a graph
-        break, a failing compile); None when they run compiled or ``config`` is eager."""
+    def fast_path_fallback(self, config: GenerationConfig | None = None) -> str | None:
+        """Why ``config``'s compiled passes (None: any compiled passes so far) fell back to
+        eager decoding (no compiler, a graph break, a failing compile); None when they run
+        compiled or ``config`` is eager."""
+        if config is None:
+            reasons = (passes.fallback_reason for passes in self._forward_passes.values())
+            return next((reason for reason in reasons if reason), None)
         if not config.compile or config.compile not in self._forward_passes:
             return None
         return self._forward_passes[config.compile].fallback_reason

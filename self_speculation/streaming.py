@@ -63,10 +63,10 @@ class TextStreamer(Streamer):
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         return text.removeprefix(self.prompt_text)
 
-    def _write_new_text(self, colour: str = "") -> None:
+    def _write_new_text(self, colour: str = "", last: bool = False) -> None:
         text = self._text()
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
-            return
+        if not last:  # an incomplete multi-byte character at the end: wait for the rest
+            text = text.rstrip("\ufffd")
         fresh = text[self.printed :]
         if fresh:
             self.stream.write(f"{colour}{fresh}{RESET}" if colour else fresh)
@@ -78,6 +78,8 @@ class TextStreamer(Streamer):
         self._write_new_text()
 
     def on_end(self) -> None:
+        # What was held back for a character that never completed is the answer's too.
+        self._write_new_text(last=True)
         self.stream.write("\n")
         self.stream.flush()
 

@@ -157,6 +157,20 @@ def default_branching(depth: int) -> tuple[int, ...]:
     return tuple(2 if index < 2 else 1 for index in range(depth))
 
 
+def _default_tree_depth_limit() -> int:
+    depth = 1
+    while True:
+        try:
+            check_branching(default_branching(depth + 1))
+        except ConfigError:
+            return depth
+        depth += 1
+
+
+# The deepest default tree within MAX_TREE_NODES (16: 1 + 2 + 4 + 4 x 14 = 63 nodes).
+MAX_DEFAULT_TREE_DEPTH = _default_tree_depth_limit()
+
+
 def greedy_tree_accept(
     tree: TokenTree, tokens: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

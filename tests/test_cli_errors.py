@@ -656,6 +656,16 @@ def test_prompt_continued_at_end_of_input_is_answered() -> None:
     assert list(read_prompts(io.StringIO("first\n \\\n"))) == ["first"]  # nothing left
 
 
+def test_prompts_from_windows_line_ends_are_the_same_prompts() -> None:
+    """CRLF input gave every prompt a trailing carriage return and broke continuations."""
+    import io
+
+    from generate import read_prompts
+
+    windows = io.StringIO("def add(a, b):\r\nThe quick\\\r\nbrown fox\r\n", newline="")
+    assert list(read_prompts(windows)) == ["def add(a, b):", "The quick\nbrown fox"]
+
+
 @pytest.mark.parametrize(
     ("stream", "message"),
     [

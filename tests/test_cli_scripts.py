@@ -140,8 +140,10 @@ def test_correctness_passes_on_tiny_model(
 def test_sweep_writes_csv_plot_and_resumes(
     tiny_model_dir: Path, prompts_file: Path, tmp_path: Path
 ) -> None:
+    data = tmp_path / "prompts.jsonl"  # rewritten below
+    data.write_text(prompts_file.read_text())
     common = (
-        "--model", tiny_model_dir, "--dataset", "custom_jsonl", "--data_path", prompts_file,
+        "--model", tiny_model_dir, "--dataset", "custom_jsonl", "--data_path", data,
         "--num_samples", 2, "--max_steps", 6, "--sample", "False", "--output_dir", tmp_path,
         "--exit_layer_first", 1, "--exit_layer_last", 2, "--num_speculations_first", 1,
     )  # fmt: skip
@@ -183,6 +185,29 @@ def test_sweep_writes_csv_plot_and_resumes(
         (2, 1),
     ]  # this run's grid, not every point the CSV holds
     assert summary["best"]["num_speculations"] == 1
+
+    # Other data under the same path: measured again, not taken from the old rows.
+    data.write_text(prompts_file.read_text().splitlines()[-1] + "\n" + prompts_file.read_text())
+    fourth = run_script("sweep.py", *common, "--num_speculations_last", 1)
+    assert fourth.returncode == 0, fourth.stderr
+    assert "2 grid points, 0 already in" in fourth.stderr
+
+
+def test_sweep_refuses_a_tree_grid_too_deep_before_measuring(
+    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    """Default trees deeper than 16 make more than 64 nodes: the sweep failed at that
+    point, after measuring the ones before, and named a --tree_branching never given."""
+    swept = run_script(
+        "sweep.py", "--model", tiny_model_dir, "--dataset", "custom_jsonl",
+        "--data_path", prompts_file, "--num_samples", 1, "--max_steps", 4, "--sample", "False",
+        "--generation_strategy", "tree", "--exit_layer_first", 1, "--exit_layer_last", 1,
+        "--num_speculations_first", 15, "--num_speculations_last", 17, "--output_dir", tmp_path,
+    )  # fmt: skip
+    assert swept.returncode == 2
+    assert "num_speculations <= 16" in swept.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in swept.stderr
+    assert not (tmp_path / "sweep.csv").exists() or len(pd.read_csv(tmp_path / "sweep.csv")) == 0
 
 
 def test_sweep_compares_chains_and_trees_in_one_csv(

@@ -66,3 +66,25 @@ def test_compiled_run_records_the_fast_path_after_compiling(
 def only(paths) -> Path:
     (path,) = list(paths)
     return path
+
+
+def test_result_files_say_eager_when_a_compiled_pass_fell_back(monkeypatch) -> None:
+    """benchmark.py, sweep.py and correctness.py recorded "fast" whenever something had
+    compiled, even after a later pass fell back to eager decoding (eager speeds, reported
+    as the fast path's)."""
+    from tiny_models import make_tiny_model, make_tiny_tokenizer
+
+    from self_speculation import GenerationConfig, Generator
+    from self_speculation.benchmarking import environment_info
+    from self_speculation.distributed import DistributedContext
+
+    monkeypatch.setenv(COMPILE_BACKEND_VARIABLE, "eager")
+    generator = Generator(make_tiny_model("llama_gqa_tied"), make_tiny_tokenizer())
+    config = GenerationConfig(sample=False, max_steps=4, compile=True)
+    generator.generate("def f", config)
+    assert environment_info(generator, DistributedContext())["decoding_path"] == (
+        "fast (torch.compile)"
+    )
+    generator._passes(config)._fall_back("a later shape failed to compile")
+    path = environment_info(generator, DistributedContext())["decoding_path"]
+    assert path == "eager (fast path off: a later shape failed to compile)"

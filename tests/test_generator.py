@@ -126,6 +126,32 @@ def test_streamers_write_exactly_the_generated_text(generator: Generator) -> Non
     assert "\033[32m" in coloured.getvalue() or "\033[9;31m" in coloured.getvalue()
 
 
+def test_streamed_text_ending_in_an_unfinished_character_is_written_whole() -> None:
+    """A generation that stops inside a multi-byte character (its last byte token never
+    came) lost the step's text from the stream: everything up to the character is written
+    as it comes, and the rest (a replacement character, as in result.text) at the end."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    shipped = Path(__file__).resolve().parent.parent / "models" / "layerskip-stdlib"
+    tokenizer = AutoTokenizer.from_pretrained(shipped)
+    ids = tokenizer(" return total  # done \N{PARTY POPPER}", add_special_tokens=False)[
+        "input_ids"
+    ][:-1]  # the emoji's last byte token is missing
+    text = tokenizer.decode(ids)
+    assert text.endswith("\ufffd")
+    for kind in (TextStreamer, SpeculativeStreamer):
+        stream = io.StringIO()
+        streamer = kind(tokenizer, stream)
+        streamer.on_start("")
+        streamer.on_step(ids[:2], [], 0)
+        streamer.on_step(ids[2:], [], 0)
+        assert stream.getvalue().replace("\033[0m", "").endswith("# done ")  # not held back
+        streamer.on_end()
+        assert stream.getvalue().replace("\033[0m", "") == text + "\n"
+
+
 def test_missing_local_model_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(ModelLoadError, match="not found"):
         load_model_and_tokenizer(str(tmp_path / "nope"), device="cpu")
