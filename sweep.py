@@ -373,7 +373,8 @@ def main(argv: list[str]) -> int:
         generation.announce_compile(expected)  # per grid point
         compiled = generation.compile_for(expected)
         speculative = dataclasses.replace(speculative, compile=compiled)
-        setting = _setting_key(args, generation, benchmark, compiled)
+        # The main process's key: ranks on other machines see other file times.
+        setting = dist.broadcast(_setting_key(args, generation, benchmark, compiled), context)
         done = _finished(csv_path, setting, repair=context.is_main)
         generator = args.load_generator(context)
         grid = sweep.grid(generator.num_layers)

@@ -2,7 +2,7 @@
 stop, and each prompt's statistics.
 
 The same functions close a step in the generator's loop and inside a compiled step
-(``ForwardPasses.decode_step`` and ``greedy_step``), where the bookkeeping is part of the
+(``ForwardPasses.decode_step`` and ``counted_greedy_step``), where the bookkeeping is part of the
 step's one compiled call. They return new tensors and mutate none: a compiled step then
 writes no tensor but the cache's buffers (a CUDA graph may only mutate inputs at static
 addresses), and the host reads one small tensor per step (``summary``).

@@ -8,10 +8,11 @@ Three passes serve every strategy (LayerSkip §5; E = exit layer, L = layers):
 * ``verify``: the last draft through layers [0, E), then the pending token and the drafts,
   from their exit-layer states, through layers [E, L) in one pass + head.
 
-Greedy steps without logits processors run whole in one call, their token write and
-bookkeeping included (``bookkeeping``): ``decode_step`` (an autoregressive step: ``early``
-and argmax), ``greedy_step`` (k greedy drafts, ``verify`` and acceptance) and
-``counted_greedy_step`` (``greedy_step`` with the write and the books).
+Greedy steps without logits processors run whole in one call: ``greedy_step`` (k greedy
+drafts, ``verify`` and acceptance); with their token write and bookkeeping included
+(``bookkeeping``), ``decode_step`` (an autoregressive step: ``early`` and argmax) and
+``counted_greedy_step`` (``greedy_step`` with the write and the books), the steps the
+generator runs.
 
 Shapes never depend on the step: ``verify`` always takes k + 1 positions (when fewer
 drafts were made, the missing ones are zero states at columns past the real ones, whose
@@ -899,7 +900,8 @@ def _closed(
     made: torch.Tensor | int,
     books: tuple[torch.Tensor, ...],
 ) -> tuple[torch.Tensor, ...]:
-    """A step's outputs with its tokens written and its books settled (``decode_step``)."""
+    """A step's outputs with its tokens written and its books settled (``decode_step``,
+    ``counted_greedy_step``)."""
     tokens, lengths = appended(tokens, lengths, new_tokens, counts)
     booked = settle(new_tokens, counts, bad, accepted, made, *books)
     return (tokens, lengths, new_tokens, counts, drafts, accepted, bad, *booked)

@@ -125,10 +125,8 @@ class StepResult:
     summary: torch.Tensor | None = None
 
     def select_rows(self, index: torch.Tensor) -> StepResult:
-        """The result of the rows at ``index`` (in that order)."""
-        new_tokens = self.new_tokens[index]
-        kept = None if self.kept is None else self.kept[index]
-        reasons = None if self.reasons is None else self.reasons[index]
+        """The result of the rows at ``index`` (in that order; a settled step)."""
+        new_tokens, kept, reasons = self.new_tokens[index], self.kept[index], self.reasons[index]
         return StepResult(
             new_tokens,
             self.new_counts[index],
@@ -137,7 +135,7 @@ class StepResult:
             None if self.non_finite is None else self.non_finite[index],
             kept,
             reasons,
-            None if kept is None else torch.cat([kept, reasons, new_tokens.flatten()]),
+            torch.cat([kept, reasons, new_tokens.flatten()]),
         )
 
 

@@ -67,6 +67,18 @@ def test_a_second_generator_loads_the_saved_passes_instead_of_tracing(
         for r in first.generate_batch(PROMPTS, dataclasses.replace(longer, compile=False))
     ]
     assert counters["stats"]["unique_graphs"] == graphs
+    # More stop ids (a dynamic size of the greedy steps' books): the same saved pass, and
+    # rows that stop on them as eager decoding's do.
+    stops = sorted({row[len(row) // 2] for row in expected} | {expected[0][1]})
+    stopping = dataclasses.replace(config(strategy, True), stop_token_ids=stops)
+    results = second.generate_batch(PROMPTS, stopping)
+    eager = first.generate_batch(PROMPTS, dataclasses.replace(stopping, compile=False))
+    assert [(r.token_ids, r.stop_reason) for r in results] == [
+        (r.token_ids, r.stop_reason) for r in eager
+    ]
+    assert "eos" in {r.stop_reason for r in results}
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert sorted(kept_in.glob("*.pt2")) == saved
 
     # Another model of the same structure: the same files, its own weights.
     other = fresh(seed=1)
