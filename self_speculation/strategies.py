@@ -353,9 +353,6 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
     # Greedy compiled steps in one call (``_fused_step``); benchmarks/engine.py turns it off
     # to time the two-call step against it in one run.
     one_call_greedy_step = True
-    # Whether ``counted_step`` may run the fused step with its bookkeeping
-    # (``counted_greedy_step``); strategies that step otherwise say no.
-    books_in_compiled_step: ClassVar[bool] = True
 
     @property
     def prefill_layers(self) -> int:
@@ -405,8 +402,12 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
 
     @property
     def _books_in_step(self) -> bool:
-        """The fused step with its token write and bookkeeping in one compiled call."""
-        return self.books_in_compiled_step and self._fused_step
+        """The fused step with its token write and bookkeeping in one compiled call: the
+        plain chain's step only (a strategy that steps or speculates otherwise, as trees
+        and ``adaptive`` do, keeps its books outside)."""
+        kind, chain = type(self), SelfSpeculativeGenerationStrategy
+        plain = kind.step is chain.step and kind._speculate is chain._speculate
+        return plain and self._fused_step
 
     def counted_step(self, state: DecodingState, num_drafts: int, books: RowBooks) -> StepResult:
         if not self._books_in_step:
@@ -593,7 +594,6 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
     """
 
     name = GenerationStrategyName.TREE
-    books_in_compiled_step = False
 
     def __init__(
         self, passes: ForwardPasses, config: GenerationConfig, selector: TokenSelector
@@ -647,7 +647,6 @@ class AdaptiveGenerationStrategy(SelfSpeculativeGenerationStrategy):
 
     name = GenerationStrategyName.ADAPTIVE
     reads_device_each_step = True  # the policy chooses each step's chain from the statistics
-    books_in_compiled_step = False
 
     def __init__(
         self, passes: ForwardPasses, config: GenerationConfig, selector: TokenSelector

@@ -168,3 +168,32 @@ def test_a_compiled_step_mutates_no_input_but_the_cache(generator: Generator) ->
     assert all(torch.equal(tensor, copy) for tensor, copy in zip(inputs, before))
     assert state.tokens is not inputs[0] and books.generated is not inputs[4]
     assert torch.equal(books.generated, step.kept) and bool((step.kept > 0).all())
+
+
+@pytest.mark.parametrize(
+    ("settings", "kinds"),
+    [
+        (dict(generation_strategy="tree", exit_layer=2, tree_branching=[2, 1]), {"tree_step"}),
+        (dict(generation_strategy="adaptive", exit_layer=2, num_speculations=2), {"greedy_step"}),
+    ],
+    ids=["tree", "adaptive"],
+)
+def test_strategies_that_step_otherwise_keep_their_books_outside(
+    generator: Generator, settings: dict, kinds: set
+) -> None:
+    """Trees and adaptive chains draft with their own passes: the plain chain's counted
+    step must not stand in for them (their tokens are eager decoding's either way; the
+    adaptive policy's cost model differs between the paths, so its drafts may too)."""
+    config = GenerationConfig(sample=False, max_steps=12, compile=True, **settings)
+    passes = generator._passes(config)
+    passes.pass_seconds = {}
+    try:
+        fast = generator.generate_batch(PROMPTS, config)
+        used = {key[0] for key in passes.pass_seconds}
+    finally:
+        passes.pass_seconds = None
+    assert used == kinds
+    eager = generator.generate_batch(PROMPTS, dataclasses.replace(config, compile=False))
+    assert [(r.token_ids, r.stop_reason) for r in fast] == [
+        (r.token_ids, r.stop_reason) for r in eager
+    ]
