@@ -97,8 +97,13 @@ def settle(
         statistics = statistics + torch.stack(
             [active.long(), made * active, accepted_counts * active], 1
         )
-    summary = torch.cat([kept, reason, new_tokens.flatten()])
-    return kept, generated + kept, reason, statistics, summary
+    return kept, generated + kept, reason, statistics, summary(kept, reason, new_tokens)
+
+
+def summary(kept: torch.Tensor, reason: torch.Tensor, new_tokens: torch.Tensor) -> torch.Tensor:
+    """What the host reads of a step, in one tensor: kept counts [batch], stop codes
+    [batch], then the new tokens [batch, n] row by row."""
+    return torch.cat([kept, reason, new_tokens.flatten()])
 
 
 @dataclass

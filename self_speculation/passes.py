@@ -739,7 +739,7 @@ class ForwardPasses:
         """A greedy autoregressive step through layers [0, end) (``early`` and argmax)
         with its bookkeeping, in one call (see above)."""
         key = self.decode_step_key(end, tokens.shape[0])
-        tokens, books = _dynamic_sizes(tokens, books, self.compiled)
+        _mark_dynamic_sizes(tokens, books[0], self.compiled)
         return self._timed(key, self._decode_step, tokens, lengths, cache, pad_counts, *books, end)
 
     def _counted_greedy_step_eager(
@@ -780,7 +780,7 @@ class ForwardPasses:
         """``greedy_step`` with its token write and bookkeeping, in one call (see above;
         ``made``: drafts to verify, a [1] tensor)."""
         key = self.counted_greedy_step_key(exit_layer, tokens.shape[0], count)
-        tokens, books = _dynamic_sizes(tokens, books, self.compiled)
+        _mark_dynamic_sizes(tokens, books[0], self.compiled)
         return self._timed(
             key,
             self._counted_greedy_step,
@@ -907,17 +907,14 @@ def _closed(
     return (tokens, lengths, new_tokens, counts, drafts, accepted, bad, *booked)
 
 
-def _dynamic_sizes(
-    tokens: torch.Tensor, books: tuple[torch.Tensor, ...], compiled: bool
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """A compiled step's token buffer and books with their sizes that vary between
-    generations of one batch size marked dynamic (compiled once): the buffer's columns (its
-    capacity follows the prompt, as the cache's does) and the number of stop ids (at least
-    two, ``RowBooks.start``: dynamo gives sizes 0 and 1 their own versions)."""
+def _mark_dynamic_sizes(tokens: torch.Tensor, stop_ids: torch.Tensor, compiled: bool) -> None:
+    """Marks dynamic (compiled once) a compiled step's sizes that vary between generations
+    of one batch size: the token buffer's columns (its capacity follows the prompt, as the
+    cache's does) and the number of stop ids (at least two, ``RowBooks.start``: dynamo
+    gives sizes 0 and 1 their own versions)."""
     if compiled:
         torch._dynamo.maybe_mark_dynamic(tokens, 1)
-        torch._dynamo.maybe_mark_dynamic(books[0], 0)
-    return tokens, books
+        torch._dynamo.maybe_mark_dynamic(stop_ids, 0)
 
 
 # Names of the ints in each pass key after its kind (for the log line before a compile).

@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 
 from self_speculation.adaptive import DraftPolicy, default_lengths, pass_overhead, row_cost
-from self_speculation.bookkeeping import RowBooks, appended, settle
+from self_speculation.bookkeeping import RowBooks, appended, settle, summary
 from self_speculation.config import GenerationConfig, GenerationStrategyName
 from self_speculation.errors import ArgumentTypeError, ConfigError, UnsupportedModelError
 from self_speculation.kv_cache import ColumnKVCache
@@ -135,7 +135,7 @@ class StepResult:
             None if self.non_finite is None else self.non_finite[index],
             kept,
             reasons,
-            torch.cat([kept, reasons, new_tokens.flatten()]),
+            summary(kept, reasons, new_tokens),
         )
 
 
@@ -143,7 +143,7 @@ def settled(step: StepResult, books: RowBooks, made: int | torch.Tensor | None) 
     """``step`` with its bookkeeping (``bookkeeping.settle``; ``made``: drafts made, None
     for a prompt's first token, which is not a counted step); ``books`` takes the rows'
     new totals."""
-    kept, generated, reasons, statistics, summary = settle(
+    kept, generated, reasons, statistics, for_host = settle(
         step.new_tokens,
         step.new_counts,
         step.non_finite,
@@ -152,7 +152,7 @@ def settled(step: StepResult, books: RowBooks, made: int | torch.Tensor | None) 
         *books.tensors(),
     )
     books.update(generated, reasons, statistics)
-    return dataclasses.replace(step, kept=kept, reasons=reasons, summary=summary)
+    return dataclasses.replace(step, kept=kept, reasons=reasons, summary=for_host)
 
 
 def left_pad(
@@ -172,11 +172,11 @@ def _from_counted_step(
 ) -> StepResult:
     """The result of a compiled step with its bookkeeping (``ForwardPasses.decode_step``,
     ``counted_greedy_step``); ``state`` and ``books`` take the new tensors."""
-    (tokens, lengths, new_tokens, counts, drafts, accepted, bad, kept, *totals, summary) = outputs
+    (tokens, lengths, new_tokens, counts, drafts, accepted, bad, kept, *totals, for_host) = outputs
     state.tokens, state.lengths = tokens, lengths
     books.update(*totals)
     return StepResult(
-        new_tokens, counts, drafts[:, :made], accepted, bad, kept, books.reason, summary
+        new_tokens, counts, drafts[:, :made], accepted, bad, kept, books.reason, for_host
     )
 
 
@@ -210,6 +210,16 @@ class GenerationStrategy(abc.ABC):
 
     def _count(self, value: int) -> torch.Tensor:
         return self._counts[value]
+
+    @property
+    def _compiled_greedy(self) -> bool:
+        """Greedy decoding without logits processors on the compiled path: what a step
+        needs to run whole in compiled calls (argmax inside them)."""
+        return (
+            self.passes.compiled
+            and not self.selector.sample
+            and not self.selector.context_processors
+        )
 
     @property
     @abc.abstractmethod
@@ -293,13 +303,9 @@ class AutoRegressiveGenerationStrategy(GenerationStrategy):
 
     @property
     def _books_in_step(self) -> bool:
-        """Greedy decoding without logits processors on the compiled path: the step, its
-        token write and its bookkeeping in one compiled call (``decode_step``)."""
-        return (
-            self.passes.compiled
-            and not self.selector.sample
-            and not self.selector.context_processors
-        )
+        """The step, its token write and its bookkeeping in one compiled call
+        (``decode_step``)."""
+        return self._compiled_greedy
 
     def pass_keys(self, batch_size: int) -> list[tuple]:
         if self._books_in_step:
@@ -386,12 +392,7 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
     def _fused_drafts(self) -> bool:
         """Greedy drafts without logits processors or a confidence stop on the compiled
         path: all k drafts in one compiled call."""
-        return (
-            self.passes.compiled
-            and not self.selector.sample
-            and not self.selector.context_processors
-            and self.config.draft_confidence_threshold <= 0
-        )
+        return self._compiled_greedy and self.config.draft_confidence_threshold <= 0
 
     @property
     def _fused_step(self) -> bool:
