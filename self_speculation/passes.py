@@ -152,6 +152,13 @@ def compile_options(device: torch.device) -> dict:
     return {**common, "options": options}
 
 
+def _compiled(function: Callable, options: dict) -> Callable:
+    """``torch.compile(function, **options)`` with options of its own: torch.compile takes
+    ``guard_filter_fn`` out of the ``options`` dict it is given, so passes sharing one dict
+    would leave every pass but the first without the guard filter."""
+    return torch.compile(function, **{**options, "options": dict(options.get("options", {}))})
+
+
 _INSTANCES = itertools.count()
 # ForwardPasses -> pass key -> its compiled version kept on disk (``precompiled``), called
 # with the ForwardPasses first (it keeps no reference to it, so entries go with their
@@ -223,13 +230,13 @@ class ForwardPasses:
             if model.device.type == "cpu" and compile_backend() == "inductor":
                 # Compiled CPU calls use the grouped few-query attention (attention.py).
                 self._attention_configs = sdpa_configs(model.model)
-            self._early = torch.compile(self._early_eager, **options)
-            self._verify = torch.compile(self._verify_eager, **options)
-            self._greedy_drafts = torch.compile(self._greedy_drafts_eager, **options)
-            self._greedy_step = torch.compile(self._greedy_step_eager, **options)
-            self._tree_step = torch.compile(self._tree_step_eager, **options)
-            self._decode_step = torch.compile(self._decode_step_eager, **options)
-            self._counted_greedy_step = torch.compile(self._counted_greedy_step_eager, **options)
+            self._early = _compiled(self._early_eager, options)
+            self._verify = _compiled(self._verify_eager, options)
+            self._greedy_drafts = _compiled(self._greedy_drafts_eager, options)
+            self._greedy_step = _compiled(self._greedy_step_eager, options)
+            self._tree_step = _compiled(self._tree_step_eager, options)
+            self._decode_step = _compiled(self._decode_step_eager, options)
+            self._counted_greedy_step = _compiled(self._counted_greedy_step_eager, options)
 
     def _fall_back(self, reason: str) -> None:
         """Decode eagerly from now on (same tokens), after one warning naming ``reason``."""

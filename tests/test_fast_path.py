@@ -19,7 +19,7 @@ import torch
 from tiny_models import FAMILIES, IdTokenizer, make_tiny_model, save_tiny_model
 from torch._dynamo.utils import counters
 
-from self_speculation import GenerationConfig, Generator
+from self_speculation import GenerationConfig, Generator, LayerwiseModel
 from self_speculation.cpu_kernels import MAX_ROWS, ONE_ROW_MIN_WEIGHTS, load_few_row_kernel
 from self_speculation.passes import compile_options
 
@@ -184,6 +184,29 @@ def test_compile_options_are_accepted_by_torch_compile(device: str) -> None:
     # CPU: kernels and wrapper built apart (the wrapper at -O1), for a shorter cold compile.
     assert options["options"].get("cpp_wrapper_build_separate", False) == (device == "cpu")
     torch.compile(lambda x: x + 1, **options)  # validates its arguments, compiles nothing
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_every_compiled_pass_gets_the_guard_filter(device: str, monkeypatch) -> None:
+    """torch.compile takes ``guard_filter_fn`` out of the options dict it is given: the
+    passes get a dict each, so every one of them drops the module guards (with one dict
+    shared, only the first did, and the others re-checked every weight on each call)."""
+    from self_speculation import passes
+
+    real_compile = torch.compile
+    filtered = []
+
+    def recording(function, **options):
+        filtered.append("guard_filter_fn" in options.get("options", {}))
+        return real_compile(function, **options)  # takes the filter out of its dict
+
+    monkeypatch.setattr(passes.torch, "compile", recording)
+    monkeypatch.setattr(passes, "missing_compiler", lambda device: None)
+    monkeypatch.setattr(passes, "compile_options", lambda _: compile_options(torch.device(device)))
+    model = LayerwiseModel(make_tiny_model("llama_gqa_tied", dtype=torch.float32))
+    forward = passes.ForwardPasses(model, compile=True)
+    assert len(filtered) >= 7 and all(filtered)
+    assert "guard_filter_fn" in forward._options["options"]
 
 
 def test_recompile_limit_on_a_torch_without_the_argument(monkeypatch) -> None:
