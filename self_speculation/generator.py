@@ -149,6 +149,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _placement(model: torch.nn.Module) -> tuple:
+    """Each parameter's dtype and device, in order: what a generator's passes depend on."""
+    return tuple((parameter.dtype, parameter.device) for parameter in model.parameters())
+
+
 def recommended_settings(model: PreTrainedModel) -> tuple[int | None, int | None]:
     """(exit_layer, num_speculations) the model's generation config recommends, if any.
 
@@ -221,6 +226,8 @@ class Generator:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else None
         self.pad_token_id = pad if pad is not None else min(self.eos_token_ids, default=0)
         self._forward_passes: dict[bool, ForwardPasses] = {}
+        self._placement = _placement(model)  # what the passes were built for
+        self._retired_compile_seconds = 0.0  # of passes dropped since (compile_seconds)
         self._full_depth_drafts_warned = False
         self._texts: list[str] | None = None
         # Finished rows leave a batch (``_rows_to_keep``); False keeps every row to the end
@@ -416,7 +423,18 @@ class Generator:
         return build_strategy(self._passes(config), config, selector)
 
     def _passes(self, config: GenerationConfig) -> ForwardPasses:
-        """The eager or compiled forward passes (built once each, then reused)."""
+        """The eager or compiled forward passes (built once each, then reused; built again
+        after the model's parameters moved to another dtype or device: compiled passes and
+        kept buffers are made for one)."""
+        placement = _placement(self.model)
+        if placement != self._placement:
+            if self._forward_passes:
+                logger.info("the model moved to another dtype or device: new forward passes")
+            self._retired_compile_seconds += sum(
+                passes.compile_seconds for passes in self._forward_passes.values()
+            )
+            self._forward_passes.clear()
+            self._placement = placement
         if config.compile not in self._forward_passes:
             self._forward_passes[config.compile] = ForwardPasses(
                 self.layerwise, config.compile, self._draft
@@ -437,7 +455,9 @@ class Generator:
     @property
     def compile_seconds(self) -> float:
         """Seconds spent compiling so far (first calls of each compiled shape)."""
-        return sum(passes.compile_seconds for passes in self._forward_passes.values())
+        return self._retired_compile_seconds + sum(
+            passes.compile_seconds for passes in self._forward_passes.values()
+        )
 
     @torch.no_grad()
     def generate_batch(

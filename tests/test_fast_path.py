@@ -404,3 +404,23 @@ def test_compile_time_script_times_both_passes_and_refuses_bad_settings(tmp_path
     assert refused.stderr.strip().splitlines()[-1] == (
         "compile_time.py: error: exit_layer must be in [1, 4] for this model, got 9"
     )
+
+
+@pytest.mark.slow
+def test_a_model_moved_to_another_dtype_gets_passes_of_its_own() -> None:
+    """A model cast after its generator was built (``model.to(torch.float64)``) decodes with
+    passes compiled for its new dtype: the tokens of a fresh generator's eager decoding (the
+    pass kept from the first dtype gave one token and a non-finite stop, or failed in the
+    few-row kernel); compile time only grows."""
+    model = make_tiny_model("llama_gqa_tied", dtype=torch.float32)
+    generator = Generator(model, IdTokenizer())
+    generator.generate_batch(PROMPTS, config("autoregressive", True))
+    before = generator.compile_seconds
+    model.to(torch.float64)
+    expected = Generator(model, IdTokenizer()).generate_batch(
+        PROMPTS, config("autoregressive", False)
+    )
+    fast = generator.generate_batch(PROMPTS, config("autoregressive", True))
+    assert [r.token_ids for r in fast] == [r.token_ids for r in expected]
+    assert [r.stop_reason for r in fast] == ["max_steps"] * len(PROMPTS)
+    assert generator.compile_seconds > before
