@@ -81,6 +81,22 @@ def attention_layer_types(config: PretrainedConfig, num_layers: int, owner: str)
     return layer_types
 
 
+def check_cache_layers(layers: nn.ModuleList, owner: str) -> None:
+    """The engine's cache has one layer per decoder layer, and a decoder layer's attention
+    writes the cache layer of its own index (``layer_idx``). A family whose decoder layer
+    holds attention of other cache indices (LongCat-Flash: two per layer, 2i and 2i + 1)
+    is refused in one line."""
+    for index, layer in enumerate(layers):
+        for name, module in layer.named_modules():
+            cache_index = getattr(module, "layer_idx", None)
+            if isinstance(cache_index, int) and cache_index != index:
+                raise UnsupportedModelError(
+                    f"{owner}: decoder layer {index} holds attention of cache layer "
+                    f"{cache_index} ({name or 'the layer itself'}); the layer-wise engine "
+                    "keeps one cache layer per decoder layer"
+                )
+
+
 def generation_hook_limit(model: nn.Module, config: PretrainedConfig) -> int | None:
     """The longest sequence up to which ``model``'s own generation hooks leave decoding a
     plain KV-cache loop; None when they never interfere.

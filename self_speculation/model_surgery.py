@@ -29,6 +29,7 @@ from self_speculation.kv_cache import ColumnKVCache
 from self_speculation.model_support import (
     SLIDING_ATTENTION,
     attention_layer_types,
+    check_cache_layers,
     generation_hook_limit,
     rotary_position_limit,
 )
@@ -88,6 +89,7 @@ class LayerwiseModel:
         owner = type(model).__name__
         self.base = find_base_model(model)
         self.layers: nn.ModuleList = self.base.layers
+        check_cache_layers(self.layers, owner)
         self.embed_tokens = _require(self.base, "embed_tokens", owner)
         self.norm = _require(self.base, "norm", owner)
         self.rotary_emb = _require(self.base, "rotary_emb", owner)

@@ -18,9 +18,11 @@ from tiny_models import (
     FAMILIES_REGISTERED,
     ROPE_SWITCH,
     IdTokenizer,
+    _registered_config,
     make_tiny_model,
 )
 from transformers import (
+    AutoModelForCausalLM,
     DogeConfig,
     DogeForCausalLM,
     Llama4TextConfig,
@@ -337,3 +339,14 @@ def test_a_keep_window_inside_a_longer_sliding_window_is_seen_by_the_load_time_c
         pad_token_id=0,
     )[0, len(prompt) :].tolist()  # fmt: skip
     assert ours == theirs[: len(ours)] and len(ours) == MAX_STEPS
+
+
+def test_decoder_layers_with_attention_of_other_cache_layers_are_refused() -> None:
+    """LongCat-Flash's decoder layer i holds two attention modules, of cache layers 2i and
+    2i + 1: accepted at load, it failed in the cache on the first step (an IndexError);
+    now refused in one line, as the engine keeps one cache layer per decoder layer."""
+    config = _registered_config("longcat_flash")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(UnsupportedModelError, match="holds attention of cache layer 1"):
+        Generator(model, IdTokenizer())
