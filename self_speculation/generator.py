@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,6 +229,8 @@ class Generator:
         self.pad_token_id = pad if pad is not None else min(self.eos_token_ids, default=0)
         self._forward_passes: dict[bool, ForwardPasses] = {}
         self._placement = _placement(model)  # what the passes were built for
+        self._compiled_lock = threading.Lock()  # one compiled generation at a time
+        self._compiled_owner: int | None = None  # the thread running it
         self._retired_compile_seconds = 0.0  # of passes dropped since (compile_seconds)
         self._full_depth_drafts_warned = False
         self._texts: list[str] | None = None
@@ -459,7 +463,6 @@ class Generator:
             passes.compile_seconds for passes in self._forward_passes.values()
         )
 
-    @torch.no_grad()
     def generate_batch(
         self,
         prompts: Sequence[str | Sequence[int]],
@@ -473,9 +476,45 @@ class Generator:
         are its own (greedy rows equal their one-by-one output up to floating-point
         differences that padding brings). The times are the batch's.
 
+        Compiled generations (``config.compile``) of one Generator run one at a time: they
+        share its key/value buffers (and, on CUDA, its graphs). Another thread's waits for
+        the running one; one started from inside the running one (its streamer, say) is
+        refused.
+
         Raises:
-            ConfigError: as ``generate``; also a streamer with more than one prompt.
+            ConfigError: as ``generate``; also a streamer with more than one prompt, and a
+                compiled generation started inside another of this Generator.
         """
+        with self._compiled_use(config):
+            return self._generate_batch(prompts, config, streamer, generator)
+
+    @contextlib.contextmanager
+    def _compiled_use(self, config: object) -> Iterator[None]:
+        """Holds this Generator's compiled passes for one generation (see generate_batch)."""
+        if not (isinstance(config, GenerationConfig) and config.compile is True):
+            yield
+            return
+        if self._compiled_owner == threading.get_ident():
+            raise ConfigError(
+                "a compiled generation cannot start inside another one of the same Generator "
+                "(from its streamer, say: they share its key/value buffers); start it after "
+                "that one ends, or from another Generator"
+            )
+        with self._compiled_lock:
+            self._compiled_owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._compiled_owner = None
+
+    @torch.no_grad()
+    def _generate_batch(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        config: GenerationConfig,
+        streamer: Streamer | None,
+        generator: torch.Generator | None,
+    ) -> list[GenerationResult]:
         self._check_call(config, streamer, generator)
         if generator is not None and generator.device.type != self.layerwise.device.type:
             raise ConfigError(

@@ -424,3 +424,50 @@ def test_a_model_moved_to_another_dtype_gets_passes_of_its_own() -> None:
     assert [r.token_ids for r in fast] == [r.token_ids for r in expected]
     assert [r.stop_reason for r in fast] == ["max_steps"] * len(PROMPTS)
     assert generator.compile_seconds > before
+
+
+@pytest.mark.slow
+def test_compiled_generations_of_one_generator_run_one_at_a_time() -> None:
+    """Compiled generations share the generator's key/value buffers: threads take turns
+    (every thread's tokens are the reference; 19 of 20 were wrong when they ran at once),
+    and one started from the running one's streamer is refused in one line (it zeroed the
+    outer generation's keys and values: its tokens went wrong, silently)."""
+    import threading
+
+    from self_speculation import ConfigError
+    from self_speculation.streaming import Streamer
+
+    generator = Generator(make_tiny_model("llama_gqa_tied", dtype=torch.float32), IdTokenizer())
+    expected = [
+        r.token_ids for r in generator.generate_batch(PROMPTS, config("autoregressive", False))
+    ]
+    fast = config("autoregressive", True)
+    generator.generate_batch(PROMPTS, fast)  # compiles
+    results: dict[int, list] = {}
+
+    def run(index: int) -> None:
+        for _ in range(3):
+            results[index] = [r.token_ids for r in generator.generate_batch(PROMPTS, fast)]
+            if results[index] != expected:
+                return
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {index: expected for index in range(4)}
+
+    class Nested(Streamer):
+        wants_tokens = True
+
+        def on_step(self, *step) -> None:
+            generator.generate(PROMPTS[1], fast)
+
+    with pytest.raises(ConfigError, match="cannot start inside another one"):
+        generator.generate(PROMPTS[0], fast, streamer=Nested())
+    eager_inside = Streamer()
+    eager_inside.on_step = lambda *step: generator.generate(
+        PROMPTS[1], config("autoregressive", False)
+    )
+    assert generator.generate(PROMPTS[0], fast, streamer=eager_inside).token_ids == expected[0]
