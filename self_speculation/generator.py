@@ -352,7 +352,8 @@ class Generator:
             require_utf8(prompt, name)
             prompt_ids = self.encode(prompt)
         elif isinstance(prompt, torch.Tensor):
-            if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.is_complex():
+            integer = not (prompt.dtype.is_floating_point or prompt.is_complex())
+            if prompt.dim() != 1 or not integer or prompt.dtype == torch.bool:
                 raise ArgumentTypeError(
                     f"{name}: a tensor of token ids must be 1-D and integer, got shape "
                     f"{list(prompt.shape)} and {prompt.dtype}"

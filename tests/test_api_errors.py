@@ -54,6 +54,7 @@ def no_work(generator: Generator, monkeypatch):
         ([10**9], ConfigError, "is not a token id of this model"),
         (torch.ones(1, 3, dtype=torch.long), ArgumentTypeError, "must be 1-D and integer"),
         (torch.ones(3), ArgumentTypeError, "must be 1-D and integer"),
+        (torch.ones(3, dtype=torch.bool), ArgumentTypeError, "prompt: a tensor of token ids"),
         ("bad \udcff", ConfigError, "not valid UTF-8"),
     ],
 )
