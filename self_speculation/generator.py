@@ -253,8 +253,19 @@ class Generator:
 
     @draft.setter
     def draft(self, draft: DraftExit | None) -> None:
-        self._draft = draft
-        self._forward_passes.clear()  # passes (and compiled code) hold the draft exit
+        if self._compiled_owner == threading.get_ident():
+            raise ConfigError("the draft cannot change during a compiled generation")
+        with self._compiled_lock:  # waits for another thread's compiled generation
+            self._draft = draft
+            self._drop_passes()  # passes (and compiled code) hold the draft exit
+
+    def _drop_passes(self) -> None:
+        """Forget the forward passes (built again when next used); the seconds they spent
+        compiling stay in ``compile_seconds``."""
+        self._retired_compile_seconds += sum(
+            passes.compile_seconds for passes in self._forward_passes.values()
+        )
+        self._forward_passes.clear()
 
     def resolve(self, config: GenerationConfig) -> GenerationConfig:
         """``config`` with exit_layer / num_speculations resolved for this model.
@@ -435,16 +446,13 @@ class Generator:
         if placement != self._placement:
             if self._forward_passes:
                 logger.info("the model moved to another dtype or device: new forward passes")
-            self._retired_compile_seconds += sum(
-                passes.compile_seconds for passes in self._forward_passes.values()
-            )
-            self._forward_passes.clear()
+            self._drop_passes()
             self._placement = placement
-        if config.compile not in self._forward_passes:
-            self._forward_passes[config.compile] = ForwardPasses(
-                self.layerwise, config.compile, self._draft
-            )
-        return self._forward_passes[config.compile]
+        passes = self._forward_passes.get(config.compile)
+        if passes is None:
+            passes = ForwardPasses(self.layerwise, config.compile, self._draft)
+            self._forward_passes[config.compile] = passes
+        return passes
 
     def fast_path_fallback(self, config: GenerationConfig | None = None) -> str | None:
         """Why ``config``'s compiled passes (None: any compiled passes so far) fell back to
@@ -478,9 +486,9 @@ class Generator:
         differences that padding brings). The times are the batch's.
 
         Compiled generations (``config.compile``) of one Generator run one at a time: they
-        share its key/value buffers (and, on CUDA, its graphs). Another thread's waits for
-        the running one; one started from inside the running one (its streamer, say) is
-        refused.
+        share its key/value buffers. Another thread's waits for the running one; one started
+        from inside the running one (its streamer, say) is refused (a streamer that hands it
+        to another thread and waits for it would wait forever).
 
         Raises:
             ConfigError: as ``generate``; also a streamer with more than one prompt, and a
