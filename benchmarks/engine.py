@@ -401,13 +401,13 @@ def batch_throughput(
             for smaller in _halves(size) if halves else [size]:
                 warm_up = dataclasses.replace(config, max_steps=8)
                 generator.generate_batch(chunks[0][:smaller], warm_up)
-            if len(chunks[-1]) != size:
-                generator.generate_batch(chunks[-1], dataclasses.replace(config, max_steps=8))
             if config.compile and cuda:
-                # Every chunk's own capacity bucket and shrinking batch: CUDA graphs recorded
-                # untimed (the shapes are compiled by now).
+                # Every chunk's own capacity bucket and shrinking batch, the last one's size
+                # included: CUDA graphs recorded untimed.
                 for chunk in chunks:
                     generator.generate_batch(chunk, config)
+            elif len(chunks[-1]) != size:
+                generator.generate_batch(chunks[-1], dataclasses.replace(config, max_steps=8))
             tokens = drafted = accepted = steps = row_steps = 0
             seconds = 0.0
             passes = generator._passes(config)

@@ -253,9 +253,7 @@ class Generator:
 
     @draft.setter
     def draft(self, draft: DraftExit | None) -> None:
-        if self._compiled_owner == threading.get_ident():
-            raise ConfigError("the draft cannot change during a compiled generation")
-        with self._compiled_lock:  # waits for another thread's compiled generation
+        with self._holding_compiled_passes("the draft cannot change during a compiled generation"):
             self._draft = draft
             self._drop_passes()  # passes (and compiled code) hold the draft exit
 
@@ -503,12 +501,20 @@ class Generator:
         if not (isinstance(config, GenerationConfig) and config.compile is True):
             yield
             return
+        refusal = (
+            "a compiled generation cannot start inside another one of the same Generator "
+            "(from its streamer, say: they share its key/value buffers); start it after "
+            "that one ends, or from another Generator"
+        )
+        with self._holding_compiled_passes(refusal):
+            yield
+
+    @contextlib.contextmanager
+    def _holding_compiled_passes(self, refusal: str) -> Iterator[None]:
+        """Waits for another thread's compiled generation and holds the compiled passes;
+        inside this thread's own compiled generation, ``ConfigError(refusal)``."""
         if self._compiled_owner == threading.get_ident():
-            raise ConfigError(
-                "a compiled generation cannot start inside another one of the same Generator "
-                "(from its streamer, say: they share its key/value buffers); start it after "
-                "that one ends, or from another Generator"
-            )
+            raise ConfigError(refusal)
         with self._compiled_lock:
             self._compiled_owner = threading.get_ident()
             try:
