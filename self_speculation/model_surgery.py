@@ -413,7 +413,9 @@ class LayerwiseModel:
         """Compare the layer-wise view with the model's own forward on a probe that can see
         what a short one cannot: two rows, one left-padded, longer than every sliding
         window (windows are narrowed to a few positions for the probe, in both views), run
-        once as a whole and once as a prefill followed by one-token steps with a cache.
+        once as a whole, once as a prefill followed by one-token steps with a cache, and once
+        through the decoding engine's cache as self-speculation writes it
+        (``_column_logits``: stale columns, a step split at a middle layer).
 
         Raises:
             UnsupportedModelError: the views differ, or the model's own forward fails (a
@@ -448,6 +450,7 @@ class LayerwiseModel:
                     self.run_layers(self.embed(probe), 0, self.num_layers, None, positions, mask)
                 ).float()
                 stepped = self._stepped_logits(probe, positions, mask).float()
+                columned = self._column_logits(probe, positions, mask).float()
             except Exception as error:
                 raise UnsupportedModelError(
                     f"{owner}: the layer-wise forward fails ({one_line(error, 200)}); "
@@ -471,6 +474,7 @@ class LayerwiseModel:
             ("whole", whole, 1e-3 if full_precision else 5e-2),
             # bfloat16 rounds a cached step's inputs otherwise than a whole pass's
             ("cached one-token", stepped, 1e-3 if full_precision else 1e-1),
+            ("column-cache", columned, 1e-3 if full_precision else 1e-1),
         ):
             error = (expected[real] - actual[real]).abs().max().item() / scale
             if not error <= tolerance:
@@ -505,6 +509,38 @@ class LayerwiseModel:
                 mask[:, : column + 1],
             )
             logits.append(self.unembed(hidden))
+        return torch.cat(logits, dim=1)
+
+
+    def _column_logits(
+        self, probe: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits [batch, length, vocab] of the probe through the decoding engine's cache
+        (``ColumnKVCache``), as self-speculation writes it: a prefill; a step of other
+        tokens over the next columns, then dropped (rejected drafts, left stale in the
+        cache); two tokens over the first of those columns, through layers [0, E) and
+        then [E, L) (drafts, then verification), E the middle layer; one-token steps."""
+        batch, length = probe.shape
+        cache = ColumnKVCache(self.num_layers, batch, length)
+        pad_counts = (mask == 0).sum(dim=-1)  # [batch]
+        columns = torch.arange(length, device=probe.device).expand(batch, length)
+
+        def run(first: int, tokens: torch.Tensor, split: int = 0) -> torch.Tensor:
+            cache.write_columns = columns[:, first : first + tokens.shape[1]]
+            at = positions[:, first : first + tokens.shape[1]]
+            hidden = self.run_layers(self.embed(tokens), 0, split, cache, at, pad_counts)
+            hidden = self.run_layers(hidden, split, self.num_layers, cache, at, pad_counts)
+            return self.unembed(hidden)
+
+        prefill = max(1, length - _PROBE_STEPS)
+        logits = [run(0, probe[:, :prefill])]
+        if prefill < length:
+            run(prefill, (probe[:, prefill:] + 1) % self.embed_tokens.weight.shape[0])
+            pair = probe[:, prefill : prefill + 2]
+            logits.append(run(prefill, pair, split=self.num_layers // 2))
+        for column in range(prefill + 2, length):
+            logits.append(run(column, probe[:, column : column + 1]))
+        cache.write_columns = None
         return torch.cat(logits, dim=1)
 
 

@@ -123,6 +123,27 @@ def test_rolled_back_cache_gives_the_same_logits_as_a_fresh_forward() -> None:
     )
 
 
+def test_a_decoding_cache_that_shows_stale_columns_is_refused_at_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The load-time probe runs the engine's own cache the way self-speculation writes it
+    (rejected drafts left in later columns): masks that let a query see those columns
+    decode wrong, and are refused before any decoding."""
+    original = LayerwiseModel._column_masks
+
+    def masks_showing_later_columns(self, hidden, layer_types, cache_index, cache, pad_counts):
+        columns = cache.write_columns
+        cache.write_columns = torch.full_like(columns, cache.columns(cache_index) - 1)
+        try:
+            return original(self, hidden, layer_types, cache_index, cache, pad_counts)
+        finally:
+            cache.write_columns = columns
+
+    monkeypatch.setattr(LayerwiseModel, "_column_masks", masks_showing_later_columns)
+    with pytest.raises(UnsupportedModelError, match="column-cache forward differs"):
+        LayerwiseModel(make_tiny_model("llama_gqa_tied"))
+
+
 def test_model_without_decoder_layers_is_rejected_with_a_clear_error() -> None:
     config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     with pytest.raises(UnsupportedModelError, match="decoder layers"):
