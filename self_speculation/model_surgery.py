@@ -511,7 +511,6 @@ class LayerwiseModel:
             logits.append(self.unembed(hidden))
         return torch.cat(logits, dim=1)
 
-
     def _column_logits(
         self, probe: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
