@@ -142,9 +142,9 @@ def test_resume_with_a_larger_budget_extends_the_schedule(
     records = losses(output_dir)
     assert [record["step"] for record in records] == list(range(1, 10))
     assert records[-1]["tokens"] == 9 * 4 * 32
-    # Steps 7-9 follow the 9-step cosine (logged after the step: the next step's rate).
+    # Steps 7-9 follow the 9-step cosine (each record has the rate its step trained at).
     for record in records[6:]:
-        expected = 1e-3 * lr_factor(record["step"], 2, 9, 0.1)  # tiny preset's peak rate
+        expected = 1e-3 * lr_factor(record["step"] - 1, 2, 9, 0.1)  # tiny preset's peak rate
         assert record["lr"] == pytest.approx(expected, rel=1e-6)
     resumes = json.loads((output_dir / "train_config.json").read_text())["resumes"]
     assert [(entry["step"], entry["max_tokens"]) for entry in resumes] == [(6, 9 * 4 * 32)]
@@ -153,6 +153,93 @@ def test_resume_with_a_larger_budget_extends_the_schedule(
     assert spent.returncode != 0
     assert "already spent" in spent.stderr and "Traceback" not in spent.stderr
     assert len(losses(output_dir)) == 9
+
+
+def test_a_step_split_into_micro_batches_trains_the_same_model(
+    corpus: Path, trained: Path, tmp_path: Path
+) -> None:
+    """Layer dropout and position subsampling draw per sample, by its place in the step:
+    batch 2 x 2 accumulation steps trains what batch 4 trains (up to summation order)."""
+    split = run(
+        "train.py",
+        *TINY,
+        *QUICK,
+        *STEPS_6,
+        *RECIPE,
+        "--batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--data",
+        f"{corpus}/*.py",
+        "--output_dir",
+        str(tmp_path),
+    )
+    assert split.returncode == 0, split.stderr[-3000:]
+    for got, want in zip(losses(tmp_path), losses(trained), strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], abs=2e-4), (got, want)
+    expected, actual = (
+        load_file(trained / "model.safetensors"),
+        load_file(tmp_path / "model.safetensors"),
+    )
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=2e-2, rtol=2e-2)
+
+
+def test_a_resume_applies_its_own_learning_rate_and_weight_decay(
+    corpus: Path, trained: Path, tmp_path: Path
+) -> None:
+    from self_speculation.training.loop import lr_factor
+
+    common = [*TINY, *QUICK, *STEPS_6, *RECIPE, "--data", f"{corpus}/*.py"]
+    first = tmp_path / "first"
+    stopped = run("train.py", *common, "--output_dir", str(first), "--stop_after_steps", "3")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    decayed = tmp_path / "decayed"
+    shutil.copytree(first, decayed)
+
+    slower = run(
+        "train.py", *common, "--output_dir", str(first), "--resume", "True",
+        "--learning_rate", "2e-4",
+    )  # fmt: skip
+    assert slower.returncode == 0, slower.stderr[-3000:]
+    records = losses(first)
+    assert [record["step"] for record in records] == [1, 2, 3, 4, 5, 6]
+    for record in records[3:]:
+        assert record["lr"] == pytest.approx(2e-4 * lr_factor(record["step"] - 1, 2, 6, 0.1))
+
+    more_decay = run(
+        "train.py", *common, "--output_dir", str(decayed), "--resume", "True",
+        "--weight_decay", "0.9",
+    )  # fmt: skip
+    assert more_decay.returncode == 0, more_decay.stderr[-3000:]
+    keys = ("step", "lr")
+    assert [{k: r[k] for k in keys} for r in losses(decayed)] == [
+        {k: r[k] for k in keys} for r in losses(trained)
+    ]
+    expected, actual = (
+        load_file(trained / "model.safetensors"),
+        load_file(decayed / "model.safetensors"),
+    )
+    weights = [name for name in expected if expected[name].dim() >= 2]
+    assert any(not torch.equal(expected[name], actual[name]) for name in weights)
+
+
+def test_a_time_budget_resume_uses_its_new_budget(corpus: Path, tmp_path: Path) -> None:
+    common = [*TINY, *QUICK, "--data", f"{corpus}/*.py", "--output_dir", str(tmp_path)]
+    first = run("train.py", *common, "--max_minutes", "0.04")
+    assert first.returncode == 0, first.stderr[-3000:]
+    done = losses(tmp_path)[-1]["step"]
+    assert done > 10  # the horizon was estimated from the speed (after 10 steps)
+
+    longer = run("train.py", *common, "--max_minutes", "0.12", "--resume", "True")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "schedule horizon" in longer.stderr
+    assert losses(tmp_path)[-1]["step"] > done
+
+    spent = run("train.py", *common, "--max_minutes", "0.001", "--resume", "True")
+    assert spent.returncode != 0
+    assert "already spent" in spent.stderr and "Traceback" not in spent.stderr
 
 
 def test_continue_a_saved_model_on_jsonl_and_report(

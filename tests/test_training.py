@@ -457,18 +457,16 @@ def test_planned_skips_are_kept_under_activation_checkpointing() -> None:
         assert torch.allclose(gradients[1][name], gradient, rtol=1e-10, atol=1e-12), name
 
 
-def test_recipe_draws_do_not_depend_on_the_number_of_processes() -> None:
-    whole = recipe_uniforms(7, step=3, micro=1, rows=slice(0, 8), global_rows=8, shape=(4, 5))
-    halves = [
-        recipe_uniforms(
-            7, step=3, micro=1, rows=slice(r * 4, r * 4 + 4), global_rows=8, shape=(4, 5)
-        )
-        for r in (0, 1)
-    ]
-    assert torch.equal(torch.cat(halves), whole)
-    assert not torch.equal(
-        whole, recipe_uniforms(7, step=4, micro=1, rows=slice(0, 8), global_rows=8, shape=(4, 5))
-    )
+def test_recipe_draws_do_not_depend_on_how_a_step_is_split() -> None:
+    """A sample's draws depend on its place in the step's data only: 1 process x batch 8,
+    2 processes x batch 4 and 4 micro-batches of 2 draw the same table."""
+    whole = recipe_uniforms(7, step=3, first=0, count=8, shape=(4, 5))
+    for size in (4, 2, 1):
+        parts = [recipe_uniforms(7, 3, first, size, (4, 5)) for first in range(0, 8, size)]
+        assert torch.equal(torch.cat(parts), whole)
+    assert not torch.equal(whole, recipe_uniforms(7, step=4, first=0, count=8, shape=(4, 5)))
+    assert not torch.equal(whole, recipe_uniforms(8, step=3, first=0, count=8, shape=(4, 5)))
+    assert not torch.equal(whole[0], whole[1])
     keep = keep_from_uniforms(torch.tensor([[0.05, 0.5], [0.3, 0.1]]), [0.1, 0.2])
     assert keep.tolist() == [[False, True], [True, False]]
 

@@ -156,15 +156,21 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int | None, min_ratio: 
 
 
 def recipe_uniforms(
-    seed: int, step: int, micro: int, rows: slice, global_rows: int, shape: tuple[int, ...]
+    seed: int, step: int, first: int, count: int, shape: tuple[int, ...]
 ) -> torch.Tensor:
-    """U(0, 1) draws [len(rows), *shape] for the samples ``rows`` of a global micro-batch.
+    """U(0, 1) draws [count, *shape] for the samples ``first .. first + count - 1`` of an
+    optimizer step (a sample's place in the step's data, all processes and micro-batches).
 
-    The whole [global_rows, *shape] table is drawn from a generator seeded by (seed, step,
-    micro) and sliced, so a sample's draws do not depend on the number of processes.
+    Each sample's draws come from a generator seeded by (seed, step, place), so they do not
+    depend on how the step is split into processes and micro-batches.
     """
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
-    return torch.rand(global_rows, *shape, generator=generator)[rows]
+    draws = []
+    for place in range(first, first + count):
+        generator = torch.Generator().manual_seed(
+            ((seed * 1_000_003 + step) * 1_000_033 + place) % 2**63
+        )
+        draws.append(torch.rand(*shape, generator=generator))
+    return torch.stack(draws)
 
 
 def _setup_logging(main: bool) -> None:
@@ -280,6 +286,7 @@ class Trainer:
                 step, args.warmup_steps, self.progress.total_steps, args.min_lr_ratio
             ),
         )
+        self.step_lr = args.learning_rate  # the learning rate of the last step (logs)
         self._started = time.monotonic()
 
     # -- state
@@ -322,6 +329,51 @@ class Trainer:
             _cut_log(self.output_dir / LOG_FILE, self.progress.step)
         if self.args.max_tokens:
             self._set_token_horizon(saved_horizon)
+        else:
+            saved_minutes = state.get("config", {}).get("training", {}).get("max_minutes")
+            self._set_time_horizon(saved_minutes)
+        self._apply_optimizer_settings()
+
+    def _set_time_horizon(self, saved_minutes: float | None) -> None:
+        """A resume of a time-budget run with another --max_minutes: the schedule's horizon,
+        estimated from the speed measured before, moves to the new budget.
+
+        Raises:
+            ConfigError: the new budget is already spent by the checkpoint.
+        """
+        progress, args = self.progress, self.args
+        if progress.total_steps is None or saved_minutes in (None, args.max_minutes):
+            return  # not estimated yet (it will be from this run's speed), or unchanged
+        if progress.elapsed_s >= args.max_minutes * 60.0:
+            raise ConfigError(
+                f"--max_minutes {args.max_minutes:g} is already spent: the checkpoint in "
+                f"{self.output_dir} has trained {progress.elapsed_s / 60.0:.2f} minutes "
+                f"({progress.step} steps); give a larger budget to continue it"
+            )
+        estimate = int(progress.step * args.max_minutes * 60.0 / max(progress.elapsed_s, 1e-6))
+        horizon = max(progress.step + 1, estimate)
+        logger.info(
+            "--max_minutes %g: schedule horizon %d -> %d steps from step %d",
+            args.max_minutes,
+            progress.total_steps,
+            horizon,
+            progress.step,
+        )
+        progress.total_steps = horizon
+
+    def _apply_optimizer_settings(self) -> None:
+        """After a resume: this run's --learning_rate, --weight_decay, --warmup_steps and
+        --min_lr_ratio take effect from the next step (the checkpoint's optimizer and
+        scheduler state carry the saved ones; unchanged settings change nothing)."""
+        args, progress = self.args, self.progress
+        rate = args.learning_rate * lr_factor(
+            progress.step, args.warmup_steps, progress.total_steps, args.min_lr_ratio
+        )
+        self.scheduler.base_lrs = [args.learning_rate] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = args.learning_rate
+            group["lr"] = rate
+        self.optimizer.param_groups[0]["weight_decay"] = args.weight_decay  # the decayed group
 
     def _set_token_horizon(self, saved_horizon: int | None) -> None:
         """A resume with another --max_tokens: the schedule's horizon moves to the new budget.
@@ -367,24 +419,18 @@ class Trainer:
             self.recipe.early_exit_rotation,
         )
 
-    def _plan_micro_batch(self, micro: int) -> torch.Tensor | None:
-        """Per-sample skip decisions for this micro-batch; returns the position noise."""
-        rank, batch = self.distributed.rank, self.args.batch_size
-        rows = slice(rank * batch, (rank + 1) * batch)
-        step = self.progress.step
+    def _plan_micro_batch(self, first: int) -> torch.Tensor | None:
+        """Per-sample skip decisions for this process's micro-batch, whose samples sit at
+        ``first ..`` in the step's data; returns the position noise."""
+        batch, step = self.args.batch_size, self.progress.step
         if self.dropout is not None:
             uniforms = recipe_uniforms(
-                self.args.seed, step, micro, rows, self.global_batch, (self.num_layers,)
+                self.args.seed, step, first, batch, (self.num_layers,)
             )  # [batch, layers]
             self.dropout.plan(keep_from_uniforms(uniforms, self.dropout.current_rates()))
         if self.recipe.early_exit_loss and self.recipe.early_exit_position_fraction < 1.0:
             noise = recipe_uniforms(
-                self.args.seed + 1,
-                step,
-                micro,
-                rows,
-                self.global_batch,
-                (self.num_layers, self.seq_len),
+                self.args.seed + 1, step, first, batch, (self.num_layers, self.seq_len)
             )  # [batch, layers, seq]
             return noise.transpose(0, 1)  # [layers, batch, seq]
         return None
@@ -404,7 +450,7 @@ class Trainer:
             offset = (micro * distributed.world_size + distributed.rank) * args.batch_size
             indices = self.stream.indices(self.progress.blocks + offset, args.batch_size)
             input_ids = self.blocks[indices].to(self.device)  # [batch, seq]
-            noise = self._plan_micro_batch(micro)  # [layers, batch, seq] or None
+            noise = self._plan_micro_batch(offset)  # [layers, batch, seq] or None
             last = micro == args.gradient_accumulation_steps - 1
             with (
                 gradient_sync(self.trained, sync=last),
@@ -418,6 +464,7 @@ class Trainer:
             raise TrainingDiverged(self.progress.step + 1, self.output_dir)
         if args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.objective.parameters(), args.max_grad_norm)
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step trains at
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -533,7 +580,7 @@ class Trainer:
         record = {
             "step": self.progress.step,
             "tokens": self.progress.tokens,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.step_lr,
             "loss": round(sums[0].item(), 5),
             "exit_losses": {str(e): round(v, 4) for e, v in zip(exits, sums[1:].tolist())},
             "layer_dropout_scale": dropout_scale,
