@@ -80,8 +80,11 @@ class GenerationConfig:
             num_speculations). None: 2, 2, then 1s to depth num_speculations.
         compile: run the decoding passes through ``torch.compile`` (the fast path:
             inductor, whole-graph, weights frozen on CPU, CUDA graphs on CUDA). The first
-            generation of each (batch size, exit layer, k) pays the compilation; the
-            tokens are the same as eager decoding's.
+            generation of each (batch size, exit layer, k) pays the compilation; greedy
+            tokens are the same as eager decoding's, sampled ones follow the same
+            distribution (a sampled batch whose rows finish apart draws its random
+            numbers in another order: eager decoding drops finished rows, the fast path
+            keeps their slots).
     """
 
     max_steps: int = 512

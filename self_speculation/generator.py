@@ -593,7 +593,9 @@ class Generator:
         def issue(remaining: int) -> StepResult:
             """The next step for the rows still running (``remaining``: the most tokens a
             running row may still add, as the host knew before reading the last step)."""
-            # Never draft more than can be kept: k drafts yield up to k + 1 tokens.
+            # Never draft more than could be kept as of the last read (k drafts yield up to
+            # k + 1 tokens); the step in flight may have used some of that room, so a last
+            # step can draft (and count) tokens past max_steps that are never emitted.
             num_drafts = min(config.num_speculations, remaining - 1) if speculative else 0
             return strategy.counted_step(state, num_drafts, rows)
 

@@ -167,8 +167,15 @@ class TokenSelector:
         tokens: torch.Tensor,
         pad_counts: torch.Tensor,
         lengths: torch.Tensor,
+        proposal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The next token of every row from ``logits`` [batch, vocab].
+
+        ``proposal``: the tokens are drafts, only proposed to verification. When sampling, a
+        row that the processors leave without a finite logit (a reduced draft vocabulary
+        whose every token a no-repeat-n-gram or bad-words rule bans) draws from a uniform
+        distribution instead of failing; speculative sampling stays exact for any draft
+        distribution it is told (the returned one).
 
         Returns:
             Tokens [batch] and, when sampling, the distributions they were drawn from
@@ -177,7 +184,11 @@ class TokenSelector:
         logits = logits.unsqueeze(1)  # [batch, 1, vocab]
         if not self.sample:
             return self.greedy_tokens(logits, tokens, pad_counts, lengths)[:, 0], None
-        probs = self.probabilities(logits, tokens, pad_counts, lengths)[:, 0]  # [batch, vocab]
+        if proposal:
+            processed = self.process(logits, tokens, pad_counts, lengths)[:, 0]  # [batch, vocab]
+            probs = torch.softmax(finite_or_uniform(processed, non_finite(processed)), dim=-1)
+        else:
+            probs = self.probabilities(logits, tokens, pad_counts, lengths)[:, 0]
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0], probs
 
 
@@ -258,7 +269,9 @@ def speculative_accept(
     p = target_probs[:, :k].gather(2, index)[..., 0]  # [batch, k]
     q = draft_probs.gather(2, index)[..., 0]  # [batch, k]
     uniform = torch.rand(batch, k, generator=generator, device=draft_tokens.device)
-    accepted = (uniform * q <= p) & drafted  # u < p / q, without dividing by q
+    # u < p / q without dividing by q; strict, since torch.rand returns exactly 0 about once
+    # in 2**24 draws, and a draft the target forbids (p = 0) must never be accepted.
+    accepted = (uniform * q < p) & drafted
     accepted_counts = accepted.long().cumprod(dim=1).sum(dim=1)  # [batch]
     # q at each of the k + 1 positions, zero where no draft was made (and after the last).
     q_all = torch.cat(

@@ -491,7 +491,7 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
             if self.selector.sample:  # a draft only proposes: a broken one is just rejected
                 logits = finite_or_uniform(logits, non_finite(logits))
             chosen, probs = self.selector.choose(
-                logits, state.tokens, state.pad_counts, state.lengths + i
+                logits, state.tokens, state.pad_counts, state.lengths + i, proposal=True
             )  # [batch], [batch, vocab] or None
             drafts.append(chosen)
             draft_probs.append(probs)

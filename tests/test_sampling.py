@@ -85,6 +85,44 @@ def test_speculative_accept_with_identical_distributions_accepts_everything() ->
     assert accepted.tolist() == [3]
 
 
+def test_a_draft_the_target_forbids_is_never_accepted_even_at_a_zero_uniform(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch.rand returns exactly 0.0 about once in 2**24 draws: p = 0 must still reject
+    (a token top-k, top-p or a ban removed), and p >= q > 0 must still accept."""
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.zeros(*shape))
+    draft = torch.tensor([[[0.5, 0.5, 0.0]], [[0.5, 0.5, 0.0]]])  # [2, 1, 3]
+    target = torch.tensor([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0], [0, 1.0, 0]]])
+    accepted, next_tokens = speculative_accept(
+        torch.tensor([[1], [1]]), draft, target, torch.Generator().manual_seed(0)
+    )
+    assert accepted.tolist() == [0, 1]
+    assert next_tokens[0].item() == 0
+
+
+def test_sampled_drafts_from_a_reduced_vocabulary_the_processors_ban_entirely() -> None:
+    """Every token of the draft vocabulary already in the text and no_repeat_ngram_size=1:
+    the draft exit has no allowed token. It proposes uniformly instead of failing, and
+    the output still obeys the ban (verification samples the full model)."""
+    from self_speculation.draft import DraftExit
+
+    model = make_tiny_model(
+        "llama_mha_untied", vocab_size=16, bos_token_id=None, eos_token_id=None, seed=1
+    )
+    generator = Generator(model, IdTokenizer())
+    generator.draft = DraftExit(generator.layerwise, None, torch.tensor([5, 6]))
+    prompt = [5, 6, 3]
+    config = GenerationConfig(
+        generation_strategy="self_speculative", exit_layer=2, num_speculations=2,
+        max_steps=6, sample=True, temperature=1.0, top_p=1.0, no_repeat_ngram_size=1,
+    )  # fmt: skip
+    for seed in range(5):
+        result = generator.generate(prompt, config, generator=torch.Generator().manual_seed(seed))
+        text = prompt + result.token_ids
+        assert len(result.token_ids) == 6
+        assert len(set(text)) == len(text), text  # no token repeats
+
+
 def test_selector_processors_see_the_whole_sequence() -> None:
     config = GenerationConfig(sample=False, no_repeat_ngram_size=2)
     selector = TokenSelector(config)
