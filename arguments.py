@@ -41,7 +41,7 @@ from self_speculation.draft import (
     resolve_with_adapter,
 )
 from self_speculation.errors import ArgumentsError as ArgumentsError  # re-exported
-from self_speculation.errors import require_thread_count, require_utf8
+from self_speculation.errors import expand_home, require_thread_count, require_utf8
 from self_speculation.loading import (
     OWNED_FROM_PRETRAINED_KEYS,
     ModelFacts,
@@ -139,7 +139,7 @@ class Arguments:
             raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
         check_device(self.device)
         require_thread_count(self.num_threads)
-        self.output_dir = os.path.expanduser(self.output_dir)  # as --model is
+        self.output_dir = expand_home(self.output_dir, "--output_dir")  # as --model is
         check_output_dir(self.output_dir, overwrite=self.overwrite)
         for key in self.model_kwargs:  # also validates model_args now, not after loading data
             if key in OWNED_FROM_PRETRAINED_KEYS:

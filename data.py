@@ -291,6 +291,8 @@ def load_examples(args: BenchmarkArguments, seed: int) -> list[EvaluationExample
     _check_fields(rows, spec.fields, name, where)
     if shot_pool is not None:
         _check_fields(shot_pool, spec.fields, name, f"{where} (train split)")
+    if name is DatasetName.CNN_DM_LM:
+        rows = _long_enough_articles(rows, where)
 
     order = list(range(len(rows)))
     if args.random_shuffle:
@@ -319,6 +321,30 @@ def load_examples(args: BenchmarkArguments, seed: int) -> list[EvaluationExample
         )
     logger.info("%s: %d samples", name.value, len(examples))
     return examples
+
+
+def _long_enough_articles(rows: list[Row], where: str) -> list[Row]:
+    """The rows whose article continues past its first ``CNN_DM_LM_PROMPT_WORDS`` words (the
+    prompt): a shorter one has nothing to score the continuation against.
+
+    Raises:
+        DataError: no article is long enough.
+    """
+    kept = [row for row in rows if len(row["article"].split(" ")) > CNN_DM_LM_PROMPT_WORDS]
+    if not kept:
+        raise DataError(
+            f"{where}: no article is longer than {CNN_DM_LM_PROMPT_WORDS} words "
+            "(cnn_dm_lm prompts with the first 100 and scores the rest)"
+        )
+    if len(kept) < len(rows):
+        logger.warning(
+            "%s: %d of %d articles have at most %d words (nothing to continue): skipped",
+            where,
+            len(rows) - len(kept),
+            len(rows),
+            CNN_DM_LM_PROMPT_WORDS,
+        )
+    return kept
 
 
 def _with_shots(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 from arguments import MAX_SEED, check_output_dir, parse_args, run_main
 from self_speculation.benchmarking import write_json_atomic
 from self_speculation.draft import load_draft_exit
-from self_speculation.errors import ConfigError, require_thread_count, require_utf8
+from self_speculation.errors import ConfigError, expand_home, require_thread_count, require_utf8
 from self_speculation.loading import DEFAULT_MODEL, DTYPES, inspect_model, load_model_and_tokenizer
 from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.output_safety import output_dir_lock
@@ -59,7 +58,7 @@ class ReportConfig:
     exit_layer: int = 0  # exit of the draft-exit row without an adapter (0: none)
 
     def __post_init__(self) -> None:
-        self.output_dir = os.path.expanduser(self.output_dir)  # as --model is
+        self.output_dir = expand_home(self.output_dir, "--output_dir")  # as --model is
         if not self.data:
             raise ConfigError("give held-out data with --data GLOB...")
         if self.seq_len and self.seq_len < 2:

@@ -56,6 +56,7 @@ from self_speculation.benchmarking import (
     write_json_atomic,
 )
 from self_speculation.draft import read_adapter_config
+from self_speculation.errors import expand_home
 from self_speculation.metrics import summarize_speed
 from self_speculation.output_safety import output_dir_lock
 
@@ -159,7 +160,7 @@ def _setting_key(
 def _files_fingerprint(path: str) -> list:
     """Name, size and modification time of a local file, or of the files in a local folder
     (one level, as models and saved datasets are laid out); [] for a hub id."""
-    where = Path(path).expanduser()
+    where = Path(os.path.expanduser(path))
     files = sorted(where.iterdir()) if where.is_dir() else [where] if where.is_file() else []
     return [
         (item.name, item.stat().st_size, item.stat().st_mtime_ns)
@@ -346,7 +347,7 @@ def main(argv: list[str]) -> int:
     )
     if sweep.output_file is not None:
         check_output_dir(
-            str(Path(sweep.output_file).expanduser().parent),
+            str(Path(expand_home(sweep.output_file, "--output_file")).parent),
             "--output_file's folder",
             overwrite=args.overwrite,
         )
@@ -359,7 +360,11 @@ def main(argv: list[str]) -> int:
                 f"--num_speculations_last must be below the model's context "
                 f"({facts.context_length} tokens), got {sweep.num_speculations_last}"
             )
-    csv_path = Path(sweep.output_file or Path(args.output_dir) / "sweep.csv").expanduser()
+    csv_path = Path(
+        expand_home(sweep.output_file or Path(args.output_dir) / "sweep.csv", "--output_file")
+    )
+    if csv_path.exists() and not csv_path.is_file():  # /dev/null, a FIFO (reading it waits)
+        raise ConfigError(f"{csv_path} is not a regular file (the sweep appends rows to it)")
     with (
         distributed_run(args) as context,
         _csv_lock(

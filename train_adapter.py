@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import pickle
 import signal
 import time
@@ -48,7 +47,7 @@ from self_speculation.adapter_training import (
 from self_speculation.benchmarking import environment_info, write_json_atomic
 from self_speculation.distributed import DistributedContext
 from self_speculation.draft import AdapterConfig, DraftExit, ExitAdapter, save_adapter
-from self_speculation.errors import ConfigError, require_thread_count
+from self_speculation.errors import ConfigError, expand_home, require_thread_count
 from self_speculation.loading import DTYPES, check_device, load_model_and_tokenizer
 from self_speculation.output_safety import output_dir_lock
 from self_speculation.training.data import pack_blocks, read_texts, resolve_files
@@ -116,8 +115,8 @@ class AdapterTrainArguments:
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise ConfigError("give --output_dir for the adapter folder")
-        self.output_dir = os.path.expanduser(self.output_dir)  # as --model is
-        self.cache_dir = os.path.expanduser(self.cache_dir)
+        self.output_dir = expand_home(self.output_dir, "--output_dir")  # as --model is
+        self.cache_dir = expand_home(self.cache_dir, "--cache_dir")
         # An adapter with its training checkpoint is this script's own run: a rerun
         # continues it (more epochs); one without (copied, shipped) is not written over.
         resumable = (Path(self.output_dir) / CHECKPOINT_NAME).is_file()

@@ -14,6 +14,7 @@ depend on which rank ran it or on what ran before.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -26,7 +27,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
@@ -34,7 +35,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from self_speculation.config import UNSET, GenerationConfig, GenerationStrategyName
 from self_speculation.distributed import DistributedContext, broadcast, gather
-from self_speculation.errors import ConfigError
+from self_speculation.errors import ConfigError, expand_home
 from self_speculation.generator import Generator
 from self_speculation.metrics import text_metrics
 from self_speculation.output_safety import hold_output_dir
@@ -123,17 +124,39 @@ def repair_last_line(
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:
-    """Append one whole line (``line`` + newline) in a single write, flushed to disk."""
+    """Append one whole line (``line`` + newline) in a single write, flushed to disk.
+
+    Raises:
+        OSError: naming ``path`` (a full disk, say).
+    """
     descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(descriptor, (line.rstrip("\n") + "\n").encode("utf-8"))
+        _write_all(descriptor, (line.rstrip("\n") + "\n").encode("utf-8"))
         os.fsync(descriptor)
+    except OSError as error:
+        raise _naming(error, path) from None
     finally:
         os.close(descriptor)
 
 
+def _write_all(descriptor: int, data: bytes) -> None:
+    """Write all of ``data`` (os.write may write part of it)."""
+    while data:
+        written = os.write(descriptor, data)
+        data = data[written:]
+
+
+def _naming(error: OSError, path: str | os.PathLike) -> OSError:
+    """``error`` with ``path`` as its file name (os.write's errors name none)."""
+    if error.filename is not None or error.errno is None:
+        return error
+    return type(error)(error.errno, error.strerror, os.fspath(path))
+
+
 class JsonlWriter:
-    """Appends one JSON object per line and flushes each, so rows survive a crash.
+    """Appends one JSON object per line, each with its own unbuffered write, so rows survive
+    a crash; a row that cannot be written whole (a full disk) is cut off again, so the file
+    holds whole rows only, and the error names the file.
 
     Used as a context manager, a file that got no row before an error is removed: a run
     that fails at the start leaves no empty samples file behind. The file must be new: an
@@ -143,16 +166,28 @@ class JsonlWriter:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._stream: TextIO = open(self.path, "x", encoding="utf-8")  # noqa: SIM115
+        self._descriptor: int | None = os.open(
+            self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
+        )
+        self._size = 0  # bytes of the whole rows written
         self.num_rows = 0
 
     def write(self, row: Mapping[str, Any]) -> None:
-        self._stream.write(json.dumps(_json_ready(row), allow_nan=False) + "\n")
-        self._stream.flush()
+        data = (json.dumps(_json_ready(row), allow_nan=False) + "\n").encode("utf-8")
+        try:
+            _write_all(self._descriptor, data)
+        except OSError as error:
+            with contextlib.suppress(OSError):  # no half row
+                os.ftruncate(self._descriptor, self._size)
+                os.lseek(self._descriptor, self._size, os.SEEK_SET)
+            raise _naming(error, self.path) from None
+        self._size += len(data)
         self.num_rows += 1
 
     def close(self) -> None:
-        self._stream.close()
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
 
     def __enter__(self) -> JsonlWriter:
         return self
@@ -186,7 +221,7 @@ def run_files(output_dir: str, script: str, context: DistributedContext) -> RunF
     rank; the directory is created and held with a shared lock for the rest of the run
     (a training run or sweep writing there meanwhile is refused, and refuses this one)."""
     stamp = broadcast(datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"), context)
-    directory = Path(output_dir).expanduser()
+    directory = Path(expand_home(output_dir, "--output_dir"))
     hold_output_dir(directory)
     stem = directory / f"{script}_{stamp}"
     rank_samples = (

@@ -2,6 +2,7 @@
 
 import json
 import numbers
+import os
 
 
 def json_refusal(error: ValueError | RecursionError) -> str:
@@ -145,6 +146,21 @@ def require_thread_count(value: int, flag: str = "--num_threads") -> None:
     """
     if not 0 <= value <= MAX_THREADS:
         raise ConfigError(f"{flag} must be in [0, {MAX_THREADS}] (0: torch's default), got {value}")
+
+
+def expand_home(path: str | os.PathLike, flag: str) -> str:
+    """``path`` with a leading ``~`` or ``~user`` expanded (as the shell does).
+
+    Raises:
+        ConfigError: ``~user`` names no user with a home directory (pathlib raises a
+            RuntimeError there, ``os.path`` leaves the ``~`` in place).
+    """
+    text = os.fspath(path)
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):
+        head = expanded.split("/", 1)[0]
+        raise ConfigError(f"{flag} {text!r}: {head!r} names no user with a home directory")
+    return expanded
 
 
 def one_line(error: BaseException, limit: int = 400) -> str:

@@ -92,6 +92,19 @@ class LayerSkipLM(LM):
         token = self.tokenizer.bos_token_id
         return token if token is not None else self.tokenizer.eos_token_id
 
+    def _empty_context_ids(self) -> list[int]:
+        """What an empty context is conditioned on, as ids.
+
+        Raises:
+            ConfigError: the tokenizer has neither BOS nor EOS to condition on.
+        """
+        if self.prefix_token_id is None:
+            raise ConfigError(
+                "the tokenizer has neither a BOS nor an EOS token to condition an empty "
+                "context on (loglikelihood_rolling and empty-context loglikelihood requests)"
+            )
+        return [self.prefix_token_id]
+
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -103,7 +116,7 @@ class LayerSkipLM(LM):
     def _pair_ids(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         stripped = context.rstrip()
         continuation = context[len(stripped) :] + continuation
-        context_ids = self._context_ids(stripped) if stripped else [self.prefix_token_id]
+        context_ids = self._context_ids(stripped) if stripped else self._empty_context_ids()
         whole = self._encode(stripped + continuation)
         context_only = self._encode(stripped)
         return context_ids, whole[len(context_only) :]
@@ -154,7 +167,7 @@ class LayerSkipLM(LM):
         for request in tqdm(requests, desc="loglikelihood_rolling", disable=not self.progress):
             (text,) = request.args
             tokens = self._encode(text)
-            results.append(self._continuation_logprob([self.prefix_token_id], tokens)[0])
+            results.append(self._continuation_logprob(self._empty_context_ids(), tokens)[0])
         return results
 
     # --- generation -------------------------------------------------------------------

@@ -31,6 +31,7 @@ from self_speculation.errors import (
     ArgumentTypeError,
     ConfigError,
     ModelLoadError,
+    expand_home,
     json_refusal,
     one_line,
     whole_number,
@@ -90,7 +91,7 @@ def check_model_source(model: str) -> None:
     from huggingface_hub import constants as hub_constants
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    path = Path(model).expanduser()
+    path = Path(expand_home(model, "--model"))
     if path.is_dir():
         return
     if path.exists():
@@ -109,7 +110,7 @@ def check_model_source(model: str) -> None:
         model.startswith((".", "/", "~"))
         or "\\" in model
         or len(parts) > 2
-        or (len(parts) == 2 and Path(parts[0]).expanduser().is_dir())
+        or (len(parts) == 2 and os.path.isdir(os.path.expanduser(parts[0])))
     )
     if not path_like:
         try:
@@ -260,7 +261,7 @@ class ModelFacts:
 def _local_directory(model: str) -> Path | None:
     if model == "smollm2" or model.endswith(".gguf"):
         return None
-    path = Path(model).expanduser()
+    path = Path(expand_home(model, "--model"))
     return path if path.is_dir() else None
 
 
@@ -621,7 +622,7 @@ def load_model_and_tokenizer(
     check_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     arguments: dict[str, Any] = dict(model_args or {})
-    source = smollm2_gguf_path() if model == "smollm2" else os.path.expanduser(model)
+    source = smollm2_gguf_path() if model == "smollm2" else expand_home(model, "--model")
     if source.endswith(".gguf"):
         if not os.path.isfile(source):
             raise ModelLoadError(f"GGUF file not found: {source}")

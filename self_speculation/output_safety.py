@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from self_speculation.errors import ConfigError
+from self_speculation.errors import ConfigError, expand_home
 
 try:
     import fcntl
@@ -46,7 +46,7 @@ def held_contents(directory: Path) -> str | None:
     """Why a script must not write into ``directory``, in a few words ("holds a model
     (config.json and model.safetensors)"); None when it holds no model or adapter and is no
     shipped folder."""
-    resolved = directory.expanduser().resolve()
+    resolved = Path(os.path.expanduser(directory)).resolve()
     if SHIPPED_MODELS_DIR.is_dir() and _is_under(resolved, SHIPPED_MODELS_DIR.resolve()):
         return "is a folder shipped with the project (under models/)"
     if not resolved.is_dir():
@@ -92,7 +92,7 @@ def check_output_dir(
     """
     if not path.strip():  # Path("") is the current directory: never what was meant
         raise ConfigError(f"{flag} is empty (give a folder; '.' for the current one)")
-    directory = Path(path).expanduser()
+    directory = Path(expand_home(path, flag))
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"{flag} {path} is a file, not a directory (choose another {flag})")
     for parent in directory.parents:
@@ -152,7 +152,7 @@ def output_dir_lock(
     Raises:
         ConfigError: another run holds a conflicting lock.
     """
-    directory = Path(path).expanduser()
+    directory = Path(expand_home(path, flag))
     if directory.exists():
         # A shared lock this process took for an earlier in-process run is not another run.
         held = _HELD.pop(directory.resolve(), None)
@@ -172,7 +172,7 @@ _HELD: dict[Path, int | None] = {}
 def hold_output_dir(path: str | os.PathLike, flag: str = "--output_dir") -> None:
     """Take a shared lock on ``path`` for the rest of this process (scripts that add
     timestamped files take it where they name their files). Taken once per directory."""
-    directory = Path(path).expanduser()
+    directory = Path(expand_home(path, flag))
     key = directory.resolve()
     if key not in _HELD:
         _HELD[key] = _lock(directory, exclusive=False, flag=flag)

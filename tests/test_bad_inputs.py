@@ -566,6 +566,41 @@ def test_foreign_sweep_csv_is_refused(
     assert csv_path.read_bytes() == content
 
 
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_a_sweep_output_file_that_is_not_a_regular_file_is_refused(
+    kind: str, tiny_model_dir: Path, data_files: dict, output_dir: Path, tmp_path: Path
+) -> None:
+    """/dev/null failed at its first row (fsync) after the baseline ran; reading a FIFO
+    waited forever."""
+    target = Path("/dev/null") if kind == "device" else tmp_path / "pipe.csv"
+    if kind == "fifo":
+        os.mkfifo(target)
+    arguments = [*_sweep_arguments(tiny_model_dir, data_files, output_dir), "--output_file"]
+    completed = run_script("sweep.py", [*arguments, target], tmp_path, timeout=120)
+    assert_one_error_line(completed, "sweep.py", f"{target} is not a regular file")
+
+
+@pytest.mark.parametrize(
+    ("script", "flag", "extra"),
+    [
+        ("benchmark.py", "--output_dir", []),
+        ("generate.py", "--model", ["--prompt", "def"]),
+        ("sweep.py", "--output_file", []),
+        ("train.py", "--data", ["--preset", "tiny", "--max_tokens", "100"]),
+    ],
+)
+def test_a_home_of_an_unknown_user_is_one_line(
+    script: str, flag: str, extra: list, tmp_path: Path
+) -> None:
+    """pathlib's expanduser raises a RuntimeError for ~nosuchuser."""
+    value = "~nosuchuser-layerskip/x"
+    arguments = [*extra, flag, value]
+    if flag != "--output_dir":
+        arguments += ["--output_dir", tmp_path / "results"]
+    completed = run_script(script, arguments, tmp_path)
+    assert_one_error_line(completed, script, f"{flag} '{value}': '~nosuchuser-layerskip' names no")
+
+
 def _sweep_table(csv_path: Path) -> list[list[str]]:
     rows = list(csv.reader(csv_path.open(encoding="utf-8")))
     assert rows[0] == SWEEP_HEADER.split(",")
@@ -773,6 +808,43 @@ def test_rows_writer_never_touches_an_existing_file(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         JsonlWriter(earlier)
     assert earlier.read_text() == '{"index": 0}\n'
+
+
+def test_a_row_that_cannot_be_written_whole_is_cut_off_and_the_error_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from self_speculation import benchmarking
+    from self_speculation.benchmarking import JsonlWriter, append_line
+
+    path = tmp_path / "run.samples.jsonl"
+    real_write = os.write
+    full = {"disk": False}
+
+    def write(descriptor: int, data: bytes) -> int:
+        if full["disk"]:
+            real_write(descriptor, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(descriptor, data)
+
+    monkeypatch.setattr(benchmarking.os, "write", write)
+    with JsonlWriter(path) as writer:
+        writer.write({"index": 0, "prediction": "x" * 100})
+        full["disk"] = True
+        with pytest.raises(OSError, match="No space left") as raised:
+            writer.write({"index": 1, "prediction": "y" * 100})
+        assert raised.value.filename == str(path)
+        full["disk"] = False
+        writer.write({"index": 2})
+    assert [row["index"] for row in map(json.loads, path.read_text().splitlines())] == [0, 2]
+
+    monkeypatch.setattr(
+        benchmarking.os, "fsync", lambda d: (_ for _ in ()).throw(OSError(22, "Invalid"))
+    )
+    with pytest.raises(OSError) as raised:
+        append_line(tmp_path / "sweep.csv", "a,b")
+    assert raised.value.filename == str(tmp_path / "sweep.csv")
 
 
 @pytest.mark.parametrize(

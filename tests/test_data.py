@@ -118,6 +118,21 @@ def test_cnn_dm_lm_splits_at_100_words(tmp_path: Path) -> None:
     assert example.input + example.output == articles(1)[0]["article"]
 
 
+def test_cnn_dm_lm_skips_articles_with_nothing_past_the_prompt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An article of at most 100 words would be scored against an empty continuation."""
+    short = {"article": "The cat sat on the mat.", "highlights": "cat", "id": "s"}
+    path = write_jsonl(tmp_path / "cnn.jsonl", [short, *articles(1), short])
+    args = BenchmarkArguments(dataset="cnn_dm_lm", data_path=str(path), random_shuffle=False)
+    (example,) = load_examples(args, seed=0)
+    assert example.input + example.output == articles(1)[0]["article"]
+    assert "2 of 3 articles have at most 100 words" in caplog.text
+    only_short = write_jsonl(tmp_path / "short.jsonl", [short])
+    with pytest.raises(DataError, match="no article is longer than 100 words"):
+        load_examples(BenchmarkArguments(dataset="cnn_dm_lm", data_path=str(only_short)), seed=0)
+
+
 def test_saved_dataset_directory_and_train_split_for_shots(tmp_path: Path) -> None:
     test_rows = [{"document": f"doc {i}", "summary": f"sum {i}", "id": str(i)} for i in range(3)]
     train_rows = [{"document": "train doc", "summary": "train sum", "id": "t"}]

@@ -118,3 +118,16 @@ def test_a_negative_gen_kwargs_temperature_is_refused(generator: Generator) -> N
     with pytest.raises(ConfigError, match="gen_kwargs temperature must be >= 0, got -1"):
         lm._request_config({"temperature": -1})
     assert not lm._request_config({"temperature": 0})[0].sample  # 0: greedy
+
+
+def test_an_empty_context_without_bos_or_eos_is_one_line(
+    generator: Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rolling log-likelihoods and empty-context requests condition on BOS, else EOS; a
+    tokenizer with neither is a ConfigError, not a tensor of None."""
+    lm = LayerSkipLM(generator, generator.resolve(GenerationConfig(sample=False)), progress=False)
+    monkeypatch.setattr(LayerSkipLM, "prefix_token_id", property(lambda self: None))
+    with pytest.raises(ConfigError, match="neither a BOS nor an EOS"):
+        lm.loglikelihood_rolling([Request(("def add(a, b):",))])
+    with pytest.raises(ConfigError, match="neither a BOS nor an EOS"):
+        lm.loglikelihood([Request(("", "def add(a, b):"))])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any
 import simple_parsing
 
 from self_speculation.cli import FlagParser
-from self_speculation.errors import ConfigError, require_thread_count
+from self_speculation.errors import ConfigError, expand_home, require_thread_count
 from self_speculation.training.curriculum import Curriculum
 from self_speculation.training.early_exit_loss import ExitScale
 from self_speculation.training.layer_dropout import DropoutSchedule, DropoutShape
@@ -168,7 +167,7 @@ class TrainingArguments:
     num_speculations: int = 4  # recommended draft length for generation_config.json
 
     def __post_init__(self) -> None:
-        self.output_dir = os.path.expanduser(self.output_dir)  # as --model is
+        self.output_dir = expand_home(self.output_dir, "--output_dir")  # as --model is
         for name in ("batch_size", "gradient_accumulation_steps", "log_every", "num_speculations"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")

@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from self_speculation.errors import ConfigError, json_refusal
+from self_speculation.errors import ConfigError, expand_home, json_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def resolve_files(patterns: Sequence[str], exclude: Sequence[str] = ()) -> list[
     """
     found: set[Path] = set()
     for pattern in patterns:
-        for name in glob.glob(str(Path(pattern).expanduser()), recursive=True):
+        for name in glob.glob(expand_home(pattern, "--data"), recursive=True):
             path = Path(name)
             if path.is_file() and not any(fnmatch.fnmatch(str(path), rule) for rule in exclude):
                 found.add(path)
