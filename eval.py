@@ -11,10 +11,14 @@ apply); log-likelihood tasks score with the full model, or at an exit layer with
 offline; hub tasks (gsm8k, ...) need their datasets reachable. Writes
 ``<output_dir>/eval_<time>.json`` (lm-eval's results, speed of the generation requests,
 arguments, environment) and ``eval_<time>.samples.jsonl`` (one row per generation).
+``--use_cache DIR`` stores each finished request in lm-eval's request cache, so that a rerun
+of an interrupted evaluation runs only what is left.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -35,9 +39,11 @@ from self_speculation import ConfigError, GenerationConfig
 from self_speculation.benchmarking import (
     JsonlWriter,
     environment_info,
+    files_fingerprint,
     run_files,
     write_json_atomic,
 )
+from self_speculation.errors import expand_home
 from self_speculation.metrics import summarize_speed
 
 logger = logging.getLogger("eval")
@@ -68,6 +74,10 @@ class EvalArguments:
     """Allow tasks that run model-written code (layerskip_humaneval)"""
     bootstrap_iters: int = 1000
     """Bootstrap resamples for standard errors (0: off)"""
+    use_cache: str | None = None
+    """Folder for lm-eval's request cache (SQLite): each finished request is stored as it
+    finishes, and a rerun with the same settings (an interrupted one, say) reuses them.
+    Sampled generations are drawn again."""
 
     def __post_init__(self) -> None:
         self.tasks = [
@@ -83,6 +93,10 @@ class EvalArguments:
             )
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise ConfigError(f"--num_fewshot must be >= 0, got {self.num_fewshot}")
+        if self.use_cache is not None:
+            self.use_cache = expand_home(self.use_cache, "--use_cache")
+            if not self.use_cache.strip() or os.path.isfile(self.use_cache):
+                raise ConfigError(f"--use_cache must be a folder, got {self.use_cache!r}")
         if self.bootstrap_iters < 0:
             raise ConfigError(
                 f"--bootstrap_iters must be >= 0 (0: off), got {self.bootstrap_iters}"
@@ -155,6 +169,36 @@ class _DropMetadataHint(logging.Filter):
         return "--metadata" not in str(record.msg)
 
 
+def _cache_path(
+    evaluation: EvalArguments,
+    args: Arguments,
+    generation: GenerationArguments,
+    config: GenerationConfig,
+    exit_layer: int | None,
+) -> str | None:
+    """Where lm-eval keeps this run's request cache: a file per setting under --use_cache
+    (lm-eval keys a request by its text alone, so a cache of another model, strategy,
+    exit or dtype must not answer it). What the model folder holds is part of the key."""
+    if evaluation.use_cache is None:
+        return None
+    ignored = {"output_dir", "overwrite", "use_cache", "tasks", "limit", "num_fewshot"}
+    ignored |= {"include_path", "execute_code", "bootstrap_iters", "num_threads", "compile"}
+    relevant = {
+        key: value
+        for key, value in arguments_dict(args, generation, evaluation).items()
+        if key not in ignored
+    }
+    relevant["resolved"] = {**vars(config), "compile": None}
+    relevant["loglikelihood_exit_layer"] = exit_layer
+    for name, path in (("model", args.model), ("draft_adapter", args.draft_adapter)):
+        if path is not None:
+            relevant[f"{name}_files"] = files_fingerprint(path)
+    digest = hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode())
+    path = Path(evaluation.use_cache) / f"eval-{digest.hexdigest()[:12]}"
+    logger.info("request cache: %s_rank0.db", path)
+    return str(path)
+
+
 def main(argv: list[str]) -> int:
     args, generation, evaluation = parse_args(
         Arguments, GenerationArguments, EvalArguments, argv=argv, prog="eval.py"
@@ -183,6 +227,7 @@ def main(argv: list[str]) -> int:
         from self_speculation.eval_harness import LayerSkipLM
 
         files = run_files(args.output_dir, "eval", context)
+        cache = _cache_path(evaluation, args, generation, config, exit_layer)
         with JsonlWriter(files.samples) as writer:
             lm = LayerSkipLM(
                 generator, config, exit_layer, seed=args.seed, on_generation=writer.write
@@ -197,6 +242,7 @@ def main(argv: list[str]) -> int:
                     task_manager=task_manager,
                     bootstrap_iters=evaluation.bootstrap_iters,
                     confirm_run_unsafe_code=evaluation.execute_code,
+                    use_cache=cache,
                     random_seed=args.seed,
                     numpy_random_seed=args.seed,
                     torch_random_seed=args.seed,
@@ -217,6 +263,10 @@ def main(argv: list[str]) -> int:
                     f"cannot load a task's data: {error}. Hub tasks need the network or a "
                     f"cached copy; the local tasks in tasks/ work offline"
                 ) from None
+            finally:  # the cache writes in a thread of its own: what is queued is kept
+                stored = getattr(lm.cache_hook, "dbdict", None)
+                if stored is not None:
+                    stored.close()
         document = {
             "script": "eval.py",
             "arguments": arguments_dict(args, generation, evaluation),

@@ -49,6 +49,7 @@ from self_speculation import distributed as dist
 from self_speculation.benchmarking import (
     append_line,
     environment_info,
+    files_fingerprint,
     full_model_config,
     gather_rows,
     generate_rows,
@@ -153,20 +154,8 @@ def _setting_key(
         ("data_path", benchmark.data_path),
     ):
         if path is not None:
-            relevant[f"{name}_files"] = _files_fingerprint(path)
+            relevant[f"{name}_files"] = files_fingerprint(path)
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _files_fingerprint(path: str) -> list:
-    """Name, size and modification time of a local file, or of the files in a local folder
-    (one level, as models and saved datasets are laid out); [] for a hub id."""
-    where = Path(os.path.expanduser(path))
-    files = sorted(where.iterdir()) if where.is_dir() else [where] if where.is_file() else []
-    return [
-        (item.name, item.stat().st_size, item.stat().st_mtime_ns)
-        for item in files
-        if item.is_file()
-    ]
 
 
 def _parse_row(fields: list[str], where: str) -> dict:

@@ -123,6 +123,18 @@ def repair_last_line(
     return last
 
 
+def files_fingerprint(path: str) -> list:
+    """Name, size and modification time of a local file, or of the files in a local folder
+    (one level, as models and saved datasets are laid out); [] for a hub id."""
+    where = Path(os.path.expanduser(path))
+    files = sorted(where.iterdir()) if where.is_dir() else [where] if where.is_file() else []
+    return [
+        (item.name, item.stat().st_size, item.stat().st_mtime_ns)
+        for item in files
+        if item.is_file()
+    ]
+
+
 def append_line(path: str | os.PathLike, line: str) -> None:
     """Append one whole line (``line`` + newline) in a single write, flushed to disk.
 

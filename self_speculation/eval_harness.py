@@ -156,8 +156,9 @@ class LayerSkipLM(LM):
             context_ids, continuation_ids = self._pair_ids(context, continuation)
             if not continuation_ids:
                 results.append((0.0, True))
-                continue
-            results.append(self._continuation_logprob(context_ids, continuation_ids))
+            else:
+                results.append(self._continuation_logprob(context_ids, continuation_ids))
+            self.cache_hook.add_partial("loglikelihood", request.args, results[-1])
         return results
 
     def loglikelihood_rolling(self, requests: Sequence[Any]) -> list[float]:
@@ -168,6 +169,7 @@ class LayerSkipLM(LM):
             (text,) = request.args
             tokens = self._encode(text)
             results.append(self._continuation_logprob(self._empty_context_ids(), tokens)[0])
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, results[-1])
         return results
 
     # --- generation -------------------------------------------------------------------
@@ -217,6 +219,8 @@ class LayerSkipLM(LM):
                 if cut >= 0:
                     text = text[:cut]
             outputs.append(text)
+            if not config.sample:  # a sampled answer is drawn again on a rerun
+                self.cache_hook.add_partial("generate_until", request.args, text)
             row = {"request": number, "context": context, "prediction": text, **result.metrics()}
             self.generation_rows.append(row)
             if self.on_generation is not None:

@@ -404,6 +404,8 @@ CASES = [
     ("more shots than examples", "eval.py",
      ["--tasks", "layerskip_mc", "--limit", 1, "--num_fewshot", 10**5],
      "--num_fewshot 100000: a task has fewer examples to draw shots from"),
+    ("request cache is a file", "eval.py", ["--tasks", "layerskip_mc", "--use_cache", "DATA:a_file"],
+     "--use_cache must be a folder"),
     ("negative bootstrap", "eval.py", ["--tasks", "layerskip_mc", "--bootstrap_iters", -1],
      "--bootstrap_iters must be >= 0"),
     ("gen_kwargs without value", "eval.py", ["--tasks", "layerskip_mc", "--gen_kwargs", "max_gen_toks"],

@@ -355,6 +355,34 @@ def test_eval_runs_local_tasks_offline(tiny_model_dir: Path, tmp_path: Path) -> 
     assert len(rows) == 2
 
 
+def test_eval_request_cache_answers_a_rerun_with_what_it_finished(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """--use_cache: a rerun (of an interrupted evaluation, say) generates only what the
+    cache lacks and scores as a run without a cache does; another setting gets its own."""
+    common = [
+        "eval.py", "--model", tiny_model_dir, "--tasks", "layerskip_mc,layerskip_humaneval",
+        "--gen_kwargs", "max_gen_toks=6", "--execute_code", "True", "--bootstrap_iters", 0,
+    ]  # fmt: skip
+    cache = tmp_path / "cache"
+
+    def evaluate(limit: int, name: str, *extra: object) -> dict:
+        output = tmp_path / name
+        process = run_script(*common, "--limit", limit, "--output_dir", output, *extra)
+        assert process.returncode == 0, process.stderr
+        return json.loads(only(list(output.glob("eval_*.json"))).read_text())
+
+    evaluate(1, "first", "--use_cache", cache)
+    again = evaluate(2, "again", "--use_cache", cache)
+    assert again["speed"]["num_samples"] == 1  # the first answer came from the cache
+    fresh = evaluate(2, "fresh")
+    assert fresh["speed"]["num_samples"] == 2
+    assert again["results"] == fresh["results"]
+    early = evaluate(1, "early", "--use_cache", cache, "--loglikelihood_exit_layer", 1)
+    assert early["speed"]["num_samples"] == 1  # another setting: nothing answered from cache
+    assert len(list(cache.glob("eval-*.db"))) == 2
+
+
 def test_bad_inputs_fail_in_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A sample of the bad inputs as real processes (the rest: test_cli_errors.py)."""
     assert_one_line_error(
