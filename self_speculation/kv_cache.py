@@ -85,10 +85,13 @@ class BufferPool:
             _fits(buffer, like, rows) for buffer, like in zip(held, (key, value))
         ):
             size = batch_bucket(rows)
-            held = tuple(
-                like.new_zeros(size, like.shape[1], capacity, like.shape[-1])
-                for like in (key, value)
-            )
+            # Normal tensors even inside torch.inference_mode(): the pool outlives the
+            # generation, and an inference tensor cannot be written outside that mode.
+            with torch.inference_mode(False):
+                held = tuple(
+                    like.new_zeros(size, like.shape[1], capacity, like.shape[-1])
+                    for like in (key, value)
+                )
             for buffer in held:
                 torch._dynamo.mark_static_address(buffer)
             buffers[layer] = held

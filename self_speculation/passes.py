@@ -33,6 +33,7 @@ runs them without inductor: a check that they compile whole, in seconds (tests, 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import logging
@@ -104,6 +105,18 @@ def _recompile_limit() -> dict:
         config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT
     )
     return {}
+
+
+def _without_freezing() -> contextlib.AbstractContextManager:
+    """Inductor's weight freezing off for our calls where the environment turns it on
+    (TORCHINDUCTOR_FREEZING=1): dynamo then bakes static inputs into the graph as
+    constants, the pooled cache buffers included, so that a cache of another capacity
+    indexed out of bounds. (The engine never asks for freezing: measured slower.)"""
+    from torch._inductor import config as inductor_config
+
+    if not inductor_config.freezing:
+        return contextlib.nullcontext()
+    return inductor_config.patch(freezing=False)
 
 
 def compile_options(device: torch.device) -> dict:
@@ -276,7 +289,7 @@ class ForwardPasses:
         graphs = counters["stats"]["unique_graphs"]
         started = time.perf_counter()
         try:
-            with use_few_query_attention(self._attention_configs):
+            with use_few_query_attention(self._attention_configs), _without_freezing():
                 if not first:
                     saved = _PRECOMPILED.get(self, {}).get(key)
                     call = function if saved is None else partial(saved, self)

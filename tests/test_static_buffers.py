@@ -200,3 +200,44 @@ def test_compiled_code_is_not_shared_between_models(inspected) -> None:
         fast = generator.generate_batch(PROMPTS[:1], config("autoregressive", True))
         assert [r.token_ids for r in fast] == [r.token_ids for r in eager], family
         assert len(GRAPHS) > graphs, family  # compiled for this model
+
+
+def test_pooled_buffers_taken_in_inference_mode_serve_later_generations() -> None:
+    """The pool outlives a generation: buffers first taken inside torch.inference_mode()
+    were inference tensors, and the next generation outside it could not zero them."""
+    pool = BufferPool()
+    like = torch.zeros(2, 2, 1, 8)  # [batch, heads, new, head_dim]
+    with torch.inference_mode():
+        keys, _ = pool.take(0, CAPACITY_STEP, 2, like, like)
+    assert not keys.is_inference()
+    again, _ = pool.take(0, CAPACITY_STEP, 2, like, like)  # zeroed in place
+    assert again.data_ptr() == keys.data_ptr()
+
+
+def test_compiled_generations_in_and_out_of_inference_mode(inspected) -> None:
+    generator = Generator(make_tiny_model("llama_mha_untied", dtype=torch.float32), IdTokenizer())
+    eager = [
+        r.token_ids for r in generator.generate_batch(PROMPTS, config("autoregressive", False))
+    ]
+    fast = config("autoregressive", True)
+    with torch.inference_mode():
+        inside = [r.token_ids for r in generator.generate_batch(PROMPTS, fast)]
+    outside = [r.token_ids for r in generator.generate_batch(PROMPTS, fast)]
+    assert inside == outside == eager
+
+
+def test_inductor_freezing_from_the_environment_is_off_for_our_passes(monkeypatch) -> None:
+    """TORCHINDUCTOR_FREEZING=1: dynamo baked the pooled cache buffers into the graph as
+    constants, so a cache of the next capacity bucket indexed out of bounds."""
+    monkeypatch.setenv(COMPILE_BACKEND_VARIABLE, "eager")  # dynamo traces: seconds
+    monkeypatch.setattr(torch._inductor.config, "freezing", True)
+    generator = Generator(
+        make_tiny_model("llama_mha_untied", dtype=torch.float32, max_position_embeddings=512),
+        IdTokenizer(),
+    )
+    for length in (5, CAPACITY_STEP + 40):  # two capacity buckets
+        prompt = [3 + index % 50 for index in range(length)]
+        eager = generator.generate(prompt, config("autoregressive", False, max_steps=8))
+        fast = generator.generate(prompt, config("autoregressive", True, max_steps=8))
+        assert fast.token_ids == eager.token_ids
+    assert generator.fast_path_fallback() is None
