@@ -30,7 +30,7 @@ from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.passes import ForwardPasses
 from self_speculation.sampling import TokenSelector
 from self_speculation.strategies import GenerationStrategy, StepResult, build_strategy, settled
-from self_speculation.streaming import Streamer
+from self_speculation.streaming import Streamer, decode_after
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,9 @@ class StopChecker:
 
     Stop words are searched in the decoded generated text; only a tail long enough to hold
     the longest stop word is decoded each time, since any new occurrence must end there
-    (every token is at least one byte of text, so a word of n UTF-8 bytes spans at most n
-    tokens, plus the ones it starts and ends inside).
+    (every token that has text has at least one byte of it, so a word of n UTF-8 bytes spans
+    at most n of them, plus the ones it starts and ends inside; the tail also takes every
+    token without text between them: special tokens, ids past the tokenizer's).
     """
 
     def __init__(
@@ -125,21 +126,40 @@ class StopChecker:
         self.stop_words = list(stop_words or [])
         longest = max((len(word.encode("utf-8")) for word in self.stop_words), default=0)
         self.tail_tokens = longest + 8
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self._silent = frozenset(getattr(tokenizer, "all_special_ids", ())) | frozenset(
+            token for token, entry in added.items() if getattr(entry, "special", False)
+        )
+        self._text_ids = len(tokenizer) if hasattr(tokenizer, "__len__") else None
 
-    def reason(self, generated: list[int], prompt_text: str = "") -> str | None:
+    def _tail_start(self, generated: list[int]) -> int:
+        """Where the tail to decode begins: ``tail_tokens`` tokens with text back."""
+        start, counted = len(generated), 0
+        while start > 0 and counted < self.tail_tokens:
+            start -= 1
+            token = generated[start]
+            if token not in self._silent and (self._text_ids is None or token < self._text_ids):
+                counted += 1
+        return start
+
+    def reason(
+        self, generated: list[int], prompt_text: str = "", context: Sequence[int] = ()
+    ) -> str | None:
         """Why generation stops after ``generated``, or None.
 
         Args:
             prompt_text: text that ``generated`` begins with but that is the prompt's (token
                 healing backs a prompt up over its last whitespace token and lets the first
                 generated token repeat it): never searched for stop words.
+            context: the prompt's token ids, which the generated text follows
+                (``streaming.decode_after``).
         """
         if generated[-1] in self.eos_token_ids:
             return "eos"
         if self.stop_words:
-            tail_ids = generated[-self.tail_tokens :]
-            tail = self.tokenizer.decode(tail_ids, skip_special_tokens=True)
-            if len(tail_ids) == len(generated):
+            start = self._tail_start(generated)
+            tail = decode_after(self.tokenizer, context if start == 0 else (), generated[start:])
+            if start == 0:
                 tail = tail.removeprefix(prompt_text)
             if any(word in tail for word in self.stop_words):
                 return "stop_word"
@@ -393,10 +413,22 @@ class Generator:
         return prompt_ids
 
     def _token_texts(self) -> list[str]:
-        """Each vocabulary entry's text, decoded alone (computed once)."""
+        """Each vocabulary entry's text as it reads inside a text (after a token that is a
+        word: a SentencePiece Llama tokenizer drops a text's leading space, so that "▁"
+        alone is ""), computed once."""
         if self._texts is None:
             vocab = self.layerwise.embed_tokens.weight.shape[0]
-            self._texts = [self.tokenizer.decode([token]) for token in range(vocab)]
+            decode = self.tokenizer.decode
+            texts = [decode([token]) for token in range(vocab)]
+            letter = next(([token] for token, text in enumerate(texts) if text.isalpha()), [])
+            if letter:
+                head = decode(letter)
+                after = [decode([*letter, token]) for token in range(vocab)]
+                texts = [
+                    whole[len(head) :] if whole.startswith(head) else alone
+                    for whole, alone in zip(after, texts, strict=True)
+                ]
+            self._texts = texts
         return self._texts
 
     def _heal(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[str], torch.Tensor]:
@@ -599,6 +631,7 @@ class Generator:
             num_drafts = min(config.num_speculations, remaining - 1) if speculative else 0
             return strategy.counted_step(state, num_drafts, rows)
 
+        streamer.on_prompt(prompt_ids[0])
         streamer.on_start(healed_text[0])
         _synchronize(device)
         started = time.perf_counter()
@@ -629,7 +662,13 @@ class Generator:
                 new_row = host[2 * size + index * width :][: kept_list[index]]
                 if config.stop_words:
                     cut = _stop_word_cut(
-                        stop_words, state, index, generated[prompt], new_row, healed_text[prompt]
+                        stop_words,
+                        state,
+                        index,
+                        generated[prompt],
+                        new_row,
+                        healed_text[prompt],
+                        prompt_ids[prompt],
                     )
                     if cut is not None:
                         kept_list[index], new_row, codes[index] = cut, new_row[:cut], STOP_WORD
@@ -676,7 +715,7 @@ class Generator:
         num_steps, drafted, accepted = rows.totals()
         results = []
         for row in range(batch):
-            text = self.tokenizer.decode(token_ids[row], skip_special_tokens=True)
+            text = decode_after(self.tokenizer, prompt_ids[row], token_ids[row])
             results.append(
                 GenerationResult(
                     text=text.removeprefix(healed_text[row]),
@@ -738,13 +777,14 @@ def _stop_word_cut(
     generated: int,
     new_tokens: list[int],
     prompt_text: str,
+    prompt: list[int],
 ) -> int | None:
     """How many of ``new_tokens`` to keep when one completes a stop word, else None
-    (``prompt_text``: see ``StopChecker.reason``)."""
+    (``prompt_text``, ``prompt``: see ``StopChecker.reason``)."""
     history = state.generated(row, generated)
     for index, token in enumerate(new_tokens):
         history.append(token)
-        if checker.reason(history, prompt_text) == "stop_word":
+        if checker.reason(history, prompt_text, prompt) == "stop_word":
             return index + 1
     return None
 

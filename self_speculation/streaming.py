@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import sys
+from collections.abc import Sequence
 from typing import TextIO
 
 from transformers import PreTrainedTokenizerBase
@@ -11,6 +12,28 @@ from transformers import PreTrainedTokenizerBase
 from self_speculation.errors import ArgumentTypeError, ConfigError
 
 GREEN, RED, RESET = "\033[32m", "\033[9;31m", "\033[0m"
+CONTEXT_TOKENS = 4  # tokens before a continuation that it is decoded after
+
+
+def decode_after(
+    tokenizer: PreTrainedTokenizerBase, context: Sequence[int], tokens: Sequence[int]
+) -> str:
+    """The text ``tokens`` add after ``context`` (the tokens before them; the last
+    ``CONTEXT_TOKENS`` are used), special tokens skipped.
+
+    Decoded together with the context, whose own text is then removed: a tokenizer may
+    decode a text's first token otherwise than the same token inside a text
+    (SentencePiece Llama tokenizers, Llama 2 and CodeLlama, drop its leading space:
+    "▁▁▁return" alone is "  return", after a newline "   return").
+    """
+    tokens = list(tokens)
+    context = list(context)[-CONTEXT_TOKENS:]
+    if context:
+        head = tokenizer.decode(context, skip_special_tokens=True)
+        whole = tokenizer.decode(context + tokens, skip_special_tokens=True)
+        if whole.startswith(head):  # not where the context ends inside a character
+            return whole[len(head) :]
+    return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 class StreamerName(str, enum.Enum):
@@ -29,6 +52,10 @@ class Streamer:
         """Called once before the first token with the text the generated tokens begin with
         that is the prompt's (token healing backs a prompt up over its last whitespace
         token, and the first generated token repeats it); "" without healing."""
+
+    def on_prompt(self, prompt_ids: list[int]) -> None:
+        """Called once before ``on_start`` with the prompt's token ids (after token
+        healing), which the generated text follows."""
 
     def on_step(self, new_tokens: list[int], draft_tokens: list[int], accepted_count: int) -> None:
         """Called once per decoding step with the tokens kept and the drafts proposed."""
@@ -54,13 +81,17 @@ class TextStreamer(Streamer):
         self.tokens: list[int] = []
         self.printed = 0
         self.prompt_text = ""
+        self.context: list[int] = []
+
+    def on_prompt(self, prompt_ids: list[int]) -> None:
+        self.context = list(prompt_ids[-CONTEXT_TOKENS:])
 
     def on_start(self, prompt_text: str) -> None:
         self.tokens, self.printed, self.prompt_text = [], 0, prompt_text
 
     def _text(self) -> str:
         """What follows the prompt so far."""
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text = decode_after(self.tokenizer, self.context, self.tokens)
         return text.removeprefix(self.prompt_text)
 
     def _write_new_text(self, colour: str = "", last: bool = False) -> None:
@@ -94,7 +125,7 @@ class SpeculativeStreamer(TextStreamer):
         self._write_new_text(GREEN)
         rejected = draft_tokens[accepted_count:]
         if rejected:
-            text = self.tokenizer.decode(rejected, skip_special_tokens=True)
+            text = decode_after(self.tokenizer, self.context + self.tokens, rejected)
             self.stream.write(f"{RED}{text}{RESET}")
         self.tokens.extend(new_tokens[accepted_count:])
         self._write_new_text()
