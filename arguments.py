@@ -253,7 +253,7 @@ def corpus_token_ranking(tokenizer, patterns: Sequence[str], model) -> torch.Ten
     from self_speculation.training.data import read_texts, resolve_files
 
     counts: list[int] = []
-    for text in read_texts(resolve_files(patterns)):
+    for text in read_texts(resolve_files(patterns, flag="--draft_vocab_corpus")):
         counts.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
     if not counts:
         raise ConfigError(f"--draft_vocab_corpus {' '.join(patterns)} holds no text")

@@ -330,7 +330,7 @@ def _long_enough_articles(rows: list[Row], where: str) -> list[Row]:
     Raises:
         DataError: no article is long enough.
     """
-    kept = [row for row in rows if len(row["article"].split(" ")) > CNN_DM_LM_PROMPT_WORDS]
+    kept = [row for row in rows if _cnn_dm_lm(row)[1].strip()]
     if not kept:
         raise DataError(
             f"{where}: no article is longer than {CNN_DM_LM_PROMPT_WORDS} words "

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +31,13 @@ from arguments import (
     GenerationArguments,
     arguments_dict,
     distributed_run,
+    error_line,
     one_strategy,
     parse_args,
     run_main,
 )
 from data import DataError
-from self_speculation import ConfigError, GenerationConfig
+from self_speculation import ConfigError, GenerationConfig, LayerSkipError
 from self_speculation.benchmarking import (
     JsonlWriter,
     environment_info,
@@ -76,8 +78,8 @@ class EvalArguments:
     """Bootstrap resamples for standard errors (0: off)"""
     use_cache: str | None = None
     """Folder for lm-eval's request cache (SQLite): each finished request is stored as it
-    finishes, and a rerun with the same settings (an interrupted one, say) reuses them.
-    Sampled generations are drawn again."""
+    finishes (sampled generations only once their task's are all done), and a rerun with
+    the same settings (an interrupted one, say) reuses them."""
 
     def __post_init__(self) -> None:
         self.tasks = [
@@ -95,7 +97,9 @@ class EvalArguments:
             raise ConfigError(f"--num_fewshot must be >= 0, got {self.num_fewshot}")
         if self.use_cache is not None:
             self.use_cache = expand_home(self.use_cache, "--use_cache")
-            if not self.use_cache.strip() or os.path.isfile(self.use_cache):
+            folder = Path(self.use_cache)
+            existing = next(path for path in (folder, *folder.parents) if path.exists())
+            if not self.use_cache.strip() or not existing.is_dir():
                 raise ConfigError(f"--use_cache must be a folder, got {self.use_cache!r}")
         if self.bootstrap_iters < 0:
             raise ConfigError(
@@ -169,6 +173,19 @@ class _DropMetadataHint(logging.Filter):
         return "--metadata" not in str(record.msg)
 
 
+def _writing(writer: JsonlWriter) -> Callable[[dict], None]:
+    """``writer.write``, its errors (a full disk) raised as themselves rather than as the
+    OSError that eval.py reads as a task's data being unreachable."""
+
+    def write(row: dict) -> None:
+        try:
+            writer.write(row)
+        except OSError as error:
+            raise LayerSkipError(error_line(error)) from None
+
+    return write
+
+
 def _cache_path(
     evaluation: EvalArguments,
     args: Arguments,
@@ -230,7 +247,7 @@ def main(argv: list[str]) -> int:
         cache = _cache_path(evaluation, args, generation, config, exit_layer)
         with JsonlWriter(files.samples) as writer:
             lm = LayerSkipLM(
-                generator, config, exit_layer, seed=args.seed, on_generation=writer.write
+                generator, config, exit_layer, seed=args.seed, on_generation=_writing(writer)
             )
             try:
                 output = simple_evaluate(

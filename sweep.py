@@ -266,8 +266,6 @@ def _finished(csv_path: Path, setting: str, repair: bool) -> pd.DataFrame:
     line of its own."""
     if not csv_path.exists():
         return pd.DataFrame(columns=COLUMNS)
-    if csv_path.is_dir():
-        raise ConfigError(f"{csv_path} is a directory; --output_file must be a CSV file")
     table, unfinished = read_sweep_csv(csv_path)
     if repair:
         dropped = repair_last_line(csv_path, is_complete=lambda line: not unfinished)
@@ -352,6 +350,8 @@ def main(argv: list[str]) -> int:
     csv_path = Path(
         expand_home(sweep.output_file or Path(args.output_dir) / "sweep.csv", "--output_file")
     )
+    if csv_path.is_dir():
+        raise ConfigError(f"{csv_path} is a directory; --output_file must be a CSV file")
     if csv_path.exists() and not csv_path.is_file():  # /dev/null, a FIFO (reading it waits)
         raise ConfigError(f"{csv_path} is not a regular file (the sweep appends rows to it)")
     with (

@@ -135,7 +135,8 @@ class StopChecker:
     def _tail_start(self, generated: list[int]) -> int:
         """Where the tail to decode begins: ``tail_tokens`` tokens with text back."""
         start, counted = len(generated), 0
-        while start > 0 and counted < self.tail_tokens:
+        floor = max(0, len(generated) - 8 * self.tail_tokens - 256)  # bounds a silent run
+        while start > floor and counted < self.tail_tokens:
             start -= 1
             token = generated[start]
             if token not in self._silent and (self._text_ids is None or token < self._text_ids):

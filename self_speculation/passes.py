@@ -34,6 +34,7 @@ runs them without inductor: a check that they compile whole, in seconds (tests, 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import logging
@@ -107,16 +108,25 @@ def _recompile_limit() -> dict:
     return {}
 
 
+@functools.cache
+def _inductor_config() -> object:
+    from torch._inductor import config
+
+    return config
+
+
 def _without_freezing() -> contextlib.AbstractContextManager:
     """Inductor's weight freezing off for our calls where the environment turns it on
     (TORCHINDUCTOR_FREEZING=1): dynamo then bakes static inputs into the graph as
     constants, the pooled cache buffers included, so that a cache of another capacity
     indexed out of bounds. (The engine never asks for freezing: measured slower.)"""
-    from torch._inductor import config as inductor_config
+    config = _inductor_config()
+    if not config.freezing:
+        return _NOTHING
+    return config.patch(freezing=False)
 
-    if not inductor_config.freezing:
-        return contextlib.nullcontext()
-    return inductor_config.patch(freezing=False)
+
+_NOTHING = contextlib.nullcontext()
 
 
 def compile_options(device: torch.device) -> dict:

@@ -201,8 +201,9 @@ def non_finite(logits: torch.Tensor) -> torch.Tensor:
 
 def finite_or_uniform(logits: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
     """``logits`` with the rows marked in ``bad`` [...] replaced by zeros (a uniform
-    distribution), so that sampling from them draws a token instead of failing; the
-    generator drops what such a row produced (``non_finite``)."""
+    distribution), so that sampling from them draws a token instead of failing: the
+    generator drops what a broken row produced (``non_finite``), and a draft only proposes
+    (its uniform distribution is the one verification is told)."""
     return torch.where(bad[..., None], 0.0, logits)
 
 

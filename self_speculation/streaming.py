@@ -125,7 +125,8 @@ class SpeculativeStreamer(TextStreamer):
         self._write_new_text(GREEN)
         rejected = draft_tokens[accepted_count:]
         if rejected:
-            text = decode_after(self.tokenizer, self.context + self.tokens, rejected)
+            before = self.context + self.tokens[-CONTEXT_TOKENS:]
+            text = decode_after(self.tokenizer, before, rejected)
             self.stream.write(f"{RED}{text}{RESET}")
         self.tokens.extend(new_tokens[accepted_count:])
         self._write_new_text()

@@ -123,7 +123,8 @@ def test_cnn_dm_lm_skips_articles_with_nothing_past_the_prompt(
 ) -> None:
     """An article of at most 100 words would be scored against an empty continuation."""
     short = {"article": "The cat sat on the mat.", "highlights": "cat", "id": "s"}
-    path = write_jsonl(tmp_path / "cnn.jsonl", [short, *articles(1), short])
+    spaced = {"article": "w " * 100, "highlights": "w", "id": "t"}  # 101 words, the last ""
+    path = write_jsonl(tmp_path / "cnn.jsonl", [short, *articles(1), spaced])
     args = BenchmarkArguments(dataset="cnn_dm_lm", data_path=str(path), random_shuffle=False)
     (example,) = load_examples(args, seed=0)
     assert example.input + example.output == articles(1)[0]["article"]

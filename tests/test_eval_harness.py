@@ -131,3 +131,27 @@ def test_an_empty_context_without_bos_or_eos_is_one_line(
         lm.loglikelihood_rolling([Request(("def add(a, b):",))])
     with pytest.raises(ConfigError, match="neither a BOS nor an EOS"):
         lm.loglikelihood([Request(("", "def add(a, b):"))])
+
+
+def test_each_finished_request_is_in_the_request_cache_when_a_run_stops(
+    generator: Generator, tmp_path: Path
+) -> None:
+    """eval.py --use_cache: lm-eval's CachingLM stores a call's results when the call
+    returns; the model stores each greedy request as it finishes, so a run stopped after
+    the first of two keeps it, and the rerun generates the second only."""
+    from lm_eval.api.model import CachingLM
+
+    config = generator.resolve(GenerationConfig(sample=False, max_steps=4))
+    requests = [Request(("def add(a, b):", {"until": []})), Request(("class A:", {"until": []}))]
+
+    def stop_after_the_first(row: dict) -> None:
+        raise KeyboardInterrupt
+
+    stopped = LayerSkipLM(generator, config, progress=False, on_generation=stop_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        CachingLM(stopped, str(tmp_path / "cache.db")).generate_until(requests)
+    rerun = LayerSkipLM(generator, config, progress=False)
+    answers = CachingLM(rerun, str(tmp_path / "cache.db")).generate_until(requests)
+    assert [row["context"] for row in rerun.generation_rows] == ["class A:"]
+    fresh = LayerSkipLM(generator, config, progress=False).generate_until(requests)
+    assert answers == fresh

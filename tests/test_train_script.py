@@ -227,12 +227,12 @@ def test_a_resume_applies_its_own_learning_rate_and_weight_decay(
 
 def test_a_time_budget_resume_uses_its_new_budget(corpus: Path, tmp_path: Path) -> None:
     common = [*TINY, *QUICK, "--data", f"{corpus}/*.py", "--output_dir", str(tmp_path)]
-    first = run("train.py", *common, "--max_minutes", "0.04")
+    first = run("train.py", *common, "--max_minutes", "0.08")
     assert first.returncode == 0, first.stderr[-3000:]
     done = losses(tmp_path)[-1]["step"]
     assert done > 10  # the horizon was estimated from the speed (after 10 steps)
 
-    longer = run("train.py", *common, "--max_minutes", "0.12", "--resume", "True")
+    longer = run("train.py", *common, "--max_minutes", "0.2", "--resume", "True")
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "schedule horizon" in longer.stderr
     assert losses(tmp_path)[-1]["step"] > done

@@ -28,8 +28,11 @@ EOS_TOKEN = "<|eos|>"
 PAD_TOKEN = "<|pad|>"
 
 
-def resolve_files(patterns: Sequence[str], exclude: Sequence[str] = ()) -> list[Path]:
-    """Files matching any glob of ``patterns`` (``**`` recursive) and none of ``exclude``.
+def resolve_files(
+    patterns: Sequence[str], exclude: Sequence[str] = (), flag: str = "--data"
+) -> list[Path]:
+    """Files matching any glob of ``patterns`` (``**`` recursive; given by ``flag``) and
+    none of ``exclude``.
 
     ``exclude`` globs are matched (fnmatch) against the whole path. The result is sorted
     and free of duplicates so that a run sees the same files in the same order everywhere.
@@ -39,7 +42,7 @@ def resolve_files(patterns: Sequence[str], exclude: Sequence[str] = ()) -> list[
     """
     found: set[Path] = set()
     for pattern in patterns:
-        for name in glob.glob(expand_home(pattern, "--data"), recursive=True):
+        for name in glob.glob(expand_home(pattern, flag), recursive=True):
             path = Path(name)
             if path.is_file() and not any(fnmatch.fnmatch(str(path), rule) for rule in exclude):
                 found.add(path)
