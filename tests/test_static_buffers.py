@@ -230,14 +230,16 @@ def test_inductor_freezing_from_the_environment_is_off_for_our_passes(monkeypatc
     """TORCHINDUCTOR_FREEZING=1: dynamo baked the pooled cache buffers into the graph as
     constants, so a cache of the next capacity bucket indexed out of bounds."""
     monkeypatch.setenv(COMPILE_BACKEND_VARIABLE, "eager")  # dynamo traces: seconds
-    monkeypatch.setattr(torch._inductor.config, "freezing", True)
     generator = Generator(
         make_tiny_model("llama_mha_untied", dtype=torch.float32, max_position_embeddings=512),
         IdTokenizer(),
     )
-    for length in (5, CAPACITY_STEP + 40):  # two capacity buckets
-        prompt = [3 + index % 50 for index in range(length)]
-        eager = generator.generate(prompt, config("autoregressive", False, max_steps=8))
-        fast = generator.generate(prompt, config("autoregressive", True, max_steps=8))
-        assert fast.token_ids == eager.token_ids
+    # (Not monkeypatch.setattr: undoing it on a torch config module hides the setting.)
+    with torch._inductor.config.patch(freezing=True):
+        for length in (5, CAPACITY_STEP + 40):  # two capacity buckets
+            prompt = [3 + index % 50 for index in range(length)]
+            eager = generator.generate(prompt, config("autoregressive", False, max_steps=8))
+            fast = generator.generate(prompt, config("autoregressive", True, max_steps=8))
+            assert fast.token_ids == eager.token_ids
     assert generator.fast_path_fallback() is None
+    assert not torch._inductor.config.freezing
