@@ -17,8 +17,6 @@ of an interrupted evaluation runs only what is left.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -41,8 +39,8 @@ from self_speculation import ConfigError, GenerationConfig, LayerSkipError
 from self_speculation.benchmarking import (
     JsonlWriter,
     environment_info,
-    files_fingerprint,
     run_files,
+    setting_digest,
     write_json_atomic,
 )
 from self_speculation.errors import expand_home
@@ -207,11 +205,8 @@ def _cache_path(
     }
     relevant["resolved"] = {**vars(config), "compile": None}
     relevant["loglikelihood_exit_layer"] = exit_layer
-    for name, path in (("model", args.model), ("draft_adapter", args.draft_adapter)):
-        if path is not None:
-            relevant[f"{name}_files"] = files_fingerprint(path)
-    digest = hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode())
-    path = Path(evaluation.use_cache) / f"eval-{digest.hexdigest()[:12]}"
+    digest = setting_digest(relevant, {"model": args.model, "draft_adapter": args.draft_adapter})
+    path = Path(evaluation.use_cache) / f"eval-{digest}"
     logger.info("request cache: %s_rank0.db", path)
     return str(path)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -49,11 +48,11 @@ from self_speculation import distributed as dist
 from self_speculation.benchmarking import (
     append_line,
     environment_info,
-    files_fingerprint,
     full_model_config,
     gather_rows,
     generate_rows,
     repair_last_line,
+    setting_digest,
     write_json_atomic,
 )
 from self_speculation.draft import read_adapter_config
@@ -148,14 +147,8 @@ def _setting_key(
     relevant["compile"] = compiled
     # What the paths hold, not only their names: a model retrained or data rewritten in
     # place measures again instead of reusing the old rows.
-    for name, path in (
-        ("model", args.model),
-        ("draft_adapter", args.draft_adapter),
-        ("data_path", benchmark.data_path),
-    ):
-        if path is not None:
-            relevant[f"{name}_files"] = files_fingerprint(path)
-    return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    paths = {"model": args.model, "draft_adapter": args.draft_adapter}
+    return setting_digest(relevant, {**paths, "data_path": benchmark.data_path})
 
 
 def _parse_row(fields: list[str], where: str) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -133,6 +134,17 @@ def files_fingerprint(path: str) -> list:
         for item in files
         if item.is_file()
     ]
+
+
+def setting_digest(relevant: dict, paths: dict[str, str | None]) -> str:
+    """A 12-hex-digit hash of a run's setting: ``relevant`` (JSON-able values) plus, for
+    each named local path, what it holds (``files_fingerprint``), so that a model retrained
+    or data rewritten in place counts as another setting."""
+    keyed = dict(relevant)
+    for name, path in paths.items():
+        if path is not None:
+            keyed[f"{name}_files"] = files_fingerprint(path)
+    return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:

@@ -30,7 +30,7 @@ from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.passes import ForwardPasses
 from self_speculation.sampling import TokenSelector
 from self_speculation.strategies import GenerationStrategy, StepResult, build_strategy, settled
-from self_speculation.streaming import Streamer, decode_after
+from self_speculation.streaming import Streamer, decode_after, special_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +126,7 @@ class StopChecker:
         self.stop_words = list(stop_words or [])
         longest = max((len(word.encode("utf-8")) for word in self.stop_words), default=0)
         self.tail_tokens = longest + 8
-        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-        self._silent = frozenset(getattr(tokenizer, "all_special_ids", ())) | frozenset(
-            token for token, entry in added.items() if getattr(entry, "special", False)
-        )
+        self._silent = special_token_ids(tokenizer)
         self._text_ids = len(tokenizer) if hasattr(tokenizer, "__len__") else None
 
     def _tail_start(self, generated: list[int]) -> int:
@@ -441,12 +438,13 @@ class Generator:
         device = self.layerwise.device
         allowed = torch.ones(len(prompt_ids), len(texts), dtype=torch.bool, device=device)
         healed_prompts, removed = [], []
+        special = special_token_ids(self.tokenizer)
         for row, ids in enumerate(prompt_ids):
             tail = texts[ids[-1]] if len(ids) > 1 and ids[-1] < len(texts) else ""
             if tail.strip():
                 tail = ""  # only a trailing whitespace token is a boundary worth healing
             extending = [t for t, text in enumerate(texts) if tail and text.startswith(tail)]
-            if len(extending) < 2 or ids[-1] in getattr(self.tokenizer, "all_special_ids", ()):
+            if len(extending) < 2 or ids[-1] in special:
                 healed_prompts.append(ids)  # nothing to heal: the token is all there is
                 removed.append("")
                 continue

@@ -36,6 +36,15 @@ def decode_after(
     return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Ids that decode to no text with ``skip_special_tokens``: the special tokens and the
+    added tokens marked special."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return frozenset(getattr(tokenizer, "all_special_ids", ())) | frozenset(
+        token for token, entry in added.items() if getattr(entry, "special", False)
+    )
+
+
 class StreamerName(str, enum.Enum):
     NONE = "none"
     STANDARD = "standard"
