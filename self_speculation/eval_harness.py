@@ -14,7 +14,10 @@ context moved to the start of the continuation, as lm-eval's own models do.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -198,9 +201,23 @@ class LayerSkipLM(LM):
         changes["stop_words"] = stop_words or None
         return dataclasses.replace(self.config, **changes), stop_words
 
+    def _request_seed(self, request: Any, number: int, seen: collections.Counter) -> int:
+        """The seed of a request's sampling generator: from the request itself (task,
+        document, request index and which of its repeats), so that an answer is drawn the
+        same whatever else is evaluated with it, on any rank, and in a rerun that the
+        request cache answers in part; requests without that identity (not lm-eval's
+        Instance) count from ``seed`` in order."""
+        identity = tuple(getattr(request, key, None) for key in ("task_name", "doc_id", "idx"))
+        if identity[1] is None:
+            return self.seed + number
+        seen[identity] += 1  # lm-eval passes a request once per repeat
+        key = json.dumps([self.seed, *identity, seen[identity]], default=str)
+        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1
+
     def generate_until(self, requests: Sequence[Any]) -> list[str]:
         outputs = []
         device = self.generator.layerwise.device
+        seen: collections.Counter = collections.Counter()
         for number, request in enumerate(
             tqdm(requests, desc="generate_until", disable=not self.progress)
         ):
@@ -211,7 +228,8 @@ class LayerSkipLM(LM):
             prompt_ids = self._context_ids(context)
             keep = max(self.max_length - config.max_steps, self.max_length // 2)
             prompt_ids = prompt_ids[-keep:]  # left-truncate a context too long for the model
-            random = torch.Generator(device=device).manual_seed(self.seed + number)
+            seed = self._request_seed(request, number, seen)
+            random = torch.Generator(device=device).manual_seed(seed)
             result = self.generator.generate(prompt_ids, config, generator=random)
             text = result.text
             for word in stop_words:  # the text ends before the stop string, as lm-eval expects

@@ -155,3 +155,22 @@ def test_each_finished_request_is_in_the_request_cache_when_a_run_stops(
     assert [row["context"] for row in rerun.generation_rows] == ["class A:"]
     fresh = LayerSkipLM(generator, config, progress=False).generate_until(requests)
     assert answers == fresh
+
+
+def test_a_sampled_answer_does_not_depend_on_the_requests_beside_it(generator: Generator) -> None:
+    """A sampled request's seed comes from the request (task, document, repeat), not its
+    place among the requests given: a rerun that the request cache answers in part, or
+    another rank, draws each answer as a full run would; a request's repeats differ."""
+    from lm_eval.api.instance import Instance
+
+    config = generator.resolve(GenerationConfig(sample=True, temperature=2.0, max_steps=12))
+
+    def request(doc_id: int) -> Instance:
+        arguments = (f"def f{doc_id}(a, b):", {"until": [], "do_sample": True})
+        return Instance("generate_until", {}, arguments, 0, ("task", doc_id, 2))
+
+    first, second = request(0), request(1)
+    together = LayerSkipLM(generator, config, progress=False).generate_until([first, first, second])
+    alone = LayerSkipLM(generator, config, progress=False).generate_until([second])
+    assert together[2] == alone[0]
+    assert together[0] != together[1]  # the two repeats of one request
