@@ -242,6 +242,22 @@ def test_a_time_budget_resume_uses_its_new_budget(corpus: Path, tmp_path: Path) 
     assert "already spent" in spent.stderr and "Traceback" not in spent.stderr
 
 
+def test_a_resume_without_its_token_budget_trains_to_its_time_budget(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """A run with both budgets stopped at its tokens; resumed with the same --max_minutes
+    and no --max_tokens, its horizon comes from the time budget, not the old tokens."""
+    common = [*TINY, *QUICK, "--data", f"{corpus}/*.py", "--output_dir", str(tmp_path)]
+    first = run("train.py", *common, *STEPS_6, "--max_minutes", "0.15")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert losses(tmp_path)[-1]["step"] == 6
+
+    resumed = run("train.py", *common, "--max_minutes", "0.15", "--resume", "True")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "schedule horizon" in resumed.stderr
+    assert losses(tmp_path)[-1]["step"] > 6
+
+
 def test_continue_a_saved_model_on_jsonl_and_report(
     tiny_model_dir: Path, trained: Path, tmp_path: Path
 ) -> None:

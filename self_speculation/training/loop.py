@@ -330,20 +330,23 @@ class Trainer:
         if self.args.max_tokens:
             self._set_token_horizon(saved_horizon)
         else:
-            saved_minutes = state.get("config", {}).get("training", {}).get("max_minutes")
-            self._set_time_horizon(saved_minutes)
+            saved = state.get("config", {}).get("training", {})
+            self._set_time_horizon(saved.get("max_minutes"), bool(saved.get("max_tokens")))
         self._apply_optimizer_settings()
 
-    def _set_time_horizon(self, saved_minutes: float | None) -> None:
-        """A resume of a time-budget run with another --max_minutes: the schedule's horizon,
-        estimated from the speed measured before, moves to the new budget.
+    def _set_time_horizon(self, saved_minutes: float | None, saved_tokens: bool = False) -> None:
+        """A resume under a time budget alone, of a run with another --max_minutes or with a
+        token budget (which set the horizon then): the schedule's horizon, estimated from the
+        speed measured before, moves to this budget.
 
         Raises:
             ConfigError: the new budget is already spent by the checkpoint.
         """
         progress, args = self.progress, self.args
-        if progress.total_steps is None or saved_minutes in (None, args.max_minutes):
-            return  # not estimated yet (it will be from this run's speed), or unchanged
+        if progress.total_steps is None:
+            return  # not estimated yet: it will be from this run's speed
+        if not saved_tokens and saved_minutes in (None, args.max_minutes):
+            return  # the horizon is this budget's already
         if progress.elapsed_s >= args.max_minutes * 60.0:
             raise ConfigError(
                 f"--max_minutes {args.max_minutes:g} is already spent: the checkpoint in "
