@@ -44,6 +44,7 @@ import time
 import weakref
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
@@ -332,28 +333,36 @@ class ForwardPasses:
         if not self._keep_on_disk:
             return function(*args)
         try:
-            kept = self._kept_on_disk(key, args)
+            if self._model_digest is None:
+                self._model_digest = precompiled.model_digest(self.model.model, self.draft)
+            path = precompiled.artifact_path(self._model_digest, key, args, self._options)
+            kept = self._kept_on_disk(key, args, path)
         except Exception as error:  # a disk, hashing or saving failure: compile as usual
             logger.info("not kept on disk (%s): %s", key[0], _first_line(error))
             return function(*args)
         try:
             result = kept(self, *args)
-        except Exception as error:  # a saved pass that does not fit: compile as usual
-            logger.warning(
-                "the saved %s pass does not fit, compiling it: %s", key[0], _first_line(error)
-            )
+        except Exception as error:  # a saved pass that does not fit: not kept
+            loaded = key in self._loaded
             self._loaded.discard(key)
-            return function(*args)
+            path.unlink(missing_ok=True)
+            logger.warning(
+                "the saved %s pass does not fit, compiling it%s: %s",
+                key[0],
+                " again" if loaded else " as usual",
+                _first_line(error),
+            )
+            # A file from an earlier process is compiled again and saved in its place
+            # (else every later process would load it and compile anyway).
+            return self._first_call(key, function, args) if loaded else function(*args)
         _PRECOMPILED.setdefault(self, {})[key] = kept
         return result
 
-    def _kept_on_disk(self, key: tuple, args: tuple) -> Callable:
-        """The pass ``key`` as kept on disk for ``args``: loaded, or compiled ahead of time,
-        saved and loaded back (the loaded copy holds no reference to these passes and runs
-        as it will in a later process). Called with these passes as its first argument."""
-        if self._model_digest is None:
-            self._model_digest = precompiled.model_digest(self.model.model, self.draft)
-        path = precompiled.artifact_path(self._model_digest, key, args, self._options)
+    def _kept_on_disk(self, key: tuple, args: tuple, path: Path) -> Callable:
+        """The pass ``key`` as kept on disk for ``args`` at ``path``: loaded, or compiled
+        ahead of time, saved and loaded back (the loaded copy holds no reference to these
+        passes and runs as it will in a later process). Called with these passes as its
+        first argument."""
         kept = precompiled.load(path)
         if kept is None:
             unbound = getattr(type(self), f"_{key[0]}_eager")

@@ -141,3 +141,33 @@ def test_a_generator_and_its_model_are_freed_after_use(kept_in) -> None:
     del generator
     gc.collect()
     assert model() is None
+
+
+def test_a_saved_pass_that_does_not_fit_is_replaced(kept_in, monkeypatch, caplog) -> None:
+    """A file from an earlier process that loads but fails when called is compiled again
+    and saved in its place, so that the next process loads a pass that fits."""
+    expected = token_ids(fresh(seed=0), "autoregressive", compile=True)
+    real_load, loads = precompiled.load, []
+
+    def failing_once(path):
+        loads.append(path)
+        kept = real_load(path)
+        if len(loads) > 1 or kept is None:
+            return kept
+
+        def does_not_fit(*args):
+            raise RuntimeError("a guard the file was saved with fails here")
+
+        return does_not_fit
+
+    monkeypatch.setattr(precompiled, "load", failing_once)
+    with caplog.at_level(logging.WARNING):
+        assert token_ids(fresh(seed=0), "autoregressive", compile=True) == expected
+    assert "does not fit, compiling it again" in caplog.text
+    monkeypatch.setattr(precompiled, "load", real_load)
+    caplog.clear()
+    graphs = counters["stats"]["unique_graphs"]
+    with caplog.at_level(logging.INFO, logger="self_speculation.passes"):
+        assert token_ids(fresh(seed=0), "autoregressive", compile=True) == expected
+    assert "does not fit" not in caplog.text and "loading the compiled" in caplog.text
+    assert counters["stats"]["unique_graphs"] == graphs  # the replaced file loaded
