@@ -14,6 +14,7 @@ from self_speculation.errors import (
     require_int,
     require_list_of,
     require_number,
+    require_utf8,
 )
 from self_speculation.trees import (
     MAX_DEFAULT_TREE_DEPTH,
@@ -153,6 +154,8 @@ class GenerationConfig:
             )
         if self.stop_words is not None and any(not word for word in self.stop_words):
             raise ConfigError("stop_words must not contain an empty string")
+        for index, word in enumerate(self.stop_words or []):
+            require_utf8(word, f"stop_words[{index}]")
         if strategy is GenerationStrategyName.TREE:
             reason = tree_refusal(
                 self.sample, bool(self.no_repeat_ngram_size), self.draft_confidence_threshold

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import GENERATION_CONFIG_NAME
 
+from self_speculation.attention import NAME as FEW_QUERY_ATTENTION
 from self_speculation.bookkeeping import LIMIT, NON_FINITE, REASONS, STOP_WORD, RowBooks
 from self_speculation.config import GenerationConfig
 from self_speculation.draft import DraftExit, resolve_with_adapter
@@ -26,7 +27,7 @@ from self_speculation.errors import (
     require_utf8,
 )
 from self_speculation.model_support import unapplied_generation_settings
-from self_speculation.model_surgery import LayerwiseModel
+from self_speculation.model_surgery import LayerwiseModel, eval_mode
 from self_speculation.passes import ForwardPasses
 from self_speculation.sampling import TokenSelector
 from self_speculation.strategies import GenerationStrategy, StepResult, build_strategy, settled
@@ -174,6 +175,14 @@ def _placement(model: torch.nn.Module) -> tuple:
     return tuple((parameter.dtype, parameter.device) for parameter in model.parameters())
 
 
+def _attention_implementation(model: torch.nn.Module) -> str | None:
+    """The attention implementation the model's text config selects (the compiled passes'
+    temporary switch to the few-query attention counts as sdpa)."""
+    config = model.config.get_text_config(decoder=True)
+    name = getattr(config, "_attn_implementation", None)
+    return "sdpa" if name == FEW_QUERY_ATTENTION else name
+
+
 def recommended_settings(model: PreTrainedModel) -> tuple[int | None, int | None]:
     """(exit_layer, num_speculations) the model's generation config recommends, if any.
 
@@ -238,13 +247,8 @@ class Generator:
                 ", ".join(unapplied),
             )
         self.recommended_exit_layer, self.recommended_num_speculations = recommended_settings(model)
-        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        model_eos = getattr(model.generation_config, "eos_token_id", None)
-        if model_eos is not None:
-            eos |= set(model_eos) if isinstance(model_eos, list) else {model_eos}
-        self.eos_token_ids = frozenset(eos)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else None
-        self.pad_token_id = pad if pad is not None else min(self.eos_token_ids, default=0)
+        self._verify_model = verify_model
+        self._attention = _attention_implementation(model)  # what the probe checked
         self._forward_passes: dict[bool, ForwardPasses] = {}
         self._placement = _placement(model)  # what the passes were built for
         self._compiled_lock = threading.Lock()  # one compiled generation at a time
@@ -263,6 +267,26 @@ class Generator:
     @property
     def num_layers(self) -> int:
         return self.layerwise.num_layers
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """The tokenizer's EOS and the model's generation config's, read at each generation
+        (as transformers' ``generate`` reads them): a chat end token set after the Generator
+        was made stops it too."""
+        eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        model_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if model_eos is not None:
+            eos |= set(model_eos) if isinstance(model_eos, list) else {model_eos}
+        return frozenset(eos)
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id left padding is filled with (masked: any id of the model's vocabulary
+        serves). The tokenizer's pad, else the smallest EOS, else 0; one outside the model's
+        vocabulary (a pad token added to the tokenizer only) is not used."""
+        vocab = self.layerwise.embed_tokens.weight.shape[0]
+        candidates = [self.tokenizer.pad_token_id, *sorted(self.eos_token_ids)]
+        return next((t for t in candidates if t is not None and 0 <= t < vocab), 0)
 
     @property
     def draft(self) -> DraftExit | None:
@@ -477,6 +501,14 @@ class Generator:
                 logger.info("the model moved to another dtype or device: new forward passes")
             self._drop_passes()
             self._placement = placement
+        attention = _attention_implementation(self.model)
+        if attention != self._attention:  # model.set_attn_implementation(...) since
+            self._drop_passes()
+            self.layerwise.additive_masks = attention == "eager"
+            if self._verify_model:
+                with eval_mode(self.model):
+                    self.layerwise._verify_against_own_forward()
+            self._attention = attention
         passes = self._forward_passes.get(config.compile)
         if passes is None:
             passes = ForwardPasses(self.layerwise, config.compile, self._draft)
@@ -523,7 +555,7 @@ class Generator:
             ConfigError: as ``generate``; also a streamer with more than one prompt, and a
                 compiled generation started inside another of this Generator.
         """
-        with self._compiled_use(config):
+        with self._compiled_use(config), eval_mode(self.model):
             return self._generate_batch(prompts, config, streamer, generator)
 
     @contextlib.contextmanager

@@ -63,6 +63,23 @@ def _require(module: nn.Module, attribute: str, owner: str) -> nn.Module:
     return value
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode within the block, each module's own mode restored after:
+    decoding (and the load-time probe) in training mode would apply dropout, layer dropout
+    and gradient checkpointing (which drops the KV cache)."""
+    training = [module for module in model.modules() if module.training]
+    if not training:
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True
+
+
 def truncate_cache(cache: Cache, length: int) -> None:
     """Roll every layer of ``cache`` back to at most ``length`` positions (in place)."""
     for layer in cache.layers:
@@ -147,7 +164,8 @@ class LayerwiseModel:
         # Eager attention adds its mask to the scores; sdpa takes a boolean mask.
         self.additive_masks = getattr(self.config, "_attn_implementation", "eager") == "eager"
         if verify:
-            self._verify_against_own_forward()
+            with eval_mode(model):
+                self._verify_against_own_forward()
 
     @property
     def device(self) -> torch.device:

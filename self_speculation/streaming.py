@@ -57,6 +57,12 @@ class Streamer:
     # Whether on_step needs the tokens (they cost a device-to-host copy every step).
     wants_tokens = False
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        # A subclass that overrides on_step wants its calls unless it says otherwise.
+        super().__init_subclass__(**kwargs)
+        if "on_step" in vars(cls) and "wants_tokens" not in vars(cls):
+            cls.wants_tokens = True
+
     def on_start(self, prompt_text: str) -> None:
         """Called once before the first token with the text the generated tokens begin with
         that is the prompt's (token healing backs a prompt up over its last whitespace
