@@ -31,6 +31,7 @@ from data import HUMAN_EVAL_PROBLEM_FIELDS, DataError, DatasetName, load_example
 from self_speculation import ConfigError
 from self_speculation import distributed as dist
 from self_speculation.benchmarking import (
+    check_prompts,
     collect_rows,
     compare_strategies,
     environment_info,
@@ -73,6 +74,7 @@ def main(argv: list[str]) -> int:
         if metric.execute_code:
             _check_problems(problems)
             logger.warning("--execute_code True: model-written code will run on this machine")
+        check_prompts(generator, examples)
         files = run_files(args.output_dir, "benchmark", context)
 
         with_references = all(example.output is not None for example in examples)

@@ -35,6 +35,7 @@ from data import load_examples
 from self_speculation import ConfigError, GenerationStrategyName
 from self_speculation import distributed as dist
 from self_speculation.benchmarking import (
+    check_prompts,
     collect_rows,
     compare_strategies,
     environment_info,
@@ -88,6 +89,7 @@ def main(argv: list[str]) -> int:
         generator = args.load_generator(context)
         speculative = generator.resolve(generation.config(strategy, expected))
         baseline = full_model_config(speculative, generator.num_layers)
+        check_prompts(generator, examples)
         files = run_files(args.output_dir, "correctness", context)
         rows = generate_rows(
             generator,

@@ -47,6 +47,7 @@ from self_speculation import UNSET, ConfigError, GenerationConfig, GenerationStr
 from self_speculation import distributed as dist
 from self_speculation.benchmarking import (
     append_line,
+    check_prompts,
     environment_info,
     full_model_config,
     gather_rows,
@@ -362,7 +363,12 @@ def main(argv: list[str]) -> int:
         speculative = dataclasses.replace(speculative, compile=compiled)
         # The main process's key: ranks on other machines see other file times.
         setting = dist.broadcast(_setting_key(args, generation, benchmark, compiled), context)
-        done = _finished(csv_path, setting, repair=context.is_main)
+        # The main process's finished points: every rank must measure the same points in
+        # the same order (each point ends in a collective), and a rank on another machine
+        # may see no CSV, or an older one.
+        done = dist.broadcast(
+            _finished(csv_path, setting, repair=True) if context.is_main else None, context
+        )
         generator = args.load_generator(context)
         grid = sweep.grid(generator.num_layers)
         points = [
@@ -376,6 +382,7 @@ def main(argv: list[str]) -> int:
             point: generator.resolve(_point_config(speculative, generation, *point))
             for point in points
         }
+        check_prompts(generator, examples)
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         samples = dist.shard(examples, context)
 

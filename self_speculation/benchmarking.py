@@ -335,10 +335,12 @@ def _sample_generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _check_prompt_lengths(generator: Generator, samples: Sequence[Sample]) -> None:
+def check_prompts(generator: Generator, samples: Sequence[Sample]) -> None:
     """Fail before generating anything, rather than hours into a run, when a prompt is empty
     (whitespace only: generated from a BOS token alone, its metrics would mean nothing;
-    ``generate.py --prompt`` refuses it too) or does not fit the model's context."""
+    ``generate.py --prompt`` refuses it too) or does not fit the model's context. Called
+    with every sample before they are sharded, so that under torchrun every rank refuses
+    the run at once, before any has written anything."""
     for sample in samples:
         if not sample.input.strip():
             raise ConfigError(f"sample {sample.index}: the prompt is empty (whitespace only)")
@@ -368,14 +370,13 @@ def generate_rows(
 
     Args:
         generator: the loaded model's generator.
-        samples: this rank's samples.
+        samples: this rank's samples (checked by ``check_prompts`` before sharding).
         configs: resolved generation configs (one per strategy / grid point).
         seed: base seed; sample i is sampled with ``seed + i``.
         with_text_metrics: add ROUGE/BLEU/exact match/edit distance to each row.
         progress: show a tqdm bar.
         log_samples: log each sample's figures at INFO (else DEBUG).
     """
-    _check_prompt_lengths(generator, samples)
     device = generator.layerwise.device
     if samples:  # untimed warm-up: first-call allocations and lazy imports stay out of the figures
         for config in configs:

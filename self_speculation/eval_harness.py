@@ -112,17 +112,20 @@ class LayerSkipLM(LM):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _context_ids(self, context: str) -> list[int]:
-        """Context tokens, led by the prefix token (BOS) the model expects."""
-        prefix = [self.prefix_token_id] if self.prefix_token_id is not None else []
-        return prefix + self._encode(context)
+        """Context tokens with the tokenizer's own special tokens (a BOS where the tokenizer
+        adds one), as lm-eval's HFLM and generate.py encode a prompt; an empty context is
+        conditioned on the prefix token."""
+        ids = list(self.tokenizer(context)["input_ids"]) if context else []
+        return ids or self._empty_context_ids()
 
     def _pair_ids(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         stripped = context.rstrip()
         continuation = context[len(stripped) :] + continuation
-        context_ids = self._context_ids(stripped) if stripped else self._empty_context_ids()
-        whole = self._encode(stripped + continuation)
-        context_only = self._encode(stripped)
-        return context_ids, whole[len(context_only) :]
+        if not stripped:
+            return self._empty_context_ids(), self._encode(continuation)
+        whole = list(self.tokenizer(stripped + continuation)["input_ids"])
+        context_ids = list(self.tokenizer(stripped)["input_ids"])
+        return context_ids, whole[len(context_ids) :]
 
     # --- scoring ----------------------------------------------------------------------
     @torch.inference_mode()

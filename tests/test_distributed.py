@@ -83,8 +83,99 @@ def _rows(output: Path) -> list[dict]:
     return [json.loads(line) for line in samples.read_text().splitlines()]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-                    reason="torchrun not installed")  # fmt: skip
+TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+needs_torchrun = pytest.mark.skipif(
+    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+    reason="torchrun not installed",
+)
+
+
+def _torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", script, *args],
+        capture_output=True, text=True, env=env, cwd=REPOSITORY_ROOT, timeout=300,
+    )  # fmt: skip
+
+
+@needs_torchrun
+def test_a_prompt_too_long_in_another_ranks_share_stops_every_rank_first(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Every prompt is checked before the samples are sharded: rank 0 does not generate its
+    share (and leave its rows file) while rank 1 refuses the run."""
+    data = tmp_path / "prompts.jsonl"
+    prompts = ["def add(a, b):", "The quick", "def sub(a, b):", "word " * 400]
+    data.write_text("".join(json.dumps({"prompt": p, "response": "x"}) + "\n" for p in prompts))
+    output = tmp_path / "out"
+    result = _torchrun(
+        str(REPOSITORY_ROOT / "benchmark.py"),
+        *("--model", str(tiny_model_dir), "--dataset", "custom_jsonl", "--data_path", str(data)),
+        *("--random_shuffle", "False", "--max_steps", "4", "--sample", "False"),
+        *("--output_dir", str(output)),
+    )
+    assert result.returncode != 0
+    assert "sample 3: the prompt has" in result.stderr
+    assert not output.exists() or not list(output.iterdir())
+
+
+@needs_torchrun
+def test_a_resumed_sweep_measures_what_the_main_process_has_not(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The main process's CSV decides which grid points are left, on every rank: a rank
+    on another machine, which sees no CSV (here: a rank 1 told the CSV is empty), measures
+    the same points, and the rows are the ones a single process writes."""
+    data = tmp_path / "prompts.jsonl"
+    prompts = ["def add(a, b):", "The quick brown fox", "def sub(a, b):"]
+    data.write_text("".join(json.dumps({"prompt": p, "response": "x"}) + "\n" for p in prompts))
+    common = [
+        *("--model", str(tiny_model_dir), "--dataset", "custom_jsonl", "--data_path", str(data)),
+        *("--max_steps", "6", "--sample", "False", "--compile", "False"),
+        *("--exit_layer_first", "1", "--num_speculations_first", "2"),
+        *("--num_speculations_last", "2", "--output_dir", str(tmp_path)),
+    ]
+    first = subprocess.run(
+        [sys.executable, str(REPOSITORY_ROOT / "sweep.py"), *common, "--exit_layer_last", "1"],
+        capture_output=True, text=True, cwd=REPOSITORY_ROOT, timeout=300,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    wrapper = tmp_path / "rank1_sees_no_csv.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(REPOSITORY_ROOT)!r})\n"
+        "import sweep\n"
+        "from arguments import run_main\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    finished = sweep._finished\n"
+        "    sweep._finished = lambda *args, **kwargs: finished(*args, **kwargs).iloc[0:0]\n"
+        "run_main(sweep.main, prog='sweep.py')\n"
+    )
+    resumed = _torchrun(str(wrapper), *common, "--exit_layer_last", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    alone = subprocess.run(
+        [sys.executable, str(REPOSITORY_ROOT / "sweep.py"), *common, "--exit_layer_last", "2",
+         "--output_dir", str(tmp_path / "alone")],
+        capture_output=True, text=True, cwd=REPOSITORY_ROOT, timeout=300,
+    )  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-3000:]
+
+    def measured(csv_path: Path) -> list[tuple]:
+        lines = csv_path.read_text().splitlines()
+        header = lines[0].split(",")
+        fields = ("generation_strategy", "exit_layer", "num_speculations", "acceptance_rate")
+        rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+        return [tuple(row[field] for field in fields) for row in rows]
+
+    assert measured(tmp_path / "sweep.csv") == measured(tmp_path / "alone" / "sweep.csv")
+
+
+@needs_torchrun
 def test_torchrun_two_processes_match_one(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "prompts.jsonl"
     prompts = ["def add(a, b):", "The quick brown fox", "def sub(a, b):", "over the lazy dog"]

@@ -27,9 +27,13 @@ def generator(tiny_model_dir: Path) -> Generator:
 def full_logprob(generator: Generator, text: str, continuation: str) -> float:
     """Reference: log p(continuation | text) from the model's own forward."""
     tokenizer = generator.tokenizer
-    context_ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
-    whole = tokenizer(text + continuation, add_special_tokens=False)["input_ids"]
-    continuation_ids = whole[len(context_ids) - 1 :]
+    # A context as the tokenizer encodes it (its own special tokens); an empty one is BOS.
+    if text:
+        context_ids = tokenizer(text)["input_ids"]
+        continuation_ids = tokenizer(text + continuation)["input_ids"][len(context_ids) :]
+    else:
+        context_ids = [tokenizer.bos_token_id]
+        continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([context_ids + continuation_ids])
     with torch.no_grad():
         logits = generator.model(input_ids=ids).logits[0, :-1]
@@ -174,3 +178,33 @@ def test_a_sampled_answer_does_not_depend_on_the_requests_beside_it(generator: G
     alone = LayerSkipLM(generator, config, progress=False).generate_until([second])
     assert together[2] == alone[0]
     assert together[0] != together[1]  # the two repeats of one request
+
+
+def test_scores_and_answers_are_lm_evals_own_hf_models(tiny_model_dir: Path) -> None:
+    """The same requests through lm-eval's HFLM and through LayerSkipLM (greedy, both
+    strategies) give the same log-likelihoods and texts; the tiny tokenizer adds no BOS, as
+    SmolLM2's and Qwen's do not (a BOS put in front of every context changed SmolLM2's
+    multiple-choice accuracy)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    hf = HFLM(pretrained=str(tiny_model_dir), dtype="float32", device="cpu", batch_size=1)
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), "float32", "cpu")
+    generator = Generator(model, tokenizer)
+    pairs = [("The quick brown", " fox"), ("def add(a, b):", "\n    return a + b"), ("x ", "y")]
+    scored = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    asked = [
+        Instance("generate_until", {}, (prompt, {"until": ["\n\n"], "max_gen_toks": 8}), i)
+        for i, prompt in enumerate(["def add(a, b):\n", "The quick brown"])
+    ]
+    expected_scores, expected_texts = hf.loglikelihood(scored), hf.generate_until(asked)
+    for strategy in ("autoregressive", "self_speculative"):
+        config = generator.resolve(
+            GenerationConfig(
+                generation_strategy=strategy, sample=False, exit_layer=2, num_speculations=3
+            )
+        )
+        lm = LayerSkipLM(generator, config, progress=False)
+        for (ours, _), (theirs, _) in zip(lm.loglikelihood(scored), expected_scores):
+            assert ours == pytest.approx(theirs, abs=1e-4)
+        assert lm.generate_until(asked) == expected_texts
