@@ -24,7 +24,7 @@ from pathlib import Path
 
 from arguments import check_output_dir, error_line, report_out_of_memory
 from self_speculation.errors import ConfigError, LayerSkipError
-from self_speculation.loading import inspect_model
+from self_speculation.loading import check_model_source, inspect_model
 from self_speculation.training.checkpointing import checkpoint_exists
 from self_speculation.training.config import TrainConfig, parse_config
 from self_speculation.training.loop import RUN_FILES, TrainingInterrupted, train
@@ -39,14 +39,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.output_dir} already holds a run: --resume True continues it, "
                 "--overwrite True starts over, or choose another --output_dir"
             )
+        if config.model.model and not args.resume:
+            # Damaged or missing model files: before the data is read, and before the output
+            # directory is made (a typo's "did you mean" would name it, and it would stay).
+            if not config.model.model.endswith(".gguf") and config.model.model != "smollm2":
+                check_model_source(config.model.model)
+            inspect_model(config.model.model)
         check_output_dir(  # before the data is read
             args.output_dir,
             overwrite=args.overwrite,
             own_files=() if args.resume else RUN_FILES,
             allow=("holds a model",) if args.resume else (),  # a finished run resumed: its own
         )
-        if config.model.model and not args.resume:
-            inspect_model(config.model.model)  # damaged model files: before the data is read
         train(config)
     except (LayerSkipError, OSError) as error:  # OSError: an output file that cannot be written
         sys.stderr.write(f"train.py: error: {error_line(error)}\n")

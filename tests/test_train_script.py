@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import save_tiny_model
+from transformers import GenerationConfig
 
 import train
 
@@ -256,6 +258,48 @@ def test_a_resume_without_its_token_budget_trains_to_its_time_budget(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "schedule horizon" in resumed.stderr
     assert losses(tmp_path)[-1]["step"] > 6
+
+
+def test_a_continued_model_keeps_its_generation_settings(corpus: Path, tmp_path: Path) -> None:
+    """Its own stop ids (an instruct model's end of turn) and sampling settings reach the
+    trained model's generation_config.json, beside the recommended exit; on resume too."""
+    save_tiny_model(tmp_path / "base", "qwen2")
+    own = GenerationConfig(eos_token_id=[1, 7], do_sample=True, temperature=0.7)
+    own.save_pretrained(tmp_path / "base")
+    common = [
+        *("--model", str(tmp_path / "base"), "--data", f"{corpus}/*.py", "--seq_len", "32"),
+        *("--batch_size", "4", "--max_tokens", str(4 * 4 * 32), "--bf16", "False", *QUICK),
+        *("--output_dir", str(tmp_path / "run")),
+    ]
+    first = run("train.py", *common, "--stop_after_steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run("train.py", *common, "--resume", "True")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    saved = json.loads((tmp_path / "run" / "generation_config.json").read_text())
+    assert (saved["eos_token_id"], saved["temperature"]) == ([1, 7], 0.7)
+    assert saved["exit_layer"] >= 1
+
+
+def test_a_tokenizer_larger_than_the_model_is_one_line(corpus: Path, tmp_path: Path) -> None:
+    save_tiny_model(tmp_path / "base", "qwen2", vocab_size=40)  # its tokenizer has more ids
+    result = run(
+        "train.py",
+        *("--model", str(tmp_path / "base"), "--data", f"{corpus}/*.py", "--seq_len", "32"),
+        *("--max_tokens", "512", "--bf16", "False", "--output_dir", str(tmp_path / "run")),
+    )
+    assert result.returncode == 2
+    assert "embeddings for ids 0..39 only" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_mistyped_model_makes_no_output_folder(corpus: Path, tmp_path: Path) -> None:
+    (tmp_path / "qwen-base").mkdir()
+    result = run(
+        "train.py",
+        *("--model", str(tmp_path / "qwen-bas"), "--data", f"{corpus}/*.py"),
+        *("--max_tokens", "512", "--output_dir", str(tmp_path / "qwen-base-ls")),
+    )
+    assert result.returncode == 2 and "qwen-base-ls" not in result.stderr
+    assert not (tmp_path / "qwen-base-ls").exists()
 
 
 def test_continue_a_saved_model_on_jsonl_and_report(

@@ -225,6 +225,25 @@ def test_last_exit_alone_is_the_models_own_loss_with_family_scalars() -> None:
         assert result.loss.item() == pytest.approx(expected.item(), rel=1e-5), type(model).__name__
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral_sliding"])
+def test_a_moe_asking_for_its_router_loss_gets_it(family: str) -> None:
+    """A config with output_router_logits: the model's own labels= loss adds the
+    load-balancing loss, and so does the objective (it was dropped without a word)."""
+    model = make_tiny_model(family, output_router_logits=True, router_aux_loss_coef=0.5)
+    input_ids = _inputs(model)
+    expected = model(input_ids, labels=input_ids).loss
+    result = LayerSkipObjective(model)(input_ids, [model.config.num_hidden_layers])
+    assert result.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_model_with_dropout_in_training_mode_passes_the_check() -> None:
+    """The layer-wise check runs in eval mode: with dropout in the config (StarCoder2's
+    published 0.1) two training-mode passes differ, and train.py refused the model."""
+    model = make_tiny_model("qwen2", attention_dropout=0.5).train()
+    LayerSkipObjective(model)
+    assert model.training
+
+
 def test_position_subsampling_is_an_unbiased_estimate() -> None:
     model = make_tiny_model("llama_gqa_tied", dtype=torch.float32)
     input_ids = _inputs(model, batch=4, seq=16)

@@ -53,7 +53,8 @@ def build_model_and_tokenizer(
     A new run trains its tokenizer on ``texts`` (rank 0; the others load it) and saves it
     under output_dir/tokenizer, where a resumed run finds it again.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.utils import GENERATION_CONFIG_NAME
 
     output_dir = Path(config.training.output_dir)
     torch.manual_seed(config.training.seed)
@@ -70,6 +71,8 @@ def build_model_and_tokenizer(
         except Exception as error:
             raise damaged(output_dir / CHECKPOINT_DIR, error) from None
         model = AutoModelForCausalLM.from_config(architecture, dtype=torch.float32)
+        if (output_dir / TOKENIZER_DIR / GENERATION_CONFIG_NAME).is_file():  # a continued model's
+            model.generation_config = GenerationConfig.from_pretrained(output_dir / TOKENIZER_DIR)
     elif config.model.model:
         # Weights in fp32 for training, whatever they were saved in.
         model, tokenizer = load_model_and_tokenizer(
@@ -77,6 +80,9 @@ def build_model_and_tokenizer(
         )
         if distributed.is_main:
             tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
+            if not getattr(model.generation_config, "_from_model_config", True):
+                # Its own stop ids and settings, for the export (a resume reads them here).
+                model.generation_config.save_pretrained(output_dir / TOKENIZER_DIR)
     else:
         if distributed.is_main:
             logger.info("training a %d-token byte-level BPE tokenizer", config.model.vocab_size)

@@ -622,15 +622,24 @@ class Trainer:
             prefix = "model."  # the objective's submodule holding the causal LM
             gathered = full_state_dict(self.objective, sharded=True)
             weights = {k.removeprefix(prefix): v for k, v in gathered.items()}
-        # A fresh GenerationConfig: one derived from the model config ("_from_model_config")
-        # loses its extra keys when transformers reloads it.
-        generation_config = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            exit_layer=args.exit_layer if args.exit_layer != -1 else max(1, self.num_layers // 4),
-            num_speculations=args.num_speculations,
+        # A fresh GenerationConfig (one derived from the model config, "_from_model_config",
+        # loses its extra keys when transformers reloads it), with a continued model's own
+        # generation settings (stop ids beyond the tokenizer's EOS: Gemma 3's
+        # <end_of_turn>, Llama 3's <|eom_id|>...) and the recommended exit and k.
+        own = getattr(self.model, "generation_config", None)
+        settings: dict = {}
+        if own is not None and not getattr(own, "_from_model_config", True):
+            settings = own.to_diff_dict()
+            for name in ("_from_model_config", "transformers_version"):
+                settings.pop(name, None)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if settings.get(name) is None:
+                settings[name] = getattr(tokenizer, name)
+        settings["exit_layer"] = (
+            args.exit_layer if args.exit_layer != -1 else max(1, self.num_layers // 4)
         )
+        settings["num_speculations"] = args.num_speculations
+        generation_config = GenerationConfig(**settings)
         model = self.model if weights is not None else self.model.to("cpu")
         export_pretrained(
             self.output_dir, model, weights, tokenizer, generation_config, self.distributed
@@ -820,6 +829,12 @@ def _train_locked(
         )
     blocks = pack_blocks(tokenizer, texts, config.model.seq_len)  # [num_blocks, seq_len]
     del texts
+    rows = model.get_input_embeddings().weight.shape[0]
+    if blocks.numel() and int(blocks.max()) >= rows:  # a tokenizer bigger than the model
+        raise ConfigError(
+            f"the tokenizer gives the data token id {int(blocks.max())}, but the model has "
+            f"embeddings for ids 0..{rows - 1} only; use the model's own tokenizer"
+        )
     if args.batch_size * distributed.world_size > len(blocks):
         raise ConfigError(
             f"--batch_size {args.batch_size} x {distributed.world_size} process(es) needs that "

@@ -12,12 +12,14 @@ parameters outside the decoder layers) are gathered for its whole forward, loss 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from self_speculation.errors import UnsupportedModelError
 from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.training.early_exit_loss import (
     IGNORE_INDEX,
@@ -25,6 +27,31 @@ from self_speculation.training.early_exit_loss import (
     ExitScale,
     early_exit_loss,
 )
+
+
+def router_loss(model: nn.Module) -> Callable[[Any], torch.Tensor] | None:
+    """The weighted load-balancing loss that ``model``'s own ``labels=`` loss adds when its
+    config sets ``output_router_logits`` (mixtures of experts), as a function of the base
+    model's ``router_logits``; None when the config does not ask for it or the family's own
+    loss adds none.
+
+    Raises:
+        UnsupportedModelError: the config asks for it, but the family's loss is not found.
+    """
+    if not getattr(model.config, "output_router_logits", False):
+        return None
+    function = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+    if function is None:  # the family's own loss adds none (DeepSeek-V2, GLM-4 MoE...)
+        return None
+    coefficient = getattr(model, "router_aux_loss_coef", getattr(model, "aux_loss_coef", None))
+    experts = getattr(model, "num_experts", None)
+    top_k = getattr(model, "num_experts_per_tok", None)
+    if coefficient is None or experts is None or top_k is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: its config sets output_router_logits, but LayerSkip "
+            "cannot add this family's router loss; set output_router_logits to false"
+        )
+    return lambda router_logits: coefficient * function(router_logits, experts, top_k, None)
 
 
 class LayerSkipObjective(nn.Module):
@@ -52,6 +79,7 @@ class LayerSkipObjective(nn.Module):
         # A plain object, not a submodule: the parameters stay registered once, under .model.
         self._layerwise = LayerwiseModel(model, verify=True)
         self.num_layers = self._layerwise.num_layers
+        self._router_loss = router_loss(model)
         self.scale = ExitScale(scale)
         self.e_scale = e_scale
         self.position_fraction = position_fraction
@@ -87,14 +115,15 @@ class LayerSkipObjective(nn.Module):
             self._layerwise.layers[layer - 1].register_forward_hook(recorder(layer))
             for layer in wanted
         ]
+        extra = {"output_router_logits": True} if self._router_loss is not None else {}
         try:
-            self._layerwise.base(input_ids=input_ids, use_cache=False)
+            outputs = self._layerwise.base(input_ids=input_ids, use_cache=False, **extra)
         finally:
             for handle in handles:
                 handle.remove()
         targets = torch.full_like(input_ids, IGNORE_INDEX)  # [batch, seq]
         targets[:, :-1] = input_ids[:, 1:]
-        return early_exit_loss(
+        result = early_exit_loss(
             [captured[layer] for layer in wanted],
             wanted,
             targets,
@@ -108,3 +137,6 @@ class LayerSkipObjective(nn.Module):
             if position_noise is None
             else position_noise[[layer - 1 for layer in wanted]].to(input_ids.device),
         )
+        if self._router_loss is not None:  # the model's own labels= loss adds it
+            result.loss = result.loss + self._router_loss(outputs.router_logits)
+        return result
