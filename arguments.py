@@ -183,7 +183,7 @@ class Arguments:
         """
         if self.model != "smollm2" and not self.model.endswith(".gguf"):
             check_model_source(self.model)  # a mistyped path fails now, not after the data
-        facts = inspect_model(self.model)
+        facts = inspect_model(self.model, self.model_kwargs)
         if facts is None:
             return None
         check_model_args(self.model_kwargs, facts.config)

@@ -63,6 +63,7 @@ from self_speculation.benchmarking import (
     write_json_atomic,
 )
 from self_speculation.errors import require_utf8
+from self_speculation.loading import user_turn
 
 logger = logging.getLogger("generate")
 MAX_LINE = 1 << 20  # characters of one input line; a longer one is no prompt
@@ -132,14 +133,7 @@ def _prompt_ids(generator: Generator, prompt: str, chat_template: bool) -> str |
     if getattr(tokenizer, "chat_template", None) is None:
         logger.warning("the tokenizer has no chat template: using the prompt as it is")
         return prompt
-    return list(
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
-    )
+    return user_turn(tokenizer, prompt, tokenize=True)
 
 
 def autoregressive_config(generator: Generator, config: GenerationConfig) -> GenerationConfig:

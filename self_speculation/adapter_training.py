@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from self_speculation.draft import DraftExit
 from self_speculation.errors import ConfigError, one_line
+from self_speculation.loading import user_turn
 from self_speculation.model_surgery import LayerwiseModel
 
 logger = logging.getLogger(__name__)
@@ -294,8 +295,6 @@ def chat_texts(tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> l
     """Whole conversations as the model sees them (chat template, then the answer)."""
     texts = []
     for prompt, response in zip(prompts, responses, strict=True):
-        opening = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+        opening = user_turn(tokenizer, prompt, tokenize=False)
         texts.append(opening + response + (tokenizer.eos_token or ""))
     return texts

@@ -22,6 +22,8 @@ from self_speculation.draft import DraftExit, resolve_with_adapter
 from self_speculation.errors import (
     ArgumentTypeError,
     ConfigError,
+    ModelLoadError,
+    is_integer,
     require_bool,
     require_list_of,
     require_utf8,
@@ -247,6 +249,7 @@ class Generator:
                 ", ".join(unapplied),
             )
         self.recommended_exit_layer, self.recommended_num_speculations = recommended_settings(model)
+        _ = self.eos_token_ids  # malformed ids fail now, not at the first generation
         self._verify_model = verify_model
         self._attention = _attention_implementation(model)  # what the probe checked
         self._forward_passes: dict[bool, ForwardPasses] = {}
@@ -272,12 +275,22 @@ class Generator:
     def eos_token_ids(self) -> frozenset[int]:
         """The tokenizer's EOS and the model's generation config's, read at each generation
         (as transformers' ``generate`` reads them): a chat end token set after the Generator
-        was made stops it too."""
+        was made stops it too.
+
+        Raises:
+            ModelLoadError: an id that is not a whole number ("1" in generation_config.json).
+        """
         eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         model_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         if model_eos is not None:
-            eos |= set(model_eos) if isinstance(model_eos, list) else {model_eos}
-        return frozenset(eos)
+            eos |= set(model_eos) if isinstance(model_eos, (list, tuple)) else {model_eos}
+        if not all(is_integer(token) for token in eos):
+            raise ModelLoadError(
+                f"{type(self.model).__name__}'s eos_token_id is {model_eos!r} "
+                f"(generation_config.json) and its tokenizer's {self.tokenizer.eos_token_id!r}: "
+                "token ids must be whole numbers; fix generation_config.json"
+            )
+        return frozenset(int(token) for token in eos)
 
     @property
     def pad_token_id(self) -> int:

@@ -258,11 +258,21 @@ class ModelFacts:
     recommended_num_speculations: int | None
 
 
-def _local_directory(model: str) -> Path | None:
+def _local_directory(model: str, subfolder: str = "") -> Path | None:
     if model == "smollm2" or model.endswith(".gguf"):
         return None
     path = Path(expand_home(model, "--model"))
-    return path if path.is_dir() else None
+    if not path.is_dir():
+        return None
+    return path / subfolder if subfolder else path
+
+
+# from_pretrained options that also decide how config.json and the tokenizer are read.
+SHARED_LOADING_KEYS = ("trust_remote_code", "revision", "subfolder", "code_revision")
+
+
+def _shared_loading_args(model_args: dict[str, Any] | None) -> dict[str, Any]:
+    return {key: value for key, value in (model_args or {}).items() if key in SHARED_LOADING_KEYS}
 
 
 def _read_json(path: Path) -> Any:
@@ -356,13 +366,27 @@ TOKENIZER_JSON_FILES = (
 )
 
 
+def _has_tokenizer_files(directory: Path) -> bool:
+    return any(
+        entry.name.startswith(("tokenizer", "vocab", "merges", "spiece", "sentencepiece"))
+        or entry.suffix in (".model", ".tiktoken")
+        for entry in directory.iterdir()
+    )
+
+
 def check_tokenizer_files(directory: Path) -> None:
-    """The tokenizer's JSON files in ``directory`` parse, and tokenizer.json is one the
-    ``tokenizers`` library reads (its own errors name no file).
+    """``directory`` has tokenizer files, its tokenizer's JSON files parse, and
+    tokenizer.json is one the ``tokenizers`` library reads (its own errors name no file).
 
     Raises:
         ModelLoadError: naming the file and what is wrong with it.
     """
+    if not _has_tokenizer_files(directory):
+        raise ModelLoadError(
+            f"{directory} has no tokenizer (tokenizer.json, tokenizer.model, vocab.json...): "
+            "save the tokenizer there too (tokenizer.save_pretrained) or copy its files from "
+            "the base model"
+        )
     for name in TOKENIZER_JSON_FILES:
         path = directory / name
         if path.exists() or path.is_symlink():
@@ -424,7 +448,7 @@ def _config_int(config: PreTrainedConfig, name: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def inspect_model(model: str) -> ModelFacts | None:
+def inspect_model(model: str, model_args: dict[str, Any] | None = None) -> ModelFacts | None:
     """Read and check a local model's config.json, generation_config.json and weight file
     headers, without loading any weight. None for a hub id, a .gguf file or "smollm2"
     (their files are checked when loaded).
@@ -433,12 +457,19 @@ def inspect_model(model: str) -> ModelFacts | None:
         ModelLoadError: a missing or malformed config.json, or a weights file that is
             missing, unreadable, truncated or not safetensors.
     """
-    directory = _local_directory(model)
+    shared = _shared_loading_args(model_args)
+    directory = _local_directory(model, str(shared.get("subfolder") or ""))
     if directory is None:
         if model.endswith(".gguf") and os.path.isfile(os.path.expanduser(model)):
             check_gguf_file(os.path.expanduser(model))
         return None
     config_path = directory / "config.json"
+    if not config_path.exists() and (directory / "adapter_config.json").exists():
+        raise ModelLoadError(
+            f"{directory} holds a PEFT adapter (adapter_config.json), not a model: merge it "
+            "into its base model (peft's merge_and_unload, then save_pretrained) and pass "
+            "that folder"
+        )
     if not config_path.exists():
         raise ModelLoadError(
             f"{directory} has no config.json (a model directory in save_pretrained form)"
@@ -447,8 +478,17 @@ def inspect_model(model: str) -> ModelFacts | None:
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{config_path} is not a JSON object")
     try:
-        config = AutoConfig.from_pretrained(str(directory))
+        config = AutoConfig.from_pretrained(
+            str(directory),
+            trust_remote_code=bool(shared.get("trust_remote_code", False)),
+        )
     except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as error:
+        if "trust_remote_code" in str(error):
+            raise ModelLoadError(
+                f"{config_path} names custom code (auto_map) that must run to load this "
+                "model: read it, then pass --model_args trust_remote_code=true "
+                "(Python: model_args={'trust_remote_code': True})"
+            ) from None
         message = " ".join(str(error).split()) or type(error).__name__
         raise ModelLoadError(f"{config_path}: {message}") from None
     for name in ("num_hidden_layers", "vocab_size"):
@@ -492,7 +532,11 @@ def _first(keys: Iterable[Any]) -> str:
 
 
 def check_loading_info(
-    model: str, info: dict[str, Any], num_layers: int | None, config_source: str = "config.json"
+    model: str,
+    info: dict[str, Any],
+    num_layers: int | None,
+    config_source: str = "config.json",
+    model_keys: Iterable[str] | None = None,
 ) -> None:
     """Refuse weights that do not fit config.json: missing tensors (they would run randomly
     initialised), unexpected ones (trained weights silently dropped) or other shapes.
@@ -508,7 +552,12 @@ def check_loading_info(
     declared = f"{config_source} declares {num_layers} decoder layers" if num_layers else ""
     if missing:
         layers = _layer_indices(missing)
-        if layers and declared:
+        # Whole layers missing: config.json declares more layers than the weights hold. Some
+        # tensors of a layer missing: the weights are incomplete (named below).
+        partly = model_keys is not None and set(_layer_indices(set(model_keys) - missing)) & set(
+            layers
+        )
+        if layers and declared and not partly:
             raise ModelLoadError(
                 f"model '{model}': {declared} but the weights have none for layer(s) "
                 f"{', '.join(map(str, layers))} (they would run randomly initialised); "
@@ -631,12 +680,17 @@ def load_model_and_tokenizer(
         source = os.path.dirname(os.path.abspath(source))
     else:
         check_model_source(source)
-    facts = inspect_model(model)
+    facts = inspect_model(model, model_args)
     check_model_args(model_args or {}, facts.config if facts else None)
     logger.info("loading %s (%s, %s)", model, torch_dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            source, **{key: value for key, value in arguments.items() if key == "gguf_file"}
+            source,
+            **{
+                key: value
+                for key, value in arguments.items()
+                if key == "gguf_file" or key in SHARED_LOADING_KEYS
+            },
         )
         with _quiet_loading_report():
             loaded, info = AutoModelForCausalLM.from_pretrained(
@@ -659,9 +713,38 @@ def load_model_and_tokenizer(
         if type(error).__module__.split(".")[0] not in ("tokenizers", "builtins"):
             raise
         raise ModelLoadError(f"cannot load model '{model}': {one_line(error)}") from error
-    if "gguf_file" not in arguments:
+    if "gguf_file" in arguments:
+        source_of_config = "the GGUF file's metadata"
+    else:
         source_of_config = "config.json" + (" with --model_args" if model_args else "")
-        num_layers = _config_int(loaded.config, "num_hidden_layers")
-        check_loading_info(model, info, num_layers, source_of_config)
+    num_layers = _config_int(loaded.config, "num_hidden_layers")
+    check_loading_info(
+        model, info, num_layers, source_of_config, model_keys=loaded.state_dict().keys()
+    )
     loaded.to(device).eval()
     return loaded, tokenizer
+
+
+def user_turn(tokenizer: PreTrainedTokenizerBase, prompt: str, tokenize: bool) -> str | list[int]:
+    """``prompt`` as one user message through the tokenizer's chat template, followed by
+    the assistant's opening (text, or token ids with ``tokenize``).
+
+    Raises:
+        ConfigError: the model's own template fails on it (a syntax error, or its
+            ``raise_exception``).
+    """
+    from jinja2.exceptions import TemplateError
+
+    try:
+        opening = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            tokenize=tokenize,
+            return_dict=False,
+        )
+    except TemplateError as error:
+        raise ConfigError(
+            f"the tokenizer's chat template fails on a user message ({one_line(error, 200)}); "
+            "fix chat_template in the model's files, or leave the chat template out"
+        ) from None
+    return list(opening) if tokenize else opening
