@@ -107,7 +107,7 @@ class Arguments:
     1.7-5 tokens/s). To use more, also set OMP_WAIT_POLICY=PASSIVE in the environment
     (2 threads then: 31-46 tokens/s on that machine)."""
     dtype: str | None = None
-    """float32, bfloat16, float16, float64 (default: float32 on CPU)"""
+    """float32, bfloat16, float16, float64 (default: float32 on CPU, bfloat16 on a GPU)"""
     device: str | None = None
     """cpu, cuda, cuda:1 (default: cuda when available)"""
     distributed: bool | None = None
