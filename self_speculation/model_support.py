@@ -43,6 +43,9 @@ _GENERATION_HOOKS = ("prepare_inputs_for_generation", "_update_model_kwargs_for_
 _CACHE_RESET_AT_ORIGINAL_LENGTH = frozenset(
     {"Phi3ForCausalLM", "PhimoeForCausalLM", "Phi4MultimodalForCausalLM"}
 )
+# Multimodal families whose generation hook only hands image inputs (token_type_ids) to the
+# first call: text-only decoding, all this engine does with them, is a plain KV-cache loop.
+_IMAGE_INPUTS_ONLY = frozenset({"Gemma3ForConditionalGeneration"})
 
 
 def attention_layer_types(config: PretrainedConfig, num_layers: int, owner: str) -> list[str]:
@@ -108,6 +111,8 @@ def generation_hook_limit(model: nn.Module, config: PretrainedConfig) -> int | N
     for hook in _GENERATION_HOOKS:
         defined_by = next((klass for klass in cls.__mro__ if hook in vars(klass)), GenerationMixin)
         if defined_by is GenerationMixin or not issubclass(defined_by, GenerationMixin):
+            continue
+        if hook == "prepare_inputs_for_generation" and defined_by.__name__ in _IMAGE_INPUTS_ONLY:
             continue
         if hook == "prepare_inputs_for_generation" and defined_by.__name__ in (
             _CACHE_RESET_AT_ORIGINAL_LENGTH

@@ -48,8 +48,13 @@ def find_base_model(model: nn.Module) -> nn.Module:
     """
     for name in _BASE_MODEL_ATTRIBUTES:
         base = getattr(model, name, None)
-        if isinstance(base, nn.Module) and isinstance(getattr(base, "layers", None), nn.ModuleList):
-            return base
+        # A multimodal model's text decoder (Gemma 3, Mistral 3...): its text-only decoding.
+        text = getattr(base, "language_model", None)
+        for candidate in (base, text):
+            if isinstance(candidate, nn.Module) and isinstance(
+                getattr(candidate, "layers", None), nn.ModuleList
+            ):
+                return candidate
     raise UnsupportedModelError(
         f"{type(model).__name__} has no decoder layers as a ModuleList at .model.layers; "
         "LayerSkip needs a decoder-only causal LM such as Llama, Qwen2, Mistral or Gemma"

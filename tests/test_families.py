@@ -15,6 +15,7 @@ import pytest
 import torch
 from tiny_models import (
     FAMILIES_BEYOND,
+    FAMILIES_MULTIMODAL,
     FAMILIES_REGISTERED,
     ROPE_SWITCH,
     IdTokenizer,
@@ -56,7 +57,7 @@ def settings(strategy: str = "autoregressive", **overrides) -> GenerationConfig:
     )
 
 
-ALL_BEYOND = [*FAMILIES_BEYOND, *FAMILIES_REGISTERED]
+ALL_BEYOND = [*FAMILIES_BEYOND, *FAMILIES_REGISTERED, *FAMILIES_MULTIMODAL]
 
 
 @pytest.mark.parametrize("family", ALL_BEYOND)

@@ -13,6 +13,7 @@ from transformers import (
     CohereConfig,
     DeepseekV2Config,
     Gemma2Config,
+    Gemma3Config,
     Gemma3TextConfig,
     GemmaConfig,
     GptOssConfig,
@@ -28,6 +29,7 @@ from transformers import (
     Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
+    SiglipVisionConfig,
     SmolLM3Config,
     StableLmConfig,
     Starcoder2Config,
@@ -231,6 +233,32 @@ _REGISTERED_SIZES = dict(
 )
 
 
+# Multimodal checkpoints decoded text-only (their text decoder under .model.language_model).
+FAMILIES_MULTIMODAL = ("gemma3_multimodal",)
+
+
+def _multimodal_config(family: str, **overrides):
+    text = Gemma3TextConfig(
+        **{**_COMMON, "num_key_value_heads": 2, "head_dim": 8, "sliding_window": 4, **overrides}
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    return Gemma3Config(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        image_token_index=VOCAB_SIZE - 3,
+        boi_token_index=VOCAB_SIZE - 2,
+        eoi_token_index=VOCAB_SIZE - 1,
+    )
+
+
 def _registered_config(model_type: str):
     """``model_type``'s default config with every size it has from _REGISTERED_SIZES, and
     per-layer kinds cut to its number of layers."""
@@ -248,13 +276,15 @@ def _registered_config(model_type: str):
 def make_tiny_model(
     family: str = "llama_mha_untied", seed: int = 0, dtype=torch.float64, **overrides
 ):
-    """A randomly initialised tiny causal LM of ``family`` (FAMILIES, FAMILIES_BEYOND or
-    FAMILIES_REGISTERED) in eval mode; a FAMILIES_BEYOND family that states a dtype gets
+    """A randomly initialised tiny causal LM of ``family`` (FAMILIES, FAMILIES_BEYOND,
+    FAMILIES_REGISTERED or FAMILIES_MULTIMODAL) in eval mode; a FAMILIES_BEYOND family that states a dtype gets
     that dtype, a FAMILIES_REGISTERED one float32."""
     if family in FAMILIES_REGISTERED:
         config, dtype = _registered_config(family), torch.float32
         for name, value in overrides.items():
             setattr(config, name, value)
+    elif family in FAMILIES_MULTIMODAL:
+        config = _multimodal_config(family, **overrides)
     else:
         if family in FAMILIES_BEYOND:
             config_class, family_overrides, family_dtype = FAMILIES_BEYOND[family]
