@@ -49,7 +49,7 @@ from self_speculation.metrics import summarize_speed
 logger = logging.getLogger("eval")
 
 LOCAL_TASKS = Path(__file__).resolve().parent / "tasks"
-NUMERIC_GEN_KWARGS = ("temperature", "top_p", "top_k", "max_gen_toks")
+NUMERIC_GEN_KWARGS = ("temperature", "top_p", "top_k", "max_gen_toks", "no_repeat_ngram_size")
 
 
 @dataclass
@@ -112,11 +112,18 @@ class EvalArguments:
                 f"--include_path {self.include_path} is not a directory (a folder of task YAMLs)"
             )
         if self.gen_kwargs is not None:
+            from self_speculation.eval_harness import APPLIED_GEN_KWARGS
+
             for pair in self.gen_kwargs.split(","):
                 key, sep, value = pair.partition("=")
                 if not sep or not key.strip() or not value.strip():
                     raise ConfigError(
                         f"--gen_kwargs: expected key=value pairs separated by commas, got '{pair}'"
+                    )
+                if key.strip() not in APPLIED_GEN_KWARGS:
+                    raise ConfigError(
+                        f"--gen_kwargs: {key.strip()} is not supported (this engine applies "
+                        f"{', '.join(sorted(APPLIED_GEN_KWARGS))})"
                     )
                 if key.strip() in NUMERIC_GEN_KWARGS:
                     try:

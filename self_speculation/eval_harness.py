@@ -34,6 +34,11 @@ from self_speculation.generator import Generator
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 2048  # for models whose config states no context length
+# Generation kwargs (a task's generation_kwargs, --gen_kwargs) that generate_until applies;
+# any other (repetition_penalty, num_beams, min_new_tokens...) is refused, never dropped.
+APPLIED_GEN_KWARGS = frozenset(
+    {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "no_repeat_ngram_size"}
+)
 
 
 def _number(gen_kwargs: dict[str, Any], key: str, kind: type) -> Any:
@@ -181,9 +186,17 @@ class LayerSkipLM(LM):
     # --- generation -------------------------------------------------------------------
     def _request_config(self, gen_kwargs: dict[str, Any]) -> tuple[GenerationConfig, list[str]]:
         """This request's config and stop strings: the task's kwargs over the CLI's."""
+        unknown = sorted(set(gen_kwargs) - APPLIED_GEN_KWARGS)
+        if unknown:
+            raise ConfigError(
+                f"generation kwargs {', '.join(unknown)} are not supported (this engine applies "
+                f"{', '.join(sorted(APPLIED_GEN_KWARGS))})"
+            )
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         changes: dict[str, Any] = {}
+        if gen_kwargs.get("no_repeat_ngram_size"):
+            changes["no_repeat_ngram_size"] = _number(gen_kwargs, "no_repeat_ngram_size", int)
         if "max_gen_toks" in gen_kwargs:
             changes["max_steps"] = _number(gen_kwargs, "max_gen_toks", int)
         if "do_sample" in gen_kwargs:

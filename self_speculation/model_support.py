@@ -256,6 +256,12 @@ _CHECKPOINT_PROCESSORS = {
     "min_p": None,
     "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0,
+    # Sampling: the engine's GenerationConfig (sample, temperature, top_k, top_p; the
+    # scripts' flags) decides it, never the checkpoint (neutral: transformers' defaults).
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
 }
 
 

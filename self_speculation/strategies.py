@@ -270,6 +270,18 @@ class GenerationStrategy(abc.ABC):
             )
         if first_token_allowed is not None:
             logits = logits.masked_fill(~first_token_allowed, float("-inf"))
+            if self.selector.context_processors:
+                processed = self.selector.process(
+                    logits[:, None], tokens, pad_counts, state.lengths
+                )
+                banned = torch.isneginf(processed[:, 0].amax(dim=-1))
+                if bool(banned.any()):
+                    raise ConfigError(
+                        f"token healing: the logits processors (no_repeat_ngram_size; the "
+                        f"checkpoint's repetition penalty, bad words, suppressed tokens) ban "
+                        f"every token that may follow prompt {int(banned.nonzero()[0])}'s "
+                        "healed end; use token_healing=False (--token_healing False)"
+                    )
         first_tokens, _ = self.selector.choose(logits, tokens, pad_counts, state.lengths)
         state.write(first_tokens[:, None], torch.ones_like(pad_counts))
         return state

@@ -208,3 +208,13 @@ def test_scores_and_answers_are_lm_evals_own_hf_models(tiny_model_dir: Path) -> 
         for (ours, _), (theirs, _) in zip(lm.loglikelihood(scored), expected_scores):
             assert ours == pytest.approx(theirs, abs=1e-4)
         assert lm.generate_until(asked) == expected_texts
+
+
+def test_gen_kwargs_the_engine_does_not_apply_are_refused_not_dropped(
+    generator: Generator,
+) -> None:
+    lm = LayerSkipLM(generator, generator.resolve(GenerationConfig()), progress=False)
+    for kwargs in ({"repetition_penalty": 1.3}, {"num_beams": 4}, {"min_new_tokens": 5}):
+        with pytest.raises(ConfigError, match=f"{next(iter(kwargs))} are not supported"):
+            lm._request_config({"until": ["\n"], **kwargs})
+    assert lm._request_config({"no_repeat_ngram_size": 3})[0].no_repeat_ngram_size == 3

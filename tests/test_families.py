@@ -254,6 +254,8 @@ def test_checkpoint_generation_settings_the_engine_does_not_apply_are_named() ->
     model.generation_config.begin_suppress_tokens = [3]
     model.generation_config.min_new_tokens = 2
     assert unapplied_generation_settings(model) == ["begin_suppress_tokens=[3]", "min_new_tokens=2"]
+    model.generation_config.do_sample, model.generation_config.temperature = True, 0.7
+    assert unapplied_generation_settings(model)[-2:] == ["do_sample=True", "temperature=0.7"]
 
 
 @pytest.mark.parametrize(

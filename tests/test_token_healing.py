@@ -97,3 +97,23 @@ def test_stop_words_of_many_tokens_per_character_are_found() -> None:
         ids = tokenizer("x = " + word, add_special_tokens=False)["input_ids"]
         assert len(ids) > len(word) + 8  # more tokens than characters
         assert StopChecker(tokenizer, frozenset(), [word]).reason(ids) == "stop_word"
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_processors_that_ban_every_healed_first_token_are_one_error(sample: bool) -> None:
+    """The checkpoint suppresses every token that may re-create the healed newline: a
+    ConfigError naming the way out, not a silent BOS (greedy) or a multinomial failure."""
+    from self_speculation import ConfigError
+
+    model = make_tiny_model("llama_gqa_tied", dtype=torch.float32)
+    generator = Generator(model, make_tiny_tokenizer())
+    texts = generator._token_texts()
+    newline = texts[generator.encode(PROMPT)[-1]]
+    model.generation_config.suppress_tokens = [
+        token for token, text in enumerate(texts) if text.startswith(newline)
+    ]
+    config = GenerationConfig(max_steps=4, sample=sample, token_healing=True)
+    with pytest.raises(ConfigError, match="token_healing=False"):
+        generator.generate(PROMPT, config)
+    config = GenerationConfig(max_steps=4, sample=sample, token_healing=False)
+    assert generator.generate(PROMPT, config).token_ids
