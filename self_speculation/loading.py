@@ -220,6 +220,9 @@ def check_model_args(model_args: dict[str, Any], config: PreTrainedConfig | None
             raise ConfigError(
                 f"--model_args: '{key}' is set by {OWNED_FROM_PRETRAINED_KEYS[key]}, not here"
             )
+    trust = model_args.get("trust_remote_code", False)
+    if not isinstance(trust, bool):  # "False" (a string) would read as true
+        raise ConfigError(f"--model_args: trust_remote_code must be true or false, got {trust!r}")
     if config is None:
         return
     signature = inspect.signature(PreTrainedModel.from_pretrained).parameters
@@ -480,7 +483,7 @@ def inspect_model(model: str, model_args: dict[str, Any] | None = None) -> Model
     try:
         config = AutoConfig.from_pretrained(
             str(directory),
-            trust_remote_code=bool(shared.get("trust_remote_code", False)),
+            trust_remote_code=shared.get("trust_remote_code") is True,
         )
     except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as error:
         if "trust_remote_code" in str(error):

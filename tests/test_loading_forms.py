@@ -184,3 +184,9 @@ def test_a_failing_chat_template_in_adapter_training_is_one_line(
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }{% endfor %}"  # syntax
     with pytest.raises(ConfigError, match="chat template fails on a user message"):
         chat_texts(tokenizer, ["hi"], ["there"])
+
+
+def test_trust_remote_code_must_be_a_boolean(tiny_model_dir: Path) -> None:
+    """ "False" from a key=value --model_args is a string, which would read as true."""
+    with pytest.raises(ConfigError, match="trust_remote_code must be true or false"):
+        load_model_and_tokenizer(str(tiny_model_dir), model_args={"trust_remote_code": "False"})
