@@ -517,10 +517,7 @@ class Generator:
         attention = _attention_implementation(self.model)
         if attention != self._attention:  # model.set_attn_implementation(...) since
             self._drop_passes()
-            self.layerwise.additive_masks = attention == "eager"
-            if self._verify_model:
-                with eval_mode(self.model):
-                    self.layerwise._verify_against_own_forward()
+            self.layerwise.follow_attention_implementation(self._verify_model)
             self._attention = attention
         passes = self._forward_passes.get(config.compile)
         if passes is None:

@@ -166,10 +166,16 @@ class LayerwiseModel:
             if self.rotary_position_limit < self.context_length:
                 self.context_source = "where its rotary tables switch"
             self.context_length = min(self.context_length, self.rotary_position_limit)
-        # Eager attention adds its mask to the scores; sdpa takes a boolean mask.
+        self.follow_attention_implementation(verify)
+
+    def follow_attention_implementation(self, verify: bool = True) -> None:
+        """Build masks for the attention implementation the config now selects (eager
+        attention adds its mask to the scores; sdpa takes a boolean mask), and with
+        ``verify`` probe the layer-wise forward against the model's own again (at load, and
+        after ``model.set_attn_implementation``)."""
         self.additive_masks = getattr(self.config, "_attn_implementation", "eager") == "eager"
         if verify:
-            with eval_mode(model):
+            with eval_mode(self.model):
                 self._verify_against_own_forward()
 
     @property
