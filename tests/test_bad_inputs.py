@@ -446,7 +446,7 @@ CASES = [
     ("report latin-1 JSONL", "layer_report.py", [*REPORT[2:], "--data", "DATA:latin1_text.jsonl"],
      "latin1_text.jsonl is not UTF-8 text"),
     ("report lone surrogate", "layer_report.py", [*REPORT[2:], "--data", "DATA:surrogate_text.jsonl"],
-     "document 1 is not valid UTF-8 text (lone surrogate \\udc80"),
+     "surrogate_text.jsonl:1: field 'text' is not valid UTF-8 text (lone surrogate \\udc80"),
     ("report unknown flag", "layer_report.py", [*REPORT, "--bogus", 1], "unrecognized arguments: --bogus"),
     ("report bad dtype", "layer_report.py", [*REPORT, "--dtype", "float8"], "unknown dtype 'float8'"),
     ("report negative seed", "layer_report.py", [*REPORT, "--seed", -4], "--seed must be in"),

@@ -217,3 +217,45 @@ def test_too_many_shots(tmp_path: Path) -> None:
         load_examples(
             BenchmarkArguments(dataset="custom_jsonl", data_path=str(path), n_shot=2), seed=0
         )
+
+
+def test_shot_summaries_are_one_line(tmp_path: Path) -> None:
+    """CNN/DM highlights hold one bullet per line; a shot is "Article: ...\\nSummary: ...\\n"."""
+    rows = [
+        {"article": f"text {i}", "highlights": f"bullet {i}a .\nbullet {i}b .", "id": str(i)}
+        for i in range(2)
+    ]
+    path = write_jsonl(tmp_path / "cnn.jsonl", rows)
+    args = BenchmarkArguments(
+        dataset="cnn_dm_summarization", data_path=str(path), n_shot=1, random_shuffle=False,
+        num_samples=1,
+    )  # fmt: skip
+    (example,) = load_examples(args, seed=0)
+    assert example.input == (
+        "Article: text 1\nSummary: bullet 1a . bullet 1b .\n\nArticle: text 0\nSummary:"
+    )
+    assert example.output == " bullet 0a .\nbullet 0b ."  # the reference keeps its lines
+
+
+def test_train_split_is_read_only_for_shots(tmp_path: Path) -> None:
+    from data import _from_disk
+
+    directory = tmp_path / "dd"
+    split = datasets.Dataset.from_list([{"prompt": "p", "response": "r"}])
+    datasets.DatasetDict({"test": split, "train": split}).save_to_disk(str(directory))
+    assert _from_disk(str(directory), "test", need_shots=False)[1] is None
+    assert _from_disk(str(directory), "test", need_shots=True)[1] == [
+        {"prompt": "p", "response": "r"}
+    ]
+
+
+def test_a_byte_that_is_not_utf8_is_located_by_line(tmp_path: Path) -> None:
+    path = tmp_path / "late.jsonl"
+    path.write_bytes(b'{"prompt": "p", "response": "r"}\n' * 5000 + b'{"prompt": "\xff"}\n')
+    args = BenchmarkArguments(dataset="custom_jsonl", data_path=str(path))
+    with pytest.raises(DataError, match=r"line 5001: byte 0xff at column 13"):
+        load_examples(args, seed=0)
+    parquet = tmp_path / "test.parquet"
+    datasets.Dataset.from_list([{"prompt": "p", "response": "r"}]).to_parquet(str(parquet))
+    with pytest.raises(DataError, match="it is a Parquet file"):
+        load_examples(dataclasses.replace(args, data_path=str(parquet)), seed=0)

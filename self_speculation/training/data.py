@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import gzip
 import json
 import logging
+import os
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -19,7 +22,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from self_speculation.errors import ConfigError, expand_home, json_refusal
+from self_speculation.errors import ConfigError, expand_home, json_refusal, require_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -40,23 +43,100 @@ def resolve_files(
     Raises:
         ConfigError: no file matches.
     """
-    found: set[Path] = set()
+    found: dict[str, Path] = {}  # real path -> the first name it was found under
     for pattern in patterns:
-        for name in glob.glob(expand_home(pattern, flag), recursive=True):
+        for name in sorted(_expand_glob(expand_home(pattern, flag))):
             path = Path(name)
             if path.is_file() and not any(fnmatch.fnmatch(str(path), rule) for rule in exclude):
-                found.add(path)
+                real = os.path.realpath(path)
+                if real not in found or path < found[real]:
+                    found[real] = path  # a file reached through a symlink too counts once
     if not found:
         shown = " ".join(patterns) if patterns else "(none given)"
         raise ConfigError(
             f"no data files match {shown}"
             + (f" minus --exclude {' '.join(exclude)}" if exclude else "")
         )
-    return sorted(found)
+    return sorted(found.values())
+
+
+def _expand_glob(pattern: str) -> Iterator[str]:
+    """``glob.glob(pattern, recursive=True)``, except that ``**`` enters each real directory
+    once: glob follows symlinked directories, so a symlink to a parent made it list the
+    same files dozens of times, and two such symlinks made it run for ever."""
+    parts = pattern.split(os.sep)
+    if "**" not in parts:
+        yield from glob.glob(pattern)
+        return
+    cut = parts.index("**")
+    head, tail = os.sep.join(parts[:cut]), os.sep.join(parts[cut + 1 :])
+    roots = glob.glob(head) if glob.has_magic(head) else [head]
+    seen: set[str] = set()
+    for root in roots:
+        for directory, subdirectories, _ in os.walk(root or os.curdir, followlinks=True):
+            real = os.path.realpath(directory)
+            if real in seen:
+                subdirectories[:] = []
+                continue
+            seen.add(real)
+            subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
+            base = directory if root else os.path.relpath(directory)
+            if tail:
+                yield from _expand_glob(os.path.join(base, tail) if base != os.curdir else tail)
+            else:
+                yield base
+                yield from (
+                    os.path.join(base, name)
+                    for name in os.listdir(directory)
+                    if not name.startswith(".")
+                )
+
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def _records_kind(path: Path, text_field: str) -> tuple[str | None, bool]:
+    """(how ``path`` holds records: "lines" (JSON Lines), "array" (a JSON array of them) or
+    None (a document), is gzipped), from its name, case-insensitively, and for ``.json``
+    from its content: datasets' ``to_json`` writes JSON Lines or an array of records under
+    that name, while a code corpus holds .json files that are documents (package.json)."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    gzipped = suffixes[-1:] == [".gz"]
+    suffix = suffixes[-2 if gzipped else -1] if len(suffixes) > int(gzipped) else ""
+    if suffix in JSONL_SUFFIXES:
+        return "lines", gzipped
+    if suffix != ".json":
+        return None, gzipped
+    opener = gzip.open if gzipped else open
+    try:
+        with opener(path, "rt", encoding="utf-8-sig") as handle:
+            first = next((line for line in handle if line.strip()), "")
+            if _is_record(first, text_field):
+                return "lines", gzipped
+            if first.lstrip().startswith("["):
+                handle.seek(0)
+                records = json.loads(handle.read())
+                if isinstance(records, list) and records and _is_record(records[0], text_field):
+                    return "array", gzipped
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error, RecursionError, ValueError):
+        pass  # read as a document below, which skips what is not text with a warning
+    return None, gzipped
+
+
+def _is_record(record: object, text_field: str) -> bool:
+    """``record`` (or the JSON text of one) is an object with ``text_field``."""
+    if isinstance(record, str):
+        try:
+            record = json.loads(record)
+        except (RecursionError, ValueError):
+            return False
+    return isinstance(record, dict) and text_field in record
 
 
 def read_texts(files: Iterable[Path], text_field: str = "text") -> Iterator[str]:
-    """The documents of ``files``: one per JSONL line (its ``text_field``), else one per file.
+    """The documents of ``files``: one per JSON Lines record (its ``text_field``; .jsonl,
+    .ndjson, and .json files holding such records, or an array of them; gzipped too), else
+    one per file.
 
     A binary or non-UTF-8 file among plain-text files (a glob can catch a .pyc or a
     Latin-1 test file) is skipped with a warning rather than scored as replacement
@@ -64,18 +144,25 @@ def read_texts(files: Iterable[Path], text_field: str = "text") -> Iterator[str]
     """
     skipped: list[str] = []
     for path in files:
-        if path.suffix == ".jsonl":
+        kind, gzipped = _records_kind(path, text_field)
+        if kind is not None:
+            opener = gzip.open if gzipped else open
             try:
-                with path.open(encoding="utf-8") as lines:
-                    yield from _jsonl_texts(path, lines, text_field)
+                with opener(path, "rt", encoding="utf-8-sig") as lines:  # a BOM is fine
+                    if kind == "array":
+                        yield from _array_texts(path, lines.read(), text_field)
+                    else:
+                        yield from _jsonl_texts(path, lines, text_field)
             except UnicodeDecodeError as error:
                 raise ConfigError(
                     f"{path} is not UTF-8 (byte 0x{error.object[error.start]:02x}): convert it"
                 ) from None
+            except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+                raise ConfigError(f"cannot read {path}: {error}") from None
             continue
         data = path.read_bytes()
         try:
-            text = data.decode("utf-8")
+            text = data.decode("utf-8-sig")  # a BOM (Notepad) is not text
         except UnicodeDecodeError:
             text = None
         if text is None or "\0" in text:
@@ -87,6 +174,18 @@ def read_texts(files: Iterable[Path], text_field: str = "text") -> Iterator[str]
         logger.warning("skipped %d binary or non-UTF-8 file(s), e.g. %s", len(skipped), skipped[0])
 
 
+def _array_texts(path: Path, content: str, text_field: str) -> Iterator[str]:
+    try:
+        records = json.loads(content)
+    except (RecursionError, ValueError) as error:
+        raise ConfigError(f"{path}: not JSON ({json_refusal(error)})") from None
+    for number, record in enumerate(records if isinstance(records, list) else [records], 1):
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise ConfigError(f"{path}: record {number} has no string field '{text_field}'")
+        require_utf8(record[text_field], f"{path}: record {number}'s field '{text_field}'")
+        yield record[text_field]
+
+
 def _jsonl_texts(path: Path, lines: Iterable[str], text_field: str) -> Iterator[str]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -94,9 +193,14 @@ def _jsonl_texts(path: Path, lines: Iterable[str], text_field: str) -> Iterator[
         try:
             record = json.loads(line)
         except (RecursionError, ValueError) as error:
-            raise ConfigError(f"{path}:{number}: not JSON ({json_refusal(error)})") from None
+            raise ConfigError(
+                f"{path}:{number}: not JSON ({json_refusal(error)}); a JSON Lines file holds "
+                "one object per line"
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise ConfigError(f"{path}:{number}: no string field '{text_field}'")
+        # a JSON "\ud800" escape: the tokenizer would fail on it with a bare traceback
+        require_utf8(record[text_field], f"{path}:{number}: field '{text_field}'")
         yield record[text_field]
 
 
