@@ -25,7 +25,7 @@ import torch
 
 from arguments import MAX_SEED, check_output_dir, parse_args, run_main
 from self_speculation.benchmarking import write_json_atomic
-from self_speculation.draft import load_draft_exit
+from self_speculation.draft import load_draft_exit, read_adapter_config
 from self_speculation.errors import ConfigError, expand_home, require_thread_count, require_utf8
 from self_speculation.loading import DEFAULT_MODEL, DTYPES, inspect_model, load_model_and_tokenizer
 from self_speculation.model_surgery import LayerwiseModel
@@ -56,6 +56,7 @@ class ReportConfig:
     draft_adapter: str | None = None  # also report this exit adapter (train_adapter.py)
     draft_vocab_size: int = -1  # draft head over the N top-ranked tokens (-1: the adapter's)
     exit_layer: int = 0  # exit of the draft-exit row without an adapter (0: none)
+    draft_vocab_corpus: list[str] = field(default_factory=list)  # globs ranking the N tokens
 
     def __post_init__(self) -> None:
         self.output_dir = expand_home(self.output_dir, "--output_dir")  # as --model is
@@ -71,6 +72,22 @@ class ReportConfig:
             raise ConfigError("--draft_vocab_size must be >= -1 and --exit_layer >= 0")
         if self.draft_vocab_size > 0 and not self.draft_adapter and not self.exit_layer:
             raise ConfigError("a draft vocabulary without --draft_adapter needs --exit_layer E")
+        if self.draft_vocab_size > 0 and not self.draft_adapter and not self.draft_vocab_corpus:
+            raise ConfigError(
+                "a draft vocabulary without --draft_adapter needs --draft_vocab_corpus GLOB... "
+                "to rank its tokens"
+            )
+        if self.draft_vocab_corpus and self.draft_vocab_size <= 0:
+            raise ConfigError(
+                "--draft_vocab_corpus ranks a draft vocabulary: give --draft_vocab_size N"
+            )
+        if self.draft_adapter:
+            adapter = read_adapter_config(self.draft_adapter)  # a wrong path fails now
+            if self.exit_layer and self.exit_layer != adapter.exit_layer:
+                raise ConfigError(
+                    f"the draft adapter was trained for exit layer {adapter.exit_layer}; got "
+                    f"--exit_layer {self.exit_layer} (leave it unset or give {adapter.exit_layer})"
+                )
         require_thread_count(self.num_threads)
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
@@ -105,6 +122,15 @@ def report_model(name: str, texts: list[str], config: ReportConfig) -> dict:
     blocks = pack_blocks(tokenizer, texts, seq_len)  # [num_blocks, seq_len]
     blocks = blocks[: max(1, config.max_tokens // seq_len)]
     logger.info("%s: %d sequences of %d tokens", name, len(blocks), seq_len)
+    draft = None
+    if name == config.model and (config.draft_adapter or config.draft_vocab_size > 0):
+        # Before the per-layer table: an adapter that does not fit fails in seconds.
+        ranking = None
+        if config.draft_vocab_corpus:
+            from arguments import corpus_token_ranking
+
+            ranking = corpus_token_ranking(tokenizer, config.draft_vocab_corpus, layerwise)
+        draft = load_draft_exit(layerwise, config.draft_adapter, config.draft_vocab_size, ranking)
     rows: list[ExitQuality] = exit_quality(layerwise, blocks, config.batch_size)
     section = {
         "model": name,
@@ -112,8 +138,7 @@ def report_model(name: str, texts: list[str], config: ReportConfig) -> dict:
         "tokens": int(blocks.numel()),
         "exits": [row.as_dict() for row in rows],
     }
-    if name == config.model and (config.draft_adapter or config.draft_vocab_size > 0):
-        draft = load_draft_exit(layerwise, config.draft_adapter, config.draft_vocab_size)
+    if draft is not None:
         exit_layer = draft.exit_layer or config.exit_layer
         if not 1 <= exit_layer < layerwise.num_layers:
             raise ConfigError(

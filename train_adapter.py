@@ -244,8 +244,13 @@ def train_adapter(args: AdapterTrainArguments, model=None, tokenizer=None) -> di
         if args.cache_dir and Path(args.cache_dir).resolve() != Path(args.output_dir).resolve()
         else contextlib.nullcontext()
     )
-    with output_dir_lock(args.output_dir), cache_lock:
-        return _train_adapter(args, model, tokenizer)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with output_dir_lock(args.output_dir), cache_lock:
+            return _train_adapter(args, model, tokenizer)
+    finally:  # an in-process caller gets its Ctrl-C / SIGTERM handling back
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
@@ -277,6 +282,16 @@ def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
                 f"got {getattr(args, name)}"
             )
     init_layer = layerwise.num_layers - 1 if args.init_layer == -1 else args.init_layer
+    if not 0 <= init_layer < layerwise.num_layers:  # before the targets, not after an hour
+        raise ConfigError(
+            f"--init_layer must be in [0, {layerwise.num_layers - 1}] (or -1: the last), "
+            f"got {args.init_layer}"
+        )
+    if args.chat_prompts and getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError(
+            f"--chat_prompts {args.chat_prompts}: {args.model}'s tokenizer has no chat template "
+            "(use --chat_prompts 0 and --data)"
+        )
     base_checksum = _checksum(model)
     record: dict = {
         "arguments": asdict(args),
@@ -334,7 +349,21 @@ def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
         optimizer,
         lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / total_steps)),
     )
-    step = _resume(output / CHECKPOINT_NAME, adapter, optimizer, schedule)
+    settings_key = {
+        name: getattr(args, name)
+        for name in (
+            "model",
+            "exit_layer",
+            "seq_len",
+            "top_k",
+            "draft_vocab_size",
+            "batch_size",
+            "learning_rate",
+            "seed",
+        )
+    }
+    settings_key["init_layer"] = init_layer
+    step = _resume(output / CHECKPOINT_NAME, adapter, optimizer, schedule, settings_key)
     full_to_draft = draft.full_to_draft()
     train_started = time.monotonic()
     stop = _StopFlag()
@@ -364,12 +393,14 @@ def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
             args.train_minutes and time.monotonic() - train_started > args.train_minutes * 60
         )
         if step % 50 == 0 or out_of_time or stop.requested:
-            _save_checkpoint(output / CHECKPOINT_NAME, adapter, optimizer, schedule, step)
+            _save_checkpoint(
+                output / CHECKPOINT_NAME, adapter, optimizer, schedule, step, settings_key
+            )
         if out_of_time:
             break
     progress.close()
     adapter.eval()
-    _save_checkpoint(output / CHECKPOINT_NAME, adapter, optimizer, schedule, step)
+    _save_checkpoint(output / CHECKPOINT_NAME, adapter, optimizer, schedule, step, settings_key)
     after = agreement(draft, held_out)
     if _checksum(model) != base_checksum:
         raise RuntimeError("a base weight changed during adapter training")
@@ -405,10 +436,11 @@ def _checksum(model: torch.nn.Module) -> float:
     return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
 
 
-def _save_checkpoint(path: Path, adapter, optimizer, schedule, step: int) -> None:
+def _save_checkpoint(path: Path, adapter, optimizer, schedule, step: int, settings: dict) -> None:
     partial = path.with_suffix(".tmp")
     torch.save(
         {
+            "settings": settings,
             "adapter": adapter.state_dict(),
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
@@ -419,21 +451,39 @@ def _save_checkpoint(path: Path, adapter, optimizer, schedule, step: int) -> Non
     partial.replace(path)
 
 
-def _resume(path: Path, adapter, optimizer, schedule) -> int:
+def _resume(path: Path, adapter, optimizer, schedule, settings: dict) -> int:
     if not path.exists():
         return 0
     try:
         state = torch.load(path, weights_only=True)
+        saved = state.get("settings", {})
         adapter.load_state_dict(state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         int(state["step"])
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError):
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+    ):
         # Cut short, overwritten, or from an adapter of another shape.
         raise ConfigError(
             f"{path} is not a checkpoint of this adapter training: delete it to start over, "
             "or choose another --output_dir"
         ) from None
+    # (a checkpoint written before settings were recorded: resumed as before)
+    changed = sorted(name for name in settings if saved and saved.get(name) != settings[name])
+    if changed:
+        name = changed[0]
+        raise ConfigError(
+            f"{path} continues a run with --{name} {saved.get(name)}, not {settings[name]}: "
+            "give the same settings (only --epochs / --train_minutes may change), or "
+            "choose another --output_dir"
+        )
     logger.info("resumed at step %d", state["step"])
     return int(state["step"])
 

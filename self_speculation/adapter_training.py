@@ -83,6 +83,12 @@ def compute_targets(
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / MANIFEST_NAME
     wanted = settings.__dict__
+    if (
+        manifest.exists()
+        and not manifest.read_bytes().strip()
+        and not any(folder.glob("shard_*.pt"))
+    ):
+        manifest.unlink()  # a run cut short while creating it: nothing was computed yet
     if manifest.exists():
         try:
             found = json.loads(manifest.read_text(encoding="utf-8"))
@@ -95,8 +101,10 @@ def compute_targets(
             raise ConfigError(
                 f"{folder} holds targets for other settings ({found}); use another --cache_dir"
             )
-    else:
-        manifest.write_text(json.dumps(wanted, indent=2) + "\n")
+    else:  # atomically: an interrupted run never leaves an empty manifest behind
+        partial = manifest.with_suffix(".tmp")
+        partial.write_text(json.dumps(wanted, indent=2) + "\n")
+        partial.replace(manifest)
     exits = sorted(settings.exit_layers)
     num_shards = math.ceil(len(blocks) / SHARD_BLOCKS)
     started = time.monotonic()

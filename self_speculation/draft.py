@@ -136,6 +136,38 @@ class DraftExit:
     ) -> None:
         self.model = model
         self.adapter = adapter
+        if vocab is not None:
+            size = model.lm_head.weight.shape[0]
+            if not isinstance(vocab, torch.Tensor) or vocab.dim() != 1 or len(vocab) == 0:
+                raise ConfigError("a draft vocabulary must be a non-empty 1-D tensor of token ids")
+            if vocab.is_floating_point() or vocab.dtype == torch.bool:
+                raise ConfigError(f"a draft vocabulary holds token ids, not {vocab.dtype} values")
+            if int(vocab.min()) < 0 or int(vocab.max()) >= size:
+                raise ConfigError(
+                    f"the draft vocabulary holds token ids outside this model's vocabulary (0..{size - 1})"
+                )
+        if adapter is not None:
+            if not isinstance(adapter, ExitAdapter):
+                raise ConfigError(f"adapter must be an ExitAdapter, got {type(adapter).__name__}")
+            if (
+                adapter.cache_index != model.num_layers
+                or not 1 <= adapter.exit_layer < model.num_layers
+            ):
+                raise ConfigError(
+                    f"the exit adapter was built for a model of {adapter.cache_index} layers; "
+                    f"this one has {model.num_layers}"
+                )
+            layer = model.layers[adapter.init_layer]
+            allowed = {(model.dtype, torch.device(model.device))} | {
+                (p.dtype, p.device) for p in layer.parameters()
+            }
+            wrong = {(p.dtype, p.device) for p in adapter.parameters()} - allowed
+            if wrong:
+                dtype, device = wrong.pop()
+                raise ConfigError(
+                    f"the exit adapter's weights are {dtype} on {device}; the model's are "
+                    f"{model.dtype} on {model.device} (move it with adapter.to(...))"
+                )
         self.vocab = None if vocab is None else vocab.to(model.device, torch.long)
         # The k recommended with the adapter (its config's num_speculations), if any.
         self.num_speculations: int | None = None
@@ -329,6 +361,16 @@ def load_draft_exit(
         except (OSError, SafetensorError) as error:
             raise ModelLoadError(f"--draft_adapter: cannot read {weights_file} ({error})") from None
         saved_vocab = tensors.pop(_VOCAB_KEY, None)
+        if saved_vocab is not None and (
+            saved_vocab.dim() != 1
+            or saved_vocab.is_floating_point()
+            or saved_vocab.dtype == torch.bool
+            or len(saved_vocab.unique()) != len(saved_vocab)
+        ):
+            raise ConfigError(
+                f"--draft_adapter: {weights_file}: '{_VOCAB_KEY}' must be a 1-D list of distinct "
+                "integer token ids"
+            )
         state = {
             name[len(_BLOCK_PREFIX) :]: tensor
             for name, tensor in tensors.items()

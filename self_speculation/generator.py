@@ -239,6 +239,8 @@ class Generator:
         self.model = model
         self.tokenizer = tokenizer
         self.layerwise = LayerwiseModel(model, verify=verify_model)
+        if draft is not None and draft.model.model is not model:
+            raise ConfigError("this DraftExit was built for another model")
         self._draft = draft
         unapplied = unapplied_generation_settings(model)
         if unapplied:
@@ -308,6 +310,14 @@ class Generator:
 
     @draft.setter
     def draft(self, draft: DraftExit | None) -> None:
+        if draft is not None and not isinstance(draft, DraftExit):
+            raise ArgumentTypeError(
+                f"draft must be a DraftExit or None, got {type(draft).__name__}"
+            )
+        if draft is not None and draft.model.model is not self.model:
+            raise ConfigError(
+                "this DraftExit was built for another model: build it on generator.layerwise"
+            )
         with self._holding_compiled_passes("the draft cannot change during a compiled generation"):
             self._draft = draft
             self._drop_passes()  # passes (and compiled code) hold the draft exit

@@ -224,6 +224,25 @@ def test_wrong_adapters_are_refused(tmp_path) -> None:
     (broken / ADAPTER_CONFIG_NAME).write_text(json.dumps({"exit_layer": "two"}))
     with pytest.raises(ConfigError, match="malformed|must be an integer"):
         load_draft_exit(model, broken)
+    repeated = tmp_path / "repeated"
+    save_adapter(repeated, perturbed_adapter(generator, 2), settings, torch.full((40,), 7))
+    with pytest.raises(ConfigError, match="distinct"):
+        load_draft_exit(model, repeated)
+
+
+def test_a_draft_exit_that_does_not_fit_is_refused_when_given() -> None:
+    """The Python API: a DraftExit of another model, ids out of range or an adapter in
+    another dtype fail when given, in one line, not mid-generation."""
+    generator = Generator(
+        make_tiny_model("llama_gqa_tied", dtype=torch.float32), make_tiny_tokenizer()
+    )
+    other = Generator(make_tiny_model("llama_gqa_tied", dtype=torch.float32), make_tiny_tokenizer())
+    with pytest.raises(ConfigError, match="built for another model"):
+        generator.draft = DraftExit(other.layerwise, perturbed_adapter(other, 2))
+    with pytest.raises(ConfigError, match="outside this model's vocabulary"):
+        DraftExit(generator.layerwise, None, torch.tensor([3, VOCAB_SIZE]))
+    with pytest.raises(ConfigError, match="float64"):
+        DraftExit(generator.layerwise, perturbed_adapter(generator, 2).double())
 
 
 def test_training_changes_only_the_adapter_and_resumes(tmp_path) -> None:
@@ -268,6 +287,9 @@ def test_training_changes_only_the_adapter_and_resumes(tmp_path) -> None:
     record = train_adapter(AdapterTrainArguments(**{**arguments, "epochs": 2}), model, tokenizer)
     assert record["steps"] == 2 * first_steps
     assert all(torch.equal(before[name], model.state_dict()[name]) for name in before)
+    # Another adapter's settings do not continue this checkpoint.
+    with pytest.raises(ConfigError, match="continues a run with --init_layer 3, not 1"):
+        train_adapter(AdapterTrainArguments(**{**arguments, "init_layer": 1}), model, tokenizer)
 
 
 def test_layer_quality_of_a_draft_exit() -> None:
