@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import pickle
 import signal
 import time
@@ -363,6 +364,8 @@ def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
         )
     }
     settings_key["init_layer"] = init_layer
+    if os.path.exists(os.path.expanduser(args.model)):  # "m", "./m" and "m/" are one model
+        settings_key["model"] = os.path.realpath(os.path.expanduser(args.model))
     step = _resume(output / CHECKPOINT_NAME, adapter, optimizer, schedule, settings_key)
     full_to_draft = draft.full_to_draft()
     train_started = time.monotonic()
@@ -452,38 +455,36 @@ def _save_checkpoint(path: Path, adapter, optimizer, schedule, step: int, settin
 
 
 def _resume(path: Path, adapter, optimizer, schedule, settings: dict) -> int:
+    """The step the checkpoint at ``path`` continues from (0: none), its state loaded.
+
+    Raises:
+        ConfigError: a checkpoint of other ``settings``, or not one of this training.
+    """
     if not path.exists():
         return 0
+    damaged = ConfigError(
+        f"{path} is not a checkpoint of this adapter training: delete it to start over, "
+        "or choose another --output_dir"
+    )
     try:
         state = torch.load(path, weights_only=True)
-        saved = state.get("settings", {})
-        adapter.load_state_dict(state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        int(state["step"])
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        KeyError,
-        TypeError,
-        ValueError,
-        AttributeError,
-    ):
-        # Cut short, overwritten, or from an adapter of another shape.
-        raise ConfigError(
-            f"{path} is not a checkpoint of this adapter training: delete it to start over, "
-            "or choose another --output_dir"
-        ) from None
-    # (a checkpoint written before settings were recorded: resumed as before)
+        saved = state.get("settings", {})  # {}: written before settings were recorded
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError):
+        raise damaged from None  # cut short or overwritten
     changed = sorted(name for name in settings if saved and saved.get(name) != settings[name])
     if changed:
         name = changed[0]
         raise ConfigError(
             f"{path} continues a run with --{name} {saved.get(name)}, not {settings[name]}: "
-            "give the same settings (only --epochs / --train_minutes may change), or "
-            "choose another --output_dir"
+            "give the settings it was trained with, or choose another --output_dir"
         )
+    try:
+        adapter.load_state_dict(state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        int(state["step"])
+    except (RuntimeError, KeyError, TypeError, ValueError):  # an adapter of another shape
+        raise damaged from None
     logger.info("resumed at step %d", state["step"])
     return int(state["step"])
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from self_speculation.benchmarking import write_json_atomic
 from self_speculation.draft import DraftExit
 from self_speculation.errors import ConfigError, one_line
 from self_speculation.loading import user_turn
@@ -102,9 +103,7 @@ def compute_targets(
                 f"{folder} holds targets for other settings ({found}); use another --cache_dir"
             )
     else:  # atomically: an interrupted run never leaves an empty manifest behind
-        partial = manifest.with_suffix(".tmp")
-        partial.write_text(json.dumps(wanted, indent=2) + "\n")
-        partial.replace(manifest)
+        write_json_atomic(manifest, wanted)
     exits = sorted(settings.exit_layers)
     num_shards = math.ceil(len(blocks) / SHARD_BLOCKS)
     started = time.monotonic()

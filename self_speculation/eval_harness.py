@@ -120,16 +120,23 @@ class LayerSkipLM(LM):
         """Context tokens with the tokenizer's own special tokens (a BOS where the tokenizer
         adds one), as lm-eval's HFLM and generate.py encode a prompt; an empty context is
         conditioned on the prefix token."""
-        ids = list(self.tokenizer(context)["input_ids"]) if context else []
+        ids = self._encode_with_specials(context) if context else []
         return ids or self._empty_context_ids()
+
+    def _encode_with_specials(self, text: str) -> list[int]:
+        """``text``'s ids with the tokenizer's own special tokens, but no second BOS when the
+        text already starts with the BOS token's text (HFLM.tok_encode's has_bos_prefix)."""
+        bos = self.tokenizer.bos_token
+        add = not (isinstance(bos, str) and bos and text.startswith(bos))
+        return list(self.tokenizer(text, add_special_tokens=add)["input_ids"])
 
     def _pair_ids(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         stripped = context.rstrip()
         continuation = context[len(stripped) :] + continuation
         if not stripped:
             return self._empty_context_ids(), self._encode(continuation)
-        whole = list(self.tokenizer(stripped + continuation)["input_ids"])
-        context_ids = list(self.tokenizer(stripped)["input_ids"])
+        whole = self._encode_with_specials(stripped + continuation)
+        context_ids = self._encode_with_specials(stripped)
         return context_ids, whole[len(context_ids) :]
 
     # --- scoring ----------------------------------------------------------------------
@@ -195,8 +202,9 @@ class LayerSkipLM(LM):
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         changes: dict[str, Any] = {}
-        if gen_kwargs.get("no_repeat_ngram_size"):
-            changes["no_repeat_ngram_size"] = _number(gen_kwargs, "no_repeat_ngram_size", int)
+        if "no_repeat_ngram_size" in gen_kwargs:  # 0: off
+            ngram = _number(gen_kwargs, "no_repeat_ngram_size", int)
+            changes["no_repeat_ngram_size"] = ngram or None
         if "max_gen_toks" in gen_kwargs:
             changes["max_steps"] = _number(gen_kwargs, "max_gen_toks", int)
         if "do_sample" in gen_kwargs:

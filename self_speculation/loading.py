@@ -489,8 +489,9 @@ def inspect_model(model: str, model_args: dict[str, Any] | None = None) -> Model
         if "trust_remote_code" in str(error):
             raise ModelLoadError(
                 f"{config_path} names custom code (auto_map) that must run to load this "
-                "model: read it, then pass --model_args trust_remote_code=true "
-                "(Python: model_args={'trust_remote_code': True})"
+                "model: read it, then pass --model_args trust_remote_code=true (generate, "
+                "benchmark, eval, sweep, correctness; Python: model_args={'trust_remote_code': "
+                "True}); train, train_adapter and layer_report do not load custom code"
             ) from None
         message = " ".join(str(error).split()) or type(error).__name__
         raise ModelLoadError(f"{config_path}: {message}") from None
@@ -528,6 +529,10 @@ def _layer_indices(keys: Iterable[str]) -> list[int]:
     return sorted({int(match.group(1)) for key in keys if (match := _LAYER_INDEX.search(key))})
 
 
+def _layer_prefixes(keys: Iterable[str]) -> set[str]:
+    return {key[: match.end()] for key in keys if (match := _LAYER_INDEX.search(key))}
+
+
 def _first(keys: Iterable[Any]) -> str:
     ordered = sorted(str(key if isinstance(key, str) else key[0]) for key in keys)
     more = f" and {len(ordered) - 1} more" if len(ordered) > 1 else ""
@@ -556,10 +561,10 @@ def check_loading_info(
     if missing:
         layers = _layer_indices(missing)
         # Whole layers missing: config.json declares more layers than the weights hold. Some
-        # tensors of a layer missing: the weights are incomplete (named below).
-        partly = model_keys is not None and set(_layer_indices(set(model_keys) - missing)) & set(
-            layers
-        )
+        # tensors of a layer missing: the weights are incomplete (named below). A layer is
+        # its "...layers.N." prefix: a vision tower's layer N is not the decoder's.
+        present = set(model_keys or ()) - missing
+        partly = _layer_prefixes(missing) & _layer_prefixes(present)
         if layers and declared and not partly:
             raise ModelLoadError(
                 f"model '{model}': {declared} but the weights have none for layer(s) "

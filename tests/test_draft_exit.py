@@ -290,6 +290,9 @@ def test_training_changes_only_the_adapter_and_resumes(tmp_path) -> None:
     # Another adapter's settings do not continue this checkpoint.
     with pytest.raises(ConfigError, match="continues a run with --init_layer 3, not 1"):
         train_adapter(AdapterTrainArguments(**{**arguments, "init_layer": 1}), model, tokenizer)
+    (output / "checkpoint.pt").write_bytes(b"cut short")
+    with pytest.raises(ConfigError, match="not a checkpoint of this adapter training"):
+        train_adapter(AdapterTrainArguments(**{**arguments, "epochs": 3}), model, tokenizer)
 
 
 def test_layer_quality_of_a_draft_exit() -> None:

@@ -218,3 +218,22 @@ def test_gen_kwargs_the_engine_does_not_apply_are_refused_not_dropped(
         with pytest.raises(ConfigError, match=f"{next(iter(kwargs))} are not supported"):
             lm._request_config({"until": ["\n"], **kwargs})
     assert lm._request_config({"no_repeat_ngram_size": 3})[0].no_repeat_ngram_size == 3
+
+
+def test_a_context_that_starts_with_the_bos_text_gets_one_bos() -> None:
+    """As lm-eval's HFLM (has_bos_prefix): a BOS-adding tokenizer adds none before a text
+    that already starts with its BOS token's text (a task that writes it out)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from self_speculation import DEFAULT_MODEL
+
+    model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL, "float32", "cpu")
+    lm = LayerSkipLM(Generator(model, tokenizer), GenerationConfig(sample=False), progress=False)
+    bos = tokenizer.bos_token
+    assert lm._context_ids(f"{bos}def f():").count(tokenizer.bos_token_id) == 1
+    hf = HFLM(pretrained=DEFAULT_MODEL, dtype="float32", device="cpu", batch_size=1)
+    pairs = [(f"{bos}def add(a, b):", "\n    return a + b"), ("def f(x):", " return x")]
+    scored = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    for (ours, _), (theirs, _) in zip(lm.loglikelihood(scored), hf.loglikelihood(scored)):
+        assert ours == pytest.approx(theirs, abs=1e-4)

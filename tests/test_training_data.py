@@ -63,3 +63,24 @@ def test_symlinked_directories_count_once_and_loops_end(tmp_path: Path) -> None:
     os.symlink("a", tmp_path / "alias")
     assert resolve_files([f"{tmp_path}/**/*.py"]) == [tmp_path / "a" / "m.py"]
     assert resolve_files([f"{tmp_path}/alias/*.py"]) == [tmp_path / "alias" / "m.py"]
+
+
+def test_globs_match_what_glob_matches(tmp_path: Path) -> None:
+    """Directory names with glob characters are names, not patterns, under ``**``."""
+    import glob
+
+    (tmp_path / "br[1]").mkdir()
+    (tmp_path / "br[1]" / "k.py").write_text("k = 1\n")
+    (tmp_path / "top.py").write_text("t = 1\n")
+    for pattern in (f"{tmp_path}/**/*.py", f"{glob.escape(str(tmp_path))}/br[[]1]/**/*.py"):
+        expected = sorted(Path(name) for name in glob.glob(pattern, recursive=True))
+        assert resolve_files([pattern]) == expected and expected
+
+
+def test_a_damaged_gzipped_json_file_is_one_line(tmp_path: Path) -> None:
+    with gzip.open(tmp_path / "c.json.gz", "wt") as handle:
+        handle.write(jsonl(["x"] * 200))
+    data = (tmp_path / "c.json.gz").read_bytes()
+    (tmp_path / "c.json.gz").write_bytes(data[:15])  # cut inside the first block
+    with pytest.raises(ConfigError, match="cannot read"):
+        list(read_texts([tmp_path / "c.json.gz"]))

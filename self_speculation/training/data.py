@@ -43,7 +43,7 @@ def resolve_files(
     Raises:
         ConfigError: no file matches.
     """
-    found: dict[str, Path] = {}  # real path -> the first name it was found under
+    found: dict[str, Path] = {}  # real path -> the smallest name it was found under
     for pattern in patterns:
         for name in sorted(_expand_glob(expand_home(pattern, flag))):
             path = Path(name)
@@ -69,7 +69,9 @@ def _expand_glob(pattern: str) -> Iterator[str]:
         yield from glob.glob(pattern)
         return
     cut = parts.index("**")
-    head, tail = os.sep.join(parts[:cut]), os.sep.join(parts[cut + 1 :])
+    # parts[:1] == [""]: an absolute pattern's root ("/**/x")
+    head = os.sep.join(parts[:cut]) or (os.sep if cut else "")
+    tail = os.sep.join(parts[cut + 1 :])
     roots = glob.glob(head) if glob.has_magic(head) else [head]
     seen: set[str] = set()
     for root in roots:
@@ -81,8 +83,10 @@ def _expand_glob(pattern: str) -> Iterator[str]:
             seen.add(real)
             subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
             base = directory if root else os.path.relpath(directory)
-            if tail:
-                yield from _expand_glob(os.path.join(base, tail) if base != os.curdir else tail)
+            if tail:  # a directory's name is not a pattern ("data[1]")
+                yield from _expand_glob(
+                    os.path.join(glob.escape(base), tail) if base != os.curdir else tail
+                )
             else:
                 yield base
                 yield from (
@@ -118,7 +122,9 @@ def _records_kind(path: Path, text_field: str) -> tuple[str | None, bool]:
                 records = json.loads(handle.read())
                 if isinstance(records, list) and records and _is_record(records[0], text_field):
                     return "array", gzipped
-    except (OSError, UnicodeDecodeError, EOFError, zlib.error, RecursionError, ValueError):
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:  # a .gz cut short or corrupt
+        raise ConfigError(f"cannot read {path}: {error}") from None
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError):
         pass  # read as a document below, which skips what is not text with a warning
     return None, gzipped
 

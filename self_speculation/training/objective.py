@@ -36,7 +36,8 @@ def router_loss(model: nn.Module) -> Callable[[Any], torch.Tensor] | None:
     loss adds none.
 
     Raises:
-        UnsupportedModelError: the config asks for it, but the family's loss is not found.
+        UnsupportedModelError: the config asks for it and the family's module has the loss,
+            but the model lacks the coefficient or expert counts it takes.
     """
     if not getattr(model.config, "output_router_logits", False):
         return None
