@@ -270,21 +270,53 @@ class GenerationStrategy(abc.ABC):
             )
         if first_token_allowed is not None:
             logits = logits.masked_fill(~first_token_allowed, float("-inf"))
-            if self.selector.context_processors:
-                processed = self.selector.process(
-                    logits[:, None], tokens, pad_counts, state.lengths
-                )
-                banned = torch.isneginf(processed[:, 0].amax(dim=-1))
-                if bool(banned.any()):
-                    raise ConfigError(
-                        f"token healing: the logits processors (no_repeat_ngram_size; the "
-                        f"checkpoint's repetition penalty, bad words, suppressed tokens) ban "
-                        f"every token that may follow prompt {int(banned.nonzero()[0])}'s "
-                        "healed end; use token_healing=False (--token_healing False)"
-                    )
+        if first_token_allowed is not None or self._reduced_vocabulary:
+            self._refuse_all_banned(logits, state, healing=first_token_allowed is not None)
         first_tokens, _ = self.selector.choose(logits, tokens, pad_counts, state.lengths)
         state.write(first_tokens[:, None], torch.ones_like(pad_counts))
         return state
+
+    @property
+    def _reduced_vocabulary(self) -> bool:
+        """Tokens come from an early exit's reduced draft vocabulary (early-exit decoding
+        with ``draft_vocab_size``), which the logits processors can ban entirely."""
+        draft = self.passes.draft
+        return (
+            self.config.exit_layer < self.passes.model.num_layers
+            and draft is not None
+            and draft.vocab is not None
+        )
+
+    def _refuse_all_banned(self, logits: torch.Tensor, state: DecodingState, healing: bool) -> None:
+        """ConfigError when the logits processors ban every token a row may take next (the
+        choice would be a banned token, or a failing draw).
+
+        Args:
+            logits: [batch, vocab], with what healing or the vocabulary rule out at -inf.
+        """
+        if not self.selector.context_processors:
+            return
+        processed = self.selector.process(
+            logits[:, None], state.tokens, state.pad_counts, state.lengths
+        )[:, 0]
+        banned = torch.isneginf(processed.amax(dim=-1))  # [batch]
+        if not bool(banned.any()):
+            return
+        row = int(banned.nonzero()[0])
+        processors = (
+            "the logits processors (no_repeat_ngram_size; the checkpoint's repetition penalty, "
+            "bad words, suppressed tokens)"
+        )
+        if healing:
+            raise ConfigError(
+                f"token healing: {processors} ban every token that may follow prompt {row}'s "
+                "healed end; use token_healing=False (--token_healing False)"
+            )
+        raise ConfigError(
+            f"early-exit decoding over a draft vocabulary of {len(self.passes.draft.vocab)} "
+            f"tokens: {processors} ban all of them for row {row}; use a larger "
+            "--draft_vocab_size, or drop the constraint"
+        )
 
     @abc.abstractmethod
     def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
@@ -346,6 +378,8 @@ class AutoRegressiveGenerationStrategy(GenerationStrategy):
             self.config.exit_layer,
         )  # [batch, vocab]
         bad = non_finite(logits)  # [batch]
+        if self._reduced_vocabulary:
+            self._refuse_all_banned(logits, state, healing=False)
         if self.selector.sample:
             logits = finite_or_uniform(logits, bad)
         tokens, _ = self.selector.choose(logits, state.tokens, state.pad_counts, state.lengths)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -344,3 +345,20 @@ def test_scripts_take_an_adapter(tiny_model_dir, prompts_file, tmp_path) -> None
     correctness = importlib.import_module("correctness")
     argv = [*common, "--num_speculations", "3", "--output_dir", str(tmp_path / "check")]
     assert correctness.main(argv) == 0
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_early_exit_decoding_whose_reduced_vocabulary_is_all_banned_is_one_error(
+    sample: bool,
+) -> None:
+    """Early-exit decoding over a two-token vocabulary with no-repeat-1-gram: at the first
+    token (both in the prompt) and later (each used once), a ConfigError, not a banned
+    token 0 (greedy) or a failing multinomial draw (sampling)."""
+    generator = Generator(make_tiny_model("llama_gqa_tied"), make_tiny_tokenizer())
+    generator.draft = DraftExit(generator.layerwise, None, torch.tensor([7, 9]))
+    config = GenerationConfig(max_steps=6, sample=sample, exit_layer=2, no_repeat_ngram_size=1)
+    for prompt in ([5, 60, 7, 200, 31, 8, 9], [5, 60, 200]):
+        with pytest.raises(ConfigError, match="ban all of them"):
+            generator.generate(prompt, config)
+    free = dataclasses.replace(config, no_repeat_ngram_size=None)
+    assert set(generator.generate([5, 60, 200], free).token_ids) <= {7, 9}
