@@ -33,6 +33,7 @@ runs them without inductor: a check that they compile whole, in seconds (tests, 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import inspect
@@ -40,6 +41,7 @@ import itertools
 import logging
 import os
 import shutil
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -93,6 +95,24 @@ def missing_compiler(device: torch.device) -> str | None:
     if any(name and shutil.which(name) for name in names):
         return None
     return f"no {kind} found (install g++, or set CXX/CC)"
+
+
+def _cuda_graphs_in_this_thread() -> None:
+    """Give this thread CUDA-graph trees of its own where torch does not (torch < 2.13 keeps
+    them for the thread that imported ``cudagraph_trees`` alone: a compiled pass first called
+    from another thread, a server's worker say, failed a bare assertion in
+    ``cudagraph_trees.get_obj``). What torch 2.13 does for each new thread."""
+    try:
+        from torch._inductor import cudagraph_trees as trees  # noqa: PLC0415
+
+        if hasattr(trees, "_initialize_tls") or hasattr(trees.local, "tree_manager_containers"):
+            return
+        if torch._C._is_key_in_tls("tree_manager_containers"):
+            return
+        trees.local.tree_manager_containers = {}
+        trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
+    except (ImportError, AttributeError):  # another torch's internals: leave them to it
+        return
 
 
 def _recompile_limit() -> dict:
@@ -297,6 +317,8 @@ class ForwardPasses:
                 ),
                 self._expected_compile_time(),
             )
+        if self.model.device.type == "cuda":
+            _cuda_graphs_in_this_thread()
         graphs = counters["stats"]["unique_graphs"]
         started = time.perf_counter()
         try:
@@ -518,6 +540,13 @@ class ForwardPasses:
         positions = columns - pad_counts[:, None]
         return self._exit_logits(hidden, end, cache, positions, pad_counts)[:, 0], hidden
 
+    def _guard_on_instance(self) -> None:
+        """Makes dynamo guard on which ``ForwardPasses`` calls (compile_options: the module
+        guards are dropped, so that without it one model's compiled pass served another
+        model of the same shapes). Every compiled pass must call it."""
+        if self.instance < 0:  # never
+            raise AssertionError("ForwardPasses.instance must be >= 0")
+
     def _first_layers(
         self,
         tokens: torch.Tensor,
@@ -527,8 +556,7 @@ class ForwardPasses:
         end: int,
     ) -> torch.Tensor:
         """Tokens [batch, n] written at ``columns`` [batch, n] through layers [0, end)."""
-        if self.instance < 0:  # never: makes dynamo guard on the instance (compile_options)
-            raise AssertionError("ForwardPasses.instance must be >= 0")
+        self._guard_on_instance()
         cache.write_columns = columns
         return self.model.run_layers(
             self.model.embed(tokens), 0, end, cache, columns - pad_counts[:, None], pad_counts
@@ -844,6 +872,7 @@ class ForwardPasses:
         depths: torch.Tensor,
         ancestors: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        self._guard_on_instance()  # the only pass that does not go through _first_layers
         device = lengths.device
         base = lengths - 1  # [batch]: the root (pending token) column
         batch = len(lengths)

@@ -40,11 +40,21 @@ logger = logging.getLogger(__name__)
 DIRECTORY_VARIABLE = "LAYERSKIP_PRECOMPILED_DIR"
 
 
+@cache
 def available() -> bool:
-    """Whether this torch can save and load compiled functions."""
-    return hasattr(torch.compiler, "load_compiled_function") and hasattr(
-        torch.compiler, "keep_portable_guards_unsafe"
-    )
+    """Whether this torch can save and load compiled functions: torch 2.11 has
+    ``load_compiled_function`` but its compiled functions have no ``aot_compile`` (every
+    pass then hashed the model and gave up, "not kept on disk")."""
+    if not (
+        hasattr(torch.compiler, "load_compiled_function")
+        and hasattr(torch.compiler, "keep_portable_guards_unsafe")
+    ):
+        return False
+    return hasattr(torch.compile(_probe, backend="eager"), "aot_compile")
+
+
+def _probe() -> None:
+    """What ``available`` wraps in torch.compile (never called)."""
 
 
 def directory() -> Path:

@@ -473,3 +473,27 @@ def test_compiled_generations_of_one_generator_run_one_at_a_time() -> None:
         PROMPTS[1], config("autoregressive", False)
     )
     assert generator.generate(PROMPTS[0], fast, streamer=eager_inside).token_ids == expected[0]
+
+
+def test_cuda_graph_state_in_a_worker_thread() -> None:
+    """The CUDA fast path's first call in a thread other than the one that imported
+    ``cudagraph_trees`` finds that thread's tree container (torch 2.11 failed a bare
+    assertion there; the passes set it up as torch 2.13 does). Runs on a CPU: the lookup
+    itself needs no device."""
+    import threading
+
+    from torch._inductor import cudagraph_trees
+
+    from self_speculation.passes import _cuda_graphs_in_this_thread
+
+    cudagraph_trees.get_container(0)  # this thread's
+    found = []
+
+    def worker() -> None:
+        _cuda_graphs_in_this_thread()
+        found.append(cudagraph_trees.get_container(0))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert len(found) == 1

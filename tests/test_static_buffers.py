@@ -28,7 +28,7 @@ from self_speculation.kv_cache import (
     capacity_bucket,
     is_static_address,
 )
-from self_speculation.passes import COMPILE_BACKEND_VARIABLE, ForwardPasses
+from self_speculation.passes import COMPILE_BACKEND_VARIABLE, PRECOMPILE_VARIABLE, ForwardPasses
 
 PROMPTS = [[5, 7, 9, 11, 13], [3, 4], [8, 8, 8, 9, 10, 11, 12, 13, 14]]
 BACKEND = "layerskip_static_check"
@@ -200,6 +200,29 @@ def test_compiled_code_is_not_shared_between_models(inspected) -> None:
         fast = generator.generate_batch(PROMPTS[:1], config("autoregressive", True))
         assert [r.token_ids for r in fast] == [r.token_ids for r in eager], family
         assert len(GRAPHS) > graphs, family  # compiled for this model
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(generation_strategy="self_speculative", exit_layer=2, num_speculations=3),
+        dict(generation_strategy="tree", exit_layer=2, tree_branching=[2, 1]),
+        dict(generation_strategy="adaptive", exit_layer=2, num_speculations=2),
+    ],
+    ids=lambda settings: settings["generation_strategy"],
+)
+def test_no_strategy_shares_compiled_code_between_models(settings: dict, monkeypatch) -> None:
+    """Every compiled pass guards on its ``ForwardPasses`` (the tree step did not: a Qwen2
+    after a Llama ran the Llama's compiled tree step, wrong tokens without a word). Nothing
+    kept on disk, as on CUDA (a saved pass is called directly, without dynamo's dispatch)."""
+    monkeypatch.setenv(COMPILE_BACKEND_VARIABLE, "eager")  # dynamo traces: seconds
+    monkeypatch.setenv(PRECOMPILE_VARIABLE, "0")
+    for family in ("llama_gqa_tied", "qwen2"):
+        generator = Generator(make_tiny_model(family, dtype=torch.float32), IdTokenizer())
+        eager = generator.generate_batch(PROMPTS, config("autoregressive", False, max_steps=12))
+        fast_config = GenerationConfig(max_steps=12, sample=False, compile=True, **settings)
+        fast = generator.generate_batch(PROMPTS, fast_config)
+        assert [r.token_ids for r in fast] == [r.token_ids for r in eager], family
 
 
 def test_pooled_buffers_taken_in_inference_mode_serve_later_generations() -> None:
