@@ -431,6 +431,8 @@ class BenchmarkArguments:
     def __post_init__(self) -> None:
         if self.data_path is not None and not self.data_path.strip():
             raise ConfigError("--data_path is empty (give a JSONL file or a saved dataset folder)")
+        if self.data_path is not None:  # --data_path=~/x.jsonl reaches us unexpanded
+            self.data_path = expand_home(self.data_path, "--data_path")
         if self.num_samples is not None and self.num_samples < 1:
             raise ConfigError(f"--num_samples must be >= 1, got {self.num_samples}")
         if self.n_shot < 0:

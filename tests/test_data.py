@@ -259,3 +259,12 @@ def test_a_byte_that_is_not_utf8_is_located_by_line(tmp_path: Path) -> None:
     datasets.Dataset.from_list([{"prompt": "p", "response": "r"}]).to_parquet(str(parquet))
     with pytest.raises(DataError, match="it is a Parquet file"):
         load_examples(dataclasses.replace(args, data_path=str(parquet)), seed=0)
+
+
+def test_a_data_path_under_home_is_expanded(tmp_path: Path, monkeypatch) -> None:
+    """--data_path=~/x.jsonl reaches the script without the shell's expansion."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_jsonl(tmp_path / "x.jsonl", [{"prompt": "p", "response": "r"}])
+    args = BenchmarkArguments(dataset="custom_jsonl", data_path="~/x.jsonl")
+    (example,) = load_examples(args, seed=0)
+    assert example.input == "p"
