@@ -282,7 +282,7 @@ class GenerationStrategy(abc.ABC):
         with ``draft_vocab_size``), which the logits processors can ban entirely."""
         draft = self.passes.draft
         return (
-            self.config.exit_layer < self.passes.model.num_layers
+            self.prefill_layers < self.passes.model.num_layers
             and draft is not None
             and draft.vocab is not None
         )
