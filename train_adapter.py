@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import pickle
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from self_speculation.errors import ConfigError, expand_home, require_thread_cou
 from self_speculation.loading import DTYPES, check_device, load_model_and_tokenizer
 from self_speculation.output_safety import output_dir_lock
 from self_speculation.training.data import pack_blocks, read_texts, resolve_files
+from self_speculation.training.loop import StopSignals
 
 logger = logging.getLogger("train_adapter")
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -245,13 +245,8 @@ def train_adapter(args: AdapterTrainArguments, model=None, tokenizer=None) -> di
         if args.cache_dir and Path(args.cache_dir).resolve() != Path(args.output_dir).resolve()
         else contextlib.nullcontext()
     )
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with output_dir_lock(args.output_dir), cache_lock:
-            return _train_adapter(args, model, tokenizer)
-    finally:  # an in-process caller gets its Ctrl-C / SIGTERM handling back
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+    with output_dir_lock(args.output_dir), cache_lock:
+        return _train_adapter(args, model, tokenizer)
 
 
 def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
@@ -369,67 +364,68 @@ def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
     step = _resume(output / CHECKPOINT_NAME, adapter, optimizer, schedule, settings_key)
     full_to_draft = draft.full_to_draft()
     train_started = time.monotonic()
-    stop = _StopFlag()
-    losses = []
-    progress = tqdm(total=total_steps, initial=step, unit="step", desc="adapter")
-    adapter.train()
-    while step < total_steps and not stop.requested:
-        epoch, offset = divmod(step, steps_per_epoch)
-        indices = list(batches(len(train_set), args.batch_size, args.seed, epoch))[offset]
-        states = train_set.states[indices].to(layerwise.device, layerwise.dtype)
-        loss = distillation_loss(
-            draft_log_probs(draft, states),
-            train_set.top_p[indices].to(states.device),
-            train_set.top_idx[indices].to(states.device),
-            full_to_draft,
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        step += 1
-        losses.append(loss.item())
-        progress.update(1)
-        progress.set_postfix(loss=f"{losses[-1]:.3f}")
-        out_of_time = (
-            args.train_minutes and time.monotonic() - train_started > args.train_minutes * 60
-        )
-        if step % 50 == 0 or out_of_time or stop.requested:
-            _save_checkpoint(
-                output / CHECKPOINT_NAME, adapter, optimizer, schedule, step, settings_key
+    # Ctrl-C / SIGTERM: finish the step, save, then stop (the caller's handlers come back).
+    with StopSignals(force_on_repeat=False) as stop:
+        losses = []
+        progress = tqdm(total=total_steps, initial=step, unit="step", desc="adapter")
+        adapter.train()
+        while step < total_steps and stop.received is None:
+            epoch, offset = divmod(step, steps_per_epoch)
+            indices = list(batches(len(train_set), args.batch_size, args.seed, epoch))[offset]
+            states = train_set.states[indices].to(layerwise.device, layerwise.dtype)
+            loss = distillation_loss(
+                draft_log_probs(draft, states),
+                train_set.top_p[indices].to(states.device),
+                train_set.top_idx[indices].to(states.device),
+                full_to_draft,
             )
-        if out_of_time:
-            break
-    progress.close()
-    adapter.eval()
-    _save_checkpoint(output / CHECKPOINT_NAME, adapter, optimizer, schedule, step, settings_key)
-    after = agreement(draft, held_out)
-    if _checksum(model) != base_checksum:
-        raise RuntimeError("a base weight changed during adapter training")
-    record.update(
-        steps=step,
-        total_steps=total_steps,
-        train_seconds=time.monotonic() - train_started,
-        final_loss=sum(losses[-20:]) / max(len(losses[-20:]), 1) if losses else None,
-        before=before,
-        after=after,
-        base_weights_unchanged=True,
-    )
-    config = AdapterConfig(
-        exit_layer=args.exit_layer,
-        num_layers=layerwise.num_layers,
-        hidden_size=layerwise.config.hidden_size,
-        init_layer=init_layer,
-        base_model=args.model,
-        trained_draft_vocab_size=args.draft_vocab_size,
-        training={
-            key: record[key] for key in ("data", "target_tokens", "steps", "before", "after")
-        },
-    )
-    save_adapter(output, adapter, config, ranking)
-    write_json_atomic(output / "training_record.json", record)
-    if stop.requested:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            losses.append(loss.item())
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.3f}")
+            out_of_time = (
+                args.train_minutes and time.monotonic() - train_started > args.train_minutes * 60
+            )
+            if step % 50 == 0 or out_of_time or stop.received is not None:
+                _save_checkpoint(
+                    output / CHECKPOINT_NAME, adapter, optimizer, schedule, step, settings_key
+                )
+            if out_of_time:
+                break
+        progress.close()
+        adapter.eval()
+        _save_checkpoint(output / CHECKPOINT_NAME, adapter, optimizer, schedule, step, settings_key)
+        after = agreement(draft, held_out)
+        if _checksum(model) != base_checksum:
+            raise RuntimeError("a base weight changed during adapter training")
+        record.update(
+            steps=step,
+            total_steps=total_steps,
+            train_seconds=time.monotonic() - train_started,
+            final_loss=sum(losses[-20:]) / max(len(losses[-20:]), 1) if losses else None,
+            before=before,
+            after=after,
+            base_weights_unchanged=True,
+        )
+        config = AdapterConfig(
+            exit_layer=args.exit_layer,
+            num_layers=layerwise.num_layers,
+            hidden_size=layerwise.config.hidden_size,
+            init_layer=init_layer,
+            base_model=args.model,
+            trained_draft_vocab_size=args.draft_vocab_size,
+            training={
+                key: record[key] for key in ("data", "target_tokens", "steps", "before", "after")
+            },
+        )
+        save_adapter(output, adapter, config, ranking)
+        write_json_atomic(output / "training_record.json", record)
+    if stop.received is not None:
         raise KeyboardInterrupt
     return record
 
@@ -487,18 +483,6 @@ def _resume(path: Path, adapter, optimizer, schedule, settings: dict) -> int:
         raise damaged from None
     logger.info("resumed at step %d", state["step"])
     return int(state["step"])
-
-
-class _StopFlag:
-    """Ctrl-C / SIGTERM during training: finish the step, save, then stop."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._request)
-
-    def _request(self, signum, frame) -> None:
-        self.requested = True
 
 
 def main(argv: list[str]) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 
 import pytest
 import torch
@@ -268,7 +269,9 @@ def test_training_changes_only_the_adapter_and_resumes(tmp_path) -> None:
         learning_rate=1e-3,
         draft_vocab_size=40,
     )
+    handlers = [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)]
     record = train_adapter(AdapterTrainArguments(**arguments), model, tokenizer)
+    assert [signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)] == handlers
     after = model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
     first_steps = record["steps"]
