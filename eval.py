@@ -112,7 +112,7 @@ class EvalArguments:
                 f"--include_path {self.include_path} is not a directory (a folder of task YAMLs)"
             )
         if self.gen_kwargs is not None:
-            from self_speculation.eval_harness import APPLIED_GEN_KWARGS
+            from self_speculation.eval_harness import refuse_unapplied_gen_kwargs
 
             for pair in self.gen_kwargs.split(","):
                 key, sep, value = pair.partition("=")
@@ -120,11 +120,7 @@ class EvalArguments:
                     raise ConfigError(
                         f"--gen_kwargs: expected key=value pairs separated by commas, got '{pair}'"
                     )
-                if key.strip() not in APPLIED_GEN_KWARGS:
-                    raise ConfigError(
-                        f"--gen_kwargs: {key.strip()} is not supported (this engine applies "
-                        f"{', '.join(sorted(APPLIED_GEN_KWARGS))})"
-                    )
+                refuse_unapplied_gen_kwargs([key.strip()], "--gen_kwargs")
                 if key.strip() in NUMERIC_GEN_KWARGS:
                     try:
                         float(value)

@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +39,17 @@ DEFAULT_CONTEXT = 2048  # for models whose config states no context length
 APPLIED_GEN_KWARGS = frozenset(
     {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "no_repeat_ngram_size"}
 )
+
+
+def refuse_unapplied_gen_kwargs(keys: Iterable[str], source: str) -> None:
+    """ConfigError naming the generation kwargs among ``keys`` that generate_until does not
+    apply (``source``: where they came from), rather than dropping them."""
+    unknown = sorted(set(keys) - APPLIED_GEN_KWARGS)
+    if unknown:
+        raise ConfigError(
+            f"{source} {', '.join(unknown)} are not supported (this engine applies "
+            f"{', '.join(sorted(APPLIED_GEN_KWARGS))})"
+        )
 
 
 def _number(gen_kwargs: dict[str, Any], key: str, kind: type) -> Any:
@@ -193,12 +204,7 @@ class LayerSkipLM(LM):
     # --- generation -------------------------------------------------------------------
     def _request_config(self, gen_kwargs: dict[str, Any]) -> tuple[GenerationConfig, list[str]]:
         """This request's config and stop strings: the task's kwargs over the CLI's."""
-        unknown = sorted(set(gen_kwargs) - APPLIED_GEN_KWARGS)
-        if unknown:
-            raise ConfigError(
-                f"generation kwargs {', '.join(unknown)} are not supported (this engine applies "
-                f"{', '.join(sorted(APPLIED_GEN_KWARGS))})"
-            )
+        refuse_unapplied_gen_kwargs(gen_kwargs, "generation kwargs")
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         changes: dict[str, Any] = {}
