@@ -81,9 +81,12 @@ def _summarization_shot(article_field: str, summary_field: str) -> Callable[[Row
     and REFERENCE's shot is "Article: ...\nSummary: ...\n" (the original code removed the
     newlines; it also glued the bullets together, here a space joins them)."""
 
+    to_pair = _summarization(article_field, summary_field)
+
     def to_text(row: Row) -> str:
-        summary = " ".join(line.strip() for line in row[summary_field].splitlines() if line.strip())
-        return f"Article: {row[article_field]}\nSummary: {summary}"
+        prompt, reference = to_pair(row)
+        lines = (line.strip() for line in reference.splitlines())
+        return f"{prompt} {' '.join(line for line in lines if line)}"
 
     return to_text
 
