@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from arguments import MAX_SEED, check_output_dir, parse_args, run_main
+from arguments import MAX_SEED, check_output_dir, corpus_token_ranking, parse_args, run_main
 from self_speculation.benchmarking import write_json_atomic
 from self_speculation.draft import load_draft_exit, read_adapter_config
 from self_speculation.errors import ConfigError, expand_home, require_thread_count, require_utf8
@@ -127,8 +127,6 @@ def report_model(name: str, texts: list[str], config: ReportConfig) -> dict:
         # Before the per-layer table: an adapter that does not fit fails in seconds.
         ranking = None
         if config.draft_vocab_corpus:
-            from arguments import corpus_token_ranking
-
             ranking = corpus_token_ranking(tokenizer, config.draft_vocab_corpus, layerwise)
         draft = load_draft_exit(layerwise, config.draft_adapter, config.draft_vocab_size, ranking)
     rows: list[ExitQuality] = exit_quality(layerwise, blocks, config.batch_size)
