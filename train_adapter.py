@@ -48,7 +48,7 @@ from self_speculation.benchmarking import environment_info, write_json_atomic
 from self_speculation.distributed import DistributedContext
 from self_speculation.draft import AdapterConfig, DraftExit, ExitAdapter, save_adapter
 from self_speculation.errors import ConfigError, expand_home, require_thread_count
-from self_speculation.loading import DTYPES, check_device, load_model_and_tokenizer
+from self_speculation.loading import DTYPES, check_device, load_model_and_tokenizer, user_turn
 from self_speculation.output_safety import output_dir_lock
 from self_speculation.training.data import pack_blocks, read_texts, resolve_files
 from self_speculation.training.loop import StopSignals
@@ -217,15 +217,7 @@ def _chat_responses(
     responses: list[str] = []
     for start in tqdm(range(0, len(prompts), 8), desc="self-generated chat", unit="batch"):
         opened = [
-            list(
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}],
-                    add_generation_prompt=True,
-                    tokenize=True,
-                    return_dict=False,
-                )
-            )
-            for prompt in prompts[start : start + 8]
+            user_turn(tokenizer, prompt, tokenize=True) for prompt in prompts[start : start + 8]
         ]
         responses += [result.text for result in generator.generate_batch(opened, config)]
     saved.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from self_speculation import (  # noqa: E402
 )
 from self_speculation.benchmarking import write_json_atomic  # noqa: E402
 from self_speculation.draft import load_draft_exit, saved_ranking  # noqa: E402
+from self_speculation.loading import user_turn  # noqa: E402
 
 logger = logging.getLogger("adapter-benchmark")
 CHAT_PROMPTS = Path(__file__).resolve().parent / "chat_prompts.jsonl"
@@ -96,14 +97,7 @@ def prompt_sets(generator: Generator, names: list[str], count: int) -> dict[str,
     if "chat" in names:
         lines = CHAT_PROMPTS.read_text().splitlines()[:count]
         sets["chat"] = [
-            list(
-                generator.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": json.loads(line)["prompt"]}],
-                    add_generation_prompt=True,
-                    tokenize=True,
-                    return_dict=False,
-                )
-            )
+            user_turn(generator.tokenizer, json.loads(line)["prompt"], tokenize=True)
             for line in lines
         ]
     return sets
