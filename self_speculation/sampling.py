@@ -168,6 +168,7 @@ class TokenSelector:
         pad_counts: torch.Tensor,
         lengths: torch.Tensor,
         proposal: bool = False,
+        require_allowed: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The next token of every row from ``logits`` [batch, vocab].
 
@@ -177,19 +178,37 @@ class TokenSelector:
         distribution instead of failing; speculative sampling stays exact for any draft
         distribution it is told (the returned one).
 
+        ``require_allowed``: raise ``NoAllowedToken`` for the first row whose every token
+        the context processors ban (where the tokens it may take are already restricted:
+        token healing, a reduced vocabulary), instead of choosing a banned token.
+
         Returns:
             Tokens [batch] and, when sampling, the distributions they were drawn from
             [batch, vocab].
         """
         logits = logits.unsqueeze(1)  # [batch, 1, vocab]
+        if not self.sample and not self.context_processors:
+            return logits.argmax(dim=-1)[:, 0], None  # argmax needs neither float32 nor warpers
+        processed = self.process(logits, tokens, pad_counts, lengths)[:, 0]  # [batch, vocab]
+        if require_allowed and self.context_processors:
+            banned = torch.isneginf(processed.amax(dim=-1))  # [batch]
+            if bool(banned.any()):
+                raise NoAllowedToken(int(banned.nonzero()[0]))
         if not self.sample:
-            return self.greedy_tokens(logits, tokens, pad_counts, lengths)[:, 0], None
+            return processed.argmax(dim=-1), None
         if proposal:
-            processed = self.process(logits, tokens, pad_counts, lengths)[:, 0]  # [batch, vocab]
-            probs = torch.softmax(finite_or_uniform(processed, non_finite(processed)), dim=-1)
-        else:
-            probs = self.probabilities(logits, tokens, pad_counts, lengths)[:, 0]
+            processed = finite_or_uniform(processed, non_finite(processed))
+        probs = torch.softmax(processed, dim=-1)
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0], probs
+
+
+class NoAllowedToken(Exception):
+    """``TokenSelector.choose``: the logits processors ban every token row ``row`` may take
+    next (the caller says why in its own terms)."""
+
+    def __init__(self, row: int) -> None:
+        super().__init__(row)
+        self.row = row
 
 
 def non_finite(logits: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from self_speculation.errors import ArgumentTypeError, ConfigError, UnsupportedM
 from self_speculation.kv_cache import ColumnKVCache
 from self_speculation.passes import ForwardPasses
 from self_speculation.sampling import (
+    NoAllowedToken,
     TokenSelector,
     finite_or_uniform,
     greedy_accept,
@@ -270,9 +271,7 @@ class GenerationStrategy(abc.ABC):
             )
         if first_token_allowed is not None:
             logits = logits.masked_fill(~first_token_allowed, float("-inf"))
-        if first_token_allowed is not None or self._reduced_vocabulary:
-            self._refuse_all_banned(logits, state, healing=first_token_allowed is not None)
-        first_tokens, _ = self.selector.choose(logits, tokens, pad_counts, state.lengths)
+        first_tokens = self._choose_allowed(logits, state, healing=first_token_allowed is not None)
         state.write(first_tokens[:, None], torch.ones_like(pad_counts))
         return state
 
@@ -287,36 +286,34 @@ class GenerationStrategy(abc.ABC):
             and draft.vocab is not None
         )
 
-    def _refuse_all_banned(self, logits: torch.Tensor, state: DecodingState, healing: bool) -> None:
-        """ConfigError when the logits processors ban every token a row may take next (the
-        choice would be a banned token, or a failing draw).
-
-        Args:
-            logits: [batch, vocab], with what healing or the vocabulary rule out at -inf.
-        """
-        if not self.selector.context_processors:
-            return
-        processed = self.selector.process(
-            logits[:, None], state.tokens, state.pad_counts, state.lengths
-        )[:, 0]
-        banned = torch.isneginf(processed.amax(dim=-1))  # [batch]
-        if not bool(banned.any()):
-            return
-        row = int(banned.nonzero()[0])
-        processors = (
-            "the logits processors (no_repeat_ngram_size; the checkpoint's repetition penalty, "
-            "bad words, suppressed tokens)"
-        )
-        if healing:
-            raise ConfigError(
-                f"token healing: {processors} ban every token that may follow prompt {row}'s "
-                "healed end; use token_healing=False (--token_healing False)"
+    def _choose_allowed(
+        self, logits: torch.Tensor, state: DecodingState, healing: bool
+    ) -> torch.Tensor:
+        """The next token of every row [batch] from ``logits`` [batch, vocab], where what
+        healing or the reduced vocabulary rule out is at -inf; a ConfigError when the logits
+        processors ban every token a row may still take (the choice would be a banned token,
+        or a failing draw)."""
+        restricted = healing or self._reduced_vocabulary
+        try:
+            tokens, _ = self.selector.choose(
+                logits, state.tokens, state.pad_counts, state.lengths, require_allowed=restricted
             )
-        raise ConfigError(
-            f"early-exit decoding over a draft vocabulary of {len(self.passes.draft.vocab)} "
-            f"tokens: {processors} ban all of them for row {row}; use a larger "
-            "--draft_vocab_size, or drop the constraint"
-        )
+        except NoAllowedToken as banned:
+            processors = (
+                "the logits processors (no_repeat_ngram_size; the checkpoint's repetition "
+                "penalty, bad words, suppressed tokens)"
+            )
+            if healing:
+                raise ConfigError(
+                    f"token healing: {processors} ban every token that may follow prompt "
+                    f"{banned.row}'s healed end; use token_healing=False (--token_healing False)"
+                ) from None
+            raise ConfigError(
+                f"early-exit decoding over a draft vocabulary of {len(self.passes.draft.vocab)} "
+                f"tokens: {processors} ban all of them for row {banned.row}; use a larger "
+                "--draft_vocab_size, or drop the constraint"
+            ) from None
+        return tokens
 
     @abc.abstractmethod
     def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
@@ -378,11 +375,9 @@ class AutoRegressiveGenerationStrategy(GenerationStrategy):
             self.config.exit_layer,
         )  # [batch, vocab]
         bad = non_finite(logits)  # [batch]
-        if self._reduced_vocabulary:
-            self._refuse_all_banned(logits, state, healing=False)
         if self.selector.sample:
             logits = finite_or_uniform(logits, bad)
-        tokens, _ = self.selector.choose(logits, state.tokens, state.pad_counts, state.lengths)
+        tokens = self._choose_allowed(logits, state, healing=False)
         counts = active.long()  # [batch]
         state.write(tokens[:, None], counts)
         no_drafts = tokens[:, None][:, :0]

@@ -365,3 +365,25 @@ def test_early_exit_decoding_whose_reduced_vocabulary_is_all_banned_is_one_error
             generator.generate(prompt, config)
     free = dataclasses.replace(config, no_repeat_ngram_size=None)
     assert set(generator.generate([5, 60, 200], free).token_ids) <= {7, 9}
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_early_exit_decoding_over_a_reduced_vocabulary_processes_each_step_once(
+    sample: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The all-banned check reads the logits the step chooses from: the processors run once
+    per generated token (they loop over rows in Python), and the tokens are those of a run
+    without the check's extra processing."""
+    from self_speculation.sampling import TokenSelector
+
+    generator = Generator(make_tiny_model("llama_gqa_tied"), make_tiny_tokenizer())
+    generator.draft = DraftExit(generator.layerwise, None, torch.arange(40, 80))
+    config = GenerationConfig(max_steps=6, sample=sample, exit_layer=2, no_repeat_ngram_size=2)
+    calls = []
+    process = TokenSelector.process
+    monkeypatch.setattr(
+        TokenSelector, "process", lambda self, *args: calls.append(1) or process(self, *args)
+    )
+    result = generator.generate([5, 60, 200], config)
+    assert len(result.token_ids) == 6 and set(result.token_ids) <= set(range(40, 80))
+    assert len(calls) == 6
