@@ -84,3 +84,37 @@ def test_a_damaged_gzipped_json_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "c.json.gz").write_bytes(data[:15])  # cut inside the first block
     with pytest.raises(ConfigError, match="cannot read"):
         list(read_texts([tmp_path / "c.json.gz"]))
+
+
+def test_a_json_array_is_parsed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recognising a .json file as an array of records parses it; reading it does not parse
+    it again (a corpus's large array files doubled their load time)."""
+    import self_speculation.training.data as data
+
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "x"}, {"text": "y"}, {"no": 1}]))
+    parses = []
+    loads = json.loads
+    monkeypatch.setattr(data.json, "loads", lambda text: parses.append(1) or loads(text))
+    with pytest.raises(ConfigError, match="record 3 has no string field 'text'"):
+        list(read_texts([tmp_path / "a.json"]))
+    assert len(parses) == 1
+
+
+def test_hub_rows_that_are_not_text_are_counted_or_refused(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dataset column with nulls loses them with a warning that counts them; a column of
+    no strings at all (the wrong --text_field) is one error, not an empty corpus."""
+    import datasets
+
+    from self_speculation.training.data import hub_texts
+
+    rows = {"text": ["a b", None, "", "c"], "label": [1, 2, 3, 4]}
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda *args, **kwargs: datasets.Dataset.from_dict(rows)
+    )
+    with caplog.at_level("WARNING"):
+        assert hub_texts("d", None, "train", "text") == ["a b", "c"]
+    assert "skipped 1 of 4 rows whose 'text' is not a string (e.g. None)" in caplog.text
+    with pytest.raises(ConfigError, match="column 'label' holds no strings"):
+        hub_texts("d", None, "train", "label")

@@ -99,11 +99,12 @@ def _expand_glob(pattern: str) -> Iterator[str]:
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
-def _records_kind(path: Path, text_field: str) -> tuple[str | None, bool]:
-    """(how ``path`` holds records: "lines" (JSON Lines), "array" (a JSON array of them) or
-    None (a document), is gzipped), from its name, case-insensitively, and for ``.json``
-    from its content: datasets' ``to_json`` writes JSON Lines or an array of records under
-    that name, while a code corpus holds .json files that are documents (package.json)."""
+def _records_kind(path: Path, text_field: str) -> tuple[str | list | None, bool]:
+    """(how ``path`` holds records: "lines" (JSON Lines), the records themselves (a JSON
+    array of them, parsed once) or None (a document), is gzipped), from its name,
+    case-insensitively, and for ``.json`` from its content: datasets' ``to_json`` writes JSON
+    Lines or an array of records under that name, while a code corpus holds .json files that
+    are documents (package.json)."""
     suffixes = [suffix.lower() for suffix in path.suffixes]
     gzipped = suffixes[-1:] == [".gz"]
     suffix = suffixes[-2 if gzipped else -1] if len(suffixes) > int(gzipped) else ""
@@ -114,14 +115,14 @@ def _records_kind(path: Path, text_field: str) -> tuple[str | None, bool]:
     opener = gzip.open if gzipped else open
     try:
         with opener(path, "rt", encoding="utf-8-sig") as handle:
-            first = next((line for line in handle if line.strip()), "")
-            if _is_record(first, text_field):
+            first = next((line for line in handle if line.strip()), "").lstrip()
+            if first.startswith("{") and _is_record(first, text_field):
                 return "lines", gzipped
-            if first.lstrip().startswith("["):
+            if first.startswith("["):
                 handle.seek(0)
                 records = json.loads(handle.read())
                 if isinstance(records, list) and records and _is_record(records[0], text_field):
-                    return "array", gzipped
+                    return records, gzipped
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:  # a .gz cut short or corrupt
         raise ConfigError(f"cannot read {path}: {error}") from None
     except (OSError, UnicodeDecodeError, RecursionError, ValueError):
@@ -151,14 +152,14 @@ def read_texts(files: Iterable[Path], text_field: str = "text") -> Iterator[str]
     skipped: list[str] = []
     for path in files:
         kind, gzipped = _records_kind(path, text_field)
+        if isinstance(kind, list):
+            yield from _array_texts(path, kind, text_field)
+            continue
         if kind is not None:
             opener = gzip.open if gzipped else open
             try:
                 with opener(path, "rt", encoding="utf-8-sig") as lines:  # a BOM is fine
-                    if kind == "array":
-                        yield from _array_texts(path, lines.read(), text_field)
-                    else:
-                        yield from _jsonl_texts(path, lines, text_field)
+                    yield from _jsonl_texts(path, lines, text_field)
             except UnicodeDecodeError as error:
                 raise ConfigError(
                     f"{path} is not UTF-8 (byte 0x{error.object[error.start]:02x}): convert it"
@@ -180,12 +181,8 @@ def read_texts(files: Iterable[Path], text_field: str = "text") -> Iterator[str]
         logger.warning("skipped %d binary or non-UTF-8 file(s), e.g. %s", len(skipped), skipped[0])
 
 
-def _array_texts(path: Path, content: str, text_field: str) -> Iterator[str]:
-    try:
-        records = json.loads(content)
-    except (RecursionError, ValueError) as error:
-        raise ConfigError(f"{path}: not JSON ({json_refusal(error)})") from None
-    for number, record in enumerate(records if isinstance(records, list) else [records], 1):
+def _array_texts(path: Path, records: list, text_field: str) -> Iterator[str]:
+    for number, record in enumerate(records, 1):
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise ConfigError(f"{path}: record {number} has no string field '{text_field}'")
         require_utf8(record[text_field], f"{path}: record {number}'s field '{text_field}'")
@@ -224,7 +221,24 @@ def hub_texts(name: str, config_name: str | None, split: str, text_field: str) -
         raise ConfigError(
             f"dataset '{name}' has no column '{text_field}' (columns: {', '.join(dataset.column_names)})"
         )
-    return [text for text in dataset[text_field] if isinstance(text, str) and text.strip()]
+    values = dataset[text_field]
+    texts = [text for text in values if isinstance(text, str) and text.strip()]
+    not_text = [value for value in values if not isinstance(value, str)]
+    if not_text:  # a null or a number in a column of texts, or the wrong column
+        if not texts:
+            raise ConfigError(
+                f"dataset '{name}': column '{text_field}' holds no strings "
+                f"(e.g. {not_text[0]!r}); choose the text column with --text_field"
+            )
+        logger.warning(
+            "dataset '%s': skipped %d of %d rows whose '%s' is not a string (e.g. %r)",
+            name,
+            len(not_text),
+            len(values),
+            text_field,
+            not_text[0],
+        )
+    return texts
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
