@@ -400,18 +400,13 @@ def load_draft_exit(
                 "--draft_vocab_size needs a token ranking: an adapter saved with one "
                 "(--draft_adapter) or a corpus (--draft_vocab_corpus)"
             )
-        vocab_size = model.lm_head.weight.shape[0]
         if draft_vocab_size > len(ranked):
             raise ConfigError(
                 f"--draft_vocab_size {draft_vocab_size} is more than the {len(ranked)} ranked "
                 "tokens available"
             )
-        chosen = ranked[:draft_vocab_size].to(torch.long)
-        if int(chosen.min()) < 0 or int(chosen.max()) >= vocab_size:
-            raise ConfigError(
-                "the draft vocabulary holds token ids outside this model's vocabulary"
-            )
-        chosen = chosen.sort().values  # ascending ids: the head's rows in memory order
+        # ascending ids: the head's rows in memory order (DraftExit checks their range)
+        chosen = ranked[:draft_vocab_size].to(torch.long).sort().values
     if adapter is None and chosen is None:
         return None
     draft = DraftExit(model, adapter, chosen)
