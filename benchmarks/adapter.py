@@ -37,6 +37,7 @@ from self_speculation import (  # noqa: E402
 from self_speculation.benchmarking import write_json_atomic  # noqa: E402
 from self_speculation.draft import load_draft_exit, saved_ranking  # noqa: E402
 from self_speculation.loading import user_turn  # noqa: E402
+from self_speculation.output_safety import check_output_file  # noqa: E402
 
 logger = logging.getLogger("adapter-benchmark")
 CHAT_PROMPTS = Path(__file__).resolve().parent / "chat_prompts.jsonl"
@@ -58,6 +59,7 @@ class AdapterBenchmarkArguments:
     output: str = "logs/adapter_benchmark.json"
 
     def __post_init__(self) -> None:
+        check_output_file(self.output, "adapter_benchmark")
         counts = {
             "--num_prompts": self.num_prompts,
             "--max_steps": self.max_steps,
@@ -186,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     sets = prompt_sets(generator, args.prompt_sets, args.num_prompts)
     document = {
+        "benchmark": "adapter_benchmark",
         "arguments": asdict(args),
         "load_average_start": os.getloadavg()[0],
         "torch": torch.__version__,

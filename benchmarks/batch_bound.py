@@ -38,8 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from arguments import run_main  # noqa: E402
 from self_speculation import ConfigError, load_model_and_tokenizer  # noqa: E402
+from self_speculation.benchmarking import write_json_atomic  # noqa: E402
 from self_speculation.cpu_kernels import MAX_ROWS, load_few_row_kernel  # noqa: E402
 from self_speculation.errors import json_refusal, require_thread_count, whole_number  # noqa: E402
+from self_speculation.output_safety import check_output_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import DEFAULT_MODEL, human_eval_prompts  # noqa: E402
@@ -80,8 +82,8 @@ class BoundArguments:
         require_thread_count(self.threads, "--threads")
         if self.engine_json is not None and not Path(self.engine_json).is_file():
             raise ConfigError(f"--engine_json: no such file: {self.engine_json}")
-        if self.output is not None and (not self.output or Path(self.output).is_dir()):
-            raise ConfigError(f"--output must be a file path, got '{self.output}'")
+        if self.output is not None:
+            check_output_file(self.output, "batch_bound")
 
 
 def best_seconds(function, repeats: int) -> float:
@@ -473,7 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         bounds = step_bounds(model, args, timer)
         bounds |= StepSequence(model, args, timer).bounds(model)
-    document = {"arguments": vars(args), "load_average_1min_start": load, "step_seconds": bounds}
+    document = {
+        "benchmark": "batch_bound",
+        "arguments": vars(args),
+        "load_average_1min_start": load,
+        "step_seconds": bounds,
+    }
     print(f"attention reads {args.columns} columns per step")
     for name, seconds in bounds.items():
         print(f"{name}: {seconds * 1e3:.2f} ms (products only, best rates)")
@@ -490,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {value:.3g}" if isinstance(value, float) else f"{name}: {value}")
     print(f"load average at the start: {load:.2f}")
     if args.output:
-        Path(args.output).write_text(json.dumps(document, indent=1) + "\n")
+        write_json_atomic(check_output_file(args.output, "batch_bound"), document)
     return 0
 
 

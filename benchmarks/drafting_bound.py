@@ -51,6 +51,7 @@ from self_speculation.adaptive import (  # noqa: E402
     step_cost,
 )
 from self_speculation.benchmarking import write_json_atomic  # noqa: E402
+from self_speculation.output_safety import check_output_file  # noqa: E402
 from self_speculation.trees import TokenTree  # noqa: E402
 
 logger = logging.getLogger("drafting_bound")
@@ -81,6 +82,7 @@ class BoundArguments:
     output: str = "logs/drafting_bound.json"
 
     def __post_init__(self) -> None:
+        check_output_file(self.output, "drafting_bound")
         if self.prompt_set not in PROMPT_SETS:
             raise ConfigError(
                 f"--prompt_set must be one of {', '.join(PROMPT_SETS)}, got '{self.prompt_set}'"
@@ -364,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             position += run + 1
     add("oracle_exit", 0, steps, drafts, cost, k=k_max)
     document = {
+        "benchmark": "drafting_bound",
         "arguments": vars(arguments),
         "num_layers": num_layers,
         "head_layers": head,

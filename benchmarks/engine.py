@@ -57,6 +57,7 @@ from self_speculation import (  # noqa: E402
     load_model_and_tokenizer,
 )
 from self_speculation.benchmarking import write_json_atomic  # noqa: E402
+from self_speculation.output_safety import check_output_file  # noqa: E402
 from self_speculation.passes import COMPILE_BACKEND_VARIABLE  # noqa: E402
 from self_speculation.strategies import SelfSpeculativeGenerationStrategy  # noqa: E402
 
@@ -106,6 +107,7 @@ class EngineArguments:
     output: str = "logs/engine.json"
 
     def __post_init__(self) -> None:
+        check_output_file(self.output, "engine")
         counts = {
             "--num_prompts": self.num_prompts,
             "--max_steps": self.max_steps,
@@ -556,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[PathResult] = []
     document: dict = {
+        "benchmark": "engine",
         "arguments": dataclasses.asdict(args),
         "environment": {
             "platform": platform.platform(),

@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import sysconfig
@@ -31,7 +30,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from arguments import run_main  # noqa: E402
 from benchmarks.build_corpus import HELD_OUT  # noqa: E402
+from self_speculation.benchmarking import write_json_atomic  # noqa: E402
+from self_speculation.output_safety import check_output_file  # noqa: E402
 from self_speculation.training.data import pack_blocks  # noqa: E402
 
 
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seq_len < 2 or args.batch_size < 1 or args.max_tokens < 0:
         parser.error("need --seq_len >= 2, --batch_size >= 1 and --max_tokens >= 0")
+    if args.output:
+        check_output_file(args.output, "heldout_accuracy")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
 
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"last-layer accuracy: {rows[-1]['accuracy']:.4f}")
     if args.output:
         document = dict(
+            benchmark="heldout_accuracy",
             model=args.model,
             files=[str(path) for path in files],
             seq_len=args.seq_len,
@@ -132,10 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             tokens=int(blocks.numel()),
             exits=rows,
         )
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(document, indent=2) + "\n")
+        write_json_atomic(check_output_file(args.output, "heldout_accuracy"), document)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, prog="heldout_accuracy.py")

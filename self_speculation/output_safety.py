@@ -18,6 +18,7 @@ share ``./logs`` but a second training run into the same folder is refused in on
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -184,3 +185,33 @@ def release_output_dirs() -> None:
         descriptor = _HELD.popitem()[1]
         if descriptor is not None:
             os.close(descriptor)
+
+
+def check_output_file(path: str, kind: str, flag: str = "--output") -> Path:
+    """Refuse, before any work, a result file whose writing would replace something other
+    than an earlier result of the same kind: a file that is not a JSON document marked
+    ``"benchmark": kind`` (``--output README.md``), or any file in a model folder or a
+    folder shipped with the project. A benchmark's rerun replaces its own earlier result.
+
+    Returns:
+        The path, ``~`` expanded.
+    """
+    if not path.strip():
+        raise ConfigError(f"{flag} is empty (give a .json file path)")
+    target = Path(expand_home(path, flag))
+    if target.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory (give a .json file path)")
+    held = held_contents(target.parent)
+    if held is not None:
+        raise ConfigError(f"{flag} {path}: its folder {held}; choose another {flag}")
+    if target.exists():
+        try:
+            document = json.loads(target.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, RecursionError, ValueError):
+            document = None
+        if not (isinstance(document, dict) and document.get("benchmark") == kind):
+            raise ConfigError(
+                f"{flag} {path} exists and is not an earlier {kind} result; choose another "
+                f"{flag}, or delete it"
+            )
+    return target

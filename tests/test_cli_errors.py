@@ -762,3 +762,31 @@ def test_batch_bound_refuses_an_engine_run_of_other_settings(
     assert stderr.strip().splitlines()[-1] == (
         "batch_bound.py: error: --engine_json: max_steps must be a positive integer, got 'many'"
     )
+
+
+@pytest.mark.parametrize(
+    "script", ["engine", "adapter", "drafting_bound", "batch_bound", "heldout_accuracy"]
+)
+def test_benchmark_output_replaces_only_its_own_earlier_result(
+    script, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A benchmark's --output that names another file (README.md, a config) or lies in a
+    model folder is one line before any work, and the file is left as it was; an earlier
+    result of the same benchmark may be replaced (a rerun)."""
+    from self_speculation.output_safety import check_output_file
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}\n')
+    code, stderr = run_in_process(script, ["--output", notes], monkeypatch, capsys)
+    assert code == EXIT_ERROR and "Traceback" not in stderr
+    assert "exists and is not an earlier" in stderr and len(stderr.strip().splitlines()) == 1
+    assert notes.read_text() == '{"mine": 1}\n'
+    shipped = root / "models" / "layerskip-stdlib" / "result.json"
+    code, stderr = run_in_process(script, ["--output", shipped], monkeypatch, capsys)
+    assert code == EXIT_ERROR and "shipped with the project" in stderr
+    kind = {"adapter": "adapter_benchmark"}.get(script, script)
+    notes.write_text(json.dumps({"benchmark": kind}))
+    assert check_output_file(str(notes), kind) == notes
