@@ -57,6 +57,10 @@ class AdapterConfig:
             default N when it is loaded.
         num_speculations: the k that measured fastest with it (None: not measured).
         training: the training record (data, tokens, time, agreement before / after).
+        model_type: the base model's ``config.model_type`` (checked when loading; "":
+            an adapter saved before it was recorded).
+        vocab_size: the base model's vocabulary (rows of its head; checked when loading;
+            0: not recorded).
     """
 
     exit_layer: int
@@ -68,6 +72,8 @@ class AdapterConfig:
     trained_draft_vocab_size: int = 0
     num_speculations: int | None = None
     training: dict = field(default_factory=dict)
+    model_type: str = ""
+    vocab_size: int = 0
 
 
 class ExitAdapter(nn.Module):
@@ -92,6 +98,9 @@ class ExitAdapter(nn.Module):
             raise ConfigError(f"init_layer must be in [0, {num_layers - 1}], got {init_layer}")
         self.exit_layer = exit_layer
         self.init_layer = init_layer
+        # What it was built for, recorded with it (save_adapter) and checked when loaded.
+        self.model_type = model.config.model_type
+        self.vocab_size = model.lm_head.weight.shape[0]
         self.layer_type = model.layer_types[init_layer]
         self.block = copy.deepcopy(model.layers[init_layer])
         attention = getattr(self.block, "self_attn", None)
@@ -290,6 +299,7 @@ def save_adapter(
     if vocab is not None:
         tensors[_VOCAB_KEY] = vocab.detach().to(torch.int64).cpu().contiguous()
     config.draft_vocab_size = 0 if vocab is None else len(vocab)
+    config.model_type, config.vocab_size = adapter.model_type, adapter.vocab_size
     save_file(tensors, str(folder / ADAPTER_WEIGHTS_NAME))
     (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2) + "\n")
 
@@ -317,10 +327,12 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
     ):
         raise ConfigError(f"--draft_adapter: {config_file}: 'num_speculations' must be >= 1")
     names = ("exit_layer", "num_layers", "hidden_size", "init_layer", "draft_vocab_size")
-    for name in (*names, "trained_draft_vocab_size"):
+    for name in (*names, "trained_draft_vocab_size", "vocab_size"):
         value = getattr(config, name)
         if not whole_number(value):
             raise ConfigError(f"--draft_adapter: {config_file}: '{name}' must be an integer >= 0")
+    if not isinstance(config.model_type, str):
+        raise ConfigError(f"--draft_adapter: {config_file}: 'model_type' must be a string")
     return config
 
 
@@ -352,6 +364,16 @@ def load_draft_exit(
                 f"{config.num_layers} layers of width {config.hidden_size}; this one has "
                 f"{model.num_layers} of width {model.config.hidden_size}"
             )
+        built_for = {
+            "a model of type": (config.model_type, model.config.model_type),
+            "a vocabulary of": (config.vocab_size, model.lm_head.weight.shape[0]),
+        }
+        for what, (saved, ours) in built_for.items():
+            if saved and saved != ours:  # "" / 0: an adapter saved before they were recorded
+                raise ConfigError(
+                    f"--draft_adapter: {adapter_path} was trained for {what} {saved}; this "
+                    f"model has {ours}"
+                )
         if not 1 <= config.exit_layer < model.num_layers or config.init_layer >= model.num_layers:
             raise ConfigError(f"--draft_adapter: {adapter_path}: exit or init layer out of range")
         adapter = ExitAdapter(model, config.exit_layer, config.init_layer)

@@ -387,3 +387,34 @@ def test_early_exit_decoding_over_a_reduced_vocabulary_processes_each_step_once(
     result = generator.generate([5, 60, 200], config)
     assert len(result.token_ids) == 6 and set(result.token_ids) <= set(range(40, 80))
     assert len(calls) == 6
+
+
+def test_an_adapter_records_its_model_and_refuses_another(tmp_path) -> None:
+    """An adapter folder records the base model's type and vocabulary; loading it on a model
+    of the same shape but another family (Mistral's weights are named as Llama's) or another
+    vocabulary is one error, not a silently useless draft. One saved before they were
+    recorded still loads."""
+    import json
+
+    llama = Generator(make_tiny_model("llama_gqa_tied", dtype=torch.float32), make_tiny_tokenizer())
+    settings = AdapterConfig(exit_layer=2, num_layers=NUM_LAYERS, hidden_size=32, init_layer=3)
+    save_adapter(tmp_path / "a", perturbed_adapter(llama, 2), settings, None)
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["model_type"] == "llama" and saved["vocab_size"] == VOCAB_SIZE
+    mistral = Generator(
+        make_tiny_model("mistral", dtype=torch.float32, num_key_value_heads=2),
+        make_tiny_tokenizer(),
+    )
+    with pytest.raises(
+        ConfigError, match="trained for a model of type llama; this model has mistral"
+    ):
+        load_draft_exit(mistral.layerwise, tmp_path / "a")
+    wider = Generator(
+        make_tiny_model("llama_gqa_tied", dtype=torch.float32, vocab_size=VOCAB_SIZE + 8),
+        make_tiny_tokenizer(),
+    )
+    with pytest.raises(ConfigError, match=f"a vocabulary of {VOCAB_SIZE}; this model has"):
+        load_draft_exit(wider.layerwise, tmp_path / "a")
+    del saved["model_type"], saved["vocab_size"]
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(saved))
+    assert load_draft_exit(mistral.layerwise, tmp_path / "a").exit_layer == 2
