@@ -331,6 +331,8 @@ def markdown_table(document: dict) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         floor = engine["floor_ms_per_token"]
+        for name, error in engine.get("failed_paths", {}).items():
+            lines.append(f"| {name} | failed: {error} | | | | | |")
         for path in engine.get("paths", []):
             lines.append(
                 f"| {path['name']} | {path['tokens_per_second']:.1f} | "

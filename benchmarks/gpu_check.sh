@@ -12,6 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+# The GPU machines reach no network: nothing may wait on a hub (the models here are local).
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
 if compgen -G ".whl/*.whl" > /dev/null \
   && ! GPU_CHECK_PACKAGES_ONLY=1 "$PYTHON" benchmarks/gpu_check.py; then
   site="${TMPDIR:-/tmp}/layerskip-gpu-check-site"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -220,3 +221,33 @@ def test_engine_compares_shedding_finished_rows_in_one_run(monkeypatch) -> None:
     assert result["best_ratio"] > 0 and result["median_ratio"] > 0
     assert calls and all(calls)  # asked only while shedding is on
     assert generator.shed_finished_rows
+
+
+def test_engine_goes_on_when_a_transformers_path_fails(monkeypatch, tmp_path) -> None:
+    """A peer path of transformers that raises (a compile mode never run on this device) is
+    recorded under failed_paths with one warning; the run times the other paths and exits 0,
+    so gpu_check.py's part keeps its later measurements."""
+    monkeypatch.syspath_prepend(str(_PATH.parent))
+    engine = importlib.import_module("engine")
+    original = engine.run_transformers
+
+    def failing(model, tokenizer, name, *args, **kwargs):
+        if "static" in name:
+            raise RuntimeError("cannot capture\na graph")
+        return original(model, tokenizer, name, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_transformers", failing)
+    output = tmp_path / "engine.json"
+    argv = [
+        "--model", "random-llama-tiny", "--num_prompts", "1", "--max_steps", "3",
+        "--compile_backend", "eager", "--paths", "eager autoregressive", "transformers",
+        "--batch_sizes", "--output", str(output),
+    ]  # fmt: skip
+    assert engine.main(argv) == 0
+    document = json.loads(output.read_text())
+    assert document["failed_paths"] == {
+        "transformers generate (static cache + compile)": "RuntimeError: cannot capture a graph"
+    }
+    names = [path["name"] for path in document["paths"]]
+    assert "transformers generate (dynamic cache)" in names
+    assert any("assistant_early_exit" in name for name in names)
