@@ -49,7 +49,31 @@ from self_speculation.metrics import summarize_speed
 logger = logging.getLogger("eval")
 
 LOCAL_TASKS = Path(__file__).resolve().parent / "tasks"
-NUMERIC_GEN_KWARGS = ("temperature", "top_p", "top_k", "max_gen_toks", "no_repeat_ngram_size")
+NUMERIC_GEN_KWARGS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_gen_toks",
+    "max_new_tokens",
+    "max_tokens",
+    "max_completion_tokens",
+    "no_repeat_ngram_size",
+)
+
+
+@dataclass
+class EvalGenerationArguments(GenerationArguments):
+    """Generation flags, defaulting to how lm-eval's own HFLM decodes a task that sets
+    nothing: greedy, 256 tokens, the context as the task wrote it. A task's generation
+    kwargs override them."""
+
+    max_steps: int = 256
+    """Most tokens to generate where a task sets no max_gen_toks (lm-eval's default)."""
+    sample: bool = False
+    """Sample where a task sets neither do_sample nor temperature (lm-eval: greedy)."""
+    token_healing: bool = False
+    """Back the prompt up over a trailing whitespace token (off: the context ends where the
+    task's text ends, as lm-eval's models see it)."""
 
 
 @dataclass
@@ -216,7 +240,7 @@ def _cache_path(
 
 def main(argv: list[str]) -> int:
     args, generation, evaluation = parse_args(
-        Arguments, GenerationArguments, EvalArguments, argv=argv, prog="eval.py"
+        Arguments, EvalGenerationArguments, EvalArguments, argv=argv, prog="eval.py"
     )
     config = one_strategy(generation, "eval.py")
     logging.getLogger("lm_eval.api.task").addFilter(_DropMetadataHint())

@@ -36,8 +36,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 2048  # for models whose config states no context length
 # Generation kwargs (a task's generation_kwargs, --gen_kwargs) that generate_until applies;
 # any other (repetition_penalty, num_beams, min_new_tokens...) is refused, never dropped.
+# lm-eval's names for the most tokens to generate, in its order of priority.
+MAX_TOKENS_GEN_KWARGS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 APPLIED_GEN_KWARGS = frozenset(
-    {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "no_repeat_ngram_size"}
+    {"until", "do_sample", "temperature", "top_p", "top_k", "no_repeat_ngram_size"}
+    | set(MAX_TOKENS_GEN_KWARGS)
 )
 
 
@@ -211,9 +214,11 @@ class LayerSkipLM(LM):
         if "no_repeat_ngram_size" in gen_kwargs:  # 0: off
             ngram = _number(gen_kwargs, "no_repeat_ngram_size", int)
             changes["no_repeat_ngram_size"] = ngram or None
-        if "max_gen_toks" in gen_kwargs:
-            changes["max_steps"] = _number(gen_kwargs, "max_gen_toks", int)
-        if "do_sample" in gen_kwargs:
+        for key in MAX_TOKENS_GEN_KWARGS:  # the first given, as lm-eval takes it
+            if gen_kwargs.get(key) is not None:
+                changes["max_steps"] = _number(gen_kwargs, key, int)
+                break
+        if gen_kwargs.get("do_sample") is not None:
             changes["sample"] = bool(gen_kwargs["do_sample"])
         temperature = gen_kwargs.get("temperature")
         if temperature is not None:
@@ -224,6 +229,8 @@ class LayerSkipLM(LM):
                 changes["sample"] = False
             else:
                 changes["temperature"] = temperature
+                if gen_kwargs.get("do_sample") is None:  # lm-eval: a temperature > 0 samples
+                    changes["sample"] = True
         for key in ("top_p", "top_k"):
             if gen_kwargs.get(key) is not None:
                 changes[key] = _number(gen_kwargs, key, type(getattr(self.config, key)))

@@ -237,3 +237,40 @@ def test_a_context_that_starts_with_the_bos_text_gets_one_bos() -> None:
     scored = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     for (ours, _), (theirs, _) in zip(lm.loglikelihood(scored), hf.loglikelihood(scored)):
         assert ours == pytest.approx(theirs, abs=1e-4)
+
+
+def test_eval_py_decodes_a_task_that_sets_nothing_as_lm_evals_hflm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """eval.py's own defaults (not GenerationConfig's): a task giving only `until` is decoded
+    greedily for lm-eval's 256 tokens from the context as written (no token healing: a
+    context ending in a newline healed into other answers), as HFLM decodes it; a task giving
+    only a temperature above 0 samples, and max_new_tokens counts as max_gen_toks."""
+    import importlib
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from tiny_models import save_tiny_model
+
+    from arguments import one_strategy
+
+    tiny_model_dir = save_tiny_model(tmp_path / "model", max_position_embeddings=1024)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    eval_script = importlib.import_module("eval")
+    hf = HFLM(pretrained=str(tiny_model_dir), dtype="float32", device="cpu", batch_size=1)
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), "float32", "cpu")
+    generator = Generator(model, tokenizer)
+    generation = eval_script.EvalGenerationArguments(
+        generation_strategy="self_speculative", exit_layer=2, num_speculations=3
+    )
+    lm = LayerSkipLM(generator, generator.resolve(one_strategy(generation, "eval.py")))
+    lm.progress = False
+    asked = [
+        Instance("generate_until", {}, (prompt, {"until": ["\n\n\n"]}), i)
+        for i, prompt in enumerate(["def add(a, b):\n", "for x in y:\n    "])
+    ]
+    assert lm.generate_until(asked) == hf.generate_until(asked)
+    config, _ = lm._request_config({"temperature": 0.7, "max_new_tokens": 9})
+    assert config.sample and config.temperature == 0.7 and config.max_steps == 9
+    config, _ = lm._request_config({"temperature": 0.7, "do_sample": False})
+    assert not config.sample
