@@ -29,7 +29,7 @@ from self_speculation.errors import (
     require_utf8,
 )
 from self_speculation.model_support import unapplied_generation_settings
-from self_speculation.model_surgery import LayerwiseModel, eval_mode
+from self_speculation.model_surgery import LayerwiseModel, eval_mode, module_state
 from self_speculation.passes import ForwardPasses
 from self_speculation.sampling import TokenSelector
 from self_speculation.strategies import GenerationStrategy, StepResult, build_strategy, settled
@@ -256,6 +256,7 @@ class Generator:
         self._attention = _attention_implementation(model)  # what the probe checked
         self._forward_passes: dict[bool, ForwardPasses] = {}
         self._placement = _placement(model)  # what the passes were built for
+        self._module_state: tuple = ()  # the modules after the last compiled generation
         self._compiled_lock = threading.Lock()  # one compiled generation at a time
         self._compiled_owner: int | None = None  # the thread running it
         self._retired_compile_seconds = 0.0  # of passes dropped since (compile_seconds)
@@ -518,6 +519,12 @@ class Generator:
         """The eager or compiled forward passes (built once each, then reused; built again
         after the model's parameters moved to another dtype or device: compiled passes and
         kept buffers are made for one)."""
+        replaced = self.layerwise.replaced_module()
+        if replaced is not None:
+            raise ConfigError(
+                f"the model's {replaced} was replaced since this Generator was made "
+                "(resize_token_embeddings, say): make a new Generator for the model as it is"
+            )
         placement = _placement(self.model)
         if placement != self._placement:
             if self._forward_passes:
@@ -590,7 +597,16 @@ class Generator:
             "that one ends, or from another Generator"
         )
         with self._holding_compiled_passes(refusal):
-            yield
+            if True in self._forward_passes and module_state(self.model) != self._module_state:
+                logger.info(
+                    "the model's modules changed since its passes were compiled (a hook, or "
+                    "a setting such as an adapter merged or switched off): compiling again"
+                )
+                self._drop_passes()
+            try:
+                yield
+            finally:  # what the passes compiled in this generation saw (or later ones will)
+                self._module_state = module_state(self.model)
 
     @contextlib.contextmanager
     def _holding_compiled_passes(self, refusal: str) -> Iterator[None]:

@@ -85,6 +85,35 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = True
 
 
+_MODULE_CONTAINERS = frozenset({"_parameters", "_buffers", "_modules", "training"})
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def module_state(model: nn.Module) -> tuple:
+    """What compiled passes bake in of ``model``'s modules besides their tensors, as it is
+    now: each module's identity, its hooks, and its plain settings (flags such as a PEFT
+    layer's merged or disabled adapters, an attention's scaling). Compiled code does not
+    re-check the modules at each call (that cost 0.75 ms per call), so a Generator compares
+    this between its compiled generations and compiles again when it changed. The
+    training flag is left out: generation runs in eval mode either way."""
+    state: list = []
+    for module in model.modules():
+        state.append(id(module))
+        for key, value in vars(module).items():
+            if key in _MODULE_CONTAINERS:
+                continue
+            if key.endswith("hooks"):  # _forward_hooks, _forward_pre_hooks...
+                if value:
+                    state.append((key, tuple(map(id, value.values()))))
+            elif isinstance(value, _PLAIN):
+                state.append((key, value))
+            elif isinstance(value, list | tuple) and all(isinstance(x, _PLAIN) for x in value):
+                state.append((key, tuple(value)))
+            elif isinstance(value, set | frozenset) and all(isinstance(x, _PLAIN) for x in value):
+                state.append((key, frozenset(value)))
+    return tuple(state)
+
+
 def truncate_cache(cache: Cache, length: int) -> None:
     """Roll every layer of ``cache`` back to at most ``length`` positions (in place)."""
     for layer in cache.layers:
@@ -120,6 +149,7 @@ class LayerwiseModel:
             raise UnsupportedModelError(f"{owner} has no LM head (get_output_embeddings)")
         self.lm_head = lm_head
         self.num_layers = len(self.layers)
+        self._layer_ids = [id(layer) for layer in self.layers]  # replaced_module
         # Longest sequence (prompt + generated) the model takes; None when it states none.
         self.context_length: int | None = (
             getattr(self.config, "max_position_embeddings", None) or None
@@ -167,6 +197,31 @@ class LayerwiseModel:
                 self.context_source = "where its rotary tables switch"
             self.context_length = min(self.context_length, self.rotary_position_limit)
         self.follow_attention_implementation(verify)
+
+    def replaced_module(self) -> str | None:
+        """Which module this view reads the model no longer holds (its head or embeddings
+        replaced by ``resize_token_embeddings``, a layer swapped), named; None when all are
+        the model's still. The view, its probe and everything built on them (drafts, token
+        texts) describe the old modules."""
+        try:
+            base = find_base_model(self.model)
+        except UnsupportedModelError:
+            return "its decoder layers"
+        head = getattr(self.model, "get_output_embeddings", lambda: None)()
+        held = {
+            "its decoder": (base, self.base),
+            "its decoder layers": (base.layers, self.layers),
+            "embed_tokens": (getattr(base, "embed_tokens", None), self.embed_tokens),
+            "norm": (getattr(base, "norm", None), self.norm),
+            "rotary_emb": (getattr(base, "rotary_emb", None), self.rotary_emb),
+            "lm_head": (head, self.lm_head),
+        }
+        for name, (now, then) in held.items():
+            if now is not then:
+                return name
+        if [id(layer) for layer in self.layers] != self._layer_ids:
+            return "a decoder layer"
+        return None
 
     def follow_attention_implementation(self, verify: bool = True) -> None:
         """Build masks for the attention implementation the config now selects (eager

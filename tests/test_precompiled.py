@@ -186,3 +186,14 @@ def test_a_torch_without_aot_compile_keeps_nothing(monkeypatch) -> None:
         assert not precompiled.available()
     finally:
         precompiled.available.cache_clear()
+
+
+def test_hooks_are_part_of_a_saved_pass_s_name() -> None:
+    """A hook runs inside the compiled pass: a model with one and the same model without it
+    must not share a saved pass (a hook added, then a new process, loaded the hookless one)."""
+    model = make_tiny_model("llama_gqa_tied", dtype=torch.float32)
+    plain = precompiled.model_digest(model, None)
+    handle = model.model.layers[1].register_forward_hook(lambda module, args, out: out)
+    hooked = precompiled.model_digest(model, None)
+    handle.remove()
+    assert hooked != plain and precompiled.model_digest(model, None) == plain
