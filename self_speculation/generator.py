@@ -28,10 +28,17 @@ from self_speculation.errors import (
     require_list_of,
     require_utf8,
 )
-from self_speculation.model_support import unapplied_generation_settings
+from self_speculation.model_support import (
+    UNAPPLIED_SETTING_NAMES,
+    unapplied_generation_settings,
+)
 from self_speculation.model_surgery import LayerwiseModel, eval_mode, module_state
 from self_speculation.passes import ForwardPasses
-from self_speculation.sampling import TokenSelector
+from self_speculation.sampling import (
+    CHECKPOINT_PROCESSOR_SETTINGS,
+    TokenSelector,
+    check_checkpoint_processors,
+)
 from self_speculation.strategies import GenerationStrategy, StepResult, build_strategy, settled
 from self_speculation.streaming import Streamer, decode_after, special_token_ids
 
@@ -172,6 +179,21 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM inside a ``torch.compile`` wrapper or a PEFT model (its LoRA layers in
+    place, merged or not): what the engine decodes layer by layer. A wrapper's class hides
+    the model's own (its generation hooks, which the load check reads)."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            logger.info("decoding the model inside its torch.compile wrapper")
+            model = model._orig_mod
+        elif type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model"):
+            logger.info("decoding the model inside its PEFT wrapper (adapters as they are set)")
+            model = model.get_base_model()
+        else:
+            return model
+
+
 def _placement(model: torch.nn.Module) -> tuple:
     """Each parameter's dtype and device, in order: what a generator's passes depend on."""
     return tuple((parameter.dtype, parameter.device) for parameter in model.parameters())
@@ -236,20 +258,15 @@ class Generator:
             raise ArgumentTypeError(
                 f"draft must be a DraftExit or None, got {type(draft).__name__}"
             )
+        model = _unwrapped(model)
         self.model = model
         self.tokenizer = tokenizer
         self.layerwise = LayerwiseModel(model, verify=verify_model)
         if draft is not None and draft.model.model is not model:
             raise ConfigError("this DraftExit was built for another model")
         self._draft = draft
-        unapplied = unapplied_generation_settings(model)
-        if unapplied:
-            logger.warning(
-                "%s's generation config sets %s: transformers' generate applies it, this "
-                "engine does not (it decodes with its own GenerationConfig)",
-                type(model).__name__,
-                ", ".join(unapplied),
-            )
+        self._checked_generation_config: tuple | None = None
+        self._check_generation_config()
         self.recommended_exit_layer, self.recommended_num_speculations = recommended_settings(model)
         _ = self.eos_token_ids  # malformed ids fail now, not at the first generation
         self._verify_model = verify_model
@@ -303,6 +320,33 @@ class Generator:
         vocab = self.layerwise.embed_tokens.weight.shape[0]
         candidates = [self.tokenizer.pad_token_id, *sorted(self.eos_token_ids)]
         return next((t for t in candidates if t is not None and 0 <= t < vocab), 0)
+
+    def _check_generation_config(self) -> None:
+        """The model's generation config, at construction and at each generation (it can be
+        changed in between): settings that transformers' generate applies and this engine
+        does not are named in a warning (once per distinct set), and processors that could
+        not run (a repetition penalty of 0, bad words outside the vocabulary) are one
+        ModelLoadError."""
+        checkpoint = getattr(self.model, "generation_config", None)
+        names = [*CHECKPOINT_PROCESSOR_SETTINGS, *UNAPPLIED_SETTING_NAMES]
+        settings = tuple(getattr(checkpoint, name, None) for name in names)
+        if settings == self._checked_generation_config:
+            return
+        try:
+            check_checkpoint_processors(checkpoint, self.layerwise.lm_head.weight.shape[0])
+        except ValueError as error:
+            raise ModelLoadError(
+                f"{type(self.model).__name__}'s generation config cannot be applied: {error}"
+            ) from None
+        unapplied = unapplied_generation_settings(self.model)
+        if unapplied:
+            logger.warning(
+                "%s's generation config sets %s: transformers' generate applies it, this "
+                "engine does not (it decodes with its own GenerationConfig)",
+                type(self.model).__name__,
+                ", ".join(unapplied),
+            )
+        self._checked_generation_config = settings
 
     @property
     def draft(self) -> DraftExit | None:
@@ -530,6 +574,9 @@ class Generator:
             if self._forward_passes:
                 logger.info("the model moved to another dtype or device: new forward passes")
             self._drop_passes()
+            # What the load probe checked may not hold in the new dtype (a kernel that takes
+            # no float64, a float16 head that overflows): probed again, one error if not.
+            self.layerwise.follow_attention_implementation(self._verify_model)
             self._placement = placement
         attention = _attention_implementation(self.model)
         if attention != self._attention:  # model.set_attn_implementation(...) since
@@ -652,6 +699,7 @@ class Generator:
             self._prompt_ids(prompt, f"prompts[{index}]") for index, prompt in enumerate(prompts)
         ]
         config = self.resolve(config)
+        self._check_generation_config()
         vocab_size = self.layerwise.embed_tokens.weight.shape[0]  # as prompts are checked
         beyond = [token for token in config.stop_token_ids or [] if token >= vocab_size]
         if beyond:

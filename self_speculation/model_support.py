@@ -256,13 +256,30 @@ _CHECKPOINT_PROCESSORS = {
     "min_p": None,
     "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0,
+    "encoder_repetition_penalty": 1.0,  # transformers applies both to a decoder's prompt
+    "encoder_no_repeat_ngram_size": 0,
+    "guidance_scale": 1.0,
+    "watermarking_config": None,
+    "stop_strings": None,
+    # Other decoding modes: beam search, contrastive search, DoLa, constrained beams.
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "penalty_alpha": 0.0,
+    "dola_layers": None,
+    "constraints": None,
+    "force_words_ids": None,
     # Sampling: the engine's GenerationConfig (sample, temperature, top_k, top_p; the
     # scripts' flags) decides it, never the checkpoint (neutral: transformers' defaults).
     "do_sample": False,
     "temperature": 1.0,
     "top_k": 50,
     "top_p": 1.0,
+    "top_h": None,
 }
+
+
+UNAPPLIED_SETTING_NAMES = tuple(_CHECKPOINT_PROCESSORS)
 
 
 def unapplied_generation_settings(model: nn.Module) -> list[str]:
@@ -276,3 +293,48 @@ def unapplied_generation_settings(model: nn.Module) -> list[str]:
         if value is not None and value != neutral and value != []:
             found.append(f"{name}={value!r}")
     return found
+
+
+def refuse_unusable_weights(model: nn.Module, owner: str) -> None:
+    """UnsupportedModelError, naming the cause, for weights the engine cannot decode with:
+    weights left on the meta device with nothing to load them (``init_empty_weights``, a
+    failed load), an embedding offloaded by accelerate (the engine embeds tokens itself,
+    outside the hooks that would bring it back), and int8 dynamically quantized linear
+    layers (``quantize_dynamic``: each call scales activations by its own range, so drafts,
+    verification and the probe's whole forward differ)."""
+    loaded_by_hook = set()  # modules an accelerate hook loads weights into when called
+    for module in model.modules():
+        if hasattr(module, "_hf_hook"):
+            loaded_by_hook.update(id(inner) for inner in module.modules())
+    meta = [
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in model.named_modules()
+        if id(module) not in loaded_by_hook
+        for name, tensor in [
+            *module.named_parameters(recurse=False),
+            *module.named_buffers(recurse=False),
+        ]
+        if tensor.is_meta
+    ]
+    if meta:
+        raise UnsupportedModelError(
+            f"{owner}: {len(meta)} weight(s) are on the meta device with nothing to load them "
+            f"(e.g. {meta[0]}; init_empty_weights?): load the model's weights first"
+        )
+    embedding = getattr(model, "get_input_embeddings", lambda: None)()
+    weight = getattr(embedding, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_meta:
+        raise UnsupportedModelError(
+            f"{owner}: its input embeddings are offloaded (accelerate device_map or "
+            "cpu_offload); keep embed_tokens on a device (offloading layers, the norm or "
+            "the head works)"
+        )
+    for name, module in model.named_modules():
+        packed = getattr(module, "_packed_params", None)
+        if getattr(packed, "dtype", None) == torch.qint8:
+            raise UnsupportedModelError(
+                f"{owner}: {name} is an int8 dynamically quantized linear layer "
+                "(quantize_dynamic), whose activation scales depend on the whole call, so "
+                "self-speculation cannot reproduce the model's own decoding; quantize to "
+                "float16 instead, or decode the float model"
+            )

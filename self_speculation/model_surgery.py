@@ -31,6 +31,7 @@ from self_speculation.model_support import (
     attention_layer_types,
     check_cache_layers,
     generation_hook_limit,
+    refuse_unusable_weights,
     rotary_position_limit,
 )
 from self_speculation.trees import TreeColumns
@@ -139,6 +140,7 @@ class LayerwiseModel:
         self.config = model.config.get_text_config(decoder=True)
         owner = type(model).__name__
         self.base = find_base_model(model)
+        refuse_unusable_weights(model, owner)
         self.layers: nn.ModuleList = self.base.layers
         check_cache_layers(self.layers, owner)
         self.embed_tokens = _require(self.base, "embed_tokens", owner)

@@ -30,6 +30,16 @@ def build_logits_processors(config: GenerationConfig) -> LogitsProcessorList:
     return LogitsProcessorList([*_context_processors(config), *_warpers(config)])
 
 
+# What _context_processors reads of a checkpoint's generation config.
+CHECKPOINT_PROCESSOR_SETTINGS = (
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "suppress_tokens",
+    "eos_token_id",
+)
+
+
 def _context_processors(
     config: GenerationConfig, checkpoint: CheckpointGenerationConfig | None = None
 ) -> LogitsProcessorList:
@@ -42,17 +52,32 @@ def _context_processors(
     if penalty is not None and penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(penalty))
     ngram = config.no_repeat_ngram_size or getattr(checkpoint, "no_repeat_ngram_size", None)
-    if ngram:
+    if ngram is not None and ngram > 0:  # 0 or below: off, as in transformers
         processors.append(NoRepeatNGramLogitsProcessor(ngram))
     bad_words = getattr(checkpoint, "bad_words_ids", None)
     if bad_words:
-        processors.append(
-            NoBadWordsLogitsProcessor(bad_words, getattr(checkpoint, "eos_token_id", None))
-        )
+        # End-of-sequence ids are never banned as single-token bad words; config's stop
+        # ids are more of them (as eos_token_id=[...] passed to generate would be).
+        eos = getattr(checkpoint, "eos_token_id", None)
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        stops = sorted({*eos, *(config.stop_token_ids or [])})
+        processors.append(NoBadWordsLogitsProcessor(bad_words, stops or None))
     suppressed = getattr(checkpoint, "suppress_tokens", None)
     if suppressed:
         processors.append(SuppressTokensLogitsProcessor(suppressed))
     return processors
+
+
+def check_checkpoint_processors(checkpoint: object, vocab_size: int) -> None:
+    """ValueError naming what is wrong when the context processors of the checkpoint's
+    generation config cannot be built or run over a vocabulary of ``vocab_size`` (a
+    repetition penalty of 0, bad words or suppressed tokens outside the vocabulary, ids
+    that are not lists of ids): they would fail at the first generation."""
+    try:
+        processors = _context_processors(GenerationConfig(), checkpoint)
+        processors(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, vocab_size))
+    except (ValueError, TypeError, IndexError, RuntimeError) as error:
+        raise ValueError(" ".join(str(error).split()) or type(error).__name__) from None
 
 
 def _warpers(config: GenerationConfig) -> LogitsProcessorList:
