@@ -59,7 +59,7 @@ class AdapterBenchmarkArguments:
     output: str = "logs/adapter_benchmark.json"
 
     def __post_init__(self) -> None:
-        check_output_file(self.output, "adapter_benchmark")
+        check_output_file(self.output, "adapter_benchmark", ("arguments", "results"))
         counts = {
             "--num_prompts": self.num_prompts,
             "--max_steps": self.max_steps,

@@ -83,7 +83,7 @@ class BoundArguments:
         if self.engine_json is not None and not Path(self.engine_json).is_file():
             raise ConfigError(f"--engine_json: no such file: {self.engine_json}")
         if self.output is not None:
-            check_output_file(self.output, "batch_bound")
+            check_output_file(self.output, "batch_bound", ("arguments", "step_seconds"))
 
 
 def best_seconds(function, repeats: int) -> float:
@@ -497,7 +497,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {value:.3g}" if isinstance(value, float) else f"{name}: {value}")
     print(f"load average at the start: {load:.2f}")
     if args.output:
-        write_json_atomic(check_output_file(args.output, "batch_bound"), document)
+        write_json_atomic(
+            check_output_file(args.output, "batch_bound", ("arguments", "step_seconds")), document
+        )
     return 0
 
 

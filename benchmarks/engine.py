@@ -107,7 +107,7 @@ class EngineArguments:
     output: str = "logs/engine.json"
 
     def __post_init__(self) -> None:
-        check_output_file(self.output, "engine")
+        check_output_file(self.output, "engine", ("arguments", "environment"))
         counts = {
             "--num_prompts": self.num_prompts,
             "--max_steps": self.max_steps,

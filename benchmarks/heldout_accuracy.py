@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seq_len < 2 or args.batch_size < 1 or args.max_tokens < 0:
         parser.error("need --seq_len >= 2, --batch_size >= 1 and --max_tokens >= 0")
     if args.output:
-        check_output_file(args.output, "heldout_accuracy")
+        check_output_file(args.output, "heldout_accuracy", ("exits", "windows"))
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
 
@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             tokens=int(blocks.numel()),
             exits=rows,
         )
-        write_json_atomic(check_output_file(args.output, "heldout_accuracy"), document)
+        write_json_atomic(
+            check_output_file(args.output, "heldout_accuracy", ("exits", "windows")), document
+        )
     return 0
 
 

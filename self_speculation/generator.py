@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import threading
@@ -23,6 +24,7 @@ from self_speculation.errors import (
     ArgumentTypeError,
     ConfigError,
     ModelLoadError,
+    UnsupportedModelError,
     is_integer,
     require_bool,
     require_list_of,
@@ -188,6 +190,12 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
             logger.info("decoding the model inside its torch.compile wrapper")
             model = model._orig_mod
         elif type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model"):
+            peft_config = getattr(model, "active_peft_config", None)
+            if getattr(peft_config, "is_prompt_learning", False):
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}: a prompt-learning adapter (prompt, prefix or "
+                    "p-tuning) adds virtual tokens that only PEFT's own forward inserts"
+                )
             logger.info("decoding the model inside its PEFT wrapper (adapters as they are set)")
             model = model.get_base_model()
         else:
@@ -329,7 +337,8 @@ class Generator:
         ModelLoadError."""
         checkpoint = getattr(self.model, "generation_config", None)
         names = [*CHECKPOINT_PROCESSOR_SETTINGS, *UNAPPLIED_SETTING_NAMES]
-        settings = tuple(getattr(checkpoint, name, None) for name in names)
+        # A copy: a list changed in place (bad_words_ids.append) must compare unequal.
+        settings = copy.deepcopy(tuple(getattr(checkpoint, name, None) for name in names))
         if settings == self._checked_generation_config:
             return
         try:
@@ -644,16 +653,16 @@ class Generator:
             "that one ends, or from another Generator"
         )
         with self._holding_compiled_passes(refusal):
-            if True in self._forward_passes and module_state(self.model) != self._module_state:
+            # What the passes compiled so far saw (a generation changes none of it: tested).
+            state = module_state(self.model)
+            if True in self._forward_passes and state != self._module_state:
                 logger.info(
                     "the model's modules changed since its passes were compiled (a hook, or "
                     "a setting such as an adapter merged or switched off): compiling again"
                 )
                 self._drop_passes()
-            try:
-                yield
-            finally:  # what the passes compiled in this generation saw (or later ones will)
-                self._module_state = module_state(self.model)
+            self._module_state = state
+            yield
 
     @contextlib.contextmanager
     def _holding_compiled_passes(self, refusal: str) -> Iterator[None]:

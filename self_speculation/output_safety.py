@@ -187,10 +187,13 @@ def release_output_dirs() -> None:
             os.close(descriptor)
 
 
-def check_output_file(path: str, kind: str, flag: str = "--output") -> Path:
+def check_output_file(
+    path: str, kind: str, legacy_keys: Iterable[str], flag: str = "--output"
+) -> Path:
     """Refuse, before any work, a result file whose writing would replace something other
     than an earlier result of the same kind: a file that is not a JSON document marked
-    ``"benchmark": kind`` (``--output README.md``), or any file in a model folder or a
+    ``"benchmark": kind`` or, unmarked (written before results were), holding every key
+    of ``legacy_keys`` (``--output README.md``, a model's config.json), or any file in a
     folder shipped with the project. A benchmark's rerun replaces its own earlier result.
 
     Returns:
@@ -202,14 +205,18 @@ def check_output_file(path: str, kind: str, flag: str = "--output") -> Path:
     if target.is_dir():
         raise ConfigError(f"{flag} {path} is a directory (give a .json file path)")
     held = held_contents(target.parent)
-    if held is not None:
+    if held is not None and held.startswith("is a folder shipped"):
         raise ConfigError(f"{flag} {path}: its folder {held}; choose another {flag}")
     if target.exists():
         try:
             document = json.loads(target.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, RecursionError, ValueError):
             document = None
-        if not (isinstance(document, dict) and document.get("benchmark") == kind):
+        ours = isinstance(document, dict) and (
+            document.get("benchmark") == kind
+            or ("benchmark" not in document and set(legacy_keys) <= set(document))
+        )
+        if not ours:
             raise ConfigError(
                 f"{flag} {path} exists and is not an earlier {kind} result; choose another "
                 f"{flag}, or delete it"

@@ -270,6 +270,9 @@ class ForwardPasses:
                 model.device.type == "cpu"
                 and precompiled.available()
                 and os.environ.get(PRECOMPILE_VARIABLE, "") != "0"
+                # A hook runs inside the pass, and what it does (a closure's values) is not
+                # something a file's name can carry: such passes are compiled per process.
+                and not precompiled.has_hooks(model.model)
             )
             if model.device.type == "cpu" and compile_backend() == "inductor":
                 # Compiled CPU calls use the grouped few-query attention (attention.py).

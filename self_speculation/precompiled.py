@@ -142,10 +142,10 @@ def artifact_path(model_digest: str, key: tuple, args: tuple, options: dict) -> 
 
 def model_digest(model: torch.nn.Module, draft: object) -> str:
     """What compiled code of ``model`` depends on besides the weights' values: every
-    module's class (and its source file), settings (non-tensor attributes), hooks (their
-    functions' names) and tensors' names, dtypes, shapes and sharing (a tied head), the
-    configs (attention implementation included), and the draft exit's (adapter, vocabulary
-    size, exit layer)."""
+    module's class (and its source file), settings (non-tensor attributes) and tensors'
+    names, dtypes, shapes and sharing (a tied head), the configs (attention implementation
+    included), and the draft exit's (adapter, vocabulary size, exit layer). Not hooks: a
+    model with any is not kept on disk (``has_hooks``)."""
     parts = [_module_digest(model)]
     if draft is not None:
         adapter = getattr(draft, "adapter", None)
@@ -156,6 +156,16 @@ def model_digest(model: torch.nn.Module, draft: object) -> str:
             f"{_module_digest(adapter) if isinstance(adapter, torch.nn.Module) else adapter!r}"
         )
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def has_hooks(model: torch.nn.Module) -> bool:
+    """Whether any module of ``model`` has a hook (forward, pre-forward, state-dict...)."""
+    return any(
+        value
+        for module in model.modules()
+        for key, value in vars(module).items()
+        if key.endswith("hooks")
+    )
 
 
 _MODULE_INTERNALS = frozenset(
@@ -183,13 +193,7 @@ def _module_digest(module: torch.nn.Module) -> str:
             and not key.endswith("hooks")
             and not isinstance(value, torch.Tensor)
         }
-        # Hooks run inside the compiled pass: which functions (a hook's handle ids differ
-        # between processes, its function's name does not).
-        settings.update(
-            (key, list(value.values()))
-            for key, value in vars(child).items()
-            if key.endswith("hooks") and value
-        )
+
         parts.append(
             f"{name}: {kind.__module__}.{kind.__qualname__} "
             f"{_file_digest(source) if source else ''} {_stable(settings)}"

@@ -773,6 +773,7 @@ def test_benchmark_output_replaces_only_its_own_earlier_result(
     """A benchmark's --output that names another file (README.md, a config) or lies in a
     model folder is one line before any work, and the file is left as it was; an earlier
     result of the same benchmark may be replaced (a rerun)."""
+    from self_speculation.errors import ConfigError
     from self_speculation.output_safety import check_output_file
 
     root = Path(__file__).resolve().parent.parent
@@ -789,4 +790,9 @@ def test_benchmark_output_replaces_only_its_own_earlier_result(
     assert code == EXIT_ERROR and "shipped with the project" in stderr
     kind = {"adapter": "adapter_benchmark"}.get(script, script)
     notes.write_text(json.dumps({"benchmark": kind}))
-    assert check_output_file(str(notes), kind) == notes
+    assert check_output_file(str(notes), kind, ()) == notes
+    # An unmarked result written before documents were marked: its keys say what it is.
+    notes.write_text(json.dumps({"arguments": {}, "rows": []}))
+    assert check_output_file(str(notes), "drafting_bound", ("arguments", "rows")) == notes
+    with pytest.raises(ConfigError, match="not an earlier engine result"):
+        check_output_file(str(notes), "engine", ("arguments", "environment"))

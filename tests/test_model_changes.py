@@ -98,3 +98,28 @@ def test_a_replaced_head_or_layer_is_one_error(generator: Generator) -> None:
     model.model.layers[3] = make_tiny_model("llama_mha_untied", dtype=torch.float32).model.layers[3]
     with pytest.raises(ConfigError, match="a decoder layer was replaced"):
         tokens(fresh, "autoregressive", True)
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        "llama_dynamic_rope",
+        "phi3_longrope",
+        "gemma3_text",
+        "gpt_oss_sinks_sliding",
+        "deepseek_v2_mla",
+        "qwen3_moe",
+    ],
+)
+def test_a_generation_changes_no_module_state_in_families_with_moving_parts(family) -> None:
+    """Rotary tables that update, routers, sinks, latent attention: a generation of any
+    strategy leaves what the comparison reads as it was (one state per generation is read,
+    at its start, and kept as what the passes saw)."""
+    model = make_tiny_model(family, dtype=torch.float32)
+    generator = Generator(model, IdTokenizer())
+    before = module_state(model)
+    for strategy in ("autoregressive", "self_speculative"):
+        tokens(generator, strategy, False)
+    longest = min(57, (generator.layerwise.context_length or 100) - 8)
+    generator.generate(list(range(3, 3 + longest)), GenerationConfig(max_steps=8, sample=False))
+    assert module_state(model) == before

@@ -58,6 +58,11 @@ def test_unapplied_settings_are_named_also_when_set_after_the_generator(caplog) 
     with caplog.at_level(logging.WARNING):
         generator.generate(PROMPT, config)
     assert "encoder_repetition_penalty=1.3" in caplog.text
+    model.generation_config.bad_words_ids = [[9]]
+    generator.generate(PROMPT, config)
+    model.generation_config.bad_words_ids.append([99999])  # changed in place
+    with pytest.raises(ModelLoadError, match="generation config cannot be applied"):
+        generator.generate(PROMPT, config)
 
 
 @pytest.mark.parametrize(
