@@ -90,7 +90,10 @@ class GenerationResult:
 
     @property
     def acceptance_rate(self) -> float | None:
-        """accepted / drafted; None when nothing was drafted."""
+        """accepted / drafted (what verification accepted, a measure of the drafts: drafts
+        accepted past a stop token, a stop word or the step limit count, though the output
+        ends before them; ``tokens_per_step`` counts kept tokens only); None when nothing
+        was drafted."""
         return self.num_accepted / self.num_drafted if self.num_drafted else None
 
     @property
