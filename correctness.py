@@ -81,6 +81,16 @@ def main(argv: list[str]) -> int:
             "correctness.py checks greedy decoding only: leave out --sample True (sampled "
             "outputs differ even when both strategies are right, their random draws differ)"
         )
+    if args.dtype is None:  # not bfloat16 on a GPU: exactness is checked where it holds
+        args.dtype = "float32"
+    elif args.dtype in ("bfloat16", "float16"):
+        logger.warning(
+            "--dtype %s: a one-token pass and a pass over k + 1 tokens round differently, "
+            "so where the top two logits are within rounding of each other the strategies "
+            "can pick different tokens without either being wrong; --dtype float32 checks "
+            "exactness",
+            args.dtype,
+        )
     args.check_model(generation.config(strategy))
     with distributed_run(args) as context:
         examples = load_examples(benchmark, args.seed)

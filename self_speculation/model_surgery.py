@@ -564,9 +564,17 @@ class LayerwiseModel:
         ):
             error = (expected[real] - actual[real]).abs().max().item() / scale
             if not error <= tolerance:
+                window = getattr(self.config, "sliding_window", None)
+                cause = "this family needs an adapter" + (
+                    f" (or: its config sets sliding_window={window}, which transformers' cache "
+                    "applies; if this family's attention has no window, remove it from "
+                    "config.json)"
+                    if window
+                    else ""
+                )
                 raise UnsupportedModelError(
                     f"{owner}: the layer-wise {view} forward differs from the model's own "
-                    f"forward (relative error {error:.2e}); this family needs an adapter"
+                    f"forward (relative error {error:.2e}); {cause}"
                 )
 
     def _stepped_logits(

@@ -264,9 +264,11 @@ class GenerationStrategy(abc.ABC):
         logits = self.passes.prefill(
             tokens[:, :width], cache, pad_counts, self.prefill_layers
         )  # [batch, vocab]
-        if bool(non_finite(logits).any()):
+        broken = non_finite(logits)  # [batch]
+        if bool(broken.any()):
+            which = "the prompt" if len(prompts) == 1 else f"prompts[{int(broken.nonzero()[0])}]"
             raise UnsupportedModelError(
-                "the model produced NaN or infinite logits for the prompt (an overflowing "
+                f"the model produced NaN or infinite logits for {which} (an overflowing "
                 "dtype such as float16? try bfloat16 or float32)"
             )
         if first_token_allowed is not None:
@@ -597,31 +599,40 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
         k, exit_layer = self.config.num_speculations, self.config.exit_layer
         draft_tokens, exit_states, draft_probs, made = self._draft(state, num_drafts)
         last_tokens = draft_tokens[:, made - 1 : made]  # [batch, 1]
-        columns = state.lengths[:, None] - 1 + torch.arange(k + 1, device=state.lengths.device)
+        # Compiled passes keep one shape (k + 1 positions); eager ones verify only the
+        # positions drafted (a k far above the tokens left verified k + 1 every step).
+        positions = k + 1 if self.passes.compiled else made + 1
+        columns = state.lengths[:, None] - 1 + torch.arange(positions, device=state.lengths.device)
         target_logits = self.passes.verify(
             last_tokens,
-            exit_states,
+            exit_states[:, :positions],
             self._count(made),
             columns,
             state.cache,
             state.pad_counts,
             exit_layer,
-        )  # [batch, k + 1, vocab]
-        bad = non_finite(target_logits)  # [batch, k + 1]
+        )  # [batch, positions, vocab]
+        bad = non_finite(target_logits)  # [batch, positions]
+        unverified = k + 1 - positions
         if self.selector.sample:
             target_logits = finite_or_uniform(target_logits, bad)
             target_probs = self.selector.probabilities(
                 target_logits, state.tokens, state.pad_counts, state.lengths
-            )  # [batch, k + 1, vocab]
+            )  # [batch, positions, vocab]
+            # Zero past the drafts, which are never accepted: the draws are a k-step's.
+            target_probs = torch.nn.functional.pad(target_probs, (0, 0, 0, unverified))
             accepted_counts, next_tokens = speculative_accept(
                 draft_tokens, draft_probs, target_probs, self.selector.generator
             )
         else:
             target_tokens = self.selector.greedy_tokens(
                 target_logits, state.tokens, state.pad_counts, state.lengths
-            )  # [batch, k + 1]
-            accepted_counts, next_tokens = greedy_accept(draft_tokens, target_tokens)
+            )  # [batch, positions]
+            accepted_counts, next_tokens = greedy_accept(
+                draft_tokens[:, : positions - 1], target_tokens
+            )
         new_tokens = kept_tokens(draft_tokens, accepted_counts, next_tokens)
+        bad = torch.nn.functional.pad(bad, (0, unverified), value=False)  # [batch, k + 1]
         return new_tokens, accepted_counts, draft_tokens, made, bad
 
 

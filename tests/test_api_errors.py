@@ -273,3 +273,15 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused(no_work: Generator) -
     ):
         with pytest.raises(ConfigError, match=f"{vocab_size} is not a token id of this model"):
             method("x", dataclasses.replace(GREEDY, stop_token_ids=[3, vocab_size]))
+
+
+def test_a_stray_sliding_window_in_a_config_is_named() -> None:
+    """A Llama config.json with a sliding_window key (its attention has none; transformers'
+    cache applies one) was refused as "this family needs an adapter" alone."""
+    from tiny_models import IdTokenizer, make_tiny_model
+
+    from self_speculation.errors import UnsupportedModelError
+
+    model = make_tiny_model("llama_mha_untied", dtype=torch.float32, sliding_window=4)
+    with pytest.raises(UnsupportedModelError, match="config sets sliding_window=4"):
+        Generator(model, IdTokenizer())

@@ -37,6 +37,20 @@ def test_correctness_exits_zero_when_outputs_match(
     assert document["num_mismatches"] == 0 and document["passed"]
 
 
+def test_correctness_runs_in_float32_unless_told_and_warns_in_low_precision(
+    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path, caplog
+) -> None:
+    """Not the GPU default of bfloat16, where near-ties made it fail without a defect."""
+    correctness = importlib.import_module("correctness")
+    argv = correctness_argv(tiny_model_dir, prompts_file, tmp_path)
+    assert correctness.main(argv) == 0
+    (result,) = tmp_path.glob("correctness_*.json")
+    assert '"dtype": "float32"' in result.read_text()
+    with caplog.at_level(logging.WARNING):
+        correctness.main([*argv, "--dtype", "bfloat16"])
+    assert "--dtype bfloat16: a one-token pass and a pass over k + 1 tokens" in caplog.text
+
+
 def test_correctness_fails_on_a_broken_verification(
     tiny_model_dir: Path, prompts_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

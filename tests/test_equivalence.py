@@ -58,6 +58,37 @@ def test_max_steps_smaller_than_num_speculations_is_exact(max_steps: int) -> Non
         assert result.stop_reason == "max_steps"
 
 
+@pytest.mark.parametrize("sample", [False, True])
+def test_eager_verification_covers_only_the_drafts_made(sample: bool, monkeypatch) -> None:
+    """A k far above the tokens left (k = 200 for 8 tokens) verifies the positions drafted,
+    not k + 1 every step (15x as long, the same tokens); greedy tokens stay autoregressive
+    decoding's."""
+    generator = generator_for("llama_mha_untied")
+    widths = []
+    verify = ForwardPasses.verify
+
+    def recording(self, last_tokens, exit_states, *args):
+        widths.append(exit_states.shape[1])
+        return verify(self, last_tokens, exit_states, *args)
+
+    monkeypatch.setattr(ForwardPasses, "verify", recording)
+
+    def run(k: int) -> list[int]:
+        config = GenerationConfig(
+            max_steps=8,
+            sample=sample,
+            generation_strategy="self_speculative",
+            exit_layer=2,
+            num_speculations=k,
+        )
+        return generator.generate([5, 6], config, generator=torch.Generator().manual_seed(1))
+
+    huge = run(200).token_ids
+    assert widths and max(widths) <= 8 and len(huge) == 8
+    if not sample:
+        assert huge == run(8).token_ids == generator.generate([5, 6], greedy(8)).token_ids
+
+
 def test_exit_at_last_layer_accepts_every_draft() -> None:
     generator = generator_for("llama_mha_untied")
     reference = generator.generate([5, 6], greedy(40)).token_ids

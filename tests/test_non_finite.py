@@ -182,3 +182,14 @@ def test_a_step_keeps_the_tokens_chosen_before_them(bad_at, counts, stop_at, kep
         torch.zeros(1, dtype=torch.long),
     )
     assert (kept_count.item(), reason_code.item()) == (kept, reason)
+
+
+def test_a_prompt_whose_own_logits_are_not_finite_is_named(generator) -> None:
+    """In a batch, which prompt (it fails the batch before any token: nothing was decoded)."""
+    from self_speculation.errors import UnsupportedModelError
+
+    with nan_after(generator, 55):
+        with pytest.raises(UnsupportedModelError, match=r"logits for prompts\[1\]"):
+            generator.generate_batch([[100, 101, 102], [3, 55, 4]], config("autoregressive"))
+        with pytest.raises(UnsupportedModelError, match="logits for the prompt "):
+            generator.generate([3, 55, 4], config("self_speculative"))
