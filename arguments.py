@@ -530,6 +530,14 @@ def setup_logging(rank: int | None = None) -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on every load
+    # huggingface_hub logs each retry of an unreachable hub twice (its own handler, then
+    # ours): 25-46 lines before the one-line error. The error says what failed.
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
+    except ImportError:  # an older hub without it: its warnings stay
+        pass
     for noisy in (
         "httpx",
         "urllib3",

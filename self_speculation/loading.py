@@ -723,6 +723,14 @@ def load_model_and_tokenizer(
         raise ModelLoadError(f"cannot load model '{model}': {one_line(error)}") from error
     if "gguf_file" in arguments:
         source_of_config = "the GGUF file's metadata"
+        # transformers de-quantizes GGUF weights to plain tensors at load but keeps marking
+        # the model quantized, which makes save_pretrained refuse it ("quantized with gguf
+        # and is not serializable"): train.py's export of a continued SmolLM2 failed after
+        # training. The weights are what they look like.
+        loaded.hf_quantizer = None
+        loaded.is_quantized = False
+        if hasattr(loaded.config, "quantization_config"):
+            del loaded.config.quantization_config
     else:
         source_of_config = "config.json" + (" with --model_args" if model_args else "")
     num_layers = _config_int(loaded.config, "num_hidden_layers")

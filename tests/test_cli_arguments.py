@@ -169,3 +169,17 @@ def test_expected_tokens_are_the_largest_share_of_a_process() -> None:
     """Every process of a torchrun run decides --compile auto alike (47 samples on 2)."""
     assert expected_tokens(47, 512, 2) == expected_tokens(48, 512, 2) == 24 * 512
     assert expected_tokens(47, 512) == 47 * 512
+
+
+def test_the_hub_client_logs_errors_only() -> None:
+    """An unreachable hub id printed each retry's warning twice (25-46 lines over about a
+    minute) before the scripts' one-line error."""
+    import logging
+
+    from huggingface_hub.utils import logging as hub_logging
+
+    from arguments import setup_logging
+
+    hub_logging.set_verbosity_warning()
+    setup_logging()
+    assert hub_logging.get_logger().getEffectiveLevel() == logging.ERROR

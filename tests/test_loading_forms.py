@@ -136,6 +136,15 @@ def test_gguf_file_decodes_as_its_source_and_one_missing_a_tensor_is_refused(
     )
     with pytest.raises(ModelLoadError, match=r"lack model\.layers\.3\.mlp\.down_proj\.weight"):
         load_model_and_tokenizer(str(tmp_path / "lacking.gguf"))
+    # Its weights are plain tensors once loaded: it saves (train.py's export of a continued
+    # SmolLM2 failed after training: "quantized with gguf and is not serializable").
+    model.save_pretrained(tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    saved, _ = load_model_and_tokenizer(str(tmp_path / "saved"))
+    assert (
+        Generator(saved, tokenizer).generate("def add(a, b):", config).token_ids
+        == Generator(reference, tokenizer).generate("def add(a, b):", config).token_ids
+    )
 
 
 def test_chat_template_that_fails_is_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
