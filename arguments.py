@@ -1,6 +1,6 @@
 """Command-line arguments shared by the scripts, and the wrapper that runs a script's main.
 
-The dataclasses are the CLI (REFERENCE §3: the original tools' flag names and defaults).
+The dataclasses are the CLI (the original tools' flag names and defaults; docs/differences.md).
 Every script parses them with :func:`parse_args`; booleans are written ``--sample True`` /
 ``--sample False``; an unknown flag is an error. :func:`run_main` turns every error meant
 for a user into one line on stderr and a non-zero exit status, never a traceback.
@@ -281,11 +281,14 @@ class GenerationArguments:
     sample: bool = True
     """Sample (True) or greedy argmax (False)"""
     temperature: float = 0.6
+    """Sampling temperature (the original tools' default)."""
     top_k: int = 0
     """Keep the k most likely tokens; 0: off."""
     top_p: float = 0.9
     """Nucleus sampling threshold; 1.0: off."""
     no_repeat_ngram_size: int | None = None
+    """Never repeat an n-gram of this size (transformers' no_repeat_ngram_size); off by
+    default."""
     stop_words: list[str] | None = None
     """Stop once the output contains one of these."""
     stop_token_ids: list[int] | None = None
@@ -405,7 +408,7 @@ class GenerationArguments:
 
 @dataclass
 class BenchmarkArguments:
-    """Which samples to run (REFERENCE §3 datasets)."""
+    """Which samples to run (the original tools' datasets, and custom JSONL)."""
 
     dataset: str = "human_eval"
     """One of cnn_dm_summarization, xsum_summarization, cnn_dm_lm, human_eval, top_v2, custom_jsonl."""

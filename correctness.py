@@ -55,7 +55,8 @@ class CorrectnessGenerationArguments(GenerationArguments):
     """Generation flags; greedy by default, since only greedy outputs must match."""
 
     generation_strategy: str = GenerationStrategyName.SELF_SPECULATIVE.value
-    """self_speculative or tree: compared with autoregressive decoding of the full model."""
+    """self_speculative, tree or adaptive: compared with autoregressive decoding of the full
+    model."""
     sample: bool = False
     """Must stay False: only greedy outputs are guaranteed identical (True is refused)."""
 

@@ -1,4 +1,4 @@
-"""The benchmark datasets of the original tools (REFERENCE §3), as prompt -> reference pairs.
+"""The benchmark datasets of the original tools, as prompt -> reference pairs.
 
 Each dataset is read from the hub with ``datasets`` when online, or from a local copy given
 by ``--data_path`` (a JSONL file, optionally gzipped, or a directory written by

@@ -81,9 +81,13 @@ class SweepArguments:
     exit_layer_last: int = -1
     """Last exit layer of the grid (inclusive); -1: the model's last layer but one."""
     exit_layer_step: int = 1
+    """Step between the grid's exit layers."""
     num_speculations_first: int = 1
+    """First k (drafts per step) of the grid."""
     num_speculations_last: int = 6
+    """Last k of the grid (inclusive)."""
     num_speculations_step: int = 1
+    """Step between the grid's k."""
     output_file: str | None = None
     """CSV path (default: <output_dir>/sweep.csv)"""
     baseline: bool = True

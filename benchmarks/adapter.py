@@ -8,7 +8,7 @@ decoding's tokens. For each setting it prints tok/s, the ratio to autoregressive
 acceptance, and the cost-model bound: the ratio the measured pass times allow at the
 measured tokens per step, ``tokens_per_step * t_decode / (k * t_draft + t_verify)``.
 
-    python benchmarks/adapter.py --adapters models/smollm2-adapter-e12 \\
+    python benchmarks/adapter.py --adapters models/smollm2-adapter-e16 \\
         --draft_vocab_sizes 0 8192 --num_speculations 2 3 4
 """
 
@@ -46,6 +46,8 @@ PROMPT_SETS = ("human_eval", "chat")
 
 @dataclass
 class AdapterBenchmarkArguments:
+    """Exit adapters and plain exits against autoregressive decoding, in one run."""
+
     model: str = "smollm2"
     adapters: list[str] = field(default_factory=list)  # adapter folders to compare
     plain_exit_layers: list[int] = field(default_factory=list)  # exits without an adapter

@@ -36,6 +36,8 @@ from self_speculation.passes import PRECOMPILE_VARIABLE  # noqa: E402
 
 @dataclass
 class CompileTimeArguments:
+    """Cold and warm compile time of the fast path's passes."""
+
     model: str = "models/layerskip-stdlib"  # a local directory, a .gguf file, a hub id or smollm2
     exit_layer: int = 7  # the self-speculative step's exit layer
     num_speculations: int = 3  # the self-speculative step's drafts

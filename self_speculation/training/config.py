@@ -277,6 +277,12 @@ def parse_config(argv: list[str] | None = None, prog: str = "train.py") -> Train
     """
     argv = _expand_recipe(list(sys.argv[1:] if argv is None else argv))
     parser = FlagParser(prog=prog)
+    # Expanded above; declared for --help (the README's multi-GPU command uses it).
+    parser.add_argument(
+        RECIPE_FLAG,
+        metavar="FILE",
+        help="a JSON recipe (configs/recipe-*.json) whose flags come before the others given",
+    )
     for name, kind in (
         ("model", ModelArguments),
         ("data", DataArguments),
