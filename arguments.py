@@ -299,8 +299,9 @@ class GenerationArguments:
     """Fast path: torch.compile the decoding passes (once per batch size, E and k; on CPU
     kept on disk, so a later process loads them): True, False or auto. auto compiles when
     a run's expected tokens per decoding path (prompts x max_steps, per process) reach
-    12,000, where a first compile pays for itself (shipped model, quiet 2-core CPU: 97 s to
-    compile, 8.3 ms saved per token, 368.9 vs 90.8 tok/s self-speculative); passes already
+    12,000, where a first compile pays for itself (quiet 2-core CPU: 97 s to compile the
+    shipped model's passes, 8.3 ms saved per token, as 368.9 vs 90.8 tok/s self-speculative
+    on its v1; docs/fast-path.md); passes already
     compiled load in ~2 s and pay after ~250 tokens: give True then. generate.py counts its
     one prompt's max_steps; prompts from stdin and eval.py's requests (not known up front)
     stay eager under auto."""
