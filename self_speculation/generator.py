@@ -674,8 +674,8 @@ class Generator:
         if self._compiled_owner == threading.get_ident():
             raise ConfigError(refusal)
         with self._compiled_lock:
-            self._compiled_owner = threading.get_ident()
             try:
+                self._compiled_owner = threading.get_ident()
                 yield
             finally:
                 self._compiled_owner = None

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -73,17 +75,36 @@ def _require(module: nn.Module, attribute: str, owner: str) -> nn.Module:
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """``model`` in eval mode within the block, each module's own mode restored after:
     decoding (and the load-time probe) in training mode would apply dropout, layer dropout
-    and gradient checkpointing (which drops the KV cache)."""
-    training = [module for module in model.modules() if module.training]
-    if not training:
-        yield
-        return
-    model.eval()
+    and gradient checkpointing (which drops the KV cache).
+
+    Blocks over one model nest and overlap (eager generations in several threads, a
+    generation started from a streamer): the first to enter records the modes, the last to
+    leave restores them, so that no generation still running sees them restored. An
+    interrupt (KeyboardInterrupt) while the modes are switched still restores them."""
+    held = None
     try:
+        with _EVAL_LOCK:
+            held = _EVAL_HOLDS.get(model) or [0, None]
+            _EVAL_HOLDS[model] = held
+            held[0] += 1
+            if held[1] is None:
+                held[1] = [module for module in model.modules() if module.training]
+                if held[1]:
+                    model.eval()
         yield
     finally:
-        for module in training:
-            module.training = True
+        if held is not None:
+            with _EVAL_LOCK:
+                held[0] -= 1
+                if held[0] <= 0:
+                    _EVAL_HOLDS.pop(model, None)
+                    for module in held[1] or ():
+                        module.training = True
+
+
+# model -> [blocks inside eval_mode now, the modules it found training]
+_EVAL_HOLDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_EVAL_LOCK = threading.RLock()
 
 
 _MODULE_CONTAINERS = frozenset({"_parameters", "_buffers", "_modules", "training"})

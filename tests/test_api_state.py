@@ -86,3 +86,48 @@ def test_a_stop_word_that_is_not_utf8_is_a_config_error() -> None:
         assert "stop_words[0]" in str(error)
     else:
         raise AssertionError("no ConfigError")
+
+
+def test_overlapping_generations_keep_eval_mode_until_the_last_one_ends() -> None:
+    """Thread A ends while thread B still decodes a model left in train(): B stays in eval
+    mode (dropout off) to its end; the modes come back after both."""
+    import threading
+
+    from tiny_models import IdTokenizer, make_tiny_model
+
+    from self_speculation.streaming import Streamer
+
+    model = make_tiny_model("llama_gqa_tied", dtype=torch.float32, attention_dropout=0.5)
+    generator = Generator(model, IdTokenizer())
+    config = GenerationConfig(
+        generation_strategy="self_speculative",
+        sample=False,
+        max_steps=24,
+        exit_layer=2,
+        num_speculations=3,
+    )
+    expected = generator.generate("9 10 11 12", config).token_ids
+    model.train()
+    b_started, a_done, out, threads = threading.Event(), threading.Event(), {}, []
+
+    class WaitForA(Streamer):
+        def on_step(self, new_tokens, draft_tokens, accepted_count):
+            if not b_started.is_set():
+                b_started.set()
+                a_done.wait(30)
+
+    def thread_b():
+        out["b"] = generator.generate("9 10 11 12", config, streamer=WaitForA()).token_ids
+
+    class StartB(Streamer):
+        def on_step(self, new_tokens, draft_tokens, accepted_count):
+            if not b_started.is_set():
+                threads.append(threading.Thread(target=thread_b))
+                threads[0].start()
+                b_started.wait(30)
+
+    generator.generate("5 6 7", GenerationConfig(max_steps=4, sample=False), streamer=StartB())
+    a_done.set()
+    threads[0].join(60)
+    assert out["b"] == expected
+    assert all(module.training for module in model.modules())
