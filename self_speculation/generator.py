@@ -599,6 +599,8 @@ class Generator:
         if passes is None:
             passes = ForwardPasses(self.layerwise, config.compile, self._draft)
             self._forward_passes[config.compile] = passes
+            if config.compile:  # what they will compile (also when made outside a generation)
+                self._module_state = module_state(self.model)
         return passes
 
     def fast_path_fallback(self, config: GenerationConfig | None = None) -> str | None:

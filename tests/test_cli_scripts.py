@@ -341,7 +341,7 @@ def test_eval_runs_local_tasks_offline(tiny_model_dir: Path, tmp_path: Path) -> 
         "eval.py", "--model", tiny_model_dir, "--tasks", "layerskip_mc,layerskip_humaneval",
         "--limit", 2, "--gen_kwargs", "max_gen_toks=8", "--execute_code", "True",
         "--generation_strategy", "self_speculative", "--exit_layer", 2, "--num_speculations", 2,
-        "--loglikelihood_at_exit_layer", "True", "--output_dir", tmp_path,
+        "--loglikelihood_at_exit_layer", "True", "--output_dir", tmp_path, "--sample", "True",
     )  # fmt: skip
     assert process.returncode == 0, process.stderr
     document = json.loads(only(list(tmp_path.glob("eval_*.json"))).read_text())
