@@ -284,7 +284,7 @@ class Generator:
         self._attention = _attention_implementation(model)  # what the probe checked
         self._forward_passes: dict[bool, ForwardPasses] = {}
         self._placement = _placement(model)  # what the passes were built for
-        self._module_state: tuple = ()  # the modules after the last compiled generation
+        self._module_state: tuple = ()  # the modules as the compiled passes saw them
         self._compiled_lock = threading.Lock()  # one compiled generation at a time
         self._compiled_owner: int | None = None  # the thread running it
         self._retired_compile_seconds = 0.0  # of passes dropped since (compile_seconds)
