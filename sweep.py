@@ -403,12 +403,16 @@ def main(argv: list[str]) -> int:
             previous = done[
                 done["generation_strategy"] == GenerationStrategyName.AUTOREGRESSIVE.value
             ]
-            config = full_model_config(speculative, generator.num_layers)
+            earlier = None  # an earlier run's baseline, whose row stays the CSV's
             if len(previous) and pd.notna(previous["overall_tokens_per_second"].iloc[-1]):
                 earlier = float(previous["overall_tokens_per_second"].iloc[-1])
-                if todo:  # speedups are ratios within one run: the baseline is measured again
-                    speed = _measure(generator, samples, config, args.seed, context)
-                    baseline_rate = speed["overall_tokens_per_second"]
+            if earlier is not None and not todo:
+                baseline_rate = earlier
+            else:  # speedups are ratios within one run: measured for this run's points
+                config = full_model_config(speculative, generator.num_layers)
+                speed = _measure(generator, samples, config, args.seed, context)
+                baseline_rate = speed["overall_tokens_per_second"]
+                if earlier is not None:
                     logger.info(
                         "autoregressive baseline measured again for this run's points: %.1f "
                         "tokens/s (%.1f in the earlier run, whose row stays in the CSV)",
@@ -416,23 +420,19 @@ def main(argv: list[str]) -> int:
                         earlier,
                     )
                 else:
-                    baseline_rate = earlier
-            else:
-                speed = _measure(generator, samples, config, args.seed, context)
-                baseline_rate = speed["overall_tokens_per_second"]
-                if context.is_main:
-                    _append_row(
-                        csv_path,
-                        _csv_row(
-                            config.generation_strategy.value,
-                            generator.num_layers,
-                            0,
-                            speed,
-                            1.0,
-                            setting,
-                        ),
-                    )
-                logger.info("autoregressive baseline: %.1f tokens/s", baseline_rate or 0.0)
+                    if context.is_main:
+                        _append_row(
+                            csv_path,
+                            _csv_row(
+                                config.generation_strategy.value,
+                                generator.num_layers,
+                                0,
+                                speed,
+                                1.0,
+                                setting,
+                            ),
+                        )
+                    logger.info("autoregressive baseline: %.1f tokens/s", baseline_rate or 0.0)
 
         for strategy, exit_layer, num_speculations in tqdm(
             todo, desc="sweep", unit="point", disable=not context.is_main

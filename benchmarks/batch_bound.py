@@ -82,8 +82,10 @@ class BoundArguments:
         require_thread_count(self.threads, "--threads")
         if self.engine_json is not None and not Path(self.engine_json).is_file():
             raise ConfigError(f"--engine_json: no such file: {self.engine_json}")
-        if self.output is not None:
-            check_output_file(self.output, "batch_bound", ("arguments", "step_seconds"))
+        if self.output is not None:  # ~ expanded
+            self.output = str(
+                check_output_file(self.output, "batch_bound", ("arguments", "step_seconds"))
+            )
 
 
 def best_seconds(function, repeats: int) -> float:
@@ -497,9 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {value:.3g}" if isinstance(value, float) else f"{name}: {value}")
     print(f"load average at the start: {load:.2f}")
     if args.output:
-        write_json_atomic(
-            check_output_file(args.output, "batch_bound", ("arguments", "step_seconds")), document
-        )
+        write_json_atomic(args.output, document)
     return 0
 
 

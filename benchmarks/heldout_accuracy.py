@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seq_len < 2 or args.batch_size < 1 or args.max_tokens < 0:
         parser.error("need --seq_len >= 2, --batch_size >= 1 and --max_tokens >= 0")
+    output = None  # checked before the run, written after it
     if args.output:
-        check_output_file(args.output, "heldout_accuracy", ("exits", "windows"))
+        output = check_output_file(args.output, "heldout_accuracy", ("exits", "windows"))
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {row['exit_layer']} | {row['accuracy']:.3f} | {row['perplexity']:.1f} | {row['agreement']:.3f} |"
         )
     print(f"last-layer accuracy: {rows[-1]['accuracy']:.4f}")
-    if args.output:
+    if output is not None:
         document = dict(
             benchmark="heldout_accuracy",
             model=args.model,
@@ -137,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             tokens=int(blocks.numel()),
             exits=rows,
         )
-        write_json_atomic(
-            check_output_file(args.output, "heldout_accuracy", ("exits", "windows")), document
-        )
+        write_json_atomic(output, document)
     return 0
 
 
