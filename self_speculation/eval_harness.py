@@ -34,10 +34,10 @@ from self_speculation.generator import Generator
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 2048  # for models whose config states no context length
-# Generation kwargs (a task's generation_kwargs, --gen_kwargs) that generate_until applies;
-# any other (repetition_penalty, num_beams, min_new_tokens...) is refused, never dropped.
 # lm-eval's names for the most tokens to generate, in its order of priority.
 MAX_TOKENS_GEN_KWARGS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+# Generation kwargs (a task's generation_kwargs, --gen_kwargs) that generate_until applies;
+# any other (repetition_penalty, num_beams, min_new_tokens...) is refused, never dropped.
 APPLIED_GEN_KWARGS = frozenset(
     {"until", "do_sample", "temperature", "top_p", "top_k", "no_repeat_ngram_size"}
     | set(MAX_TOKENS_GEN_KWARGS)

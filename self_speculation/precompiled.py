@@ -193,7 +193,6 @@ def _module_digest(module: torch.nn.Module) -> str:
             and not key.endswith("hooks")
             and not isinstance(value, torch.Tensor)
         }
-
         parts.append(
             f"{name}: {kind.__module__}.{kind.__qualname__} "
             f"{_file_digest(source) if source else ''} {_stable(settings)}"
