@@ -133,9 +133,12 @@ def _setting_key(
     generation: GenerationArguments,
     benchmark: BenchmarkArguments,
     compiled: bool,
+    world_size: int,
 ) -> str:
     """A short hash of everything but the grid: rows with another key are not reused.
-    ``compiled``: the decoding path that runs (what ``--compile auto`` decided)."""
+    ``compiled``: the decoding path that runs (what ``--compile auto`` decided);
+    ``world_size``: the processes sharing the samples (the tokens are the same, the times
+    are not: each process decodes its shard)."""
     relevant = {
         key: value
         for key, value in arguments_dict(args, generation, benchmark).items()
@@ -150,6 +153,7 @@ def _setting_key(
         )
     }
     relevant["compile"] = compiled
+    relevant["world_size"] = world_size
     # What the paths hold, not only their names: a model retrained or data rewritten in
     # place measures again instead of reusing the old rows.
     paths = {"model": args.model, "draft_adapter": args.draft_adapter}
@@ -366,7 +370,9 @@ def main(argv: list[str]) -> int:
         compiled = generation.compile_for(expected)
         speculative = dataclasses.replace(speculative, compile=compiled)
         # The main process's key: ranks on other machines see other file times.
-        setting = dist.broadcast(_setting_key(args, generation, benchmark, compiled), context)
+        setting = dist.broadcast(
+            _setting_key(args, generation, benchmark, compiled, context.world_size), context
+        )
         # The main process's finished points: every rank must measure the same points in
         # the same order (each point ends in a collective), and a rank on another machine
         # may see no CSV, or an older one.

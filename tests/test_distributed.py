@@ -130,7 +130,8 @@ def test_a_resumed_sweep_measures_what_the_main_process_has_not(
 ) -> None:
     """The main process's CSV decides which grid points are left, on every rank: a rank
     on another machine, which sees no CSV (here: a rank 1 told the CSV is empty), measures
-    the same points, and the rows are the ones a single process writes."""
+    the same points, and the rows are the ones a single process writes. A run with
+    another number of processes measures again."""
     data = tmp_path / "prompts.jsonl"
     prompts = ["def add(a, b):", "The quick brown fox", "def sub(a, b):"]
     data.write_text("".join(json.dumps({"prompt": p, "response": "x"}) + "\n" for p in prompts))
@@ -140,10 +141,7 @@ def test_a_resumed_sweep_measures_what_the_main_process_has_not(
         *("--exit_layer_first", "1", "--num_speculations_first", "2"),
         *("--num_speculations_last", "2", "--output_dir", str(tmp_path)),
     ]
-    first = subprocess.run(
-        [sys.executable, str(REPOSITORY_ROOT / "sweep.py"), *common, "--exit_layer_last", "1"],
-        capture_output=True, text=True, cwd=REPOSITORY_ROOT, timeout=300,
-    )  # fmt: skip
+    first = _torchrun(str(REPOSITORY_ROOT / "sweep.py"), *common, "--exit_layer_last", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     wrapper = tmp_path / "rank1_sees_no_csv.py"
     wrapper.write_text(
@@ -173,6 +171,18 @@ def test_a_resumed_sweep_measures_what_the_main_process_has_not(
         return [tuple(row[field] for field in fields) for row in rows]
 
     assert measured(tmp_path / "sweep.csv") == measured(tmp_path / "alone" / "sweep.csv")
+
+    # A plain run does not reuse the two-process rows: each process timed half the samples.
+    plain = subprocess.run(
+        [sys.executable, str(REPOSITORY_ROOT / "sweep.py"), *common, "--exit_layer_last", "1"],
+        capture_output=True, text=True, cwd=REPOSITORY_ROOT, timeout=300,
+    )  # fmt: skip
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    rows = measured(tmp_path / "sweep.csv")
+    assert [row[:3] for row in rows[3:]] == [
+        ("autoregressive", "4", "0"),
+        ("self_speculative", "1", "2"),
+    ]
 
 
 @needs_torchrun
