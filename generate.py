@@ -9,7 +9,7 @@ Without ``--prompt``: reads a prompt per line from standard input (a line ending
 backslash continues on the next line), streams the answer to standard output and logs
 tokens/s and the acceptance rate; end with Ctrl-D (EOF, exit status 0) or Ctrl-C (130).
 ``--streamer speculative`` shows accepted drafts in green and rejected drafts struck
-through in red. Works under ``python`` and under ``torchrun`` (one process).
+through in red, on a terminal (``FORCE_COLOR=1`` elsewhere). Works under ``python`` and under ``torchrun`` (one process).
 
 After each answer, one line says what the strategy did: for self-speculation, the tokens
 drafted by the early exit and accepted by the full model, tokens per full-model pass, and,
@@ -64,6 +64,7 @@ from self_speculation.benchmarking import (
 )
 from self_speculation.errors import require_utf8
 from self_speculation.loading import user_turn
+from self_speculation.streaming import colours_wanted
 
 logger = logging.getLogger("generate")
 MAX_LINE = 1 << 20  # characters of one input line; a longer one is no prompt
@@ -76,7 +77,8 @@ class GenerateArguments:
     prompt: str | None = None
     """Generate once from this prompt (default: interactive)"""
     streamer: str = StreamerName.STANDARD.value
-    """none, standard or speculative (drafts shown in colours)."""
+    """none, standard or speculative (drafts shown in colours on a terminal; FORCE_COLOR=1
+    elsewhere, NO_COLOR=1 never)."""
     chat_template: bool = False
     """Wrap the prompt in the tokenizer's chat template, if it has one."""
     compare_autoregressive: bool = False
@@ -244,6 +246,11 @@ def main(argv: list[str]) -> int:
         logger.warning(
             "--streamer speculative colours drafts, and --generation_strategy autoregressive "
             "drafts none: the output looks as with --streamer standard"
+        )
+    elif options.streamer == StreamerName.SPECULATIVE.value and not colours_wanted(sys.stdout):
+        logger.warning(
+            "--streamer speculative: standard output is not a terminal (or NO_COLOR is set), "
+            "so it gets the plain text, as with --streamer standard; FORCE_COLOR=1 colours it"
         )
     args.check_model(config)  # before the weights load
     if options.prompt is None and sys.stdin is None:  # started with standard input closed

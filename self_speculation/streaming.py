@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -130,11 +131,43 @@ class TextStreamer(Streamer):
         self.stream.flush()
 
 
+def colours_wanted(stream: TextIO) -> bool:
+    """Whether ANSI colours suit ``stream``: a terminal, unless ``NO_COLOR`` is set;
+    anything else only with ``FORCE_COLOR`` (the conventions of no-color.org and
+    force-color.org)."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
 class SpeculativeStreamer(TextStreamer):
     """Shows each step's accepted drafts in green, rejected drafts struck through in red,
-    then the full model's token in the default colour."""
+    then the full model's token in the default colour.
+
+    Args:
+        tokenizer: decodes token ids.
+        stream: where to write (stdout by default).
+        colour: whether to colour; None: where ``colours_wanted(stream)``. Without colours
+            it writes the generated text only, as ``TextStreamer`` does (rejected drafts
+            written into a file would read as the answer's).
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        stream: TextIO | None = None,
+        colour: bool | None = None,
+    ) -> None:
+        super().__init__(tokenizer, stream)
+        self.colour = colours_wanted(self.stream) if colour is None else colour
 
     def on_step(self, new_tokens: list[int], draft_tokens: list[int], accepted_count: int) -> None:
+        if not self.colour:
+            super().on_step(new_tokens, draft_tokens, accepted_count)
+            return
         kept_drafts = new_tokens[:accepted_count]
         self.tokens.extend(kept_drafts)
         self._write_new_text(GREEN)

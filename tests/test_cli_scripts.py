@@ -291,6 +291,25 @@ def test_generate_interactive_readme_command(eight_layer_model_dir: Path, tmp_pa
     assert document["environment"]["torch"]
 
 
+def test_generate_speculative_streamer_into_a_pipe_writes_the_answer(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Standard output a pipe: the answer without colour codes or rejected drafts, and one
+    warning saying so (FORCE_COLOR brings the colours back)."""
+    argv = [
+        "generate.py", "--model", tiny_model_dir, "--prompt", "def add(a, b):", "--sample",
+        "False", "--max_steps", 8, "--generation_strategy", "self_speculative",
+        "--exit_layer", 1, "--num_speculations", 3, "--streamer", "speculative",
+    ]  # fmt: skip
+    process = run_script(*argv, "--output_dir", tmp_path)
+    assert process.returncode == 0, process.stderr
+    document = json.loads(only(list(tmp_path.glob("generate_*.json"))).read_text())
+    assert "\033" not in process.stdout
+    assert document["prompts"][0]["text"] in process.stdout
+    warnings = [line for line in process.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "not a terminal" in warnings[0], process.stderr
+
+
 def test_generate_one_prompt_writes_its_result(tiny_model_dir: Path, tmp_path: Path) -> None:
     process = run_script(
         "generate.py", "--model", tiny_model_dir, "--prompt", "def add(a, b):",

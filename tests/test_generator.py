@@ -120,10 +120,45 @@ def test_streamers_write_exactly_the_generated_text(generator: Generator) -> Non
         "def add", config, streamer=TextStreamer(generator.tokenizer, plain)
     )
     generator.generate(
-        "def add", config, streamer=SpeculativeStreamer(generator.tokenizer, coloured)
+        "def add", config, streamer=SpeculativeStreamer(generator.tokenizer, coloured, colour=True)
     )
     assert plain.getvalue() == result.text + "\n"
     assert "\033[32m" in coloured.getvalue() or "\033[9;31m" in coloured.getvalue()
+
+
+def test_the_speculative_streamer_colours_terminals_only(
+    generator: Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Into a file or a pipe, rejected drafts would read as the answer's text: there it
+    writes the plain text, unless FORCE_COLOR asks for colours; NO_COLOR turns them off on
+    a terminal too."""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    config = GenerationConfig(
+        sample=False, max_steps=20, generation_strategy="self_speculative", exit_layer=1,
+        num_speculations=4,
+    )  # fmt: skip
+    result = generator.generate("def add", config)
+    assert result.acceptance_rate < 1  # some drafts rejected: they would be written
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+
+    def streamed(stream: io.StringIO) -> str:
+        generator.generate(
+            "def add", config, streamer=SpeculativeStreamer(generator.tokenizer, stream)
+        )
+        return stream.getvalue()
+
+    assert streamed(io.StringIO()) == result.text + "\n"
+    assert "\033[9;31m" in streamed(Terminal())
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert "\033[9;31m" in streamed(io.StringIO())
+    monkeypatch.delenv("FORCE_COLOR")
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert streamed(Terminal()) == result.text + "\n"
 
 
 def test_streamed_text_ending_in_an_unfinished_character_is_written_whole() -> None:
@@ -141,9 +176,12 @@ def test_streamed_text_ending_in_an_unfinished_character_is_written_whole() -> N
     ][:-1]  # the emoji's last byte token is missing
     text = tokenizer.decode(ids)
     assert text.endswith("\ufffd")
-    for kind in (TextStreamer, SpeculativeStreamer):
+    for streamer_for in (
+        lambda stream: TextStreamer(tokenizer, stream),
+        lambda stream: SpeculativeStreamer(tokenizer, stream, colour=True),
+    ):
         stream = io.StringIO()
-        streamer = kind(tokenizer, stream)
+        streamer = streamer_for(stream)
         streamer.on_start("")
         streamer.on_step(ids[:2], [], 0)
         streamer.on_step(ids[2:], [], 0)
