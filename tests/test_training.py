@@ -292,9 +292,9 @@ def test_curriculum_rotational() -> None:
 
 
 def test_curriculum_gradual() -> None:
-    # L = 4, T = 10: exit l switches on once t / T >= 0.5 * (4 - l) / 4.
-    steps = [active_exits("gradual", t, 10, 4) for t in range(6)]
-    assert steps == [[4], [4], [3, 4], [2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]]
+    # L = 4, T = 10: the exit after 0-based layer i switches on once t / T >= 0.5 * (4 - i) / 4.
+    steps = [active_exits("gradual", t, 10, 4) for t in range(7)]
+    assert steps == [[4], [4], [4], [3, 4], [2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]]
 
 
 def test_unknown_choices_are_config_errors() -> None:

@@ -219,6 +219,7 @@ class TrainConfig:
 
 
 RECIPE_FLAG = "--recipe"
+RECIPE_KEYS = frozenset({"description", "sources", "flags"})  # what a recipe file holds
 
 
 def recipe_arguments(path: str) -> list[str]:
@@ -237,9 +238,22 @@ def recipe_arguments(path: str) -> list[str]:
     flags = document.get("flags") if isinstance(document, dict) else None
     if not isinstance(flags, dict):
         raise ConfigError(f"recipe {path} must hold a JSON object with a 'flags' object")
+    unknown = sorted(set(document) - RECIPE_KEYS)
+    if unknown:  # a flag written beside "flags" (or a typo) would be silently ignored
+        raise ConfigError(
+            f"recipe {path}: unknown key '{unknown[0]}' (a recipe holds "
+            f"{', '.join(sorted(RECIPE_KEYS))}; flags go inside 'flags')"
+        )
     arguments: list[str] = []
     for name, value in flags.items():
         values = value if isinstance(value, list) else [value]
+        for item in values:
+            if item is None or isinstance(item, dict | list):
+                # str() would pass 'None' or a Python repr on as the flag's value
+                raise ConfigError(
+                    f"recipe {path}: flag '{name}' must be a string, number or boolean "
+                    f"(or a list of them), got {json.dumps(value)}"
+                )
         arguments.append(f"--{name}")
         arguments.extend(str(item) for item in values)
     return arguments

@@ -7,8 +7,10 @@ costs the head once per layer; a curriculum enables a subset. Exit layers are 1-
 * ``none``: every exit 1..L at every step.
 * ``rotational``: every R-th exit, the set shifted by one each step: exit ``l`` is on at step
   ``t`` when ``(l + t) % R == 0``; after R steps every exit has been on once.
-* ``gradual``: exits switch on from the last layer downwards: exit ``l`` is on once
-  ``t / T >= 0.5 * (L - l) / L``, so all are on from half-way through training.
+* ``gradual``: exits switch on from the last layer downwards, one every T / (2L) steps: the
+  exit after 0-based decoder layer ``i`` (exit ``l = i + 1``) is on once
+  ``t / T >= 0.5 * (L - i) / L`` (paper §4.2; REFERENCE.md's ``layer l`` is 0-based), so the
+  first layer's exit comes on at exactly half-way; the last exit is on from the start.
 """
 
 from __future__ import annotations
@@ -55,6 +57,14 @@ def active_exits(
             raise ConfigError(f"rotation must be >= 1, got {rotation}")
         return [layer for layer in every if (layer + step) % rotation == 0 or layer == num_layers]
     if curriculum is Curriculum.GRADUAL:
-        progress = 0.0 if total_steps is None else step / max(total_steps, 1)
-        return [layer for layer in every if progress >= 0.5 * (num_layers - layer) / num_layers]
+        if total_steps is None:
+            return [num_layers]
+        total = max(total_steps, 1)
+        # Exit ``layer`` follows 0-based decoder layer ``layer - 1``, on once
+        # step / T >= 0.5 * (L - (layer - 1)) / L; in integers (no rounding at the boundary).
+        return [
+            layer
+            for layer in every
+            if layer == num_layers or 2 * num_layers * step >= total * (num_layers - layer + 1)
+        ]
     raise AssertionError(curriculum)
