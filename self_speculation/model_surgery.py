@@ -635,7 +635,10 @@ class LayerwiseModel:
         cache); two tokens over the first of those columns, through layers [0, E) and
         then [E, L) (drafts, then verification), E the middle layer; one-token steps."""
         batch, length = probe.shape
-        cache = ColumnKVCache(self.num_layers, batch, length)
+        # Spare columns, as decoding has: a family that reads positions from the cache's
+        # length (``get_seq_length``, the columns allocated) instead of ``position_ids``
+        # sees other ones than its own forward and is refused.
+        cache = ColumnKVCache(self.num_layers, batch, length + _PROBE_SPARE_COLUMNS)
         pad_counts = (mask == 0).sum(dim=-1)  # [batch]
         columns = torch.arange(length, device=probe.device).expand(batch, length)
 
@@ -661,10 +664,13 @@ class LayerwiseModel:
 _PROBE_LENGTH = 12  # tokens per probe row
 _PROBE_PADDING = 3  # left padding of the second row
 _PROBE_STEPS = 4  # one-token steps after the prefill
+_PROBE_SPARE_COLUMNS = 5  # cache columns past the probe's last token
 _PROBE_WINDOW = 4  # the shortest window during the probe; all stay shorter than the probe
 # Config lengths past which a family attends otherwise (Doge keeps its top
-# keep_window_size keys); the probe narrows each so that it sees that regime.
-_WINDOW_SETTINGS = ("sliding_window", "keep_window_size")
+# keep_window_size keys; Llama 4's NoPE layers scale their queries from floor_scale
+# positions on, positions it takes from the cache's length); the probe narrows each so
+# that it sees that regime.
+_WINDOW_SETTINGS = ("sliding_window", "keep_window_size", "floor_scale")
 
 
 @contextmanager
