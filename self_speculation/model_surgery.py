@@ -251,7 +251,14 @@ class LayerwiseModel:
         attention adds its mask to the scores; sdpa takes a boolean mask), and with
         ``verify`` probe the layer-wise forward against the model's own again (at load, and
         after ``model.set_attn_implementation``)."""
-        self.additive_masks = getattr(self.config, "_attn_implementation", "eager") == "eager"
+        implementation = getattr(self.config, "_attn_implementation", None) or "eager"
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise UnsupportedModelError(
+                f"attn_implementation '{implementation}' is not supported: the engine gives "
+                "attention its own column masks, which it builds for "
+                f"{' and '.join(ATTENTION_IMPLEMENTATIONS)} (load the model with one of them)"
+            )
+        self.additive_masks = implementation == "eager"
         if verify:
             with eval_mode(self.model):
                 self._verify_against_own_forward()
@@ -661,6 +668,10 @@ class LayerwiseModel:
         return torch.cat(logits, dim=1)
 
 
+# The attention implementations whose masks the engine builds (eager adds its mask to the
+# scores; sdpa takes a boolean one); flash attention, flex attention or paged attention
+# take masks of other forms.
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 _PROBE_LENGTH = 12  # tokens per probe row
 _PROBE_PADDING = 3  # left padding of the second row
 _PROBE_STEPS = 4  # one-token steps after the prefill

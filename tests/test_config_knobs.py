@@ -51,3 +51,21 @@ def test_a_family_reading_positions_from_the_cache_length_is_refused_by_any_name
     monkeypatch.setattr(model_surgery, "_WINDOW_SETTINGS", ("sliding_window", "keep_window_size"))
     with pytest.raises(UnsupportedModelError, match="differs from the model's own forward"):
         LayerwiseModel(_llama4(8))
+
+
+@pytest.mark.parametrize("implementation", ["flex_attention", "flash_attention_2"])
+def test_an_attention_implementation_without_the_engines_masks_is_named(
+    implementation: str,
+) -> None:
+    """Flex attention on a CPU failed inside the probe with a compiler's error and "needs
+    an adapter"; the implementation is named instead, before any forward."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.config._attn_implementation_internal = implementation
+    with pytest.raises(UnsupportedModelError, match=f"attn_implementation '{implementation}'"):
+        LayerwiseModel(model)
