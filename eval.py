@@ -17,9 +17,11 @@ of an interrupted evaluation runs only what is left.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from arguments import (
     Arguments,
     GenerationArguments,
     arguments_dict,
+    check_output_dir,
     distributed_run,
     error_line,
     one_strategy,
@@ -43,7 +46,7 @@ from self_speculation.benchmarking import (
     setting_digest,
     write_json_atomic,
 )
-from self_speculation.errors import expand_home
+from self_speculation.errors import expand_home, one_line
 from self_speculation.metrics import summarize_speed
 
 logger = logging.getLogger("eval")
@@ -235,7 +238,28 @@ def _cache_path(
     digest = setting_digest(relevant, {"model": args.model, "draft_adapter": args.draft_adapter})
     path = Path(evaluation.use_cache) / f"eval-{digest}"
     logger.info("request cache: %s_rank0.db", path)
+    _check_cache_file(Path(f"{path}_rank0.db"))
     return str(path)
+
+
+def _check_cache_file(path: Path) -> None:
+    """Refuse, in one line, a request cache file that SQLite cannot read (cut short by a
+    full disk or a kill, overwritten): lm-eval opens it in a thread of its own, whose error
+    is a traceback."""
+    if not path.exists():
+        return
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        ) as database:
+            verdict = database.execute("PRAGMA quick_check").fetchone()
+        if verdict is None or verdict[0] != "ok":
+            raise sqlite3.DatabaseError(str(verdict[0] if verdict else "no answer"))
+    except sqlite3.Error as error:
+        raise ConfigError(
+            f"--use_cache: the request cache {path} is damaged ({one_line(error, 200)}); "
+            "delete it to start afresh, or choose another --use_cache"
+        ) from None
 
 
 def main(argv: list[str]) -> int:
@@ -243,6 +267,10 @@ def main(argv: list[str]) -> int:
         Arguments, EvalGenerationArguments, EvalArguments, argv=argv, prog="eval.py"
     )
     config = one_strategy(generation, "eval.py")
+    if evaluation.use_cache is not None:
+        # A folder the cache files go into: the rules of every output folder (not models/,
+        # not a model's folder, writable), checked before the tasks and weights load.
+        check_output_dir(evaluation.use_cache, "--use_cache", overwrite=args.overwrite)
     logging.getLogger("lm_eval.api.task").addFilter(_DropMetadataHint())
     facts = args.check_model(config)  # before the tasks and weights load
     if facts is not None and facts.num_layers is not None:
@@ -297,6 +325,12 @@ def main(argv: list[str]) -> int:
                         "to draw shots from"
                     ) from None
                 raise
+            except sqlite3.Error as error:  # the request cache's file: damaged, or not writable
+                raise ConfigError(
+                    f"--use_cache: the request cache {cache}_rank0.db cannot be used "
+                    f"({one_line(error, 200)}); delete it to start afresh, or choose another "
+                    "--use_cache"
+                ) from None
             except (ConnectionError, OSError) as error:  # a hub task's dataset is unreachable
                 raise DataError(
                     f"cannot load a task's data: {error}. Hub tasks need the network or a "

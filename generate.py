@@ -301,6 +301,10 @@ def main(argv: list[str]) -> int:
             sys.stderr.write("\n")
             document["ended_by"] = "interrupted"
             status = EXIT_INTERRUPTED
+        except BrokenPipeError:  # the reader left (| head): the document says so, then quiet
+            document["ended_by"] = "output closed"
+            write_json_atomic(files.result, document)
+            raise
         write_json_atomic(files.result, document)
         logger.info("wrote %s (%d answers)", files.result, len(document["prompts"]))
         return status

@@ -21,10 +21,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import sysconfig
+import uuid
 from importlib import metadata
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from arguments import run_main  # noqa: E402
+from self_speculation.benchmarking import write_json_atomic  # noqa: E402
+from self_speculation.errors import ConfigError, expand_home  # noqa: E402
+from self_speculation.output_safety import check_output_dir  # noqa: E402
 
 # Held-out standard-library files (relative to the standard library directory).
 HELD_OUT = (
@@ -127,29 +136,55 @@ def source_files(root: Path, spec: str) -> list[Path]:
     return [f for f in found if f.is_file() and f.suffix == ".py"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="runs/corpus/train.jsonl")
-    parser.add_argument("--max_file_bytes", type=int, default=200_000)
-    args = parser.parse_args(argv)
+def _is_earlier(path: Path, key: str) -> bool:
+    """Whether ``path`` is this script's earlier output: a corpus whose first line is a
+    record with "text" and "path" (``key`` "text"), or a manifest (``key`` "packages")."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            text = stream.readline() if key == "text" else stream.read()
+        document = json.loads(text)
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError):
+        return False
+    wanted = {"text", "path"} if key == "text" else {"packages", "total_bytes"}
+    return isinstance(document, dict) and wanted <= set(document)
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    site = Path(sysconfig.get_paths()["purelib"])
-    held_out = {stdlib / name for name in HELD_OUT}
-    held_out_hashes = {hashlib.sha1(p.read_bytes()).hexdigest() for p in held_out}
-    seen: set[str] = set(held_out_hashes)
 
-    groups: list[tuple[str, str, Path, list[Path]]] = [
-        ("python-stdlib", "PSF-2.0", stdlib, source_files(stdlib, "."))
-    ]
-    for distribution, specs in PACKAGES.items():
-        files = [f for spec in specs for f in source_files(site, spec)]
-        groups.append((distribution, licence_of(distribution), site, files))
+def check_output(path: str, overwrite: bool) -> tuple[Path, Path]:
+    """The corpus and manifest paths, refused (one line, before any work) where writing
+    them would replace something other than this script's earlier output.
 
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    manifest: dict[str, dict] = {}
-    with output.open("w", encoding="utf-8") as sink:
+    Raises:
+        ConfigError: naming the path and what is in the way.
+    """
+    if not path.strip():
+        raise ConfigError("--output is empty (give a .jsonl file path)")
+    output = Path(expand_home(path, "--output"))
+    if output.is_dir():
+        raise ConfigError(f"--output {path} is a directory (give a .jsonl file path)")
+    check_output_dir(str(output.parent), "--output's folder", overwrite=overwrite)
+    manifest = output.with_suffix(".manifest.json")
+    for target, key in ((output, "text"), (manifest, "packages")):
+        if target.is_dir():
+            raise ConfigError(f"--output {path}: {target} is a directory")
+        if target.exists() and not overwrite and not _is_earlier(target, key):
+            raise ConfigError(
+                f"--output {path}: {target} exists and is not an earlier corpus "
+                f"{'manifest ' if key == 'packages' else ''}of this script; choose another "
+                "--output, or pass --overwrite True to replace it"
+            )
+    return output, manifest
+
+
+def _write_corpus(
+    destination: Path,
+    groups: list[tuple[str, str, Path, list[Path]]],
+    held_out: set[Path],
+    seen: set[str],
+    max_file_bytes: int,
+    manifest: dict[str, dict],
+) -> None:
+    """Write the corpus records to ``destination``; fill ``manifest`` per package."""
+    with open(destination, "x", encoding="utf-8") as sink:
         for name, licence, root, files in groups:
             kept = skipped = size = 0
             for path in files:
@@ -158,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 data = path.read_bytes()
                 digest = hashlib.sha1(data).hexdigest()
-                if len(data) > args.max_file_bytes or digest in seen:
+                if len(data) > max_file_bytes or digest in seen:
                     skipped += 1
                     continue
                 try:
@@ -177,11 +212,55 @@ def main(argv: list[str] | None = None) -> int:
             manifest[name] = dict(
                 version=version, licence=licence, files=kept, bytes=size, skipped=skipped
             )
+
+
+def _boolean(value: str) -> bool:
+    if value.lower() not in ("true", "false"):
+        raise ValueError(value)  # argparse: "invalid _boolean value"
+    return value.lower() == "true"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="runs/corpus/train.jsonl")
+    parser.add_argument("--max_file_bytes", type=int, default=200_000)
+    parser.add_argument(
+        "--overwrite",
+        type=_boolean,
+        default=False,
+        help="replace an --output that is not an earlier corpus (True/False)",
+    )
+    args = parser.parse_args(argv)
+    output, manifest_path = check_output(args.output, args.overwrite)
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    site = Path(sysconfig.get_paths()["purelib"])
+    held_out = {stdlib / name for name in HELD_OUT}
+    held_out_hashes = {hashlib.sha1(p.read_bytes()).hexdigest() for p in held_out}
+    seen: set[str] = set(held_out_hashes)
+
+    groups: list[tuple[str, str, Path, list[Path]]] = [
+        ("python-stdlib", "PSF-2.0", stdlib, source_files(stdlib, "."))
+    ]
+    for distribution, specs in PACKAGES.items():
+        files = [f for spec in specs for f in source_files(site, spec)]
+        groups.append((distribution, licence_of(distribution), site, files))
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, dict] = {}
+    # Written beside the output and renamed over it at the end: an interrupted or failed
+    # build leaves the earlier corpus as it was, never half a corpus under its name.
+    temporary = output.with_name(f".{output.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        _write_corpus(temporary, groups, held_out, seen, args.max_file_bytes, manifest)
+        os.replace(temporary, output)
+    finally:
+        temporary.unlink(missing_ok=True)
     total = sum(entry["bytes"] for entry in manifest.values())
     summary = dict(
         output=str(output), total_bytes=total, held_out=list(HELD_OUT), packages=manifest
     )
-    output.with_suffix(".manifest.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(manifest_path, summary)
     for name, entry in manifest.items():
         print(
             f"{name:18s} {entry['version']:14s} {entry['files']:5d} files {entry['bytes'] / 1e6:7.2f} MB  {entry['licence']}"
@@ -191,4 +270,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, prog="build_corpus.py")

@@ -23,7 +23,6 @@ and the optimizer state on the first step only, so it is not included).
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -37,10 +36,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from arguments import run_main  # noqa: E402
+from self_speculation.benchmarking import write_json_atomic  # noqa: E402
 from self_speculation.distributed import DistributedContext  # noqa: E402
 from self_speculation.errors import ConfigError  # noqa: E402
 from self_speculation.loading import check_device  # noqa: E402
 from self_speculation.model_surgery import LayerwiseModel  # noqa: E402
+from self_speculation.output_safety import check_output_dir, check_output_file  # noqa: E402
 from self_speculation.training.config import (  # noqa: E402
     DataArguments,
     LayerSkipArguments,
@@ -58,6 +59,7 @@ from self_speculation.training.loop import Trainer  # noqa: E402
 from self_speculation.training.presets import PRESETS, architecture_config  # noqa: E402
 
 logger = logging.getLogger("train_throughput")
+RESULT_NAME = "train_throughput.json"
 
 
 @dataclass
@@ -78,6 +80,7 @@ class ThroughputArguments:
     memory_tokens: int = 1024  # positions per loss (2 sequences)
     memory_exits: list[int] = field(default_factory=lambda: [6, 24])
     output_dir: str = "logs/train_throughput"
+    overwrite: bool = False  # write into --output_dir even under models/ or beside a model
 
     def __post_init__(self) -> None:
         counts = {
@@ -104,6 +107,15 @@ class ThroughputArguments:
             raise ConfigError(f"unknown preset '{self.preset}' (choose from {', '.join(PRESETS)})")
         if self.device != "auto":
             check_device(self.device)
+        # Before the measurement, not after it: a folder that cannot hold the result (a
+        # file, read-only, models/) or a train_throughput.json that is not an earlier one.
+        check_output_dir(self.output_dir, overwrite=self.overwrite)
+        check_output_file(
+            str(Path(self.output_dir) / RESULT_NAME),
+            "train_throughput",
+            ("arguments", "training", "early_exit_loss_memory"),
+            flag="--output_dir",
+        )
 
 
 class _PeakMemory:
@@ -288,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             loss_memory.append(measure_loss_memory(args, num_exits, stacked))
     plain, recipe = training
     document = {
+        "benchmark": "train_throughput",
         "arguments": asdict(args),
         "training": training,
         "recipe_relative_tokens_per_second": round(
@@ -295,11 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "early_exit_loss_memory": loss_memory,
     }
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    temporary = output_dir / "train_throughput.json.tmp"
-    temporary.write_text(json.dumps(document, indent=2) + "\n")
-    temporary.replace(output_dir / "train_throughput.json")
+    write_json_atomic(Path(args.output_dir) / RESULT_NAME, document)
     for row in training:
         print(
             f"{row['setting']:>7}: {row['tokens_per_second']:9.1f} tokens/s, "

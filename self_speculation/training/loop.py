@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -691,14 +692,32 @@ def _cut_log(path: Path, step: int) -> None:
     temporary.replace(path)
 
 
-def _remove_run_files(output_dir: Path) -> None:
-    """Remove an earlier run's log, checkpoints and tokenizer (``--overwrite True``)."""
+# The final export (``save_pretrained`` of the model and its tokenizer). An earlier run's,
+# kept beside a new run's checkpoint and log until that run exports its own, would be loaded
+# as the new run's model by every script (its weights, its tokenizer) if the new run stops.
+EXPORT_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json",
+    "merges.txt",
+)  # fmt: skip
+
+
+def _remove_run_files(output_dir: Path, keep_export: bool = False) -> None:
+    """Remove an earlier run's log, checkpoints, tokenizer and, unless ``keep_export`` (the
+    run continues the model saved there), its exported model (``--overwrite True``)."""
     for name in (*RUN_FILES, TOKENIZER_DIR):
         path = output_dir / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+    if keep_export:
+        return
+    for pattern in EXPORT_FILES:
+        for path in output_dir.glob(pattern):
+            if path.is_file() or path.is_symlink():
+                path.unlink()
 
 
 def train(config: TrainConfig) -> Path:
@@ -816,7 +835,13 @@ def _train_locked(
                 "(starts over) or another --output_dir"
             )
     if not args.resume and args.overwrite and distributed.is_main:
-        _remove_run_files(output_dir)  # asked for: the new run's log starts empty
+        # Asked for: the new run's log starts empty, and no earlier model stays behind
+        # (unless the model this run continues is the one saved there).
+        source = config.model.model
+        continued = bool(source) and Path(os.path.expanduser(source)).resolve() == (
+            output_dir.resolve()
+        )
+        _remove_run_files(output_dir, keep_export=continued)
     barrier(distributed)
     random.seed(args.seed)
 
