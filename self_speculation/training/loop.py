@@ -4,7 +4,7 @@ The loop wires the recipe's pieces together: :func:`apply_layer_dropout` (paper 
 :func:`active_exits` (§4.2 curriculum) and :class:`LayerSkipObjective` (§4.2 early-exit loss),
 with AdamW, linear warm-up + cosine decay, gradient accumulation, a token and/or time
 budget, and checkpoints (:mod:`checkpointing`) on a timer, every N steps, at the end and on
-SIGINT/SIGTERM. Where it runs (device, FSDP2 or DDP, bf16, activation checkpointing) is
+SIGINT/SIGTERM/SIGHUP. Where it runs (device, FSDP2 or DDP, bf16, activation checkpointing) is
 :mod:`distributed_setup`.
 
 Random decisions of the recipe are per sample, not per process: for optimizer step t and
@@ -81,7 +81,7 @@ HORIZON_PROBE_STEPS = 10
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT or SIGTERM stopped the run after a checkpoint was written."""
+    """SIGINT, SIGTERM or SIGHUP stopped the run after a checkpoint was written."""
 
     def __init__(self, signal_number: int, step: int, checkpoint: Path) -> None:
         name = signal.Signals(signal_number).name
@@ -105,7 +105,8 @@ class TrainingDiverged(LayerSkipError):
 
 
 class StopSignals:
-    """Turns the first SIGINT/SIGTERM into a request to stop after the current step.
+    """Turns the first SIGINT/SIGTERM/SIGHUP into a request to stop after the current step
+(SIGHUP: the terminal was closed; its default ended the run without a checkpoint).
 
     Alone (``python train.py``), a second signal restores the default handlers and is
     re-raised: an impatient user still gets out at once. Under torchrun a repeated signal is
@@ -114,7 +115,7 @@ class StopSignals:
     by default), so the checkpoint must be written within it.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self, force_on_repeat: bool | None = None) -> None:
         self.received: int | None = None
