@@ -106,13 +106,13 @@ class TrainingDiverged(LayerSkipError):
 
 class StopSignals:
     """Turns the first SIGINT/SIGTERM/SIGHUP into a request to stop after the current step
-(SIGHUP: the terminal was closed; its default ended the run without a checkpoint).
+    (SIGHUP: the terminal was closed; its default ended the run without a checkpoint).
 
-    Alone (``python train.py``), a second signal restores the default handlers and is
-    re-raised: an impatient user still gets out at once. Under torchrun a repeated signal is
-    ignored: on Ctrl-C the terminal signals every process and torchrun forwards the signal
-    again at once, and torchrun itself escalates to SIGKILL after its shutdown timeout (30 s
-    by default), so the checkpoint must be written within it.
+        Alone (``python train.py``), a second signal restores the default handlers and is
+        re-raised: an impatient user still gets out at once. Under torchrun a repeated signal is
+        ignored: on Ctrl-C the terminal signals every process and torchrun forwards the signal
+        again at once, and torchrun itself escalates to SIGKILL after its shutdown timeout (30 s
+        by default), so the checkpoint must be written within it.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
