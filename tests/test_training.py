@@ -225,6 +225,24 @@ def test_last_exit_alone_is_the_models_own_loss_with_family_scalars() -> None:
         assert result.loss.item() == pytest.approx(expected.item(), rel=1e-5), type(model).__name__
 
 
+def test_the_objective_refuses_exits_outside_the_model() -> None:
+    """Exit 0 hooked layers[-1] (the last layer's output, reported as exit 0), exit L + 1
+    was an IndexError; an infinite e_scale made every weight NaN."""
+    from self_speculation.errors import ConfigError
+    from self_speculation.training.early_exit_loss import exit_loss_weights
+
+    model = make_tiny_model("llama_gqa_tied", dtype=torch.float32)
+    input_ids = _inputs(model)
+    layers = model.config.num_hidden_layers
+    for exits in ([0, layers], [layers + 1]):
+        with pytest.raises(ConfigError, match=f"exit layer {exits[0]} is outside 1..{layers}"):
+            LayerSkipObjective(model)(input_ids, exits)
+    with pytest.raises(ConfigError, match="finite"):
+        exit_loss_weights([1, 4], 4, e_scale=float("inf"))
+    with pytest.raises(ConfigError, match="outside"):
+        exit_loss_weights([5], 4)
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral_sliding"])
 def test_a_moe_asking_for_its_router_loss_gets_it(family: str) -> None:
     """A config with output_router_logits: the model's own labels= loss adds the

@@ -83,8 +83,11 @@ def exit_loss_weights(
     """
     if not exit_layers:
         raise ConfigError("at least one exit layer must be supervised")
-    if e_scale < 0:
-        raise ConfigError(f"e_scale must be >= 0, got {e_scale}")
+    if not (math.isfinite(e_scale) and e_scale >= 0):  # inf: every weight NaN
+        raise ConfigError(f"e_scale must be a finite number >= 0, got {e_scale}")
+    outside = [layer for layer in exit_layers if not 1 <= layer <= num_layers]
+    if outside:
+        raise ConfigError(f"exit layer {outside[0]} is outside 1..{num_layers}")
     raw = [
         exit_scale(scale, layer) * (e_scale if layer < num_layers else 1.0) for layer in exit_layers
     ]
