@@ -306,7 +306,8 @@ def main(argv: list[str]) -> int:
             write_json_atomic(files.result, document)
             raise
         write_json_atomic(files.result, document)
-        logger.info("wrote %s (%d answers)", files.result, len(document["prompts"]))
+        answers = len(document["prompts"])
+        logger.info("wrote %s (%d answer%s)", files.result, answers, "" if answers == 1 else "s")
         return status
 
 

@@ -563,10 +563,11 @@ def _finish(
         },
     )
     logger.info(
-        "best: %s, exit_layer %d, num_speculations %d: %.1f tokens/s (speedup %s); wrote %s, %s",
+        "best: %s, exit_layer %d, num_speculations %d: %.1f tokens/s (speedup %s); wrote %s, %s, %s",
         best["generation_strategy"], int(best["exit_layer"]), int(best["num_speculations"]),
         best["overall_tokens_per_second"],
-        "n/a" if pd.isna(best["speedup"]) else f"{best['speedup']:.2f}x", csv_path, plot_path,
+        "n/a" if pd.isna(best["speedup"]) else f"{best['speedup']:.2f}x", csv_path,
+        csv_path.with_suffix(".json"), plot_path,
     )  # fmt: skip
 
 

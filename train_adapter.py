@@ -62,7 +62,7 @@ class AdapterTrainArguments:
     """Settings of an adapter training run."""
 
     output_dir: str = ""
-    """Where the adapter folder (adapter_config.json, adapter.safetensors) is written. A
+    """Required: where the adapter folder (adapter_config.json, adapter.safetensors) is written. A
     folder holding a model, an adapter without its checkpoint.pt or a shipped folder
     (models/) is refused unless --overwrite True; a folder with checkpoint.pt continues."""
     overwrite: bool = False
@@ -70,7 +70,7 @@ class AdapterTrainArguments:
     model: str = "smollm2"
     """Frozen base model: a local directory, a hub id, a .gguf file or smollm2."""
     exit_layer: int = 0
-    """E: the adapter reads the states leaving layer E - 1 (1 <= E < L)."""
+    """Required: E, the adapter reads the states leaving layer E - 1 (1 <= E < L)."""
     init_layer: int = -1
     """Base layer the adapter block copies (structure and starting weights); -1: the last."""
     data: list[str] = field(default_factory=list)
@@ -129,6 +129,8 @@ class AdapterTrainArguments:
         if self.cache_dir:
             # A shared target cache may sit anywhere but in a model's or a shipped folder.
             check_output_dir(self.cache_dir, "--cache_dir", overwrite=self.overwrite)
+        if self.exit_layer == 0:
+            raise ConfigError("give --exit_layer E, the adapter's exit (1 <= E < L)")
         if self.exit_layer < 1:
             raise ConfigError(f"--exit_layer must be >= 1, got {self.exit_layer}")
         if not self.data and self.chat_prompts == 0:

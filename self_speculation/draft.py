@@ -35,6 +35,7 @@ from self_speculation.config import GenerationConfig
 from self_speculation.errors import ConfigError, ModelLoadError, whole_number
 from self_speculation.kv_cache import ColumnKVCache
 from self_speculation.model_surgery import LayerwiseModel
+from self_speculation.output_safety import readable_by_others
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
@@ -301,6 +302,7 @@ def save_adapter(
     config.draft_vocab_size = 0 if vocab is None else len(vocab)
     config.model_type, config.vocab_size = adapter.model_type, adapter.vocab_size
     save_file(tensors, str(folder / ADAPTER_WEIGHTS_NAME))
+    readable_by_others(folder / ADAPTER_WEIGHTS_NAME)
     (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2) + "\n")
 
 

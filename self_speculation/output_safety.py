@@ -67,6 +67,23 @@ def held_contents(directory: Path) -> str | None:
     return None
 
 
+def readable_by_others(*paths: str | os.PathLike) -> None:
+    """Give files the permissions the umask allows (0644 under the usual 022).
+
+    safetensors' ``save_file`` (0.8) writes through a private temporary file, so weights come
+    out 0600 whatever the umask: a model or adapter trained here would be unreadable to other
+    users, unlike every other file the scripts write. A directory: its safetensors files.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    mode = 0o666 & ~mask
+    for path in map(Path, paths):
+        for file in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
+            if file.is_file() and not file.is_symlink() and (file.stat().st_mode & 0o777) != mode:
+                with contextlib.suppress(OSError):  # not ours to change: leave it
+                    file.chmod(mode)
+
+
 def check_output_dir(
     path: str,
     flag: str = "--output_dir",

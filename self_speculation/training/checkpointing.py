@@ -35,6 +35,7 @@ from torch import nn
 
 from self_speculation.distributed import DistributedContext, barrier
 from self_speculation.errors import ConfigError, one_line
+from self_speculation.output_safety import readable_by_others
 
 logger = logging.getLogger("train")
 
@@ -251,4 +252,5 @@ def export_pretrained(
         final.generation_config = generation_config
         final.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
+        readable_by_others(output_dir)
     barrier(context)
