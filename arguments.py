@@ -62,7 +62,8 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a reader that 
 MAX_SEED = 2**32 - 1  # numpy's limit (lm-eval seeds numpy with it); torch takes it too
 DEFAULT_NUM_THREADS = 1  # see Arguments.num_threads
 # --compile auto: a first compile pays from this many generated tokens on (shipped model,
-# quiet 2-core CPU: 97.1 s to compile, 8.3 ms saved per token; docs/fast-path.md).
+# 2-core CPU: about 90 s to compile, about 9 ms saved per token, README's results;
+# docs/fast-path.md; 97.1 s and 8.3 ms on the first shipped model).
 COMPILE_BREAK_EVEN_TOKENS = 12_000
 # --compile's spellings (as simple-parsing reads booleans), and a bare --compile: true.
 _COMPILE_SPELLINGS = {
@@ -277,7 +278,8 @@ class GenerationArguments:
     generation_strategy: str = GenerationStrategyName.AUTOREGRESSIVE.value
     """autoregressive, self_speculative (chains of k drafts), tree (token trees from the
     early exit, greedy) or adaptive (chains of 1, 2, 4 ... k drafts, chosen per step from
-    the recent acceptance) (comma-separated list to compare)"""
+    the recent acceptance); benchmark.py and sweep.py take a
+    comma-separated list to compare"""
     sample: bool = True
     """Sample (True) or greedy argmax (False)"""
     temperature: float = 0.6
@@ -299,9 +301,9 @@ class GenerationArguments:
     """Fast path: torch.compile the decoding passes (once per batch size, E and k; on CPU
     kept on disk, so a later process loads them): True, False or auto. auto compiles when
     a run's expected tokens per decoding path (prompts x max_steps, per process) reach
-    12,000, where a first compile pays for itself (quiet 2-core CPU: 97 s to compile the
-    shipped model's passes, 8.3 ms saved per token, as 368.9 vs 90.8 tok/s self-speculative
-    on its v1; docs/fast-path.md); passes already
+    12,000, where a first compile pays for itself (2-core CPU, the shipped model: about
+    90 s to compile its passes, about 9 ms saved per token, as 385 vs 85 tok/s
+    autoregressive in the README's run; docs/fast-path.md); passes already
     compiled load in ~2 s and pay after ~250 tokens: give True then. generate.py counts its
     one prompt's max_steps; prompts from stdin and eval.py's requests (not known up front)
     stay eager under auto."""
