@@ -100,18 +100,24 @@ class AdapterTrainArguments:
     held_out_blocks: int = 8
     """Blocks kept out of training, for the agreement figures."""
     epochs: int = 3
+    """Passes over the training blocks."""
     batch_size: int = 8
     """Blocks per optimiser step."""
     learning_rate: float = 2e-4
+    """AdamW's peak learning rate (no weight decay): 20 steps of linear warm-up, then a
+    cosine decay to 0."""
     train_minutes: float = 0.0
     """Stop training after this many minutes (0: no limit); a rerun continues."""
     dtype: str = "float32"
+    """Precision of the frozen model and the adapter (float32, bfloat16 or float16)."""
     device: str = "cpu"
+    """Where to train: cpu, cuda, cuda:N or mps."""
     num_threads: int = 1
     """torch CPU threads (0: torch's default, one per core). 1 by default: with anything else
     running, more OpenMP threads spin against it; on a machine of your own, 2 or more (with
     OMP_WAIT_POLICY=PASSIVE in the environment on a shared one)."""
     seed: int = 0
+    """Seeds the held-out split, the batch order and the adapter's initialisation."""
 
     def __post_init__(self) -> None:
         if not self.output_dir:
