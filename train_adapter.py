@@ -109,7 +109,7 @@ class AdapterTrainArguments:
     train_minutes: float = 0.0
     """Stop training after this many minutes (0: no limit); a rerun continues."""
     dtype: str = "float32"
-    """Precision of the frozen model and the adapter (float32, bfloat16 or float16)."""
+    """Precision of the frozen model and the adapter (float32, bfloat16, float16, float64)."""
     device: str = "cpu"
     """Where to train: cpu, cuda, cuda:N or mps."""
     num_threads: int = 1
