@@ -80,7 +80,7 @@ class GenerateArguments:
     """none, standard or speculative (drafts shown in colours on a terminal; FORCE_COLOR=1
     elsewhere, NO_COLOR=1 never)."""
     chat_template: bool = False
-    """Wrap the prompt in the tokenizer's chat template, if it has one."""
+    """Wrap the prompt in the tokenizer's chat template, if it has one (token healing off)."""
     compare_autoregressive: bool = False
     """Also decode each prompt autoregressively (untimed output) and report the speedup."""
 
@@ -258,6 +258,17 @@ def main(argv: list[str]) -> int:
     with distributed_run(args, one_process="generate.py") as context:
         generator = args.load_generator(context)
         config = generator.resolve(config)
+        if (
+            options.chat_template
+            and config.token_healing
+            and getattr(generator.tokenizer, "chat_template", None) is not None
+        ):
+            # The prompt ends in the template's generation prompt ("<|im_start|>assistant\n"),
+            # the boundary the model was trained on, not a user's trailing whitespace:
+            # healing it let the first token re-create the template's newline (one of
+            # max_steps, counted in the metrics) or merge it away from what generate does.
+            logger.info("--chat_template True: the chat prompts are not token-healed")
+            config = dataclasses.replace(config, token_healing=False)
         files = run_files(args.output_dir, "generate", context)
         document = {
             "script": "generate.py",
