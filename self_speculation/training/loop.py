@@ -176,11 +176,21 @@ def recipe_uniforms(
 
 
 def _setup_logging(main: bool) -> None:
+    """INFO from the main process, warnings from the others (rank-prefixed), in the other
+    scripts' format."""
     level = logging.INFO if main else logging.WARNING
+    several = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+    prefix = f"[rank {os.environ.get('RANK', '0')}] " if several else ""
     logging.basicConfig(
-        level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+        level=level,
+        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
     )
     logger.setLevel(level)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Writing model shards" at the export
 
 
 def _atomic_json(path: Path, document: Any) -> None:
