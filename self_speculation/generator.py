@@ -57,8 +57,9 @@ class GenerationResult:
         num_prompt_tokens: prompt length in tokens.
         stop_reason: "eos", "stop_word", "max_steps", "context_length" (the model's
             context filled up before max_steps) or "non_finite_logits" (the model's logits
-            became NaN or infinite, e.g. float16 overflowing; the tokens chosen from them are
-            not kept, and a warning says so).
+            became NaN or infinite, e.g. float16 overflowing, or when sampling the logits
+            processors left no token to draw: every one banned by no_repeat_ngram_size; the
+            tokens chosen from them are not kept, and a warning says so).
         total_time: seconds from the prompt's forward to the last token (device-synchronised).
         num_steps: decoding steps after the prompt's forward (one verification each).
         num_drafted, num_accepted: draft tokens proposed / accepted by verification.
@@ -834,7 +835,9 @@ class Generator:
         if broken:
             logger.warning(
                 "%d of %d generations stopped early: the model's logits became NaN or "
-                "infinite (an overflowing dtype such as float16? try bfloat16 or float32); "
+                "infinite (an overflowing dtype such as float16? try bfloat16 or float32), "
+                "or sampling's logits processors left no token to draw (no_repeat_ngram_size "
+                "over a used-up vocabulary; a repetition penalty overflowing the logits); "
                 "their text ends before the first token chosen from such logits",
                 len(broken),
                 batch,

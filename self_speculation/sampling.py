@@ -194,7 +194,7 @@ class TokenSelector:
         lengths: torch.Tensor,
         proposal: bool = False,
         require_allowed: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The next token of every row from ``logits`` [batch, vocab].
 
         ``proposal``: the tokens are drafts, only proposed to verification. When sampling, a
@@ -207,24 +207,31 @@ class TokenSelector:
         the context processors ban (where the tokens it may take are already restricted:
         token healing, a reduced vocabulary), instead of choosing a banned token.
 
+        A token that is not a proposal is drawn the same way where the processors leave a
+        row nothing to draw from (every token banned: no_repeat_ngram_size over a vocabulary
+        the text has used up; logits a tiny repetition penalty overflowed to infinity), and
+        the row is marked in the third value: that token must not be kept (the generator
+        stops the row before it).
+
         Returns:
-            Tokens [batch] and, when sampling, the distributions they were drawn from
-            [batch, vocab].
+            Tokens [batch], when sampling the distributions they were drawn from
+            [batch, vocab], and when sampling the rows left with nothing to draw [batch]
+            bool (None when greedy).
         """
         logits = logits.unsqueeze(1)  # [batch, 1, vocab]
         if not self.sample and not self.context_processors:
-            return logits.argmax(dim=-1)[:, 0], None  # argmax needs neither float32 nor warpers
+            return logits.argmax(dim=-1)[:, 0], None, None  # argmax needs no float32, warpers
         processed = self.process(logits, tokens, pad_counts, lengths)[:, 0]  # [batch, vocab]
         if require_allowed and self.context_processors:
             banned = torch.isneginf(processed.amax(dim=-1))  # [batch]
             if bool(banned.any()):
                 raise NoAllowedToken(int(banned.nonzero()[0]))
         if not self.sample:
-            return processed.argmax(dim=-1), None
-        if proposal:
-            processed = finite_or_uniform(processed, non_finite(processed))
+            return processed.argmax(dim=-1), None, None
+        empty = non_finite(processed)  # [batch]
+        processed = finite_or_uniform(processed, empty)
         probs = torch.softmax(processed, dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0], probs
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0], probs, empty
 
 
 class NoAllowedToken(Exception):

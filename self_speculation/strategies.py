@@ -273,7 +273,16 @@ class GenerationStrategy(abc.ABC):
             )
         if first_token_allowed is not None:
             logits = logits.masked_fill(~first_token_allowed, float("-inf"))
-        first_tokens = self._choose_allowed(logits, state, healing=first_token_allowed is not None)
+        first_tokens, empty = self._choose_allowed(
+            logits, state, healing=first_token_allowed is not None
+        )
+        if empty is not None and self.selector.context_processors and bool(empty.any()):
+            which = "the prompt" if len(prompts) == 1 else f"prompts[{int(empty.nonzero()[0])}]"
+            raise ConfigError(
+                f"sampling: the logits processors (no_repeat_ngram_size; the checkpoint's "
+                f"repetition penalty, bad words, suppressed tokens) leave no token to follow "
+                f"{which} (every one banned, or its logits overflowed)"
+            )
         state.write(first_tokens[:, None], torch.ones_like(pad_counts))
         return state
 
@@ -290,14 +299,15 @@ class GenerationStrategy(abc.ABC):
 
     def _choose_allowed(
         self, logits: torch.Tensor, state: DecodingState, healing: bool
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The next token of every row [batch] from ``logits`` [batch, vocab], where what
         healing or the reduced vocabulary rule out is at -inf; a ConfigError when the logits
         processors ban every token a row may still take (the choice would be a banned token,
-        or a failing draw)."""
+        or a failing draw). Also, when sampling, the rows the processors left nothing to
+        draw from [batch] bool (``TokenSelector.choose``; None when greedy)."""
         restricted = healing or self._reduced_vocabulary
         try:
-            tokens, _ = self.selector.choose(
+            tokens, _, empty = self.selector.choose(
                 logits, state.tokens, state.pad_counts, state.lengths, require_allowed=restricted
             )
         except NoAllowedToken as banned:
@@ -315,7 +325,7 @@ class GenerationStrategy(abc.ABC):
                 f"tokens: {processors} ban all of them for row {banned.row}; use a larger "
                 "--draft_vocab_size, or drop the constraint"
             ) from None
-        return tokens
+        return tokens, empty
 
     @abc.abstractmethod
     def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
@@ -379,7 +389,9 @@ class AutoRegressiveGenerationStrategy(GenerationStrategy):
         bad = non_finite(logits)  # [batch]
         if self.selector.sample:
             logits = finite_or_uniform(logits, bad)
-        tokens = self._choose_allowed(logits, state, healing=False)
+        tokens, empty = self._choose_allowed(logits, state, healing=False)
+        if empty is not None:  # nothing to draw from: the row stops before this token
+            bad = bad | empty
         counts = active.long()  # [batch]
         state.write(tokens[:, None], counts)
         no_drafts = tokens[:, None][:, :0]
@@ -533,7 +545,7 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
             exit_states.append(hidden)
             if self.selector.sample:  # a draft only proposes: a broken one is just rejected
                 logits = finite_or_uniform(logits, non_finite(logits))
-            chosen, probs = self.selector.choose(
+            chosen, probs, _ = self.selector.choose(
                 logits, state.tokens, state.pad_counts, state.lengths + i, proposal=True
             )  # [batch], [batch, vocab] or None
             drafts.append(chosen)
@@ -616,9 +628,14 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
         unverified = k + 1 - positions
         if self.selector.sample:
             target_logits = finite_or_uniform(target_logits, bad)
-            target_probs = self.selector.probabilities(
+            processed = self.selector.process(
                 target_logits, state.tokens, state.pad_counts, state.lengths
             )  # [batch, positions, vocab]
+            # Where the processors leave nothing to draw from (every token banned, logits
+            # overflowed), uniform, so that the draws run; the row stops before that token.
+            empty = non_finite(processed)  # [batch, positions]
+            bad = bad | empty
+            target_probs = torch.softmax(finite_or_uniform(processed, empty), dim=-1)
             # Zero past the drafts, which are never accepted: the draws are a k-step's.
             target_probs = torch.nn.functional.pad(target_probs, (0, 0, 0, unverified))
             accepted_counts, next_tokens = speculative_accept(
