@@ -43,6 +43,7 @@ import os
 import shutil
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable
 from functools import partial
@@ -200,7 +201,45 @@ def _compiled(function: Callable, options: dict) -> Callable:
     """``torch.compile(function, **options)`` with options of its own: torch.compile takes
     ``guard_filter_fn`` out of the ``options`` dict it is given, so passes sharing one dict
     would leave every pass but the first without the guard filter."""
-    return torch.compile(function, **{**options, "options": dict(options.get("options", {}))})
+    return torch.compile(
+        _with_own_code(function), **{**options, "options": dict(options.get("options", {}))}
+    )
+
+
+def _with_own_code(method: Callable) -> Callable:
+    """``method`` (a bound method) over a copy of its code object. Dynamo keeps compiled
+    versions on the code object of the function it compiles: shared by every
+    ``ForwardPasses``, they outlived their passes (a Generator dropped, passes rebuilt after
+    the model changed), each held its compiled code (on CUDA, its CUDA graphs), and all of
+    them counted toward one recompile limit, past which a compile failed
+    (``FailOnRecompileLimitHit``). A code object of its own per instance goes with it."""
+    function = method.__func__
+    copy = types.FunctionType(
+        function.__code__.replace(),
+        function.__globals__,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__qualname__ = function.__qualname__
+    copy.__module__ = function.__module__
+    copy.__doc__ = function.__doc__
+    _OWN_CODES.setdefault(method.__self__, []).append(copy.__code__)
+    return types.MethodType(copy, method.__self__)
+
+
+# ForwardPasses -> the code objects of its compiled passes (``_with_own_code``), until its
+# constructor hands them to the finalizer that forgets their compiled versions.
+_OWN_CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _forget_compiled(codes: list[types.CodeType]) -> None:
+    """Drop the compiled versions dynamo keeps on ``codes`` (a dead ForwardPasses': nothing
+    else runs them). They would otherwise stay, with whatever they hold, for good: dynamo's
+    cache entries are not garbage-collected with their code object."""
+    for code in codes:
+        torch._dynamo.eval_frame.remove_from_cache(code)
 
 
 _INSTANCES = itertools.count()
@@ -284,6 +323,8 @@ class ForwardPasses:
             self._tree_step = _compiled(self._tree_step_eager, options)
             self._decode_step = _compiled(self._decode_step_eager, options)
             self._counted_greedy_step = _compiled(self._counted_greedy_step_eager, options)
+            # Their compiled versions go when these passes go (``_with_own_code``).
+            weakref.finalize(self, _forget_compiled, list(_OWN_CODES.pop(self, ())))
 
     def _fall_back(self, reason: str) -> None:
         """Decode eagerly from now on (same tokens), after one warning naming ``reason``."""
