@@ -1041,7 +1041,16 @@ _KEY_NAMES = {
 }
 # What a failed compile raises: a graph break (``fullgraph``), an unsupported construct, a
 # backend (inductor, C++ compiler) failure.
-_COMPILE_FAILURES = (torch._dynamo.exc.Unsupported, torch._dynamo.exc.BackendCompilerFailed)
+_COMPILE_FAILURES = (
+    torch._dynamo.exc.Unsupported,
+    torch._dynamo.exc.BackendCompilerFailed,
+    # A pass recompiled past RECOMPILE_LIMIT (fullgraph: a hard failure); not in older torch.
+    *(
+        [torch._dynamo.exc.FailOnRecompileLimitHit]
+        if hasattr(torch._dynamo.exc, "FailOnRecompileLimitHit")
+        else []
+    ),
+)
 
 
 def _first_line(error: BaseException) -> str:

@@ -4,6 +4,7 @@ of a dropped one, and never reaches dynamo's recompile limit through them."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import torch
@@ -21,6 +22,7 @@ CONFIG = GenerationConfig(
     max_steps=8,
     compile=True,
 )
+EAGER = dataclasses.replace(CONFIG, compile=False)
 
 
 def _entries(function) -> int:
@@ -43,3 +45,24 @@ def test_dropped_generators_keep_no_compiled_versions(monkeypatch) -> None:
         del generator
         gc.collect()
     assert _entries(ForwardPasses._counted_greedy_step_eager) == 0
+
+
+def test_a_pass_recompiled_past_the_limit_falls_back_to_eager(monkeypatch) -> None:
+    """Dynamo's hard failure past the recompile limit (fullgraph) was a traceback: it is
+    one warning and eager decoding, same tokens."""
+    monkeypatch.setenv("LAYERSKIP_PRECOMPILE", "0")
+
+    def past_the_limit(function, **options):
+        def call(*args, **kwargs):
+            raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile_limit reached")
+
+        return call
+
+    torch.manual_seed(0)
+    model = make_tiny_model("llama_mha_untied", dtype=torch.float32, initializer_range=0.3)
+    tokenizer = make_tiny_tokenizer()
+    expected = Generator(model, tokenizer).generate("def add(a, b):", EAGER).token_ids
+    monkeypatch.setattr(passes_module.torch, "compile", past_the_limit)
+    generator = Generator(model, tokenizer)
+    assert generator.generate("def add(a, b):", CONFIG).token_ids == expected
+    assert "FailOnRecompileLimitHit" in (generator.fast_path_fallback(CONFIG) or "")
