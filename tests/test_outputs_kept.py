@@ -295,8 +295,25 @@ def test_train_overwrite_leaves_no_earlier_model_beside_the_new_run(tmp_path: Pa
     first = train()
     assert first.returncode == 0, first.stderr[-3000:]
     assert (output / "model.safetensors").is_file() and (output / "config.json").is_file()
-    # A new run over it that stops before its export (here: an error after the removal).
-    second = train("--overwrite", "True", "--batch_size", "100000")
-    assert second.returncode == EXIT_ERROR and "--batch_size 100000" in second.stderr
+    earlier = (output / "model.safetensors").read_bytes()
+    # A configuration error before the new run starts keeps the earlier model.
+    refused = train("--overwrite", "True", "--batch_size", "100000")
+    assert refused.returncode == EXIT_ERROR and "--batch_size 100000" in refused.stderr
+    assert (output / "model.safetensors").read_bytes() == earlier
+    # A run continuing the model saved there keeps it until its own export replaces it.
+    continued = subprocess.run(
+        [*[item for item in common if item not in ("--preset", "tiny", "--vocab_size", "300")],
+         "--overwrite", "True", "--model", str(output)],
+        cwd=REPOSITORY_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert (output / "model.safetensors").read_bytes() != earlier
+    # A new run over it that stops before its export (here: its loss diverges).
+    second = train(
+        "--overwrite", "True", "--learning_rate", "1e30", "--warmup_steps", "0",
+        "--max_tokens", str(6 * 4 * 32),
+    )  # fmt: skip
+    assert second.returncode == EXIT_ERROR and "diverged" in second.stderr, second.stderr[-3000:]
     left = sorted(path.name for path in output.iterdir())
+    assert "train_config.json" in left
     assert not {"config.json", "model.safetensors", "tokenizer.json"} & set(left), left

@@ -530,12 +530,21 @@ def test_stop_signals_turn_the_first_signal_into_a_request() -> None:
         os.kill(os.getpid(), signal.SIGINT)
         assert signals.received == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
-    # A closed terminal (SIGHUP) stops after the step with a checkpoint too.
-    hangup = signal.getsignal(signal.SIGHUP)
-    with StopSignals(force_on_repeat=False) as signals:
-        os.kill(os.getpid(), signal.SIGHUP)
-        assert signals.received == signal.SIGHUP
-    assert signal.getsignal(signal.SIGHUP) is hangup
+    # A closed terminal (SIGHUP) stops after the step with a checkpoint too; under nohup
+    # (SIGHUP ignored) the run goes on, as it was asked to.
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        with StopSignals(force_on_repeat=False) as signals:
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert signals.received == signal.SIGHUP
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with StopSignals(force_on_repeat=False) as signals:
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert signals.received is None
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, hangup)
 
 
 def test_a_damaged_target_cache_is_one_line(tmp_path) -> None:

@@ -106,13 +106,14 @@ class TrainingDiverged(LayerSkipError):
 
 class StopSignals:
     """Turns the first SIGINT/SIGTERM/SIGHUP into a request to stop after the current step
-    (SIGHUP: the terminal was closed; its default ended the run without a checkpoint).
+    (SIGHUP: the terminal was closed, whose default ended the run without a checkpoint; left
+    alone where it is ignored, as under nohup).
 
-        Alone (``python train.py``), a second signal restores the default handlers and is
-        re-raised: an impatient user still gets out at once. Under torchrun a repeated signal is
-        ignored: on Ctrl-C the terminal signals every process and torchrun forwards the signal
-        again at once, and torchrun itself escalates to SIGKILL after its shutdown timeout (30 s
-        by default), so the checkpoint must be written within it.
+    Alone (``python train.py``), a second signal restores the default handlers and is
+    re-raised: an impatient user still gets out at once. Under torchrun a repeated signal is
+    ignored: on Ctrl-C the terminal signals every process and torchrun forwards the signal
+    again at once, and torchrun itself escalates to SIGKILL after its shutdown timeout (30 s
+    by default), so the checkpoint must be written within it.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -126,6 +127,8 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         for number in self.SIGNALS:
+            if number == signal.SIGHUP and signal.getsignal(number) == signal.SIG_IGN:
+                continue  # nohup: the run was asked to outlive its terminal
             try:
                 self._previous[number] = signal.signal(number, self._handle)
             except ValueError:  # not the main thread: leave signals alone
@@ -708,23 +711,25 @@ def _cut_log(path: Path, step: int) -> None:
 # as the new run's model by every script (its weights, its tokenizer) if the new run stops.
 EXPORT_FILES = (
     "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
-    "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json",
-    "merges.txt",
+    "model.safetensors.index.json", "pytorch_model*.bin", "tokenizer.json",
+    "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
 )  # fmt: skip
 
 
-def _remove_run_files(output_dir: Path, keep_export: bool = False) -> None:
-    """Remove an earlier run's log, checkpoints, tokenizer and, unless ``keep_export`` (the
-    run continues the model saved there), its exported model (``--overwrite True``)."""
+def _remove_run_files(output_dir: Path) -> None:
+    """Remove an earlier run's log, checkpoints and tokenizer (``--overwrite True``)."""
     for name in (*RUN_FILES, TOKENIZER_DIR):
         path = output_dir / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
-    if keep_export:
-        return
+
+
+def _remove_export(output_dir: Path) -> None:
+    """Remove an earlier run's exported model (``--overwrite True``, once the new run has
+    its data and model: a configuration error before that keeps it)."""
     for pattern in EXPORT_FILES:
         for path in output_dir.glob(pattern):
             if path.is_file() or path.is_symlink():
@@ -846,13 +851,7 @@ def _train_locked(
                 "(starts over) or another --output_dir"
             )
     if not args.resume and args.overwrite and distributed.is_main:
-        # Asked for: the new run's log starts empty, and no earlier model stays behind
-        # (unless the model this run continues is the one saved there).
-        source = config.model.model
-        continued = bool(source) and Path(os.path.expanduser(source)).resolve() == (
-            output_dir.resolve()
-        )
-        _remove_run_files(output_dir, keep_export=continued)
+        _remove_run_files(output_dir)  # asked for: the new run's log starts empty
     barrier(distributed)
     random.seed(args.seed)
 
@@ -910,6 +909,14 @@ def _run(
         if distributed.is_main:
             _record_resume(output_dir / "train_config.json", trainer.progress, config)
     elif distributed.is_main:
+        source = config.model.model
+        continued = bool(source) and Path(os.path.expanduser(source)).resolve() == (
+            output_dir.resolve()
+        )
+        if args.overwrite and not continued:
+            # No earlier model stays beside the new run's files (where the run continues
+            # the model saved there, it is that model until the new one is exported).
+            _remove_export(output_dir)
         _atomic_json(
             output_dir / "train_config.json", {"argv": sys.argv, **dataclasses.asdict(config)}
         )
