@@ -164,15 +164,20 @@ class TokenSelector:
             logits = self.warpers(empty_ids, flat).reshape(batch, positions, vocab)
         return logits
 
-    def probabilities(
+    def distributions(
         self,
         logits: torch.Tensor,
         tokens: torch.Tensor,
         pad_counts: torch.Tensor,
         lengths: torch.Tensor,
-    ) -> torch.Tensor:
-        """Sampling distributions [batch, positions, vocab]."""
-        return torch.softmax(self.process(logits, tokens, pad_counts, lengths), dim=-1)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampling distributions [batch, positions, vocab], and where the processors left
+        nothing to draw from [batch, positions] bool (every token banned: a reduced draft
+        vocabulary's, or no_repeat_ngram_size over a vocabulary the text has used up;
+        logits a tiny repetition penalty overflowed): uniform there, so that a draw runs
+        (speculative sampling stays exact for any draft distribution it is told; a token
+        drawn for the full model there must not be kept)."""
+        return _drawable(self.process(logits, tokens, pad_counts, lengths))
 
     def greedy_tokens(
         self,
@@ -192,31 +197,19 @@ class TokenSelector:
         tokens: torch.Tensor,
         pad_counts: torch.Tensor,
         lengths: torch.Tensor,
-        proposal: bool = False,
         require_allowed: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The next token of every row from ``logits`` [batch, vocab].
-
-        ``proposal``: the tokens are drafts, only proposed to verification. When sampling, a
-        row that the processors leave without a finite logit (a reduced draft vocabulary
-        whose every token a no-repeat-n-gram or bad-words rule bans) draws from a uniform
-        distribution instead of failing; speculative sampling stays exact for any draft
-        distribution it is told (the returned one).
 
         ``require_allowed``: raise ``NoAllowedToken`` for the first row whose every token
         the context processors ban (where the tokens it may take are already restricted:
         token healing, a reduced vocabulary), instead of choosing a banned token.
 
-        A token that is not a proposal is drawn the same way where the processors leave a
-        row nothing to draw from (every token banned: no_repeat_ngram_size over a vocabulary
-        the text has used up; logits a tiny repetition penalty overflowed to infinity), and
-        the row is marked in the third value: that token must not be kept (the generator
-        stops the row before it).
-
         Returns:
-            Tokens [batch], when sampling the distributions they were drawn from
-            [batch, vocab], and when sampling the rows left with nothing to draw [batch]
-            bool (None when greedy).
+            Tokens [batch]; when sampling, the distributions they were drawn from
+            [batch, vocab] and the rows the processors left nothing to draw from [batch]
+            bool (``distributions``: a draft there is drawn uniformly and only proposed; any
+            other token there must not be kept); None, None when greedy.
         """
         logits = logits.unsqueeze(1)  # [batch, 1, vocab]
         if not self.sample and not self.context_processors:
@@ -228,10 +221,15 @@ class TokenSelector:
                 raise NoAllowedToken(int(banned.nonzero()[0]))
         if not self.sample:
             return processed.argmax(dim=-1), None, None
-        empty = non_finite(processed)  # [batch]
-        processed = finite_or_uniform(processed, empty)
-        probs = torch.softmax(processed, dim=-1)
+        probs, empty = _drawable(processed)  # [batch, vocab], [batch]
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0], probs, empty
+
+
+def _drawable(processed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of processed logits [..., vocab], uniform where none is finite, and where
+    that was [...] bool (``TokenSelector.distributions``)."""
+    empty = non_finite(processed)
+    return torch.softmax(finite_or_uniform(processed, empty), dim=-1), empty
 
 
 class NoAllowedToken(Exception):

@@ -302,10 +302,13 @@ class GenerationStrategy(abc.ABC):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The next token of every row [batch] from ``logits`` [batch, vocab], where what
         healing or the reduced vocabulary rule out is at -inf; a ConfigError when the logits
-        processors ban every token a row may still take (the choice would be a banned token,
-        or a failing draw). Also, when sampling, the rows the processors left nothing to
-        draw from [batch] bool (``TokenSelector.choose``; None when greedy)."""
-        restricted = healing or self._reduced_vocabulary
+        processors ban every token a row may still take after healing, or greedily over a
+        reduced vocabulary (the choice would be a banned token). Also, when sampling, the
+        rows the processors left nothing to draw from [batch] bool (``TokenSelector.choose``;
+        None when greedy): the generator stops them before that token."""
+        # Sampling over a reduced vocabulary stops a row the processors leave nothing in
+        # (as over the full one); greedy would choose a banned token outside it.
+        restricted = healing or (self._reduced_vocabulary and not self.selector.sample)
         try:
             tokens, _, empty = self.selector.choose(
                 logits, state.tokens, state.pad_counts, state.lengths, require_allowed=restricted
@@ -546,7 +549,7 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
             if self.selector.sample:  # a draft only proposes: a broken one is just rejected
                 logits = finite_or_uniform(logits, non_finite(logits))
             chosen, probs, _ = self.selector.choose(
-                logits, state.tokens, state.pad_counts, state.lengths + i, proposal=True
+                logits, state.tokens, state.pad_counts, state.lengths + i
             )  # [batch], [batch, vocab] or None
             drafts.append(chosen)
             draft_probs.append(probs)
@@ -628,14 +631,10 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
         unverified = k + 1 - positions
         if self.selector.sample:
             target_logits = finite_or_uniform(target_logits, bad)
-            processed = self.selector.process(
+            target_probs, empty = self.selector.distributions(
                 target_logits, state.tokens, state.pad_counts, state.lengths
-            )  # [batch, positions, vocab]
-            # Where the processors leave nothing to draw from (every token banned, logits
-            # overflowed), uniform, so that the draws run; the row stops before that token.
-            empty = non_finite(processed)  # [batch, positions]
-            bad = bad | empty
-            target_probs = torch.softmax(finite_or_uniform(processed, empty), dim=-1)
+            )  # [batch, positions, vocab], [batch, positions]
+            bad = bad | empty  # nothing to draw there: the row stops before that token
             # Zero past the drafts, which are never accepted: the draws are a k-step's.
             target_probs = torch.nn.functional.pad(target_probs, (0, 0, 0, unverified))
             accepted_counts, next_tokens = speculative_accept(

@@ -355,14 +355,21 @@ def test_early_exit_decoding_whose_reduced_vocabulary_is_all_banned_is_one_error
     sample: bool,
 ) -> None:
     """Early-exit decoding over a two-token vocabulary with no-repeat-1-gram: at the first
-    token (both in the prompt) and later (each used once), a ConfigError, not a banned
-    token 0 (greedy) or a failing multinomial draw (sampling)."""
+    token (both in the prompt) a ConfigError; later (each used once) a ConfigError when
+    greedy, not a banned token 0, and when sampling the row stops with the two tokens, as
+    over a full vocabulary (a failing multinomial draw before)."""
     generator = Generator(make_tiny_model("llama_gqa_tied"), make_tiny_tokenizer())
     generator.draft = DraftExit(generator.layerwise, None, torch.tensor([7, 9]))
     config = GenerationConfig(max_steps=6, sample=sample, exit_layer=2, no_repeat_ngram_size=1)
-    for prompt in ([5, 60, 7, 200, 31, 8, 9], [5, 60, 200]):
+    first = "leave no token to follow the prompt" if sample else "ban all of them"
+    with pytest.raises(ConfigError, match=first):
+        generator.generate([5, 60, 7, 200, 31, 8, 9], config)
+    if sample:
+        result = generator.generate([5, 60, 200], config)
+        assert sorted(result.token_ids) == [7, 9] and result.stop_reason == "non_finite_logits"
+    else:
         with pytest.raises(ConfigError, match="ban all of them"):
-            generator.generate(prompt, config)
+            generator.generate([5, 60, 200], config)
     free = dataclasses.replace(config, no_repeat_ngram_size=None)
     assert set(generator.generate([5, 60, 200], free).token_ids) <= {7, 9}
 

@@ -150,9 +150,10 @@ def test_selector_warps_every_row_and_position_like_transformers() -> None:
     config = GenerationConfig(sample=True, temperature=0.7, top_k=5, top_p=0.8)
     logits = torch.randn(3, 4, 11, generator=torch.Generator().manual_seed(0))
     tokens = torch.zeros(3, 8, dtype=torch.long)
-    probs = TokenSelector(config).probabilities(
+    probs, empty = TokenSelector(config).distributions(
         logits, tokens, torch.zeros(3, dtype=torch.long), torch.full((3,), 4)
     )
+    assert not empty.any()
     for row in range(3):
         for position in range(4):
             scores = logits[row, position : position + 1]
