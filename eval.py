@@ -256,10 +256,21 @@ def _check_cache_file(path: Path) -> None:
         if verdict is None or verdict[0] != "ok":
             raise sqlite3.DatabaseError(str(verdict[0] if verdict else "no answer"))
     except sqlite3.Error as error:
-        raise ConfigError(
-            f"--use_cache: the request cache {path} is damaged ({one_line(error, 200)}); "
-            "delete it to start afresh, or choose another --use_cache"
-        ) from None
+        raise _cache_error(path, error, "is damaged") from None
+
+
+def _cache_error(path: Path | str, error: sqlite3.Error, what: str) -> ConfigError:
+    """One line on a request cache SQLite cannot use; a cache another run holds locked is
+    not called damaged (deleting it would lose that run's answers)."""
+    if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
+        return ConfigError(
+            f"--use_cache: the request cache {path} is in use by another run "
+            f"({one_line(error, 200)}); wait for it, or choose another --use_cache"
+        )
+    return ConfigError(
+        f"--use_cache: the request cache {path} {what} ({one_line(error, 200)}); delete it "
+        "to start afresh, or choose another --use_cache"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -326,11 +337,7 @@ def main(argv: list[str]) -> int:
                     ) from None
                 raise
             except sqlite3.Error as error:  # the request cache's file: damaged, or not writable
-                raise ConfigError(
-                    f"--use_cache: the request cache {cache}_rank0.db cannot be used "
-                    f"({one_line(error, 200)}); delete it to start afresh, or choose another "
-                    "--use_cache"
-                ) from None
+                raise _cache_error(f"{cache}_rank0.db", error, "cannot be used") from None
             except (ConnectionError, OSError) as error:  # a hub task's dataset is unreachable
                 raise DataError(
                     f"cannot load a task's data: {error}. Hub tasks need the network or a "

@@ -67,6 +67,22 @@ def held_contents(directory: Path) -> str | None:
     return None
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it where the system shows it (Linux): the
+    os.umask pair sets 0 for a moment, in which another thread's new file would be
+    writable by everyone."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def readable_by_others(*paths: str | os.PathLike) -> None:
     """Give files the permissions the umask allows (0644 under the usual 022).
 
@@ -74,9 +90,7 @@ def readable_by_others(*paths: str | os.PathLike) -> None:
     out 0600 whatever the umask: a model or adapter trained here would be unreadable to other
     users, unlike every other file the scripts write. A directory: its safetensors files.
     """
-    mask = os.umask(0)
-    os.umask(mask)
-    mode = 0o666 & ~mask
+    mode = 0o666 & ~_umask()
     for path in map(Path, paths):
         for file in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
             if file.is_file() and not file.is_symlink() and (file.stat().st_mode & 0o777) != mode:

@@ -67,3 +67,19 @@ def test_a_private_umask_is_respected(tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     assert mode(tmp_path / "model.safetensors") == 0o600
+
+
+def test_the_umask_is_read_without_being_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setting the umask to 0 for a moment (the os.umask pair) would make another thread's
+    new files writable by everyone: where /proc shows it, it is read instead."""
+    from self_speculation import output_safety
+
+    previous = os.umask(0o027)
+    try:
+        calls = []
+        monkeypatch.setattr(output_safety.os, "umask", lambda mask: calls.append(mask) or 0)
+        assert output_safety._umask() == 0o027
+        assert calls == [] or not Path("/proc/self/status").exists()
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)

@@ -317,3 +317,24 @@ def test_train_overwrite_leaves_no_earlier_model_beside_the_new_run(tmp_path: Pa
     left = sorted(path.name for path in output.iterdir())
     assert "train_config.json" in left
     assert not {"config.json", "model.safetensors", "tokenizer.json"} & set(left), left
+
+
+def test_eval_request_cache_locked_by_another_run_is_not_called_damaged(tmp_path: Path) -> None:
+    """Another run holding the cache's lock: the line says so, and does not advise deleting
+    the file (which would lose that run's answers)."""
+    import sqlite3
+
+    import eval as eval_script
+
+    database = tmp_path / "eval-x_rank0.db"
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE t (x)")
+    holder = sqlite3.connect(database, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(eval_script.ConfigError, match="in use by another run") as info:
+            eval_script._check_cache_file(database)
+        assert "delete" not in str(info.value)
+    finally:
+        holder.close()
+    eval_script._check_cache_file(database)  # free again: fine
