@@ -33,7 +33,7 @@ from self_speculation import (
     load_model_and_tokenizer,
 )
 from self_speculation import distributed as dist
-from self_speculation.cli import FlagParser
+from self_speculation.cli import FlagParser, log_to_stderr
 from self_speculation.draft import (
     load_draft_exit,
     rank_tokens,
@@ -522,20 +522,7 @@ def arguments_dict(*instances: Any) -> dict[str, Any]:
 
 def setup_logging(rank: int | None = None) -> None:
     """INFO logs to stderr (rank-prefixed under torchrun); quieter third-party loggers."""
-    rank_env = os.environ.get("RANK") if rank is None else str(rank)
-    # Checked later, in the run (a bad value is a one-line error there, not here).
-    several = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
-    prefix = f"[rank {rank_env}] " if rank_env is not None and several else ""
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on every load
+    log_to_stderr(logging.INFO, rank)
     # huggingface_hub logs each retry of an unreachable hub twice (its own handler, then
     # ours): 25-46 lines before the one-line error. The error says what failed.
     try:

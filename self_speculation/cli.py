@@ -10,6 +10,8 @@ one line with exit status 2.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -20,6 +22,27 @@ import simple_parsing
 from self_speculation.errors import ArgumentsError, ConfigError
 
 _NUMBER = re.compile(r"^-\d*\.?\d+([eE][-+]?\d+)?$")  # a negative value, not a flag
+
+
+def log_to_stderr(level: int, rank: int | None = None, force: bool = True) -> None:
+    """Every script's log lines on stderr: time, level, ``[rank R]`` under torchrun (``rank``,
+    else $RANK, where $WORLD_SIZE says several processes), logger name, message; without
+    transformers' progress bars ("Loading weights", "Writing model shards"). ``force``:
+    replace handlers already configured (False: a caller's own logging set-up stays)."""
+    rank_env = os.environ.get("RANK") if rank is None else str(rank)
+    # Checked later, in the run (a bad value is a one-line error there, not here).
+    several = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+    prefix = f"[rank {rank_env}] " if rank_env is not None and several else ""
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=force,
+    )
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 class HelpFormatter(simple_parsing.SimpleHelpFormatter):

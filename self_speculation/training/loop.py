@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from self_speculation.cli import log_to_stderr
 from self_speculation.distributed import DistributedContext, barrier, launched_by_torchrun, teardown
 from self_speculation.distributed import setup as setup_distributed
 from self_speculation.errors import ConfigError, LayerSkipError
@@ -179,21 +180,10 @@ def recipe_uniforms(
 
 
 def _setup_logging(main: bool) -> None:
-    """INFO from the main process, warnings from the others (rank-prefixed), in the other
-    scripts' format."""
+    """INFO from the main process, warnings from the others, in every script's format."""
     level = logging.INFO if main else logging.WARNING
-    several = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
-    prefix = f"[rank {os.environ.get('RANK', '0')}] " if several else ""
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    log_to_stderr(level, force=False)
     logger.setLevel(level)
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # "Writing model shards" at the export
 
 
 def _atomic_json(path: Path, document: Any) -> None:
