@@ -301,9 +301,9 @@ class GenerationArguments:
     """Fast path: torch.compile the decoding passes (once per batch size, E and k; on CPU
     kept on disk, so a later process loads them): True, False or auto. auto compiles when
     a run's expected tokens per decoding path (prompts x max_steps, per process) reach
-    12,000, where a first compile pays for itself (2-core CPU, the shipped model: about
-    90 s to compile its passes, about 9 ms saved per token, as 385 vs 85 tok/s
-    autoregressive in the README's run; docs/fast-path.md); passes already
+    12,000, where a first compile pays for itself with a margin (2-core CPU, the shipped
+    model: about 90 s to compile its passes, about 9 ms saved per token, as 385 vs 85 tok/s
+    autoregressive in the README's run: about 10,000; docs/fast-path.md); passes already
     compiled load in ~2 s and pay after ~250 tokens: give True then. generate.py counts its
     one prompt's max_steps; prompts from stdin and eval.py's requests (not known up front)
     stay eager under auto."""
@@ -315,7 +315,8 @@ class GenerationArguments:
     choosing the exit too; default: --exit_layer only."""
     token_healing: bool = True
     """Back the prompt up over a trailing whitespace token (newline, indentation) that longer
-    tokens extend, and let the model choose that boundary; the text still follows the prompt."""
+    tokens extend, and let the model choose that boundary; the text still follows the prompt.
+    generate.py --chat_template True leaves it off (the template's own boundary)."""
 
     def __post_init__(self) -> None:
         names = self._strategy_names()

@@ -9,7 +9,8 @@ Without ``--prompt``: reads a prompt per line from standard input (a line ending
 backslash continues on the next line), streams the answer to standard output and logs
 tokens/s and the acceptance rate; end with Ctrl-D (EOF, exit status 0) or Ctrl-C (130).
 ``--streamer speculative`` shows accepted drafts in green and rejected drafts struck
-through in red, on a terminal (``FORCE_COLOR=1`` elsewhere). Works under ``python`` and under ``torchrun`` (one process).
+through in red, on a terminal (``FORCE_COLOR=1`` elsewhere). Works under ``python`` and
+under ``torchrun`` (one process).
 
 After each answer, one line says what the strategy did: for self-speculation, the tokens
 drafted by the early exit and accepted by the full model, tokens per full-model pass, and,

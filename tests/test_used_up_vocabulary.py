@@ -66,9 +66,10 @@ def test_a_repetition_penalty_that_overflows_the_logits_is_no_crash(
     generator: Generator,
 ) -> None:
     checkpoint = generator.model.generation_config
+    saved = checkpoint.repetition_penalty
     checkpoint.repetition_penalty = 1e-40  # logits / 1e-40 overflow float32
     try:
         with pytest.raises(ConfigError, match="overflowed"):
             generator.generate([3, 4, 5], config("autoregressive", no_repeat_ngram_size=None))
     finally:
-        checkpoint.repetition_penalty = 1.0
+        checkpoint.repetition_penalty = saved
