@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import threading
 import weakref
 from collections.abc import Iterator
@@ -64,10 +65,34 @@ def find_base_model(model: nn.Module) -> nn.Module:
     )
 
 
+# Module classes of layers that are not attention over a KV cache (state-space, recurrent,
+# convolutional, linear attention): hybrids holding them are refused, named by them.
+_NOT_ATTENTION = re.compile(
+    r"Mamba|Mixer|Conv1d|ShortConv|Recurrent|GatedDelta|DeltaAttention|SSM|Rwkv|LinearAttention"
+)
+
+
 def _require(module: nn.Module, attribute: str, owner: str) -> nn.Module:
     value = getattr(module, attribute, None)
     if not isinstance(value, nn.Module):
-        raise UnsupportedModelError(f"{owner} has no module '{attribute}', which LayerSkip needs")
+        other = next(
+            (
+                type(part).__name__
+                for part in module.modules()
+                if part is not module and _NOT_ATTENTION.search(type(part).__name__)
+            ),
+            None,
+        )
+        why = (
+            f"its layers are not all attention ({other}): LayerSkip drafts and verifies "
+            "through attention layers and their KV cache"
+            if other is not None
+            else "its base model is laid out otherwise than Llama's (embed_tokens, layers, "
+            "norm, rotary_emb)"
+        )
+        raise UnsupportedModelError(
+            f"{owner} has no module '{attribute}', which LayerSkip needs: {why}"
+        )
     return value
 
 

@@ -69,3 +69,21 @@ def test_an_attention_implementation_without_the_engines_masks_is_named(
     model.config._attn_implementation_internal = implementation
     with pytest.raises(UnsupportedModelError, match=f"attn_implementation '{implementation}'"):
         LayerwiseModel(model)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "named"),
+    [("falcon_h1", r"not all attention \(FalconH1Mixer\)"), ("phi", "laid out otherwise")],
+)
+def test_a_model_without_llamas_layout_is_refused_naming_why(model_type: str, named: str) -> None:
+    """A hybrid's refusal named a missing module ('norm') only; it names its non-attention
+    layers, or the other layout."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        model_type, vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match=named) as info:
+        LayerwiseModel(AutoModelForCausalLM.from_config(config))
+    assert "\n" not in str(info.value)
