@@ -276,9 +276,11 @@ def test_generate_interactive_readme_command(eight_layer_model_dir: Path, tmp_pa
         if "INFO generate:" in line and "tokens/s" in line
     ]
     assert len(answered) == 2, interactive.stderr  # two prompts answered
-    # Exit layer 8 of 8 layers drafts with the whole model: that, once, is the only warning.
+    # Exit layer 8 of 8 layers drafts with the whole model: that, once, is the only warning
+    # besides the streamer's (standard output is a pipe here: no colours).
     warnings = [line for line in interactive.stderr.splitlines() if "WARNING" in line]
-    assert len(warnings) == 1 and "exit_layer 8 is the full model" in warnings[0], warnings
+    assert len(warnings) == 2, warnings
+    assert "not a terminal" in warnings[0] and "exit_layer 8 is the full model" in warnings[1]
     document = json.loads(only(list(tmp_path.glob("generate_*.json"))).read_text())
     assert document["ended_by"] == "end of input"
     assert document["arguments"]["exit_layer"] == 8
