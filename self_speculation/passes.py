@@ -238,8 +238,9 @@ def _forget_compiled(codes: list[types.CodeType]) -> None:
     """Drop the compiled versions dynamo keeps on ``codes`` (a dead ForwardPasses': nothing
     else runs them). They would otherwise stay, with whatever they hold, for good: dynamo's
     cache entries are not garbage-collected with their code object."""
-    for code in codes:
-        torch._dynamo.eval_frame.remove_from_cache(code)
+    remove = getattr(torch._dynamo.eval_frame, "remove_from_cache", None)  # a torch without it:
+    for code in codes if remove is not None else ():  # the versions stay, as before
+        remove(code)
 
 
 _INSTANCES = itertools.count()
