@@ -71,6 +71,14 @@ def exit_scale(scale: ExitScale | str, exit_layer: int) -> float:
     raise AssertionError(scale)
 
 
+def check_exit_layers(exit_layers: Sequence[int], num_layers: int) -> None:
+    """ConfigError naming the first exit outside 1..``num_layers`` (exit 0 would read
+    ``layers[-1]``: the last layer's output under another name)."""
+    outside = [layer for layer in exit_layers if not 1 <= layer <= num_layers]
+    if outside:
+        raise ConfigError(f"exit layer {outside[0]} is outside 1..{num_layers}")
+
+
 def exit_loss_weights(
     exit_layers: Sequence[int],
     num_layers: int,
@@ -85,9 +93,7 @@ def exit_loss_weights(
         raise ConfigError("at least one exit layer must be supervised")
     if not (math.isfinite(e_scale) and e_scale >= 0):  # inf: every weight NaN
         raise ConfigError(f"e_scale must be a finite number >= 0, got {e_scale}")
-    outside = [layer for layer in exit_layers if not 1 <= layer <= num_layers]
-    if outside:
-        raise ConfigError(f"exit layer {outside[0]} is outside 1..{num_layers}")
+    check_exit_layers(exit_layers, num_layers)
     raw = [
         exit_scale(scale, layer) * (e_scale if layer < num_layers else 1.0) for layer in exit_layers
     ]

@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from self_speculation.errors import ConfigError, UnsupportedModelError
+from self_speculation.errors import UnsupportedModelError
 from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.training.early_exit_loss import (
     IGNORE_INDEX,
     EarlyExitLoss,
     ExitScale,
+    check_exit_layers,
     early_exit_loss,
 )
 
@@ -104,9 +105,7 @@ class LayerSkipObjective(nn.Module):
                 None: drawn from ``generator``.
         """
         wanted = sorted(set(exit_layers))
-        outside = [layer for layer in wanted if not 1 <= layer <= self.num_layers]
-        if outside:  # exit 0 would hook layers[-1]: the last layer's output, labelled 0
-            raise ConfigError(f"exit layer {outside[0]} is outside 1..{self.num_layers}")
+        check_exit_layers(wanted, self.num_layers)  # before a hook goes on layers[exit - 1]
         captured: dict[int, torch.Tensor] = {}
 
         def recorder(exit_layer: int):
