@@ -281,16 +281,17 @@ def test_train_overwrite_leaves_no_earlier_model_beside_the_new_run(tmp_path: Pa
     )
     output = tmp_path / "run"
     common = [
-        sys.executable, str(REPOSITORY_ROOT / "train.py"), "--preset", "tiny",
-        "--vocab_size", "300", "--seq_len", "32", "--batch_size", "4", "--warmup_steps", "2",
+        sys.executable, str(REPOSITORY_ROOT / "train.py"),
+        "--seq_len", "32", "--batch_size", "4", "--warmup_steps", "2",
         "--num_threads", "1", "--save_every_minutes", "0", "--max_tokens", str(2 * 4 * 32),
         "--bf16", "False", "--data", f"{corpus}/*.py", "--output_dir", str(output),
     ]  # fmt: skip
 
-    def train(*extra: str) -> subprocess.CompletedProcess:
+    def train(*extra: str, model: tuple[str, ...] = ("--preset", "tiny", "--vocab_size", "300")):
         return subprocess.run(
-            [*common, *extra], cwd=REPOSITORY_ROOT, capture_output=True, text=True, timeout=300
-        )
+            [*common, *model, *extra],
+            cwd=REPOSITORY_ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
 
     first = train()
     assert first.returncode == 0, first.stderr[-3000:]
@@ -301,11 +302,7 @@ def test_train_overwrite_leaves_no_earlier_model_beside_the_new_run(tmp_path: Pa
     assert refused.returncode == EXIT_ERROR and "--batch_size 100000" in refused.stderr
     assert (output / "model.safetensors").read_bytes() == earlier
     # A run continuing the model saved there keeps it until its own export replaces it.
-    continued = subprocess.run(
-        [*[item for item in common if item not in ("--preset", "tiny", "--vocab_size", "300")],
-         "--overwrite", "True", "--model", str(output)],
-        cwd=REPOSITORY_ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    continued = train("--overwrite", "True", model=("--model", str(output)))
     assert continued.returncode == 0, continued.stderr[-3000:]
     assert (output / "model.safetensors").read_bytes() != earlier
     # A new run over it that stops before its export (here: its loss diverges).
