@@ -20,9 +20,11 @@ With ``--compile True`` the first prompt is decoded once, untimed, to compile th
 
 Writes ``<output_dir>/generate_<time>.json``: the arguments, the resolved generation
 config, the environment (with the decoding path that actually ran, and the compile time)
-and, per prompt, the prompt, the generated text and its metrics.
-The document is rewritten (atomically) after every answer, so an interactive session that
-ends, however it ends, keeps every answer given so far.
+and, per prompt, the prompt, the generated text and its metrics. Prompts from standard
+input also go to ``generate_<time>.samples.jsonl``, one row per answer as it is given, so
+that a session killed outright keeps every answer; the document is written (atomically)
+after the first answer and when the session ends (end of input, Ctrl-C, SIGTERM, a closed
+output), each write once, however many prompts are piped in.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from self_speculation import (
     build_streamer,
 )
 from self_speculation.benchmarking import (
+    JsonlWriter,
     environment_info,
     full_model_config,
     run_files,
@@ -280,12 +283,16 @@ def main(argv: list[str]) -> int:
             "prompts": [],
         }
 
-        def answer(prompt: str, seed: int) -> None:
+        def answer(prompt: str, seed: int, rows: JsonlWriter | None = None) -> None:
             first = not document["prompts"]
             result = _answer(generator, prompt, config, options, seed, first)
-            document["environment"].update(decoding_path(generator, config))
-            document["prompts"].append({"prompt": prompt, "text": result.text, **result.metrics()})
-            write_json_atomic(files.result, document)
+            row = {"prompt": prompt, "text": result.text, **result.metrics()}
+            document["prompts"].append(row)
+            if rows is not None:
+                rows.write(row)
+            if first:  # the path that ran, known now; later answers only go to the rows
+                document["environment"].update(decoding_path(generator, config))
+                write_json_atomic(files.result, document)
 
         logger.info(
             "%s, exit_layer %d of %d%s",
@@ -300,10 +307,12 @@ def main(argv: list[str]) -> int:
             logger.info("wrote %s", files.result)
             return 0
         status = 0
+        rows = JsonlWriter(files.samples)
+        document["samples_file"] = str(files.samples)
         try:
             for number, prompt in enumerate(read_prompts()):
                 try:
-                    answer(prompt, args.seed + number)
+                    answer(prompt, args.seed + number, rows)
                 except LayerSkipError as error:  # one bad prompt does not end the session
                     logger.error("%s", error)
                     document["failed_prompts"] = document.get("failed_prompts", 0) + 1
@@ -315,9 +324,13 @@ def main(argv: list[str]) -> int:
             status = EXIT_INTERRUPTED
         except BrokenPipeError:  # the reader left (| head): the document says so, then quiet
             document["ended_by"] = "output closed"
-            write_json_atomic(files.result, document)
             raise
-        write_json_atomic(files.result, document)
+        finally:  # however the session ends (short of a kill), the document holds every answer
+            rows.close()
+            if not rows.num_rows:  # no answer: no empty rows file beside the document
+                files.samples.unlink(missing_ok=True)
+                del document["samples_file"]
+            write_json_atomic(files.result, document)
         answers = len(document["prompts"])
         logger.info("wrote %s (%d answer%s)", files.result, answers, "" if answers == 1 else "s")
         return status
