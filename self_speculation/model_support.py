@@ -261,6 +261,9 @@ _CHECKPOINT_PROCESSORS = {
     "guidance_scale": 1.0,
     "watermarking_config": None,
     "stop_strings": None,
+    # generate heals the prompt's last token when given the tokenizer (pipelines give it);
+    # the engine heals only when its own GenerationConfig asks (--token_healing True).
+    "token_healing": False,
     # Other decoding modes: beam search, contrastive search, DoLa, constrained beams.
     "num_beams": 1,
     "num_beam_groups": 1,
