@@ -142,12 +142,45 @@ def save_checkpoint(
     return final
 
 
+def _first_failure(error: BaseException) -> BaseException:
+    """The error behind a DCP ``CheckpointException`` (whose message is every rank's
+    traceback), else ``error`` itself."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        wrapped = failures[min(failures)]
+        if isinstance(wrapped, tuple) and wrapped and isinstance(wrapped[0], BaseException):
+            return wrapped[0]
+    return error
+
+
 def damaged(directory: Path, error: BaseException) -> ConfigError:
     """The one-line error for a checkpoint that cannot be read."""
     return ConfigError(
-        f"the checkpoint in {directory} is damaged or incomplete ({one_line(error)}); "
+        f"the checkpoint in {directory} is damaged or incomplete "
+        f"({one_line(_first_failure(error))}); "
         "train again without --resume, or restore it from a copy"
     )
+
+
+class _DropDcpMetadataFallback(logging.Filter):
+    """DCP logs a traceback on the root logger for an unreadable ``.metadata`` before it
+    tries the per-rank files and fails; the failure is reported in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not message.startswith(
+            ("Global metadata is not found", "Rank local metadata is not found")
+        )
+
+
+@contextmanager
+def _quiet_dcp_metadata_fallback() -> Iterator[None]:
+    root, quiet = logging.getLogger(), _DropDcpMetadataFallback()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 def read_trainer_state(output_dir: Path) -> dict[str, Any]:
@@ -180,12 +213,13 @@ def load_checkpoint(
     depend on them, see :mod:`self_speculation.training.loop`).
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     directory = output_dir / CHECKPOINT_DIR
     state = _distributed_state(objective, optimizer)
     try:
-        with _quiet_single_process():
+        with _quiet_single_process(), _quiet_dcp_metadata_fallback():
             dcp.load(state, checkpoint_id=str(directory))
         set_state_dict(
             objective,
@@ -200,7 +234,9 @@ def load_checkpoint(
             _set_rng_state(torch.load(rng_file, weights_only=False), generator)
     except ConfigError:
         raise
-    except Exception as error:  # whatever a truncated or missing file makes torch raise
+    # Whatever a truncated or missing file makes torch raise; DCP wraps its readers' errors
+    # in a CheckpointException, which is a BaseException.
+    except (Exception, CheckpointException) as error:
         raise damaged(directory, error) from None
     if not restore_rng and context.is_main:
         logger.warning(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -79,6 +80,13 @@ logger = logging.getLogger("train")
 LOG_FILE = "train_log.jsonl"
 # Steps after which a pure time budget fixes its schedule horizon from the measured speed.
 HORIZON_PROBE_STEPS = 10
+
+
+def data_fingerprint(blocks: torch.Tensor) -> dict[str, Any]:
+    """What identifies the training data of a run: its blocks' count and a hash of their
+    tokens (the data position of a checkpoint means nothing on other blocks)."""
+    array = blocks.contiguous().numpy()
+    return {"blocks": int(blocks.shape[0]), "sha256": hashlib.sha256(memoryview(array)).hexdigest()}
 
 
 class TrainingInterrupted(Exception):
@@ -231,6 +239,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.blocks = blocks  # [num_blocks, seq_len]
         self.stream = BlockStream(len(blocks), args.seed)
+        self.data = data_fingerprint(blocks)
         self.distributed = distributed
         self.device = device or torch.device("cpu")
         self.output_dir = Path(args.output_dir)
@@ -307,6 +316,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "progress": dataclasses.asdict(progress),
             "config": dataclasses.asdict(self.config),
+            "data": self.data,
         }
         path = save_checkpoint(
             self.output_dir,
@@ -325,6 +335,15 @@ class Trainer:
         state = load_checkpoint(
             self.output_dir, self.objective, self.optimizer, self.distributed, self.generator
         )
+        saved_data = state.get("data")  # absent from checkpoints of earlier versions
+        if isinstance(saved_data, dict) and saved_data != self.data:
+            raise ConfigError(
+                f"--resume True: the training data is not the checkpoint's ({self.data['blocks']} "
+                f"blocks of {self.seq_len} tokens now, {saved_data.get('blocks')} then: files "
+                "matching --data changed?); the data position and schedules would mean nothing "
+                "on it; resume with the checkpoint's data, or start a new run in another "
+                "--output_dir"
+            )
         self.scheduler.load_state_dict(state["scheduler"])
         saved_horizon = state["progress"]["total_steps"]
         self.progress = Progress(**state["progress"])
@@ -807,7 +826,15 @@ def _check_resumed_settings(
 
 def _record_resume(path: Path, progress: Progress, config: TrainConfig) -> None:
     """Append this resume's command line and settings to the run's train_config.json."""
-    document = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    try:
+        document = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (UnicodeDecodeError, ValueError):
+        document = None
+    if not isinstance(document, dict):  # a record only (the checkpoint holds the settings)
+        kept = path.with_name(path.name + ".damaged")
+        path.replace(kept)
+        logger.warning("%s is damaged: kept as %s, a new record starts", path, kept.name)
+        document = {"argv": sys.argv, **dataclasses.asdict(config)}
     document.setdefault("resumes", []).append(
         {
             "step": progress.step,
