@@ -289,8 +289,8 @@ class GenerationArguments:
     top_p: float = 0.9
     """Nucleus sampling threshold; 1.0: off."""
     no_repeat_ngram_size: int | None = None
-    """Never repeat an n-gram of this size (transformers' no_repeat_ngram_size); off by
-    default."""
+    """Never repeat an n-gram of this size (transformers' no_repeat_ngram_size); 0: off, a
+    checkpoint's own setting too; default: the checkpoint's (off when it has none)."""
     stop_words: list[str] | None = None
     """Stop once the output contains one of these."""
     stop_token_ids: list[int] | None = None

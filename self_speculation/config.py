@@ -63,7 +63,9 @@ class GenerationConfig:
             step choosing the exit too (each exit x length is one compiled shape).
         sample: sample instead of greedy argmax.
         temperature, top_k, top_p: sampling warpers (top_k 0 and top_p 1 disable them).
-        no_repeat_ngram_size: forbid repeating n-grams of this size (None: off).
+        no_repeat_ngram_size: forbid repeating n-grams of this size; 0: off, the
+            checkpoint's own setting too (as ``generate(no_repeat_ngram_size=0)``); None:
+            the checkpoint's setting (off when it has none).
         stop_words: stop once the generated text contains one of these.
         stop_token_ids: extra end-of-sequence token ids (the tokenizer's EOS always stops).
         draft_confidence_threshold: stop drafting early in a step once the early exit's
@@ -139,8 +141,10 @@ class GenerationConfig:
                 raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
             if self.top_k < 0:
                 raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-        if self.no_repeat_ngram_size is not None and self.no_repeat_ngram_size < 1:
-            raise ConfigError(f"no_repeat_ngram_size must be >= 1, got {self.no_repeat_ngram_size}")
+        if self.no_repeat_ngram_size is not None and self.no_repeat_ngram_size < 0:
+            raise ConfigError(
+                f"no_repeat_ngram_size must be >= 1 (0: off), got {self.no_repeat_ngram_size}"
+            )
         if not 0 <= self.draft_confidence_threshold < 1:
             raise ConfigError(
                 "draft_confidence_threshold must be in [0, 1), got "

@@ -211,9 +211,9 @@ class LayerSkipLM(LM):
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         changes: dict[str, Any] = {}
-        if "no_repeat_ngram_size" in gen_kwargs:  # 0: off
+        if "no_repeat_ngram_size" in gen_kwargs:  # 0 (or below): off, the checkpoint's too
             ngram = _number(gen_kwargs, "no_repeat_ngram_size", int)
-            changes["no_repeat_ngram_size"] = ngram or None
+            changes["no_repeat_ngram_size"] = max(ngram, 0)
         for key in MAX_TOKENS_GEN_KWARGS:  # the first given, as lm-eval takes it
             if gen_kwargs.get(key) is not None:
                 changes["max_steps"] = _number(gen_kwargs, key, int)

@@ -752,6 +752,12 @@ class Generator:
             and (self.steps_ahead if self.steps_ahead is not None else device.type == "cuda")
         )
 
+        # A step issued ahead was drawn before the rows that the read just finished could
+        # leave; sampling step by step, they leave one step later too, so that a seed draws
+        # the same text either way (with or without a streamer or stop words on a GPU).
+        shed_late = strategy.selector.sample and not ahead
+        finished_before: set[int] = set()
+
         def issue(remaining: int) -> StepResult:
             """The next step for the rows still running (``remaining``: the most tokens a
             running row may still add, as the host knew before reading the last step)."""
@@ -815,8 +821,13 @@ class Generator:
             if all(reason is not None for reason in reasons):
                 break
             keep = None
+            finished = {prompt for prompt in order if reasons[prompt] is not None}
             if self.shed_finished_rows:
-                keep = self._rows_to_keep(strategy, [reasons[i] is None for i in order])
+                staying = finished - finished_before if shed_late else set()
+                keep = self._rows_to_keep(
+                    strategy, [reasons[i] is None or i in staying for i in order]
+                )
+            finished_before = finished
             if keep is not None:
                 for index, prompt in enumerate(order):
                     if index not in keep:

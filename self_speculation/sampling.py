@@ -51,7 +51,9 @@ def _context_processors(
     penalty = getattr(checkpoint, "repetition_penalty", None)
     if penalty is not None and penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(penalty))
-    ngram = config.no_repeat_ngram_size or getattr(checkpoint, "no_repeat_ngram_size", None)
+    ngram = config.no_repeat_ngram_size  # 0: off, the checkpoint's too
+    if ngram is None:
+        ngram = getattr(checkpoint, "no_repeat_ngram_size", None)
     if ngram is not None and ngram > 0:  # 0 or below: off, as in transformers
         processors.append(NoRepeatNGramLogitsProcessor(ngram))
     bad_words = getattr(checkpoint, "bad_words_ids", None)
