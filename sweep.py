@@ -534,9 +534,6 @@ def _finish(
         return
     best = table.loc[table["overall_tokens_per_second"].idxmax()]
     plot_path = csv_path.with_suffix(".png")
-    # The heat map shows the first strategy swept that has rows (chains, unless only trees).
-    shown = next(name for name, *_ in wanted if (table["generation_strategy"] == name).any())
-    _plot(table[table["generation_strategy"] == shown], plot_path)
 
     def plain(row: pd.Series) -> dict:
         return {
@@ -562,6 +559,11 @@ def _finish(
             "environment": environment_info(generator, context),
         },
     )
+    # The plot after the summary: a run killed between the two leaves a summary that marks
+    # the folder as a sweep's (a plot with none beside it would refuse the rerun).
+    # The heat map shows the first strategy swept that has rows (chains, unless only trees).
+    shown = next(name for name, *_ in wanted if (table["generation_strategy"] == name).any())
+    _plot(table[table["generation_strategy"] == shown], plot_path)
     logger.info(
         "best: %s, exit_layer %d, num_speculations %d: %.1f tokens/s (speedup %s); wrote %s, %s, %s",
         best["generation_strategy"], int(best["exit_layer"]), int(best["num_speculations"]),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import hashlib
 import json
 import logging
@@ -155,7 +156,13 @@ def append_line(path: str | os.PathLike, line: str) -> None:
     """
     descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        _write_all(descriptor, (line.rstrip("\n") + "\n").encode("utf-8"))
+        size = os.fstat(descriptor).st_size
+        try:
+            _write_all(descriptor, (line.rstrip("\n") + "\n").encode("utf-8"))
+        except OSError:
+            with contextlib.suppress(OSError):  # no half line (a file size limit, a full disk)
+                os.ftruncate(descriptor, size)
+            raise
         os.fsync(descriptor)
     except OSError as error:
         raise _naming(error, path) from None
@@ -207,6 +214,14 @@ class JsonlWriter:
             raise _naming(error, self.path) from None
         self._size += len(data)
         self.num_rows += 1
+        if os.fstat(self._descriptor).st_nlink == 0:
+            # The file (or its folder) was deleted meanwhile: the rows go nowhere, and the
+            # run would end saying it wrote them.
+            raise FileNotFoundError(
+                errno.ENOENT,
+                "removed while the run was writing it (its rows are lost); stopped",
+                os.fspath(self.path),
+            )
 
     def close(self) -> None:
         if self._descriptor is not None:

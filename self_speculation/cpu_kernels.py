@@ -10,16 +10,21 @@ weight row once for all rows (8-12 GB/s at 6 rows, 12-18 GB/s at one).
 The kernel is built once per machine with the compiler inductor already needs (cached by
 ``torch.utils.cpp_extension``, about a minute; a log line says so before it starts). Where it
 cannot be built, the fast path keeps inductor's own kernels and says why once. A build that
-was killed leaves its lock file behind, on which every later build would wait forever: a
-lock older than ``STALE_LOCK_SECONDS`` is removed, with one warning.
+was killed leaves its lock file behind, on which every later build would wait forever: each
+build holds an ``flock`` (which the kernel releases when its process dies) while it runs, so
+a lock file found with that flock free is a killed build's and is removed at once, with one
+warning; without ``fcntl``, a lock older than ``STALE_LOCK_SECONDS`` is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -68,6 +73,35 @@ def clear_stale_lock(lock: Path, stale_after: float = STALE_LOCK_SECONDS) -> boo
         time.sleep(1.0)
 
 
+@contextlib.contextmanager
+def build_guard(build_directory: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``build_directory/layerskip-build.flock`` while the
+    block builds (waiting for another process's build to finish); a ``lock`` file found
+    once it is held was left by a killed build, and is removed at once. Without ``fcntl``
+    (not POSIX): ``clear_stale_lock``'s wait."""
+    try:
+        import fcntl
+    except ImportError:
+        clear_stale_lock(build_directory / "lock")
+        yield
+        return
+    build_directory.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(build_directory / "layerskip-build.flock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process's build of the few-row kernel")
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        lock = build_directory / "lock"
+        if lock.exists():  # no live build of ours holds it: a killed one's
+            lock.unlink(missing_ok=True)
+            logger.warning("removed a build lock (%s) left by an interrupted build", lock)
+        yield
+    finally:
+        os.close(descriptor)  # releases the flock
+
+
 def _cpu_signature() -> str:
     """What -march=native depends on: a cached build is reused only on the same CPU kind."""
     try:
@@ -96,20 +130,20 @@ def load_few_row_kernel() -> bool:
     name = f"layerskip_few_row_linear_{digest}"
     try:
         build_directory = Path(_get_build_directory(name, verbose=False))
-        clear_stale_lock(build_directory / "lock")
-        if not any(build_directory.glob(f"{name}*.so")):
-            logger.info(
-                "building the fast path's few-row product kernel (once on this machine, "
-                "about a minute) in %s",
-                build_directory,
+        with build_guard(build_directory):
+            if not any(build_directory.glob(f"{name}*.so")):
+                logger.info(
+                    "building the fast path's few-row product kernel (once on this machine, "
+                    "about a minute) in %s",
+                    build_directory,
+                )
+            load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
             )
-        load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
     except Exception as error:  # no compiler, no ninja, an unsupported platform
         logger.warning(
             "fast path: few-row product kernel unavailable (%s); using inductor's kernels",

@@ -3,6 +3,7 @@
 import json
 import numbers
 import os
+import re
 
 
 def json_refusal(error: ValueError | RecursionError) -> str:
@@ -167,3 +168,23 @@ def one_line(error: BaseException, limit: int = 400) -> str:
     """``error``'s message on one line (transformers' messages span several), shortened."""
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def save_tokenizer(tokenizer: object, directory: str | os.PathLike) -> None:
+    """``tokenizer.save_pretrained(directory)``, with a failed write (a full disk, a file size
+    limit, a folder removed meanwhile) raised as the OSError it is: the Rust ``tokenizers``
+    library raises a plain Exception ("File too large (os error 27)"), which scripts would
+    print as a traceback."""
+    try:
+        tokenizer.save_pretrained(directory)  # type: ignore[attr-defined]
+    except OSError:
+        raise
+    except Exception as error:
+        match = _RUST_OS_ERROR.search(str(error))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), os.fspath(directory)) from None

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from self_speculation.distributed import DistributedContext, barrier
-from self_speculation.errors import ConfigError, one_line
+from self_speculation.errors import ConfigError, one_line, save_tokenizer
 from self_speculation.loading import load_model_and_tokenizer
 from self_speculation.training.checkpointing import CHECKPOINT_DIR, damaged
 from self_speculation.training.config import DataArguments, TrainConfig
@@ -79,7 +79,7 @@ def build_model_and_tokenizer(
             config.model.model, dtype="float32", device="cpu"
         )
         if distributed.is_main:
-            tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
+            save_tokenizer(tokenizer, output_dir / TOKENIZER_DIR)
             if not getattr(model.generation_config, "_from_model_config", True):
                 # Its own stop ids and settings, for the export (a resume reads them here).
                 model.generation_config.save_pretrained(output_dir / TOKENIZER_DIR)
@@ -87,7 +87,7 @@ def build_model_and_tokenizer(
         if distributed.is_main:
             logger.info("training a %d-token byte-level BPE tokenizer", config.model.vocab_size)
             tokenizer = train_tokenizer(texts, config.model.vocab_size)
-            tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
+            save_tokenizer(tokenizer, output_dir / TOKENIZER_DIR)
         barrier(distributed)
         tokenizer = AutoTokenizer.from_pretrained(output_dir / TOKENIZER_DIR)
         architecture = architecture_config(

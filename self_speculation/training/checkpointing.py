@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from self_speculation.distributed import DistributedContext, barrier
-from self_speculation.errors import ConfigError, one_line
+from self_speculation.errors import ConfigError, one_line, save_tokenizer
 from self_speculation.output_safety import readable_by_others
 
 logger = logging.getLogger("train")
@@ -287,6 +287,6 @@ def export_pretrained(
         final.config.dtype = torch.bfloat16
         final.generation_config = generation_config
         final.save_pretrained(output_dir)
-        tokenizer.save_pretrained(output_dir)
+        save_tokenizer(tokenizer, output_dir)
         readable_by_others(output_dir)
     barrier(context)
