@@ -24,7 +24,6 @@ import json
 import os
 import sys
 import sysconfig
-import uuid
 from importlib import metadata
 from pathlib import Path
 
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from arguments import run_main  # noqa: E402
 from self_speculation.benchmarking import write_json_atomic  # noqa: E402
 from self_speculation.errors import ConfigError, expand_home  # noqa: E402
-from self_speculation.output_safety import check_output_dir  # noqa: E402
+from self_speculation.output_safety import check_output_dir, temporary_beside  # noqa: E402
 
 # Held-out standard-library files (relative to the standard library directory).
 HELD_OUT = (
@@ -250,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest: dict[str, dict] = {}
     # Written beside the output and renamed over it at the end: an interrupted or failed
     # build leaves the earlier corpus as it was, never half a corpus under its name.
-    temporary = output.with_name(f".{output.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    temporary = temporary_beside(output)
     try:
         _write_corpus(temporary, groups, held_out, seen, args.max_file_bytes, manifest)
         os.replace(temporary, output)

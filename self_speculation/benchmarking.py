@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import sys
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from self_speculation.distributed import DistributedContext, broadcast, gather
 from self_speculation.errors import ConfigError, expand_home
 from self_speculation.generator import Generator
 from self_speculation.metrics import text_metrics
-from self_speculation.output_safety import hold_output_dir
+from self_speculation.output_safety import hold_output_dir, temporary_beside
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ def write_json_atomic(path: str | os.PathLike, document: Mapping[str, Any]) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_json_ready(document), indent=2, allow_nan=False)
     # Not mkstemp: its files are 0600, the result would be hidden from other users.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    temporary = temporary_beside(path)
     try:
         with open(temporary, "x", encoding="utf-8") as stream:
             stream.write(text + "\n")

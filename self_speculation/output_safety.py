@@ -20,6 +20,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -33,6 +36,8 @@ except ImportError:  # not POSIX: no locking, the other checks still apply
 SHIPPED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 OVERWRITE_HINT = "choose another {flag}, or pass --overwrite True to write there anyway"
+# A temporary file unchanged this long, of a process that is gone, was left by a killed writer.
+ABANDONED_SECONDS = 60.0
 
 
 def _is_under(path: Path, folder: Path) -> bool:
@@ -253,3 +258,30 @@ def check_output_file(
                 f"{flag}, or delete it"
             )
     return target
+
+
+def temporary_beside(path: Path) -> Path:
+    """A new name beside ``path`` to write ``path``'s next version to before renaming it over
+    (``.<name>.<pid>.<random>.tmp``), after removing the ones writers killed outright left
+    (their process gone and the file unchanged for ``ABANDONED_SECONDS``): a corpus build
+    killed with SIGKILL left up to 85 MB each time."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{32}}\.tmp")
+    with contextlib.suppress(OSError):
+        for sibling in path.parent.iterdir():
+            match = pattern.fullmatch(sibling.name)
+            if match is None or _alive(int(match.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                if time.time() - sibling.stat().st_mtime > ABANDONED_SECONDS:
+                    sibling.unlink()
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, say
+        return True
+    return True

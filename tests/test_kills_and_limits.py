@@ -8,11 +8,12 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from self_speculation.benchmarking import JsonlWriter, append_line
+from self_speculation.benchmarking import JsonlWriter, append_line, write_json_atomic
 from self_speculation.cpu_kernels import build_guard
 from self_speculation.errors import save_tokenizer
 
@@ -181,3 +182,26 @@ def test_a_sweep_killed_after_its_summary_is_rerun(tmp_path: Path, monkeypatch) 
     # A summary without its plot (killed between them) is a sweep's folder: no refusal.
     (tmp_path / "sweep.json").write_text(json.dumps({"script": "sweep.py"}))
     sweep.check_siblings(csv_path)
+
+
+def test_temporaries_of_killed_writers_are_removed_before_the_next_write(tmp_path: Path) -> None:
+    """A writer killed outright leaves its temporary (a corpus build: up to 85 MB each
+    time); the next atomic write of the same file removes those of processes that are gone,
+    once unchanged for a minute, and nothing of a live writer."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead_pid, live_pid = int(gone.stdout), os.getpid()
+    target = tmp_path / "result.json"
+    abandoned = tmp_path / f".result.json.{dead_pid}.{'a' * 32}.tmp"
+    fresh = tmp_path / f".result.json.{dead_pid}.{'b' * 32}.tmp"  # a writer on another host?
+    live = tmp_path / f".result.json.{live_pid}.{'c' * 32}.tmp"
+    other = tmp_path / f".other.json.{dead_pid}.{'d' * 32}.tmp"
+    old = time.time() - 3600
+    for path in (abandoned, fresh, live, other):
+        path.write_text("partial")
+        if path is not fresh:
+            os.utime(path, (old, old))
+    write_json_atomic(target, {"done": True})
+    assert json.loads(target.read_text()) == {"done": True}
+    assert not abandoned.exists()
+    assert fresh.exists() and live.exists() and other.exists()
