@@ -20,6 +20,7 @@ file) makes the caller compile as usual; nothing else changes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import inspect
@@ -27,7 +28,9 @@ import logging
 import os
 import platform
 import tempfile
-from collections.abc import Callable
+import types
+from collections import deque
+from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
 
@@ -121,8 +124,15 @@ def _stable(value: object) -> str:
         return "[" + ", ".join(_stable(item) for item in value) + "]"
     if isinstance(value, int | float | bool | str | type(None)):
         return repr(value)
+    if isinstance(value, functools.partial):  # gelu with approximate="tanh", say
+        return f"partial({_stable(value.func)}, {_stable(value.args)}, {_stable(value.keywords)})"
     if callable(value) and hasattr(value, "__qualname__"):
-        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+        # A function by its code too (and what it calls): a function of the same name
+        # patched in, or edited, runs other code.
+        return (
+            f"{getattr(value, '__module__', '')}.{value.__qualname__} "
+            f"{_functions_digest(_functions_of(value))}"
+        )
     if hasattr(value, "to_json_string"):  # a config
         return _config_digest(value)
     return f"{type(value).__module__}.{type(value).__qualname__}"
@@ -159,13 +169,124 @@ def model_digest(model: torch.nn.Module, draft: object) -> str:
 
 
 def has_hooks(model: torch.nn.Module) -> bool:
-    """Whether any module of ``model`` has a hook (forward, pre-forward, state-dict...)."""
-    return any(
-        value
-        for module in model.modules()
-        for key, value in vars(module).items()
-        if key.endswith("hooks")
-    )
+    """Whether any module of ``model`` has a hook (forward, pre-forward, state-dict...), or
+    a callable of its own that carries values a file's name cannot describe: a ``forward``
+    (or other attribute) replaced by a closure, a ``functools.partial``, a method bound to
+    another object or a callable object. Like a hook's, their values are traced into the
+    pass (two closures of one factory have one name, one code and other values)."""
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key.endswith("hooks"):
+                if value:
+                    return True
+            elif key not in _MODULE_INTERNALS and _carries_values(value, module):
+                return True
+    return False
+
+
+def _carries_values(value: object, module: torch.nn.Module) -> bool:
+    """Whether ``value`` (a module's attribute) is a callable with state of its own."""
+    if isinstance(value, torch.nn.Module | type) or not callable(value):
+        return False
+    if isinstance(value, types.MethodType):  # bound to the module itself: its own state
+        return value.__self__ is not module or bool(value.__func__.__closure__)
+    if isinstance(value, types.FunctionType):
+        return bool(value.__closure__)
+    if isinstance(value, types.BuiltinFunctionType):  # torch.tanh, math.sqrt...
+        return False
+    if isinstance(value, functools.partial):  # described by its arguments when plain ones
+        plain = (*value.args, *value.keywords.values())
+        return _carries_values(value.func, module) or not all(
+            isinstance(item, int | float | bool | str | type(None)) for item in plain
+        )
+    return True  # a callable object
+
+
+def _functions_of(value: object) -> list:
+    """The Python functions behind ``value`` (a function, method, static or class method,
+    property, partial); [] for anything else."""
+    if isinstance(value, types.MethodType | staticmethod | classmethod):
+        return _functions_of(value.__func__)
+    if isinstance(value, property):
+        return [f for f in (value.fget, value.fset, value.fdel) if f is not None]
+    if isinstance(value, functools.partial):
+        return _functions_of(value.func)
+    if isinstance(value, types.FunctionType):
+        return [value]
+    return []
+
+
+def _functions_digest(functions: Iterable[types.FunctionType]) -> str:
+    """The code of ``functions`` and of every Python function they reach by name through
+    their globals, their closures and ``__wrapped__`` (a monkeypatched method or module
+    function, or an edited file other than the class's own, changes it)."""
+    digest = hashlib.sha256()
+    seen: set[int] = set()
+    pending = deque(functions)
+    while pending:
+        function = pending.popleft()
+        if id(function) in seen or not isinstance(function, types.FunctionType):
+            continue
+        if function.__module__.split(".")[0] == "torch":  # torch's version stands for it
+            continue
+        seen.add(id(function))
+        digest.update(f"{function.__module__}.{function.__qualname__};".encode())
+        _code_digest(function.__code__, digest)
+        wrapped = getattr(function, "__wrapped__", None)
+        if wrapped is not None:
+            pending.extend(_functions_of(wrapped))
+        for cell in function.__closure__ or ():
+            try:
+                pending.extend(_functions_of(cell.cell_contents))
+            except ValueError:  # an empty cell
+                continue
+        scope = function.__globals__
+        for name in _global_names(function.__code__):
+            pending.extend(_functions_of(scope.get(name)))
+    return digest.hexdigest()[:32]
+
+
+def _global_names(code: types.CodeType) -> Iterable[str]:
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _global_names(const)
+
+
+def _code_digest(code: types.CodeType, digest: object) -> None:
+    digest.update(code.co_code)
+    digest.update(repr((code.co_names, code.co_varnames, code.co_freevars)).encode())
+    for const in code.co_consts:
+        _const_digest(const, digest)
+
+
+def _const_digest(value: object, digest: object) -> None:
+    if isinstance(value, types.CodeType):
+        _code_digest(value, digest)
+    elif isinstance(value, tuple):
+        digest.update(b"(")
+        for item in value:
+            _const_digest(item, digest)
+        digest.update(b")")
+    elif isinstance(value, frozenset):  # its order follows string hashing, per process
+        digest.update(("{" + ",".join(sorted(map(repr, value))) + "}").encode())
+    else:
+        digest.update(repr(value).encode())
+
+
+def _class_digest(kind: type) -> str:
+    """The code of ``kind``'s methods (its own and inherited, up to ``nn.Module``): a
+    method patched into the class (``LlamaMLP.forward = ...``) leaves its source file as
+    it was."""
+    functions = []
+    for cls in kind.__mro__:
+        if cls in (torch.nn.Module, object) or cls.__module__.startswith(
+            ("transformers.modeling_utils", "transformers.generation", "transformers.integrations.")
+        ):
+            continue
+        for name in sorted(vars(cls)):
+            functions.extend(_functions_of(vars(cls)[name]))
+    return _functions_digest(functions)
 
 
 _MODULE_INTERNALS = frozenset(
@@ -183,8 +304,11 @@ def _module_digest(module: torch.nn.Module) -> str:
     for name, tensor in tensors:
         shared = first_name.setdefault(tensor.untyped_storage().data_ptr(), name)
         parts.append(f"{name}: {tensor.dtype} {tuple(tensor.shape)} {shared}")
+    classes: dict[type, str] = {}
     for name, child in module.named_modules(remove_duplicate=False):
         kind = type(child)
+        if kind not in classes:
+            classes[kind] = _class_digest(kind)
         source = getattr(inspect.getmodule(kind), "__file__", None)
         settings = {
             key: value
@@ -195,7 +319,7 @@ def _module_digest(module: torch.nn.Module) -> str:
         }
         parts.append(
             f"{name}: {kind.__module__}.{kind.__qualname__} "
-            f"{_file_digest(source) if source else ''} {_stable(settings)}"
+            f"{_file_digest(source) if source else ''} {classes[kind]} {_stable(settings)}"
         )
     return "\n".join(parts)
 
@@ -210,12 +334,26 @@ def _config_digest(config: object) -> str:
     return "\n".join(parts)
 
 
+def _header(path: Path) -> bytes:
+    """The first line of the file saved at ``path``: its own name (the hash of what its
+    code depends on), so that a file copied or renamed onto another pass's name, which would
+    load and run without a guard check, is told apart."""
+    return b"layerskip-precompiled " + path.name.encode() + b"\n"
+
+
 def load(path: Path) -> Callable | None:
     """The compiled pass saved at ``path``, or None (none there, or it cannot be loaded)."""
     if not path.is_file():
         return None
     try:
         with path.open("rb") as file:
+            header = file.readline()
+            if header != _header(path):
+                raise ValueError(
+                    "saved as another pass"
+                    if header.startswith(b"layerskip-precompiled ")
+                    else "not a compiled pass saved by this version"
+                )
             compiled = torch.compiler.load_compiled_function(file)
     except Exception as error:  # a damaged or foreign file: compile again
         logger.warning("ignoring the saved compiled pass %s: %s", path.name, one_line(error, 200))
@@ -230,7 +368,9 @@ def load(path: Path) -> Callable | None:
 def compile_and_save(function: Callable, options: dict, args: tuple, path: Path) -> None:
     """Compile ``function`` ahead of time for ``args`` and save it at ``path`` (written to a
     temporary file first, so that an interrupted or concurrent save never leaves a
-    half-written file under that name). Raises what compiling or saving raises."""
+    half-written file under that name). Raises what compiling or saving raises; a
+    directory that cannot be written raises before compiling (the caller then compiles
+    once, as usual, not twice)."""
     options = {
         **options,
         "options": {
@@ -239,12 +379,21 @@ def compile_and_save(function: Callable, options: dict, args: tuple, path: Path)
         },
     }
     options.pop("recompile_limit", None)  # one version per file
-    compiled = torch.compile(function, **options).aot_compile((args, {}))
     path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part"):
+        pass  # the directory takes files (removed at once: a killed compile leaves none)
+    compiled = torch.compile(function, **options).aot_compile((args, {}))
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".part") as file:
         temporary = Path(file.name)
     try:
         compiled.save_compiled_function(str(temporary))
+        temporary.write_bytes(_header(path) + temporary.read_bytes())
         temporary.replace(path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+# The sources as this process imported them: hashed lazily, at the first compile, a file
+# edited since (a long sweep while the checkout is updated) named this process's passes,
+# compiled from the old code, after the new sources, for later processes to load.
+_sources_digest()
