@@ -30,6 +30,7 @@ from tqdm import tqdm
 from self_speculation.config import MIN_TEMPERATURE, GenerationConfig
 from self_speculation.errors import ConfigError
 from self_speculation.generator import Generator
+from self_speculation.model_surgery import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -171,9 +172,10 @@ class LayerSkipLM(LM):
             tokens = sequence[max(0, end - self.max_length - 1) : end]
             count = end - start
             inputs = torch.tensor([tokens[:-1]], device=device)  # [1, seq]
-            logits = self.generator.layerwise.logits(
-                inputs, exit_layer=self.loglikelihood_exit_layer
-            )
+            with eval_mode(self.generator.model):  # a model left in training mode: no dropout
+                logits = self.generator.layerwise.logits(
+                    inputs, exit_layer=self.loglikelihood_exit_layer
+                )
             logprobs = F.log_softmax(logits[0, -count:].float(), dim=-1)  # [count, vocab]
             targets = torch.tensor(tokens[-count:], device=device)  # [count]
             total += logprobs.gather(1, targets.unsqueeze(1)).sum().item()

@@ -601,7 +601,7 @@ class Generator:
             passes = ForwardPasses(self.layerwise, config.compile, self._draft)
             self._forward_passes[config.compile] = passes
             if config.compile:  # what they will compile (also when made outside a generation)
-                self._module_state = module_state(self.model)
+                self._module_state = self._modules_state()
         return passes
 
     def fast_path_fallback(self, config: GenerationConfig | None = None) -> str | None:
@@ -644,8 +644,18 @@ class Generator:
             ConfigError: as ``generate``; also a streamer with more than one prompt, and a
                 compiled generation started inside another of this Generator.
         """
-        with self._compiled_use(config), eval_mode(self.model):
+        adapter = self._draft.adapter if self._draft is not None else None
+        with (
+            self._compiled_use(config),
+            eval_mode(self.model),
+            eval_mode(adapter) if adapter is not None else contextlib.nullcontext(),
+        ):
             return self._generate_batch(prompts, config, streamer, generator)
+
+    def _modules_state(self) -> tuple:
+        """``module_state`` of the model and of the draft adapter, if any."""
+        adapter = self._draft.adapter if self._draft is not None else None
+        return module_state(self.model) + (module_state(adapter) if adapter is not None else ())
 
     @contextlib.contextmanager
     def _compiled_use(self, config: object) -> Iterator[None]:
@@ -660,7 +670,7 @@ class Generator:
         )
         with self._holding_compiled_passes(refusal):
             # What the passes compiled so far saw (a generation changes none of it: tested).
-            state = module_state(self.model)
+            state = self._modules_state()
             if True in self._forward_passes and state != self._module_state:
                 logger.info(
                     "the model's modules changed since its passes were compiled (a hook, or "

@@ -313,6 +313,7 @@ class ForwardPasses:
                 # A hook runs inside the pass, and what it does (a closure's values) is not
                 # something a file's name can carry: such passes are compiled per process.
                 and not precompiled.has_hooks(model.model)
+                and not (draft and draft.adapter and precompiled.has_hooks(draft.adapter))
             )
             if model.device.type == "cpu" and compile_backend() == "inductor":
                 # Compiled CPU calls use the grouped few-query attention (attention.py).
