@@ -55,6 +55,7 @@ from self_speculation.training.loop import StopSignals
 
 logger = logging.getLogger("train_adapter")
 CHECKPOINT_NAME = "checkpoint.pt"
+RECENT_LOSSES = 20  # steps the recorded final loss averages
 
 
 @dataclass
@@ -361,12 +362,21 @@ def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
     settings_key["init_layer"] = init_layer
     if os.path.exists(os.path.expanduser(args.model)):  # "m", "./m" and "m/" are one model
         settings_key["model"] = os.path.realpath(os.path.expanduser(args.model))
-    step = _resume(output / CHECKPOINT_NAME, adapter, optimizer, schedule, settings_key)
+    step, progress_before = _resume(
+        output / CHECKPOINT_NAME, adapter, optimizer, schedule, settings_key
+    )
     full_to_draft = draft.full_to_draft()
     train_started = time.monotonic()
     # Ctrl-C / SIGTERM: finish the step, save, then stop (the caller's handlers come back).
     with StopSignals(force_on_repeat=False) as stop:
-        losses = []
+        # The last losses and the time trained, over every run of this folder (a rerun of a
+        # finished one trains no step: its record keeps the earlier final loss and time).
+        losses = list(progress_before["recent_losses"])
+
+        def so_far() -> dict:
+            seconds = progress_before["train_seconds"] + time.monotonic() - train_started
+            return {"recent_losses": losses[-RECENT_LOSSES:], "train_seconds": seconds}
+
         progress = tqdm(total=total_steps, initial=step, unit="step", desc="adapter")
         adapter.train()
         while step < total_steps and stop.received is None:
@@ -393,21 +403,34 @@ def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
             )
             if step % 50 == 0 or out_of_time or stop.received is not None:
                 _save_checkpoint(
-                    output / CHECKPOINT_NAME, adapter, optimizer, schedule, step, settings_key
+                    output / CHECKPOINT_NAME,
+                    adapter,
+                    optimizer,
+                    schedule,
+                    step,
+                    settings_key,
+                    so_far(),
                 )
             if out_of_time:
                 break
         progress.close()
         adapter.eval()
-        _save_checkpoint(output / CHECKPOINT_NAME, adapter, optimizer, schedule, step, settings_key)
+        trained = so_far()
+        _save_checkpoint(
+            output / CHECKPOINT_NAME, adapter, optimizer, schedule, step, settings_key, trained
+        )
         after = agreement(draft, held_out)
         if _checksum(model) != base_checksum:
             raise RuntimeError("a base weight changed during adapter training")
         record.update(
             steps=step,
             total_steps=total_steps,
-            train_seconds=time.monotonic() - train_started,
-            final_loss=sum(losses[-20:]) / max(len(losses[-20:]), 1) if losses else None,
+            train_seconds=trained["train_seconds"],
+            final_loss=(
+                sum(trained["recent_losses"]) / len(trained["recent_losses"])
+                if trained["recent_losses"]
+                else None
+            ),
             before=before,
             after=after,
             base_weights_unchanged=True,
@@ -435,7 +458,9 @@ def _checksum(model: torch.nn.Module) -> float:
     return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
 
 
-def _save_checkpoint(path: Path, adapter, optimizer, schedule, step: int, settings: dict) -> None:
+def _save_checkpoint(
+    path: Path, adapter, optimizer, schedule, step: int, settings: dict, progress: dict
+) -> None:
     partial = path.with_suffix(".tmp")
     torch.save(
         {
@@ -444,20 +469,23 @@ def _save_checkpoint(path: Path, adapter, optimizer, schedule, step: int, settin
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
             "step": step,
+            "progress": progress,
         },
         partial,
     )
     partial.replace(path)
 
 
-def _resume(path: Path, adapter, optimizer, schedule, settings: dict) -> int:
-    """The step the checkpoint at ``path`` continues from (0: none), its state loaded.
+def _resume(path: Path, adapter, optimizer, schedule, settings: dict) -> tuple[int, dict]:
+    """The step the checkpoint at ``path`` continues from (0: none), its state loaded, and
+    its progress (the last losses, the seconds trained).
 
     Raises:
         ConfigError: a checkpoint of other ``settings``, or not one of this training.
     """
+    fresh = {"recent_losses": [], "train_seconds": 0.0}
     if not path.exists():
-        return 0
+        return 0, fresh
     damaged = ConfigError(
         f"{path} is not a checkpoint of this adapter training: delete it to start over, "
         "or choose another --output_dir"
@@ -479,10 +507,15 @@ def _resume(path: Path, adapter, optimizer, schedule, settings: dict) -> int:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         int(state["step"])
+        progress = {**fresh, **state.get("progress", {})}  # none: written by an earlier version
+        progress = {
+            "recent_losses": [float(loss) for loss in progress["recent_losses"]],
+            "train_seconds": float(progress["train_seconds"]),
+        }
     except (RuntimeError, KeyError, TypeError, ValueError):  # an adapter of another shape
         raise damaged from None
     logger.info("resumed at step %d", state["step"])
-    return int(state["step"])
+    return int(state["step"]), progress
 
 
 def main(argv: list[str]) -> int:

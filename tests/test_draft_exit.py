@@ -291,6 +291,11 @@ def test_training_changes_only_the_adapter_and_resumes(tmp_path) -> None:
     record = train_adapter(AdapterTrainArguments(**{**arguments, "epochs": 2}), model, tokenizer)
     assert record["steps"] == 2 * first_steps
     assert all(torch.equal(before[name], model.state_dict()[name]) for name in before)
+    # Run again when finished: no step trained, and the record keeps its loss and time.
+    again = train_adapter(AdapterTrainArguments(**{**arguments, "epochs": 2}), model, tokenizer)
+    assert again["steps"] == record["steps"]
+    assert again["final_loss"] == record["final_loss"] is not None
+    assert again["train_seconds"] >= record["train_seconds"] > 0
     # Another adapter's settings do not continue this checkpoint.
     with pytest.raises(ConfigError, match="continues a run with --init_layer 3, not 1"):
         train_adapter(AdapterTrainArguments(**{**arguments, "init_layer": 1}), model, tokenizer)
