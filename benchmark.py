@@ -169,9 +169,10 @@ def _log_summary(document: dict) -> None:
             if strategy != comparison["baseline"] and speedup is not None:
                 logger.info("%s speedup over %s: %.2fx", strategy, comparison["baseline"], speedup)
         logger.info(
-            "outputs identical on %d/%d samples",
+            "outputs identical on %d/%d samples%s",
             comparison["num_samples"] - comparison["num_mismatches"],
             comparison["num_samples"],
+            "" if comparison.get("greedy", True) else " (sampled: each strategy draws its own)",
         )
 
 

@@ -222,3 +222,17 @@ def test_benchmark_compiles_under_compile_auto_from_the_break_even(
             "--compile auto: fast path on (up to 18 tokens expected in this process; "
             "compiling pays from about 18)"
         ]
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_benchmark_log_says_sampled_outputs_differ_by_design(greedy: bool, caplog) -> None:
+    benchmark = importlib.import_module("benchmark")
+    comparison = {
+        "baseline": "autoregressive", "speedup": {"autoregressive": 1.0}, "num_samples": 4,
+        "num_mismatches": 3, "greedy": greedy,
+    }  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="benchmark"):
+        benchmark._log_summary({"metrics": {}, "comparison": comparison})
+    (line,) = [record.message for record in caplog.records if "identical" in record.message]
+    assert line.startswith("outputs identical on 1/4 samples")
+    assert ("draws its own" in line) is not greedy
