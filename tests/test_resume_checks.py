@@ -127,3 +127,15 @@ def test_a_damaged_run_record_does_not_stop_a_resume(
     assert (output_dir / "train_config.json.damaged").is_file()
     document = json.loads(record.read_text())
     assert [entry["step"] for entry in document["resumes"]] == [3]
+
+
+def test_a_missing_random_state_file_is_named(stopped: tuple[Path, Path], tmp_path: Path) -> None:
+    """Same number of processes, its rng file gone: the warning names the file (it said the
+    checkpoint was written by 1 processes and resumed on 1)."""
+    corpus, output_dir = _copy(stopped, tmp_path)
+    (output_dir / "checkpoint" / "rng-0.pt").unlink()
+    result = _resume(corpus, output_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "random states" in line]
+    assert len(warnings) == 1 and "rng-0.pt is missing" in warnings[0], warnings
+    assert steps(output_dir) == [1, 2, 3, 4, 5, 6]

@@ -238,12 +238,15 @@ def load_checkpoint(
     # in a CheckpointException, which is a BaseException.
     except (Exception, CheckpointException) as error:
         raise damaged(directory, error) from None
-    if not restore_rng and context.is_main:
-        logger.warning(
-            "checkpoint written by %s processes, resuming on %d: random states start afresh",
-            trainer_state.get("world_size"),
-            context.world_size,
-        )
+    if not restore_rng and trainer_state.get("world_size") != context.world_size:
+        if context.is_main:
+            logger.warning(
+                "checkpoint written by %s processes, resuming on %d: random states start afresh",
+                trainer_state.get("world_size"),
+                context.world_size,
+            )
+    elif not restore_rng:  # each process says which of its files is gone
+        logger.warning("%s is missing: this process's random states start afresh", rng_file)
     if dist.is_initialized():
         dist.barrier()
     return trainer_state
