@@ -16,10 +16,14 @@ column dimension in a new process); the name stands for what they would check.
 
 Anything that fails here (an older torch, a pass whose guards cannot be saved, a damaged
 file) makes the caller compile as usual; nothing else changes.
+
+Files no process has loaded or saved for 30 days are removed whenever a pass is saved
+(``prune``): every package edit, torch version and sweep setting leaves files behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -28,6 +32,7 @@ import logging
 import os
 import platform
 import tempfile
+import time
 import types
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -41,6 +46,7 @@ from self_speculation.errors import one_line
 logger = logging.getLogger(__name__)
 
 DIRECTORY_VARIABLE = "LAYERSKIP_PRECOMPILED_DIR"
+UNUSED_DAYS = 30.0  # a saved pass no process loaded for this long is removed (``prune``)
 
 
 @cache
@@ -362,7 +368,25 @@ def load(path: Path) -> Callable | None:
     # (torch 2.13: "_has_dynamo_dim_marking ... absent at compile time"); what they would
     # check (dtypes, shapes, devices of every input) is in the file's name.
     compiled.disable_guard_check()
+    with contextlib.suppress(OSError):  # used now: kept by ``prune`` for another while
+        os.utime(path)
     return compiled
+
+
+def prune(directory: Path, days: float = UNUSED_DAYS) -> list[Path]:
+    """Remove the saved passes of ``directory`` that no process has loaded or saved for
+    ``days`` days: a package edit, a new torch or a sweep's settings leave files that
+    nothing loads again (3-6 MB each for the shipped model). Returns the files removed."""
+    removed = []
+    cutoff = time.time() - days * 86400
+    for path in directory.glob("*.pt2"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+    if removed:
+        logger.info("removed %d compiled passes unused for %g days", len(removed), days)
+    return removed
 
 
 def compile_and_save(function: Callable, options: dict, args: tuple, path: Path) -> None:
@@ -391,6 +415,7 @@ def compile_and_save(function: Callable, options: dict, args: tuple, path: Path)
         temporary.replace(path)
     finally:
         temporary.unlink(missing_ok=True)
+    prune(path.parent)
 
 
 # The sources as this process imported them: hashed lazily, at the first compile, a file

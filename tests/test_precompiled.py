@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import os
+import time
 import weakref
 
 import pytest
@@ -58,11 +60,15 @@ def test_a_second_generator_loads_the_saved_passes_instead_of_tracing(
     assert saved  # one file per compiled pass
 
     graphs = counters["stats"]["unique_graphs"]
+    month = time.time() - 31 * 86400
+    for path in saved:  # loaded below: marked as used, so never pruned while in use
+        os.utime(path, (month, month))
     second = fresh(seed=0)
     with caplog.at_level(logging.INFO, logger="self_speculation.passes"):
         assert token_ids(second, strategy, compile=True) == expected
     assert counters["stats"]["unique_graphs"] == graphs  # nothing traced
     assert caplog.text.count("loading the compiled") == len(saved)
+    assert all(path.stat().st_mtime > month + 86400 for path in saved)
     assert sorted(kept_in.glob("*.pt2")) == saved
     # Another cache capacity (the column dimension is dynamic in the saved code too).
     longer = dataclasses.replace(config(strategy, True), max_steps=300)

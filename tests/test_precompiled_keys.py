@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -131,3 +133,19 @@ def test_the_sources_are_hashed_as_imported(tmp_path) -> None:
     imported_then_edited = run("import self_speculation; " + edit + digest)
     edited_then_imported = run(digest)
     assert imported_then_edited != edited_then_imported
+
+
+def test_passes_unused_for_a_month_are_pruned_and_a_load_marks_use(tmp_path) -> None:
+    month = time.time() - 31 * 86400
+    stale, recent = tmp_path / "decode_step-stale.pt2", tmp_path / "decode_step-recent.pt2"
+    other = tmp_path / "notes.txt"  # not a pass: never touched
+    for path in (stale, recent, other):
+        path.write_bytes(b"x")
+        os.utime(path, (month, month))
+    os.utime(recent, None)
+    assert precompiled.prune(tmp_path) == [stale]
+    assert not stale.exists() and recent.exists() and other.exists()
+    # A load that fails leaves the time alone (test_precompiled: one that succeeds marks it).
+    os.utime(recent, (month, month))
+    assert precompiled.load(recent) is None
+    assert recent.stat().st_mtime == pytest.approx(month)
