@@ -51,6 +51,15 @@ EXIT_MISMATCH = 1
 
 
 @dataclass
+class CorrectnessArguments(Arguments):
+    """Model, device and output settings common to every script."""
+
+    dtype: str | None = None
+    """float32, bfloat16, float16, float64 (default: float32, on a GPU too: bfloat16 and
+    float16 round a one-token pass and a pass over k + 1 tokens differently)"""
+
+
+@dataclass
 class CorrectnessGenerationArguments(GenerationArguments):
     """Generation flags; greedy by default, since only greedy outputs must match."""
 
@@ -63,7 +72,7 @@ class CorrectnessGenerationArguments(GenerationArguments):
 
 def main(argv: list[str]) -> int:
     args, generation, benchmark = parse_args(
-        Arguments,
+        CorrectnessArguments,
         CorrectnessGenerationArguments,
         BenchmarkArguments,
         argv=argv,

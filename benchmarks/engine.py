@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         EngineArguments, args=argv, add_option_string_dash_variants=False, allow_abbrev=False
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads and args.device == "cpu":
+    if args.threads and torch.device(args.device).type == "cpu":
         torch.set_num_threads(args.threads)
     # Read by ForwardPasses when it compiles (passes.compile_options).
     os.environ[COMPILE_BACKEND_VARIABLE] = args.compile_backend

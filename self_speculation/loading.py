@@ -135,9 +135,10 @@ def check_model_source(model: str) -> None:
 
 
 def resolve_dtype(name: str | None, device: str) -> torch.dtype:
-    """``name`` as a torch dtype; None means float32 on CPU and bfloat16 elsewhere."""
+    """``name`` as a torch dtype; None means float32 on CPU (``cpu``, ``cpu:0``) and
+    bfloat16 elsewhere."""
     if name is None:
-        return torch.float32 if device == "cpu" else torch.bfloat16
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     if name not in DTYPES:
         raise ConfigError(f"unknown dtype '{name}' (choose from {', '.join(DTYPES)})")
     return DTYPES[name]
