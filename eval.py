@@ -67,13 +67,19 @@ NUMERIC_GEN_KWARGS = (
 @dataclass
 class EvalGenerationArguments(GenerationArguments):
     """Generation flags, defaulting to how lm-eval's own HFLM decodes a task that sets
-    nothing: greedy, 256 tokens, the context as the task wrote it. A task's generation
-    kwargs override them."""
+    nothing: greedy, 256 tokens, the context as the task wrote it, and when a task samples,
+    transformers' top_k 50 and no top_p. A task's generation kwargs override them."""
 
     max_steps: int = 256
     """Most tokens to generate where a task sets no max_gen_toks (lm-eval's default)."""
     sample: bool = False
     """Sample where a task sets neither do_sample nor temperature (lm-eval: greedy)."""
+    top_k: int = 50
+    """Keep the k most likely tokens when a task samples and sets no top_k (0: off;
+    default: transformers' generate's 50, as lm-eval's HFLM samples)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold when a task samples and sets no top_p (1.0: off, as
+    lm-eval's HFLM samples)."""
     token_healing: bool = False
     """Back the prompt up over a trailing whitespace token (off: the context ends where the
     task's text ends, as lm-eval's models see it)."""

@@ -71,6 +71,17 @@ def _number(gen_kwargs: dict[str, Any], key: str, kind: type) -> Any:
         ) from None
 
 
+def _flag(gen_kwargs: dict[str, Any], key: str) -> bool:
+    """A task's (or --gen_kwargs') true/false generation setting, or a one-line error: a
+    quoted "false" is not taken as true."""
+    value = gen_kwargs[key]
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if isinstance(value, (bool, int, float)) and value in (0, 1):
+        return bool(value)
+    raise ConfigError(f"generation kwarg {key}={value!r} is not true or false")
+
+
 class LayerSkipLM(LM):
     """An lm-eval ``LM`` over a :class:`Generator` (batch size 1, one process).
 
@@ -107,6 +118,12 @@ class LayerSkipLM(LM):
         # them), each once, in the order first used.
         self.configs_used: list[dict[str, Any]] = []
         self.max_length = generator.layerwise.context_length or DEFAULT_CONTEXT
+        # The end-of-sequence token's text: a stop string of every generate_until request,
+        # as lm-eval's HFLM adds it (a model can write that text in ordinary tokens).
+        eos = self.tokenizer.eos_token_id
+        self.eos_text = (
+            self.tokenizer.decode([eos], skip_special_tokens=False) if eos is not None else ""
+        )
 
     # --- tokenisation -----------------------------------------------------------------
     @property
@@ -149,7 +166,10 @@ class LayerSkipLM(LM):
         stripped = context.rstrip()
         continuation = context[len(stripped) :] + continuation
         if not stripped:
-            return self._empty_context_ids(), self._encode(continuation)
+            ids, prefix = self._encode(continuation), self._empty_context_ids()
+            if ids[:1] == prefix:  # it starts with the prefix token: that is the context
+                return ids[:1], ids[1:]  # (as lm-eval's TemplateLM.loglikelihood)
+            return prefix, ids
         whole = self._encode_with_specials(stripped + continuation)
         context_ids = self._encode_with_specials(stripped)
         return context_ids, whole[len(context_ids) :]
@@ -221,7 +241,7 @@ class LayerSkipLM(LM):
                 changes["max_steps"] = _number(gen_kwargs, key, int)
                 break
         if gen_kwargs.get("do_sample") is not None:
-            changes["sample"] = bool(gen_kwargs["do_sample"])
+            changes["sample"] = _flag(gen_kwargs, "do_sample")
         temperature = gen_kwargs.get("temperature")
         if temperature is not None:
             temperature = _number(gen_kwargs, "temperature", float)
@@ -237,6 +257,8 @@ class LayerSkipLM(LM):
             if gen_kwargs.get(key) is not None:
                 changes[key] = _number(gen_kwargs, key, type(getattr(self.config, key)))
         stop_words = [word for word in until if word] + list(self.config.stop_words or [])
+        if self.eos_text and self.eos_text not in stop_words:
+            stop_words.append(self.eos_text)
         changes["stop_words"] = stop_words or None
         return dataclasses.replace(self.config, **changes), stop_words
 

@@ -112,7 +112,7 @@ def test_generate_until_honours_until_and_max_gen_toks(generator: Generator) -> 
     config_used, stop_words = lm._request_config(
         {"temperature": 0.0, "max_gen_toks": 5, "until": "\n\n"}
     )
-    assert (config_used.sample, config_used.max_steps, stop_words) == (False, 5, ["\n\n"])
+    assert (config_used.sample, config_used.max_steps, stop_words) == (False, 5, ["\n\n", "</s>"])
     config_used, _ = lm._request_config({"do_sample": True, "temperature": 0.8, "top_p": 0.5})
     assert (config_used.sample, config_used.temperature, config_used.top_p) == (True, 0.8, 0.5)
 
