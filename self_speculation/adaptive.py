@@ -139,12 +139,14 @@ class DraftPolicy:
                 for exit_layer in self.exit_layers
             ],
             dtype=torch.float64,
+            device="cpu",  # host statistics, whatever torch.set_default_device says
         )  # [exits, lengths]
         # Decayed counts of accepted drafts and of judged drafts, [batch, exits]; an exit
         # never drafted from keeps the prior (it is tried when the prior makes it worth it).
         shape = (batch_size, len(self.exit_layers))
-        self.accepted = torch.full(shape, PRIOR_ACCEPTANCE * PRIOR_WEIGHT, dtype=torch.float64)
-        self.trials = torch.full(shape, PRIOR_WEIGHT, dtype=torch.float64)
+        host = dict(dtype=torch.float64, device="cpu")
+        self.accepted = torch.full(shape, PRIOR_ACCEPTANCE * PRIOR_WEIGHT, **host)
+        self.trials = torch.full(shape, PRIOR_WEIGHT, **host)
 
     def acceptance(self) -> torch.Tensor:
         """Each row's estimated per-draft acceptance probability at each exit,

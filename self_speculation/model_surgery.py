@@ -569,7 +569,13 @@ class LayerwiseModel:
         mask[1, :padding] = 0
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [2, length]
         real = mask.bool()
-        with _narrowed_windows(self.model, self.model.config, self.config):
+        # At the model's own precision, whatever torch.autocast block the caller is in: the
+        # probe checks the views' arithmetic, which a bfloat16 autocast would blur past its
+        # tolerance (and blame the family).
+        with (
+            _narrowed_windows(self.model, self.model.config, self.config),
+            torch.autocast(self.device.type, enabled=False),
+        ):
             try:
                 expected = self.model(
                     input_ids=probe, attention_mask=mask, position_ids=positions, use_cache=False

@@ -249,6 +249,9 @@ _INSTANCES = itertools.count()
 # ForwardPasses). Not an attribute: saving a compiled pass pickles what it reads from its
 # ForwardPasses, and a loaded compiled function cannot be pickled.
 _PRECOMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# ... as a list of (global state it was compiled under, the pass or None: not kept, called
+# through torch.compile's dispatch) per key; _NOT_TRIED: none for the current state yet.
+_NOT_TRIED = object()
 
 
 class ForwardPasses:
@@ -369,8 +372,15 @@ class ForwardPasses:
         started = time.perf_counter()
         try:
             with use_few_query_attention(self._attention_configs), _without_freezing():
-                if not first:
-                    saved = _PRECOMPILED.get(self, {}).get(key)
+                saved = _NOT_TRIED
+                if not first and self._keep_on_disk:
+                    # A kept pass runs without guard checks: its global state is checked
+                    # here (autocast, the default dtype... ``precompiled.global_state``).
+                    kept = _PRECOMPILED.get(self, {}).get(key, ())
+                    saved = next((pass_ for state, pass_ in kept if state.check()), _NOT_TRIED)
+                elif not first:
+                    saved = None
+                if saved is not _NOT_TRIED:
                     call = function if saved is None else partial(saved, self)
                     result = self._counted(key, call, *args)
                 else:
@@ -400,6 +410,10 @@ class ForwardPasses:
         ``function`` (torch.compile's dispatch)."""
         if not self._keep_on_disk:
             return function(*args)
+        kept_versions = _PRECOMPILED.setdefault(self, {}).setdefault(key, [])
+        state = precompiled.global_state()
+        index = len(kept_versions)
+        kept_versions.append((state, None))  # until kept below: torch.compile's dispatch
         try:
             if self._model_digest is None:
                 self._model_digest = precompiled.model_digest(self.model.model, self.draft)
@@ -422,8 +436,11 @@ class ForwardPasses:
             )
             # A file from an earlier process is compiled again and saved in its place
             # (else every later process would load it and compile anyway).
-            return self._first_call(key, function, args) if loaded else function(*args)
-        _PRECOMPILED.setdefault(self, {})[key] = kept
+            if loaded:
+                del kept_versions[index]
+                return self._first_call(key, function, args)
+            return function(*args)
+        kept_versions[index] = (state, kept)
         return result
 
     def _kept_on_disk(self, key: tuple, args: tuple, path: Path) -> Callable:

@@ -144,12 +144,24 @@ def _stable(value: object) -> str:
     return f"{type(value).__module__}.{type(value).__qualname__}"
 
 
+def global_state() -> torch._C._dynamo.guards.GlobalStateGuard:
+    """torch's global state as dynamo's guards check it at every call of a compiled
+    function: grad mode, autocast (each device's, with its dtype), the default dtype,
+    deterministic algorithms, TF32 and reduced-precision reductions, the thread count.
+    The compiled code depends on it (a pass traced under ``torch.autocast`` casts to
+    bfloat16 inside its kernels); a loaded pass runs without guard checks, so it is part
+    of the file's name and is checked (``check()``, under a microsecond) at each call."""
+    return torch._C._dynamo.guards.GlobalStateGuard()
+
+
 def artifact_path(model_digest: str, key: tuple, args: tuple, options: dict) -> Path:
-    """The file of the compiled pass ``key`` called with ``args``."""
+    """The file of the compiled pass ``key`` called with ``args`` under the current global
+    state (``global_state``)."""
     digest = hashlib.sha256()
     # Inductor's CPU kernels are built for the thread count of the process that compiled them.
     threads = f"threads={torch.get_num_threads()}"
-    for part in (_sources_digest(), model_digest, repr(key), _stable(options), threads):
+    state = global_state().__getstate__()
+    for part in (_sources_digest(), model_digest, repr(key), _stable(options), threads, state):
         digest.update(part.encode())
     for arg in args:
         digest.update(_describe(arg).encode())

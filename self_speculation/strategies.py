@@ -161,10 +161,15 @@ def left_pad(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Prompts -> (token buffer [batch, capacity], pad_counts [batch], prompt width)."""
     width = max(len(prompt) for prompt in prompts)
-    tokens = torch.full((len(prompts), capacity), pad_token_id, dtype=torch.long)
+    # Built on the host whatever torch.set_default_device says (a "meta" default device
+    # cannot be copied out of), then moved.
+    host = torch.device("cpu")
+    tokens = torch.full((len(prompts), capacity), pad_token_id, dtype=torch.long, device=host)
     for row, prompt in enumerate(prompts):
-        tokens[row, width - len(prompt) : width] = torch.tensor(list(prompt), dtype=torch.long)
-    pad_counts = torch.tensor([width - len(prompt) for prompt in prompts])
+        tokens[row, width - len(prompt) : width] = torch.tensor(
+            list(prompt), dtype=torch.long, device=host
+        )
+    pad_counts = torch.tensor([width - len(prompt) for prompt in prompts], device=host)
     return tokens.to(device), pad_counts.to(device), width
 
 
