@@ -5,7 +5,7 @@ transformers' generate(no_repeat_ngram_size=0) and lm-eval's HFLM (a task's
 from __future__ import annotations
 
 import torch
-from tiny_models import IdTokenizer, make_tiny_model
+from tiny_models import IdTokenizer, make_repeating_model
 
 from self_speculation import GenerationConfig, Generator
 from self_speculation.eval_harness import LayerSkipLM
@@ -15,16 +15,7 @@ STEPS = 12
 
 
 def _model():
-    model = make_tiny_model(
-        "llama_mha_untied",
-        vocab_size=16,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        seed=1,
-    )
-    with torch.no_grad():
-        model.lm_head.weight.mul_(4.0)  # greedy output repeats tokens
+    model = make_repeating_model()
     model.generation_config.no_repeat_ngram_size = 1  # the checkpoint bans any repeat
     return model
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import write_python_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--preset", "tiny", "--vocab_size", "300", "--seq_len", "32", "--batch_size", "4"]
@@ -39,22 +40,11 @@ def steps(output_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in lines]
 
 
-def _corpus(directory: Path) -> Path:
-    directory.mkdir()
-    for index in range(3):
-        lines = [
-            f"def function_{index}_{n}(value, other={n}):\n    return value * {n} + other\n"
-            for n in range(120)
-        ]
-        (directory / f"module_{index}.py").write_text("".join(lines))
-    return directory
-
-
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(corpus, output_dir) of a run stopped after 3 of its 6 steps."""
     base = tmp_path_factory.mktemp("resume")
-    corpus = _corpus(base / "corpus")
+    corpus = write_python_corpus(base / "corpus")
     output_dir = base / "run"
     # A --data glob relative to the working directory: the copies below see their own corpus.
     result = run(*TINY, *QUICK, "--data", "corpus/*.py", "--output_dir", str(output_dir),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import IdTokenizer, make_tiny_model
+from tiny_models import IdTokenizer, make_repeating_model
 
 from self_speculation import GenerationConfig, Generator
 
@@ -16,17 +16,7 @@ STOP = 0  # frequent in this 16-token model's samples: rows finish apart
 
 @pytest.fixture(scope="module")
 def generator() -> Generator:
-    model = make_tiny_model(
-        "llama_mha_untied",
-        vocab_size=16,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        seed=1,
-    )
-    with torch.no_grad():
-        model.lm_head.weight.mul_(4.0)
-    return Generator(model, IdTokenizer())
+    return Generator(make_repeating_model(), IdTokenizer())
 
 
 def _sampled(generator: Generator, ahead: bool, seed: int, settings: dict, **config) -> list:

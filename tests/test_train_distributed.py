@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import write_python_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -98,14 +99,7 @@ def _assert_same_run(actual: Path, expected: Path) -> None:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("corpus")
-    for index in range(3):
-        lines = [
-            f"def function_{index}_{n}(value, other={n}):\n    return value * {n} + other\n"
-            for n in range(120)
-        ]
-        (directory / f"module_{index}.py").write_text("".join(lines))
-    return directory
+    return write_python_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import save_tiny_model
+from tiny_models import save_tiny_model, write_python_corpus
 from transformers import GenerationConfig
 
 import train
@@ -52,14 +52,7 @@ def losses(output_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A few small Python-like text files."""
-    directory = tmp_path_factory.mktemp("corpus")
-    for index in range(3):
-        lines = [
-            f"def function_{index}_{n}(value, other={n}):\n    return value * {n} + other\n"
-            for n in range(120)
-        ]
-        (directory / f"module_{index}.py").write_text("".join(lines))
-    return directory
+    return write_python_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -339,3 +339,27 @@ class IdTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return " ".join(map(str, ids))
+
+
+def make_repeating_model(seed: int = 1):
+    """A 16-token tiny Llama without special tokens whose greedy output repeats tokens (its
+    head scaled up): what n-gram bans and rows finishing apart need to show."""
+    model = make_tiny_model(
+        "llama_mha_untied", vocab_size=16, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None, seed=seed,
+    )  # fmt: skip
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+    return model
+
+
+def write_python_corpus(directory: Path) -> Path:
+    """Three small Python-like files in ``directory`` (created): a training corpus."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for index in range(3):
+        lines = [
+            f"def function_{index}_{n}(value, other={n}):\n    return value * {n} + other\n"
+            for n in range(120)
+        ]
+        (directory / f"module_{index}.py").write_text("".join(lines))
+    return directory
