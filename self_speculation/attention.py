@@ -30,6 +30,12 @@ MAX_QUERIES = 16  # verification's k + 1 positions; prefill goes to sdpa
 _UNSUPPORTED = ("softcap", "sinks", "s_aux", "position_bias", "output_attentions")
 
 
+def _given(value: object) -> bool:
+    """Whether a keyword argument asks for something (a tensor such as attention sinks
+    always does: its truth value would raise for several values, and read 0 as none)."""
+    return isinstance(value, torch.Tensor) or bool(value)
+
+
 def few_query_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -58,7 +64,7 @@ def few_query_attention(
         or attention_mask.dim() != 4
         or attention_mask.shape[1] != 1
         or heads % kv_heads
-        or any(kwargs.get(name) for name in _UNSUPPORTED)
+        or any(_given(kwargs.get(name)) for name in _UNSUPPORTED)
     ):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs

@@ -305,6 +305,10 @@ def test_few_query_attention_leaves_what_it_does_not_cover_to_sdpa() -> None:
     mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
     with pytest.raises(ValueError, match="softcap"):
         few_query_attention(module, query, key, value, mask, softcap=30.0)
+    # Attention sinks (a tensor per head): passed to sdpa, not tested for truth (it raised).
+    output, _ = few_query_attention(module, query, key, value, mask, sinks=torch.zeros(2))
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, mask)
+    torch.testing.assert_close(output, expected.transpose(1, 2))
     additive = torch.zeros(1, 1, 1, 5)
     output, _ = few_query_attention(module, query, key, value, additive)
     expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, additive)
