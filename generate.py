@@ -22,9 +22,9 @@ Writes ``<output_dir>/generate_<time>.json``: the arguments, the resolved genera
 config, the environment (with the decoding path that actually ran, and the compile time)
 and, per prompt, the prompt, the generated text and its metrics. Prompts from standard
 input also go to ``generate_<time>.samples.jsonl``, one row per answer as it is given, so
-that a session killed outright keeps every answer; the document is written (atomically)
-after the first answer and when the session ends (end of input, Ctrl-C, SIGTERM, a closed
-output), each write once, however many prompts are piped in.
+that a session killed (SIGTERM, SIGKILL) keeps every answer; the document is written
+(atomically) after the first answer and when the session ends (end of input, Ctrl-C, a
+closed output, an error), each write once, however many prompts are piped in.
 """
 
 from __future__ import annotations

@@ -86,13 +86,22 @@ def build_guard(build_directory: Path) -> Iterator[None]:
         yield
         return
     build_directory.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(build_directory / "layerskip-build.flock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # read-only is enough for flock (another user's 0644 file)
+        descriptor = os.open(build_directory / "layerskip-build.flock", os.O_RDONLY | os.O_CREAT)
+    except OSError:
+        clear_stale_lock(build_directory / "lock")
+        yield
+        return
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             logger.info("waiting for another process's build of the few-row kernel")
             fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError:  # no flock on this file system (ENOLCK): the timed wait
+            clear_stale_lock(build_directory / "lock")
+            yield
+            return
         lock = build_directory / "lock"
         if lock.exists():  # no live build of ours holds it: a killed one's
             lock.unlink(missing_ok=True)

@@ -411,6 +411,9 @@ class ForwardPasses:
         if not self._keep_on_disk:
             return function(*args)
         kept_versions = _PRECOMPILED.setdefault(self, {}).setdefault(key, [])
+        # An earlier first call under this state that never finished (interrupted) left
+        # its placeholder, which would shadow what this one keeps.
+        kept_versions[:] = [(state, kept) for state, kept in kept_versions if not state.check()]
         state = precompiled.global_state()
         index = len(kept_versions)
         kept_versions.append((state, None))  # until kept below: torch.compile's dispatch

@@ -26,11 +26,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib.metadata
 import inspect
 import logging
 import os
 import platform
+import re
 import tempfile
 import time
 import types
@@ -46,6 +46,7 @@ from self_speculation.errors import one_line
 logger = logging.getLogger(__name__)
 
 DIRECTORY_VARIABLE = "LAYERSKIP_PRECOMPILED_DIR"
+_SAVED_NAME = re.compile(r"[a-z_]+-[0-9a-f]{32}\.pt2")  # artifact_path's names
 UNUSED_DAYS = 30.0  # a saved pass no process loaded for this long is removed (``prune``)
 
 
@@ -81,14 +82,21 @@ def directory() -> Path:
 def _sources_digest() -> str:
     """This package's code (the passes trace it), torch's and transformers' versions, the
     Python version and the CPU (compiled kernels use its instructions)."""
+    import transformers  # noqa: PLC0415
+
     from self_speculation.cpu_kernels import _cpu_signature  # noqa: PLC0415
 
     digest = hashlib.sha256()
-    for name in ("torch", "transformers"):
-        digest.update(f"{name}={importlib.metadata.version(name)};".encode())
+    for module in (torch, transformers):  # a source checkout has no installed metadata
+        digest.update(f"{module.__name__}={module.__version__};".encode())
     digest.update(f"python={platform.python_version()};cpu={_cpu_signature()};".encode())
     for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.read_bytes())
+        if path.name.startswith("."):  # an editor's lock or backup file
+            continue
+        try:
+            digest.update(path.read_bytes())
+        except OSError:
+            digest.update(f"unreadable {path.name};".encode())
     return digest.hexdigest()
 
 
@@ -210,8 +218,8 @@ def _carries_values(value: object, module: torch.nn.Module) -> bool:
         return value.__self__ is not module or bool(value.__func__.__closure__)
     if isinstance(value, types.FunctionType):
         return bool(value.__closure__)
-    if isinstance(value, types.BuiltinFunctionType):  # torch.tanh, math.sqrt...
-        return False
+    if isinstance(value, types.BuiltinFunctionType):  # torch.tanh, math.sqrt; not tensor.mul
+        return not isinstance(getattr(value, "__self__", None), types.ModuleType | type(None))
     if isinstance(value, functools.partial):  # described by its arguments when plain ones
         plain = (*value.args, *value.keywords.values())
         return _carries_values(value.func, module) or not all(
@@ -245,7 +253,7 @@ def _functions_digest(functions: Iterable[types.FunctionType]) -> str:
         function = pending.popleft()
         if id(function) in seen or not isinstance(function, types.FunctionType):
             continue
-        if function.__module__.split(".")[0] == "torch":  # torch's version stands for it
+        if (function.__module__ or "").split(".")[0] == "torch":  # torch's version stands for it
             continue
         seen.add(id(function))
         digest.update(f"{function.__module__}.{function.__qualname__};".encode())
@@ -392,6 +400,8 @@ def prune(directory: Path, days: float = UNUSED_DAYS) -> list[Path]:
     removed = []
     cutoff = time.time() - days * 86400
     for path in directory.glob("*.pt2"):
+        if not _SAVED_NAME.fullmatch(path.name):  # not ours (a torch.export package, say)
+            continue
         with contextlib.suppress(OSError):
             if path.stat().st_mtime < cutoff:
                 path.unlink()
@@ -433,4 +443,5 @@ def compile_and_save(function: Callable, options: dict, args: tuple, path: Path)
 # The sources as this process imported them: hashed lazily, at the first compile, a file
 # edited since (a long sweep while the checkout is updated) named this process's passes,
 # compiled from the old code, after the new sources, for later processes to load.
-_sources_digest()
+with contextlib.suppress(Exception):  # else it fails (and is handled) at the first compile
+    _sources_digest()

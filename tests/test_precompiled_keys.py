@@ -133,19 +133,35 @@ def test_the_sources_are_hashed_as_imported(tmp_path) -> None:
     imported_then_edited = run("import self_speculation; " + edit + digest)
     edited_then_imported = run(digest)
     assert imported_then_edited != edited_then_imported
+    # An editor's lock file (Emacs: a dangling symlink ".#name.py") neither stops the
+    # import nor changes the name.
+    (copy / ".#generator.py").symlink_to("user@host.1234:1")
+    assert run(digest) == edited_then_imported
 
 
 def test_passes_unused_for_a_month_are_pruned_and_a_load_marks_use(tmp_path) -> None:
     month = time.time() - 31 * 86400
-    stale, recent = tmp_path / "decode_step-stale.pt2", tmp_path / "decode_step-recent.pt2"
+    stale = tmp_path / f"decode_step-{'a' * 32}.pt2"
+    recent = tmp_path / f"greedy_step-{'b' * 32}.pt2"
     other = tmp_path / "notes.txt"  # not a pass: never touched
-    for path in (stale, recent, other):
+    exported = tmp_path / "exported_model.pt2"  # a user's torch.export package: not ours
+    for path in (stale, recent, other, exported):
         path.write_bytes(b"x")
         os.utime(path, (month, month))
     os.utime(recent, None)
     assert precompiled.prune(tmp_path) == [stale]
-    assert not stale.exists() and recent.exists() and other.exists()
+    assert not stale.exists() and recent.exists() and other.exists() and exported.exists()
     # A load that fails leaves the time alone (test_precompiled: one that succeeds marks it).
     os.utime(recent, (month, month))
     assert precompiled.load(recent) is None
     assert recent.stat().st_mtime == pytest.approx(month)
+
+
+def test_a_method_bound_to_another_object_is_not_kept_on_disk() -> None:
+    """``module.scale = tensor.mul`` carries the tensor's values, which no name describes;
+    a plain builtin function (``torch.tanh``) carries none."""
+    layer = torch.nn.Linear(2, 2)
+    layer.activation = torch.tanh
+    assert not precompiled.has_hooks(layer)
+    layer.scale = torch.ones(2).mul
+    assert precompiled.has_hooks(layer)
