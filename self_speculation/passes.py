@@ -391,7 +391,10 @@ class ForwardPasses:
             self._fall_back(f"compiling the {key[0]} pass failed: {_first_line(error)}")
             return self._counted(key, getattr(self, f"_{key[0]}_eager"), *args)
         elapsed = time.perf_counter() - started
-        if first or counters["stats"]["unique_graphs"] != graphs:
+        # A pass loaded or compiled for a global state first seen now (under torch.autocast,
+        # say) traces no graph in torch.compile's counter: its time is compiling too.
+        new_state = not first and saved is _NOT_TRIED
+        if first or new_state or counters["stats"]["unique_graphs"] != graphs:
             self.compile_seconds += elapsed
             self._compiles += 1
             self._seen.add(key)

@@ -99,3 +99,15 @@ def test_a_default_device_other_than_the_models_is_not_used(strategy) -> None:
     finally:
         torch.set_default_device(None)
     assert [row.token_ids for row in rows] == [row.token_ids for row in expected]
+
+
+def test_a_new_global_state_counts_its_compile(traced) -> None:
+    """A pass loaded from disk for a state first seen mid-process (under torch.autocast)
+    traces nothing: its time is still compile time, not the generation's."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _generator().generate(PROMPT, COMPILED)  # saves the autocast pass
+    generator = _generator()
+    _both(generator, autocast=False)
+    before = generator.compile_seconds
+    _both(generator, autocast=True)  # loads the autocast pass
+    assert generator.compile_seconds > before
