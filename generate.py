@@ -330,7 +330,8 @@ def main(argv: list[str]) -> int:
             if not rows.num_rows:  # no answer: no empty rows file beside the document
                 files.samples.unlink(missing_ok=True)
                 del document["samples_file"]
-            write_json_atomic(files.result, document)
+            if files.result.parent.is_dir():  # not recreated when the user deleted it
+                write_json_atomic(files.result, document)
         answers = len(document["prompts"])
         logger.info("wrote %s (%d answer%s)", files.result, answers, "" if answers == 1 else "s")
         return status

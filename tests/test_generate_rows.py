@@ -8,6 +8,7 @@ import importlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,3 +117,26 @@ def test_a_killed_session_keeps_every_answer_in_its_rows(
     assert [row["prompt"] for row in read_jsonl_rows(samples)] == PROMPTS[:3]
     (result,) = tmp_path.glob("generate_*[0-9].json")
     assert json.loads(result.read_text())["ended_by"] is None  # killed: never got to say
+
+
+def test_a_deleted_output_folder_is_not_recreated(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The folder removed during the session: the next answer's row fails naming its file,
+    and the end of the session does not bring the folder back for a document alone."""
+    generate = importlib.import_module("generate")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(PROMPTS) + "\n"))
+    output = tmp_path / "logs"
+    real_generate = Generator.generate
+    calls = []
+
+    def deleting_generate(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            shutil.rmtree(output)
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Generator, "generate", deleting_generate)
+    with pytest.raises(FileNotFoundError, match="removed while the run was writing it"):
+        generate.main(_argv(tiny_model_dir, output))
+    assert not output.exists()
