@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import sysconfig
 from importlib import metadata
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from arguments import run_main  # noqa: E402
 from self_speculation.benchmarking import write_json_atomic  # noqa: E402
 from self_speculation.errors import ConfigError, expand_home  # noqa: E402
-from self_speculation.output_safety import check_output_dir, temporary_beside  # noqa: E402
+from self_speculation.output_safety import check_output_dir, replaced_when_done  # noqa: E402
 
 # Held-out standard-library files (relative to the standard library directory).
 HELD_OUT = (
@@ -249,12 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest: dict[str, dict] = {}
     # Written beside the output and renamed over it at the end: an interrupted or failed
     # build leaves the earlier corpus as it was, never half a corpus under its name.
-    temporary = temporary_beside(output)
-    try:
+    with replaced_when_done(output) as temporary:
         _write_corpus(temporary, groups, held_out, seen, args.max_file_bytes, manifest)
-        os.replace(temporary, output)
-    finally:
-        temporary.unlink(missing_ok=True)
     total = sum(entry["bytes"] for entry in manifest.values())
     summary = dict(
         output=str(output), total_bytes=total, held_out=list(HELD_OUT), packages=manifest

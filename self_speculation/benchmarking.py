@@ -39,7 +39,7 @@ from self_speculation.distributed import DistributedContext, broadcast, gather
 from self_speculation.errors import ConfigError, expand_home
 from self_speculation.generator import Generator
 from self_speculation.metrics import text_metrics
-from self_speculation.output_safety import hold_output_dir, temporary_beside
+from self_speculation.output_safety import hold_output_dir, replaced_when_done
 
 logger = logging.getLogger(__name__)
 
@@ -81,15 +81,8 @@ def write_json_atomic(path: str | os.PathLike, document: Mapping[str, Any]) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_json_ready(document), indent=2, allow_nan=False)
     # Not mkstemp: its files are 0600, the result would be hidden from other users.
-    temporary = temporary_beside(path)
-    try:
-        with open(temporary, "x", encoding="utf-8") as stream:
-            stream.write(text + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    with replaced_when_done(path) as temporary, open(temporary, "x", encoding="utf-8") as stream:
+        stream.write(text + "\n")
 
 
 def repair_last_line(

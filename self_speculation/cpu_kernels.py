@@ -30,6 +30,11 @@ from pathlib import Path
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds wait on a stale lock's age instead
+    fcntl = None  # type: ignore[assignment]
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "few_row_linear.cpp"
@@ -77,31 +82,15 @@ def clear_stale_lock(lock: Path, stale_after: float = STALE_LOCK_SECONDS) -> boo
 def build_guard(build_directory: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``build_directory/layerskip-build.flock`` while the
     block builds (waiting for another process's build to finish); a ``lock`` file found
-    once it is held was left by a killed build, and is removed at once. Without ``fcntl``
-    (not POSIX): ``clear_stale_lock``'s wait."""
-    try:
-        import fcntl
-    except ImportError:
-        clear_stale_lock(build_directory / "lock")
-        yield
-        return
-    build_directory.mkdir(parents=True, exist_ok=True)
-    try:  # read-only is enough for flock (another user's 0644 file)
-        descriptor = os.open(build_directory / "layerskip-build.flock", os.O_RDONLY | os.O_CREAT)
-    except OSError:
+    once it is held was left by a killed build, and is removed at once. Where no flock can
+    be had (not POSIX, another user's file, a file system without locks):
+    ``clear_stale_lock``'s wait."""
+    descriptor = _build_flock(build_directory)
+    if descriptor is None:
         clear_stale_lock(build_directory / "lock")
         yield
         return
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for another process's build of the few-row kernel")
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-        except OSError:  # no flock on this file system (ENOLCK): the timed wait
-            clear_stale_lock(build_directory / "lock")
-            yield
-            return
         lock = build_directory / "lock"
         if lock.exists():  # no live build of ours holds it: a killed one's
             lock.unlink(missing_ok=True)
@@ -109,6 +98,28 @@ def build_guard(build_directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(descriptor)  # releases the flock
+
+
+def _build_flock(build_directory: Path) -> int | None:
+    """A descriptor holding the exclusive build flock of ``build_directory`` (after waiting
+    for a live build), or None where it cannot be had."""
+    if fcntl is None:
+        return None
+    build_directory.mkdir(parents=True, exist_ok=True)
+    try:  # read-only is enough for flock (another user's 0644 file)
+        descriptor = os.open(build_directory / "layerskip-build.flock", os.O_RDONLY | os.O_CREAT)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process's build of the few-row kernel")
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+    except OSError:  # no flock on this file system (ENOLCK)
+        os.close(descriptor)
+        return None
+    return descriptor
 
 
 def _cpu_signature() -> str:

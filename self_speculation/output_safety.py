@@ -277,6 +277,19 @@ def temporary_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
 
 
+@contextlib.contextmanager
+def replaced_when_done(path: Path) -> Iterator[Path]:
+    """A new temporary file name beside ``path`` (``temporary_beside``) for the block to
+    write ``path``'s next version to: renamed over ``path`` when the block ends, removed if
+    it fails, so that ``path`` is never half written."""
+    temporary = temporary_beside(path)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
