@@ -167,12 +167,13 @@ def summary_line(
     result: GenerationResult, plain: GenerationResult | None = None, label: str = "self-speculative"
 ) -> str:
     """One line on what the strategy (``label``) did with this prompt."""
+    count = result.num_generated_tokens
     speed = (
-        f"{result.num_generated_tokens} tokens in {result.total_time:.2f} s "
+        f"{count} token{'' if count == 1 else 's'} in {result.total_time:.2f} s "
         f"({result.tokens_per_second:.1f} tokens/s, stop: {result.stop_reason})"
     )
-    if not result.num_drafted:
-        return f"autoregressive: {speed}"
+    if not result.num_drafted:  # autoregressive, or ended before its first drafting step
+        return f"{label if result.num_speculations > 0 else 'autoregressive'}: {speed}"
     line = (
         f"{label}: {speed}; layers [0, {result.exit_layer}) drafted "
         f"{result.num_drafted} tokens, the full model accepted {result.num_accepted} "

@@ -532,7 +532,7 @@ def _finish(
     if table.empty:
         logger.warning("no grid point measured")
         return
-    best = table.loc[table["overall_tokens_per_second"].idxmax()]
+    best = _best_row(table)
     plot_path = csv_path.with_suffix(".png")
 
     def plain(row: pd.Series) -> dict:
@@ -542,8 +542,7 @@ def _finish(
 
     best_point = plain(best)
     best_by_strategy = {
-        strategy: plain(rows.loc[rows["overall_tokens_per_second"].idxmax()])
-        for strategy, rows in table.groupby("generation_strategy")
+        strategy: plain(_best_row(rows)) for strategy, rows in table.groupby("generation_strategy")
     }
     write_json_atomic(
         csv_path.with_suffix(".json"),
@@ -573,6 +572,19 @@ def _finish(
     )  # fmt: skip
 
 
+def _best_row(table: pd.DataFrame) -> pd.Series:
+    """The fastest point of ``table``: the highest speedup over autoregressive decoding
+    where every row has one, else the highest tokens/s.
+
+    Rows of a resumed sweep come from several runs, each measured against its own baseline
+    under its own load: their tokens/s are not comparable, their speedups are (within one
+    run both rank the points alike, every speedup being tokens/s over the same baseline).
+    """
+    if table["speedup"].notna().all():
+        return table.loc[table["speedup"].idxmax()]
+    return table.loc[table["overall_tokens_per_second"].idxmax()]
+
+
 def _plot(table: pd.DataFrame, path: Path) -> None:
     """Heat map of tokens/s over (exit_layer, num_speculations), best point marked."""
     import matplotlib
@@ -593,7 +605,7 @@ def _plot(table: pd.DataFrame, path: Path) -> None:
     axes.set_ylabel("num_speculations")
     axes.set_title(f"{table['generation_strategy'].iloc[0]} tokens/s")
     figure.colorbar(image, ax=axes, label="tokens/s")
-    best = table.loc[table["overall_tokens_per_second"].idxmax()]
+    best = _best_row(table)
     axes.plot(
         list(grid.columns).index(best["exit_layer"]), list(grid.index).index(best["num_speculations"]),
         marker="*", color="red", markersize=14,

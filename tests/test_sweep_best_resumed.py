@@ -1,0 +1,52 @@
+"""sweep.py's best point in a resumed sweep: rows measured in different runs (each against
+its own autoregressive baseline, under its own load) are ranked by their speedups, which
+are comparable, not by raw tokens/s, which are not."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+from pathlib import Path
+
+import pandas as pd
+
+
+def test_resumed_sweep_picks_the_best_speedup_not_the_best_raw_rate(
+    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    sweep = importlib.import_module("sweep")
+    argv = [
+        "--model", str(tiny_model_dir), "--dataset", "custom_jsonl", "--data_path",
+        str(prompts_file), "--num_samples", "1", "--max_steps", "4", "--sample", "False",
+        "--exit_layer_first", "1", "--exit_layer_last", "2", "--num_speculations_first", "1",
+        "--num_speculations_last", "1", "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    assert sweep.main(argv) == 0
+    csv_path = tmp_path / "sweep.csv"
+    table = pd.read_csv(csv_path)
+    assert list(zip(table["exit_layer"], table["num_speculations"])) == [(4, 0), (1, 1), (2, 1)]
+    # As a resumed sweep leaves it: (1, 1) was measured in a first run on a busy machine
+    # (baseline 20 tok/s, 30 tok/s: 1.5x), (2, 1) in a second, quiet one (baseline 60
+    # tok/s, 66 tok/s: 1.1x). Exit 1 is the faster setting; its raw rate is the lower.
+    table.loc[1, ["overall_tokens_per_second", "speedup"]] = [30.0, 1.5]
+    table.loc[2, ["overall_tokens_per_second", "speedup"]] = [66.0, 1.1]
+    with csv_path.open("w", newline="") as stream:
+        writer = csv.writer(stream, lineterminator="\n")
+        writer.writerow(table.columns)
+        for row in table.itertuples(index=False):
+            writer.writerow(["" if pd.isna(value) else value for value in row])
+    assert sweep.main(argv) == 0  # every point done: nothing measured, the summary rewritten
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    assert (summary["best"]["exit_layer"], summary["best"]["speedup"]) == (1, 1.5)
+    assert summary["best_by_strategy"]["self_speculative"]["exit_layer"] == 1
+
+
+def test_best_row_falls_back_to_tokens_per_second_without_speedups() -> None:
+    sweep = importlib.import_module("sweep")
+    table = pd.DataFrame(
+        {"overall_tokens_per_second": [10.0, 30.0, 20.0], "speedup": [None, None, None]}
+    )
+    assert sweep._best_row(table).name == 1
+    table["speedup"] = [2.0, 1.0, 1.5]
+    assert sweep._best_row(table).name == 0
