@@ -460,10 +460,10 @@ def main(argv: list[str]) -> int:
                     ),
                 )
                 logger.info(
-                    "%s, exit_layer %d, num_speculations %d: %.1f tokens/s, acceptance %.3f, "
+                    "%s, exit_layer %d, num_speculations %d: %.1f tokens/s, acceptance %s, "
                     "speedup %s",
                     strategy.value, exit_layer, num_speculations, rate or 0.0,
-                    speed["acceptance_rate"] or 0.0,
+                    "n/a" if speed["acceptance_rate"] is None else f"{speed['acceptance_rate']:.3f}",
                     "n/a" if speedup is None else f"{speedup:.2f}x",
                 )  # fmt: skip
         if context.is_main:

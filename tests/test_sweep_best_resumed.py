@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -50,3 +51,21 @@ def test_best_row_falls_back_to_tokens_per_second_without_speedups() -> None:
     assert sweep._best_row(table).name == 1
     table["speedup"] = [2.0, 1.0, 1.5]
     assert sweep._best_row(table).name == 0
+
+
+def test_a_point_that_drafted_nothing_logs_acceptance_as_not_available(
+    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path, caplog
+) -> None:
+    """max_steps 1 ends every answer before its first drafting step: no acceptance to
+    report, which the log said as "acceptance 0.000" (nothing accepted)."""
+    sweep = importlib.import_module("sweep")
+    caplog.set_level(logging.INFO, logger="sweep")
+    argv = [
+        "--model", str(tiny_model_dir), "--dataset", "custom_jsonl", "--data_path",
+        str(prompts_file), "--num_samples", "1", "--max_steps", "1", "--sample", "False",
+        "--exit_layer_first", "1", "--exit_layer_last", "1", "--num_speculations_first", "2",
+        "--num_speculations_last", "2", "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    assert sweep.main(argv) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("self_speculative, exit_layer 1")]
+    assert len(lines) == 1 and "acceptance n/a" in lines[0], lines
