@@ -67,5 +67,9 @@ def test_a_point_that_drafted_nothing_logs_acceptance_as_not_available(
         "--num_speculations_last", "2", "--output_dir", str(tmp_path),
     ]  # fmt: skip
     assert sweep.main(argv) == 0
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("self_speculative, exit_layer 1")]
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith("self_speculative, exit_layer 1")
+    ]
     assert len(lines) == 1 and "acceptance n/a" in lines[0], lines
