@@ -59,12 +59,15 @@ class EvaluationExample:
         output: the reference continuation; None for a prompt-only ``custom_jsonl`` file
             (no reference: a speed-only run, without quality metrics).
         metadata: dataset-specific extras (human_eval: task_id, test, entry_point, prompt).
+        source_row: the row's position in the file or split it came from (before shuffling
+            and skipping), to join results back to the data; None where not known.
     """
 
     index: int
     input: str
     output: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    source_row: int | None = None
 
 
 CNN_DM_LM_PROMPT_WORDS = 100
@@ -347,8 +350,10 @@ def load_examples(args: BenchmarkArguments, seed: int) -> list[EvaluationExample
     _check_fields(rows, spec.fields, name, where)
     if shot_pool is not None:
         _check_fields(shot_pool, spec.fields, name, f"{where} (train split)")
+    positions = list(range(len(rows)))  # each row's position in the file or split
     if name is DatasetName.CNN_DM_LM:
-        rows = _long_enough_articles(rows, where)
+        positions = _long_enough_articles(rows, where)
+        rows = [rows[position] for position in positions]
 
     order = list(range(len(rows)))
     if args.random_shuffle:
@@ -371,20 +376,21 @@ def load_examples(args: BenchmarkArguments, seed: int) -> list[EvaluationExample
             row = rows[row_index]
             metadata = {key: row[key] for key in HUMAN_EVAL_PROBLEM_FIELDS if key in row}
         examples.append(
-            EvaluationExample(index=index, input=prompt, output=reference, metadata=metadata)
+            EvaluationExample(index, prompt, reference, metadata, source_row=positions[row_index])
         )
     logger.info("%s: %d samples", name.value, len(examples))
     return examples
 
 
-def _long_enough_articles(rows: list[Row], where: str) -> list[Row]:
-    """The rows whose article continues past its first ``CNN_DM_LM_PROMPT_WORDS`` words (the
-    prompt): a shorter one has nothing to score the continuation against.
+def _long_enough_articles(rows: list[Row], where: str) -> list[int]:
+    """The positions of the rows whose article continues past its first
+    ``CNN_DM_LM_PROMPT_WORDS`` words (the prompt): a shorter one has nothing to score the
+    continuation against.
 
     Raises:
         DataError: no article is long enough.
     """
-    kept = [row for row in rows if _cnn_dm_lm(row)[1].strip()]
+    kept = [position for position, row in enumerate(rows) if _cnn_dm_lm(row)[1].strip()]
     if not kept:
         raise DataError(
             f"{where}: no article is longer than {CNN_DM_LM_PROMPT_WORDS} words "

@@ -52,6 +52,12 @@ class Sample(Protocol):
     output: str
 
 
+def _task_id(sample: Sample) -> dict[str, str]:
+    """``{"task_id": ...}`` for a sample that has one (HumanEval), else nothing."""
+    metadata = getattr(sample, "metadata", None) or {}
+    return {"task_id": metadata["task_id"]} if "task_id" in metadata else {}
+
+
 def _json_ready(value: Any) -> Any:
     """``value`` with NaN/inf turned into None and tuples/paths/enums into JSON types."""
     if isinstance(value, float):
@@ -407,6 +413,8 @@ def generate_rows(
                 )
                 row: dict[str, Any] = {
                     "index": sample.index,
+                    "source_row": getattr(sample, "source_row", None),
+                    **_task_id(sample),
                     "order": order,
                     "generation_strategy": config.generation_strategy.value,
                     "prompt": sample.input,
