@@ -154,6 +154,8 @@ def _log_summary(document: dict) -> None:
             if "corpus_bleu" in metrics
             else ""
         )
+        if "pass@1" in metrics:
+            quality += f", pass@1 {metrics['pass@1']:.3f}"
         logger.info(
             "%s: %d samples, %.1f tokens/s (%.4f s/token), acceptance %s%s",
             strategy,

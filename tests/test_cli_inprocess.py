@@ -173,7 +173,10 @@ def test_generate_chat_template(tiny_model_dir: Path, tmp_path: Path, caplog, ca
     assert capsys.readouterr().out.strip()
 
 
-def test_benchmark_human_eval_pass_at_1_opt_in(tmp_path: Path) -> None:
+def test_benchmark_human_eval_pass_at_1_opt_in(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="benchmark")
     model_dir = save_tiny_model(tmp_path / "long", max_position_embeddings=2048)
     benchmark = importlib.import_module("benchmark")
     argv = [
@@ -187,6 +190,7 @@ def test_benchmark_human_eval_pass_at_1_opt_in(tmp_path: Path) -> None:
     assert document["metrics"]["autoregressive"]["pass@1"] == 0.0  # a random model passes nothing
     rows = [json.loads(line) for line in Path(document["samples_file"]).read_text().splitlines()]
     assert [row["passed"] for row in rows] == [False, False]
+    assert "exact match 0.000, pass@1 0.000" in caplog.text  # the summary line says it too
 
 
 @pytest.mark.parametrize("break_even, path", [(18, "fast (torch.compile)"), (19, "eager")])
