@@ -30,6 +30,7 @@ closed output, an error), each write once, however many prompts are piped in.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import sys
 from collections.abc import Iterator
@@ -212,9 +213,10 @@ def _answer(
         sys.stdout.write(result.text + "\n")
         sys.stdout.flush()
     plain = None
-    if compare:
+    if compare:  # timed with the same streamer's work (its text discarded), as the answer was
         random = torch.Generator(device=generator.layerwise.device).manual_seed(seed)
-        plain = generator.generate(prompt_ids, plain_config, None, random)
+        silent = build_streamer(options.streamer, generator.tokenizer, io.StringIO())
+        plain = generator.generate(prompt_ids, plain_config, silent, random)
     label = config.generation_strategy.value.replace("_", "-")
     if config.tree_branching:
         label += " " + ",".join(map(str, config.tree_branching))

@@ -180,8 +180,10 @@ class SpeculativeStreamer(TextStreamer):
         self._write_new_text()
 
 
-def build_streamer(name: StreamerName | str, tokenizer: PreTrainedTokenizerBase) -> Streamer:
-    """The streamer registered under ``name``.
+def build_streamer(
+    name: StreamerName | str, tokenizer: PreTrainedTokenizerBase, stream: TextIO | None = None
+) -> Streamer:
+    """The streamer registered under ``name``, writing to ``stream`` (stdout by default).
 
     Raises:
         ConfigError: an unknown name (a TypeError too when it is not a str).
@@ -198,4 +200,4 @@ def build_streamer(name: StreamerName | str, tokenizer: PreTrainedTokenizerBase)
         kind = kinds[StreamerName(name)]
     except ValueError:
         raise ConfigError(f"unknown streamer '{name}' (choose from {valid})") from None
-    return kind() if kind is Streamer else kind(tokenizer)
+    return kind() if kind is Streamer else kind(tokenizer, stream)

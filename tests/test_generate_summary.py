@@ -88,3 +88,25 @@ def test_result_files_say_eager_when_a_compiled_pass_fell_back(monkeypatch) -> N
     generator._passes(config)._fall_back("a later shape failed to compile")
     path = environment_info(generator, DistributedContext())["decoding_path"]
     assert path == "eager (fast path off: a later shape failed to compile)"
+
+
+def test_compared_plain_decoding_does_the_streamers_work_without_printing(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """--compare_autoregressive timed the self-speculative answer with its streamer and plain
+    decoding without one, so the speedup line charged the streaming to one side only."""
+    generate = importlib.import_module("generate")
+    seen = []
+    original = generate.Generator.generate
+
+    def recording(self, prompt, config, streamer=None, *args, **kwargs):
+        seen.append((config.generation_strategy.value, type(streamer).__name__))
+        return original(self, prompt, config, streamer, *args, **kwargs)
+
+    monkeypatch.setattr(generate.Generator, "generate", recording)
+    arguments = argv(tiny_model_dir, tmp_path, "--compare_autoregressive", "True")
+    arguments[arguments.index("none")] = "standard"
+    assert generate.main(arguments) == 0
+    assert seen == [("self_speculative", "TextStreamer"), ("autoregressive", "TextStreamer")]
+    out = capsys.readouterr().out
+    assert out.strip() and out.count(out.strip().splitlines()[0]) == 1  # the answer once
