@@ -82,8 +82,9 @@ def main(argv: list[str]) -> int:
     if len(strategies) != 1 or not strategies[0].speculative:
         # The comparison is fixed; another value would be ignored without a word.
         raise ConfigError(
-            "correctness.py compares autoregressive decoding with one of self_speculative or "
-            f"tree: give one of them (got --generation_strategy {generation.generation_strategy})"
+            "correctness.py compares autoregressive decoding with one of self_speculative, "
+            "tree or adaptive: give one of them "
+            f"(got --generation_strategy {generation.generation_strategy})"
         )
     strategy = strategies[0]
     if generation.sample:

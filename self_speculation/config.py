@@ -84,7 +84,9 @@ class GenerationConfig:
         compile: run the decoding passes through ``torch.compile`` (the fast path:
             inductor, whole-graph, weights frozen on CPU, CUDA graphs on CUDA). The first
             generation of each (batch size, exit layer, k) pays the compilation; greedy
-            tokens are the same as eager decoding's, sampled ones follow the same
+            tokens are the same as eager decoding's in float32 and float64 (in bfloat16 and
+            float16 compiled kernels round differently and can flip a near-tied greedy
+            pick: docs/fast-path.md), sampled ones follow the same
             distribution (a sampled batch whose rows finish apart draws its random
             numbers in another order: eager decoding drops finished rows, the fast path
             keeps their slots).

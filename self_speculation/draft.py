@@ -183,12 +183,29 @@ class DraftExit:
         self.num_speculations: int | None = None
         self._head_weight = None
         self._head_bias = None
+        self._copy_head_rows()
+
+    def _copy_head_rows(self) -> None:
+        """A contiguous copy of the draft vocabulary's N head rows: one dense product per
+        draft (none without a draft vocabulary)."""
+        if self.vocab is None:
+            return
+        head = self.model.lm_head
+        self._head_weight = head.weight.detach()[self.vocab].contiguous()  # [N, hidden]
+        bias = getattr(head, "bias", None)
+        self._head_bias = None if bias is None else bias.detach()[self.vocab]
+
+    def follow_model(self) -> None:
+        """After the model moved to another dtype or device (``model.to(...)``): move the
+        adapter and the draft vocabulary with it and copy the head's rows again, which
+        were the model's old weights (a float32 adapter or head copy beside a bfloat16
+        model fails in the middle of a generation)."""
+        model = self.model
+        if self.adapter is not None:
+            self.adapter.to(device=model.device, dtype=model.dtype)
         if self.vocab is not None:
-            head = model.lm_head
-            # A contiguous copy of the N rows: one dense product per draft.
-            self._head_weight = head.weight.detach()[self.vocab].contiguous()  # [N, hidden]
-            bias = getattr(head, "bias", None)
-            self._head_bias = None if bias is None else bias.detach()[self.vocab]
+            self.vocab = self.vocab.to(model.device)
+        self._copy_head_rows()
 
     @property
     def exit_layer(self) -> int | None:

@@ -587,6 +587,8 @@ class Generator:
             if self._forward_passes:
                 logger.info("the model moved to another dtype or device: new forward passes")
             self._drop_passes()
+            if self._draft is not None:  # its adapter and head rows follow the model
+                self._draft.follow_model()
             # What the load probe checked may not hold in the new dtype (a kernel that takes
             # no float64, a float16 head that overflows): probed again, one error if not.
             self.layerwise.follow_attention_implementation(self._verify_model)

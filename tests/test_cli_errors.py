@@ -205,7 +205,7 @@ CASES = [
         "correctness",
         ["--dataset", "custom_jsonl", "--data_path", "DATA:good", "--exit_layer", 2]
         + ["--num_speculations", 2, "--generation_strategy", "autoregressive"],
-        "compares autoregressive decoding with one of self_speculative or tree",
+        "compares autoregressive decoding with one of self_speculative, tree or adaptive",
     ),
     # layer_report.py scored positions past the model's context without a word
     (
