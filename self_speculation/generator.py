@@ -206,6 +206,11 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def _config_state(model: torch.nn.Module) -> str:
+    """The model's config as a comparable value (``repr``: a NaN equals itself there)."""
+    return repr(model.config.to_dict())
+
+
 def _placement(model: torch.nn.Module) -> tuple:
     """Each parameter's dtype and device, in order: what a generator's passes depend on."""
     return tuple((parameter.dtype, parameter.device) for parameter in model.parameters())
@@ -285,6 +290,7 @@ class Generator:
         self._attention = _attention_implementation(model)  # what the probe checked
         self._forward_passes: dict[bool, ForwardPasses] = {}
         self._placement = _placement(model)  # what the passes were built for
+        self._config_state = _config_state(model)  # what the view and passes read
         self._module_state: tuple = ()  # the modules as the compiled passes saw them
         self._compiled_lock = threading.Lock()  # one compiled generation at a time
         self._compiled_owner: int | None = None  # the thread running it
@@ -582,6 +588,17 @@ class Generator:
                 f"the model's {replaced} was replaced since this Generator was made "
                 "(resize_token_embeddings, say): make a new Generator for the model as it is"
             )
+        config_state = _config_state(self.model)
+        if config_state != self._config_state:
+            # Read at each call by eager code (a sliding window's mask), but baked into
+            # compiled passes (one kept on disk runs without guard checks) and into the
+            # layer-wise view's scalars (soft-capping): read again, probed again.
+            if self._forward_passes:
+                logger.info("the model's config changed: new forward passes")
+            self._drop_passes()
+            self.layerwise.follow_config()
+            self.layerwise.follow_attention_implementation(self._verify_model)
+            self._config_state = config_state
         placement = _placement(self.model)
         if placement != self._placement:
             if self._forward_passes:

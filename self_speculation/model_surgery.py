@@ -206,13 +206,7 @@ class LayerwiseModel:
             raise UnsupportedModelError(
                 f"{owner}: max_position_embeddings must be >= 1, got {self.context_length}"
             )
-        # Family scalars applied by the model's own forward outside its layers.
-        self.embedding_multiplier = getattr(self.config, "embedding_multiplier", None)
-        self.logits_scaling = getattr(self.config, "logits_scaling", None)
-        self.logit_scale = getattr(self.config, "logit_scale", None)
-        self.final_logit_softcapping = getattr(self.config, "final_logit_softcapping", None)
-        self.layer_types = attention_layer_types(self.config, self.num_layers, owner)
-        self.has_sliding_layers = SLIDING_ATTENTION in self.layer_types
+        self.follow_config()
         # Some families (Gemma 3) keep one rotary embedding per layer type.
         rotary_parameters = inspect.signature(self.rotary_emb.forward).parameters
         self.rotary_per_layer_type = "layer_type" in rotary_parameters
@@ -245,6 +239,25 @@ class LayerwiseModel:
                 self.context_source = "where its rotary tables switch"
             self.context_length = min(self.context_length, self.rotary_position_limit)
         self.follow_attention_implementation(verify)
+
+    def follow_config(self) -> None:
+        """Read what the engine applies from the config as it is now (at load, and after the
+        config was changed): the family scalars the model's own forward applies outside its
+        layers, read where that forward reads them, and each layer's attention type."""
+        config = self.config
+        # Copied onto the model when it was made (Cohere's logit scale, Granite's embedding
+        # multiplier): a config changed since changes nothing there.
+        self.embedding_multiplier = vars(self.base).get(
+            "embedding_multiplier", getattr(config, "embedding_multiplier", None)
+        )
+        self.logit_scale = vars(self.model).get("logit_scale", getattr(config, "logit_scale", None))
+        # Read from the config at each forward (Granite MoE copies logits_scaling too, and
+        # reads the config's).
+        self.logits_scaling = getattr(config, "logits_scaling", None)
+        self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
+        owner = type(self.model).__name__
+        self.layer_types = attention_layer_types(self.config, self.num_layers, owner)
+        self.has_sliding_layers = SLIDING_ATTENTION in self.layer_types
 
     def replaced_module(self) -> str | None:
         """Which module this view reads the model no longer holds (its head or embeddings

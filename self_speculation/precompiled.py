@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from self_speculation.errors import one_line
+from self_speculation.output_safety import readable_by_others
 
 logger = logging.getLogger(__name__)
 
@@ -434,6 +435,9 @@ def compile_and_save(function: Callable, options: dict, args: tuple, path: Path)
     try:
         compiled.save_compiled_function(str(temporary))
         temporary.write_bytes(_header(path) + temporary.read_bytes())
+        # NamedTemporaryFile makes it 0600: others sharing the directory could not load it
+        # (a warning and a compile in each of their processes, which then replaced it).
+        readable_by_others(temporary)
         temporary.replace(path)
     finally:
         temporary.unlink(missing_ok=True)
