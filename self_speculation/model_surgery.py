@@ -250,6 +250,10 @@ class LayerwiseModel:
         self.embedding_multiplier = vars(self.base).get(
             "embedding_multiplier", getattr(config, "embedding_multiplier", None)
         )
+        if self.embedding_multiplier is None and getattr(config, "mup_enabled", False):
+            # AFMoE's muP input scaling: its base model multiplies the embeddings by
+            # sqrt(hidden_size) before the first layer (read from the config at each forward).
+            self.embedding_multiplier = config.hidden_size**0.5
         self.logit_scale = vars(self.model).get("logit_scale", getattr(config, "logit_scale", None))
         # Read from the config at each forward (Granite MoE copies logits_scaling too, and
         # reads the config's).

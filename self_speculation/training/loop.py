@@ -874,7 +874,7 @@ def _train_locked(
 
     texts = load_texts(config.data)
     model, tokenizer = build_model_and_tokenizer(config, texts, distributed)
-    layers = model.config.num_hidden_layers
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
     if args.exit_layer > layers:  # what generation_config.json will recommend
         raise ConfigError(
             f"--exit_layer must be at most the model's {layers} layers, got {args.exit_layer}"

@@ -140,6 +140,8 @@ class LayerSkipObjective(nn.Module):
             if position_noise is None
             else position_noise[[layer - 1 for layer in wanted]].to(input_ids.device),
         )
-        if self._router_loss is not None:  # the model's own labels= loss adds it
+        # The model's own labels= loss adds it; layer dropout may leave no routed layer
+        # at all (every sample skipped every layer with experts): no routing to balance.
+        if self._router_loss is not None and outputs.router_logits:
             result.loss = result.loss + self._router_loss(outputs.router_logits)
         return result
