@@ -134,6 +134,7 @@ def report_model(name: str, texts: list[str], config: ReportConfig) -> dict:
         "model": name,
         "num_layers": len(rows),
         "tokens": int(blocks.numel()),
+        "predictions": int(blocks.shape[0] * (blocks.shape[1] - 1)),  # what each mean is over
         "exits": [row.as_dict() for row in rows],
     }
     if draft is not None:

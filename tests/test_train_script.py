@@ -355,6 +355,8 @@ def test_continue_a_saved_model_on_jsonl_and_report(
     assert small.returncode == 0, small.stderr[-3000:]
     (section,) = json.loads((tmp_path / "small" / "layer_report.json").read_text())["models"]
     assert 0 < section["tokens"] <= 10
+    # Each mean is over the next-token predictions: a block of n tokens makes n - 1.
+    assert section["predictions"] == section["tokens"] - 1
 
 
 def test_torchrun_two_processes(corpus: Path, tmp_path: Path) -> None:
