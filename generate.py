@@ -224,6 +224,16 @@ def _answer(
         exits = sorted({config.exit_layer, *config.adaptive_exit_layers})
         label += f" from exits {','.join(map(str, exits))}"
     logger.info("%s", summary_line(result, plain, label))
+    if (
+        result.stop_reason == "eos"
+        and result.num_generated_tokens <= 1
+        and not options.chat_template
+        and getattr(generator.tokenizer, "chat_template", None) is not None
+    ):  # an instruct model given a bare question often ends its turn at once
+        logger.warning(
+            "the answer ended at its first token (end of sequence); this model has a chat "
+            "template: --chat_template True gives it the prompt as a chat turn"
+        )
     return result
 
 

@@ -3,6 +3,7 @@ benchmark options, generate's one-shot mode."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import io
 import json
@@ -240,3 +241,33 @@ def test_benchmark_log_says_sampled_outputs_differ_by_design(greedy: bool, caplo
     (line,) = [record.message for record in caplog.records if "identical" in record.message]
     assert line.startswith("outputs identical on 1/4 samples")
     assert ("draws its own" in line) is not greedy
+
+
+def test_generate_hints_at_the_chat_template_when_the_answer_ends_at_once(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """An instruct model (SmolLM2-Instruct) given a bare question ends its turn at the first
+    token: generate.py printed an empty answer without a word on why."""
+    generate = importlib.import_module("generate")
+    chat_model = tmp_path / "chat"
+    shutil.copytree(tiny_model_dir, chat_model)
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(chat_model)
+    original = generate.Generator.generate
+
+    def ends_at_once(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        return dataclasses.replace(result, token_ids=result.token_ids[:1], stop_reason="eos")
+
+    monkeypatch.setattr(generate.Generator, "generate", ends_at_once)
+    argv = ["--prompt", "hi", "--max_steps", "4", "--sample", "False", "--streamer", "none",
+            "--output_dir", str(tmp_path / "logs")]  # fmt: skip
+    assert generate.main(["--model", str(chat_model), *argv]) == 0
+    assert "--chat_template True gives it the prompt as a chat turn" in caplog.text
+    caplog.clear()
+    assert generate.main(["--model", str(chat_model), *argv, "--chat_template", "True"]) == 0
+    assert "--chat_template True gives" not in caplog.text
+    caplog.clear()
+    assert generate.main(["--model", str(tiny_model_dir), *argv]) == 0  # no template to offer
+    assert "--chat_template True gives" not in caplog.text
