@@ -574,13 +574,13 @@ def _finish(
 
 def _best_row(table: pd.DataFrame) -> pd.Series:
     """The fastest point of ``table``: the highest speedup over autoregressive decoding
-    where every row has one, else the highest tokens/s.
+    where the rows have one, else (``--baseline False``) the highest tokens/s.
 
     Rows of a resumed sweep come from several runs, each measured against its own baseline
     under its own load: their tokens/s are not comparable, their speedups are (within one
     run both rank the points alike, every speedup being tokens/s over the same baseline).
     """
-    if table["speedup"].notna().all():
+    if table["speedup"].notna().any():  # a point without one (a rate of 0) is never the best
         return table.loc[table["speedup"].idxmax()]
     return table.loc[table["overall_tokens_per_second"].idxmax()]
 

@@ -595,6 +595,9 @@ class Generator:
             # layer-wise view's scalars (soft-capping): read again, probed again.
             if self._forward_passes:
                 logger.info("the model's config changed: new forward passes")
+            # Until this succeeds, no config is the one read: a change refused here (and
+            # undone) is read again, never kept half-read in the view.
+            self._config_state = None
             self._drop_passes()
             self.layerwise.follow_config()
             self.layerwise.follow_attention_implementation(self._verify_model)
@@ -603,6 +606,7 @@ class Generator:
         if placement != self._placement:
             if self._forward_passes:
                 logger.info("the model moved to another dtype or device: new forward passes")
+            self._placement = None  # as the config's: followed again after a refusal
             self._drop_passes()
             if self._draft is not None:  # its adapter and head rows follow the model
                 self._draft.follow_model()
