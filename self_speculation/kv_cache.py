@@ -26,12 +26,15 @@ rows to the front of the same buffers (``select_rows``).
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 import torch
 from transformers import Cache
 
 from self_speculation.trees import TreeColumns
+
+logger = logging.getLogger(__name__)
 
 CAPACITY_STEP = 128  # capacity buckets: one compiled shape (and CUDA graph) per bucket
 MAX_POOLED_CAPACITIES = 4  # buffer sets a pool keeps (least recently used ones go)
@@ -84,14 +87,23 @@ class BufferPool:
         if held is None or not all(
             _fits(buffer, like, rows) for buffer, like in zip(held, (key, value))
         ):
-            size = batch_bucket(rows)
-            # Normal tensors even inside torch.inference_mode(): the pool outlives the
-            # generation, and an inference tensor cannot be written outside that mode.
-            with torch.inference_mode(False):
-                held = tuple(
-                    like.new_zeros(size, like.shape[1], capacity, like.shape[-1])
-                    for like in (key, value)
+            held = buffers.pop(layer, None)  # the old pair goes before its replacement is made
+            del held
+            try:
+                held = _zeros_like_keys(key, value, batch_bucket(rows), capacity)
+            except torch.OutOfMemoryError:
+                # The sets kept for other capacities (up to max_capacities of them, each as
+                # large as an eager decode's whole cache) are what a long run of varied
+                # prompt lengths holds beyond eager decoding: freed, then tried once more.
+                if not self.release_others(capacity):
+                    raise
+                logger.warning(
+                    "out of memory for the key/value buffers of %d columns: the pool's "
+                    "buffers for other prompt lengths were freed (their compiled CUDA "
+                    "graphs record again when used)",
+                    capacity,
                 )
+                held = _zeros_like_keys(key, value, batch_bucket(rows), capacity)
             for buffer in held:
                 torch._dynamo.mark_static_address(buffer)
             buffers[layer] = held
@@ -101,6 +113,15 @@ class BufferPool:
                 buffer[:rows].zero_()
         return held
 
+    def release_others(self, capacity: int) -> bool:
+        """Free the buffer sets of every capacity but ``capacity``; whether there were any."""
+        others = [kept for kept in self._sets if kept != capacity]
+        for kept in others:
+            del self._sets[kept]
+        if others and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # back to the device, for the allocation that failed
+        return bool(others)
+
     def nbytes(self) -> int:
         """Bytes held by the pool's buffers."""
         return sum(
@@ -108,6 +129,18 @@ class BufferPool:
             for buffers in self._sets.values()
             for pair in buffers.values()
             for buffer in pair
+        )
+
+
+def _zeros_like_keys(
+    key: torch.Tensor, value: torch.Tensor, rows: int, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A zero [rows, heads, capacity, head_dim] pair laid out like ``key`` / ``value``."""
+    # Normal tensors even inside torch.inference_mode(): the pool outlives the generation,
+    # and an inference tensor cannot be written outside that mode.
+    with torch.inference_mode(False):
+        return tuple(
+            like.new_zeros(rows, like.shape[1], capacity, like.shape[-1]) for like in (key, value)
         )
 
 
@@ -257,6 +290,15 @@ class ColumnKVCache(Cache):
     @property
     def is_compileable(self) -> bool:
         return True
+
+    def release_others(self, capacity: int) -> bool:
+        """Free the buffer sets of every capacity but ``capacity``; whether there were any."""
+        others = [kept for kept in self._sets if kept != capacity]
+        for kept in others:
+            del self._sets[kept]
+        if others and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # back to the device, for the allocation that failed
+        return bool(others)
 
     def nbytes(self) -> int:
         """Bytes held by the allocated buffers."""

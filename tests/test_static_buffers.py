@@ -266,3 +266,33 @@ def test_inductor_freezing_from_the_environment_is_off_for_our_passes(monkeypatc
             assert fast.token_ids == eager.token_ids
     assert generator.fast_path_fallback() is None
     assert not torch._inductor.config.freezing
+
+
+def test_out_of_memory_frees_the_sets_of_other_capacities_and_retries(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pool keeps buffer sets for up to four capacities (each as large as an eager
+    decode's whole cache): on a GPU, a long run of varied prompt lengths at a large batch
+    ran out of memory where eager decoding fits. An allocation that fails frees the other
+    sets and is tried once more; with nothing to free the error stands."""
+    pool = BufferPool()
+    like = torch.zeros(2, 2, 1, 8)
+    for capacity in (CAPACITY_STEP, 2 * CAPACITY_STEP):
+        pool.take(0, capacity, 2, like, like)
+    failures = iter([True])
+    original = torch.Tensor.new_zeros
+
+    def scarce(self, *size, **kwargs):
+        if next(failures, False):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, *size, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "new_zeros", scarce)
+    keys, _ = pool.take(0, 3 * CAPACITY_STEP, 2, like, like)
+    assert keys.shape == (2, 2, 3 * CAPACITY_STEP, 8) and is_static_address(keys)
+    assert pool.nbytes() == 2 * keys.numel() * keys.element_size()  # the others are gone
+    assert "out of memory for the key/value buffers of 384 columns" in caplog.text
+
+    failures = iter([True, True])
+    with pytest.raises(torch.OutOfMemoryError):  # nothing else to free: not retried
+        pool.take(1, 3 * CAPACITY_STEP, 2, like, like)
