@@ -291,15 +291,6 @@ class ColumnKVCache(Cache):
     def is_compileable(self) -> bool:
         return True
 
-    def release_others(self, capacity: int) -> bool:
-        """Free the buffer sets of every capacity but ``capacity``; whether there were any."""
-        others = [kept for kept in self._sets if kept != capacity]
-        for kept in others:
-            del self._sets[kept]
-        if others and torch.cuda.is_available():
-            torch.cuda.empty_cache()  # back to the device, for the allocation that failed
-        return bool(others)
-
     def nbytes(self) -> int:
         """Bytes held by the allocated buffers."""
         return sum(
