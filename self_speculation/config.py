@@ -89,7 +89,9 @@ class GenerationConfig:
             pick: docs/fast-path.md), sampled ones follow the same
             distribution (a sampled batch whose rows finish apart draws its random
             numbers in another order: eager decoding drops finished rows, the fast path
-            keeps their slots).
+            keeps their slots; ``adaptive`` on a CPU also chooses other chains, its cost
+            model counting the compiled passes' fixed cost, so even one row draws other,
+            equally distributed, text for a seed).
     """
 
     max_steps: int = 512

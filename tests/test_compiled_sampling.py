@@ -1,6 +1,6 @@
 """Sampling on the fast path (GenerationConfig(compile=True)): the compiled passes keep the
-target distribution, and one prompt draws eager decoding's tokens for a seed (docs/fast-path.md
-promises the same distribution; a single row draws its random numbers in eager order).
+target distribution, and one self-speculative prompt draws eager decoding's tokens for a seed
+(a single row draws its random numbers in eager order; docs/design.md).
 The suite's sampled tests ran eagerly and its compiled tests greedy. Traced by dynamo with
 the eager backend (the fast path's own steps, buffers and bookkeeping, not inductor's code
 generation: seconds instead of minutes)."""
@@ -48,7 +48,9 @@ def test_compiled_sampling_keeps_the_target_distribution(
     reference = tiny_generator()
     generator = Generator(copy.deepcopy(reference.model).float(), reference.tokenizer)
     compiled = sampled(strategy, compile=True)
-    for seed in range(10):  # one row: a seed draws what eager decoding draws
+    # One row: a seed draws what eager decoding draws (adaptive's cost model counts the
+    # compiled passes' fixed cost, so it may choose other chains: the distribution only).
+    for seed in range(10 if strategy == "self_speculative" else 0):
         fast = generator.generate(PROMPT, compiled, generator=torch.Generator().manual_seed(seed))
         eager = generator.generate(
             PROMPT, sampled(strategy, False), generator=torch.Generator().manual_seed(seed)
