@@ -29,6 +29,7 @@ from self_speculation.errors import (
     require_bool,
     require_list_of,
     require_utf8,
+    whole_number,
 )
 from self_speculation.model_support import (
     UNAPPLIED_SETTING_NAMES,
@@ -251,6 +252,12 @@ class Generator:
         tokenizer: its tokenizer.
         verify_model: check at construction that the layer-wise view reproduces the
             model's own forward (one short probe forward).
+        draft: how drafts leave layer E (``DraftExit``: an exit adapter, a reduced draft
+            vocabulary) built on this model; None: the plain exit (see ``draft``).
+
+    Raises:
+        ModelLoadError: the model's generation config holds an EOS id, exit_layer or
+            num_speculations that is not a whole number (>= 1 for the latter two).
     """
 
     def __init__(
@@ -285,6 +292,16 @@ class Generator:
         self._checked_generation_config: tuple | None = None
         self._check_generation_config()
         self.recommended_exit_layer, self.recommended_num_speculations = recommended_settings(model)
+        for name in ("exit_layer", "num_speculations"):
+            value = getattr(self, f"recommended_{name}")
+            if value is not None and not whole_number(value, 1):
+                # load_model_and_tokenizer refuses such a generation_config.json; a model
+                # made or changed in Python reaches here (-1 would decode with k = -1).
+                raise ModelLoadError(
+                    f"{type(model).__name__}'s generation config recommends {name} "
+                    f"{value!r}: it must be a whole number >= 1 (or absent); fix "
+                    "generation_config.json or model.generation_config"
+                )
         _ = self.eos_token_ids  # malformed ids fail now, not at the first generation
         self._verify_model = verify_model
         self._attention = _attention_implementation(model)  # what the probe checked
@@ -903,7 +920,7 @@ class Generator:
                     num_drafted=drafted[row],
                     num_accepted=accepted[row],
                     exit_layer=config.exit_layer,
-                    num_speculations=max(config.num_speculations, 0),
+                    num_speculations=config.num_speculations if speculative else 0,
                 )
             )
         return results

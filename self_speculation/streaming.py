@@ -74,7 +74,9 @@ class Streamer:
         healing), which the generated text follows."""
 
     def on_step(self, new_tokens: list[int], draft_tokens: list[int], accepted_count: int) -> None:
-        """Called once per decoding step with the tokens kept and the drafts proposed."""
+        """Called with the tokens kept and the drafts proposed: once for the first token
+        (the prompt's forward: no drafts), then once per decoding step
+        (``GenerationResult.num_steps`` of them)."""
 
     def on_end(self) -> None:
         """Called once when generation stops."""
