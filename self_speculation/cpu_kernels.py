@@ -151,12 +151,14 @@ def load_few_row_kernel() -> bool:
     try:
         build_directory = Path(_get_build_directory(name, verbose=False))
         with build_guard(build_directory):
-            if not any(build_directory.glob(f"{name}*.so")):
+            building = not any(build_directory.glob(f"{name}*.so"))
+            if building:
                 logger.info(
                     "building the fast path's few-row product kernel (once on this machine, "
                     "about a minute) in %s",
                     build_directory,
                 )
+            started = time.perf_counter()
             load(
                 name=name,
                 sources=[str(SOURCE)],
@@ -164,6 +166,8 @@ def load_few_row_kernel() -> bool:
                 extra_ldflags=["-fopenmp"],
                 is_python_module=False,
             )
+            if building:  # outside any generation's compile_seconds: said here
+                logger.info("built the few-row kernel in %.0f s", time.perf_counter() - started)
     except Exception as error:  # no compiler, no ninja, an unsupported platform
         logger.warning(
             "fast path: few-row product kernel unavailable (%s); using inductor's kernels",

@@ -657,7 +657,8 @@ class Generator:
 
     @property
     def compile_seconds(self) -> float:
-        """Seconds spent compiling so far (first calls of each compiled shape)."""
+        """Seconds spent compiling so far (first calls of each compiled shape; not the
+        few-row kernel's build, once per machine, which the log times)."""
         return self._retired_compile_seconds + sum(
             passes.compile_seconds for passes in self._forward_passes.values()
         )
