@@ -49,6 +49,7 @@ from self_speculation.benchmarking import (
     run_files,
     write_json_atomic,
 )
+from self_speculation.errors import one_line
 from self_speculation.sampling import _context_processors
 
 logger = logging.getLogger("correctness")
@@ -144,7 +145,7 @@ def main(argv: list[str]) -> int:
                 {
                     "index": mismatch["index"],
                     "first_difference": mismatch["first_difference"],
-                    **_tie_check(
+                    **_classified(
                         generator,
                         speculative,
                         all_rows,
@@ -193,6 +194,22 @@ def main(argv: list[str]) -> int:
                 status = EXIT_MISMATCH
         status = dist.broadcast(status, context)
     return status
+
+
+def _classified(*args) -> dict:
+    """``_tie_check(*args)``; a check that fails (out of memory for the recomputed forward,
+    say) leaves that difference unclassified, not the run's results unwritten."""
+    try:
+        return _tie_check(*args)
+    except Exception as error:  # the comparison itself is done: keep it
+        logger.warning("could not classify a difference: %s", one_line(error))
+        return {
+            "tokens": None,
+            "logits": None,
+            "rounding_steps": None,
+            "near_tie": False,
+            "why": f"not classified: {one_line(error)}",
+        }
 
 
 def _tie_check(

@@ -94,3 +94,21 @@ def test_a_real_difference_fails_even_with_near_ties_allowed(
     assert status == 1 and mismatch["tokens"] == [chosen, far]
     assert not mismatch["near_tie"] and mismatch["rounding_steps"] > 1000
     assert document["num_near_ties"] == 0
+
+
+def test_a_check_that_fails_leaves_the_difference_unclassified_not_the_results_unwritten(
+    twin_model, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recomputed forward can fail where decoding did not (out of memory for a long
+    prompt on a GPU): the comparison is done, and its document is still written."""
+    correctness = importlib.import_module("correctness")
+    model_dir, _, twin = twin_model
+
+    def failing(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(correctness, "_tie_check", failing)
+    status, document = run(model_dir, data, tmp_path, twin)
+    (mismatch,) = document["mismatches"]
+    assert status == 1 and not mismatch["near_tie"]
+    assert mismatch["why"].startswith("not classified: CUDA out of memory")
