@@ -16,8 +16,10 @@ Example::
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from self_speculation.errors import ConfigError, expand_home, require_thread_cou
 from self_speculation.loading import DEFAULT_MODEL, DTYPES, inspect_model, load_model_and_tokenizer
 from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.output_safety import output_dir_lock
-from self_speculation.training.data import pack_blocks, read_texts, resolve_files
+from self_speculation.training.data import pack_blocks, read_texts, records_kind, resolve_files
 from self_speculation.training.layer_quality import ExitQuality, draft_exit_quality, exit_quality
 
 logger = logging.getLogger("layer_report")
@@ -176,16 +178,24 @@ def plot(sections: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def check_text_files(files: list[Path]) -> None:
+def check_text_files(files: list[Path], text_field: str = "text") -> None:
     """Refuse a binary or non-UTF-8 file among the data (a glob can catch a .pyc or an
-    image): its bytes would be scored as text, or fail deep in the tokenizer.
+    image): its bytes would be scored as text, or fail deep in the tokenizer. Gzipped
+    JSONL is checked decompressed.
 
     Raises:
         ConfigError: naming the file, the offset and how to leave it out.
     """
     for path in files:
         try:
-            data = path.read_bytes()
+            kind, gzipped = records_kind(path, text_field)
+            if gzipped and kind is not None:  # gzipped records, read as train.py reads them
+                with gzip.open(path, "rb") as handle:
+                    data = handle.read()
+            else:
+                data = path.read_bytes()
+        except (EOFError, zlib.error, gzip.BadGzipFile) as error:  # cut short or corrupt
+            raise ConfigError(f"cannot read {path}: {error}") from None
         except OSError as error:
             raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None
         nul = data.find(b"\0")
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
     files = resolve_files(config.data, config.exclude)
-    check_text_files(files)
+    check_text_files(files, config.text_field)
     texts = []
     for path in files:
         for number, text in enumerate(read_texts([path], config.text_field), 1):

@@ -206,6 +206,12 @@ def build_blocks(args: AdapterTrainArguments, generator: Generator) -> tuple[tor
     everything = torch.cat(blocks)
     budget = max(args.max_target_tokens // args.seq_len, args.held_out_blocks + args.batch_size)
     everything = everything[:budget]
+    if len(everything) < args.held_out_blocks + args.batch_size:  # before an hour of targets
+        raise ConfigError(
+            f"the data makes {len(everything)} blocks of {args.seq_len} tokens; "
+            f"--held_out_blocks {args.held_out_blocks} + --batch_size {args.batch_size} needs "
+            f"{args.held_out_blocks + args.batch_size}: give more data or lower them"
+        )
     # Chat and file blocks interleaved, so that any prefix the time budget allows mixes both.
     order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(args.seed + 1))
     sources["blocks"] = len(everything)

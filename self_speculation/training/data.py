@@ -14,6 +14,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -37,20 +38,43 @@ def resolve_files(
     """Files matching any glob of ``patterns`` (``**`` recursive; given by ``flag``) and
     none of ``exclude``.
 
-    ``exclude`` globs are matched (fnmatch) against the whole path. The result is sorted
-    and free of duplicates so that a run sees the same files in the same order everywhere.
+    ``exclude`` globs are matched (fnmatch) against the whole path, however either side
+    is spelled: ``./data/x`` and ``data/x``, a relative rule and an absolute ``--data`` glob
+    (or the reverse) are the same file; a rule naming a directory leaves out what is under
+    it. The result is sorted and free of duplicates so that a run sees the same files in
+    the same order everywhere. A pattern that matches no file, or an exclude rule that
+    leaves out nothing, is warned about (a typo would otherwise train on the wrong data).
 
     Raises:
         ConfigError: no file matches.
     """
     found: dict[str, Path] = {}  # real path -> the smallest name it was found under
+    rules = [_exclude_forms(expand_home(rule, "--exclude")) for rule in exclude]
+    used = [False] * len(rules)
     for pattern in patterns:
+        matched = False
         for name in sorted(_expand_glob(expand_home(pattern, flag))):
             path = Path(name)
-            if path.is_file() and not any(fnmatch.fnmatch(str(path), rule) for rule in exclude):
-                real = os.path.realpath(path)
-                if real not in found or path < found[real]:
-                    found[real] = path  # a file reached through a symlink too counts once
+            if not path.is_file():
+                continue
+            matched = True
+            names = (str(path), os.path.abspath(path))
+            hits = [
+                any(fnmatch.fnmatch(names[absolute], form) for form, absolute in forms)
+                for forms in rules
+            ]
+            if any(hits):
+                used = [was or hit for was, hit in zip(used, hits)]
+                continue
+            real = os.path.realpath(path)
+            if real not in found or path < found[real]:
+                found[real] = path  # a file reached through a symlink too counts once
+        if not matched and len(patterns) > 1:
+            logger.warning("%s %s matches no file", flag, pattern)
+    if found:
+        for rule, was_used in zip(exclude, used):
+            if not was_used:
+                logger.warning("--exclude %s leaves out no file", rule)
     if not found:
         shown = " ".join(patterns) if patterns else "(none given)"
         raise ConfigError(
@@ -58,6 +82,18 @@ def resolve_files(
             + (f" minus --exclude {' '.join(exclude)}" if exclude else "")
         )
     return sorted(found.values())
+
+
+def _exclude_forms(rule: str) -> list[tuple[str, bool]]:
+    """The spellings of an exclude rule, each with whether it is matched against a file's
+    absolute path (else against the path as the glob found it): as given and normalised
+    (``./x`` -> ``x``), absolute (a relative rule is relative to the working directory,
+    so it is never matched against the working directory's own name), and for an existing
+    directory, everything under it."""
+    forms = {(rule, False), (os.path.normpath(rule), False), (os.path.abspath(rule), True)}
+    if os.path.isdir(rule):
+        forms |= {(os.path.join(form, "*"), absolute) for form, absolute in list(forms)}
+    return sorted(forms)
 
 
 def _expand_glob(pattern: str) -> Iterator[str]:
@@ -99,7 +135,7 @@ def _expand_glob(pattern: str) -> Iterator[str]:
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
-def _records_kind(path: Path, text_field: str) -> tuple[str | list | None, bool]:
+def records_kind(path: Path, text_field: str) -> tuple[str | list | None, bool]:
     """(how ``path`` holds records: "lines" (JSON Lines), the records themselves (a JSON
     array of them, parsed once) or None (a document), is gzipped), from its name,
     case-insensitively, and for ``.json`` from its content: datasets' ``to_json`` writes JSON
@@ -151,7 +187,7 @@ def read_texts(files: Iterable[Path], text_field: str = "text") -> Iterator[str]
     """
     skipped: list[str] = []
     for path in files:
-        kind, gzipped = _records_kind(path, text_field)
+        kind, gzipped = records_kind(path, text_field)
         if isinstance(kind, list):
             yield from _array_texts(path, kind, text_field)
             continue
@@ -260,7 +296,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenize
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator(_pieces_for_training(texts), trainer=trainer)
     bos_id = tokenizer.token_to_id(BOS_TOKEN)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B:1", special_tokens=[(BOS_TOKEN, bos_id)]
@@ -273,6 +309,35 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenize
         add_bos_token=True,
         clean_up_tokenization_spaces=False,
     )
+
+
+# The BPE trainer's time grows faster than quadratically with a word's length (a 400,000
+# letter run: 3 minutes; a 5 MB one: hours), and the byte-level pre-tokenizer makes a word
+# of each run of letters, of digits or of other symbols: a digits table, a generated or
+# minified file makes one. For training only, such runs are cut into pieces of this many
+# characters (longer than any in Python's standard library and site-packages, 1,864;
+# encoding them stays linear, and a corpus without one trains the same tokenizer).
+TRAINING_RUN_CHARS = 4096
+_LONGER = f"{{{TRAINING_RUN_CHARS + 1},}}"  # a regex count: more than TRAINING_RUN_CHARS
+_LONG_RUN = re.compile(rf"[^\W\d_]{_LONGER}|\d{_LONGER}|(?:_|[^\s\w]){_LONGER}")
+
+
+def _pieces_for_training(texts: Iterable[str]) -> Iterator[str]:
+    """``texts``, with every run of more than ``TRAINING_RUN_CHARS`` letters, digits or
+    other symbols cut into separate pieces of at most that many (a text without one is
+    passed whole)."""
+    for text in texts:
+        start = 0
+        for match in _LONG_RUN.finditer(text):
+            if match.start() > start:
+                yield text[start : match.start()]
+            run = match.group()
+            yield from (
+                run[offset : offset + TRAINING_RUN_CHARS]
+                for offset in range(0, len(run), TRAINING_RUN_CHARS)
+            )
+            start = match.end()
+        yield text[start:] if start else text
 
 
 def pack_blocks(
