@@ -27,6 +27,7 @@ import torch
 
 from arguments import MAX_SEED, check_output_dir, corpus_token_ranking, parse_args, run_main
 from self_speculation.benchmarking import write_json_atomic
+from self_speculation.distributed import launch_environment
 from self_speculation.draft import load_draft_exit, read_adapter_config
 from self_speculation.errors import ConfigError, expand_home, require_thread_count, require_utf8
 from self_speculation.loading import DEFAULT_MODEL, DTYPES, inspect_model, load_model_and_tokenizer
@@ -124,13 +125,19 @@ def report_model(name: str, texts: list[str], config: ReportConfig) -> dict:
     blocks = pack_blocks(tokenizer, texts, seq_len)  # [num_blocks, seq_len]
     blocks = blocks[: max(1, config.max_tokens // seq_len)]
     logger.info("%s: %d sequences of %d tokens", name, len(blocks), seq_len)
-    draft = None
+    draft, exit_layer = None, 0
     if name == config.model and (config.draft_adapter or config.draft_vocab_size > 0):
         # Before the per-layer table: an adapter that does not fit fails in seconds.
         ranking = None
         if config.draft_vocab_corpus:
             ranking = corpus_token_ranking(tokenizer, config.draft_vocab_corpus, layerwise)
         draft = load_draft_exit(layerwise, config.draft_adapter, config.draft_vocab_size, ranking)
+        exit_layer = draft.exit_layer or config.exit_layer
+        if not 1 <= exit_layer < layerwise.num_layers:
+            raise ConfigError(
+                f"--exit_layer must be in [1, {layerwise.num_layers - 1}] for a draft vocabulary "
+                f"without an adapter, got {exit_layer}"
+            )
     rows: list[ExitQuality] = exit_quality(layerwise, blocks, config.batch_size)
     section = {
         "model": name,
@@ -140,12 +147,6 @@ def report_model(name: str, texts: list[str], config: ReportConfig) -> dict:
         "exits": [row.as_dict() for row in rows],
     }
     if draft is not None:
-        exit_layer = draft.exit_layer or config.exit_layer
-        if not 1 <= exit_layer < layerwise.num_layers:
-            raise ConfigError(
-                f"--exit_layer must be in [1, {layerwise.num_layers - 1}] for a draft vocabulary "
-                f"without an adapter, got {exit_layer}"
-            )
         section["draft_exit"] = draft_exit_quality(
             layerwise, draft, exit_layer, blocks, config.batch_size
         )
@@ -215,6 +216,10 @@ def check_text_files(files: list[Path], text_field: str = "text") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     (config,) = parse_args(ReportConfig, argv=argv, prog="layer_report.py")
+    if launch_environment()[1] > 1:  # every process would take the folder's lock
+        raise ConfigError(
+            "layer_report.py runs as one process: use python or torchrun --nproc_per_node 1"
+        )
     check_output_dir(config.output_dir, overwrite=config.overwrite, own_files=REPORT_FILES)
     for name in [config.model, *config.compare]:
         facts = inspect_model(name)  # config.json and weight files, before reading any data
