@@ -75,6 +75,13 @@ class ReportConfig:
             raise ConfigError("--draft_vocab_size must be >= -1 and --exit_layer >= 0")
         if self.draft_vocab_size > 0 and not self.draft_adapter and not self.exit_layer:
             raise ConfigError("a draft vocabulary without --draft_adapter needs --exit_layer E")
+        if self.exit_layer and not self.draft_adapter and self.draft_vocab_size <= 0:
+            # It names the draft-exit row's exit; without a draft there is no such row.
+            raise ConfigError(
+                f"--exit_layer {self.exit_layer} names the exit of a draft row, and there is "
+                "none without --draft_vocab_size N or --draft_adapter (the per-layer table "
+                "already has every full-vocabulary exit)"
+            )
         if self.draft_vocab_size > 0 and not self.draft_adapter and not self.draft_vocab_corpus:
             raise ConfigError(
                 "a draft vocabulary without --draft_adapter needs --draft_vocab_corpus GLOB... "

@@ -213,6 +213,12 @@ CASES = [
         ["--data", "DATA:good", "--seq_len", 300, "--max_tokens", 300],
         "--seq_len 300 is longer than the context of",
     ),
+    # --exit_layer without a draft (vocabulary or adapter) added no row and said nothing
+    (
+        "layer_report",
+        ["--data", "DATA:good", "--exit_layer", 2],
+        "--exit_layer 2 names the exit of a draft row, and there is none",
+    ),
     # a thread count torch cannot start: a segfault, an abort or an overflow traceback
     (
         "layer_report",
