@@ -7,24 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_config_changes import PROMPT, transformers_greedy
 from tiny_models import IdTokenizer, make_tiny_model
 
 from self_speculation import GenerationConfig, Generator, UnsupportedModelError
-
-PROMPT = [5, 7, 9, 11, 13, 15, 17, 19, 21, 23]
-
-
-def transformers_greedy(model: torch.nn.Module) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([PROMPT]),
-            attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=30,
-            min_new_tokens=30,
-            pad_token_id=2,
-        )
-    return out[0, len(PROMPT) :].tolist()
 
 
 @pytest.mark.parametrize("strategy", ["autoregressive", "self_speculative"])
