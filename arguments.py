@@ -484,17 +484,27 @@ def distributed_run(
         ConfigError: ``--distributed`` contradicts the launch, or several processes run a
             ``one_process`` script.
     """
-    # Before the process group: joining it waits for the other processes.
-    if one_process is not None and dist.launch_environment()[1] > 1:
-        raise ConfigError(
-            f"{one_process} runs as one process: use python or torchrun --nproc_per_node 1"
-        )
+    if one_process is not None:  # before the process group: joining it waits for the others
+        refuse_several_processes(one_process)
     apply_num_threads(args.num_threads)  # before the process group and the model
     context = dist.setup(args.distributed, args.device)
     try:
         yield context
     finally:
         dist.teardown(context)
+
+
+def refuse_several_processes(script: str) -> None:
+    """For a script that runs as one process only (e.g. every process would take its output
+    folder's lock).
+
+    Raises:
+        ConfigError: it was launched as several processes (torchrun).
+    """
+    if dist.launch_environment()[1] > 1:
+        raise ConfigError(
+            f"{script} runs as one process: use python or torchrun --nproc_per_node 1"
+        )
 
 
 def one_strategy(

@@ -239,14 +239,14 @@ def _tie_check(
             "near_tie": False,
             "why": "one output ends where the other goes on",
         }
-    context = generator.encode(plain["prompt"])[: plain["num_prompt_tokens"]]
-    context += plain["token_ids"][:position]
+    prompt_ids = generator.encode(plain["prompt"])
+    context = prompt_ids[: plain["num_prompt_tokens"]] + plain["token_ids"][:position]
     model = generator.model
     ids = torch.tensor([context], device=model.device)
     with torch.inference_mode():
         logits = model(ids).logits[:, -1].float()  # [1, vocab]
         if position == 0 and config.token_healing:  # the first token extends the healed end
-            _, _, allowed = generator._heal([generator.encode(plain["prompt"])])
+            _, _, allowed = generator._heal([prompt_ids])
             allowed = allowed[:, : logits.shape[-1]].to(logits.device)
             logits[:, : allowed.shape[-1]] = logits[:, : allowed.shape[-1]].masked_fill(
                 ~allowed, float("-inf")

@@ -25,9 +25,15 @@ from pathlib import Path
 
 import torch
 
-from arguments import MAX_SEED, check_output_dir, corpus_token_ranking, parse_args, run_main
+from arguments import (
+    MAX_SEED,
+    check_output_dir,
+    corpus_token_ranking,
+    parse_args,
+    refuse_several_processes,
+    run_main,
+)
 from self_speculation.benchmarking import write_json_atomic
-from self_speculation.distributed import launch_environment
 from self_speculation.draft import load_draft_exit, read_adapter_config
 from self_speculation.errors import ConfigError, expand_home, require_thread_count, require_utf8
 from self_speculation.loading import DEFAULT_MODEL, DTYPES, inspect_model, load_model_and_tokenizer
@@ -223,10 +229,7 @@ def check_text_files(files: list[Path], text_field: str = "text") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     (config,) = parse_args(ReportConfig, argv=argv, prog="layer_report.py")
-    if launch_environment()[1] > 1:  # every process would take the folder's lock
-        raise ConfigError(
-            "layer_report.py runs as one process: use python or torchrun --nproc_per_node 1"
-        )
+    refuse_several_processes("layer_report.py")  # every process would take the folder's lock
     check_output_dir(config.output_dir, overwrite=config.overwrite, own_files=REPORT_FILES)
     for name in [config.model, *config.compare]:
         facts = inspect_model(name)  # config.json and weight files, before reading any data

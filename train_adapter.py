@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from arguments import MAX_SEED, check_output_dir, parse_args, run_main
+from arguments import MAX_SEED, check_output_dir, parse_args, refuse_several_processes, run_main
 from self_speculation import GenerationConfig, Generator
 from self_speculation.adapter_training import (
     TargetSettings,
@@ -45,7 +45,7 @@ from self_speculation.adapter_training import (
     rank_draft_vocab,
 )
 from self_speculation.benchmarking import environment_info, write_json_atomic
-from self_speculation.distributed import DistributedContext, launch_environment
+from self_speculation.distributed import DistributedContext
 from self_speculation.draft import AdapterConfig, DraftExit, ExitAdapter, save_adapter
 from self_speculation.errors import ConfigError, expand_home, require_thread_count
 from self_speculation.loading import DTYPES, check_device, load_model_and_tokenizer, user_turn
@@ -526,10 +526,7 @@ def _resume(path: Path, adapter, optimizer, schedule, settings: dict) -> tuple[i
 
 def main(argv: list[str]) -> int:
     (args,) = parse_args(AdapterTrainArguments, argv=argv, prog="train_adapter.py")
-    if launch_environment()[1] > 1:  # every process would take the folder's lock
-        raise ConfigError(
-            "train_adapter.py runs as one process: use python or torchrun --nproc_per_node 1"
-        )
+    refuse_several_processes("train_adapter.py")  # every process would take the folder's lock
     record = train_adapter(args)
     summary = {
         "agreement_before": record["before"]["plain_exit"]["agreement"],

@@ -87,8 +87,8 @@ class BufferPool:
         if held is None or not all(
             _fits(buffer, like, rows) for buffer, like in zip(held, (key, value))
         ):
-            held = buffers.pop(layer, None)  # the old pair goes before its replacement is made
-            del held
+            buffers.pop(layer, None)  # the old pair is freed before its replacement is made
+            held = None
             try:
                 held = _zeros_like_keys(key, value, batch_bucket(rows), capacity)
             except torch.OutOfMemoryError:

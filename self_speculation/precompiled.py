@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from self_speculation.errors import one_line
-from self_speculation.output_safety import readable_by_others
+from self_speculation.output_safety import readable_by_others, replaced_when_done
 
 logger = logging.getLogger(__name__)
 
@@ -430,17 +430,12 @@ def compile_and_save(function: Callable, options: dict, args: tuple, path: Path)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part"):
         pass  # the directory takes files (removed at once: a killed compile leaves none)
     compiled = torch.compile(function, **options).aot_compile((args, {}))
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".part") as file:
-        temporary = Path(file.name)
-    try:
+    with replaced_when_done(path) as temporary:
         compiled.save_compiled_function(str(temporary))
         temporary.write_bytes(_header(path) + temporary.read_bytes())
-        # NamedTemporaryFile makes it 0600: others sharing the directory could not load it
-        # (a warning and a compile in each of their processes, which then replaced it).
+        # Others sharing the directory load it too (a 0600 file: a warning and a compile in
+        # each of their processes, which then replaced it).
         readable_by_others(temporary)
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
     prune(path.parent)
 
 
