@@ -132,7 +132,8 @@ class Arguments:
             raise ConfigError(
                 "--draft_vocab_corpus ranks a draft vocabulary: give --draft_vocab_size N too"
             )
-        if self.draft_adapter is not None:
+        if self.draft_adapter is not None:  # --draft_adapter=~/a reaches us unexpanded
+            self.draft_adapter = expand_home(self.draft_adapter, "--draft_adapter")
             read_adapter_config(self.draft_adapter)  # a wrong path fails before any loading
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
@@ -580,6 +581,24 @@ def report_out_of_memory(error: BaseException, prog: str, hint: str) -> bool:
     return True
 
 
+def usable_standard_streams() -> None:
+    """Standard output and error that any text can be written to.
+
+    A model writes any Unicode, and a stream whose encoding lacks a character
+    (``PYTHONIOENCODING=ascii``, a latin-1 locale) raised UnicodeEncodeError mid-answer: a
+    traceback, and no result document. Such characters are written as backslash escapes, as
+    Python's own standard error does (the result document keeps the text as it is). A
+    stream closed at start (``>&-``: some schedulers and daemons) is None in ``sys``, and
+    the first answer raised AttributeError: it writes to os.devnull instead.
+    """
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
+        elif getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def run_main(main: Callable[[list[str]], int | None], prog: str | None = None) -> NoReturn:
     """Run ``main(sys.argv[1:])`` and exit with its status.
 
@@ -589,6 +608,7 @@ def run_main(main: Callable[[list[str]], int | None], prog: str | None = None) -
     reader that closes standard output early (``| head``) ends the run quietly.
     """
     prog = prog or os.path.basename(sys.argv[0])
+    usable_standard_streams()
     setup_logging()
     try:
         status = main(sys.argv[1:])

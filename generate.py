@@ -30,6 +30,7 @@ closed output, an error), each write once, however many prompts are piped in.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import logging
 import sys
@@ -101,6 +102,47 @@ class GenerateArguments:
             require_utf8(self.prompt, "--prompt", from_bytes=True)
 
 
+class AnswerOutput:
+    """Standard output that notes, rather than raises mid-answer, that its reader left
+    (``| head -1``): the answer being generated is finished and kept in the result
+    document (it was lost, and a one-prompt run wrote no document at all), then the run
+    ends as a closed output does (exit status 141)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.reader_left = False
+
+    def write(self, text: str) -> int:
+        if not self.reader_left:
+            try:
+                self.stream.write(text)
+            except BrokenPipeError:
+                self.reader_left = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_left:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self.reader_left = True
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
+def _as_utf8(line: str, encoding: str | None) -> str:
+    """``line`` read in ``encoding`` with ``surrogateescape``, as UTF-8 where its bytes are:
+    a stream in ASCII (``PYTHONIOENCODING=ascii``) read "café" as "caf" and two escaped
+    bytes, and the prompt was refused as "byte 0xc3 is not UTF-8"."""
+    if not encoding or not any("\udc80" <= character <= "\udcff" for character in line):
+        return line  # decoded as it is (a latin-1 text that also reads as UTF-8 included)
+    try:
+        return line.encode(encoding, "surrogateescape").decode("utf-8")
+    except (UnicodeError, LookupError):  # not UTF-8 either: refused later, naming the byte
+        return line
+
+
 def read_prompts(stream: TextIO | None = None) -> Iterator[str]:
     """Prompts from ``stream`` (default: the current ``sys.stdin``), one per line; a trailing
     backslash joins the next line (at the end of the input, it ends the prompt)."""
@@ -124,6 +166,7 @@ def read_prompts(stream: TextIO | None = None) -> Iterator[str]:
                 yield "\n".join(pending)
             return
         line = line.rstrip("\r\n")  # Windows line ends too
+        line = _as_utf8(line, getattr(stream, "encoding", None))
         if line.endswith("\\"):
             pending.append(line[:-1])
             continue
@@ -196,6 +239,7 @@ def _answer(
     config: GenerationConfig,
     options: GenerateArguments,
     seed: int,
+    output: TextIO,
     first: bool = False,
 ) -> GenerationResult:
     # Undecodable input bytes fail this prompt only, not the interactive session.
@@ -206,12 +250,12 @@ def _answer(
     plain_config = autoregressive_config(generator, config) if compare else None
     if first:
         _compile_first(generator, prompt_ids, [config] + ([plain_config] if compare else []))
-    streamer = build_streamer(options.streamer, generator.tokenizer)
+    streamer = build_streamer(options.streamer, generator.tokenizer, output)
     random = torch.Generator(device=generator.layerwise.device).manual_seed(seed)
     result = generator.generate(prompt_ids, config, streamer, random)
     if options.streamer == StreamerName.NONE.value:
-        sys.stdout.write(result.text + "\n")
-        sys.stdout.flush()
+        output.write(result.text + "\n")
+        output.flush()
     plain = None
     if compare:  # timed with the same streamer's work (its text discarded), as the answer was
         random = torch.Generator(device=generator.layerwise.device).manual_seed(seed)
@@ -296,16 +340,22 @@ def main(argv: list[str]) -> int:
             "prompts": [],
         }
 
+        output = AnswerOutput(sys.stdout)
+
         def answer(prompt: str, seed: int, rows: JsonlWriter | None = None) -> None:
             first = not document["prompts"]
-            result = _answer(generator, prompt, config, options, seed, first)
+            result = _answer(generator, prompt, config, options, seed, output, first)
             row = {"prompt": prompt, "text": result.text, **result.metrics()}
             document["prompts"].append(row)
             if rows is not None:
                 rows.write(row)
+            if output.reader_left:
+                document["ended_by"] = "output closed"
             if first:  # the path that ran, known now; later answers only go to the rows
                 document["environment"].update(decoding_path(generator, config))
                 write_json_atomic(files.result, document)
+            if output.reader_left:  # this answer is kept; no one reads the next
+                raise BrokenPipeError(errno.EPIPE, "standard output closed")
 
         logger.info(
             "%s, exit_layer %d of %d%s",

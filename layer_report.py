@@ -69,6 +69,8 @@ class ReportConfig:
 
     def __post_init__(self) -> None:
         self.output_dir = expand_home(self.output_dir, "--output_dir")  # as --model is
+        if self.draft_adapter:
+            self.draft_adapter = expand_home(self.draft_adapter, "--draft_adapter")
         if not self.data:
             raise ConfigError("give held-out data with --data GLOB...")
         if self.seq_len and self.seq_len < 2:

@@ -134,11 +134,13 @@ def _setting_key(
     benchmark: BenchmarkArguments,
     compiled: bool,
     world_size: int,
+    baseline: bool = True,
 ) -> str:
     """A short hash of everything but the grid: rows with another key are not reused.
     ``compiled``: the decoding path that runs (what ``--compile auto`` decided);
     ``world_size``: the processes sharing the samples (the tokens are the same, the times
-    are not: each process decodes its shard)."""
+    are not: each process decodes its shard); ``baseline``: False for rows without a
+    speedup, which cannot be ranked with rows that have one."""
     relevant = {
         key: value
         for key, value in arguments_dict(args, generation, benchmark).items()
@@ -154,6 +156,8 @@ def _setting_key(
     }
     relevant["compile"] = compiled
     relevant["world_size"] = world_size
+    if not baseline:  # keyed only when off: the default run's key stays what it was
+        relevant["baseline"] = False
     # What the paths hold, not only their names: a model retrained or data rewritten in
     # place measures again instead of reusing the old rows.
     paths = {"model": args.model, "draft_adapter": args.draft_adapter}
@@ -371,7 +375,8 @@ def main(argv: list[str]) -> int:
         speculative = dataclasses.replace(speculative, compile=compiled)
         # The main process's key: ranks on other machines see other file times.
         setting = dist.broadcast(
-            _setting_key(args, generation, benchmark, compiled, context.world_size), context
+            _setting_key(args, generation, benchmark, compiled, context.world_size, sweep.baseline),
+            context,
         )
         # The main process's finished points: every rank must measure the same points in
         # the same order (each point ends in a collective), and a rank on another machine

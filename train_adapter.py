@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import pickle
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,6 +41,7 @@ from self_speculation.adapter_training import (
     distillation_loss,
     draft_log_probs,
     load_targets,
+    model_key,
     rank_draft_vocab,
 )
 from self_speculation.benchmarking import environment_info, write_json_atomic
@@ -363,11 +363,11 @@ def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
             "batch_size",
             "learning_rate",
             "seed",
+            "held_out_blocks",  # another split: trained-on blocks would score as held out
         )
     }
     settings_key["init_layer"] = init_layer
-    if os.path.exists(os.path.expanduser(args.model)):  # "m", "./m" and "m/" are one model
-        settings_key["model"] = os.path.realpath(os.path.expanduser(args.model))
+    settings_key["model"] = model_key(args.model)  # "m", "./m" and "m/" are one model
     step, progress_before = _resume(
         output / CHECKPOINT_NAME, adapter, optimizer, schedule, settings_key
     )
@@ -501,7 +501,8 @@ def _resume(path: Path, adapter, optimizer, schedule, settings: dict) -> tuple[i
         saved = state.get("settings", {})  # {}: written before settings were recorded
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError):
         raise damaged from None  # cut short or overwritten
-    changed = sorted(name for name in settings if saved and saved.get(name) != settings[name])
+    # A setting an earlier version did not record is taken as unchanged.
+    changed = sorted(name for name in settings if name in saved and saved[name] != settings[name])
     if changed:
         name = changed[0]
         raise ConfigError(

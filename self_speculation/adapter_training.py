@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,13 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 SHARD_BLOCKS = 16  # blocks per target shard (a rerun loses at most one shard's work)
+
+
+def model_key(model: str) -> str:
+    """``model`` as a run's settings record it: a local model by its real location ("m",
+    "./m", "m/", a symlink to it and "~/m" are one model), a hub id as given."""
+    expanded = os.path.expanduser(model)
+    return os.path.realpath(expanded) if os.path.exists(expanded) else model
 
 
 def _shard_path(folder: Path, index: int) -> Path:
@@ -83,7 +91,7 @@ def compute_targets(
     """
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / MANIFEST_NAME
-    wanted = settings.__dict__
+    wanted = {**settings.__dict__, "model": model_key(settings.model)}
     if (
         manifest.exists()
         and not manifest.read_bytes().strip()
@@ -98,6 +106,8 @@ def compute_targets(
                 f"{manifest} is damaged ({one_line(error)}); delete {folder} to compute the "
                 "targets again"
             ) from None
+        if isinstance(found, dict) and isinstance(found.get("model"), str):
+            found = {**found, "model": model_key(found["model"])}  # as an earlier run spelled it
         if found != wanted:
             raise ConfigError(
                 f"{folder} holds targets for other settings ({found}); use another --cache_dir"

@@ -138,11 +138,15 @@ def files_fingerprint(path: str) -> list:
 def setting_digest(relevant: dict, paths: dict[str, str | None]) -> str:
     """A 12-hex-digit hash of a run's setting: ``relevant`` (JSON-able values) plus, for
     each named local path, what it holds (``files_fingerprint``), so that a model retrained
-    or data rewritten in place counts as another setting."""
+    or data rewritten in place counts as another setting. A local path counts by what it
+    holds only, not by its spelling (``runs/x/``, a symlink, ``~``, another working
+    directory)."""
     keyed = dict(relevant)
     for name, path in paths.items():
         if path is not None:
             keyed[f"{name}_files"] = files_fingerprint(path)
+            if keyed[f"{name}_files"]:
+                keyed.pop(name, None)
     return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -254,6 +254,12 @@ class GenerationConfig:
                     f"{self.generation_strategy.value} needs --exit_layer (the model recommends none)"
                 )
             exit_layer = recommended_exit_layer if speculative else num_layers
+            if not 1 <= exit_layer <= num_layers:
+                # Not the user's value: say where it came from and how to override it.
+                raise ConfigError(
+                    f"the model recommends exit_layer {exit_layer} (its generation config), "
+                    f"outside its [1, {num_layers}] layers; pass --exit_layer"
+                )
         if not 1 <= exit_layer <= num_layers:
             raise ConfigError(
                 f"exit_layer must be in [1, {num_layers}] for this model, got {exit_layer}"

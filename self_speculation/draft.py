@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import align_module_device
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -97,6 +98,13 @@ class ExitAdapter(nn.Module):
         init_layer = num_layers - 1 if init_layer is None else init_layer
         if not 0 <= init_layer < num_layers:
             raise ConfigError(f"init_layer must be in [0, {num_layers - 1}], got {init_layer}")
+        if any(parameter.is_meta for parameter in model.layers[init_layer].parameters()):
+            # A copy would hold no weights (loading into it is a no-op, moving it fails)
+            # and would carry the hook that loads the base layer's weights at each call.
+            raise ConfigError(
+                f"layer {init_layer}, which the exit adapter copies, is offloaded (accelerate "
+                "device_map or cpu_offload): keep it on a device or pick another init_layer"
+            )
         self.exit_layer = exit_layer
         self.init_layer = init_layer
         # What it was built for, recorded with it (save_adapter) and checked when loaded.
@@ -191,9 +199,17 @@ class DraftExit:
         if self.vocab is None:
             return
         head = self.model.lm_head
-        self._head_weight = head.weight.detach()[self.vocab].contiguous()  # [N, hidden]
-        bias = getattr(head, "bias", None)
-        self._head_bias = None if bias is None else bias.detach()[self.vocab]
+        # An offloaded head (accelerate device_map) holds meta weights outside its calls:
+        # its hook loads them for the copy.
+        with align_module_device(head):
+            if head.weight.is_meta:
+                raise ConfigError(
+                    "a reduced draft vocabulary copies rows of the LM head, whose weights are "
+                    "offloaded with nothing to load them here: keep lm_head on a device"
+                )
+            self._head_weight = head.weight.detach()[self.vocab].contiguous()  # [N, hidden]
+            bias = getattr(head, "bias", None)
+            self._head_bias = None if bias is None else bias.detach()[self.vocab]
 
     def follow_model(self) -> None:
         """After the model moved to another dtype or device (``model.to(...)``): move the
@@ -341,10 +357,13 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
     except (ValueError, TypeError, RecursionError) as error:  # not JSON / UTF-8, wrong keys
         reason = "JSON nested too deeply" if isinstance(error, RecursionError) else error
         raise ConfigError(f"--draft_adapter: {config_file} is malformed ({reason})") from None
-    if config.num_speculations is not None and (
-        not isinstance(config.num_speculations, int) or config.num_speculations < 1
-    ):
-        raise ConfigError(f"--draft_adapter: {config_file}: 'num_speculations' must be >= 1")
+    if config.num_speculations is not None and not whole_number(config.num_speculations, 1):
+        # JSON's true is not 1: it passed here and failed at the first generation as an
+        # int setting the user never gave ("num_speculations must be an int, got bool").
+        raise ConfigError(
+            f"--draft_adapter: {config_file}: 'num_speculations' must be a whole number >= 1 "
+            f"(or null), got {config.num_speculations!r}"
+        )
     names = ("exit_layer", "num_layers", "hidden_size", "init_layer", "draft_vocab_size")
     for name in (*names, "trained_draft_vocab_size", "vocab_size"):
         value = getattr(config, name)

@@ -248,7 +248,8 @@ def test_generate_session_whose_reader_left_says_so(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:
     """Prompts piped in, answers piped to ``head -1``: the session ended quietly (exit 141)
-    but its result document said ``"ended_by": null``, as if the run were still going."""
+    but its result document said ``"ended_by": null``, as if the run were still going. The
+    answer whose output failed was generated: it is kept too, and no prompt after it runs."""
     import io
 
     import generate
@@ -261,7 +262,7 @@ def test_generate_session_whose_reader_left_says_so(
     (result,) = tmp_path.glob("generate_*.json")
     document = json.loads(result.read_text())
     assert document["ended_by"] == "output closed"
-    assert [row["prompt"] for row in document["prompts"]] == ["def add(a, b):"]
+    assert [row["prompt"] for row in document["prompts"]] == ["def add(a, b):", "def sub(a, b):"]
 
 
 # --- train.py --overwrite True ------------------------------------------------------------------

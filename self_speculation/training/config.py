@@ -163,12 +163,15 @@ class TrainingArguments:
     save_every_steps: int = 0  # also checkpoint every N optimizer steps; 0: off
     resume: bool = False  # continue from output_dir/checkpoint
     stop_after_steps: int = 0  # stop + checkpoint after N steps, schedule unchanged (0: off)
-    exit_layer: int = -1  # recommended exit layer for generation_config.json; -1: max(1, L//4)
-    num_speculations: int = 4  # recommended draft length for generation_config.json
+    exit_layer: int = -1
+    """recommended exit layer for generation_config.json; -1: a continued model's, else
+    max(1, L//4)"""
+    num_speculations: int = -1
+    """recommended draft length for generation_config.json; -1: a continued model's, else 4"""
 
     def __post_init__(self) -> None:
         self.output_dir = expand_home(self.output_dir, "--output_dir")  # as --model is
-        for name in ("batch_size", "gradient_accumulation_steps", "log_every", "num_speculations"):
+        for name in ("batch_size", "gradient_accumulation_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in (
@@ -200,8 +203,9 @@ class TrainingArguments:
             raise ConfigError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.num_speculations > 64:
             raise ConfigError(f"--num_speculations must be at most 64, got {self.num_speculations}")
-        if self.exit_layer != -1 and self.exit_layer < 1:
-            raise ConfigError(f"--exit_layer must be >= 1 (or -1), got {self.exit_layer}")
+        for name in ("exit_layer", "num_speculations"):
+            if getattr(self, name) != -1 and getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1 (or -1), got {getattr(self, name)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", self.device):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
         if self.fsdp_cpu_offload and not self.fsdp:

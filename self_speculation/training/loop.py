@@ -316,6 +316,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "progress": dataclasses.asdict(progress),
             "config": dataclasses.asdict(self.config),
+            "paths": resolved_paths(self.config),
             "data": self.data,
         }
         path = save_checkpoint(
@@ -659,10 +660,13 @@ class Trainer:
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if settings.get(name) is None:
                 settings[name] = getattr(tokenizer, name)
-        settings["exit_layer"] = (
-            args.exit_layer if args.exit_layer != -1 else max(1, self.num_layers // 4)
-        )
-        settings["num_speculations"] = args.num_speculations
+        # -1: what a continued model recommended (a sweep's choice, say), else the defaults.
+        for name, default in (
+            ("exit_layer", max(1, self.num_layers // 4)),
+            ("num_speculations", 4),
+        ):
+            value = getattr(args, name)
+            settings[name] = value if value != -1 else getattr(own, name, None) or default
         generation_config = GenerationConfig(**settings)
         model = self.model if weights is not None else self.model.to("cpu")
         export_pretrained(
@@ -786,6 +790,26 @@ _RESUME_MAY_CHANGE = frozenset(
 )  # fmt: skip
 
 
+def resolved_paths(config: TrainConfig) -> dict[str, Any]:
+    """The run's local paths as absolute ones (a model folder's real location, data globs
+    made absolute), so that a resume may spell them otherwise: ``runs/x/`` for ``runs/x``,
+    a symlink, ``~``, or a path relative to another working directory."""
+
+    def local(path: str | None) -> str | None:
+        expanded = os.path.expanduser(path) if path else path
+        return os.path.realpath(expanded) if expanded and os.path.exists(expanded) else path
+
+    def patterns(globs: list[str]) -> list[str]:
+        return [os.path.abspath(os.path.expanduser(pattern)) for pattern in globs]
+
+    return {
+        "model": local(config.model.model),
+        "config_file": local(config.model.config_file),
+        "data": patterns(config.data.data),
+        "exclude": patterns(config.data.exclude),
+    }
+
+
 def _check_resumed_settings(
     saved: dict[str, Any], config: TrainConfig, distributed: DistributedContext, output_dir: Path
 ) -> None:
@@ -799,9 +823,12 @@ def _check_resumed_settings(
     if not isinstance(before, dict):
         return  # a checkpoint from before settings were saved in it
     now = dataclasses.asdict(config)
+    paths_then, paths_now = saved.get("paths") or {}, resolved_paths(config)
     for group, values in now.items():
         for name, value in values.items():
             was = before.get(group, {}).get(name, value)
+            if name in paths_then and paths_then[name] == paths_now.get(name):
+                continue  # the same path, spelled otherwise
             if name not in _RESUME_MAY_CHANGE and was != value:
                 raise ConfigError(
                     f"--resume True: --{name} is {value!r}, but the checkpoint in "
