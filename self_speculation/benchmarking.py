@@ -322,6 +322,7 @@ def environment_info(generator: Generator, context: DistributedContext) -> dict[
         # Which decoding path ran, and what compiling it cost (kept out of every timing).
         "decoding_path": _decoding_path(generator),
         "compile_seconds": generator.compile_seconds,
+        "draft": _draft_description(generator),
     }
     for package in ("datasets", "lm_eval"):
         try:
@@ -329,6 +330,21 @@ def environment_info(generator: Generator, context: DistributedContext) -> dict[
         except ImportError:
             pass
     return info
+
+
+def _draft_description(generator: Generator) -> dict[str, Any] | None:
+    """How drafts left the model, as it ran (the flags say -1 for "the adapter's own"):
+    the exit adapter's exit and copied layer, and the draft vocabulary's size; None for
+    the plain early exit."""
+    draft = generator.draft
+    if draft is None:
+        return None
+    adapter = draft.adapter
+    return {
+        "adapter_exit_layer": None if adapter is None else adapter.exit_layer,
+        "adapter_init_layer": None if adapter is None else adapter.init_layer,
+        "draft_vocab_size": None if draft.vocab is None else len(draft.vocab),
+    }
 
 
 def _decoding_path(generator: Generator) -> str:

@@ -353,6 +353,23 @@ def test_scripts_take_an_adapter(tiny_model_dir, prompts_file, tmp_path) -> None
     correctness = importlib.import_module("correctness")
     argv = [*common, "--num_speculations", "3", "--output_dir", str(tmp_path / "check")]
     assert correctness.main(argv) == 0
+    # The result document says how drafts left the model (the flags say -1: "the adapter's").
+    (result,) = (tmp_path / "check").glob("correctness_*.json")
+    draft = json.loads(result.read_text())["environment"]["draft"]
+    assert draft == {"adapter_exit_layer": 2, "adapter_init_layer": 3, "draft_vocab_size": None}
+
+
+def test_result_documents_give_the_draft_vocabulary_that_ran() -> None:
+    from self_speculation.benchmarking import _draft_description
+
+    generator = Generator(make_tiny_model("llama_gqa_tied"), make_tiny_tokenizer())
+    assert _draft_description(generator) is None
+    generator.draft = DraftExit(generator.layerwise, None, torch.arange(0, 60, 2))
+    assert _draft_description(generator) == {
+        "adapter_exit_layer": None,
+        "adapter_init_layer": None,
+        "draft_vocab_size": 30,
+    }
 
 
 @pytest.mark.parametrize("sample", [False, True])
