@@ -41,7 +41,12 @@ from self_speculation.draft import (
     resolve_with_adapter,
 )
 from self_speculation.errors import ArgumentsError as ArgumentsError  # re-exported
-from self_speculation.errors import expand_home, require_thread_count, require_utf8
+from self_speculation.errors import (
+    command_line_text,
+    expand_home,
+    require_thread_count,
+    require_utf8,
+)
 from self_speculation.loading import (
     OWNED_FROM_PRETRAINED_KEYS,
     ModelFacts,
@@ -333,6 +338,8 @@ class GenerationArguments:
             raise ConfigError(
                 f"--generation_strategy lists a strategy twice: {self.generation_strategy}"
             )
+        if self.stop_words:
+            self.stop_words = [command_line_text(word) for word in self.stop_words]
         for word in self.stop_words or []:
             require_utf8(word, "--stop_words", from_bytes=True)
         spelling = str(self.compile).strip().lower()  # a Python bool too: "true", "false"
@@ -448,6 +455,7 @@ class BenchmarkArguments:
         if self.template is not None and "{message}" not in self.template:
             raise ConfigError("--template must contain '{message}' where the prompt goes")
         if self.template is not None:
+            self.template = command_line_text(self.template)
             require_utf8(self.template, "--template", from_bytes=True)
 
 

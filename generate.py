@@ -68,7 +68,7 @@ from self_speculation.benchmarking import (
     run_files,
     write_json_atomic,
 )
-from self_speculation.errors import require_utf8
+from self_speculation.errors import command_line_text, require_utf8
 from self_speculation.loading import user_turn
 from self_speculation.streaming import colours_wanted
 
@@ -99,6 +99,7 @@ class GenerateArguments:
         if self.prompt is not None and not self.prompt.strip():
             raise ConfigError("the prompt is empty")
         if self.prompt is not None:
+            self.prompt = command_line_text(self.prompt)
             require_utf8(self.prompt, "--prompt", from_bytes=True)
 
 

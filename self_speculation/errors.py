@@ -101,6 +101,19 @@ class ModelLoadError(LayerSkipError):
     """A model or tokenizer could not be loaded (missing path, unreachable hub, bad file)."""
 
 
+def command_line_text(text: str) -> str:
+    """A command-line argument as the UTF-8 text its bytes spell. Python decodes arguments in
+    the locale's encoding with ``surrogateescape``: under ``LC_ALL=C PYTHONUTF8=0`` (ASCII)
+    "café" arrived as "caf" and two escaped bytes, refused as "byte 0xc3 is not UTF-8".
+    Bytes that are not UTF-8 either stay escaped (``require_utf8`` names them)."""
+    if not any("\udc80" <= character <= "\udcff" for character in text):
+        return text
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except UnicodeError:
+        return text
+
+
 def require_utf8(text: str, where: str, from_bytes: bool = False) -> None:
     """Refuse text that cannot be encoded as UTF-8: a lone surrogate from a JSON ``\\ud800``
     escape, or a byte that was not UTF-8 (decoded with ``surrogateescape``, as Python does

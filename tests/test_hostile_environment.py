@@ -116,3 +116,35 @@ def test_utf8_prompts_from_an_ascii_standard_input_are_read_as_written() -> None
     assert list(read_prompts(latin)) == ["cafÃ©"]  # what that encoding reads, unchanged
     (not_utf8,) = read_prompts(io.TextIOWrapper(io.BytesIO(b"caf\xe9\n"), encoding="ascii"))
     assert not_utf8 == "caf\udce9"
+
+
+def test_utf8_arguments_in_an_ascii_locale_are_read_as_written(tmp_path: Path) -> None:
+    """LC_ALL=C with PYTHONUTF8=0: Python decodes arguments as ASCII with surrogateescape,
+    and a UTF-8 --prompt ("café") was refused as "byte 0xc3 is not UTF-8"; bytes that are
+    not UTF-8 are still refused, naming the byte."""
+    import subprocess
+
+    code = (
+        "import sys, generate, arguments\n"
+        "from self_speculation.errors import ConfigError\n"
+        "print(ascii(generate.GenerateArguments(prompt=sys.argv[1]).prompt))\n"
+        "print(ascii(arguments.GenerationArguments(stop_words=[sys.argv[1]]).stop_words))\n"
+        "try:\n"
+        "    generate.GenerateArguments(prompt=sys.argv[2])\n"
+        "except ConfigError as error:\n"
+        "    print(error)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    environment = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONPATH": str(root)}
+    environment.pop("LANG", None)
+    completed = subprocess.run(
+        [sys.executable, "-c", code, "café".encode(), b"caf\xe9"],
+        env=environment,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = completed.stdout.splitlines()
+    assert lines[:2] == ["'caf\\xe9'", "['caf\\xe9']"]
+    assert "byte 0xe9 is not UTF-8" in lines[2]
