@@ -128,8 +128,9 @@ class AnswerOutput:
             except BrokenPipeError:
                 self.reader_left = True
 
-    def isatty(self) -> bool:
-        return self.stream.isatty()
+    def isatty(self) -> bool:  # a caller's stdout may have none (colours_wanted allows it)
+        isatty = getattr(self.stream, "isatty", None)
+        return bool(isatty and isatty())
 
 
 def _as_utf8(line: str, encoding: str | None) -> str:
@@ -138,9 +139,9 @@ def _as_utf8(line: str, encoding: str | None) -> str:
     bytes, and the prompt was refused as "byte 0xc3 is not UTF-8"."""
     if not encoding or not any("\udc80" <= character <= "\udcff" for character in line):
         return line  # decoded as it is (a latin-1 text that also reads as UTF-8 included)
-    try:
-        return line.encode(encoding, "surrogateescape").decode("utf-8")
-    except (UnicodeError, LookupError):  # not UTF-8 either: refused later, naming the byte
+    try:  # bytes that are not UTF-8 stay escaped: refused later, naming the first of them
+        return line.encode(encoding, "surrogateescape").decode("utf-8", "surrogateescape")
+    except (UnicodeError, LookupError):
         return line
 
 

@@ -138,15 +138,17 @@ def files_fingerprint(path: str) -> list:
 def setting_digest(relevant: dict, paths: dict[str, str | None]) -> str:
     """A 12-hex-digit hash of a run's setting: ``relevant`` (JSON-able values) plus, for
     each named local path, what it holds (``files_fingerprint``), so that a model retrained
-    or data rewritten in place counts as another setting. A local path counts by what it
-    holds only, not by its spelling (``runs/x/``, a symlink, ``~``, another working
-    directory)."""
+    or data rewritten in place counts as another setting. A local path counts by its real
+    location, not by its spelling (``runs/x/``, a symlink, ``~``, another working
+    directory): by what it holds alone, two models of one architecture whose files have
+    the same names, sizes and times (unpacked from archives, copied with ``cp -a``) were
+    one setting, and one answered from the other's rows or request cache."""
     keyed = dict(relevant)
     for name, path in paths.items():
         if path is not None:
             keyed[f"{name}_files"] = files_fingerprint(path)
             if keyed[f"{name}_files"]:
-                keyed.pop(name, None)
+                keyed[name] = os.path.realpath(os.path.expanduser(path))
     return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -21,13 +21,13 @@ and the ranked draft vocabulary, most frequent first).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import align_module_device
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -137,6 +137,17 @@ class ExitAdapter(nn.Module):
         )
 
 
+def _hook_loaded(module: nn.Module) -> contextlib.AbstractContextManager:
+    """``module`` with the weights its accelerate hook loads at each call (an offloaded
+    module's are meta outside its calls); as it is without a hook. accelerate is imported
+    only then: it is an optional dependency (the ``scripts`` extra), not the package's."""
+    if not hasattr(module, "_hf_hook"):
+        return contextlib.nullcontext()
+    from accelerate.utils import align_module_device
+
+    return align_module_device(module)
+
+
 class DraftExit:
     """How drafts leave the model at layer E: an optional adapter, an optional vocabulary.
 
@@ -201,7 +212,7 @@ class DraftExit:
         head = self.model.lm_head
         # An offloaded head (accelerate device_map) holds meta weights outside its calls:
         # its hook loads them for the copy.
-        with align_module_device(head):
+        with _hook_loaded(head):
             if head.weight.is_meta:
                 raise ConfigError(
                     "a reduced draft vocabulary copies rows of the LM head, whose weights are "
