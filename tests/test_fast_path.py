@@ -473,11 +473,15 @@ def test_compiled_generations_of_one_generator_run_one_at_a_time() -> None:
 
     with pytest.raises(ConfigError, match="cannot start inside another one"):
         generator.generate(PROMPTS[0], fast, streamer=Nested())
+    alone = generator.generate(PROMPTS[1], config("autoregressive", False)).token_ids
+    inner = []
     eager_inside = Streamer()
-    eager_inside.on_step = lambda *step: generator.generate(
-        PROMPTS[1], config("autoregressive", False)
+    eager_inside.wants_tokens = True  # else on_step, set on the instance, is never called
+    eager_inside.on_step = lambda *step: inner.append(
+        generator.generate(PROMPTS[1], config("autoregressive", False)).token_ids
     )
     assert generator.generate(PROMPTS[0], fast, streamer=eager_inside).token_ids == expected[0]
+    assert inner and all(tokens == alone for tokens in inner)
 
 
 def test_cuda_graph_state_in_a_worker_thread() -> None:
