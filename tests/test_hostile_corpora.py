@@ -42,6 +42,8 @@ def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ("{root}/c/**/*.txt", "c/held/*"),  # relative rule, absolute data
         ("c/**/*.txt", "c/held"),  # a directory
         ("c/**/*.txt", "c/held/"),
+        ("c/**/*.txt", "c/h*ld"),  # a glob of directories (it left out nothing)
+        ("c/**/*.txt", "*/held"),
     ],
 )
 def test_exclude_leaves_out_the_file_however_it_is_spelled(

@@ -40,8 +40,8 @@ def resolve_files(
 
     ``exclude`` globs are matched (fnmatch) against the whole path, however either side
     is spelled: ``./data/x`` and ``data/x``, a relative rule and an absolute ``--data`` glob
-    (or the reverse) are the same file; a rule naming a directory leaves out what is under
-    it. The result is sorted and free of duplicates so that a run sees the same files in
+    (or the reverse) are the same file; a rule naming directories (``data/held``,
+    ``data/*/held``) leaves out what is under them. The result is sorted and free of duplicates so that a run sees the same files in
     the same order everywhere. A pattern that matches no file, or an exclude rule that
     leaves out nothing, is warned about (a typo would otherwise train on the wrong data).
 
@@ -88,11 +88,11 @@ def _exclude_forms(rule: str) -> list[tuple[str, bool]]:
     """The spellings of an exclude rule, each with whether it is matched against a file's
     absolute path (else against the path as the glob found it): as given and normalised
     (``./x`` -> ``x``), absolute (a relative rule is relative to the working directory,
-    so it is never matched against the working directory's own name), and for an existing
-    directory, everything under it."""
+    so it is never matched against the working directory's own name), and each of them as
+    a directory, with everything under it: ``data/held`` and a glob of directories
+    (``data/*/held``, which left out nothing) alike."""
     forms = {(rule, False), (os.path.normpath(rule), False), (os.path.abspath(rule), True)}
-    if os.path.isdir(rule):
-        forms |= {(os.path.join(form, "*"), absolute) for form, absolute in list(forms)}
+    forms |= {(os.path.join(form, "*"), absolute) for form, absolute in list(forms)}
     return sorted(forms)
 
 
