@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+from test_decoding_invariants import with_finished_rows_kept
 from test_equivalence import BATCH_PROMPTS, NUM_LAYERS, generator_for, greedy, speculative
 
 from self_speculation import TextStreamer
@@ -38,11 +39,7 @@ def test_rows_kept_after_a_stop_word_count_no_more_steps() -> None:
     config = speculative(2, 3, max_steps=30, stop_words=[stop_word])
     singles = [generator.generate(prompt, config) for prompt in BATCH_PROMPTS]
     assert singles[1].stop_reason == "stop_word"
-    generator.shed_finished_rows = False
-    try:
-        kept = generator.generate_batch(BATCH_PROMPTS, config)
-    finally:
-        generator.shed_finished_rows = True
+    kept = with_finished_rows_kept(generator, config)
     assert [r.token_ids for r in kept] == [s.token_ids for s in singles]
     assert [(r.num_steps, r.num_drafted, r.num_accepted) for r in kept] == [
         (s.num_steps, s.num_drafted, s.num_accepted) for s in singles
@@ -77,11 +74,7 @@ def test_a_row_kept_after_it_finishes_does_not_lengthen_the_others_last_drafts()
     free_run = generator.generate(BATCH_PROMPTS[1], greedy(20)).token_ids
     config = speculative(1, 6, max_steps=20, stop_token_ids=[free_run[1]])  # row 1: 2 tokens
     shed = generator.generate_batch(BATCH_PROMPTS, config)
-    generator.shed_finished_rows = False
-    try:
-        kept = generator.generate_batch(BATCH_PROMPTS, config)
-    finally:
-        generator.shed_finished_rows = True
+    kept = with_finished_rows_kept(generator, config)
     assert shed[1].stop_reason == "eos" and len(shed[1].token_ids) == 2
     assert [(r.token_ids, r.num_steps, r.num_drafted, r.num_accepted) for r in kept] == [
         (r.token_ids, r.num_steps, r.num_drafted, r.num_accepted) for r in shed

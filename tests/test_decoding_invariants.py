@@ -14,6 +14,15 @@ from self_speculation.sampling import speculative_accept
 from self_speculation.trees import TokenTree, greedy_tree_accept
 
 
+def with_finished_rows_kept(generator, config) -> list:
+    """``BATCH_PROMPTS`` as one batch whose finished rows stay in it to the end."""
+    generator.shed_finished_rows = False
+    try:
+        return generator.generate_batch(BATCH_PROMPTS, config)
+    finally:
+        generator.shed_finished_rows = True
+
+
 def _statistics(results) -> list[tuple[int, int, int]]:
     return [(r.num_steps, r.num_drafted, r.num_accepted) for r in results]
 
@@ -27,11 +36,7 @@ def test_rows_kept_after_they_finish_count_no_more_drafts_or_acceptances() -> No
     settings = dict(max_steps=30, stop_token_ids=[free_runs[1][3]])  # row 1 stops early
     config = speculative(4, 3, **settings)  # the full model drafts: every draft accepted
     shed = generator.generate_batch(BATCH_PROMPTS, config)
-    generator.shed_finished_rows = False
-    try:
-        kept = generator.generate_batch(BATCH_PROMPTS, config)
-    finally:
-        generator.shed_finished_rows = True
+    kept = with_finished_rows_kept(generator, config)
     assert len({r.num_steps for r in shed}) > 1  # the rows finished apart
     assert [r.token_ids for r in kept] == [r.token_ids for r in shed]
     assert _statistics(kept) == _statistics(shed)

@@ -9,6 +9,16 @@ from pathlib import Path
 import pandas as pd
 
 
+def tiny_sweep_argv(model: Path, prompts_file: Path, output_dir: Path) -> list[str]:
+    """A one-sample sweep of the tiny model over k = 1 (give --exit_layer_last)."""
+    return [
+        "--model", str(model), "--dataset", "custom_jsonl", "--data_path",
+        str(prompts_file), "--num_samples", "1", "--max_steps", "4", "--sample", "False",
+        "--exit_layer_first", "1", "--num_speculations_first", "1",
+        "--num_speculations_last", "1", "--output_dir", str(output_dir),
+    ]  # fmt: skip
+
+
 def test_sweep_resumed_with_baseline_off_does_not_rank_against_earlier_speedups(
     tiny_model_dir: Path, prompts_file: Path, tmp_path: Path
 ) -> None:
@@ -16,12 +26,7 @@ def test_sweep_resumed_with_baseline_off_does_not_rank_against_earlier_speedups(
     and the summary then ranked only the earlier run's points (those with one): the new
     points could never be the best. A changed --baseline is another setting."""
     sweep = importlib.import_module("sweep")
-    argv = [
-        "--model", str(tiny_model_dir), "--dataset", "custom_jsonl", "--data_path",
-        str(prompts_file), "--num_samples", "1", "--max_steps", "4", "--sample", "False",
-        "--exit_layer_first", "1", "--num_speculations_first", "1",
-        "--num_speculations_last", "1", "--output_dir", str(tmp_path),
-    ]  # fmt: skip
+    argv = tiny_sweep_argv(tiny_model_dir, prompts_file, tmp_path)
     assert sweep.main([*argv, "--exit_layer_last", "1"]) == 0
     assert sweep.main([*argv, "--exit_layer_last", "2", "--baseline", "False"]) == 0
     summary = json.loads((tmp_path / "sweep.json").read_text())

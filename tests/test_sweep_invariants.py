@@ -8,18 +8,14 @@ import importlib
 from pathlib import Path
 
 import pandas as pd
+from test_script_handoffs import tiny_sweep_argv
 
 
 def test_a_resumed_sweeps_new_points_have_speedups_over_its_own_baseline(
     tiny_model_dir: Path, prompts_file: Path, tmp_path: Path
 ) -> None:
     sweep = importlib.import_module("sweep")
-    argv = [
-        "--model", str(tiny_model_dir), "--dataset", "custom_jsonl", "--data_path",
-        str(prompts_file), "--num_samples", "1", "--max_steps", "4", "--sample", "False",
-        "--exit_layer_first", "1", "--num_speculations_first", "1",
-        "--num_speculations_last", "1", "--output_dir", str(tmp_path),
-    ]  # fmt: skip
+    argv = tiny_sweep_argv(tiny_model_dir, prompts_file, tmp_path)
     assert sweep.main([*argv, "--exit_layer_last", "1"]) == 0
     csv_path = tmp_path / "sweep.csv"
     table = pd.read_csv(csv_path)
