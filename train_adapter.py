@@ -41,13 +41,12 @@ from self_speculation.adapter_training import (
     distillation_loss,
     draft_log_probs,
     load_targets,
-    model_key,
     rank_draft_vocab,
 )
 from self_speculation.benchmarking import environment_info, write_json_atomic
 from self_speculation.distributed import DistributedContext
 from self_speculation.draft import AdapterConfig, DraftExit, ExitAdapter, save_adapter
-from self_speculation.errors import ConfigError, expand_home, require_thread_count
+from self_speculation.errors import ConfigError, expand_home, real_location, require_thread_count
 from self_speculation.loading import DTYPES, check_device, load_model_and_tokenizer, user_turn
 from self_speculation.output_safety import output_dir_lock
 from self_speculation.training.data import pack_blocks, read_texts, resolve_files
@@ -367,7 +366,7 @@ def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
         )
     }
     settings_key["init_layer"] = init_layer
-    settings_key["model"] = model_key(args.model)  # "m", "./m" and "m/" are one model
+    settings_key["model"] = real_location(args.model)  # "m", "./m" and "m/" are one model
     step, progress_before = _resume(
         output / CHECKPOINT_NAME, adapter, optimizer, schedule, settings_key
     )

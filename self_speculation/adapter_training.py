@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 from self_speculation.benchmarking import write_json_atomic
 from self_speculation.draft import DraftExit
-from self_speculation.errors import ConfigError, one_line
+from self_speculation.errors import ConfigError, one_line, real_location
 from self_speculation.loading import user_turn
 from self_speculation.model_surgery import LayerwiseModel
 
@@ -42,13 +41,6 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 SHARD_BLOCKS = 16  # blocks per target shard (a rerun loses at most one shard's work)
-
-
-def model_key(model: str) -> str:
-    """``model`` as a run's settings record it: a local model by its real location ("m",
-    "./m", "m/", a symlink to it and "~/m" are one model), a hub id as given."""
-    expanded = os.path.expanduser(model)
-    return os.path.realpath(expanded) if os.path.exists(expanded) else model
 
 
 def _shard_path(folder: Path, index: int) -> Path:
@@ -91,7 +83,7 @@ def compute_targets(
     """
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / MANIFEST_NAME
-    wanted = {**settings.__dict__, "model": model_key(settings.model)}
+    wanted = {**settings.__dict__, "model": real_location(settings.model)}
     if (
         manifest.exists()
         and not manifest.read_bytes().strip()
@@ -107,7 +99,10 @@ def compute_targets(
                 "targets again"
             ) from None
         if isinstance(found, dict) and isinstance(found.get("model"), str):
-            found = {**found, "model": model_key(found["model"])}  # as an earlier run spelled it
+            found = {
+                **found,
+                "model": real_location(found["model"]),
+            }  # as an earlier run spelled it
         if found != wanted:
             raise ConfigError(
                 f"{folder} holds targets for other settings ({found}); use another --cache_dir"

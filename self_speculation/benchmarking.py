@@ -36,7 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from self_speculation.config import UNSET, GenerationConfig, GenerationStrategyName
 from self_speculation.distributed import DistributedContext, broadcast, gather
-from self_speculation.errors import ConfigError, expand_home
+from self_speculation.errors import ConfigError, expand_home, real_location
 from self_speculation.generator import Generator
 from self_speculation.metrics import text_metrics
 from self_speculation.output_safety import hold_output_dir, replaced_when_done
@@ -148,7 +148,7 @@ def setting_digest(relevant: dict, paths: dict[str, str | None]) -> str:
         if path is not None:
             keyed[f"{name}_files"] = files_fingerprint(path)
             if keyed[f"{name}_files"]:
-                keyed[name] = os.path.realpath(os.path.expanduser(path))
+                keyed[name] = real_location(path)
     return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -101,6 +101,14 @@ class ModelLoadError(LayerSkipError):
     """A model or tokenizer could not be loaded (missing path, unreachable hub, bad file)."""
 
 
+def real_location(path: str) -> str:
+    """A local path by its real location ("m", "./m", "m/", a symlink to it and "~/m" are
+    one), so that run settings recorded with one spelling match another; anything that is
+    not a local path (a hub id) as given."""
+    expanded = os.path.expanduser(path)
+    return os.path.realpath(expanded) if os.path.exists(expanded) else path
+
+
 def command_line_text(text: str) -> str:
     """A command-line argument as the UTF-8 text its bytes spell. Python decodes arguments in
     the locale's encoding with ``surrogateescape``: under ``LC_ALL=C PYTHONUTF8=0`` (ASCII)

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from self_speculation.cli import log_to_stderr
 from self_speculation.distributed import DistributedContext, barrier, launched_by_torchrun, teardown
 from self_speculation.distributed import setup as setup_distributed
-from self_speculation.errors import ConfigError, LayerSkipError
+from self_speculation.errors import ConfigError, LayerSkipError, real_location
 from self_speculation.model_surgery import find_base_model
 from self_speculation.output_safety import output_dir_lock
 from self_speculation.training.build import TOKENIZER_DIR, build_model_and_tokenizer, load_texts
@@ -796,8 +796,7 @@ def resolved_paths(config: TrainConfig) -> dict[str, Any]:
     a symlink, ``~``, or a path relative to another working directory."""
 
     def local(path: str | None) -> str | None:
-        expanded = os.path.expanduser(path) if path else path
-        return os.path.realpath(expanded) if expanded and os.path.exists(expanded) else path
+        return real_location(path) if path else path
 
     def patterns(globs: list[str]) -> list[str]:
         return [os.path.abspath(os.path.expanduser(pattern)) for pattern in globs]
