@@ -335,14 +335,15 @@ class Generator:
         Raises:
             ModelLoadError: an id that is not a whole number ("1" in generation_config.json).
         """
-        eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
+        eos = {tokenizer_eos} if tokenizer_eos is not None else set()
         model_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         if model_eos is not None:
             eos |= set(model_eos) if isinstance(model_eos, (list, tuple)) else {model_eos}
         if not all(is_integer(token) for token in eos):
             raise ModelLoadError(
                 f"{type(self.model).__name__}'s eos_token_id is {model_eos!r} "
-                f"(generation_config.json) and its tokenizer's {self.tokenizer.eos_token_id!r}: "
+                f"(generation_config.json) and its tokenizer's {tokenizer_eos!r}: "
                 "token ids must be whole numbers; fix generation_config.json"
             )
         return frozenset(int(token) for token in eos)
@@ -353,7 +354,7 @@ class Generator:
         serves). The tokenizer's pad, else the smallest EOS, else 0; one outside the model's
         vocabulary (a pad token added to the tokenizer only) is not used."""
         vocab = self.layerwise.embed_tokens.weight.shape[0]
-        candidates = [self.tokenizer.pad_token_id, *sorted(self.eos_token_ids)]
+        candidates = [getattr(self.tokenizer, "pad_token_id", None), *sorted(self.eos_token_ids)]
         return next((t for t in candidates if t is not None and 0 <= t < vocab), 0)
 
     def _check_generation_config(self) -> None:

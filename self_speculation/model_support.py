@@ -293,8 +293,11 @@ def unapplied_generation_settings(model: nn.Module) -> list[str]:
     found = []
     for name, neutral in _CHECKPOINT_PROCESSORS.items():
         value = getattr(generation_config, name, neutral)
-        if value is not None and value != neutral and value != []:
-            found.append(f"{name}={value!r}")
+        if value is None or value == neutral or value in ([], {}, ()):
+            continue
+        if name == "min_p" and value == 0:  # keeps every token, as none does
+            continue
+        found.append(f"{name}={value!r}")
     return found
 
 
