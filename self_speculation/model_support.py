@@ -27,6 +27,8 @@ import logging
 from collections.abc import Callable
 
 import torch
+import transformers
+from packaging.version import Version
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig
 
@@ -46,6 +48,22 @@ _CACHE_RESET_AT_ORIGINAL_LENGTH = frozenset(
 # Multimodal families whose generation hook only hands image inputs (token_type_ids) to the
 # first call: text-only decoding, all this engine does with them, is a plain KV-cache loop.
 _IMAGE_INPUTS_ONLY = frozenset({"Gemma3ForConditionalGeneration"})
+
+
+# The oldest transformers whose internals the engine calls as it does (mask helpers taking
+# ``inputs_embeds`` and ``layer_idx``: 5.0-5.13 fail every model's load-time check);
+# pyproject.toml declares the same bound.
+MIN_TRANSFORMERS = "5.14"
+
+
+def check_transformers_version(version: str | None = None) -> None:
+    """UnsupportedModelError, naming the installed version, below ``MIN_TRANSFORMERS``."""
+    version = transformers.__version__ if version is None else version
+    if Version(version) < Version(MIN_TRANSFORMERS):
+        raise UnsupportedModelError(
+            f"transformers {version} is installed; the layer-wise engine needs transformers "
+            f">= {MIN_TRANSFORMERS} (pip install -U 'transformers>={MIN_TRANSFORMERS},<6')"
+        )
 
 
 def attention_layer_types(config: PretrainedConfig, num_layers: int, owner: str) -> list[str]:
@@ -88,9 +106,17 @@ def check_cache_layers(layers: nn.ModuleList, owner: str) -> None:
     """The engine's cache has one layer per decoder layer, and a decoder layer's attention
     writes the cache layer of its own index (``layer_idx``). A family whose decoder layer
     holds attention of other cache indices (LongCat-Flash: two per layer, 2i and 2i + 1)
-    is refused in one line."""
+    is refused in one line, and so is one whose layers reuse another layer's keys and values
+    (Gemma 4's KV sharing: a draft or verification range would miss the layer that holds
+    them)."""
     for index, layer in enumerate(layers):
         for name, module in layer.named_modules():
+            if getattr(module, "is_kv_shared_layer", False) is True:
+                raise UnsupportedModelError(
+                    f"{owner}: decoder layer {index} reuses another layer's keys and values "
+                    "(KV sharing, num_kv_shared_layers); the layer-wise engine keeps one cache "
+                    "layer per decoder layer"
+                )
             cache_index = getattr(module, "layer_idx", None)
             if isinstance(cache_index, int) and cache_index != index:
                 raise UnsupportedModelError(

@@ -19,7 +19,7 @@ import logging
 import re
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -33,6 +33,7 @@ from self_speculation.model_support import (
     SLIDING_ATTENTION,
     attention_layer_types,
     check_cache_layers,
+    check_transformers_version,
     generation_hook_limit,
     refuse_unusable_weights,
     rotary_position_limit,
@@ -42,6 +43,26 @@ from self_speculation.trees import TreeColumns
 logger = logging.getLogger(__name__)
 
 _BASE_MODEL_ATTRIBUTES = ("model", "transformer", "base_model")
+
+
+def cache_keyword(function: Callable) -> str:
+    """The keyword under which ``function`` (a decoder layer's forward, a mask helper) takes
+    the KV cache: ``cache`` from transformers 5.24 on (where ``past_key_values`` is a
+    deprecated alias, warned about at every run and due to go in 5.40; after that, a cache
+    passed under the old name would land in ``**kwargs``, unused), ``past_key_values``
+    before. A function that names neither (it hands ``**kwargs`` on) gets the name the
+    installed transformers' mask helpers use."""
+    parameters = inspect.signature(function).parameters
+    if "cache" in parameters:
+        return "cache"
+    if "past_key_values" in parameters:
+        return "past_key_values"
+    return _MASK_CACHE_KEYWORD
+
+
+_MASK_CACHE_KEYWORD = (
+    "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+)
 
 
 def find_base_model(model: nn.Module) -> nn.Module:
@@ -182,6 +203,7 @@ class LayerwiseModel:
     """
 
     def __init__(self, model: PreTrainedModel, verify: bool = True) -> None:
+        check_transformers_version()
         self.model = model
         self.config = model.config.get_text_config(decoder=True)
         owner = type(model).__name__
@@ -197,6 +219,17 @@ class LayerwiseModel:
             raise UnsupportedModelError(f"{owner} has no LM head (get_output_embeddings)")
         self.lm_head = lm_head
         self.num_layers = len(self.layers)
+        # One name for every layer (and exit adapter: a copy of one) of a transformers version.
+        self.cache_keyword = (
+            cache_keyword(self.layers[0].forward) if self.layers else _MASK_CACHE_KEYWORD
+        )
+        # Gemma 4 from transformers 5.24: the last layer of each attention type stores its
+        # keys and values in a dict its model's forward hands every layer (for layers that
+        # reuse them, refused above, or an assistant model): each call gets a fresh one.
+        self._stores_shared_kv = any(
+            getattr(module, "store_full_length_kv", False) is True
+            for module in self.layers.modules()
+        )
         self._layer_ids = [id(layer) for layer in self.layers]  # replaced_module
         # Longest sequence (prompt + generated) the model takes; None when it states none.
         self.context_length: int | None = (
@@ -387,8 +420,8 @@ class LayerwiseModel:
                 attention_mask=(
                     None if padding_mask is None else padding_mask[:, : past + hidden.shape[1]]
                 ),
-                past_key_values=cache,
                 position_ids=position_ids,
+                **{_MASK_CACHE_KEYWORD: cache},
                 **({"layer_idx": index} if cache is not None else {}),
             )
         return masks
@@ -510,8 +543,9 @@ class LayerwiseModel:
             attention_mask=masks[layer_type],
             position_embeddings=rotary[layer_type if self.rotary_per_layer_type else None],
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=cache is not None,
+            **{self.cache_keyword: cache},
+            **({"shared_kv_states": {}} if self._stores_shared_kv else {}),
         )
         if isinstance(hidden, tuple):  # older layer signatures return (hidden, ...)
             hidden = hidden[0]
@@ -547,8 +581,8 @@ class LayerwiseModel:
                     config=self.config,
                     inputs_embeds=hidden,
                     attention_mask=padding_mask,
-                    past_key_values=None,
                     position_ids=position_ids,
+                    **{_MASK_CACHE_KEYWORD: None},
                 )
             }
         else:
