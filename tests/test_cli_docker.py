@@ -99,7 +99,7 @@ def test_docker_md_lists_the_same_commands() -> None:
     text = " ".join(DOCKER_MD.read_text().split())
     commands = [" ".join(command.split()) for command in readme_setup_commands()]
     assert in_order(commands, text), commands
-    assert "python -m pytest -q tests" in text
+    assert "python -m pytest -q -n 2 --dist loadfile tests" in text
     assert 'python generate.py --prompt "def fibonacci(n):"' in text
     assert "--build-arg TORCH_INDEX_URL=" in text  # the CUDA variant
     default_command = re.search(r"^CMD (\[.*\])$", DOCKERFILE.read_text(), re.MULTILINE).group(1)

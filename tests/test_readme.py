@@ -33,7 +33,7 @@ SET_UP = [
     "python3 -m venv .venv",
     ". .venv/bin/activate",
 ]
-TEST_COMMAND = "python -m pytest -q tests"
+TEST_COMMAND = "python -m pytest -q -n 2 --dist loadfile tests"
 MAIN_COMMAND_PREFIX = 'python generate.py --prompt "def fibonacci(n):"'
 
 
