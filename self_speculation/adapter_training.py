@@ -99,10 +99,8 @@ def compute_targets(
                 "targets again"
             ) from None
         if isinstance(found, dict) and isinstance(found.get("model"), str):
-            found = {
-                **found,
-                "model": real_location(found["model"]),
-            }  # as an earlier run spelled it
+            # as an earlier run spelled it
+            found = {**found, "model": real_location(found["model"])}
         if found != wanted:
             raise ConfigError(
                 f"{folder} holds targets for other settings ({found}); use another --cache_dir"

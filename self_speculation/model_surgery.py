@@ -45,6 +45,12 @@ logger = logging.getLogger(__name__)
 _BASE_MODEL_ATTRIBUTES = ("model", "transformer", "base_model")
 
 
+# The name the installed transformers' mask helpers take the cache under.
+_MASK_CACHE_KEYWORD = (
+    "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+)
+
+
 def cache_keyword(function: Callable) -> str:
     """The keyword under which ``function`` (a decoder layer's forward, a mask helper) takes
     the KV cache: ``cache`` from transformers 5.24 on (where ``past_key_values`` is a
@@ -58,11 +64,6 @@ def cache_keyword(function: Callable) -> str:
     if "past_key_values" in parameters:
         return "past_key_values"
     return _MASK_CACHE_KEYWORD
-
-
-_MASK_CACHE_KEYWORD = (
-    "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-)
 
 
 def find_base_model(model: nn.Module) -> nn.Module:
