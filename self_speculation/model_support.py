@@ -309,6 +309,9 @@ _CHECKPOINT_PROCESSORS = {
 
 
 UNAPPLIED_SETTING_NAMES = tuple(_CHECKPOINT_PROCESSORS)
+# Values other than the default that change no token: a floor of 0 keeps every token, as
+# none does; 0 new tokens before the end of sequence is no constraint.
+_ALSO_NEUTRAL = {"min_p": 0, "min_new_tokens": 0, "min_length": 1}
 
 
 def unapplied_generation_settings(model: nn.Module) -> list[str]:
@@ -321,7 +324,7 @@ def unapplied_generation_settings(model: nn.Module) -> list[str]:
         value = getattr(generation_config, name, neutral)
         if value is None or value == neutral or value in ([], {}, ()):
             continue
-        if name == "min_p" and value == 0:  # keeps every token, as none does
+        if value == _ALSO_NEUTRAL.get(name, neutral):
             continue
         found.append(f"{name}={value!r}")
     return found

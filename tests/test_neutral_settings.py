@@ -14,7 +14,14 @@ def test_neutral_min_p_and_empty_sequence_bias_are_not_reported() -> None:
     model = make_tiny_model("llama_gqa_tied", dtype=torch.float32)
     model.generation_config.min_p = 0.0
     model.generation_config.sequence_bias = {}
+    model.generation_config.min_new_tokens = 0
+    model.generation_config.min_length = 1  # a prompt has at least one token
     assert unapplied_generation_settings(model) == []
+    model.generation_config.min_new_tokens = 2
+    model.generation_config.min_length = 5
+    assert unapplied_generation_settings(model) == ["min_length=5", "min_new_tokens=2"]
+    model.generation_config.min_new_tokens = None
+    model.generation_config.min_length = 0
     model.generation_config.min_p = 0.05
     model.generation_config.sequence_bias = {(3,): -1.0}
     assert unapplied_generation_settings(model) == ["sequence_bias={(3,): -1.0}", "min_p=0.05"]
