@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,33 @@ def _check_loglikelihood_exit(
     return exit_layer
 
 
+@contextlib.contextmanager
+def _quiet_git_probe():
+    """lm-eval records the working directory's commit by running ``git describe``, whose
+    "fatal: not a git repository" reaches the terminal outside a checkout: run it quietly."""
+    import lm_eval.evaluator as evaluator
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is not None:
+        evaluator.get_git_commit_hash = _git_commit
+    try:
+        yield
+    finally:
+        if original is not None:
+            evaluator.get_git_commit_hash = original
+
+
+def _git_commit() -> str | None:
+    """The working directory's ``git describe --always``, or None outside a checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always"], capture_output=True, text=True, check=False
+        )
+    except OSError:  # no git
+        return None
+    return done.stdout.strip() or None
+
+
 class _DropMetadataHint(logging.Filter):
     """lm-eval warns about --metadata (a flag of its own CLI) for every local task, in two
     lines; it means nothing here."""
@@ -312,7 +340,7 @@ def main(argv: list[str]) -> int:
 
         files = run_files(args.output_dir, "eval", context)
         cache = _cache_path(evaluation, args, generation, config, exit_layer)
-        with JsonlWriter(files.samples) as writer:
+        with JsonlWriter(files.samples) as writer, _quiet_git_probe():
             lm = LayerSkipLM(
                 generator, config, exit_layer, seed=args.seed, on_generation=_writing(writer)
             )
