@@ -804,11 +804,8 @@ class Generator:
             and (self.steps_ahead if self.steps_ahead is not None else device.type == "cuda")
         )
 
-        # A step issued ahead was drawn before the rows that the read just finished could
-        # leave; sampling step by step, they leave one step later too, so that a seed draws
-        # the same text either way (with or without a streamer or stop words on a GPU).
-        shed_late = strategy.selector.sample and not ahead
-        finished_before: set[int] = set()
+        # (A step issued ahead runs before the rows the read just finished can leave; a
+        # sampled row draws the same numbers either way: ``DecodingState.uniforms``.)
 
         def issue(remaining: int) -> StepResult:
             """The next step for the rows still running (``remaining``: the most tokens a
@@ -873,13 +870,8 @@ class Generator:
             if all(reason is not None for reason in reasons):
                 break
             keep = None
-            finished = {prompt for prompt in order if reasons[prompt] is not None}
             if self.shed_finished_rows:
-                staying = finished - finished_before if shed_late else set()
-                keep = self._rows_to_keep(
-                    strategy, [reasons[i] is None or i in staying for i in order]
-                )
-            finished_before = finished
+                keep = self._rows_to_keep(strategy, [reasons[i] is None for i in order])
             if keep is not None:
                 for index, prompt in enumerate(order):
                     if index not in keep:

@@ -60,9 +60,13 @@ from self_speculation.draft import DraftExit, cache_layers
 from self_speculation.kv_cache import BufferPool, ColumnKVCache
 from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.sampling import (
+    draw,
+    finite_or_uniform,
     greedy_accept,
     kept_tokens,
     non_finite,
+    speculative_accept,
+    warped,
 )
 from self_speculation.trees import TokenTree, TreeColumns, greedy_tree_accept
 
@@ -280,13 +284,8 @@ class ForwardPasses:
         # say where a step's time goes (on CUDA each timed call synchronises).
         self.pass_seconds: dict[tuple, list] | None = None
         self._seen: set[tuple] = set()
-        self._early: Callable = self._early_eager
-        self._verify: Callable = self._verify_eager
-        self._greedy_drafts: Callable = self._greedy_drafts_eager
-        self._greedy_step: Callable = self._greedy_step_eager
-        self._tree_step: Callable = self._tree_step_eager
-        self._decode_step: Callable = self._decode_step_eager
-        self._counted_greedy_step: Callable = self._counted_greedy_step_eager
+        for name in _PASS_NAMES:  # self._early = self._early_eager, ... (compiled below)
+            setattr(self, f"_{name}", getattr(self, f"_{name}_eager"))
         self._tree_tensors: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._attention_configs: list = []
         # Compiled passes keep their cache buffers from one generation to the next, at
@@ -321,13 +320,8 @@ class ForwardPasses:
             if model.device.type == "cpu" and compile_backend() == "inductor":
                 # Compiled CPU calls use the grouped few-query attention (attention.py).
                 self._attention_configs = sdpa_configs(model.model)
-            self._early = _compiled(self._early_eager, options)
-            self._verify = _compiled(self._verify_eager, options)
-            self._greedy_drafts = _compiled(self._greedy_drafts_eager, options)
-            self._greedy_step = _compiled(self._greedy_step_eager, options)
-            self._tree_step = _compiled(self._tree_step_eager, options)
-            self._decode_step = _compiled(self._decode_step_eager, options)
-            self._counted_greedy_step = _compiled(self._counted_greedy_step_eager, options)
+            for name in _PASS_NAMES:
+                setattr(self, f"_{name}", _compiled(getattr(self, f"_{name}_eager"), options))
             # Their compiled versions go when these passes go (``_with_own_code``).
             weakref.finalize(self, _forget_compiled, list(_OWN_CODES.pop(self, ())))
 
@@ -337,13 +331,8 @@ class ForwardPasses:
         self.fallback_reason = reason
         self.compiled = False
         _PRECOMPILED.pop(self, None)
-        self._early = self._early_eager
-        self._verify = self._verify_eager
-        self._greedy_drafts = self._greedy_drafts_eager
-        self._greedy_step = self._greedy_step_eager
-        self._tree_step = self._tree_step_eager
-        self._decode_step = self._decode_step_eager
-        self._counted_greedy_step = self._counted_greedy_step_eager
+        for name in _PASS_NAMES:
+            setattr(self, f"_{name}", getattr(self, f"_{name}_eager"))
         self._attention_configs = []
 
     def _timed(self, key: tuple, function: Callable, *args) -> object:
@@ -517,6 +506,20 @@ class ForwardPasses:
     @staticmethod
     def tree_step_key(exit_layer: int, batch: int, branching: tuple[int, ...]) -> tuple:
         return ("tree_step", exit_layer, batch, branching)
+
+    # Sampled passes: the warp settings (temperature, top_k, top_p) are compiled into them,
+    # so they are part of the key (a pass kept on disk runs without dynamo's guards).
+    @staticmethod
+    def sampled_decode_step_key(end: int, batch: int, warp: tuple) -> tuple:
+        return ("sampled_decode_step", end, batch, warp)
+
+    @staticmethod
+    def sampled_step_key(exit_layer: int, batch: int, count: int, warp: tuple) -> tuple:
+        return ("sampled_step", exit_layer, batch, count, warp)
+
+    @staticmethod
+    def counted_sampled_step_key(exit_layer: int, batch: int, count: int, warp: tuple) -> tuple:
+        return ("counted_sampled_step", exit_layer, batch, count, warp)
 
     def ready(self, keys: list[tuple]) -> bool:
         """Whether calls with these keys run without compiling (always, when eager)."""
@@ -930,6 +933,170 @@ class ForwardPasses:
             count,
         )
 
+    def _sampled_decode_step_eager(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        uniforms: torch.Tensor,
+        stop_ids: torch.Tensor,
+        limit: torch.Tensor,
+        generated: torch.Tensor,
+        reason: torch.Tensor,
+        statistics: torch.Tensor,
+        end: int,
+        warp: tuple,
+    ) -> tuple[torch.Tensor, ...]:
+        columns = lengths[:, None] - 1  # [batch, 1]: the pending tokens'
+        logits, _ = self._early_eager(tokens.gather(1, columns), columns, cache, pad_counts, end)
+        bad = non_finite(logits)  # [batch]: the row stops before this token
+        new_tokens = _warped_draw(logits, bad, uniforms[:, 0], warp)[0][:, None]  # [batch, 1]
+        counts = (reason == 0).long()  # running rows add one token
+        books = (stop_ids, limit, generated, reason, statistics)
+        zero = torch.zeros_like(counts)
+        return _closed(
+            tokens, lengths, new_tokens, counts, new_tokens[:, :0], zero, bad[:, None], 0, books
+        )
+
+    @torch.no_grad()
+    def sampled_decode_step(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        uniforms: torch.Tensor,
+        books: tuple[torch.Tensor, ...],
+        end: int,
+        warp: tuple,
+    ) -> tuple[torch.Tensor, ...]:
+        """``decode_step`` sampling: the token drawn with ``uniforms`` [batch, 1] from the
+        logits warped by ``warp`` (temperature, top_k, top_p: ``sampling.warped``)."""
+        key = self.sampled_decode_step_key(end, tokens.shape[0], warp)
+        _mark_dynamic_sizes(tokens, books[0], self.compiled)
+        return self._timed(
+            key, self._sampled_decode_step, tokens, lengths, cache, pad_counts, uniforms, *books,
+            end, warp,
+        )  # fmt: skip
+
+    def _sampled_step_eager(
+        self,
+        pending: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        made: torch.Tensor,
+        uniforms: torch.Tensor,
+        exit_layer: int,
+        count: int,
+        warp: tuple,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        positions = torch.arange(count + 1, device=lengths.device)
+        columns = lengths[:, None] - 1 + positions  # [batch, k + 1]
+        tokens = pending  # [batch, 1]
+        drafts, states, draft_probs = [], [], []
+        for i in range(count):
+            logits, hidden = self._early_eager(
+                tokens, columns[:, i : i + 1], cache, pad_counts, exit_layer
+            )
+            # A broken draft only proposes: drawn uniformly, and verification is told so.
+            chosen, probs = _warped_draw(logits, non_finite(logits), uniforms[:, i], warp)
+            tokens = chosen[:, None]
+            drafts.append(tokens)
+            states.append(hidden)
+            draft_probs.append(probs)
+        drafts = torch.cat(drafts, dim=1)  # [batch, k]
+        drafted = positions[:count] < made  # [k]: the drafts verification uses
+        draft_tokens = torch.where(drafted, drafts, -1)
+        exit_states = torch.nn.functional.pad(
+            torch.where(drafted[None, :, None], torch.cat(states, dim=1), 0), (0, 0, 0, 1)
+        )  # [batch, k + 1, hidden]
+        last_tokens = drafts.gather(1, (made - 1).expand(len(drafts), 1))  # [batch, 1]
+        logits = self._verify_eager(
+            last_tokens, exit_states, made, columns, cache, pad_counts, exit_layer
+        )  # [batch, k + 1, vocab]
+        bad = non_finite(logits)  # [batch, k + 1]
+        target_probs = torch.softmax(warped(finite_or_uniform(logits, bad).float(), *warp), dim=-1)
+        accepted, next_tokens = speculative_accept(
+            draft_tokens,
+            torch.stack(draft_probs, dim=1),
+            target_probs,
+            uniforms=uniforms[:, count:],
+        )
+        return kept_tokens(draft_tokens, accepted, next_tokens), accepted, draft_tokens, bad
+
+    @torch.no_grad()
+    def sampled_step(
+        self,
+        pending: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        made: torch.Tensor,
+        uniforms: torch.Tensor,
+        exit_layer: int,
+        count: int,
+        warp: tuple,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``greedy_step`` sampling: ``count`` drafts drawn from the early exit's warped
+        distributions, verification of the first ``made`` and speculative acceptance
+        (``sampling.speculative_accept``), in one call. ``uniforms`` [batch, 2 count + 1]:
+        the drafts' draws, the acceptance tests, the residual or bonus token's draw (what
+        the eager step draws with: ``TokenSelector.uniforms``)."""
+        key = self.sampled_step_key(exit_layer, pending.shape[0], count, warp)
+        return self._timed(
+            key, self._sampled_step, pending, lengths, cache, pad_counts, made, uniforms,
+            exit_layer, count, warp,
+        )  # fmt: skip
+
+    def _counted_sampled_step_eager(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        made: torch.Tensor,
+        uniforms: torch.Tensor,
+        stop_ids: torch.Tensor,
+        limit: torch.Tensor,
+        generated: torch.Tensor,
+        reason: torch.Tensor,
+        statistics: torch.Tensor,
+        exit_layer: int,
+        count: int,
+        warp: tuple,
+    ) -> tuple[torch.Tensor, ...]:
+        pending = tokens.gather(1, lengths[:, None] - 1)  # [batch, 1]
+        new_tokens, accepted, drafts, bad = self._sampled_step_eager(
+            pending, lengths, cache, pad_counts, made, uniforms, exit_layer, count, warp
+        )
+        counts = (accepted + 1) * (reason == 0)  # running rows add accepted + 1 tokens
+        books = (stop_ids, limit, generated, reason, statistics)
+        return _closed(tokens, lengths, new_tokens, counts, drafts, accepted, bad, made, books)
+
+    @torch.no_grad()
+    def counted_sampled_step(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        made: torch.Tensor,
+        uniforms: torch.Tensor,
+        books: tuple[torch.Tensor, ...],
+        exit_layer: int,
+        count: int,
+        warp: tuple,
+    ) -> tuple[torch.Tensor, ...]:
+        """``sampled_step`` with its token write and bookkeeping, in one call."""
+        key = self.counted_sampled_step_key(exit_layer, tokens.shape[0], count, warp)
+        _mark_dynamic_sizes(tokens, books[0], self.compiled)
+        return self._timed(
+            key, self._counted_sampled_step, tokens, lengths, cache, pad_counts, made, uniforms,
+            *books, exit_layer, count, warp,
+        )  # fmt: skip
+
     def _tree_step_eager(
         self,
         pending: torch.Tensor,
@@ -1044,6 +1211,16 @@ def _closed(
     return (tokens, lengths, new_tokens, counts, drafts, accepted, bad, *booked)
 
 
+def _warped_draw(
+    logits: torch.Tensor, bad: torch.Tensor, uniform: torch.Tensor, warp: tuple
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [batch] drawn with ``uniform`` [batch] from ``logits`` [batch, vocab] warped
+    by ``warp``, uniformly where ``bad`` [batch] (non-finite logits), and the distributions
+    drawn from [batch, vocab]: what ``TokenSelector.choose`` does without processors."""
+    probs = torch.softmax(warped(finite_or_uniform(logits, bad).float(), *warp), dim=-1)
+    return draw(probs, uniform), probs
+
+
 def _mark_dynamic_sizes(tokens: torch.Tensor, stop_ids: torch.Tensor, compiled: bool) -> None:
     """Marks dynamic (compiled once) a compiled step's sizes that vary between generations
     of one batch size: the token buffer's columns (its capacity follows the prompt, as the
@@ -1054,8 +1231,17 @@ def _mark_dynamic_sizes(tokens: torch.Tensor, stop_ids: torch.Tensor, compiled: 
         torch._dynamo.maybe_mark_dynamic(stop_ids, 0)
 
 
-# Names of the ints in each pass key after its kind (for the log line before a compile).
+# The compiled passes: ``_<name>_eager`` is each one's code, ``_<name>`` what calls run
+# (compiled, or the eager code itself).
+_PASS_NAMES = (
+    "early", "verify", "greedy_drafts", "greedy_step", "tree_step", "decode_step",
+    "counted_greedy_step", "sampled_decode_step", "sampled_step", "counted_sampled_step",
+)  # fmt: skip
+# Names of the values in each pass key after its kind (for the log line before a compile).
 _KEY_NAMES = {
+    "sampled_decode_step": ("end layer", "batch", "sampling (temperature, top_k, top_p)"),
+    "sampled_step": ("exit layer", "batch", "drafts", "sampling (temperature, top_k, top_p)"),
+    "counted_sampled_step": ("exit layer", "batch", "drafts", "sampling (temperature, top_k, top_p)"),
     "decode_step": ("end layer", "batch"),
     "counted_greedy_step": ("exit layer", "batch", "drafts"),
     "greedy_step": ("exit layer", "batch", "drafts"),

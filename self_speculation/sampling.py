@@ -83,7 +83,8 @@ def check_checkpoint_processors(checkpoint: object, vocab_size: int) -> None:
 
 
 def _warpers(config: GenerationConfig) -> LogitsProcessorList:
-    """Sampling warpers: functions of one row of logits each, so they run on [rows, vocab]."""
+    """transformers' sampling warpers for ``config`` (what ``warped`` computes; its tests
+    compare the two)."""
     warpers = LogitsProcessorList()
     if config.sample:
         if config.temperature != 1.0:
@@ -93,6 +94,43 @@ def _warpers(config: GenerationConfig) -> LogitsProcessorList:
         if config.top_p < 1.0:
             warpers.append(TopPLogitsWarper(config.top_p))
     return warpers
+
+
+def warp_settings(config: GenerationConfig) -> tuple[float, int, float] | None:
+    """(temperature, top_k, top_p) when ``config`` samples (``warped``), else None."""
+    if not config.sample:
+        return None
+    return (float(config.temperature), int(config.top_k), float(config.top_p))
+
+
+def warped(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits [..., vocab] after the sampling warpers as transformers' ``generate`` applies
+    them: divided by the temperature, then all but the ``top_k`` largest (0: off) and all
+    outside the smallest set of largest tokens holding ``top_p`` of the probability (1.0:
+    off) at -inf, keeping at least one. Tensor operations only, so that a compiled step
+    warps inside its graph and draws what eager decoding draws."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ascending, order = logits.sort(dim=-1)
+        below = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p  # [..., vocab]
+        below[..., -1] = False  # the most likely token stays
+        logits = logits.masked_fill(below.scatter(-1, order, below), float("-inf"))
+    return logits
+
+
+def draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Tokens [...] drawn from ``probs`` [..., vocab] with ``uniform`` [...] in [0, 1):
+    inverse transform sampling, the first token whose cumulative probability (in float64)
+    exceeds ``uniform`` times the total. A token of probability 0 is never drawn. Tensor
+    operations only: a compiled step draws as eager decoding does from the same numbers."""
+    cumulative = probs.to(torch.float64).cumsum(dim=-1)  # [..., vocab]
+    tokens = (cumulative <= uniform[..., None] * cumulative[..., -1:]).sum(dim=-1)
+    # u * total rounded up to the total (about once in 2**24 draws): the likeliest token.
+    return torch.where(tokens < probs.shape[-1], tokens, probs.argmax(dim=-1))
 
 
 class TokenSelector:
@@ -123,8 +161,15 @@ class TokenSelector:
     ) -> None:
         self.sample = config.sample
         self.context_processors = _context_processors(config, checkpoint)
-        self.warpers = _warpers(config)
+        # (temperature, top_k, top_p) when sampling (``warped``); None when greedy.
+        self.warp = warp_settings(config)
         self.generator = generator
+
+    def uniforms(self, *shape: int, device: torch.device) -> torch.Tensor:
+        """Uniform numbers in [0, 1) of ``shape`` from the selector's random source: what a
+        sampled step draws from (a self-speculative step of k drafts draws [batch, 2k + 1]
+        at its start: k drafts, k acceptance tests, the residual or bonus token)."""
+        return torch.rand(*shape, generator=self.generator, device=device)
 
     def process(
         self,
@@ -142,7 +187,7 @@ class TokenSelector:
             lengths: columns before position 0's prediction, per row, [batch].
         """
         logits = logits.float()
-        batch, positions, vocab = logits.shape
+        batch, positions, _ = logits.shape
         if self.context_processors:
             ends = (lengths[:, None] + torch.arange(positions, device=lengths.device)).tolist()
             logits = torch.stack(
@@ -159,11 +204,8 @@ class TokenSelector:
                     for row in range(batch)
                 ]
             )
-        if self.warpers:
-            # Warpers ignore the token ids; an empty id tensor keeps the call cheap.
-            flat = logits.reshape(batch * positions, vocab)  # [batch * positions, vocab]
-            empty_ids = tokens.new_zeros(batch * positions, 0)
-            logits = self.warpers(empty_ids, flat).reshape(batch, positions, vocab)
+        if self.warp is not None:
+            logits = warped(logits, *self.warp)
         return logits
 
     def distributions(
@@ -200,6 +242,7 @@ class TokenSelector:
         pad_counts: torch.Tensor,
         lengths: torch.Tensor,
         require_allowed: bool = False,
+        uniform: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The next token of every row from ``logits`` [batch, vocab].
 
@@ -212,6 +255,9 @@ class TokenSelector:
             [batch, vocab] and the rows the processors left nothing to draw from [batch]
             bool (``distributions``: a draft there is drawn uniformly and only proposed; any
             other token there must not be kept); None, None when greedy.
+
+        ``uniform``: the numbers [batch] a sampled choice draws with (``draw``); None: new
+        ones from the selector's random source.
         """
         logits = logits.unsqueeze(1)  # [batch, 1, vocab]
         if not self.sample and not self.context_processors:
@@ -224,7 +270,9 @@ class TokenSelector:
         if not self.sample:
             return processed.argmax(dim=-1), None, None
         probs, empty = _drawable(processed)  # [batch, vocab], [batch]
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0], probs, empty
+        if uniform is None:
+            uniform = self.uniforms(len(probs), device=probs.device)
+        return draw(probs, uniform), probs, empty
 
 
 def _drawable(processed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,6 +344,7 @@ def speculative_accept(
     draft_probs: torch.Tensor,
     target_probs: torch.Tensor,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling verification for a batch (Leviathan et al. 2023, Alg. 1;
     Chen et al. 2023).
@@ -310,7 +359,9 @@ def speculative_accept(
             from p (the bonus token of the real drafts).
         draft_probs: [batch, k, vocab] draft distributions q (any values where no draft).
         target_probs: [batch, k + 1, vocab] target distributions p.
-        generator: random source.
+        generator: random source (when ``uniforms`` is None).
+        uniforms: the numbers [batch, k + 1] in [0, 1) it draws with: the acceptance
+            tests, then the residual or bonus token's (``draw``); None: new ones.
 
     Returns:
         accepted_counts [batch] and the next tokens [batch] (residual sample or bonus).
@@ -320,7 +371,9 @@ def speculative_accept(
     index = draft_tokens.clamp_min(0).unsqueeze(2)  # [batch, k, 1]
     p = target_probs[:, :k].gather(2, index)[..., 0]  # [batch, k]
     q = draft_probs.gather(2, index)[..., 0]  # [batch, k]
-    uniform = torch.rand(batch, k, generator=generator, device=draft_tokens.device)
+    if uniforms is None:
+        uniforms = torch.rand(batch, k + 1, generator=generator, device=draft_tokens.device)
+    uniform = uniforms[:, :k]  # [batch, k]
     # u < p / q without dividing by q; strict, since torch.rand returns exactly 0 about once
     # in 2**24 draws, and a draft the target forbids (p = 0) must never be accepted.
     accepted = (uniform * q < p) & drafted
@@ -336,5 +389,5 @@ def speculative_accept(
     total = residual.sum(dim=1, keepdim=True)  # [batch, 1]
     # residual == 0 only when p == q, where rejection has probability 0; guard rounding.
     residual = torch.where(total > 0, residual / total.clamp_min(1e-30), p_at)
-    next_tokens = torch.multinomial(residual, 1, generator=generator)[:, 0]  # [batch]
+    next_tokens = draw(residual, uniforms[:, k])  # [batch]
     return accepted_counts, next_tokens

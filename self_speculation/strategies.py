@@ -58,6 +58,8 @@ class DecodingState:
         prompt_width: columns of the padded prompts (generation starts there).
         cache: the shared KV cache of all layers.
         draft_policy: per-row acceptance statistics of the ``adaptive`` strategy.
+        rows: which of the generation's rows each row is, [batch], once rows have left
+            (``select_rows``); None: all of them, in order.
     """
 
     tokens: torch.Tensor
@@ -66,6 +68,10 @@ class DecodingState:
     prompt_width: int
     cache: ColumnKVCache
     draft_policy: DraftPolicy | None = None
+    rows: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.num_rows = len(self.lengths)  # rows the generation started with
 
     def pending_tokens(self) -> torch.Tensor:
         """The newest token of each row, [batch, 1]."""
@@ -81,6 +87,7 @@ class DecodingState:
         needs is cut too (their columns all move left by the same amount; positions,
         which count from each row's first real token, do not change)."""
         index = torch.tensor(list(rows), device=self.lengths.device)
+        self.rows = index if self.rows is None else self.rows[index]
         pad_counts = self.pad_counts[index]
         first_column = int(pad_counts.min())
         # The buffer keeps its columns (the cache's do too): the last first_column are free.
@@ -91,6 +98,14 @@ class DecodingState:
         self.cache.select_rows(index, first_column)
         if self.draft_policy is not None:
             self.draft_policy.select_rows(index)
+
+    def uniforms(self, selector: TokenSelector, per_row: int) -> torch.Tensor:
+        """A sampled step's random numbers, [batch, per_row] (``TokenSelector.uniforms``):
+        drawn for every row the generation started with, so that what a row draws does
+        not depend on when finished rows left the batch (compiled decoding keeps some
+        longer, and a step issued ahead of the host's read runs before they leave)."""
+        drawn = selector.uniforms(self.num_rows, per_row, device=self.lengths.device)
+        return drawn if self.rows is None else drawn[self.rows]
 
     def generated(self, row: int, count: int) -> list[int]:
         """The first ``count`` generated tokens of ``row``."""
@@ -228,6 +243,15 @@ class GenerationStrategy(abc.ABC):
         )
 
     @property
+    def _compiled_sampled(self) -> bool:
+        """Sampling (temperature, top-k, top-p) without logits processors on the compiled
+        path: the draws run inside the compiled calls too (``sampling.draw``), with numbers
+        drawn before each step (``TokenSelector.uniforms``), as eager decoding draws them."""
+        return (
+            self.passes.compiled and self.selector.sample and not self.selector.context_processors
+        )
+
+    @property
     @abc.abstractmethod
     def prefill_layers(self) -> int:
         """How many layers the prompt runs through."""
@@ -303,20 +327,31 @@ class GenerationStrategy(abc.ABC):
         )
 
     def _choose_allowed(
-        self, logits: torch.Tensor, state: DecodingState, healing: bool
+        self,
+        logits: torch.Tensor,
+        state: DecodingState,
+        healing: bool,
+        uniform: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The next token of every row [batch] from ``logits`` [batch, vocab], where what
         healing or the reduced vocabulary rule out is at -inf; a ConfigError when the logits
         processors ban every token a row may still take after healing, or greedily over a
         reduced vocabulary (the choice would be a banned token). Also, when sampling, the
         rows the processors left nothing to draw from [batch] bool (``TokenSelector.choose``;
-        None when greedy): the generator stops them before that token."""
+        None when greedy): the generator stops them before that token. ``uniform``: the
+        numbers [batch] a sampled choice draws with (``DecodingState.uniforms``); None: new
+        ones for these rows."""
         # Sampling over a reduced vocabulary stops a row the processors leave nothing in
         # (as over the full one); greedy would choose a banned token outside it.
         restricted = healing or (self._reduced_vocabulary and not self.selector.sample)
         try:
             tokens, _, empty = self.selector.choose(
-                logits, state.tokens, state.pad_counts, state.lengths, require_allowed=restricted
+                logits,
+                state.tokens,
+                state.pad_counts,
+                state.lengths,
+                require_allowed=restricted,
+                uniform=uniform,
             )
         except NoAllowedToken as banned:
             processors = (
@@ -365,25 +400,42 @@ class AutoRegressiveGenerationStrategy(GenerationStrategy):
     @property
     def _books_in_step(self) -> bool:
         """The step, its token write and its bookkeeping in one compiled call
-        (``decode_step``)."""
-        return self._compiled_greedy
+        (``decode_step``, ``sampled_decode_step``)."""
+        return self._compiled_greedy or self._compiled_sampled
 
     def pass_keys(self, batch_size: int) -> list[tuple]:
+        exit_layer = self.config.exit_layer
+        if self._compiled_sampled:
+            return [
+                ForwardPasses.sampled_decode_step_key(exit_layer, batch_size, self.selector.warp)
+            ]
         if self._books_in_step:
-            return [ForwardPasses.decode_step_key(self.config.exit_layer, batch_size)]
-        return [ForwardPasses.early_key(self.config.exit_layer, batch_size)]
+            return [ForwardPasses.decode_step_key(exit_layer, batch_size)]
+        return [ForwardPasses.early_key(exit_layer, batch_size)]
 
     def counted_step(self, state: DecodingState, num_drafts: int, books: RowBooks) -> StepResult:
         if not self._books_in_step:
             return super().counted_step(state, num_drafts, books)
-        outputs = self.passes.decode_step(
-            state.tokens,
-            state.lengths,
-            state.cache,
-            state.pad_counts,
-            books.tensors(),
-            self.config.exit_layer,
-        )
+        if self._compiled_sampled:
+            outputs = self.passes.sampled_decode_step(
+                state.tokens,
+                state.lengths,
+                state.cache,
+                state.pad_counts,
+                state.uniforms(self.selector, 1),
+                books.tensors(),
+                self.config.exit_layer,
+                self.selector.warp,
+            )
+        else:
+            outputs = self.passes.decode_step(
+                state.tokens,
+                state.lengths,
+                state.cache,
+                state.pad_counts,
+                books.tensors(),
+                self.config.exit_layer,
+            )
         return _from_counted_step(outputs, state, books)
 
     def step(self, state: DecodingState, num_drafts: int, active: torch.Tensor) -> StepResult:
@@ -397,7 +449,8 @@ class AutoRegressiveGenerationStrategy(GenerationStrategy):
         bad = non_finite(logits)  # [batch]
         if self.selector.sample:
             logits = finite_or_uniform(logits, bad)
-        tokens, empty = self._choose_allowed(logits, state, healing=False)
+        uniform = state.uniforms(self.selector, 1)[:, 0] if self.selector.sample else None
+        tokens, empty = self._choose_allowed(logits, state, healing=False, uniform=uniform)
         if empty is not None:  # nothing to draw from: the row stops before this token
             bad = bad | empty
         counts = active.long()  # [batch]
@@ -434,14 +487,19 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
         return 2 * (self.config.num_speculations + 1)
 
     def pass_keys(self, batch_size: int) -> list[tuple]:
+        k, exit_layer = self.config.num_speculations, self.config.exit_layer
+        if self._books_in_step and self._fused_sampled_step:
+            warp = self.selector.warp
+            return [ForwardPasses.counted_sampled_step_key(exit_layer, batch_size, k, warp)]
         if self._books_in_step:
-            k, exit_layer = self.config.num_speculations, self.config.exit_layer
             return [ForwardPasses.counted_greedy_step_key(exit_layer, batch_size, k)]
         return self.speculate_keys(batch_size)
 
     def speculate_keys(self, batch_size: int) -> list[tuple]:
         """The keys of the passes ``_speculate`` calls (a step without its bookkeeping)."""
         k, exit_layer = self.config.num_speculations, self.config.exit_layer
+        if self._fused_sampled_step:
+            return [ForwardPasses.sampled_step_key(exit_layer, batch_size, k, self.selector.warp)]
         if self._fused_step:
             return [ForwardPasses.greedy_step_key(exit_layer, batch_size, k)]
         drafts = (
@@ -465,34 +523,45 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
         return self.one_call_greedy_step and self._fused_drafts
 
     @property
+    def _fused_sampled_step(self) -> bool:
+        """Sampled drafting, verification and speculative acceptance in one compiled call
+        (``ForwardPasses.sampled_step``): without logits processors or a confidence stop."""
+        return self._compiled_sampled and self.config.draft_confidence_threshold <= 0
+
+    @property
     def _books_in_step(self) -> bool:
         """The fused step with its token write and bookkeeping in one compiled call: the
         plain chain's step only (a strategy that steps or speculates otherwise, as trees
         and ``adaptive`` do, keeps its books outside)."""
         kind, chain = type(self), SelfSpeculativeGenerationStrategy
         plain = kind.step is chain.step and kind._speculate is chain._speculate
-        return plain and self._fused_step
+        return plain and (self._fused_step or self._fused_sampled_step)
+
+    def _step_uniforms(self, state: DecodingState) -> torch.Tensor | None:
+        """The numbers a sampled step draws with, [batch, 2k + 1]
+        (``TokenSelector.uniforms``); None when greedy."""
+        if not self.selector.sample:
+            return None
+        return state.uniforms(self.selector, 2 * self.config.num_speculations + 1)
 
     def counted_step(self, state: DecodingState, num_drafts: int, books: RowBooks) -> StepResult:
         if not self._books_in_step:
             return super().counted_step(state, num_drafts, books)
-        k = self.config.num_speculations
+        k, exit_layer = self.config.num_speculations, self.config.exit_layer
         made = max(1, min(num_drafts, k))
         # Always k drafts (one compiled shape); verification uses the first ``made``.
-        outputs = self.passes.counted_greedy_step(
-            state.tokens,
-            state.lengths,
-            state.cache,
-            state.pad_counts,
-            self._count(made),
-            books.tensors(),
-            self.config.exit_layer,
-            k,
-        )
+        head = (state.tokens, state.lengths, state.cache, state.pad_counts, self._count(made))
+        if self._fused_sampled_step:
+            outputs = self.passes.counted_sampled_step(
+                *head, self._step_uniforms(state), books.tensors(), exit_layer, k,
+                self.selector.warp,
+            )  # fmt: skip
+        else:
+            outputs = self.passes.counted_greedy_step(*head, books.tensors(), exit_layer, k)
         return _from_counted_step(outputs, state, books, made)
 
     def _draft(
-        self, state: DecodingState, num_drafts: int
+        self, state: DecodingState, num_drafts: int, uniforms: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
         """Draft up to ``num_drafts`` tokens per row with layers [0, E).
 
@@ -519,7 +588,9 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
             draft_tokens = drafts[:, :num_drafts]  # [batch, made]
             exit_states = exit_states[:, :num_drafts]  # [batch, made, hidden]
         else:
-            draft_tokens, exit_states, draft_probs = self._draft_one_by_one(state, num_drafts)
+            draft_tokens, exit_states, draft_probs = self._draft_one_by_one(
+                state, num_drafts, uniforms
+            )
         made = draft_tokens.shape[1]
         missing = k - made
         draft_tokens = torch.nn.functional.pad(draft_tokens, (0, missing), value=-1)
@@ -531,10 +602,10 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
         return draft_tokens, states, stacked_probs, made
 
     def _draft_one_by_one(
-        self, state: DecodingState, num_drafts: int
+        self, state: DecodingState, num_drafts: int, uniforms: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
         """Drafts through one ``early`` call each, with the selector's processors and the
-        confidence stop.
+        confidence stop; when sampling, draft i draws with ``uniforms[:, i]``.
 
         Returns:
             Draft tokens [batch, made], the exit-layer states of the pending token and
@@ -554,7 +625,11 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
             if self.selector.sample:  # a draft only proposes: a broken one is just rejected
                 logits = finite_or_uniform(logits, non_finite(logits))
             chosen, probs, _ = self.selector.choose(
-                logits, state.tokens, state.pad_counts, state.lengths + i
+                logits,
+                state.tokens,
+                state.pad_counts,
+                state.lengths + i,
+                uniform=None if uniforms is None else uniforms[:, i],
             )  # [batch], [batch, vocab] or None
             drafts.append(chosen)
             draft_probs.append(probs)
@@ -588,7 +663,20 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
         """
         k, exit_layer = self.config.num_speculations, self.config.exit_layer
         num_drafts = max(1, min(num_drafts, k))
-        if self._fused_step:
+        if self._fused_sampled_step:
+            new_tokens, accepted_counts, draft_tokens, bad = self.passes.sampled_step(
+                state.pending_tokens(),
+                state.lengths,
+                state.cache,
+                state.pad_counts,
+                self._count(num_drafts),
+                self._step_uniforms(state),
+                exit_layer,
+                k,
+                self.selector.warp,
+            )  # [batch, k + 1], [batch], [batch, k], [batch, k + 1]
+            made = num_drafts
+        elif self._fused_step:
             # Always k drafts (one compiled shape); verification uses the first num_drafts.
             new_tokens, accepted_counts, draft_tokens, bad = self.passes.greedy_step(
                 state.pending_tokens(),
@@ -617,7 +705,8 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
             verification logits were not finite [batch, k + 1].
         """
         k, exit_layer = self.config.num_speculations, self.config.exit_layer
-        draft_tokens, exit_states, draft_probs, made = self._draft(state, num_drafts)
+        uniforms = self._step_uniforms(state)
+        draft_tokens, exit_states, draft_probs, made = self._draft(state, num_drafts, uniforms)
         last_tokens = draft_tokens[:, made - 1 : made]  # [batch, 1]
         # Compiled passes keep one shape (k + 1 positions); eager ones verify only the
         # positions drafted (a k far above the tokens left verified k + 1 every step).
@@ -643,7 +732,7 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
             # Zero past the drafts, which are never accepted: the draws are a k-step's.
             target_probs = torch.nn.functional.pad(target_probs, (0, 0, 0, unverified))
             accepted_counts, next_tokens = speculative_accept(
-                draft_tokens, draft_probs, target_probs, self.selector.generator
+                draft_tokens, draft_probs, target_probs, uniforms=uniforms[:, k:]
             )
         else:
             target_tokens = self.selector.greedy_tokens(

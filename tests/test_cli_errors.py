@@ -771,7 +771,7 @@ def test_batch_bound_refuses_an_engine_run_of_other_settings(
 
 
 @pytest.mark.parametrize(
-    "script", ["engine", "adapter", "drafting_bound", "batch_bound", "heldout_accuracy"]
+    "script", ["engine", "adapter", "drafting_bound", "batch_bound", "heldout_accuracy", "sampled"]
 )
 def test_benchmark_output_replaces_only_its_own_earlier_result(
     script, tmp_path: Path, monkeypatch, capsys
