@@ -1241,7 +1241,12 @@ _PASS_NAMES = (
 _KEY_NAMES = {
     "sampled_decode_step": ("end layer", "batch", "sampling (temperature, top_k, top_p)"),
     "sampled_step": ("exit layer", "batch", "drafts", "sampling (temperature, top_k, top_p)"),
-    "counted_sampled_step": ("exit layer", "batch", "drafts", "sampling (temperature, top_k, top_p)"),
+    "counted_sampled_step": (
+        "exit layer",
+        "batch",
+        "drafts",
+        "sampling (temperature, top_k, top_p)",
+    ),
     "decode_step": ("end layer", "batch"),
     "counted_greedy_step": ("exit layer", "batch", "drafts"),
     "greedy_step": ("exit layer", "batch", "drafts"),
