@@ -50,6 +50,13 @@ def batch_bucket(rows: int) -> int:
     return 1 << max(rows - 1, 0).bit_length()
 
 
+def mark_static(tensor: torch.Tensor) -> None:
+    """Mark ``tensor`` a static address without a guard on its identity: torch < 2.9 guards
+    by default, and each generation's new views of the pooled buffers then recompiled every
+    compiled pass ("Cache line invalidated because L['cache'].keys[6] got deallocated")."""
+    torch._dynamo.mark_static_address(tensor, guard=False)
+
+
 def is_static_address(tensor: torch.Tensor) -> bool:
     """Whether dynamo treats ``tensor`` as living at a fixed address (CUDA graphs)."""
     return getattr(tensor, "_dynamo_static_input_type", None) is not None
@@ -105,7 +112,7 @@ class BufferPool:
                 )
                 held = _zeros_like_keys(key, value, batch_bucket(rows), capacity)
             for buffer in held:
-                torch._dynamo.mark_static_address(buffer)
+                mark_static(buffer)
             buffers[layer] = held
             self.allocations += 1
         else:
@@ -214,7 +221,7 @@ class ColumnKVCache(Cache):
         keys, values = (buffer[: self.rows] for buffer in self._buffers[layer])
         for view in (keys, values):
             if self.pool is not None:
-                torch._dynamo.mark_static_address(view)
+                mark_static(view)
             if self.dynamic:
                 torch._dynamo.maybe_mark_dynamic(view, 2)
         self.keys[layer], self.values[layer] = keys, values
