@@ -40,6 +40,7 @@ import inspect
 import itertools
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -316,6 +317,7 @@ class ForwardPasses:
         self._loaded: set[tuple] = set()  # keys whose compiled pass came from disk
         # Why compiling was given up (the passes then run eagerly), or None.
         self.fallback_reason: str | None = None
+        self._removed: set[Path] = set()  # damaged files removed from inductor's cache
         if compile:
             reason = missing_compiler(model.device)
             if reason is not None:
@@ -393,6 +395,17 @@ class ForwardPasses:
                     if self.model.device.type == "cuda":
                         torch.cuda.synchronize(self.model.device)
         except _COMPILE_FAILURES as error:
+            damaged = _damaged_compiled_file(error)
+            if damaged is not None and damaged not in self._removed:
+                logger.warning(
+                    "compiling the %s pass: %s in inductor's cache is damaged (left by an "
+                    "interrupted compile?); removed, compiling again",
+                    key[0],
+                    damaged,
+                )
+                self._removed.add(damaged)
+                damaged.unlink(missing_ok=True)
+                return self._timed(key, function, *args)
             self._fall_back(f"compiling the {key[0]} pass failed: {_first_line(error)}")
             return self._counted(key, getattr(self, f"_{key[0]}_eager"), *args)
         elapsed = time.perf_counter() - started
@@ -1283,6 +1296,22 @@ _COMPILE_FAILURES = (
         else []
     ),
 )
+
+
+def _damaged_compiled_file(error: BaseException) -> Path | None:
+    """The library in inductor's on-disk cache that a failed compile could not load because
+    it is empty or cut short (a compile killed while writing it: every later process would
+    fail on it), or None."""
+    inner = getattr(error, "inner_exception", None) or error
+    if not isinstance(inner, ImportError | OSError):
+        return None
+    found = re.search(r"(/\S+\.so): (file too short|invalid ELF header)", str(inner))
+    if found is None:
+        return None
+    from torch._inductor.runtime.cache_dir_utils import cache_dir  # noqa: PLC0415
+
+    path = Path(found.group(1))
+    return path if path.resolve().is_relative_to(Path(cache_dir()).resolve()) else None
 
 
 def _first_line(error: BaseException) -> str:
