@@ -56,6 +56,7 @@ from self_speculation.loading import (
     inspect_model,
 )
 from self_speculation.output_safety import check_output_dir as check_output_dir  # re-exported
+from self_speculation.passes import fast_path_measured
 
 logger = logging.getLogger(__name__)
 
@@ -362,6 +363,8 @@ class GenerationArguments:
         process (None: not known): auto compiles from COMPILE_BREAK_EVEN_TOKENS on."""
         if self.compile != "auto":
             return self.compile == "true"
+        if not fast_path_measured():  # an older torch: compile only when asked to
+            return False
         return expected_tokens is not None and expected_tokens >= COMPILE_BREAK_EVEN_TOKENS
 
     def announce_compile(self, expected_tokens: int | None) -> None:
@@ -370,6 +373,13 @@ class GenerationArguments:
         if self.compile != "auto":
             return
         on = self.compile_for(expected_tokens)
+        if not fast_path_measured():
+            logger.info(
+                "--compile auto: eager decoding (the fast path's speed was measured on torch "
+                ">= 2.8, this is %s; --compile True uses it anyway)",
+                torch.__version__,
+            )
+            return
         logger.log(
             logging.INFO if on else logging.DEBUG,
             "--compile auto: %s (%s tokens expected in this process; compiling pays from about %s)",

@@ -202,6 +202,12 @@ def compile_options(device: torch.device) -> dict:
     return {**common, "options": options}
 
 
+def fast_path_measured() -> bool:
+    """Whether the installed torch is one the fast path's speed was measured on (>= 2.8,
+    where torch.compile takes a guard filter): ``--compile auto`` uses it there only."""
+    return hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe")
+
+
 @functools.cache
 def _guard_filter() -> dict:
     """The guard filter option where torch.compile takes one (torch >= 2.8); older torch
