@@ -812,15 +812,8 @@ class ForwardPasses:
         drafts, states = self._greedy_drafts_eager(
             pending, columns[:, :1], cache, pad_counts, exit_layer, count
         )  # [batch, k], [batch, k, hidden]
-        drafted = positions[:count] < made  # [k]: the drafts verification uses
-        draft_tokens = torch.where(drafted, drafts, -1)
-        # Exit-layer states of the pending token and the drafts but the last, zero past them.
-        exit_states = torch.nn.functional.pad(
-            torch.where(drafted[None, :, None], states, 0), (0, 0, 0, 1)
-        )  # [batch, k + 1, hidden]
-        last_tokens = drafts.gather(1, (made - 1).expand(len(drafts), 1))  # [batch, 1]
-        logits = self._verify_eager(
-            last_tokens, exit_states, made, columns, cache, pad_counts, exit_layer
+        logits, draft_tokens = self._verified(
+            drafts, states, made, columns, cache, pad_counts, exit_layer
         )
         accepted_counts, next_tokens = greedy_accept(draft_tokens, logits.argmax(dim=-1))
         return (
@@ -829,6 +822,30 @@ class ForwardPasses:
             draft_tokens,
             non_finite(logits),  # [batch, k + 1]
         )
+
+    def _verified(
+        self,
+        drafts: torch.Tensor,
+        states: torch.Tensor,
+        made: torch.Tensor,
+        columns: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        exit_layer: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Verification of the first ``made`` of ``drafts`` [batch, k], whose exit-layer
+        states are ``states`` [batch, k, hidden]: the full model's logits at the k + 1
+        positions [batch, k + 1, vocab], and the drafts with -1 past ``made`` [batch, k]."""
+        drafted = torch.arange(drafts.shape[1], device=drafts.device) < made  # [k]
+        # Exit-layer states of the pending token and the drafts but the last, zero past them.
+        exit_states = torch.nn.functional.pad(
+            torch.where(drafted[None, :, None], states, 0), (0, 0, 0, 1)
+        )  # [batch, k + 1, hidden]
+        last_tokens = drafts.gather(1, (made - 1).expand(len(drafts), 1))  # [batch, 1]
+        logits = self._verify_eager(
+            last_tokens, exit_states, made, columns, cache, pad_counts, exit_layer
+        )
+        return logits, torch.where(drafted, drafts, -1)
 
     @torch.no_grad()
     def greedy_step(
@@ -932,12 +949,9 @@ class ForwardPasses:
         count: int,
     ) -> tuple[torch.Tensor, ...]:
         pending = tokens.gather(1, lengths[:, None] - 1)  # [batch, 1]
-        new_tokens, accepted, drafts, bad = self._greedy_step_eager(
-            pending, lengths, cache, pad_counts, made, exit_layer, count
-        )
-        counts = (accepted + 1) * (reason == 0)  # running rows add accepted + 1 tokens
+        step = self._greedy_step_eager(pending, lengths, cache, pad_counts, made, exit_layer, count)
         books = (stop_ids, limit, generated, reason, statistics)
-        return _closed(tokens, lengths, new_tokens, counts, drafts, accepted, bad, made, books)
+        return _closed_speculative(tokens, lengths, step, made, books)
 
     @torch.no_grad()
     def counted_greedy_step(
@@ -1041,16 +1055,10 @@ class ForwardPasses:
             drafts.append(tokens)
             states.append(hidden)
             draft_probs.append(probs)
-        drafts = torch.cat(drafts, dim=1)  # [batch, k]
-        drafted = positions[:count] < made  # [k]: the drafts verification uses
-        draft_tokens = torch.where(drafted, drafts, -1)
-        exit_states = torch.nn.functional.pad(
-            torch.where(drafted[None, :, None], torch.cat(states, dim=1), 0), (0, 0, 0, 1)
-        )  # [batch, k + 1, hidden]
-        last_tokens = drafts.gather(1, (made - 1).expand(len(drafts), 1))  # [batch, 1]
-        logits = self._verify_eager(
-            last_tokens, exit_states, made, columns, cache, pad_counts, exit_layer
-        )  # [batch, k + 1, vocab]
+        logits, draft_tokens = self._verified(
+            torch.cat(drafts, dim=1), torch.cat(states, dim=1), made, columns, cache,
+            pad_counts, exit_layer,
+        )  # fmt: skip
         bad = non_finite(logits)  # [batch, k + 1]
         target_probs = torch.softmax(warped(finite_or_uniform(logits, bad).float(), *warp), dim=-1)
         accepted, next_tokens = speculative_accept(
@@ -1103,12 +1111,11 @@ class ForwardPasses:
         warp: tuple,
     ) -> tuple[torch.Tensor, ...]:
         pending = tokens.gather(1, lengths[:, None] - 1)  # [batch, 1]
-        new_tokens, accepted, drafts, bad = self._sampled_step_eager(
+        step = self._sampled_step_eager(
             pending, lengths, cache, pad_counts, made, uniforms, exit_layer, count, warp
         )
-        counts = (accepted + 1) * (reason == 0)  # running rows add accepted + 1 tokens
         books = (stop_ids, limit, generated, reason, statistics)
-        return _closed(tokens, lengths, new_tokens, counts, drafts, accepted, bad, made, books)
+        return _closed_speculative(tokens, lengths, step, made, books)
 
     @torch.no_grad()
     def counted_sampled_step(
@@ -1302,6 +1309,20 @@ _COMPILE_FAILURES = (
         else []
     ),
 )
+
+
+def _closed_speculative(
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    step: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    made: torch.Tensor,
+    books: tuple[torch.Tensor, ...],
+) -> tuple[torch.Tensor, ...]:
+    """``_closed`` for a self-speculative step (new tokens, accepted counts, drafts,
+    non-finite flags): running rows (reason 0, ``books[3]``) add accepted + 1 tokens."""
+    new_tokens, accepted, drafts, bad = step
+    counts = (accepted + 1) * (books[3] == 0)
+    return _closed(tokens, lengths, new_tokens, counts, drafts, accepted, bad, made, books)
 
 
 def _damaged_compiled_file(error: BaseException) -> Path | None:
