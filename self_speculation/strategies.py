@@ -60,6 +60,7 @@ class DecodingState:
         draft_policy: per-row acceptance statistics of the ``adaptive`` strategy.
         rows: which of the generation's rows each row is, [batch], once rows have left
             (``select_rows``); None: all of them, in order.
+        num_rows: rows the generation started with (0: ``len(lengths)``).
     """
 
     tokens: torch.Tensor
@@ -69,9 +70,11 @@ class DecodingState:
     cache: ColumnKVCache
     draft_policy: DraftPolicy | None = None
     rows: torch.Tensor | None = None
+    num_rows: int = 0
 
     def __post_init__(self) -> None:
-        self.num_rows = len(self.lengths)  # rows the generation started with
+        if not self.num_rows:
+            self.num_rows = len(self.lengths)
 
     def pending_tokens(self) -> torch.Tensor:
         """The newest token of each row, [batch, 1]."""
