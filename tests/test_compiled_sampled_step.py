@@ -15,7 +15,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_one_call_step import PROMPTS, _tensor_calls
+from test_one_call_step import PROMPTS, STRATEGIES, _tensor_calls
 from tiny_models import make_tiny_model, make_tiny_tokenizer
 
 from self_speculation import GenerationConfig, Generator
@@ -28,11 +28,6 @@ WARPS = [
     dict(temperature=1.3, top_k=5, top_p=1.0),
     dict(temperature=0.7, top_k=50, top_p=0.3),
     dict(temperature=1.0, top_k=1000, top_p=0.001),
-]
-STRATEGIES = [
-    dict(generation_strategy="autoregressive"),
-    dict(generation_strategy="self_speculative", exit_layer=1, num_speculations=3),
-    dict(generation_strategy="self_speculative", exit_layer=3, num_speculations=5),
 ]
 
 
