@@ -213,15 +213,14 @@ def _guard_filter() -> dict:
     """The guard filter option where torch.compile takes one (torch >= 2.8); older torch
     keeps the guards on modules and weights (the same code, about 0.75 ms more per call),
     said once."""
-    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
-    if skip is None:
+    if not fast_path_measured():
         logger.warning(
             "fast path: torch %s has no guard filter (torch >= 2.8); compiled calls also "
             "check the model's modules (slower)",
             torch.__version__,
         )
         return {}
-    return {"guard_filter_fn": skip}
+    return {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
 
 
 def _compiled(function: Callable, options: dict) -> Callable:
@@ -904,18 +903,8 @@ class ForwardPasses:
         columns = lengths[:, None] - 1  # [batch, 1]: the pending tokens'
         logits, _ = self._early_eager(tokens.gather(1, columns), columns, cache, pad_counts, end)
         new_tokens = logits.argmax(dim=-1, keepdim=True)  # [batch, 1]
-        counts = (reason == 0).long()  # running rows add one token
-        return _closed(
-            tokens,
-            lengths,
-            new_tokens,
-            counts,
-            new_tokens[:, :0],  # no drafts
-            torch.zeros_like(counts),
-            non_finite(logits)[:, None],
-            0,  # drafts made
-            (stop_ids, limit, generated, reason, statistics),
-        )
+        books = (stop_ids, limit, generated, reason, statistics)
+        return _closed_decode(tokens, lengths, new_tokens, non_finite(logits), books)
 
     @torch.no_grad()
     def decode_step(
@@ -1001,12 +990,8 @@ class ForwardPasses:
         logits, _ = self._early_eager(tokens.gather(1, columns), columns, cache, pad_counts, end)
         bad = non_finite(logits)  # [batch]: the row stops before this token
         new_tokens = _warped_draw(logits, bad, uniforms[:, 0], warp)[0][:, None]  # [batch, 1]
-        counts = (reason == 0).long()  # running rows add one token
         books = (stop_ids, limit, generated, reason, statistics)
-        zero = torch.zeros_like(counts)
-        return _closed(
-            tokens, lengths, new_tokens, counts, new_tokens[:, :0], zero, bad[:, None], 0, books
-        )
+        return _closed_decode(tokens, lengths, new_tokens, bad, books)
 
     @torch.no_grad()
     def sampled_decode_step(
@@ -1060,11 +1045,10 @@ class ForwardPasses:
             pad_counts, exit_layer,
         )  # fmt: skip
         bad = non_finite(logits)  # [batch, k + 1]
-        target_probs = torch.softmax(warped(finite_or_uniform(logits, bad).float(), *warp), dim=-1)
         accepted, next_tokens = speculative_accept(
             draft_tokens,
             torch.stack(draft_probs, dim=1),
-            target_probs,
+            _warped_probs(logits, bad, warp),
             uniforms=uniforms[:, count:],
         )
         return kept_tokens(draft_tokens, accepted, next_tokens), accepted, draft_tokens, bad
@@ -1259,8 +1243,14 @@ def _warped_draw(
     """Tokens [batch] drawn with ``uniform`` [batch] from ``logits`` [batch, vocab] warped
     by ``warp``, uniformly where ``bad`` [batch] (non-finite logits), and the distributions
     drawn from [batch, vocab]: what ``TokenSelector.choose`` does without processors."""
-    probs = torch.softmax(warped(finite_or_uniform(logits, bad).float(), *warp), dim=-1)
+    probs = _warped_probs(logits, bad, warp)
     return draw(probs, uniform), probs
+
+
+def _warped_probs(logits: torch.Tensor, bad: torch.Tensor, warp: tuple) -> torch.Tensor:
+    """Distributions [..., vocab] of ``logits`` warped by ``warp``, uniform where ``bad``
+    [...] (non-finite logits)."""
+    return torch.softmax(warped(finite_or_uniform(logits, bad).float(), *warp), dim=-1)
 
 
 def _mark_dynamic_sizes(tokens: torch.Tensor, stop_ids: torch.Tensor, compiled: bool) -> None:
@@ -1309,6 +1299,22 @@ _COMPILE_FAILURES = (
         else []
     ),
 )
+
+
+def _closed_decode(
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    new_tokens: torch.Tensor,
+    bad: torch.Tensor,
+    books: tuple[torch.Tensor, ...],
+) -> tuple[torch.Tensor, ...]:
+    """``_closed`` for a plain decoding step (one new token per row [batch, 1], non-finite
+    flags [batch]; no drafts): running rows (reason 0, ``books[3]``) add it."""
+    counts = (books[3] == 0).long()
+    return _closed(
+        tokens, lengths, new_tokens, counts, new_tokens[:, :0], torch.zeros_like(counts),
+        bad[:, None], 0, books,
+    )  # fmt: skip
 
 
 def _closed_speculative(
