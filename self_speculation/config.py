@@ -82,16 +82,15 @@ class GenerationConfig:
             those, then the greedy continuation; the depth is its length and stands for
             num_speculations). None: 2, 2, then 1s to depth num_speculations.
         compile: run the decoding passes through ``torch.compile`` (the fast path:
-            inductor, whole-graph, weights frozen on CPU, CUDA graphs on CUDA). The first
-            generation of each (batch size, exit layer, k) pays the compilation; greedy
-            tokens are the same as eager decoding's in float32 and float64 (in bfloat16 and
-            float16 compiled kernels round differently and can flip a near-tied greedy
-            pick: docs/fast-path.md), sampled ones follow the same
-            distribution (a sampled batch whose rows finish apart draws its random
-            numbers in another order: eager decoding drops finished rows, the fast path
-            keeps their slots; ``adaptive`` on a CPU also chooses other chains, its cost
-            model counting the compiled passes' fixed cost, so even one row draws other,
-            equally distributed, text for a seed).
+            inductor, whole-graph, CUDA graphs on CUDA). The first generation of each
+            (batch size, exit layer, k) pays the compilation; greedy tokens are the same
+            as eager decoding's in float32 and float64 (in bfloat16 and float16 compiled
+            kernels round differently and can flip a near-tied greedy pick:
+            docs/fast-path.md), and so are sampled ones for a seed, also for a batch whose
+            rows finish apart (each step draws its random numbers for every row the batch
+            started with: ``DecodingState.uniforms``); ``adaptive`` on a CPU chooses other
+            chains, its cost model counting the compiled passes' fixed cost, so even one
+            row draws other, equally distributed, text for a seed.
     """
 
     max_steps: int = 512

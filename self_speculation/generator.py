@@ -186,6 +186,17 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _random_source(generator: torch.Generator | None, device: torch.device) -> object | None:
+    """The random source a sampled step on ``device`` draws from (``generator``, else the
+    device's default one), or None where there is none to read (another device type)."""
+    if generator is not None:
+        return generator
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
+    return torch.default_generator if device.type == "cpu" else None
+
+
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     """The causal LM inside a ``torch.compile`` wrapper or a PEFT model (its LoRA layers in
     place, merged or not): what the engine decodes layer by layer. A wrapper's class hides
@@ -806,6 +817,11 @@ class Generator:
 
         # (A step issued ahead runs before the rows the read just finished can leave; a
         # sampled row draws the same numbers either way: ``DecodingState.uniforms``.)
+        # The step issued after the last row finished is discarded: its draws are given
+        # back, so that the random source ends where reading step by step leaves it (a
+        # generator shared by later calls draws what it would with a streamer).
+        random = _random_source(generator, device) if ahead and config.sample else None
+        random_state = None
 
         def issue(remaining: int) -> StepResult:
             """The next step for the rows still running (``remaining``: the most tokens a
@@ -836,6 +852,8 @@ class Generator:
             # Counted before this step's read, whether the next step goes ahead of it or
             # not, so that both draft alike (and sampling draws alike).
             remaining = max(limits[i][0] - generated[i] for i in order if reasons[i] is None)
+            if random is not None:
+                random_state = random.get_state()
             upcoming = issue(remaining) if ahead else None
             host = read.values()
             ended = time.perf_counter()  # this step is done (a step issued ahead is not timed)
@@ -884,6 +902,8 @@ class Generator:
                 order = [order[index] for index in keep]
             step = upcoming if upcoming is not None else issue(remaining)
         _synchronize(device)  # a step issued ahead of the last read finishes, untimed
+        if random_state is not None:  # that step's draws, given back
+            random.set_state(random_state)
         total_time = ended - started
         streamer.on_end()
         broken = [row for row in range(batch) if reasons[row] == REASONS[NON_FINITE]]
