@@ -179,7 +179,7 @@ def draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     operations only: a compiled step draws as eager decoding does from the same numbers."""
     cumulative = probs.to(torch.float64).cumsum(dim=-1)  # [..., vocab]
     tokens = (cumulative <= uniform[..., None] * cumulative[..., -1:]).sum(dim=-1)
-    # u * total rounded up to the total (about once in 2**24 draws): the likeliest token.
+    # u * total rounded up to the total (u within 2**-53 of 1): the likeliest token.
     return torch.where(tokens < probs.shape[-1], tokens, probs.argmax(dim=-1))
 
 
@@ -218,8 +218,10 @@ class TokenSelector:
     def uniforms(self, *shape: int, device: torch.device) -> torch.Tensor:
         """Uniform numbers in [0, 1) of ``shape`` from the selector's random source: what a
         sampled step draws from (a self-speculative step of k drafts draws [batch, 2k + 1]
-        at its start: k drafts, k acceptance tests, the residual or bonus token)."""
-        return torch.rand(*shape, generator=self.generator, device=device)
+        at its start: k drafts, k acceptance tests, the residual or bonus token). In
+        float64: with float32's 24 bits a token of probability below 2**-24 would be drawn
+        at a rate of 0 or 2**-24, not at its own."""
+        return torch.rand(*shape, generator=self.generator, device=device, dtype=torch.float64)
 
     def process(
         self,
@@ -422,10 +424,12 @@ def speculative_accept(
     p = target_probs[:, :k].gather(2, index)[..., 0]  # [batch, k]
     q = draft_probs.gather(2, index)[..., 0]  # [batch, k]
     if uniforms is None:
-        uniforms = torch.rand(batch, k + 1, generator=generator, device=draft_tokens.device)
+        uniforms = torch.rand(
+            batch, k + 1, generator=generator, device=draft_tokens.device, dtype=torch.float64
+        )
     uniform = uniforms[:, :k]  # [batch, k]
-    # u < p / q without dividing by q; strict, since torch.rand returns exactly 0 about once
-    # in 2**24 draws, and a draft the target forbids (p = 0) must never be accepted.
+    # u < p / q without dividing by q; strict, since torch.rand can return exactly 0, and a
+    # draft the target forbids (p = 0) must never be accepted.
     accepted = (uniform * q < p) & drafted
     accepted_counts = accepted.long().cumprod(dim=1).sum(dim=1)  # [batch]
     # q at each of the k + 1 positions, zero where no draft was made (and after the last).

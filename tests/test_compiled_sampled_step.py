@@ -20,7 +20,7 @@ from tiny_models import make_tiny_model, make_tiny_tokenizer
 
 from self_speculation import GenerationConfig, Generator
 from self_speculation.passes import COMPILE_BACKEND_VARIABLE
-from self_speculation.sampling import build_logits_processors, draw, warped
+from self_speculation.sampling import TokenSelector, build_logits_processors, draw, warped
 
 WARPS = [
     dict(temperature=1.0, top_k=0, top_p=1.0),
@@ -63,6 +63,23 @@ def test_draw_is_exact_and_never_draws_an_impossible_token() -> None:
     assert draw(probs.expand(4, 6), edges).tolist() == [1, 3, 4, 4]
     # Unnormalised rows (a residual distribution) draw by their proportions too.
     assert draw(torch.tensor([[0.0, 2.0, 6.0]]), torch.tensor([0.3])).tolist() == [2]
+
+
+def test_draws_resolve_tokens_below_float32s_grid() -> None:
+    """Uniforms are float64: a token of probability 1e-9 (below float32's 2**-24 grid) is
+    drawn at its own rate, and the selector's numbers are off that grid."""
+    probs = torch.tensor([[0.3, 1e-9, 0.4]])
+    cumulative = probs[0].double().cumsum(dim=0)
+    inside = (cumulative[:2].mean() / cumulative[-1])[None]  # within the tiny token's share
+    assert draw(probs, inside).tolist() == [1]
+    # No float32 number lies in that share: its neighbours on float32's grid miss it.
+    below = inside.float()
+    above = torch.nextafter(below, torch.tensor([1.0]))
+    assert draw(probs, below).tolist() != [1] and draw(probs, above).tolist() != [1]
+    selector = TokenSelector(GenerationConfig(), torch.Generator().manual_seed(0))
+    uniforms = selector.uniforms(1000, device=torch.device("cpu"))
+    assert uniforms.dtype == torch.float64
+    assert bool((uniforms * 2**24 != (uniforms * 2**24).floor()).any())
 
 
 def _summary(results: list) -> list[tuple]:
