@@ -57,6 +57,7 @@ from self_speculation import (  # noqa: E402
     load_model_and_tokenizer,
 )
 from self_speculation.benchmarking import write_json_atomic  # noqa: E402
+from self_speculation.generator import synchronize  # noqa: E402
 from self_speculation.output_safety import check_output_file  # noqa: E402
 from self_speculation.passes import COMPILE_BACKEND_VARIABLE  # noqa: E402
 from self_speculation.strategies import SelfSpeculativeGenerationStrategy  # noqa: E402
@@ -229,12 +230,12 @@ def memory_bandwidth(device: torch.device, megabytes: int | None = None) -> floa
     megabytes = megabytes or (2048 if device.type == "cuda" else 512)
     data = torch.ones(megabytes * 2**20 // 4, device=device)
     data.sum()
-    _synchronize(device)
+    synchronize(device)
     best = float("inf")
     for _ in range(5):
         started = time.perf_counter()
         data.sum()
-        _synchronize(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - started)
     return data.numel() * 4 / best
 
@@ -248,11 +249,6 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     if not tied:
         total -= embedding.numel() * embedding.element_size()
     return total + embedding.shape[1] * embedding.element_size()
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _peak_rss_reset() -> None:
@@ -352,7 +348,7 @@ def run_transformers(
 
     def generate(prompt: str) -> tuple[list[int], float]:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         output = model.generate(
             ids,
@@ -362,7 +358,7 @@ def run_transformers(
             pad_token_id=tokenizer.pad_token_id,
             **generate_kwargs,
         )
-        _synchronize(device)
+        synchronize(device)
         return output[0, ids.shape[1] :].tolist(), time.perf_counter() - started
 
     started = time.perf_counter()

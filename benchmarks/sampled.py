@@ -32,6 +32,7 @@ from arguments import run_main  # noqa: E402
 from benchmarks.engine import human_eval_prompts  # noqa: E402
 from self_speculation import ConfigError, GenerationConfig, Generator  # noqa: E402
 from self_speculation.benchmarking import write_json_atomic  # noqa: E402
+from self_speculation.generator import synchronize  # noqa: E402
 from self_speculation.loading import load_model_and_tokenizer  # noqa: E402
 from self_speculation.output_safety import check_output_file  # noqa: E402
 from self_speculation.strategies import GenerationStrategy  # noqa: E402
@@ -71,8 +72,10 @@ def _decode(generator: Generator, config: GenerationConfig, prompts: list[str]) 
     """(tok/s, acceptance, token ids per prompt) of one pass over ``prompts``, seeded."""
     tokens = seconds = drafted = accepted = 0
     token_ids = []
+    device = generator.layerwise.device  # a seed's numbers are drawn where the model runs
     for seed, prompt in enumerate(prompts):
-        result = generator.generate(prompt, config, generator=torch.Generator().manual_seed(seed))
+        random = torch.Generator(device=device).manual_seed(seed)
+        result = generator.generate(prompt, config, generator=random)
         tokens += result.num_generated_tokens
         seconds += result.total_time
         drafted += result.num_drafted
@@ -83,15 +86,18 @@ def _decode(generator: Generator, config: GenerationConfig, prompts: list[str]) 
 
 def _transformers_rate(model, tokenizer, prompts: list[str], args: SampledArguments) -> float:
     tokens, seconds = 0, 0.0
+    device = model.device
     for seed, prompt in enumerate(prompts):
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
         torch.manual_seed(seed)
+        synchronize(device)
         started = time.perf_counter()
         output = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_steps,
             do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
             pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
+        synchronize(device)
         seconds += time.perf_counter() - started
         tokens += output.shape[1] - ids.shape[1]
     return tokens / seconds

@@ -39,6 +39,7 @@ from arguments import run_main  # noqa: E402
 from self_speculation.benchmarking import write_json_atomic  # noqa: E402
 from self_speculation.distributed import DistributedContext  # noqa: E402
 from self_speculation.errors import ConfigError  # noqa: E402
+from self_speculation.generator import synchronize  # noqa: E402
 from self_speculation.loading import check_device  # noqa: E402
 from self_speculation.model_surgery import LayerwiseModel  # noqa: E402
 from self_speculation.output_safety import check_output_dir, check_output_file  # noqa: E402
@@ -160,11 +161,6 @@ class _PeakMemory:
         self.peak_mib = peak / 2**20
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _trainer(args: ThroughputArguments, recipe: bool, device: torch.device) -> Trainer:
     """train.py's Trainer on a fresh random model (same seed for both settings)."""
     from transformers import AutoModelForCausalLM
@@ -208,10 +204,10 @@ def measure_training(args: ThroughputArguments) -> list[dict[str, Any]]:
         trainer.train_step(exits[name])  # untimed: allocations, optimizer state
     for _ in range(args.steps):
         for name, trainer in trainers.items():
-            _synchronize(device)
+            synchronize(device)
             started = time.perf_counter()
             trainer.train_step(exits[name])
-            _synchronize(device)
+            synchronize(device)
             seconds[name].append(time.perf_counter() - started)
     rows = []
     for name, trainer in trainers.items():
@@ -268,11 +264,11 @@ def measure_loss_memory(args: ThroughputArguments, num_exits: int, stacked: bool
                 states.append(hidden.clone())
     states = [state.requires_grad_() for state in states]
     loss_function = stacked_early_exit_loss if stacked else early_exit_loss
-    _synchronize(device)
+    synchronize(device)
     with _PeakMemory(device) as memory:
         result = loss_function(states, exit_layers, targets, layerwise.unembed, args.memory_layers)
         result.loss.backward()
-        _synchronize(device)
+        synchronize(device)
     return {
         "loss": "stacked" if stacked else "per_exit",
         "exits": len(exit_layers),

@@ -181,7 +181,8 @@ class StopChecker:
         return None
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Waits for ``device``'s queued work (CUDA; other devices run synchronously here)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -834,7 +835,7 @@ class Generator:
 
         streamer.on_prompt(prompt_ids[0])
         streamer.on_start(healed_text[0])
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         state = strategy.prefill(
             prompt_ids, self.pad_token_id, max(most for most, _ in limits), first_token_allowed
@@ -901,7 +902,7 @@ class Generator:
                     upcoming = upcoming.select_rows(kept_rows)
                 order = [order[index] for index in keep]
             step = upcoming if upcoming is not None else issue(remaining)
-        _synchronize(device)  # a step issued ahead of the last read finishes, untimed
+        synchronize(device)  # a step issued ahead of the last read finishes, untimed
         if random_state is not None:  # that step's draws, given back
             random.set_state(random_state)
         total_time = ended - started
