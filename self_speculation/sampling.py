@@ -172,12 +172,19 @@ def _floor_of(descending: torch.Tensor, top_p: float) -> torch.Tensor:
     return descending.gather(-1, kept - 1)
 
 
+def wide_float(device: torch.device) -> torch.dtype:
+    """The widest float ``device`` computes in: float64, except on MPS (float32 there).
+    What draws are made in (``draw``, ``TokenSelector.uniforms``)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Tokens [...] drawn from ``probs`` [..., vocab] with ``uniform`` [...] in [0, 1):
-    inverse transform sampling, the first token whose cumulative probability (in float64)
-    exceeds ``uniform`` times the total. A token of probability 0 is never drawn. Tensor
-    operations only: a compiled step draws as eager decoding does from the same numbers."""
-    cumulative = probs.to(torch.float64).cumsum(dim=-1)  # [..., vocab]
+    inverse transform sampling, the first token whose cumulative probability (in float64:
+    ``wide_float``) exceeds ``uniform`` times the total. A token of probability 0 is never
+    drawn. Tensor operations only: a compiled step draws as eager decoding does from the
+    same numbers."""
+    cumulative = probs.to(wide_float(probs.device)).cumsum(dim=-1)  # [..., vocab]
     tokens = (cumulative <= uniform[..., None] * cumulative[..., -1:]).sum(dim=-1)
     # u * total rounded up to the total (u within 2**-53 of 1): the likeliest token.
     return torch.where(tokens < probs.shape[-1], tokens, probs.argmax(dim=-1))
@@ -219,9 +226,10 @@ class TokenSelector:
         """Uniform numbers in [0, 1) of ``shape`` from the selector's random source: what a
         sampled step draws from (a self-speculative step of k drafts draws [batch, 2k + 1]
         at its start: k drafts, k acceptance tests, the residual or bonus token). In
-        float64: with float32's 24 bits a token of probability below 2**-24 would be drawn
+        float64 (``wide_float``): with float32's 24 bits a token of probability below 2**-24 would be drawn
         at a rate of 0 or 2**-24, not at its own."""
-        return torch.rand(*shape, generator=self.generator, device=device, dtype=torch.float64)
+        dtype = wide_float(torch.device(device))
+        return torch.rand(*shape, generator=self.generator, device=device, dtype=dtype)
 
     def process(
         self,
@@ -425,7 +433,11 @@ def speculative_accept(
     q = draft_probs.gather(2, index)[..., 0]  # [batch, k]
     if uniforms is None:
         uniforms = torch.rand(
-            batch, k + 1, generator=generator, device=draft_tokens.device, dtype=torch.float64
+            batch,
+            k + 1,
+            generator=generator,
+            device=draft_tokens.device,
+            dtype=wide_float(draft_tokens.device),
         )
     uniform = uniforms[:, :k]  # [batch, k]
     # u < p / q without dividing by q; strict, since torch.rand can return exactly 0, and a

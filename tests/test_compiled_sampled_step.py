@@ -20,7 +20,13 @@ from tiny_models import make_tiny_model, make_tiny_tokenizer
 
 from self_speculation import GenerationConfig, Generator
 from self_speculation.passes import COMPILE_BACKEND_VARIABLE
-from self_speculation.sampling import TokenSelector, build_logits_processors, draw, warped
+from self_speculation.sampling import (
+    TokenSelector,
+    build_logits_processors,
+    draw,
+    warped,
+    wide_float,
+)
 
 WARPS = [
     dict(temperature=1.0, top_k=0, top_p=1.0),
@@ -79,6 +85,7 @@ def test_draws_resolve_tokens_below_float32s_grid() -> None:
     selector = TokenSelector(GenerationConfig(), torch.Generator().manual_seed(0))
     uniforms = selector.uniforms(1000, device=torch.device("cpu"))
     assert uniforms.dtype == torch.float64
+    assert wide_float(torch.device("mps")) == torch.float32  # MPS has no float64
     assert bool((uniforms * 2**24 != (uniforms * 2**24).floor()).any())
 
 
