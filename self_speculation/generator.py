@@ -182,9 +182,11 @@ class StopChecker:
 
 
 def synchronize(device: torch.device) -> None:
-    """Waits for ``device``'s queued work (CUDA; other devices run synchronously here)."""
+    """Waits for ``device``'s queued work (CPU work is done when its call returns)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type != "cpu" and hasattr(torch, "accelerator"):  # MPS, XPU (torch >= 2.6)
+        torch.accelerator.synchronize(device)
 
 
 def _random_source(generator: torch.Generator | None, device: torch.device) -> object | None:
@@ -820,9 +822,10 @@ class Generator:
         # sampled row draws the same numbers either way: ``DecodingState.uniforms``.)
         # The step issued after the last row finished is discarded: its draws are given
         # back, so that the random source ends where reading step by step leaves it (a
-        # generator shared by later calls draws what it would with a streamer).
+        # generator shared by later calls draws what it would with a streamer), unless
+        # something else drew from it since (another thread: its numbers must not repeat).
         random = _random_source(generator, device) if ahead and config.sample else None
-        random_state = None
+        random_state = drawn_state = None
 
         def issue(remaining: int) -> StepResult:
             """The next step for the rows still running (``remaining``: the most tokens a
@@ -856,6 +859,8 @@ class Generator:
             if random is not None:
                 random_state = random.get_state()
             upcoming = issue(remaining) if ahead else None
+            if random is not None:
+                drawn_state = random.get_state()
             host = read.values()
             ended = time.perf_counter()  # this step is done (a step issued ahead is not timed)
             kept_list, codes = host[:size], host[size : 2 * size]
@@ -903,8 +908,8 @@ class Generator:
                 order = [order[index] for index in keep]
             step = upcoming if upcoming is not None else issue(remaining)
         synchronize(device)  # a step issued ahead of the last read finishes, untimed
-        if random_state is not None:  # that step's draws, given back
-            random.set_state(random_state)
+        if random_state is not None and torch.equal(random.get_state(), drawn_state):
+            random.set_state(random_state)  # that step's draws, given back
         total_time = ended - started
         streamer.on_end()
         broken = [row for row in range(batch) if reasons[row] == REASONS[NON_FINITE]]

@@ -135,8 +135,8 @@ def _nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     nucleus ends there, else sorts the whole vocabulary; a compiled CPU step bisects
     (``_bisected_floor``: a branch inside a compiled step would need ``torch.cond``, after
     which dynamo loses attribute writes, such as the cache's write columns, in torch 2.13);
-    CUDA sorts. The same rule each way, up to the rounding of the sums."""
-    if probs.device.type == "cuda":
+    other devices (CUDA) sort. The same rule each way, up to the rounding of the sums."""
+    if probs.device.type != "cpu":  # one kernel, no branch (a CUDA graph)
         return _floor_of(probs.sort(dim=-1, descending=True).values, top_p)
     if torch.compiler.is_compiling():
         return _bisected_floor(probs, top_p)
@@ -150,13 +150,14 @@ def _nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def _bisected_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """``_nucleus_floor`` without sorting or branching: the smallest threshold above which
     less than ``top_p`` of the probability lies, found by bisecting its float32 bit pattern
-    (non-negative floats order as their bits do) in 31 masked sums. On a CPU, a seventh of
+    (non-negative floats order as their bits do) in 30 masked sums (a probability's bits
+    are at most 1.0's, below 2**30). On a CPU, a seventh of
     the sort's time for 7 rows of 4096; its result [..., 1] may lie between two
     probabilities: the tokens at or above it are the nucleus."""
     bits = probs.view(torch.int32)  # float32
     low = torch.zeros_like(bits[..., :1])  # more than top_p lies above it (or it is 0)
     high = probs.amax(dim=-1, keepdim=True).view(torch.int32)  # nothing lies above it
-    for _ in range(31):
+    for _ in range(30):
         middle = low + (high - low) // 2
         in_nucleus = (probs * (bits > middle)).sum(dim=-1, keepdim=True) < top_p
         high = torch.where(in_nucleus, middle, high)

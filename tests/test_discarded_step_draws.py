@@ -10,6 +10,7 @@ import torch
 from tiny_models import IdTokenizer, make_repeating_model
 
 from self_speculation import GenerationConfig, Generator
+from self_speculation import generator as generator_module
 
 PROMPTS = [[3, 1, 4], [5, 6, 7, 8, 9]]
 SETTINGS = [
@@ -47,3 +48,31 @@ def test_a_discarded_step_ahead_gives_its_draws_back(
 ) -> None:
     step_by_step = _two_calls(generator, False, settings, seeded)
     assert _two_calls(generator, True, settings, seeded) == step_by_step
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: s["generation_strategy"])
+def test_numbers_another_thread_drew_meanwhile_are_not_handed_out_again(
+    generator: Generator, settings: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something else drawing from the shared source while a step is ahead (another
+    thread, simulated at each host read): the source is not rewound, so those numbers are
+    not drawn again."""
+    random = torch.Generator().manual_seed(5)
+    elsewhere = []
+    values = generator_module._HostRead.values
+
+    def read_while_another_draws(read: object) -> list[int]:
+        torch.rand(4, generator=random)
+        elsewhere.append(random.get_state())
+        return values(read)
+
+    monkeypatch.setattr(generator_module._HostRead, "values", read_while_another_draws)
+    config = GenerationConfig(max_steps=6, sample=True, temperature=1.0, top_p=1.0, **settings)
+    generator.steps_ahead = True
+    try:
+        generator.generate_batch(PROMPTS, config, generator=random)
+    finally:
+        generator.steps_ahead = None
+    # Rewound to before the discarded step, the source would hand out the other draws'
+    # numbers again; it stays where the last of them left it.
+    assert torch.equal(random.get_state(), elsewhere[-1])
