@@ -88,9 +88,9 @@ class GenerationConfig:
             kernels round differently and can flip a near-tied greedy pick:
             docs/fast-path.md), and so are sampled ones for a seed (but for a rare draw at
             top-p's boundary, which eager code and a compiled CPU step round apart), also
-            for a batch whose rows finish apart (each step draws its random numbers for every row the batch
-            started with: ``DecodingState.uniforms``); ``adaptive`` on a CPU chooses other
-            chains, its cost model counting the compiled passes' fixed cost, so even one
+            for a batch whose rows finish apart (each step draws its random numbers for
+            every row the batch started with: ``DecodingState.uniforms``); ``adaptive`` on
+            a CPU chooses other chains, its cost model counting the compiled passes' fixed cost, so even one
             row draws other, equally distributed, text for a seed.
     """
 

@@ -151,9 +151,9 @@ def _bisected_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """``_nucleus_floor`` without sorting or branching: the smallest threshold above which
     less than ``top_p`` of the probability lies, found by bisecting its float32 bit pattern
     (non-negative floats order as their bits do) in 30 masked sums (a probability's bits
-    are at most 1.0's, below 2**30). On a CPU, a seventh of
-    the sort's time for 7 rows of 4096; its result [..., 1] may lie between two
-    probabilities: the tokens at or above it are the nucleus."""
+    are at most 1.0's, below 2**30). On a CPU, a seventh of the sort's time for 7 rows of
+    4096; its result [..., 1] may lie between two probabilities: the tokens at or above it
+    are the nucleus."""
     bits = probs.view(torch.int32)  # float32
     low = torch.zeros_like(bits[..., :1])  # more than top_p lies above it (or it is 0)
     high = probs.amax(dim=-1, keepdim=True).view(torch.int32)  # nothing lies above it
@@ -227,8 +227,8 @@ class TokenSelector:
         """Uniform numbers in [0, 1) of ``shape`` from the selector's random source: what a
         sampled step draws from (a self-speculative step of k drafts draws [batch, 2k + 1]
         at its start: k drafts, k acceptance tests, the residual or bonus token). In
-        float64 (``wide_float``): with float32's 24 bits a token of probability below 2**-24 would be drawn
-        at a rate of 0 or 2**-24, not at its own."""
+        float64 (``wide_float``): with float32's 24 bits a token of probability below
+        2**-24 would be drawn at a rate of 0 or 2**-24, not at its own."""
         dtype = wide_float(torch.device(device))
         return torch.rand(*shape, generator=self.generator, device=device, dtype=dtype)
 
