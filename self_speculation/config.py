@@ -90,8 +90,8 @@ class GenerationConfig:
             top-p's boundary, which eager code and a compiled CPU step round apart), also
             for a batch whose rows finish apart (each step draws its random numbers for
             every row the batch started with: ``DecodingState.uniforms``); ``adaptive`` on
-            a CPU chooses other chains, its cost model counting the compiled passes' fixed cost, so even one
-            row draws other, equally distributed, text for a seed.
+            a CPU chooses other chains, its cost model counting the compiled passes' fixed
+            cost, so even one row draws other, equally distributed, text for a seed.
     """
 
     max_steps: int = 512
