@@ -229,7 +229,7 @@ class TokenSelector:
         at its start: k drafts, k acceptance tests, the residual or bonus token). In
         float64 (``wide_float``): with float32's 24 bits a token of probability below
         2**-24 would be drawn at a rate of 0 or 2**-24, not at its own."""
-        dtype = wide_float(torch.device(device))
+        dtype = wide_float(device)
         return torch.rand(*shape, generator=self.generator, device=device, dtype=dtype)
 
     def process(
