@@ -137,13 +137,18 @@ def _nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     which dynamo loses attribute writes, such as the cache's write columns, in torch 2.13);
     other devices (CUDA) sort. The same rule each way, up to the rounding of the sums."""
     if probs.device.type != "cpu":  # one kernel, no branch (a CUDA graph)
-        return _floor_of(probs.sort(dim=-1, descending=True).values, top_p)
+        return _sorted_floor(probs, top_p)
     if torch.compiler.is_compiling():
         return _bisected_floor(probs, top_p)
     likeliest = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1).values
     # The nucleus ends among the candidates when the mass before the next token reaches top_p.
     if bool((likeliest.cumsum(dim=-1)[..., -1] >= top_p).all()):
         return _floor_of(likeliest, top_p)
+    return _sorted_floor(probs, top_p)
+
+
+def _sorted_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``_nucleus_floor`` by sorting the whole vocabulary."""
     return _floor_of(probs.sort(dim=-1, descending=True).values, top_p)
 
 

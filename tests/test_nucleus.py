@@ -11,11 +11,7 @@ import torch
 from transformers import TopPLogitsWarper
 
 from self_speculation import sampling
-from self_speculation.sampling import _bisected_floor, _floor_of, _nucleus_floor, warped
-
-
-def _sorted_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    return _floor_of(probs.sort(dim=-1, descending=True).values, top_p)
+from self_speculation.sampling import _bisected_floor, _nucleus_floor, _sorted_floor, warped
 
 
 def _rows() -> torch.Tensor:
