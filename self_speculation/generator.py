@@ -61,7 +61,8 @@ class GenerationResult:
             became NaN or infinite, e.g. float16 overflowing, or when sampling the logits
             processors left no token to draw: every one banned by no_repeat_ngram_size; the
             tokens chosen from them are not kept, and a warning says so).
-        total_time: seconds from the prompt's forward to the last token (device-synchronised).
+        total_time: seconds from the prompt's forward to the last token (device-synchronised),
+            less any compiling in between (counted in ``Generator.compile_seconds``).
         num_steps: decoding steps after the prompt's forward (one verification each).
         num_drafted, num_accepted: draft tokens proposed / accepted by verification.
         exit_layer, num_speculations: the settings actually used.
@@ -839,6 +840,7 @@ class Generator:
         streamer.on_prompt(prompt_ids[0])
         streamer.on_start(healed_text[0])
         synchronize(device)
+        compiled_before = self.compile_seconds
         started = time.perf_counter()
         state = strategy.prefill(
             prompt_ids, self.pad_token_id, max(most for most, _ in limits), first_token_allowed
@@ -910,7 +912,9 @@ class Generator:
         synchronize(device)  # a step issued ahead of the last read finishes, untimed
         if random_state is not None and torch.equal(random.get_state(), drawn_state):
             random.set_state(random_state)  # that step's draws, given back
-        total_time = ended - started
+        # Passes compiled during the generation (a new prompt width, a longer cache) compiled
+        # before the last read: their seconds are in compile_seconds, not in the decoding time.
+        total_time = ended - started - (self.compile_seconds - compiled_before)
         streamer.on_end()
         broken = [row for row in range(batch) if reasons[row] == REASONS[NON_FINITE]]
         if broken:
