@@ -188,6 +188,8 @@ def expand_home(path: str | os.PathLike, flag: str) -> str:
 def one_line(error: BaseException, limit: int = 400) -> str:
     """``error``'s message on one line (transformers' messages span several), shortened."""
     text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, KeyError):  # its message is the bare key: "'lm_head.weight'"
+        text = f"{type(error).__name__} {text}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -599,6 +599,21 @@ class LayerwiseModel:
         hidden = self.run_layers(self.embed(input_ids), 0, exit_layer, None, positions)
         return self.unembed(hidden)
 
+    def _offloaded_tied_head(self) -> bool:
+        """Whether the LM head is tied to the input embeddings and offloaded by an accelerate
+        hook while they are not: the hook looks for a head weight that was never saved apart,
+        and transformers' own forward fails (a KeyError)."""
+
+        def offloaded(module: nn.Module | None) -> bool:
+            return bool(getattr(getattr(module, "_hf_hook", None), "offload", False))
+
+        config = self.model.config.get_text_config(decoder=True)
+        return (
+            getattr(config, "tie_word_embeddings", False)
+            and offloaded(self.model.get_output_embeddings())
+            and not offloaded(self.model.get_input_embeddings())
+        )
+
     @torch.no_grad()
     def _verify_against_own_forward(self) -> None:
         """Compare the layer-wise view with the model's own forward on a probe that can see
@@ -639,6 +654,12 @@ class LayerwiseModel:
                     if self.dtype != torch.float32
                     else ""
                 )
+                if self._offloaded_tied_head():
+                    hint = (
+                        "; its LM head shares the input embeddings' weights but is offloaded "
+                        "apart from them, which accelerate cannot load: keep lm_head and "
+                        "embed_tokens on one device"
+                    )
                 raise UnsupportedModelError(
                     f"{owner}: its own forward fails in {dtype} ({one_line(error, 200)}){hint}"
                 ) from None

@@ -11,7 +11,7 @@ import torch
 from tiny_models import save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from self_speculation import ConfigError, GenerationConfig, Generator
+from self_speculation import ConfigError, GenerationConfig, Generator, UnsupportedModelError
 from self_speculation.draft import (
     AdapterConfig,
     DraftExit,
@@ -94,3 +94,18 @@ def test_a_reduced_draft_vocabulary_reads_an_offloaded_head(untied_dir, tmp_path
         assert got.token_ids == expected.token_ids
         assert (got.num_drafted, got.num_accepted) == (expected.num_drafted, expected.num_accepted)
     assert generator.model.lm_head.weight.is_meta  # still offloaded
+
+
+def test_a_tied_head_offloaded_apart_from_its_embeddings_is_refused_with_the_reason(
+    tmp_path,
+) -> None:
+    """accelerate's hook looks for a head weight a tied model never saved apart, so the
+    model's own forward fails with a bare KeyError: the refusal says what to change."""
+    directory = save_tiny_model(tmp_path / "tied", family="llama_gqa_tied")
+    model = offloaded(directory, tmp_path / "offload", "lm_head")
+    with pytest.raises(UnsupportedModelError) as refused:
+        Generator(model, AutoTokenizer.from_pretrained(directory))
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "KeyError 'lm_head.weight'" in message
+    assert "keep lm_head and embed_tokens on one device" in message
