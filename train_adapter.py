@@ -42,6 +42,8 @@ from self_speculation.adapter_training import (
     draft_log_probs,
     load_targets,
     rank_draft_vocab,
+    weights_fingerprint,
+    weights_sum,
 )
 from self_speculation.benchmarking import environment_info, write_json_atomic
 from self_speculation.distributed import DistributedContext
@@ -294,7 +296,7 @@ def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
             f"--chat_prompts {args.chat_prompts}: {args.model}'s tokenizer has no chat template "
             "(use --chat_prompts 0 and --data)"
         )
-    base_checksum = _checksum(model)
+    base_checksum = weights_sum(model)
     record: dict = {
         "arguments": asdict(args),
         "environment": environment_info(generator, DistributedContext()),
@@ -310,6 +312,7 @@ def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
         top_k=args.top_k,
         num_blocks=len(blocks),
         fingerprint=corpus_fingerprint(blocks),
+        model_weights=weights_fingerprint(base_checksum),
     )
     done = compute_targets(
         layerwise,
@@ -367,6 +370,9 @@ def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
     }
     settings_key["init_layer"] = init_layer
     settings_key["model"] = real_location(args.model)  # "m", "./m" and "m/" are one model
+    settings_key["model_weights"] = weights_fingerprint(
+        base_checksum
+    )  # the same folder, retrained since: another
     step, progress_before = _resume(
         output / CHECKPOINT_NAME, adapter, optimizer, schedule, settings_key
     )
@@ -425,7 +431,7 @@ def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
             output / CHECKPOINT_NAME, adapter, optimizer, schedule, step, settings_key, trained
         )
         after = agreement(draft, held_out)
-        if _checksum(model) != base_checksum:
+        if weights_sum(model) != base_checksum:
             raise RuntimeError("a base weight changed during adapter training")
         record.update(
             steps=step,
@@ -456,11 +462,6 @@ def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
     if stop.received is not None:
         raise KeyboardInterrupt
     return record
-
-
-def _checksum(model: torch.nn.Module) -> float:
-    """A cheap fingerprint of every base weight (sum of |w| per tensor, summed in float64)."""
-    return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
 
 
 def _save_checkpoint(
@@ -502,6 +503,12 @@ def _resume(path: Path, adapter, optimizer, schedule, settings: dict) -> tuple[i
         raise damaged from None  # cut short or overwritten
     # A setting an earlier version did not record is taken as unchanged.
     changed = sorted(name for name in settings if name in saved and saved[name] != settings[name])
+    if changed == ["model_weights"]:
+        raise ConfigError(
+            f"{path} continues a run on other weights of --model {settings['model']} "
+            "(retrained or replaced since?): delete it to start over, or choose another "
+            "--output_dir"
+        )
     if changed:
         name = changed[0]
         raise ConfigError(

@@ -47,6 +47,17 @@ def _shard_path(folder: Path, index: int) -> Path:
     return folder / f"shard_{index:05d}.pt"
 
 
+def weights_sum(model: torch.nn.Module) -> float:
+    """The sum of |w| over every weight of ``model``, in float64."""
+    return sum(float(p.detach().double().abs().sum()) for p in model.parameters())
+
+
+def weights_fingerprint(total: float) -> str:
+    """A model's ``weights_sum`` as recorded with what was computed from it: to 12 digits,
+    the same whatever the summation order."""
+    return f"{total:.12g}"
+
+
 def corpus_fingerprint(blocks: torch.Tensor) -> str:
     """A short hash of the token blocks (a target cache is only valid for the same data)."""
     return hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:16]
@@ -62,6 +73,7 @@ class TargetSettings:
     top_k: int
     num_blocks: int
     fingerprint: str
+    model_weights: str = ""  # ``weights_fingerprint``: a model retrained in place is another
 
 
 @torch.no_grad()
@@ -102,6 +114,15 @@ def compute_targets(
             # as an earlier run spelled it
             found = {**found, "model": real_location(found["model"])}
         if found != wanted:
+            if isinstance(found, dict) and {**found, "model_weights": None} == {
+                **wanted,
+                "model_weights": None,
+            }:
+                raise ConfigError(
+                    f"{folder} holds targets computed from other weights of {settings.model} "
+                    "(retrained or replaced since?); delete it to compute them again, or use "
+                    "another --cache_dir"
+                )
             raise ConfigError(
                 f"{folder} holds targets for other settings ({found}); use another --cache_dir"
             )

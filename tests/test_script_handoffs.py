@@ -197,3 +197,42 @@ def test_continued_training_keeps_the_models_recommended_exit_and_k(
     assert train.main([*flags, "--output_dir", str(tmp_path / "given"), "--exit_layer", "3",
                        "--num_speculations", "5"]) == 0  # fmt: skip
     assert recommended(tmp_path / "given") == (3, 5)
+
+
+def test_train_adapter_refuses_targets_and_checkpoints_of_a_model_retrained_in_place(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The target cache and the adapter checkpoint were keyed by the model's location: a
+    model retrained (or replaced) in the same folder reused the old model's cached layer-E
+    states and last-layer targets, and went on training the old model's adapter, silently."""
+    import shutil
+
+    import pytest
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from self_speculation import ConfigError
+    from train_adapter import AdapterTrainArguments, train_adapter
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def add(a, b):\n    return a + b\n\n" * 200)
+    arguments = dict(
+        model=str(model), exit_layer=2, data=[str(corpus)], seq_len=32, max_target_tokens=512,
+        held_out_blocks=2, batch_size=4, epochs=1, num_threads=1,
+        cache_dir=str(tmp_path / "targets"),
+    )  # fmt: skip
+    train_adapter(AdapterTrainArguments(output_dir=str(tmp_path / "first"), **arguments))
+    retrained = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        retrained.lm_head.weight.mul_(1.5)
+    retrained.save_pretrained(model)
+    with pytest.raises(ConfigError, match="holds targets computed from other weights"):
+        train_adapter(AdapterTrainArguments(output_dir=str(tmp_path / "second"), **arguments))
+    arguments["cache_dir"] = str(tmp_path / "fresh_targets")
+    with pytest.raises(ConfigError, match="continues a run on other weights of --model"):
+        train_adapter(AdapterTrainArguments(output_dir=str(tmp_path / "first"), **arguments))
+    # Targets computed again from the new weights: a new adapter trains.
+    fresh = train_adapter(AdapterTrainArguments(output_dir=str(tmp_path / "third"), **arguments))
+    assert fresh["steps"] > 0
