@@ -6,6 +6,8 @@ comes from the early exit, the target distribution p from the full model.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import GenerationConfig as CheckpointGenerationConfig
 from transformers import (
@@ -179,9 +181,18 @@ def _floor_of(descending: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def wide_float(device: torch.device) -> torch.dtype:
-    """The widest float ``device`` computes in: float64, except on MPS (float32 there).
-    What draws are made in (``draw``, ``TokenSelector.uniforms``)."""
-    return torch.float32 if device.type == "mps" else torch.float64
+    """The widest float ``device`` computes in: float64, except on MPS and on XPUs without
+    float64 (Intel Arc: float32 there). What draws are made in (``draw``,
+    ``TokenSelector.uniforms``)."""
+    if device.type == "mps" or (device.type == "xpu" and not _xpu_has_float64(device.index)):
+        return torch.float32
+    return torch.float64
+
+
+@functools.cache
+def _xpu_has_float64(index: int | None) -> bool:
+    properties = torch.xpu.get_device_properties(index)
+    return bool(getattr(properties, "has_fp64", True))
 
 
 def draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,18 @@ def test_draws_resolve_tokens_below_float32s_grid() -> None:
     assert bool((uniforms * 2**24 != (uniforms * 2**24).floor()).any())
 
 
+def test_draws_are_float32_on_an_xpu_without_float64(monkeypatch) -> None:
+    """Intel Arc GPUs have no float64 (an operation in it fails there): draws in float32."""
+    from self_speculation import sampling
+
+    for has_fp64, expected in ((False, torch.float32), (True, torch.float64)):
+        sampling._xpu_has_float64.cache_clear()
+        properties = type("Properties", (), {"has_fp64": has_fp64})()
+        monkeypatch.setattr(torch.xpu, "get_device_properties", lambda index: properties)
+        assert wide_float(torch.device("xpu", 0)) == expected
+    sampling._xpu_has_float64.cache_clear()
+
+
 def _summary(results: list) -> list[tuple]:
     return [
         (r.token_ids, r.stop_reason, r.num_steps, r.num_drafted, r.num_accepted) for r in results

@@ -282,3 +282,16 @@ def test_batched_speculative_sampling_keeps_each_rows_distribution(
     for axis in range(length):
         others = tuple(a for a in range(length) if a != axis)
         assert total_variation(empirical.sum(others), exact.sum(others)) < 0.045, axis
+
+
+def test_speculative_accept_draws_its_own_numbers_in_float64() -> None:
+    """Without given uniforms it draws float64 numbers from the generator, as the engine's
+    selector does: the same outcome as those numbers handed in."""
+    source = torch.Generator().manual_seed(3)
+    target = torch.softmax(torch.randn(64, 4, 9, generator=source) * 3, -1)
+    draft = torch.softmax(torch.randn(64, 3, 9, generator=source) * 3, -1)
+    drafts = torch.multinomial(draft.reshape(-1, 9), 1, generator=source).view(64, 3)
+    drawn = speculative_accept(drafts, draft, target, torch.Generator().manual_seed(5))
+    uniforms = torch.rand(64, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    given = speculative_accept(drafts, draft, target, None, uniforms)
+    assert all(torch.equal(a, b) for a, b in zip(drawn, given))
