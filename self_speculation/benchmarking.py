@@ -39,7 +39,9 @@ from self_speculation.distributed import DistributedContext, broadcast, gather
 from self_speculation.errors import ConfigError, expand_home, real_location
 from self_speculation.generator import Generator
 from self_speculation.metrics import text_metrics
+from self_speculation.model_support import unapplied_generation_settings
 from self_speculation.output_safety import hold_output_dir, replaced_when_done
+from self_speculation.sampling import applied_checkpoint_settings
 
 logger = logging.getLogger(__name__)
 
@@ -325,6 +327,13 @@ def environment_info(generator: Generator, context: DistributedContext) -> dict[
         "decoding_path": _decoding_path(generator),
         "compile_seconds": generator.compile_seconds,
         "draft": _draft_description(generator),
+        # The model's own generation config: what of it decoding applied changes the tokens
+        # as the generation configs above do (a checkpoint's repetition penalty, say), and
+        # what transformers' generate would apply and the engine did not.
+        "checkpoint_generation_settings": applied_checkpoint_settings(
+            getattr(generator.model, "generation_config", None)
+        ),
+        "checkpoint_settings_not_applied": unapplied_generation_settings(generator.model),
     }
     for package in ("datasets", "lm_eval"):
         try:

@@ -18,7 +18,7 @@ from transformers.utils import GENERATION_CONFIG_NAME
 
 from self_speculation.attention import NAME as FEW_QUERY_ATTENTION
 from self_speculation.bookkeeping import LIMIT, NON_FINITE, REASONS, STOP_WORD, RowBooks
-from self_speculation.config import GenerationConfig
+from self_speculation.config import MAX_TOKEN_ID, GenerationConfig
 from self_speculation.draft import DraftExit, resolve_with_adapter
 from self_speculation.errors import (
     ArgumentTypeError,
@@ -348,18 +348,21 @@ class Generator:
         was made stops it too.
 
         Raises:
-            ModelLoadError: an id that is not a whole number ("1" in generation_config.json).
+            ModelLoadError: an id that is not a whole number ("1" in generation_config.json)
+                or is too large to be a token id.
         """
         tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
         eos = {tokenizer_eos} if tokenizer_eos is not None else set()
         model_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         if model_eos is not None:
             eos |= set(model_eos) if isinstance(model_eos, (list, tuple)) else {model_eos}
-        if not all(is_integer(token) for token in eos):
+        # Below MAX_TOKEN_ID: a larger one overflows the stop ids' int64 tensor (a traceback
+        # at the first generation); a negative one stops nothing, as in transformers.
+        if not all(is_integer(token) and token < MAX_TOKEN_ID for token in eos):
             raise ModelLoadError(
                 f"{type(self.model).__name__}'s eos_token_id is {model_eos!r} "
                 f"(generation_config.json) and its tokenizer's {tokenizer_eos!r}: "
-                "token ids must be whole numbers; fix generation_config.json"
+                "token ids must be whole numbers below 2**62; fix generation_config.json"
             )
         return frozenset(int(token) for token in eos)
 

@@ -72,6 +72,25 @@ def _context_processors(
     return processors
 
 
+def applied_checkpoint_settings(checkpoint: CheckpointGenerationConfig | None) -> dict:
+    """The settings of ``checkpoint`` (a model's generation config) that decoding applies
+    (``_context_processors``: a run's own no_repeat_ngram_size replaces the checkpoint's)
+    where they are not neutral, and its end-of-sequence ids: they change the tokens as much
+    as the GenerationConfig does, and a results file records them beside it."""
+    settings = {}
+    for name in CHECKPOINT_PROCESSOR_SETTINGS:
+        value = getattr(checkpoint, name, None)
+        neutral = (
+            value is None
+            or value in ([], ())
+            or (name == "repetition_penalty" and value == 1.0)
+            or (name == "no_repeat_ngram_size" and value <= 0)
+        )
+        if not neutral:
+            settings[name] = value
+    return settings
+
+
 def check_checkpoint_processors(checkpoint: object, vocab_size: int) -> None:
     """ValueError naming what is wrong when the context processors of the checkpoint's
     generation config cannot be built or run over a vocabulary of ``vocab_size`` (a
