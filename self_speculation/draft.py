@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import PretrainedConfig
 
 from self_speculation.config import GenerationConfig
 from self_speculation.errors import ConfigError, ModelLoadError, whole_number
@@ -111,7 +112,16 @@ class ExitAdapter(nn.Module):
         self.model_type = model.config.model_type
         self.vocab_size = model.lm_head.weight.shape[0]
         self.layer_type = model.layer_types[init_layer]
-        self.block = copy.deepcopy(model.layers[init_layer])
+        layer = model.layers[init_layer]
+        # The copy shares the model's config (deepcopy's memo: copied as itself), so that
+        # its attention runs the implementation the model selects now, the one the engine
+        # builds masks for (an eager copy adds a boolean sdpa mask to its scores: no mask).
+        shared = {
+            id(module.config): module.config
+            for module in layer.modules()
+            if isinstance(getattr(module, "config", None), PretrainedConfig)
+        }
+        self.block = copy.deepcopy(layer, memo=shared)
         attention = getattr(self.block, "self_attn", None)
         if attention is None or not hasattr(attention, "layer_idx"):
             raise ConfigError(
