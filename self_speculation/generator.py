@@ -557,6 +557,29 @@ class Generator:
             )
         return prompt_ids
 
+    def _warn_of_padding(self, prompt_ids: list[list[int]]) -> None:
+        """A warning when prompts begin or end with the tokenizer's pad token (a batch padded
+        by the tokenizer, handed over as ids): every id given is prompt text to the engine,
+        which pads batches itself, so the model would read the padding. (Not where the pad
+        token is also the end-of-sequence or beginning-of-sequence token.)"""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None or pad in self.eos_token_ids:
+            return
+        if pad == getattr(self.tokenizer, "bos_token_id", None):
+            return
+        padded = [index for index, ids in enumerate(prompt_ids) if pad in (ids[0], ids[-1])]
+        if padded:
+            logger.warning(
+                "%s of %d prompts (%s) begin or end with the pad token (id %d): the model "
+                "reads every id of a prompt, padding too; pass each prompt unpadded (the "
+                "engine pads batches itself)",
+                len(padded),
+                len(prompt_ids),
+                ", ".join(f"prompts[{index}]" for index in padded[:4])
+                + (", ..." if len(padded) > 4 else ""),
+                pad,
+            )
+
     def _token_texts(self) -> list[str]:
         """Each vocabulary entry's text as it reads inside a text (after a token that is a
         word: a SentencePiece Llama tokenizer drops a text's leading space, so that "▁"
@@ -783,6 +806,7 @@ class Generator:
         prompt_ids = [
             self._prompt_ids(prompt, f"prompts[{index}]") for index, prompt in enumerate(prompts)
         ]
+        self._warn_of_padding(prompt_ids)
         config = self.resolve(config)
         self._check_generation_config()
         vocab_size = self.layerwise.embed_tokens.weight.shape[0]  # as prompts are checked
