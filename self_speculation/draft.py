@@ -228,7 +228,12 @@ class DraftExit:
                     "a reduced draft vocabulary copies rows of the LM head, whose weights are "
                     "offloaded with nothing to load them here: keep lm_head on a device"
                 )
-            self._head_weight = head.weight.detach()[self.vocab].contiguous()  # [N, hidden]
+            weight = head.weight.detach()  # [vocab, hidden]
+            if type(weight) is not torch.Tensor and hasattr(weight, "dequantize"):
+                # A quantized weight (torchao's tensor subclasses) may not take row
+                # indexing: its rows are copied in the model's dtype.
+                weight = weight.dequantize().to(self.model.dtype)
+            self._head_weight = weight[self.vocab].contiguous()  # [N, hidden]
             bias = getattr(head, "bias", None)
             self._head_bias = None if bias is None else bias.detach()[self.vocab]
 

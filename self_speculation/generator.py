@@ -202,9 +202,10 @@ def _random_source(generator: torch.Generator | None, device: torch.device) -> o
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The causal LM inside a ``torch.compile`` wrapper or a PEFT model (its LoRA layers in
-    place, merged or not): what the engine decodes layer by layer. A wrapper's class hides
-    the model's own (its generation hooks, which the load check reads)."""
+    """The causal LM inside a ``torch.compile`` wrapper or a PEFT model (plain or mixed: its
+    LoRA layers in place, merged or not): what the engine decodes layer by layer. A
+    wrapper's class hides the model's own (its generation hooks, which the load check
+    reads)."""
     while True:
         if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
             logger.info("decoding the model inside its torch.compile wrapper")
@@ -218,6 +219,11 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
                 )
             logger.info("decoding the model inside its PEFT wrapper (adapters as they are set)")
             model = model.get_base_model()
+        elif type(model).__module__.startswith("peft.") and type(model).__name__ == (
+            "PeftMixedModel"  # adapters of several kinds at once; no get_base_model
+        ):
+            logger.info("decoding the model inside its PEFT wrapper (adapters as they are set)")
+            model = model.base_model.model
         else:
             return model
 
@@ -647,6 +653,9 @@ class Generator:
                 f"the model's {replaced} was replaced since this Generator was made "
                 "(resize_token_embeddings, say): make a new Generator for the model as it is"
             )
+        bypassed = self.layerwise.bypassed()
+        if bypassed is not None:  # a hook or an adapter added since the Generator was made
+            raise ConfigError(bypassed)
         config_state = _config_state(self.model)
         if config_state != self._config_state:
             # Read at each call by eager code (a sliding window's mask), but baked into

@@ -373,3 +373,17 @@ def refuse_unusable_weights(model: nn.Module, owner: str) -> None:
                 "self-speculation cannot reproduce the model's own decoding; quantize to "
                 "float16 instead, or decode the float model"
             )
+    for name, weight in model.named_parameters():
+        # torchao's weights that quantize their inputs too (Int8DynamicActivation...Config):
+        # rounding activations at every call turns the engine's other grouping of the same
+        # arithmetic into other tokens. Weight-only ones decode exactly.
+        if (
+            getattr(weight, "act_quant_kwargs", None) is not None
+            or getattr(weight, "activation_quantization", None) is not None
+        ):
+            raise UnsupportedModelError(
+                f"{owner}: {name} quantizes its inputs at each call (torchao's dynamic "
+                f"activation quantization, {type(weight).__name__}), so self-speculation "
+                "cannot reproduce the model's own decoding; quantize the weights only "
+                "(Int8WeightOnlyConfig, IntxWeightOnlyConfig), or decode the float model"
+            )

@@ -210,6 +210,17 @@ class LayerwiseModel:
         owner = type(model).__name__
         self.base = find_base_model(model)
         refuse_unusable_weights(model, owner)
+        # The modules the model's own forward runs around the ones this view calls (the
+        # model itself, its base model): this view never runs their forward hooks.
+        base_name = next(name for name, module in model.named_modules() if module is self.base)
+        self._outer_modules = {
+            f"{name or 'the model'} ({type(module).__name__})": module
+            for name, module in model.named_modules()
+            if name == "" or base_name == name or base_name.startswith(f"{name}.")
+        }
+        bypassed = self.bypassed()
+        if bypassed is not None:
+            raise UnsupportedModelError(f"{owner}: {bypassed}")
         self.layers: nn.ModuleList = self.base.layers
         check_cache_layers(self.layers, owner)
         self.embed_tokens = _require(self.base, "embed_tokens", owner)
@@ -320,6 +331,35 @@ class LayerwiseModel:
                 return name
         if [id(layer) for layer in self.layers] != self._layer_ids:
             return "a decoder layer"
+        return None
+
+    def bypassed(self) -> str | None:
+        """What of the model's own forward this view would skip, named with the remedy; None
+        when nothing. The view calls embed_tokens, the decoder layers, norm, rotary_emb and
+        the LM head, not the model's own forward nor its base model's: a forward hook on
+        those (on the logits, say) would never run, and an activated LoRA (PEFT's
+        ``alora_invocation_tokens``) would never be handed the offsets that PEFT's forward
+        finds in the tokens, so its layers would decode as the base model."""
+        for name, module in self._outer_modules.items():
+            if module._forward_hooks or module._forward_pre_hooks:
+                return (
+                    f"{name} has a forward hook, which the layer-wise engine never runs (it "
+                    "calls embed_tokens, the decoder layers, norm and lm_head, not the "
+                    "model's own forward): register it on one of those, or remove it"
+                )
+        for module in self.model.modules():
+            variants = vars(module).get("lora_variant")  # a PEFT LoRA layer's (read per call)
+            if not isinstance(variants, dict) or getattr(module, "disable_adapters", False):
+                continue
+            for adapter in getattr(module, "active_adapters", ()):
+                if type(variants.get(adapter)).__name__ == "ALoraLinearVariant":
+                    name = next(n for n, m in self.model.named_modules() if m is module)
+                    return (
+                        f"{name} holds an activated LoRA adapter ('{adapter}', PEFT's "
+                        "alora_invocation_tokens), which only PEFT's own forward applies "
+                        "(from its invocation tokens on): decode with an adapter of another "
+                        "kind, or with this one disabled"
+                    )
         return None
 
     def follow_attention_implementation(self, verify: bool = True) -> None:
