@@ -11,7 +11,7 @@ Example (SmolLM2-135M-Instruct, offline; about an hour on 2 CPU cores)::
     S=$(python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
     python train_adapter.py --model smollm2 --exit_layer 12 --draft_vocab_size 8192 \\
         --data "$S/*.py" "/usr/share/doc/**/*.md" --chat_prompts 144 \\
-        --output_dir models/smollm2-adapter-e12
+        --output_dir runs/smollm2-adapter-e12
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ class AdapterBenchmarkArguments:
     model: str = "smollm2"
     adapters: list[str] = field(default_factory=list)  # adapter folders to compare
     plain_exit_layers: list[int] = field(default_factory=list)  # exits without an adapter
-    draft_vocab_sizes: list[int] = field(default_factory=lambda: [0])  # 0: whole vocabulary
+    # N per draft (0: whole vocabulary; -1: an adapter's own N, as the scripts' default)
+    draft_vocab_sizes: list[int] = field(default_factory=lambda: [-1])
     num_speculations: list[int] = field(default_factory=lambda: [3])
     num_prompts: int = 20  # per prompt set
     prompt_sets: list[str] = field(default_factory=lambda: ["human_eval", "chat"])
@@ -72,9 +73,10 @@ class AdapterBenchmarkArguments:
         for flag, value in counts.items():
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
-        if min(self.draft_vocab_sizes, default=0) < 0:
+        if min(self.draft_vocab_sizes, default=0) < -1:
             raise ConfigError(
-                f"--draft_vocab_sizes must be >= 0 (0: whole vocabulary), got "
+                f"--draft_vocab_sizes must be >= 0 (0: whole vocabulary) or -1 (an adapter's "
+                f"own N), got "
                 f"{min(self.draft_vocab_sizes)}"
             )
         unknown = sorted(set(self.prompt_sets) - set(PROMPT_SETS))
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for adapter, plain_exit in drafts:
         for vocab_size in args.draft_vocab_sizes:
-            if adapter is None and vocab_size:
+            if adapter is None and vocab_size > 0:
                 if not args.adapters:
                     continue  # no ranking to take N tokens from
                 ranking = saved_ranking(args.adapters[0])  # the first adapter's ranking
@@ -217,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 generator.draft = load_draft_exit(generator.layerwise, adapter, vocab_size)
             exit_layer = generator.draft.exit_layer if adapter else plain_exit
+            vocab = generator.draft.vocab if generator.draft is not None else None
+            vocab_size = 0 if vocab is None else len(vocab)  # -1 resolved: the N that ran
             for k in args.num_speculations:
                 config = GenerationConfig(
                     max_steps=args.max_steps,

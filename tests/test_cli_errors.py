@@ -380,7 +380,8 @@ def test_engine_benchmark_bad_flags_are_one_line(argv, message, monkeypatch, cap
         (["--threads", "0"], "--threads must be >= 1, got 0"),
         (
             ["--draft_vocab_sizes", "-5"],
-            "--draft_vocab_sizes must be >= 0 (0: whole vocabulary), got -5",
+            "--draft_vocab_sizes must be >= 0 (0: whole vocabulary) or -1 (an adapter's own N), "
+            "got -5",
         ),
         (["--prompt_sets", "xsum"], "--prompt_sets must name some of human_eval, chat, got xsum"),
         (["--adapters", "no/such/adapter"], "--adapters: no/such/adapter is not an adapter folder"),

@@ -96,7 +96,9 @@ def test_draws_are_float32_on_an_xpu_without_float64(monkeypatch) -> None:
     for has_fp64, expected in ((False, torch.float32), (True, torch.float64)):
         sampling._xpu_has_float64.cache_clear()
         properties = type("Properties", (), {"has_fp64": has_fp64})()
-        monkeypatch.setattr(torch.xpu, "get_device_properties", lambda index: properties)
+        monkeypatch.setattr(
+            torch.xpu, "get_device_properties", lambda index, found=properties: found
+        )
         assert wide_float(torch.device("xpu", 0)) == expected
     sampling._xpu_has_float64.cache_clear()
 
