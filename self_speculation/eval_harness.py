@@ -204,6 +204,7 @@ class LayerSkipLM(LM):
         return total, greedy
 
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
+        self.generator.follow_model()  # the model as it is now (a generation would)
         results = []
         for request in tqdm(requests, desc="loglikelihood", disable=not self.progress):
             context, continuation = request.args
@@ -218,6 +219,7 @@ class LayerSkipLM(LM):
     def loglikelihood_rolling(self, requests: Sequence[Any]) -> list[float]:
         """Whole-string log-likelihood, in windows of the model's context; every token is
         predicted once, each window with as much preceding text as fits."""
+        self.generator.follow_model()
         results = []
         for request in tqdm(requests, desc="loglikelihood_rolling", disable=not self.progress):
             (text,) = request.args

@@ -647,6 +647,27 @@ class Generator:
         """The eager or compiled forward passes (built once each, then reused; built again
         after the model's parameters moved to another dtype or device: compiled passes and
         kept buffers are made for one)."""
+        self.follow_model()
+        passes = self._forward_passes.get(config.compile)
+        if passes is None:
+            passes = ForwardPasses(self.layerwise, config.compile, self._draft)
+            self._forward_passes[config.compile] = passes
+            if config.compile:  # what they will compile (also when made outside a generation)
+                self._module_state = self._modules_state()
+        return passes
+
+    def follow_model(self) -> None:
+        """Take in what changed in the model since the last generation (its config, dtype,
+        device or attention implementation: read and probed again, passes rebuilt), or
+        refuse what the engine cannot follow in one line. Every generation does this first;
+        code that computes logits through ``layerwise`` directly (the lm-eval adapter's
+        log-likelihoods) calls it before.
+
+        Raises:
+            ConfigError: a head, embedding or layer replaced since the Generator was made, a
+                hook or an activated LoRA the engine would skip, or a change refused by the
+                probe.
+        """
         replaced = self.layerwise.replaced_module()
         if replaced is not None:
             raise ConfigError(
@@ -687,13 +708,6 @@ class Generator:
             self._drop_passes()
             self.layerwise.follow_attention_implementation(self._verify_model)
             self._attention = attention
-        passes = self._forward_passes.get(config.compile)
-        if passes is None:
-            passes = ForwardPasses(self.layerwise, config.compile, self._draft)
-            self._forward_passes[config.compile] = passes
-            if config.compile:  # what they will compile (also when made outside a generation)
-                self._module_state = self._modules_state()
-        return passes
 
     def fast_path_fallback(self, config: GenerationConfig | None = None) -> str | None:
         """Why ``config``'s compiled passes (None: any compiled passes so far) fell back to

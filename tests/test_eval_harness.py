@@ -274,3 +274,23 @@ def test_eval_py_decodes_a_task_that_sets_nothing_as_lm_evals_hflm(
     assert config.sample and config.temperature == 0.7 and config.max_steps == 9
     config, _ = lm._request_config({"temperature": 0.7, "do_sample": False})
     assert not config.sample
+
+
+def test_loglikelihood_follows_the_model_as_it_is_now(tiny_model_dir: Path) -> None:
+    """Log-likelihoods go through the layer-wise view directly, which skipped what every
+    generation does first: a model switched to another attention implementation since the
+    Generator was made was scored with the old one's masks, and a hook the view never runs
+    was ignored."""
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), "float32", "cpu")
+    generator = Generator(model, tokenizer)
+    lm = LayerSkipLM(generator, generator.resolve(GenerationConfig(sample=False)), progress=False)
+    requests = [Request(("def add(a, b):", "\n    return a + b"))]
+    for implementation in ("eager", "sdpa", "eager"):
+        model.set_attn_implementation(implementation)
+        ((logprob, _),) = lm.loglikelihood(requests)
+        assert logprob == pytest.approx(full_logprob(generator, *requests[0].args), abs=1e-4)
+        (rolling,) = lm.loglikelihood_rolling([Request(("def add(a, b):",))])
+        assert rolling == pytest.approx(full_logprob(generator, "", "def add(a, b):"), abs=1e-4)
+    model.register_forward_hook(lambda module, args, output: output)
+    with pytest.raises(ConfigError, match="forward hook"):
+        lm.loglikelihood(requests)
