@@ -14,6 +14,27 @@ from self_speculation.errors import UnsupportedModelError
 PROMPT = [5, 7, 9, 11, 13]
 
 
+def _greedy_configs(max_steps: int, num_speculations: int) -> list[GenerationConfig]:
+    """Greedy autoregressive and self-speculative (E = 2) decoding of ``max_steps`` tokens."""
+    return [
+        GenerationConfig(
+            max_steps=max_steps,
+            sample=False,
+            generation_strategy=strategy,
+            exit_layer=2,
+            num_speculations=num_speculations,
+        )
+        for strategy in ("autoregressive", "self_speculative")
+    ]
+
+
+def _own_generate(model: torch.nn.Module) -> list[int]:
+    """The model's own greedy ``generate`` of 8 tokens after PROMPT."""
+    ids = torch.tensor([PROMPT])
+    output = model.generate(input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    return output[0, len(PROMPT) :].tolist()
+
+
 def _logit_hook(module: torch.nn.Module, args: tuple, output: object) -> object:
     output.logits = output.logits.clone()
     output.logits[..., 17] += 100.0  # token 17 always wins in the model's own forward
@@ -39,14 +60,7 @@ def test_a_hook_the_layerwise_view_never_runs_is_refused_in_one_line(where) -> N
     handle.remove()
     generator = Generator(model, IdTokenizer())
     hooked.register_forward_hook(hook)
-    for strategy in ("autoregressive", "self_speculative"):
-        config = GenerationConfig(
-            max_steps=4,
-            sample=False,
-            generation_strategy=strategy,
-            exit_layer=2,
-            num_speculations=2,
-        )
+    for config in _greedy_configs(4, 2):
         with pytest.raises(ConfigError, match="has a forward hook, which the layer-wise"):
             generator.generate(PROMPT, config)
 
@@ -57,14 +71,7 @@ def test_hooks_on_modules_the_view_calls_still_run() -> None:
     model.lm_head.register_forward_hook(
         lambda module, args, out: out + 100.0 * (torch.arange(out.shape[-1]) == 17)
     )
-    for strategy in ("autoregressive", "self_speculative"):
-        config = GenerationConfig(
-            max_steps=4,
-            sample=False,
-            generation_strategy=strategy,
-            exit_layer=2,
-            num_speculations=2,
-        )
+    for config in _greedy_configs(4, 2):
         assert generator.generate(PROMPT, config).token_ids == [17] * 4
 
 
@@ -138,17 +145,8 @@ def test_torchao_quantization_is_decoded_or_refused_by_name() -> None:
     model = make_tiny_model("llama_mha_untied", dtype=torch.float32)
     quantization.quantize_(model, quantization.Int8WeightOnlyConfig())
     generator = Generator(model, IdTokenizer())
-    expected = model.generate(
-        torch.tensor([PROMPT]), max_new_tokens=8, min_new_tokens=8, do_sample=False
-    )[0, len(PROMPT) :].tolist()
-    for strategy in ("autoregressive", "self_speculative"):
-        config = GenerationConfig(
-            max_steps=8,
-            sample=False,
-            generation_strategy=strategy,
-            exit_layer=2,
-            num_speculations=3,
-        )
+    expected = _own_generate(model)
+    for config in _greedy_configs(8, 3):
         assert generator.generate(PROMPT, config).token_ids == expected
 
 
@@ -241,16 +239,7 @@ def test_a_real_peft_mixed_model_decodes_as_its_own_generate() -> None:
     mixed.add_adapter("loha", peft.LoHaConfig(r=4, target_modules=["v_proj"], init_weights=False))
     mixed.set_adapter(["lora", "loha"])
     mixed.eval()
-    expected = mixed.generate(
-        input_ids=torch.tensor([PROMPT]), max_new_tokens=8, min_new_tokens=8, do_sample=False
-    )[0, len(PROMPT) :].tolist()
+    expected = _own_generate(mixed)
     generator = Generator(mixed, IdTokenizer())
-    for strategy in ("autoregressive", "self_speculative"):
-        config = GenerationConfig(
-            max_steps=8,
-            sample=False,
-            generation_strategy=strategy,
-            exit_layer=2,
-            num_speculations=3,
-        )
+    for config in _greedy_configs(8, 3):
         assert generator.generate(PROMPT, config).token_ids == expected
