@@ -59,15 +59,19 @@ from self_speculation.benchmarking import (
 from self_speculation.draft import read_adapter_config
 from self_speculation.errors import expand_home
 from self_speculation.metrics import summarize_speed
-from self_speculation.output_safety import output_dir_lock
+from self_speculation.output_safety import output_dir_lock, replaced_when_done
 
 logger = logging.getLogger("sweep")
 
 COLUMNS = [
     "generation_strategy", "exit_layer", "num_speculations", "acceptance_rate", "total_time",
     "time_per_token", "tokens_per_second", "overall_tokens_per_second", "tokens_per_step",
-    "speedup", "num_samples", "setting",
+    "speedup", "num_samples", "setting", "overall_acceptance_rate",
 ]  # fmt: skip
+# The header of sweeps written before overall_acceptance_rate (accepted / drafted over all
+# samples, where acceptance_rate is the mean of per-sample rates): read, and rewritten with
+# the new header before a row is appended.
+EARLIER_COLUMNS = COLUMNS[:-1]
 INTEGER_COLUMNS = ("exit_layer", "num_speculations", "num_samples")
 TEXT_COLUMNS = ("generation_strategy", "setting")
 
@@ -164,12 +168,13 @@ def _setting_key(
     return setting_digest(relevant, {**paths, "data_path": benchmark.data_path})
 
 
-def _parse_row(fields: list[str], where: str) -> dict:
-    """One CSV row as typed values; ConfigError naming ``where`` (file, line) when a value
-    is not what the sweep writes."""
-    if len(fields) != len(COLUMNS):
-        raise ConfigError(f"{where}: {len(fields)} fields, the header has {len(COLUMNS)}")
-    row: dict = dict(zip(COLUMNS, fields))
+def _parse_row(fields: list[str], where: str, header: list[str] = COLUMNS) -> dict:
+    """One CSV row (under ``header``) as typed values, every column of COLUMNS present (None
+    where an earlier header lacks it); ConfigError naming ``where`` (file, line) when a
+    value is not what the sweep writes."""
+    if len(fields) != len(header):
+        raise ConfigError(f"{where}: {len(fields)} fields, the header has {len(header)}")
+    row: dict = dict.fromkeys(COLUMNS, "") | dict(zip(header, fields))
     if row["generation_strategy"] not in {name.value for name in GenerationStrategyName}:
         raise ConfigError(f"{where}: unknown generation_strategy '{row['generation_strategy']}'")
     for column in COLUMNS:
@@ -193,8 +198,9 @@ def _parse_row(fields: list[str], where: str) -> dict:
 
 
 def read_sweep_csv(csv_path: Path) -> tuple[pd.DataFrame, bool]:
-    """The rows of a sweep CSV, every value checked, and whether its last line is unfinished
-    (no newline and not a whole row: a write cut short; it is left out).
+    """The rows of a sweep CSV (this version's header or the earlier one), every value
+    checked, and whether its last line is unfinished (no newline and not a whole row: a
+    write cut short; it is left out).
 
     Raises:
         ConfigError: the file is not a sweep CSV, or a line (named by number) is malformed:
@@ -210,20 +216,22 @@ def read_sweep_csv(csv_path: Path) -> tuple[pd.DataFrame, bool]:
         ) from None
     lines = text.splitlines(keepends=True)
     unfinished = bool(lines) and not lines[-1].endswith("\n")
-    rows = []
+    rows, header = [], COLUMNS
     for number, fields in enumerate(csv.reader(lines), start=1):
         last = number == len(lines)
         if not fields and number > 1:  # a blank line from an editor
             continue
         if number == 1:
-            if fields != COLUMNS and not (last and unfinished):
+            if fields == EARLIER_COLUMNS:
+                header = EARLIER_COLUMNS
+            elif fields != COLUMNS and not (last and unfinished):
                 raise ConfigError(
                     f"{csv_path} is not a sweep CSV (its header is not {','.join(COLUMNS)}); "
                     "choose another --output_file"
                 )
             continue
         try:
-            rows.append(_parse_row(fields, f"{csv_path}, line {number}"))
+            rows.append(_parse_row(fields, f"{csv_path}, line {number}", header))
         except ConfigError as error:
             if last and unfinished:
                 break  # cut short by a kill: repaired before the next row is appended
@@ -277,6 +285,12 @@ def _finished(csv_path: Path, setting: str, repair: bool) -> pd.DataFrame:
         dropped = repair_last_line(csv_path, is_complete=lambda line: not unfinished)
         if dropped:
             logger.warning("%s ended in an unfinished line, cut off: %r", csv_path, dropped)
+        with open(csv_path, encoding="utf-8-sig") as stream:
+            earlier = next(csv.reader(stream), None) == EARLIER_COLUMNS
+        if earlier:  # rows are appended under this version's header: the file takes it
+            with replaced_when_done(csv_path) as temporary:
+                table.to_csv(temporary, index=False, lineterminator="\n")
+            logger.info("%s: rewritten with the column overall_acceptance_rate", csv_path)
     return table[table["setting"] == setting]
 
 

@@ -171,12 +171,12 @@ def _snapshot(directory: Path) -> dict[str, str]:
 SWEEP_HEADER = (
     "generation_strategy,exit_layer,num_speculations,acceptance_rate,total_time,"
     "time_per_token,tokens_per_second,overall_tokens_per_second,tokens_per_step,speedup,"
-    "num_samples,setting"
+    "num_samples,setting,overall_acceptance_rate"
 )
 SWEEP_ROWS = [
-    "autoregressive,4,0,,0.02,0.008,125.0,125.0,1.0,1.0,2,abc123",
-    "self_speculative,1,1,1.0,0.02,0.007,130.0,130.0,2.0,1.04,2,abc123",
-    "self_speculative,2,1,1.0,0.02,0.007,128.0,128.0,2.0,1.02,2,abc123",
+    "autoregressive,4,0,,0.02,0.008,125.0,125.0,1.0,1.0,2,abc123,",
+    "self_speculative,1,1,1.0,0.02,0.007,130.0,130.0,2.0,1.04,2,abc123,1.0",
+    "self_speculative,2,1,1.0,0.02,0.007,128.0,128.0,2.0,1.02,2,abc123,1.0",
 ]
 
 
@@ -201,7 +201,7 @@ def assert_results_intact(directory: Path, before: dict[str, str]) -> None:
     for line in (directory / "benchmark_earlier.samples.jsonl").read_text().splitlines():
         json.loads(line)
     rows = list(csv.reader((directory / "sweep.csv").open()))
-    assert all(len(row) == 12 for row in rows)
+    assert all(len(row) == 13 for row in rows)
 
 
 def _copy_model(source: Path, target: Path) -> Path:
@@ -518,7 +518,7 @@ HAND_EDITS = [
      "line 3: num_speculations '1.5' is not an integer"),
     ("word for a number", lambda row: row.replace("130.0", "fast", 1),
      "line 3: tokens_per_second 'fast' is not a number"),
-    ("missing field", lambda row: row.rsplit(",", 1)[0], "line 3: 11 fields, the header has 12"),
+    ("missing field", lambda row: row.rsplit(",", 1)[0], "line 3: 12 fields, the header has 13"),
     ("unknown strategy", lambda row: "fast" + row.removeprefix("self_speculative"),
      "line 3: unknown generation_strategy 'fast'"),
 ]  # fmt: skip
@@ -606,7 +606,7 @@ def test_a_home_of_an_unknown_user_is_one_line(
 def _sweep_table(csv_path: Path) -> list[list[str]]:
     rows = list(csv.reader(csv_path.open(encoding="utf-8")))
     assert rows[0] == SWEEP_HEADER.split(",")
-    assert all(len(row) == 12 for row in rows), rows
+    assert all(len(row) == 13 for row in rows), rows
     assert csv_path.read_bytes().endswith(b"\n")
     return rows[1:]
 
@@ -662,7 +662,7 @@ def test_sweep_csv_with_bom_and_blank_lines_is_resumed(
     )
     assert completed.returncode == 0, completed.stderr
     rows = [row for row in csv.reader(csv_path.open(encoding="utf-8-sig")) if row]
-    assert len(rows) == 1 + 3 + 3 and all(len(row) == 12 for row in rows)
+    assert len(rows) == 1 + 3 + 3 and all(len(row) == 13 for row in rows)
 
 
 def test_jsonl_with_bom_is_read(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -73,3 +73,38 @@ def test_a_point_that_drafted_nothing_logs_acceptance_as_not_available(
         if r.getMessage().startswith("self_speculative, exit_layer 1")
     ]
     assert len(lines) == 1 and "acceptance n/a" in lines[0], lines
+
+
+def test_rows_carry_the_overall_acceptance_and_an_earlier_csv_takes_the_new_column(
+    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    """overall_acceptance_rate (accepted / drafted over all samples) is a column; a CSV
+    written before it (the earlier header) is read, resumed and rewritten with it."""
+    sweep = importlib.import_module("sweep")
+    argv = [
+        "--model", str(tiny_model_dir), "--dataset", "custom_jsonl", "--data_path",
+        str(prompts_file), "--num_samples", "2", "--max_steps", "6", "--sample", "False",
+        "--exit_layer_first", "1", "--exit_layer_last", "1", "--num_speculations_first", "2",
+        "--num_speculations_last", "2", "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    assert sweep.main(argv) == 0
+    csv_path = tmp_path / "sweep.csv"
+    table = pd.read_csv(csv_path)
+    assert list(table.columns) == sweep.COLUMNS
+    baseline, point = table.iloc[0], table.iloc[1]
+    assert pd.isna(baseline["overall_acceptance_rate"])  # drafted nothing
+    assert 0 <= point["overall_acceptance_rate"] <= 1
+    # The same file as an earlier version wrote it: without the column.
+    table.drop(columns="overall_acceptance_rate").to_csv(csv_path, index=False)
+    earlier, _ = sweep.read_sweep_csv(csv_path)
+    assert earlier["overall_acceptance_rate"].isna().all() and len(earlier) == 2
+    assert sweep.main([*argv, "--num_speculations_last", "3"]) == 0  # resumed: one point more
+    resumed = pd.read_csv(csv_path)
+    assert list(resumed.columns) == sweep.COLUMNS
+    assert list(zip(resumed["exit_layer"], resumed["num_speculations"])) == [
+        (4, 0), (1, 2), (1, 3),
+    ]  # fmt: skip
+    assert (
+        resumed["overall_tokens_per_second"].iloc[1] == table["overall_tokens_per_second"].iloc[1]
+    )
+    assert 0 <= resumed["overall_acceptance_rate"].iloc[2] <= 1
