@@ -312,6 +312,12 @@ UNAPPLIED_SETTING_NAMES = tuple(_CHECKPOINT_PROCESSORS)
 # Values other than the default that change no token: a floor of 0 keeps every token, as
 # none does; 0 new tokens before the end of sequence is no constraint.
 _ALSO_NEUTRAL = {"min_p": 0, "min_new_tokens": 0, "min_length": 1}
+# Warpers transformers' generate applies only when it samples (do_sample): a checkpoint that
+# decodes greedily changes no token with them.
+_SAMPLING_ONLY = {
+    "temperature", "top_k", "top_p", "top_h", "min_p", "typical_p", "epsilon_cutoff",
+    "eta_cutoff",
+}  # fmt: skip
 
 
 def unapplied_generation_settings(model: nn.Module) -> list[str]:
@@ -319,10 +325,13 @@ def unapplied_generation_settings(model: nn.Module) -> list[str]:
     differs from its neutral value: transformers' ``generate`` applies it, the engine does
     not (so its tokens differ from ``generate``'s with that checkpoint's defaults)."""
     generation_config = getattr(model, "generation_config", None)
+    samples = bool(getattr(generation_config, "do_sample", False))
     found = []
     for name, neutral in _CHECKPOINT_PROCESSORS.items():
         value = getattr(generation_config, name, neutral)
         if value is None or value == neutral or value in ([], {}, ()):
+            continue
+        if name in _SAMPLING_ONLY and not samples:
             continue
         if value == _ALSO_NEUTRAL.get(name, neutral):
             continue

@@ -24,7 +24,30 @@ def test_neutral_min_p_and_empty_sequence_bias_are_not_reported() -> None:
     model.generation_config.min_length = 0
     model.generation_config.min_p = 0.05
     model.generation_config.sequence_bias = {(3,): -1.0}
-    assert unapplied_generation_settings(model) == ["sequence_bias={(3,): -1.0}", "min_p=0.05"]
+    assert unapplied_generation_settings(model) == ["sequence_bias={(3,): -1.0}"]
+    model.generation_config.do_sample = True  # min_p applies only when generate samples
+    assert unapplied_generation_settings(model) == [
+        "sequence_bias={(3,): -1.0}",
+        "min_p=0.05",
+        "do_sample=True",
+    ]
+
+
+def test_sampling_settings_of_a_greedy_checkpoint_are_not_reported() -> None:
+    """A checkpoint with do_sample False: transformers' generate decodes greedily and
+    applies none of its warpers, so they differ from nothing the engine does."""
+    model = make_tiny_model("llama_gqa_tied", dtype=torch.float32)
+    settings = model.generation_config
+    settings.temperature, settings.top_p, settings.top_k, settings.typical_p = 0.6, 0.9, 20, 0.5
+    assert unapplied_generation_settings(model) == []
+    settings.do_sample = True
+    assert unapplied_generation_settings(model) == [
+        "typical_p=0.5",
+        "do_sample=True",
+        "temperature=0.6",
+        "top_k=20",
+        "top_p=0.9",
+    ]
 
 
 class BareTokenizer:
