@@ -15,7 +15,10 @@ and the head, verification of m + 1 rows through [E, L) at ``row_cost`` extra pe
 trees: one [0, E) pass per depth and one for the leaves, rows as nodes) against L + h per
 autoregressive token; h is the head's weights over one layer's (what decoding reads), the
 same price the ``adaptive`` strategy decides with. Nothing here is timed, so the replay
-can run beside other work. The ratios are bounds: a real step adds its loop, acceptance and call overhead (measured by
+can run beside other work (one torch thread by default, as the scripts). Policies that pick
+the exit each step (``adaptive_exit``, ``oracle_exit``) have no one exit layer: their rows
+carry ``exit_layer`` null and the exits they chose from in ``exits``. The ratios are
+bounds: a real step adds its loop, acceptance and call overhead (measured by
 benchmarks/overhead.py and engine.py). If even the oracle's bound is below a target, no
 drafting policy at that exit can reach it on this model.
 
@@ -36,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from arguments import run_main  # noqa: E402
+from arguments import DEFAULT_NUM_THREADS, apply_num_threads, run_main  # noqa: E402
 from benchmarks.engine import PROMPT_SETS  # noqa: E402
 from self_speculation import (  # noqa: E402
     DEFAULT_MODEL,
@@ -51,6 +54,7 @@ from self_speculation.adaptive import (  # noqa: E402
     step_cost,
 )
 from self_speculation.benchmarking import write_json_atomic  # noqa: E402
+from self_speculation.errors import require_thread_count  # noqa: E402
 from self_speculation.output_safety import check_output_file  # noqa: E402
 from self_speculation.trees import TokenTree  # noqa: E402
 
@@ -80,7 +84,8 @@ class BoundArguments:
     adaptive_exit_sets: list[str] = field(default_factory=lambda: ["5,6,7", "4,6,8", "3,4,5,6,7,8"])
     # Thresholds of the per-row confidence stop to replay.
     confidence_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
-    threads: int = 2
+    # torch threads (0: torch's default); nothing is timed, so one leaves the other core free.
+    threads: int = DEFAULT_NUM_THREADS
     output: str = "logs/drafting_bound.json"
 
     def __post_init__(self) -> None:
@@ -92,6 +97,11 @@ class BoundArguments:
         for name in ("num_prompts", "max_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        require_thread_count(self.threads, "--threads")
+        if any(layer < 1 for layer in self.exit_layers):
+            raise ConfigError(
+                f"--exit_layers must be >= 1 (exit E runs layers [0, E)), got {self.exit_layers}"
+            )
         if any(k < 1 for k in self.num_speculations):
             raise ConfigError(f"--num_speculations must be >= 1, got {self.num_speculations}")
         if not self.row_cost >= 0:
@@ -227,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = simple_parsing.parse(
         BoundArguments, args=argv, add_config_path_arg=False, allow_abbrev=False
     )
-    torch.set_num_threads(arguments.threads)
+    apply_num_threads(arguments.threads)
     model, tokenizer = load_model_and_tokenizer(arguments.model, "float32", "cpu")
     generator = Generator(model, tokenizer)
     num_layers = generator.num_layers
@@ -263,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
 
-    def add(policy: str, exit_layer: int, steps: int, drafts: int, cost: float, **extra) -> None:
+    def add(
+        policy: str, exit_layer: int | None, steps: int, drafts: int, cost: float, **extra
+    ) -> None:
         rows.append(
             {
                 "policy": policy,
@@ -348,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             steps_taken += replay_adaptive(by_exit, policy)
         cost = sum(cost_of(length, layer) for layer, length in steps_taken)
         drafted = sum(length for _, length in steps_taken)
-        add("adaptive_exit", 0, len(steps_taken), drafted, cost, k=k_max, exits=exit_set)
+        add("adaptive_exit", None, len(steps_taken), drafted, cost, k=k_max, exits=exit_set)
     # An oracle that also picks the exit of each step: the most tokens per cost among the
     # exits' exact runs (greedy step by step).
     steps = drafts = 0
@@ -366,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             drafts += run
             steps += 1
             position += run + 1
-    add("oracle_exit", 0, steps, drafts, cost, k=k_max)
+    add("oracle_exit", None, steps, drafts, cost, k=k_max, exits=",".join(map(str, exits)))
     document = {
         "benchmark": "drafting_bound",
         "arguments": vars(arguments),
@@ -380,26 +392,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def row_shape(row: dict) -> str:
+    """What a row's policy drafted: its tree, confidence threshold or chain length."""
+    if "tree" in row:
+        return row["tree"]
+    if "threshold" in row:
+        return f"k={row['k']},t={row['threshold']}"
+    return f"k={row['k']}"
+
+
 def print_rows(rows: list[dict]) -> None:
-    print(f"{'policy':<9} {'E':>3} {'shape':>9} {'T/step':>7} {'accept':>7} {'bound':>6}")
+    """One line per row, then each policy's best: its exit layer, or the exits it chose
+    from for the policies that pick one each step (``exit_layer`` None)."""
+    print(f"{'policy':<13} {'E':>3} {'shape':>11} {'T/step':>7} {'accept':>7} {'bound':>6}  exits")
     best: dict[str, dict] = {}
     for row in rows:
-        shape = (
-            row.get("tree")
-            or row.get("exits")
-            or (f"t={row['threshold']}" if "threshold" in row else f"k={row['k']}")
-        )
+        exit_layer = "-" if row["exit_layer"] is None else row["exit_layer"]
         acceptance = "-" if row["acceptance"] is None else f"{row['acceptance']:.3f}"
         print(
-            f"{row['policy']:<9} {row['exit_layer']:>3} {shape:>9} "
+            f"{row['policy']:<13} {exit_layer:>3} {row_shape(row):>11} "
             f"{row['tokens_per_step']:>7.2f} {acceptance:>7} {row['bound']:>5.2f}x"
+            + (f"  {row['exits']}" if "exits" in row else "")
         )
         if row["bound"] > best.get(row["policy"], {"bound": 0})["bound"]:
             best[row["policy"]] = row
     for policy, row in best.items():
+        where = f"E={row['exit_layer']}" if "exits" not in row else f"exits {row['exits']}"
         print(
-            f"best {policy}: E={row.get('exits') or row['exit_layer']} "
-            f"{row.get('tree') or 'k=' + str(row['k'])}"
+            f"best {policy}: {where} {row_shape(row)}"
             f" {row['bound']:.2f}x autoregressive (cost-model bound)"
         )
     print(json.dumps({policy: round(row["bound"], 3) for policy, row in best.items()}))
