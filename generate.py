@@ -20,7 +20,9 @@ With ``--compile True`` the first prompt is decoded once, untimed, to compile th
 
 Writes ``<output_dir>/generate_<time>.json``: the arguments, the resolved generation
 config, the environment (with the decoding path that actually ran, and the compile time)
-and, per prompt, the prompt, the generated text and its metrics. Prompts from standard
+and, per prompt, the prompt, the generated text and its metrics (with
+``--compare_autoregressive True``, ``autoregressive``: plain decoding's tokens/s, time,
+token count, whether its tokens were the same, and the speedup). Prompts from standard
 input also go to ``generate_<time>.samples.jsonl``, one row per answer as it is given, so
 that a session killed (SIGTERM, SIGKILL) keeps every answer; the document is written
 (atomically) after the first answer and when the session ends (end of input, Ctrl-C, a
@@ -243,7 +245,9 @@ def _answer(
     seed: int,
     output: TextIO,
     first: bool = False,
-) -> GenerationResult:
+) -> tuple[GenerationResult, GenerationResult | None]:
+    """The answer to ``prompt`` (streamed to ``output``), and with
+    ``--compare_autoregressive True`` plain decoding's result for the same prompt."""
     # Undecodable input bytes fail this prompt only, not the interactive session.
     require_utf8(prompt, "the prompt", from_bytes=True)
     prompt_ids = _prompt_ids(generator, prompt, options.chat_template)
@@ -280,7 +284,21 @@ def _answer(
             "the answer ended at its first token (end of sequence); this model has a chat "
             "template: --chat_template True gives it the prompt as a chat turn"
         )
-    return result
+    return result, plain
+
+
+def comparison(result: GenerationResult, plain: GenerationResult) -> dict:
+    """What --compare_autoregressive measured, for the result rows: plain decoding's speed
+    and tokens, and the speedup over it."""
+    return {
+        "tokens_per_second": plain.tokens_per_second,
+        "total_time": plain.total_time,
+        "num_generated_tokens": plain.num_generated_tokens,
+        "same_tokens": plain.token_ids == result.token_ids,
+        "speedup": (
+            result.tokens_per_second / plain.tokens_per_second if plain.tokens_per_second else None
+        ),
+    }
 
 
 def decoding_path(generator: Generator, config: GenerationConfig) -> dict:
@@ -346,8 +364,10 @@ def main(argv: list[str]) -> int:
 
         def answer(prompt: str, seed: int, rows: JsonlWriter | None = None) -> None:
             first = not document["prompts"]
-            result = _answer(generator, prompt, config, options, seed, output, first)
+            result, plain = _answer(generator, prompt, config, options, seed, output, first)
             row = {"prompt": prompt, "text": result.text, **result.metrics()}
+            if plain is not None:
+                row["autoregressive"] = comparison(result, plain)
             document["prompts"].append(row)
             if rows is not None:
                 rows.write(row)

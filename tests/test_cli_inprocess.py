@@ -271,3 +271,26 @@ def test_generate_hints_at_the_chat_template_when_the_answer_ends_at_once(
     caplog.clear()
     assert generate.main(["--model", str(tiny_model_dir), *argv]) == 0  # no template to offer
     assert "--chat_template True gives" not in caplog.text
+
+
+def test_generate_keeps_the_autoregressive_comparison_in_its_results(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--compare_autoregressive's measurement (plain decoding's speed, the speedup, whether
+    the tokens were the same) was only a log line: the result document now has it."""
+    generate = importlib.import_module("generate")
+    argv = [
+        "--model", str(tiny_model_dir), "--prompt", "def fibonacci(n):", "--streamer", "none",
+        "--generation_strategy", "self_speculative", "--exit_layer", "2", "--num_speculations", "3",
+        "--sample", "False", "--max_steps", "8", "--compare_autoregressive", "True",
+        "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    assert generate.main(argv) == 0
+    (document,) = tmp_path.glob("generate_*.json")
+    (row,) = json.loads(document.read_text())["prompts"]
+    compared = row["autoregressive"]
+    assert compared["same_tokens"] is True  # greedy: token for token
+    assert compared["num_generated_tokens"] == row["num_generated_tokens"]
+    assert compared["tokens_per_second"] > 0
+    expected = row["tokens_per_second"] / compared["tokens_per_second"]
+    assert compared["speedup"] == pytest.approx(expected)
