@@ -313,6 +313,7 @@ def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
         num_blocks=len(blocks),
         fingerprint=corpus_fingerprint(blocks),
         model_weights=weights_fingerprint(base_checksum),
+        dtype=args.dtype,
     )
     done = compute_targets(
         layerwise,
@@ -370,9 +371,10 @@ def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
     }
     settings_key["init_layer"] = init_layer
     settings_key["model"] = real_location(args.model)  # "m", "./m" and "m/" are one model
-    settings_key["model_weights"] = weights_fingerprint(
-        base_checksum
-    )  # the same folder, retrained since: another
+    # The same folder retrained since is another model; another dtype rounds its weights
+    # (another fingerprint), and is named as what it is.
+    settings_key["model_weights"] = weights_fingerprint(base_checksum)
+    settings_key["dtype"] = args.dtype
     step, progress_before = _resume(
         output / CHECKPOINT_NAME, adapter, optimizer, schedule, settings_key
     )

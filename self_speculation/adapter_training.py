@@ -74,6 +74,7 @@ class TargetSettings:
     num_blocks: int
     fingerprint: str
     model_weights: str = ""  # ``weights_fingerprint``: a model retrained in place is another
+    dtype: str = ""  # what the model was loaded in (its weights, so their fingerprint, too)
 
 
 @torch.no_grad()
@@ -113,7 +114,16 @@ def compute_targets(
         if isinstance(found, dict) and isinstance(found.get("model"), str):
             # as an earlier run spelled it
             found = {**found, "model": real_location(found["model"])}
+        if isinstance(found, dict):
+            # A setting an earlier version did not record is taken as unchanged (as
+            # train_adapter.py's checkpoint settings are).
+            found = {**{name: wanted[name] for name in ("model_weights", "dtype")}, **found}
         if found != wanted:
+            if isinstance(found, dict) and found["dtype"] != wanted["dtype"]:
+                raise ConfigError(
+                    f"{folder} holds targets computed with --dtype {found['dtype']}, not "
+                    f"{settings.dtype}: give that --dtype, or use another --cache_dir"
+                )
             if isinstance(found, dict) and {**found, "model_weights": None} == {
                 **wanted,
                 "model_weights": None,
