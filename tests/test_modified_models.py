@@ -4,6 +4,8 @@ the model's own forward would, or refused in one line naming the cause."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tiny_models import IdTokenizer, make_tiny_model
@@ -15,17 +17,16 @@ PROMPT = [5, 7, 9, 11, 13]
 
 
 def _greedy_configs(max_steps: int, num_speculations: int) -> list[GenerationConfig]:
-    """Greedy autoregressive and self-speculative (E = 2) decoding of ``max_steps`` tokens."""
-    return [
-        GenerationConfig(
-            max_steps=max_steps,
-            sample=False,
-            generation_strategy=strategy,
-            exit_layer=2,
-            num_speculations=num_speculations,
-        )
-        for strategy in ("autoregressive", "self_speculative")
-    ]
+    """Greedy decoding of ``max_steps`` tokens: autoregressive with the full model, and
+    self-speculative from exit 2."""
+    plain = GenerationConfig(max_steps=max_steps, sample=False)
+    speculative = dataclasses.replace(
+        plain,
+        generation_strategy="self_speculative",
+        exit_layer=2,
+        num_speculations=num_speculations,
+    )
+    return [plain, speculative]
 
 
 def _own_generate(model: torch.nn.Module) -> list[int]:
@@ -178,15 +179,8 @@ def test_a_reduced_draft_vocabulary_copies_rows_of_a_quantized_head() -> None:
     vocab = torch.arange(0, 64)
     generator.draft = DraftExit(generator.layerwise, vocab=vocab)
     assert torch.equal(generator.draft._head_weight, weight[vocab])
-    config = GenerationConfig(max_steps=8, sample=False)
-    expected = generator.generate(PROMPT, config).token_ids
-    speculative = GenerationConfig(
-        max_steps=8,
-        sample=False,
-        generation_strategy="self_speculative",
-        exit_layer=2,
-        num_speculations=3,
-    )
+    plain, speculative = _greedy_configs(8, 3)
+    expected = generator.generate(PROMPT, plain).token_ids
     assert generator.generate(PROMPT, speculative).token_ids == expected
 
 
@@ -199,14 +193,8 @@ def test_a_reduced_draft_vocabulary_over_a_torchao_head(kind) -> None:
     quantization.quantize_(model, getattr(quantization, kind)())
     generator = Generator(model, IdTokenizer())
     generator.draft = DraftExit(generator.layerwise, vocab=torch.arange(0, 64))
-    expected = generator.generate(PROMPT, GenerationConfig(max_steps=8, sample=False)).token_ids
-    speculative = GenerationConfig(
-        max_steps=8,
-        sample=False,
-        generation_strategy="self_speculative",
-        exit_layer=2,
-        num_speculations=3,
-    )
+    plain, speculative = _greedy_configs(8, 3)
+    expected = generator.generate(PROMPT, plain).token_ids
     assert generator.generate(PROMPT, speculative).token_ids == expected
 
 
