@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,8 +43,10 @@ from self_speculation.draft import (
 )
 from self_speculation.errors import ArgumentsError as ArgumentsError  # re-exported
 from self_speculation.errors import (
+    check_interrupted,
     command_line_text,
     expand_home,
+    remembered_interrupt,
     require_thread_count,
     require_utf8,
 )
@@ -628,8 +631,12 @@ def run_main(main: Callable[[list[str]], int | None], prog: str | None = None) -
     prog = prog or os.path.basename(sys.argv[0])
     usable_standard_streams()
     setup_logging()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, remembered_interrupt)
     try:
         status = main(sys.argv[1:])
+        if not status:  # one swallowed by a finalizer after the last check: still Ctrl-C
+            check_interrupted()
     except BrokenPipeError:
         # Python would complain again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -4,6 +4,25 @@ import json
 import numbers
 import os
 import re
+import threading
+
+_interrupted = threading.Event()
+
+
+def remembered_interrupt(number: int, frame: object) -> None:
+    """A SIGINT handler (the scripts' ``run_main`` installs it): KeyboardInterrupt, as
+    Python's own, and remembered, because Python swallows one raised while a finalizer runs
+    (``Exception ignored in ... __del__``: the run went on to its end and exited 0).
+    ``check_interrupted`` raises it again at the next sample or generation."""
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    """KeyboardInterrupt if a SIGINT was received (``remembered_interrupt``) whose exception
+    was swallowed; nothing otherwise (and always, where the handler is not installed)."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 def json_refusal(error: ValueError | RecursionError) -> str:

@@ -28,7 +28,7 @@ from lm_eval.api.model import LM
 from tqdm import tqdm
 
 from self_speculation.config import MIN_TEMPERATURE, GenerationConfig
-from self_speculation.errors import ConfigError
+from self_speculation.errors import ConfigError, check_interrupted
 from self_speculation.generator import Generator
 from self_speculation.model_surgery import eval_mode
 
@@ -207,6 +207,7 @@ class LayerSkipLM(LM):
         self.generator.follow_model()  # the model as it is now (a generation would)
         results = []
         for request in tqdm(requests, desc="loglikelihood", disable=not self.progress):
+            check_interrupted()
             context, continuation = request.args
             context_ids, continuation_ids = self._pair_ids(context, continuation)
             if not continuation_ids:
@@ -222,6 +223,7 @@ class LayerSkipLM(LM):
         self.generator.follow_model()
         results = []
         for request in tqdm(requests, desc="loglikelihood_rolling", disable=not self.progress):
+            check_interrupted()
             (text,) = request.args
             tokens = self._encode(text)
             results.append(self._continuation_logprob(self._empty_context_ids(), tokens)[0])

@@ -25,6 +25,7 @@ from self_speculation.errors import (
     ConfigError,
     ModelLoadError,
     UnsupportedModelError,
+    check_interrupted,
     is_integer,
     require_bool,
     require_list_of,
@@ -826,6 +827,7 @@ class Generator:
             )
         if not prompts:
             raise ConfigError("no prompts given")
+        check_interrupted()  # a Ctrl-C a finalizer swallowed during the last generation
         prompt_ids = [
             self._prompt_ids(prompt, f"prompts[{index}]") for index, prompt in enumerate(prompts)
         ]
