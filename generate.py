@@ -230,11 +230,10 @@ def summary_line(
     )
     if plain is None:
         return line + "; --compare_autoregressive True times plain decoding too"
-    same = "same tokens" if plain.token_ids == result.token_ids else "different tokens"
-    return (
-        line + f"; {result.tokens_per_second / plain.tokens_per_second:.2f}x plain decoding "
-        f"({plain.tokens_per_second:.1f} tokens/s, {same})"
-    )
+    compared = comparison(result, plain)
+    same = "same tokens" if compared["same_tokens"] else "different tokens"
+    speedup = "n/a" if compared["speedup"] is None else f"{compared['speedup']:.2f}x"
+    return line + f"; {speedup} plain decoding ({plain.tokens_per_second:.1f} tokens/s, {same})"
 
 
 def _answer(
