@@ -136,7 +136,7 @@ def _result_document(
         "num_samples": len({row["index"] for row in rows}),
         "metrics": metrics,
         "quality_metrics": "computed" if with_references else "skipped: no references",
-        "environment": environment_info(generator, context),
+        "environment": environment_info(generator, context, configs),
     }
     if len(strategies) > 1:
         comparison = compare_strategies(rows, strategies)

@@ -170,7 +170,7 @@ def main(argv: list[str]) -> int:
                 "num_near_ties": near_ties,
                 "passed": comparison["num_mismatches"] == 0,  # token for token
                 "only_near_ties": bool(mismatches) and near_ties == len(mismatches),
-                "environment": environment_info(generator, context),
+                "environment": environment_info(generator, context, [baseline, speculative]),
                 "samples_file": str(files.samples),
             }
             write_json_atomic(files.result, document)

@@ -392,7 +392,7 @@ def main(argv: list[str]) -> int:
             "results": output["results"] if output else {},
             "n-shot": (output or {}).get("n-shot", {}),
             "speed": summarize_speed(lm.generation_rows),
-            "environment": environment_info(generator, context),
+            "environment": environment_info(generator, context, [config]),
             "samples_file": str(files.samples),
         }
         write_json_atomic(files.result, document)

@@ -354,7 +354,7 @@ def main(argv: list[str]) -> int:
             "script": "generate.py",
             "arguments": arguments_dict(args, generation, options),
             "generation_config": vars(config),
-            "environment": environment_info(generator, context),
+            "environment": environment_info(generator, context, [config]),
             "ended_by": None,
             "prompts": [],
         }

@@ -487,8 +487,9 @@ def main(argv: list[str]) -> int:
                 )  # fmt: skip
         if context.is_main:
             _finish(
-                csv_path, setting, points, args, generation, benchmark, sweep, generator, context
-            )
+                csv_path, setting, points, args, generation, benchmark, sweep, generator,
+                context, speculative,
+            )  # fmt: skip
     return 0
 
 
@@ -537,7 +538,7 @@ def _csv_row(
 
 
 def _finish(
-    csv_path, setting, points, args, generation, benchmark, sweep, generator, context
+    csv_path, setting, points, args, generation, benchmark, sweep, generator, context, speculative
 ) -> None:
     """Plot, summary and best point of this run's grid (the CSV may hold more points, from
     earlier runs with other bounds)."""
@@ -574,7 +575,7 @@ def _finish(
             "best": best_point,
             "best_by_strategy": best_by_strategy,
             "grid": table.to_dict(orient="records"),
-            "environment": environment_info(generator, context),
+            "environment": environment_info(generator, context, [speculative]),
         },
     )
     # The plot after the summary: a run killed between the two leaves a summary that marks

@@ -303,8 +303,13 @@ def merge_rank_rows(
             rank_file.unlink()
 
 
-def environment_info(generator: Generator, context: DistributedContext) -> dict[str, Any]:
-    """Versions, device and dtype: what a reader needs to compare two results files."""
+def environment_info(
+    generator: Generator,
+    context: DistributedContext,
+    configs: Sequence[GenerationConfig] = (),
+) -> dict[str, Any]:
+    """Versions, device and dtype: what a reader needs to compare two results files
+    decoded with ``configs``."""
     import transformers
 
     device = generator.layerwise.device
@@ -331,7 +336,7 @@ def environment_info(generator: Generator, context: DistributedContext) -> dict[
         # as the generation configs above do (a checkpoint's repetition penalty, say), and
         # what transformers' generate would apply and the engine did not.
         "checkpoint_generation_settings": applied_checkpoint_settings(
-            getattr(generator.model, "generation_config", None)
+            getattr(generator.model, "generation_config", None), configs
         ),
         "checkpoint_settings_not_applied": unapplied_generation_settings(generator.model),
     }

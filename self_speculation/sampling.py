@@ -7,6 +7,7 @@ comes from the early exit, the target distribution p from the full model.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 from transformers import GenerationConfig as CheckpointGenerationConfig
@@ -72,13 +73,23 @@ def _context_processors(
     return processors
 
 
-def applied_checkpoint_settings(checkpoint: CheckpointGenerationConfig | None) -> dict:
-    """The settings of ``checkpoint`` (a model's generation config) that decoding applies
-    (``_context_processors``: a run's own no_repeat_ngram_size replaces the checkpoint's)
-    where they are not neutral, and its end-of-sequence ids: they change the tokens as much
-    as the GenerationConfig does, and a results file records them beside it."""
+def applied_checkpoint_settings(
+    checkpoint: CheckpointGenerationConfig | None, configs: Sequence[GenerationConfig] = ()
+) -> dict:
+    """The settings of ``checkpoint`` (a model's generation config) that decoding with
+    ``configs`` applies (``_context_processors``: a run's own no_repeat_ngram_size replaces
+    the checkpoint's) where they are not neutral, and its end-of-sequence ids: they change
+    the tokens as much as the GenerationConfig does, and a results file records them
+    beside it."""
+    replaced = (
+        {"no_repeat_ngram_size"}
+        if configs and all(config.no_repeat_ngram_size is not None for config in configs)
+        else set()
+    )
     settings = {}
     for name in CHECKPOINT_PROCESSOR_SETTINGS:
+        if name in replaced:
+            continue
         value = getattr(checkpoint, name, None)
         neutral = (
             value is None

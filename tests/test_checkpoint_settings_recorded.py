@@ -90,3 +90,33 @@ def test_an_eos_id_beyond_int64_in_generation_config_json_is_one_line(tmp_path: 
     # A LayerSkipError: run_main prints it as one line (exit status 2), not a traceback.
     with pytest.raises(ModelLoadError, match="eos_token_id is \\[1, 100000000000000000000\\]"):
         generate.main(argv)
+
+
+def test_a_replaced_checkpoint_ngram_size_is_not_recorded_as_applied(tmp_path: Path) -> None:
+    """A run's own --no_repeat_ngram_size replaces the checkpoint's (``_context_processors``),
+    but the document listed the checkpoint's as applied beside the run's: two n-gram sizes
+    on file, one of them not used. Only what decoding applied is recorded."""
+    from self_speculation.sampling import applied_checkpoint_settings
+
+    checkpoint = CheckpointConfig(no_repeat_ngram_size=3, eos_token_id=1)
+    own = GenerationConfig(no_repeat_ngram_size=4)
+    assert applied_checkpoint_settings(checkpoint, [own]) == {"eos_token_id": 1}
+    assert applied_checkpoint_settings(checkpoint, [GenerationConfig()]) == {
+        "no_repeat_ngram_size": 3,
+        "eos_token_id": 1,
+    }
+    model_dir = save_tiny_model(tmp_path / "model")
+    saved = CheckpointConfig.from_pretrained(model_dir)
+    saved.no_repeat_ngram_size = 3
+    saved.save_pretrained(model_dir)
+    generate = importlib.import_module("generate")
+    argv = [
+        "--model", str(model_dir), "--prompt", "def add(a, b):", "--sample", "False",
+        "--max_steps", "6", "--streamer", "none", "--no_repeat_ngram_size", "4",
+        "--output_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    assert generate.main(argv) == 0
+    (result,) = (tmp_path / "out").glob("generate_*.json")
+    document = json.loads(result.read_text())
+    assert document["generation_config"]["no_repeat_ngram_size"] == 4
+    assert document["environment"]["checkpoint_generation_settings"] == {"eos_token_id": 1}
