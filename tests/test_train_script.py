@@ -273,6 +273,25 @@ def test_a_continued_model_keeps_its_generation_settings(corpus: Path, tmp_path:
     assert saved["exit_layer"] >= 1
 
 
+def test_a_continued_models_config_stop_ids_are_kept(corpus: Path, tmp_path: Path) -> None:
+    """Stop ids listed only in config.json (no generation_config.json of its own: a model
+    converted from GGUF, an older save) reached the trained model's generation_config.json
+    as the tokenizer's one EOS, so the trained model ran past the others."""
+    save_tiny_model(tmp_path / "base", "qwen2")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**config, "eos_token_id": [1, 7]}))
+    (tmp_path / "base" / "generation_config.json").unlink(missing_ok=True)
+    result = run(
+        "train.py",
+        *("--model", str(tmp_path / "base"), "--data", f"{corpus}/*.py", "--seq_len", "32"),
+        *("--batch_size", "4", "--max_tokens", str(2 * 4 * 32), "--bf16", "False", *QUICK),
+        *("--output_dir", str(tmp_path / "run")),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((tmp_path / "run" / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == [1, 7]
+
+
 def test_a_tokenizer_larger_than_the_model_is_one_line(corpus: Path, tmp_path: Path) -> None:
     save_tiny_model(tmp_path / "base", "qwen2", vocab_size=40)  # its tokenizer has more ids
     result = run(

@@ -658,6 +658,10 @@ class Trainer:
             for name in ("_from_model_config", "transformers_version"):
                 settings.pop(name, None)
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            # A config.json's stop ids (a list, as Llama 3.1's) come through a generation
+            # config derived from it; the tokenizer knows one EOS.
+            if settings.get(name) is None:
+                settings[name] = getattr(own, name, None)
             if settings.get(name) is None:
                 settings[name] = getattr(tokenizer, name)
         # -1: what a continued model recommended (a sweep's choice, say), else the defaults.
