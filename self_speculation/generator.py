@@ -564,17 +564,24 @@ class Generator:
             )
         return prompt_ids
 
-    def _warn_of_padding(self, prompt_ids: list[list[int]]) -> None:
-        """A warning when prompts begin or end with the tokenizer's pad token (a batch padded
-        by the tokenizer, handed over as ids): every id given is prompt text to the engine,
-        which pads batches itself, so the model would read the padding. (Not where the pad
-        token is also the end-of-sequence or beginning-of-sequence token.)"""
+    def _warn_of_padding(
+        self, prompts: Sequence[str | Sequence[int]], prompt_ids: list[list[int]]
+    ) -> None:
+        """A warning when prompts given as ids begin or end with the tokenizer's pad token (a
+        batch padded by the tokenizer, handed over as ids): every id given is prompt text to
+        the engine, which pads batches itself, so the model would read the padding. (Not
+        where the pad token is also the end-of-sequence or beginning-of-sequence token, nor
+        for a text, whose pad token, Qwen's <|endoftext|> say, the writer put there.)"""
         pad = getattr(self.tokenizer, "pad_token_id", None)
         if pad is None or pad in self.eos_token_ids:
             return
         if pad == getattr(self.tokenizer, "bos_token_id", None):
             return
-        padded = [index for index, ids in enumerate(prompt_ids) if pad in (ids[0], ids[-1])]
+        padded = [
+            index
+            for index, (prompt, ids) in enumerate(zip(prompts, prompt_ids, strict=True))
+            if not isinstance(prompt, str) and pad in (ids[0], ids[-1])
+        ]
         if padded:
             logger.warning(
                 "%s of %d prompts (%s) begin or end with the pad token (id %d): the model "
@@ -831,7 +838,7 @@ class Generator:
         prompt_ids = [
             self._prompt_ids(prompt, f"prompts[{index}]") for index, prompt in enumerate(prompts)
         ]
-        self._warn_of_padding(prompt_ids)
+        self._warn_of_padding(prompts, prompt_ids)
         config = self.resolve(config)
         self._check_generation_config()
         vocab_size = self.layerwise.embed_tokens.weight.shape[0]  # as prompts are checked

@@ -43,3 +43,15 @@ def test_unpadded_prompts_are_not_warned_about(caplog) -> None:
         generator.generate_batch(["def add(a, b):", "x"], CONFIG)
         generator.generate(generator.encode("x = 1"), CONFIG)
     assert not any("pad token" in r.getMessage() for r in caplog.records)
+
+
+def test_a_text_ending_in_the_pad_token_is_not_warned_about(caplog) -> None:
+    """A text whose writer ended it with the pad token's text (Qwen's pad token is its
+    <|endoftext|>, which documents end with) is what the writer meant, not padding."""
+    generator = _generator()
+    pad_text = generator.tokenizer.pad_token
+    text = f"x = 1{pad_text}"
+    assert generator.encode(text)[-1] == generator.tokenizer.pad_token_id
+    with caplog.at_level(logging.WARNING, logger="self_speculation.generator"):
+        generator.generate_batch([text, "y"], CONFIG)
+    assert not any("pad token" in r.getMessage() for r in caplog.records)
