@@ -6,7 +6,11 @@ separately):
 * ours, eager and fast path (``compile=True``), autoregressive and self-speculative;
 * transformers ``generate``: greedy with its dynamic cache; greedy with
   ``cache_implementation="static"`` + ``torch.compile`` (mode "default" on CPU,
-  "reduce-overhead" on CUDA); ``assistant_early_exit=E`` with k constant drafts.
+  "reduce-overhead" on CUDA); ``assistant_early_exit=E`` with k constant drafts;
+* with ``--sampled True``, the same paths sampling (the original README's ``--sample True``:
+  temperature 0.6, top-p 0.9, GenerationConfig's defaults; one seed per prompt, so that the
+  fast path's tokens can be compared with eager's), and transformers' sampled ``generate``
+  with the same warpers (dynamic cache; static cache + compile).
 
 It prints tokens/s and every ratio, checks that every path produced the same tokens as
 our eager autoregressive decoding, and relates each autoregressive path to the
@@ -65,6 +69,7 @@ from self_speculation.strategies import SelfSpeculativeGenerationStrategy  # noq
 logger = logging.getLogger("engine")
 
 TWO_CALLS = "ours fast self_speculative, two calls per step"
+SAMPLED = " sampled"  # the suffix of a sampled path's name
 
 
 @dataclass
@@ -106,6 +111,9 @@ class EngineArguments:
     trees: list[str] = field(default_factory=list)
     # Time the adaptive strategy too (chains of 1, 2, 4, ... up to --num_speculations).
     adaptive: bool = False
+    # Time sampled decoding too (temperature 0.6, top-p 0.9): ours eager and fast, both
+    # strategies, and transformers' sampled generate (dynamic; static cache + compile).
+    sampled: bool = False
     output: str = "logs/engine.json"
 
     def __post_init__(self) -> None:
@@ -315,14 +323,14 @@ def run_ours(
     # Warm-up: compiles every shape of this config. On CUDA each prompt too: a prompt whose
     # cache takes another capacity bucket records CUDA graphs of its own, untimed here.
     for prompt in prompts if config.compile and device.type == "cuda" else prompts[:1]:
-        generator.generate(prompt, config)
+        generator.generate(prompt, config, generator=_seeded(config, device, -1))
     warm_up = time.perf_counter() - started
     compile_seconds = generator.compile_seconds - compile_before
     baseline = _peak_reset(device)
     tokens = seconds = drafted = accepted = 0
     token_ids = []
-    for prompt in prompts:
-        result = generator.generate(prompt, config)
+    for index, prompt in enumerate(prompts):
+        result = generator.generate(prompt, config, generator=_seeded(config, device, index))
         tokens += result.num_generated_tokens
         seconds += result.total_time
         drafted += result.num_drafted
@@ -341,6 +349,14 @@ def run_ours(
     )
 
 
+def _seeded(config: GenerationConfig, device: torch.device, seed: int) -> torch.Generator | None:
+    """A random stream of its own for each prompt of a sampled path (None when greedy): the
+    eager and the fast path draw from the same numbers, so their tokens can be compared."""
+    if not config.sample:
+        return None
+    return torch.Generator(device=device).manual_seed(seed % 2**32)
+
+
 def run_transformers(
     model, tokenizer, name: str, prompts: list[str], max_steps: int, **generate_kwargs
 ) -> PathResult:
@@ -354,9 +370,8 @@ def run_transformers(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_steps,
-            do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
-            **generate_kwargs,
+            **{"do_sample": False, **generate_kwargs},
         )
         synchronize(device)
         return output[0, ids.shape[1] :].tolist(), time.perf_counter() - started
@@ -536,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = dict(speculative, generation_strategy="adaptive")
         for kind, compile in (("eager", False), ("fast", True)):
             ours[f"ours {kind} adaptive"] = GenerationConfig(**common, **settings, compile=compile)
+    if args.sampled:  # GenerationConfig's sampling defaults: temperature 0.6, top-p 0.9
+        for name in [name for name in ours if name.count(" ") == 2]:  # the four main paths
+            ours[name + SAMPLED] = dataclasses.replace(ours[name], sample=True)
     bytes_per_token = weight_bytes_per_token(model)
     bandwidths: list[float] = []  # every measurement of this run; the floor uses the best
 
@@ -579,6 +597,14 @@ def main(argv: list[str] | None = None) -> int:
         ar = next((r for r in results if r.name == twin), None)
         return None if ar is None else ar.token_ids == path.token_ids
 
+    def eager_twin(path: PathResult) -> bool | None:
+        """Whether a sampled fast path drew its eager twin's tokens (the same seeds)."""
+        if not (path.name.startswith("ours fast ") and path.name.endswith(SAMPLED)):
+            return None
+        twin = path.name.replace("ours fast ", "ours eager ", 1)
+        eager = next((r for r in results if r.name == twin), None)
+        return None if eager is None else eager.token_ids == path.token_ids
+
     def record() -> None:
         document["paths"] = [
             {
@@ -590,8 +616,15 @@ def main(argv: list[str] | None = None) -> int:
                 "compile_or_first_call_seconds": r.compile_seconds,
                 "acceptance": r.acceptance,
                 "peak_memory_bytes": r.peak_memory_bytes,
-                "identical_to_first_path": r.token_ids == results[0].token_ids,
-                "identical_to_same_kind_autoregressive": same_kind_autoregressive(r),
+                # A sampled path draws other tokens than the greedy first path, and than
+                # the autoregressive path of its kind; its fast twin draws eager's.
+                "identical_to_first_path": None
+                if r.name.endswith(SAMPLED)
+                else r.token_ids == results[0].token_ids,
+                "identical_to_same_kind_autoregressive": None
+                if r.name.endswith(SAMPLED)
+                else same_kind_autoregressive(r),
+                "identical_to_eager": eager_twin(r),
             }
             for r in results
         ]
@@ -634,6 +667,10 @@ def main(argv: list[str] | None = None) -> int:
                 "num_assistant_tokens_schedule": "constant",
             },
         }
+        if args.sampled:  # the warpers of ours (GenerationConfig's defaults)
+            warpers = {"do_sample": True, "temperature": 0.6, "top_k": 0, "top_p": 0.9}
+            for name in list(peers)[:2]:
+                peers[name + SAMPLED] = {**peers[name], **warpers}
         for name, kwargs in peers.items():
             if args.paths and not any(part in name for part in args.paths):
                 continue
@@ -695,19 +732,22 @@ def print_table(document: dict) -> None:
     floor = document["floor_ms_per_token"]
     print(f"\nweight-streaming floor: {floor:.2f} ms/token")
     print(
-        f"{'path':50s} {'tok/s':>7s} {'ms/tok':>7s} {'x floor':>7s} {'compile s':>9s} "
+        f"{'path':56s} {'tok/s':>7s} {'ms/tok':>7s} {'x floor':>7s} {'compile s':>9s} "
         f"{'peak MB':>7s} same as 1st"
     )
     for path in document["paths"]:
         peak = path["peak_memory_bytes"]
         print(
-            f"{path['name']:50s} {path['tokens_per_second']:7.1f} {path['ms_per_token']:7.2f} "
+            f"{path['name']:56s} {path['tokens_per_second']:7.1f} {path['ms_per_token']:7.2f} "
             f"{path['ms_per_token'] / floor:7.1f} {path['compile_or_first_call_seconds']:9.1f} "
-            f"{'-' if peak is None else f'{peak / 1e6:.1f}':>7s} {path['identical_to_first_path']}"
+            f"{'-' if peak is None else f'{peak / 1e6:.1f}':>7s} "
+            f"{'-' if path['identical_to_first_path'] is None else path['identical_to_first_path']}"
         )
+        if path.get("identical_to_eager") is not None:
+            print(f"{'':56s} same tokens as its eager twin: {path['identical_to_eager']}")
         if path.get("identical_to_same_kind_autoregressive") is not None:
             print(
-                f"{'':50s} same tokens as its kind's autoregressive path: "
+                f"{'':56s} same tokens as its kind's autoregressive path: "
                 f"{path['identical_to_same_kind_autoregressive']}"
             )
 
@@ -718,10 +758,11 @@ def print_table(document: dict) -> None:
 
     print()
     fast_ar, fast_ss = "ours fast autoregressive", "ours fast self_speculative"
-    ratio(fast_ss, fast_ar)
+    for suffix in ("", SAMPLED):
+        ratio(fast_ss + suffix, fast_ar + suffix)
+        ratio("ours eager self_speculative" + suffix, "ours eager autoregressive" + suffix)
+        ratio(fast_ar + suffix, "ours eager autoregressive" + suffix)
     ratio(fast_ss, TWO_CALLS)
-    ratio("ours eager self_speculative", "ours eager autoregressive")
-    ratio(fast_ar, "ours eager autoregressive")
     for name in paths:
         if " tree " in name or name.endswith(" adaptive"):
             kind = name.split()[1]
@@ -734,7 +775,8 @@ def print_table(document: dict) -> None:
             print(f"peak memory, fast / eager {strategy}: {value:.2f}x")
     for name in paths:
         if name.startswith("transformers"):
-            ratio(fast_ar if "assistant" not in name else fast_ss, name)
+            ours_path = fast_ar if "assistant" not in name else fast_ss
+            ratio(ours_path + (SAMPLED if name.endswith(SAMPLED) else ""), name)
     batch = {
         (row["batch_size"], row.get("decoding", "eager"), row["path"]): row["tokens_per_second"]
         for row in document.get("batch", [])

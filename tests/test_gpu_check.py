@@ -73,16 +73,26 @@ def test_gpu_check_runs_every_part_on_cpu(tmp_path: Path) -> None:
     for engine in (tiny, shipped):
         assert engine["floor_ms_per_token"] > 0
         assert len(engine["bandwidth_measurements_bytes_per_second"]) >= 2
-        assert all(path["identical_to_first_path"] for path in engine["paths"])
-    assert {path["name"] for path in tiny["paths"]} == {
+        greedy = [path for path in engine["paths"] if not path["name"].endswith(" sampled")]
+        assert greedy and all(path["identical_to_first_path"] for path in greedy)
+    greedy_names = {
         "ours eager autoregressive",
         "ours eager self_speculative",
         "ours fast autoregressive",
         "ours fast self_speculative",
         "transformers generate (dynamic cache)",
         "transformers generate (static cache + compile)",
+    }
+    assert {path["name"] for path in tiny["paths"]} == {
+        *greedy_names,
+        *(f"{name} sampled" for name in greedy_names),
         "transformers assistant_early_exit=2",
     }
+    # The sampled fast paths draw their eager twins' tokens (one seed per prompt).
+    twins = {path["name"]: path["identical_to_eager"] for path in tiny["paths"]}
+    assert twins["ours fast autoregressive sampled"] is True
+    assert twins["ours fast self_speculative sampled"] is True
+    assert twins["ours fast autoregressive"] is None
     assert {(row["batch_size"], row["decoding"], row["path"]) for row in tiny["batch"]} == {
         (size, decoding, strategy)
         for size in (1, 2)
@@ -92,6 +102,7 @@ def test_gpu_check_runs_every_part_on_cpu(tmp_path: Path) -> None:
     table = (tmp_path / "gpu_check.md").read_text()
     assert "## random-llama-tiny" in table and "## layerskip-stdlib" in table
     assert "| ours fast self_speculative |" in table and "| 2 | fast | self_speculative |" in table
+    assert "| ours fast self_speculative sampled |" in table
 
 
 def test_a_part_run_again_keeps_the_others_results(tmp_path: Path, gpu_check, monkeypatch) -> None:
