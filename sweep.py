@@ -274,10 +274,26 @@ def check_siblings(csv_path: Path) -> None:
         )
 
 
-def _finished(csv_path: Path, setting: str, repair: bool) -> pd.DataFrame:
-    """This setting's rows already in the CSV. With ``repair``, an unfinished last line is cut
-    off (and a whole last row missing its newline gets one) so the next row starts on a
-    line of its own."""
+def _own_rows(table: pd.DataFrame, setting: str, baseline: bool) -> pd.DataFrame:
+    """The rows of ``table`` measured under ``setting``. With a baseline, a point's row
+    without a speedup (at a positive rate) is not one of them: versions before
+    ``--baseline False`` was keyed apart wrote such rows under the default run's key, and a
+    point reused from them had no speedup and was never ranked."""
+    rows = table[table["setting"] == setting]
+    if baseline:
+        unranked = (
+            (rows["generation_strategy"] != GenerationStrategyName.AUTOREGRESSIVE.value)
+            & rows["speedup"].isna()
+            & (rows["overall_tokens_per_second"] > 0)
+        )
+        rows = rows[~unranked]
+    return rows
+
+
+def _finished(csv_path: Path, setting: str, repair: bool, baseline: bool = True) -> pd.DataFrame:
+    """This setting's rows already in the CSV (``_own_rows``). With ``repair``, an unfinished
+    last line is cut off (and a whole last row missing its newline gets one) so the next row
+    starts on a line of its own."""
     if not csv_path.exists():
         return pd.DataFrame(columns=COLUMNS)
     table, unfinished = read_sweep_csv(csv_path)
@@ -291,7 +307,16 @@ def _finished(csv_path: Path, setting: str, repair: bool) -> pd.DataFrame:
             with replaced_when_done(csv_path) as temporary:
                 table.to_csv(temporary, index=False, lineterminator="\n")
             logger.info("%s: rewritten with the column overall_acceptance_rate", csv_path)
-    return table[table["setting"] == setting]
+    own = _own_rows(table, setting, baseline)
+    unranked = int((table["setting"] == setting).sum()) - len(own)
+    if unranked:
+        logger.warning(
+            "%s: %d rows of this setting have no speedup (an earlier version's --baseline "
+            "False run): their points are measured again",
+            csv_path,
+            unranked,
+        )
+    return own
 
 
 def _append_row(csv_path: Path, row: dict) -> None:
@@ -396,7 +421,10 @@ def main(argv: list[str]) -> int:
         # the same order (each point ends in a collective), and a rank on another machine
         # may see no CSV, or an older one.
         done = dist.broadcast(
-            _finished(csv_path, setting, repair=True) if context.is_main else None, context
+            _finished(csv_path, setting, repair=True, baseline=sweep.baseline)
+            if context.is_main
+            else None,
+            context,
         )
         generator = args.load_generator(context)
         grid = sweep.grid(generator.num_layers)
@@ -548,7 +576,7 @@ def _finish(
         index=table.index,
     )
     wanted = [(strategy.value, exit_layer, k) for strategy, exit_layer, k in points]
-    table = table[(table["setting"] == setting) & keys.isin(wanted)]
+    table = _own_rows(table[keys.isin(wanted)], setting, sweep.baseline)
     if table.empty:
         logger.warning("no grid point measured")
         return

@@ -503,6 +503,10 @@ def _resume(path: Path, adapter, optimizer, schedule, settings: dict) -> tuple[i
         saved = state.get("settings", {})  # {}: written before settings were recorded
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError):
         raise damaged from None  # cut short or overwritten
+    if "dtype" not in saved:  # recorded since: an earlier version's adapter weights say it
+        trained_in = _saved_dtypes(state)
+        names = [name for name, dtype in DTYPES.items() if trained_in == {dtype}]
+        saved = {**saved, "dtype": names[0]} if names else saved
     # A setting an earlier version did not record is taken as unchanged.
     changed = sorted(name for name in settings if name in saved and saved[name] != settings[name])
     if changed == ["model_weights"]:
@@ -531,6 +535,18 @@ def _resume(path: Path, adapter, optimizer, schedule, settings: dict) -> tuple[i
         raise damaged from None
     logger.info("resumed at step %d", state["step"])
     return int(state["step"]), progress
+
+
+def _saved_dtypes(state: object) -> set[torch.dtype]:
+    """The floating-point dtypes of a checkpoint's adapter weights (the training's dtype)."""
+    adapter = state.get("adapter") if isinstance(state, dict) else None
+    if not isinstance(adapter, dict):
+        return set()
+    return {
+        value.dtype
+        for value in adapter.values()
+        if isinstance(value, torch.Tensor) and value.is_floating_point()
+    }
 
 
 def main(argv: list[str]) -> int:
