@@ -40,6 +40,7 @@ from self_speculation.benchmarking import (
     write_json_atomic,
 )
 from self_speculation.metrics import human_eval_pass, summarize_speed, summarize_text
+from self_speculation.output_safety import refuse_output_dir_in_use
 
 logger = logging.getLogger("benchmark")
 
@@ -61,6 +62,7 @@ def main(argv: list[str]) -> int:
         argv=argv,
         prog="benchmark.py",
     )
+    refuse_output_dir_in_use(args.output_dir)  # a sweep's folder: now, not once loaded
     if metric.execute_code and benchmark.dataset != DatasetName.HUMAN_EVAL.value:
         raise ConfigError("--execute_code True applies to --dataset human_eval only")
     args.check_model(*generation.configs())  # before the data and weights load

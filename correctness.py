@@ -50,6 +50,7 @@ from self_speculation.benchmarking import (
     write_json_atomic,
 )
 from self_speculation.errors import one_line
+from self_speculation.output_safety import refuse_output_dir_in_use
 from self_speculation.sampling import _context_processors
 
 logger = logging.getLogger("correctness")
@@ -93,6 +94,7 @@ def main(argv: list[str]) -> int:
         argv=argv,
         prog="correctness.py",
     )
+    refuse_output_dir_in_use(args.output_dir)  # a sweep's folder: now, not once loaded
     strategies = generation.strategies
     if len(strategies) != 1 or not strategies[0].speculative:
         # The comparison is fixed; another value would be ignored without a word.

@@ -49,6 +49,7 @@ from self_speculation.benchmarking import (
 )
 from self_speculation.errors import expand_home, one_line
 from self_speculation.metrics import summarize_speed
+from self_speculation.output_safety import refuse_output_dir_in_use
 
 logger = logging.getLogger("eval")
 
@@ -311,6 +312,7 @@ def main(argv: list[str]) -> int:
     args, generation, evaluation = parse_args(
         Arguments, EvalGenerationArguments, EvalArguments, argv=argv, prog="eval.py"
     )
+    refuse_output_dir_in_use(args.output_dir)  # a sweep's folder: now, not once loaded
     config = one_strategy(generation, "eval.py")
     if evaluation.use_cache is not None:
         # A folder the cache files go into: the rules of every output folder (not models/,

@@ -72,6 +72,7 @@ from self_speculation.benchmarking import (
 )
 from self_speculation.errors import command_line_text, require_utf8
 from self_speculation.loading import user_turn
+from self_speculation.output_safety import refuse_output_dir_in_use
 from self_speculation.streaming import colours_wanted
 
 logger = logging.getLogger("generate")
@@ -316,6 +317,7 @@ def main(argv: list[str]) -> int:
     args, generation, options = parse_args(
         Arguments, GenerationArguments, GenerateArguments, argv=argv, prog="generate.py"
     )
+    refuse_output_dir_in_use(args.output_dir)  # a sweep's folder: now, not once loaded
     # One prompt: its tokens; prompts from standard input: not known up front.
     expected = generation.max_steps if options.prompt is not None else None
     config = one_strategy(generation, "generate.py", expected)

@@ -62,7 +62,10 @@ class AdapterBenchmarkArguments:
     output: str = "logs/adapter_benchmark.json"
 
     def __post_init__(self) -> None:
-        check_output_file(self.output, "adapter_benchmark", ("arguments", "results"))
+        # ~ expanded: the file checked is the file written (it went to a folder named "~")
+        self.output = str(
+            check_output_file(self.output, "adapter_benchmark", ("arguments", "results"))
+        )
         counts = {
             "--num_prompts": self.num_prompts,
             "--max_steps": self.max_steps,

@@ -430,9 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     engine = None
     if args.engine_json is not None:
-        text = Path(args.engine_json).read_text()
+        text = Path(args.engine_json).read_bytes()
         try:
-            engine = json.loads(text)
+            engine = json.loads(text)  # bytes: not UTF-8 is a ValueError too, not a traceback
         except (ValueError, RecursionError) as error:
             raise ConfigError(f"--engine_json: {json_refusal(error)}") from None
         if not isinstance(engine, dict):

@@ -89,7 +89,8 @@ class BoundArguments:
     output: str = "logs/drafting_bound.json"
 
     def __post_init__(self) -> None:
-        check_output_file(self.output, "drafting_bound", ("arguments", "rows"))
+        # ~ expanded: the file checked is the file written (it went to a folder named "~")
+        self.output = str(check_output_file(self.output, "drafting_bound", ("arguments", "rows")))
         if self.prompt_set not in PROMPT_SETS:
             raise ConfigError(
                 f"--prompt_set must be one of {', '.join(PROMPT_SETS)}, got '{self.prompt_set}'"

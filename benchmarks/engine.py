@@ -117,7 +117,8 @@ class EngineArguments:
     output: str = "logs/engine.json"
 
     def __post_init__(self) -> None:
-        check_output_file(self.output, "engine", ("arguments", "environment"))
+        # ~ expanded: the file checked is the file written (it went to a folder named "~")
+        self.output = str(check_output_file(self.output, "engine", ("arguments", "environment")))
         counts = {
             "--num_prompts": self.num_prompts,
             "--max_steps": self.max_steps,

@@ -110,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_prompts < 1 or args.max_steps < 1 or args.rounds < 1 or args.threads < 0:
         raise ConfigError("num_prompts, max_steps and rounds must be >= 1, threads >= 0")
     if args.output:  # before any work: never over a file that is not an earlier result
-        check_output_file(args.output, "sampled", ("arguments", "tokens_per_second", "same_tokens"))
+        # ~ expanded: the file checked is the file written (it went to a folder named "~")
+        args.output = str(
+            check_output_file(
+                args.output, "sampled", ("arguments", "tokens_per_second", "same_tokens")
+            )
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model)

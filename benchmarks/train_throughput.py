@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from arguments import run_main  # noqa: E402
 from self_speculation.benchmarking import write_json_atomic  # noqa: E402
 from self_speculation.distributed import DistributedContext  # noqa: E402
-from self_speculation.errors import ConfigError  # noqa: E402
+from self_speculation.errors import ConfigError, expand_home  # noqa: E402
 from self_speculation.generator import synchronize  # noqa: E402
 from self_speculation.loading import check_device  # noqa: E402
 from self_speculation.model_surgery import LayerwiseModel  # noqa: E402
@@ -110,6 +110,8 @@ class ThroughputArguments:
             check_device(self.device)
         # Before the measurement, not after it: a folder that cannot hold the result (a
         # file, read-only, models/) or a train_throughput.json that is not an earlier one.
+        # ~ expanded: the folder checked is the folder written (it was a folder named "~")
+        self.output_dir = expand_home(self.output_dir, "--output_dir")
         check_output_dir(self.output_dir, overwrite=self.overwrite)
         check_output_file(
             str(Path(self.output_dir) / RESULT_NAME),

@@ -28,9 +28,12 @@ def check_interrupted() -> None:
 def json_refusal(error: ValueError | RecursionError) -> str:
     """Why ``json.loads`` refused a text, in a few words: its own message for malformed
     JSON; "nested too deeply" (a RecursionError) and "a huge number" (a ValueError past
-    Python's integer digit limit) for the two refusals that carry no JSON message."""
+    Python's integer digit limit) for the two refusals that carry no JSON message; "not
+    UTF-8" for bytes that are not text (``json.loads`` of bytes)."""
     if isinstance(error, json.JSONDecodeError):
         return error.msg
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at {error.start})"
     return "nested too deeply" if isinstance(error, RecursionError) else "a huge number"
 
 

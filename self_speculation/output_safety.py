@@ -130,6 +130,16 @@ def check_output_dir(
     if not path.strip():  # Path("") is the current directory: never what was meant
         raise ConfigError(f"{flag} is empty (give a folder; '.' for the current one)")
     directory = Path(expand_home(path, flag))
+    for link in (directory, *directory.parents):
+        if link.is_symlink() and not link.exists():
+            # mkdir cannot create it: "File exists", once the model had loaded
+            where = f"{flag} {path}" if link == directory else f"{flag} {path}: {link}"
+            raise ConfigError(
+                f"{where} is a symbolic link to {os.readlink(link)}, which does not exist "
+                f"(create that folder, or choose another {flag})"
+            )
+        if link.exists():
+            break
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"{flag} {path} is a file, not a directory (choose another {flag})")
     for parent in directory.parents:
@@ -206,6 +216,21 @@ def output_dir_lock(
 _HELD: dict[Path, int | None] = {}
 
 
+def refuse_output_dir_in_use(path: str | os.PathLike, flag: str = "--output_dir") -> None:
+    """Refuse now, in one line, an existing ``path`` that another run holds alone (a sweep,
+    a training run): scripts that add timestamped files take their shared lock
+    (``hold_output_dir``) only where they name their files, once the model has loaded.
+
+    Raises:
+        ConfigError: as ``hold_output_dir`` would.
+    """
+    directory = Path(expand_home(path, flag))
+    if directory.is_dir() and directory.resolve() not in _HELD:
+        descriptor = _lock(directory, exclusive=False, flag=flag)
+        if descriptor is not None:
+            os.close(descriptor)  # a probe: the run's own lock is taken later
+
+
 def hold_output_dir(path: str | os.PathLike, flag: str = "--output_dir") -> None:
     """Take a shared lock on ``path`` for the rest of this process (scripts that add
     timestamped files take it where they name their files). Taken once per directory."""
@@ -230,7 +255,8 @@ def check_output_file(
     than an earlier result of the same kind: a file that is not a JSON document marked
     ``"benchmark": kind`` or, unmarked (written before results were), holding every key
     of ``legacy_keys`` (``--output README.md``, a model's config.json), or any file in a
-    folder shipped with the project. A benchmark's rerun replaces its own earlier result.
+    folder shipped with the project; or whose folder cannot be made or written
+    (``check_output_dir``). A benchmark's rerun replaces its own earlier result.
 
     Returns:
         The path, ``~`` expanded.
@@ -240,6 +266,9 @@ def check_output_file(
     target = Path(expand_home(path, flag))
     if target.is_dir():
         raise ConfigError(f"{flag} {path} is a directory (give a .json file path)")
+    # A folder that cannot be made or written fails now, not when the result is written at
+    # the end of the run (which then lost every figure it had measured).
+    check_output_dir(str(target.parent), f"{flag}'s folder", overwrite=True)
     held = held_contents(target.parent)
     if held is not None and held.startswith("is a folder shipped"):
         raise ConfigError(f"{flag} {path}: its folder {held}; choose another {flag}")
