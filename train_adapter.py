@@ -17,6 +17,7 @@ Example (SmolLM2-135M-Instruct, offline; about an hour on 2 CPU cores)::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -48,7 +49,13 @@ from self_speculation.adapter_training import (
 from self_speculation.benchmarking import environment_info, write_json_atomic
 from self_speculation.distributed import DistributedContext
 from self_speculation.draft import AdapterConfig, DraftExit, ExitAdapter, save_adapter
-from self_speculation.errors import ConfigError, expand_home, real_location, require_thread_count
+from self_speculation.errors import (
+    ConfigError,
+    expand_home,
+    one_line,
+    real_location,
+    require_thread_count,
+)
 from self_speculation.loading import DTYPES, check_device, load_model_and_tokenizer, user_turn
 from self_speculation.output_safety import output_dir_lock
 from self_speculation.training.data import pack_blocks, read_texts, resolve_files
@@ -184,14 +191,17 @@ class AdapterTrainArguments:
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "targets"
 
 
-def build_blocks(args: AdapterTrainArguments, generator: Generator) -> tuple[torch.Tensor, dict]:
-    """The training blocks (self-generated chat first, then files), and where they came from."""
+def build_blocks(
+    args: AdapterTrainArguments, generator: Generator, model_weights: str
+) -> tuple[torch.Tensor, dict]:
+    """The training blocks (self-generated chat first, then files), and where they came from.
+    ``model_weights``: the model's ``weights_fingerprint`` (its chat answers are its own)."""
     tokenizer = generator.tokenizer
     sources: dict = {"files": 0, "chat_conversations": 0}
     texts: list[str] = []
     if args.chat_prompts:
         prompts = default_chat_prompts()[: args.chat_prompts]
-        responses = _chat_responses(args, generator, prompts)
+        responses = _chat_responses(args, generator, prompts, model_weights)
         texts += chat_texts(tokenizer, prompts, responses)
         sources["chat_conversations"] = len(prompts)
     chat_blocks = pack_blocks(tokenizer, texts, args.seq_len) if texts else None
@@ -220,13 +230,22 @@ def build_blocks(args: AdapterTrainArguments, generator: Generator) -> tuple[tor
 
 
 def _chat_responses(
-    args: AdapterTrainArguments, generator: Generator, prompts: list[str]
+    args: AdapterTrainArguments, generator: Generator, prompts: list[str], model_weights: str
 ) -> list[str]:
     """The model's own greedy answers to ``prompts`` (saved beside the targets, so that a
-    rerun does not generate them again)."""
-    saved = args.targets_dir / f"chat_{len(prompts)}_{args.chat_max_steps}.json"
+    rerun does not generate them again; named by the model's weights and dtype, so that a
+    cache shared by another model, or a retrained one, is not read as this model's)."""
+    key = hashlib.sha256(f"{model_weights} {args.dtype}".encode()).hexdigest()[:12]
+    saved = args.targets_dir / f"chat_{len(prompts)}_{args.chat_max_steps}_{key}.json"
     if saved.exists():
-        return json.loads(saved.read_text())
+        try:
+            responses = json.loads(saved.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:  # cut short or overwritten: generate again
+            logger.warning("%s is damaged (%s): generating again", saved, one_line(error))
+        else:
+            if isinstance(responses, list) and len(responses) == len(prompts):
+                return responses
+            logger.warning("%s does not hold %d answers: generating again", saved, len(prompts))
     # The fast path: one compile (minutes on a CPU), then several times eager speed.
     config = GenerationConfig(max_steps=args.chat_max_steps, sample=False, compile=True)
     tokenizer = generator.tokenizer
@@ -304,7 +323,7 @@ def _train_adapter(args: AdapterTrainArguments, model, tokenizer) -> dict:
 
     # Phase 1: targets.
     started = time.monotonic()
-    blocks, record["data"] = build_blocks(args, generator)
+    blocks, record["data"] = build_blocks(args, generator, weights_fingerprint(base_checksum))
     settings = TargetSettings(
         model=args.model,
         exit_layers=sorted({args.exit_layer, *args.cache_exit_layers}),

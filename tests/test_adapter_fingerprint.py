@@ -63,3 +63,41 @@ def test_a_cache_written_before_the_weights_were_recorded_is_taken_as_unchanged(
     earlier.pop("dtype", None)
     manifest.write_text(json.dumps(earlier))
     assert compute_targets(layerwise, blocks, settings, tmp_path) == 2
+
+
+def test_self_generated_chat_answers_are_the_models_own(
+    tmp_path: Path, caplog, monkeypatch
+) -> None:
+    """train_adapter.py --chat_prompts N keeps the model's greedy answers in the target cache,
+    named by N and --chat_max_steps only: a cache folder shared with another model (or the
+    model retrained) handed the first model's answers to the second as its own text, and a
+    damaged answers file was a JSONDecodeError traceback. The name now carries the weights
+    fingerprint and dtype; a damaged file is generated again."""
+    from types import SimpleNamespace
+
+    import train_adapter
+
+    calls = []
+
+    class Stub:
+        tokenizer = None
+
+        def generate_batch(self, opened, config):
+            calls.append(len(opened))
+            return [SimpleNamespace(text=f"answer {len(calls)}") for _ in opened]
+
+    args = SimpleNamespace(targets_dir=tmp_path, chat_max_steps=8, dtype="float32")
+    monkeypatch.setattr(train_adapter, "user_turn", lambda tokenizer, prompt, tokenize: [1, 2])
+    first = train_adapter._chat_responses(args, Stub(), ["a", "b"], "12.5")
+    assert train_adapter._chat_responses(args, Stub(), ["a", "b"], "12.5") == first
+    assert len(calls) == 1  # read back, not generated again
+    other = train_adapter._chat_responses(args, Stub(), ["a", "b"], "99.25")
+    assert len(calls) == 2 and other != first  # another model's answers are its own
+    args.dtype = "bfloat16"
+    train_adapter._chat_responses(args, Stub(), ["a", "b"], "12.5")
+    assert len(calls) == 3
+    for saved in tmp_path.glob("chat_*.json"):
+        saved.write_text('["cut sh')
+    with caplog.at_level("WARNING", logger="train_adapter"):
+        assert train_adapter._chat_responses(args, Stub(), ["a", "b"], "12.5")
+    assert len(calls) == 4 and "is damaged" in caplog.text
