@@ -17,7 +17,9 @@ checks find what would break it and either adapt (a shorter usable context) or r
   usable context ends there; where they are not even then, the model is refused.
 * generation hooks: a family whose ``prepare_inputs_for_generation`` does more than pass
   the cache along decodes otherwise than a plain KV-cache loop (Phi-3 drops its cache and
-  re-runs the sequence when it crosses ``original_max_position_embeddings``).
+  re-runs the sequence when it crosses ``original_max_position_embeddings``); one whose
+  ``generate`` (or a step of it: its processors, stopping criteria, defaults) is its own
+  decodes other tokens than the engine, which never calls them.
 """
 
 from __future__ import annotations
@@ -39,7 +41,19 @@ logger = logging.getLogger(__name__)
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 SUPPORTED_ATTENTION = (FULL_ATTENTION, SLIDING_ATTENTION)
-_GENERATION_HOOKS = ("prepare_inputs_for_generation", "_update_model_kwargs_for_generation")
+_GENERATION_HOOKS = (
+    "prepare_inputs_for_generation",
+    "_update_model_kwargs_for_generation",
+    # Overridden by remote code to add its own processors, stop words or defaults (Qwen's
+    # generate adds stop words): greedy tokens the engine would not give, without a word.
+    "generate",
+    "_sample",
+    "_prefill",
+    "_prepare_generation_config",
+    "_prepare_special_tokens",
+    "_get_logits_processor",
+    "_get_stopping_criteria",
+)
 # Families whose generation hook recomputes the cache once the sequence passes
 # config.original_max_position_embeddings (and does nothing else): exact below it.
 _CACHE_RESET_AT_ORIGINAL_LENGTH = frozenset(

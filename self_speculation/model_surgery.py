@@ -305,6 +305,20 @@ class LayerwiseModel:
         self.logits_scaling = getattr(config, "logits_scaling", None)
         self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
         owner = type(self.model).__name__
+        declared = getattr(config, "num_hidden_layers", None)
+        if (
+            isinstance(declared, int)
+            and not isinstance(declared, bool)
+            and declared < self.num_layers
+        ):
+            # Layers added (a duplicated block) without the config: the model's own forward
+            # runs layers[:num_hidden_layers], this view all of them.
+            raise UnsupportedModelError(
+                f"{owner}: config.num_hidden_layers is {declared} but the model holds "
+                f"{self.num_layers} decoder layers (its own forward runs only the first "
+                f"{declared}): set config.num_hidden_layers to {self.num_layers}, or delete the "
+                f"layers past the first {declared}"
+            )
         self.layer_types = attention_layer_types(self.config, self.num_layers, owner)
         self.has_sliding_layers = SLIDING_ATTENTION in self.layer_types
 
@@ -448,8 +462,19 @@ class LayerwiseModel:
                 masks[layer_type] = None
                 continue
             # Layers below the exit may hold more positions than later ones: size each
-            # mask against the first layer of its type that this call runs.
-            past = cache.get_seq_length(index) if cache is not None else 0
+            # mask against the first layer of its type that this call runs and that holds
+            # keys (a layer whose attention was dropped, by pruning, holds none).
+            holder = index
+            if cache is not None:
+                holder = next(
+                    (
+                        i
+                        for i in range(index, end)
+                        if self.layer_types[i] == layer_type and cache.get_seq_length(i) > 0
+                    ),
+                    index,
+                )
+            past = cache.get_seq_length(holder) if cache is not None else 0
             make_mask = (
                 create_sliding_window_causal_mask
                 if layer_type == SLIDING_ATTENTION
@@ -463,7 +488,7 @@ class LayerwiseModel:
                 ),
                 position_ids=position_ids,
                 **{_MASK_CACHE_KEYWORD: cache},
-                **({"layer_idx": index} if cache is not None else {}),
+                **({"layer_idx": holder} if cache is not None else {}),
             )
         return masks
 
@@ -686,7 +711,7 @@ class LayerwiseModel:
             try:
                 expected = self.model(
                     input_ids=probe, attention_mask=mask, position_ids=positions, use_cache=False
-                ).logits.float()  # [2, length, vocab]
+                ).logits.float()  # [2, kept, vocab]: every position, or the last ones
             except Exception as error:  # a kernel the dtype lacks, say: one line, not a trace
                 dtype = str(self.dtype).removeprefix("torch.")
                 hint = (
@@ -714,10 +739,33 @@ class LayerwiseModel:
                     f"{owner}: the layer-wise forward fails ({one_line(error, 200)}); "
                     "this family needs an adapter"
                 ) from None
+        # A forward may keep the last positions' logits only (generate reads the last one):
+        # those are compared.
+        kept = expected.shape[1] if expected.dim() == 3 else 0
+        if (
+            expected.shape[0] != 2
+            or not 1 <= kept <= length
+            or expected.shape[-1] != whole.shape[-1]
+        ):
+            raise UnsupportedModelError(
+                f"{owner}: its own forward returns logits of shape {list(expected.shape)} for "
+                f"2 rows of {length} tokens, the layer-wise view {list(whole.shape)}; this "
+                "family needs an adapter"
+            )
+        whole, stepped, columned = (view[:, length - kept :] for view in (whole, stepped, columned))
+        real = real[:, length - kept :]
+        masked = torch.isneginf(expected[real]).all(dim=0)  # [vocab]: ids never let win
+        masked &= ~torch.isneginf(whole[real]).all(dim=0)  # unless the view masks them too
+        if masked.any() and not masked.all():
+            raise UnsupportedModelError(
+                f"{owner}: its own forward sets the logits of {int(masked.sum())} token ids to "
+                "-inf (a vocabulary mask outside its layers), which the layer-wise engine does "
+                "not apply; this family needs an adapter"
+            )
         # Some families' own forward gives a left-padded row NaN (Gemma 2's eager attention
         # over all-masked padding queries); the engine masks padding its own way, so only
         # the rows the model itself computes are compared.
-        finite = torch.isfinite(expected).all(dim=-1)  # [2, length]
+        finite = torch.isfinite(expected).all(dim=-1)  # [2, kept]
         real &= (finite | ~real).all(dim=1, keepdim=True)  # whole rows out
         full_precision = self.dtype in (torch.float32, torch.float64)
         if not real.any():  # NaN weights, or a dtype the activations overflow
