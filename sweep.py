@@ -199,8 +199,9 @@ def _parse_row(fields: list[str], where: str, header: list[str] = COLUMNS) -> di
 
 def read_sweep_csv(csv_path: Path) -> tuple[pd.DataFrame, bool]:
     """The rows of a sweep CSV (this version's header or the earlier one), every value
-    checked, and whether its last line is unfinished (no newline and not a whole row: a
-    write cut short; it is left out).
+    checked, and whether its last line is unfinished (no newline: a write cut short; it is
+    left out, even where it parses: a row is written whole with its newline in one call, and
+    one cut inside its last number, overall_acceptance_rate, still reads as a row).
 
     Raises:
         ConfigError: the file is not a sweep CSV, or a line (named by number) is malformed:
@@ -230,15 +231,12 @@ def read_sweep_csv(csv_path: Path) -> tuple[pd.DataFrame, bool]:
                     "choose another --output_file"
                 )
             continue
+        if last and unfinished:
+            break  # cut short by a kill: repaired before the next row is appended
         try:
             rows.append(_parse_row(fields, f"{csv_path}, line {number}", header))
         except ConfigError as error:
-            if last and unfinished:
-                break  # cut short by a kill: repaired before the next row is appended
             raise ConfigError(f"{error}: {hint}") from None
-        else:
-            if last and unfinished:
-                unfinished = False  # a whole row that only lacks its newline
     table = pd.DataFrame(rows, columns=COLUMNS)
     for column in COLUMNS:
         if column not in TEXT_COLUMNS:
@@ -292,8 +290,8 @@ def _own_rows(table: pd.DataFrame, setting: str, baseline: bool) -> pd.DataFrame
 
 def _finished(csv_path: Path, setting: str, repair: bool, baseline: bool = True) -> pd.DataFrame:
     """This setting's rows already in the CSV (``_own_rows``). With ``repair``, an unfinished
-    last line is cut off (and a whole last row missing its newline gets one) so the next row
-    starts on a line of its own."""
+    last line is cut off (its point is measured again) so the next row starts on a line of
+    its own."""
     if not csv_path.exists():
         return pd.DataFrame(columns=COLUMNS)
     table, unfinished = read_sweep_csv(csv_path)

@@ -603,6 +603,10 @@ def test_a_home_of_an_unknown_user_is_one_line(
     assert_one_error_line(completed, script, f"{flag} '{value}': '~nosuchuser-layerskip' names no")
 
 
+def _sweep_table_of(data: bytes) -> list[list[str]]:
+    return list(csv.reader(data.decode().splitlines()))[1:]
+
+
 def _sweep_table(csv_path: Path) -> list[list[str]]:
     rows = list(csv.reader(csv_path.open(encoding="utf-8")))
     assert rows[0] == SWEEP_HEADER.split(",")
@@ -611,13 +615,15 @@ def _sweep_table(csv_path: Path) -> list[list[str]]:
     return rows[1:]
 
 
-@pytest.mark.parametrize("cut", ["mid-row", "mid-header", "newline only"])
+@pytest.mark.parametrize("cut", ["mid-row", "mid-header", "newline only", "last number"])
 def test_sweep_resumes_from_a_csv_cut_short(
     cut: str, tiny_model_dir: Path, data_files: dict, tmp_path: Path
 ) -> None:
-    """A kill during a write leaves an unfinished last line: the next run cuts it off (or,
-    when only the newline is missing, keeps the row), never glues a row onto it, and fills
-    in the grid."""
+    """A kill during a write leaves an unfinished last line: the next run cuts it off and
+    measures its point again, never glues a row onto it, and fills in the grid. A row cut
+    inside its last number (overall_acceptance_rate) still parses: it was kept, with the
+    number cut short, and its point never measured again; a line without its newline is
+    cut off whatever it holds."""
     output_dir = tmp_path / "logs"
     arguments = _sweep_arguments(tiny_model_dir, data_files, output_dir)
     first = run_script("sweep.py", arguments, tmp_path)
@@ -629,6 +635,9 @@ def test_sweep_resumes_from_a_csv_cut_short(
         csv_path.write_bytes(whole[: whole.rstrip(b"\n").rfind(b"\n") + 30])
     elif cut == "mid-header":
         csv_path.write_bytes(whole[:25])
+    elif cut == "last number":
+        assert not whole.endswith(b",\n")  # the last row has an overall acceptance rate
+        csv_path.write_bytes(whole[:-3])
     else:
         csv_path.write_bytes(whole[:-1])
 
@@ -642,11 +651,13 @@ def test_sweep_resumes_from_a_csv_cut_short(
         ("self_speculative", 1, 1),
         ("self_speculative", 2, 1),
     ]
-    if cut == "newline only":
-        assert csv_path.read_bytes() == whole  # nothing lost, nothing measured again
-        assert "2 already in" in second.stderr
-    else:
-        assert "unfinished line, cut off" in second.stderr
+    assert "unfinished line, cut off" in second.stderr
+    if cut in ("newline only", "last number"):
+        assert "1 already in" in second.stderr  # the last point only is measured again
+        overall = [float(row[-1]) for row in rows if row[0] == "self_speculative"]
+        assert overall == pytest.approx(
+            [float(row[-1]) for row in _sweep_table_of(whole) if row[0] == "self_speculative"]
+        )
 
 
 def test_sweep_csv_with_bom_and_blank_lines_is_resumed(
