@@ -553,8 +553,10 @@ def main(argv: list[str] | None = None) -> int:
         for kind, compile in (("eager", False), ("fast", True)):
             ours[f"ours {kind} adaptive"] = GenerationConfig(**common, **settings, compile=compile)
     if args.sampled:  # GenerationConfig's sampling defaults: temperature 0.6, top-p 0.9
-        for name in [name for name in ours if name.count(" ") == 2]:  # the four main paths
-            ours[name + SAMPLED] = dataclasses.replace(ours[name], sample=True)
+        for kind in ("eager", "fast"):
+            for strategy in ("autoregressive", "self_speculative"):
+                name = f"ours {kind} {strategy}"
+                ours[name + SAMPLED] = dataclasses.replace(ours[name], sample=True)
     bytes_per_token = weight_bytes_per_token(model)
     bandwidths: list[float] = []  # every measurement of this run; the floor uses the best
 

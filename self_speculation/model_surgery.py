@@ -315,7 +315,7 @@ class LayerwiseModel:
             # runs layers[:num_hidden_layers], this view all of them.
             raise UnsupportedModelError(
                 f"{owner}: config.num_hidden_layers is {declared} but the model holds "
-                f"{self.num_layers} decoder layers (its own forward runs only the first "
+                f"{self.num_layers} decoder layers (its own forward and cache expect "
                 f"{declared}): set config.num_hidden_layers to {self.num_layers}, or delete the "
                 f"layers past the first {declared}"
             )

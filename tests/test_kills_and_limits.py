@@ -9,6 +9,7 @@ import resource
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -164,7 +165,7 @@ def test_a_sweep_killed_after_its_summary_is_rerun(tmp_path: Path, monkeypatch) 
     order = []
     monkeypatch.setattr(sweep, "write_json_atomic", lambda path, document: order.append("json"))
     monkeypatch.setattr(sweep, "_plot", lambda table, path: order.append("png"))
-    monkeypatch.setattr(sweep, "environment_info", lambda generator, context: {})
+    monkeypatch.setattr(sweep, "environment_info", lambda *arguments: {})
     monkeypatch.setattr(sweep, "arguments_dict", lambda *parts: {})
     csv_path = tmp_path / "sweep.csv"
     row = {
@@ -177,7 +178,8 @@ def test_a_sweep_killed_after_its_summary_is_rerun(tmp_path: Path, monkeypatch) 
     from self_speculation.config import GenerationStrategyName
 
     points = [(GenerationStrategyName.SELF_SPECULATIVE, 1, 2)]
-    sweep._finish(csv_path, "abc", points, None, None, None, None, None, None)
+    grid = types.SimpleNamespace(baseline=True)
+    sweep._finish(csv_path, "abc", points, None, None, None, grid, None, None, None)
     assert order == ["json", "png"]
     # A summary without its plot (killed between them) is a sweep's folder: no refusal.
     (tmp_path / "sweep.json").write_text(json.dumps({"script": "sweep.py"}))
