@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -72,3 +73,26 @@ def prompts_file(tmp_path: Path) -> Path:
     ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+@pytest.fixture()
+def held_folder(tmp_path: Path):
+    """``tmp_path/held``, locked alone by another process, as a sweep or training run holds
+    its folder (``output_dir_lock``)."""
+    folder = tmp_path / "held"
+    holder = subprocess.Popen(
+        [
+            sys.executable, "-c",
+            "import sys, time\n"
+            "from self_speculation.output_safety import output_dir_lock\n"
+            "with output_dir_lock(sys.argv[1]):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(120)\n",
+            str(folder),
+        ],
+        stdout=subprocess.PIPE, text=True, cwd=REPOSITORY_ROOT,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    yield folder
+    holder.kill()
+    holder.wait()

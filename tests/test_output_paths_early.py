@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -97,31 +96,9 @@ def test_batch_bound_reads_an_engine_result_that_is_not_utf8_in_one_line(
     )
 
 
-@pytest.fixture()
-def folder_of_a_sweep(tmp_path: Path):
-    """Another process holding ``tmp_path/logs`` alone, as a sweep or training run does."""
-    folder = tmp_path / "logs"
-    holder = subprocess.Popen(
-        [
-            sys.executable, "-c",
-            "import sys, time\n"
-            "from self_speculation.output_safety import output_dir_lock\n"
-            "with output_dir_lock(sys.argv[1]):\n"
-            "    print('held', flush=True)\n"
-            "    time.sleep(120)\n",
-            str(folder),
-        ],
-        stdout=subprocess.PIPE, text=True, cwd=REPOSITORY_ROOT,
-    )  # fmt: skip
-    assert holder.stdout.readline().strip() == "held"
-    yield folder
-    holder.kill()
-    holder.wait()
-
-
 @pytest.mark.parametrize("script", ["generate", "benchmark", "correctness", "eval"])
 def test_a_folder_in_use_is_refused_before_the_model_loads(
-    script: str, folder_of_a_sweep: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch, capsys
+    script: str, held_folder: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     """The refusal came only once the weights had loaded (minutes for a large model)."""
     data = tmp_path / "prompts.jsonl"
@@ -146,12 +123,10 @@ def test_a_folder_in_use_is_refused_before_the_model_loads(
         "arguments.Arguments.load_generator", lambda *args, **kwargs: loaded.append(1)
     )
     argv = ["--model", str(tiny_model_dir), "--max_steps", "2", *extra]
-    code, stderr = _run(
-        script, [*argv, "--output_dir", str(folder_of_a_sweep)], monkeypatch, capsys
-    )
+    code, stderr = _run(script, [*argv, "--output_dir", str(held_folder)], monkeypatch, capsys)
     assert code == EXIT_ERROR and not loaded
     assert stderr.strip().splitlines()[-1] == (
-        f"{script}.py: error: --output_dir {folder_of_a_sweep} is in use by another run "
+        f"{script}.py: error: --output_dir {held_folder} is in use by another run "
         "writing there: wait for it to finish, or choose another --output_dir"
     )
 

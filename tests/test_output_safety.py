@@ -178,44 +178,22 @@ def test_output_dir_expands_home(tiny_model_dir: Path, tmp_path: Path, monkeypat
     release_output_dirs()
 
 
-@pytest.fixture()
-def other_run(tmp_path: Path):
-    """Another process holding ``tmp_path/shared`` as a run does (an exclusive lock)."""
-    shared = tmp_path / "shared"
-    holder = subprocess.Popen(
-        [
-            sys.executable, "-c",
-            "import sys, time\n"
-            "from self_speculation.output_safety import output_dir_lock\n"
-            "with output_dir_lock(sys.argv[1]):\n"
-            "    print('held', flush=True)\n"
-            "    time.sleep(120)\n",
-            str(shared),
-        ],
-        stdout=subprocess.PIPE, text=True, cwd=REPOSITORY_ROOT,
-    )  # fmt: skip
-    assert holder.stdout.readline().strip() == "held"
-    yield shared
-    holder.kill()
-    holder.wait()
-
-
 @pytest.mark.parametrize("script", ["sweep", "generate"])
 def test_a_second_run_into_a_folder_in_use_is_refused(
-    script: str, other_run: Path, tiny_model_dir: Path, data_file: Path, monkeypatch, capsys
+    script: str, held_folder: Path, tiny_model_dir: Path, data_file: Path, monkeypatch, capsys
 ) -> None:
-    argv = [*script_argv(script, tiny_model_dir, data_file), "--output_dir", other_run]
+    argv = [*script_argv(script, tiny_model_dir, data_file), "--output_dir", held_folder]
     code, stderr = run_in_process(script, argv, monkeypatch, capsys)
     one_error(code, stderr, f"{script}.py", "is in use by another run writing there")
-    assert os.listdir(other_run) == []
+    assert os.listdir(held_folder) == []
 
 
 def test_a_second_training_run_into_a_folder_in_use_is_refused(
-    other_run: Path, data_file: Path, capsys
+    held_folder: Path, data_file: Path, capsys
 ) -> None:
-    code, stderr = run_train([*TRAIN, "--data", data_file, "--output_dir", other_run], capsys)
+    code, stderr = run_train([*TRAIN, "--data", data_file, "--output_dir", held_folder], capsys)
     one_error(code, stderr, "train.py", "is in use by another run writing there")
-    assert os.listdir(other_run) == []
+    assert os.listdir(held_folder) == []
 
 
 def test_locks_shared_and_exclusive(tmp_path: Path) -> None:
