@@ -26,6 +26,18 @@ def _own_generate(model: torch.nn.Module, max_new_tokens: int = 8) -> list[int]:
     return output[0, len(PROMPT) :].tolist()
 
 
+def _assert_decodes_as_own_generate(model: torch.nn.Module) -> None:
+    """Autoregressive and self-speculative decoding give the model's own greedy tokens."""
+    generator = Generator(model, IdTokenizer())
+    plain = GenerationConfig(max_steps=8, sample=False)
+    speculative = dataclasses.replace(
+        plain, generation_strategy="self_speculative", exit_layer=2, num_speculations=3
+    )
+    expected = _own_generate(model)
+    for config in (plain, speculative):
+        assert generator.generate(PROMPT, config).token_ids == expected
+
+
 class _OwnGenerate(LlamaForCausalLM):
     """As remote code does (Qwen's adds its stop words): defaults of its own in generate."""
 
@@ -86,14 +98,7 @@ def test_a_forward_keeping_the_last_logits_only_decodes_as_its_own_generate() ->
     [2, 1, vocab] logits)."""
     model = make_tiny_model("llama_mha_untied", dtype=torch.float32)
     model.__class__ = _LastLogitsOnly
-    generator = Generator(model, IdTokenizer())
-    plain = GenerationConfig(max_steps=8, sample=False)
-    speculative = dataclasses.replace(
-        plain, generation_strategy="self_speculative", exit_layer=2, num_speculations=3
-    )
-    expected = _own_generate(model)
-    for config in (plain, speculative):
-        assert generator.generate(PROMPT, config).token_ids == expected
+    _assert_decodes_as_own_generate(model)
 
 
 class _SlicedVocabulary(LlamaForCausalLM):
@@ -127,14 +132,7 @@ def test_a_model_whose_first_layer_lost_its_attention_decodes_as_its_own_generat
     adapter", for a model the engine decodes exactly."""
     model = make_tiny_model("llama_mha_untied", dtype=torch.float32)
     model.model.layers[0].self_attn = _DroppedAttention()
-    generator = Generator(model, IdTokenizer())
-    plain = GenerationConfig(max_steps=8, sample=False)
-    speculative = dataclasses.replace(
-        plain, generation_strategy="self_speculative", exit_layer=2, num_speculations=3
-    )
-    expected = _own_generate(model)
-    for config in (plain, speculative):
-        assert generator.generate(PROMPT, config).token_ids == expected
+    _assert_decodes_as_own_generate(model)
 
 
 class _MaskedVocabulary(LlamaForCausalLM):
