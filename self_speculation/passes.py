@@ -1292,6 +1292,14 @@ _KEY_NAMES = {
 _COMPILE_FAILURES = (
     torch._dynamo.exc.Unsupported,
     torch._dynamo.exc.BackendCompilerFailed,
+    # Dynamo's own failures while tracing a family it has not seen: an internal error, an
+    # operator failing on fake tensors, a user-facing constraint. Eager decoding either
+    # runs (the failure was the compiler's) or raises the model's own error.
+    *(
+        getattr(torch._dynamo.exc, name)
+        for name in ("InternalTorchDynamoError", "TorchRuntimeError", "UserError")
+        if hasattr(torch._dynamo.exc, name)
+    ),
     # A pass recompiled past RECOMPILE_LIMIT (fullgraph: a hard failure); not in older torch.
     *(
         [torch._dynamo.exc.FailOnRecompileLimitHit]

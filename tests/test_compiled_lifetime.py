@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 
+import pytest
 import torch
 from tiny_models import make_tiny_model, make_tiny_tokenizer
 
@@ -66,3 +67,36 @@ def test_a_pass_recompiled_past_the_limit_falls_back_to_eager(monkeypatch) -> No
     generator = Generator(model, tokenizer)
     assert generator.generate("def add(a, b):", CONFIG).token_ids == expected
     assert "FailOnRecompileLimitHit" in (generator.fast_path_fallback(CONFIG) or "")
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        lambda: torch._dynamo.exc.InternalTorchDynamoError("dynamo failed on a new family"),
+        lambda: torch._dynamo.exc.TorchRuntimeError("an operator failed on fake tensors"),
+        lambda: torch._dynamo.exc.UserError(
+            torch._dynamo.exc.UserErrorType.DYNAMIC_CONTROL_FLOW, "data-dependent branch"
+        ),
+    ],
+    ids=["internal", "fake tensors", "user error"],
+)
+def test_dynamo_failures_while_tracing_fall_back_to_eager(monkeypatch, failure) -> None:
+    """Dynamo's internal errors, fake-tensor failures and user errors while compiling a
+    pass were tracebacks: one warning and eager decoding, same tokens."""
+    monkeypatch.setenv("LAYERSKIP_PRECOMPILE", "0")
+
+    def failing(function, **options):
+        def call(*args, **kwargs):
+            raise failure()
+
+        return call
+
+    torch.manual_seed(0)
+    model = make_tiny_model("llama_mha_untied", dtype=torch.float32, initializer_range=0.3)
+    tokenizer = make_tiny_tokenizer()
+    expected = Generator(model, tokenizer).generate("def add(a, b):", EAGER).token_ids
+    monkeypatch.setattr(passes_module.torch, "compile", failing)
+    generator = Generator(model, tokenizer)
+    assert generator.generate("def add(a, b):", CONFIG).token_ids == expected
+    reason = generator.fast_path_fallback(CONFIG) or ""
+    assert "compiling the" in reason and "failed" in reason
