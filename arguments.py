@@ -287,7 +287,7 @@ class GenerationArguments:
     """Draft tokens per self-speculative step (adaptive: the most); -1: model default."""
     generation_strategy: str = GenerationStrategyName.AUTOREGRESSIVE.value
     """autoregressive, self_speculative (chains of k drafts), tree (token trees from the
-    early exit, greedy) or adaptive (chains of 1, 2, 4 ... k drafts, chosen per step from
+    early exit) or adaptive (chains of 1, 2, 4 ... k drafts, chosen per step from
     the recent acceptance); benchmark.py and sweep.py take a
     comma-separated list to compare"""
     sample: bool = True

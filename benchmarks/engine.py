@@ -112,7 +112,8 @@ class EngineArguments:
     # Time the adaptive strategy too (chains of 1, 2, 4, ... up to --num_speculations).
     adaptive: bool = False
     # Time sampled decoding too (temperature 0.6, top-p 0.9): ours eager and fast, both
-    # strategies, and transformers' sampled generate (dynamic; static cache + compile).
+    # strategies and the --trees, and transformers' sampled generate (dynamic; static
+    # cache + compile).
     sampled: bool = False
     output: str = "logs/engine.json"
 
@@ -553,8 +554,9 @@ def main(argv: list[str] | None = None) -> int:
         for kind, compile in (("eager", False), ("fast", True)):
             ours[f"ours {kind} adaptive"] = GenerationConfig(**common, **settings, compile=compile)
     if args.sampled:  # GenerationConfig's sampling defaults: temperature 0.6, top-p 0.9
+        trees = [f"tree {tree}" for tree in args.trees]
         for kind in ("eager", "fast"):
-            for strategy in ("autoregressive", "self_speculative"):
+            for strategy in ("autoregressive", "self_speculative", *trees):
                 name = f"ours {kind} {strategy}"
                 ours[name + SAMPLED] = dataclasses.replace(ours[name], sample=True)
     bytes_per_token = weight_bytes_per_token(model)

@@ -55,8 +55,8 @@ class GenerationConfig:
         num_speculations: draft tokens per self-speculative step; -1: the model's
             recommendation.
         generation_strategy: ``autoregressive``, ``self_speculative`` (chains of k drafts)
-            ``tree`` (token trees drafted from the early exit; greedy, without logits
-            processors or the confidence stop) or ``adaptive`` (chains of
+            ``tree`` (token trees drafted from the early exit; greedy or sampled,
+            without logits processors or the confidence stop) or ``adaptive`` (chains of
             1, 2, 4, ... up to num_speculations drafts, chosen each step from the rows'
             recent acceptance; ``adaptive``).
         adaptive_exit_layers: ``adaptive`` only: more exit layers it may draft from, each
@@ -165,9 +165,7 @@ class GenerationConfig:
         for index, word in enumerate(self.stop_words or []):
             require_utf8(word, f"stop_words[{index}]")
         if strategy is GenerationStrategyName.TREE:
-            reason = tree_refusal(
-                self.sample, bool(self.no_repeat_ngram_size), self.draft_confidence_threshold
-            )
+            reason = tree_refusal(bool(self.no_repeat_ngram_size), self.draft_confidence_threshold)
             if reason:
                 raise ConfigError(f"generation_strategy 'tree': {reason}")
         if self.adaptive_exit_layers is not None:

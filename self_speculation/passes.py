@@ -69,7 +69,7 @@ from self_speculation.sampling import (
     speculative_accept,
     warped,
 )
-from self_speculation.trees import TokenTree, TreeColumns, greedy_tree_accept
+from self_speculation.trees import TokenTree, TreeColumns, tree_accept
 
 logger = logging.getLogger(__name__)
 
@@ -538,8 +538,12 @@ class ForwardPasses:
         return ("counted_greedy_step", exit_layer, batch, count)
 
     @staticmethod
-    def tree_step_key(exit_layer: int, batch: int, branching: tuple[int, ...]) -> tuple:
-        return ("tree_step", exit_layer, batch, branching)
+    def tree_step_key(
+        exit_layer: int, batch: int, branching: tuple[int, ...], warp: tuple | None = None
+    ) -> tuple:
+        """A tree step's key; ``warp`` (temperature, top_k, top_p) when it samples."""
+        greedy = ("tree_step", exit_layer, batch, branching)
+        return greedy if warp is None else (*greedy, warp)
 
     # Sampled passes: the warp settings (temperature, top_k, top_p) are compiled into them,
     # so they are part of the key (a pass kept on disk runs without dynamo's guards).
@@ -1133,6 +1137,8 @@ class ForwardPasses:
         tree: TokenTree,
         depths: torch.Tensor,
         ancestors: torch.Tensor,
+        uniforms: torch.Tensor | None = None,
+        warp: tuple | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         self._guard_on_instance()  # the only pass that does not go through _first_layers
         device = lengths.device
@@ -1171,8 +1177,16 @@ class ForwardPasses:
         )
         cache.tree = None
         logits = self.model.unembed(hidden)  # [batch, nodes, vocab]
-        targets = logits.argmax(dim=-1)  # [batch, nodes]
-        accepted, next_tokens, path, drafts = greedy_tree_accept(tree, tokens, targets)
+        if warp is None:
+            targets = logits.argmax(dim=-1)  # [batch, nodes]
+        else:
+            # Each node's next token drawn from the full model's warped distribution with
+            # the number of the node's depth: the walk follows one node per depth, so each
+            # new token is a draw of its own from p given the tokens before it.
+            node_uniforms = uniforms.gather(1, depths.expand(batch, -1))  # [batch, nodes]
+            probs = _warped_probs(logits, non_finite(logits), warp)  # [batch, nodes, vocab]
+            targets = draw(probs, node_uniforms)  # [batch, nodes]
+        accepted, next_tokens, path, drafts = tree_accept(tree, tokens, targets)
         # The accepted path's columns (and those after it) move behind the root.
         behind = base[:, None] + 1 + torch.arange(tree.depth, device=device)
         cache.move_columns(base[:, None] + path, behind)
@@ -1191,16 +1205,22 @@ class ForwardPasses:
         pad_counts: torch.Tensor,
         exit_layer: int,
         tree: TokenTree,
+        uniforms: torch.Tensor | None = None,
+        warp: tuple | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A greedy self-speculative step over a token tree (``trees``) in one call: each
-        depth's nodes drafted through layers [0, E) (children: the early exit's most likely
-        tokens), every node verified through layers [E, L), the longest path the full
-        model agrees with accepted and its cache columns moved behind the root.
+        """A self-speculative step over a token tree (``trees``) in one call: each depth's
+        nodes drafted through layers [0, E) (children: the early exit's most likely
+        tokens), every node verified through layers [E, L), the path the full model's
+        choices follow accepted and its cache columns moved behind the root.
 
         Args:
             pending: the pending token of each row (the root), [batch, 1], at column
                 ``lengths - 1``; the tree's nodes take the columns after it.
             tree: the tree's shape.
+            uniforms, warp: when sampling, the step's numbers [batch, depth + 1]
+                (``TokenSelector.uniforms``: one per depth) and the warp (temperature,
+                top_k, top_p): the full model's choice after a node is a draw from its
+                warped distribution (``trees.tree_accept``); None: its argmax.
 
         Returns:
             The step's new tokens [batch, depth + 1] (the accepted path, then the correction
@@ -1208,14 +1228,24 @@ class ForwardPasses:
             counts [batch], the path's drafts [batch, depth] and where the logits that chose
             the new tokens were not finite [batch, depth + 1].
         """
-        key = self.tree_step_key(exit_layer, pending.shape[0], tree.branching)
+        key = self.tree_step_key(exit_layer, pending.shape[0], tree.branching, warp)
         tensors = self._tree_tensors.get(tree.branching)
         if tensors is None:  # the shape's node depths and ancestor table, once per shape
             device = lengths.device
             tensors = (tree.depths(device), tree.ancestors(device))
             self._tree_tensors[tree.branching] = tensors
         return self._timed(
-            key, self._tree_step, pending, lengths, cache, pad_counts, exit_layer, tree, *tensors
+            key,
+            self._tree_step,
+            pending,
+            lengths,
+            cache,
+            pad_counts,
+            exit_layer,
+            tree,
+            *tensors,
+            uniforms,
+            warp,
         )
 
 
@@ -1282,7 +1312,7 @@ _KEY_NAMES = {
     "decode_step": ("end layer", "batch"),
     "counted_greedy_step": ("exit layer", "batch", "drafts"),
     "greedy_step": ("exit layer", "batch", "drafts"),
-    "tree_step": ("exit layer", "batch", "branching"),
+    "tree_step": ("exit layer", "batch", "branching", "sampling (temperature, top_k, top_p)"),
     "early": ("end layer", "batch"),
     "greedy_drafts": ("exit layer", "batch", "drafts"),
     "verify": ("exit layer", "batch", "positions"),

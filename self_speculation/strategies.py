@@ -754,9 +754,11 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
 
     Each step drafts a static tree (the early exit's most likely tokens at each node,
     ``tree_branching``), verifies all of it in one pass through layers [E, L) and accepts
-    the longest path the full model agrees with: greedy, so the output is autoregressive
-    decoding's, token for token. Sampling, logits processors and the confidence stop need a
-    chain's acceptance rule or each draft's own context: refused (``trees.tree_refusal``).
+    the path the full model's choices follow: greedy, the output is autoregressive
+    decoding's, token for token; sampled, each new token is a draw from the full model
+    (``trees``), so the output keeps its distribution. Logits processors and the
+    confidence stop need each draft's own context or a chain: refused
+    (``trees.tree_refusal``).
     """
 
     name = GenerationStrategyName.TREE
@@ -765,11 +767,7 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
         self, passes: ForwardPasses, config: GenerationConfig, selector: TokenSelector
     ) -> None:
         super().__init__(passes, config, selector)
-        reason = tree_refusal(
-            selector.sample,
-            bool(selector.context_processors),
-            config.draft_confidence_threshold,
-        )
+        reason = tree_refusal(bool(selector.context_processors), config.draft_confidence_threshold)
         if reason:  # here too: a checkpoint's own processors are known only now
             raise ConfigError(f"generation_strategy 'tree': {reason}")
         branching = config.tree_branching or default_branching(config.num_speculations)
@@ -782,13 +780,16 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
         return self.tree.depth + self.tree.num_nodes + 1
 
     def speculate_keys(self, batch_size: int) -> list[tuple]:
-        return [
-            ForwardPasses.tree_step_key(self.config.exit_layer, batch_size, self.tree.branching)
-        ]
+        exit_layer, branching = self.config.exit_layer, self.tree.branching
+        return [ForwardPasses.tree_step_key(exit_layer, batch_size, branching, self.selector.warp)]
 
     def _speculate(
         self, state: DecodingState, num_drafts: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # When sampling, one number per depth: the full model's choice after each node.
+        uniforms = (
+            state.uniforms(self.selector, self.tree.depth + 1) if self.selector.sample else None
+        )
         return self.passes.tree_step(
             state.pending_tokens(),
             state.lengths,
@@ -796,6 +797,8 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
             state.pad_counts,
             self.config.exit_layer,
             self.tree,
+            uniforms,
+            self.selector.warp,
         )  # [batch, depth + 1], [batch], [batch, depth], [batch, depth + 1]
 
 

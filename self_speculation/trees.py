@@ -1,4 +1,4 @@
-"""Token trees drafted from the early exit: their static shape and greedy acceptance.
+"""Token trees drafted from the early exit: their static shape and their acceptance.
 
 A tree is given by its branching: ``(2, 2, 1)`` means the pending token (the root, depth 0)
 gets the early exit's 2 most likely next tokens as children, each of those gets its 2 most
@@ -11,7 +11,11 @@ tree (``ColumnKVCache.tree``); its position is ``base``'s plus its depth.
 The shape is static (Medusa, SpecInfer and EAGLE's fixed trees), so that one compiled
 call serves every step: drafting runs each depth's nodes through layers [0, E) in one
 pass, verification runs every node through layers [E, L) in one pass, and acceptance walks
-from the root to the child whose token the full model predicts, as long as there is one.
+from the root to the child whose token the full model chooses, as long as there is one.
+The full model's choice after a node is its argmax (greedy: autoregressive decoding's
+tokens) or a draw from its warped distribution with one number per depth (sampling: each
+new token is a draw from the full model given the tokens before it, whichever drafts
+there were, so the output keeps autoregressive sampling's distribution exactly).
 The accepted path's cache columns are then moved to the columns after ``base`` (one copy
 of at most ``depth`` columns per layer), so that the column invariant of ``strategies``
 holds as after a chain step.
@@ -111,15 +115,9 @@ class TokenTree:
         return torch.tensor(table, device=device)
 
 
-def tree_refusal(sample: bool, context_processors: bool, confidence_threshold: float) -> str | None:
-    """Why the ``tree`` strategy cannot decode with these settings (they need a chain's
-    acceptance rule or each draft's own context), or None."""
-    if sample:
-        return (
-            "trees decode greedily (sampling keeps the full model's distribution with a "
-            "chain's acceptance rule): give sample=False (--sample False), or use "
-            "'self_speculative' (chains) to sample"
-        )
+def tree_refusal(context_processors: bool, confidence_threshold: float) -> str | None:
+    """Why the ``tree`` strategy cannot decode with these settings (they need each draft's
+    own context, or a chain), or None."""
     if context_processors:
         reason = (
             "logits processors (no_repeat_ngram_size; a checkpoint's repetition penalty, bad "
@@ -171,15 +169,16 @@ def _default_tree_depth_limit() -> int:
 MAX_DEFAULT_TREE_DEPTH = _default_tree_depth_limit()
 
 
-def greedy_tree_accept(
+def tree_accept(
     tree: TokenTree, tokens: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Walk the tree from the root along the full model's greedy predictions.
+    """Walk the tree from the root along the full model's choices.
 
     Args:
         tree: the shape.
         tokens: each node's token, [batch, nodes] (the root's is the pending token).
-        targets: the full model's argmax after each node, [batch, nodes].
+        targets: the full model's choice after each node, [batch, nodes]: its argmax, or
+            a draw from its distribution (nodes of one depth drawing with the same number).
 
     Returns:
         accepted counts [batch] (the accepted path's length), the next token [batch] (the

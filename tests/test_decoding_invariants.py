@@ -11,7 +11,7 @@ from test_equivalence import BATCH_PROMPTS, generator_for, greedy, speculative
 from self_speculation.bookkeeping import EOS, LIMIT, kept_counts
 from self_speculation.kv_cache import CAPACITY_STEP, BufferPool
 from self_speculation.sampling import speculative_accept
-from self_speculation.trees import TokenTree, greedy_tree_accept
+from self_speculation.trees import TokenTree, tree_accept
 
 
 def with_finished_rows_kept(generator, config) -> list:
@@ -90,7 +90,7 @@ def test_a_rejected_tree_row_reports_the_most_likely_children_even_where_another
     shape = TokenTree((2, 2))  # root 0; depth 1: nodes 1, 2; depth 2: 3, 4 (of 1), 5, 6 (of 2)
     tokens = torch.tensor([[9, 10, 11, 20, 21, 22, 23]])
     targets = torch.tensor([[12, 21, 0, 0, 0, 0, 0]])  # 12 matches no child; 21 is node 4
-    accepted, next_tokens, path, drafts = greedy_tree_accept(shape, tokens, targets)
+    accepted, next_tokens, path, drafts = tree_accept(shape, tokens, targets)
     assert accepted.tolist() == [0] and next_tokens.tolist() == [12]
     assert path.tolist() == [[1, 3]] and drafts.tolist() == [[10, 20]]
 
@@ -157,7 +157,7 @@ def test_a_tree_path_once_rejected_stays_rejected_deeper_down() -> None:
     shape = TokenTree((1, 1, 1))
     tokens = torch.tensor([[9, 10, 11, 12]])
     targets = torch.tensor([[13, 11, 12, 14]])  # 13 != 10; then 11 and 12 would match
-    accepted, next_tokens, path, drafts = greedy_tree_accept(shape, tokens, targets)
+    accepted, next_tokens, path, drafts = tree_accept(shape, tokens, targets)
     assert accepted.tolist() == [0] and next_tokens.tolist() == [13]
     assert path.tolist() == [[1, 2, 3]] and drafts.tolist() == [[10, 11, 12]]
 

@@ -14,7 +14,7 @@ from self_speculation import GenerationConfig, Generator
 from self_speculation.errors import ConfigError
 from self_speculation.passes import ForwardPasses
 from self_speculation.strategies import TreeGenerationStrategy
-from self_speculation.trees import TokenTree, default_branching, greedy_tree_accept
+from self_speculation.trees import TokenTree, default_branching, tree_accept
 
 NUM_LAYERS = 4
 PROMPTS = [[5], [5, 60, 7, 200, 31], [9, 8, 7]]
@@ -48,7 +48,7 @@ def test_tree_shape_breadth_first() -> None:
     assert default_branching(4) == (2, 2, 1, 1) and default_branching(1) == (2,)
 
 
-def test_greedy_tree_accept_follows_the_matching_branch() -> None:
+def test_tree_accept_follows_the_matching_branch() -> None:
     shape = TokenTree((2, 2))  # root 0; depth 1: nodes 1, 2; depth 2: 3, 4 (of 1), 5, 6 (of 2)
     tokens = torch.tensor(
         [
@@ -64,7 +64,7 @@ def test_greedy_tree_accept_follows_the_matching_branch() -> None:
             [10, 21, 0, 0, 5, 0, 0],  # 10 (node 1), 21 (node 4), then 5 after node 4
         ]
     )
-    accepted, next_tokens, path, drafts = greedy_tree_accept(shape, tokens, targets)
+    accepted, next_tokens, path, drafts = tree_accept(shape, tokens, targets)
     assert accepted.tolist() == [2, 0, 2]
     assert next_tokens.tolist() == [7, 12, 5]
     assert path[0].tolist() == [2, 5] and path[2].tolist() == [1, 4]
@@ -134,7 +134,7 @@ def test_cache_after_every_tree_step_equals_a_fresh_prefill(monkeypatch) -> None
     generator = generator_for("qwen2")
     passes = ForwardPasses(generator.layerwise)
     side_branches = []
-    accept = passes_module.greedy_tree_accept
+    accept = passes_module.tree_accept
 
     def counting_accept(shape, tokens, targets):
         accepted, next_tokens, path, drafts = accept(shape, tokens, targets)
@@ -152,7 +152,7 @@ def test_cache_after_every_tree_step_equals_a_fresh_prefill(monkeypatch) -> None
         checked.extend(assert_cache_equals_a_fresh_prefill(generator, passes, state))
         return result
 
-    monkeypatch.setattr(passes_module, "greedy_tree_accept", counting_accept)
+    monkeypatch.setattr(passes_module, "tree_accept", counting_accept)
     monkeypatch.setattr(TreeGenerationStrategy, "step", checked_step)
     reference = [generator.generate(p, greedy(40)).token_ids for p in PROMPTS[1:]]
     results = generator.generate_batch(PROMPTS[1:], tree(3, [3, 3, 1], max_steps=40))
@@ -183,7 +183,6 @@ def test_trees_with_an_exit_adapter_or_a_draft_vocabulary_match_autoregressive(
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(sample=True, temperature=0.8), "sampling keeps"),
         (dict(sample=False, no_repeat_ngram_size=2), "logits processors"),
         (dict(sample=False, draft_confidence_threshold=0.5), "draft_confidence_threshold"),
     ],
