@@ -545,6 +545,15 @@ class ForwardPasses:
         greedy = ("tree_step", exit_layer, batch, branching)
         return greedy if warp is None else (*greedy, warp)
 
+    @staticmethod
+    def counted_tree_step_key(
+        exit_layer: int, batch: int, branching: tuple[int, ...], warp: tuple | None = None
+    ) -> tuple:
+        return (
+            "counted_tree_step",
+            *ForwardPasses.tree_step_key(exit_layer, batch, branching, warp)[1:],
+        )
+
     # Sampled passes: the warp settings (temperature, top_k, top_p) are compiled into them,
     # so they are part of the key (a pass kept on disk runs without dynamo's guards).
     @staticmethod
@@ -1229,11 +1238,6 @@ class ForwardPasses:
             the new tokens were not finite [batch, depth + 1].
         """
         key = self.tree_step_key(exit_layer, pending.shape[0], tree.branching, warp)
-        tensors = self._tree_tensors.get(tree.branching)
-        if tensors is None:  # the shape's node depths and ancestor table, once per shape
-            device = lengths.device
-            tensors = (tree.depths(device), tree.ancestors(device))
-            self._tree_tensors[tree.branching] = tensors
         return self._timed(
             key,
             self._tree_step,
@@ -1243,7 +1247,73 @@ class ForwardPasses:
             pad_counts,
             exit_layer,
             tree,
-            *tensors,
+            *self._tree_shape(tree, lengths.device),
+            uniforms,
+            warp,
+        )
+
+    def _tree_shape(self, tree: TokenTree, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The node depths and ancestor table of ``tree``, made once per shape."""
+        tensors = self._tree_tensors.get(tree.branching)
+        if tensors is None:
+            tensors = (tree.depths(device), tree.ancestors(device))
+            self._tree_tensors[tree.branching] = tensors
+        return tensors
+
+    def _counted_tree_step_eager(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        stop_ids: torch.Tensor,
+        limit: torch.Tensor,
+        generated: torch.Tensor,
+        reason: torch.Tensor,
+        statistics: torch.Tensor,
+        exit_layer: int,
+        tree: TokenTree,
+        depths: torch.Tensor,
+        ancestors: torch.Tensor,
+        uniforms: torch.Tensor | None,
+        warp: tuple | None,
+    ) -> tuple[torch.Tensor, ...]:
+        pending = tokens.gather(1, lengths[:, None] - 1)  # [batch, 1]
+        step = self._tree_step_eager(
+            pending, lengths, cache, pad_counts, exit_layer, tree, depths, ancestors, uniforms,
+            warp,
+        )  # fmt: skip
+        books = (stop_ids, limit, generated, reason, statistics)
+        return _closed_speculative(tokens, lengths, step, tree.depth, books)
+
+    @torch.no_grad()
+    def counted_tree_step(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: ColumnKVCache,
+        pad_counts: torch.Tensor,
+        books: tuple[torch.Tensor, ...],
+        exit_layer: int,
+        tree: TokenTree,
+        uniforms: torch.Tensor | None = None,
+        warp: tuple | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """``tree_step`` with its token write and bookkeeping, in one call (see
+        ``counted_greedy_step``; the drafts reported are the path's, ``depth`` of them)."""
+        key = self.counted_tree_step_key(exit_layer, tokens.shape[0], tree.branching, warp)
+        _mark_dynamic_sizes(tokens, books[0], self.compiled)
+        return self._timed(
+            key,
+            self._counted_tree_step,
+            tokens,
+            lengths,
+            cache,
+            pad_counts,
+            *books,
+            exit_layer,
+            tree,
+            *self._tree_shape(tree, lengths.device),
             uniforms,
             warp,
         )
@@ -1298,6 +1368,7 @@ def _mark_dynamic_sizes(tokens: torch.Tensor, stop_ids: torch.Tensor, compiled: 
 _PASS_NAMES = (
     "early", "verify", "greedy_drafts", "greedy_step", "tree_step", "decode_step",
     "counted_greedy_step", "sampled_decode_step", "sampled_step", "counted_sampled_step",
+    "counted_tree_step",
 )  # fmt: skip
 # Names of the values in each pass key after its kind (for the log line before a compile).
 _KEY_NAMES = {
@@ -1313,6 +1384,12 @@ _KEY_NAMES = {
     "counted_greedy_step": ("exit layer", "batch", "drafts"),
     "greedy_step": ("exit layer", "batch", "drafts"),
     "tree_step": ("exit layer", "batch", "branching", "sampling (temperature, top_k, top_p)"),
+    "counted_tree_step": (
+        "exit layer",
+        "batch",
+        "branching",
+        "sampling (temperature, top_k, top_p)",
+    ),
     "early": ("end layer", "batch"),
     "greedy_drafts": ("exit layer", "batch", "drafts"),
     "verify": ("exit layer", "batch", "positions"),

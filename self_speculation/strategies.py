@@ -779,17 +779,42 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
         # the whole tree after its last column.
         return self.tree.depth + self.tree.num_nodes + 1
 
+    @property
+    def _books_in_step(self) -> bool:
+        """On the compiled path, the tree step with its token write and bookkeeping in
+        one compiled call (``ForwardPasses.counted_tree_step``)."""
+        return self.passes.compiled
+
+    def pass_keys(self, batch_size: int) -> list[tuple]:
+        if self._books_in_step:
+            key = ForwardPasses.counted_tree_step_key
+            return [
+                key(self.config.exit_layer, batch_size, self.tree.branching, self.selector.warp)
+            ]
+        return self.speculate_keys(batch_size)
+
     def speculate_keys(self, batch_size: int) -> list[tuple]:
         exit_layer, branching = self.config.exit_layer, self.tree.branching
         return [ForwardPasses.tree_step_key(exit_layer, batch_size, branching, self.selector.warp)]
 
+    def _tree_uniforms(self, state: DecodingState) -> torch.Tensor | None:
+        """When sampling, one number per depth: the full model's choice after each node."""
+        if not self.selector.sample:
+            return None
+        return state.uniforms(self.selector, self.tree.depth + 1)
+
+    def counted_step(self, state: DecodingState, num_drafts: int, books: RowBooks) -> StepResult:
+        if not self._books_in_step:
+            return GenerationStrategy.counted_step(self, state, num_drafts, books)
+        outputs = self.passes.counted_tree_step(
+            state.tokens, state.lengths, state.cache, state.pad_counts, books.tensors(),
+            self.config.exit_layer, self.tree, self._tree_uniforms(state), self.selector.warp,
+        )  # fmt: skip
+        return _from_counted_step(outputs, state, books, self.tree.depth)
+
     def _speculate(
         self, state: DecodingState, num_drafts: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        # When sampling, one number per depth: the full model's choice after each node.
-        uniforms = (
-            state.uniforms(self.selector, self.tree.depth + 1) if self.selector.sample else None
-        )
         return self.passes.tree_step(
             state.pending_tokens(),
             state.lengths,
@@ -797,7 +822,7 @@ class TreeGenerationStrategy(SelfSpeculativeGenerationStrategy):
             state.pad_counts,
             self.config.exit_layer,
             self.tree,
-            uniforms,
+            self._tree_uniforms(state),
             self.selector.warp,
         )  # [batch, depth + 1], [batch], [batch, depth], [batch, depth + 1]
 

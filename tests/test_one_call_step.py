@@ -1,5 +1,6 @@
 """One compiled call per step: greedy compiled steps (``ForwardPasses.decode_step`` for
-autoregressive decoding, ``counted_greedy_step`` for self-speculation) write their tokens
+autoregressive decoding, ``counted_greedy_step`` for self-speculation, ``counted_tree_step``
+for trees) write their tokens
 and keep the books (kept counts, stop reasons, statistics: ``bookkeeping``) inside the
 compiled call, so that the loop runs no tensor operation of its own between steps but the
 one read of the step's summary.
@@ -23,6 +24,7 @@ from self_speculation.passes import COMPILE_BACKEND_VARIABLE, ForwardPasses
 from self_speculation.strategies import (
     AutoRegressiveGenerationStrategy,
     SelfSpeculativeGenerationStrategy,
+    TreeGenerationStrategy,
 )
 
 PROMPTS = [[5, 6, 7], [9] * 14, [40, 41, 42, 43, 44, 45, 46], [100]]
@@ -30,7 +32,19 @@ STRATEGIES = [
     dict(generation_strategy="autoregressive"),
     dict(generation_strategy="self_speculative", exit_layer=1, num_speculations=3),
     dict(generation_strategy="self_speculative", exit_layer=3, num_speculations=5),
+    dict(generation_strategy="tree", exit_layer=1, tree_branching=[2, 2, 1]),
 ]
+# The compiled step each strategy runs, its books inside.
+COUNTED_STEPS = {
+    "autoregressive": "decode_step",
+    "self_speculative": "counted_greedy_step",
+    "tree": "counted_tree_step",
+}
+STRATEGY_CLASSES = {
+    "autoregressive": AutoRegressiveGenerationStrategy,
+    "self_speculative": SelfSpeculativeGenerationStrategy,
+    "tree": TreeGenerationStrategy,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -80,8 +94,7 @@ def test_books_kept_in_the_compiled_step_equal_the_loops_own(
         )
     finally:
         generator.steps_ahead, generator.shed_finished_rows = None, True
-    speculative = settings["generation_strategy"] == "self_speculative"
-    assert kinds == {"counted_greedy_step" if speculative else "decode_step"}
+    assert kinds == {COUNTED_STEPS[settings["generation_strategy"]]}
 
 
 _GRAD_SWITCH = torch._C._set_grad_enabled
@@ -123,7 +136,11 @@ def _tensor_calls(
     return calls.count, calls.passes, result.num_steps
 
 
-@pytest.mark.parametrize("settings", STRATEGIES[:2], ids=lambda s: s["generation_strategy"])
+@pytest.mark.parametrize(
+    "settings",
+    [STRATEGIES[0], STRATEGIES[1], STRATEGIES[3]],
+    ids=lambda s: s["generation_strategy"],
+)
 def test_a_compiled_step_is_one_call_and_no_tensor_operation_outside_it(
     generator: Generator, settings: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -143,11 +160,7 @@ def test_a_compiled_step_is_one_call_and_no_tensor_operation_outside_it(
     config = GenerationConfig(sample=False, max_steps=40, compile=True, **settings)
     operations, calls = per_step(config)
     assert operations <= 2 and calls == 1
-    strategy = (
-        SelfSpeculativeGenerationStrategy
-        if settings["generation_strategy"] == "self_speculative"
-        else AutoRegressiveGenerationStrategy
-    )
+    strategy = STRATEGY_CLASSES[settings["generation_strategy"]]
     monkeypatch.setattr(strategy, "_books_in_step", property(lambda self: False))
     operations, calls = per_step(config)
     assert operations > 10 and calls == 1
@@ -173,17 +186,21 @@ def test_a_compiled_step_mutates_no_input_but_the_cache(generator: Generator) ->
 @pytest.mark.parametrize(
     ("settings", "kinds"),
     [
-        (dict(generation_strategy="tree", exit_layer=2, tree_branching=[2, 1]), {"tree_step"}),
+        (
+            dict(generation_strategy="tree", exit_layer=2, tree_branching=[2, 1]),
+            {"counted_tree_step"},
+        ),
         (dict(generation_strategy="adaptive", exit_layer=2, num_speculations=2), {"greedy_step"}),
     ],
     ids=["tree", "adaptive"],
 )
-def test_strategies_that_step_otherwise_keep_their_books_outside(
+def test_strategies_that_step_otherwise_use_their_own_passes(
     generator: Generator, settings: dict, kinds: set
 ) -> None:
-    """Trees and adaptive chains draft with their own passes: the plain chain's counted
-    step must not stand in for them (their tokens are eager decoding's either way; the
-    adaptive policy's cost model differs between the paths, so its drafts may too)."""
+    """Trees and adaptive chains draft with their own passes (trees with their books in
+    their own step; adaptive keeps them outside): the plain chain's counted step must not
+    stand in for them (their tokens are eager decoding's either way; the adaptive
+    policy's cost model differs between the paths, so its drafts may too)."""
     config = GenerationConfig(sample=False, max_steps=12, compile=True, **settings)
     passes = generator._passes(config)
     passes.pass_seconds = {}
