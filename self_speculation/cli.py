@@ -77,6 +77,13 @@ class FlagParser(simple_parsing.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise ArgumentsError(f"{message} (see --help)")
 
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        # simple-parsing refuses "--nobf16 True" with exit(message=...): status 0, the run
+        # not started, and a script's caller told it succeeded. --help exits without one.
+        if status == 0 and message:
+            self.error(message.strip())
+        super().exit(status, message)
+
     def parse_known_args(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
         try:
             return super().parse_known_args(args, *rest, **kwargs)

@@ -11,7 +11,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,35 @@ class LayerSkipArguments:
             raise ConfigError(
                 f"--early_exit_position_fraction must be in (0, 1], got {self.early_exit_position_fraction}"
             )
+        self._refuse_unused()
+
+    def _refuse_unused(self) -> None:
+        """A recipe setting that another one switches off would be ignored without a word
+        (a curriculum with the early-exit loss off trains the last layer alone): refused."""
+        defaults = {item.name: item.default for item in fields(self)}
+        for name, switch in unused_recipe_settings(vars(self)).items():
+            if getattr(self, name) != defaults[name]:
+                raise ConfigError(
+                    f"--{name} {getattr(self, name)} has no effect with {switch}; "
+                    f"leave it at its default ({defaults[name]}) or change that setting"
+                )
+
+
+def unused_recipe_settings(recipe: dict[str, Any]) -> dict[str, str]:
+    """The recipe settings (``LayerSkipArguments`` fields) that others switch off, each with
+    the flag that does; e.g. the curriculum when the early-exit loss is off."""
+    unused = {}
+    if not recipe.get("early_exit_loss", True):
+        switch = "--early_exit_loss False (only the last layer's loss is trained)"
+        for name in ("scale", "e_scale", "curriculum", "position_fraction"):
+            unused[f"early_exit_{name}"] = switch
+    if recipe.get("layer_dropout_p_max") == 0:
+        switch = "--layer_dropout_p_max 0 (no layer is dropped)"
+        unused.update(dict.fromkeys(("layer_dropout_shape", "layer_dropout_schedule"), switch))
+    curriculum = recipe.get("early_exit_curriculum", Curriculum.NONE.value)
+    if curriculum != Curriculum.ROTATIONAL.value:
+        unused["early_exit_rotation"] = f"--early_exit_curriculum {curriculum}"
+    return unused
 
 
 @dataclass

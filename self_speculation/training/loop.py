@@ -56,7 +56,7 @@ from self_speculation.training.checkpointing import (
     recover_checkpoint,
     save_checkpoint,
 )
-from self_speculation.training.config import TrainConfig
+from self_speculation.training.config import TrainConfig, unused_recipe_settings
 from self_speculation.training.curriculum import active_exits
 from self_speculation.training.data import BlockStream, pack_blocks
 from self_speculation.training.distributed_setup import (
@@ -301,6 +301,7 @@ class Trainer:
             ),
         )
         self.step_lr = args.learning_rate  # the learning rate of the last step (logs)
+        self.step_dropout_scale = 0.0  # S(t) of the last step's layer dropout (logs)
         self._started = time.monotonic()
 
     # -- state
@@ -473,6 +474,10 @@ class Trainer:
         args, distributed = self.args, self.distributed
         if self.dropout is not None:
             self.dropout.set_step(self.progress.step, self.progress.total_steps)
+            # What this step drops at: a time budget may fix T after it (the log comes later).
+            self.step_dropout_scale = schedule_factor(
+                self.dropout.schedule, self.dropout.step, self.dropout.total_steps
+            )
         sums = torch.zeros(len(exits) + 1)  # [1 + exits]
         for micro in range(args.gradient_accumulation_steps):
             offset = (micro * distributed.world_size + distributed.rank) * args.batch_size
@@ -600,18 +605,13 @@ class Trainer:
             sums = sums.cpu() / self.distributed.world_size
         if log_file is None:
             return
-        dropout_scale = 0.0
-        if self.dropout is not None:
-            dropout_scale = schedule_factor(
-                self.dropout.schedule, self.progress.step - 1, self.progress.total_steps
-            )
         record = {
             "step": self.progress.step,
             "tokens": self.progress.tokens,
             "lr": self.step_lr,
             "loss": round(sums[0].item(), 5),
             "exit_losses": {str(e): round(v, 4) for e, v in zip(exits, sums[1:].tolist())},
-            "layer_dropout_scale": dropout_scale,
+            "layer_dropout_scale": self.step_dropout_scale,
             "tokens_per_second": round(speed, 1),
             "elapsed_s": round(self.elapsed(), 1),
         }
@@ -827,11 +827,18 @@ def _check_resumed_settings(
         return  # a checkpoint from before settings were saved in it
     now = dataclasses.asdict(config)
     paths_then, paths_now = saved.get("paths") or {}, resolved_paths(config)
+    # A recipe setting switched off then and now changed nothing (a checkpoint of a run that
+    # set one, before such settings were refused, resumes without it).
+    unused = set(unused_recipe_settings(before.get("layerskip", {}))) & set(
+        unused_recipe_settings(now["layerskip"])
+    )
     for group, values in now.items():
         for name, value in values.items():
             was = before.get(group, {}).get(name, value)
             if name in paths_then and paths_then[name] == paths_now.get(name):
                 continue  # the same path, spelled otherwise
+            if group == "layerskip" and name in unused:
+                continue
             if name not in _RESUME_MAY_CHANGE and was != value:
                 raise ConfigError(
                     f"--resume True: --{name} is {value!r}, but the checkpoint in "
