@@ -118,3 +118,18 @@ def test_a_checkpoint_that_set_a_switched_off_setting_still_resumes(tmp_path: Pa
     before["layerskip"].update(early_exit_loss=True)
     with pytest.raises(ConfigError, match="--early_exit_loss is False"):
         _check_resumed_settings({"config": before}, now, DistributedContext(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "models/layerskip-stdlib", "--vocab_size", "1024"], "--vocab_size 1024 sizes"),
+        (["--preset", "tiny", "--dataset_split", "validation"], "without --dataset"),
+        (["--preset", "tiny", "--dataset_config", "python"], "without --dataset"),
+    ],
+)
+def test_model_and_data_flags_without_effect_are_refused(flags: list[str], message: str) -> None:
+    """--vocab_size with --model (its own tokenizer is kept) and --dataset_config /
+    --dataset_split without --dataset were ignored without a word."""
+    with pytest.raises(ConfigError, match=message):
+        parse_config([*flags, "--data", "x.py", "--max_tokens", "9"])

@@ -37,6 +37,9 @@ def _enum(enum_type: type, value: Any, flag: str) -> Any:
         raise ConfigError(f"--{flag} must be one of {choices}, got '{value}'") from None
 
 
+DEFAULT_VOCAB_SIZE = 4096
+
+
 @dataclass
 class ModelArguments:
     """What to train."""
@@ -48,7 +51,7 @@ class ModelArguments:
         help=f"architecture from scratch: {', '.join(PRESETS)}",
     )
     config_file: str | None = None  # architecture from scratch: a JSON config (model_type + fields)
-    vocab_size: int = 4096  # tokenizer size when training from scratch
+    vocab_size: int = DEFAULT_VOCAB_SIZE  # tokenizer size when training from scratch
     seq_len: int = 512  # tokens per training sequence
 
     def __post_init__(self) -> None:
@@ -56,6 +59,11 @@ class ModelArguments:
         if len(chosen) > 1:
             raise ConfigError(
                 f"give only one of --model, --preset, --config_file (got {', '.join(chosen)})"
+            )
+        if self.model and self.vocab_size != DEFAULT_VOCAB_SIZE:
+            raise ConfigError(
+                f"--vocab_size {self.vocab_size} sizes a tokenizer trained from scratch (--preset, "
+                "--config_file); --model continues with its own tokenizer"
             )
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"unknown preset '{self.preset}' (choose from {', '.join(PRESETS)})")
@@ -84,6 +92,11 @@ class DataArguments:
     def __post_init__(self) -> None:
         if not self.data and not self.dataset:
             raise ConfigError("no training data: give --data GLOB... or --dataset NAME")
+        if not self.dataset and (self.dataset_config is not None or self.dataset_split != "train"):
+            raise ConfigError(
+                "--dataset_config and --dataset_split choose what --dataset loads; without "
+                "--dataset they have no effect"
+            )
 
 
 @dataclass
