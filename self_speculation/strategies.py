@@ -534,8 +534,8 @@ class SelfSpeculativeGenerationStrategy(GenerationStrategy):
     @property
     def _books_in_step(self) -> bool:
         """The fused step with its token write and bookkeeping in one compiled call: the
-        plain chain's step only (a strategy that steps or speculates otherwise, as trees
-        and ``adaptive`` do, keeps its books outside)."""
+        plain chain's step only (a strategy that steps or speculates otherwise keeps its
+        books outside, as ``adaptive`` does, or in a step of its own, as trees do)."""
         kind, chain = type(self), SelfSpeculativeGenerationStrategy
         plain = kind.step is chain.step and kind._speculate is chain._speculate
         return plain and (self._fused_step or self._fused_sampled_step)
