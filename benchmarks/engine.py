@@ -771,8 +771,10 @@ def print_table(document: dict) -> None:
     for name in paths:
         if " tree " in name or name.endswith(" adaptive"):
             kind = name.split()[1]
-            ratio(name, f"ours {kind} autoregressive")
-            ratio(name, f"ours {kind} self_speculative")
+            # A sampled tree against its kind's sampled paths, a greedy one the greedy.
+            suffix = SAMPLED if name.endswith(SAMPLED) else ""
+            ratio(name, f"ours {kind} autoregressive{suffix}")
+            ratio(name, f"ours {kind} self_speculative{suffix}")
     for strategy in ("autoregressive", "self_speculative"):
         eager, fast = (paths.get(f"ours {kind} {strategy}") for kind in ("eager", "fast"))
         if eager and fast and eager["peak_memory_bytes"] and fast["peak_memory_bytes"]:

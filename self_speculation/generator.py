@@ -441,8 +441,9 @@ class Generator:
         """``config`` with exit_layer / num_speculations resolved for this model.
 
         Raises:
-            ConfigError: settings outside the model's range, or more drafts per step than
-                the model's context holds.
+            ConfigError: settings outside the model's range, more drafts per step than
+                the model's context holds, or a tree node with more children than the
+                vocabulary has tokens.
         """
         if not isinstance(config, GenerationConfig):
             raise ArgumentTypeError(
@@ -462,6 +463,14 @@ class Generator:
             raise ConfigError(
                 f"num_speculations must be below the model's context ({context} tokens), "
                 f"got {resolved.num_speculations}"
+            )
+        widest = max(resolved.tree_branching or [0])
+        # out_features: a quantized head's weight may be packed into another shape.
+        vocab_size = getattr(self.layerwise.lm_head, "out_features", widest)
+        if widest > vocab_size:  # a node's children are distinct tokens
+            raise ConfigError(
+                f"tree_branching {resolved.tree_branching}: a node has at most {vocab_size} "
+                f"children (the model's vocabulary), got {widest}"
             )
         full_depth = resolved.exit_layer == self.num_layers and draft is None
         if resolved.generation_strategy.speculative and full_depth:
