@@ -260,13 +260,22 @@ def _with_own_code(method: Callable) -> Callable:
 _OWN_CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _forget_compiled(codes: list[types.CodeType]) -> None:
+def _cached_backends() -> dict:
+    """dynamo's backend wrappers by id, one per torch.compile call ({} in a torch without)."""
+    return getattr(torch._dynamo.eval_frame, "cached_backends", {})
+
+
+def _forget_compiled(codes: list[types.CodeType], backends: list[int] = ()) -> None:
     """Drop the compiled versions dynamo keeps on ``codes`` (a dead ForwardPasses': nothing
-    else runs them). They would otherwise stay, with whatever they hold, for good: dynamo's
-    cache entries are not garbage-collected with their code object."""
+    else runs them) and the backend wrappers its torch.compile calls left in dynamo's
+    ``cached_backends`` (ids). They would otherwise stay, with whatever they hold, for good:
+    dynamo's cache entries are not garbage-collected with their code object."""
     remove = getattr(torch._dynamo.eval_frame, "remove_from_cache", None)  # a torch without it:
     for code in codes if remove is not None else ():  # the versions stay, as before
         remove(code)
+    cached = _cached_backends()
+    for key in backends:
+        cached.pop(key, None)
 
 
 _INSTANCES = itertools.count()
@@ -343,10 +352,15 @@ class ForwardPasses:
             if model.device.type == "cpu" and compile_backend() == "inductor":
                 # Compiled CPU calls use the grouped few-query attention (attention.py).
                 self._attention_configs = sdpa_configs(model.model)
+            known = set(_cached_backends())
             for name in _PASS_NAMES:
                 setattr(self, f"_{name}", _compiled(getattr(self, f"_{name}_eager"), options))
+            # torch.compile keeps each call's backend wrapper for good (dynamo's
+            # ``cached_backends``, emptied by torch._dynamo.reset() only): ours are forgotten
+            # with the passes too, so that Generators made and dropped leave none behind.
+            backends = [key for key in _cached_backends() if key not in known]
             # Their compiled versions go when these passes go (``_with_own_code``).
-            weakref.finalize(self, _forget_compiled, list(_OWN_CODES.pop(self, ())))
+            weakref.finalize(self, _forget_compiled, list(_OWN_CODES.pop(self, ())), backends)
 
     def _fall_back(self, reason: str) -> None:
         """Decode eagerly from now on (same tokens), after one warning naming ``reason``."""
