@@ -36,7 +36,12 @@ from self_speculation.model_support import (
     UNAPPLIED_SETTING_NAMES,
     unapplied_generation_settings,
 )
-from self_speculation.model_surgery import LayerwiseModel, eval_mode, module_state
+from self_speculation.model_surgery import (
+    LayerwiseModel,
+    eval_mode,
+    module_state,
+    reading_settings,
+)
 from self_speculation.passes import ForwardPasses
 from self_speculation.sampling import (
     CHECKPOINT_PROCESSOR_SETTINGS,
@@ -768,10 +773,14 @@ class Generator:
                 compiled generation started inside another of this Generator.
         """
         adapter = self._draft.adapter if self._draft is not None else None
+        # A change to follow may probe the model with its windows narrowed (it waits for
+        # other threads' generations): before this one starts reading the settings.
+        self.follow_model()
         with (
             self._compiled_use(config),
             eval_mode(self.model),
             eval_mode(adapter) if adapter is not None else contextlib.nullcontext(),
+            reading_settings(self.model),
         ):
             return self._generate_batch(prompts, config, streamer, generator)
 

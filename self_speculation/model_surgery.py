@@ -154,6 +154,89 @@ _EVAL_HOLDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _EVAL_LOCK = threading.RLock()
 
 
+class _SettingsUse:
+    """Who reads a model's settings now (generations, by thread) and who changes them for a
+    moment (the load probe narrows its sliding windows: ``_narrowed_windows``)."""
+
+    def __init__(self) -> None:
+        self.condition = threading.Condition()
+        self.readers: dict[int, int] = {}  # thread -> blocks
+        self.writer: int | None = None
+        self.depth = 0  # the writer's nested blocks
+        self.waiting: set[int] = set()  # writers waiting that read themselves
+
+
+_SETTINGS_USES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _settings_use(model: nn.Module) -> _SettingsUse:
+    with _EVAL_LOCK:
+        use = _SETTINGS_USES.get(model)
+        if use is None:
+            use = _SETTINGS_USES[model] = _SettingsUse()
+        return use
+
+
+@contextmanager
+def reading_settings(model: nn.Module) -> Iterator[None]:
+    """Within the block, no other thread changes ``model``'s settings (a Generator made in
+    another thread probes the model with its windows narrowed: a generation running
+    meanwhile decoded with the narrowed window). Blocks nest and overlap; a thread's own
+    changes (a Generator made from its streamer) wait for no one but other threads."""
+    use, me = _settings_use(model), threading.get_ident()
+    with use.condition:
+        use.condition.wait_for(lambda: use.writer in (None, me))
+        use.readers[me] = use.readers.get(me, 0) + 1
+    try:
+        yield
+    finally:
+        with use.condition:
+            use.readers[me] -= 1
+            if not use.readers[me]:
+                del use.readers[me]
+            use.condition.notify_all()
+
+
+@contextmanager
+def changing_settings(model: nn.Module) -> Iterator[None]:
+    """Within the block, this thread may change ``model``'s settings and restore them: it
+    waits until no other thread reads them (``reading_settings``).
+
+    Raises:
+        UnsupportedModelError: two threads that each generate with the model and each
+            need to change its settings (each would wait for the other forever).
+    """
+    use, me = _settings_use(model), threading.get_ident()
+    with use.condition:
+        reading = me in use.readers
+
+        def free() -> bool:
+            if reading and use.waiting - {me}:
+                raise UnsupportedModelError(
+                    "two threads generating with this model each made a Generator for it "
+                    "(or changed its config) from inside their generation: make Generators "
+                    "before starting generations in other threads"
+                )
+            return use.writer in (None, me) and all(thread == me for thread in use.readers)
+
+        if reading:
+            use.waiting.add(me)
+        try:
+            use.condition.wait_for(free)
+        finally:
+            use.waiting.discard(me)
+            use.condition.notify_all()
+        use.writer, use.depth = me, use.depth + 1
+    try:
+        yield
+    finally:
+        with use.condition:
+            use.depth -= 1
+            if not use.depth:
+                use.writer = None
+            use.condition.notify_all()
+
+
 _MODULE_CONTAINERS = frozenset({"_parameters", "_buffers", "_modules", "training"})
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -887,6 +970,11 @@ def _narrowed_windows(model: nn.Module, *configs: PretrainedConfig | None) -> It
     another (Doge's top keep_window_size keys inside a longer sliding window: with both at
     4 the window leaves nothing for the top-k to drop).
     """
+    with changing_settings(model):
+        yield from _narrowing(model, configs)
+
+
+def _narrowing(model: nn.Module, configs: tuple[PretrainedConfig | None, ...]) -> Iterator[None]:
     found = []
     holders = [*configs, *model.modules()]
     for holder in {id(c): c for c in holders if c is not None}.values():
