@@ -61,10 +61,21 @@ def test_settings_that_take_effect_are_accepted() -> None:
     LayerSkipArguments(layer_dropout_schedule="exponential", early_exit_curriculum="gradual")
 
 
-def test_a_recipe_file_with_the_loss_switched_off_names_the_curriculum() -> None:
+def test_a_recipe_ablated_on_the_command_line_leaves_out_what_it_switches_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A recipe file's curriculum, with the early-exit loss switched off after it (plain
+    training as the recipe's control): the curriculum the user never typed is left at its
+    default with a log line; typed on the command line, it is refused."""
+    recipe = ["--recipe", "configs/recipe-smollm2-135m.json"]
+    with caplog.at_level("INFO"):
+        config = parse_config([*recipe, "--early_exit_loss", "False", "--data", "x"])
+    assert config.layerskip.early_exit_curriculum == "none"
+    assert not config.layerskip.early_exit_loss
+    assert "recipe's --early_exit_curriculum gradual has no effect" in caplog.text
     with pytest.raises(ConfigError, match="--early_exit_curriculum gradual has no effect"):
         parse_config(
-            ["--recipe", "configs/recipe-smollm2-135m.json", "--early_exit_loss", "False"]
+            [*recipe, "--early_exit_loss", "False", "--early_exit_curriculum", "gradual"]
             + ["--data", "x"]
         )
 

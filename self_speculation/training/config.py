@@ -7,7 +7,9 @@ are command-line flags given before the real ones, so the command line overrides
 
 from __future__ import annotations
 
+import contextvars
 import json
+import logging
 import math
 import re
 import sys
@@ -23,6 +25,13 @@ from self_speculation.training.curriculum import Curriculum
 from self_speculation.training.early_exit_loss import ExitScale
 from self_speculation.training.layer_dropout import DropoutSchedule, DropoutShape
 from self_speculation.training.presets import PRESETS
+
+logger = logging.getLogger(__name__)
+
+# While a command line is parsed: the flags only its --recipe file gave (``parse_config``).
+_RECIPE_ONLY: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "recipe_only", default=frozenset()
+)
 
 MIN_VOCAB_SIZE = 300  # 256 byte tokens + the special tokens
 MAX_VOCAB_SIZE = 2**20
@@ -143,10 +152,20 @@ class LayerSkipArguments:
 
     def _refuse_unused(self) -> None:
         """A recipe setting that another one switches off would be ignored without a word
-        (a curriculum with the early-exit loss off trains the last layer alone): refused."""
+        (a curriculum with the early-exit loss off trains the last layer alone): refused,
+        or, when only a --recipe file gave it and the command line switched it off (an
+        ablation of a recipe), left at its default with a log line."""
         defaults = {item.name: item.default for item in fields(self)}
         for name, switch in unused_recipe_settings(vars(self)).items():
-            if getattr(self, name) != defaults[name]:
+            if getattr(self, name) == defaults[name]:
+                continue
+            if name in _RECIPE_ONLY.get():
+                logger.info(
+                    "the recipe's --%s %s has no effect with %s: left at its default (%s)",
+                    name, getattr(self, name), switch, defaults[name],
+                )  # fmt: skip
+                setattr(self, name, defaults[name])
+            else:
                 raise ConfigError(
                     f"--{name} {getattr(self, name)} has no effect with {switch}; "
                     f"leave it at its default ({defaults[name]}) or change that setting"
@@ -305,10 +324,10 @@ def recipe_arguments(path: str) -> list[str]:
     return arguments
 
 
-def _expand_recipe(argv: list[str]) -> list[str]:
-    """``argv`` with ``--recipe FILE`` replaced by the recipe's flags (placed first)."""
+def _split_recipe(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The flags of ``argv``'s ``--recipe`` files, and the rest of ``argv``."""
     if RECIPE_FLAG not in argv and not any(a.startswith(RECIPE_FLAG + "=") for a in argv):
-        return argv
+        return [], argv
     rest: list[str] = []
     recipe: list[str] = []
     index = 0
@@ -325,7 +344,14 @@ def _expand_recipe(argv: list[str]) -> list[str]:
         else:
             rest.append(argument)
         index += 1
-    return recipe + rest
+    return recipe, rest
+
+
+def _flag_names(argv: list[str]) -> set[str]:
+    """The names of the flags in ``argv`` (``--name`` or ``--name=value``; ``--noname``
+    names ``name`` too)."""
+    names = {item[2:].split("=", 1)[0] for item in argv if item.startswith("--")}
+    return names | {name[2:] for name in names if name.startswith("no")}
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "train.py") -> TrainConfig:
@@ -335,7 +361,9 @@ def parse_config(argv: list[str] | None = None, prog: str = "train.py") -> Train
         ArgumentsError: unknown flag (prefixes are not taken for flags), unparsable value.
         ConfigError: a value the dataclasses' ``__post_init__`` rejects.
     """
-    argv = _expand_recipe(list(sys.argv[1:] if argv is None else argv))
+    recipe, rest = _split_recipe(list(sys.argv[1:] if argv is None else argv))
+    argv = recipe + rest
+    recipe_only = _flag_names(recipe) - _flag_names(rest)
     parser = FlagParser(prog=prog)
     # Expanded above; declared for --help (the README's multi-GPU command uses it).
     parser.add_argument(
@@ -350,7 +378,11 @@ def parse_config(argv: list[str] | None = None, prog: str = "train.py") -> Train
         ("training", TrainingArguments),
     ):
         parser.add_arguments(kind, dest=name)
-    arguments = parser.parse_args(argv)
+    token = _RECIPE_ONLY.set(frozenset(recipe_only))
+    try:
+        arguments = parser.parse_args(argv)
+    finally:
+        _RECIPE_ONLY.reset(token)
     return TrainConfig(
         model=arguments.model,
         data=arguments.data,

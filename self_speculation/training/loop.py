@@ -813,6 +813,19 @@ def resolved_paths(config: TrainConfig) -> dict[str, Any]:
     }
 
 
+def _switched_off(config: dict[str, Any]) -> set[tuple[str, str]]:
+    """(group, name) of the settings that others switch off in ``config`` (a ``TrainConfig``
+    as a dict), which new runs refuse: the recipe's (``unused_recipe_settings``),
+    --vocab_size with --model (its own tokenizer), --dataset_config / --dataset_split
+    without --dataset."""
+    off = {("layerskip", name) for name in unused_recipe_settings(config.get("layerskip", {}))}
+    if config.get("model", {}).get("model"):
+        off.add(("model", "vocab_size"))
+    if not config.get("data", {}).get("dataset"):
+        off.update({("data", "dataset_config"), ("data", "dataset_split")})
+    return off
+
+
 def _check_resumed_settings(
     saved: dict[str, Any], config: TrainConfig, distributed: DistributedContext, output_dir: Path
 ) -> None:
@@ -827,17 +840,15 @@ def _check_resumed_settings(
         return  # a checkpoint from before settings were saved in it
     now = dataclasses.asdict(config)
     paths_then, paths_now = saved.get("paths") or {}, resolved_paths(config)
-    # A recipe setting switched off then and now changed nothing (a checkpoint of a run that
-    # set one, before such settings were refused, resumes without it).
-    unused = set(unused_recipe_settings(before.get("layerskip", {}))) & set(
-        unused_recipe_settings(now["layerskip"])
-    )
+    # A setting switched off then and now changed nothing (a checkpoint of a run that set
+    # one, before such settings were refused, resumes without it).
+    unused = _switched_off(before) & _switched_off(now)
     for group, values in now.items():
         for name, value in values.items():
             was = before.get(group, {}).get(name, value)
             if name in paths_then and paths_then[name] == paths_now.get(name):
                 continue  # the same path, spelled otherwise
-            if group == "layerskip" and name in unused:
+            if (group, name) in unused:
                 continue
             if name not in _RESUME_MAY_CHANGE and was != value:
                 raise ConfigError(
