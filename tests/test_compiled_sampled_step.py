@@ -103,6 +103,14 @@ def test_draws_are_float32_on_an_xpu_without_float64(monkeypatch) -> None:
     sampling._xpu_has_float64.cache_clear()
 
 
+# The compiled step each strategy runs when sampling, its books inside.
+SAMPLED_STEPS = {
+    "autoregressive": "sampled_decode_step",
+    "self_speculative": "counted_sampled_step",
+    "tree": "counted_tree_step",
+}
+
+
 def _summary(results: list) -> list[tuple]:
     return [
         (r.token_ids, r.stop_reason, r.num_steps, r.num_drafted, r.num_accepted) for r in results
@@ -115,7 +123,13 @@ def _seeded(generator: Generator, prompts: list, config: GenerationConfig) -> li
     )
 
 
-@pytest.mark.parametrize("settings", STRATEGIES, ids=lambda s: str(s.get("num_speculations")))
+@pytest.mark.parametrize(
+    "settings",
+    STRATEGIES,
+    ids=lambda s: (
+        f"{s['generation_strategy']} {s.get('num_speculations', s.get('tree_branching'))}"
+    ),
+)
 def test_sampled_compiled_steps_draw_eager_decodings_tokens(
     generator: Generator, settings: dict
 ) -> None:
@@ -140,8 +154,7 @@ def test_sampled_compiled_steps_draw_eager_decodings_tokens(
             warps = {key[-1] for key in passes.pass_seconds}
         finally:
             generator.shed_finished_rows, passes.pass_seconds = True, None
-        speculative = settings["generation_strategy"] == "self_speculative"
-        assert kinds == {"counted_sampled_step" if speculative else "sampled_decode_step"}
+        assert kinds == {SAMPLED_STEPS[settings["generation_strategy"]]}
         assert warps == {(warp["temperature"], warp["top_k"], warp["top_p"])}
 
 
