@@ -30,7 +30,7 @@ from tqdm import tqdm
 from self_speculation.config import MIN_TEMPERATURE, GenerationConfig
 from self_speculation.errors import ConfigError, check_interrupted
 from self_speculation.generator import Generator
-from self_speculation.model_surgery import eval_mode
+from self_speculation.model_surgery import eval_mode, reading_settings
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,10 @@ class LayerSkipLM(LM):
             tokens = sequence[max(0, end - self.max_length - 1) : end]
             count = end - start
             inputs = torch.tensor([tokens[:-1]], device=device)  # [1, seq]
-            with eval_mode(self.generator.model):  # a model left in training mode: no dropout
+            with (  # a model left in training mode: no dropout; no other thread's probe
+                eval_mode(self.generator.model),
+                reading_settings(self.generator.model),
+            ):
                 logits = self.generator.layerwise.logits(
                     inputs, exit_layer=self.loglikelihood_exit_layer
                 )
