@@ -1200,6 +1200,7 @@ class ForwardPasses:
         )
         cache.tree = None
         logits = self.model.unembed(hidden)  # [batch, nodes, vocab]
+        bad_nodes = non_finite(logits)  # [batch, nodes]
         if warp is None:
             targets = logits.argmax(dim=-1)  # [batch, nodes]
         else:
@@ -1207,7 +1208,7 @@ class ForwardPasses:
             # the number of the node's depth: the walk follows one node per depth, so each
             # new token is a draw of its own from p given the tokens before it.
             node_uniforms = uniforms.gather(1, depths.expand(batch, -1))  # [batch, nodes]
-            probs = _warped_probs(logits, non_finite(logits), warp)  # [batch, nodes, vocab]
+            probs = _warped_probs(logits, bad_nodes, warp)  # [batch, nodes, vocab]
             targets = draw(probs, node_uniforms)  # [batch, nodes]
         accepted, next_tokens, path, drafts = tree_accept(tree, tokens, targets)
         # The accepted path's columns (and those after it) move behind the root.
@@ -1216,7 +1217,7 @@ class ForwardPasses:
         # Where the logits that chose each new token (the root's, then the path's) were not
         # finite, [batch, depth + 1].
         chosen_at = torch.nn.functional.pad(path, (1, 0))  # node 0 is the root
-        bad = non_finite(logits).gather(1, chosen_at)
+        bad = bad_nodes.gather(1, chosen_at)
         return kept_tokens(drafts, accepted, next_tokens), accepted, drafts, bad
 
     @torch.no_grad()
