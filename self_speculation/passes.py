@@ -67,6 +67,8 @@ from self_speculation.sampling import (
     kept_tokens,
     non_finite,
     speculative_accept,
+    warp_inputs,
+    warp_key,
     warped,
 )
 from self_speculation.trees import TokenTree, TreeColumns, tree_accept
@@ -318,6 +320,7 @@ class ForwardPasses:
         for name in _PASS_NAMES:  # self._early = self._early_eager, ... (compiled below)
             setattr(self, f"_{name}", getattr(self, f"_{name}_eager"))
         self._tree_tensors: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._warps: dict[tuple, tuple] = {}  # _warp_inputs
         self._attention_configs: list = []
         # Compiled passes keep their cache buffers from one generation to the next, at
         # fixed addresses (CUDA graphs replay on them).
@@ -557,7 +560,7 @@ class ForwardPasses:
     ) -> tuple:
         """A tree step's key; ``warp`` (temperature, top_k, top_p) when it samples."""
         greedy = ("tree_step", exit_layer, batch, branching)
-        return greedy if warp is None else (*greedy, warp)
+        return greedy if warp is None else (*greedy, warp_key(warp))
 
     @staticmethod
     def counted_tree_step_key(
@@ -568,19 +571,30 @@ class ForwardPasses:
             *ForwardPasses.tree_step_key(exit_layer, batch, branching, warp)[1:],
         )
 
-    # Sampled passes: the warp settings (temperature, top_k, top_p) are compiled into them,
-    # so they are part of the key (a pass kept on disk runs without dynamo's guards).
+    # Sampled passes: which warpers apply and top-k's size are compiled into them, so they
+    # are part of the key (a pass kept on disk runs without dynamo's guards); the
+    # temperature's and top-p's values are inputs (``sampling.warp_key``).
     @staticmethod
     def sampled_decode_step_key(end: int, batch: int, warp: tuple) -> tuple:
-        return ("sampled_decode_step", end, batch, warp)
+        return ("sampled_decode_step", end, batch, warp_key(warp))
 
     @staticmethod
     def sampled_step_key(exit_layer: int, batch: int, count: int, warp: tuple) -> tuple:
-        return ("sampled_step", exit_layer, batch, count, warp)
+        return ("sampled_step", exit_layer, batch, count, warp_key(warp))
 
     @staticmethod
     def counted_sampled_step_key(exit_layer: int, batch: int, count: int, warp: tuple) -> tuple:
-        return ("counted_sampled_step", exit_layer, batch, count, warp)
+        return ("counted_sampled_step", exit_layer, batch, count, warp_key(warp))
+
+    def _warp_inputs(self, warp: tuple | None) -> tuple | None:
+        """``warp`` as the sampled passes take it: compiled, with the temperature and top-p
+        as tensor inputs (``sampling.warp_inputs``, made once per value); eager, as is."""
+        if warp is None or not self.compiled:
+            return warp
+        inputs = self._warps.get(warp)
+        if inputs is None:
+            inputs = self._warps[warp] = warp_inputs(warp, self.model.device)
+        return inputs
 
     def ready(self, keys: list[tuple]) -> bool:
         """Whether calls with these keys run without compiling (always, when eager)."""
@@ -1038,7 +1052,7 @@ class ForwardPasses:
         _mark_dynamic_sizes(tokens, books[0], self.compiled)
         return self._timed(
             key, self._sampled_decode_step, tokens, lengths, cache, pad_counts, uniforms, *books,
-            end, warp,
+            end, self._warp_inputs(warp),
         )  # fmt: skip
 
     def _sampled_step_eager(
@@ -1101,7 +1115,7 @@ class ForwardPasses:
         key = self.sampled_step_key(exit_layer, pending.shape[0], count, warp)
         return self._timed(
             key, self._sampled_step, pending, lengths, cache, pad_counts, made, uniforms,
-            exit_layer, count, warp,
+            exit_layer, count, self._warp_inputs(warp),
         )  # fmt: skip
 
     def _counted_sampled_step_eager(
@@ -1147,7 +1161,7 @@ class ForwardPasses:
         _mark_dynamic_sizes(tokens, books[0], self.compiled)
         return self._timed(
             key, self._counted_sampled_step, tokens, lengths, cache, pad_counts, made, uniforms,
-            *books, exit_layer, count, warp,
+            *books, exit_layer, count, self._warp_inputs(warp),
         )  # fmt: skip
 
     def _tree_step_eager(
@@ -1264,7 +1278,7 @@ class ForwardPasses:
             tree,
             *self._tree_shape(tree, lengths.device),
             uniforms,
-            warp,
+            self._warp_inputs(warp),
         )
 
     def _tree_shape(self, tree: TokenTree, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -1330,7 +1344,7 @@ class ForwardPasses:
             tree,
             *self._tree_shape(tree, lengths.device),
             uniforms,
-            warp,
+            self._warp_inputs(warp),
         )
 
 
@@ -1387,23 +1401,23 @@ _PASS_NAMES = (
 )  # fmt: skip
 # Names of the values in each pass key after its kind (for the log line before a compile).
 _KEY_NAMES = {
-    "sampled_decode_step": ("end layer", "batch", "sampling (temperature, top_k, top_p)"),
-    "sampled_step": ("exit layer", "batch", "drafts", "sampling (temperature, top_k, top_p)"),
+    "sampled_decode_step": ("end layer", "batch", "warpers"),
+    "sampled_step": ("exit layer", "batch", "drafts", "warpers"),
     "counted_sampled_step": (
         "exit layer",
         "batch",
         "drafts",
-        "sampling (temperature, top_k, top_p)",
+        "warpers",
     ),
     "decode_step": ("end layer", "batch"),
     "counted_greedy_step": ("exit layer", "batch", "drafts"),
     "greedy_step": ("exit layer", "batch", "drafts"),
-    "tree_step": ("exit layer", "batch", "branching", "sampling (temperature, top_k, top_p)"),
+    "tree_step": ("exit layer", "batch", "branching", "warpers"),
     "counted_tree_step": (
         "exit layer",
         "batch",
         "branching",
-        "sampling (temperature, top_k, top_p)",
+        "warpers",
     ),
     "early": ("end layer", "batch"),
     "greedy_drafts": ("exit layer", "batch", "drafts"),

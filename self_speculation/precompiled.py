@@ -118,7 +118,9 @@ def _describe(value: object) -> str:
         )
         shape = tuple("*" if dim in dynamic else size for dim, size in enumerate(value.shape))
         return f"tensor({value.dtype}, {shape}, {value.device.type})"
-    if isinstance(value, int | float | bool | str | tuple | type(None)):
+    if isinstance(value, tuple):  # a sampled pass's warp: values of its tensors are inputs
+        return "(" + ", ".join(_describe(item) for item in value) + ")"
+    if isinstance(value, int | float | bool | str | type(None)):
         return repr(value)
     layers = [pair for pair in getattr(value, "_buffers", None) or [] if pair is not None]
     if layers:  # a ColumnKVCache: its buffers' layout; the column count is dynamic

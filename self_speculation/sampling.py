@@ -135,20 +135,49 @@ def warp_settings(config: GenerationConfig) -> tuple[float, int, float] | None:
     return (float(config.temperature), int(config.top_k), float(config.top_p))
 
 
-def warped(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def warp_key(warp: tuple[float, int, float] | None) -> str | None:
+    """What a compiled step that warps by ``warp`` (``warp_settings``) is compiled for: which
+    warpers apply and top-k's size (a shape). The temperature's and top-p's values are the
+    step's inputs (``warp_inputs``), so that a step compiled once serves every value."""
+    if warp is None:
+        return None
+    temperature, top_k, top_p = warp
+    parts = ["temperature"] * (temperature != 1.0) + [f"top-k {top_k}"] * (top_k > 0)
+    return ", ".join(parts + ["top-p"] * (top_p < 1.0)) or "none"
+
+
+def warp_inputs(warp: tuple[float, int, float], device: torch.device) -> tuple:
+    """``warp`` as a compiled step takes it: the temperature and top-p that apply as float32
+    scalar tensors on ``device``, those that do not as 1.0 (``warped`` leaves them out)."""
+    temperature, top_k, top_p = warp
+    as_input = functools.partial(torch.tensor, dtype=torch.float32, device=device)
+    return (
+        1.0 if temperature == 1.0 else as_input(temperature),
+        top_k,
+        1.0 if top_p >= 1.0 else as_input(top_p),
+    )
+
+
+def warped(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    top_k: int,
+    top_p: float | torch.Tensor,
+) -> torch.Tensor:
     """Logits [..., vocab] after the sampling warpers as transformers' ``generate`` applies
     them: divided by the temperature, then all but the ``top_k`` largest (0: off) and all
     outside the smallest set of largest tokens holding ``top_p`` of the probability (1.0:
     off) at -inf, keeping at least one. Tokens tied with the last one kept stay too, for
     top-k as in transformers and for top-p (where transformers keeps some of them, which
     ones depending on its sort). Tensor operations only, so that a compiled step warps
-    inside its graph and draws what eager decoding draws."""
-    if temperature != 1.0:
+    inside its graph and draws what eager decoding draws; the temperature and top-p may be
+    scalar tensors there (``warp_inputs``), which always apply."""
+    if isinstance(temperature, torch.Tensor) or temperature != 1.0:
         logits = logits / temperature
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    if isinstance(top_p, torch.Tensor) or top_p < 1.0:
         probs = logits.softmax(dim=-1, dtype=torch.float32)  # _bisected_floor: float32
         logits = logits.masked_fill(probs < _nucleus_floor(probs, top_p), float("-inf"))
     return logits
@@ -160,7 +189,7 @@ def warped(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -
 NUCLEUS_CANDIDATES = 64
 
 
-def _nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+def _nucleus_floor(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     """The smallest probability [..., 1] in each row's top-p nucleus (``probs`` [..., vocab]):
     the tokens before which, in descending order, less than ``top_p`` of the probability
     lies. Eager code looks among the ``NUCLEUS_CANDIDATES`` likeliest tokens when every row's
@@ -179,12 +208,12 @@ def _nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return _sorted_floor(probs, top_p)
 
 
-def _sorted_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+def _sorted_floor(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     """``_nucleus_floor`` by sorting the whole vocabulary."""
     return _floor_of(probs.sort(dim=-1, descending=True).values, top_p)
 
 
-def _bisected_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+def _bisected_floor(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     """``_nucleus_floor`` without sorting or branching: the smallest threshold above which
     less than ``top_p`` of the probability lies, found by bisecting its float32 bit pattern
     (non-negative floats order as their bits do) in 30 masked sums (a probability's bits
@@ -202,7 +231,7 @@ def _bisected_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return high.view(torch.float32)
 
 
-def _floor_of(descending: torch.Tensor, top_p: float) -> torch.Tensor:
+def _floor_of(descending: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     """The last probability [..., 1] of ``descending`` [..., n] (each row sorted, largest
     first) before which less than ``top_p`` of the probability lies (the first always)."""
     before = descending.cumsum(dim=-1) - descending  # [..., n]

@@ -15,6 +15,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from test_one_call_step import PROMPTS, STRATEGIES, _tensor_calls
 from tiny_models import make_tiny_model, make_tiny_tokenizer
 
@@ -24,6 +25,7 @@ from self_speculation.sampling import (
     TokenSelector,
     build_logits_processors,
     draw,
+    warp_key,
     warped,
     wide_float,
 )
@@ -135,7 +137,7 @@ def test_sampled_compiled_steps_draw_eager_decodings_tokens(
 ) -> None:
     """A batch whose rows finish apart (stop tokens, limits), with and without finished
     rows leaving it, two warps in one generator (each its own compiled pass: a pass
-    compiled for one temperature must not serve another): eager decoding's tokens, stop
+    compiled for one set of warpers must not serve another): eager decoding's tokens, stop
     reasons, steps and acceptance, for a seed; one compiled pass kind per step."""
     for warp in WARPS[1:3]:
         config = GenerationConfig(sample=True, max_steps=24, **warp, **settings)
@@ -155,7 +157,38 @@ def test_sampled_compiled_steps_draw_eager_decodings_tokens(
         finally:
             generator.shed_finished_rows, passes.pass_seconds = True, None
         assert kinds == {SAMPLED_STEPS[settings["generation_strategy"]]}
-        assert warps == {(warp["temperature"], warp["top_k"], warp["top_p"])}
+        assert warps == {warp_key((warp["temperature"], warp["top_k"], warp["top_p"]))}
+
+
+@pytest.mark.parametrize("strategy", SAMPLED_STEPS)
+def test_a_compiled_sampled_step_serves_every_temperature_and_top_p(strategy: str) -> None:
+    """The temperature's and top-p's values are a compiled step's inputs: a generator that
+    samples at several of them (a server's requests, a sweep over temperatures) compiles
+    each step once, and each value draws eager decoding's tokens for a seed (a value
+    compiled in as a constant would serve every later call, or compile again for each)."""
+    generator = Generator(make_tiny_model("llama_gqa_tied"), make_tiny_tokenizer())
+    settings = next(s for s in STRATEGIES if s["generation_strategy"] == strategy)
+    values = [(0.6, 0.9), (1.3, 0.5), (0.35, 0.97)]
+    compiles, graphs = [], []
+    for temperature, top_p in values:
+        config = GenerationConfig(
+            sample=True, max_steps=12, temperature=temperature, top_p=top_p, **settings
+        )
+        expected = _seeded(generator, PROMPTS, config)
+        compiled = dataclasses.replace(config, compile=True)
+        passes = generator._passes(compiled)
+        assert _seeded(generator, PROMPTS, compiled) == expected
+        compiles.append(passes._compiles)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert {key[0] for key in passes._seen} == {SAMPLED_STEPS[strategy]}
+    assert compiles == [1, 1, 1] and graphs[1:] == graphs[:1] * 2
+    # The values differ enough to draw other tokens (else equal tokens prove nothing).
+    draws = [
+        _seeded(generator, PROMPTS, GenerationConfig(sample=True, max_steps=12, temperature=t,
+                top_p=p, **settings))
+        for t, p in values
+    ]  # fmt: skip
+    assert draws[0] != draws[1] != draws[2] != draws[0]
 
 
 def test_adaptive_sampled_chains_run_the_fused_sampled_step(generator: Generator) -> None:
