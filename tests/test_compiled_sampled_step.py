@@ -15,9 +15,9 @@ import dataclasses
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 from test_one_call_step import PROMPTS, STRATEGIES, _tensor_calls
 from tiny_models import make_tiny_model, make_tiny_tokenizer
+from torch._dynamo.utils import counters
 
 from self_speculation import GenerationConfig, Generator
 from self_speculation.passes import COMPILE_BACKEND_VARIABLE
