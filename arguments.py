@@ -438,7 +438,7 @@ class BenchmarkArguments:
     dataset: str = "human_eval"
     """One of cnn_dm_summarization, xsum_summarization, cnn_dm_lm, human_eval, top_v2, custom_jsonl."""
     data_path: str | None = None
-    """Local copy: a JSONL file or a directory saved by datasets."""
+    """Local copy: a JSONL file (or one JSON array of records) or a directory saved by datasets."""
     random_shuffle: bool = True
     """Shuffle (seeded) before taking num_samples."""
     num_samples: int | None = None

@@ -1,8 +1,8 @@
 """The benchmark datasets of the original tools, as prompt -> reference pairs.
 
 Each dataset is read from the hub with ``datasets`` when online, or from a local copy given
-by ``--data_path`` (a JSONL file, optionally gzipped, or a directory written by
-``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``). ``human_eval`` needs no network:
+by ``--data_path`` (a JSONL file, optionally gzipped, or one holding a JSON array of records;
+or a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``). ``human_eval`` needs no network:
 it reads the problems bundled with the ``human-eval`` package.
 
 n-shot: each of the ``n_shot`` examples is written as ``prompt + reference + "\\n"``, then a
@@ -171,10 +171,11 @@ def _spec(name: DatasetName, args: BenchmarkArguments) -> DatasetSpec:
 
 
 def read_jsonl(path: str) -> list[Row]:
-    """Rows of a JSONL file (``.gz`` allowed); blank lines skipped.
+    """Rows of a JSONL file (``.gz`` allowed), or of a file holding one JSON array of objects;
+    blank lines skipped.
 
     Raises:
-        DataError: missing file, invalid JSON, or a line that is not a JSON object.
+        DataError: missing file, invalid JSON, or a line or record that is not a JSON object.
     """
     if not os.path.isfile(path):
         if os.path.exists(path) and not os.path.isdir(path):  # a pipe: <(...), a device
@@ -190,6 +191,8 @@ def read_jsonl(path: str) -> list[Row]:
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
+                if not rows and line.lstrip().startswith("["):  # no JSON Lines: one array
+                    return _array_rows(path, line + handle.read())
                 try:
                     row = json.loads(line)
                 except (RecursionError, ValueError) as error:
@@ -211,6 +214,28 @@ def read_jsonl(path: str) -> list[Row]:
     if not rows:
         raise DataError(f"{path} holds no rows")
     return rows
+
+
+def _array_rows(path: str, text: str) -> list[Row]:
+    """The records of a file holding one JSON array of objects (``Dataset.to_json(...,
+    lines=False)``, most hand-made .json data), as train.py's ``--data`` reads them.
+
+    Raises:
+        DataError: not one valid JSON array, a record that is not an object, or no records.
+    """
+    try:
+        records = json.loads(text)
+    except (RecursionError, ValueError) as error:
+        raise DataError(
+            f"{path}: starts with '[' but is not one JSON array of objects, nor JSON Lines "
+            f"({json_refusal(error)})"
+        ) from None
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, record {number}: expected a JSON object")
+    if not records:
+        raise DataError(f"{path} holds no rows")
+    return records
 
 
 def _format_hint(path: str) -> str:

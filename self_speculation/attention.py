@@ -10,7 +10,8 @@ against ``[batch, kv_heads, columns, head_dim]``. Measured on the shipped model'
 one query, 444 vs 700 us at batch 8 and six, 62 vs 85 us at batch 1.
 
 ``ForwardPasses`` switches a model that runs ``sdpa`` to this function only for its
-compiled calls (``use_few_query_attention``); anything the grouped form does not cover
+compiled calls (``use_few_query_attention``; eager code that runs meanwhile, in another
+thread, keeps ``sdpa``); anything the grouped form does not cover
 (more queries, training dropout, float masks, soft-capping, attention sinks, other
 devices or dtypes) goes to transformers' own ``sdpa_attention_forward``.
 """
@@ -23,6 +24,7 @@ from contextlib import contextmanager
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 NAME = "layerskip_few_query"
 MAX_QUERIES = 16  # verification's k + 1 positions; prefill goes to sdpa
@@ -82,7 +84,27 @@ def few_query_attention(
     return output, None
 
 
-AttentionInterface.register(NAME, few_query_attention)
+def _compiled_calls_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """What a config switched to ``NAME`` calls: ``few_query_attention`` in code that
+    torch.compile traces (the compiled passes), transformers' ``sdpa`` elsewhere. The switch
+    is on the model's shared config, so an eager forward of the same model in another
+    thread during a compiled call reads it too; it keeps the attention it chose."""
+    if torch.compiler.is_compiling():
+        return few_query_attention(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(NAME, _compiled_calls_attention)
+# transformers builds masks by the implementation's name, and none for a name it does not
+# know (a model's own forward would then drop its padding): sdpa's masks, as sdpa would get.
+AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
 def sdpa_configs(model: torch.nn.Module) -> list:

@@ -384,6 +384,14 @@ def _sample_generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def _sample_name(sample: Sample) -> str:
+    """A sample's name in messages: "sample I", and the data row it came from where known
+    (counted from 1, as data errors count rows; shuffled, sample 0 is any row)."""
+    source_row = getattr(sample, "source_row", None)
+    row = "" if source_row is None else f" (row {source_row + 1} of the data)"
+    return f"sample {sample.index}{row}"
+
+
 def check_prompts(generator: Generator, samples: Sequence[Sample]) -> None:
     """Fail before generating anything, rather than hours into a run, when a prompt is empty
     (whitespace only: generated from a BOS token alone, its metrics would mean nothing;
@@ -392,7 +400,7 @@ def check_prompts(generator: Generator, samples: Sequence[Sample]) -> None:
     the run at once, before any has written anything."""
     for sample in samples:
         if not sample.input.strip():
-            raise ConfigError(f"sample {sample.index}: the prompt is empty (whitespace only)")
+            raise ConfigError(f"{_sample_name(sample)}: the prompt is empty (whitespace only)")
     context_limit = generator.layerwise.context_length
     if context_limit is None:
         return
@@ -400,7 +408,7 @@ def check_prompts(generator: Generator, samples: Sequence[Sample]) -> None:
         length = len(generator.encode(sample.input))
         if length >= context_limit:
             raise ConfigError(
-                f"sample {sample.index}: the prompt has {length} tokens; the model's context is "
+                f"{_sample_name(sample)}: the prompt has {length} tokens; the model's context is "
                 f"{context_limit} tokens (choose shorter prompts or a model with a longer context)"
             )
 

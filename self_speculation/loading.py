@@ -452,6 +452,31 @@ def _config_int(config: PreTrainedConfig, name: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _refuse_our_other_folders(directory: Path) -> None:
+    """Refuse, saying what to pass instead, the folders this project's training writes that
+    are not models: an exit adapter (train_adapter.py: ``adapter.safetensors`` beside
+    ``adapter_config.json``; it was taken for a PEFT adapter, told to be merged) and train.py's
+    checkpoint (``trainer_state.pt`` and DCP shards, no weights file; it was told to get a
+    tokenizer)."""
+    if (directory / "adapter.safetensors").exists() and not (directory / "config.json").exists():
+        try:
+            base = json.loads((directory / "adapter_config.json").read_text()).get("base_model")
+        except (OSError, ValueError, RecursionError, AttributeError):  # named, not required
+            base = None
+        base = base if isinstance(base, str) and base else "BASE_MODEL"
+        raise ModelLoadError(
+            f"{directory} is an exit adapter (made by train_adapter.py), not a model: pass "
+            f"its base model and the adapter, --model {base} --draft_adapter {directory}"
+        )
+    weights = any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
+    if (directory / "trainer_state.pt").exists() and not weights:
+        raise ModelLoadError(
+            f"{directory} is a train.py checkpoint (what --resume True continues from), not a "
+            f"model: pass the run's folder, {directory.parent}, where train.py exports the "
+            "model when the run ends"
+        )
+
+
 def inspect_model(model: str, model_args: dict[str, Any] | None = None) -> ModelFacts | None:
     """Read and check a local model's config.json, generation_config.json and weight file
     headers, without loading any weight. None for a hub id, a .gguf file or "smollm2"
@@ -468,6 +493,7 @@ def inspect_model(model: str, model_args: dict[str, Any] | None = None) -> Model
             check_gguf_file(os.path.expanduser(model))
         return None
     config_path = directory / "config.json"
+    _refuse_our_other_folders(directory)
     if not config_path.exists() and (directory / "adapter_config.json").exists():
         raise ModelLoadError(
             f"{directory} holds a PEFT adapter (adapter_config.json), not a model: merge it "

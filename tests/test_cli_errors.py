@@ -113,7 +113,7 @@ CASES = [
     (
         "benchmark",
         ["--dataset", "custom_jsonl", "--data_path", "DATA:too_long"],
-        "sample 0: the prompt has",
+        "sample 0 (row 1 of the data): the prompt has",
     ),
     (
         "benchmark",
@@ -136,7 +136,7 @@ CASES = [
         "benchmark",
         ["--dataset", "custom_jsonl", "--data_path", "DATA:blank_prompt"]
         + ["--template", "{message}"],
-        "sample 0: the prompt is empty (whitespace only)",
+        "sample 0 (row 1 of the data): the prompt is empty (whitespace only)",
     ),
     ("generate", ["--prompt", ""], "the prompt is empty"),
     ("generate", ["--prompt", "word " * 400], "the model's context is 256 tokens"),
@@ -166,7 +166,8 @@ CASES = [
     (
         "benchmark",
         ["--dataset", "custom_jsonl", "--data_path", "DATA:deep_nesting"],
-        "deep_nesting.jsonl, line 1: not valid JSON (nested too deeply)",
+        "deep_nesting.jsonl: starts with '[' but is not one JSON array of objects, nor JSON "
+        "Lines (nested too deeply)",
     ),
     (
         "sweep",
