@@ -465,6 +465,11 @@ class Generator:
         )
         context = self.layerwise.context_length
         if context is not None and resolved.num_speculations >= context:
+            if config.tree_branching is not None:  # the depth the user gave
+                raise ConfigError(
+                    f"tree_branching {config.tree_branching} is {resolved.num_speculations} "
+                    f"deep; a tree must be shallower than the model's context ({context} tokens)"
+                )
             raise ConfigError(
                 f"num_speculations must be below the model's context ({context} tokens), "
                 f"got {resolved.num_speculations}"
@@ -509,6 +514,7 @@ class Generator:
                 the model's range.
         """
         self._check_call(config, streamer, generator)
+        self.follow_model()  # the prompt is checked against the context the config states now
         # Checked (and tokenized) once here, so that a message names "prompt", not "prompts[0]".
         return self.generate_batch([self._prompt_ids(prompt)], config, streamer, generator)[0]
 

@@ -326,52 +326,17 @@ class LayerwiseModel:
             for module in self.layers.modules()
         )
         self._layer_ids = [id(layer) for layer in self.layers]  # replaced_module
-        # Longest sequence (prompt + generated) the model takes; None when it states none.
-        self.context_length: int | None = (
-            getattr(self.config, "max_position_embeddings", None) or None
-        )
-        if self.context_length is not None and self.context_length < 1:  # --model_args, say
-            raise UnsupportedModelError(
-                f"{owner}: max_position_embeddings must be >= 1, got {self.context_length}"
-            )
-        self.follow_config()
         # Some families (Gemma 3) keep one rotary embedding per layer type.
         rotary_parameters = inspect.signature(self.rotary_emb.forward).parameters
         self.rotary_per_layer_type = "layer_type" in rotary_parameters
-        # What ends the context: max_position_embeddings, or a limit found below.
-        self.context_source = "max_position_embeddings"
-        # Decoding must end where the model's own generation hooks or its rotary tables
-        # would stop matching a plain KV-cache loop; rotary positions are clamped there.
-        hook_limit = generation_hook_limit(model, self.config)
-        if hook_limit is not None and (
-            self.context_length is None or self.context_length > hook_limit
-        ):
-            logger.warning(
-                "%s: transformers re-runs this family's cache once a sequence passes %d "
-                "tokens (original_max_position_embeddings); decoding stops there",
-                owner,
-                hook_limit,
-            )
-            self.context_length = hook_limit
-            self.context_source = "where transformers re-runs this family's cache"
-        self.rotary_position_limit = rotary_position_limit(
-            self.rotary_emb,
-            set(self.layer_types) if self.rotary_per_layer_type else None,
-            self.context_length,
-            self.config,
-            self.embed_tokens.weight.new_zeros(1, 1, self.embed_tokens.weight.shape[-1]),
-            owner,
-        )
-        if self.rotary_position_limit is not None:
-            if self.rotary_position_limit < self.context_length:
-                self.context_source = "where its rotary tables switch"
-            self.context_length = min(self.context_length, self.rotary_position_limit)
+        self.follow_config()
         self.follow_attention_implementation(verify)
 
     def follow_config(self) -> None:
         """Read what the engine applies from the config as it is now (at load, and after the
         config was changed): the family scalars the model's own forward applies outside its
-        layers, read where that forward reads them, and each layer's attention type."""
+        layers, read where that forward reads them, each layer's attention type and the
+        context (``_follow_context``)."""
         config = self.config
         # Copied onto the model when it was made (Cohere's logit scale, Granite's embedding
         # multiplier): a config changed since changes nothing there.
@@ -404,6 +369,46 @@ class LayerwiseModel:
             )
         self.layer_types = attention_layer_types(self.config, self.num_layers, owner)
         self.has_sliding_layers = SLIDING_ATTENTION in self.layer_types
+        self._follow_context(owner)
+
+    def _follow_context(self, owner: str) -> None:
+        """The longest sequence (prompt + generated) the engine decodes, ``context_length``
+        (None when the config states none), what ends it, ``context_source``, and where rotary
+        positions are clamped, ``rotary_position_limit``: read from the config as it is now,
+        as transformers reads the switch points (its generation hooks and longrope's tables
+        read them at each call)."""
+        context_length: int | None = getattr(self.config, "max_position_embeddings", None) or None
+        if context_length is not None and context_length < 1:  # --model_args, say
+            raise UnsupportedModelError(
+                f"{owner}: max_position_embeddings must be >= 1, got {context_length}"
+            )
+        context_source = "max_position_embeddings"
+        # Decoding must end where the model's own generation hooks or its rotary tables
+        # would stop matching a plain KV-cache loop; rotary positions are clamped there.
+        hook_limit = generation_hook_limit(self.model, self.config)
+        if hook_limit is not None and (context_length is None or context_length > hook_limit):
+            logger.warning(
+                "%s: transformers re-runs this family's cache once a sequence passes %d "
+                "tokens (original_max_position_embeddings); decoding stops there",
+                owner,
+                hook_limit,
+            )
+            context_length = hook_limit
+            context_source = "where transformers re-runs this family's cache"
+        position_limit = rotary_position_limit(
+            self.rotary_emb,
+            set(self.layer_types) if self.rotary_per_layer_type else None,
+            context_length,
+            self.config,
+            self.embed_tokens.weight.new_zeros(1, 1, self.embed_tokens.weight.shape[-1]),
+            owner,
+        )
+        if position_limit is not None:
+            if position_limit < context_length:
+                context_source = "where its rotary tables switch"
+            context_length = min(context_length, position_limit)
+        self.context_length, self.context_source = context_length, context_source
+        self.rotary_position_limit = position_limit
 
     def replaced_module(self) -> str | None:
         """Which module this view reads the model no longer holds (its head or embeddings
