@@ -213,9 +213,13 @@ def _compile_first(
 
 
 def summary_line(
-    result: GenerationResult, plain: GenerationResult | None = None, label: str = "self-speculative"
+    result: GenerationResult,
+    plain: GenerationResult | None = None,
+    label: str = "self-speculative",
+    drafters: str | None = None,
 ) -> str:
-    """One line on what the strategy (``label``) did with this prompt."""
+    """One line on what the strategy (``label``) did with this prompt; ``drafters``: what
+    drafted (default: the layers below ``result.exit_layer``)."""
     count = result.num_generated_tokens
     speed = (
         f"{count} token{'' if count == 1 else 's'} in {result.total_time:.2f} s "
@@ -224,7 +228,7 @@ def summary_line(
     if not result.num_drafted:  # autoregressive, or ended before its first drafting step
         return f"{label if result.num_speculations > 0 else 'autoregressive'}: {speed}"
     line = (
-        f"{label}: {speed}; layers [0, {result.exit_layer}) drafted "
+        f"{label}: {speed}; {drafters or f'layers [0, {result.exit_layer})'} drafted "
         f"{result.num_drafted} tokens, the full model accepted {result.num_accepted} "
         f"({result.acceptance_rate:.0%}): {result.tokens_per_step:.2f} tokens per full-model "
         "pass (plain decoding: 1)"
@@ -268,12 +272,14 @@ def _answer(
         silent = build_streamer(options.streamer, generator.tokenizer, io.StringIO())
         plain = generator.generate(prompt_ids, plain_config, silent, random)
     label = config.generation_strategy.value.replace("_", "-")
+    drafters = None
     if config.tree_branching:
         label += " " + ",".join(map(str, config.tree_branching))
     if config.adaptive_exit_layers:
         exits = sorted({config.exit_layer, *config.adaptive_exit_layers})
         label += f" from exits {','.join(map(str, exits))}"
-    logger.info("%s", summary_line(result, plain, label))
+        drafters = "the early exits"  # each step's own (result.exit_layer: only the first)
+    logger.info("%s", summary_line(result, plain, label, drafters))
     if (
         result.stop_reason == "eos"
         and result.num_generated_tokens <= 1

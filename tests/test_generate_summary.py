@@ -110,3 +110,17 @@ def test_compared_plain_decoding_does_the_streamers_work_without_printing(
     assert seen == [("self_speculative", "TextStreamer"), ("autoregressive", "TextStreamer")]
     out = capsys.readouterr().out
     assert out.strip() and out.count(out.strip().splitlines()[0]) == 1  # the answer once
+
+
+def test_adaptive_drafting_does_not_name_one_exit_as_the_drafter(
+    tiny_model_dir: Path, tmp_path: Path, caplog
+) -> None:
+    """With several exits, each step drafts from its own: the line named only the first
+    (``layers [0, 2) drafted``) beside a label listing all of them."""
+    generate = importlib.import_module("generate")
+    caplog.set_level(logging.INFO, logger="generate")
+    extra = ("--generation_strategy", "adaptive", "--adaptive_exit_layers", "1", "3")
+    assert generate.main(argv(tiny_model_dir, tmp_path, *extra)) == 0
+    (line,) = [r.getMessage() for r in caplog.records if "drafted" in r.getMessage()]
+    assert "from exits 1,2,3" in line and "the early exits drafted" in line
+    assert "layers [0," not in line
