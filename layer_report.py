@@ -49,19 +49,19 @@ logger = logging.getLogger("layer_report")
 class ReportConfig:
     """Settings of a layer report."""
 
-    model: str = DEFAULT_MODEL  # model to report on (local dir or hub id)
+    model: str = DEFAULT_MODEL  # model to report on (local dir, hub id, .gguf file or smollm2)
     compare: list[str] = field(default_factory=list)  # more models, evaluated on the same files
     data: list[str] = field(default_factory=list)  # globs of held-out text/code/JSONL files
     exclude: list[str] = field(default_factory=list)  # globs of paths to leave out
     text_field: str = "text"  # JSONL field holding the text
     seq_len: int = 0  # tokens per evaluated sequence; 0: 512, or the model's context if shorter
     max_tokens: int = 65536  # evaluate at most this many tokens per model (whole sequences)
-    batch_size: int = 4
+    batch_size: int = 4  # sequences per forward pass (memory, not results)
     dtype: str = "float32"  # computation dtype (bf16 weights are upcast exactly)
     num_threads: int = 1  # torch CPU threads (0: torch's default); 1: see generate.py --help
     output_dir: str = "./logs"  # ~ is expanded; a model's or a shipped folder is refused
     overwrite: bool = False  # replace an earlier layer_report.json / .png in output_dir
-    seed: int = 42
+    seed: int = 42  # torch.manual_seed at the start (the report itself draws nothing)
     draft_adapter: str | None = None  # also report this exit adapter (train_adapter.py)
     draft_vocab_size: int = -1  # draft head over the N top-ranked tokens (-1: the adapter's)
     exit_layer: int = 0  # exit of the draft-exit row without an adapter (0: none)
