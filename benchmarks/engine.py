@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from arguments import run_main  # noqa: E402
 from self_speculation import (  # noqa: E402
     DEFAULT_MODEL,
+    DTYPES,
     ConfigError,
     GenerationConfig,
     Generator,
@@ -62,6 +63,7 @@ from self_speculation import (  # noqa: E402
 )
 from self_speculation.benchmarking import write_json_atomic  # noqa: E402
 from self_speculation.generator import synchronize  # noqa: E402
+from self_speculation.loading import check_device  # noqa: E402
 from self_speculation.output_safety import check_output_file  # noqa: E402
 from self_speculation.passes import COMPILE_BACKEND_VARIABLE  # noqa: E402
 from self_speculation.strategies import SelfSpeculativeGenerationStrategy  # noqa: E402
@@ -132,6 +134,8 @@ class EngineArguments:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
         if self.threads < 0:
             raise ConfigError(f"--threads must be >= 0, got {self.threads}")
+        if self.dtype not in DTYPES:  # random models take it as a torch attribute
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
         unknown = set(self.batch_decoding) - {"eager", "fast"}
         if unknown:
             raise ConfigError(
@@ -513,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         EngineArguments, args=argv, add_option_string_dash_variants=False, allow_abbrev=False
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Here, not in __post_init__: the GPU check parses its CUDA plan on machines without one.
+    check_device(args.device)  # a random model is built before anything else would check
     if args.threads and torch.device(args.device).type == "cpu":
         torch.set_num_threads(args.threads)
     # Read by ForwardPasses when it compiles (passes.compile_options).

@@ -95,6 +95,7 @@ if __name__ == "__main__" and (_missing := missing_packages()):
     sys.exit(2)
 
 import simple_parsing  # noqa: E402
+import torch  # noqa: E402
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY_ROOT))
@@ -387,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     args = simple_parsing.parse(
         CheckArguments, args=argv, add_option_string_dash_variants=False, allow_abbrev=False
     )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        # Else the GPU tests pass by skipping all of them, and each engine part fails alone.
+        raise ConfigError(
+            f"--device cuda: torch {torch.__version__} sees no CUDA device here (--device cpu "
+            "runs every part on the CPU)"
+        )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, table_path = out / "gpu_check.json", out / "gpu_check.md"
@@ -398,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         "arguments": dataclasses.asdict(args),
         "environment": device_info(args.device),
         "time_budget_seconds": args.budget,
-        "parts": kept_parts,
-        "engine": kept_engine,
+        # Copies: this run's parts are appended after the kept ones, which ``ran`` skips.
+        "parts": list(kept_parts),
+        "engine": dict(kept_engine),
     }
     deadline = STARTED + args.budget
     for index, part in enumerate(parts):

@@ -237,7 +237,11 @@ def changing_settings(model: nn.Module) -> Iterator[None]:
             use.condition.notify_all()
 
 
-_MODULE_CONTAINERS = frozenset({"_parameters", "_buffers", "_modules", "training"})
+# Not settings the passes read: nn.Module's containers, the training flag, and the static
+# cache length transformers' generate keeps on the model (each static-cache call sets it).
+_MODULE_CONTAINERS = frozenset(
+    {"_parameters", "_buffers", "_modules", "training", "_previous_max_cache_length"}
+)
 _PLAIN = (bool, int, float, str, type(None))
 
 
