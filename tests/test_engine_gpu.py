@@ -85,3 +85,30 @@ def test_cuda_fast_path_equals_eager_and_replays(family: str, strategy: str) -> 
     others = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [6], [7, 7]]
     eager = [r.token_ids for r in generator.generate_batch(others, config(strategy, False))]
     assert [r.token_ids for r in generator.generate_batch(others, config(strategy, True))] == eager
+
+
+def test_cuda_sampled_fast_path_draws_eager_tokens_at_every_temperature(
+    device: str = "cuda",
+) -> None:
+    """Sampled self-speculation (the original README's ``--sample True``) in one captured
+    graph per step: a seed draws eager decoding's tokens, no CUDA graph is skipped, and a
+    second temperature and top-p run the same compiled step (their values are graph inputs,
+    ``sampling.warp_inputs``), drawing eager's tokens too."""
+    model = make_tiny_model("llama_gqa_tied", dtype=torch.float32).to(device)
+    generator = Generator(model, IdTokenizer())
+    skips = counters["inductor"]["cudagraph_skips"]
+    compiles = []
+    for temperature, top_p in ((0.6, 0.9), (1.2, 0.5)):
+        settings = dict(sample=True, temperature=temperature, top_p=top_p)
+        eager = generator.generate_batch(
+            PROMPTS, config("self_speculative", False, **settings),
+            generator=torch.Generator(device).manual_seed(5),
+        )  # fmt: skip
+        fast_config = config("self_speculative", True, **settings)
+        fast = generator.generate_batch(
+            PROMPTS, fast_config, generator=torch.Generator(device).manual_seed(5)
+        )
+        assert [r.token_ids for r in fast] == [r.token_ids for r in eager]
+        compiles.append(generator._passes(fast_config)._compiles)
+    assert compiles[0] >= 1 and compiles[1] == compiles[0]
+    assert counters["inductor"]["cudagraph_skips"] == skips
