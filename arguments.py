@@ -82,11 +82,17 @@ _COMPILE_SPELLINGS = {
 }
 
 
-def expected_tokens(num_samples: int, max_steps: int, world_size: int = 1) -> int:
+def expected_tokens(
+    num_samples: int, max_steps: int, world_size: int = 1, model: ModelFacts | None = None
+) -> int:
     """The most tokens one process generates per decoding path for ``--compile auto``: the
     largest share of ``num_samples`` (so that every process of a torchrun decides alike)
-    x ``max_steps``. Each path (strategy, sweep point) compiles its own passes."""
-    return -(-num_samples // max(world_size, 1)) * max_steps
+    x ``max_steps``, or x the context of ``model`` (``check_model``) where that is shorter:
+    a prompt and its tokens fit in it. Each path (strategy, sweep point) compiles its own
+    passes."""
+    context = None if model is None else model.context_length
+    per_sample = max_steps if context is None else min(max_steps, context)
+    return -(-num_samples // max(world_size, 1)) * per_sample
 
 
 def apply_num_threads(num_threads: int) -> None:
@@ -310,12 +316,13 @@ class GenerationArguments:
     compile: str = simple_field(default="auto", nargs="?", const="true")
     """Fast path: torch.compile the decoding passes (once per batch size, E and k; on CPU
     kept on disk, so a later process loads them): True, False or auto. auto compiles when
-    a run's expected tokens per decoding path (prompts x max_steps, per process) reach
+    a run's expected tokens per decoding path (prompts x max_steps or x the model's
+    context where shorter, per process) reach
     12,000, where a first compile pays for itself with a margin (2-core CPU, the shipped
     model: about 90 s to compile its passes, about 9 ms saved per token, as 385 vs 85 tok/s
     autoregressive in the README's run: about 10,000; docs/fast-path.md); passes already
     compiled load in ~2 s and pay after ~250 tokens: give True then. generate.py counts its
-    one prompt's max_steps; prompts from stdin and eval.py's requests (not known up front)
+    one prompt's; prompts from stdin and eval.py's requests (not known up front)
     stay eager under auto."""
     tree_branching: list[int] | None = None
     """tree: children per node at each depth, e.g. 2 2 1 (the depth stands for

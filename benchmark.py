@@ -65,10 +65,10 @@ def main(argv: list[str]) -> int:
     refuse_output_dir_in_use(args.output_dir)  # a sweep's folder: now, not once loaded
     if metric.execute_code and benchmark.dataset != DatasetName.HUMAN_EVAL.value:
         raise ConfigError("--execute_code True applies to --dataset human_eval only")
-    args.check_model(*generation.configs())  # before the data and weights load
+    facts = args.check_model(*generation.configs())  # before the data and weights load
     with distributed_run(args) as context:
         examples = load_examples(benchmark, args.seed)
-        expected = expected_tokens(len(examples), generation.max_steps, context.world_size)
+        expected = expected_tokens(len(examples), generation.max_steps, context.world_size, facts)
         generation.announce_compile(expected)
         generator = args.load_generator(context)
         configs = [generator.resolve(config) for config in generation.configs(expected)]

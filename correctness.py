@@ -119,10 +119,10 @@ def main(argv: list[str]) -> int:
             "exactness",
             args.dtype,
         )
-    args.check_model(generation.config(strategy))
+    facts = args.check_model(generation.config(strategy))
     with distributed_run(args) as context:
         examples = load_examples(benchmark, args.seed)
-        expected = expected_tokens(len(examples), generation.max_steps, context.world_size)
+        expected = expected_tokens(len(examples), generation.max_steps, context.world_size, facts)
         generation.announce_compile(expected)
         generator = args.load_generator(context)
         speculative = generator.resolve(generation.config(strategy, expected))

@@ -49,6 +49,7 @@ from arguments import (
     GenerationArguments,
     arguments_dict,
     distributed_run,
+    expected_tokens,
     one_strategy,
     parse_args,
     run_main,
@@ -324,8 +325,11 @@ def main(argv: list[str]) -> int:
         Arguments, GenerationArguments, GenerateArguments, argv=argv, prog="generate.py"
     )
     refuse_output_dir_in_use(args.output_dir)  # a sweep's folder: now, not once loaded
+    facts = args.check_model(generation.config())  # before the weights load
     # One prompt: its tokens; prompts from standard input: not known up front.
-    expected = generation.max_steps if options.prompt is not None else None
+    expected = None
+    if options.prompt is not None:
+        expected = expected_tokens(1, generation.max_steps, 1, facts)
     config = one_strategy(generation, "generate.py", expected)
     if (
         options.streamer == StreamerName.SPECULATIVE.value
@@ -340,7 +344,6 @@ def main(argv: list[str]) -> int:
             "--streamer speculative: standard output is not a terminal (or NO_COLOR is set), "
             "so it gets the plain text, as with --streamer standard; FORCE_COLOR=1 colours it"
         )
-    args.check_model(config)  # before the weights load
     if options.prompt is None and sys.stdin is None:  # started with standard input closed
         raise ConfigError("no standard input to read prompts from: give --prompt or pipe them in")
     with distributed_run(args, one_process="generate.py") as context:

@@ -406,7 +406,7 @@ def main(argv: list[str]) -> int:
         # The CSV and the data first: either one malformed fails before the weights load.
         check_siblings(csv_path)
         examples = load_examples(benchmark, args.seed)
-        expected = expected_tokens(len(examples), generation.max_steps, context.world_size)
+        expected = expected_tokens(len(examples), generation.max_steps, context.world_size, facts)
         generation.announce_compile(expected)  # per grid point
         compiled = generation.compile_for(expected)
         speculative = dataclasses.replace(speculative, compile=compiled)

@@ -294,3 +294,37 @@ def test_generate_keeps_the_autoregressive_comparison_in_its_results(
     assert compared["tokens_per_second"] > 0
     expected = row["tokens_per_second"] / compared["tokens_per_second"]
     assert compared["speedup"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("script", ["generate", "benchmark"])
+def test_compile_auto_counts_no_more_tokens_than_the_models_context(
+    tiny_model_dir: Path,
+    prompts_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    script: str,
+) -> None:
+    """--max_steps far past the context: each prompt still ends within the context, so
+    --compile auto counts at most the context per prompt (it counted --max_steps, and
+    compiled for a few hundred tokens)."""
+    arguments = importlib.import_module("arguments")
+    context = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    monkeypatch.setattr(arguments, "COMPILE_BREAK_EVEN_TOKENS", 3 * context + 1)
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--max_steps",
+        str(100 * context),
+        "--sample",
+        "False",
+    ]
+    if script == "generate":
+        argv = [*common, "--prompt", "def f(x):", "--streamer", "none"]
+    else:
+        argv = [*common, "--dataset", "custom_jsonl", "--data_path", str(prompts_file)]
+    with caplog.at_level(logging.DEBUG, logger="arguments"):
+        assert importlib.import_module(script).main([*argv, "--output_dir", str(tmp_path)]) == 0
+    (said,) = [r.getMessage() for r in caplog.records if "--compile auto" in r.getMessage()]
+    tokens = context * (1 if script == "generate" else 3)  # prompts_file: 3 prompts
+    assert said.startswith(f"--compile auto: eager decoding (up to {tokens:,} tokens expected")
