@@ -77,6 +77,21 @@ class FlagParser(simple_parsing.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise ArgumentsError(f"{message} (see --help)")
 
+    def _preprocessing(self, *args: Any, **kwargs: Any) -> None:
+        super()._preprocessing(*args, **kwargs)
+        # simple-parsing lets a flag whose field is optional ("int | None") go without a
+        # value, which then stands for "not given": "--prompt $EMPTY" read standard input,
+        # "--dtype" alone ran in the default one. Such a flag takes a value; a yes/no one
+        # given alone means yes, as the boolean flags do.
+        for action in self._actions:
+            if type(action) is argparse._StoreAction and action.nargs == "?":
+                if action.const is not None:  # a bare flag's meaning given on purpose
+                    continue
+                if action.type is simple_parsing.utils.str2bool:
+                    action.const = True
+                else:
+                    action.nargs = None
+
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         # simple-parsing refuses "--nobf16 True" with exit(message=...): status 0, the run
         # not started, and a script's caller told it succeeded. --help exits without one.
