@@ -66,12 +66,15 @@ logger = logging.getLogger("sweep")
 COLUMNS = [
     "generation_strategy", "exit_layer", "num_speculations", "acceptance_rate", "total_time",
     "time_per_token", "tokens_per_second", "overall_tokens_per_second", "tokens_per_step",
-    "speedup", "num_samples", "setting", "overall_acceptance_rate",
+    "speedup", "num_samples", "setting", "overall_acceptance_rate", "baseline_tokens_per_second",
 ]  # fmt: skip
-# The header of sweeps written before overall_acceptance_rate (accepted / drafted over all
+# The headers of sweeps written before baseline_tokens_per_second (the autoregressive rate a
+# row's speedup divides by: a resumed sweep measures it again, while the CSV keeps the first
+# run's autoregressive row) and before overall_acceptance_rate (accepted / drafted over all
 # samples, where acceptance_rate is the mean of per-sample rates): read, and rewritten with
-# the new header before a row is appended.
-EARLIER_COLUMNS = COLUMNS[:-1]
+# this version's header before a row is appended.
+EARLIER_COLUMNS = COLUMNS[:-2]
+EARLIER_HEADERS = (COLUMNS[:-1], EARLIER_COLUMNS)
 INTEGER_COLUMNS = ("exit_layer", "num_speculations", "num_samples")
 TEXT_COLUMNS = ("generation_strategy", "setting")
 
@@ -198,7 +201,7 @@ def _parse_row(fields: list[str], where: str, header: list[str] = COLUMNS) -> di
 
 
 def read_sweep_csv(csv_path: Path) -> tuple[pd.DataFrame, bool]:
-    """The rows of a sweep CSV (this version's header or the earlier one), every value
+    """The rows of a sweep CSV (this version's header or an earlier one), every value
     checked, and whether its last line is unfinished (no newline: a write cut short; it is
     left out, even where it parses: a row is written whole with its newline in one call, and
     one cut inside its last number, overall_acceptance_rate, still reads as a row).
@@ -223,8 +226,8 @@ def read_sweep_csv(csv_path: Path) -> tuple[pd.DataFrame, bool]:
         if not fields and number > 1:  # a blank line from an editor
             continue
         if number == 1:
-            if fields == EARLIER_COLUMNS:
-                header = EARLIER_COLUMNS
+            if fields in EARLIER_HEADERS:
+                header = fields
             elif fields != COLUMNS and not (last and unfinished):
                 raise ConfigError(
                     f"{csv_path} is not a sweep CSV (its header is not {','.join(COLUMNS)}); "
@@ -300,11 +303,11 @@ def _finished(csv_path: Path, setting: str, repair: bool, baseline: bool = True)
         if dropped:
             logger.warning("%s ended in an unfinished line, cut off: %r", csv_path, dropped)
         with open(csv_path, encoding="utf-8-sig") as stream:
-            earlier = next(csv.reader(stream), None) == EARLIER_COLUMNS
+            earlier = next(csv.reader(stream), None) in EARLIER_HEADERS
         if earlier:  # rows are appended under this version's header: the file takes it
             with replaced_when_done(csv_path) as temporary:
                 table.to_csv(temporary, index=False, lineterminator="\n")
-            logger.info("%s: rewritten with the column overall_acceptance_rate", csv_path)
+            logger.info("%s: rewritten with this version's columns", csv_path)
     own = _own_rows(table, setting, baseline)
     unranked = int((table["setting"] == setting).sum()) - len(own)
     if unranked:
@@ -481,6 +484,7 @@ def main(argv: list[str]) -> int:
                                 speed,
                                 1.0,
                                 setting,
+                                baseline_rate,
                             ),
                         )
                     logger.info("autoregressive baseline: %.1f tokens/s", baseline_rate or 0.0)
@@ -502,6 +506,7 @@ def main(argv: list[str]) -> int:
                         speed,
                         speedup,
                         setting,
+                        baseline_rate,
                     ),
                 )
                 logger.info(
@@ -551,8 +556,15 @@ def _strategy_grid(
 
 
 def _csv_row(
-    strategy: str, exit_layer: int, num_speculations: int, speed: dict, speedup, setting: str
+    strategy: str,
+    exit_layer: int,
+    num_speculations: int,
+    speed: dict,
+    speedup,
+    setting: str,
+    baseline_rate: float | None,
 ) -> dict:
+    """A CSV row; ``baseline_rate``: the autoregressive tokens/s its speedup divides by."""
     return {
         "generation_strategy": strategy,
         "exit_layer": exit_layer,
@@ -560,6 +572,7 @@ def _csv_row(
         **{key: speed[key] for key in COLUMNS if key in speed},
         "speedup": speedup,
         "setting": setting,
+        "baseline_tokens_per_second": baseline_rate,
     }
 
 

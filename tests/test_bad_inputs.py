@@ -172,7 +172,9 @@ SWEEP_HEADER = (
     "generation_strategy,exit_layer,num_speculations,acceptance_rate,total_time,"
     "time_per_token,tokens_per_second,overall_tokens_per_second,tokens_per_step,speedup,"
     "num_samples,setting,overall_acceptance_rate"
-)
+)  # the previous version's header: read, and rewritten with this version's
+SWEEP_COLUMNS = [*SWEEP_HEADER.split(","), "baseline_tokens_per_second"]
+OVERALL_ACCEPTANCE = SWEEP_COLUMNS.index("overall_acceptance_rate")
 SWEEP_ROWS = [
     "autoregressive,4,0,,0.02,0.008,125.0,125.0,1.0,1.0,2,abc123,",
     "self_speculative,1,1,1.0,0.02,0.007,130.0,130.0,2.0,1.04,2,abc123,1.0",
@@ -609,8 +611,8 @@ def _sweep_table_of(data: bytes) -> list[list[str]]:
 
 def _sweep_table(csv_path: Path) -> list[list[str]]:
     rows = list(csv.reader(csv_path.open(encoding="utf-8")))
-    assert rows[0] == SWEEP_HEADER.split(",")
-    assert all(len(row) == 13 for row in rows), rows
+    assert rows[0] == SWEEP_COLUMNS
+    assert all(len(row) == len(SWEEP_COLUMNS) for row in rows), rows
     assert csv_path.read_bytes().endswith(b"\n")
     return rows[1:]
 
@@ -621,7 +623,7 @@ def test_sweep_resumes_from_a_csv_cut_short(
 ) -> None:
     """A kill during a write leaves an unfinished last line: the next run cuts it off and
     measures its point again, never glues a row onto it, and fills in the grid. A row cut
-    inside its last number (overall_acceptance_rate) still parses: it was kept, with the
+    inside its last number (baseline_tokens_per_second) still parses: it was kept, with the
     number cut short, and its point never measured again; a line without its newline is
     cut off whatever it holds."""
     output_dir = tmp_path / "logs"
@@ -636,7 +638,7 @@ def test_sweep_resumes_from_a_csv_cut_short(
     elif cut == "mid-header":
         csv_path.write_bytes(whole[:25])
     elif cut == "last number":
-        assert not whole.endswith(b",\n")  # the last row has an overall acceptance rate
+        assert not whole.endswith(b",\n")  # the last row has a baseline rate
         csv_path.write_bytes(whole[:-3])
     else:
         csv_path.write_bytes(whole[:-1])
@@ -654,9 +656,13 @@ def test_sweep_resumes_from_a_csv_cut_short(
     assert "unfinished line, cut off" in second.stderr
     if cut in ("newline only", "last number"):
         assert "1 already in" in second.stderr  # the last point only is measured again
-        overall = [float(row[-1]) for row in rows if row[0] == "self_speculative"]
+        overall = [float(row[OVERALL_ACCEPTANCE]) for row in rows if row[0] == "self_speculative"]
         assert overall == pytest.approx(
-            [float(row[-1]) for row in _sweep_table_of(whole) if row[0] == "self_speculative"]
+            [
+                float(row[OVERALL_ACCEPTANCE])
+                for row in _sweep_table_of(whole)
+                if row[0] == "self_speculative"
+            ]
         )
 
 
@@ -673,7 +679,7 @@ def test_sweep_csv_with_bom_and_blank_lines_is_resumed(
     )
     assert completed.returncode == 0, completed.stderr
     rows = [row for row in csv.reader(csv_path.open(encoding="utf-8-sig")) if row]
-    assert len(rows) == 1 + 3 + 3 and all(len(row) == 13 for row in rows)
+    assert len(rows) == 1 + 3 + 3 and all(len(row) == len(SWEEP_COLUMNS) for row in rows)
 
 
 def test_jsonl_with_bom_is_read(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from tiny_models import save_tiny_model
@@ -178,6 +179,17 @@ def test_sweep_writes_csv_plot_and_resumes(
     assert sorted(zip(table["exit_layer"][1:], table["num_speculations"][1:])) == [
         (e, k) for e in (1, 2) for k in (1, 2, 3)
     ]
+    # Every speedup can be checked from its row: the baseline it divides by is a column (the
+    # new points' is the one measured again, which no autoregressive row holds).
+    rates = table["overall_tokens_per_second"] / table["baseline_tokens_per_second"]
+    assert np.allclose(table["speedup"], rates)
+    assert table["baseline_tokens_per_second"][0] == table["overall_tokens_per_second"][0]
+    first_run, second_run = (
+        table["baseline_tokens_per_second"][1:5],
+        table["baseline_tokens_per_second"][5:],
+    )
+    assert first_run.nunique() == 1 and second_run.nunique() == 1
+    assert first_run.iloc[0] == table["overall_tokens_per_second"][0]
 
     third = run_script("sweep.py", *common, "--num_speculations_last", 1)  # a smaller grid
     assert third.returncode == 0, third.stderr

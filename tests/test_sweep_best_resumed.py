@@ -94,8 +94,11 @@ def test_rows_carry_the_overall_acceptance_and_an_earlier_csv_takes_the_new_colu
     baseline, point = table.iloc[0], table.iloc[1]
     assert pd.isna(baseline["overall_acceptance_rate"])  # drafted nothing
     assert 0 <= point["overall_acceptance_rate"] <= 1
-    # The same file as an earlier version wrote it: without the column.
-    table.drop(columns="overall_acceptance_rate").to_csv(csv_path, index=False)
+    # The same file as an earlier version wrote it: without the column (nor the later
+    # baseline_tokens_per_second).
+    table.drop(columns=["overall_acceptance_rate", "baseline_tokens_per_second"]).to_csv(
+        csv_path, index=False
+    )
     earlier, _ = sweep.read_sweep_csv(csv_path)
     assert earlier["overall_acceptance_rate"].isna().all() and len(earlier) == 2
     assert sweep.main([*argv, "--num_speculations_last", "3"]) == 0  # resumed: one point more
