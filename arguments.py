@@ -609,6 +609,21 @@ def report_out_of_memory(error: BaseException, prog: str, hint: str) -> bool:
     return True
 
 
+def report_lost_process(error: BaseException, prog: str) -> bool:
+    """Write "``prog``: error: lost contact with another process of this run (...)" for a
+    collective that failed because a peer under torchrun is gone (killed, or ended by its
+    own error, which it reports itself), and return True; return False (writing nothing)
+    for anything else. Without it the survivor's gloo traceback buried the peer's line."""
+    reason = dist.lost_process(error)
+    if reason is None:
+        return False
+    sys.stderr.write(
+        f"{prog}: error: lost contact with another process of this run ({reason}); "
+        "that process's own output says why it stopped\n"
+    )
+    return True
+
+
 def usable_standard_streams() -> None:
     """Standard output and error that any text can be written to.
 
@@ -653,7 +668,7 @@ def run_main(main: Callable[[list[str]], int | None], prog: str | None = None) -
         sys.exit(EXIT_ERROR)
     except (MemoryError, RuntimeError) as error:
         hint = "try a smaller --max_steps, fewer samples per batch or a lower-precision --dtype"
-        if not report_out_of_memory(error, prog, hint):
+        if not (report_out_of_memory(error, prog, hint) or report_lost_process(error, prog)):
             raise
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:

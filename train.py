@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from arguments import check_output_dir, error_line, report_out_of_memory
+from arguments import check_output_dir, error_line, report_lost_process, report_out_of_memory
 from self_speculation.errors import ConfigError, LayerSkipError
 from self_speculation.loading import check_model_source, inspect_model
 from self_speculation.training.checkpointing import checkpoint_exists
@@ -59,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"train.py: interrupted: {stop}\n")
         return stop.exit_code
     except (MemoryError, RuntimeError) as error:
-        if not report_out_of_memory(
-            error, "train.py", "try a smaller model, --batch_size or --seq_len"
+        if not (
+            report_out_of_memory(
+                error, "train.py", "try a smaller model, --batch_size or --seq_len"
+            )
+            or report_lost_process(error, "train.py")
         ):
             raise
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -166,6 +167,28 @@ def broadcast(obj: T, context: DistributedContext) -> T:
 def barrier(context: DistributedContext) -> None:
     if context.world_size > 1:
         dist.barrier()
+
+
+# What gloo raises in a collective whose peer process is gone (or stalled past the timeout).
+_LOST_PEER = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Timed out waiting")
+
+
+def lost_process(error: BaseException) -> str | None:
+    """Why a collective failed, in a few words, when ``error`` says another process of the
+    run is gone (killed, or stopped by its own error, which that process reports); None for
+    any other error, a mismatched collective (a bug) included.
+
+    gloo raises a plain RuntimeError naming its source file ("[.../gloo/transport/tcp/
+    pair.cc:553] Connection closed by peer [127.0.0.1]:14498. This is typically caused by a
+    remote worker crashing..."). Decided from torchrun's environment: the process group is
+    torn down by the time a script's handler sees the error.
+    """
+    if not (launched_by_torchrun() and isinstance(error, RuntimeError)):
+        return None
+    text = " ".join(str(error).split())
+    if "gloo/transport" not in text or not _LOST_PEER.search(text):
+        return None
+    return re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ", 1)[0]  # no source file, no advice
 
 
 def teardown(context: DistributedContext) -> None:

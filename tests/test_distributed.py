@@ -120,7 +120,7 @@ def test_a_prompt_too_long_in_another_ranks_share_stops_every_rank_first(
         *("--output_dir", str(output)),
     )
     assert result.returncode != 0
-    assert "sample 3: the prompt has" in result.stderr
+    assert "sample 3 (row 4 of the data): the prompt has" in result.stderr
     assert not output.exists() or not list(output.iterdir())
 
 
