@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from self_speculation.draft import ADAPTER_WEIGHTS_NAME, read_adapter_config
 from self_speculation.errors import (
     ArgumentTypeError,
     ConfigError,
@@ -458,10 +459,10 @@ def _refuse_our_other_folders(directory: Path) -> None:
     ``adapter_config.json``; it was taken for a PEFT adapter, told to be merged) and train.py's
     checkpoint (``trainer_state.pt`` and DCP shards, no weights file; it was told to get a
     tokenizer)."""
-    if (directory / "adapter.safetensors").exists() and not (directory / "config.json").exists():
+    if (directory / ADAPTER_WEIGHTS_NAME).exists() and not (directory / "config.json").exists():
         try:
-            base = json.loads((directory / "adapter_config.json").read_text()).get("base_model")
-        except (OSError, ValueError, RecursionError, AttributeError):  # named, not required
+            base = read_adapter_config(directory).base_model
+        except (ConfigError, OSError):  # named in the message, not required
             base = None
         base = base if isinstance(base, str) and base else "BASE_MODEL"
         raise ModelLoadError(
