@@ -516,7 +516,8 @@ class Generator:
         self._check_call(config, streamer, generator)
         self.follow_model()  # the prompt is checked against the context the config states now
         # Checked (and tokenized) once here, so that a message names "prompt", not "prompts[0]".
-        return self.generate_batch([self._prompt_ids(prompt)], config, streamer, generator)[0]
+        prompts = [self._prompt_ids(prompt)]
+        return self._generate_followed(prompts, config, streamer, generator)[0]
 
     @staticmethod
     def _check_call(config: object, streamer: object, generator: object) -> None:
@@ -778,10 +779,20 @@ class Generator:
             ConfigError: as ``generate``; also a streamer with more than one prompt, and a
                 compiled generation started inside another of this Generator.
         """
-        adapter = self._draft.adapter if self._draft is not None else None
         # A change to follow may probe the model with its windows narrowed (it waits for
         # other threads' generations): before this one starts reading the settings.
         self.follow_model()
+        return self._generate_followed(prompts, config, streamer, generator)
+
+    def _generate_followed(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        config: GenerationConfig,
+        streamer: Streamer | None,
+        generator: torch.Generator | None,
+    ) -> list[GenerationResult]:
+        """``generate_batch`` once ``follow_model`` has run."""
+        adapter = self._draft.adapter if self._draft is not None else None
         with (
             self._compiled_use(config),
             eval_mode(self.model),
