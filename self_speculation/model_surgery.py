@@ -381,8 +381,8 @@ class LayerwiseModel:
         positions are clamped, ``rotary_position_limit``: read from the config as it is now,
         as transformers reads the switch points (its generation hooks and longrope's tables
         read them at each call)."""
-        context_length: int | None = getattr(self.config, "max_position_embeddings", None) or None
-        if context_length is not None and context_length < 1:  # --model_args, say
+        context_length: int | None = getattr(self.config, "max_position_embeddings", None)
+        if context_length is not None and context_length < 1:  # --model_args, say (0 too)
             raise UnsupportedModelError(
                 f"{owner}: max_position_embeddings must be >= 1, got {context_length}"
             )

@@ -249,6 +249,13 @@ CASES = [
         ["--prompt", "hi", "--model_args", "max_position_embeddings=-1"],
         "max_position_embeddings must be >= 1, got -1",
     ),
+    # 0 meant no context limit at all: decoding ran past every position the model was
+    # trained on, without a word
+    (
+        "generate",
+        ["--prompt", "hi", "--model_args", "max_position_embeddings=0"],
+        "max_position_embeddings must be >= 1, got 0",
+    ),
     # a file as the target cache was "<path>: File exists" after the model had loaded
     (
         "train_adapter",
