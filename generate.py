@@ -151,11 +151,13 @@ def _as_utf8(line: str, encoding: str | None) -> str:
 
 def read_prompts(stream: TextIO | None = None) -> Iterator[str]:
     """Prompts from ``stream`` (default: the current ``sys.stdin``), one per line; a trailing
-    backslash joins the next line (at the end of the input, it ends the prompt)."""
+    backslash joins the next line (at the end of the input, it ends the prompt). A byte
+    order mark opening the input is dropped."""
     stream = sys.stdin if stream is None else stream
     if hasattr(stream, "reconfigure"):  # undecodable bytes: a one-line error, not a crash
         stream.reconfigure(errors="surrogateescape")
     pending: list[str] = []
+    first_line = True
     while True:
         if stream.isatty():
             sys.stderr.write("... " if pending else "\n>>> ")
@@ -173,6 +175,8 @@ def read_prompts(stream: TextIO | None = None) -> Iterator[str]:
             return
         line = line.rstrip("\r\n")  # Windows line ends too
         line = _as_utf8(line, getattr(stream, "encoding", None))
+        if first_line:  # a byte order mark (Notepad's UTF-8) is no prompt text, as in data files
+            line, first_line = line.removeprefix("\ufeff"), False
         if line.endswith("\\"):
             pending.append(line[:-1])
             continue
