@@ -158,6 +158,22 @@ def _hook_loaded(module: nn.Module) -> contextlib.AbstractContextManager:
     return align_module_device(module)
 
 
+def _address(tensor: torch.Tensor) -> int | None:
+    """``tensor``'s data address (``weight.data = ...`` keeps the parameter); None for a
+    tensor subclass without storage of its own (torchao's quantized weights)."""
+    try:
+        return tensor.data_ptr()
+    except RuntimeError:
+        return None
+
+
+def _fits(copy: torch.Tensor | None, rows: torch.Tensor | None) -> bool:
+    """Whether ``rows`` can be written into ``copy`` (both None, or alike tensors)."""
+    if copy is None or rows is None:
+        return copy is None and rows is None
+    return (copy.shape, copy.dtype, copy.device) == (rows.shape, rows.dtype, rows.device)
+
+
 class DraftExit:
     """How drafts leave the model at layer E: an optional adapter, an optional vocabulary.
 
@@ -212,11 +228,37 @@ class DraftExit:
         self.num_speculations: int | None = None
         self._head_weight = None
         self._head_bias = None
+        self._copied_head: tuple | None = None  # _head_state() of the rows copied
         self._copy_head_rows()
 
-    def _copy_head_rows(self) -> None:
+    def _head_state(self) -> tuple | None:
+        """Which head weights the rows would be copied from now: each tensor and its
+        in-place version (``load_state_dict`` and optimizer steps write weights in place);
+        None for an offloaded head (meta weights between calls, new ones at each)."""
+        head = self.model.lm_head
+        tensors = (head.weight, getattr(head, "bias", None))
+        if head.weight.is_meta:
+            return None
+        return tuple(
+            None if tensor is None else (id(tensor), _address(tensor), tensor._version)
+            for tensor in tensors
+        )
+
+    def follow_head(self) -> None:
+        """Copy the head's rows again when its weights changed since they were copied (a
+        checkpoint loaded into the model, a training step): drafts from the old rows
+        accepted less, and sampled other text for a seed than a new DraftExit. In place,
+        where compiled passes (CUDA graphs) read the copy at its address."""
+        if self.vocab is None:
+            return
+        state = self._head_state()
+        if state is not None and state != self._copied_head:
+            self._copy_head_rows(in_place=True)
+
+    def _copy_head_rows(self, in_place: bool = False) -> None:
         """A contiguous copy of the draft vocabulary's N head rows: one dense product per
-        draft (none without a draft vocabulary)."""
+        draft (none without a draft vocabulary); with ``in_place``, into the copy there is
+        where it fits."""
         if self.vocab is None:
             return
         head = self.model.lm_head
@@ -233,9 +275,18 @@ class DraftExit:
                 # A quantized weight (torchao's tensor subclasses) may not take row
                 # indexing: its rows are copied in the model's dtype.
                 weight = weight.dequantize().to(self.model.dtype)
-            self._head_weight = weight[self.vocab].contiguous()  # [N, hidden]
             bias = getattr(head, "bias", None)
-            self._head_bias = None if bias is None else bias.detach()[self.vocab]
+            rows = weight[self.vocab]  # [N, hidden]
+            bias_rows = None if bias is None else bias.detach()[self.vocab]  # [N]
+            if in_place and _fits(self._head_weight, rows) and _fits(self._head_bias, bias_rows):
+                # An inference tensor (copied inside torch.inference_mode) is written in it.
+                with torch.inference_mode(self._head_weight.is_inference()):
+                    self._head_weight.copy_(rows)
+                    if bias_rows is not None:
+                        self._head_bias.copy_(bias_rows)
+            else:
+                self._head_weight, self._head_bias = rows.contiguous(), bias_rows
+        self._copied_head = self._head_state()
 
     def follow_model(self) -> None:
         """After the model moved to another dtype or device (``model.to(...)``): move the

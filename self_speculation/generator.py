@@ -318,18 +318,8 @@ class Generator:
         self._draft = draft
         self._checked_generation_config: tuple | None = None
         self._check_generation_config()
-        self.recommended_exit_layer, self.recommended_num_speculations = recommended_settings(model)
-        for name in ("exit_layer", "num_speculations"):
-            value = getattr(self, f"recommended_{name}")
-            if value is not None and not whole_number(value, 1):
-                # load_model_and_tokenizer refuses such a generation_config.json; a model
-                # made or changed in Python reaches here (-1 would decode with k = -1).
-                raise ModelLoadError(
-                    f"{type(model).__name__}'s generation config recommends {name} "
-                    f"{value!r}: it must be a whole number >= 1 (or absent); fix "
-                    "generation_config.json or model.generation_config"
-                )
-        _ = self.eos_token_ids  # malformed ids fail now, not at the first generation
+        self._recommended_settings()  # malformed ones fail now, not at the first generation
+        _ = self.eos_token_ids  # as malformed ids
         self._verify_model = verify_model
         self._attention = _attention_implementation(model)  # what the probe checked
         self._forward_passes: dict[bool, ForwardPasses] = {}
@@ -377,6 +367,36 @@ class Generator:
                 "token ids must be whole numbers below 2**62; fix generation_config.json"
             )
         return frozenset(int(token) for token in eos)
+
+    def _recommended_settings(self) -> tuple[int | None, int | None]:
+        """(exit_layer, num_speculations) the model's generation config recommends now, read
+        at each generation as its EOS ids are: a recommendation set or changed after the
+        Generator was made is followed, as a new Generator follows it.
+
+        Raises:
+            ModelLoadError: a recommendation that is not a whole number >= 1.
+        """
+        settings = recommended_settings(self.model)
+        for name, value in zip(("exit_layer", "num_speculations"), settings, strict=True):
+            if value is not None and not whole_number(value, 1):
+                # load_model_and_tokenizer refuses such a generation_config.json; a model
+                # made or changed in Python reaches here (-1 would decode with k = -1).
+                raise ModelLoadError(
+                    f"{type(self.model).__name__}'s generation config recommends {name} "
+                    f"{value!r}: it must be a whole number >= 1 (or absent); fix "
+                    "generation_config.json or model.generation_config"
+                )
+        return settings
+
+    @property
+    def recommended_exit_layer(self) -> int | None:
+        """The exit layer the model's generation config recommends now (None: none)."""
+        return self._recommended_settings()[0]
+
+    @property
+    def recommended_num_speculations(self) -> int | None:
+        """The num_speculations the model's generation config recommends now (None: none)."""
+        return self._recommended_settings()[1]
 
     @property
     def pad_token_id(self) -> int:
@@ -449,17 +469,20 @@ class Generator:
             ConfigError: settings outside the model's range, more drafts per step than
                 the model's context holds, or a tree node with more children than the
                 vocabulary has tokens.
+            ModelLoadError: the model's generation config recommends an exit_layer or
+                num_speculations that is not a whole number >= 1.
         """
         if not isinstance(config, GenerationConfig):
             raise ArgumentTypeError(
                 f"config must be a GenerationConfig, got {type(config).__name__}"
             )
         draft = self._draft
+        recommended_exit_layer, recommended_num_speculations = self._recommended_settings()
         resolved = resolve_with_adapter(
             config,
             self.num_layers,
-            self.recommended_exit_layer,
-            self.recommended_num_speculations,
+            recommended_exit_layer,
+            recommended_num_speculations,
             draft.exit_layer if draft is not None else None,
             draft.num_speculations if draft is not None else None,
         )
@@ -732,6 +755,8 @@ class Generator:
             # no float64, a float16 head that overflows): probed again, one error if not.
             self.layerwise.follow_attention_implementation(self._verify_model)
             self._placement = placement
+        if self._draft is not None:  # its copy of the head's rows, after a weights change
+            self._draft.follow_head()
         attention = _attention_implementation(self.model)
         if attention != self._attention:  # model.set_attn_implementation(...) since
             self._drop_passes()
