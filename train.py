@@ -25,14 +25,36 @@ from pathlib import Path
 from arguments import check_output_dir, error_line, report_lost_process, report_out_of_memory
 from self_speculation.errors import ConfigError, LayerSkipError
 from self_speculation.loading import check_model_source, inspect_model
-from self_speculation.training.checkpointing import checkpoint_exists
+from self_speculation.training.checkpointing import (
+    CHECKPOINT_DIR,
+    PREVIOUS_DIR,
+    TRAINER_STATE_FILE,
+    checkpoint_exists,
+)
 from self_speculation.training.config import TrainConfig, parse_config
 from self_speculation.training.loop import RUN_FILES, TrainingInterrupted, train
 
 
+def interrupted_line(config: TrainConfig | None) -> str:
+    """What a Ctrl-C that ended the run outside a step left (a second Ctrl-C during a step
+    or a checkpoint, or one during the data, the model or the final export)."""
+    output_dir = None if config is None else Path(config.training.output_dir)
+    # checkpoint.old alone: stopped between a checkpoint's renames (put back at the next start)
+    if output_dir is not None and any(
+        (output_dir / name / TRAINER_STATE_FILE).is_file()
+        for name in (CHECKPOINT_DIR, PREVIOUS_DIR)
+    ):
+        return (
+            f"interrupted: the last checkpoint in {output_dir} is kept (steps after it are "
+            "lost); continue with --resume True"
+        )
+    return "interrupted before the first checkpoint: nothing to resume"
+
+
 def main(argv: list[str] | None = None) -> int:
+    config: TrainConfig | None = None
     try:
-        config: TrainConfig = parse_config(argv, prog="train.py")
+        config = parse_config(argv, prog="train.py")
         args = config.training
         if not (args.resume or args.overwrite) and checkpoint_exists(Path(args.output_dir)):
             raise ConfigError(
@@ -68,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("train.py: interrupted before training started\n")
+        sys.stderr.write(f"train.py: {interrupted_line(config)}\n")
         return 130
     return 0
 

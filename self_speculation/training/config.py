@@ -134,9 +134,11 @@ class LayerSkipArguments:
         self.early_exit_curriculum = _enum(
             Curriculum, self.early_exit_curriculum, "early_exit_curriculum"
         ).value
-        if not 0.0 <= self.layer_dropout_p_max <= 1.0:
+        if not 0.0 <= self.layer_dropout_p_max < 1.0:
+            # At 1 every sample skips the last layer (every layer, uniform): it never trains,
+            # yet the exported model runs it.
             raise ConfigError(
-                f"--layer_dropout_p_max must be in [0, 1], got {self.layer_dropout_p_max}"
+                f"--layer_dropout_p_max must be in [0, 1), got {self.layer_dropout_p_max}"
             )
         if not 0 <= self.early_exit_e_scale < math.inf:  # nan / inf: a NaN loss
             raise ConfigError(

@@ -927,6 +927,14 @@ def _train_locked(
         raise ConfigError(
             f"--exit_layer must be at most the model's {layers} layers, got {args.exit_layer}"
         )
+    context = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if not args.resume and context and config.model.seq_len > context:
+        # A continued model (a new one's context is made to fit): positions it was never
+        # trained on, and that decoding never reaches (as train_adapter.py refuses).
+        raise ConfigError(
+            f"--seq_len {config.model.seq_len} is longer than the model's context ({context} "
+            "tokens, max_position_embeddings)"
+        )
     blocks = pack_blocks(tokenizer, texts, config.model.seq_len)  # [num_blocks, seq_len]
     del texts
     rows = model.get_input_embeddings().weight.shape[0]
