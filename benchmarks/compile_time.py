@@ -12,6 +12,13 @@ again, a second process on the same machine (which loads the passes kept on disk
 at a time) through the passes kept on disk against torch.compile's own dispatch of the
 same compiled code, alternating, and checks that their tokens are equal: one line per
 strategy with both speeds and their ratio.
+
+``--compare_regions True`` compiles the passes with each decoder layer traced once
+(``LAYERSKIP_LAYER_REGIONS=1``) first, then with every layer unrolled (the default: kernels
+called from a C++ wrapper), and times decoding (the same prompts, alternating) through
+both: both compile times per strategy, both speeds and their ratio. Run it on a fresh
+--cache_dir: the unrolled passes compile second, on caches the first compile warmed (which
+favours them).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import simple_parsing
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from arguments import run_main  # noqa: E402
-from self_speculation import ConfigError, GenerationConfig, Generator  # noqa: E402
+from self_speculation import ConfigError, GenerationConfig, Generator, model_surgery  # noqa: E402
 from self_speculation.config import UNSET  # noqa: E402
 from self_speculation.loading import load_model_and_tokenizer  # noqa: E402
 from self_speculation.passes import PRECOMPILE_VARIABLE  # noqa: E402
@@ -45,6 +52,7 @@ class CompileTimeArguments:
     decode_prompts: int = 0  # then time decoding on this many HumanEval prompts (0: don't)
     max_steps: int = 128  # tokens per prompt when timing decoding
     rounds: int = 3  # alternating rounds when timing decoding
+    compare_regions: bool = False  # then compile with every layer unrolled and time both
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = arguments.cache_dir
     if arguments.decode_prompts < 0 or arguments.max_steps < 1 or arguments.rounds < 1:
         raise ConfigError("decode_prompts must be >= 0, max_steps and rounds >= 1")
+    if arguments.compare_regions and not arguments.decode_prompts:
+        raise ConfigError("--compare_regions True times decoding: give --decode_prompts N")
+    if arguments.compare_regions:
+        model_surgery._REGIONS_SETTING = "1"  # what LAYERSKIP_LAYER_REGIONS=1 sets at import
+        if not model_surgery.layer_regions():
+            raise ConfigError("--compare_regions True: this torch has no reusable regions")
     started = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(arguments.model)
     generator = Generator(model, tokenizer)
@@ -83,17 +97,36 @@ def main(argv: list[str] | None = None) -> int:
         f"k={arguments.num_speculations}) {seconds['self_speculative']:.1f} s, "
         f"in all {sum(seconds.values()):.1f} s"
     )
-    if arguments.decode_prompts:
+    if arguments.compare_regions:
+        compare_regions(generator, model, tokenizer, configs, seconds, arguments)
+    elif arguments.decode_prompts:
         compare_decoding(generator, model, tokenizer, configs, arguments)
     return 0
+
+
+def compare_regions(generator, model, tokenizer, configs, seconds, arguments) -> None:
+    """Compile time and tokens per second with each decoder layer traced once
+    (``generator``) and with every layer unrolled (a second Generator, compiled here),
+    alternating."""
+    model_surgery._REGIONS_SETTING = ""  # the default: every layer unrolled
+    unrolled = Generator(model, tokenizer)
+    unrolled_seconds = {}
+    for strategy, config in configs.items():
+        before = unrolled.compile_seconds
+        unrolled.generate("def f(x):", dataclasses.replace(config, max_steps=8))
+        unrolled_seconds[strategy] = unrolled.compile_seconds - before
+    for strategy in configs:
+        print(
+            f"{strategy}: compile with regions {seconds[strategy]:.1f} s, unrolled "
+            f"{unrolled_seconds[strategy]:.1f} s"
+        )
+    routes = {"regions": (generator, "1"), "unrolled": (unrolled, "")}
+    _time_routes(routes, configs, arguments)
 
 
 def compare_decoding(generator, model, tokenizer, configs, arguments) -> None:
     """Tokens per second through the passes kept on disk (``generator``) and through
     torch.compile's dispatch (a second Generator with them switched off), alternating."""
-    from benchmarks.engine import human_eval_prompts  # noqa: PLC0415
-
-    prompts = human_eval_prompts(arguments.decode_prompts)
     os.environ[PRECOMPILE_VARIABLE] = "0"
     try:
         dispatched = Generator(model, tokenizer)
@@ -101,23 +134,42 @@ def compare_decoding(generator, model, tokenizer, configs, arguments) -> None:
             dispatched.generate("def f(x):", dataclasses.replace(config, max_steps=8))
     finally:
         del os.environ[PRECOMPILE_VARIABLE]
+    setting = model_surgery._REGIONS_SETTING
+    routes = {"kept on disk": (generator, setting), "torch.compile dispatch": (dispatched, setting)}
+    _time_routes(routes, configs, arguments)
+
+
+def _time_routes(routes: dict[str, tuple[Generator, str]], configs: dict, arguments) -> None:
+    """For each strategy, decode the first --decode_prompts HumanEval prompts through each
+    route's Generator (under its LAYERSKIP_LAYER_REGIONS setting, should a prompt length
+    compile) once untimed, then in alternating timed rounds; check that their tokens are
+    equal, and print both speeds and their ratio."""
+    from benchmarks.engine import human_eval_prompts  # noqa: PLC0415
+
+    prompts = human_eval_prompts(arguments.decode_prompts)
+
+    def decode(route: tuple[Generator, str], config: GenerationConfig) -> list:
+        which, model_surgery._REGIONS_SETTING = route
+        return [which.generate(prompt, config) for prompt in prompts]
+
     for strategy, config in configs.items():
-        totals = {"kept on disk": [0, 0.0], "torch.compile dispatch": [0, 0.0]}
-        outputs = {}
+        outputs = {
+            name: [result.token_ids for result in decode(route, config)]
+            for name, route in routes.items()
+        }
+        totals = {name: [0, 0.0] for name in routes}
         for _ in range(arguments.rounds):
-            for name, which in zip(totals, (generator, dispatched), strict=True):
-                results = [which.generate(prompt, config) for prompt in prompts]
+            for name, route in routes.items():
+                results = decode(route, config)
                 totals[name][0] += sum(len(result.token_ids) for result in results)
                 totals[name][1] += sum(result.total_time for result in results)
-                outputs.setdefault(name, [result.token_ids for result in results])
         if len({str(tokens) for tokens in outputs.values()}) != 1:
             raise ConfigError(f"{strategy}: the two routes decoded different tokens")
-        speeds = {name: tokens / seconds for name, (tokens, seconds) in totals.items()}
-        kept, dispatch = speeds.values()
+        (first, second), (a, b) = routes, [tokens / sec for tokens, sec in totals.values()]
         print(
-            f"{strategy}: kept on disk {kept:.1f} tok/s, torch.compile dispatch "
-            f"{dispatch:.1f} tok/s, ratio {kept / dispatch:.3f} (same tokens; "
-            f"{len(prompts)} prompts x {config.max_steps} tokens x {arguments.rounds} rounds)"
+            f"{strategy}: {first} {a:.1f} tok/s, {second} {b:.1f} tok/s, ratio {a / b:.3f} "
+            f"(same tokens; {len(prompts)} prompts x {config.max_steps} tokens x "
+            f"{arguments.rounds} rounds)"
         )
 
 

@@ -161,6 +161,27 @@ def _fits(buffer: torch.Tensor, like: torch.Tensor, rows: int) -> bool:
     )
 
 
+def write_at_columns(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+) -> None:
+    """Write keys/values [batch, heads, new, head_dim] into one layer's buffers ``keys`` /
+    ``values`` [batch, heads, capacity, head_dim] at ``columns`` [batch, new], per row."""
+    if columns.shape[0] == 1 and keys.shape[0] == 1:
+        keys.index_copy_(2, columns[0], key_states)
+        values.index_copy_(2, columns[0], value_states)
+    else:
+        # Advanced indexing, not scatter_: inductor updates a graph input in place with
+        # index_put_, but turns scatter_ into copies of the whole buffer (measured: 24
+        # layers at batch 8, 3.5 ms against 0.27 ms).
+        rows = torch.arange(columns.shape[0], device=columns.device)[:, None]  # [batch, 1]
+        keys[rows, :, columns] = key_states.transpose(1, 2)  # [batch, new, heads, dim]
+        values[rows, :, columns] = value_states.transpose(1, 2)
+
+
 class ColumnKVCache(Cache):
     """Static per-layer key/value buffers written at per-row columns.
 
@@ -233,17 +254,7 @@ class ColumnKVCache(Cache):
         if self.keys[layer_idx] is None:
             self._allocate(layer_idx, key_states, value_states)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        columns = self.write_columns  # [batch, new]
-        if columns.shape[0] == 1 and keys.shape[0] == 1:
-            keys.index_copy_(2, columns[0], key_states)
-            values.index_copy_(2, columns[0], value_states)
-        else:
-            # Advanced indexing, not scatter_: inductor updates a graph input in place with
-            # index_put_, but turns scatter_ into copies of the whole buffer (measured: 24
-            # layers at batch 8, 3.5 ms against 0.27 ms).
-            rows = torch.arange(columns.shape[0], device=columns.device)[:, None]  # [batch, 1]
-            keys[rows, :, columns] = key_states.transpose(1, 2)  # [batch, new, heads, dim]
-            values[rows, :, columns] = value_states.transpose(1, 2)
+        write_at_columns(keys, values, self.write_columns, key_states, value_states)
         return keys, values
 
     def move_columns(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
@@ -305,3 +316,53 @@ class ColumnKVCache(Cache):
             for buffer in (*self.keys, *self.values)
             if buffer is not None
         )
+
+
+class LayerColumns(Cache):
+    """One decoder layer's buffers of a ``ColumnKVCache``, as that layer's attention sees
+    the cache: made from tensors alone, so that a compiled pass can trace one decoder layer
+    once and call it for every layer of the same shape (``model_surgery._layer_region``).
+
+    Args:
+        keys, values: the layer's buffers, ``ColumnKVCache.keys[i]`` / ``values[i]``.
+        columns: the new tokens' columns, ``ColumnKVCache.write_columns``.
+        layer_idx: the cache index the layer's attention must ask for (checked); None when
+            compiling (the check would make each layer's traced code its own).
+    """
+
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        columns: torch.Tensor,
+        layer_idx: int | None = None,
+    ) -> None:
+        super().__init__(layers=[])
+        self.keys, self.values, self.write_columns = keys, values, columns
+        self.layer_idx = layer_idx
+        self.tree = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write keys/values [batch, heads, new, head_dim] at the columns; return all."""
+        if self.layer_idx is not None and layer_idx != self.layer_idx:
+            raise RuntimeError(
+                f"a decoder layer asked for cache layer {layer_idx}, not its own "
+                f"{self.layer_idx}: its attention reads another layer's keys"
+            )
+        write_at_columns(self.keys, self.values, self.write_columns, key_states, value_states)
+        return self.keys, self.values
+
+    def columns(self, layer_idx: int = 0) -> int:
+        return self.keys.shape[2]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys.shape[2]
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def is_compileable(self) -> bool:
+        return True

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import re
 import threading
 import weakref
@@ -28,7 +29,7 @@ from transformers import Cache, DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from self_speculation.errors import UnsupportedModelError, one_line
-from self_speculation.kv_cache import ColumnKVCache
+from self_speculation.kv_cache import ColumnKVCache, LayerColumns
 from self_speculation.model_support import (
     SLIDING_ATTENTION,
     attention_layer_types,
@@ -49,6 +50,79 @@ _BASE_MODEL_ATTRIBUTES = ("model", "transformer", "base_model")
 _MASK_CACHE_KEYWORD = (
     "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 )
+
+
+# LAYERSKIP_LAYER_REGIONS=1: compiled passes trace each decoder layer once and call it for
+# every layer like it (``layer_regions``); unset (or anything else), every layer instance.
+LAYER_REGIONS_VARIABLE = "LAYERSKIP_LAYER_REGIONS"
+_REGIONS_SETTING = os.environ.get(LAYER_REGIONS_VARIABLE, "")
+
+
+def _layer_call(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    position_ids: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    keyword: str,
+    layer_idx: int | None,
+) -> torch.Tensor:
+    """One decoder layer over a ``ColumnKVCache``'s buffers of that layer, given as tensors
+    (``LayerColumns``): every argument is a tensor, a constant or the layer, so that
+    layers of one shape trace to the same code."""
+    hidden = layer(
+        hidden,
+        attention_mask=attention_mask,
+        position_embeddings=position_embeddings,
+        position_ids=position_ids,
+        use_cache=True,
+        **{keyword: LayerColumns(keys, values, columns, layer_idx)},
+    )
+    return hidden[0] if isinstance(hidden, tuple) else hidden
+
+
+def _regions_supported() -> bool:
+    """torch >= 2.12: ``nested_compile_region`` reuses a traced region across calls whose
+    inputs pass its guards (``max_reuse_entries`` came with that)."""
+    region = getattr(torch.compiler, "nested_compile_region", None)
+    return region is not None and "max_reuse_entries" in inspect.signature(region).parameters
+
+
+# A compiled pass traces a decoder layer once per shape of its inputs (and whatever its
+# guards tell apart: another class, another layer type's mask), and calls that code for
+# every layer like it, where it traced and compiled every layer instance before (30 of them
+# in the shipped model's E = 7, k = 3 step). Up to 4096 distinct layers before torch gives
+# up (a model whose layers all differ traces each once, as before).
+_layer_region = (
+    torch.compiler.nested_compile_region(_layer_call, max_reuse_entries=4096)
+    if _regions_supported()
+    else _layer_call
+)
+
+
+def layer_regions() -> bool:
+    """Whether compiled passes trace each decoder layer once and reuse it
+    (``_layer_region``): with LAYERSKIP_LAYER_REGIONS=1, on torch >= 2.12. Not by default:
+    on CPU inductor's C++ wrapper cannot call such a region, and its Python wrapper made
+    decoding 13-17% slower on the shipped model, for half the cold compile
+    (docs/fast-path.md); on CUDA, where CUDA graphs replay whatever wrapper, it has not run
+    on a GPU yet."""
+    return _REGIONS_SETTING == "1" and _layer_region is not _layer_call
+
+
+def _cache_index(layer: nn.Module) -> int | None:
+    """The cache index a decoder layer's attention writes under (the ``layer_idx`` its
+    modules carry), or None when they carry none or several."""
+    found = {
+        module.layer_idx
+        for module in layer.modules()
+        if isinstance(getattr(module, "layer_idx", None), int)
+        and not isinstance(module.layer_idx, bool)
+    }
+    return found.pop() if len(found) == 1 else None
 
 
 def cache_keyword(function: Callable) -> str:
@@ -330,6 +404,7 @@ class LayerwiseModel:
             for module in self.layers.modules()
         )
         self._layer_ids = [id(layer) for layer in self.layers]  # replaced_module
+        self._cache_indices = [_cache_index(layer) for layer in self.layers]
         # Some families (Gemma 3) keep one rotary embedding per layer type.
         rotary_parameters = inspect.signature(self.rotary_emb.forward).parameters
         self.rotary_per_layer_type = "layer_type" in rotary_parameters
@@ -683,6 +758,7 @@ class LayerwiseModel:
                 rotary,
                 cache,
                 position_ids,
+                self._cache_indices[index],
             )
         return hidden
 
@@ -695,11 +771,33 @@ class LayerwiseModel:
         rotary: dict[str | None, tuple[torch.Tensor, torch.Tensor]],
         cache: Cache | None,
         position_ids: torch.Tensor,
+        cache_index: int | None,
     ) -> torch.Tensor:
+        position_embeddings = rotary[layer_type if self.rotary_per_layer_type else None]
+        if (
+            isinstance(cache, ColumnKVCache)
+            and cache_index is not None
+            and cache.keys[cache_index] is not None  # not the prefill, which allocates them
+            and not self._stores_shared_kv
+        ):
+            compiling = torch.compiler.is_compiling()
+            call = _layer_region if compiling and layer_regions() else _layer_call
+            return call(
+                layer,
+                hidden,
+                masks[layer_type],
+                position_embeddings,
+                position_ids,
+                cache.keys[cache_index],
+                cache.values[cache_index],
+                cache.write_columns,
+                self.cache_keyword,
+                None if compiling else cache_index,
+            )
         hidden = layer(
             hidden,
             attention_mask=masks[layer_type],
-            position_embeddings=rotary[layer_type if self.rotary_per_layer_type else None],
+            position_embeddings=position_embeddings,
             position_ids=position_ids,
             use_cache=cache is not None,
             **{self.cache_keyword: cache},
@@ -746,7 +844,16 @@ class LayerwiseModel:
         else:
             raise TypeError(f"run_block takes a ColumnKVCache or None, not {type(cache).__name__}")
         rotary = self._rotary(hidden, {layer_type}, position_ids)
-        return self._call_layer(block, layer_type, hidden, masks, rotary, cache, position_ids)
+        return self._call_layer(
+            block,
+            layer_type,
+            hidden,
+            masks,
+            rotary,
+            cache,
+            position_ids,
+            block.self_attn.layer_idx if cache is not None else None,
+        )
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, exit_layer: int | None = None) -> torch.Tensor:

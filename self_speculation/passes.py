@@ -59,7 +59,7 @@ from self_speculation.bookkeeping import appended, settle
 from self_speculation.cpu_kernels import FewRowProducts, load_few_row_kernel
 from self_speculation.draft import DraftExit, cache_layers
 from self_speculation.kv_cache import BufferPool, ColumnKVCache
-from self_speculation.model_surgery import LayerwiseModel
+from self_speculation.model_surgery import LayerwiseModel, layer_regions
 from self_speculation.sampling import (
     draw,
     finite_or_uniform,
@@ -185,20 +185,20 @@ def compile_options(device: torch.device) -> dict:
     # Verification's k + 1 rows (and batches of up to 8 rows) go to the few-row kernel,
     # which reads each weight once for all rows (BLAS: 2-4x a one-row product); so do
     # one-row products with large weights (cpu_kernels.ONE_ROW_MIN_WEIGHTS).
-    options = {
-        **guards,
-        # The C++ wrapper calls the kernels without Python in between (~6 ms per step
-        # of Python wrapper overhead on the shipped model otherwise).
-        "cpp_wrapper": True,
-        "post_grad_fusion_options": {"decompose_mm_pass": {}},
-    }
-    import torch._inductor.config as inductor_config  # noqa: PLC0415 (loads inductor)
+    options = {**guards, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
+    if not layer_regions():
+        # Each decoder layer unrolled: the C++ wrapper calls the kernels without Python in
+        # between (~6 ms per step of Python wrapper overhead on the shipped model
+        # otherwise). It cannot call a layer traced once (LAYERSKIP_LAYER_REGIONS=1,
+        # model_surgery's _layer_region): those passes call their kernels from Python.
+        options["cpp_wrapper"] = True
+        import torch._inductor.config as inductor_config  # noqa: PLC0415 (loads inductor)
 
-    if hasattr(inductor_config, "cpp_wrapper_build_separate"):
-        # Kernels and the C++ wrapper in two files, the wrapper built at -O1: a cold compile
-        # of the shipped model's greedy step took 78.5 s against 116.0 s in one -O3 file
-        # (g++ 27 s against 65 s), at the same decoding speed (docs/fast-path.md).
-        options["cpp_wrapper_build_separate"] = True
+        if hasattr(inductor_config, "cpp_wrapper_build_separate"):
+            # Kernels and the C++ wrapper in two files, the wrapper built at -O1: a cold
+            # compile of the shipped model's greedy step took 78.5 s against 116.0 s in one
+            # -O3 file (g++ 27 s against 65 s), at the same decoding speed.
+            options["cpp_wrapper_build_separate"] = True
     if load_few_row_kernel():
         options["post_grad_custom_pre_pass"] = FewRowProducts()
     return {**common, "options": options}
@@ -351,6 +351,9 @@ class ForwardPasses:
                 # something a file's name can carry: such passes are compiled per process.
                 and not precompiled.has_hooks(model.model)
                 and not (draft and draft.adapter and precompiled.has_hooks(draft.adapter))
+                # torch 2.13 saves passes holding layer regions with inductor only (the eager
+                # backend cannot save them, aot_eager's do not load back).
+                and (compile_backend() == "inductor" or not layer_regions())
             )
             if model.device.type == "cpu" and compile_backend() == "inductor":
                 # Compiled CPU calls use the grouped few-query attention (attention.py).

@@ -14,7 +14,7 @@ import torch
 from tiny_models import IdTokenizer, make_tiny_model
 from torch._dynamo.utils import counters
 
-from self_speculation import GenerationConfig, Generator
+from self_speculation import GenerationConfig, Generator, model_surgery
 
 pytestmark = [
     pytest.mark.gpu,
@@ -111,4 +111,25 @@ def test_cuda_sampled_fast_path_draws_eager_tokens_at_every_temperature(
         assert [r.token_ids for r in fast] == [r.token_ids for r in eager]
         compiles.append(generator._passes(fast_config)._compiles)
     assert compiles[0] >= 1 and compiles[1] == compiles[0]
+    assert counters["inductor"]["cudagraph_skips"] == skips
+
+
+def test_cuda_layer_regions_equal_eager_without_skipped_graphs(
+    monkeypatch: pytest.MonkeyPatch, device: str = "cuda"
+) -> None:
+    """Each decoder layer traced once and called per layer (LAYERSKIP_LAYER_REGIONS=1,
+    ``nested_compile_region``; not the default until this has passed on a GPU): both
+    strategies' tokens equal eager decoding's for a batch, and no CUDA graph is skipped.
+    Last in the file: the GPU check's clock cuts it first. (tests/test_layer_regions.py
+    runs it on the CPU.)"""
+    monkeypatch.setattr(model_surgery, "_REGIONS_SETTING", "1")
+    assert model_surgery.layer_regions()
+    model = make_tiny_model("llama_gqa_tied", dtype=torch.float32).to(device)
+    generator = Generator(model, IdTokenizer())
+    skips = counters["inductor"]["cudagraph_skips"]
+    for strategy in ("autoregressive", "self_speculative"):
+        eager = generator.generate_batch(PROMPTS, config(strategy, False))
+        fast = generator.generate_batch(PROMPTS, config(strategy, True))
+        assert [r.token_ids for r in fast] == [r.token_ids for r in eager]
+        assert generator.fast_path_fallback(config(strategy, True)) is None
     assert counters["inductor"]["cudagraph_skips"] == skips

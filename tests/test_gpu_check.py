@@ -233,8 +233,8 @@ def test_the_carried_wheels_are_the_versions_the_tests_run() -> None:
 
 def test_the_check_runs_the_capture_tests_first(gpu_check) -> None:
     """The GPU tests the check selects (collected here, skipped without CUDA): the CUDA-graph
-    capture tests first, then the two families' exactness, then sampled self-speculation;
-    trees and adaptive left out."""
+    capture tests first, then the two families' exactness, then sampled self-speculation,
+    then each layer traced once on CUDA; trees and adaptive left out."""
     collected = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p",
          "no:cacheprovider", "-k", gpu_check.GPU_TEST_SELECTION, *gpu_check.GPU_TESTS],
@@ -249,4 +249,5 @@ def test_the_check_runs_the_capture_tests_first(gpu_check) -> None:
         "test_cuda_fast_path_equals_eager_and_replays[llama_gqa_tied-self_speculative]",
         "test_cuda_fast_path_equals_eager_and_replays[qwen2-autoregressive]",
         "test_cuda_sampled_fast_path_draws_eager_tokens_at_every_temperature",
+        "test_cuda_layer_regions_equal_eager_without_skipped_graphs",
     ]
