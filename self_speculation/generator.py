@@ -331,6 +331,7 @@ class Generator:
         self._retired_compile_seconds = 0.0  # of passes dropped since (compile_seconds)
         self._full_depth_drafts_warned = False
         self._texts: list[str] | None = None
+        self._texts_key: tuple | None = None  # what _texts were computed for
         # Finished rows leave a batch (``_rows_to_keep``); False keeps every row to the end
         # (benchmarks compare the two in one run).
         self.shed_finished_rows = True
@@ -641,9 +642,12 @@ class Generator:
     def _token_texts(self) -> list[str]:
         """Each vocabulary entry's text as it reads inside a text (after a token that is a
         word: a SentencePiece Llama tokenizer drops a text's leading space, so that "▁"
-        alone is ""), computed once."""
-        if self._texts is None:
-            vocab = self.layerwise.embed_tokens.weight.shape[0]
+        alone is ""), computed once per tokenizer and size: tokens added to the tokenizer
+        afterwards (into spare rows of the model's vocabulary) are read too."""
+        vocab = self.layerwise.embed_tokens.weight.shape[0]
+        tokenizer = self.tokenizer
+        key = (id(tokenizer), len(tokenizer) if hasattr(tokenizer, "__len__") else None, vocab)
+        if self._texts is None or key != self._texts_key:
             decode = self.tokenizer.decode
             texts = [decode([token]) for token in range(vocab)]
             letter = next(([token] for token, text in enumerate(texts) if text.isalpha()), [])
@@ -654,7 +658,7 @@ class Generator:
                     whole[len(head) :] if whole.startswith(head) else alone
                     for whole, alone in zip(after, texts, strict=True)
                 ]
-            self._texts = texts
+            self._texts, self._texts_key = texts, key
         return self._texts
 
     def _heal(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[str], torch.Tensor]:

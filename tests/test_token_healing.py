@@ -117,3 +117,22 @@ def test_processors_that_ban_every_healed_first_token_are_one_error(sample: bool
         generator.generate(PROMPT, config)
     config = GenerationConfig(max_steps=4, sample=sample, token_healing=False)
     assert generator.generate(PROMPT, config).token_ids
+
+
+def test_a_token_added_to_the_tokenizer_afterwards_may_heal_the_prompt() -> None:
+    """The vocabulary's texts follow the tokenizer: a token added after the first healed
+    generation (into a spare row of the model's vocabulary) is a first token healing
+    allows, as for a new Generator; they were computed once."""
+    generator = Generator(
+        make_tiny_model("llama_gqa_tied", dtype=torch.float32), make_tiny_tokenizer()
+    )
+    ids = generator.encode(PROMPT)
+    _, removed, before = generator._heal([ids])
+    assert removed[0].endswith("\n")
+    added = len(generator.tokenizer)
+    assert added < generator.layerwise.embed_tokens.weight.shape[0]  # a spare row
+    generator.tokenizer.add_tokens([removed[0] + "    return"])
+    assert not before[0, added]
+    _, _, after = generator._heal([ids])
+    fresh = Generator(generator.model, generator.tokenizer)._heal([ids])[2]
+    assert after[0, added] and torch.equal(after, fresh)
