@@ -421,6 +421,9 @@ def main(argv: list[str]) -> int:
             sys.stderr.write("\n")
             document["ended_by"] = "interrupted"
             status = EXIT_INTERRUPTED
+        except LayerSkipError:  # input that is no prompts (NUL bytes, an endless line)
+            document["ended_by"] = "unreadable input"
+            raise
         except BrokenPipeError:  # the reader left (| head): the document says so, then quiet
             document["ended_by"] = "output closed"
             raise

@@ -154,6 +154,23 @@ def test_generate_interactive_skips_a_bad_prompt_but_exits_non_zero(
     assert document["ended_by"] == "end of input"
 
 
+def test_generate_interactive_ended_by_unreadable_input_says_so(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Input that is no prompts (NUL bytes) ends the session in one line; the result
+    document keeps the answers before it and says how the session ended (it said null, as
+    for a run still going or killed)."""
+    generate = importlib.import_module("generate")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def add(a, b):\nbinary\x00data\n"))
+    argv = ["--model", str(tiny_model_dir), "--max_steps", "4", "--sample", "False"]
+    with pytest.raises(generate.ConfigError, match="NUL bytes"):
+        generate.main([*argv, "--streamer", "none", "--output_dir", str(tmp_path)])
+    (result,) = tmp_path.glob("generate_*.json")
+    document = json.loads(result.read_text())
+    assert len(document["prompts"]) == 1
+    assert document["ended_by"] == "unreadable input"
+
+
 def test_generate_chat_template(tiny_model_dir: Path, tmp_path: Path, caplog, capsys) -> None:
     generate = importlib.import_module("generate")
     argv = ["--prompt", "hi", "--max_steps", "4", "--chat_template", "True", "--sample", "False"]
