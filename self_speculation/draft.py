@@ -167,6 +167,16 @@ def _address(tensor: torch.Tensor) -> int | None:
         return None
 
 
+def _version(tensor: torch.Tensor) -> object:
+    """``tensor``'s in-place version; for an inference tensor (made inside
+    ``torch.inference_mode``), which keeps none, a new object each time: unequal to any
+    earlier one, so that its rows are copied at each generation (a change cannot be told)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return object()
+
+
 def _fits(copy: torch.Tensor | None, rows: torch.Tensor | None) -> bool:
     """Whether ``rows`` can be written into ``copy`` (both None, or alike tensors)."""
     if copy is None or rows is None:
@@ -233,14 +243,15 @@ class DraftExit:
 
     def _head_state(self) -> tuple | None:
         """Which head weights the rows would be copied from now: each tensor and its
-        in-place version (``load_state_dict`` and optimizer steps write weights in place);
-        None for an offloaded head (meta weights between calls, new ones at each)."""
+        in-place version (``load_state_dict`` and optimizer steps write weights in place;
+        inference tensors keep none: ``_version``); None for an offloaded head (meta
+        weights between calls, new ones at each)."""
         head = self.model.lm_head
         tensors = (head.weight, getattr(head, "bias", None))
         if head.weight.is_meta:
             return None
         return tuple(
-            None if tensor is None else (id(tensor), _address(tensor), tensor._version)
+            None if tensor is None else (id(tensor), _address(tensor), _version(tensor))
             for tensor in tensors
         )
 

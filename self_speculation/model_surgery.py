@@ -14,11 +14,13 @@ Early exit at layer E is ``unembed(run_layers(embed(x), 0, E))``; verification i
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import os
 import re
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -95,12 +97,50 @@ def _regions_supported() -> bool:
 # guards tell apart: another class, another layer type's mask), and calls that code for
 # every layer like it, where it traced and compiled every layer instance before (30 of them
 # in the shipped model's E = 7, k = 3 step). Up to 4096 distinct layers before torch gives
-# up (a model whose layers all differ traces each once, as before).
+# up (a model whose layers all differ traces each once, as before). The model's layers go
+# through one such region per structure (``region_for``); this one serves exit adapters.
 _layer_region = (
     torch.compiler.nested_compile_region(_layer_call, max_reuse_entries=4096)
     if _regions_supported()
     else _layer_call
 )
+
+
+# One region per layer structure (``region_for``): torch keeps a region's traced code by
+# its function's code object, and checks a trace of a layer against another layer by the
+# guards that trace recorded. torch 2.13 records none on the modules and weights an earlier
+# trace in the same pass read (a layer traced again for another shape of its inputs: a tree
+# step's drafts), and a layer of another structure matched it: a dense first layer's code
+# stamped out for a mixture-of-experts layer failed to compile (DeepSeek, AFMoE), a norm of
+# another class was run as the first layer's (other tokens).
+_STRUCTURE_REGIONS: dict[tuple, Callable] = {}
+
+
+def layer_structure(layer: nn.Module) -> tuple:
+    """What layers sharing a region must have alike: each module's name and class, each
+    weight's name, shape, dtype and device."""
+    tensors = [*layer.named_parameters(), *layer.named_buffers()]
+    return (
+        tuple((name, type(module)) for name, module in layer.named_modules()),
+        tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in tensors),
+    )
+
+
+def region_for(structure: tuple) -> Callable:
+    """The region layers of ``structure`` are called through when compiling: ``_layer_call``
+    under a code object of its own (``_layer_call`` itself without regions)."""
+    if _layer_region is _layer_call:
+        return _layer_call
+    region = _STRUCTURE_REGIONS.get(structure)
+    if region is None:
+        # Named by the structure, not by the order models were built in: a pass kept on
+        # disk is named after the code it runs (precompiled), in this process and the next.
+        digest = hashlib.sha256(repr(structure).encode()).hexdigest()[:16]
+        code = _layer_call.__code__.replace(co_name=f"_layer_call_{digest}")
+        function = types.FunctionType(code, _layer_call.__globals__, code.co_name)
+        region = torch.compiler.nested_compile_region(function, max_reuse_entries=4096)
+        _STRUCTURE_REGIONS[structure] = region
+    return region
 
 
 def layer_regions() -> bool:
@@ -405,6 +445,7 @@ class LayerwiseModel:
         )
         self._layer_ids = [id(layer) for layer in self.layers]  # replaced_module
         self._cache_indices = [_cache_index(layer) for layer in self.layers]
+        self._regions = [region_for(layer_structure(layer)) for layer in self.layers]
         # Some families (Gemma 3) keep one rotary embedding per layer type.
         rotary_parameters = inspect.signature(self.rotary_emb.forward).parameters
         self.rotary_per_layer_type = "layer_type" in rotary_parameters
@@ -759,6 +800,7 @@ class LayerwiseModel:
                 cache,
                 position_ids,
                 self._cache_indices[index],
+                self._regions[index],
             )
         return hidden
 
@@ -772,6 +814,7 @@ class LayerwiseModel:
         cache: Cache | None,
         position_ids: torch.Tensor,
         cache_index: int | None,
+        region: Callable = _layer_region,
     ) -> torch.Tensor:
         position_embeddings = rotary[layer_type if self.rotary_per_layer_type else None]
         if (
@@ -781,7 +824,7 @@ class LayerwiseModel:
             and not self._stores_shared_kv
         ):
             compiling = torch.compiler.is_compiling()
-            call = _layer_region if compiling and layer_regions() else _layer_call
+            call = region if compiling and layer_regions() else _layer_call
             return call(
                 layer,
                 hidden,
