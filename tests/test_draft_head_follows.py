@@ -5,6 +5,11 @@ across a change of the head's weights made in place (``model.load_state_dict`` o
 checkpoint, a training step) drafted from the old rows: greedy tokens stayed exact, but
 fewer drafts were accepted and a seed sampled other text than a new Generator and
 DraftExit on the same model do.
+
+Weights that are inference tensors (a model made or loaded inside
+``torch.inference_mode``) keep no in-place version: ``DraftExit`` read one to tell whether
+the head changed (RuntimeError "Inference tensors do not track version counter" when the
+DraftExit was made); their rows are copied at each generation instead.
 """
 
 from __future__ import annotations
@@ -62,6 +67,32 @@ def test_drafts_follow_a_head_changed_in_place_inside_inference_mode() -> None:
         kept = _generator(model)  # its copy of the rows is an inference tensor
         _run(kept, sample=True)
     with torch.no_grad():
+        model.lm_head.weight.mul_(-1.5)
+    fresh = _generator(model)
+    for sample in (False, True):
+        assert _run(kept, sample) == _run(fresh, sample)
+
+
+def _inference_model(seed: int) -> torch.nn.Module:
+    with torch.inference_mode():
+        return _model(seed)
+
+
+def test_a_draft_vocabulary_on_inference_weights_decodes_autoregressive_tokens() -> None:
+    model = _inference_model(0)
+    assert model.lm_head.weight.is_inference()
+    generator = _generator(model)
+    plain = Generator(model, make_tiny_tokenizer())
+    autoregressive = GenerationConfig(max_steps=16, sample=False)
+    expected = plain.generate(PROMPT, autoregressive).token_ids
+    assert _run(generator, sample=False)[0] == expected
+
+
+def test_drafts_follow_inference_weights_changed_in_place() -> None:
+    model = _inference_model(0)
+    kept = _generator(model)
+    _run(kept, sample=True)
+    with torch.inference_mode():  # where inference tensors may be written
         model.lm_head.weight.mul_(-1.5)
     fresh = _generator(model)
     for sample in (False, True):
