@@ -147,7 +147,7 @@ def layer_regions() -> bool:
     """Whether compiled passes trace each decoder layer once and reuse it
     (``_layer_region``): with LAYERSKIP_LAYER_REGIONS=1, on torch >= 2.12. Not by default:
     on CPU inductor's C++ wrapper cannot call such a region, and its Python wrapper made
-    decoding 13-17% slower on the shipped model, for half the cold compile
+    decoding 11-17% slower on the shipped model, for half the cold compile
     (docs/fast-path.md); on CUDA, where CUDA graphs replay whatever wrapper, it has not run
     on a GPU yet."""
     return _REGIONS_SETTING == "1" and _layer_region is not _layer_call
