@@ -648,7 +648,7 @@ class Generator:
         tokenizer = self.tokenizer
         key = (id(tokenizer), len(tokenizer) if hasattr(tokenizer, "__len__") else None, vocab)
         if self._texts is None or key != self._texts_key:
-            decode = self.tokenizer.decode
+            decode = tokenizer.decode
             texts = [decode([token]) for token in range(vocab)]
             letter = next(([token] for token, text in enumerate(texts) if text.isalpha()), [])
             if letter:

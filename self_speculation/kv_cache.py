@@ -340,7 +340,6 @@ class LayerColumns(Cache):
         super().__init__(layers=[])
         self.keys, self.values, self.write_columns = keys, values, columns
         self.layer_idx = layer_idx
-        self.tree = None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs

@@ -116,14 +116,21 @@ def attention_layer_types(config: PretrainedConfig, num_layers: int, owner: str)
     return layer_types
 
 
-def check_cache_layers(layers: nn.ModuleList, owner: str) -> None:
+def check_cache_layers(layers: nn.ModuleList, owner: str) -> list[int | None]:
     """The engine's cache has one layer per decoder layer, and a decoder layer's attention
     writes the cache layer of its own index (``layer_idx``). A family whose decoder layer
     holds attention of other cache indices (LongCat-Flash: two per layer, 2i and 2i + 1)
     is refused in one line, and so is one whose layers reuse another layer's keys and values
     (Gemma 4's KV sharing: a draft or verification range would miss the layer that holds
-    them)."""
+    them).
+
+    Returns:
+        Each layer's cache index: its own index where its modules carry a ``layer_idx``,
+        None where none does.
+    """
+    indices: list[int | None] = []
     for index, layer in enumerate(layers):
+        indices.append(None)
         for name, module in layer.named_modules():
             if getattr(module, "is_kv_shared_layer", False) is True:
                 raise UnsupportedModelError(
@@ -138,6 +145,9 @@ def check_cache_layers(layers: nn.ModuleList, owner: str) -> None:
                     f"{cache_index} ({name or 'the layer itself'}); the layer-wise engine "
                     "keeps one cache layer per decoder layer"
                 )
+            if isinstance(cache_index, int) and not isinstance(cache_index, bool):
+                indices[index] = index
+    return indices
 
 
 def generation_hook_limit(model: nn.Module, config: PretrainedConfig) -> int | None:

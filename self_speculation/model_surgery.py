@@ -153,18 +153,6 @@ def layer_regions() -> bool:
     return _REGIONS_SETTING == "1" and _layer_region is not _layer_call
 
 
-def _cache_index(layer: nn.Module) -> int | None:
-    """The cache index a decoder layer's attention writes under (the ``layer_idx`` its
-    modules carry), or None when they carry none or several."""
-    found = {
-        module.layer_idx
-        for module in layer.modules()
-        if isinstance(getattr(module, "layer_idx", None), int)
-        and not isinstance(module.layer_idx, bool)
-    }
-    return found.pop() if len(found) == 1 else None
-
-
 def cache_keyword(function: Callable) -> str:
     """The keyword under which ``function`` (a decoder layer's forward, a mask helper) takes
     the KV cache: ``cache`` from transformers 5.24 on (where ``past_key_values`` is a
@@ -423,7 +411,8 @@ class LayerwiseModel:
         if bypassed is not None:
             raise UnsupportedModelError(f"{owner}: {bypassed}")
         self.layers: nn.ModuleList = self.base.layers
-        check_cache_layers(self.layers, owner)
+        # Where each layer's attention writes (its own index; None: it names none).
+        self._cache_indices = check_cache_layers(self.layers, owner)
         self.embed_tokens = _require(self.base, "embed_tokens", owner)
         self.norm = _require(self.base, "norm", owner)
         self.rotary_emb = _require(self.base, "rotary_emb", owner)
@@ -444,7 +433,6 @@ class LayerwiseModel:
             for module in self.layers.modules()
         )
         self._layer_ids = [id(layer) for layer in self.layers]  # replaced_module
-        self._cache_indices = [_cache_index(layer) for layer in self.layers]
         self._regions = [region_for(layer_structure(layer)) for layer in self.layers]
         # Some families (Gemma 3) keep one rotary embedding per layer type.
         rotary_parameters = inspect.signature(self.rotary_emb.forward).parameters
