@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -41,6 +42,22 @@ def _one_torch_thread_after_each_test():
     yield
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_after_each_test():
+    """Scripts run in-process point the root logger at the sys.stderr of their test (pytest's
+    capture, closed when the test ends). A later test of the same worker that logged before
+    its script configured logging wrote "--- Logging error ---" (a write to that closed
+    stream) above its own output. So after each test: the handlers ``logging.basicConfig``
+    added are removed (pytest keeps its own) and the root level put back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):  # logging.basicConfig's; pytest's own are subclasses
+        if type(handler) is logging.StreamHandler and handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
