@@ -111,3 +111,27 @@ def test_a_ctrl_c_before_any_checkpoint_says_so(
     assert train.main([*arguments, "--output_dir", str(tmp_path / "run")]) == 130
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error == "train.py: interrupted before the first checkpoint: nothing to resume"
+
+
+def test_a_budget_below_one_step_and_a_warmup_past_the_run_are_said(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """--max_tokens 9 trained a whole step of 32 tokens, and the default --warmup_steps 100
+    of a one-step run reached 1/100 of --learning_rate, both without a word."""
+    corpus = write_python_corpus(tmp_path / "corpus")
+    common = ["--preset", "tiny", "--vocab_size", "300", "--seq_len", "32", *ONE_STEP]
+    common += ["--data", f"{corpus}/*.py", "--learning_rate", "0.001"]
+    arguments = [*common, "--max_tokens", "9", "--output_dir", str(tmp_path / "short")]
+    assert train.main(arguments) == 0
+    error = caplog.text
+    assert "--max_tokens 9 is less than one optimizer step (32 tokens): training one step" in error
+    assert (
+        "--warmup_steps 100 is longer than the run (1 steps): the learning rate peaks at 1e-05, "
+        "not --learning_rate 0.001" in error
+    )
+    # A warmup the run completes, and a budget of whole steps: nothing said.
+    arguments = [*common, "--warmup_steps", "2", "--max_tokens", "64"]
+    caplog.clear()
+    assert train.main([*arguments, "--output_dir", str(tmp_path / "fits")]) == 0
+    error = caplog.text
+    assert "--max_tokens" not in error and "--warmup_steps" not in error

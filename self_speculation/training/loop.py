@@ -56,7 +56,11 @@ from self_speculation.training.checkpointing import (
     recover_checkpoint,
     save_checkpoint,
 )
-from self_speculation.training.config import TrainConfig, unused_recipe_settings
+from self_speculation.training.config import (
+    TrainConfig,
+    TrainingArguments,
+    unused_recipe_settings,
+)
 from self_speculation.training.curriculum import active_exits
 from self_speculation.training.data import BlockStream, pack_blocks
 from self_speculation.training.distributed_setup import (
@@ -953,6 +957,29 @@ def _train_locked(
         return _run(config, distributed, device, model, tokenizer, blocks)
 
 
+def _warn_about_schedule(
+    args: TrainingArguments, tokens_per_step: int, total_steps: int | None
+) -> None:
+    """One warning each where the token budget makes the schedule other than the flags read:
+    a budget below one step trains a whole step, and a warmup longer than the run never
+    reaches --learning_rate."""
+    if args.max_tokens and args.max_tokens < tokens_per_step:
+        logger.warning(
+            "--max_tokens %d is less than one optimizer step (%d tokens): training one step",
+            args.max_tokens,
+            tokens_per_step,
+        )
+    if total_steps is not None and args.warmup_steps > total_steps:
+        logger.warning(
+            "--warmup_steps %d is longer than the run (%d steps): the learning rate "
+            "peaks at %.3g, not --learning_rate %g",
+            args.warmup_steps,
+            total_steps,
+            args.learning_rate * total_steps / args.warmup_steps,
+            args.learning_rate,
+        )
+
+
 def _run(
     config: TrainConfig,
     distributed: DistributedContext,
@@ -977,6 +1004,8 @@ def _run(
         device,
         "FSDP2" if args.fsdp else ("DDP" if distributed.world_size > 1 else "one process"),
     )
+    if not args.resume and distributed.is_main:
+        _warn_about_schedule(args, trainer.tokens_per_step, trainer.progress.total_steps)
     if args.resume:
         trainer.load_checkpoint()
         if distributed.is_main:
