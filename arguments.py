@@ -308,7 +308,8 @@ class GenerationArguments:
     """Never repeat an n-gram of this size (transformers' no_repeat_ngram_size); 0: off, a
     checkpoint's own setting too; default: the checkpoint's (off when it has none)."""
     stop_words: list[str] | None = None
-    """Stop once the output contains one of these."""
+    """Stop once the output contains one of these (a special token's text, "<|im_end|>": at
+    that token)."""
     stop_token_ids: list[int] | None = None
     """Extra end-of-sequence token ids."""
     draft_confidence_threshold: float = 0.0

@@ -66,7 +66,8 @@ class GenerationConfig:
         no_repeat_ngram_size: forbid repeating n-grams of this size; 0: off, the
             checkpoint's own setting too (as ``generate(no_repeat_ngram_size=0)``); None:
             the checkpoint's setting (off when it has none).
-        stop_words: stop once the generated text contains one of these.
+        stop_words: stop once the generated text contains one of these; a special
+            token's text ("<|im_end|>") stops at that token.
         stop_token_ids: extra end-of-sequence token ids (the tokenizer's EOS always stops).
         draft_confidence_threshold: stop drafting early in a step once the early exit's
             top probability for a draft falls below this (0: always draft

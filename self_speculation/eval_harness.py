@@ -158,9 +158,7 @@ class LayerSkipLM(LM):
     def _encode_with_specials(self, text: str) -> list[int]:
         """``text``'s ids with the tokenizer's own special tokens, but no second BOS when the
         text already starts with the BOS token's text (HFLM.tok_encode's has_bos_prefix)."""
-        bos = self.tokenizer.bos_token
-        add = not (isinstance(bos, str) and bos and text.startswith(bos))
-        return list(self.tokenizer(text, add_special_tokens=add)["input_ids"])
+        return list(self.generator.encode(text))
 
     def _pair_ids(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         stripped = context.rstrip()

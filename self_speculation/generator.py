@@ -152,6 +152,14 @@ class StopChecker:
         self.tail_tokens = longest + 8
         self._silent = special_token_ids(tokenizer)
         self._text_ids = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+        # A stop word that is a special token's text ("<|im_end|>") is matched by the
+        # token's id: the token decodes to no text. (Not the end-of-sequence ids: they
+        # stop as "eos".)
+        names = {}
+        if self.stop_words and hasattr(tokenizer, "convert_ids_to_tokens"):
+            names = {token: tokenizer.convert_ids_to_tokens(token) for token in self._silent}
+        words = [token for token, name in names.items() if name in self.stop_words]
+        self.stop_word_ids = frozenset(words) - eos_token_ids
 
     def _tail_start(self, generated: list[int]) -> int:
         """Where the tail to decode begins: ``tail_tokens`` tokens with text back."""
@@ -178,6 +186,8 @@ class StopChecker:
         """
         if generated[-1] in self.eos_token_ids:
             return "eos"
+        if generated[-1] in self.stop_word_ids:
+            return "stop_word"
         if self.stop_words:
             start = self._tail_start(generated)
             tail = decode_after(self.tokenizer, context if start == 0 else (), generated[start:])
@@ -519,9 +529,14 @@ class Generator:
         return resolved
 
     def encode(self, prompt: str) -> list[int]:
-        """Prompt text -> token ids (with the tokenizer's special tokens, e.g. BOS)."""
+        """Prompt text -> token ids (with the tokenizer's special tokens, e.g. BOS), but no
+        second BOS before a text that starts with the BOS token's text (a chat template's
+        text, which writes it out), as lm-eval's HFLM encodes (its has_bos_prefix)."""
         if not isinstance(prompt, str):
             raise ArgumentTypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if isinstance(bos, str) and bos and prompt.startswith(bos):
+            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return self.tokenizer(prompt)["input_ids"]
 
     def generate(
@@ -919,7 +934,7 @@ class Generator:
             raise ConfigError("a streamer can follow one prompt only")
         limits = [self._token_limit(len(ids), config) for ids in prompt_ids]
         stop_token_ids = self.eos_token_ids | frozenset(config.stop_token_ids or [])
-        stop_words = StopChecker(self.tokenizer, frozenset(), config.stop_words)
+        stop_words = StopChecker(self.tokenizer, stop_token_ids, config.stop_words)
         strategy = self._strategy(config, generator)
         speculative = config.generation_strategy.speculative
         device = self.layerwise.device
