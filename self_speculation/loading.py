@@ -21,10 +21,15 @@ from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoTokenizer,
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
 )
 
 from self_speculation.draft import ADAPTER_WEIGHTS_NAME, read_adapter_config
@@ -728,8 +733,9 @@ def load_model_and_tokenizer(
                 if key == "gguf_file" or key in SHARED_LOADING_KEYS
             },
         )
+        model_class = _auto_model_class(source, arguments)
         with _quiet_loading_report():
-            loaded, info = AutoModelForCausalLM.from_pretrained(
+            loaded, info = model_class.from_pretrained(
                 source,
                 dtype=torch_dtype,
                 output_loading_info=True,
@@ -767,6 +773,28 @@ def load_model_and_tokenizer(
     )
     loaded.to(device).eval()
     return loaded, tokenizer
+
+
+def _auto_model_class(source: str, arguments: dict[str, Any]) -> type:
+    """``auto_model_class`` of the config at ``source``."""
+    shared = {
+        key: value
+        for key, value in arguments.items()
+        if key == "gguf_file" or key in SHARED_LOADING_KEYS
+    }
+    return auto_model_class(AutoConfig.from_pretrained(source, **shared))
+
+
+def auto_model_class(config: PreTrainedConfig) -> type:
+    """AutoModelForCausalLM; for a multimodal checkpoint that it does not load (Mistral 3,
+    Qwen2-VL and Qwen3-VL, Llava...), AutoModelForImageTextToText, whose language model the
+    engine decodes text-only (the load-time probe decides whether exactly) and train.py
+    trains."""
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and (
+        type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    ):
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def user_turn(tokenizer: PreTrainedTokenizerBase, prompt: str, tokenize: bool) -> str | list[int]:

@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     Cohere2Config,
     CohereConfig,
     DeepseekV2Config,
@@ -234,10 +235,52 @@ _REGISTERED_SIZES = dict(
 
 
 # Multimodal checkpoints decoded text-only (their text decoder under .model.language_model).
-FAMILIES_MULTIMODAL = ("gemma3_multimodal",)
+# Multimodal checkpoints whose language model is decoded text-only; all but Gemma 3 are
+# loaded by AutoModelForImageTextToText (AutoModelForCausalLM does not know them).
+FAMILIES_MULTIMODAL = (
+    "gemma3_multimodal",
+    "mistral3",
+    "llava",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+)
+_MULTIMODAL_VISION = dict(
+    depth=1,
+    num_hidden_layers=1,
+    hidden_size=32,
+    embed_dim=32,
+    intermediate_size=64,
+    num_heads=2,
+    num_attention_heads=2,
+    out_hidden_size=32,
+    image_size=28,
+    patch_size=14,
+)
 
 
 def _multimodal_config(family: str, **overrides):
+    if family != "gemma3_multimodal":
+        config = AutoConfig.for_model(family)
+        text = config.text_config
+        for name, value in {**_COMMON, "num_key_value_heads": 2, **overrides}.items():
+            setattr(text, name, value)
+        if getattr(text, "layer_types", None):
+            text.layer_types = text.layer_types[: text.num_hidden_layers]
+        if getattr(text, "head_dim", None):  # the default config's, for its own sizes
+            text.head_dim = text.hidden_size // text.num_attention_heads
+        if "mrope_section" in (getattr(text, "rope_parameters", None) or {}) or "qwen" in family:
+            # Qwen's multimodal rotary sections (temporal, height, width) of head_dim / 2.
+            text.rope_parameters = {**text.rope_parameters, "mrope_section": [2, 1, 1]}
+        for name, value in _MULTIMODAL_VISION.items():
+            if hasattr(config.vision_config, name):
+                setattr(config.vision_config, name, value)
+        # Untied: a tied random tiny model mostly repeats its last token (Mistral 3's did).
+        config.tie_word_embeddings = text.tie_word_embeddings = False
+        for name in ("image_token_id", "image_token_index", "video_token_id"):
+            if hasattr(config, name):
+                setattr(config, name, VOCAB_SIZE - 3)
+        return config
     text = Gemma3TextConfig(
         **{**_COMMON, "num_key_value_heads": 2, "head_dim": 8, "sliding_window": 4, **overrides}
     )
@@ -293,7 +336,10 @@ def make_tiny_model(
             config_class, family_overrides = FAMILIES[family]
         config = config_class(**{**_COMMON, **family_overrides, **overrides})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    loads = AutoModelForCausalLM
+    if family in FAMILIES_MULTIMODAL and family != "gemma3_multimodal":
+        loads = AutoModelForImageTextToText
+    model = loads.from_config(config, dtype=dtype)
     return model.eval()
 
 

@@ -18,7 +18,8 @@ from torch import nn
 
 from self_speculation.distributed import DistributedContext, barrier
 from self_speculation.errors import ConfigError, one_line, save_tokenizer
-from self_speculation.loading import load_model_and_tokenizer
+from self_speculation.loading import auto_model_class, load_model_and_tokenizer
+from self_speculation.model_surgery import find_base_model
 from self_speculation.training.checkpointing import CHECKPOINT_DIR, damaged
 from self_speculation.training.config import DataArguments, TrainConfig
 from self_speculation.training.data import hub_texts, read_texts, resolve_files, train_tokenizer
@@ -70,7 +71,7 @@ def build_model_and_tokenizer(
             architecture = AutoConfig.from_pretrained(output_dir / CHECKPOINT_DIR)
         except Exception as error:
             raise damaged(output_dir / CHECKPOINT_DIR, error) from None
-        model = AutoModelForCausalLM.from_config(architecture, dtype=torch.float32)
+        model = auto_model_class(architecture).from_config(architecture, dtype=torch.float32)
         if (output_dir / TOKENIZER_DIR / GENERATION_CONFIG_NAME).is_file():  # a continued model's
             model.generation_config = GenerationConfig.from_pretrained(output_dir / TOKENIZER_DIR)
     elif config.model.model:
@@ -114,4 +115,23 @@ def build_model_and_tokenizer(
             ) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    freeze_outside_text_decoder(model)
     return model.train(), tokenizer
+
+
+def freeze_outside_text_decoder(model: nn.Module) -> None:
+    """A multimodal model's vision tower and projector: frozen. Text training gives them no
+    gradient, so the optimizer kept no state for them, and a resume failed to load the
+    state the checkpoint lacked; their weights are exported as loaded. A text-only causal
+    LM is all decoder and LM head: nothing to freeze."""
+    trained = {id(parameter) for parameter in find_base_model(model).parameters()}
+    head = model.get_output_embeddings()
+    trained |= {id(parameter) for parameter in head.parameters()} if head is not None else set()
+    frozen = [p for p in model.parameters() if id(p) not in trained and p.requires_grad]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    if frozen:
+        logger.info(
+            "%d parameters outside the text decoder and LM head (a vision tower...) are frozen",
+            sum(parameter.numel() for parameter in frozen),
+        )

@@ -276,9 +276,9 @@ def export_pretrained(
         if weights is None:
             final = model.eval().to(torch.bfloat16)
         else:
-            from transformers import AutoModelForCausalLM
+            from self_speculation.loading import auto_model_class  # noqa: PLC0415
 
-            final = AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16)
+            final = auto_model_class(model.config).from_config(model.config, dtype=torch.bfloat16)
             missing, unexpected = final.load_state_dict(weights, strict=False)
             final.tie_weights()
             tied = {name for name in missing if name.endswith("lm_head.weight")}
