@@ -369,6 +369,9 @@ def main(argv: list[str]) -> int:
             "script": "generate.py",
             "arguments": arguments_dict(args, generation, options),
             "generation_config": vars(config),
+            # --chat_template True on a tokenizer without a template: prompts as written.
+            "chat_template_applied": options.chat_template
+            and getattr(generator.tokenizer, "chat_template", None) is not None,
             "environment": environment_info(generator, context, [config]),
             "ended_by": None,
             "prompts": [],

@@ -65,6 +65,29 @@ def test_generate_py_gives_a_prompt_that_writes_out_the_bos_one_bos(tmp_path: Pa
     assert counts[0] == counts[1]
 
 
+def test_generate_py_records_whether_the_chat_template_ran(tmp_path: Path) -> None:
+    """--chat_template True on a tokenizer without one uses the prompt as written (a
+    warning says so); the document recorded only the flag, True."""
+    generate = importlib.import_module("generate")
+    model_dir = tmp_path / "model"
+    make_tiny_model("llama_gqa_tied").save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)  # no chat template
+    chat_dir = tmp_path / "chat"
+    make_tiny_model("llama_gqa_tied").save_pretrained(chat_dir)
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    tokenizer.save_pretrained(chat_dir)
+    applied = []
+    for model, flag in ((model_dir, "True"), (chat_dir, "True"), (chat_dir, "False")):
+        logs = tmp_path / f"logs-{model.name}-{flag}"
+        argv = ["--model", str(model), "--prompt", "x", "--chat_template", flag, "--sample"]
+        argv += ["False", "--max_steps", "2", "--output_dir", str(logs)]
+        assert generate.main(argv) == 0
+        document = json.loads(next(logs.glob("generate_*.json")).read_text())
+        applied.append(document["chat_template_applied"])
+    assert applied == [False, True, False]
+
+
 def chat_tokenizer_and_chain():
     """The tiny tokenizer with "<|im_end|>" added as a special token (not the EOS), and a
     greedy chain that writes it between two words."""
