@@ -111,8 +111,8 @@ class EvalArguments:
     """Bootstrap resamples for standard errors (0: off)"""
     use_cache: str | None = None
     """Folder for lm-eval's request cache (SQLite): each finished request is stored as it
-    finishes (sampled generations only once their task's are all done), and a rerun with
-    the same settings (an interrupted one, say) reuses them."""
+    finishes (sampled generations are not kept: a rerun draws them again, from the same
+    seeds), and a rerun with the same settings (an interrupted one, say) reuses them."""
 
     def __post_init__(self) -> None:
         self.tasks = [
@@ -382,6 +382,7 @@ def main(argv: list[str]) -> int:
             finally:  # the cache writes in a thread of its own: what is queued is kept
                 stored = getattr(lm.cache_hook, "dbdict", None)
                 if stored is not None:
+                    lm.forget_sampled_answers()
                     stored.close()
         document = {
             "script": "eval.py",

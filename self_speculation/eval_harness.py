@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lm_eval.api.model import LM
+from lm_eval.api.model import LM, hash_args
 from tqdm import tqdm
 
 from self_speculation.config import MIN_TEMPERATURE, GenerationConfig
@@ -117,6 +117,9 @@ class LayerSkipLM(LM):
         # The settings generate_until ran with (the CLI's, with each task's gen_kwargs over
         # them), each once, in the order first used.
         self.configs_used: list[dict[str, Any]] = []
+        # The args of each sampled generate_until request: answers the request cache must
+        # not keep (forget_sampled_answers).
+        self.sampled_requests: list[tuple] = []
         self.max_length = generator.layerwise.context_length or DEFAULT_CONTEXT
         # The end-of-sequence token's text: a stop string of every generate_until request,
         # as lm-eval's HFLM adds it (a model can write that text in ordinary tokens).
@@ -232,6 +235,18 @@ class LayerSkipLM(LM):
         return results
 
     # --- generation -------------------------------------------------------------------
+    def forget_sampled_answers(self) -> None:
+        """Take the sampled answers out of the request cache, once lm-eval's CachingLM has
+        stored every answer of a call under its request's text: the text a request's
+        repeats share, so a rerun that the cache answered (it does unless the task sets
+        do_sample) got one answer for repeats drawn apart. A rerun draws them again, from
+        the same seeds."""
+        stored = getattr(self.cache_hook, "dbdict", None)
+        if stored is None:
+            return
+        for args in self.sampled_requests:
+            stored.pop(hash_args("generate_until", args), None)
+
     def _request_config(self, gen_kwargs: dict[str, Any]) -> tuple[GenerationConfig, list[str]]:
         """This request's config and stop strings: the task's kwargs over the CLI's."""
         refuse_unapplied_gen_kwargs(gen_kwargs, "generation kwargs")
@@ -305,6 +320,8 @@ class LayerSkipLM(LM):
             outputs.append(text)
             if not config.sample:  # a sampled answer is drawn again on a rerun
                 self.cache_hook.add_partial("generate_until", request.args, text)
+            else:
+                self.sampled_requests.append(request.args)
             row = {"request": number, "context": context, "prediction": text, **result.metrics()}
             self.generation_rows.append(row)
             if self.on_generation is not None:
