@@ -346,6 +346,10 @@ def main(argv: list[str]) -> int:
             lm = LayerSkipLM(
                 generator, config, exit_layer, seed=args.seed, on_generation=_writing(writer)
             )
+            if evaluation.gen_kwargs is not None:  # its values, now: not after the other tasks
+                from lm_eval.utils import simple_parse_args_string
+
+                lm.check_gen_kwargs(simple_parse_args_string(evaluation.gen_kwargs))
             try:
                 output = simple_evaluate(
                     model=lm,

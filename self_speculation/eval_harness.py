@@ -247,6 +247,12 @@ class LayerSkipLM(LM):
         for args in self.sampled_requests:
             stored.pop(hash_args("generate_until", args), None)
 
+    def check_gen_kwargs(self, gen_kwargs: dict[str, Any]) -> None:
+        """ConfigError, as a request would raise it, for ``--gen_kwargs`` values generation
+        cannot take (``do_sample=maybe``, ``max_gen_toks=0``, ``top_k=5.5``): before any task
+        runs, not once the log-likelihood tasks before it are done."""
+        self._request_config(gen_kwargs)
+
     def _request_config(self, gen_kwargs: dict[str, Any]) -> tuple[GenerationConfig, list[str]]:
         """This request's config and stop strings: the task's kwargs over the CLI's."""
         refuse_unapplied_gen_kwargs(gen_kwargs, "generation kwargs")
@@ -259,6 +265,8 @@ class LayerSkipLM(LM):
         for key in MAX_TOKENS_GEN_KWARGS:  # the first given, as lm-eval takes it
             if gen_kwargs.get(key) is not None:
                 changes["max_steps"] = _number(gen_kwargs, key, int)
+                if changes["max_steps"] < 1:
+                    raise ConfigError(f"generation kwarg {key} must be >= 1, got {gen_kwargs[key]}")
                 break
         if gen_kwargs.get("do_sample") is not None:
             changes["sample"] = _flag(gen_kwargs, "do_sample")
