@@ -330,7 +330,15 @@ class LayerSkipLM(LM):
                 self.cache_hook.add_partial("generate_until", request.args, text)
             else:
                 self.sampled_requests.append(request.args)
-            row = {"request": number, "context": context, "prediction": text, **result.metrics()}
+            # Which task and document a row answers (lm-eval's Instance; None otherwise).
+            row = {
+                "request": number,
+                "task": getattr(request, "task_name", None),
+                "doc_id": getattr(request, "doc_id", None),
+                "context": context,
+                "prediction": text,
+                **result.metrics(),
+            }
             self.generation_rows.append(row)
             if self.on_generation is not None:
                 self.on_generation(row)
