@@ -25,6 +25,7 @@ checks find what would break it and either adapt (a shorter usable context) or r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -80,6 +81,20 @@ def check_transformers_version(version: str | None = None) -> None:
         )
 
 
+def _reads_layer_types(config: PretrainedConfig) -> bool:
+    """Whether ``config.layer_types`` is a setting of the config's family. A transformers
+    config class without that field (Mistral's, Mixtral's, Phi-3's, Starcoder2's,
+    Qwen3-MoE's) keeps a config.json's ``layer_types`` as a stray attribute its forward
+    never reads (a Mixtral, Phi-3 or Starcoder2 config.json listing them; a Mistral one
+    loaded with ``MistralForCausalLM``, which AutoModel would load as Ministral): such a
+    family windows every layer. Configs from elsewhere (remote code) are taken at their
+    word."""
+    cls = type(config)
+    if not cls.__module__.startswith("transformers.") or not dataclasses.is_dataclass(cls):
+        return True
+    return any(field.name == "layer_types" for field in dataclasses.fields(cls))
+
+
 def attention_layer_types(config: PretrainedConfig, num_layers: int, owner: str) -> list[str]:
     """Each decoder layer's attention kind, as the family's own forward applies it.
 
@@ -87,7 +102,7 @@ def attention_layer_types(config: PretrainedConfig, num_layers: int, owner: str)
         UnsupportedModelError: a kind the engine cannot reproduce, a list of the wrong
             length, or a sliding layer without a usable window.
     """
-    declared = getattr(config, "layer_types", None)
+    declared = getattr(config, "layer_types", None) if _reads_layer_types(config) else None
     window = getattr(config, "sliding_window", None)
     if declared:
         layer_types = list(declared)
