@@ -199,7 +199,8 @@ class Arguments:
             ConfigError: settings outside the model's range, or unknown --model_args keys.
         """
         if self.model != "smollm2" and not self.model.endswith(".gguf"):
-            check_model_source(self.model)  # a mistyped path fails now, not after the data
+            # A mistyped path fails now, not after the data.
+            check_model_source(self.model, self.model_kwargs.get("cache_dir"))
         facts = inspect_model(self.model, self.model_kwargs)
         if facts is None:
             return None

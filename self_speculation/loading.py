@@ -79,7 +79,7 @@ def _offline() -> bool:
     )
 
 
-def check_model_source(model: str) -> None:
+def check_model_source(model: str, cache_dir: str | None = None) -> None:
     """Fail at once on a ``--model`` that is neither on this machine nor a reachable hub id.
 
     Otherwise ``from_pretrained`` takes any name it cannot find locally for a hub id and
@@ -87,7 +87,8 @@ def check_model_source(model: str) -> None:
     with ``.``, ``/`` or ``~``, has a backslash, more than one ``/``, or a first component
     that is a local directory, as in a mistyped ``models/layerskip-stdlb``) or that is not
     a valid hub id is reported as a missing directory, with the nearest existing names.
-    Offline (``HF_HUB_OFFLINE``), a hub id must already be in the hub cache.
+    Offline (``HF_HUB_OFFLINE``), a hub id must already be in the hub cache (``cache_dir``,
+    a ``--model_args cache_dir=...``, or the default one).
 
     Raises:
         ModelLoadError: one line naming the model and what was looked for.
@@ -132,11 +133,12 @@ def check_model_source(model: str) -> None:
         )
         hint = f" (did you mean {', '.join(str(parent / name) for name in near)}?)" if near else ""
         raise ModelLoadError(f"model directory not found: {model}{hint}")
-    cached = Path(hub_constants.HF_HUB_CACHE) / f"models--{model.replace('/', '--')}"
+    cache = os.path.expanduser(str(cache_dir)) if cache_dir else hub_constants.HF_HUB_CACHE
+    cached = Path(cache) / f"models--{model.replace('/', '--')}"
     if _offline() and not cached.is_dir():
         raise ModelLoadError(
             f"model '{model}' is not a local directory, and HF_HUB_OFFLINE is set while the "
-            f"hub cache ({hub_constants.HF_HUB_CACHE}) has no copy of it"
+            f"hub cache ({cache}) has no copy of it"
         )
 
 
@@ -277,8 +279,19 @@ def _local_directory(model: str, subfolder: str = "") -> Path | None:
     return path / subfolder if subfolder else path
 
 
-# from_pretrained options that also decide how config.json and the tokenizer are read.
-SHARED_LOADING_KEYS = ("trust_remote_code", "revision", "subfolder", "code_revision")
+# from_pretrained options that also decide how config.json and the tokenizer are read (and
+# where from: a gated hub model's token, a cache folder of its own, offline).
+SHARED_LOADING_KEYS = (
+    "trust_remote_code",
+    "revision",
+    "subfolder",
+    "code_revision",
+    "token",
+    "cache_dir",
+    "local_files_only",
+    "force_download",
+    "proxies",
+)
 
 
 def _shared_loading_args(model_args: dict[str, Any] | None) -> dict[str, Any]:
@@ -720,20 +733,14 @@ def load_model_and_tokenizer(
         arguments["gguf_file"] = os.path.basename(source)
         source = os.path.dirname(os.path.abspath(source))
     else:
-        check_model_source(source)
+        check_model_source(source, arguments.get("cache_dir"))
     facts = inspect_model(model, model_args)
     check_model_args(model_args or {}, facts.config if facts else None)
     logger.info("loading %s (%s, %s)", model, torch_dtype, device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source,
-            **{
-                key: value
-                for key, value in arguments.items()
-                if key == "gguf_file" or key in SHARED_LOADING_KEYS
-            },
-        )
-        model_class = _auto_model_class(source, arguments)
+        reading = _reading_args(arguments)
+        tokenizer = AutoTokenizer.from_pretrained(source, **reading)
+        model_class = auto_model_class(AutoConfig.from_pretrained(source, **reading))
         with _quiet_loading_report():
             loaded, info = model_class.from_pretrained(
                 source,
@@ -775,14 +782,13 @@ def load_model_and_tokenizer(
     return loaded, tokenizer
 
 
-def _auto_model_class(source: str, arguments: dict[str, Any]) -> type:
-    """``auto_model_class`` of the config at ``source``."""
-    shared = {
+def _reading_args(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The from_pretrained ``arguments`` that the tokenizer and config.json are read with."""
+    return {
         key: value
         for key, value in arguments.items()
         if key == "gguf_file" or key in SHARED_LOADING_KEYS
     }
-    return auto_model_class(AutoConfig.from_pretrained(source, **shared))
 
 
 def auto_model_class(config: PreTrainedConfig) -> type:
