@@ -206,7 +206,9 @@ class Arguments:
             return None
         check_model_args(self.model_kwargs, facts.config)
         adapter = read_adapter_config(self.draft_adapter) if self.draft_adapter else None
-        hidden_size = getattr(facts.config, "hidden_size", None)
+        # A multimodal config keeps the text decoder's width in its text_config.
+        text_config = facts.config.get_text_config(decoder=True)
+        hidden_size = getattr(text_config, "hidden_size", None)
         if (
             adapter is not None
             and facts.num_layers is not None

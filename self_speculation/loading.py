@@ -740,7 +740,7 @@ def load_model_and_tokenizer(
     try:
         reading = _reading_args(arguments)
         tokenizer = AutoTokenizer.from_pretrained(source, **reading)
-        model_class = auto_model_class(AutoConfig.from_pretrained(source, **reading))
+        model_class = _model_class(source, reading)
         with _quiet_loading_report():
             loaded, info = model_class.from_pretrained(
                 source,
@@ -780,6 +780,16 @@ def load_model_and_tokenizer(
     )
     loaded.to(device).eval()
     return loaded, tokenizer
+
+
+def _model_class(source: str, reading: dict[str, Any]) -> type:
+    """``auto_model_class`` of the config at ``source``, read with ``reading``. A GGUF
+    file's is AutoModelForCausalLM (transformers reads no multimodal-only architecture
+    from GGUF), without parsing its metadata once more: seconds for SmolLM2's, at every
+    load."""
+    if "gguf_file" in reading:
+        return AutoModelForCausalLM
+    return auto_model_class(AutoConfig.from_pretrained(source, **reading))
 
 
 def _reading_args(arguments: dict[str, Any]) -> dict[str, Any]:

@@ -120,13 +120,21 @@ def build_model_and_tokenizer(
 
 
 def freeze_outside_text_decoder(model: nn.Module) -> None:
-    """A multimodal model's vision tower and projector: frozen. Text training gives them no
+    """A multimodal model's vision tower and projector, also where its decoder holds them
+    (Phi-4-multimodal's ``embed_tokens_extend``): frozen. Text training gives them no
     gradient, so the optimizer kept no state for them, and a resume failed to load the
-    state the checkpoint lacked; their weights are exported as loaded. A text-only causal
-    LM is all decoder and LM head: nothing to freeze."""
-    trained = {id(parameter) for parameter in find_base_model(model).parameters()}
-    head = model.get_output_embeddings()
-    trained |= {id(parameter) for parameter in head.parameters()} if head is not None else set()
+    state the checkpoint lacked; their weights are exported as loaded. What is trained is
+    what the layer-wise engine runs: embedding, decoder layers, final norm and LM head (all
+    of a text-only causal LM)."""
+    base = find_base_model(model)
+    parts = [getattr(base, name, None) for name in ("embed_tokens", "layers", "norm")]
+    parts.append(model.get_output_embeddings())
+    trained = {
+        id(parameter)
+        for part in parts
+        if isinstance(part, nn.Module)
+        for parameter in part.parameters()
+    }
     frozen = [p for p in model.parameters() if id(p) not in trained and p.requires_grad]
     for parameter in frozen:
         parameter.requires_grad_(False)

@@ -40,14 +40,18 @@ def router_loss(model: nn.Module) -> Callable[[Any], torch.Tensor] | None:
         UnsupportedModelError: the config asks for it and the family's module has the loss,
             but the model lacks the coefficient or expert counts it takes.
     """
-    if not getattr(model.config, "output_router_logits", False):
+    # A multimodal MoE (Qwen3-VL-MoE) keeps the flag, coefficient and expert counts in its
+    # text_config, where its own loss reads them.
+    config = model.config.get_text_config(decoder=True)
+    if not getattr(config, "output_router_logits", False):
         return None
     function = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
     if function is None:  # the family's own loss adds none (DeepSeek-V2, GLM-4 MoE...)
         return None
-    coefficient = getattr(model, "router_aux_loss_coef", getattr(model, "aux_loss_coef", None))
-    experts = getattr(model, "num_experts", None)
-    top_k = getattr(model, "num_experts_per_tok", None)
+    owner = model if config is model.config else config
+    coefficient = getattr(owner, "router_aux_loss_coef", getattr(owner, "aux_loss_coef", None))
+    experts = getattr(owner, "num_experts", None)
+    top_k = getattr(owner, "num_experts_per_tok", None)
     if coefficient is None or experts is None or top_k is None:
         raise UnsupportedModelError(
             f"{type(model).__name__}: its config sets output_router_logits, but LayerSkip "
