@@ -151,7 +151,7 @@ def test_sweep_writes_csv_plot_and_resumes(
     first = run_script("sweep.py", *common, "--num_speculations_last", 2)
     assert first.returncode == 0, first.stderr
     csv_path = tmp_path / "sweep.csv"
-    table = pd.read_csv(csv_path)
+    table = pd.read_csv(csv_path, dtype={"setting": str})
     for column in (
         "exit_layer",
         "num_speculations",
@@ -174,7 +174,7 @@ def test_sweep_writes_csv_plot_and_resumes(
     # (its earlier row stays the CSV's one).
     assert "4 already in" in second.stderr
     assert "baseline measured again for this run's points" in second.stderr
-    table = pd.read_csv(csv_path)
+    table = pd.read_csv(csv_path, dtype={"setting": str})
     assert len(table) == 1 + 6  # only the two new points were run
     assert sorted(zip(table["exit_layer"][1:], table["num_speculations"][1:])) == [
         (e, k) for e in (1, 2) for k in (1, 2, 3)
@@ -222,7 +222,10 @@ def test_sweep_refuses_a_tree_grid_too_deep_before_measuring(
     assert swept.returncode == 2
     assert "num_speculations <= 16" in swept.stderr.strip().splitlines()[-1]
     assert "Traceback" not in swept.stderr
-    assert not (tmp_path / "sweep.csv").exists() or len(pd.read_csv(tmp_path / "sweep.csv")) == 0
+    assert (
+        not (tmp_path / "sweep.csv").exists()
+        or len(pd.read_csv(tmp_path / "sweep.csv", dtype={"setting": str})) == 0
+    )
 
 
 def test_sweep_compares_chains_and_trees_in_one_csv(
@@ -236,7 +239,7 @@ def test_sweep_compares_chains_and_trees_in_one_csv(
     )  # fmt: skip
     both = run_script("sweep.py", *common, "--generation_strategy", "self_speculative,tree")
     assert both.returncode == 0, both.stderr
-    table = pd.read_csv(tmp_path / "sweep.csv")
+    table = pd.read_csv(tmp_path / "sweep.csv", dtype={"setting": str})
     points = sorted(
         zip(table["generation_strategy"], table["exit_layer"], table["num_speculations"])
     )
@@ -254,7 +257,7 @@ def test_sweep_compares_chains_and_trees_in_one_csv(
         "--output_file", tmp_path / "given.csv",
     )  # fmt: skip
     assert given.returncode == 0, given.stderr
-    table = pd.read_csv(tmp_path / "given.csv")
+    table = pd.read_csv(tmp_path / "given.csv", dtype={"setting": str})
     trees = table[table["generation_strategy"] == "tree"]
     assert sorted(zip(trees["exit_layer"], trees["num_speculations"])) == [(1, 3), (2, 3)]
 

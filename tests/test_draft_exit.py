@@ -346,7 +346,7 @@ def test_scripts_take_an_adapter(tiny_model_dir, prompts_file, tmp_path) -> None
     csv = tmp_path / "sweep.csv"
     argv = [*common, "--num_speculations_first", "1", "--num_speculations_last", "2"]
     assert sweep.main([*argv, "--output_file", str(csv), "--output_dir", str(tmp_path)]) == 0
-    table = pd.read_csv(csv)
+    table = pd.read_csv(csv, dtype={"setting": str})
     speculative = table[table["generation_strategy"] == "self_speculative"]
     assert sorted(speculative["num_speculations"]) == [1, 2]
     assert set(speculative["exit_layer"]) == {2}

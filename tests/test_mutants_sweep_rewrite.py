@@ -21,7 +21,7 @@ def test_rewriting_an_earlier_csv_keeps_every_settings_rows(tmp_path: Path) -> N
     csv_path.write_text("\n".join([",".join(sweep.EARLIER_COLUMNS), *rows]) + "\n")
     resumed = sweep._finished(csv_path, "second", repair=True)
     assert list(resumed["setting"]) == ["second"]
-    rewritten = pd.read_csv(csv_path)
+    rewritten = pd.read_csv(csv_path, dtype={"setting": str})
     assert list(rewritten.columns) == sweep.COLUMNS
     assert list(rewritten["setting"]) == ["first", "first", "second"]
     assert list(rewritten["tokens_per_second"]) == [10.0, 12.5, 5.0]

@@ -25,7 +25,7 @@ def test_resumed_sweep_picks_the_best_speedup_not_the_best_raw_rate(
     ]  # fmt: skip
     assert sweep.main(argv) == 0
     csv_path = tmp_path / "sweep.csv"
-    table = pd.read_csv(csv_path)
+    table = pd.read_csv(csv_path, dtype={"setting": str})
     assert list(zip(table["exit_layer"], table["num_speculations"])) == [(4, 0), (1, 1), (2, 1)]
     # As a resumed sweep leaves it: (1, 1) was measured in a first run on a busy machine
     # (baseline 20 tok/s, 30 tok/s: 1.5x), (2, 1) in a second, quiet one (baseline 60
@@ -89,7 +89,7 @@ def test_rows_carry_the_overall_acceptance_and_an_earlier_csv_takes_the_new_colu
     ]  # fmt: skip
     assert sweep.main(argv) == 0
     csv_path = tmp_path / "sweep.csv"
-    table = pd.read_csv(csv_path)
+    table = pd.read_csv(csv_path, dtype={"setting": str})
     assert list(table.columns) == sweep.COLUMNS
     baseline, point = table.iloc[0], table.iloc[1]
     assert pd.isna(baseline["overall_acceptance_rate"])  # drafted nothing
@@ -102,7 +102,7 @@ def test_rows_carry_the_overall_acceptance_and_an_earlier_csv_takes_the_new_colu
     earlier, _ = sweep.read_sweep_csv(csv_path)
     assert earlier["overall_acceptance_rate"].isna().all() and len(earlier) == 2
     assert sweep.main([*argv, "--num_speculations_last", "3"]) == 0  # resumed: one point more
-    resumed = pd.read_csv(csv_path)
+    resumed = pd.read_csv(csv_path, dtype={"setting": str})
     assert list(resumed.columns) == sweep.COLUMNS
     assert list(zip(resumed["exit_layer"], resumed["num_speculations"])) == [
         (4, 0), (1, 2), (1, 3),

@@ -18,7 +18,7 @@ def test_a_resumed_sweeps_new_points_have_speedups_over_its_own_baseline(
     argv = tiny_sweep_argv(tiny_model_dir, prompts_file, tmp_path)
     assert sweep.main([*argv, "--exit_layer_last", "1"]) == 0
     csv_path = tmp_path / "sweep.csv"
-    table = pd.read_csv(csv_path)
+    table = pd.read_csv(csv_path, dtype={"setting": str})
     # The earlier run's baseline, as a machine a million times faster measured it.
     table.loc[0, "overall_tokens_per_second"] *= 1e6
     with csv_path.open("w", newline="") as stream:
@@ -27,7 +27,7 @@ def test_a_resumed_sweeps_new_points_have_speedups_over_its_own_baseline(
         for row in table.itertuples(index=False):
             writer.writerow(["" if pd.isna(value) else value for value in row])
     assert sweep.main([*argv, "--exit_layer_last", "2"]) == 0
-    resumed = pd.read_csv(csv_path)
+    resumed = pd.read_csv(csv_path, dtype={"setting": str})
     assert list(zip(resumed["exit_layer"], resumed["num_speculations"])) == [
         (4, 0),
         (1, 1),
