@@ -789,7 +789,21 @@ def _model_class(source: str, reading: dict[str, Any]) -> type:
     load."""
     if "gguf_file" in reading:
         return AutoModelForCausalLM
-    return auto_model_class(AutoConfig.from_pretrained(source, **reading))
+    config = AutoConfig.from_pretrained(source, **reading)
+    model_class = auto_model_class(config)
+    named = getattr(config, "architectures", None) or []
+    if model_class is AutoModelForImageTextToText and named:
+        import transformers  # noqa: PLC0415
+
+        if not any(hasattr(transformers, name) for name in named):
+            # The original LLaVA code's checkpoints (LlavaLlamaForCausalLM): their config
+            # has no text_config, so transformers would build its default 7B decoder first.
+            raise ModelLoadError(
+                f"config.json names {named[0]}, which transformers does not have (a "
+                f"checkpoint of its authors' own code, with a model_type of "
+                f"{config.model_type!r}): convert it to transformers' format first"
+            )
+    return model_class
 
 
 def _reading_args(arguments: dict[str, Any]) -> dict[str, Any]:
