@@ -353,11 +353,11 @@ def main(argv: list[str]) -> int:
     with distributed_run(args, one_process="generate.py") as context:
         generator = args.load_generator(context)
         config = generator.resolve(config)
-        if (
-            options.chat_template
-            and config.token_healing
-            and getattr(generator.tokenizer, "chat_template", None) is not None
-        ):
+        # --chat_template True on a tokenizer without a template: prompts as written.
+        chat_template_applied = options.chat_template and (
+            getattr(generator.tokenizer, "chat_template", None) is not None
+        )
+        if chat_template_applied and config.token_healing:
             # The prompt ends in the template's generation prompt ("<|im_start|>assistant\n"),
             # the boundary the model was trained on, not a user's trailing whitespace:
             # healing it let the first token re-create the template's newline (one of
@@ -369,9 +369,7 @@ def main(argv: list[str]) -> int:
             "script": "generate.py",
             "arguments": arguments_dict(args, generation, options),
             "generation_config": vars(config),
-            # --chat_template True on a tokenizer without a template: prompts as written.
-            "chat_template_applied": options.chat_template
-            and getattr(generator.tokenizer, "chat_template", None) is not None,
+            "chat_template_applied": chat_template_applied,
             "environment": environment_info(generator, context, [config]),
             "ended_by": None,
             "prompts": [],

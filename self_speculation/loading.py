@@ -295,7 +295,13 @@ SHARED_LOADING_KEYS = (
 
 
 def _shared_loading_args(model_args: dict[str, Any] | None) -> dict[str, Any]:
-    return {key: value for key, value in (model_args or {}).items() if key in SHARED_LOADING_KEYS}
+    """The from_pretrained arguments that the tokenizer and config.json are read with (and
+    a GGUF file's name, which the loader adds to them)."""
+    return {
+        key: value
+        for key, value in (model_args or {}).items()
+        if key == "gguf_file" or key in SHARED_LOADING_KEYS
+    }
 
 
 def _read_json(path: Path) -> Any:
@@ -738,7 +744,7 @@ def load_model_and_tokenizer(
     check_model_args(model_args or {}, facts.config if facts else None)
     logger.info("loading %s (%s, %s)", model, torch_dtype, device)
     try:
-        reading = _reading_args(arguments)
+        reading = _shared_loading_args(arguments)
         tokenizer = AutoTokenizer.from_pretrained(source, **reading)
         model_class = _model_class(source, reading)
         with _quiet_loading_report():
@@ -804,15 +810,6 @@ def _model_class(source: str, reading: dict[str, Any]) -> type:
                 f"{config.model_type!r}): convert it to transformers' format first"
             )
     return model_class
-
-
-def _reading_args(arguments: dict[str, Any]) -> dict[str, Any]:
-    """The from_pretrained ``arguments`` that the tokenizer and config.json are read with."""
-    return {
-        key: value
-        for key, value in arguments.items()
-        if key == "gguf_file" or key in SHARED_LOADING_KEYS
-    }
 
 
 def auto_model_class(config: PreTrainedConfig) -> type:

@@ -1004,13 +1004,12 @@ def _run(
         device,
         "FSDP2" if args.fsdp else ("DDP" if distributed.world_size > 1 else "one process"),
     )
-    if not args.resume and distributed.is_main:
-        _warn_about_schedule(args, trainer.tokens_per_step, trainer.progress.total_steps)
     if args.resume:
         trainer.load_checkpoint()
         if distributed.is_main:
             _record_resume(output_dir / "train_config.json", trainer.progress, config)
     elif distributed.is_main:
+        _warn_about_schedule(args, trainer.tokens_per_step, trainer.progress.total_steps)
         source = config.model.model
         continued = bool(source) and Path(os.path.expanduser(source)).resolve() == (
             output_dir.resolve()
