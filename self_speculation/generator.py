@@ -38,6 +38,7 @@ from self_speculation.model_support import (
 )
 from self_speculation.model_surgery import (
     LayerwiseModel,
+    capture_hooks_suspended,
     eval_mode,
     module_state,
     reading_settings,
@@ -861,7 +862,7 @@ class Generator:
             "(from its streamer, say: they share its key/value buffers); start it after "
             "that one ends, or from another Generator"
         )
-        with self._holding_compiled_passes(refusal):
+        with self._holding_compiled_passes(refusal), capture_hooks_suspended(self.model):
             # What the passes compiled so far saw (a generation changes none of it: tested).
             state = self._modules_state()
             if True in self._forward_passes and state != self._module_state:

@@ -256,6 +256,57 @@ _EVAL_HOLDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _EVAL_LOCK = threading.RLock()
 
 
+def is_capture_hook(hook: Callable) -> bool:
+    """Whether ``hook`` is one of transformers' output-capturing forward hooks. The first
+    forward with ``output_hidden_states`` (or ``output_attentions``) installs them on the
+    layers for good; they record only inside such a forward, so the engine's passes,
+    which call the layers themselves, never need them."""
+    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
+
+
+@contextmanager
+def capture_hooks_suspended(model: nn.Module) -> Iterator[None]:
+    """``model``'s output-capturing hooks (``is_capture_hook``) off its modules within the
+    block, put back after in their places among the module's other hooks. Compiled passes
+    need it: such a hook reads a ``ContextVar``, which dynamo cannot trace, so one forward
+    with ``output_hidden_states`` before had turned every later compiled generation eager.
+
+    Blocks over one model nest and overlap (compiled generations of several Generators in
+    several threads): the first to enter takes the hooks off, the last to leave puts them
+    back. A forward with ``output_hidden_states`` that another thread runs meanwhile
+    captures nothing."""
+    with _EVAL_LOCK:
+        held = _CAPTURE_HOLDS.get(model)
+        if held is None:
+            held = _CAPTURE_HOLDS[model] = [0, []]
+            for module in model.modules():
+                hooks = module._forward_hooks
+                if any(is_capture_hook(hook) for hook in hooks.values()):
+                    held[1].append((hooks, list(hooks.items())))
+                    for key, hook in list(hooks.items()):
+                        if is_capture_hook(hook):
+                            del hooks[key]
+        held[0] += 1
+    try:
+        yield
+    finally:
+        with _EVAL_LOCK:
+            held[0] -= 1
+            if not held[0]:
+                _CAPTURE_HOLDS.pop(model, None)
+                for hooks, before in held[1]:
+                    now = dict(hooks)  # hooks added or removed meanwhile stay so
+                    hooks.clear()
+                    for key, hook in before:
+                        if is_capture_hook(hook) or key in now:
+                            hooks[key] = now.get(key, hook)
+                    hooks.update((key, hook) for key, hook in now.items() if key not in hooks)
+
+
+# model -> [blocks inside capture_hooks_suspended now, (hooks dict, its items before)]
+_CAPTURE_HOLDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class _SettingsUse:
     """Who reads a model's settings now (generations, by thread) and who changes them for a
     moment (the load probe narrows its sliding windows: ``_narrowed_windows``)."""
@@ -339,10 +390,13 @@ def changing_settings(model: nn.Module) -> Iterator[None]:
             use.condition.notify_all()
 
 
-# Not settings the passes read: nn.Module's containers, the training flag, and the static
-# cache length transformers' generate keeps on the model (each static-cache call sets it).
+# Not settings the passes read: nn.Module's containers, the training flag, the static
+# cache length transformers' generate keeps on the model (each static-cache call sets it),
+# and transformers' mark of its output-capturing hooks (``is_capture_hook``).
+CAPTURE_HOOKS_MARK = "_output_capturing_hooks_installed"
 _MODULE_CONTAINERS = frozenset(
     {"_parameters", "_buffers", "_modules", "training", "_previous_max_cache_length"}
+    | {CAPTURE_HOOKS_MARK}
 )
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -353,7 +407,8 @@ def module_state(model: nn.Module) -> tuple:
     layer's merged or disabled adapters, an attention's scaling). Compiled code does not
     re-check the modules at each call (that cost 0.75 ms per call), so a Generator compares
     this between its compiled generations and compiles again when it changed. The
-    training flag is left out: generation runs in eval mode either way."""
+    training flag is left out (generation runs in eval mode either way), and so are
+    output-capturing hooks (off the modules while compiled passes run)."""
     state: list = []
     for module in model.modules():
         state.append(id(module))
@@ -361,8 +416,9 @@ def module_state(model: nn.Module) -> tuple:
             if key in _MODULE_CONTAINERS:
                 continue
             if key.endswith("hooks"):  # _forward_hooks, _forward_pre_hooks...
-                if value:
-                    state.append((key, tuple(map(id, value.values()))))
+                hooks = tuple(id(hook) for hook in value.values() if not is_capture_hook(hook))
+                if hooks:
+                    state.append((key, hooks))
             elif isinstance(value, _PLAIN):
                 state.append((key, value))
             elif isinstance(value, list | tuple) and all(isinstance(x, _PLAIN) for x in value):
@@ -551,7 +607,8 @@ class LayerwiseModel:
         ``alora_invocation_tokens``) would never be handed the offsets that PEFT's forward
         finds in the tokens, so its layers would decode as the base model."""
         for name, module in self._outer_modules.items():
-            if module._forward_hooks or module._forward_pre_hooks:
+            hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+            if not all(map(is_capture_hook, hooks)):
                 return (
                     f"{name} has a forward hook, which the layer-wise engine never runs (it "
                     "calls embed_tokens, the decoder layers, norm and lm_head, not the "

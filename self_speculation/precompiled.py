@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from self_speculation.errors import one_line
+from self_speculation.model_surgery import CAPTURE_HOOKS_MARK, is_capture_hook
 from self_speculation.output_safety import readable_by_others, replaced_when_done
 
 logger = logging.getLogger(__name__)
@@ -202,11 +203,13 @@ def has_hooks(model: torch.nn.Module) -> bool:
     a callable of its own that carries values a file's name cannot describe: a ``forward``
     (or other attribute) replaced by a closure, a ``functools.partial``, a method bound to
     another object or a callable object. Like a hook's, their values are traced into the
-    pass (two closures of one factory have one name, one code and other values)."""
+    pass (two closures of one factory have one name, one code and other values).
+    transformers' output-capturing hooks do not count: they are off the modules while
+    compiled passes run (``capture_hooks_suspended``)."""
     for module in model.modules():
         for key, value in vars(module).items():
             if key.endswith("hooks"):
-                if value:
+                if not all(map(is_capture_hook, value.values())):
                     return True
             elif key not in _MODULE_INTERNALS and _carries_values(value, module):
                 return True
@@ -320,6 +323,7 @@ def _class_digest(kind: type) -> str:
 
 _MODULE_INTERNALS = frozenset(
     {"_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set"}
+    | {CAPTURE_HOOKS_MARK}
 )
 
 
