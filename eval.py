@@ -386,7 +386,6 @@ def main(argv: list[str]) -> int:
             finally:  # the cache writes in a thread of its own: what is queued is kept
                 stored = getattr(lm.cache_hook, "dbdict", None)
                 if stored is not None:
-                    lm.forget_sampled_answers()
                     stored.close()
         document = {
             "script": "eval.py",

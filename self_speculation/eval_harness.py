@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lm_eval.api.model import LM, hash_args
+from lm_eval.api.model import LM, CacheHook, hash_args
+from sqlitedict import SqliteDict
 from tqdm import tqdm
 
 from self_speculation.config import MIN_TEMPERATURE, GenerationConfig
@@ -117,9 +118,9 @@ class LayerSkipLM(LM):
         # The settings generate_until ran with (the CLI's, with each task's gen_kwargs over
         # them), each once, in the order first used.
         self.configs_used: list[dict[str, Any]] = []
-        # The args of each sampled generate_until request: answers the request cache must
-        # not keep (forget_sampled_answers).
-        self.sampled_requests: list[tuple] = []
+        # The request-cache keys of sampled generate_until requests: answers it must not
+        # keep (set_cache_hook).
+        self.sampled_keys: set[str] = set()
         self.max_length = generator.layerwise.context_length or DEFAULT_CONTEXT
         # The end-of-sequence token's text: a stop string of every generate_until request,
         # as lm-eval's HFLM adds it (a model can write that text in ordinary tokens).
@@ -235,17 +236,16 @@ class LayerSkipLM(LM):
         return results
 
     # --- generation -------------------------------------------------------------------
-    def forget_sampled_answers(self) -> None:
-        """Take the sampled answers out of the request cache, once lm-eval's CachingLM has
-        stored every answer of a call under its request's text: the text a request's
-        repeats share, so a rerun that the cache answered (it does unless the task sets
-        do_sample) got one answer for repeats drawn apart. A rerun draws them again, from
-        the same seeds."""
-        stored = getattr(self.cache_hook, "dbdict", None)
-        if stored is None:
-            return
-        for args in self.sampled_requests:
-            stored.pop(hash_args("generate_until", args), None)
+    def set_cache_hook(self, cache_hook: CacheHook) -> None:
+        """lm-eval's CachingLM stores every answer of a call under its request's text once
+        the call returns, sampled ones too: the text a request's repeats share, so a rerun
+        that the cache answered (it does unless the task sets do_sample) got one answer for
+        repeats drawn apart. Its store here keeps no sampled answer, not even for a moment
+        (a run killed before it could take them out again left them to the next run)."""
+        super().set_cache_hook(cache_hook)
+        if type(cache_hook.dbdict) is SqliteDict:
+            cache_hook.dbdict.__class__ = _GreedyAnswers
+            cache_hook.dbdict.unkept = self.sampled_keys
 
     def check_gen_kwargs(self, gen_kwargs: dict[str, Any]) -> None:
         """ConfigError, as a request would raise it, for ``--gen_kwargs`` values generation
@@ -329,7 +329,7 @@ class LayerSkipLM(LM):
             if not config.sample:  # a sampled answer is drawn again on a rerun
                 self.cache_hook.add_partial("generate_until", request.args, text)
             else:
-                self.sampled_requests.append(request.args)
+                self.sampled_keys.add(hash_args("generate_until", request.args))
             # Which task and document a row answers (lm-eval's Instance; None otherwise).
             row = {
                 "request": number,
@@ -343,3 +343,14 @@ class LayerSkipLM(LM):
             if self.on_generation is not None:
                 self.on_generation(row)
         return outputs
+
+
+class _GreedyAnswers(SqliteDict):
+    """lm-eval's request cache (a ``SqliteDict``) that stores no answer under the keys in
+    ``unkept``: sampled answers, drawn again on a rerun (``LayerSkipLM.set_cache_hook``)."""
+
+    unkept: set[str]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in self.unkept:
+            super().__setitem__(key, value)

@@ -5,8 +5,10 @@ in the first run, answered by one stored answer in the rerun."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -84,9 +86,12 @@ def test_a_rerun_from_the_request_cache_keeps_sampled_repeats_apart(
     assert evaluate("rerun") == first
 
 
-def test_sampled_answers_leave_the_request_cache_and_greedy_ones_stay(tmp_path: Path) -> None:
-    """What CachingLM stored for sampled requests (all of a call's answers, once it returns)
-    is taken out again; greedy answers stay and answer the rerun."""
+def test_sampled_answers_never_enter_the_request_cache_and_greedy_ones_stay(
+    tmp_path: Path,
+) -> None:
+    """CachingLM stores all of a call's answers once it returns: not the sampled ones here,
+    not even until the run ends (a run killed before then left them to the next run, which
+    the cache answered); greedy answers stay and answer the rerun."""
     from lm_eval.api.instance import Instance
     from lm_eval.api.model import CachingLM
     from tiny_models import save_tiny_model
@@ -109,8 +114,10 @@ def test_sampled_answers_leave_the_request_cache_and_greedy_ones_stay(tmp_path: 
     def evaluate() -> tuple[list[str], list[str]]:
         lm = LayerSkipLM(generator, config, progress=False)
         answers = CachingLM(lm, str(tmp_path / "cache.db")).generate_until(requests)
-        lm.forget_sampled_answers()
         lm.cache_hook.dbdict.close()
+        with contextlib.closing(sqlite3.connect(tmp_path / "cache.db")) as database:
+            (stored,) = database.execute("SELECT COUNT(*) FROM unnamed").fetchone()
+        assert stored == 1  # the greedy answer alone
         return answers, [row["context"] for row in lm.generation_rows]
 
     first, generated = evaluate()
