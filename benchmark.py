@@ -39,7 +39,12 @@ from self_speculation.benchmarking import (
     run_files,
     write_json_atomic,
 )
-from self_speculation.metrics import human_eval_pass, summarize_speed, summarize_text
+from self_speculation.metrics import (
+    human_eval_pass,
+    stop_reasons,
+    summarize_speed,
+    summarize_text,
+)
 from self_speculation.output_safety import refuse_output_dir_in_use
 
 logger = logging.getLogger("benchmark")
@@ -128,7 +133,11 @@ def _result_document(
     for strategy in strategies:
         chosen = [row for row in rows if row["generation_strategy"] == strategy]
         quality = summarize_text(chosen) if with_references else {}
-        metrics[strategy] = {**quality, **summarize_speed(chosen)}
+        metrics[strategy] = {
+            **quality,
+            **summarize_speed(chosen),
+            "stop_reasons": stop_reasons(chosen),
+        }
         if metric.execute_code:
             metrics[strategy]["pass@1"] = sum(row["passed"] for row in chosen) / max(len(chosen), 1)
     document = {
@@ -150,9 +159,10 @@ def _result_document(
 def _log_summary(document: dict) -> None:
     for strategy, metrics in document["metrics"].items():
         acceptance = metrics["acceptance_rate"]
+        rouge = metrics.get("rougeL")  # None: no reference had a word rouge-score keeps
         quality = (
-            f", ROUGE-L {metrics['rougeL'] or 0.0:.3f}, BLEU {metrics['corpus_bleu']:.2f}, "
-            f"exact match {metrics['exact_match'] or 0.0:.3f}"
+            f", ROUGE-L {'n/a' if rouge is None else f'{rouge:.3f}'}, "
+            f"BLEU {metrics['corpus_bleu']:.2f}, exact match {metrics['exact_match'] or 0.0:.3f}"
             if "corpus_bleu" in metrics
             else ""
         )
@@ -167,6 +177,15 @@ def _log_summary(document: dict) -> None:
             "n/a" if acceptance is None else f"{acceptance:.3f}",
             quality,
         )
+        cut = metrics.get("stop_reasons", {}).get("context_length", 0)
+        if cut:
+            logger.warning(
+                "%s: %d of %d outputs reached the model's context before --max_steps "
+                "(stop_reason context_length in the samples file): they are cut short",
+                strategy,
+                cut,
+                metrics["num_samples"],
+            )
     comparison = document.get("comparison")
     if comparison:
         for strategy, speedup in comparison["speedup"].items():

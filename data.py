@@ -73,6 +73,13 @@ class EvaluationExample:
 CNN_DM_LM_PROMPT_WORDS = 100
 # What running a HumanEval problem's tests needs (kept as the sample's metadata).
 HUMAN_EVAL_PROBLEM_FIELDS = ("task_id", "prompt", "test", "entry_point")
+# What to do with tab-separated rows (TOPv2's release files: domain, utterance and
+# semantic_parse columns under a header line); every field read as text, "NA" too.
+TABULAR_HINT = (
+    "; it looks like tab-separated values: --data_path takes JSON Lines (pandas.read_csv("
+    "FILE, sep='\\t', quoting=3, dtype=str, keep_default_na=False).to_json(OUT.jsonl, "
+    "orient='records', lines=True) converts it)"
+)
 
 
 def _summarization(article_field: str, summary_field: str) -> Callable[[Row], tuple[str, str]]:
@@ -171,8 +178,8 @@ def _spec(name: DatasetName, args: BenchmarkArguments) -> DatasetSpec:
 
 
 def read_jsonl(path: str) -> list[Row]:
-    """Rows of a JSONL file (``.gz`` allowed), or of a file holding one JSON array of objects;
-    blank lines skipped.
+    """Rows of a JSONL file (gzipped allowed, whatever its name), or of a file holding one
+    JSON array of objects; blank lines skipped.
 
     Raises:
         DataError: missing file, invalid JSON, or a line or record that is not a JSON object.
@@ -184,9 +191,9 @@ def read_jsonl(path: str) -> list[Row]:
                 "to a file first"
             )
         raise DataError(f"data file not found: {path}")
-    opener = gzip.open if path.endswith(".gz") else open
     rows = []
     try:
+        opener = gzip.open if _is_gzip(path) else open
         with opener(path, "rt", encoding="utf-8-sig") as handle:  # a BOM (Notepad) is fine
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -198,6 +205,7 @@ def read_jsonl(path: str) -> list[Row]:
                 except (RecursionError, ValueError) as error:
                     raise DataError(
                         f"{path}, line {line_number}: not valid JSON ({json_refusal(error)})"
+                        + (TABULAR_HINT if not rows and "\t" in line else "")
                     ) from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}, line {line_number}: expected a JSON object")
@@ -236,6 +244,13 @@ def _array_rows(path: str, text: str) -> list[Row]:
     if not records:
         raise DataError(f"{path} holds no rows")
     return records
+
+
+def _is_gzip(path: str) -> bool:
+    """Whether ``path`` is gzip-compressed, by its first bytes: not by its name (".GZ",
+    ".gzip", a name without suffix read as text failed with "not UTF-8 text")."""
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
 
 
 def _format_hint(path: str) -> str:

@@ -5,7 +5,11 @@ our signatures; each library's own argument order is handled here, once:
 ``RougeScorer.score(target, prediction)``, ``sacrebleu.sentence_bleu(hypothesis,
 [references])``.
 
-* ROUGE-1/2/3/L: F-measure, rouge-score with stemming (its tokenizer drops punctuation).
+* ROUGE-1/2/3/L: F-measure, rouge-score with stemming (its tokenizer drops punctuation, and
+  every character but a-z and 0-9: text in another script, Cyrillic or CJK, has no words).
+  A reference without a word under a ROUGE's tokenizer (in another script, or blank) has
+  nothing to recall: that ROUGE is None for the sample, left out of the means, not 0.0
+  (rouge-score gives 0.0 even to a prediction equal to it).
 * original_rouge1/2/3/L: the original tool's ROUGE F-measure (torchmetrics ROUGEScore with a
   lower-casing normalizer: text lower-cased, split on whitespace, punctuation kept, no
   stemming), the figures to compare with the original's results files.
@@ -24,6 +28,7 @@ tokens_per_second, and the run's total generated tokens / total time.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
@@ -55,10 +60,17 @@ HUMAN_EVAL_STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
 
 @functools.lru_cache(maxsize=1)
+def _rouge_tokenizer():
+    from rouge_score import tokenizers
+
+    return tokenizers.DefaultTokenizer(use_stemmer=True)
+
+
+@functools.lru_cache(maxsize=1)
 def _rouge_scorer():
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=_rouge_tokenizer())
 
 
 class _LowercaseWhitespaceTokenizer:
@@ -95,16 +107,25 @@ def char_edit_distance(prediction: str, reference: str) -> int:
     return int(Levenshtein.distance(prediction, reference))
 
 
-def text_metrics(prediction: str, reference: str) -> dict[str, float]:
-    """ROUGE-1/2/3/L F1, sentence BLEU-4, exact match and edit distance of one sample."""
+def _rouge(scorer, tokenizer, prediction: str, reference: str) -> dict[str, float | None]:
+    """``scorer``'s F-measures by ROUGE type; None where ``reference`` has no word under
+    ``tokenizer`` (the scorer's): there is nothing to recall."""
+    if not tokenizer.tokenize(reference):
+        return dict.fromkeys(ROUGE_TYPES)
+    scores = scorer.score(reference, prediction)  # (target, prediction)
+    return {name: float(scores[name].fmeasure) for name in ROUGE_TYPES}
+
+
+def text_metrics(prediction: str, reference: str) -> dict[str, float | None]:
+    """ROUGE-1/2/3/L F1, sentence BLEU-4, exact match and edit distance of one sample
+    (a ROUGE is None where the reference has no word for it: see the module docstring)."""
     import sacrebleu
 
-    scores = _rouge_scorer().score(reference, prediction)  # (target, prediction)
-    result = {name: scores[name].fmeasure for name in ROUGE_TYPES}
-    original = _original_rouge_scorer().score(reference, prediction)
-    result.update(
-        {key: original[name].fmeasure for key, name in zip(ORIGINAL_ROUGE_KEYS, ROUGE_TYPES)}
+    result = _rouge(_rouge_scorer(), _rouge_tokenizer(), prediction, reference)
+    original = _rouge(
+        _original_rouge_scorer(), _LowercaseWhitespaceTokenizer(), prediction, reference
     )
+    result.update({key: original[name] for key, name in zip(ORIGINAL_ROUGE_KEYS, ROUGE_TYPES)})
     result["bleu"] = sacrebleu.sentence_bleu(prediction, [reference]).score
     result["exact_match"] = exact_match(prediction, reference)
     result["edit_distance"] = float(edit_distance(prediction, reference))
@@ -156,6 +177,13 @@ def summarize_speed(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | int 
         overall_acceptance_rate=accepted / drafted if drafted else None,
     )
     return summary
+
+
+def stop_reasons(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """How many rows ended for each reason ("eos", "stop_word", "max_steps",
+    "context_length": the prompt and the output filled the model's context, the output is
+    cut short), most frequent first."""
+    return dict(collections.Counter(str(row.get("stop_reason")) for row in rows).most_common())
 
 
 def truncate_completion(
