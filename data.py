@@ -22,7 +22,7 @@ import os
 import random
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy
@@ -175,6 +175,21 @@ def _spec(name: DatasetName, args: BenchmarkArguments) -> DatasetSpec:
     if name is DatasetName.CUSTOM_JSONL:
         return _fields_spec(None, args.prompt_field, args.response_field)
     return HUB_DATASETS[name]
+
+
+def _check_field_flags(name: DatasetName, args: BenchmarkArguments) -> None:
+    """Refuse ``--prompt_field`` / ``--response_field`` for a dataset whose fields are
+    fixed: they were ignored, and the run read other fields than the user named."""
+    defaults = {item.name: item.default for item in fields(BenchmarkArguments)}
+    if name is DatasetName.CUSTOM_JSONL:
+        return
+    for flag in ("prompt_field", "response_field"):
+        if getattr(args, flag) != defaults[flag]:
+            named = " and ".join(_spec(name, args).fields)
+            raise DataError(
+                f"--{flag} applies to --dataset custom_jsonl only; {name.value} reads "
+                f"{named} (for other field names, use custom_jsonl)"
+            )
 
 
 def read_jsonl(path: str) -> list[Row]:
@@ -370,6 +385,7 @@ def load_examples(args: BenchmarkArguments, seed: int) -> list[EvaluationExample
     except ValueError:
         known = ", ".join(dataset.value for dataset in DatasetName)
         raise DataError(f"unknown dataset '{args.dataset}' (choose from {known})") from None
+    _check_field_flags(name, args)
     spec = _spec(name, args)
     rows, shot_pool = _load_rows(name, spec, args.data_path, args.n_shot > 0)
     where = args.data_path or spec.hub_path or name.value
