@@ -9,13 +9,15 @@ n-shot: each of the ``n_shot`` examples is written as ``prompt + reference + "\\
 blank line separates them from the prompt. Shots come from the train split (hub, or a saved
 DatasetDict with a "train" split), otherwise from the other rows of the local file; as in the
 original, the same shots (the first rows of the pool shuffled with ``--seed``) precede every
-prompt.
+prompt, except that a shot is never the sample itself nor a copy of its prompt (the next row
+of the shuffled pool stands in).
 """
 
 from __future__ import annotations
 
 import enum
 import gzip
+import itertools
 import json
 import logging
 import os
@@ -479,14 +481,24 @@ def _with_shots(
     # The original's shots: the same n_shot rows before every prompt, the first ones of the
     # train split shuffled by datasets' Dataset.shuffle(seed=seed), i.e. numpy's
     # default_rng(seed).permutation; from the evaluation rows themselves, the sample skipped.
-    permutation = numpy.random.default_rng(seed).permutation(
-        len(shot_pool) if shot_pool is not None else len(rows)
+    # Never a copy of the sample either (a duplicate row, or the train split holding it):
+    # its answer would stand in the prompt.
+    pool = shot_pool if shot_pool is not None else rows
+    permutation = numpy.random.default_rng(seed).permutation(len(pool))
+    own = spec.to_pair(rows[row_index])[0]
+    candidates = (
+        pool[int(position)]
+        for position in permutation
+        if shot_pool is not None or position != row_index
     )
-    if shot_pool is not None:
-        shots = [shot_pool[int(position)] for position in permutation[:n_shot]]
-    else:
-        kept = (int(position) for position in permutation if position != row_index)
-        shots = [rows[position] for position, _ in zip(kept, range(n_shot))]
+    shots = list(
+        itertools.islice((row for row in candidates if spec.to_pair(row)[0] != own), n_shot)
+    )
+    if len(shots) < n_shot:
+        raise DataError(
+            f"--n_shot {n_shot} but only {len(shots)} examples other than sample "
+            f"{row_index} (and its copies) are available for shots"
+        )
     shot_text = spec.shot_text or (lambda row: "".join(spec.to_pair(row)))
     text = "".join(shot_text(shot) + "\n" for shot in shots)
     return f"{text}\n{prompt}"
