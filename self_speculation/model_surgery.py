@@ -264,6 +264,14 @@ def is_capture_hook(hook: Callable) -> bool:
     return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
 
 
+def global_forward_hooks() -> tuple:
+    """The forward hooks and pre-hooks registered for every module
+    (``torch.nn.modules.module.register_module_forward_hook`` and its pre-hook twin): they
+    run inside a pass as a module's own hooks do."""
+    hooks = torch.nn.modules.module
+    return (*hooks._global_forward_pre_hooks.values(), *hooks._global_forward_hooks.values())
+
+
 @contextmanager
 def capture_hooks_suspended(model: nn.Module) -> Iterator[None]:
     """``model``'s output-capturing hooks (``is_capture_hook``) off its modules within the
@@ -403,13 +411,14 @@ _PLAIN = (bool, int, float, str, type(None))
 
 def module_state(model: nn.Module) -> tuple:
     """What compiled passes bake in of ``model``'s modules besides their tensors, as it is
-    now: each module's identity, its hooks, and its plain settings (flags such as a PEFT
-    layer's merged or disabled adapters, an attention's scaling). Compiled code does not
-    re-check the modules at each call (that cost 0.75 ms per call), so a Generator compares
-    this between its compiled generations and compiles again when it changed. The
-    training flag is left out (generation runs in eval mode either way), and so are
-    output-capturing hooks (off the modules while compiled passes run)."""
-    state: list = []
+    now: each module's identity, its hooks (those registered for every module too:
+    ``register_module_forward_hook``), and its plain settings (flags such as a PEFT layer's
+    merged or disabled adapters, its per-adapter scaling, an attention's scaling). Compiled
+    code does not re-check the modules at each call (that cost 0.75 ms per call), so a
+    Generator compares this between its compiled generations and compiles again when it
+    changed. The training flag is left out (generation runs in eval mode either way), and so
+    are output-capturing hooks (off the modules while compiled passes run)."""
+    state: list = [tuple(map(id, global_forward_hooks()))]
     for module in model.modules():
         state.append(id(module))
         for key, value in vars(module).items():
@@ -425,6 +434,10 @@ def module_state(model: nn.Module) -> tuple:
                 state.append((key, tuple(value)))
             elif isinstance(value, set | frozenset) and all(isinstance(x, _PLAIN) for x in value):
                 state.append((key, frozenset(value)))
+            elif isinstance(value, dict) and all(
+                isinstance(x, _PLAIN) for item in value.items() for x in item
+            ):  # per adapter: a PEFT LoRA layer's scaling (peft's rescale_adapter_scale)
+                state.append((key, tuple(value.items())))
     return tuple(state)
 
 

@@ -42,7 +42,11 @@ from pathlib import Path
 import torch
 
 from self_speculation.errors import one_line
-from self_speculation.model_surgery import CAPTURE_HOOKS_MARK, is_capture_hook
+from self_speculation.model_surgery import (
+    CAPTURE_HOOKS_MARK,
+    global_forward_hooks,
+    is_capture_hook,
+)
 from self_speculation.output_safety import readable_by_others, replaced_when_done
 
 logger = logging.getLogger(__name__)
@@ -199,13 +203,15 @@ def model_digest(model: torch.nn.Module, draft: object) -> str:
 
 
 def has_hooks(model: torch.nn.Module) -> bool:
-    """Whether any module of ``model`` has a hook (forward, pre-forward, state-dict...), or
-    a callable of its own that carries values a file's name cannot describe: a ``forward``
-    (or other attribute) replaced by a closure, a ``functools.partial``, a method bound to
-    another object or a callable object. Like a hook's, their values are traced into the
-    pass (two closures of one factory have one name, one code and other values).
-    transformers' output-capturing hooks do not count: they are off the modules while
-    compiled passes run (``capture_hooks_suspended``)."""
+    """Whether any module of ``model`` has a hook (forward, pre-forward, state-dict...; one
+    registered for every module too), or a callable of its own that carries values a file's
+    name cannot describe: a ``forward`` (or other attribute) replaced by a closure, a
+    ``functools.partial``, a method bound to another object or a callable object. Like a
+    hook's, their values are traced into the pass (two closures of one factory have one
+    name, one code and other values). transformers' output-capturing hooks do not count: they
+    are off the modules while compiled passes run (``capture_hooks_suspended``)."""
+    if global_forward_hooks():
+        return True
     for module in model.modules():
         for key, value in vars(module).items():
             if key.endswith("hooks"):
