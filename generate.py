@@ -222,9 +222,11 @@ def summary_line(
     plain: GenerationResult | None = None,
     label: str = "self-speculative",
     drafters: str | None = None,
+    sampled: bool = False,
 ) -> str:
     """One line on what the strategy (``label``) did with this prompt; ``drafters``: what
-    drafted (default: the layers below ``result.exit_layer``)."""
+    drafted (default: the layers below ``result.exit_layer``); ``sampled``: the tokens
+    were drawn (two strategies draw their own, so different tokens are no fault)."""
     count = result.num_generated_tokens
     speed = (
         f"{count} token{'' if count == 1 else 's'} in {result.total_time:.2f} s "
@@ -242,6 +244,8 @@ def summary_line(
         return line + "; --compare_autoregressive True times plain decoding too"
     compared = comparison(result, plain)
     same = "same tokens" if compared["same_tokens"] else "different tokens"
+    if sampled and not compared["same_tokens"]:  # as benchmark.py says of sampled outputs
+        same += " (sampled: each strategy draws its own)"
     speedup = "n/a" if compared["speedup"] is None else f"{compared['speedup']:.2f}x"
     return line + f"; {speedup} plain decoding ({plain.tokens_per_second:.1f} tokens/s, {same})"
 
@@ -284,7 +288,7 @@ def _answer(
         exits = sorted({config.exit_layer, *config.adaptive_exit_layers})
         label += f" from exits {','.join(map(str, exits))}"
         drafters = "the early exits"  # each step's own (result.exit_layer: only the first)
-    logger.info("%s", summary_line(result, plain, label, drafters))
+    logger.info("%s", summary_line(result, plain, label, drafters, config.sample))
     if (
         result.stop_reason == "eos"
         and result.num_generated_tokens <= 1
@@ -380,7 +384,9 @@ def main(argv: list[str]) -> int:
         def answer(prompt: str, seed: int, rows: JsonlWriter | None = None) -> None:
             first = not document["prompts"]
             result, plain = _answer(generator, prompt, config, options, seed, output, first)
-            row = {"prompt": prompt, "text": result.text, **result.metrics()}
+            # The seed it drew with: ``--prompt P --seed S`` gives the answer again (a
+            # refused prompt uses up a seed, so a row's place does not tell it).
+            row = {"prompt": prompt, "seed": seed, "text": result.text, **result.metrics()}
             if plain is not None:
                 row["autoregressive"] = comparison(result, plain)
             document["prompts"].append(row)
