@@ -335,6 +335,7 @@ class LayerSkipLM(LM):
                 "request": number,
                 "task": getattr(request, "task_name", None),
                 "doc_id": getattr(request, "doc_id", None),
+                "seed": seed,  # what a sampled answer drew with (its repeat's own)
                 "context": context,
                 "prediction": text,
                 **result.metrics(),
