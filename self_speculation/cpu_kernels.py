@@ -13,7 +13,9 @@ cannot be built, the fast path keeps inductor's own kernels and says why once. A
 was killed leaves its lock file behind, on which every later build would wait forever: each
 build holds an ``flock`` (which the kernel releases when its process dies) while it runs, so
 a lock file found with that flock free is a killed build's and is removed at once, with one
-warning; without ``fcntl``, a lock older than ``STALE_LOCK_SECONDS`` is.
+warning; without ``fcntl``, a lock older than ``STALE_LOCK_SECONDS`` is. A torch whose build
+holds an OS lock on that file instead (2.14 and newer) leaves it after every build, and a
+killed build's frees itself: there the file is left alone (``lock_file_blocks``).
 """
 
 from __future__ import annotations
@@ -78,21 +80,34 @@ def clear_stale_lock(lock: Path, stale_after: float = STALE_LOCK_SECONDS) -> boo
         time.sleep(1.0)
 
 
+def lock_file_blocks() -> bool:
+    """Whether torch's extension build waits while its ``lock`` file exists (torch <= 2.13's
+    ``FileBaton``: a killed build's file blocked every later build). torch 2.14 holds a
+    ``filelock`` lock on that file, which the kernel frees when its holder dies, and keeps
+    the file after every build: removing it there said "left by an interrupted build" in
+    every process."""
+    from torch.utils import cpp_extension  # noqa: PLC0415
+
+    return hasattr(cpp_extension, "FileBaton")
+
+
 @contextlib.contextmanager
-def build_guard(build_directory: Path) -> Iterator[None]:
+def build_guard(build_directory: Path, lock_blocks: bool = True) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``build_directory/layerskip-build.flock`` while the
     block builds (waiting for another process's build to finish); a ``lock`` file found
     once it is held was left by a killed build, and is removed at once. Where no flock can
     be had (not POSIX, another user's file, a file system without locks):
-    ``clear_stale_lock``'s wait."""
+    ``clear_stale_lock``'s wait. ``lock_blocks`` False (``lock_file_blocks``): torch's
+    ``lock`` file blocks nothing and is left as it is."""
     descriptor = _build_flock(build_directory)
     if descriptor is None:
-        clear_stale_lock(build_directory / "lock")
+        if lock_blocks:
+            clear_stale_lock(build_directory / "lock")
         yield
         return
     try:
         lock = build_directory / "lock"
-        if lock.exists():  # no live build of ours holds it: a killed one's
+        if lock_blocks and lock.exists():  # no live build of ours holds it: a killed one's
             lock.unlink(missing_ok=True)
             logger.warning("removed a build lock (%s) left by an interrupted build", lock)
         yield
@@ -150,7 +165,7 @@ def load_few_row_kernel() -> bool:
     name = f"layerskip_few_row_linear_{digest}"
     try:
         build_directory = Path(_get_build_directory(name, verbose=False))
-        with build_guard(build_directory):
+        with build_guard(build_directory, lock_file_blocks()):
             building = not any(build_directory.glob(f"{name}*.so"))
             if building:
                 logger.info(
