@@ -27,6 +27,7 @@ from self_speculation.errors import (
     UnsupportedModelError,
     check_interrupted,
     is_integer,
+    json_refusal,
     require_bool,
     require_list_of,
     require_utf8,
@@ -268,11 +269,20 @@ def recommended_settings(model: PreTrainedModel) -> tuple[int | None, int | None
 
     transformers drops unknown keys from a generation config it rebuilt from the model
     config (``_from_model_config``), so a local model's file is read again as a fallback.
+
+    Raises:
+        ModelLoadError: that file is not JSON (the loader checks a model folder's first; a
+            GGUF file's folder, the model's ``name_or_path``, is not checked).
     """
     sources = [getattr(model, "generation_config", None)]
-    directory = Path(str(getattr(model, "name_or_path", "")))
-    if (directory / GENERATION_CONFIG_NAME).is_file():
-        sources.append(json.loads((directory / GENERATION_CONFIG_NAME).read_text()))
+    path = Path(str(getattr(model, "name_or_path", ""))) / GENERATION_CONFIG_NAME
+    if path.is_file():
+        try:
+            sources.append(json.loads(path.read_bytes()))
+        except (ValueError, RecursionError) as error:
+            raise ModelLoadError(f"{path} is not valid JSON ({json_refusal(error)})") from None
+        except OSError as error:
+            raise ModelLoadError(f"cannot read {path}: {error.strerror or error}") from None
     for source in sources:
         get = (
             source.get if isinstance(source, dict) else lambda key, s=source: getattr(s, key, None)

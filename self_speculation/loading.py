@@ -49,6 +49,8 @@ REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = str(REPOSITORY_ROOT / "models" / "layerskip-stdlib")
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# llama.cpp's gguf-split names the parts of a model split across files NAME-00001-of-00003.gguf.
+SPLIT_GGUF_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 DTYPES = {
     "float32": torch.float32,
@@ -437,38 +439,79 @@ def check_tokenizer_files(directory: Path) -> None:
 def check_gguf_file(path: str) -> None:
     """A GGUF file's header, metadata and tensor table parse, and every tensor lies within
     the file (a truncated or foreign file fails here in one line, not as a struct.error
-    deep in transformers' reader). Reads the metadata only, not the tensor data.
+    deep in transformers' reader), and it is not one part of a model split across files.
+    Reads the metadata only, not the tensor data.
 
     Raises:
         ModelLoadError: naming the file and what is wrong with it.
     """
     _readable_file(Path(path), "GGUF file")
     size = os.path.getsize(path)
+    part = SPLIT_GGUF_NAME.search(os.path.basename(path))
+    if part is not None and int(part.group(2)) > 1:
+        raise _split_gguf_refusal(path, int(part.group(1)), int(part.group(2)))
     try:
-        from transformers.integrations.gguf.reader import GgufHeader
+        from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
     except ImportError:  # another transformers layout: at least the magic bytes
         with open(path, "rb") as stream:
             if stream.read(4) != b"GGUF":
                 raise ModelLoadError(f"{path} is not a GGUF file (no GGUF magic bytes)") from None
         return
     try:
-        header = GgufHeader.from_file(path)
-    except (struct.error, ValueError, KeyError, IndexError, OverflowError) as error:
-        reason = (
-            "it ends inside its metadata"
-            if isinstance(error, struct.error)
-            else one_line(error, 200)
-        )
+        split_count = read_gguf_metadata(path)[0].get("split.count")
+        header = _gguf_header(path, GgufHeader)
+    except (struct.error, ValueError, KeyError, IndexError, ArithmeticError, TypeError) as error:
+        if isinstance(error, struct.error):
+            reason = "it ends inside its metadata"
+        elif isinstance(error, (ZeroDivisionError, TypeError)):
+            # The data section starts at a multiple of general.alignment: 0 or a string
+            # failed as a ZeroDivisionError / TypeError traceback in transformers' reader.
+            reason = "its general.alignment is not a positive whole number"
+        else:
+            reason = one_line(error, 200)
         raise ModelLoadError(
             f"{path} is not a valid GGUF file ({reason}): truncated or corrupt? Copy it again"
         ) from None
-    for tensor in header.tensors:
+    if isinstance(split_count, int) and split_count > 1:  # the first part, renamed
+        raise _split_gguf_refusal(path, 1, split_count)
+    for tensor in header.tensors if header is not None else ():
         end = header.data_start + tensor.offset + tensor.nbytes
         if end > size:
             raise ModelLoadError(
                 f"{path} is not a valid GGUF file (tensor {tensor.name} ends at byte {end}, "
                 f"the file has {size}): truncated? Copy it again"
             )
+
+
+def _gguf_header(path: str, header_class: type) -> Any:
+    """transformers' ``GgufHeader`` of the file; None where its reader cannot size the
+    file's block types but the ``gguf`` package reads the file whole. transformers' own
+    reader serves the architectures its newer loader converts (Qwen3.5, LFM2) and knows
+    fewer types (no Q5_0, Q5_1, MXFP4...); every other architecture loads through the gguf
+    package: a Q5_0 Llama, or a Q4_K_M one with Q5_0 rows, was refused as corrupt.
+
+    Raises:
+        ValueError, struct.error...: the file is not whole for either reader.
+    """
+    try:
+        return header_class.from_file(path)
+    except ValueError as error:
+        try:
+            from gguf import GGUFReader
+        except ImportError:
+            raise error from None
+        GGUFReader(path)  # checks that each tensor lies within the file
+        return None
+
+
+def _split_gguf_refusal(path: str, part: int, count: int) -> ModelLoadError:
+    """A part of a split GGUF model holds some of its tensors only (its first part, the
+    metadata too): it was refused as missing weights, the other parts as corrupt files."""
+    return ModelLoadError(
+        f"{path} is part {part} of {count} of a GGUF model split across files, and "
+        "transformers loads one file: merge the parts first (llama-gguf-split --merge "
+        "FIRST_PART merged.gguf) and pass the merged file"
+    )
 
 
 def _config_int(config: PreTrainedConfig, name: str) -> int | None:
@@ -736,8 +779,11 @@ def load_model_and_tokenizer(
         if not os.path.isfile(source):
             raise ModelLoadError(f"GGUF file not found: {source}")
         check_gguf_file(source)
-        arguments["gguf_file"] = os.path.basename(source)
-        source = os.path.dirname(os.path.abspath(source))
+        # By its absolute path: transformers reads the weights of a gguf_file named relative
+        # to the working directory before looking in the folder (the config and tokenizer
+        # come from the folder), so a bare name silently loaded a model.gguf found there.
+        arguments["gguf_file"] = os.path.abspath(source)
+        source = os.path.dirname(arguments["gguf_file"])
     else:
         check_model_source(source, arguments.get("cache_dir"))
     facts = inspect_model(model, model_args)
