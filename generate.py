@@ -45,6 +45,7 @@ import torch
 from arguments import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
+    MAX_SEED,
     Arguments,
     GenerationArguments,
     arguments_dict,
@@ -418,7 +419,8 @@ def main(argv: list[str]) -> int:
         try:
             for number, prompt in enumerate(read_prompts()):
                 try:
-                    answer(prompt, args.seed + number, rows)
+                    # Within --seed's range, so that --prompt P --seed S draws it again.
+                    answer(prompt, (args.seed + number) % (MAX_SEED + 1), rows)
                 except LayerSkipError as error:  # one bad prompt does not end the session
                     logger.error("%s", error)
                     document["failed_prompts"] = document.get("failed_prompts", 0) + 1

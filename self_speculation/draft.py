@@ -36,7 +36,7 @@ from transformers import PretrainedConfig
 from self_speculation.config import GenerationConfig
 from self_speculation.errors import ConfigError, ModelLoadError, whole_number
 from self_speculation.kv_cache import ColumnKVCache
-from self_speculation.model_surgery import LayerwiseModel
+from self_speculation.model_surgery import LayerwiseModel, is_capture_hook
 from self_speculation.output_safety import readable_by_others
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -122,6 +122,13 @@ class ExitAdapter(nn.Module):
             if isinstance(getattr(module, "config", None), PretrainedConfig)
         }
         self.block = copy.deepcopy(layer, memo=shared)
+        # Nor transformers' output-capturing hooks, copied with the layer when a forward with
+        # output_hidden_states came before: the adapter never runs in such a forward, and
+        # dynamo cannot trace them (its compiled passes failed, decoding turned eager).
+        for module in self.block.modules():
+            hooks = module._forward_hooks
+            for key in [key for key, hook in hooks.items() if is_capture_hook(hook)]:
+                del hooks[key]
         attention = getattr(self.block, "self_attn", None)
         if attention is None or not hasattr(attention, "layer_idx"):
             raise ConfigError(

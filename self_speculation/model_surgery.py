@@ -14,6 +14,7 @@ Early exit at layer E is ``unembed(run_layers(embed(x), 0, E))``; verification i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import logging
@@ -272,28 +273,50 @@ def global_forward_hooks() -> tuple:
     return (*hooks._global_forward_pre_hooks.values(), *hooks._global_forward_hooks.values())
 
 
+def _inert_when_traced(hook: Callable) -> Callable:
+    """``hook`` (an output-capturing hook) that does nothing inside code dynamo traces, and
+    records as before elsewhere (a forward with ``output_hidden_states`` in another thread,
+    or from a streamer). One per hook, kept on it: a new one each generation would be a new
+    value for the guards of a hooked model's passes (a compile again each generation)."""
+    inert = getattr(hook, "_inert_when_traced", None)
+    if inert is None:
+
+        @functools.wraps(hook)  # its __module__ too: still is_capture_hook
+        def inert(module: nn.Module, args: tuple, output: object) -> None:
+            if torch.compiler.is_compiling():  # a compiled pass, which captures nothing
+                return None
+            return hook(module, args, output)
+
+        # Kept on the wrapper too: blocks over two models sharing modules (a PEFT model
+        # and its base) do not wrap it again.
+        hook._inert_when_traced = inert._inert_when_traced = inert
+    return inert
+
+
 @contextmanager
 def capture_hooks_suspended(model: nn.Module) -> Iterator[None]:
-    """``model``'s output-capturing hooks (``is_capture_hook``) off its modules within the
-    block, put back after in their places among the module's other hooks. Compiled passes
-    need it: such a hook reads a ``ContextVar``, which dynamo cannot trace, so one forward
-    with ``output_hidden_states`` before had turned every later compiled generation eager.
+    """``model``'s output-capturing hooks (``is_capture_hook``) left out of the code that
+    dynamo traces within the block, and as they were after. Compiled passes need it: such a
+    hook reads a ``ContextVar``, which dynamo cannot trace, so one forward with
+    ``output_hidden_states`` before had turned every later compiled generation eager. Each
+    hook is swapped in its place for one that does nothing while traced
+    (``_inert_when_traced``): a forward with ``output_hidden_states`` that another thread (or
+    a streamer) runs meanwhile captures as before (with the hooks off the modules, it got
+    no hidden states at all).
 
     Blocks over one model nest and overlap (compiled generations of several Generators in
-    several threads): the first to enter takes the hooks off, the last to leave puts them
-    back. A forward with ``output_hidden_states`` that another thread runs meanwhile
-    captures nothing."""
+    several threads): the first to enter swaps the hooks, the last to leave puts them
+    back."""
     with _EVAL_LOCK:
         held = _CAPTURE_HOLDS.get(model)
         if held is None:
             held = _CAPTURE_HOLDS[model] = [0, []]
             for module in model.modules():
                 hooks = module._forward_hooks
-                if any(is_capture_hook(hook) for hook in hooks.values()):
-                    held[1].append((hooks, list(hooks.items())))
-                    for key, hook in list(hooks.items()):
-                        if is_capture_hook(hook):
-                            del hooks[key]
+                for key, hook in list(hooks.items()):
+                    if is_capture_hook(hook):
+                        hooks[key] = _inert_when_traced(hook)
+                        held[1].append((hooks, key, hook))
         held[0] += 1
     try:
         yield
@@ -302,16 +325,12 @@ def capture_hooks_suspended(model: nn.Module) -> Iterator[None]:
             held[0] -= 1
             if not held[0]:
                 _CAPTURE_HOLDS.pop(model, None)
-                for hooks, before in held[1]:
-                    now = dict(hooks)  # hooks added or removed meanwhile stay so
-                    hooks.clear()
-                    for key, hook in before:
-                        if is_capture_hook(hook) or key in now:
-                            hooks[key] = now.get(key, hook)
-                    hooks.update((key, hook) for key, hook in now.items() if key not in hooks)
+                for hooks, key, hook in held[1]:
+                    if hooks.get(key) is _inert_when_traced(hook):  # not removed meanwhile
+                        hooks[key] = hook
 
 
-# model -> [blocks inside capture_hooks_suspended now, (hooks dict, its items before)]
+# model -> [blocks inside capture_hooks_suspended now, (hooks dict, key, hook swapped)]
 _CAPTURE_HOLDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -417,14 +436,17 @@ def module_state(model: nn.Module) -> tuple:
     code does not re-check the modules at each call (that cost 0.75 ms per call), so a
     Generator compares this between its compiled generations and compiles again when it
     changed. The training flag is left out (generation runs in eval mode either way), and so
-    are output-capturing hooks (off the modules while compiled passes run)."""
+    are output-capturing hooks (inert inside compiled passes)."""
     state: list = [tuple(map(id, global_forward_hooks()))]
     for module in model.modules():
         state.append(id(module))
         for key, value in vars(module).items():
             if key in _MODULE_CONTAINERS:
                 continue
-            if key.endswith("hooks"):  # _forward_hooks, _forward_pre_hooks...
+            # _forward_hooks, _forward_pre_hooks...; not a list of handles (transformers'
+            # enable_input_require_grads keeps one as _require_grads_hooks: a
+            # traceback here)
+            if key.endswith("hooks") and isinstance(value, dict):
                 hooks = tuple(id(hook) for hook in value.values() if not is_capture_hook(hook))
                 if hooks:
                     state.append((key, hooks))

@@ -82,6 +82,10 @@ PRECOMPILE_VARIABLE = "LAYERSKIP_PRECOMPILE"
 # and dynamo's default limit (8) would send a sweep back to eager code. Set on our
 # functions only (torch.compile's recompile_limit), not for the whole process.
 RECOMPILE_LIMIT = 1024
+# Compiles again of one pass in a row (call after call), for inputs it was compiled for,
+# after which a hooked model's passes decode eagerly: its hooks' values change at every
+# call (``ForwardPasses._timed``).
+HOOKED_RECOMPILES = 3
 
 
 def compile_backend() -> str:
@@ -332,6 +336,10 @@ class ForwardPasses:
         self._options: dict = {}
         self._model_digest: str | None = None
         self._loaded: set[tuple] = set()  # keys whose compiled pass came from disk
+        # A hooked model's passes keep their guards on the modules: compiles again in a row
+        # of a pass already compiled, per key (HOOKED_RECOMPILES).
+        self._hooked = False
+        self._recompiles: collections.Counter = collections.Counter()
         # Why compiling was given up (the passes then run eagerly), or None.
         self.fallback_reason: str | None = None
         self._removed: set[Path] = set()  # damaged files removed from inductor's cache
@@ -355,6 +363,7 @@ class ForwardPasses:
                 inner = {k: v for k, v in options["options"].items() if k != "guard_filter_fn"}
                 options = {**options, "options": inner}
             self._options = options
+            self._hooked = hooked
             self._keep_on_disk = (
                 model.device.type == "cpu"
                 and precompiled.available()
@@ -459,6 +468,18 @@ class ForwardPasses:
                 "" if first else " again, for inputs unlike the compiled ones",
                 elapsed,
             )
+            if not first and self._hooked:
+                self._recompiles[key] += 1
+                if self._recompiles[key] >= HOOKED_RECOMPILES:
+                    # A hook that keeps state (counts calls, appends what it sees) changes
+                    # what its compiled code read at every call: a compile per call, each
+                    # seconds long. Eager code runs the hooks as written.
+                    self._fall_back(
+                        f"the {key[0]} pass compiled again at every call: a hook on the "
+                        "model changes its own values (a counter, a list it appends to)"
+                    )
+        else:  # a value changed once (a steering hook's scale) recompiled once: not counted
+            self._recompiles.pop(key, None)
         return self._compiled_result(result, args)
 
     def _first_call(self, key: tuple, function: Callable, args: tuple) -> object:

@@ -209,12 +209,12 @@ def has_hooks(model: torch.nn.Module) -> bool:
     ``functools.partial``, a method bound to another object or a callable object. Like a
     hook's, their values are traced into the pass (two closures of one factory have one
     name, one code and other values). transformers' output-capturing hooks do not count: they
-    are off the modules while compiled passes run (``capture_hooks_suspended``)."""
+    do nothing inside compiled passes (``capture_hooks_suspended``)."""
     if global_forward_hooks():
         return True
     for module in model.modules():
         for key, value in vars(module).items():
-            if key.endswith("hooks"):
+            if key.endswith("hooks") and isinstance(value, dict):  # not a list of handles
                 if not all(map(is_capture_hook, value.values())):
                     return True
             elif key not in _MODULE_INTERNALS and _carries_values(value, module):
