@@ -5,22 +5,12 @@ own ``generate`` do, not with the one its passes were first compiled with."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
+from test_hook_values import CONFIGS, PROMPT
 from tiny_models import IdTokenizer, make_tiny_model
 
-from self_speculation import GenerationConfig, Generator
-
-PROMPT = [5, 7, 9, 11, 13]
-FAST = GenerationConfig(max_steps=8, sample=False, compile=True)
-CONFIGS = [
-    FAST,
-    dataclasses.replace(
-        FAST, generation_strategy="self_speculative", exit_layer=2, num_speculations=3
-    ),
-]
+from self_speculation import Generator
 
 
 @pytest.fixture(autouse=True)

@@ -5,26 +5,17 @@ model's own ``generate`` do with the hooks registered now, in this Generator and
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_hook_values import CONFIGS, PROMPT
 from tiny_models import IdTokenizer, make_tiny_model
 from torch.nn.modules.module import register_module_forward_hook
 
-from self_speculation import GenerationConfig, Generator, precompiled
-
-PROMPT = [5, 7, 9, 11, 13]
-FAST = GenerationConfig(max_steps=8, sample=False, compile=True)
-CONFIGS = [
-    FAST,
-    dataclasses.replace(
-        FAST, generation_strategy="self_speculative", exit_layer=2, num_speculations=3
-    ),
-]
+from self_speculation import Generator, precompiled
 
 
 @pytest.fixture(autouse=True)
