@@ -182,9 +182,9 @@ def _spec(name: DatasetName, args: BenchmarkArguments) -> DatasetSpec:
 def _check_field_flags(name: DatasetName, args: BenchmarkArguments) -> None:
     """Refuse ``--prompt_field`` / ``--response_field`` for a dataset whose fields are
     fixed: they were ignored, and the run read other fields than the user named."""
-    defaults = {item.name: item.default for item in fields(BenchmarkArguments)}
     if name is DatasetName.CUSTOM_JSONL:
         return
+    defaults = {item.name: item.default for item in fields(BenchmarkArguments)}
     for flag in ("prompt_field", "response_field"):
         if getattr(args, flag) != defaults[flag]:
             named = " and ".join(_spec(name, args).fields)

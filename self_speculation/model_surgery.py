@@ -265,6 +265,16 @@ def is_capture_hook(hook: Callable) -> bool:
     return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
 
 
+def user_hooks(name: str, value: object) -> tuple | None:
+    """The hooks in ``value``, a module attribute named ``name``, less output-capturing
+    ones (``is_capture_hook``); None when it holds no hooks: not a ``..._hooks`` dict
+    (transformers' ``enable_input_require_grads`` keeps a list of handles as
+    ``_require_grads_hooks``, read as a dict before: a traceback)."""
+    if not (name.endswith("hooks") and isinstance(value, dict)):
+        return None
+    return tuple(hook for hook in value.values() if not is_capture_hook(hook))
+
+
 def global_forward_hooks() -> tuple:
     """The forward hooks and pre-hooks registered for every module
     (``torch.nn.modules.module.register_module_forward_hook`` and its pre-hook twin): they
@@ -443,13 +453,10 @@ def module_state(model: nn.Module) -> tuple:
         for key, value in vars(module).items():
             if key in _MODULE_CONTAINERS:
                 continue
-            # _forward_hooks, _forward_pre_hooks...; not a list of handles (transformers'
-            # enable_input_require_grads keeps one as _require_grads_hooks: a
-            # traceback here)
-            if key.endswith("hooks") and isinstance(value, dict):
-                hooks = tuple(id(hook) for hook in value.values() if not is_capture_hook(hook))
+            hooks = user_hooks(key, value)  # _forward_hooks, _forward_pre_hooks...
+            if hooks is not None:
                 if hooks:
-                    state.append((key, hooks))
+                    state.append((key, tuple(map(id, hooks))))
             elif isinstance(value, _PLAIN):
                 state.append((key, value))
             elif isinstance(value, list | tuple) and all(isinstance(x, _PLAIN) for x in value):
@@ -642,8 +649,9 @@ class LayerwiseModel:
         ``alora_invocation_tokens``) would never be handed the offsets that PEFT's forward
         finds in the tokens, so its layers would decode as the base model."""
         for name, module in self._outer_modules.items():
-            hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-            if not all(map(is_capture_hook, hooks)):
+            if user_hooks("_forward_hooks", module._forward_hooks) or user_hooks(
+                "_forward_pre_hooks", module._forward_pre_hooks
+            ):
                 return (
                     f"{name} has a forward hook, which the layer-wise engine never runs (it "
                     "calls embed_tokens, the decoder layers, norm and lm_head, not the "

@@ -162,7 +162,7 @@ def _without_freezing() -> contextlib.AbstractContextManager:
 _NOTHING = contextlib.nullcontext()
 
 
-def compile_options(device: torch.device) -> dict:
+def compile_options(device: torch.device, module_guards: bool = False) -> dict:
     """``torch.compile`` arguments for the engine's passes on ``device``.
 
     Guards: a compiled version is chosen by the guards that tell versions apart (ints such
@@ -172,9 +172,14 @@ def compile_options(device: torch.device) -> dict:
     on the shipped model on a (loaded) 2-core CPU, against 0.23 ms for all the others, and
     the passes never change a model. The instance guard keeps one model's compiled code
     from serving another model of the same shapes but another structure.
+
+    ``module_guards``: keep them (a hooked model's passes): the filter drops every guard
+    read through a module, those on a hook's values too, and the passes decoded with the
+    values of their first call (a steering hook's scale set later changed no token); kept,
+    a changed value compiles again.
     """
     common = {"fullgraph": True, "dynamic": False, **_recompile_limit()}
-    guards = dict(_guard_filter())
+    guards = {} if module_guards else dict(_guard_filter())
     backend = compile_backend()
     if backend != "inductor":
         return {**common, "backend": backend, "options": guards}
@@ -354,14 +359,9 @@ class ForwardPasses:
             hooked = precompiled.has_hooks(model.model) or bool(
                 draft and draft.adapter and precompiled.has_hooks(draft.adapter)
             )
-            options = compile_options(model.device)
-            if hooked:
-                # The guard filter drops every guard read through a module, those on a hook's
-                # values too: the passes decoded with the values of their first call (a
-                # steering hook's scale set later changed no token). Kept, a changed value
-                # compiles again (about 0.75 ms more per call, for hooked models only).
-                inner = {k: v for k, v in options["options"].items() if k != "guard_filter_fn"}
-                options = {**options, "options": inner}
+            # A hooked model's passes check its modules at each call (about 0.75 ms more),
+            # so that a hook's changed value compiles again.
+            options = compile_options(model.device, module_guards=hooked)
             self._options = options
             self._hooked = hooked
             self._keep_on_disk = (

@@ -45,7 +45,7 @@ from self_speculation.errors import one_line
 from self_speculation.model_surgery import (
     CAPTURE_HOOKS_MARK,
     global_forward_hooks,
-    is_capture_hook,
+    user_hooks,
 )
 from self_speculation.output_safety import readable_by_others, replaced_when_done
 
@@ -214,8 +214,9 @@ def has_hooks(model: torch.nn.Module) -> bool:
         return True
     for module in model.modules():
         for key, value in vars(module).items():
-            if key.endswith("hooks") and isinstance(value, dict):  # not a list of handles
-                if not all(map(is_capture_hook, value.values())):
+            hooks = user_hooks(key, value)
+            if hooks is not None:
+                if hooks:
                     return True
             elif key not in _MODULE_INTERNALS and _carries_values(value, module):
                 return True

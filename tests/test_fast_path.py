@@ -203,7 +203,11 @@ def test_every_compiled_pass_gets_the_guard_filter(device: str, monkeypatch) -> 
 
     monkeypatch.setattr(passes.torch, "compile", recording)
     monkeypatch.setattr(passes, "missing_compiler", lambda device: None)
-    monkeypatch.setattr(passes, "compile_options", lambda _: compile_options(torch.device(device)))
+    monkeypatch.setattr(
+        passes,
+        "compile_options",
+        lambda _, module_guards=False: compile_options(torch.device(device), module_guards),
+    )
     model = LayerwiseModel(make_tiny_model("llama_gqa_tied", dtype=torch.float32))
     forward = passes.ForwardPasses(model, compile=True)
     assert len(filtered) >= 7 and all(filtered)
