@@ -57,6 +57,7 @@ from self_speculation.loading import (
     check_model_args,
     check_model_source,
     inspect_model,
+    is_gguf_file,
 )
 from self_speculation.output_safety import check_output_dir as check_output_dir  # re-exported
 from self_speculation.passes import fast_path_measured
@@ -198,7 +199,7 @@ class Arguments:
             ModelLoadError: a malformed config.json or weights file.
             ConfigError: settings outside the model's range, or unknown --model_args keys.
         """
-        if self.model != "smollm2" and not self.model.endswith(".gguf"):
+        if self.model != "smollm2" and not is_gguf_file(self.model):
             # A mistyped path fails now, not after the data.
             check_model_source(self.model, self.model_kwargs.get("cache_dir"))
         facts = inspect_model(self.model, self.model_kwargs)

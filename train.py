@@ -24,7 +24,7 @@ from pathlib import Path
 
 from arguments import check_output_dir, error_line, report_lost_process, report_out_of_memory
 from self_speculation.errors import ConfigError, LayerSkipError
-from self_speculation.loading import check_model_source, inspect_model
+from self_speculation.loading import check_model_source, inspect_model, is_gguf_file
 from self_speculation.training.checkpointing import (
     CHECKPOINT_DIR,
     PREVIOUS_DIR,
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if config.model.model and not args.resume:
             # Damaged or missing model files: before the data is read, and before the output
             # directory is made (a typo's "did you mean" would name it, and it would stay).
-            if not config.model.model.endswith(".gguf") and config.model.model != "smollm2":
+            if not is_gguf_file(config.model.model) and config.model.model != "smollm2":
                 check_model_source(config.model.model)
             inspect_model(config.model.model)
         check_output_dir(  # before the data is read

@@ -50,7 +50,7 @@ DEFAULT_MODEL = str(REPOSITORY_ROOT / "models" / "layerskip-stdlib")
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # llama.cpp's gguf-split names the parts of a model split across files NAME-00001-of-00003.gguf.
-SPLIT_GGUF_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+SPLIT_GGUF_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 
 DTYPES = {
     "float32": torch.float32,
@@ -58,6 +58,22 @@ DTYPES = {
     "float16": torch.float16,
     "float64": torch.float64,
 }
+
+
+def is_gguf_file(model: str) -> bool:
+    """``model`` names a GGUF file: by its ``.gguf`` suffix (any case; the file may not
+    exist yet, which loading then says), or an existing file that starts with GGUF's magic
+    bytes (ollama keeps its models as extensionless ``sha256-...`` blobs)."""
+    path = os.path.expanduser(model)
+    if path.lower().endswith(".gguf"):
+        return True
+    if not os.path.isfile(path):  # not a folder, nor a FIFO to block on
+        return False
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def smollm2_gguf_path() -> str:
@@ -273,7 +289,7 @@ class ModelFacts:
 
 
 def _local_directory(model: str, subfolder: str = "") -> Path | None:
-    if model == "smollm2" or model.endswith(".gguf"):
+    if model == "smollm2" or is_gguf_file(model):
         return None
     path = Path(expand_home(model, "--model"))
     if not path.is_dir():
@@ -557,7 +573,7 @@ def inspect_model(model: str, model_args: dict[str, Any] | None = None) -> Model
     shared = _shared_loading_args(model_args)
     directory = _local_directory(model, str(shared.get("subfolder") or ""))
     if directory is None:
-        if model.endswith(".gguf") and os.path.isfile(os.path.expanduser(model)):
+        if is_gguf_file(model) and os.path.isfile(os.path.expanduser(model)):
             check_gguf_file(os.path.expanduser(model))
         return None
     config_path = directory / "config.json"
@@ -775,7 +791,7 @@ def load_model_and_tokenizer(
     torch_dtype = resolve_dtype(dtype, device)
     arguments: dict[str, Any] = dict(model_args or {})
     source = smollm2_gguf_path() if model == "smollm2" else expand_home(model, "--model")
-    if source.endswith(".gguf"):
+    if is_gguf_file(source):
         if not os.path.isfile(source):
             raise ModelLoadError(f"GGUF file not found: {source}")
         check_gguf_file(source)

@@ -67,7 +67,7 @@ def held_contents(directory: Path) -> str | None:
         )
         if weights:
             return f"holds a model (config.json and {weights[0]})"
-    if any(entry.suffix == ".gguf" for entry in resolved.iterdir()):
+    if any(entry.suffix.lower() == ".gguf" for entry in resolved.iterdir()):
         return "holds a model (a .gguf file)"
     return None
 
