@@ -196,16 +196,16 @@ def plot(sections: list[dict], path: Path) -> None:
 
 def check_text_files(files: list[Path], text_field: str = "text") -> None:
     """Refuse a binary or non-UTF-8 file among the data (a glob can catch a .pyc or an
-    image): its bytes would be scored as text, or fail deep in the tokenizer. Gzipped
-    JSONL is checked decompressed.
+    image): its bytes would be scored as text, or fail deep in the tokenizer. Gzipped files
+    are checked decompressed.
 
     Raises:
         ConfigError: naming the file, the offset and how to leave it out.
     """
     for path in files:
         try:
-            kind, gzipped = records_kind(path, text_field)
-            if gzipped and kind is not None:  # gzipped records, read as train.py reads them
+            _, gzipped = records_kind(path, text_field)
+            if gzipped:  # read as train.py reads them
                 with gzip.open(path, "rb") as handle:
                     data = handle.read()
             else:

@@ -133,17 +133,30 @@ def _expand_glob(pattern: str) -> Iterator[str]:
 
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def is_gzipped(path: Path) -> bool:
+    """Whether ``path`` is gzip-compressed, by its first bytes rather than its name (Debian's
+    ``changelog.Debian.gz``, a ``.txt.gz`` corpus, JSONL gzipped under a plain name)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(2) == GZIP_MAGIC
+    except OSError:  # said when the file is read
+        return False
 
 
 def records_kind(path: Path, text_field: str) -> tuple[str | list | None, bool]:
     """(how ``path`` holds records: "lines" (JSON Lines), the records themselves (a JSON
-    array of them, parsed once) or None (a document), is gzipped), from its name,
-    case-insensitively, and for ``.json`` from its content: datasets' ``to_json`` writes JSON
-    Lines or an array of records under that name, while a code corpus holds .json files that
-    are documents (package.json)."""
+    array of them, parsed once) or None (a document), is gzipped), from its name (less a
+    ``.gz``), case-insensitively, and for ``.json`` from its content: datasets' ``to_json``
+    writes JSON Lines or an array of records under that name, while a code corpus holds .json
+    files that are documents (package.json). Gzipped: by the file's first bytes."""
     suffixes = [suffix.lower() for suffix in path.suffixes]
-    gzipped = suffixes[-1:] == [".gz"]
-    suffix = suffixes[-2 if gzipped else -1] if len(suffixes) > int(gzipped) else ""
+    if suffixes[-1:] == [".gz"]:
+        suffixes.pop()
+    gzipped = is_gzipped(path)
+    suffix = suffixes[-1] if suffixes else ""
     if suffix in JSONL_SUFFIXES:
         return "lines", gzipped
     if suffix != ".json":
@@ -178,8 +191,8 @@ def _is_record(record: object, text_field: str) -> bool:
 
 def read_texts(files: Iterable[Path], text_field: str = "text") -> Iterator[str]:
     """The documents of ``files``: one per JSON Lines record (its ``text_field``; .jsonl,
-    .ndjson, and .json files holding such records, or an array of them; gzipped too), else
-    one per file.
+    .ndjson, and .json files holding such records, or an array of them), else one per file;
+    gzipped files are read decompressed.
 
     A binary or non-UTF-8 file among plain-text files (a glob can catch a .pyc or a
     Latin-1 test file) is skipped with a warning rather than scored as replacement
@@ -204,6 +217,11 @@ def read_texts(files: Iterable[Path], text_field: str = "text") -> Iterator[str]
                 raise ConfigError(f"cannot read {path}: {error}") from None
             continue
         data = path.read_bytes()
+        if gzipped:
+            try:
+                data = gzip.decompress(data)
+            except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+                raise ConfigError(f"cannot read {path}: {error}") from None
         try:
             text = data.decode("utf-8-sig")  # a BOM (Notepad) is not text
         except UnicodeDecodeError:
