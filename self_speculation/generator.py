@@ -162,6 +162,15 @@ class StopChecker:
             names = {token: tokenizer.convert_ids_to_tokens(token) for token in self._silent}
         words = [token for token, name in names.items() if name in self.stop_words]
         self.stop_word_ids = frozenset(words) - eos_token_ids
+        for word in self.stop_words:
+            # "<|im_end|>\n" is searched in text that the special token has no part in.
+            inside = next((name for name in names.values() if name and name in word), word)
+            if inside != word:
+                raise ConfigError(
+                    f"stop word {word!r} holds the special token {inside} and other text: "
+                    f"special tokens decode to no text, so it could never match; give "
+                    f"{inside!r} as a stop word of its own"
+                )
 
     def _tail_start(self, generated: list[int]) -> int:
         """Where the tail to decode begins: ``tail_tokens`` tokens with text back."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from tiny_models import make_tiny_model, make_tiny_tokenizer
 from tokenizers.processors import TemplateProcessing
 
 from self_speculation import GenerationConfig, Generator
+from self_speculation.errors import ConfigError
 
 STRATEGIES = [
     GenerationConfig(sample=False, max_steps=12),
@@ -121,3 +123,20 @@ def test_a_stop_word_that_is_a_special_tokens_text_stops_at_that_token(
     assert (eos.token_ids, eos.stop_reason) == (chain, "eos")
     text = generator.generate(prompt, GenerationConfig(**{**vars(config), "stop_words": ["dog"]}))
     assert (text.stop_reason, text.text) == ("stop_word", " the lazy dog")
+
+
+@pytest.mark.parametrize(
+    ("word", "token"),
+    [("<|im_end|>\n", "<|im_end|>"), ("x<|im_end|>", "<|im_end|>"), ("</s> ", "</s>")],
+)
+def test_a_stop_word_holding_a_special_token_and_text_is_refused(word: str, token: str) -> None:
+    """ "<|im_end|>\\n" was searched in text decoded without special tokens, so it never
+    matched and generation ran on silently; now one error naming the token to give."""
+    tokenizer, chain, _ = chat_tokenizer_and_chain()
+    prompt = tokenizer.encode("def")
+    generator = Generator(
+        scripted_model(tokenizer, len(tokenizer) + 19, chain, prompt[-1]), tokenizer
+    )
+    config = GenerationConfig(**{**vars(STRATEGIES[1]), "stop_words": ["dog", word]})
+    with pytest.raises(ConfigError, match=f"holds the special token {re.escape(token)} "):
+        generator.generate(prompt, config)
