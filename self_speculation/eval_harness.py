@@ -17,8 +17,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import io
 import json
 import logging
+import pickle
+import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -246,6 +249,7 @@ class LayerSkipLM(LM):
         if type(cache_hook.dbdict) is SqliteDict:
             cache_hook.dbdict.__class__ = _GreedyAnswers
             cache_hook.dbdict.unkept = self.sampled_keys
+            cache_hook.dbdict.decode = _plain_answer  # SqliteDict's own: any pickle
 
     def check_gen_kwargs(self, gen_kwargs: dict[str, Any]) -> None:
         """ConfigError, as a request would raise it, for ``--gen_kwargs`` values generation
@@ -344,6 +348,19 @@ class LayerSkipLM(LM):
             if self.on_generation is not None:
                 self.on_generation(row)
         return outputs
+
+
+class _AnswerUnpickler(pickle.Unpickler):
+    """Unpickles the answers this module stores (a text, a float, a (float, bool) pair),
+    which name no class: a request cache from elsewhere cannot run code on --use_cache."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        # A sqlite3 error: eval.py says in one line that the cache cannot be used.
+        raise sqlite3.DatabaseError(f"an entry names {module}.{name}, not an answer")
+
+
+def _plain_answer(data: bytes) -> Any:
+    return _AnswerUnpickler(io.BytesIO(bytes(data))).load()
 
 
 class _GreedyAnswers(SqliteDict):

@@ -340,13 +340,16 @@ def _read_json(path: Path) -> Any:
 
 
 def _readable_file(path: Path, what: str) -> None:
-    """Refuse a weights file that is missing, a broken link, a directory or unreadable."""
+    """Refuse a model file that is missing, a broken link (or a loop of links), a directory,
+    not a regular file (a FIFO, which blocks the open below forever) or unreadable."""
     if path.is_symlink() and not path.exists():
         raise ModelLoadError(f"{what} {path} is a broken link (to {os.readlink(path)})")
     if path.is_dir():
         raise ModelLoadError(f"{what} {path} is a directory, not a file")
     if not path.exists():
         raise ModelLoadError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise ModelLoadError(f"{what} {path} is not a regular file (a FIFO or a device?)")
     try:
         with open(path, "rb"):
             pass
@@ -384,24 +387,30 @@ def _weight_files(directory: Path) -> list[Path]:
     )
 
 
-def check_weight_files(directory: Path) -> None:
+def check_weight_files(directory: Path) -> int | None:
     """Every safetensors file of ``directory`` is readable and whole: its header parses and
     covers the file (a truncated or foreign file fails here, before loading).
+
+    Returns:
+        How many tensors the files hold; None where there are none to read
+        (pytorch_model.bin and other layouts left to transformers).
 
     Raises:
         ModelLoadError: naming the file and what is wrong with it.
     """
-    for path in _weight_files(directory):
+    files, tensors = _weight_files(directory), 0
+    for path in files:
         _readable_file(path, "weights file")
         try:
-            with safe_open(str(path), framework="pt"):
-                pass
+            with safe_open(str(path), framework="pt") as handle:
+                tensors += len(handle.keys())
         except SafetensorError as error:
             reason = str(error).removeprefix("Error while deserializing header: ")
             raise ModelLoadError(
                 f"{path} is not a valid safetensors file ({reason}): truncated or corrupt? "
                 "Copy or save the model again"
             ) from None
+    return tensors if files else None
 
 
 TOKENIZER_JSON_FILES = (
@@ -561,6 +570,11 @@ def _refuse_our_other_folders(directory: Path) -> None:
         )
 
 
+# What AutoConfig raises for a config.json it refuses (ArithmeticError: a config class's own
+# checks dividing by a size of 0).
+_CONFIG_ERRORS = (OSError, ValueError, KeyError, TypeError, ArithmeticError, StrictDataclassError)
+
+
 def inspect_model(model: str, model_args: dict[str, Any] | None = None) -> ModelFacts | None:
     """Read and check a local model's config.json, generation_config.json and weight file
     headers, without loading any weight. None for a hub id, a .gguf file or "smollm2"
@@ -578,6 +592,8 @@ def inspect_model(model: str, model_args: dict[str, Any] | None = None) -> Model
         return None
     config_path = directory / "config.json"
     _refuse_our_other_folders(directory)
+    if config_path.exists() or config_path.is_symlink():
+        _readable_file(config_path, "config file")
     if not config_path.exists() and (directory / "adapter_config.json").exists():
         raise ModelLoadError(
             f"{directory} holds a PEFT adapter (adapter_config.json), not a model: merge it "
@@ -596,7 +612,7 @@ def inspect_model(model: str, model_args: dict[str, Any] | None = None) -> Model
             str(directory),
             trust_remote_code=shared.get("trust_remote_code") is True,
         )
-    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as error:
+    except _CONFIG_ERRORS as error:
         if "trust_remote_code" in str(error):
             raise ModelLoadError(
                 f"{config_path} names custom code (auto_map) that must run to load this "
@@ -605,16 +621,27 @@ def inspect_model(model: str, model_args: dict[str, Any] | None = None) -> Model
                 "True}); train, train_adapter and layer_report do not load custom code"
             ) from None
         message = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, ArithmeticError):
+            message += " (a size or count of 0?)"
         raise ModelLoadError(f"{config_path}: {message}") from None
     for name in ("num_hidden_layers", "vocab_size"):
         value = _config_int(config, name)
         if value is not None and value < 1:
             raise ModelLoadError(f"{config_path}: {name} must be >= 1, got {value}")
-    check_weight_files(directory)
+    tensors = check_weight_files(directory)
+    num_layers = _config_int(config, "num_hidden_layers")
+    if tensors is not None and num_layers is not None and num_layers > tensors:
+        # Each layer has weights of its own: more layers than tensors cannot load, and
+        # building them (num_hidden_layers=10**9) would run for hours before it is refused.
+        raise ModelLoadError(
+            f"{config_path} declares {num_layers} decoder layers, more than the {tensors} "
+            "tensors its weights hold: fix num_hidden_layers or use the matching weights"
+        )
     check_tokenizer_files(directory)
     recommended: dict[str, Any] = {}
     generation_path = directory / "generation_config.json"
-    if generation_path.exists():
+    if generation_path.exists() or generation_path.is_symlink():
+        _readable_file(generation_path, "generation config")
         loaded = _read_json(generation_path)
         recommended = loaded if isinstance(loaded, dict) else {}
     for key in ("exit_layer", "num_speculations"):
@@ -625,7 +652,7 @@ def inspect_model(model: str, model_args: dict[str, Any] | None = None) -> Model
             )
     return ModelFacts(
         config=config,
-        num_layers=_config_int(config, "num_hidden_layers"),
+        num_layers=num_layers,
         vocab_size=_config_int(config, "vocab_size"),
         context_length=_config_int(config, "max_position_embeddings"),
         recommended_exit_layer=recommended.get("exit_layer"),

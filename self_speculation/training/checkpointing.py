@@ -16,11 +16,16 @@ The directory is written under ``checkpoint.tmp``; then the previous checkpoint 
 ``checkpoint.old``, the new one into place, and the old one is deleted. A kill at any point
 leaves one complete checkpoint, which ``recover_checkpoint`` puts back in place. On several
 nodes ``output_dir`` must be on a file system every node sees.
+
+A resume reads only tensors and plain values from these files (``torch.load(weights_only=True)``
+and an allow-listed unpickler for DCP's ``.metadata``): a checkpoint from elsewhere can hold
+wrong numbers, but it cannot run code.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 import shutil
 import warnings
@@ -183,6 +188,61 @@ def _quiet_dcp_metadata_fallback() -> Iterator[None]:
         root.removeFilter(quiet)
 
 
+# What DCP's ``.metadata`` pickle names (besides dtypes): its own records, never a callable
+# that does something.
+_DCP_METADATA_GLOBALS = {
+    *(
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata MetadataIndex StorageMeta BytesStorageMetadata TensorStorageMetadata "
+            "TensorProperties ChunkStorageMetadata _MEM_FORMAT_ENCODING"
+        ).split()
+    ),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+}
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """``pickle.load`` of a DCP ``.metadata`` file that refuses anything else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) not in _DCP_METADATA_GLOBALS and not dtype:
+            raise pickle.UnpicklingError(f"{module}.{name} is not checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def _dcp_load(state: dict[str, Any], directory: Path) -> None:
+    """``dcp.load(state)`` from ``directory``, unpickling only DCP's metadata records and,
+    for its byte items (the optimizer's param-group values), plain values: DCP itself
+    unpickles both with no restriction."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(dcp.FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            rank = kwargs.get("rank")  # DCP's rank-local fallback: ``__<rank>.metadata``
+            name = ".metadata" if rank is None else f"__{rank}.metadata"
+            with open(directory / name, "rb") as file:
+                metadata = _DcpMetadataUnpickler(file).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(dcp.DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            torch.load(value, weights_only=True)  # raises on anything but plain values
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    dcp.load(state, storage_reader=Reader(directory), planner=Planner())
+
+
 def read_trainer_state(output_dir: Path) -> dict[str, Any]:
     """The checkpoint's trainer state (progress, scheduler, the run's settings).
 
@@ -191,7 +251,7 @@ def read_trainer_state(output_dir: Path) -> dict[str, Any]:
     """
     path = output_dir / CHECKPOINT_DIR / TRAINER_STATE_FILE
     try:
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)
         if not isinstance(state, dict) or "progress" not in state:
             raise ValueError("no training progress in it")
     except Exception as error:  # unpickling raises anything
@@ -212,7 +272,6 @@ def load_checkpoint(
     world size each process keeps its seeded states (the recipe's per-sample draws do not
     depend on them, see :mod:`self_speculation.training.loop`).
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -220,7 +279,7 @@ def load_checkpoint(
     state = _distributed_state(objective, optimizer)
     try:
         with _quiet_single_process(), _quiet_dcp_metadata_fallback():
-            dcp.load(state, checkpoint_id=str(directory))
+            _dcp_load(state, directory)
         set_state_dict(
             objective,
             optimizer,
@@ -231,7 +290,7 @@ def load_checkpoint(
         rng_file = directory / f"rng-{context.rank}.pt"
         restore_rng = trainer_state.get("world_size") == context.world_size and rng_file.is_file()
         if restore_rng:
-            _set_rng_state(torch.load(rng_file, weights_only=False), generator)
+            _set_rng_state(torch.load(rng_file, weights_only=True), generator)
     except ConfigError:
         raise
     # Whatever a truncated or missing file makes torch raise; DCP wraps its readers' errors

@@ -7,6 +7,7 @@ run, not from the preset.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,36 @@ def _check_sizes(values: dict, source: str) -> None:
         raise ConfigError(
             f"architecture {source}: hidden_size ({hidden}) must be a multiple of "
             f"num_attention_heads ({heads})"
+        )
+    _check_fits_in_memory(values, source)
+
+
+def _machine_memory() -> int | None:
+    """Physical memory in bytes; None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_fits_in_memory(values: dict, source: str) -> None:
+    """Refuse sizes whose float32 weights alone exceed this machine's memory: every process
+    builds the whole model on its CPU (``from_config``), and building a
+    ``num_hidden_layers`` of 10**9 ran for hours, or until the kernel killed it, in silence.
+    The count is a lower bound (each layer's MLP has at least two hidden x intermediate
+    matrices, the embedding vocab x hidden), so no model that fits is refused."""
+    sizes = [values.get(name) for name in ("hidden_size", "intermediate_size")]
+    layers, vocab = values.get("num_hidden_layers"), values.get("vocab_size")
+    memory = _machine_memory()
+    if None in (*sizes, layers, vocab, memory):
+        return
+    hidden, intermediate = sizes
+    parameters = layers * 2 * hidden * intermediate + vocab * hidden
+    if 4 * parameters > memory:
+        gib = 4 * parameters / 2**30
+        raise ConfigError(
+            f"architecture {source}: at least {parameters:.3g} weights ({gib:.3g} GiB in "
+            f"float32), more than this machine's {memory / 2**30:.3g} GiB of memory"
         )
 
 
