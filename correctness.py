@@ -51,7 +51,7 @@ from self_speculation.benchmarking import (
 )
 from self_speculation.errors import one_line
 from self_speculation.output_safety import refuse_output_dir_in_use
-from self_speculation.sampling import _context_processors
+from self_speculation.sampling import _context_processors, compared_dtype
 
 logger = logging.getLogger("correctness")
 
@@ -226,7 +226,8 @@ def _tie_check(
     forward over the prompt and the common tokens, its logits for the two differing tokens
     as greedy decoding compares them (token healing's first-token restriction and the logits
     processors applied: no_repeat_ngram_size, the checkpoint's repetition penalty...), their
-    gap in rounding steps of the model's dtype at their magnitude."""
+    gap in rounding steps at their magnitude of the dtype greedy decoding compares them in
+    (the model's; float32 for float64, as transformers' ``generate``)."""
     plain, other = (
         next(row for row in rows if row["index"] == index and row["generation_strategy"] == name)
         for name in names
@@ -266,7 +267,9 @@ def _tie_check(
             "why": "a token greedy decoding rules out (banned, or not finite)",
         }
     magnitude = max(abs(value) for value in values)
-    step = torch.finfo(model.dtype).eps * 2.0 ** math.floor(math.log2(max(magnitude, 1e-30)))
+    # In the dtype greedy decoding compares them in (float32 for a float64 model's logits).
+    eps = torch.finfo(compared_dtype(model.dtype)).eps
+    step = eps * 2.0 ** math.floor(math.log2(max(magnitude, 1e-30)))
     steps = abs(values[0] - values[1]) / step
     return {
         "tokens": list(tokens),  # autoregressive's, then the other strategy's

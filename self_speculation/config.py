@@ -86,8 +86,9 @@ class GenerationConfig:
         compile: run the decoding passes through ``torch.compile`` (the fast path:
             inductor, whole-graph, CUDA graphs on CUDA). The first generation of each
             (batch size, exit layer, k) pays the compilation; greedy tokens are the same
-            as eager decoding's in float32 and float64 (in bfloat16 and float16 compiled
-            kernels round differently and can flip a near-tied greedy pick:
+            as eager decoding's in float32 and float64 but at a near tie (compiled kernels
+            sum in another order, so two logits within a rounding step of each other can
+            flip a greedy pick; bfloat16 and float16 round coarser, and flip more often:
             docs/fast-path.md), and so are sampled ones for a seed (but for a rare draw at
             top-p's boundary, which eager code and a compiled CPU step round apart), also
             for a batch whose rows finish apart (each step draws its random numbers for

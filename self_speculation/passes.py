@@ -61,6 +61,7 @@ from self_speculation.draft import DraftExit, cache_layers
 from self_speculation.kv_cache import BufferPool, ColumnKVCache
 from self_speculation.model_surgery import LayerwiseModel, layer_regions
 from self_speculation.sampling import (
+    compared,
     draw,
     finite_or_uniform,
     greedy_accept,
@@ -774,7 +775,7 @@ class ForwardPasses:
         drafts, states = [], []
         for i in range(count):
             logits, hidden = self._early_eager(tokens, columns + i, cache, pad_counts, exit_layer)
-            tokens = logits.argmax(dim=-1, keepdim=True)  # [batch, 1]
+            tokens = compared(logits).argmax(dim=-1, keepdim=True)  # [batch, 1]
             drafts.append(tokens)
             states.append(hidden)
         return torch.cat(drafts, dim=1), torch.cat(states, dim=1)
@@ -890,7 +891,7 @@ class ForwardPasses:
         logits, draft_tokens = self._verified(
             drafts, states, made, columns, cache, pad_counts, exit_layer
         )
-        accepted_counts, next_tokens = greedy_accept(draft_tokens, logits.argmax(dim=-1))
+        accepted_counts, next_tokens = greedy_accept(draft_tokens, compared(logits).argmax(dim=-1))
         return (
             kept_tokens(draft_tokens, accepted_counts, next_tokens),
             accepted_counts,
@@ -978,7 +979,7 @@ class ForwardPasses:
     ) -> tuple[torch.Tensor, ...]:
         columns = lengths[:, None] - 1  # [batch, 1]: the pending tokens'
         logits, _ = self._early_eager(tokens.gather(1, columns), columns, cache, pad_counts, end)
-        new_tokens = logits.argmax(dim=-1, keepdim=True)  # [batch, 1]
+        new_tokens = compared(logits).argmax(dim=-1, keepdim=True)  # [batch, 1]
         books = (stop_ids, limit, generated, reason, statistics)
         return _closed_decode(tokens, lengths, new_tokens, non_finite(logits), books)
 
@@ -1233,7 +1234,7 @@ class ForwardPasses:
                 self._adapter_columns(hidden, cache, positions, pad_counts)
                 break
             logits = self._exit_logits(hidden, exit_layer, cache, positions, pad_counts)
-            children = logits.topk(tree.branching[depth], dim=-1).indices  # [b, n, width]
+            children = compared(logits).topk(tree.branching[depth], dim=-1).indices  # [b, n, width]
             level_tokens.append(children.reshape(batch, -1))
         tokens = torch.cat(level_tokens, dim=1)  # [batch, nodes]
         columns = base[:, None] + torch.arange(tree.num_nodes, device=device)
@@ -1251,7 +1252,7 @@ class ForwardPasses:
         logits = self.model.unembed(hidden)  # [batch, nodes, vocab]
         bad_nodes = non_finite(logits)  # [batch, nodes]
         if warp is None:
-            targets = logits.argmax(dim=-1)  # [batch, nodes]
+            targets = compared(logits).argmax(dim=-1)  # [batch, nodes]
         else:
             # Each node's next token drawn from the full model's warped distribution with
             # the number of the node's depth: the walk follows one node per depth, so each

@@ -25,6 +25,21 @@ from transformers import (
 from self_speculation.config import GenerationConfig
 
 
+def compared_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype greedy decoding compares logits of ``dtype`` in: float32 for float64 (as
+    transformers' ``generate`` casts every step's logits to float32 before its argmax, so two
+    float64 logits within float32 rounding of each other tie, and the lower token id wins);
+    ``dtype`` itself for the others (float32 holds bfloat16 and float16 exactly)."""
+    return torch.float32 if dtype == torch.float64 else dtype
+
+
+def compared(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` [..., vocab] as greedy decoding compares them (``compared_dtype``): what
+    every greedy argmax takes, so that a float64 model decodes as ``generate`` decodes it,
+    with or without logits processors (which work in float32)."""
+    return logits.to(compared_dtype(logits.dtype))
+
+
 def build_logits_processors(config: GenerationConfig) -> LogitsProcessorList:
     """The processors implied by ``config``, in the order transformers' generate uses.
 
@@ -368,7 +383,7 @@ class TokenSelector:
     ) -> torch.Tensor:
         """Argmax tokens [batch, positions]."""
         if not self.context_processors:
-            return logits.argmax(dim=-1)  # argmax needs neither float32 nor warpers
+            return compared(logits).argmax(dim=-1)  # needs no warpers
         return self.process(logits, tokens, pad_counts, lengths).argmax(dim=-1)
 
     def choose(
@@ -397,7 +412,7 @@ class TokenSelector:
         """
         logits = logits.unsqueeze(1)  # [batch, 1, vocab]
         if not self.sample and not self.context_processors:
-            return logits.argmax(dim=-1)[:, 0], None, None  # argmax needs no float32, warpers
+            return compared(logits).argmax(dim=-1)[:, 0], None, None  # no warpers
         processed = self.process(logits, tokens, pad_counts, lengths)[:, 0]  # [batch, vocab]
         if require_allowed and self.context_processors:
             banned = torch.isneginf(processed.amax(dim=-1))  # [batch]
