@@ -56,8 +56,10 @@ from self_speculation.loading import (
     check_device,
     check_model_args,
     check_model_source,
+    default_device,
     inspect_model,
     is_gguf_file,
+    resolve_dtype,
 )
 from self_speculation.output_safety import check_output_dir as check_output_dir  # re-exported
 from self_speculation.passes import fast_path_measured
@@ -247,6 +249,16 @@ class Arguments:
                     f"(its vocabulary has ids 0..{facts.vocab_size - 1})"
                 )
         return facts
+
+    def placement_key(self) -> dict[str, str]:
+        """The dtype and device kind the model will run in, for keys of stored results (a
+        sweep's rows, eval.py's request cache): ``--dtype`` / ``--device`` left at their
+        defaults mean float32 on a CPU machine and bfloat16 on a GPU one, whose results
+        must not answer each other's. Empty for float32 on CPU, so that the keys of
+        default CPU runs stay what they were."""
+        device = torch.device(self.device or default_device()).type
+        dtype = str(resolve_dtype(self.dtype, device)).removeprefix("torch.")
+        return {} if (dtype, device) == ("float32", "cpu") else {"placement": f"{dtype} {device}"}
 
     def load_generator(self, context: dist.DistributedContext) -> Generator:
         """Seed torch with ``seed``, load the model onto this rank's device, wrap it in a

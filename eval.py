@@ -270,6 +270,7 @@ def _cache_path(
     }
     relevant["resolved"] = {**vars(config), "compile": None}
     relevant["loglikelihood_exit_layer"] = exit_layer
+    relevant.update(args.placement_key())
     digest = setting_digest(relevant, {"model": args.model, "draft_adapter": args.draft_adapter})
     path = Path(evaluation.use_cache) / f"eval-{digest}"
     logger.info("request cache: %s_rank0.db", path)

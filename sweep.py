@@ -163,6 +163,7 @@ def _setting_key(
     }
     relevant["compile"] = compiled
     relevant["world_size"] = world_size
+    relevant.update(args.placement_key())
     if not baseline:  # keyed only when off: the default run's key stays what it was
         relevant["baseline"] = False
     # What the paths hold, not only their names: a model retrained or data rewritten in
