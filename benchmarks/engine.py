@@ -255,13 +255,28 @@ def memory_bandwidth(device: torch.device, megabytes: int | None = None) -> floa
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of weights one decoding step reads: every parameter once (a tied head counts
-    once), except the input embedding, of which one row is read."""
+    """Bytes of weights one decoding step reads for a token: every parameter once (a tied
+    head counts once), except the input embedding, of which one row is read, and the
+    expert weights of a mixture of experts, of which the router picks
+    ``num_experts_per_tok`` of ``num_experts`` (GPT-OSS-20B: 4 of 32)."""
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight is embedding
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     if not tied:
         total -= embedding.numel() * embedding.element_size()
+    picked = getattr(model.config.get_text_config(), "num_experts_per_tok", None)
+    for module in model.modules():
+        experts = getattr(module, "num_experts", None)
+        # transformers keeps expert weights [num_experts, ...] in a module of their own;
+        # the router beside it (which has a top_k) reads all of its weights.
+        if not isinstance(picked, int) or not isinstance(experts, int) or picked >= experts:
+            continue
+        if hasattr(module, "top_k"):
+            continue
+        for parameter in module.parameters(recurse=False):
+            if parameter.dim() >= 2 and parameter.shape[0] == experts:
+                unread = parameter.numel() * parameter.element_size() * (experts - picked)
+                total -= unread // experts
     return total + embedding.shape[1] * embedding.element_size()
 
 

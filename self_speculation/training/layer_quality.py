@@ -16,6 +16,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from self_speculation.model_surgery import LayerwiseModel
 
@@ -31,6 +32,30 @@ class ExitQuality:
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+# Positions whose logits are made at a time: [rows, vocab] float32 logits, 128 MB for a
+# 128k vocabulary, whatever batch_size and the sequence length are (all positions at once
+# held four [batch, seq, vocab] tensors at the next layer: 4 GB for Llama 3.2's vocabulary
+# at the report's defaults).
+SCORED_POSITIONS = 256
+
+
+def _scored(
+    layerwise: LayerwiseModel, hidden: torch.Tensor, targets: torch.Tensor
+) -> tuple[float, torch.Tensor]:
+    """Summed next-token cross-entropy and top-1 tokens [batch, seq-1] of an exit whose
+    states are ``hidden`` [batch, seq, hidden], for ``targets`` [batch, seq-1]; the logits
+    made ``SCORED_POSITIONS`` positions at a time."""
+    states = hidden[:, :-1].reshape(1, -1, hidden.shape[-1])  # [1, batch * (seq-1), hidden]
+    labels = targets.reshape(-1)  # [batch * (seq-1)]
+    nll, tops = 0.0, []
+    for start in range(0, labels.numel(), SCORED_POSITIONS):
+        end = start + SCORED_POSITIONS
+        logits = layerwise.unembed(states[:, start:end])[0].float()  # [rows, vocab]
+        nll += F.cross_entropy(logits, labels[start:end], reduction="sum").item()
+        tops.append(logits.argmax(dim=-1))  # [rows]
+    return nll, torch.cat(tops).view_as(targets)
 
 
 @torch.no_grad()
@@ -61,10 +86,8 @@ def exit_quality(
         predictions = []
         for layer in range(num_layers):
             hidden = layerwise.run_layers(hidden, layer, layer + 1, None, positions)
-            logits = layerwise.unembed(hidden)[:, :-1].float()  # [batch, seq-1, vocab]
-            log_probs = torch.log_softmax(logits, dim=-1)  # [batch, seq-1, vocab]
-            nll[layer] -= log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
-            top1 = logits.argmax(dim=-1)  # [batch, seq-1]
+            layer_nll, top1 = _scored(layerwise, hidden, targets)  # top1 [batch, seq-1]
+            nll[layer] += layer_nll
             correct[layer] += (top1 == targets).sum().item()
             predictions.append(top1)
         for layer in range(num_layers):
