@@ -67,8 +67,8 @@ class GenerationConfig:
             checkpoint's own setting too (as ``generate(no_repeat_ngram_size=0)``); None:
             the checkpoint's setting (off when it has none).
         stop_words: stop once the generated text contains one of these; a special
-            token's text ("<|im_end|>") stops at that token (with other text around it, a
-            ConfigError: special tokens decode to no text).
+            token's text ("<|im_end|>") stops at that token; one with other text around it
+            ("<|im_end|>\\n") is searched in the text with special tokens written out.
         stop_token_ids: extra end-of-sequence token ids (the tokenizer's EOS always stops).
         draft_confidence_threshold: stop drafting early in a step once the early exit's
             top probability for a draft falls below this (0: always draft

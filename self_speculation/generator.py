@@ -162,15 +162,14 @@ class StopChecker:
             names = {token: tokenizer.convert_ids_to_tokens(token) for token in self._silent}
         words = [token for token, name in names.items() if name in self.stop_words]
         self.stop_word_ids = frozenset(words) - eos_token_ids
-        for word in self.stop_words:
-            # "<|im_end|>\n" is searched in text that the special token has no part in.
-            inside = next((name for name in names.values() if name and name in word), word)
-            if inside != word:
-                raise ConfigError(
-                    f"stop word {word!r} holds the special token {inside} and other text: "
-                    f"special tokens decode to no text, so it could never match; give "
-                    f"{inside!r} as a stop word of its own"
-                )
+        # A word holding a special token's text and other text ("<|im_end|>\n", lm-eval's
+        # "<|start_header_id|>user<|end_header_id|>") is searched in text with the special
+        # tokens written out, where lm-eval's HFLM and generate's stop_strings match it.
+        self._special_words = [
+            word
+            for word in self.stop_words
+            if any(name and name != word and name in word for name in names.values())
+        ]
 
     def _tail_start(self, generated: list[int]) -> int:
         """Where the tail to decode begins: ``tail_tokens`` tokens with text back."""
@@ -206,6 +205,14 @@ class StopChecker:
                 tail = tail.removeprefix(prompt_text)
             if any(word in tail for word in self.stop_words):
                 return "stop_word"
+            if self._special_words:
+                tail = decode_after(
+                    self.tokenizer, context if start == 0 else (), generated[start:], False
+                )
+                if start == 0:
+                    tail = tail.removeprefix(prompt_text)
+                if any(word in tail for word in self._special_words):
+                    return "stop_word"
         return None
 
 

@@ -20,10 +20,13 @@ SETTLE_TOKENS = 64
 
 
 def decode_after(
-    tokenizer: PreTrainedTokenizerBase, context: Sequence[int], tokens: Sequence[int]
+    tokenizer: PreTrainedTokenizerBase,
+    context: Sequence[int],
+    tokens: Sequence[int],
+    skip_special_tokens: bool = True,
 ) -> str:
     """The text ``tokens`` add after ``context`` (the tokens before them; the last
-    ``CONTEXT_TOKENS`` are used), special tokens skipped.
+    ``CONTEXT_TOKENS`` are used), special tokens skipped (or written out).
 
     Decoded together with the context, whose own text is then removed: a tokenizer may
     decode a text's first token otherwise than the same token inside a text
@@ -33,11 +36,11 @@ def decode_after(
     tokens = list(tokens)
     context = list(context)[-CONTEXT_TOKENS:]
     if context:
-        head = tokenizer.decode(context, skip_special_tokens=True)
-        whole = tokenizer.decode(context + tokens, skip_special_tokens=True)
+        head = tokenizer.decode(context, skip_special_tokens=skip_special_tokens)
+        whole = tokenizer.decode(context + tokens, skip_special_tokens=skip_special_tokens)
         if whole.startswith(head):  # not where the context ends inside a character
             return whole[len(head) :]
-    return tokenizer.decode(tokens, skip_special_tokens=True)
+    return tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

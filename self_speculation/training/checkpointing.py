@@ -210,6 +210,8 @@ class _DcpMetadataUnpickler(pickle.Unpickler):
     """``pickle.load`` of a DCP ``.metadata`` file that refuses anything else."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == "pathlib._local":  # where Python 3.13 defines (and pickles) PosixPath
+            module = "pathlib"
         dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
         if (module, name) not in _DCP_METADATA_GLOBALS and not dtype:
             raise pickle.UnpicklingError(f"{module}.{name} is not checkpoint metadata")
