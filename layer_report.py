@@ -16,10 +16,8 @@ Example::
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,7 +37,13 @@ from self_speculation.errors import ConfigError, expand_home, require_thread_cou
 from self_speculation.loading import DEFAULT_MODEL, DTYPES, inspect_model, load_model_and_tokenizer
 from self_speculation.model_surgery import LayerwiseModel
 from self_speculation.output_safety import output_dir_lock
-from self_speculation.training.data import pack_blocks, read_texts, records_kind, resolve_files
+from self_speculation.training.data import (
+    document_bytes,
+    pack_blocks,
+    read_texts,
+    records_kind,
+    resolve_files,
+)
 from self_speculation.training.layer_quality import ExitQuality, draft_exit_quality, exit_quality
 
 logger = logging.getLogger("layer_report")
@@ -205,13 +209,7 @@ def check_text_files(files: list[Path], text_field: str = "text") -> None:
     for path in files:
         try:
             _, gzipped = records_kind(path, text_field)
-            if gzipped:  # read as train.py reads them
-                with gzip.open(path, "rb") as handle:
-                    data = handle.read()
-            else:
-                data = path.read_bytes()
-        except (EOFError, zlib.error, gzip.BadGzipFile) as error:  # cut short or corrupt
-            raise ConfigError(f"cannot read {path}: {error}") from None
+            data = document_bytes(path, gzipped)  # as train.py reads it
         except OSError as error:
             raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None
         nul = data.find(b"\0")

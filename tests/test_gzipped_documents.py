@@ -37,3 +37,23 @@ def test_a_damaged_gzipped_document_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "changelog.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(ConfigError, match="cannot read .*changelog.gz"):
         list(read_texts([tmp_path / "changelog.gz"]))
+
+
+def test_a_gzipped_binary_is_skipped_without_inflating_it_whole(tmp_path: Path) -> None:
+    """A .tar.gz caught by a glob was decompressed whole in memory before being skipped as
+    binary: only its first 64 KiB are now (a tar header holds NUL bytes)."""
+    import tarfile
+    import tracemalloc
+
+    (tmp_path / "big.txt").write_text("x = 1\n" * 4_000_000)  # 24 MB, 24 KB gzipped
+    with tarfile.open(tmp_path / "archive.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "big.txt", arcname="big.txt")
+    (tmp_path / "big.txt").unlink()
+    (tmp_path / "notes.txt.gz").write_bytes(gzip.compress(b"notes\n"))
+    tracemalloc.start()
+    try:
+        assert list(read_texts(sorted(tmp_path.iterdir()))) == ["notes\n"]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4_000_000, peak

@@ -146,6 +146,24 @@ def is_gzipped(path: Path) -> bool:
         return False
 
 
+def document_bytes(path: Path, gzipped: bool) -> bytes:
+    """A document file's bytes, decompressed when ``gzipped``; of a gzipped binary (a
+    ``.tar.gz`` caught by a glob, known by a NUL in its first 64 KiB) only that start, to be
+    skipped as binary without inflating it whole in memory.
+
+    Raises:
+        ConfigError: a gzipped file cut short or corrupt.
+    """
+    if not gzipped:
+        return path.read_bytes()
+    try:
+        with gzip.open(path, "rb") as handle:
+            head = handle.read(1 << 16)
+            return head if b"\0" in head else head + handle.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise ConfigError(f"cannot read {path}: {error}") from None
+
+
 def records_kind(path: Path, text_field: str) -> tuple[str | list | None, bool]:
     """(how ``path`` holds records: "lines" (JSON Lines), the records themselves (a JSON
     array of them, parsed once) or None (a document), is gzipped), from its name (less a
@@ -216,12 +234,7 @@ def read_texts(files: Iterable[Path], text_field: str = "text") -> Iterator[str]
             except (EOFError, zlib.error, gzip.BadGzipFile) as error:
                 raise ConfigError(f"cannot read {path}: {error}") from None
             continue
-        data = path.read_bytes()
-        if gzipped:
-            try:
-                data = gzip.decompress(data)
-            except (EOFError, zlib.error, gzip.BadGzipFile) as error:
-                raise ConfigError(f"cannot read {path}: {error}") from None
+        data = document_bytes(path, gzipped)
         try:
             text = data.decode("utf-8-sig")  # a BOM (Notepad) is not text
         except UnicodeDecodeError:
