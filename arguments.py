@@ -22,6 +22,20 @@ from typing import Any, NoReturn, TypeVar
 import torch
 from simple_parsing import field as simple_field
 
+# transformers imports torch._dynamo, which creates inductor's cache folder on import: a
+# TORCHINDUCTOR_CACHE_DIR that cannot be created (a read-only or unmounted parent) was a
+# traceback from every script before any flag was read (with --compile False too).
+try:
+    import torch._dynamo  # noqa: F401
+except OSError as error:
+    where = f"{error.filename}: " if error.filename else ""
+    sys.stderr.write(
+        f"{os.path.basename(sys.argv[0])}: error: torch's compile cache folder cannot be "
+        f"created ({where}{error.strerror or error}); set TORCHINDUCTOR_CACHE_DIR to a "
+        "writable folder\n"
+    )
+    raise SystemExit(2) from None
+
 from self_speculation import (
     DEFAULT_MODEL,
     DTYPES,
