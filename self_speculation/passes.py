@@ -110,6 +110,26 @@ def missing_compiler(device: torch.device) -> str | None:
     return f"no {kind} found (install g++, or set CXX/CC)"
 
 
+def unwritable_compile_cache() -> str | None:
+    """Why inductor could not keep what it compiles, or None: its cache folder
+    (``TORCHINDUCTOR_CACHE_DIR``) exists but is not writable (a read-only mount, warm or
+    not). Compiling there failed only after minutes, at its lock files."""
+    if compile_backend() != "inductor":
+        return None
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # noqa: PLC0415
+    except ImportError:  # another torch's layout
+        return None
+    # As torch's cache_dir() finds it, without its side effects (it sets the variable).
+    folder = os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
+    if not os.path.isdir(folder) or os.access(folder, os.W_OK | os.X_OK):
+        return None
+    return (
+        f"inductor's cache folder {folder} is not writable (set TORCHINDUCTOR_CACHE_DIR to a "
+        "writable folder)"
+    )
+
+
 def _cuda_graphs_in_this_thread() -> None:
     """Give this thread CUDA-graph trees of its own where torch does not (torch < 2.13 keeps
     them for the thread that imported ``cudagraph_trees`` alone: a compiled pass first called
@@ -350,7 +370,7 @@ class ForwardPasses:
         self.fallback_reason: str | None = None
         self._removed: set[Path] = set()  # damaged files removed from inductor's cache
         if compile:
-            reason = missing_compiler(model.device)
+            reason = missing_compiler(model.device) or unwritable_compile_cache()
             if reason is not None:
                 self._fall_back(reason)
                 return

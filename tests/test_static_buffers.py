@@ -12,6 +12,7 @@ runs the traced graph, in seconds. ``test_fast_path.py`` runs the same passes on
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -296,3 +297,23 @@ def test_out_of_memory_frees_the_sets_of_other_capacities_and_retries(
     failures = iter([True, True])
     with pytest.raises(torch.OutOfMemoryError):  # nothing else to free: not retried
         pool.take(1, 3 * CAPACITY_STEP, 2, like, like)
+
+
+def test_an_unwritable_compile_cache_falls_back_at_once_with_one_warning(
+    monkeypatch, caplog, tmp_path
+) -> None:
+    """A read-only inductor cache folder (warm or not) compiled for minutes and then fell
+    back at its lock files: now at once, naming the folder."""
+    monkeypatch.delenv(COMPILE_BACKEND_VARIABLE, raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    real_access = os.access
+    monkeypatch.setattr(
+        "self_speculation.passes.os.access",
+        lambda path, mode: path != str(tmp_path) and real_access(path, mode),
+    )
+    model = make_tiny_model("llama_gqa_tied", dtype=torch.float32)
+    with caplog.at_level(logging.WARNING, logger="self_speculation.passes"):
+        passes = ForwardPasses(Generator(model, IdTokenizer()).layerwise, compile=True)
+    assert not passes.compiled
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert f"inductor's cache folder {tmp_path} is not writable" in warning
