@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from test_checkpoint_and_data_invariants import _Config
 from torch import nn
 
 from self_speculation.distributed import DistributedContext
@@ -39,12 +40,8 @@ class _Payload:
         return os.mkdir, (str(self.marker),)
 
 
-class _Config:
-    def save_pretrained(self, directory: Path) -> None:
-        (Path(directory) / "config.json").write_text("{}")
-
-
 def _saved(tmp_path: Path) -> tuple[nn.Module, torch.optim.Optimizer, torch.Generator]:
+    """A checkpoint after one optimizer step, so that the optimizer's state holds tensors."""
     torch.manual_seed(0)
     module = nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(module.parameters())
