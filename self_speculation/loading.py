@@ -7,6 +7,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -575,6 +576,19 @@ def _refuse_our_other_folders(directory: Path) -> None:
 _CONFIG_ERRORS = (OSError, ValueError, KeyError, TypeError, ArithmeticError, StrictDataclassError)
 
 
+def _nan_field(values: dict, prefix: str = "") -> str | None:
+    """The first field of ``values`` (a config as a dict, nested dicts such as
+    ``rope_parameters`` or ``text_config`` searched too) that is a NaN float, or None."""
+    for key, value in values.items():
+        if isinstance(value, float) and math.isnan(value):
+            return f"{prefix}{key}"
+        if isinstance(value, dict):
+            inner = _nan_field(value, f"{prefix}{key}.")
+            if inner is not None:
+                return inner
+    return None
+
+
 def inspect_model(model: str, model_args: dict[str, Any] | None = None) -> ModelFacts | None:
     """Read and check a local model's config.json, generation_config.json and weight file
     headers, without loading any weight. None for a hub id, a .gguf file or "smollm2"
@@ -628,6 +642,9 @@ def inspect_model(model: str, model_args: dict[str, Any] | None = None) -> Model
         value = _config_int(config, name)
         if value is not None and value < 1:
             raise ModelLoadError(f"{config_path}: {name} must be >= 1, got {value}")
+    not_a_number = _nan_field(config.to_dict())
+    if not_a_number is not None:  # "rope_theta": NaN made every rotary table NaN
+        raise ModelLoadError(f"{config_path}: {not_a_number} is NaN")
     tensors = check_weight_files(directory)
     num_layers = _config_int(config, "num_hidden_layers")
     if tensors is not None and num_layers is not None and num_layers > tensors:

@@ -117,3 +117,12 @@ def test_train_refuses_an_architecture_larger_than_memory_before_building_it() -
         presets._check_sizes({**values, "num_hidden_layers": 10**9, "vocab_size": 300}, "x")
     config = presets.architecture_config("tiny", None, 300, 32, special)
     assert config.num_hidden_layers == presets.PRESETS["tiny"]["num_hidden_layers"]
+
+
+def test_a_nan_rope_theta_is_named(model_dir: Path, tmp_path: Path) -> None:
+    """NaN made every rotary table NaN, refused by the load-time probe as "its rotary
+    embedding gives a position different tables", which named neither the field nor NaN."""
+    rope = {"rope_theta": float("nan"), "rope_type": "default"}
+    directory = _edited(model_dir, tmp_path, rope_parameters=rope)
+    with pytest.raises(ModelLoadError, match=r"config.json: rope_parameters\.rope_theta is NaN"):
+        inspect_model(str(directory))
