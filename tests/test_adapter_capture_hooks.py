@@ -8,21 +8,15 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from test_capture_threads import PROMPT
+from test_compiled_lifetime import CONFIG as LIFETIME_CONFIG
 from tiny_models import IdTokenizer, make_tiny_model
 
-from self_speculation import GenerationConfig, Generator
+from self_speculation import Generator
 from self_speculation.draft import DraftExit, ExitAdapter
 from self_speculation.model_surgery import is_capture_hook
 
-PROMPT = [5, 7, 9, 11, 13]
-CONFIG = GenerationConfig(
-    generation_strategy="self_speculative",
-    exit_layer=3,
-    num_speculations=3,
-    sample=False,
-    max_steps=8,
-    compile=True,
-)
+CONFIG = dataclasses.replace(LIFETIME_CONFIG, exit_layer=3)
 
 
 def test_adapter_built_after_a_forward_with_hidden_states_decodes_compiled(monkeypatch) -> None:

@@ -8,20 +8,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from test_compiled_lifetime import CONFIG
 from tiny_models import make_tiny_model, make_tiny_tokenizer
 
-from self_speculation import GenerationConfig, Generator
+from self_speculation import Generator
 from self_speculation.model_surgery import module_state
 from self_speculation.precompiled import has_hooks, model_digest
 
-CONFIG = GenerationConfig(
-    generation_strategy="self_speculative",
-    exit_layer=2,
-    num_speculations=3,
-    sample=False,
-    max_steps=8,
-    compile=True,
-)
 PROMPT = "def add(a, b):"
 
 

@@ -8,20 +8,13 @@ from __future__ import annotations
 import threading
 
 import torch
+from test_compiled_lifetime import CONFIG
 from tiny_models import IdTokenizer, make_tiny_model
 
 from self_speculation import GenerationConfig, Generator
 from self_speculation.streaming import Streamer
 
 PROMPT = [5, 7, 9, 11, 13]
-CONFIG = GenerationConfig(
-    generation_strategy="self_speculative",
-    exit_layer=2,
-    num_speculations=3,
-    sample=False,
-    max_steps=8,
-    compile=True,
-)
 
 
 def _hidden_states(model: torch.nn.Module) -> tuple[torch.Tensor, ...]:

@@ -10,21 +10,13 @@ import dataclasses
 
 import pytest
 import torch
+from test_capture_threads import PROMPT
+from test_compiled_lifetime import CONFIG
 from tiny_models import IdTokenizer, make_tiny_model
 
-from self_speculation import GenerationConfig, Generator
+from self_speculation import Generator
 from self_speculation.model_surgery import module_state
 from self_speculation.precompiled import has_hooks
-
-PROMPT = [5, 7, 9, 11, 13]
-CONFIG = GenerationConfig(
-    generation_strategy="self_speculative",
-    exit_layer=2,
-    num_speculations=3,
-    sample=False,
-    max_steps=8,
-    compile=True,
-)
 
 
 @pytest.mark.parametrize("disabled", [False, True])
