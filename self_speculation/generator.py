@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import threading
 import time
@@ -27,12 +26,12 @@ from self_speculation.errors import (
     UnsupportedModelError,
     check_interrupted,
     is_integer,
-    json_refusal,
     require_bool,
     require_list_of,
     require_utf8,
     whole_number,
 )
+from self_speculation.loading import read_json
 from self_speculation.model_support import (
     UNAPPLIED_SETTING_NAMES,
     unapplied_generation_settings,
@@ -293,12 +292,7 @@ def recommended_settings(model: PreTrainedModel) -> tuple[int | None, int | None
     sources = [getattr(model, "generation_config", None)]
     path = Path(str(getattr(model, "name_or_path", ""))) / GENERATION_CONFIG_NAME
     if path.is_file():
-        try:
-            sources.append(json.loads(path.read_bytes()))
-        except (ValueError, RecursionError) as error:
-            raise ModelLoadError(f"{path} is not valid JSON ({json_refusal(error)})") from None
-        except OSError as error:
-            raise ModelLoadError(f"cannot read {path}: {error.strerror or error}") from None
+        sources.append(read_json(path))
     for source in sources:
         get = (
             source.get if isinstance(source, dict) else lambda key, s=source: getattr(s, key, None)

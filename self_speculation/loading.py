@@ -323,7 +323,12 @@ def _shared_loading_args(model_args: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file of a model folder, parsed.
+
+    Raises:
+        ModelLoadError: unreadable, not UTF-8 or not valid JSON, in one line naming it.
+    """
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except PermissionError:
@@ -371,7 +376,7 @@ def _weight_files(directory: Path) -> list[Path]:
     index = directory / SAFETENSORS_INDEX
     if index.exists() or index.is_symlink():
         _readable_file(index, "weights index")
-        document = _read_json(index)
+        document = read_json(index)
         weight_map = document.get("weight_map") if isinstance(document, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelLoadError(f"{index} has no weight_map: not a safetensors index")
@@ -448,7 +453,7 @@ def check_tokenizer_files(directory: Path) -> None:
         path = directory / name
         if path.exists() or path.is_symlink():
             _readable_file(path, "tokenizer file")
-            _read_json(path)
+            read_json(path)
     path = directory / "tokenizer.json"
     if path.is_file():
         from tokenizers import Tokenizer
@@ -618,7 +623,7 @@ def inspect_model(model: str, model_args: dict[str, Any] | None = None) -> Model
         raise ModelLoadError(
             f"{directory} has no config.json (a model directory in save_pretrained form)"
         )
-    raw = _read_json(config_path)
+    raw = read_json(config_path)
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{config_path} is not a JSON object")
     try:
@@ -659,7 +664,7 @@ def inspect_model(model: str, model_args: dict[str, Any] | None = None) -> Model
     generation_path = directory / "generation_config.json"
     if generation_path.exists() or generation_path.is_symlink():
         _readable_file(generation_path, "generation config")
-        loaded = _read_json(generation_path)
+        loaded = read_json(generation_path)
         recommended = loaded if isinstance(loaded, dict) else {}
     for key in ("exit_layer", "num_speculations"):
         value = recommended.get(key)
