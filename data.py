@@ -32,6 +32,7 @@ import numpy
 from arguments import BenchmarkArguments
 from self_speculation import LayerSkipError
 from self_speculation.errors import json_refusal, require_utf8
+from self_speculation.training.data import is_gzipped
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def read_jsonl(path: str) -> list[Row]:
         raise DataError(f"data file not found: {path}")
     rows = []
     try:
-        opener = gzip.open if _is_gzip(path) else open
+        opener = gzip.open if is_gzipped(path) else open  # by its first bytes, not its name
         with opener(path, "rt", encoding="utf-8-sig") as handle:  # a BOM (Notepad) is fine
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -261,13 +262,6 @@ def _array_rows(path: str, text: str) -> list[Row]:
     if not records:
         raise DataError(f"{path} holds no rows")
     return records
-
-
-def _is_gzip(path: str) -> bool:
-    """Whether ``path`` is gzip-compressed, by its first bytes: not by its name (".GZ",
-    ".gzip", a name without suffix read as text failed with "not UTF-8 text")."""
-    with open(path, "rb") as handle:
-        return handle.read(2) == b"\x1f\x8b"
 
 
 def _format_hint(path: str) -> str:

@@ -136,7 +136,7 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-def is_gzipped(path: Path) -> bool:
+def is_gzipped(path: Path | str) -> bool:
     """Whether ``path`` is gzip-compressed, by its first bytes rather than its name (Debian's
     ``changelog.Debian.gz``, a ``.txt.gz`` corpus, JSONL gzipped under a plain name)."""
     try:
