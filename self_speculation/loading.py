@@ -68,8 +68,11 @@ def is_gguf_file(model: str) -> bool:
     path = os.path.expanduser(model)
     if path.lower().endswith(".gguf"):
         return True
-    if not os.path.isfile(path):  # not a folder, nor a FIFO to block on
-        return False
+    return os.path.isfile(path) and _has_gguf_magic(path)  # not a folder, nor a FIFO
+
+
+def _has_gguf_magic(path: str) -> bool:
+    """The file starts with GGUF's magic bytes (False where it cannot be read)."""
     try:
         with open(path, "rb") as stream:
             return stream.read(4) == b"GGUF"
@@ -484,9 +487,8 @@ def check_gguf_file(path: str) -> None:
     try:
         from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
     except ImportError:  # another transformers layout: at least the magic bytes
-        with open(path, "rb") as stream:
-            if stream.read(4) != b"GGUF":
-                raise ModelLoadError(f"{path} is not a GGUF file (no GGUF magic bytes)") from None
+        if not _has_gguf_magic(path):
+            raise ModelLoadError(f"{path} is not a GGUF file (no GGUF magic bytes)") from None
         return
     try:
         split_count = read_gguf_metadata(path)[0].get("split.count")
