@@ -199,18 +199,16 @@ class StopChecker:
             return "stop_word"
         if self.stop_words:
             start = self._tail_start(generated)
-            tail = decode_after(self.tokenizer, context if start == 0 else (), generated[start:])
-            if start == 0:
-                tail = tail.removeprefix(prompt_text)
-            if any(word in tail for word in self.stop_words):
-                return "stop_word"
-            if self._special_words:
-                tail = decode_after(
-                    self.tokenizer, context if start == 0 else (), generated[start:], False
-                )
+            # The text as decoded, then with special tokens written out for the words that
+            # hold one.
+            for words, skip_special in ((self.stop_words, True), (self._special_words, False)):
+                if not words:
+                    continue
+                before = context if start == 0 else ()
+                tail = decode_after(self.tokenizer, before, generated[start:], skip_special)
                 if start == 0:
                     tail = tail.removeprefix(prompt_text)
-                if any(word in tail for word in self._special_words):
+                if any(word in tail for word in words):
                     return "stop_word"
         return None
 
